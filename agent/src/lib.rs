@@ -1,0 +1,23 @@
+//! imgstream, the image-streaming node agent: containers start from a lazily fetched image
+//! while the whole image lands in a local cache, and eBPF probes watch how they start.
+//!
+//! ```text
+//! registry ──> image (manifest, eStargz TOC) ──> fetch (on-demand + background)
+//!     ──> cache (chunk store, io_uring, crc32) ──> fs (one FileSystem impl)
+//!     ──> transports: fusedev (host) | virtio-fs over vhost-user (VMs) | snapshotter
+//!
+//! agent-ebpf (kernel programs + ABI) ──> probes (load, ring buffer) ──> events
+//!     ──> detect (symlink check) + attribution (cgroup -> container -> pod) ──> agent output
+//! ```
+//!
+//! Built so far: the probe half, with the rename-ENXIO detector, and `selftest`, which proves
+//! it on the running kernel against an emulated regression.
+
+pub mod agent;
+pub mod attribution;
+pub mod config;
+pub mod detect;
+pub mod events;
+pub mod probes;
+pub mod selftest;
+pub mod shutdown;

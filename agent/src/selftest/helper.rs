@@ -1,0 +1,126 @@
+//! The short-lived processes the self-test runs: one that makes a single rename syscall from
+//! inside a test cgroup (as a container's `mv` would), and one that just stays in the cgroup,
+//! like a container's main process. Both are `imgstream selftest-helper ...`.
+
+use std::{
+    ffi::CString,
+    io::{Read, Write},
+    os::{fd::AsRawFd, unix::ffi::OsStrExt},
+    path::{Path, PathBuf},
+};
+
+/// Which syscall a rename helper makes (always through `syscall(2)`, so that it is exactly
+/// that syscall whatever the libc does).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Call {
+    Rename,
+    Renameat,
+    Renameat2,
+}
+
+/// `imgstream selftest-helper` commands.
+#[derive(Debug, clap::Subcommand)]
+pub enum HelperCommand {
+    /// Make one rename syscall and print `errno=N` (0 on success).
+    Rename {
+        #[arg(long, value_enum)]
+        call: Call,
+        #[arg(long)]
+        old: PathBuf,
+        #[arg(long)]
+        new: PathBuf,
+        /// renameat2 flags.
+        #[arg(long, default_value_t = 0)]
+        flags: u32,
+        /// Join this cgroup (a cgroup v2 directory) first.
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        /// Change to this directory first (relative paths are then relative to it).
+        #[arg(long)]
+        cwd: Option<PathBuf>,
+        /// Resolve relative paths against an fd open on this directory (renameat/renameat2).
+        #[arg(long)]
+        dirfd: Option<PathBuf>,
+        /// After the call, stay alive until stdin closes.
+        #[arg(long)]
+        linger: bool,
+    },
+    /// Join a cgroup and stay there until stdin closes.
+    Stay {
+        #[arg(long)]
+        cgroup: PathBuf,
+    },
+}
+
+/// Runs a helper command; returns the process exit code.
+pub fn run(command: HelperCommand) -> i32 {
+    match command {
+        HelperCommand::Stay { cgroup } => {
+            if let Err(err) = join_cgroup(&cgroup) {
+                eprintln!("selftest-helper: {err}");
+                return 2;
+            }
+            println!("ready");
+            wait_for_stdin_eof();
+            0
+        }
+        HelperCommand::Rename { call, old, new, flags, cgroup, cwd, dirfd, linger } => {
+            let setup = || -> std::io::Result<Option<std::fs::File>> {
+                if let Some(cgroup) = &cgroup {
+                    join_cgroup(cgroup)?;
+                }
+                if let Some(cwd) = &cwd {
+                    std::env::set_current_dir(cwd)?;
+                }
+                dirfd.as_deref().map(std::fs::File::open).transpose()
+            };
+            let dir = match setup() {
+                Ok(dir) => dir,
+                Err(err) => {
+                    eprintln!("selftest-helper: {err}");
+                    return 2;
+                }
+            };
+            let dfd = dir.as_ref().map_or(libc::AT_FDCWD, |d| d.as_raw_fd());
+            let errno = rename_syscall(call, dfd, &old, &new, flags);
+            println!("errno={errno}");
+            let _ = std::io::stdout().flush();
+            if linger {
+                wait_for_stdin_eof();
+            }
+            0
+        }
+    }
+}
+
+fn rename_syscall(call: Call, dfd: i32, old: &Path, new: &Path, flags: u32) -> i32 {
+    let (Ok(old), Ok(new)) =
+        (CString::new(old.as_os_str().as_bytes()), CString::new(new.as_os_str().as_bytes()))
+    else {
+        return libc::EINVAL;
+    };
+    // SAFETY: both paths are NUL-terminated strings that outlive the call; `dfd` is AT_FDCWD
+    // or an fd held open by the caller; the kernel only reads the arguments.
+    let rc = unsafe {
+        match call {
+            Call::Rename => libc::syscall(libc::SYS_rename, old.as_ptr(), new.as_ptr()),
+            Call::Renameat => {
+                libc::syscall(libc::SYS_renameat, dfd, old.as_ptr(), dfd, new.as_ptr())
+            }
+            Call::Renameat2 => {
+                libc::syscall(libc::SYS_renameat2, dfd, old.as_ptr(), dfd, new.as_ptr(), flags)
+            }
+        }
+    };
+    if rc == 0 { 0 } else { std::io::Error::last_os_error().raw_os_error().unwrap_or(-1) }
+}
+
+fn join_cgroup(cgroup: &Path) -> std::io::Result<()> {
+    std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
+}
+
+fn wait_for_stdin_eof() {
+    let mut sink = [0u8; 64];
+    let mut stdin = std::io::stdin();
+    while matches!(stdin.read(&mut sink), Ok(n) if n > 0) {}
+}
