@@ -9,8 +9,14 @@ fn main() -> anyhow::Result<()> {
     let ebpf_dir = std::path::Path::new(&manifest_dir).join("../agent-ebpf");
     let ebpf_dir = ebpf_dir.to_str().context("agent-ebpf path is not UTF-8")?;
 
-    if std::process::Command::new("bpf-linker").arg("--version").output().is_err() {
-        bail!("bpf-linker not found on PATH: run `cargo xtask setup` first (it builds bpf-linker against the nightly's LLVM)");
+    if std::process::Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        bail!(
+            "bpf-linker not found on PATH: run `cargo xtask setup` first (it builds bpf-linker against the nightly's LLVM)"
+        );
     }
     aya_build::build_ebpf(
         [aya_build::Package { name: "imgstream-ebpf", root_dir: ebpf_dir, ..Default::default() }],

@@ -17,8 +17,8 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use imgstream_ebpf::{
-    COMM_LEN, ENXIO, PATH_CAP, RenameEvent, RenameInflight, TRUNCATED_NEW, TRUNCATED_OLD,
-    counter, syscall, tp,
+    COMM_LEN, ENXIO, PATH_CAP, RenameEvent, RenameInflight, TRUNCATED_NEW, TRUNCATED_OLD, counter,
+    syscall, tp,
 };
 
 /// 256 KiB: about 120 events between two drains of the agent.

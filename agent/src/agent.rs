@@ -47,9 +47,11 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentErr
             None
         }
     };
-    tokio::task::spawn_blocking(move || probe_loop(probes, Detector::new(cgroups), out, &config, &shutdown))
-        .await
-        .map_err(|_| AgentError::LoopPanicked)?
+    tokio::task::spawn_blocking(move || {
+        probe_loop(probes, Detector::new(cgroups), out, &config, &shutdown)
+    })
+    .await
+    .map_err(|_| AgentError::LoopPanicked)?
 }
 
 fn probe_loop(
@@ -74,7 +76,9 @@ fn probe_loop(
                 Verdict::Report(detection) => {
                     detection.log();
                     let line = serde_json::to_string(&detection).expect("detections serialize");
-                    writeln!(out, "{line}").and_then(|()| out.flush()).map_err(AgentError::WriteOutput)?;
+                    writeln!(out, "{line}")
+                        .and_then(|()| out.flush())
+                        .map_err(AgentError::WriteOutput)?;
                 }
                 Verdict::NotSymlink(kind) => {
                     tracing::debug!(?kind, "rename failed with ENXIO, but not on a symlink");

@@ -14,6 +14,9 @@ pub struct AgentConfig {
 
 impl Default for AgentConfig {
     fn default() -> Self {
-        Self { detections_out: None, poll_interval: Duration::from_millis(200) }
+        Self {
+            detections_out: None,
+            poll_interval: Duration::from_millis(200),
+        }
     }
 }

@@ -1,16 +1,25 @@
 //! The `imgstream` binary: arguments -> configuration -> subcommand.
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{io::IsTerminal, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use imgstream::{config::AgentConfig, selftest, shutdown::Shutdown};
 
 #[derive(Debug, Parser)]
-#[command(name = "imgstream", version, about = "Image-streaming node agent for Kubernetes")]
+#[command(
+    name = "imgstream",
+    version,
+    about = "Image-streaming node agent for Kubernetes"
+)]
 struct Args {
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `imgstream=debug`.
-    #[arg(long, global = true, default_value = "info", env = "IMGSTREAM_LOG")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "info,fuse_backend_rs=warn",
+        env = "IMGSTREAM_LOG"
+    )]
     log: String,
     #[command(subcommand)]
     command: Command,
@@ -49,7 +58,11 @@ fn main() -> ExitCode {
     }
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
     match run(args.command) {
         Ok(code) => code,
         Err(err) => {
@@ -61,19 +74,30 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Agent { detections, poll_ms } => {
-            let config = AgentConfig { detections_out: detections, poll_interval: Duration::from_millis(poll_ms) };
+        Command::Agent {
+            detections,
+            poll_ms,
+        } => {
+            let config = AgentConfig {
+                detections_out: detections,
+                poll_interval: Duration::from_millis(poll_ms),
+            };
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async {
                 let shutdown = Shutdown::new();
-                shutdown.trigger_on_signals().context("installing signal handlers")?;
-                imgstream::agent::run(config, shutdown).await.context("agent")
+                shutdown
+                    .trigger_on_signals()
+                    .context("installing signal handlers")?;
+                imgstream::agent::run(config, shutdown)
+                    .await
+                    .context("agent")
             })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Selftest { workdir, json } => {
             let helper = std::env::current_exe().context("locating the imgstream binary")?;
-            let report = selftest::run(&selftest::Options { helper, workdir }).context("selftest")?;
+            let report =
+                selftest::run(&selftest::Options { helper, workdir }).context("selftest")?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -88,7 +112,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     report.cases.len() - failed
                 );
             }
-            Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::SelftestHelper(_) => unreachable!("handled before logging is set up"),
     }

@@ -27,14 +27,29 @@ fn scratch(name: &str) -> PathBuf {
 #[ignore = "needs root, tracefs and /dev/fuse: `cargo xtask ci` runs it"]
 fn selftest_passes_every_case_on_the_host_kernel() {
     let workdir = scratch("selftest");
-    let report =
-        selftest::run(&selftest::Options { helper: IMGSTREAM.into(), workdir: workdir.clone() })
-            .expect("selftest could not run");
+    let report = selftest::run(&selftest::Options {
+        helper: IMGSTREAM.into(),
+        workdir: workdir.clone(),
+    })
+    .expect("selftest could not run");
     for case in &report.cases {
-        println!("{} {}: {}", if case.passed { "ok  " } else { "FAIL" }, case.name, case.detail);
+        println!(
+            "{} {}: {}",
+            if case.passed { "ok  " } else { "FAIL" },
+            case.name,
+            case.detail
+        );
     }
-    assert!(report.cases.len() >= 10, "cases went missing: {}", report.cases.len());
-    assert!(report.passed(), "{ROOT_ONLY}: some cases failed on {}", report.kernel);
+    assert!(
+        report.cases.len() >= 10,
+        "cases went missing: {}",
+        report.cases.len()
+    );
+    assert!(
+        report.passed(),
+        "{ROOT_ONLY}: some cases failed on {}",
+        report.kernel
+    );
     std::fs::remove_dir_all(workdir).unwrap();
 }
 
@@ -53,7 +68,11 @@ fn renameat2(old: &Path, new: &Path, flags: u32) -> i32 {
             flags,
         )
     };
-    if rc == 0 { 0 } else { std::io::Error::last_os_error().raw_os_error().unwrap() }
+    if rc == 0 {
+        0
+    } else {
+        std::io::Error::last_os_error().raw_os_error().unwrap()
+    }
 }
 
 #[test]
@@ -73,20 +92,37 @@ fn agent_reports_a_detection_as_json_and_stops_on_sigterm() {
     let mut log = String::new();
     while !log.contains("watching rename") {
         let mut line = String::new();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "agent exited early:\n{log}");
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "agent exited early:\n{log}"
+        );
         log.push_str(&line);
     }
     std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
 
     let mount = EnxioMount::mount(&mnt).unwrap();
-    assert_eq!(renameat2(&mnt.join("link"), &mnt.join("moved"), libc::RENAME_NOREPLACE), libc::ENXIO);
-    assert_eq!(renameat2(&mnt.join("file"), &mnt.join("moved-file"), 0), libc::ENXIO);
+    assert_eq!(
+        renameat2(
+            &mnt.join("link"),
+            &mnt.join("moved"),
+            libc::RENAME_NOREPLACE
+        ),
+        libc::ENXIO
+    );
+    assert_eq!(
+        renameat2(&mnt.join("file"), &mnt.join("moved-file"), 0),
+        libc::ENXIO
+    );
 
     // Other tests run renames concurrently: only lines about this mount count.
     let ours = |text: &str| -> Vec<serde_json::Value> {
         text.lines()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .filter(|j| j["new"]["path"].as_str().is_some_and(|p| p.starts_with(mnt.to_str().unwrap())))
+            .filter(|j| {
+                j["new"]["path"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with(mnt.to_str().unwrap()))
+            })
             .collect()
     };
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -113,7 +149,11 @@ fn agent_reports_a_detection_as_json_and_stops_on_sigterm() {
     assert!(status.success(), "agent exit: {status:?}");
     drop(mount);
     let text = std::fs::read_to_string(&out).unwrap();
-    assert_eq!(ours(&text).len(), 1, "the regular-file rename must not be reported:\n{text}");
+    assert_eq!(
+        ours(&text).len(),
+        1,
+        "the regular-file rename must not be reported:\n{text}"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -121,7 +161,12 @@ fn agent_reports_a_detection_as_json_and_stops_on_sigterm() {
 #[ignore = "needs root, tracefs and /dev/fuse: `cargo xtask ci` runs it"]
 fn missing_privileges_and_tracefs_give_clear_errors() {
     let as_nobody = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
         .args([IMGSTREAM, "agent"])
         .output()
         .unwrap();
@@ -133,8 +178,14 @@ fn missing_privileges_and_tracefs_give_clear_errors() {
     let script = format!(
         "umount -l /sys/kernel/tracing; umount -l /sys/kernel/debug/tracing 2>/dev/null; exec {IMGSTREAM} agent"
     );
-    let no_tracefs = Command::new("unshare").args(["-m", "sh", "-c", &script]).output().unwrap();
+    let no_tracefs = Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&no_tracefs.stderr);
     assert_eq!(no_tracefs.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("tracefs is not mounted") && stderr.contains("mount -t tracefs"), "{stderr}");
+    assert!(
+        stderr.contains("tracefs is not mounted") && stderr.contains("mount -t tracefs"),
+        "{stderr}"
+    );
 }

@@ -1,1 +1,80 @@
-fn main(){}
+//! `cargo xtask`: imgstream's build and test orchestration. Never a runtime dependency.
+//!
+//! - `setup`      install what this machine needs (idempotent; quick when done)
+//! - `build-ebpf` build the eBPF object alone and list its programs and maps
+//! - `vm-test`    boot each guest kernel under QEMU with the guest tests in an initramfs
+//! - `ci`         setup, then every check and test CI runs (the README's test command)
+//! - `demo`       setup, then the main job on its built-in default
+
+mod build_ebpf;
+mod ci;
+mod cmd;
+mod demo;
+mod initramfs;
+mod kernels;
+mod setup;
+mod vm_test;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "imgstream build and test orchestration")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install Debian packages, the nightly's rust-src, bpf-linker and the guest kernels.
+    Setup,
+    /// Build the eBPF programs alone (the agent's build does this itself) and list them.
+    BuildEbpf,
+    /// Run the guest tests under QEMU on each guest kernel.
+    VmTest {
+        /// Only kernels whose series starts with this (e.g. `6.1`, `6.12`).
+        #[arg(long)]
+        kernel: Option<String>,
+        /// Seconds a guest may run before it counts as hung.
+        #[arg(long, default_value_t = 240)]
+        timeout: u64,
+    },
+    /// Set up, then run everything CI runs: fmt, clippy, unit tests, root-only host tests,
+    /// VM tests.
+    Ci,
+    /// Set up, then show the rename-ENXIO detector catching a container's failing `mv`.
+    Demo,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let root = workspace_root();
+    match args.command {
+        Command::Setup => setup::run(),
+        Command::BuildEbpf => build_ebpf::run(&root),
+        Command::VmTest { kernel, timeout } => vm_test::run(
+            &root,
+            kernel.as_deref(),
+            std::time::Duration::from_secs(timeout),
+        ),
+        Command::Ci => ci::run(&root),
+        Command::Demo => demo::run(&root),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+/// Where setup keeps what it downloads and builds: `$IMGSTREAM_CACHE`, else
+/// `~/.cache/imgstream`.
+pub(crate) fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("IMGSTREAM_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+    home.join(".cache/imgstream")
+}

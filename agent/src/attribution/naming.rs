@@ -113,7 +113,11 @@ fn cgroupfs_leaf(part: &str) -> Option<(Runtime, &str)> {
 /// `ctr run` puts containers at `/<namespace>/<id>`: two components, neither a systemd unit.
 fn plain_containerd(parts: &[&str]) -> Option<ContainerRef> {
     let [namespace, id] = parts else { return None };
-    let unit = |p: &str| [".slice", ".scope", ".service", ".mount"].iter().any(|s| p.ends_with(s));
+    let unit = |p: &str| {
+        [".slice", ".scope", ".service", ".mount"]
+            .iter()
+            .any(|s| p.ends_with(s))
+    };
     if unit(namespace) || unit(id) || *namespace == "kubepods" {
         return None;
     }
@@ -128,16 +132,19 @@ fn plain_containerd(parts: &[&str]) -> Option<ContainerRef> {
 
 /// Container ids are 64 lowercase hex digits for containerd, CRI-O, docker and podman.
 fn is_container_id(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// A UUID in its 8-4-4-4-12 form (Kubernetes pod UIDs).
 fn is_uid(s: &str) -> bool {
     let groups: Vec<&str> = s.split('-').collect();
     groups.len() == 5
-        && groups.iter().zip([8, 4, 4, 4, 12]).all(|(g, n)| {
-            g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit())
-        })
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 #[cfg(test)]
@@ -159,13 +166,21 @@ mod tests {
         assert_eq!(c.pod_uid.as_deref(), Some(UID));
         assert_eq!(c.driver, CgroupDriver::Cgroupfs);
         // Guaranteed QoS pods sit right under /kubepods.
-        assert_eq!(parsed(&format!("/kubepods/pod{UID}/{ID}")).pod_uid.as_deref(), Some(UID));
+        assert_eq!(
+            parsed(&format!("/kubepods/pod{UID}/{ID}"))
+                .pod_uid
+                .as_deref(),
+            Some(UID)
+        );
     }
 
     #[test]
     fn cgroupfs_crio_and_docker() {
         let c = parsed(&format!("/kubepods/besteffort/pod{UID}/crio-{ID}"));
-        assert_eq!((c.runtime, c.pod_uid.as_deref()), (Runtime::Crio, Some(UID)));
+        assert_eq!(
+            (c.runtime, c.pod_uid.as_deref()),
+            (Runtime::Crio, Some(UID))
+        );
         let d = parsed(&format!("/docker/{ID}"));
         assert_eq!((d.runtime, d.pod_uid), (Runtime::Docker, None));
     }
@@ -173,9 +188,8 @@ mod tests {
     #[test]
     fn systemd_driver_forms() {
         let uid_ = UID.replace('-', "_");
-        let base = format!(
-            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid_}.slice"
-        );
+        let base =
+            format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid_}.slice");
         for (prefix, runtime) in [
             ("cri-containerd", Runtime::Containerd),
             ("crio", Runtime::Crio),
@@ -188,7 +202,9 @@ mod tests {
             assert_eq!(c.driver, CgroupDriver::Systemd);
         }
         // Guaranteed pods: kubepods-pod<uid>.slice.
-        let c = parsed(&format!("/kubepods.slice/kubepods-pod{uid_}.slice/crio-{ID}.scope"));
+        let c = parsed(&format!(
+            "/kubepods.slice/kubepods-pod{uid_}.slice/crio-{ID}.scope"
+        ));
         assert_eq!(c.pod_uid.as_deref(), Some(UID));
         let c = parsed(&format!("/system.slice/docker-{ID}.scope"));
         assert_eq!((c.runtime, c.pod_uid), (Runtime::Docker, None));
@@ -204,7 +220,10 @@ mod tests {
     fn plain_containerd_namespace_and_id() {
         let c = parsed("/default/web-1");
         assert_eq!(c.runtime, Runtime::Containerd);
-        assert_eq!((c.namespace.as_deref(), c.container_id.as_str()), (Some("default"), "web-1"));
+        assert_eq!(
+            (c.namespace.as_deref(), c.container_id.as_str()),
+            (Some("default"), "web-1")
+        );
     }
 
     #[test]
@@ -226,7 +245,15 @@ mod tests {
 
     #[test]
     fn hostile_paths_do_not_panic() {
-        for path in ["", "//", "/.scope", "/-pod.slice/x", "/cri-containerd-.scope", "pod", "\0"] {
+        for path in [
+            "",
+            "//",
+            "/.scope",
+            "/-pod.slice/x",
+            "/cri-containerd-.scope",
+            "pod",
+            "\0",
+        ] {
             let _ = parse_cgroup_path(path);
         }
     }

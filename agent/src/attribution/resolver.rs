@@ -12,7 +12,9 @@ use std::{
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
     /// No cgroup2 filesystem is mounted.
-    #[error("no cgroup2 mount found in /proc/self/mountinfo (mount one: `mount -t cgroup2 none /sys/fs/cgroup`)")]
+    #[error(
+        "no cgroup2 mount found in /proc/self/mountinfo (mount one: `mount -t cgroup2 none /sys/fs/cgroup`)"
+    )]
     NoCgroup2Mount,
     /// Reading mountinfo failed.
     #[error("reading /proc/self/mountinfo")]
@@ -34,7 +36,10 @@ pub struct CgroupResolver {
 impl CgroupResolver {
     /// A resolver for the cgroup2 hierarchy mounted at `root`.
     pub fn new(root: PathBuf) -> Self {
-        Self { root, cache: HashMap::new() }
+        Self {
+            root,
+            cache: HashMap::new(),
+        }
     }
 
     /// A resolver for the cgroup2 mount found in `/proc/self/mountinfo`.
@@ -73,13 +78,17 @@ fn walk(root: &Path) -> HashMap<u64, String> {
             tracing::warn!(root = %root.display(), "cgroup walk stopped after {MAX_DIRS} directories");
             break;
         }
-        let Ok(meta) = std::fs::symlink_metadata(&dir) else { continue };
+        let Ok(meta) = std::fs::symlink_metadata(&dir) else {
+            continue;
+        };
         let rel = dir.strip_prefix(root).unwrap_or(Path::new(""));
         found.insert(meta.ino(), format!("/{}", rel.display()));
         if depth >= MAX_DEPTH {
             continue;
         }
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for entry in entries.flatten() {
             if entry.file_type().is_ok_and(|t| t.is_dir()) {
                 stack.push((entry.path(), depth + 1));
@@ -112,7 +121,9 @@ fn unescape_octal(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
         match (bytes[i], octal) {
             (b'\\', Some(d)) => {
                 out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
@@ -137,12 +148,21 @@ mod tests {
 30 23 0:26 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
 31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw,nsdelegate
 32 30 0:28 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu";
-        assert_eq!(cgroup2_mount_in(hybrid), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            cgroup2_mount_in(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
         let unified = "25 1 0:22 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw";
-        assert_eq!(cgroup2_mount_in(unified), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(
+            cgroup2_mount_in(unified),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
         assert_eq!(cgroup2_mount_in("garbage\n1 2 3\n - \n"), None);
         let escaped = r"25 1 0:22 / /mnt/with\040space rw - cgroup2 cgroup2 rw";
-        assert_eq!(cgroup2_mount_in(escaped), Some(PathBuf::from("/mnt/with space")));
+        assert_eq!(
+            cgroup2_mount_in(escaped),
+            Some(PathBuf::from("/mnt/with space"))
+        );
     }
 
     #[test]

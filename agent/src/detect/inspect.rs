@@ -38,7 +38,7 @@ pub enum SourceKind {
 
 /// Whose view of the filesystem the source was looked up in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case", tag = "via", content = "pid")]
+#[serde(rename_all = "snake_case", tag = "by", content = "pid")]
 pub enum Via {
     /// The process that made the call.
     Caller(u32),
@@ -55,7 +55,10 @@ const MAX_PEERS: usize = 16;
 /// directory, used to find a peer when the caller is gone.
 pub fn inspect_source(tgid: u32, cgroup_dir: Option<&Path>, source: &PathArg) -> (SourceKind, Via) {
     if source.truncated {
-        return (unknown("the path was longer than the probe records"), Via::Nobody);
+        return (
+            unknown("the path was longer than the probe records"),
+            Via::Nobody,
+        );
     }
     if source.path.is_empty() {
         return (SourceKind::Missing, Via::Caller(tgid));
@@ -64,7 +67,10 @@ pub fn inspect_source(tgid: u32, cgroup_dir: Option<&Path>, source: &PathArg) ->
         Ok(kind) => return (kind, Via::Caller(tgid)),
         Err(Lookup::ProcessGone) => {}
         Err(Lookup::Failed(err)) => {
-            return (unknown(&format!("looking it up through /proc/{tgid} failed: {err}")), Via::Nobody);
+            return (
+                unknown(&format!("looking it up through /proc/{tgid} failed: {err}")),
+                Via::Nobody,
+            );
         }
     }
     if !source.path.starts_with('/') {
@@ -74,18 +80,30 @@ pub fn inspect_source(tgid: u32, cgroup_dir: Option<&Path>, source: &PathArg) ->
         );
     }
     let Some(dir) = cgroup_dir else {
-        return (unknown("the process exited and its cgroup is unknown"), Via::Nobody);
+        return (
+            unknown("the process exited and its cgroup is unknown"),
+            Via::Nobody,
+        );
     };
-    for peer in cgroup_peers(dir).into_iter().filter(|&p| p != tgid).take(MAX_PEERS) {
+    for peer in cgroup_peers(dir)
+        .into_iter()
+        .filter(|&p| p != tgid)
+        .take(MAX_PEERS)
+    {
         if let Ok(kind) = kind_in_process(peer, source) {
             return (kind, Via::CgroupPeer(peer));
         }
     }
-    (unknown("the process exited and no other process of its cgroup is alive"), Via::Nobody)
+    (
+        unknown("the process exited and no other process of its cgroup is alive"),
+        Via::Nobody,
+    )
 }
 
 fn unknown(reason: &str) -> SourceKind {
-    SourceKind::Unknown { reason: reason.to_string() }
+    SourceKind::Unknown {
+        reason: reason.to_string(),
+    }
 }
 
 enum Lookup {
@@ -107,7 +125,11 @@ fn kind_in_process(pid: u32, source: &PathArg) -> Result<SourceKind, Lookup> {
     })?;
     let path = CString::new(source.path.trim_start_matches('/'))
         .map_err(|_| Lookup::Failed(io::Error::from(io::ErrorKind::InvalidInput)))?;
-    let stat = if absolute { stat_in_root(&base, &path) } else { stat_at(&base, &path) };
+    let stat = if absolute {
+        stat_in_root(&base, &path)
+    } else {
+        stat_at(&base, &path)
+    };
     match stat {
         Ok(mode) => Ok(kind_of(mode)),
         Err(err) if err.raw_os_error() == Some(libc::ENOENT) => Ok(SourceKind::Missing),
@@ -152,7 +174,12 @@ fn stat_in_root(root: &OwnedFd, path: &CString) -> io::Result<libc::mode_t> {
 fn stat_at(dir: &OwnedFd, path: &std::ffi::CStr) -> io::Result<libc::mode_t> {
     // SAFETY: all-zero is a valid `stat` value; the kernel overwrites it.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    let flags = libc::AT_SYMLINK_NOFOLLOW | if path.is_empty() { libc::AT_EMPTY_PATH } else { 0 };
+    let flags = libc::AT_SYMLINK_NOFOLLOW
+        | if path.is_empty() {
+            libc::AT_EMPTY_PATH
+        } else {
+            0
+        };
     // SAFETY: `dir` is open, `path` NUL-terminated, `st` writable for the call.
     let rc = unsafe { libc::fstatat(dir.as_raw_fd(), path.as_ptr(), &mut st, flags) };
     if rc < 0 {
@@ -177,7 +204,12 @@ fn kind_of(mode: libc::mode_t) -> SourceKind {
 
 fn cgroup_peers(cgroup_dir: &Path) -> Vec<u32> {
     std::fs::read_to_string(cgroup_dir.join("cgroup.procs"))
-        .map(|procs| procs.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .map(|procs| {
+            procs
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -186,7 +218,11 @@ mod tests {
     use super::*;
 
     fn arg(path: &str, dir: DirFd) -> PathArg {
-        PathArg { path: path.to_string(), truncated: false, dir }
+        PathArg {
+            path: path.to_string(),
+            truncated: false,
+            dir,
+        }
     }
 
     #[test]
@@ -198,12 +234,18 @@ mod tests {
         let me = std::process::id();
         let abs = |name: &str| arg(tmp.join(name).to_str().unwrap(), DirFd::Cwd);
 
-        assert_eq!(inspect_source(me, None, &abs("link")), (SourceKind::Symlink, Via::Caller(me)));
+        assert_eq!(
+            inspect_source(me, None, &abs("link")),
+            (SourceKind::Symlink, Via::Caller(me))
+        );
         assert_eq!(
             inspect_source(me, None, &abs("file")).0,
             SourceKind::Other { file_type: '-' }
         );
-        assert_eq!(inspect_source(me, None, &abs("absent")).0, SourceKind::Missing);
+        assert_eq!(
+            inspect_source(me, None, &abs("absent")).0,
+            SourceKind::Missing
+        );
 
         let dir = std::fs::File::open(&tmp).unwrap();
         let by_fd = arg("link", DirFd::Fd(dir.as_raw_fd()));
@@ -219,7 +261,14 @@ mod tests {
         let (kind, via) = inspect_source(gone, None, &arg("relative", DirFd::Cwd));
         assert!(matches!(kind, SourceKind::Unknown { .. }), "{kind:?}");
         assert_eq!(via, Via::Nobody);
-        let cut = PathArg { path: "/x".into(), truncated: true, dir: DirFd::Cwd };
-        assert!(matches!(inspect_source(1, None, &cut).0, SourceKind::Unknown { .. }));
+        let cut = PathArg {
+            path: "/x".into(),
+            truncated: true,
+            dir: DirFd::Cwd,
+        };
+        assert!(matches!(
+            inspect_source(1, None, &cut).0,
+            SourceKind::Unknown { .. }
+        ));
     }
 }

@@ -33,7 +33,7 @@ pub struct Detection {
     /// renameat2 flag names.
     pub flag_names: Vec<String>,
     pub source: SourceKind,
-    #[serde(flatten)]
+    /// Whose view of the filesystem `source` was looked up in.
     pub inspected_via: Via,
     /// The caller's cgroup v2 path, if the cgroup still exists.
     pub cgroup_path: Option<String>,
@@ -60,12 +60,18 @@ impl Detector {
     /// A detector resolving cgroups through `cgroups` (without one, detections carry no
     /// cgroup path or container).
     pub fn new(cgroups: Option<CgroupResolver>) -> Self {
-        Self { cgroups, clock: BootClock::new() }
+        Self {
+            cgroups,
+            clock: BootClock::new(),
+        }
     }
 
     /// Judges one failure.
     pub fn judge(&mut self, failure: RenameFailure) -> Verdict {
-        let cgroup_path = self.cgroups.as_mut().and_then(|r| r.resolve(failure.cgroup_id));
+        let cgroup_path = self
+            .cgroups
+            .as_mut()
+            .and_then(|r| r.resolve(failure.cgroup_id));
         let cgroup_dir = match (&self.cgroups, &cgroup_path) {
             (Some(r), Some(path)) => Some(r.dir_of(path)),
             _ => None,
@@ -113,7 +119,9 @@ impl Detection {
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ` for a wall-clock time.
 pub fn rfc3339(time: SystemTime) -> String {
-    let since = time.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let since = time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
     let secs = since.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, d) = civil_from_days(days as i64);

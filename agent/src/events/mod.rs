@@ -52,7 +52,11 @@ pub enum DirFd {
 
 impl DirFd {
     fn from_raw(fd: i32) -> Self {
-        if fd == imgstream_ebpf::AT_FDCWD { Self::Cwd } else { Self::Fd(fd) }
+        if fd == imgstream_ebpf::AT_FDCWD {
+            Self::Cwd
+        } else {
+            Self::Fd(fd)
+        }
     }
 }
 
@@ -90,7 +94,10 @@ impl RenameFailure {
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let want = size_of::<RenameEvent>();
         if bytes.len() < want {
-            return Err(DecodeError::ShortRecord { got: bytes.len(), want });
+            return Err(DecodeError::ShortRecord {
+                got: bytes.len(),
+                want,
+            });
         }
         // SAFETY: the slice holds at least `size_of::<RenameEvent>()` bytes (checked above),
         // `read_unaligned` does not need alignment, and `RenameEvent` is plain integers and byte
@@ -131,8 +138,11 @@ pub fn rename_flag_names(flags: u32) -> Vec<String> {
         (libc::RENAME_EXCHANGE, "RENAME_EXCHANGE"),
         (libc::RENAME_WHITEOUT, "RENAME_WHITEOUT"),
     ];
-    let mut names: Vec<String> =
-        KNOWN.iter().filter(|(bit, _)| flags & bit != 0).map(|(_, name)| name.to_string()).collect();
+    let mut names: Vec<String> = KNOWN
+        .iter()
+        .filter(|(bit, _)| flags & bit != 0)
+        .map(|(_, name)| name.to_string())
+        .collect();
     let unknown = flags & !KNOWN.iter().fold(0, |acc, (bit, _)| acc | bit);
     if unknown != 0 {
         names.push(format!("{unknown:#x}"));
@@ -177,7 +187,10 @@ impl Default for BootClock {
 
 /// CLOCK_BOOTTIME now, in nanoseconds: the clock of `bpf_ktime_get_boot_ns()`.
 pub fn boot_ns_now() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: `ts` is a valid, writable timespec; CLOCK_BOOTTIME always exists on Linux.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
     debug_assert_eq!(rc, 0);
@@ -223,10 +236,27 @@ mod tests {
         let ev = raw_event(syscall::RENAMEAT2, b"/a/link", b"b");
         let got = RenameFailure::decode(&bytes_of(&ev)).unwrap();
         assert_eq!(got.syscall, RenameSyscall::Renameat2);
-        assert_eq!((got.pid, got.tgid, got.cgroup_id, got.boot_ns), (100, 99, 7, 42));
+        assert_eq!(
+            (got.pid, got.tgid, got.cgroup_id, got.boot_ns),
+            (100, 99, 7, 42)
+        );
         assert_eq!(got.comm, "mv");
-        assert_eq!(got.old, PathArg { path: "/a/link".into(), truncated: false, dir: DirFd::Cwd });
-        assert_eq!(got.new, PathArg { path: "b".into(), truncated: true, dir: DirFd::Fd(5) });
+        assert_eq!(
+            got.old,
+            PathArg {
+                path: "/a/link".into(),
+                truncated: false,
+                dir: DirFd::Cwd
+            }
+        );
+        assert_eq!(
+            got.new,
+            PathArg {
+                path: "b".into(),
+                truncated: true,
+                dir: DirFd::Fd(5)
+            }
+        );
         assert_eq!(got.flag_names(), vec!["RENAME_NOREPLACE"]);
     }
 
@@ -256,7 +286,10 @@ mod tests {
 
     #[test]
     fn unknown_flag_bits_are_shown() {
-        assert_eq!(rename_flag_names(libc::RENAME_EXCHANGE | 0x100), ["RENAME_EXCHANGE", "0x100"]);
+        assert_eq!(
+            rename_flag_names(libc::RENAME_EXCHANGE | 0x100),
+            ["RENAME_EXCHANGE", "0x100"]
+        );
         assert!(rename_flag_names(0).is_empty());
     }
 

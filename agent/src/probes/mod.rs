@@ -104,23 +104,51 @@ impl RenameProbes {
                 .program_mut(program)
                 .ok_or(ProbeError::MissingProgram(program))?
                 .try_into()
-                .map_err(|source| ProbeError::Attach { program, tracepoint, source })?;
+                .map_err(|source| ProbeError::Attach {
+                    program,
+                    tracepoint,
+                    source,
+                })?;
             // The exit program serves three tracepoints: load it once, attach it thrice.
             if prog.fd().is_err() {
-                prog.load().map_err(|source| ProbeError::Attach { program, tracepoint, source })?;
+                prog.load().map_err(|source| ProbeError::Attach {
+                    program,
+                    tracepoint,
+                    source,
+                })?;
             }
             prog.attach("syscalls", tracepoint)
-                .map_err(|source| ProbeError::Attach { program, tracepoint, source })?;
+                .map_err(|source| ProbeError::Attach {
+                    program,
+                    tracepoint,
+                    source,
+                })?;
         }
         let map = |name: &'static str, ebpf: &mut Ebpf| {
             ebpf.take_map(name).ok_or(ProbeError::MissingMap(name))
         };
-        let events = RingBuf::try_from(map(maps::RENAME_EVENTS, &mut ebpf)?)
-            .map_err(|source| ProbeError::Map { name: maps::RENAME_EVENTS, source })?;
-        let counters = PerCpuArray::try_from(map(maps::COUNTERS, &mut ebpf)?)
-            .map_err(|source| ProbeError::Map { name: maps::COUNTERS, source })?;
-        tracing::info!(tracepoints = RENAME_TRACEPOINTS.len(), "rename-ENXIO probes attached");
-        Ok(Self { _ebpf: ebpf, events, counters })
+        let events = RingBuf::try_from(map(maps::RENAME_EVENTS, &mut ebpf)?).map_err(|source| {
+            ProbeError::Map {
+                name: maps::RENAME_EVENTS,
+                source,
+            }
+        })?;
+        let counters =
+            PerCpuArray::try_from(map(maps::COUNTERS, &mut ebpf)?).map_err(|source| {
+                ProbeError::Map {
+                    name: maps::COUNTERS,
+                    source,
+                }
+            })?;
+        tracing::info!(
+            tracepoints = RENAME_TRACEPOINTS.len(),
+            "rename-ENXIO probes attached"
+        );
+        Ok(Self {
+            _ebpf: ebpf,
+            events,
+            counters,
+        })
     }
 
     /// Waits up to `timeout` for events, then returns all that are queued (possibly none).
@@ -148,7 +176,10 @@ impl RenameProbes {
     /// The kernel side's drop counters.
     pub fn drops(&self) -> DropCounters {
         let sum = |index: u32| {
-            self.counters.get(&index, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0)
+            self.counters
+                .get(&index, 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0)
         };
         DropCounters {
             rename_events_dropped: sum(counter::RENAME_EVENTS_DROPPED),
@@ -159,7 +190,11 @@ impl RenameProbes {
 }
 
 fn wait_readable(fd: i32, timeout: Duration) -> Result<(), ProbeError> {
-    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
     let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
     // SAFETY: `pfd` is one valid pollfd for the duration of the call.
     let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
@@ -174,7 +209,10 @@ fn wait_readable(fd: i32, timeout: Duration) -> Result<(), ProbeError> {
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it, best effort.
 fn raise_memlock_limit() {
-    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: passes a valid rlimit by pointer; the call only reads it.
     let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
     if rc != 0 {

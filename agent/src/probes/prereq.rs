@@ -28,7 +28,9 @@ pub enum PrereqError {
     )]
     MissingTracepoint(String, PathBuf),
     /// A tracepoint's record layout differs from the one the programs were built for.
-    #[error("tracepoint syscalls/{tracepoint} has field `{field}` at offset {found:?}, the probes expect {expected}")]
+    #[error(
+        "tracepoint syscalls/{tracepoint} has field `{field}` at offset {found:?}, the probes expect {expected}"
+    )]
     UnexpectedLayout {
         tracepoint: String,
         field: &'static str,
@@ -62,7 +64,9 @@ fn privileged() -> bool {
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
-    let Ok(status) = std::fs::read_to_string("/proc/self/status") else { return false };
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
     let cap_eff = status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
@@ -131,7 +135,8 @@ fn field_offset(format: &str, field: &str) -> Option<usize> {
         if name != field {
             return None;
         }
-        rest.split(';').find_map(|kv| kv.trim().strip_prefix("offset:")?.parse().ok())
+        rest.split(';')
+            .find_map(|kv| kv.trim().strip_prefix("offset:")?.parse().ok())
     })
 }
 
@@ -165,7 +170,12 @@ format:
         let err = check_layout("sys_enter_renameat2", &moved).unwrap_err();
         assert!(matches!(
             err,
-            PrereqError::UnexpectedLayout { field: "flags", expected: 48, found: Some(56), .. }
+            PrereqError::UnexpectedLayout {
+                field: "flags",
+                expected: 48,
+                found: Some(56),
+                ..
+            }
         ));
         let err = check_layout("sys_exit_rename", "garbage").unwrap_err();
         assert!(err.to_string().contains("`ret`"), "{err}");

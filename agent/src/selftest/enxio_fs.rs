@@ -20,8 +20,10 @@ const FILE: u64 = 3;
 const LINK_TARGET: &str = "file";
 
 /// Names in the root directory, with their inodes and `DT_*` types.
-const ENTRIES: [(&[u8], u64, u32); 2] =
-    [(b"link", LINK, libc::DT_LNK as u32), (b"file", FILE, libc::DT_REG as u32)];
+const ENTRIES: [(&[u8], u64, u32); 2] = [
+    (b"link", LINK, libc::DT_LNK as u32),
+    (b"file", FILE, libc::DT_REG as u32),
+];
 
 struct EnxioFs;
 
@@ -95,7 +97,12 @@ impl FileSystem for EnxioFs {
             return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
         }
         for (i, &(name, ino, type_)) in ENTRIES.iter().enumerate().skip(offset as usize) {
-            let entry = DirEntry { ino, offset: i as u64 + 1, type_, name };
+            let entry = DirEntry {
+                ino,
+                offset: i as u64 + 1,
+                type_,
+                name,
+            };
             if add_entry(entry)? == 0 {
                 break;
             }
@@ -146,7 +153,10 @@ impl EnxioMount {
             .name("enxio-fuse".into())
             .spawn(move || serve(channel, &server))
             .map_err(|e| MountError::Channel(fuse_backend_rs::transport::Error::IoError(e)))?;
-        Ok(Self { session, server: Some(server) })
+        Ok(Self {
+            session,
+            server: Some(server),
+        })
     }
 }
 

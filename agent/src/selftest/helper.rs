@@ -50,6 +50,11 @@ pub enum HelperCommand {
         #[arg(long)]
         cgroup: PathBuf,
     },
+    /// Mount the ENXIO-emulating filesystem on a directory until stdin closes.
+    Emulate {
+        #[arg(long)]
+        mountpoint: PathBuf,
+    },
 }
 
 /// Runs a helper command; returns the process exit code.
@@ -64,7 +69,32 @@ pub fn run(command: HelperCommand) -> i32 {
             wait_for_stdin_eof();
             0
         }
-        HelperCommand::Rename { call, old, new, flags, cgroup, cwd, dirfd, linger } => {
+        HelperCommand::Emulate { mountpoint } => match super::EnxioMount::mount(&mountpoint) {
+            Ok(mount) => {
+                println!("ready");
+                let _ = std::io::stdout().flush();
+                wait_for_stdin_eof();
+                drop(mount);
+                0
+            }
+            Err(err) => {
+                eprintln!(
+                    "selftest-helper: {err}: {}",
+                    std::error::Error::source(&err).map_or(String::new(), |s| s.to_string())
+                );
+                2
+            }
+        },
+        HelperCommand::Rename {
+            call,
+            old,
+            new,
+            flags,
+            cgroup,
+            cwd,
+            dirfd,
+            linger,
+        } => {
             let setup = || -> std::io::Result<Option<std::fs::File>> {
                 if let Some(cgroup) = &cgroup {
                     join_cgroup(cgroup)?;
@@ -94,9 +124,10 @@ pub fn run(command: HelperCommand) -> i32 {
 }
 
 fn rename_syscall(call: Call, dfd: i32, old: &Path, new: &Path, flags: u32) -> i32 {
-    let (Ok(old), Ok(new)) =
-        (CString::new(old.as_os_str().as_bytes()), CString::new(new.as_os_str().as_bytes()))
-    else {
+    let (Ok(old), Ok(new)) = (
+        CString::new(old.as_os_str().as_bytes()),
+        CString::new(new.as_os_str().as_bytes()),
+    ) else {
         return libc::EINVAL;
     };
     // SAFETY: both paths are NUL-terminated strings that outlive the call; `dfd` is AT_FDCWD
@@ -107,12 +138,21 @@ fn rename_syscall(call: Call, dfd: i32, old: &Path, new: &Path, flags: u32) -> i
             Call::Renameat => {
                 libc::syscall(libc::SYS_renameat, dfd, old.as_ptr(), dfd, new.as_ptr())
             }
-            Call::Renameat2 => {
-                libc::syscall(libc::SYS_renameat2, dfd, old.as_ptr(), dfd, new.as_ptr(), flags)
-            }
+            Call::Renameat2 => libc::syscall(
+                libc::SYS_renameat2,
+                dfd,
+                old.as_ptr(),
+                dfd,
+                new.as_ptr(),
+                flags,
+            ),
         }
     };
-    if rc == 0 { 0 } else { std::io::Error::last_os_error().raw_os_error().unwrap_or(-1) }
+    if rc == 0 {
+        0
+    } else {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+    }
 }
 
 fn join_cgroup(cgroup: &Path) -> std::io::Result<()> {

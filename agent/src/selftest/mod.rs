@@ -65,7 +65,12 @@ impl Helper {
             .map_err(|e| SelftestError::Helper(name.clone(), e))?;
         let stdin = child.stdin.take();
         let stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));
-        Ok(Self { name, child, stdin, stdout })
+        Ok(Self {
+            name,
+            child,
+            stdin,
+            stdout,
+        })
     }
 
     fn pid(&self) -> u32 {
@@ -78,7 +83,10 @@ impl Helper {
         match self.stdout.read_line(&mut line) {
             Ok(0) => Err(SelftestError::Helper(
                 self.name.clone(),
-                std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "exited without reporting"),
+                std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "exited without reporting",
+                ),
             )),
             Ok(_) => Ok(line.trim().to_string()),
             Err(e) => Err(SelftestError::Helper(self.name.clone(), e)),

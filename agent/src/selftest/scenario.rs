@@ -86,49 +86,104 @@ fn cases(mnt: &Path, plain: &Path) -> Vec<Case> {
         dirfd: None,
         caller: Caller::Exited,
         errno: libc::ENXIO,
-        expect: Expect::Detected { confirmed: true, truncated: false },
+        expect: Expect::Detected {
+            confirmed: true,
+            truncated: false,
+        },
     };
     // A path to the symlink longer than the probe records (the kernel folds the slashes).
-    let long_link = format!("{}{}link", mnt.display(), "/".repeat(imgstream_ebpf::PATH_CAP + 16));
+    let long_link = format!(
+        "{}{}link",
+        mnt.display(),
+        "/".repeat(imgstream_ebpf::PATH_CAP + 16)
+    );
     vec![
-        base("rename(2) of a symlink, caller exited", Call::Rename, at(mnt, "link"), at(mnt, "new-rename")),
+        base(
+            "rename(2) of a symlink, caller exited",
+            Call::Rename,
+            at(mnt, "link"),
+            at(mnt, "new-rename"),
+        ),
         Case {
             cwd: Some(mnt.to_path_buf()),
             caller: Caller::Alive,
-            ..base("renameat(2) of a symlink, cwd-relative", Call::Renameat, "link".into(), "new-renameat".into())
+            ..base(
+                "renameat(2) of a symlink, cwd-relative",
+                Call::Renameat,
+                "link".into(),
+                "new-renameat".into(),
+            )
         },
         Case {
             dirfd: Some(mnt.to_path_buf()),
             caller: Caller::Alive,
-            ..base("renameat(2) of a symlink, dirfd-relative", Call::Renameat, "link".into(), "new-renameat-fd".into())
+            ..base(
+                "renameat(2) of a symlink, dirfd-relative",
+                Call::Renameat,
+                "link".into(),
+                "new-renameat-fd".into(),
+            )
         },
         Case {
             flags: libc::RENAME_NOREPLACE,
-            ..base("renameat2(2) RENAME_NOREPLACE of a symlink, caller exited", Call::Renameat2, at(mnt, "link"), at(mnt, "new-renameat2"))
+            ..base(
+                "renameat2(2) RENAME_NOREPLACE of a symlink, caller exited",
+                Call::Renameat2,
+                at(mnt, "link"),
+                at(mnt, "new-renameat2"),
+            )
         },
         Case {
             expect: Expect::NotSymlink,
-            ..base("ENXIO renaming a regular file, caller exited", Call::Renameat2, at(mnt, "file"), at(mnt, "new-file-exited"))
+            ..base(
+                "ENXIO renaming a regular file, caller exited",
+                Call::Renameat2,
+                at(mnt, "file"),
+                at(mnt, "new-file-exited"),
+            )
         },
         Case {
             caller: Caller::Alive,
             expect: Expect::NotSymlink,
-            ..base("ENXIO renaming a regular file, caller alive", Call::Rename, at(mnt, "file"), at(mnt, "new-file-alive"))
+            ..base(
+                "ENXIO renaming a regular file, caller alive",
+                Call::Rename,
+                at(mnt, "file"),
+                at(mnt, "new-file-alive"),
+            )
         },
         Case {
             errno: libc::ENOENT,
             expect: Expect::NoEvent,
-            ..base("rename failing with ENOENT", Call::Renameat2, at(mnt, "absent"), at(mnt, "new-enoent"))
+            ..base(
+                "rename failing with ENOENT",
+                Call::Renameat2,
+                at(mnt, "absent"),
+                at(mnt, "new-enoent"),
+            )
         },
         Case {
             errno: 0,
             expect: Expect::NoEvent,
-            ..base("successful rename", Call::Rename, at(plain, "before"), at(plain, "new-success"))
+            ..base(
+                "successful rename",
+                Call::Rename,
+                at(plain, "before"),
+                at(plain, "new-success"),
+            )
         },
         Case {
             caller: Caller::Alive,
-            expect: Expect::Detected { confirmed: false, truncated: true },
-            ..base("symlink path longer than the probe records", Call::Rename, long_link, at(mnt, "new-long"))
+            expect: Expect::Detected {
+                confirmed: false,
+                truncated: true,
+            },
+            ..base(
+                "symlink path longer than the probe records",
+                Call::Rename,
+                long_link,
+                at(mnt, "new-long"),
+            )
         },
     ]
 }
@@ -155,11 +210,18 @@ impl TestCgroup {
         );
         let container_id = format!("{seed:016x}").repeat(4);
         let base = root.join(format!("imgstream-selftest-{}", std::process::id()));
-        let container =
-            base.join("kubepods/besteffort").join(format!("pod{pod_uid}")).join(&container_id);
+        let container = base
+            .join("kubepods/besteffort")
+            .join(format!("pod{pod_uid}"))
+            .join(&container_id);
         std::fs::create_dir_all(&container)
             .map_err(|e| SelftestError::Prepare(container.clone(), e))?;
-        Ok(Self { base, container, pod_uid, container_id })
+        Ok(Self {
+            base,
+            container,
+            pod_uid,
+            container_id,
+        })
     }
 }
 
@@ -225,7 +287,11 @@ impl Run {
                 Verdict::Report(d) => (Some(*d), None),
                 Verdict::NotSymlink(kind) => (None, Some(kind)),
             };
-            self.judged.push(Judged { failure, detection, not_symlink });
+            self.judged.push(Judged {
+                failure,
+                detection,
+                not_symlink,
+            });
         }
         Ok(())
     }
@@ -251,7 +317,10 @@ pub fn run(options: &Options) -> Result<Report, SelftestError> {
     let _fuse = EnxioMount::mount(&work.mnt)?;
     let cgroup = TestCgroup::create()?;
     let cgroup_dir = cgroup.container.display().to_string();
-    let mut peer = Helper::spawn(&options.helper, &["stay".into(), "--cgroup".into(), cgroup_dir.clone()])?;
+    let mut peer = Helper::spawn(
+        &options.helper,
+        &["stay".into(), "--cgroup".into(), cgroup_dir.clone()],
+    )?;
     peer.line()?;
 
     let mut run = Run {
@@ -310,7 +379,10 @@ pub fn run(options: &Options) -> Result<Report, SelftestError> {
         passed: drops.rename_events_dropped == 0 && drops.rename_inflight_full == 0,
         detail: format!("{drops:?}"),
     });
-    Ok(Report { kernel: kernel_release(), cases })
+    Ok(Report {
+        kernel: kernel_release(),
+        cases,
+    })
 }
 
 fn judge_case(run: &Run, case: &Case, errno_line: &str, pid: u32, cg: &TestCgroup) -> CaseResult {
@@ -332,7 +404,9 @@ fn check_case(
 ) -> Result<String, String> {
     let want_errno = format!("errno={}", case.errno);
     if errno_line != want_errno {
-        return Err(format!("the helper's call returned {errno_line}, expected {want_errno}"));
+        return Err(format!(
+            "the helper's call returned {errno_line}, expected {want_errno}"
+        ));
     }
     let judged = run.find(&case.new);
     let judged = match (case.expect, judged) {
@@ -349,14 +423,26 @@ fn check_case(
     };
     let cut = |path: &str| -> String { path.chars().take(imgstream_ebpf::PATH_CAP - 1).collect() };
     let checks = [
-        (f.syscall == want_syscall, format!("syscall {:?}, expected {want_syscall:?}", f.syscall)),
+        (
+            f.syscall == want_syscall,
+            format!("syscall {:?}, expected {want_syscall:?}", f.syscall),
+        ),
         (f.tgid == pid, format!("tgid {}, expected {pid}", f.tgid)),
         (f.ret == -libc::ENXIO, format!("ret {}", f.ret)),
-        (f.flags == case.flags, format!("flags {:#x}, expected {:#x}", f.flags, case.flags)),
-        (f.old.path == cut(&case.old), format!("old path {:?}", f.old.path)),
+        (
+            f.flags == case.flags,
+            format!("flags {:#x}, expected {:#x}", f.flags, case.flags),
+        ),
+        (
+            f.old.path == cut(&case.old),
+            format!("old path {:?}", f.old.path),
+        ),
         (f.new.path == case.new, format!("new path {:?}", f.new.path)),
         (
-            matches!((case.dirfd.is_some(), f.old.dir), (true, DirFd::Fd(_)) | (false, DirFd::Cwd)),
+            matches!(
+                (case.dirfd.is_some(), f.old.dir),
+                (true, DirFd::Fd(_)) | (false, DirFd::Cwd)
+            ),
             format!("old dir {:?}", f.old.dir),
         ),
     ];
@@ -364,13 +450,24 @@ fn check_case(
         return Err(why.clone());
     }
     match (case.expect, &judged.detection, &judged.not_symlink) {
-        (Expect::NotSymlink, None, Some(kind)) => Ok(format!("ENXIO seen, dropped: source is {kind:?}")),
-        (Expect::NotSymlink, Some(d), _) => Err(format!("reported a non-symlink: {:?}", d.source)),
-        (Expect::Detected { confirmed, truncated }, Some(d), _) => {
-            check_detection(d, confirmed, truncated, case.caller, pid, cg)
+        (Expect::NotSymlink, None, Some(kind)) => {
+            Ok(format!("ENXIO seen, dropped: source is {kind:?}"))
         }
-        (Expect::Detected { .. }, None, kind) => Err(format!("not reported; source judged {kind:?}")),
-        (Expect::NoEvent, ..) | (Expect::NotSymlink, None, None) => Err("inconsistent judgement".into()),
+        (Expect::NotSymlink, Some(d), _) => Err(format!("reported a non-symlink: {:?}", d.source)),
+        (
+            Expect::Detected {
+                confirmed,
+                truncated,
+            },
+            Some(d),
+            _,
+        ) => check_detection(d, confirmed, truncated, case.caller, pid, cg),
+        (Expect::Detected { .. }, None, kind) => {
+            Err(format!("not reported; source judged {kind:?}"))
+        }
+        (Expect::NoEvent, ..) | (Expect::NotSymlink, None, None) => {
+            Err("inconsistent judgement".into())
+        }
     }
 }
 
@@ -395,11 +492,16 @@ fn check_detection(
             _ => false,
         };
         if !via_ok {
-            return Err(format!("inspected via {:?} with the caller {caller:?}", d.inspected_via));
+            return Err(format!(
+                "inspected via {:?} with the caller {caller:?}",
+                d.inspected_via
+            ));
         }
     }
     let container = d.container.as_ref().ok_or("no container attributed")?;
-    if container.container_id != cg.container_id || container.pod_uid.as_deref() != Some(&cg.pod_uid) {
+    if container.container_id != cg.container_id
+        || container.pod_uid.as_deref() != Some(&cg.pod_uid)
+    {
         return Err(format!("attributed to {container:?}"));
     }
     Ok(format!(
