@@ -90,7 +90,7 @@ fn remember(ctx: &TracePointContext, syscall: u32, args: &EnterArgs) -> u32 {
     };
     // SAFETY: plain helper call, no pointers.
     let key = unsafe { bpf_get_current_pid_tgid() };
-    if RENAME_INFLIGHT.insert(&key, &inflight, 0).is_err() {
+    if RENAME_INFLIGHT.insert(key, inflight, 0).is_err() {
         bump(counter::RENAME_INFLIGHT_FULL);
     }
     0
@@ -129,13 +129,13 @@ fn read_enter_args(
 fn try_exit_rename(ctx: &TracePointContext) -> Result<(), i32> {
     // SAFETY: plain helper call, no pointers.
     let key = unsafe { bpf_get_current_pid_tgid() };
-    let Some(inflight) = RENAME_INFLIGHT.get_ptr(&key) else {
+    let Some(inflight) = RENAME_INFLIGHT.get_ptr(key) else {
         return Ok(());
     };
     // SAFETY: the pointer comes from a successful lookup and is valid for this program run;
     // only this thread writes this key, and it is inside this very syscall exit.
     let inflight = unsafe { *inflight };
-    let _ = RENAME_INFLIGHT.remove(&key);
+    let _ = RENAME_INFLIGHT.remove(key);
 
     // SAFETY: `tp::RET` is the `ret` field of every sys_exit record.
     let ret: i64 = unsafe { ctx.read_at(tp::RET)? };
