@@ -18,6 +18,7 @@ pub mod attribution;
 pub mod config;
 pub mod detect;
 pub mod events;
+pub mod image;
 pub mod probes;
 pub mod selftest;
 pub mod shutdown;

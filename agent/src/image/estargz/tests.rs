@@ -1,0 +1,343 @@
+use super::*;
+use crate::image::tar::Header;
+
+/// A layer exercising every kind of entry, a chunked file and metadata corners.
+fn sample_entries() -> Vec<(Header, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut add = |h: Header, data: Vec<u8>| out.push((h, data));
+    let mut d = Header::new("etc/", Kind::Directory);
+    d.mode = 0o755;
+    d.mtime = 1_600_000_000;
+    add(d, vec![]);
+    let mut f = Header::new("etc/hosts", Kind::Regular);
+    f.size = 13;
+    f.uid = 1000;
+    f.gid = 1000;
+    f.uname = "u".into();
+    f.mtime = 1_600_000_001;
+    add(f, b"127.0.0.1 me\n".to_vec());
+    let mut big = Header::new("usr/lib/big.bin", Kind::Regular);
+    big.size = 10_000;
+    big.mode = 0o4755;
+    big.xattrs.insert(
+        "security.capability".into(),
+        vec![1, 0, 0, 2, 0x20, 0, 0, 0],
+    );
+    add(big, (0..10_000u32).map(|i| (i * 7 % 253) as u8).collect());
+    add(Header::new("empty", Kind::Regular), vec![]);
+    let mut s = Header::new("etc/link", Kind::Symlink);
+    s.link_name = "hosts".into();
+    add(s, vec![]);
+    let mut hl = Header::new("etc/hard", Kind::HardLink);
+    hl.link_name = "etc/hosts".into();
+    add(hl, vec![]);
+    let mut c = Header::new("dev/null", Kind::CharDevice);
+    c.dev_major = 1;
+    c.dev_minor = 3;
+    add(c, vec![]);
+    add(Header::new("run/fifo", Kind::Fifo), vec![]);
+    let mut t = Header::new("tmp/", Kind::Directory);
+    t.mode = 0o1777;
+    add(t, vec![]);
+    out
+}
+
+fn build(entries: &[(Header, Vec<u8>)], chunk_size: u64) -> (Vec<u8>, LayerSummary) {
+    let mut w = EstargzWriter::new(
+        Vec::new(),
+        WriterOptions {
+            chunk_size,
+            level: 6,
+        },
+    );
+    w.append_landmark(false).unwrap();
+    for (h, data) in entries {
+        let mut h = h.clone();
+        h.size = data.len() as u64;
+        w.append(&h, &mut data.as_slice()).unwrap();
+    }
+    w.finish().unwrap()
+}
+
+fn open(blob: &[u8], expected: Option<&Digest>) -> Result<(LayerIndex, Digest), EstargzError> {
+    let size = blob.len() as u64;
+    let footer = &blob[blob.len().saturating_sub(FOOTER_SIZE as usize)..];
+    let toc_offset = parse_footer(footer)?;
+    let end = (size - FOOTER_SIZE) as usize;
+    read_toc(&blob[toc_offset as usize..end], toc_offset, size, expected)
+}
+
+fn file_bytes(blob: &[u8], index: &LayerIndex, path: &str) -> Vec<u8> {
+    let node = index.data_node(index.get(path).unwrap());
+    let mut out = Vec::new();
+    for chunk in &node.chunks {
+        let member = &blob[chunk.blob_offset as usize..chunk.blob_end as usize];
+        out.extend(decode_chunk(member, chunk).unwrap());
+    }
+    out
+}
+
+#[test]
+fn written_layers_read_back_file_for_file() {
+    let entries = sample_entries();
+    let (blob, summary) = build(&entries, 4096);
+    assert_eq!(summary.size, blob.len() as u64);
+    assert_eq!(summary.digest, Digest::of(&blob));
+    let (index, toc_digest) = open(&blob, Some(&summary.toc_digest)).unwrap();
+    assert_eq!(toc_digest, summary.toc_digest);
+    for (h, data) in &entries {
+        let node = index
+            .get(&h.name)
+            .unwrap_or_else(|| panic!("{} missing", h.name));
+        assert_eq!(node.mode, h.mode, "{}", h.name);
+        assert_eq!(
+            (node.uid, node.gid),
+            (h.uid as u32, h.gid as u32),
+            "{}",
+            h.name
+        );
+        assert_eq!(node.mtime.0, h.mtime, "{}", h.name);
+        assert_eq!(node.xattrs, h.xattrs, "{}", h.name);
+        if h.kind == Kind::Regular || h.kind == Kind::HardLink {
+            let want = if h.kind == Kind::HardLink {
+                &entries[1].1
+            } else {
+                data
+            };
+            assert_eq!(&file_bytes(&blob, &index, &h.name), want, "{}", h.name);
+        }
+    }
+    let big = index.get("usr/lib/big.bin").unwrap();
+    assert_eq!(big.chunks.len(), 3, "10000 bytes in 4096-byte chunks");
+    assert_eq!(big.digest, Some(Digest::of(&entries[2].1)));
+    assert!(
+        matches!(index.get("etc/link").unwrap().kind, NodeKind::Symlink { ref target } if target == "hosts")
+    );
+    assert!(matches!(
+        index.get("dev/null").unwrap().kind,
+        NodeKind::CharDevice { major: 1, minor: 3 }
+    ));
+    assert!(matches!(
+        index.get("etc/hard").unwrap().kind,
+        NodeKind::HardLink { .. }
+    ));
+    assert!(index.get(NO_PREFETCH_LANDMARK).is_some());
+    assert_eq!(
+        index.get("usr").unwrap().kind,
+        NodeKind::Directory,
+        "implicit parent"
+    );
+}
+
+#[test]
+fn the_blob_is_an_ordinary_tar_gz() {
+    let (blob, summary) = build(&sample_entries(), 4096);
+    let mut tar = Vec::new();
+    flate2::read::MultiGzDecoder::new(blob.as_slice())
+        .read_to_end(&mut tar)
+        .unwrap();
+    assert_eq!(Digest::of(&tar), summary.diff_id);
+    assert_eq!(tar.len() as u64, summary.uncompressed_size);
+    let dir = std::env::temp_dir().join(format!("imgstream-esgz-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("layer.tar.gz"), &blob).unwrap();
+    let out = std::process::Command::new("tar")
+        .arg("-tzvf")
+        .arg(dir.join("layer.tar.gz"))
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for name in [
+        "etc/hosts",
+        "usr/lib/big.bin",
+        "etc/link -> hosts",
+        "stargz.index.json",
+        ".no.prefetch.landmark",
+    ] {
+        assert!(listing.contains(name), "{name} missing from\n{listing}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn corrupt_chunks_and_wrong_toc_digests_are_caught() {
+    let (blob, summary) = build(&sample_entries(), 4096);
+    let (index, _) = open(&blob, None).unwrap();
+    let chunk = index.get("usr/lib/big.bin").unwrap().chunks[1].clone();
+    let mut member = blob[chunk.blob_offset as usize..chunk.blob_end as usize].to_vec();
+    let mid = member.len() / 2;
+    member[mid] ^= 0x55;
+    let err = decode_chunk(&member, &chunk).unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    // A TOC digest from another layer.
+    let other = Digest::of(b"another toc");
+    assert!(matches!(
+        open(&blob, Some(&other)),
+        Err(EstargzError::TocDigest { .. })
+    ));
+    // Truncated member.
+    assert!(
+        decode_chunk(
+            &blob[chunk.blob_offset as usize..chunk.blob_offset as usize + 8],
+            &chunk
+        )
+        .is_err()
+    );
+    let _ = summary;
+}
+
+#[test]
+fn ordinary_gzip_layers_are_not_estargz() {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&[0u8; 4096]).unwrap();
+    let blob = gz.finish().unwrap();
+    assert!(matches!(
+        open(&blob, None),
+        Err(EstargzError::NotEstargz(_))
+    ));
+    assert!(matches!(
+        parse_footer(b"short"),
+        Err(EstargzError::NotEstargz(_))
+    ));
+    assert_eq!(parse_footer(&footer_bytes(0x1234)).unwrap(), 0x1234);
+}
+
+use std::io::Write as _;
+
+fn toc_of(entries: Vec<TocEntry>) -> Toc {
+    Toc {
+        version: 1,
+        entries,
+    }
+}
+
+fn entry(name: &str, kind: &str) -> TocEntry {
+    TocEntry {
+        name: name.into(),
+        kind: kind.into(),
+        mode: 0o644,
+        ..TocEntry::default()
+    }
+}
+
+const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+fn reg(name: &str, size: u64, offset: i64) -> TocEntry {
+    TocEntry {
+        size,
+        offset,
+        chunk_digest: D.into(),
+        ..entry(name, "reg")
+    }
+}
+
+fn invalid(entries: Vec<TocEntry>) -> String {
+    match LayerIndex::from_toc(toc_of(entries), 1000, 2000) {
+        Ok(_) => panic!("accepted"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn hostile_tocs_are_refused_with_the_reason() {
+    assert!(invalid(vec![entry("../../etc/passwd", "reg")]).contains("escapes"));
+    assert!(invalid(vec![entry("a/../../b", "dir")]).contains("escapes"));
+    assert!(invalid(vec![entry("x", "reg"), entry("x", "reg")]).contains("duplicate"));
+    assert!(invalid(vec![reg("x", 10, 5000)]).contains("outside"));
+    assert!(invalid(vec![reg("x", 10, -1)]).contains("negative"));
+    assert!(
+        invalid(vec![TocEntry {
+            chunk_digest: String::new(),
+            ..reg("x", 10, 10)
+        }])
+        .contains("chunkDigest")
+    );
+    assert!(
+        invalid(vec![TocEntry {
+            chunk_digest: "sha256:zz".into(),
+            ..reg("x", 10, 10)
+        }])
+        .contains("chunkDigest")
+    );
+    assert!(invalid(vec![reg("x", u64::MAX, 10)]).contains("limit"));
+    assert!(
+        invalid(vec![TocEntry {
+            chunk_size: 4,
+            ..reg("x", 10, 10)
+        }])
+        .contains("cover")
+    );
+    let hl = |name: &str, target: &str| TocEntry {
+        link_name: target.into(),
+        ..entry(name, "hardlink")
+    };
+    assert!(invalid(vec![hl("a", "nothing")]).contains("missing"));
+    assert!(invalid(vec![entry("d", "dir"), hl("a", "d")]).contains("directory"));
+    assert!(invalid(vec![hl("a", "b"), hl("b", "a")]).contains("cycle"));
+    assert!(invalid(vec![hl("a", "a")]).contains("hardlink"));
+    assert!(invalid(vec![entry("f", "reg"), entry("f/g", "reg")]).contains("parent"));
+    assert!(invalid(vec![entry("x", "socket")]).contains("unknown type"));
+    assert!(invalid(vec![entry("s", "symlink")]).contains("target"));
+    assert!(
+        invalid(vec![TocEntry {
+            uid: 1 << 40,
+            ..entry("x", "reg")
+        }])
+        .contains("uid")
+    );
+    assert!(
+        invalid(vec![TocEntry {
+            modtime: "yesterday".into(),
+            ..entry("x", "reg")
+        }])
+        .contains("RFC 3339")
+    );
+    assert!(
+        invalid(vec![TocEntry {
+            chunk_offset: 3,
+            ..entry("x", "chunk")
+        }])
+        .contains("unknown file")
+    );
+    let bad_version = LayerIndex::from_toc(
+        Toc {
+            version: 2,
+            entries: vec![],
+        },
+        1000,
+        2000,
+    )
+    .unwrap_err();
+    assert!(bad_version.to_string().contains("version"));
+    let beyond = LayerIndex::from_toc(toc_of(vec![]), 1990, 2000).unwrap_err();
+    assert!(beyond.to_string().contains("beyond"));
+}
+
+#[test]
+fn rfc3339_round_trip() {
+    assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z").unwrap(), (0, 0));
+    assert_eq!(
+        parse_rfc3339("2019-08-20T10:30:43Z").unwrap().0,
+        1_566_297_043
+    );
+    assert_eq!(
+        parse_rfc3339("2019-08-20T12:30:43.5+02:00").unwrap(),
+        (1_566_297_043, 500_000_000)
+    );
+    assert_eq!(format_rfc3339(1_566_297_043), "2019-08-20T10:30:43Z");
+    assert_eq!(format_rfc3339(-86_400), "1969-12-31T00:00:00Z");
+    for bad in [
+        "",
+        "2019-13-01T00:00:00Z",
+        "2019-08-20 10:30:43Z",
+        "2019-08-20T10:30:43",
+        "2019-08-20T10:30:43.Z",
+    ] {
+        assert!(parse_rfc3339(bad).is_err(), "{bad}");
+    }
+}

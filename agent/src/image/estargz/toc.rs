@@ -1,0 +1,644 @@
+//! The eStargz footer and table of contents, as stargz-snapshotter's `docs/estargz.md` defines
+//! them, and their validation into a [`LayerIndex`] that the rest of imgstream can trust.
+
+use std::collections::{BTreeMap, HashMap};
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use super::EstargzError;
+use crate::image::digest::Digest;
+
+/// Size of the eStargz footer at the end of a blob.
+pub const FOOTER_SIZE: u64 = 51;
+/// Name of the TOC's tar entry.
+pub const TOC_NAME: &str = "stargz.index.json";
+/// Landmark entry that ends the prioritised files.
+pub const PREFETCH_LANDMARK: &str = ".prefetch.landmark";
+/// Landmark entry of a layer without prioritised files.
+pub const NO_PREFETCH_LANDMARK: &str = ".no.prefetch.landmark";
+/// Annotation on a layer descriptor holding the TOC's digest.
+pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
+/// Annotation on a layer descriptor holding its uncompressed size.
+pub const UNCOMPRESSED_SIZE_ANNOTATION: &str = "io.containers.estargz.uncompressed-size";
+
+/// Largest compressed TOC member accepted.
+pub const MAX_TOC_COMPRESSED: u64 = 64 << 20;
+/// Largest decompressed TOC JSON accepted.
+pub const MAX_TOC_JSON: u64 = 256 << 20;
+/// Largest decompressed chunk accepted (whole chunks are verified in memory).
+pub const MAX_CHUNK: u64 = 1 << 30;
+
+/// The 51-byte footer pointing at the TOC: an empty gzip member with the offset in an
+/// RFC 1952 extra field (`SG`, 22 bytes: 16 hex digits and "STARGZ").
+pub fn footer_bytes(toc_offset: u64) -> [u8; FOOTER_SIZE as usize] {
+    let mut f = [0u8; FOOTER_SIZE as usize];
+    f[..10].copy_from_slice(&[0x1f, 0x8b, 0x08, 0x04, 0, 0, 0, 0, 0, 0xff]);
+    f[10..12].copy_from_slice(&26u16.to_le_bytes());
+    f[12..14].copy_from_slice(b"SG");
+    f[14..16].copy_from_slice(&22u16.to_le_bytes());
+    f[16..38].copy_from_slice(format!("{toc_offset:016x}STARGZ").as_bytes());
+    // An empty final stored deflate block, then CRC32 and ISIZE of nothing (both 0).
+    f[38..43].copy_from_slice(&[0x01, 0x00, 0x00, 0xff, 0xff]);
+    f
+}
+
+/// The TOC offset a footer names, or an error saying why these bytes are not one.
+pub fn parse_footer(footer: &[u8]) -> Result<u64, EstargzError> {
+    let not = |why: &'static str| EstargzError::NotEstargz(why);
+    if footer.len() != FOOTER_SIZE as usize {
+        return Err(not("the blob is shorter than an eStargz footer"));
+    }
+    if footer[..4] != [0x1f, 0x8b, 0x08, 0x04] {
+        return Err(not(
+            "the last 51 bytes are not a gzip header with an extra field",
+        ));
+    }
+    if footer[10..16] != [26, 0, b'S', b'G', 22, 0] || &footer[32..38] != b"STARGZ" {
+        return Err(not(
+            "the footer's extra field is not an eStargz TOC pointer",
+        ));
+    }
+    let hex = std::str::from_utf8(&footer[16..32]).map_err(|_| not("TOC offset is not hex"))?;
+    u64::from_str_radix(hex, 16).map_err(|_| not("TOC offset is not hex"))
+}
+
+/// The TOC as serialised: field names follow the Go implementation.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Toc {
+    pub version: i64,
+    pub entries: Vec<TocEntry>,
+}
+
+/// One TOC entry (a tar entry or a chunk of a regular file).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TocEntry {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub modtime: String,
+    #[serde(rename = "linkName", default, skip_serializing_if = "String::is_empty")]
+    pub link_name: String,
+    #[serde(default)]
+    pub mode: i64,
+    #[serde(default)]
+    pub uid: u64,
+    #[serde(default)]
+    pub gid: u64,
+    #[serde(rename = "userName", default, skip_serializing_if = "String::is_empty")]
+    pub user_name: String,
+    #[serde(
+        rename = "groupName",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub group_name: String,
+    #[serde(rename = "devMajor", default, skip_serializing_if = "is_zero_i")]
+    pub dev_major: i64,
+    #[serde(rename = "devMinor", default, skip_serializing_if = "is_zero_i")]
+    pub dev_minor: i64,
+    /// Values base64-encoded, as Go encodes `[]byte`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub xattrs: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub digest: String,
+    #[serde(default, skip_serializing_if = "is_zero_i")]
+    pub offset: i64,
+    #[serde(rename = "chunkOffset", default, skip_serializing_if = "is_zero_i")]
+    pub chunk_offset: i64,
+    #[serde(rename = "chunkSize", default, skip_serializing_if = "is_zero_i")]
+    pub chunk_size: i64,
+    #[serde(
+        rename = "chunkDigest",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub chunk_digest: String,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+fn is_zero_i(v: &i64) -> bool {
+    *v == 0
+}
+
+/// What a file is, once validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeKind {
+    Directory,
+    Regular,
+    Symlink {
+        target: String,
+    },
+    /// A second name for the regular file at `target` (its index in [`LayerIndex::nodes`]).
+    HardLink {
+        target: usize,
+    },
+    CharDevice {
+        major: u32,
+        minor: u32,
+    },
+    BlockDevice {
+        major: u32,
+        minor: u32,
+    },
+    Fifo,
+}
+
+/// One chunk of a regular file's data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    /// Offset of the chunk within the file.
+    pub file_offset: u64,
+    /// Decompressed size.
+    pub size: u64,
+    /// Where its gzip member starts in the blob.
+    pub blob_offset: u64,
+    /// Where the next gzip member starts: fetching `blob_offset..blob_end` is enough.
+    pub blob_end: u64,
+    pub digest: Digest,
+}
+
+/// A validated file of the layer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Node {
+    /// Normalised path: relative, no `.`/`..`, no trailing slash; "" is the root.
+    pub path: String,
+    pub kind: NodeKind,
+    /// Permission bits, including setuid, setgid and sticky.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    /// Seconds and nanoseconds since the epoch.
+    pub mtime: (i64, u32),
+    pub xattrs: BTreeMap<String, Vec<u8>>,
+    /// Digest of the whole content, when the TOC gives it.
+    pub digest: Option<Digest>,
+    pub chunks: Vec<Chunk>,
+}
+
+/// A layer's files as its TOC describes them, validated.
+#[derive(Clone, Debug)]
+pub struct LayerIndex {
+    pub nodes: Vec<Node>,
+    by_path: HashMap<String, usize>,
+    /// Where the TOC's gzip member starts.
+    pub toc_offset: u64,
+    /// Whether the layer marks prioritised files, and the offset where they end.
+    pub prefetch_end: Option<u64>,
+}
+
+impl LayerIndex {
+    /// Validates `toc` for a blob of `blob_size` bytes whose TOC member starts at `toc_offset`.
+    pub fn from_toc(toc: Toc, toc_offset: u64, blob_size: u64) -> Result<Self, EstargzError> {
+        if toc.version != 1 {
+            return Err(EstargzError::BadToc(format!(
+                "version {} (only 1 is defined)",
+                toc.version
+            )));
+        }
+        if toc_offset.saturating_add(FOOTER_SIZE) > blob_size {
+            return Err(EstargzError::BadToc(format!(
+                "TOC offset {toc_offset} lies beyond the blob ({blob_size} bytes)"
+            )));
+        }
+        let mut index = Self {
+            nodes: Vec::new(),
+            by_path: HashMap::new(),
+            toc_offset,
+            prefetch_end: None,
+        };
+        index.insert_dir("", None)?;
+        let mut hardlinks: Vec<(usize, String)> = Vec::new();
+        let mut member_starts: Vec<u64> = vec![toc_offset];
+        for (i, entry) in toc.entries.into_iter().enumerate() {
+            let bad = |why: String| EstargzError::BadEntry {
+                index: i,
+                name: shorten(&entry.name),
+                why,
+            };
+            let path = normalize(&entry.name).map_err(|why| bad(why.into()))?;
+            if entry.kind == "chunk" {
+                let node = index
+                    .by_path
+                    .get(&path)
+                    .copied()
+                    .ok_or_else(|| bad("chunk of an unknown file".into()))?;
+                let chunk = chunk_of(&entry, toc_offset).map_err(bad)?;
+                let file = &mut index.nodes[node];
+                let expected = file.chunks.last().map(|c| c.file_offset + c.size);
+                if file.kind != NodeKind::Regular || expected != Some(chunk.file_offset) {
+                    return Err(bad("chunk does not continue its file".into()));
+                }
+                member_starts.push(chunk.blob_offset);
+                file.chunks.push(chunk);
+                continue;
+            }
+            if path.is_empty() {
+                // "./" as an entry: the root's own metadata.
+                if entry.kind != "dir" {
+                    return Err(bad("the root is not a directory".into()));
+                }
+                let root = &mut index.nodes[0];
+                apply_meta(root, &entry).map_err(bad)?;
+                continue;
+            }
+            if index.by_path.contains_key(&path)
+                && !(entry.kind == "dir" && index.is_implicit_dir(&path))
+            {
+                return Err(bad("duplicate entry".into()));
+            }
+            let kind = match entry.kind.as_str() {
+                "dir" => NodeKind::Directory,
+                "reg" => NodeKind::Regular,
+                "symlink" => {
+                    if entry.link_name.is_empty() {
+                        return Err(bad("symlink without a target".into()));
+                    }
+                    NodeKind::Symlink {
+                        target: entry.link_name.clone(),
+                    }
+                }
+                "hardlink" => NodeKind::HardLink { target: usize::MAX },
+                "char" | "block" => {
+                    let (major, minor) = (
+                        u32::try_from(entry.dev_major),
+                        u32::try_from(entry.dev_minor),
+                    );
+                    let (Ok(major), Ok(minor)) = (major, minor) else {
+                        return Err(bad("device numbers out of range".into()));
+                    };
+                    if entry.kind == "char" {
+                        NodeKind::CharDevice { major, minor }
+                    } else {
+                        NodeKind::BlockDevice { major, minor }
+                    }
+                }
+                "fifo" => NodeKind::Fifo,
+                other => return Err(bad(format!("unknown type {:?}", shorten(other)))),
+            };
+            let mut node = Node {
+                path: path.clone(),
+                kind,
+                mode: 0,
+                uid: 0,
+                gid: 0,
+                size: 0,
+                mtime: (0, 0),
+                xattrs: BTreeMap::new(),
+                digest: None,
+                chunks: Vec::new(),
+            };
+            apply_meta(&mut node, &entry).map_err(bad)?;
+            if node.kind == NodeKind::Regular {
+                node.size = entry.size;
+                if !entry.digest.is_empty() {
+                    node.digest = Some(
+                        entry
+                            .digest
+                            .parse()
+                            .map_err(|e| bad(format!("digest: {e}")))?,
+                    );
+                }
+                if entry.size > 0 {
+                    let chunk = chunk_of(&entry, toc_offset).map_err(bad)?;
+                    if chunk.file_offset != 0 {
+                        return Err(bad("first chunk does not start at offset 0".into()));
+                    }
+                    member_starts.push(chunk.blob_offset);
+                    node.chunks.push(chunk);
+                }
+                if path == PREFETCH_LANDMARK {
+                    index.prefetch_end = Some(entry.offset as u64);
+                }
+            }
+            if let NodeKind::HardLink { .. } = node.kind {
+                let target = normalize(&entry.link_name)
+                    .map_err(|why| bad(format!("hardlink target: {why}")))?;
+                hardlinks.push((index.nodes.len(), target));
+            }
+            if node.kind == NodeKind::Directory {
+                index.insert_dir(&path, Some(node))?;
+            } else {
+                index.insert(node)?;
+            }
+        }
+        index.finish_chunks(member_starts)?;
+        index.resolve_hardlinks(hardlinks)?;
+        Ok(index)
+    }
+
+    /// The node at `path` (normalised or not), if any.
+    pub fn get(&self, path: &str) -> Option<&Node> {
+        let path = normalize(path).ok()?;
+        self.by_path.get(&path).map(|&i| &self.nodes[i])
+    }
+
+    /// Index of the node at `path` in [`Self::nodes`].
+    pub fn position(&self, path: &str) -> Option<usize> {
+        self.by_path.get(&normalize(path).ok()?).copied()
+    }
+
+    /// The regular file a node's data lives in: itself, or a hard link's target.
+    pub fn data_node<'a>(&'a self, node: &'a Node) -> &'a Node {
+        match node.kind {
+            NodeKind::HardLink { target } => &self.nodes[target],
+            _ => node,
+        }
+    }
+
+    fn is_implicit_dir(&self, path: &str) -> bool {
+        self.by_path
+            .get(path)
+            .is_some_and(|&i| self.nodes[i].kind == NodeKind::Directory)
+    }
+
+    fn insert(&mut self, node: Node) -> Result<usize, EstargzError> {
+        let parent = parent_of(&node.path).to_string();
+        if !self.by_path.contains_key(&parent) {
+            self.insert_dir(&parent, None)?;
+        }
+        let parent = &self.nodes[self.by_path[&parent]];
+        if parent.kind != NodeKind::Directory {
+            return Err(EstargzError::BadEntry {
+                index: self.nodes.len(),
+                name: shorten(&node.path),
+                why: "its parent is not a directory".into(),
+            });
+        }
+        let i = self.nodes.len();
+        self.by_path.insert(node.path.clone(), i);
+        self.nodes.push(node);
+        Ok(i)
+    }
+
+    /// Adds (or, for an explicit entry, updates) a directory and any missing parents.
+    fn insert_dir(&mut self, path: &str, explicit: Option<Node>) -> Result<(), EstargzError> {
+        if let Some(&i) = self.by_path.get(path) {
+            if let Some(node) = explicit {
+                self.nodes[i] = node;
+            }
+            return Ok(());
+        }
+        let node = explicit.unwrap_or_else(|| Node {
+            path: path.to_string(),
+            kind: NodeKind::Directory,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            mtime: (0, 0),
+            xattrs: BTreeMap::new(),
+            digest: None,
+            chunks: Vec::new(),
+        });
+        if path.is_empty() {
+            self.by_path.insert(String::new(), self.nodes.len());
+            self.nodes.push(node);
+            return Ok(());
+        }
+        self.insert(node).map(drop)
+    }
+
+    /// Checks every file's chunks cover it exactly and gives each chunk its member's end.
+    fn finish_chunks(&mut self, mut starts: Vec<u64>) -> Result<(), EstargzError> {
+        starts.sort_unstable();
+        starts.dedup();
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            let covered = node.chunks.last().map_or(0, |c| c.file_offset + c.size);
+            let bad = |why: String| EstargzError::BadEntry {
+                index: i,
+                name: shorten(&node.path),
+                why,
+            };
+            // A last chunk of size 0 means "the rest of the file".
+            if let Some(last) = node.chunks.last_mut()
+                && last.size == 0
+            {
+                last.size = node
+                    .size
+                    .checked_sub(last.file_offset)
+                    .ok_or_else(|| bad("chunk beyond the file".into()))?;
+                if last.size > MAX_CHUNK {
+                    return Err(bad(format!(
+                        "chunk of {} bytes exceeds the {MAX_CHUNK}-byte limit",
+                        last.size
+                    )));
+                }
+            } else if node.kind == NodeKind::Regular && covered != node.size {
+                return Err(bad(format!(
+                    "chunks cover {covered} of {} bytes",
+                    node.size
+                )));
+            }
+            for chunk in &mut node.chunks {
+                let next = starts.partition_point(|&s| s <= chunk.blob_offset);
+                chunk.blob_end = starts.get(next).copied().unwrap_or(self.toc_offset);
+            }
+        }
+        Ok(())
+    }
+
+    fn resolve_hardlinks(&mut self, links: Vec<(usize, String)>) -> Result<(), EstargzError> {
+        for (i, target) in links {
+            let bad = |why: &str| EstargzError::BadEntry {
+                index: i,
+                name: shorten(&self.nodes[i].path),
+                why: why.to_string(),
+            };
+            let Some(&t) = self.by_path.get(&target) else {
+                return Err(bad("hardlink to a missing file"));
+            };
+            // Link to the data node; a chain through other links is followed, a cycle refused.
+            let mut seen = 0;
+            let mut at = t;
+            loop {
+                match &self.nodes[at].kind {
+                    NodeKind::HardLink { target } if *target != usize::MAX => at = *target,
+                    NodeKind::HardLink { .. } => {
+                        // Not resolved yet: resolve through its own recorded target name.
+                        return Err(bad("hardlink to a hardlink (cycle or unsupported chain)"));
+                    }
+                    NodeKind::Directory => return Err(bad("hardlink to a directory")),
+                    _ => break,
+                }
+                seen += 1;
+                if seen > 64 {
+                    return Err(bad("hardlink cycle"));
+                }
+            }
+            if at == i {
+                return Err(bad("hardlink to itself"));
+            }
+            self.nodes[i].kind = NodeKind::HardLink { target: at };
+        }
+        Ok(())
+    }
+}
+
+fn chunk_of(entry: &TocEntry, toc_offset: u64) -> Result<Chunk, String> {
+    let offset = u64::try_from(entry.offset).map_err(|_| "negative offset")?;
+    if offset == 0 || offset >= toc_offset {
+        return Err(format!(
+            "data offset {offset} outside the blob's data (TOC at {toc_offset})"
+        ));
+    }
+    let file_offset = u64::try_from(entry.chunk_offset).map_err(|_| "negative chunkOffset")?;
+    let size = u64::try_from(entry.chunk_size).map_err(|_| "negative chunkSize")?;
+    if size > MAX_CHUNK {
+        return Err(format!(
+            "chunk of {size} bytes exceeds the {MAX_CHUNK}-byte limit"
+        ));
+    }
+    if entry.chunk_digest.is_empty() {
+        return Err("no chunkDigest: the chunk could not be verified".into());
+    }
+    let digest = entry
+        .chunk_digest
+        .parse()
+        .map_err(|e| format!("chunkDigest: {e}"))?;
+    Ok(Chunk {
+        file_offset,
+        size,
+        blob_offset: offset,
+        blob_end: 0,
+        digest,
+    })
+}
+
+fn apply_meta(node: &mut Node, e: &TocEntry) -> Result<(), String> {
+    node.mode = (e.mode & 0o7777) as u32;
+    node.uid = u32::try_from(e.uid).map_err(|_| "uid out of range")?;
+    node.gid = u32::try_from(e.gid).map_err(|_| "gid out of range")?;
+    node.mtime = if e.modtime.is_empty() {
+        (0, 0)
+    } else {
+        parse_rfc3339(&e.modtime)?
+    };
+    for (key, value) in &e.xattrs {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(value)
+            .map_err(|_| format!("xattr {key} is not base64"))?;
+        node.xattrs.insert(key.clone(), bytes);
+    }
+    Ok(())
+}
+
+/// Normalises a tar name: strips "./" and "/" prefixes and trailing "/", refuses "..",
+/// NUL and empty components in the middle.
+pub fn normalize(name: &str) -> Result<String, &'static str> {
+    if name.contains('\0') {
+        return Err("name contains NUL");
+    }
+    let mut parts = Vec::new();
+    for part in name.split('/') {
+        match part {
+            "" | "." => continue,
+            ".." => return Err("name escapes the layer (`..`)"),
+            p => parts.push(p),
+        }
+    }
+    Ok(parts.join("/"))
+}
+
+fn parent_of(path: &str) -> &str {
+    path.rsplit_once('/').map_or("", |(p, _)| p)
+}
+
+fn shorten(s: &str) -> String {
+    s.chars().take(200).collect()
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)` to seconds and nanoseconds since the epoch.
+pub fn parse_rfc3339(s: &str) -> Result<(i64, u32), String> {
+    let bad = || format!("modtime {:?} is not RFC 3339", shorten(s));
+    let b = s.as_bytes();
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return Err(bad());
+    }
+    let num = |r: std::ops::Range<usize>| -> Result<i64, String> {
+        s.get(r).and_then(|t| t.parse::<i64>().ok()).ok_or_else(bad)
+    };
+    let (y, mo, d, h, mi, se) = (
+        num(0..4)?,
+        num(5..7)?,
+        num(8..10)?,
+        num(11..13)?,
+        num(14..16)?,
+        num(17..19)?,
+    );
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
+        return Err(bad());
+    }
+    let mut rest = &s[19..];
+    let mut nanos = 0u32;
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return Err(bad());
+        }
+        let text: String = frac[..digits]
+            .chars()
+            .chain(std::iter::repeat('0'))
+            .take(9)
+            .collect();
+        nanos = text.parse().map_err(|_| bad())?;
+        rest = &frac[digits..];
+    }
+    let offset = match rest {
+        "Z" | "z" => 0,
+        tz if tz.len() == 6 && (tz.starts_with('+') || tz.starts_with('-')) && &tz[3..4] == ":" => {
+            let sign = if tz.starts_with('-') { -1 } else { 1 };
+            let hh: i64 = tz[1..3].parse().map_err(|_| bad())?;
+            let mm: i64 = tz[4..6].parse().map_err(|_| bad())?;
+            sign * (hh * 3600 + mm * 60)
+        }
+        _ => return Err(bad()),
+    };
+    let days = days_from_civil(y, mo as u32, d as u32);
+    Ok((days * 86_400 + h * 3600 + mi * 60 + se - offset, nanos))
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m as i64 + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ`, the form the Go writer uses.
+pub fn format_rfc3339(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}

@@ -1,0 +1,285 @@
+//! Writing eStargz layers. The layout is the one stargz-snapshotter's own writer produces:
+//! each entry's tar header goes into the gzip member that is open, each chunk of a regular
+//! file's data starts a new member (so the TOC can point at it), the TOC entry with the
+//! end-of-archive blocks gets a member of its own, and the 51-byte footer ends the blob.
+//! Decompressed, the whole blob is an ordinary tar, so runtimes that do not stream still
+//! unpack it.
+
+use std::io::{self, Read, Write};
+
+use base64::Engine as _;
+use flate2::{Compression, write::GzEncoder};
+
+use super::toc::{
+    NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_NAME, Toc, TocEntry, footer_bytes, format_rfc3339,
+};
+use crate::image::{
+    digest::{Digest, Hasher},
+    tar::{Header, Kind, TarWriter},
+};
+
+/// How layers are written.
+#[derive(Clone, Copy, Debug)]
+pub struct WriterOptions {
+    /// Regular files larger than this are split into chunks of this size.
+    pub chunk_size: u64,
+    /// gzip level, 0 to 9.
+    pub level: u32,
+}
+
+impl Default for WriterOptions {
+    fn default() -> Self {
+        Self {
+            chunk_size: 4 << 20,
+            level: 6,
+        }
+    }
+}
+
+/// What a finished layer is, for its descriptor and the image config.
+#[derive(Clone, Debug)]
+pub struct LayerSummary {
+    /// Digest and size of the compressed blob.
+    pub digest: Digest,
+    pub size: u64,
+    /// Digest of the decompressed tar (the config's `rootfs.diff_ids` entry).
+    pub diff_id: Digest,
+    pub uncompressed_size: u64,
+    /// Digest of the TOC JSON (the `containerd.io/snapshot/stargz/toc.digest` annotation).
+    pub toc_digest: Digest,
+}
+
+/// Counts and hashes what reaches the output.
+struct Counting<W> {
+    inner: W,
+    written: u64,
+    hash: Hasher,
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.written += n as u64;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Builds an eStargz blob entry by entry.
+pub struct EstargzWriter<W: Write> {
+    member: Option<GzEncoder<Counting<W>>>,
+    options: WriterOptions,
+    entries: Vec<TocEntry>,
+    diff: Hasher,
+    uncompressed: u64,
+}
+
+impl<W: Write> EstargzWriter<W> {
+    pub fn new(out: W, options: WriterOptions) -> Self {
+        let counting = Counting {
+            inner: out,
+            written: 0,
+            hash: Hasher::new(),
+        };
+        let level = Compression::new(options.level.min(9));
+        Self {
+            member: Some(GzEncoder::new(counting, level)),
+            options: WriterOptions {
+                chunk_size: options.chunk_size.max(1),
+                ..options
+            },
+            entries: Vec::new(),
+            diff: Hasher::new(),
+            uncompressed: 0,
+        }
+    }
+
+    fn member(&mut self) -> &mut GzEncoder<Counting<W>> {
+        self.member
+            .as_mut()
+            .expect("a member is always open until finish")
+    }
+
+    /// Writes uncompressed tar bytes into the open member.
+    fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.diff.update(bytes);
+        self.uncompressed += bytes.len() as u64;
+        self.member().write_all(bytes)
+    }
+
+    /// Closes the open member and opens the next; returns the offset where it starts.
+    fn next_member(&mut self) -> io::Result<u64> {
+        let counting = self.member.take().expect("open member").finish()?;
+        let offset = counting.written;
+        self.member = Some(GzEncoder::new(
+            counting,
+            Compression::new(self.options.level.min(9)),
+        ));
+        Ok(offset)
+    }
+
+    /// Appends one entry; `data` supplies exactly `header.size` bytes for regular files.
+    pub fn append(&mut self, header: &Header, data: &mut dyn Read) -> io::Result<()> {
+        self.put(&TarWriter::header_bytes(header))?;
+        let mut entry = toc_entry(header);
+        if header.kind != Kind::Regular || header.size == 0 {
+            self.entries.push(entry);
+            return Ok(());
+        }
+        let mut file_hash = Hasher::new();
+        let mut chunk_entries = Vec::new();
+        let mut done = 0u64;
+        let mut buf = vec![0u8; 256 * 1024];
+        while done < header.size {
+            let this = self.options.chunk_size.min(header.size - done);
+            let offset = self.next_member()?;
+            let mut chunk_hash = Hasher::new();
+            let mut left = this;
+            while left > 0 {
+                let want = buf.len().min(left as usize);
+                let n = data.read(&mut buf[..want])?;
+                if n == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "{} ended after {} of {} bytes",
+                            header.name,
+                            done + this - left,
+                            header.size
+                        ),
+                    ));
+                }
+                chunk_hash.update(&buf[..n]);
+                file_hash.update(&buf[..n]);
+                self.put(&buf[..n])?;
+                left -= n as u64;
+            }
+            let last = done + this == header.size;
+            chunk_entries.push((
+                offset,
+                done,
+                if last { 0 } else { this },
+                chunk_hash.finish(),
+            ));
+            done += this;
+        }
+        self.put(&vec![0u8; TarWriter::padding(header.size)])?;
+        let chunked = chunk_entries.len() > 1;
+        for (i, (offset, chunk_offset, chunk_size, digest)) in chunk_entries.into_iter().enumerate()
+        {
+            if i == 0 {
+                entry.offset = offset as i64;
+                entry.chunk_size = if chunked { chunk_size as i64 } else { 0 };
+                entry.chunk_digest = digest.to_string();
+                entry.digest = String::new(); // set below, once the whole file is hashed
+                self.entries.push(entry.clone());
+            } else {
+                self.entries.push(TocEntry {
+                    name: entry.name.clone(),
+                    kind: "chunk".into(),
+                    offset: offset as i64,
+                    chunk_offset: chunk_offset as i64,
+                    chunk_size: chunk_size as i64,
+                    chunk_digest: digest.to_string(),
+                    ..TocEntry::default()
+                });
+            }
+        }
+        let file_digest = file_hash.finish().to_string();
+        let first = self
+            .entries
+            .iter_mut()
+            .rev()
+            .find(|e| e.kind == "reg" && e.name == entry.name);
+        if let Some(first) = first {
+            first.digest = file_digest;
+        }
+        Ok(())
+    }
+
+    /// Appends the landmark that tells readers where prioritised files end
+    /// (`.prefetch.landmark`), or that there are none (`.no.prefetch.landmark`).
+    pub fn append_landmark(&mut self, prioritised: bool) -> io::Result<()> {
+        let name = if prioritised {
+            PREFETCH_LANDMARK
+        } else {
+            NO_PREFETCH_LANDMARK
+        };
+        let mut header = Header::new(name, Kind::Regular);
+        header.size = 1;
+        self.append(&header, &mut &[0x0f_u8][..])
+    }
+
+    /// Writes the TOC and the footer and returns what the layer is.
+    pub fn finish(mut self) -> io::Result<(W, LayerSummary)> {
+        let toc = Toc {
+            version: 1,
+            entries: std::mem::take(&mut self.entries),
+        };
+        let json = serde_json::to_vec_pretty(&toc).map_err(io::Error::other)?;
+        let toc_digest = Digest::of(&json);
+        let toc_offset = self.next_member()?;
+        let mut header = Header::new(TOC_NAME, Kind::Regular);
+        header.size = json.len() as u64;
+        self.put(&TarWriter::header_bytes(&header))?;
+        self.put(&json)?;
+        self.put(&vec![0u8; TarWriter::padding(header.size)])?;
+        self.put(&TarWriter::end_of_archive())?;
+        let mut counting = self.member.take().expect("open member").finish()?;
+        counting.write_all(&footer_bytes(toc_offset))?;
+        let summary = LayerSummary {
+            digest: counting.hash.clone().finish(),
+            size: counting.written,
+            diff_id: self.diff.clone().finish(),
+            uncompressed_size: self.uncompressed,
+            toc_digest,
+        };
+        Ok((counting.inner, summary))
+    }
+}
+
+/// The TOC entry of a tar header, fields as the Go implementation fills them.
+fn toc_entry(h: &Header) -> TocEntry {
+    let (kind, type_bits) = match h.kind {
+        Kind::Directory => ("dir", 0o040_000),
+        Kind::Regular => ("reg", 0o100_000),
+        Kind::Symlink => ("symlink", 0o120_000),
+        Kind::HardLink => ("hardlink", 0o100_000),
+        Kind::CharDevice => ("char", 0o020_000),
+        Kind::BlockDevice => ("block", 0o060_000),
+        Kind::Fifo => ("fifo", 0o010_000),
+    };
+    TocEntry {
+        name: h.name.clone(),
+        kind: kind.into(),
+        size: if h.kind == Kind::Regular { h.size } else { 0 },
+        modtime: if h.mtime == 0 {
+            String::new()
+        } else {
+            format_rfc3339(h.mtime)
+        },
+        link_name: h.link_name.clone(),
+        mode: i64::from(h.mode & 0o7777) | type_bits,
+        uid: h.uid,
+        gid: h.gid,
+        user_name: h.uname.clone(),
+        group_name: h.gname.clone(),
+        dev_major: i64::from(h.dev_major),
+        dev_minor: i64::from(h.dev_minor),
+        xattrs: h
+            .xattrs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    base64::engine::general_purpose::STANDARD.encode(v),
+                )
+            })
+            .collect(),
+        ..TocEntry::default()
+    }
+}
