@@ -10,7 +10,7 @@ use anyhow::{Context as _, bail};
 use crate::{cmd, kernels};
 
 /// Debian packages the project needs.
-const PACKAGES: [&str; 9] = [
+const PACKAGES: [&str; 13] = [
     "qemu-system-x86",   // the VM tests (TCG)
     "protobuf-compiler", // tonic code generation (containerd and CRI APIs)
     "containerd",
@@ -20,6 +20,12 @@ const PACKAGES: [&str; 9] = [
     "util-linux",      // setpriv, unshare: privilege and namespace tests
     "coreutils",       // mv in the demo
     "cpio",            // checks the initramfs writer against GNU cpio
+    // stargz-snapshotter's own tooling, for eStargz compatibility tests both ways:
+    // ctr-remote, and the Go estargz package built offline in GOPATH mode.
+    "stargz-snapshotter",
+    "golang-go",
+    "golang-github-containerd-stargz-snapshotter-dev",
+    "skopeo", // copies images between registries and OCI layouts in tests
 ];
 
 /// The bpf-linker release that builds against the nightly's LLVM 22 here.
