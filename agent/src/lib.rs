@@ -20,5 +20,6 @@ pub mod detect;
 pub mod events;
 pub mod image;
 pub mod probes;
+pub mod registry;
 pub mod selftest;
 pub mod shutdown;

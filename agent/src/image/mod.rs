@@ -4,4 +4,5 @@
 
 pub mod digest;
 pub mod estargz;
+pub mod manifest;
 pub mod tar;

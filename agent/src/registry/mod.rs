@@ -1,0 +1,187 @@
+//! Where image bytes come from and go to: OCI distribution registries over HTTP(S), and OCI
+//! image layouts on local disk (the built-in default, what `skopeo copy ... oci:DIR` writes).
+//!
+//! Both implement [`BlobSource`] (manifests, whole blobs with their digest checked, and byte
+//! ranges of blobs) and [`BlobSink`] (uploads). Nothing here knows what a layer contains.
+
+pub mod http;
+pub mod local;
+mod reference;
+
+use std::{ops::Range, path::Path};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub use reference::{ImageRef, ReferenceError};
+
+use crate::image::{
+    digest::{Digest, DigestError},
+    manifest::{Descriptor, ManifestError},
+};
+
+/// Largest blob fetched into memory with [`BlobSource::blob`] (configs, small layers).
+pub const MAX_IN_MEMORY_BLOB: u64 = 64 << 20;
+
+/// Errors fetching or storing image content.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("invalid image reference")]
+    Reference(#[from] ReferenceError),
+    #[error("connecting to {url}")]
+    Connect {
+        url: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("request to {url} timed out after {secs} s")]
+    Timeout { url: String, secs: u64 },
+    #[error("{url} answered {status}: {body}")]
+    Status {
+        url: String,
+        status: u16,
+        body: String,
+    },
+    #[error("{what} not found at {source_name}")]
+    NotFound { what: String, source_name: String },
+    #[error("{url} refused the credentials ({status}): {detail}")]
+    Unauthorized {
+        url: String,
+        status: u16,
+        detail: String,
+    },
+    #[error("content of {what} has digest {actual}, expected {expected}")]
+    DigestMismatch {
+        what: String,
+        expected: Digest,
+        actual: Digest,
+    },
+    #[error("{what} is {actual} bytes, expected {expected}")]
+    SizeMismatch {
+        what: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("{what} is larger than the {limit}-byte limit")]
+    TooLarge { what: String, limit: u64 },
+    #[error("invalid digest")]
+    Digest(#[from] DigestError),
+    #[error("invalid manifest")]
+    Manifest(#[from] ManifestError),
+    #[error("{0}")]
+    Protocol(String),
+    #[error("local I/O on {path}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading credentials from {path}: {detail}")]
+    Credentials { path: String, detail: String },
+    #[error("every endpoint failed; the last error was from {last_endpoint}")]
+    AllEndpointsFailed {
+        last_endpoint: String,
+        #[source]
+        source: Box<RegistryError>,
+    },
+}
+
+impl RegistryError {
+    /// Whether the same request may succeed if tried again (network trouble, 5xx, a response
+    /// cut short), as opposed to a definite answer (404, 401, a wrong digest at the source).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Connect { .. } | Self::Timeout { .. } => true,
+            Self::Status { status, .. } => *status >= 500 || *status == 429 || *status == 408,
+            Self::SizeMismatch { .. } => true,
+            Self::AllEndpointsFailed { source, .. } => source.is_retryable(),
+            _ => false,
+        }
+    }
+
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}
+
+/// A manifest or index as fetched, with the digest of its exact bytes.
+#[derive(Clone, Debug)]
+pub struct FetchedManifest {
+    pub bytes: Bytes,
+    pub media_type: String,
+    pub digest: Digest,
+}
+
+/// Read access to an image repository.
+#[async_trait]
+pub trait BlobSource: Send + Sync {
+    /// A manifest or index by tag or digest. When asked by digest, the bytes are checked.
+    async fn manifest(&self, reference: &str) -> Result<FetchedManifest, RegistryError>;
+
+    /// A whole blob in memory, its size and digest checked (up to [`MAX_IN_MEMORY_BLOB`]).
+    async fn blob(&self, desc: &Descriptor) -> Result<Bytes, RegistryError>;
+
+    /// A whole blob into `path` (created or truncated), its size and digest checked. On an
+    /// error the file's content is unspecified.
+    async fn blob_to_file(&self, desc: &Descriptor, path: &Path) -> Result<(), RegistryError>;
+
+    /// Bytes `range` of a blob. Returns exactly `range.end - range.start` bytes or an error.
+    async fn read_range(&self, digest: &Digest, range: Range<u64>) -> Result<Bytes, RegistryError>;
+
+    /// A human-readable name for logs and errors.
+    fn name(&self) -> String;
+}
+
+/// Write access to an image repository.
+#[async_trait]
+pub trait BlobSink: Send + Sync {
+    /// Whether the repository already has this blob.
+    async fn has_blob(&self, digest: &Digest) -> Result<bool, RegistryError>;
+
+    /// Stores a blob from memory.
+    async fn put_blob(&self, desc: &Descriptor, bytes: Bytes) -> Result<(), RegistryError>;
+
+    /// Stores a blob from a local file. `mount_from` names another repository of the same
+    /// registry that has it, for a cross-repository mount instead of an upload.
+    async fn put_blob_file(
+        &self,
+        desc: &Descriptor,
+        path: &Path,
+        mount_from: Option<&str>,
+    ) -> Result<(), RegistryError>;
+
+    /// Stores a manifest under `tag` (or only by digest when `tag` is `None`).
+    async fn put_manifest(
+        &self,
+        tag: Option<&str>,
+        media_type: &str,
+        bytes: Bytes,
+    ) -> Result<Digest, RegistryError>;
+}
+
+/// Checks that `bytes` match `desc`'s size and digest.
+pub(crate) fn check_content(
+    desc: &Descriptor,
+    bytes: &[u8],
+    what: &str,
+) -> Result<(), RegistryError> {
+    if bytes.len() as u64 != desc.size {
+        return Err(RegistryError::SizeMismatch {
+            what: what.into(),
+            expected: desc.size,
+            actual: bytes.len() as u64,
+        });
+    }
+    let actual = Digest::of(bytes);
+    if actual != desc.digest {
+        return Err(RegistryError::DigestMismatch {
+            what: what.into(),
+            expected: desc.digest,
+            actual,
+        });
+    }
+    Ok(())
+}
