@@ -16,6 +16,7 @@
 pub mod agent;
 pub mod attribution;
 pub mod config;
+pub mod convert;
 pub mod detect;
 pub mod events;
 pub mod image;

@@ -26,6 +26,7 @@ struct Args {
 }
 
 #[derive(Debug, Subcommand)]
+#[expect(clippy::large_enum_variant, reason = "parsed once at start-up")]
 enum Command {
     /// Run the node agent: attach the probes and report rename-ENXIO detections.
     Agent {
@@ -46,9 +47,128 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Convert an image to eStargz so it can be streamed. SRC and DST are registry
+    /// references (`host:port/repo:tag`) or OCI layouts (`oci:DIR[:TAG]`).
+    Convert {
+        src: String,
+        dst: String,
+        /// Chunk size for large files (bytes, or with a K/M/G suffix).
+        #[arg(long, default_value = "4M", value_parser = parse_size)]
+        chunk_size: u64,
+        /// A file to put first (prefetched by streaming runtimes); repeat in access order.
+        #[arg(long = "prioritize", value_name = "PATH")]
+        prioritize: Vec<String>,
+        /// A file listing paths to prioritise, one per line.
+        #[arg(long, value_name = "FILE")]
+        prioritize_file: Option<PathBuf>,
+        /// Platform to pick from an image index.
+        #[arg(long, default_value = "linux/amd64", value_parser = parse_platform)]
+        platform: imgstream::image::manifest::Platform,
+        /// Directory for staging layers.
+        #[arg(long, default_value = "/var/tmp")]
+        scratch: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
     /// Internal: the processes `selftest` runs.
     #[command(hide = true, subcommand)]
     SelftestHelper(selftest::helper::HelperCommand),
+}
+
+/// How registries are reached (shared by every subcommand that talks to one).
+#[derive(Debug, clap::Args)]
+struct RegistryArgs {
+    /// A registry (host:port) to reach over plain HTTP; repeat for several.
+    #[arg(long = "insecure-registry", value_name = "HOST")]
+    insecure: Vec<String>,
+    /// A PEM file of extra CA certificates to trust.
+    #[arg(long = "ca-file", value_name = "PEM")]
+    ca_files: Vec<PathBuf>,
+    /// A mirror for a registry, tried before it: HOST=URL (repeat for several, in order).
+    #[arg(long = "mirror", value_name = "HOST=URL")]
+    mirrors: Vec<String>,
+    /// Docker config.json with credentials [default: ~/.docker/config.json].
+    #[arg(long)]
+    auth_file: Option<PathBuf>,
+    /// Per-request timeout in seconds.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    timeout_secs: u64,
+    /// Retries for failed requests (connection errors, timeouts, 5xx).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=20))]
+    retries: u32,
+}
+
+impl TryFrom<RegistryArgs> for imgstream::registry::http::HttpConfig {
+    type Error = anyhow::Error;
+
+    fn try_from(args: RegistryArgs) -> anyhow::Result<Self> {
+        let mut config = Self {
+            insecure: args.insecure,
+            ca_files: args.ca_files,
+            ..Self::default()
+        };
+        for mirror in args.mirrors {
+            let (host, url) = mirror
+                .split_once('=')
+                .with_context(|| format!("--mirror {mirror:?} is not HOST=URL"))?;
+            anyhow::ensure!(
+                url.starts_with("http://") || url.starts_with("https://"),
+                "--mirror {mirror:?}: the URL must start with http:// or https://"
+            );
+            config
+                .mirrors
+                .entry(host.to_string())
+                .or_default()
+                .push(url.to_string());
+        }
+        if args.auth_file.is_some() {
+            config.auth_file = args.auth_file;
+        }
+        config.timeout = Duration::from_secs(args.timeout_secs);
+        config.retries = args.retries;
+        Ok(config)
+    }
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (digits, unit) = s.trim().split_at(
+        s.trim()
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(s.trim().len()),
+    );
+    let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a size"))?;
+    let mult = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?}")),
+    };
+    let size = n
+        .checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))?;
+    if !(4096..=1 << 30).contains(&size) {
+        return Err(format!("{s:?}: the chunk size must be between 4K and 1G"));
+    }
+    Ok(size)
+}
+
+fn parse_platform(s: &str) -> Result<imgstream::image::manifest::Platform, String> {
+    let parts: Vec<&str> = s.split('/').collect();
+    let (os, architecture, variant) = match parts.as_slice() {
+        [os, arch] => (os, arch, None),
+        [os, arch, variant] => (os, arch, Some(variant.to_string())),
+        _ => return Err(format!("{s:?} is not OS/ARCH[/VARIANT]")),
+    };
+    Ok(imgstream::image::manifest::Platform {
+        os: os.to_string(),
+        architecture: architecture.to_string(),
+        variant,
+        extra: Default::default(),
+    })
 }
 
 fn main() -> ExitCode {
@@ -118,6 +238,118 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        Command::Convert {
+            src,
+            dst,
+            chunk_size,
+            mut prioritize,
+            prioritize_file,
+            platform,
+            scratch,
+            json,
+            registry,
+        } => {
+            if let Some(file) = prioritize_file {
+                let list = std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading {}", file.display()))?;
+                prioritize.extend(
+                    list.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty())
+                        .map(String::from),
+                );
+            }
+            let http = imgstream::registry::http::HttpConfig::try_from(registry)?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let report = runtime.block_on(convert(
+                &src, &dst, chunk_size, prioritize, platform, scratch, http,
+            ))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for (i, l) in report.layers.iter().enumerate() {
+                    let how = if l.reused {
+                        "already eStargz, copied"
+                    } else {
+                        "converted"
+                    };
+                    println!(
+                        "layer {i}: {} ({} B) -> {} ({} B), TOC {}, {how}",
+                        l.source_digest, l.source_size, l.digest, l.size, l.toc_digest
+                    );
+                }
+                println!("{dst}: manifest {}", report.manifest_digest);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::SelftestHelper(_) => unreachable!("handled before logging is set up"),
     }
+}
+
+async fn convert(
+    src: &str,
+    dst: &str,
+    chunk_size: u64,
+    prioritized: Vec<String>,
+    platform: imgstream::image::manifest::Platform,
+    scratch: PathBuf,
+    http: imgstream::registry::http::HttpConfig,
+) -> anyhow::Result<imgstream::convert::ConvertReport> {
+    use imgstream::registry::{ImageRef, open_sink, open_source};
+    let src_ref = ImageRef::parse(src).context("SRC")?;
+    let dst_ref = ImageRef::parse(dst).context("DST")?;
+    let source = open_source(&src_ref, &http).with_context(|| format!("opening {src_ref}"))?;
+    let sink = open_sink(&dst_ref, &http).with_context(|| format!("opening {dst_ref}"))?;
+    let tag = match &dst_ref {
+        ImageRef::Registry { tag, .. } | ImageRef::Layout { tag, .. } => tag.clone(),
+    };
+    let bars = progress_bars();
+    let options = imgstream::convert::ConvertOptions {
+        writer: imgstream::image::estargz::WriterOptions {
+            chunk_size,
+            ..Default::default()
+        },
+        prioritized,
+        platform,
+        scratch: scratch.join(format!("imgstream-convert-{}", std::process::id())),
+        progress: bars,
+    };
+    let result = imgstream::convert::convert(
+        source,
+        src_ref.manifest_reference().as_deref(),
+        sink,
+        tag.as_deref(),
+        &options,
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(&options.scratch);
+    result.with_context(|| format!("converting {src_ref} to {dst_ref}"))
+}
+
+/// One progress bar per layer, only when stderr is a terminal.
+fn progress_bars() -> Option<imgstream::convert::ProgressFn> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let multi = indicatif::MultiProgress::new();
+    let bars =
+        std::sync::Mutex::new(std::collections::BTreeMap::<usize, indicatif::ProgressBar>::new());
+    let style = indicatif::ProgressStyle::with_template(
+        "layer {prefix:>2} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    Some(std::sync::Arc::new(move |layer, read, total| {
+        let mut bars = bars.lock().expect("progress lock");
+        let bar = bars.entry(layer).or_insert_with(|| {
+            let bar = multi.add(indicatif::ProgressBar::new(total));
+            bar.set_style(style.clone());
+            bar.set_prefix(layer.to_string());
+            bar
+        });
+        bar.set_position(read);
+        if read >= total {
+            bar.finish();
+        }
+    }))
 }

@@ -10,7 +10,7 @@ use anyhow::{Context as _, bail};
 use crate::{cmd, kernels};
 
 /// Debian packages the project needs.
-const PACKAGES: [&str; 13] = [
+const PACKAGES: [&str; 15] = [
     "qemu-system-x86",   // the VM tests (TCG)
     "protobuf-compiler", // tonic code generation (containerd and CRI APIs)
     "containerd",
@@ -25,7 +25,9 @@ const PACKAGES: [&str; 13] = [
     "stargz-snapshotter",
     "golang-go",
     "golang-github-containerd-stargz-snapshotter-dev",
-    "skopeo", // copies images between registries and OCI layouts in tests
+    "skopeo",         // copies images between registries and OCI layouts in tests
+    "apache2-utils",  // htpasswd (bcrypt) for the basic-auth registry tests
+    "busybox-static", // the userland of the test images
 ];
 
 /// The bpf-linker release that builds against the nightly's LLVM 22 here.

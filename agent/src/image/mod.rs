@@ -4,5 +4,6 @@
 
 pub mod digest;
 pub mod estargz;
+pub mod layer;
 pub mod manifest;
 pub mod tar;

@@ -185,3 +185,41 @@ pub(crate) fn check_content(
     }
     Ok(())
 }
+
+/// Opens `image` for reading: an OCI layout or a registry repository.
+pub fn open_source(
+    image: &ImageRef,
+    config: &http::HttpConfig,
+) -> Result<std::sync::Arc<dyn BlobSource>, RegistryError> {
+    Ok(match image {
+        ImageRef::Layout { path, .. } => std::sync::Arc::new(local::LocalLayout::open(path)?),
+        ImageRef::Registry {
+            registry,
+            repository,
+            ..
+        } => std::sync::Arc::new(http::RegistryClient::new(
+            registry,
+            repository,
+            config.clone(),
+        )?),
+    })
+}
+
+/// Opens `image` for writing: an OCI layout (created if missing) or a registry repository.
+pub fn open_sink(
+    image: &ImageRef,
+    config: &http::HttpConfig,
+) -> Result<std::sync::Arc<dyn BlobSink>, RegistryError> {
+    Ok(match image {
+        ImageRef::Layout { path, .. } => std::sync::Arc::new(local::LocalLayout::create(path)?),
+        ImageRef::Registry {
+            registry,
+            repository,
+            ..
+        } => std::sync::Arc::new(http::RegistryClient::new(
+            registry,
+            repository,
+            config.clone(),
+        )?),
+    })
+}

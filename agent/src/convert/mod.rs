@@ -1,0 +1,252 @@
+//! `imgstream convert`: rewrites an image's layers as eStargz, so that it can be streamed,
+//! while it stays a valid image for every runtime that does not stream (each layer is still a
+//! gzip tar; the config's `diff_ids` are recomputed).
+//!
+//! Pipeline per layer: download (digest checked) -> decompress -> [`EstargzWriter`] (optionally
+//! with prioritised files first and the prefetch landmark) -> upload with the TOC digest
+//! annotation. Then the new config and manifest. Layers that already carry a TOC digest
+//! annotation are copied as they are.
+
+mod layer;
+
+use std::{path::PathBuf, sync::Arc};
+
+use bytes::Bytes;
+use serde::Serialize;
+
+pub use layer::{ConvertLayerError, Progress, convert_layer};
+
+use crate::{
+    image::{
+        digest::Digest,
+        estargz::{TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION, WriterOptions},
+        manifest::{
+            self, DOCKER_LAYER_GZIP, DOCKER_MANIFEST, Descriptor, Document, Manifest,
+            OCI_LAYER_GZIP, Platform,
+        },
+    },
+    registry::{BlobSink, BlobSource, RegistryError},
+};
+
+/// Errors converting an image.
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("converting layer {digest}")]
+    Layer {
+        digest: Digest,
+        #[source]
+        source: ConvertLayerError,
+    },
+    #[error("the image config is not a JSON object with rootfs.diff_ids")]
+    Config,
+    #[error("the source names no image (give a tag or digest)")]
+    NoReference,
+    #[error("scratch directory {0}")]
+    Scratch(PathBuf, #[source] std::io::Error),
+    #[error("a conversion task failed: {0}")]
+    Task(String),
+}
+
+/// Progress callback: (layer number, compressed bytes read, compressed size).
+pub type ProgressFn = Arc<dyn Fn(usize, u64, u64) + Send + Sync>;
+
+/// How to convert.
+#[derive(Clone)]
+pub struct ConvertOptions {
+    pub writer: WriterOptions,
+    /// Files (paths inside the image) to put first, in this order, before the prefetch
+    /// landmark.
+    pub prioritized: Vec<String>,
+    /// Which manifest of an index to convert.
+    pub platform: Platform,
+    /// Where layers are staged (removed afterwards).
+    pub scratch: PathBuf,
+    /// Called with (layer number, bytes read so far, compressed size) while converting.
+    pub progress: Option<ProgressFn>,
+}
+
+/// What a conversion produced.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConvertReport {
+    pub manifest_digest: Digest,
+    pub layers: Vec<LayerReport>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerReport {
+    pub source_digest: Digest,
+    pub source_size: u64,
+    pub digest: Digest,
+    pub size: u64,
+    pub toc_digest: Digest,
+    /// Already eStargz: copied unchanged.
+    pub reused: bool,
+}
+
+/// Converts the image `reference` of `source` into `sink`, tagged `tag`.
+pub async fn convert(
+    source: Arc<dyn BlobSource>,
+    reference: Option<&str>,
+    sink: Arc<dyn BlobSink>,
+    tag: Option<&str>,
+    options: &ConvertOptions,
+) -> Result<ConvertReport, ConvertError> {
+    let reference = reference.unwrap_or("");
+    let mut fetched = source.manifest(reference).await?;
+    let manifest = loop {
+        match manifest::parse(&fetched.bytes, &fetched.media_type).map_err(RegistryError::from)? {
+            Document::Manifest(m) => break *m,
+            Document::Index(index) => {
+                let chosen = index
+                    .select(&options.platform)
+                    .map_err(RegistryError::from)?;
+                tracing::info!(platform = %options.platform, manifest = %chosen.digest, "selected from the index");
+                fetched = source.manifest(&chosen.digest.to_string()).await?;
+            }
+        }
+    };
+    let docker = manifest.media_type.as_deref() == Some(DOCKER_MANIFEST)
+        || manifest.config.media_type == manifest::DOCKER_CONFIG;
+    let config_bytes = source.blob(&manifest.config).await?;
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&config_bytes).map_err(|_| ConvertError::Config)?;
+
+    std::fs::create_dir_all(&options.scratch)
+        .map_err(|e| ConvertError::Scratch(options.scratch.clone(), e))?;
+    let mut layers = Vec::new();
+    let mut reports = Vec::new();
+    let mut diff_ids = Vec::new();
+    for (n, desc) in manifest.layers.iter().enumerate() {
+        let (new_desc, diff_id, report) =
+            convert_one(&source, &sink, n, desc, docker, options).await?;
+        layers.push(new_desc);
+        diff_ids.push(serde_json::Value::String(diff_id.to_string()));
+        reports.push(report);
+    }
+    let rootfs = config
+        .get_mut("rootfs")
+        .and_then(|r| r.as_object_mut())
+        .ok_or(ConvertError::Config)?;
+    rootfs.insert("diff_ids".into(), serde_json::Value::Array(diff_ids));
+    let config_bytes = Bytes::from(serde_json::to_vec(&config).map_err(|_| ConvertError::Config)?);
+    let config_desc = Descriptor {
+        digest: Digest::of(&config_bytes),
+        size: config_bytes.len() as u64,
+        ..manifest.config.clone()
+    };
+    sink.put_blob(&config_desc, config_bytes).await?;
+    let new_manifest = Manifest {
+        config: config_desc,
+        layers,
+        ..manifest
+    };
+    let media_type = new_manifest
+        .media_type
+        .clone()
+        .unwrap_or_else(|| manifest::OCI_MANIFEST.to_string());
+    let bytes = Bytes::from(serde_json::to_vec(&new_manifest).map_err(|_| ConvertError::Config)?);
+    let manifest_digest = sink.put_manifest(tag, &media_type, bytes).await?;
+    Ok(ConvertReport {
+        manifest_digest,
+        layers: reports,
+    })
+}
+
+async fn convert_one(
+    source: &Arc<dyn BlobSource>,
+    sink: &Arc<dyn BlobSink>,
+    n: usize,
+    desc: &Descriptor,
+    docker: bool,
+    options: &ConvertOptions,
+) -> Result<(Descriptor, Digest, LayerReport), ConvertError> {
+    let input = options.scratch.join(format!("layer-{n}.in"));
+    let output = options.scratch.join(format!("layer-{n}.esgz"));
+    source.blob_to_file(desc, &input).await?;
+    if let Some(toc) = desc.annotations.get(TOC_DIGEST_ANNOTATION) {
+        // Already eStargz: keep it. Its diff ID is the digest of its decompressed content.
+        let toc_digest: Digest = toc.parse().map_err(RegistryError::from)?;
+        let path = input.clone();
+        let diff_id = tokio::task::spawn_blocking(move || layer::diff_id_of_gzip(&path))
+            .await
+            .map_err(|e| ConvertError::Task(e.to_string()))?
+            .map_err(|source| ConvertError::Layer {
+                digest: desc.digest,
+                source,
+            })?;
+        sink.put_blob_file(desc, &input, None).await?;
+        let _ = std::fs::remove_file(&input);
+        let report = LayerReport {
+            source_digest: desc.digest,
+            source_size: desc.size,
+            digest: desc.digest,
+            size: desc.size,
+            toc_digest,
+            reused: true,
+        };
+        return Ok((desc.clone(), diff_id, report));
+    }
+    let (media_type, writer, prioritized) = (
+        desc.media_type.clone(),
+        options.writer,
+        options.prioritized.clone(),
+    );
+    let (src_path, dst_path) = (input.clone(), output.clone());
+    let progress = options.progress.clone();
+    let total = desc.size;
+    let summary = tokio::task::spawn_blocking(move || {
+        let report = |read: u64| {
+            if let Some(p) = &progress {
+                p(n, read, total);
+            }
+        };
+        convert_layer(
+            &src_path,
+            &media_type,
+            &dst_path,
+            writer,
+            &prioritized,
+            &report,
+        )
+    })
+    .await
+    .map_err(|e| ConvertError::Task(e.to_string()))?
+    .map_err(|source| ConvertError::Layer {
+        digest: desc.digest,
+        source,
+    })?;
+    let mut annotations = desc.annotations.clone();
+    annotations.insert(TOC_DIGEST_ANNOTATION.into(), summary.toc_digest.to_string());
+    annotations.insert(
+        UNCOMPRESSED_SIZE_ANNOTATION.into(),
+        summary.uncompressed_size.to_string(),
+    );
+    let new_desc = Descriptor {
+        media_type: if docker {
+            DOCKER_LAYER_GZIP
+        } else {
+            OCI_LAYER_GZIP
+        }
+        .to_string(),
+        digest: summary.digest,
+        size: summary.size,
+        annotations,
+        platform: None,
+        extra: desc.extra.clone(),
+    };
+    sink.put_blob_file(&new_desc, &output, None).await?;
+    let _ = std::fs::remove_file(&input);
+    let _ = std::fs::remove_file(&output);
+    tracing::info!(layer = n, from = %desc.digest, to = %summary.digest, size = summary.size, toc = %summary.toc_digest, "layer converted");
+    let report = LayerReport {
+        source_digest: desc.digest,
+        source_size: desc.size,
+        digest: summary.digest,
+        size: summary.size,
+        toc_digest: summary.toc_digest,
+        reused: false,
+    };
+    Ok((new_desc, summary.diff_id, report))
+}

@@ -1,0 +1,143 @@
+//! Reading eStargz layers from a [`BlobSource`] by range: the footer, then the TOC (checked
+//! against the layer descriptor's TOC digest annotation), then only the chunks a read needs,
+//! each verified against its chunkDigest. Adjacent chunks are fetched in one request.
+
+use bytes::Bytes;
+
+use super::{
+    digest::Digest,
+    estargz::{self, EstargzError, FOOTER_SIZE, LayerIndex, Node, TOC_DIGEST_ANNOTATION},
+    manifest::{Descriptor, is_gzip_layer},
+};
+use crate::registry::{BlobSource, RegistryError};
+
+/// Errors opening or reading a remote layer.
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    #[error("fetching from {source_name}")]
+    Fetch {
+        source_name: String,
+        #[source]
+        source: RegistryError,
+    },
+    #[error(transparent)]
+    Format(#[from] EstargzError),
+    #[error("{path:?} is not a regular file in the layer")]
+    NotAFile { path: String },
+    #[error("{path:?} is not in the layer")]
+    NoSuchFile { path: String },
+}
+
+/// An eStargz layer opened for random access.
+#[derive(Debug, Clone)]
+pub struct RemoteLayer {
+    pub desc: Descriptor,
+    pub index: LayerIndex,
+    pub toc_digest: Digest,
+}
+
+/// Opens an eStargz layer: two range requests (footer, TOC). A layer that is not eStargz, or
+/// whose descriptor lacks the TOC digest annotation (so its TOC could not be verified), is
+/// reported as [`EstargzError::NotEstargz`]: read it whole instead.
+pub async fn open(source: &dyn BlobSource, desc: &Descriptor) -> Result<RemoteLayer, LayerError> {
+    let fetch = |source_err| LayerError::Fetch {
+        source_name: source.name(),
+        source: source_err,
+    };
+    if !is_gzip_layer(&desc.media_type) {
+        return Err(EstargzError::NotEstargz("the layer is not a gzip tar").into());
+    }
+    let Some(expected) = desc.annotations.get(TOC_DIGEST_ANNOTATION) else {
+        return Err(EstargzError::NotEstargz("the descriptor has no TOC digest annotation").into());
+    };
+    let expected: Digest = expected.parse().map_err(|_| {
+        EstargzError::BadToc(format!(
+            "annotation {TOC_DIGEST_ANNOTATION} is not a digest"
+        ))
+    })?;
+    if desc.size < FOOTER_SIZE {
+        return Err(EstargzError::NotEstargz("the blob is shorter than an eStargz footer").into());
+    }
+    let footer = source
+        .read_range(&desc.digest, desc.size - FOOTER_SIZE..desc.size)
+        .await
+        .map_err(fetch)?;
+    let toc_offset = estargz::parse_footer(&footer)?;
+    if toc_offset >= desc.size - FOOTER_SIZE {
+        return Err(
+            EstargzError::BadToc(format!("TOC offset {toc_offset} lies beyond the blob")).into(),
+        );
+    }
+    if desc.size - FOOTER_SIZE - toc_offset > estargz::MAX_TOC_COMPRESSED {
+        return Err(
+            EstargzError::BadTocMember("larger than the compressed TOC limit".into()).into(),
+        );
+    }
+    let member = source
+        .read_range(&desc.digest, toc_offset..desc.size - FOOTER_SIZE)
+        .await
+        .map_err(fetch)?;
+    let (index, toc_digest) = estargz::read_toc(&member, toc_offset, desc.size, Some(&expected))?;
+    Ok(RemoteLayer {
+        desc: desc.clone(),
+        index,
+        toc_digest,
+    })
+}
+
+impl RemoteLayer {
+    /// The whole content of the regular file (or hard link) at `path`.
+    pub async fn read_file(
+        &self,
+        source: &dyn BlobSource,
+        path: &str,
+    ) -> Result<Vec<u8>, LayerError> {
+        let node = self
+            .index
+            .get(path)
+            .ok_or_else(|| LayerError::NoSuchFile { path: path.into() })?;
+        let node = self.index.data_node(node);
+        if node.kind != estargz::NodeKind::Regular {
+            return Err(LayerError::NotAFile { path: path.into() });
+        }
+        let mut out = Vec::with_capacity(node.size as usize);
+        for chunk in self.read_chunks(source, node, 0..node.chunks.len()).await? {
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out)
+    }
+
+    /// Chunks `which` of `node`, verified, fetching runs of adjacent chunks in one request.
+    pub async fn read_chunks(
+        &self,
+        source: &dyn BlobSource,
+        node: &Node,
+        which: std::ops::Range<usize>,
+    ) -> Result<Vec<Bytes>, LayerError> {
+        let chunks = &node.chunks[which];
+        let mut out = Vec::with_capacity(chunks.len());
+        let mut i = 0;
+        while i < chunks.len() {
+            // Extend the run while the next chunk's member starts where this one's ends.
+            let mut j = i;
+            while j + 1 < chunks.len() && chunks[j + 1].blob_offset == chunks[j].blob_end {
+                j += 1;
+            }
+            let (start, end) = (chunks[i].blob_offset, chunks[j].blob_end);
+            let bytes = source
+                .read_range(&self.desc.digest, start..end)
+                .await
+                .map_err(|e| LayerError::Fetch {
+                    source_name: source.name(),
+                    source: e,
+                })?;
+            for chunk in &chunks[i..=j] {
+                let member =
+                    &bytes[(chunk.blob_offset - start) as usize..(chunk.blob_end - start) as usize];
+                out.push(Bytes::from(estargz::decode_chunk(member, chunk)?));
+            }
+            i = j + 1;
+        }
+        Ok(out)
+    }
+}

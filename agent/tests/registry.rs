@@ -1,0 +1,542 @@
+//! The image source against a real registry (Debian's docker-registry on loopback): convert
+//! an image pushed by skopeo, read every file back by range and compare it with a GNU tar
+//! extraction of the original layer; basic auth; and the failures a registry can throw.
+
+mod support;
+
+use std::{
+    collections::BTreeMap,
+    os::unix::fs::{MetadataExt, PermissionsExt},
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use imgstream::{
+    image::{
+        digest::Digest,
+        estargz::{NO_PREFETCH_LANDMARK, NodeKind, PREFETCH_LANDMARK, TOC_DIGEST_ANNOTATION},
+        layer::{self, RemoteLayer},
+        manifest::{self, Descriptor, Document},
+    },
+    registry::{
+        BlobSource, RegistryError,
+        http::{HttpConfig, RegistryClient},
+    },
+};
+use support::{Fault, Proxy, Registry};
+
+const IMGSTREAM: &str = env!("CARGO_BIN_EXE_imgstream");
+
+fn http(insecure: &[&str]) -> HttpConfig {
+    HttpConfig {
+        insecure: insecure.iter().map(|s| s.to_string()).collect(),
+        auth_file: None,
+        timeout: Duration::from_secs(5),
+        backoff: Duration::from_millis(20),
+        ..HttpConfig::default()
+    }
+}
+
+/// Two layers: a busybox root with every kind of file, and an upper layer with a whiteout.
+fn layer_dirs(dir: &Path) -> Vec<PathBuf> {
+    let base = dir.join("base");
+    support::busybox_rootfs(&base);
+    let big: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    std::fs::create_dir_all(base.join("usr/lib")).unwrap();
+    std::fs::write(base.join("usr/lib/big.bin"), &big).unwrap();
+    std::fs::hard_link(
+        base.join("usr/lib/big.bin"),
+        base.join("usr/lib/big-link.bin"),
+    )
+    .unwrap();
+    std::fs::write(base.join("usr/lib/empty"), b"").unwrap();
+    std::fs::write(base.join("usr/lib/suid"), b"#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(
+        base.join("usr/lib/suid"),
+        std::fs::Permissions::from_mode(0o4755),
+    )
+    .unwrap();
+    std::fs::set_permissions(base.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    std::os::unix::fs::symlink("/usr/lib/big.bin", base.join("usr/big")).unwrap();
+    let long = "l".repeat(150);
+    std::fs::write(base.join("usr/lib").join(&long), b"long name").unwrap();
+    let status = Command::new("mknod")
+        .arg(base.join("dev/null"))
+        .args(["c", "1", "3"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let status = Command::new("mkfifo")
+        .arg(base.join("tmp/fifo"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let status = Command::new("chown")
+        .args(["-h", "1000:1000"])
+        .arg(base.join("usr/lib/empty"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let upper = dir.join("upper");
+    std::fs::create_dir_all(upper.join("etc")).unwrap();
+    std::fs::write(upper.join("etc/.wh.hostname"), b"").unwrap();
+    std::fs::write(upper.join("etc/motd"), b"streamed\n").unwrap();
+    vec![base, upper]
+}
+
+/// Compares a layer read through eStargz with a GNU tar extraction of the original layer.
+async fn assert_layer_matches(
+    source: &dyn BlobSource,
+    layer: &RemoteLayer,
+    original_gz: &Path,
+    scratch: &Path,
+) {
+    let dir = scratch.join(format!("extract-{}", layer.desc.digest.hex()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let status = Command::new("tar")
+        .args(["-xzf"])
+        .arg(original_gz)
+        .args(["--numeric-owner", "-p", "-C"])
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut checked = 0;
+    let mut on_disk = Vec::new();
+    walk(&dir, &dir, &mut on_disk);
+    for rel in &on_disk {
+        let path = dir.join(rel);
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        let node = layer
+            .index
+            .get(rel)
+            .unwrap_or_else(|| panic!("{rel} missing from the eStargz layer"));
+        let data_node = layer.index.data_node(node);
+        let what = format!("{rel}: {node:?}");
+        assert_eq!(data_node.mode, meta.mode() & 0o7777, "mode of {what}");
+        assert_eq!(
+            (data_node.uid, data_node.gid),
+            (meta.uid(), meta.gid()),
+            "owner of {what}"
+        );
+        assert_eq!(data_node.mtime.0, meta.mtime(), "mtime of {what}");
+        let ft = meta.file_type();
+        use std::os::unix::fs::FileTypeExt;
+        match &node.kind {
+            NodeKind::Directory => assert!(ft.is_dir(), "{what}"),
+            NodeKind::Regular | NodeKind::HardLink { .. } => {
+                assert!(ft.is_file(), "{what}");
+                let expected = std::fs::read(&path).unwrap();
+                let got = layer.read_file(source, rel).await.unwrap();
+                assert_eq!(got.len(), expected.len(), "size of {rel}");
+                assert!(got == expected, "content of {rel}");
+                if let NodeKind::HardLink { target } = node.kind {
+                    let target_meta =
+                        std::fs::metadata(dir.join(&layer.index.nodes[target].path)).unwrap();
+                    assert_eq!(
+                        target_meta.ino(),
+                        meta.ino(),
+                        "{rel} is a hard link on disk too"
+                    );
+                }
+            }
+            NodeKind::Symlink { target } => {
+                assert!(ft.is_symlink(), "{what}");
+                assert_eq!(std::fs::read_link(&path).unwrap().to_str().unwrap(), target);
+            }
+            NodeKind::CharDevice { major, minor } => {
+                assert!(ft.is_char_device(), "{what}");
+                assert_eq!(meta.rdev(), libc::makedev(*major, *minor), "{what}");
+            }
+            NodeKind::BlockDevice { .. } => assert!(ft.is_block_device(), "{what}"),
+            NodeKind::Fifo => assert!(ft.is_fifo(), "{what}"),
+        }
+        checked += 1;
+    }
+    // Nothing extra in the layer but the root and the landmark.
+    let extra: Vec<&str> = layer
+        .index
+        .nodes
+        .iter()
+        .map(|n| n.path.as_str())
+        .filter(|p| {
+            !p.is_empty()
+                && *p != NO_PREFETCH_LANDMARK
+                && *p != PREFETCH_LANDMARK
+                && !on_disk.iter().any(|d| d == p)
+        })
+        .collect();
+    assert!(extra.is_empty(), "entries not in the original: {extra:?}");
+    assert_eq!(checked, on_disk.len());
+    assert!(checked > 0);
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        out.push(
+            path.strip_prefix(root)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string(),
+        );
+        if entry.file_type().unwrap().is_dir() {
+            walk(root, &path, out);
+        }
+    }
+}
+
+async fn manifest_of(client: &RegistryClient, reference: &str) -> manifest::Manifest {
+    let fetched = client.manifest(reference).await.unwrap();
+    match manifest::parse(&fetched.bytes, &fetched.media_type).unwrap() {
+        Document::Manifest(m) => *m,
+        Document::Index(_) => panic!("expected a manifest"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn convert_pushes_estargz_that_reads_back_file_for_file() {
+    let scratch = support::scratch("convert");
+    let registry = Registry::start("convert", None);
+    let reg = registry.host();
+    let layout = scratch.join("layout");
+    let originals = support::build_image(
+        &layout,
+        "v1",
+        &layer_dirs(&scratch),
+        &["/bin/sh", "-c", "echo hello"],
+    )
+    .await;
+    support::skopeo_copy(
+        &format!("oci:{}:v1", layout.display()),
+        &format!("docker://{reg}/src/app:v1"),
+    );
+
+    let out = Command::new(IMGSTREAM)
+        .args([
+            "convert",
+            &format!("{reg}/src/app:v1"),
+            &format!("{reg}/esgz/app:v1"),
+        ])
+        .args([
+            "--insecure-registry",
+            &reg,
+            "--chunk-size",
+            "1M",
+            "--prioritize",
+            "/bin/busybox",
+            "--json",
+        ])
+        .args(["--scratch", scratch.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["layers"].as_array().unwrap().len(), 2);
+
+    let client = RegistryClient::new(&reg, "esgz/app", http(&[&reg])).unwrap();
+    let converted = manifest_of(&client, "v1").await;
+    assert_eq!(converted.layers.len(), 2);
+    for (desc, original) in converted.layers.iter().zip(&originals) {
+        assert_eq!(desc.media_type, manifest::OCI_LAYER_GZIP);
+        assert!(desc.annotations.contains_key(TOC_DIGEST_ANNOTATION));
+        let opened = layer::open(&client, desc).await.unwrap();
+        assert_layer_matches(&client, &opened, original, &scratch).await;
+    }
+    // The prioritised file comes first, then the landmark.
+    let base = layer::open(&client, &converted.layers[0]).await.unwrap();
+    let busybox = base.index.get("bin/busybox").unwrap();
+    assert!(
+        base.index
+            .prefetch_end
+            .is_some_and(|end| busybox.chunks[0].blob_offset < end)
+    );
+    // The config's diff_ids are the digests of the new layers' decompressed content.
+    let config: serde_json::Value =
+        serde_json::from_slice(&client.blob(&converted.config).await.unwrap()).unwrap();
+    for (i, desc) in converted.layers.iter().enumerate() {
+        let path = scratch.join(format!("check-{i}.gz"));
+        client.blob_to_file(desc, &path).await.unwrap();
+        let mut hasher = imgstream::image::digest::Hasher::new();
+        std::io::copy(
+            &mut flate2::read::MultiGzDecoder::new(std::fs::File::open(&path).unwrap()),
+            &mut hasher,
+        )
+        .unwrap();
+        assert_eq!(config["rootfs"]["diff_ids"][i], hasher.finish().to_string());
+    }
+    // Converting again from the converted image copies the layers as they are.
+    let out = Command::new(IMGSTREAM)
+        .args([
+            "convert",
+            &format!("{reg}/esgz/app:v1"),
+            &format!("oci:{}:again", scratch.join("again").display()),
+        ])
+        .args([
+            "--insecure-registry",
+            &reg,
+            "--json",
+            "--scratch",
+            scratch.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let again: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        again["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["reused"] == true)
+    );
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_auth_with_docker_config_credentials() {
+    let scratch = support::scratch("auth");
+    let registry = Registry::start("auth", Some(("tester", "s3cret")));
+    let reg = registry.host();
+    let layout = scratch.join("layout");
+    let dirs = vec![{
+        let d = scratch.join("root");
+        support::busybox_rootfs(&d);
+        d
+    }];
+    support::build_image(&layout, "v1", &dirs, &["/bin/true"]).await;
+    let out = Command::new("skopeo")
+        .args([
+            "copy",
+            "--dest-tls-verify=false",
+            "--dest-creds",
+            "tester:s3cret",
+            "--quiet",
+        ])
+        .arg(format!("oci:{}:v1", layout.display()))
+        .arg(format!("docker://{reg}/private/app:v1"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Without credentials: a clear error, no retry storm.
+    let out = Command::new(IMGSTREAM)
+        .args([
+            "convert",
+            &format!("{reg}/private/app:v1"),
+            &format!("{reg}/private/esgz:v1"),
+        ])
+        .args([
+            "--insecure-registry",
+            &reg,
+            "--auth-file",
+            scratch.join("none.json").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("credentials"), "{stderr}");
+
+    // With a docker config.json.
+    let auth = base64_encode("tester:s3cret");
+    std::fs::write(
+        scratch.join("config.json"),
+        format!(r#"{{"auths":{{"{reg}":{{"auth":"{auth}"}}}}}}"#),
+    )
+    .unwrap();
+    let out = Command::new(IMGSTREAM)
+        .args([
+            "convert",
+            &format!("{reg}/private/app:v1"),
+            &format!("{reg}/private/esgz:v1"),
+        ])
+        .args([
+            "--insecure-registry",
+            &reg,
+            "--auth-file",
+            scratch.join("config.json").to_str().unwrap(),
+        ])
+        .args(["--scratch", scratch.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
+fn base64_encode(s: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// A registry holding one small image, for the failure tests.
+async fn small_image(name: &str) -> (Registry, PathBuf, Descriptor, Digest) {
+    let scratch = support::scratch(name);
+    let registry = Registry::start(name, None);
+    let layout = scratch.join("layout");
+    let dir = scratch.join("root");
+    support::busybox_rootfs(&dir);
+    support::build_image(&layout, "v1", &[dir], &["/bin/true"]).await;
+    support::skopeo_copy(
+        &format!("oci:{}:v1", layout.display()),
+        &format!("docker://{}/f/app:v1", registry.host()),
+    );
+    let client = RegistryClient::new(&registry.host(), "f/app", http(&[&registry.host()])).unwrap();
+    let fetched = client.manifest("v1").await.unwrap();
+    let m = manifest_of(&client, "v1").await;
+    (registry, scratch, m.layers[0].clone(), fetched.digest)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_blobs_and_corrupt_content_are_typed_errors() {
+    let (registry, scratch, layer, _) = small_image("corrupt").await;
+    let client = RegistryClient::new(&registry.host(), "f/app", http(&[&registry.host()])).unwrap();
+    let missing = Descriptor {
+        digest: Digest::of(b"no such blob"),
+        ..layer.clone()
+    };
+    assert!(matches!(
+        client.blob(&missing).await,
+        Err(RegistryError::NotFound { .. })
+    ));
+    assert!(matches!(
+        client.read_range(&missing.digest, 0..10).await,
+        Err(RegistryError::NotFound { .. })
+    ));
+    assert!(matches!(
+        client.manifest("nope").await,
+        Err(RegistryError::NotFound { .. })
+    ));
+    // A wrong size in the descriptor.
+    let wrong_size = Descriptor {
+        size: layer.size + 1,
+        ..layer.clone()
+    };
+    assert!(matches!(
+        client.blob(&wrong_size).await,
+        Err(RegistryError::SizeMismatch { .. })
+    ));
+    // Corrupt the blob in the registry's own storage: served under its digest, caught here.
+    let hex = layer.digest.hex();
+    let data = registry.blob_data_path(&hex);
+    let mut bytes = std::fs::read(&data).unwrap();
+    bytes[100] ^= 0xff;
+    std::fs::write(&data, bytes).unwrap();
+    let err = client.blob(&layer).await.unwrap_err();
+    assert!(matches!(err, RegistryError::DigestMismatch { .. }), "{err}");
+    let err = client
+        .blob_to_file(&layer, &scratch.join("x"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::DigestMismatch { .. }), "{err}");
+    drop(registry);
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resets_and_truncation_are_retried_and_bounded() {
+    let (registry, scratch, layer, _) = small_image("faults").await;
+    // Two connection resets, then service: the retries absorb them.
+    let proxy = Proxy::start(registry.addr, Fault::ResetFirst(2));
+    let client = RegistryClient::new(&proxy.host(), "f/app", http(&[&proxy.host()])).unwrap();
+    client.manifest("v1").await.unwrap();
+    assert!(proxy.connections.load(std::sync::atomic::Ordering::SeqCst) >= 3);
+
+    // A registry that always resets: an error after the bounded retries, quickly.
+    let proxy = Proxy::start(registry.addr, Fault::ResetAll);
+    let client = RegistryClient::new(&proxy.host(), "f/app", http(&[&proxy.host()])).unwrap();
+    let started = Instant::now();
+    let err = client.manifest("v1").await.unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(
+        proxy.connections.load(std::sync::atomic::Ordering::SeqCst),
+        4,
+        "1 try + 3 retries"
+    );
+
+    // The first response cut short: the blob is fetched again and verified.
+    let proxy = Proxy::start(
+        registry.addr,
+        Fault::TruncateFirst {
+            bytes: 600,
+            connections: 1,
+        },
+    );
+    let client = RegistryClient::new(&proxy.host(), "f/app", http(&[&proxy.host()])).unwrap();
+    let blob = client.blob(&layer).await.unwrap();
+    assert_eq!(Digest::of(&blob), layer.digest);
+    let range = client.read_range(&layer.digest, 10..5000).await.unwrap();
+    assert_eq!(range.len(), 4990);
+
+    // Every response cut short: a size error, not a hang and not corrupt data.
+    let proxy = Proxy::start(
+        registry.addr,
+        Fault::TruncateFirst {
+            bytes: 600,
+            connections: usize::MAX,
+        },
+    );
+    let client = RegistryClient::new(&proxy.host(), "f/app", http(&[&proxy.host()])).unwrap();
+    let err = client
+        .read_range(&layer.digest, 10..5000)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RegistryError::SizeMismatch { .. } | RegistryError::Connect { .. }
+        ),
+        "{err}"
+    );
+    drop(registry);
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrors_are_tried_first_and_a_dead_one_falls_back() {
+    let (registry, scratch, layer, manifest_digest) = small_image("mirrors").await;
+    let origin = Proxy::start(registry.addr, Fault::None);
+    let mirror = Proxy::start(registry.addr, Fault::None);
+    let dead = format!("http://127.0.0.1:{}", support::free_port());
+    let mut config = http(&[&origin.host()]);
+    config.mirrors = BTreeMap::from([(
+        origin.host(),
+        vec![dead.clone(), format!("http://{}", mirror.host())],
+    )]);
+    let client = RegistryClient::new(&origin.host(), "f/app", config).unwrap();
+    let fetched = client.manifest("v1").await.unwrap();
+    assert_eq!(fetched.digest, manifest_digest);
+    client.blob(&layer).await.unwrap();
+    assert!(mirror.bytes() > layer.size, "served by the live mirror");
+    assert_eq!(origin.bytes(), 0, "the origin was not needed");
+
+    // Only a dead mirror: the origin serves.
+    let mut config = http(&[&origin.host()]);
+    config.mirrors = BTreeMap::from([(origin.host(), vec![dead])]);
+    let client = RegistryClient::new(&origin.host(), "f/app", config).unwrap();
+    client.blob(&layer).await.unwrap();
+    assert!(origin.bytes() > layer.size);
+    drop(registry);
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
