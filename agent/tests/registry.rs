@@ -200,6 +200,7 @@ async fn manifest_of(client: &RegistryClient, reference: &str) -> manifest::Mani
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn convert_pushes_estargz_that_reads_back_file_for_file() {
+    support::require_root();
     let scratch = support::scratch("convert");
     let registry = Registry::start("convert", None);
     let reg = registry.host();
@@ -537,6 +538,85 @@ async fn mirrors_are_tried_first_and_a_dead_one_falls_back() {
     let client = RegistryClient::new(&origin.host(), "f/app", config).unwrap();
     client.blob(&layer).await.unwrap();
     assert!(origin.bytes() > layer.size);
+    drop(registry);
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_tokens_from_the_challenge_realm_and_refresh_on_401() {
+    let scratch = support::scratch("token");
+    let tokens = support::TokenServer::start(&scratch, ("tester", "s3cret"), 3);
+    let registry = Registry::start_with_auth("token", tokens.registry_auth());
+    let reg = registry.host();
+    let creds = imgstream::registry::http::Credentials {
+        username: "tester".into(),
+        password: "s3cret".into(),
+    };
+
+    // Push with our own client: 401 -> token from the realm -> upload.
+    let client = std::sync::Arc::new(
+        RegistryClient::new(&reg, "tok/app", http(&[&reg]))
+            .unwrap()
+            .with_credentials(creds),
+    );
+    let layout = scratch.join("layout");
+    let dir = scratch.join("root");
+    support::busybox_rootfs(&dir);
+    support::build_image(&layout, "v1", &[dir], &["/bin/true"]).await;
+    let source = imgstream::registry::local::LocalLayout::open(&layout).unwrap();
+    let options = imgstream::convert::ConvertOptions {
+        writer: Default::default(),
+        prioritized: vec![],
+        platform: imgstream::image::manifest::Platform::host(),
+        scratch: scratch.join("convert"),
+        progress: None,
+    };
+    let report = imgstream::convert::convert(
+        std::sync::Arc::new(source),
+        Some("v1"),
+        client.clone(),
+        Some("v1"),
+        &options,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        tokens.issued.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one token, reused for the whole push"
+    );
+
+    // The cached token expires: the next request gets a 401, fetches a fresh token, succeeds.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let fetched = client.manifest("v1").await.unwrap();
+    assert_eq!(
+        tokens.issued.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "refreshed once"
+    );
+    assert_eq!(fetched.digest, report.manifest_digest);
+    let m = manifest_of(&client, "v1").await;
+    let opened = layer::open(client.as_ref(), &m.layers[0]).await.unwrap();
+    assert_eq!(
+        opened
+            .read_file(client.as_ref(), "etc/hostname")
+            .await
+            .unwrap(),
+        b"imgstream\n"
+    );
+
+    // Wrong password: the token server refuses, a clear error.
+    let bad = imgstream::registry::http::Credentials {
+        username: "tester".into(),
+        password: "nope".into(),
+    };
+    let client = RegistryClient::new(&reg, "tok/app", http(&[&reg]))
+        .unwrap()
+        .with_credentials(bad);
+    assert!(matches!(
+        client.manifest("v1").await,
+        Err(RegistryError::Unauthorized { .. })
+    ));
     drop(registry);
     std::fs::remove_dir_all(&scratch).unwrap();
 }

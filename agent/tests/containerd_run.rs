@@ -1,0 +1,78 @@
+//! An image converted by `imgstream convert` stays an ordinary image: a stock containerd
+//! (Debian's, default overlayfs snapshotter, runc) pulls it from the registry and runs it.
+
+mod support;
+
+use std::process::Command;
+
+use support::{Containerd, Registry};
+
+const IMGSTREAM: &str = env!("CARGO_BIN_EXE_imgstream");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_containerd_pulls_and_runs_a_converted_image() {
+    support::require_root();
+    let scratch = support::scratch("ctr-run");
+    let registry = Registry::start("ctr-run", None);
+    let reg = registry.host();
+    let base = scratch.join("base");
+    support::busybox_rootfs(&base);
+    let upper = scratch.join("upper");
+    std::fs::create_dir_all(upper.join("etc")).unwrap();
+    std::fs::write(upper.join("etc/.wh.hostname"), b"").unwrap();
+    std::fs::write(upper.join("etc/motd"), b"streamed\n").unwrap();
+    let layout = scratch.join("layout");
+    support::build_image(
+        &layout,
+        "v1",
+        &[base, upper],
+        &["/bin/sh", "-c", "cat /etc/motd"],
+    )
+    .await;
+    support::skopeo_copy(
+        &format!("oci:{}:v1", layout.display()),
+        &format!("docker://{reg}/src/app:v1"),
+    );
+    let out = Command::new(IMGSTREAM)
+        .args([
+            "convert",
+            &format!("{reg}/src/app:v1"),
+            &format!("{reg}/esgz/app:v1"),
+            "--insecure-registry",
+            &reg,
+        ])
+        .args(["--scratch", scratch.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let containerd = Containerd::start("ctr-run");
+    let image = format!("{reg}/esgz/app:v1");
+    let (ok, _, err) = containerd.ctr(&["images", "pull", "--plain-http", &image]);
+    assert!(ok, "pull: {err}");
+    let (ok, stdout, err) = containerd.ctr(&[
+        "run",
+        "--rm",
+        &image,
+        "esgz-run",
+        "/bin/sh",
+        "-c",
+        "cat /etc/motd; ls /etc",
+    ]);
+    assert!(ok, "run: {err}");
+    assert!(stdout.contains("streamed"), "{stdout}");
+    assert!(
+        !stdout.contains("hostname"),
+        "the whiteout in the upper layer hides /etc/hostname: {stdout}"
+    );
+    // The image's own command (from the converted config).
+    let (ok, stdout, err) = containerd.ctr(&["run", "--rm", &image, "esgz-cmd"]);
+    assert!(ok, "run: {err}");
+    assert_eq!(stdout.trim(), "streamed");
+    drop(containerd);
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
