@@ -577,7 +577,7 @@ impl TokenServer {
                     let scopes: Vec<String> = target
                         .split(['?', '&'])
                         .filter_map(|kv| kv.strip_prefix("scope="))
-                        .map(|s| percent_decode(s))
+                        .map(percent_decode)
                         .collect();
                     let (status, body) = if !authorized {
                         ("401 Unauthorized", r#"{"errors":[{"code":"UNAUTHORIZED"}]}"#.to_string())
@@ -640,12 +640,13 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::new();
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(b);
+            i += 3;
+            continue;
         }
         out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
         i += 1;
