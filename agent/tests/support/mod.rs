@@ -141,8 +141,15 @@ impl Drop for Registry {
 
 /// Tars and gzips `dir` with GNU tar (numeric owner root), as a plain OCI layer.
 pub fn gnu_tar_gz(dir: &Path, out: &Path) {
+    // gzip -1: test layers are built for their content, not their size.
     let status = Command::new("tar")
-        .args(["--format=pax", "--sort=name", "--numeric-owner", "-czf"])
+        .args([
+            "--format=pax",
+            "--sort=name",
+            "--numeric-owner",
+            "--use-compress-program=gzip -1",
+            "-cf",
+        ])
         .arg(out)
         .args(["-C", dir.to_str().unwrap(), "."])
         .status()
