@@ -38,7 +38,7 @@ pub(crate) fn run(root: &Path) -> anyhow::Result<()> {
             }),
         ),
         (
-            "unit tests",
+            "unit and integration tests (root: registry, containerd)",
             Box::new(|| cmd::run(&mut cargo(&["test", "--workspace"]))),
         ),
         (

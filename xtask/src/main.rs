@@ -5,11 +5,13 @@
 //! - `vm-test`    boot each guest kernel under QEMU with the guest tests in an initramfs
 //! - `ci`         setup, then every check and test CI runs (the README's test command)
 //! - `demo`       setup, then the main job on its built-in default
+//! - `fuzz`       the cargo-fuzz targets of agent/fuzz, for a while each
 
 mod build_ebpf;
 mod ci;
 mod cmd;
 mod demo;
+mod fuzz;
 mod initramfs;
 mod kernels;
 mod setup;
@@ -46,6 +48,15 @@ enum Command {
     Ci,
     /// Set up, then show the rename-ENXIO detector catching a container's failing `mv`.
     Demo,
+    /// Run the fuzz targets (eStargz footer+TOC and blobs, tar streams, manifests).
+    Fuzz {
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -61,6 +72,7 @@ fn main() -> anyhow::Result<()> {
         ),
         Command::Ci => ci::run(&root),
         Command::Demo => demo::run(&root),
+        Command::Fuzz { target, seconds } => fuzz::run(&root, target.as_deref(), seconds),
     }
 }
 

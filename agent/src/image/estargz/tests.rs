@@ -280,6 +280,12 @@ fn hostile_tocs_are_refused_with_the_reason() {
     assert!(invalid(vec![entry("d", "dir"), hl("a", "d")]).contains("directory"));
     assert!(invalid(vec![hl("a", "b"), hl("b", "a")]).contains("cycle"));
     assert!(invalid(vec![hl("a", "a")]).contains("hardlink"));
+    // Found by the estargz_toc fuzz target: a hard link whose parent directory is implicit
+    // was left unresolved.
+    let index =
+        LayerIndex::from_toc(toc_of(vec![entry("a", "reg"), hl("d/e/h", "a")]), 1000, 2000).unwrap();
+    let link = index.get("d/e/h").unwrap();
+    assert!(matches!(link.kind, NodeKind::HardLink { target } if index.nodes[target].path == "a"));
     assert!(invalid(vec![entry("f", "reg"), entry("f/g", "reg")]).contains("parent"));
     assert!(invalid(vec![entry("x", "socket")]).contains("unknown type"));
     assert!(invalid(vec![entry("s", "symlink")]).contains("target"));

@@ -318,15 +318,21 @@ impl LayerIndex {
                     index.prefetch_end = Some(entry.offset as u64);
                 }
             }
-            if let NodeKind::HardLink { .. } = node.kind {
-                let target = normalize(&entry.link_name)
-                    .map_err(|why| bad(format!("hardlink target: {why}")))?;
-                hardlinks.push((index.nodes.len(), target));
-            }
+            let link_target = match node.kind {
+                NodeKind::HardLink { .. } => Some(
+                    normalize(&entry.link_name)
+                        .map_err(|why| bad(format!("hardlink target: {why}")))?,
+                ),
+                _ => None,
+            };
             if node.kind == NodeKind::Directory {
                 index.insert_dir(&path, Some(node))?;
             } else {
-                index.insert(node)?;
+                // Inserting may first add implicit parent directories: use the index it returns.
+                let at = index.insert(node)?;
+                if let Some(target) = link_target {
+                    hardlinks.push((at, target));
+                }
             }
         }
         index.finish_chunks(member_starts)?;

@@ -1,0 +1,37 @@
+//! `cargo xtask fuzz`: runs the cargo-fuzz targets of agent/fuzz (footer+TOC, whole eStargz
+//! blobs, tar streams, manifests) for a while each, starting from the committed seeds.
+//! Installs cargo-fuzz on first use. Not part of `ci`: fuzzing is open-ended by nature.
+
+use std::{path::Path, process::Command};
+
+use anyhow::Context as _;
+
+use crate::cmd;
+
+pub(crate) const TARGETS: [&str; 4] = ["estargz_toc", "estargz_blob", "tar_reader", "manifest"];
+
+pub(crate) fn run(root: &Path, only: Option<&str>, seconds: u64) -> anyhow::Result<()> {
+    if !cmd::available("cargo-fuzz", "--version") {
+        cmd::run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))
+            .context("installing cargo-fuzz failed")?;
+    }
+    let fuzz_dir = root.join("agent/fuzz");
+    for target in TARGETS.iter().filter(|t| only.is_none_or(|o| o == **t)) {
+        let corpus = fuzz_dir.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        let seeds = fuzz_dir.join("seeds").join(target);
+        eprintln!("fuzz: {target} for {seconds} s");
+        cmd::run(
+            Command::new("cargo")
+                .current_dir(&fuzz_dir)
+                .args(["+nightly", "fuzz", "run", target])
+                .arg(&corpus)
+                .arg(&seeds)
+                .arg("--")
+                .arg(format!("-max_total_time={seconds}"))
+                .args(["-rss_limit_mb=2048", "-max_len=262144", "-print_final_stats=1"]),
+        )
+        .with_context(|| format!("fuzz target {target} found a failure; the input is under agent/fuzz/artifacts/{target}"))?;
+    }
+    Ok(())
+}
