@@ -313,6 +313,17 @@ async fn convert(
         platform,
         scratch: scratch.join(format!("imgstream-convert-{}", std::process::id())),
         progress: bars,
+        mount_from: match (&src_ref, &dst_ref) {
+            (
+                ImageRef::Registry {
+                    registry: a,
+                    repository,
+                    ..
+                },
+                ImageRef::Registry { registry: b, .. },
+            ) if a == b => Some(repository.clone()),
+            _ => None,
+        },
     };
     let result = imgstream::convert::convert(
         source,

@@ -570,6 +570,7 @@ async fn bearer_tokens_from_the_challenge_realm_and_refresh_on_401() {
         platform: imgstream::image::manifest::Platform::host(),
         scratch: scratch.join("convert"),
         progress: None,
+        mount_from: None,
     };
     let report = imgstream::convert::convert(
         std::sync::Arc::new(source),

@@ -65,6 +65,9 @@ pub struct ConvertOptions {
     pub scratch: PathBuf,
     /// Called with (layer number, bytes read so far, compressed size) while converting.
     pub progress: Option<ProgressFn>,
+    /// The source repository, when the sink is another repository of the same registry:
+    /// layers that stay as they are are then mounted across repositories, not copied.
+    pub mount_from: Option<String>,
 }
 
 /// What a conversion produced.
@@ -83,6 +86,8 @@ pub struct LayerReport {
     pub toc_digest: Digest,
     /// Already eStargz: copied unchanged.
     pub reused: bool,
+    /// Reused and mounted from the source repository (no bytes moved).
+    pub mounted: bool,
 }
 
 /// Converts the image `reference` of `source` into `sink`, tagged `tag`.
@@ -118,9 +123,19 @@ pub async fn convert(
     let mut layers = Vec::new();
     let mut reports = Vec::new();
     let mut diff_ids = Vec::new();
+    // A layer kept as it is keeps its diff ID: take it from the source config.
+    let source_diff_ids: Vec<Option<Digest>> = config["rootfs"]["diff_ids"]
+        .as_array()
+        .map(|ids| {
+            ids.iter()
+                .map(|id| id.as_str().and_then(|s| s.parse().ok()))
+                .collect()
+        })
+        .unwrap_or_default();
     for (n, desc) in manifest.layers.iter().enumerate() {
+        let source_diff_id = source_diff_ids.get(n).copied().flatten();
         let (new_desc, diff_id, report) =
-            convert_one(&source, &sink, n, desc, docker, options).await?;
+            convert_one(&source, &sink, n, desc, source_diff_id, docker, options).await?;
         layers.push(new_desc);
         diff_ids.push(serde_json::Value::String(diff_id.to_string()));
         reports.push(report);
@@ -159,15 +174,30 @@ async fn convert_one(
     sink: &Arc<dyn BlobSink>,
     n: usize,
     desc: &Descriptor,
+    source_diff_id: Option<Digest>,
     docker: bool,
     options: &ConvertOptions,
 ) -> Result<(Descriptor, Digest, LayerReport), ConvertError> {
     let input = options.scratch.join(format!("layer-{n}.in"));
     let output = options.scratch.join(format!("layer-{n}.esgz"));
-    source.blob_to_file(desc, &input).await?;
+    let reuse = |toc_digest, mounted| LayerReport {
+        source_digest: desc.digest,
+        source_size: desc.size,
+        digest: desc.digest,
+        size: desc.size,
+        toc_digest,
+        reused: true,
+        mounted,
+    };
     if let Some(toc) = desc.annotations.get(TOC_DIGEST_ANNOTATION) {
-        // Already eStargz: keep it. Its diff ID is the digest of its decompressed content.
+        // Already eStargz: keep it, without moving a byte when the registry can mount it.
         let toc_digest: Digest = toc.parse().map_err(RegistryError::from)?;
+        if let (Some(from), Some(diff_id)) = (&options.mount_from, source_diff_id)
+            && sink.mount_blob(desc, from).await?
+        {
+            return Ok((desc.clone(), diff_id, reuse(toc_digest, true)));
+        }
+        source.blob_to_file(desc, &input).await?;
         let path = input.clone();
         let diff_id = tokio::task::spawn_blocking(move || layer::diff_id_of_gzip(&path))
             .await
@@ -176,18 +206,11 @@ async fn convert_one(
                 digest: desc.digest,
                 source,
             })?;
-        sink.put_blob_file(desc, &input, None).await?;
+        sink.put_blob_file(desc, &input).await?;
         let _ = std::fs::remove_file(&input);
-        let report = LayerReport {
-            source_digest: desc.digest,
-            source_size: desc.size,
-            digest: desc.digest,
-            size: desc.size,
-            toc_digest,
-            reused: true,
-        };
-        return Ok((desc.clone(), diff_id, report));
+        return Ok((desc.clone(), diff_id, reuse(toc_digest, false)));
     }
+    source.blob_to_file(desc, &input).await?;
     let (media_type, writer, prioritized) = (
         desc.media_type.clone(),
         options.writer,
@@ -236,7 +259,7 @@ async fn convert_one(
         platform: None,
         extra: desc.extra.clone(),
     };
-    sink.put_blob_file(&new_desc, &output, None).await?;
+    sink.put_blob_file(&new_desc, &output).await?;
     let _ = std::fs::remove_file(&input);
     let _ = std::fs::remove_file(&output);
     tracing::info!(layer = n, from = %desc.digest, to = %summary.digest, size = summary.size, toc = %summary.toc_digest, "layer converted");
@@ -247,6 +270,7 @@ async fn convert_one(
         size: summary.size,
         toc_digest: summary.toc_digest,
         reused: false,
+        mounted: false,
     };
     Ok((new_desc, summary.diff_id, report))
 }

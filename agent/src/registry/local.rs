@@ -254,17 +254,17 @@ impl BlobSink for LocalLayout {
         self.write_atomic(&self.blob_path(&desc.digest), &bytes)
     }
 
-    async fn put_blob_file(
-        &self,
-        desc: &Descriptor,
-        path: &Path,
-        _mount_from: Option<&str>,
-    ) -> Result<(), RegistryError> {
+    async fn put_blob_file(&self, desc: &Descriptor, path: &Path) -> Result<(), RegistryError> {
         let dest = self.blob_path(&desc.digest);
         let tmp = dest.with_extension(format!("tmp-{}", std::process::id()));
         // Copy through the digest check, then rename into place.
         copy_verified(path, desc, &tmp)?;
         std::fs::rename(&tmp, &dest).map_err(|e| RegistryError::io(&dest, e))
+    }
+
+    async fn mount_blob(&self, desc: &Descriptor, _from: &str) -> Result<bool, RegistryError> {
+        // One layout is one repository: the blob is either here already or not at all.
+        self.has_blob(&desc.digest).await
     }
 
     async fn put_manifest(

@@ -144,14 +144,12 @@ pub trait BlobSink: Send + Sync {
     /// Stores a blob from memory.
     async fn put_blob(&self, desc: &Descriptor, bytes: Bytes) -> Result<(), RegistryError>;
 
-    /// Stores a blob from a local file. `mount_from` names another repository of the same
-    /// registry that has it, for a cross-repository mount instead of an upload.
-    async fn put_blob_file(
-        &self,
-        desc: &Descriptor,
-        path: &Path,
-        mount_from: Option<&str>,
-    ) -> Result<(), RegistryError>;
+    /// Stores a blob from a local file.
+    async fn put_blob_file(&self, desc: &Descriptor, path: &Path) -> Result<(), RegistryError>;
+
+    /// Makes a blob that repository `from` (same registry) has available here without
+    /// uploading it. Returns whether that worked; `false` means it must be uploaded.
+    async fn mount_blob(&self, desc: &Descriptor, from: &str) -> Result<bool, RegistryError>;
 
     /// Stores a manifest under `tag` (or only by digest when `tag` is `None`).
     async fn put_manifest(

@@ -282,8 +282,12 @@ fn hostile_tocs_are_refused_with_the_reason() {
     assert!(invalid(vec![hl("a", "a")]).contains("hardlink"));
     // Found by the estargz_toc fuzz target: a hard link whose parent directory is implicit
     // was left unresolved.
-    let index =
-        LayerIndex::from_toc(toc_of(vec![entry("a", "reg"), hl("d/e/h", "a")]), 1000, 2000).unwrap();
+    let index = LayerIndex::from_toc(
+        toc_of(vec![entry("a", "reg"), hl("d/e/h", "a")]),
+        1000,
+        2000,
+    )
+    .unwrap();
     let link = index.get("d/e/h").unwrap();
     assert!(matches!(link.kind, NodeKind::HardLink { target } if index.nodes[target].path == "a"));
     assert!(invalid(vec![entry("f", "reg"), entry("f/g", "reg")]).contains("parent"));

@@ -868,18 +868,12 @@ impl BlobSink for RegistryClient {
         self.finish_upload(&location, &desc.digest, bytes).await
     }
 
-    async fn put_blob_file(
-        &self,
-        desc: &Descriptor,
-        path: &Path,
-        mount_from: Option<&str>,
-    ) -> Result<(), RegistryError> {
+    async fn put_blob_file(&self, desc: &Descriptor, path: &Path) -> Result<(), RegistryError> {
         if self.has_blob(&desc.digest).await? {
             return Ok(());
         }
-        let Some(mut location) = self.start_upload(mount_from, &desc.digest).await? else {
-            tracing::info!(digest = %desc.digest, from = mount_from.unwrap_or(""), "blob mounted from another repository");
-            return Ok(());
+        let Some(mut location) = self.start_upload(None, &desc.digest).await? else {
+            return Err(RegistryError::Protocol("upload not started".into()));
         };
         let mut file = tokio::fs::File::open(path)
             .await
@@ -946,6 +940,32 @@ impl BlobSink for RegistryClient {
         }
         self.finish_upload(&location, &desc.digest, Bytes::new())
             .await
+    }
+
+    async fn mount_blob(&self, desc: &Descriptor, from: &str) -> Result<bool, RegistryError> {
+        if self.has_blob(&desc.digest).await? {
+            return Ok(true);
+        }
+        match self.start_upload(Some(from), &desc.digest).await? {
+            None => {
+                tracing::info!(digest = %desc.digest, %from, "blob mounted from another repository");
+                Ok(true)
+            }
+            Some(location) => {
+                // The registry opened an upload instead: cancel it; the caller uploads.
+                let url = resolve_url(self.origin(), &location);
+                let _ = self
+                    .send(
+                        Method::DELETE,
+                        &url,
+                        &HeaderMap::new(),
+                        Bytes::new(),
+                        &self.scope(true),
+                    )
+                    .await;
+                Ok(false)
+            }
+        }
     }
 
     async fn put_manifest(
