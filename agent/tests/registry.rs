@@ -621,3 +621,66 @@ async fn bearer_tokens_from_the_challenge_realm_and_refresh_on_401() {
     drop(registry);
     std::fs::remove_dir_all(&scratch).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_a_custom_ca_and_a_clear_error_without_it() {
+    let scratch = support::scratch("tls");
+    let (ca, cert, key) = support::test_pki(&scratch);
+    let registry = Registry::start_tls("tls", &cert, &key);
+    let reg = registry.host();
+    let layout = scratch.join("layout");
+    let dir = scratch.join("root");
+    support::busybox_rootfs(&dir);
+    support::build_image(&layout, "v1", &[dir], &["/bin/true"]).await;
+    let source =
+        std::sync::Arc::new(imgstream::registry::local::LocalLayout::open(&layout).unwrap());
+    let options = imgstream::convert::ConvertOptions {
+        writer: Default::default(),
+        prioritized: vec![],
+        platform: imgstream::image::manifest::Platform::host(),
+        scratch: scratch.join("convert"),
+        progress: None,
+        mount_from: None,
+    };
+    // Not trusted: a TLS error, reported as such.
+    let untrusted = std::sync::Arc::new(
+        RegistryClient::new(
+            &reg,
+            "tls/app",
+            HttpConfig {
+                retries: 0,
+                ..http(&[])
+            },
+        )
+        .unwrap(),
+    );
+    let err =
+        imgstream::convert::convert(source.clone(), Some("v1"), untrusted, Some("v1"), &options)
+            .await
+            .unwrap_err();
+    let chain = format!("{:?}", anyhow::Error::from(err));
+    assert!(
+        chain.contains("certificate") || chain.contains("UnknownIssuer"),
+        "{chain}"
+    );
+    // Trusted through --ca-file: HTTPS end to end.
+    let config = HttpConfig {
+        ca_files: vec![ca],
+        ..http(&[])
+    };
+    let client = std::sync::Arc::new(RegistryClient::new(&reg, "tls/app", config).unwrap());
+    imgstream::convert::convert(source, Some("v1"), client.clone(), Some("v1"), &options)
+        .await
+        .unwrap();
+    let m = manifest_of(&client, "v1").await;
+    let opened = layer::open(client.as_ref(), &m.layers[0]).await.unwrap();
+    assert_eq!(
+        opened
+            .read_file(client.as_ref(), "etc/hostname")
+            .await
+            .unwrap(),
+        b"imgstream\n"
+    );
+    drop(registry);
+    std::fs::remove_dir_all(&scratch).unwrap();
+}

@@ -60,7 +60,23 @@ impl Registry {
         Self::start_with(name, None, Some(auth))
     }
 
-    fn start_with(name: &str, user: Option<(&str, &str)>, custom_auth: Option<String>) -> Self {
+    /// Starts a registry serving HTTPS with this certificate and key (PEM).
+    pub fn start_tls(name: &str, cert: &Path, key: &Path) -> Self {
+        let tls = format!(
+            "  tls:\n    certificate: {}\n    key: {}\n",
+            cert.display(),
+            key.display()
+        );
+        Self::start_with(name, None, Some(format!("__TLS__{tls}")))
+    }
+
+    fn start_with(name: &str, user: Option<(&str, &str)>, custom: Option<String>) -> Self {
+        let (tls, custom_auth) = match custom {
+            Some(t) if t.starts_with("__TLS__") => {
+                (t.trim_start_matches("__TLS__").to_string(), None)
+            }
+            other => (String::new(), other),
+        };
         let dir = scratch(&format!("registry-{name}"));
         let port = free_port();
         let auth = match user {
@@ -79,7 +95,7 @@ impl Registry {
             None => custom_auth.unwrap_or_default(),
         };
         let config = format!(
-            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{tls}{auth}",
             dir.join("data").display()
         );
         std::fs::write(dir.join("config.yml"), config).unwrap();
@@ -659,4 +675,78 @@ fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A test CA and a certificate it signed for 127.0.0.1 and localhost: (ca.crt, reg.crt, reg.key).
+pub fn test_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl is needed");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-days",
+            "1",
+            "-subj",
+            "/CN=imgstream-test-ca",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ],
+    ]
+    .concat());
+    run(&[
+        &["req"][..],
+        &ec,
+        &[
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "reg.key",
+            "-out",
+            "reg.csr",
+        ],
+    ]
+    .concat());
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "reg.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "reg.crt",
+    ]);
+    (dir.join("ca.crt"), dir.join("reg.crt"), dir.join("reg.key"))
 }
