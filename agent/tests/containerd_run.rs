@@ -50,6 +50,44 @@ async fn stock_containerd_pulls_and_runs_a_converted_image() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // Docker v2.2 manifests too: skopeo rewrites the image as one, imgstream converts it.
+    let out = Command::new("skopeo")
+        .args([
+            "copy",
+            "--dest-tls-verify=false",
+            "--quiet",
+            "--format",
+            "v2s2",
+        ])
+        .arg(format!("oci:{}:v1", layout.display()))
+        .arg(format!("docker://{reg}/src/docker:v1"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(IMGSTREAM)
+        .args([
+            "convert",
+            &format!("{reg}/src/docker:v1"),
+            &format!("{reg}/esgz/docker:v1"),
+        ])
+        .args([
+            "--insecure-registry",
+            &reg,
+            "--scratch",
+            scratch.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     let containerd = Containerd::start("ctr-run");
     let image = format!("{reg}/esgz/app:v1");
     let (ok, _, err) = containerd.ctr(&["images", "pull", "--plain-http", &image]);
@@ -71,6 +109,36 @@ async fn stock_containerd_pulls_and_runs_a_converted_image() {
     );
     // The image's own command (from the converted config).
     let (ok, stdout, err) = containerd.ctr(&["run", "--rm", &image, "esgz-cmd"]);
+    assert!(ok, "run: {err}");
+    assert_eq!(stdout.trim(), "streamed");
+    // The Docker v2.2 image, converted, keeps Docker media types and runs too.
+    let docker_image = format!("{reg}/esgz/docker:v1");
+    let inspect = Command::new("skopeo")
+        .args([
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            &format!("docker://{docker_image}"),
+        ])
+        .output()
+        .unwrap();
+    let raw = String::from_utf8_lossy(&inspect.stdout);
+    assert!(
+        inspect.status.success(),
+        "skopeo inspect: {}",
+        String::from_utf8_lossy(&inspect.stderr)
+    );
+    assert!(
+        raw.contains("application/vnd.docker.distribution.manifest.v2+json"),
+        "{raw}"
+    );
+    assert!(
+        raw.contains("application/vnd.docker.image.rootfs.diff.tar.gzip"),
+        "{raw}"
+    );
+    let (ok, _, err) = containerd.ctr(&["images", "pull", "--plain-http", &docker_image]);
+    assert!(ok, "pull: {err}");
+    let (ok, stdout, err) = containerd.ctr(&["run", "--rm", &docker_image, "docker-cmd"]);
     assert!(ok, "run: {err}");
     assert_eq!(stdout.trim(), "streamed");
     drop(containerd);

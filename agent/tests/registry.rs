@@ -510,6 +510,22 @@ async fn resets_and_truncation_are_retried_and_bounded() {
         ),
         "{err}"
     );
+    // A registry that accepts and never answers: a timeout per attempt, not a hang.
+    let proxy = Proxy::start(registry.addr, Fault::Stall);
+    let config = HttpConfig {
+        timeout: Duration::from_millis(500),
+        retries: 1,
+        ..http(&[&proxy.host()])
+    };
+    let client = RegistryClient::new(&proxy.host(), "f/app", config).unwrap();
+    let started = Instant::now();
+    let err = client.read_range(&layer.digest, 0..100).await.unwrap_err();
+    assert!(matches!(err, RegistryError::Timeout { .. }), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     drop(registry);
     std::fs::remove_dir_all(&scratch).unwrap();
 }

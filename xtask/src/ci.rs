@@ -38,6 +38,28 @@ pub(crate) fn run(root: &Path) -> anyhow::Result<()> {
             }),
         ),
         (
+            "clippy (eBPF programs, bpfel target)",
+            Box::new(|| {
+                cmd::run(&mut cargo(&[
+                    "+nightly",
+                    "clippy",
+                    "-Z",
+                    "build-std=core",
+                    "--target",
+                    "bpfel-unknown-none",
+                    "-p",
+                    "imgstream-ebpf",
+                    "--bins",
+                    "--release",
+                    "--target-dir",
+                    "target/ebpf-clippy",
+                    "--",
+                    "-D",
+                    "warnings",
+                ]))
+            }),
+        ),
+        (
             "unit and integration tests (root: registry, containerd)",
             Box::new(|| cmd::run(&mut cargo(&["test", "--workspace"]))),
         ),

@@ -292,6 +292,8 @@ pub enum Fault {
         bytes: u64,
         connections: usize,
     },
+    /// Accept connections and never answer.
+    Stall,
 }
 
 /// A TCP proxy on loopback that counts the bytes it forwards from the upstream and can
@@ -328,6 +330,14 @@ impl Proxy {
                     Fault::ResetAll => true,
                     _ => false,
                 };
+                if fault == Fault::Stall {
+                    // Hold the connection open, silent, until the proxy goes away.
+                    tokio::spawn(async move {
+                        let _client = client;
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                    });
+                    continue;
+                }
                 if reset {
                     // SO_LINGER 0 turns the close into a reset.
                     #[expect(deprecated, reason = "a zero linger resets at once; nothing blocks")]
