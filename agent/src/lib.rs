@@ -15,6 +15,7 @@
 
 pub mod agent;
 pub mod attribution;
+pub mod cache;
 pub mod config;
 pub mod convert;
 pub mod detect;

@@ -1,0 +1,344 @@
+//! The local chunk cache: every verified chunk of every image, stored once by its digest (so
+//! images share what they have in common), each with a crc32 checked on every read.
+//!
+//! A chunk lives in `chunks/<2 hex>/<64 hex>`: a 16-byte header (magic, crc32 of the data,
+//! data length) and the decompressed data. Files are written to a temporary name through the
+//! chosen [`engine`] (io_uring or synchronous, data synced) and renamed into place, so a crash
+//! leaves either no chunk or a whole one. A chunk whose header or crc32 is wrong is moved to
+//! `quarantine/` and reported as a miss, so the caller fetches it again: corrupt data is never
+//! served. Nothing is kept in memory about the chunks, so the cache survives restarts as is.
+//!
+//! This module knows nothing of registries or filesystems: it maps digests to bytes.
+
+pub mod engine;
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{self, Read},
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use serde::Serialize;
+
+pub use engine::{CacheEngine, SyncEngine, UringEngine};
+
+use crate::image::digest::Digest;
+
+const MAGIC: &[u8; 4] = b"ISC1";
+const HEADER: usize = 16;
+
+/// Errors of the cache.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("preparing the cache directory {0}")]
+    Prepare(PathBuf, #[source] io::Error),
+    #[error("the cache disk is full (writing {0})")]
+    Full(PathBuf),
+    #[error("writing chunk {0}")]
+    Write(PathBuf, #[source] io::Error),
+    #[error("reading chunk {0}")]
+    Read(PathBuf, #[source] io::Error),
+}
+
+/// Where the cache lives and how it writes.
+#[derive(Clone, Debug)]
+pub struct CacheConfig {
+    pub dir: PathBuf,
+    /// Upper bound of the chunk bytes kept; `None` for no limit.
+    pub limit_bytes: Option<u64>,
+    /// Use io_uring when the kernel allows it.
+    pub prefer_uring: bool,
+}
+
+/// Counters, for logs and metrics.
+#[derive(Debug, Default, Serialize)]
+pub struct CacheStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    /// Chunks found corrupt and quarantined.
+    pub corrupt: AtomicU64,
+    pub writes: AtomicU64,
+    pub bytes_written: AtomicU64,
+    /// Chunks not cached because the limit would have been exceeded.
+    pub skipped_over_limit: AtomicU64,
+    pub write_errors: AtomicU64,
+}
+
+/// The chunk store.
+pub struct ChunkCache {
+    dir: PathBuf,
+    engine: Box<dyn CacheEngine>,
+    limit: Option<u64>,
+    usage: AtomicU64,
+    pub stats: CacheStats,
+}
+
+impl std::fmt::Debug for ChunkCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkCache")
+            .field("dir", &self.dir)
+            .field("engine", &self.engine.name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChunkCache {
+    /// Opens (creating if needed) the cache at `config.dir` and measures what it holds.
+    pub fn open(config: &CacheConfig) -> Result<Self, CacheError> {
+        for sub in ["chunks", "quarantine", "tmp"] {
+            let dir = config.dir.join(sub);
+            fs::create_dir_all(&dir).map_err(|e| CacheError::Prepare(dir.clone(), e))?;
+        }
+        // Leftovers of writes interrupted by a crash.
+        if let Ok(entries) = fs::read_dir(config.dir.join("tmp")) {
+            for entry in entries.flatten() {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        let usage = disk_usage(&config.dir.join("chunks"));
+        let engine = engine::probe(config.prefer_uring);
+        tracing::info!(dir = %config.dir.display(), engine = engine.name(), usage, "chunk cache opened");
+        Ok(Self {
+            dir: config.dir.clone(),
+            engine,
+            limit: config.limit_bytes,
+            usage: AtomicU64::new(usage),
+            stats: CacheStats::default(),
+        })
+    }
+
+    /// Which engine writes ("io_uring" or "sync").
+    pub fn engine_name(&self) -> &'static str {
+        self.engine.name()
+    }
+
+    /// Chunk bytes held now.
+    pub fn usage(&self) -> u64 {
+        self.usage.load(Ordering::Relaxed)
+    }
+
+    fn path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.dir.join("chunks").join(&hex[..2]).join(hex)
+    }
+
+    /// Whether a chunk file exists (not verified).
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.path(digest).exists()
+    }
+
+    /// The chunk's data if it is cached and intact. A corrupt chunk is quarantined and
+    /// reported as absent.
+    pub fn get(&self, digest: &Digest) -> Result<Option<Vec<u8>>, CacheError> {
+        let path = self.path(digest);
+        let mut file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                return Ok(None);
+            }
+            Err(e) => return Err(CacheError::Read(path, e)),
+        };
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)
+            .map_err(|e| CacheError::Read(path.clone(), e))?;
+        match check(&bytes) {
+            Some(()) => {
+                self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                bytes.drain(..HEADER);
+                Ok(Some(bytes))
+            }
+            None => {
+                self.quarantine(digest, &path, bytes.len() as u64);
+                self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                Ok(None)
+            }
+        }
+    }
+
+    fn quarantine(&self, digest: &Digest, path: &Path, size: u64) {
+        self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let to = self
+            .dir
+            .join("quarantine")
+            .join(format!("{}.{stamp}", digest.hex()));
+        tracing::warn!(chunk = %digest, to = %to.display(), "cached chunk failed its crc32 check; quarantined, it will be fetched again");
+        if fs::rename(path, &to).is_err() {
+            let _ = fs::remove_file(path);
+        }
+        self.usage
+            .fetch_sub(size.min(self.usage()), Ordering::Relaxed);
+    }
+
+    /// Stores a chunk (already verified against its digest by the caller). Returns `false`
+    /// when it was not stored because the size limit would be exceeded.
+    pub fn put(&self, digest: &Digest, data: &[u8]) -> Result<bool, CacheError> {
+        let path = self.path(digest);
+        if path.exists() {
+            return Ok(true);
+        }
+        let size = (HEADER + data.len()) as u64;
+        if let Some(limit) = self.limit
+            && self.usage() + size > limit
+        {
+            self.stats
+                .skipped_over_limit
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(false);
+        }
+        let tmp = unique(self.dir.join("tmp").join(digest.hex()));
+        let result = (|| {
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            let file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            let header = header(data);
+            self.engine.write_all_sync(&file, &[&header, data])?;
+            fs::rename(&tmp, &path)
+        })();
+        match result {
+            Ok(()) => {
+                self.usage.fetch_add(size, Ordering::Relaxed);
+                self.stats.writes.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .bytes_written
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                Ok(true)
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT)
+                {
+                    Err(CacheError::Full(path))
+                } else {
+                    Err(CacheError::Write(path, e))
+                }
+            }
+        }
+    }
+}
+
+/// A temporary name no other writer uses at the same time.
+fn unique(base: PathBuf) -> PathBuf {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    base.with_extension(format!("{}-{n}", std::process::id()))
+}
+
+fn header(data: &[u8]) -> [u8; HEADER] {
+    let mut h = [0u8; HEADER];
+    h[..4].copy_from_slice(MAGIC);
+    h[4..8].copy_from_slice(&crc32fast::hash(data).to_le_bytes());
+    h[8..16].copy_from_slice(&(data.len() as u64).to_le_bytes());
+    h
+}
+
+/// Whether a chunk file's bytes are intact.
+fn check(bytes: &[u8]) -> Option<()> {
+    let head = bytes.get(..HEADER)?;
+    let data = &bytes[HEADER..];
+    let crc = u32::from_le_bytes(head[4..8].try_into().ok()?);
+    let len = u64::from_le_bytes(head[8..16].try_into().ok()?);
+    (head[..4] == *MAGIC && len == data.len() as u64 && crc32fast::hash(data) == crc).then_some(())
+}
+
+fn disk_usage(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            match entry.metadata() {
+                Ok(m) if m.is_dir() => stack.push(entry.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(name: &str, limit: Option<u64>, uring: bool) -> CacheConfig {
+        let dir =
+            std::env::temp_dir().join(format!("imgstream-cache-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        CacheConfig {
+            dir,
+            limit_bytes: limit,
+            prefer_uring: uring,
+        }
+    }
+
+    #[test]
+    fn stores_reads_and_survives_reopening() {
+        for uring in [true, false] {
+            let cfg = config(if uring { "uring" } else { "sync" }, None, uring);
+            let cache = ChunkCache::open(&cfg).unwrap();
+            assert_eq!(cache.engine_name(), if uring { "io_uring" } else { "sync" });
+            let data = vec![7u8; 100_000];
+            let d = Digest::of(&data);
+            assert_eq!(cache.get(&d).unwrap(), None);
+            assert!(cache.put(&d, &data).unwrap());
+            assert_eq!(cache.get(&d).unwrap().as_deref(), Some(&data[..]));
+            assert_eq!(cache.usage(), 100_016);
+            drop(cache);
+            let again = ChunkCache::open(&cfg).unwrap();
+            assert_eq!(again.usage(), 100_016, "usage is measured from disk");
+            assert_eq!(again.get(&d).unwrap().as_deref(), Some(&data[..]));
+            fs::remove_dir_all(&cfg.dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_flipped_byte_is_caught_and_quarantined() {
+        let cfg = config("flip", None, true);
+        let cache = ChunkCache::open(&cfg).unwrap();
+        let data = b"some chunk data".repeat(100);
+        let d = Digest::of(&data);
+        cache.put(&d, &data).unwrap();
+        let path = cache.path(&d);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[HEADER + 500] ^= 0x01;
+        fs::write(&path, bytes).unwrap();
+        assert_eq!(
+            cache.get(&d).unwrap(),
+            None,
+            "corrupt data is never returned"
+        );
+        assert_eq!(cache.stats.corrupt.load(Ordering::Relaxed), 1);
+        assert!(!path.exists());
+        assert_eq!(fs::read_dir(cfg.dir.join("quarantine")).unwrap().count(), 1);
+        // Stored again, served again.
+        cache.put(&d, &data).unwrap();
+        assert_eq!(cache.get(&d).unwrap().as_deref(), Some(&data[..]));
+        // A truncated file and a foreign file are caught too.
+        fs::write(&path, b"ISC1").unwrap();
+        assert_eq!(cache.get(&d).unwrap(), None);
+        fs::remove_dir_all(&cfg.dir).unwrap();
+    }
+
+    #[test]
+    fn the_limit_is_never_exceeded() {
+        let cfg = config("limit", Some(3 * (HEADER as u64 + 1000)), false);
+        let cache = ChunkCache::open(&cfg).unwrap();
+        let chunks: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 1000]).collect();
+        let stored: Vec<bool> = chunks
+            .iter()
+            .map(|c| cache.put(&Digest::of(c), c).unwrap())
+            .collect();
+        assert_eq!(stored, [true, true, true, false, false]);
+        assert!(cache.usage() <= 3 * (HEADER as u64 + 1000));
+        fs::remove_dir_all(&cfg.dir).unwrap();
+    }
+}
