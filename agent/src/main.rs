@@ -26,7 +26,6 @@ struct Args {
 }
 
 #[derive(Debug, Subcommand)]
-#[expect(clippy::large_enum_variant, reason = "parsed once at start-up")]
 enum Command {
     /// Run the node agent: attach the probes and report rename-ENXIO detections.
     Agent {
@@ -70,6 +69,45 @@ enum Command {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// Mount an image lazily (FUSE): files are fetched as they are read, the whole image is
+    /// cached in the background. IMAGE is a registry reference or `oci:DIR[:TAG]`. Unmounts on
+    /// Ctrl-C or SIGTERM; after a crash, `umount -l MOUNTPOINT` removes the stale mount.
+    Mount {
+        image: String,
+        mountpoint: PathBuf,
+        /// `merged` (all layers, whiteouts applied) or `layer:N` (one layer, overlayfs lower form).
+        #[arg(long, default_value = "merged", value_parser = parse_view)]
+        view: imgstream::fs::View,
+        /// The chunk cache directory, shared by every image.
+        #[arg(long, default_value = "/var/lib/imgstream/cache")]
+        cache_dir: PathBuf,
+        /// Most bytes the cache may hold (K/M/G suffixes); no limit by default.
+        #[arg(long, value_parser = parse_bytes)]
+        cache_limit: Option<u64>,
+        /// Write the cache with plain syscalls instead of io_uring.
+        #[arg(long)]
+        no_io_uring: bool,
+        /// Do not download the whole image in the background.
+        #[arg(long)]
+        no_background: bool,
+        /// Parallel requests of the background download.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+        background_concurrency: u64,
+        /// Bandwidth cap of the background download, bytes per second (K/M/G suffixes).
+        #[arg(long, value_parser = parse_bytes)]
+        background_bandwidth: Option<u64>,
+        /// A read waiting on the network fails with EIO after this many seconds.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        read_deadline_secs: u64,
+        /// FUSE worker threads.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+        threads: u64,
+        /// Platform to pick from an image index.
+        #[arg(long, default_value = "linux/amd64", value_parser = parse_platform)]
+        platform: imgstream::image::manifest::Platform,
         #[command(flatten)]
         registry: RegistryArgs,
     },
@@ -133,7 +171,26 @@ impl TryFrom<RegistryArgs> for imgstream::registry::http::HttpConfig {
     }
 }
 
+fn parse_view(s: &str) -> Result<imgstream::fs::View, String> {
+    match s {
+        "merged" => Ok(imgstream::fs::View::Merged),
+        _ => s
+            .strip_prefix("layer:")
+            .and_then(|n| n.parse().ok())
+            .map(imgstream::fs::View::Layer)
+            .ok_or_else(|| format!("{s:?} is neither `merged` nor `layer:N`")),
+    }
+}
+
 fn parse_size(s: &str) -> Result<u64, String> {
+    let size = parse_bytes(s)?;
+    if !(4096..=1 << 30).contains(&size) {
+        return Err(format!("{s:?}: the chunk size must be between 4K and 1G"));
+    }
+    Ok(size)
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
     let (digits, unit) = s.trim().split_at(
         s.trim()
             .find(|c: char| !c.is_ascii_digit())
@@ -282,6 +339,44 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Mount {
+            image,
+            mountpoint,
+            view,
+            cache_dir,
+            cache_limit,
+            no_io_uring,
+            no_background,
+            background_concurrency,
+            background_bandwidth,
+            read_deadline_secs,
+            threads,
+            platform,
+            registry,
+        } => {
+            let options = imgstream::mount::MountOptions {
+                view,
+                cache: imgstream::cache::CacheConfig {
+                    dir: cache_dir,
+                    limit_bytes: cache_limit,
+                    prefer_uring: !no_io_uring,
+                },
+                fs: imgstream::fs::FsConfig {
+                    read_deadline: Duration::from_secs(read_deadline_secs),
+                },
+                background: (!no_background).then_some(
+                    imgstream::fetch::background::BackgroundConfig {
+                        concurrency: background_concurrency as usize,
+                        bandwidth: background_bandwidth,
+                    },
+                ),
+                threads: threads as usize,
+                platform,
+            };
+            let http = imgstream::registry::http::HttpConfig::try_from(registry)?;
+            mount(&image, &mountpoint, &options, http)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::SelftestHelper(_) => unreachable!("handled before logging is set up"),
     }
 }
@@ -363,4 +458,80 @@ fn progress_bars() -> Option<imgstream::convert::ProgressFn> {
             bar.finish();
         }
     }))
+}
+
+fn mount(
+    image: &str,
+    mountpoint: &std::path::Path,
+    options: &imgstream::mount::MountOptions,
+    http: imgstream::registry::http::HttpConfig,
+) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering;
+
+    use imgstream::registry::{ImageRef, open_source};
+    let image_ref = ImageRef::parse(image).context("IMAGE")?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let source = open_source(&image_ref, &http).with_context(|| format!("opening {image_ref}"))?;
+    let reference = image_ref.manifest_reference().unwrap_or_default();
+    let layers = runtime
+        .block_on(imgstream::mount::open_layers(
+            source.as_ref(),
+            &reference,
+            &options.platform,
+        ))
+        .with_context(|| format!("reading {image_ref}"))?;
+    let mut mounted = imgstream::mount::mount(
+        runtime.handle().clone(),
+        source,
+        layers,
+        mountpoint,
+        options,
+    )
+    .with_context(|| format!("mounting {image_ref} at {}", mountpoint.display()))?;
+    eprintln!(
+        "{image_ref} mounted at {}; Ctrl-C unmounts",
+        mountpoint.display()
+    );
+    let shutdown = Shutdown::new();
+    runtime
+        .block_on(async { shutdown.trigger_on_signals() })
+        .context("installing signal handlers")?;
+    let bar = (std::io::stderr().is_terminal() && mounted.progress.is_some()).then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "background [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar
+    });
+    let mut last_log = std::time::Instant::now();
+    while !shutdown.is_triggered() {
+        std::thread::sleep(Duration::from_millis(200));
+        let Some(progress) = &mounted.progress else {
+            continue;
+        };
+        let (done, total) = (
+            progress.bytes_done.load(Ordering::Relaxed),
+            progress.bytes_total.load(Ordering::Relaxed),
+        );
+        if let Some(bar) = &bar {
+            bar.set_length(total);
+            bar.set_position(done);
+        } else if last_log.elapsed() > Duration::from_secs(10)
+            && !progress.finished.load(Ordering::Relaxed)
+        {
+            tracing::info!(done, total, "background download");
+            last_log = std::time::Instant::now();
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    mounted.wait_background_stop();
+    drop(mounted);
+    eprintln!("unmounted {}", mountpoint.display());
+    Ok(())
 }

@@ -2,16 +2,15 @@
 //! overlayfs symlink-rename regression (fixed in Linux 6.6 / 6.1.55, so no kernel here has
 //! it). It holds a symlink `link`, an empty regular file `file` and nothing else.
 
-use std::{ffi::CStr, io, path::Path, sync::Arc, thread, time::Duration};
+use std::{ffi::CStr, io, path::Path, sync::Arc, time::Duration};
 
 use fuse_backend_rs::{
     abi::fuse_abi::{FsOptions, stat64},
-    api::{
-        filesystem::{Context, DirEntry, Entry, FileSystem},
-        server::Server,
-    },
-    transport::{FuseChannel, FuseSession},
+    api::filesystem::{Context, DirEntry, Entry, FileSystem},
 };
+
+use crate::fs::fusedev::FuseMount;
+pub use crate::fs::fusedev::MountError;
 
 const ROOT: u64 = 1;
 const LINK: u64 = 2;
@@ -123,71 +122,15 @@ impl FileSystem for EnxioFs {
     }
 }
 
-/// Errors mounting the emulation.
-#[derive(Debug, thiserror::Error)]
-pub enum MountError {
-    /// Creating or mounting the FUSE session failed (no /dev/fuse, not root, ...).
-    #[error("mounting the ENXIO-emulating FUSE filesystem at {0}")]
-    Mount(String, #[source] fuse_backend_rs::transport::Error),
-    /// Opening the FUSE channel failed.
-    #[error("opening the FUSE channel")]
-    Channel(#[source] fuse_backend_rs::transport::Error),
-}
-
 /// The emulation, mounted; unmounted when dropped.
 pub struct EnxioMount {
-    session: FuseSession,
-    server: Option<thread::JoinHandle<()>>,
+    _mount: FuseMount,
 }
 
 impl EnxioMount {
-    /// Mounts the filesystem at `mountpoint` (an existing directory) and serves it on a thread.
+    /// Mounts the filesystem at `mountpoint` (an existing directory) and serves it.
     pub fn mount(mountpoint: &Path) -> Result<Self, MountError> {
-        let where_ = mountpoint.display().to_string();
-        let mut session = FuseSession::new(mountpoint, "imgstream-enxio", "", false)
-            .map_err(|e| MountError::Mount(where_.clone(), e))?;
-        session.mount().map_err(|e| MountError::Mount(where_, e))?;
-        let channel = session.new_channel().map_err(MountError::Channel)?;
-        let server = Arc::new(Server::new(EnxioFs));
-        let server = thread::Builder::new()
-            .name("enxio-fuse".into())
-            .spawn(move || serve(channel, &server))
-            .map_err(|e| MountError::Channel(fuse_backend_rs::transport::Error::IoError(e)))?;
-        Ok(Self {
-            session,
-            server: Some(server),
-        })
-    }
-}
-
-fn serve(mut channel: FuseChannel, server: &Server<EnxioFs>) {
-    loop {
-        match channel.get_request() {
-            Ok(Some((reader, writer))) => {
-                if let Err(err) = server.handle_message(reader, writer.into(), None, None) {
-                    if matches!(err, fuse_backend_rs::Error::EncodeMessage(_)) {
-                        break; // the kernel ended the session
-                    }
-                    tracing::debug!(%err, "FUSE request failed");
-                }
-            }
-            Ok(None) => break, // woken to exit
-            Err(err) => {
-                tracing::debug!(%err, "FUSE channel closed");
-                break;
-            }
-        }
-    }
-}
-
-impl Drop for EnxioMount {
-    fn drop(&mut self) {
-        if let Err(err) = self.session.umount() {
-            tracing::warn!(%err, "unmounting the ENXIO emulation failed; `umount -l` it");
-        }
-        let _ = self.session.wake();
-        if let Some(server) = self.server.take() {
-            let _ = server.join();
-        }
+        let mount = FuseMount::mount(Arc::new(EnxioFs), mountpoint, "imgstream-enxio", false, 1)?;
+        Ok(Self { _mount: mount })
     }
 }

@@ -191,19 +191,32 @@ pub async fn build_image(
     layer_dirs: &[PathBuf],
     cmd: &[&str],
 ) -> Vec<PathBuf> {
-    let sink = LocalLayout::create(layout).unwrap();
-    let mut layers = Vec::new();
-    let mut diff_ids = Vec::new();
     let mut files = Vec::new();
     for (i, dir) in layer_dirs.iter().enumerate() {
         let gz = layout.with_extension(format!("layer{i}.tar.gz"));
         gnu_tar_gz(dir, &gz);
-        let bytes = std::fs::read(&gz).unwrap();
+        files.push(gz);
+    }
+    build_image_from_tarballs(layout, tag, &files, cmd).await;
+    files
+}
+
+/// Writes an OCI image of gzip layer files (bottom first) into the layout at `layout`.
+pub async fn build_image_from_tarballs(
+    layout: &Path,
+    tag: &str,
+    tarballs: &[PathBuf],
+    cmd: &[&str],
+) {
+    let sink = LocalLayout::create(layout).unwrap();
+    let mut layers = Vec::new();
+    let mut diff_ids = Vec::new();
+    for gz in tarballs {
+        let bytes = std::fs::read(gz).unwrap();
         let desc = descriptor(manifest::OCI_LAYER_GZIP, &bytes);
         sink.put_blob(&desc, Bytes::from(bytes)).await.unwrap();
-        diff_ids.push(gunzip_digest(&gz).to_string());
+        diff_ids.push(gunzip_digest(gz).to_string());
         layers.push(desc);
-        files.push(gz);
     }
     let config = serde_json::json!({
         "architecture": "amd64",
@@ -231,7 +244,6 @@ pub async fn build_image(
     )
     .await
     .unwrap();
-    files
 }
 
 pub fn descriptor(media_type: &str, bytes: &[u8]) -> Descriptor {

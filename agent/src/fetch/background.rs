@@ -1,0 +1,196 @@
+//! The background download: every chunk of every layer into the cache, started at mount,
+//! yielding to on-demand reads, with a concurrency and an optional bandwidth cap. It is
+//! resumable for free: chunks already cached are cache hits and cost nothing. When it has
+//! finished, no read touches the network.
+
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+use super::{ChunkRef, Fetcher, Priority};
+use crate::{
+    image::{digest::Digest, estargz::Chunk, layer::RemoteLayer},
+    shutdown::Shutdown,
+};
+
+/// Most compressed bytes one background request asks for.
+const MAX_BATCH_BYTES: u64 = 4 << 20;
+
+/// How the background download runs.
+#[derive(Clone, Copy, Debug)]
+pub struct BackgroundConfig {
+    /// Parallel requests.
+    pub concurrency: usize,
+    /// Cap in bytes per second; `None` for none.
+    pub bandwidth: Option<u64>,
+}
+
+impl Default for BackgroundConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 4,
+            bandwidth: None,
+        }
+    }
+}
+
+/// Progress, readable while it runs.
+#[derive(Debug, Default, Serialize)]
+pub struct Progress {
+    pub chunks_total: AtomicUsize,
+    pub chunks_done: AtomicUsize,
+    pub bytes_total: AtomicU64,
+    pub bytes_done: AtomicU64,
+    pub failed_batches: AtomicUsize,
+    pub finished: AtomicBool,
+}
+
+/// A run of adjacent chunks of one blob.
+struct Batch {
+    blob: Digest,
+    chunks: Vec<Chunk>,
+}
+
+/// Starts the download on `config.concurrency` threads; returns its progress and a handle
+/// that finishes when everything is cached, or shutdown is triggered.
+pub fn spawn(
+    fetcher: Arc<Fetcher>,
+    layers: Arc<[RemoteLayer]>,
+    config: BackgroundConfig,
+    shutdown: Shutdown,
+) -> (Arc<Progress>, thread::JoinHandle<()>) {
+    let progress = Arc::new(Progress::default());
+    let batches = Arc::new(plan(&layers));
+    progress.chunks_total.store(
+        batches.iter().map(|b| b.chunks.len()).sum(),
+        Ordering::Relaxed,
+    );
+    progress.bytes_total.store(
+        batches
+            .iter()
+            .map(|b| {
+                b.chunks
+                    .iter()
+                    .map(|c| c.blob_end - c.blob_offset)
+                    .sum::<u64>()
+            })
+            .sum(),
+        Ordering::Relaxed,
+    );
+    let handle = {
+        let progress = progress.clone();
+        thread::Builder::new()
+            .name("background".into())
+            .spawn(move || run(fetcher, batches, config, shutdown, progress))
+            .expect("spawning the background download thread")
+    };
+    (progress, handle)
+}
+
+/// Every distinct chunk, in blob order, cut into batches of adjacent members.
+fn plan(layers: &[RemoteLayer]) -> Vec<Batch> {
+    let mut seen = HashSet::new();
+    let mut batches = Vec::new();
+    for layer in layers {
+        let mut chunks: Vec<Chunk> = layer
+            .index
+            .nodes
+            .iter()
+            .flat_map(|n| n.chunks.iter().cloned())
+            .filter(|c| seen.insert(c.digest))
+            .collect();
+        chunks.sort_by_key(|c| c.blob_offset);
+        let mut current: Option<Batch> = None;
+        for chunk in chunks {
+            match current.as_mut() {
+                Some(b)
+                    if b.chunks
+                        .last()
+                        .is_some_and(|l| l.blob_end == chunk.blob_offset)
+                        && chunk.blob_end - b.chunks[0].blob_offset <= MAX_BATCH_BYTES =>
+                {
+                    b.chunks.push(chunk)
+                }
+                _ => {
+                    if let Some(done) = current.take() {
+                        batches.push(done);
+                    }
+                    current = Some(Batch {
+                        blob: layer.desc.digest,
+                        chunks: vec![chunk],
+                    });
+                }
+            }
+        }
+        batches.extend(current);
+    }
+    batches
+}
+
+fn run(
+    fetcher: Arc<Fetcher>,
+    batches: Arc<Vec<Batch>>,
+    config: BackgroundConfig,
+    shutdown: Shutdown,
+    progress: Arc<Progress>,
+) {
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..config.concurrency.max(1))
+        .map(|i| {
+            let (fetcher, batches, next, progress, shutdown) = (fetcher.clone(), batches.clone(), next.clone(), progress.clone(), shutdown.clone());
+            thread::Builder::new()
+                .name(format!("background-{i}"))
+                .spawn(move || loop {
+                    if shutdown.is_triggered() {
+                        return;
+                    }
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(batch) = batches.get(n) else { return };
+                    if let Some(cap) = config.bandwidth {
+                        // Stay under the cap: wait until the bytes done so far fit the time.
+                        let done = progress.bytes_done.load(Ordering::Relaxed);
+                        let due = Duration::from_secs_f64(done as f64 / cap as f64);
+                        if let Some(wait) = due.checked_sub(started.elapsed()) {
+                            thread::sleep(wait);
+                        }
+                    }
+                    let refs: Vec<ChunkRef<'_>> = batch.chunks.iter().map(|chunk| ChunkRef { blob: batch.blob, chunk }).collect();
+                    let deadline = Instant::now() + Duration::from_secs(300);
+                    match fetcher.get(&refs, Priority::Background, deadline) {
+                        Ok(_) => {
+                            progress.chunks_done.fetch_add(batch.chunks.len(), Ordering::Relaxed);
+                            let bytes: u64 = batch.chunks.iter().map(|c| c.blob_end - c.blob_offset).sum();
+                            progress.bytes_done.fetch_add(bytes, Ordering::Relaxed);
+                        }
+                        Err(err) => {
+                            progress.failed_batches.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(%err, "background download batch failed; the chunks stay on demand");
+                        }
+                    }
+                })
+                .expect("spawning a background download worker")
+        })
+        .collect();
+    for worker in workers {
+        let _ = worker.join();
+    }
+    let failed = progress.failed_batches.load(Ordering::Relaxed);
+    if !shutdown.is_triggered() && failed == 0 {
+        progress.finished.store(true, Ordering::Release);
+        tracing::info!(
+            chunks = progress.chunks_done.load(Ordering::Relaxed),
+            bytes = progress.bytes_done.load(Ordering::Relaxed),
+            secs = started.elapsed().as_secs_f32(),
+            "background download complete: the whole image is cached"
+        );
+    }
+}

@@ -1,0 +1,309 @@
+//! Getting chunks: from the cache when it has them, else from the image source, once.
+//!
+//! Reads come from FUSE worker threads (synchronous), so the fetcher is synchronous at its
+//! surface and drives the async source on a tokio runtime handle. Concurrent requests for the
+//! same chunk are merged (one fetch, every waiter gets its result); the chunks one read needs
+//! that sit next to each other in the blob are fetched with one range request; every fetch has
+//! the read's deadline, after which the read fails instead of hanging. Fetched chunks are
+//! checked against their digests before anyone sees them, then cached.
+//!
+//! Background downloads mark themselves as such and yield: while any on-demand fetch is
+//! running they wait, so a container's reads never queue behind the bulk download.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+pub mod background;
+
+use serde::Serialize;
+
+use crate::{
+    cache::ChunkCache,
+    image::{
+        digest::Digest,
+        estargz::{self, Chunk},
+    },
+    registry::BlobSource,
+};
+
+/// Errors fetching a chunk.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FetchError {
+    #[error("no answer for chunk {0} before the read's deadline")]
+    Deadline(Digest),
+    #[error("fetching chunk {digest}: {detail}")]
+    Source { digest: Digest, detail: String },
+}
+
+/// Whether a fetch serves a reader now or fills the cache in the background.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Priority {
+    OnDemand,
+    Background,
+}
+
+/// Counters, for logs, tests and metrics.
+#[derive(Debug, Default, Serialize)]
+pub struct FetchStats {
+    /// Range requests sent to the source.
+    pub requests: AtomicU64,
+    /// Compressed bytes received from the source.
+    pub bytes: AtomicU64,
+    /// Chunks served from the cache.
+    pub cache_hits: AtomicU64,
+    /// Chunks fetched from the source.
+    pub chunks_fetched: AtomicU64,
+    /// Waiters that joined a fetch already in flight.
+    pub merged: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// A chunk being fetched; waiters block on `ready`.
+#[derive(Default)]
+struct Inflight {
+    result: Mutex<Option<Result<Arc<Vec<u8>>, FetchError>>>,
+    ready: Condvar,
+}
+
+/// Fetches chunks of the blobs of one source.
+pub struct Fetcher {
+    runtime: tokio::runtime::Handle,
+    source: Arc<dyn BlobSource>,
+    cache: Arc<ChunkCache>,
+    inflight: Mutex<HashMap<Digest, Arc<Inflight>>>,
+    ondemand: AtomicUsize,
+    ondemand_done: (Mutex<()>, Condvar),
+    pub stats: FetchStats,
+}
+
+impl std::fmt::Debug for Fetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fetcher")
+            .field("source", &self.source.name())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One chunk to get: where it is (blob and member range) and what it must hash to.
+#[derive(Clone, Debug)]
+pub struct ChunkRef<'a> {
+    pub blob: Digest,
+    pub chunk: &'a Chunk,
+}
+
+impl Fetcher {
+    pub fn new(
+        runtime: tokio::runtime::Handle,
+        source: Arc<dyn BlobSource>,
+        cache: Arc<ChunkCache>,
+    ) -> Self {
+        Self {
+            runtime,
+            source,
+            cache,
+            inflight: Mutex::new(HashMap::new()),
+            ondemand: AtomicUsize::new(0),
+            ondemand_done: (Mutex::new(()), Condvar::new()),
+            stats: FetchStats::default(),
+        }
+    }
+
+    pub fn cache(&self) -> &Arc<ChunkCache> {
+        &self.cache
+    }
+
+    pub fn source(&self) -> &Arc<dyn BlobSource> {
+        &self.source
+    }
+
+    /// The data of `chunks` (in order), from the cache or the source, by `deadline`.
+    pub fn get(
+        &self,
+        chunks: &[ChunkRef<'_>],
+        priority: Priority,
+        deadline: Instant,
+    ) -> Result<Vec<Arc<Vec<u8>>>, FetchError> {
+        let _guard = (priority == Priority::OnDemand).then(|| OnDemand::enter(self));
+        if priority == Priority::Background {
+            self.yield_to_readers(deadline);
+        }
+        let mut out: Vec<Option<Arc<Vec<u8>>>> = vec![None; chunks.len()];
+        let mut mine = Vec::new();
+        let mut waits = Vec::new();
+        for (i, c) in chunks.iter().enumerate() {
+            if let Ok(Some(data)) = self.cache.get(&c.chunk.digest) {
+                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                out[i] = Some(Arc::new(data));
+                continue;
+            }
+            let mut map = self.inflight.lock().expect("inflight lock");
+            match map.get(&c.chunk.digest) {
+                Some(flight) => {
+                    self.stats.merged.fetch_add(1, Ordering::Relaxed);
+                    waits.push((i, flight.clone()));
+                }
+                None => {
+                    let flight = Arc::new(Inflight::default());
+                    map.insert(c.chunk.digest, flight.clone());
+                    mine.push((i, flight));
+                }
+            }
+        }
+        if !mine.is_empty() {
+            let wanted: Vec<(usize, &ChunkRef<'_>)> =
+                mine.iter().map(|(i, _)| (*i, &chunks[*i])).collect();
+            let results = self.fetch_runs(&wanted, deadline);
+            let mut map = self.inflight.lock().expect("inflight lock");
+            for ((i, flight), result) in mine.iter().zip(results) {
+                map.remove(&chunks[*i].chunk.digest);
+                *flight.result.lock().expect("flight lock") = Some(result.clone());
+                flight.ready.notify_all();
+                out[*i] = Some(result?);
+            }
+        }
+        for (i, flight) in waits {
+            out[i] = Some(wait(&flight, chunks[i].chunk.digest, deadline)?);
+        }
+        Ok(out
+            .into_iter()
+            .map(|d| d.expect("every chunk resolved"))
+            .collect())
+    }
+
+    /// Fetches the given chunks, one range request per run of members adjacent in a blob.
+    fn fetch_runs(
+        &self,
+        wanted: &[(usize, &ChunkRef<'_>)],
+        deadline: Instant,
+    ) -> Vec<Result<Arc<Vec<u8>>, FetchError>> {
+        let mut results = Vec::with_capacity(wanted.len());
+        let mut i = 0;
+        while i < wanted.len() {
+            let mut j = i;
+            while j + 1 < wanted.len()
+                && wanted[j + 1].1.blob == wanted[j].1.blob
+                && wanted[j + 1].1.chunk.blob_offset == wanted[j].1.chunk.blob_end
+            {
+                j += 1;
+            }
+            let run = &wanted[i..=j];
+            let (blob, start, end) = (
+                run[0].1.blob,
+                run[0].1.chunk.blob_offset,
+                run[run.len() - 1].1.chunk.blob_end,
+            );
+            let left = deadline.saturating_duration_since(Instant::now());
+            let source = self.source.clone();
+            let fetched = self.runtime.block_on(async move {
+                tokio::time::timeout(
+                    left.max(Duration::from_millis(1)),
+                    source.read_range(&blob, start..end),
+                )
+                .await
+            });
+            match fetched {
+                Err(_) => {
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    results.extend(
+                        run.iter()
+                            .map(|(_, c)| Err(FetchError::Deadline(c.chunk.digest))),
+                    );
+                }
+                Ok(Err(e)) => {
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    let detail = e.to_string();
+                    results.extend(run.iter().map(|(_, c)| {
+                        Err(FetchError::Source {
+                            digest: c.chunk.digest,
+                            detail: detail.clone(),
+                        })
+                    }));
+                }
+                Ok(Ok(bytes)) => {
+                    self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .bytes
+                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    for (_, c) in run {
+                        let member = &bytes[(c.chunk.blob_offset - start) as usize
+                            ..(c.chunk.blob_end - start) as usize];
+                        results.push(match estargz::decode_chunk(member, c.chunk) {
+                            Ok(data) => {
+                                self.stats.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+                                if let Err(err) = self.cache.put(&c.chunk.digest, &data) {
+                                    tracing::warn!(%err, "chunk not cached; reads keep working from the network");
+                                }
+                                Ok(Arc::new(data))
+                            }
+                            Err(e) => {
+                                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                                Err(FetchError::Source { digest: c.chunk.digest, detail: e.to_string() })
+                            }
+                        });
+                    }
+                }
+            }
+            i = j + 1;
+        }
+        results
+    }
+
+    /// Blocks a background fetch while on-demand fetches run (bounded by `deadline`).
+    fn yield_to_readers(&self, deadline: Instant) {
+        let (lock, cv) = &self.ondemand_done;
+        let mut guard = lock.lock().expect("yield lock");
+        while self.ondemand.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(50));
+            guard = cv.wait_timeout(guard, left).expect("yield lock").0;
+        }
+    }
+
+    /// On-demand fetches running now.
+    pub fn active_readers(&self) -> usize {
+        self.ondemand.load(Ordering::Acquire)
+    }
+}
+
+/// Counts an on-demand fetch for as long as it lives.
+struct OnDemand<'a>(&'a Fetcher);
+
+impl<'a> OnDemand<'a> {
+    fn enter(fetcher: &'a Fetcher) -> Self {
+        fetcher.ondemand.fetch_add(1, Ordering::AcqRel);
+        Self(fetcher)
+    }
+}
+
+impl Drop for OnDemand<'_> {
+    fn drop(&mut self) {
+        if self.0.ondemand.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.ondemand_done.1.notify_all();
+        }
+    }
+}
+
+fn wait(flight: &Inflight, digest: Digest, deadline: Instant) -> Result<Arc<Vec<u8>>, FetchError> {
+    let mut result = flight.result.lock().expect("flight lock");
+    loop {
+        if let Some(r) = result.as_ref() {
+            return r.clone();
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(FetchError::Deadline(digest));
+        }
+        result = flight
+            .ready
+            .wait_timeout(result, left)
+            .expect("flight lock")
+            .0;
+    }
+}

@@ -1,0 +1,378 @@
+//! The image filesystem: one `fuse_backend_rs` `FileSystem` implementation over an image's
+//! layers, read-only, in the merged or one-layer view ([`tree`]). File data comes from the
+//! [`Fetcher`] (cache, else the registry, chunk by chunk); metadata comes from the layers'
+//! TOCs and is all in memory, so `ls -l` never touches the network.
+//!
+//! Transports (`fusedev` here, virtio-fs later) only move messages to and from this type.
+
+pub mod fusedev;
+pub mod tree;
+
+use std::{
+    ffi::CStr,
+    io,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use fuse_backend_rs::{
+    abi::fuse_abi::{FsOptions, OpenOptions, stat64, statvfs64},
+    api::filesystem::{
+        Context, DirEntry, Entry, FileSystem, GetxattrReply, ListxattrReply, ZeroCopyWriter,
+    },
+};
+
+pub use tree::{Kind, Tree, View};
+
+use crate::{
+    fetch::{ChunkRef, Fetcher, Priority},
+    image::layer::RemoteLayer,
+};
+
+/// How long the kernel may cache names and attributes: the image never changes.
+const TTL: Duration = Duration::from_secs(3600);
+
+/// Filesystem options.
+#[derive(Clone, Copy, Debug)]
+pub struct FsConfig {
+    /// A read waiting on the network fails with EIO after this long.
+    pub read_deadline: Duration,
+}
+
+impl Default for FsConfig {
+    fn default() -> Self {
+        Self {
+            read_deadline: Duration::from_secs(30),
+        }
+    }
+}
+
+/// An image, served as a read-only filesystem.
+pub struct ImageFs {
+    tree: Tree,
+    layers: Arc<[RemoteLayer]>,
+    fetcher: Arc<Fetcher>,
+    config: FsConfig,
+}
+
+impl std::fmt::Debug for ImageFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageFs")
+            .field("layers", &self.layers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn errno(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
+
+impl ImageFs {
+    /// The `view` of `layers` (bottom first), reading data through `fetcher`.
+    pub fn new(
+        layers: Arc<[RemoteLayer]>,
+        view: View,
+        fetcher: Arc<Fetcher>,
+        config: FsConfig,
+    ) -> Self {
+        let indexes: Vec<_> = layers.iter().map(|l| &l.index).collect();
+        let tree = Tree::build(&indexes, view);
+        Self {
+            tree,
+            layers,
+            fetcher,
+            config,
+        }
+    }
+
+    pub fn tree(&self) -> &Tree {
+        &self.tree
+    }
+
+    fn inode(&self, ino: u64) -> io::Result<&tree::Inode> {
+        self.tree.get(ino).ok_or_else(|| errno(libc::ENOENT))
+    }
+
+    fn stat(&self, inode: &tree::Inode) -> stat64 {
+        // SAFETY: stat64 is plain integers; all-zero is a valid value.
+        let mut st: stat64 = unsafe { std::mem::zeroed() };
+        let (type_bits, rdev) = match inode.kind {
+            Kind::Directory => (libc::S_IFDIR, 0),
+            Kind::Regular => (libc::S_IFREG, 0),
+            Kind::Symlink(_) => (libc::S_IFLNK, 0),
+            Kind::CharDevice(ma, mi) => (libc::S_IFCHR, libc::makedev(ma, mi)),
+            Kind::BlockDevice(ma, mi) => (libc::S_IFBLK, libc::makedev(ma, mi)),
+            Kind::Fifo => (libc::S_IFIFO, 0),
+        };
+        st.st_ino = inode.ino;
+        st.st_mode = type_bits | (inode.mode & 0o7777);
+        st.st_nlink = inode.nlink.into();
+        st.st_uid = inode.uid;
+        st.st_gid = inode.gid;
+        st.st_rdev = rdev;
+        st.st_size = inode.size as i64;
+        st.st_blksize = 4096;
+        st.st_blocks = inode.size.div_ceil(512) as i64;
+        for (secs, nsecs) in [
+            (&mut st.st_mtime, &mut st.st_mtime_nsec),
+            (&mut st.st_ctime, &mut st.st_ctime_nsec),
+            (&mut st.st_atime, &mut st.st_atime_nsec),
+        ] {
+            *secs = inode.mtime.0;
+            *nsecs = inode.mtime.1.into();
+        }
+        st
+    }
+
+    fn entry(&self, inode: &tree::Inode) -> Entry {
+        Entry {
+            inode: inode.ino,
+            generation: 0,
+            attr: self.stat(inode),
+            attr_flags: 0,
+            attr_timeout: TTL,
+            entry_timeout: TTL,
+        }
+    }
+
+    /// Bytes `[offset, offset + size)` of a regular file into `w`.
+    fn read_into(
+        &self,
+        inode: &tree::Inode,
+        w: &mut dyn ZeroCopyWriter,
+        size: u32,
+        offset: u64,
+    ) -> io::Result<usize> {
+        let Some((layer, node_index)) = inode.data else {
+            return Err(errno(libc::EISDIR));
+        };
+        if offset >= inode.size || size == 0 {
+            return Ok(0);
+        }
+        let end = inode.size.min(offset + u64::from(size));
+        let remote = &self.layers[layer];
+        let node = &remote.index.nodes[node_index];
+        let first = node
+            .chunks
+            .partition_point(|c| c.file_offset + c.size <= offset);
+        let last = node.chunks.partition_point(|c| c.file_offset < end);
+        let refs: Vec<ChunkRef<'_>> = node.chunks[first..last]
+            .iter()
+            .map(|chunk| ChunkRef {
+                blob: remote.desc.digest,
+                chunk,
+            })
+            .collect();
+        let deadline = Instant::now() + self.config.read_deadline;
+        let data = self
+            .fetcher
+            .get(&refs, Priority::OnDemand, deadline)
+            .map_err(|err| {
+                tracing::warn!(%err, ino = inode.ino, "read failed");
+                errno(libc::EIO)
+            })?;
+        let mut written = 0;
+        for (chunk, bytes) in node.chunks[first..last].iter().zip(&data) {
+            let from = offset.max(chunk.file_offset) - chunk.file_offset;
+            let to = end.min(chunk.file_offset + chunk.size) - chunk.file_offset;
+            w.write_all(&bytes[from as usize..to as usize])?;
+            written += (to - from) as usize;
+        }
+        Ok(written)
+    }
+}
+
+impl FileSystem for ImageFs {
+    type Inode = u64;
+    type Handle = u64;
+
+    fn init(&self, _capable: FsOptions) -> io::Result<FsOptions> {
+        Ok(FsOptions::empty())
+    }
+
+    fn lookup(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+        let inode = self
+            .tree
+            .lookup(parent, name.to_bytes())
+            .ok_or_else(|| errno(libc::ENOENT))?;
+        Ok(self.entry(inode))
+    }
+
+    fn getattr(
+        &self,
+        _ctx: &Context,
+        ino: u64,
+        _handle: Option<u64>,
+    ) -> io::Result<(stat64, Duration)> {
+        Ok((self.stat(self.inode(ino)?), TTL))
+    }
+
+    fn readlink(&self, _ctx: &Context, ino: u64) -> io::Result<Vec<u8>> {
+        match &self.inode(ino)?.kind {
+            Kind::Symlink(target) => Ok(target.clone()),
+            _ => Err(errno(libc::EINVAL)),
+        }
+    }
+
+    fn open(
+        &self,
+        _ctx: &Context,
+        ino: u64,
+        flags: u32,
+        _fuse_flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
+        let inode = self.inode(ino)?;
+        if (flags as i32 & libc::O_ACCMODE) != libc::O_RDONLY || flags as i32 & libc::O_TRUNC != 0 {
+            return Err(errno(libc::EROFS));
+        }
+        if inode.kind == Kind::Directory {
+            return Err(errno(libc::EISDIR));
+        }
+        // The content never changes: let the kernel keep its page cache across opens.
+        Ok((None, OpenOptions::KEEP_CACHE, None))
+    }
+    fn read(
+        &self,
+        _ctx: &Context,
+        ino: u64,
+        _handle: u64,
+        w: &mut dyn ZeroCopyWriter,
+        size: u32,
+        offset: u64,
+        _lock_owner: Option<u64>,
+        _flags: u32,
+    ) -> io::Result<usize> {
+        let inode = self.inode(ino)?;
+        self.read_into(inode, w, size, offset)
+    }
+
+    fn release(
+        &self,
+        _ctx: &Context,
+        _ino: u64,
+        _flags: u32,
+        _handle: u64,
+        _flush: bool,
+        _flock_release: bool,
+        _lock_owner: Option<u64>,
+    ) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn opendir(
+        &self,
+        _ctx: &Context,
+        ino: u64,
+        _flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions)> {
+        match self.inode(ino)?.kind {
+            Kind::Directory => Ok((None, OpenOptions::CACHE_DIR)),
+            _ => Err(errno(libc::ENOTDIR)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _ctx: &Context,
+        ino: u64,
+        _handle: u64,
+        _size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        let dir = self.inode(ino)?;
+        if dir.kind != Kind::Directory {
+            return Err(errno(libc::ENOTDIR));
+        }
+        let dots = [(b".".as_slice(), dir.ino), (b"..".as_slice(), dir.parent)];
+        let children = dir
+            .children
+            .iter()
+            .map(|(name, &child)| (name.as_slice(), child));
+        for (i, (name, child)) in dots
+            .into_iter()
+            .chain(children)
+            .enumerate()
+            .skip(offset as usize)
+        {
+            let type_ = match self.tree.get(child).map(|c| &c.kind) {
+                Some(Kind::Directory) => libc::DT_DIR,
+                Some(Kind::Regular) => libc::DT_REG,
+                Some(Kind::Symlink(_)) => libc::DT_LNK,
+                Some(Kind::CharDevice(..)) => libc::DT_CHR,
+                Some(Kind::BlockDevice(..)) => libc::DT_BLK,
+                Some(Kind::Fifo) => libc::DT_FIFO,
+                None => libc::DT_UNKNOWN,
+            };
+            let entry = DirEntry {
+                ino: child,
+                offset: i as u64 + 1,
+                type_: type_.into(),
+                name,
+            };
+            if add_entry(entry)? == 0 {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn releasedir(&self, _ctx: &Context, _ino: u64, _flags: u32, _handle: u64) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn getxattr(
+        &self,
+        _ctx: &Context,
+        ino: u64,
+        name: &CStr,
+        size: u32,
+    ) -> io::Result<GetxattrReply> {
+        let inode = self.inode(ino)?;
+        let name = name.to_str().map_err(|_| errno(libc::ENODATA))?;
+        let value = inode.xattrs.get(name).ok_or_else(|| errno(libc::ENODATA))?;
+        if size == 0 {
+            return Ok(GetxattrReply::Count(value.len() as u32));
+        }
+        if value.len() > size as usize {
+            return Err(errno(libc::ERANGE));
+        }
+        Ok(GetxattrReply::Value(value.clone()))
+    }
+
+    fn listxattr(&self, _ctx: &Context, ino: u64, size: u32) -> io::Result<ListxattrReply> {
+        let inode = self.inode(ino)?;
+        let mut names = Vec::new();
+        for name in inode.xattrs.keys() {
+            names.extend_from_slice(name.as_bytes());
+            names.push(0);
+        }
+        if size == 0 {
+            return Ok(ListxattrReply::Count(names.len() as u32));
+        }
+        if names.len() > size as usize {
+            return Err(errno(libc::ERANGE));
+        }
+        Ok(ListxattrReply::Names(names))
+    }
+
+    fn statfs(&self, _ctx: &Context, _ino: u64) -> io::Result<statvfs64> {
+        // SAFETY: statvfs64 is plain integers; all-zero is a valid value.
+        let mut st: statvfs64 = unsafe { std::mem::zeroed() };
+        let bytes: u64 = self.tree.iter().map(|i| i.size).sum();
+        st.f_bsize = 4096;
+        st.f_frsize = 4096;
+        st.f_blocks = bytes.div_ceil(4096);
+        st.f_files = self.tree.iter().count() as u64;
+        st.f_namemax = 255;
+        Ok(st)
+    }
+
+    fn access(&self, _ctx: &Context, ino: u64, mask: u32) -> io::Result<()> {
+        self.inode(ino)?;
+        if mask as i32 & libc::W_OK != 0 {
+            return Err(errno(libc::EROFS));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,321 @@
+//! The inode table of an image, in one of two views:
+//!
+//! - **merged**: every layer applied bottom to top, OCI whiteouts (`.wh.NAME`) removing what
+//!   lower layers had at that name and opaque markers (`.wh..wh..opq`) hiding a directory's
+//!   lower contents, as a container sees the image (VM sandboxes, `imgstream mount`);
+//! - **one layer**: what overlayfs expects of a lower directory, with whiteouts turned into
+//!   0:0 character devices and opaque markers into the `trusted.overlay.opaque` xattr (what a
+//!   containerd snapshotter mounts).
+//!
+//! Inode numbers are assigned in a fixed order from the layers' TOCs, so they are stable for
+//! an image; hard links share one inode. eStargz landmark files are not image content and
+//! are left out.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::image::estargz::{LayerIndex, NO_PREFETCH_LANDMARK, NodeKind, PREFETCH_LANDMARK};
+
+/// `FUSE_ROOT_ID`.
+pub const ROOT_INO: u64 = 1;
+const WHITEOUT_PREFIX: &str = ".wh.";
+const OPAQUE_MARKER: &str = ".wh..wh..opq";
+/// The xattr overlayfs reads to know a lower directory is opaque.
+pub const OVERLAY_OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+
+/// Which view of the image to build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum View {
+    Merged,
+    /// One layer, by position (0 = bottom), in overlayfs lower-directory form.
+    Layer(usize),
+}
+
+/// What an inode is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Directory,
+    Regular,
+    Symlink(Vec<u8>),
+    CharDevice(u32, u32),
+    BlockDevice(u32, u32),
+    Fifo,
+}
+
+/// One inode.
+#[derive(Clone, Debug)]
+pub struct Inode {
+    pub ino: u64,
+    pub kind: Kind,
+    /// Permission bits (with setuid, setgid, sticky).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub mtime: (i64, u32),
+    pub xattrs: BTreeMap<String, Vec<u8>>,
+    /// Directory entries, by name.
+    pub children: BTreeMap<Vec<u8>, u64>,
+    pub parent: u64,
+    /// Names pointing at this inode (hard links).
+    pub nlink: u32,
+    /// Where a regular file's data is: (layer position, node index in that layer's index).
+    pub data: Option<(usize, usize)>,
+    /// Layer position that created or last replaced this entry.
+    layer: usize,
+    /// Unreachable since a whiteout or replacement removed it.
+    dead: bool,
+    /// Directory entries naming this inode, kept as entries come and go.
+    names: u32,
+}
+
+/// The inode table.
+#[derive(Clone, Debug)]
+pub struct Tree {
+    /// `inodes[ino - 1]`.
+    inodes: Vec<Inode>,
+}
+
+impl Tree {
+    /// Builds `view` of `layers` (bottom first).
+    pub fn build(layers: &[&LayerIndex], view: View) -> Self {
+        let mut tree = Self { inodes: Vec::new() };
+        tree.inodes
+            .push(new_inode(ROOT_INO, ROOT_INO, Kind::Directory, 0));
+        match view {
+            View::Merged => {
+                for (position, index) in layers.iter().enumerate() {
+                    tree.apply(index, position, false);
+                }
+            }
+            View::Layer(position) => {
+                if let Some(index) = layers.get(position) {
+                    tree.apply(index, position, true);
+                }
+            }
+        }
+        tree.count_links();
+        tree
+    }
+
+    pub fn get(&self, ino: u64) -> Option<&Inode> {
+        let inode = self
+            .inodes
+            .get(usize::try_from(ino.checked_sub(1)?).ok()?)?;
+        (!inode.dead).then_some(inode)
+    }
+
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Option<&Inode> {
+        self.get(*self.get(parent)?.children.get(name)?)
+    }
+
+    /// Live inodes.
+    pub fn iter(&self) -> impl Iterator<Item = &Inode> {
+        self.inodes.iter().filter(|i| !i.dead)
+    }
+
+    /// Applies one layer's entries on top of what the tree holds.
+    fn apply(&mut self, index: &LayerIndex, position: usize, overlay_form: bool) {
+        // This layer's nodes -> inodes, for hard links.
+        let mut made: HashMap<usize, u64> = HashMap::new();
+        for (n, node) in index.nodes.iter().enumerate() {
+            if node.path.is_empty() {
+                let root = &mut self.inodes[0];
+                (root.mode, root.uid, root.gid, root.mtime) =
+                    (node.mode, node.uid, node.gid, node.mtime);
+                root.xattrs = node.xattrs.clone();
+                continue;
+            }
+            if node.path == PREFETCH_LANDMARK || node.path == NO_PREFETCH_LANDMARK {
+                continue;
+            }
+            let (dir_path, name) = node.path.rsplit_once('/').unwrap_or(("", &node.path));
+            let Some(parent) = self.dir_at(dir_path) else {
+                continue;
+            };
+            if name == OPAQUE_MARKER {
+                if overlay_form {
+                    self.inodes[(parent - 1) as usize]
+                        .xattrs
+                        .insert(OVERLAY_OPAQUE_XATTR.into(), b"y".to_vec());
+                } else {
+                    let lower: Vec<(Vec<u8>, u64)> = self.inodes[(parent - 1) as usize]
+                        .children
+                        .iter()
+                        .filter(|&(_, &c)| self.inodes[(c - 1) as usize].layer < position)
+                        .map(|(k, &v)| (k.clone(), v))
+                        .collect();
+                    for (child_name, _) in lower {
+                        self.unlink(parent, &child_name);
+                    }
+                }
+                continue;
+            }
+            if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
+                if overlay_form {
+                    let mut inode = self.new_node(parent, Kind::CharDevice(0, 0), position);
+                    inode.mode = 0;
+                    (inode.uid, inode.gid, inode.mtime) = (node.uid, node.gid, node.mtime);
+                    self.attach(parent, hidden.as_bytes(), inode);
+                } else if let Some(&old) = self.inodes[(parent - 1) as usize]
+                    .children
+                    .get(hidden.as_bytes())
+                    && self.inodes[(old - 1) as usize].layer < position
+                {
+                    self.unlink(parent, hidden.as_bytes());
+                }
+                continue;
+            }
+            if let NodeKind::HardLink { target } = node.kind
+                && let Some(&ino) = made.get(&target)
+                && !self.inodes[(ino - 1) as usize].dead
+            {
+                self.unlink(parent, name.as_bytes());
+                self.link(parent, name.as_bytes(), ino);
+                continue;
+            }
+            let data_node = index.data_node(node);
+            let kind = match &data_node.kind {
+                NodeKind::Directory => Kind::Directory,
+                NodeKind::Regular | NodeKind::HardLink { .. } => Kind::Regular,
+                NodeKind::Symlink { target } => Kind::Symlink(target.as_bytes().to_vec()),
+                NodeKind::CharDevice { major, minor } => Kind::CharDevice(*major, *minor),
+                NodeKind::BlockDevice { major, minor } => Kind::BlockDevice(*major, *minor),
+                NodeKind::Fifo => Kind::Fifo,
+            };
+            let existing = self.inodes[(parent - 1) as usize]
+                .children
+                .get(name.as_bytes())
+                .copied();
+            if kind == Kind::Directory
+                && let Some(old) = existing
+                && self.inodes[(old - 1) as usize].kind == Kind::Directory
+            {
+                // A directory again: the upper layer's metadata, the merged contents.
+                let dir = &mut self.inodes[(old - 1) as usize];
+                (dir.mode, dir.uid, dir.gid, dir.mtime, dir.layer) =
+                    (node.mode, node.uid, node.gid, node.mtime, position);
+                dir.xattrs = node.xattrs.clone();
+                made.insert(n, old);
+                continue;
+            }
+            let mut inode = self.new_node(parent, kind, position);
+            (inode.mode, inode.uid, inode.gid, inode.mtime) = (
+                data_node.mode,
+                data_node.uid,
+                data_node.gid,
+                data_node.mtime,
+            );
+            inode.xattrs = data_node.xattrs.clone();
+            if inode.kind == Kind::Regular {
+                inode.size = data_node.size;
+                let data_index = match node.kind {
+                    NodeKind::HardLink { target } => target,
+                    _ => n,
+                };
+                inode.data = Some((position, data_index));
+            }
+            if let Kind::Symlink(target) = &inode.kind {
+                inode.size = target.len() as u64;
+            }
+            let ino = self.attach(parent, name.as_bytes(), inode);
+            made.insert(n, ino);
+            if let NodeKind::HardLink { target } = node.kind {
+                made.entry(target).or_insert(ino);
+            }
+        }
+    }
+
+    fn new_node(&self, parent: u64, kind: Kind, layer: usize) -> Inode {
+        new_inode(self.inodes.len() as u64 + 1, parent, kind, layer)
+    }
+
+    /// Adds `inode` as `name` in `parent`, replacing what was there.
+    fn attach(&mut self, parent: u64, name: &[u8], inode: Inode) -> u64 {
+        self.unlink(parent, name);
+        let ino = inode.ino;
+        self.inodes.push(inode);
+        self.link(parent, name, ino);
+        ino
+    }
+
+    fn link(&mut self, parent: u64, name: &[u8], ino: u64) {
+        self.inodes[(parent - 1) as usize]
+            .children
+            .insert(name.to_vec(), ino);
+        self.inodes[(ino - 1) as usize].names += 1;
+    }
+
+    /// Removes `name` from `parent`. An inode left with no name is dead, and a dead
+    /// directory takes its subtree along.
+    fn unlink(&mut self, parent: u64, name: &[u8]) {
+        let Some(ino) = self.inodes[(parent - 1) as usize].children.remove(name) else {
+            return;
+        };
+        let inode = &mut self.inodes[(ino - 1) as usize];
+        inode.names -= 1;
+        if inode.names > 0 {
+            return;
+        }
+        inode.dead = true;
+        let names: Vec<Vec<u8>> = inode.children.keys().cloned().collect();
+        for child in names {
+            self.unlink(ino, &child);
+        }
+    }
+
+    /// The directory at `path` (creating missing ones, as a TOC's implicit parents).
+    fn dir_at(&mut self, path: &str) -> Option<u64> {
+        let mut at = ROOT_INO;
+        for part in path.split('/').filter(|p| !p.is_empty()) {
+            at = match self.inodes[(at - 1) as usize].children.get(part.as_bytes()) {
+                Some(&c) if self.inodes[(c - 1) as usize].kind == Kind::Directory => c,
+                Some(_) => return None,
+                None => {
+                    let mut dir = self.new_node(at, Kind::Directory, 0);
+                    dir.mode = 0o755;
+                    self.attach(at, part.as_bytes(), dir)
+                }
+            };
+        }
+        Some(at)
+    }
+
+    fn count_links(&mut self) {
+        let mut subdirs: HashMap<u64, u32> = HashMap::new();
+        for inode in self.inodes.iter().filter(|i| !i.dead) {
+            let dirs = inode
+                .children
+                .values()
+                .filter(|&&c| self.inodes[(c - 1) as usize].kind == Kind::Directory)
+                .count();
+            subdirs.insert(inode.ino, dirs as u32);
+        }
+        for inode in self.inodes.iter_mut().filter(|i| !i.dead) {
+            inode.nlink = if inode.kind == Kind::Directory {
+                2 + subdirs.get(&inode.ino).copied().unwrap_or(0)
+            } else {
+                inode.names.max(1)
+            };
+        }
+    }
+}
+
+fn new_inode(ino: u64, parent: u64, kind: Kind, layer: usize) -> Inode {
+    Inode {
+        ino,
+        kind,
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        size: 0,
+        mtime: (0, 0),
+        xattrs: BTreeMap::new(),
+        children: BTreeMap::new(),
+        parent,
+        nlink: 1,
+        data: None,
+        layer,
+        dead: false,
+        names: 0,
+    }
+}
