@@ -473,16 +473,22 @@ fn mount(
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let source = open_source(&image_ref, &http).with_context(|| format!("opening {image_ref}"))?;
     let reference = image_ref.manifest_reference().unwrap_or_default();
+    let cache = std::sync::Arc::new(
+        imgstream::cache::ChunkCache::open(&options.cache)
+            .with_context(|| format!("opening the cache at {}", options.cache.dir.display()))?,
+    );
     let layers = runtime
         .block_on(imgstream::mount::open_layers(
             source.as_ref(),
             &reference,
             &options.platform,
+            Some(&cache),
         ))
         .with_context(|| format!("reading {image_ref}"))?;
     let mut mounted = imgstream::mount::mount(
         runtime.handle().clone(),
         source,
+        cache,
         layers,
         mountpoint,
         options,

@@ -12,11 +12,12 @@ use crate::{
     },
     fs::{FsConfig, ImageFs, View, fusedev::FuseMount},
     image::{
+        digest::Digest,
         estargz::EstargzError,
         layer::{self, LayerError, RemoteLayer},
         manifest::{self, Document, Platform},
     },
-    registry::{BlobSource, RegistryError},
+    registry::{BlobSource, FetchedManifest, RegistryError},
     shutdown::Shutdown,
 };
 
@@ -63,20 +64,21 @@ pub async fn open_layers(
     source: &dyn BlobSource,
     reference: &str,
     platform: &Platform,
+    cache: Option<&ChunkCache>,
 ) -> Result<Vec<RemoteLayer>, MountError> {
-    let mut fetched = source.manifest(reference).await?;
+    let mut fetched = manifest_cached(source, reference, cache).await?;
     let manifest = loop {
         match manifest::parse(&fetched.bytes, &fetched.media_type).map_err(RegistryError::from)? {
             Document::Manifest(m) => break *m,
             Document::Index(index) => {
                 let chosen = index.select(platform).map_err(RegistryError::from)?;
-                fetched = source.manifest(&chosen.digest.to_string()).await?;
+                fetched = manifest_cached(source, &chosen.digest.to_string(), cache).await?;
             }
         }
     };
     let mut layers = Vec::with_capacity(manifest.layers.len());
     for (index, desc) in manifest.layers.iter().enumerate() {
-        match layer::open(source, desc).await {
+        match layer::open_cached(source, desc, cache).await {
             Ok(opened) => layers.push(opened),
             Err(LayerError::Format(EstargzError::NotEstargz(_))) => {
                 return Err(MountError::NotEstargz {
@@ -94,6 +96,33 @@ pub async fn open_layers(
         }
     }
     Ok(layers)
+}
+
+/// A manifest by digest from the cache when it is there (checked against the digest), else
+/// from the source, then cached. Tags always go to the source: they move.
+async fn manifest_cached(
+    source: &dyn BlobSource,
+    reference: &str,
+    cache: Option<&ChunkCache>,
+) -> Result<FetchedManifest, MountError> {
+    let by_digest = reference.parse::<Digest>().ok();
+    if let (Some(cache), Some(digest)) = (cache, by_digest)
+        && let Ok(Some(bytes)) = cache.get(&digest)
+        && Digest::of(&bytes) == digest
+    {
+        return Ok(FetchedManifest {
+            bytes: bytes.into(),
+            media_type: String::new(),
+            digest,
+        });
+    }
+    let fetched = source.manifest(reference).await?;
+    if let Some(cache) = cache
+        && let Err(err) = cache.put(&fetched.digest, &fetched.bytes)
+    {
+        tracing::warn!(%err, "manifest not cached");
+    }
+    Ok(fetched)
 }
 
 /// A mounted image; unmounted (and the background download stopped) when dropped.
@@ -140,6 +169,7 @@ impl Drop for MountedImage {
 pub fn mount(
     runtime: tokio::runtime::Handle,
     source: Arc<dyn BlobSource>,
+    cache: Arc<ChunkCache>,
     layers: Vec<RemoteLayer>,
     mountpoint: &Path,
     options: &MountOptions,
@@ -149,7 +179,6 @@ pub fn mount(
     {
         return Err(MountError::NoSuchLayer(n, layers.len()));
     }
-    let cache = Arc::new(ChunkCache::open(&options.cache)?);
     let fetcher = Arc::new(Fetcher::new(runtime, source, cache));
     let layers: Arc<[RemoteLayer]> = layers.into();
     let background_layers: Arc<[RemoteLayer]> = match options.view {

@@ -22,7 +22,7 @@ const IMGSTREAM: &str = env!("CARGO_BIN_EXE_imgstream");
 
 /// Incompressible bytes, quickly (xorshift).
 fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
+    let mut x = seed.wrapping_mul(2).wrapping_add(1);
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
         x ^= x << 13;

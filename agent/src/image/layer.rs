@@ -9,7 +9,10 @@ use super::{
     estargz::{self, EstargzError, FOOTER_SIZE, LayerIndex, Node, TOC_DIGEST_ANNOTATION},
     manifest::{Descriptor, is_gzip_layer},
 };
-use crate::registry::{BlobSource, RegistryError};
+use crate::{
+    cache::ChunkCache,
+    registry::{BlobSource, RegistryError},
+};
 
 /// Errors opening or reading a remote layer.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +43,17 @@ pub struct RemoteLayer {
 /// whose descriptor lacks the TOC digest annotation (so its TOC could not be verified), is
 /// reported as [`EstargzError::NotEstargz`]: read it whole instead.
 pub async fn open(source: &dyn BlobSource, desc: &Descriptor) -> Result<RemoteLayer, LayerError> {
+    open_cached(source, desc, None).await
+}
+
+/// [`open`], keeping the TOC in `cache` (under its digest, with its offset in front) so that
+/// opening the layer again costs no request. A cached TOC is checked against the digest like
+/// a fetched one.
+pub async fn open_cached(
+    source: &dyn BlobSource,
+    desc: &Descriptor,
+    cache: Option<&ChunkCache>,
+) -> Result<RemoteLayer, LayerError> {
     let fetch = |source_err| LayerError::Fetch {
         source_name: source.name(),
         source: source_err,
@@ -57,6 +71,20 @@ pub async fn open(source: &dyn BlobSource, desc: &Descriptor) -> Result<RemoteLa
     })?;
     if desc.size < FOOTER_SIZE {
         return Err(EstargzError::NotEstargz("the blob is shorter than an eStargz footer").into());
+    }
+    if let Some(cached) = cache.and_then(|c| c.get(&expected).ok().flatten())
+        && cached.len() > 8
+    {
+        let toc_offset = u64::from_le_bytes(cached[..8].try_into().expect("8 bytes"));
+        if let Ok((index, toc_digest)) =
+            estargz::read_toc(&cached[8..], toc_offset, desc.size, Some(&expected))
+        {
+            return Ok(RemoteLayer {
+                desc: desc.clone(),
+                index,
+                toc_digest,
+            });
+        }
     }
     let footer = source
         .read_range(&desc.digest, desc.size - FOOTER_SIZE..desc.size)
@@ -78,6 +106,13 @@ pub async fn open(source: &dyn BlobSource, desc: &Descriptor) -> Result<RemoteLa
         .await
         .map_err(fetch)?;
     let (index, toc_digest) = estargz::read_toc(&member, toc_offset, desc.size, Some(&expected))?;
+    if let Some(cache) = cache {
+        let mut entry = toc_offset.to_le_bytes().to_vec();
+        entry.extend_from_slice(&member);
+        if let Err(err) = cache.put(&expected, &entry) {
+            tracing::warn!(%err, "TOC not cached");
+        }
+    }
     Ok(RemoteLayer {
         desc: desc.clone(),
         index,

@@ -1,0 +1,329 @@
+//! The lazy filesystem's behaviour over time, through real FUSE mounts of an image in a real
+//! registry, with every byte from the registry counted by a TCP proxy that can also be taken
+//! away: first reads fetch only what they need; the background download then caches the whole
+//! image, after which no read touches the network; a registry gone mid-way leaves cached
+//! reads working and uncached ones failing with EIO within the deadline; a flipped byte in a
+//! cached chunk is caught and the chunk fetched again; a restart with a warm cache fetches
+//! nothing at all.
+
+mod support;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use imgstream::{
+    cache::{CacheConfig, ChunkCache},
+    fetch::background::BackgroundConfig,
+    fs::{FsConfig, View},
+    image::{digest::Digest, manifest::Platform},
+    mount::{self, MountOptions, MountedImage},
+    registry::{
+        BlobSource,
+        http::{HttpConfig, RegistryClient},
+    },
+};
+use support::{Fault, Proxy, Registry};
+
+const IMGSTREAM: &str = env!("CARGO_BIN_EXE_imgstream");
+
+struct Image {
+    registry: Registry,
+    scratch: PathBuf,
+    /// `repo@digest` of the converted image.
+    repository: String,
+    digest: String,
+    /// Relative path -> content.
+    files: Vec<(String, Vec<u8>)>,
+}
+
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2).wrapping_add(1);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+async fn image(name: &str) -> Image {
+    support::require_root();
+    let scratch = support::scratch(name);
+    let registry = Registry::start(name, None);
+    let reg = registry.host();
+    let root = scratch.join("root");
+    support::busybox_rootfs(&root);
+    let mut files = Vec::new();
+    std::fs::create_dir_all(root.join("data")).unwrap();
+    for i in 0..40u64 {
+        let content = noise(i + 1, if i % 10 == 0 { 1_500_000 } else { 20_000 });
+        let rel = format!("data/f{i:02}.bin");
+        std::fs::write(root.join(&rel), &content).unwrap();
+        files.push((rel, content));
+    }
+    let layout = scratch.join("layout");
+    support::build_image(&layout, "v1", &[root], &["/bin/true"]).await;
+    support::skopeo_copy(
+        &format!("oci:{}:v1", layout.display()),
+        &format!("docker://{reg}/src/app:v1"),
+    );
+    let out = Command::new(IMGSTREAM)
+        .args([
+            "convert",
+            &format!("{reg}/src/app:v1"),
+            &format!("{reg}/esgz/app:v1"),
+            "--insecure-registry",
+            &reg,
+        ])
+        .args([
+            "--chunk-size",
+            "256K",
+            "--json",
+            "--scratch",
+            scratch.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let digest = report["manifest_digest"].as_str().unwrap().to_string();
+    Image {
+        registry,
+        scratch,
+        repository: "esgz/app".into(),
+        digest,
+        files,
+    }
+}
+
+/// Mounts the image through `proxy` with a fresh runtime; returns what must stay alive.
+fn mount_through(
+    image: &Image,
+    proxy: &Proxy,
+    cache: &Path,
+    background: Option<BackgroundConfig>,
+    deadline: Duration,
+) -> (
+    tokio::runtime::Runtime,
+    MountedImage,
+    PathBuf,
+    Arc<ChunkCache>,
+) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let config = HttpConfig {
+        insecure: vec![proxy.host()],
+        auth_file: None,
+        timeout: Duration::from_secs(2),
+        retries: 1,
+        backoff: Duration::from_millis(20),
+        ..HttpConfig::default()
+    };
+    let source: Arc<dyn BlobSource> =
+        Arc::new(RegistryClient::new(&proxy.host(), &image.repository, config).unwrap());
+    let options = MountOptions {
+        view: View::Merged,
+        cache: CacheConfig {
+            dir: cache.to_path_buf(),
+            limit_bytes: None,
+            prefer_uring: true,
+        },
+        fs: FsConfig {
+            read_deadline: deadline,
+        },
+        background,
+        threads: 2,
+        platform: Platform::host(),
+    };
+    let chunk_cache = Arc::new(ChunkCache::open(&options.cache).unwrap());
+    let layers = runtime
+        .block_on(mount::open_layers(
+            source.as_ref(),
+            &image.digest,
+            &options.platform,
+            Some(&chunk_cache),
+        ))
+        .unwrap();
+    let mountpoint = image.scratch.join(format!("mnt-{}", proxy.addr.port()));
+    std::fs::create_dir_all(&mountpoint).unwrap();
+    let mounted = mount::mount(
+        runtime.handle().clone(),
+        source,
+        chunk_cache.clone(),
+        layers,
+        &mountpoint,
+        &options,
+    )
+    .unwrap();
+    (runtime, mounted, mountpoint, chunk_cache)
+}
+
+fn drop_page_cache() {
+    std::fs::write("/proc/sys/vm/drop_caches", "3").expect("needs root");
+}
+
+fn layer_size(image: &Image) -> u64 {
+    let blobs = image.registry.stored_bytes();
+    assert!(blobs > 0);
+    blobs
+}
+
+#[test]
+fn reads_fetch_what_they_need_and_the_background_download_caches_the_rest() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let image = rt.block_on(image("lazy-bg"));
+    let cache = image.scratch.join("cache");
+
+    // Lazy: one 20 KB file costs the manifest, footer, TOC and about one chunk.
+    let proxy = Proxy::start(image.registry.addr, Fault::None);
+    let (runtime, mounted, mnt, _cache) =
+        mount_through(&image, &proxy, &cache, None, Duration::from_secs(10));
+    let opened = proxy.bytes();
+    let (rel, content) = &image.files[3];
+    assert_eq!(&std::fs::read(mnt.join(rel)).unwrap(), content);
+    let first_read = proxy.bytes() - opened;
+    println!(
+        "mount: {opened} B (manifest, footer, TOC); first 20 KB file: {first_read} B; registry holds {} B",
+        layer_size(&image)
+    );
+    assert!(first_read < 64 * 1024, "{first_read}");
+    drop(mounted);
+    drop(runtime);
+
+    // The background download, then the registry goes away: everything still reads.
+    let proxy = Proxy::start(image.registry.addr, Fault::None);
+    let config = BackgroundConfig {
+        concurrency: 2,
+        bandwidth: None,
+    };
+    let (runtime, mut mounted, mnt, _cache) =
+        mount_through(&image, &proxy, &cache, Some(config), Duration::from_secs(2));
+    let progress = mounted.progress.clone().unwrap();
+    let started = Instant::now();
+    while !progress.finished.load(Ordering::Acquire) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "background download did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    mounted.wait_background();
+    let requests = mounted.fetcher.stats.requests.load(Ordering::Relaxed);
+    drop(proxy);
+    drop_page_cache();
+    for (rel, content) in &image.files {
+        assert!(&std::fs::read(mnt.join(rel)).unwrap() == content, "{rel}");
+    }
+    assert_eq!(
+        mounted.fetcher.stats.requests.load(Ordering::Relaxed),
+        requests,
+        "no read touched the network"
+    );
+    drop(mounted);
+    drop(runtime);
+
+    // Restart with the warm cache, by digest: not one byte from the registry.
+    let proxy = Proxy::start(image.registry.addr, Fault::None);
+    let (runtime, mounted, mnt, _cache) =
+        mount_through(&image, &proxy, &cache, None, Duration::from_secs(2));
+    drop_page_cache();
+    for (rel, content) in &image.files {
+        assert!(&std::fs::read(mnt.join(rel)).unwrap() == content, "{rel}");
+    }
+    assert_eq!(proxy.bytes(), 0, "a warm restart transfers nothing");
+    assert_eq!(proxy.connections.load(Ordering::SeqCst), 0);
+    drop(mounted);
+    drop(runtime);
+    std::fs::remove_dir_all(&image.scratch).unwrap();
+}
+
+#[test]
+fn a_registry_gone_mid_way_fails_uncached_reads_within_the_deadline() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let image = rt.block_on(image("lazy-gone"));
+    let cache = image.scratch.join("cache");
+    let proxy = Proxy::start(image.registry.addr, Fault::None);
+    let deadline = Duration::from_secs(2);
+    let (runtime, mounted, mnt, _cache) = mount_through(&image, &proxy, &cache, None, deadline);
+    let (cached, content) = &image.files[1];
+    assert_eq!(&std::fs::read(mnt.join(cached)).unwrap(), content);
+    let addr = proxy.addr;
+    drop(proxy);
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "the proxy is gone"
+    );
+    drop_page_cache();
+    assert_eq!(
+        &std::fs::read(mnt.join(cached)).unwrap(),
+        content,
+        "cached data still reads"
+    );
+    let started = Instant::now();
+    let err = std::fs::read(mnt.join(&image.files[2].0))
+        .map(|d| d.len())
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(
+        started.elapsed() < deadline + Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    // Metadata is all local: listing still works.
+    assert_eq!(
+        std::fs::read_dir(mnt.join("data")).unwrap().count(),
+        image.files.len()
+    );
+    drop(mounted);
+    drop(runtime);
+    std::fs::remove_dir_all(&image.scratch).unwrap();
+}
+
+#[test]
+fn a_flipped_byte_in_the_cache_is_caught_and_fetched_again() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let image = rt.block_on(image("lazy-flip"));
+    let cache = image.scratch.join("cache");
+    let (rel, content) = &image.files[0];
+    let proxy = Proxy::start(image.registry.addr, Fault::None);
+    let (runtime, mounted, mnt, _) =
+        mount_through(&image, &proxy, &cache, None, Duration::from_secs(10));
+    assert_eq!(&std::fs::read(mnt.join(rel)).unwrap(), content);
+    drop(mounted);
+    drop(runtime);
+    // Flip one byte in the cached chunk holding the file's first 256 KiB.
+    let first = Digest::of(&content[..256 * 1024]);
+    let hex = first.hex();
+    let chunk_file = cache.join("chunks").join(&hex[..2]).join(&hex);
+    let mut bytes = std::fs::read(&chunk_file).unwrap();
+    bytes[1000] ^= 0x40;
+    std::fs::write(&chunk_file, bytes).unwrap();
+
+    let proxy = Proxy::start(image.registry.addr, Fault::None);
+    let (runtime, mounted, mnt, chunk_cache) =
+        mount_through(&image, &proxy, &cache, None, Duration::from_secs(10));
+    drop_page_cache();
+    assert!(
+        &std::fs::read(mnt.join(rel)).unwrap() == content,
+        "the right bytes, not the flipped ones"
+    );
+    assert_eq!(chunk_cache.stats.corrupt.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        mounted.fetcher.stats.chunks_fetched.load(Ordering::Relaxed),
+        1,
+        "exactly the bad chunk was fetched again"
+    );
+    assert!(proxy.bytes() > 0);
+    drop(mounted);
+    drop(runtime);
+    std::fs::remove_dir_all(&image.scratch).unwrap();
+}
