@@ -477,19 +477,19 @@ fn mount(
         imgstream::cache::ChunkCache::open(&options.cache)
             .with_context(|| format!("opening the cache at {}", options.cache.dir.display()))?,
     );
-    let layers = runtime
+    let opened = runtime
         .block_on(imgstream::mount::open_layers(
-            source.as_ref(),
+            source,
             &reference,
             &options.platform,
-            Some(&cache),
+            &cache,
         ))
         .with_context(|| format!("reading {image_ref}"))?;
     let mut mounted = imgstream::mount::mount(
         runtime.handle().clone(),
-        source,
+        opened.source,
         cache,
-        layers,
+        opened.layers,
         mountpoint,
         options,
     )

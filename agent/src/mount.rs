@@ -15,6 +15,7 @@ use crate::{
         digest::Digest,
         estargz::EstargzError,
         layer::{self, LayerError, RemoteLayer},
+        manifest::Descriptor,
         manifest::{self, Document, Platform},
     },
     registry::{BlobSource, FetchedManifest, RegistryError},
@@ -59,32 +60,44 @@ pub struct MountOptions {
     pub platform: Platform,
 }
 
-/// The layers of image `reference` (bottom first), opened for random access.
+/// An image's layers opened for random access, and the source to read them through.
+pub struct OpenedImage {
+    pub layers: Vec<RemoteLayer>,
+    /// The source, plus the local files of layers that had to be downloaded whole.
+    pub source: Arc<dyn BlobSource>,
+}
+
+/// The layers of image `reference` (bottom first), opened for random access. eStargz layers
+/// cost two range requests each (none with a warm cache); any other layer is downloaded
+/// whole and rewritten as eStargz under `<cache>/layers` before the mount is ready (kept for
+/// the next mount), and then read the same way.
 pub async fn open_layers(
-    source: &dyn BlobSource,
+    base: Arc<dyn BlobSource>,
     reference: &str,
     platform: &Platform,
-    cache: Option<&ChunkCache>,
-) -> Result<Vec<RemoteLayer>, MountError> {
-    let mut fetched = manifest_cached(source, reference, cache).await?;
+    cache: &ChunkCache,
+) -> Result<OpenedImage, MountError> {
+    let source = base.as_ref();
+    let cache_opt = Some(cache);
+    let mut fetched = manifest_cached(source, reference, cache_opt).await?;
     let manifest = loop {
         match manifest::parse(&fetched.bytes, &fetched.media_type).map_err(RegistryError::from)? {
             Document::Manifest(m) => break *m,
             Document::Index(index) => {
                 let chosen = index.select(platform).map_err(RegistryError::from)?;
-                fetched = manifest_cached(source, &chosen.digest.to_string(), cache).await?;
+                fetched = manifest_cached(source, &chosen.digest.to_string(), cache_opt).await?;
             }
         }
     };
     let mut layers = Vec::with_capacity(manifest.layers.len());
+    let mut local = std::collections::HashMap::new();
     for (index, desc) in manifest.layers.iter().enumerate() {
-        match layer::open_cached(source, desc, cache).await {
+        match layer::open_cached(source, desc, cache_opt).await {
             Ok(opened) => layers.push(opened),
-            Err(LayerError::Format(EstargzError::NotEstargz(_))) => {
-                return Err(MountError::NotEstargz {
-                    index,
-                    digest: desc.digest.to_string(),
-                });
+            Err(LayerError::Format(EstargzError::NotEstargz(why))) => {
+                let (opened, path) = whole_layer(source, desc, cache, index, why).await?;
+                local.insert(opened.desc.digest, path);
+                layers.push(opened);
             }
             Err(source) => {
                 return Err(MountError::Layer {
@@ -95,7 +108,79 @@ pub async fn open_layers(
             }
         }
     }
-    Ok(layers)
+    let source: Arc<dyn BlobSource> = if local.is_empty() {
+        base
+    } else {
+        Arc::new(crate::registry::local::WithLocalBlobs::new(base, local))
+    };
+    Ok(OpenedImage { layers, source })
+}
+
+/// Downloads a layer that is not eStargz, rewrites it as eStargz in the cache directory
+/// (reused by later mounts) and opens that.
+async fn whole_layer(
+    source: &dyn BlobSource,
+    desc: &Descriptor,
+    cache: &ChunkCache,
+    index: usize,
+    why: &str,
+) -> Result<(RemoteLayer, std::path::PathBuf), MountError> {
+    let dir = cache.dir().join("layers");
+    let io_err = |e: std::io::Error| MountError::Cache(CacheError::Prepare(dir.clone(), e));
+    std::fs::create_dir_all(&dir).map_err(io_err)?;
+    let out = dir.join(format!("{}.esgz", desc.digest.hex()));
+    let meta = dir.join(format!("{}.json", desc.digest.hex()));
+    let layer_err = |source: LayerError| MountError::Layer {
+        index,
+        digest: desc.digest.to_string(),
+        source: Box::new(source),
+    };
+    let summary: Option<(Digest, u64, Digest)> = std::fs::read(&meta)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let (digest, size, toc) = match summary {
+        Some(s) if out.exists() => s,
+        _ => {
+            tracing::info!(layer = index, digest = %desc.digest, size = desc.size, %why, "layer is not eStargz: downloading it whole before the mount is ready");
+            let input = dir.join(format!("{}.download", desc.digest.hex()));
+            source.blob_to_file(desc, &input).await?;
+            let (input_path, out_path, media_type) =
+                (input.clone(), out.clone(), desc.media_type.clone());
+            let summary = tokio::task::spawn_blocking(move || {
+                crate::convert::convert_layer(
+                    &input_path,
+                    &media_type,
+                    &out_path,
+                    Default::default(),
+                    &[],
+                    &|_| {},
+                )
+            })
+            .await
+            .map_err(|e| io_err(std::io::Error::other(e.to_string())))?
+            .map_err(|e| io_err(std::io::Error::other(e.to_string())))?;
+            let _ = std::fs::remove_file(&input);
+            let record = (summary.digest, summary.size, summary.toc_digest);
+            std::fs::write(&meta, serde_json::to_vec(&record).expect("serializes"))
+                .map_err(io_err)?;
+            record
+        }
+    };
+    let mut local_desc = desc.clone();
+    local_desc.media_type = manifest::OCI_LAYER_GZIP.to_string();
+    local_desc.digest = digest;
+    local_desc.size = size;
+    local_desc.annotations.insert(
+        crate::image::estargz::TOC_DIGEST_ANNOTATION.into(),
+        toc.to_string(),
+    );
+    let local = crate::registry::local::WithLocalBlobs::local_only(
+        std::collections::HashMap::from([(digest, out.clone())]),
+    );
+    let opened = layer::open_cached(&local, &local_desc, Some(cache))
+        .await
+        .map_err(layer_err)?;
+    Ok((opened, out))
 }
 
 /// A manifest by digest from the cache when it is there (checked against the digest), else

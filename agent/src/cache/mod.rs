@@ -108,6 +108,11 @@ impl ChunkCache {
         })
     }
 
+    /// The cache's directory (other parts keep files of their own under it).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Which engine writes ("io_uring" or "sync").
     pub fn engine_name(&self) -> &'static str {
         self.engine.name()

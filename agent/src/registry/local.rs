@@ -343,3 +343,92 @@ fn copy_verified(src: &Path, desc: &Descriptor, dst: &Path) -> Result<(), Regist
     }
     result
 }
+
+/// A source that serves some blobs from local files and everything else from `base`: how a
+/// layer that had to be downloaded whole (and rewritten as eStargz on disk) is read through
+/// the same path as the streamed ones.
+pub struct WithLocalBlobs {
+    base: Option<std::sync::Arc<dyn BlobSource>>,
+    local: std::collections::HashMap<Digest, PathBuf>,
+}
+
+impl WithLocalBlobs {
+    pub fn new(
+        base: std::sync::Arc<dyn BlobSource>,
+        local: std::collections::HashMap<Digest, PathBuf>,
+    ) -> Self {
+        Self {
+            base: Some(base),
+            local,
+        }
+    }
+
+    /// Only the local blobs; anything else is not found.
+    pub fn local_only(local: std::collections::HashMap<Digest, PathBuf>) -> Self {
+        Self { base: None, local }
+    }
+
+    fn base(&self, what: String) -> Result<&dyn BlobSource, RegistryError> {
+        self.base.as_deref().ok_or(RegistryError::NotFound {
+            what,
+            source_name: "local blobs".into(),
+        })
+    }
+}
+
+#[async_trait]
+impl BlobSource for WithLocalBlobs {
+    async fn manifest(&self, reference: &str) -> Result<FetchedManifest, RegistryError> {
+        self.base(format!("manifest {reference}"))?
+            .manifest(reference)
+            .await
+    }
+
+    async fn blob(&self, desc: &Descriptor) -> Result<Bytes, RegistryError> {
+        match self.local.get(&desc.digest) {
+            Some(path) => {
+                let bytes = read_bounded(path, MAX_IN_MEMORY_BLOB)?;
+                check_content(desc, &bytes, &path.display().to_string())?;
+                Ok(bytes.into())
+            }
+            None => self.base(format!("blob {}", desc.digest))?.blob(desc).await,
+        }
+    }
+
+    async fn blob_to_file(&self, desc: &Descriptor, path: &Path) -> Result<(), RegistryError> {
+        match self.local.get(&desc.digest) {
+            Some(src) => copy_verified(src, desc, path),
+            None => {
+                self.base(format!("blob {}", desc.digest))?
+                    .blob_to_file(desc, path)
+                    .await
+            }
+        }
+    }
+
+    async fn read_range(&self, digest: &Digest, range: Range<u64>) -> Result<Bytes, RegistryError> {
+        let Some(path) = self.local.get(digest) else {
+            return self
+                .base(format!("blob {digest}"))?
+                .read_range(digest, range)
+                .await;
+        };
+        let len = range
+            .end
+            .checked_sub(range.start)
+            .ok_or_else(|| RegistryError::Protocol("empty range".into()))?;
+        let file = std::fs::File::open(path).map_err(|e| RegistryError::io(path, e))?;
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact_at(&mut buf, range.start)
+            .map_err(|e| RegistryError::io(path, e))?;
+        Ok(buf.into())
+    }
+
+    fn name(&self) -> String {
+        let base = self
+            .base
+            .as_ref()
+            .map_or_else(|| "nothing".to_string(), |b| b.name());
+        format!("{base} (+{} local layers)", self.local.len())
+    }
+}

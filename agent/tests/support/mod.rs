@@ -312,6 +312,9 @@ pub enum Fault {
 /// inject faults.
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// Once set, every connection, open or new, is dropped: the registry is gone, while the
+    /// port stays ours (no other test's proxy can take it).
+    cut: Arc<std::sync::atomic::AtomicBool>,
     pub downstream_bytes: Arc<AtomicU64>,
     pub connections: Arc<AtomicUsize>,
     runtime: Option<tokio::runtime::Runtime>,
@@ -330,12 +333,18 @@ impl Proxy {
         let downstream_bytes = Arc::new(AtomicU64::new(0));
         let connections = Arc::new(AtomicUsize::new(0));
         let (bytes, conns) = (downstream_bytes.clone(), connections.clone());
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cut_flag = cut.clone();
         runtime.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             loop {
                 let Ok((client, _)) = listener.accept().await else {
                     continue;
                 };
+                if cut_flag.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
                 let n = conns.fetch_add(1, Ordering::SeqCst);
                 let reset = match fault {
                     Fault::ResetFirst(k) => n < k,
@@ -362,6 +371,7 @@ impl Proxy {
                     _ => None,
                 };
                 let bytes = bytes.clone();
+                let cut_flag = cut_flag.clone();
                 tokio::spawn(async move {
                     let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
                         return;
@@ -378,7 +388,7 @@ impl Proxy {
                         let Ok(n) = sr.read(&mut buf).await else {
                             break;
                         };
-                        if n == 0 {
+                        if n == 0 || cut_flag.load(Ordering::SeqCst) {
                             break;
                         }
                         let n = match limit {
@@ -400,10 +410,16 @@ impl Proxy {
         });
         Self {
             addr,
+            cut,
             downstream_bytes,
             connections,
             runtime: Some(runtime),
         }
+    }
+
+    /// Takes the registry away: connections are dropped from now on.
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
     }
 
     pub fn host(&self) -> String {
