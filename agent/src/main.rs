@@ -485,15 +485,9 @@ fn mount(
             &cache,
         ))
         .with_context(|| format!("reading {image_ref}"))?;
-    let mut mounted = imgstream::mount::mount(
-        runtime.handle().clone(),
-        opened.source,
-        cache,
-        opened.layers,
-        mountpoint,
-        options,
-    )
-    .with_context(|| format!("mounting {image_ref} at {}", mountpoint.display()))?;
+    let mut mounted =
+        imgstream::mount::mount(runtime.handle().clone(), opened, cache, mountpoint, options)
+            .with_context(|| format!("mounting {image_ref} at {}", mountpoint.display()))?;
     eprintln!(
         "{image_ref} mounted at {}; Ctrl-C unmounts",
         mountpoint.display()

@@ -62,6 +62,8 @@ pub struct MountOptions {
 
 /// An image's layers opened for random access, and the source to read them through.
 pub struct OpenedImage {
+    /// Digest of the image manifest (the platform's, for an index).
+    pub digest: Digest,
     pub layers: Vec<RemoteLayer>,
     /// The source, plus the local files of layers that had to be downloaded whole.
     pub source: Arc<dyn BlobSource>,
@@ -113,7 +115,11 @@ pub async fn open_layers(
     } else {
         Arc::new(crate::registry::local::WithLocalBlobs::new(base, local))
     };
-    Ok(OpenedImage { layers, source })
+    Ok(OpenedImage {
+        digest: fetched.digest,
+        layers,
+        source,
+    })
 }
 
 /// Downloads a layer that is not eStargz, rewrites it as eStargz in the cache directory
@@ -213,6 +219,8 @@ async fn manifest_cached(
 /// A mounted image; unmounted (and the background download stopped) when dropped.
 pub struct MountedImage {
     pub fetcher: Arc<Fetcher>,
+    /// Keeps the image's chunks from eviction while mounted.
+    _pin: crate::cache::Pin,
     pub progress: Option<Arc<Progress>>,
     mount: Option<FuseMount>,
     background: Option<thread::JoinHandle<()>>,
@@ -250,20 +258,34 @@ impl Drop for MountedImage {
     }
 }
 
-/// Mounts `layers` of an image read from `source` at `mountpoint`.
+/// Mounts an opened image at `mountpoint`, pinning its chunks in `cache` while mounted.
 pub fn mount(
     runtime: tokio::runtime::Handle,
-    source: Arc<dyn BlobSource>,
+    image: OpenedImage,
     cache: Arc<ChunkCache>,
-    layers: Vec<RemoteLayer>,
     mountpoint: &Path,
     options: &MountOptions,
 ) -> Result<MountedImage, MountError> {
+    let OpenedImage {
+        digest,
+        layers,
+        source,
+    } = image;
     if let View::Layer(n) = options.view
         && n >= layers.len()
     {
         return Err(MountError::NoSuchLayer(n, layers.len()));
     }
+    let chunks: Vec<Digest> = layers
+        .iter()
+        .flat_map(|l| {
+            l.index
+                .nodes
+                .iter()
+                .flat_map(|n| n.chunks.iter().map(|c| c.digest))
+        })
+        .collect();
+    let pin = cache.pin_image(&digest, &chunks)?;
     let fetcher = Arc::new(Fetcher::new(runtime, source, cache));
     let layers: Arc<[RemoteLayer]> = layers.into();
     let background_layers: Arc<[RemoteLayer]> = match options.view {
@@ -290,6 +312,7 @@ pub fn mount(
     };
     Ok(MountedImage {
         fetcher,
+        _pin: pin,
         progress,
         mount: Some(mount),
         background,

@@ -157,9 +157,8 @@ fn mount_through(
     std::fs::create_dir_all(&mountpoint).unwrap();
     let mounted = mount::mount(
         runtime.handle().clone(),
-        opened.source,
+        opened,
         chunk_cache.clone(),
-        opened.layers,
         &mountpoint,
         &options,
     )

@@ -11,6 +11,7 @@
 //! This module knows nothing of registries or filesystems: it maps digests to bytes.
 
 pub mod engine;
+mod images;
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -22,6 +23,7 @@ use std::{
 use serde::Serialize;
 
 pub use engine::{CacheEngine, SyncEngine, UringEngine};
+pub use images::Pin;
 
 use crate::image::digest::Digest;
 
@@ -60,6 +62,8 @@ pub struct CacheStats {
     pub corrupt: AtomicU64,
     pub writes: AtomicU64,
     pub bytes_written: AtomicU64,
+    /// Chunks removed to make room (least recently used images that are not mounted).
+    pub evicted: AtomicU64,
     /// Chunks not cached because the limit would have been exceeded.
     pub skipped_over_limit: AtomicU64,
     pub write_errors: AtomicU64,
@@ -71,6 +75,7 @@ pub struct ChunkCache {
     engine: Box<dyn CacheEngine>,
     limit: Option<u64>,
     usage: AtomicU64,
+    evicting: std::sync::Mutex<()>,
     pub stats: CacheStats,
 }
 
@@ -104,6 +109,7 @@ impl ChunkCache {
             engine,
             limit: config.limit_bytes,
             usage: AtomicU64::new(usage),
+            evicting: std::sync::Mutex::new(()),
             stats: CacheStats::default(),
         })
     }
@@ -126,6 +132,52 @@ impl ChunkCache {
     fn path(&self, digest: &Digest) -> PathBuf {
         let hex = digest.hex();
         self.dir.join("chunks").join(&hex[..2]).join(hex)
+    }
+
+    /// Records that image `key` (its manifest digest) uses `chunks` and pins it against
+    /// eviction while the returned [`Pin`] lives, across processes sharing the cache.
+    pub fn pin_image(&self, key: &Digest, chunks: &[Digest]) -> Result<Pin, CacheError> {
+        images::pin(&self.dir, key, chunks)
+            .map_err(|e| CacheError::Prepare(images::dir(&self.dir), e))
+    }
+
+    /// Frees space down to `target` bytes by removing the chunks of the least recently used
+    /// images that no process has mounted, keeping chunks any mounted image uses. Returns
+    /// whether usage is now at or under `target`.
+    fn evict(&self, target: u64) -> bool {
+        let _one_at_a_time = self.evicting.lock().expect("eviction lock");
+        if self.usage() <= target {
+            return true;
+        }
+        let mut records = images::records(&self.dir);
+        let keep: std::collections::HashSet<[u8; 32]> = records
+            .iter()
+            .filter(|r| r.mounted)
+            .flat_map(|r| images::chunks_of(&r.path))
+            .collect();
+        records.retain(|r| !r.mounted);
+        records.sort_by_key(|r| r.last_used);
+        for record in records {
+            for raw in images::chunks_of(&record.path) {
+                if keep.contains(&raw) {
+                    continue;
+                }
+                let path = self.path(&Digest::from_raw(raw));
+                if let Ok(meta) = fs::metadata(&path)
+                    && fs::remove_file(&path).is_ok()
+                {
+                    self.usage
+                        .fetch_sub(meta.len().min(self.usage()), Ordering::Relaxed);
+                    self.stats.evicted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            tracing::info!(image = %record.key, usage = self.usage(), "evicted an unmounted image's chunks");
+            let _ = fs::remove_file(&record.path);
+            if self.usage() <= target {
+                return true;
+            }
+        }
+        self.usage() <= target
     }
 
     /// Whether a chunk file exists (not verified).
@@ -189,6 +241,7 @@ impl ChunkCache {
         let size = (HEADER + data.len()) as u64;
         if let Some(limit) = self.limit
             && self.usage() + size > limit
+            && !self.evict(limit.saturating_sub(size))
         {
             self.stats
                 .skipped_over_limit
@@ -345,5 +398,58 @@ mod tests {
         assert_eq!(stored, [true, true, true, false, false]);
         assert!(cache.usage() <= 3 * (HEADER as u64 + 1000));
         fs::remove_dir_all(&cfg.dir).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod eviction_tests {
+    use super::*;
+
+    #[test]
+    fn least_recently_used_unmounted_images_make_room_and_mounted_ones_keep_theirs() {
+        let dir = std::env::temp_dir().join(format!("imgstream-evict-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let chunk = |tag: u8| vec![tag; 1000];
+        let per = (HEADER + 1000) as u64;
+        let cfg = CacheConfig {
+            dir: dir.clone(),
+            limit_bytes: Some(4 * per),
+            prefer_uring: false,
+        };
+        let cache = ChunkCache::open(&cfg).unwrap();
+        let (old, mounted, shared) = (chunk(1), chunk(2), chunk(9));
+        let key = |n: u8| Digest::of(&[n]);
+        // An old image (chunks 1 + shared), unmounted; a mounted one (chunks 2 + shared).
+        drop(
+            cache
+                .pin_image(&key(1), &[Digest::of(&old), Digest::of(&shared)])
+                .unwrap(),
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let _pin = cache
+            .pin_image(&key(2), &[Digest::of(&mounted), Digest::of(&shared)])
+            .unwrap();
+        for c in [&old, &mounted, &shared] {
+            assert!(cache.put(&Digest::of(c), c).unwrap());
+        }
+        assert_eq!(cache.usage(), 3 * per);
+        // Two more chunks do not fit: the old image's own chunk goes, the shared one stays.
+        assert!(cache.put(&Digest::of(&chunk(3)), &chunk(3)).unwrap());
+        assert!(cache.put(&Digest::of(&chunk(4)), &chunk(4)).unwrap());
+        assert!(
+            !cache.contains(&Digest::of(&old)),
+            "the unmounted image's chunk was evicted"
+        );
+        assert!(
+            cache.contains(&Digest::of(&shared)),
+            "a chunk of a mounted image stays"
+        );
+        assert!(cache.contains(&Digest::of(&mounted)));
+        assert!(cache.usage() <= 4 * per);
+        assert_eq!(cache.stats.evicted.load(Ordering::Relaxed), 1);
+        // Nothing left to evict: the next chunk is refused, the limit holds.
+        assert!(!cache.put(&Digest::of(&chunk(5)), &chunk(5)).unwrap());
+        assert!(cache.usage() <= 4 * per);
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

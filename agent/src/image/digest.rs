@@ -29,6 +29,16 @@ impl Digest {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }
 
+    /// The 32 raw bytes.
+    pub fn raw(&self) -> [u8; 32] {
+        self.0
+    }
+
+    /// A digest from its 32 raw bytes.
+    pub fn from_raw(raw: [u8; 32]) -> Self {
+        Self(raw)
+    }
+
     /// Whether `bytes` hash to this digest.
     pub fn matches(&self, bytes: &[u8]) -> bool {
         Self::of(bytes) == *self
