@@ -6,6 +6,7 @@
 //! - `ci`         setup, then every check and test CI runs (the README's test command)
 //! - `demo`       setup, then the main job on its built-in default
 //! - `fuzz`       the cargo-fuzz targets of agent/fuzz, for a while each
+//! - `bench fs`   the lazy filesystem's benchmarks, as ratios against baselines
 
 mod build_ebpf;
 mod ci;
@@ -48,6 +49,11 @@ enum Command {
     Ci,
     /// Set up, then show the rename-ENXIO detector catching a container's failing `mv`.
     Demo,
+    /// Run a benchmark: `fs` (the lazy filesystem against its baselines). Needs root.
+    Bench {
+        #[arg(value_parser = ["fs"])]
+        suite: String,
+    },
     /// Run the fuzz targets (eStargz footer+TOC and blobs, tar streams, manifests).
     Fuzz {
         /// Only this target.
@@ -72,6 +78,11 @@ fn main() -> anyhow::Result<()> {
         ),
         Command::Ci => ci::run(&root),
         Command::Demo => demo::run(&root),
+        Command::Bench { suite } => cmd::run(
+            std::process::Command::new("cargo")
+                .current_dir(&root)
+                .args(["bench", "-p", "imgstream-agent", "--bench", &suite]),
+        ),
         Command::Fuzz { target, seconds } => fuzz::run(&root, target.as_deref(), seconds),
     }
 }

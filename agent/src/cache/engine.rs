@@ -4,8 +4,8 @@
 
 use std::{
     fs::File,
-    io::{self, Write},
-    os::fd::AsRawFd,
+    io,
+    os::{fd::AsRawFd, unix::fs::FileExt},
     sync::Mutex,
 };
 
@@ -15,8 +15,9 @@ use io_uring::{IoUring, opcode, squeue, types};
 pub trait CacheEngine: Send + Sync {
     fn name(&self) -> &'static str;
 
-    /// Writes `parts` one after the other from offset 0 of `file`, then syncs its data.
-    fn write_all_sync(&self, file: &File, parts: &[&[u8]]) -> io::Result<()>;
+    /// Writes `parts` one after the other from offset 0 of `file`; with `durable`, also syncs
+    /// its data before returning.
+    fn write_parts(&self, file: &File, parts: &[&[u8]], durable: bool) -> io::Result<()>;
 }
 
 /// `write_all` + `sync_data`.
@@ -28,11 +29,13 @@ impl CacheEngine for SyncEngine {
         "sync"
     }
 
-    fn write_all_sync(&self, mut file: &File, parts: &[&[u8]]) -> io::Result<()> {
+    fn write_parts(&self, file: &File, parts: &[&[u8]], durable: bool) -> io::Result<()> {
+        let mut offset = 0;
         for part in parts {
-            file.write_all(part)?;
+            file.write_all_at(part, offset)?;
+            offset += part.len() as u64;
         }
-        file.sync_data()
+        if durable { file.sync_data() } else { Ok(()) }
     }
 }
 
@@ -79,7 +82,7 @@ impl CacheEngine for UringEngine {
         "io_uring"
     }
 
-    fn write_all_sync(&self, file: &File, parts: &[&[u8]]) -> io::Result<()> {
+    fn write_parts(&self, file: &File, parts: &[&[u8]], durable: bool) -> io::Result<()> {
         if parts.len() > MAX_PARTS {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -96,10 +99,18 @@ impl CacheEngine for UringEngine {
         for (i, part) in parts.iter().enumerate() {
             let len = u32::try_from(part.len())
                 .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "part too large"))?;
+            // Link each write to the next entry, so they run in order and a failure cancels
+            // the rest; the last entry of the submission carries no link.
+            let link = i + 1 < parts.len() || durable;
+            let flags = if link {
+                squeue::Flags::IO_LINK
+            } else {
+                squeue::Flags::empty()
+            };
             let write = opcode::Write::new(fd, part.as_ptr(), len)
                 .offset(offset)
                 .build()
-                .flags(squeue::Flags::IO_LINK)
+                .flags(flags)
                 .user_data(i as u64);
             // SAFETY: `part` and `file` stay borrowed until this function returns, and it does
             // not return before every submitted entry has completed (submit_and_wait below
@@ -109,14 +120,16 @@ impl CacheEngine for UringEngine {
             offset += part.len() as u64;
             pushed += 1;
         }
-        let fsync = opcode::Fsync::new(fd)
-            .flags(types::FsyncFlags::DATASYNC)
-            .build()
-            .user_data(parts.len() as u64);
-        // SAFETY: as above; fsync carries only the fd, borrowed for the whole call.
-        unsafe { ring.submission().push(&fsync) }
-            .map_err(|_| io::Error::other("submission queue full"))?;
-        pushed += 1;
+        if durable {
+            let fsync = opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build()
+                .user_data(parts.len() as u64);
+            // SAFETY: as above; fsync carries only the fd, borrowed for the whole call.
+            unsafe { ring.submission().push(&fsync) }
+                .map_err(|_| io::Error::other("submission queue full"))?;
+            pushed += 1;
+        }
         ring.submit_and_wait(pushed)?;
         let mut first_error = None;
         let mut completed = 0;
@@ -171,10 +184,15 @@ mod tests {
         ));
         let file = File::create(&path).unwrap();
         let data: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
-        engine.write_all_sync(&file, &[b"header..", &data]).unwrap();
+        engine
+            .write_parts(&file, &[b"header..", &data], true)
+            .unwrap();
+        engine
+            .write_parts(&file, &[b"header..", &data], false)
+            .unwrap();
         let back = std::fs::read(&path).unwrap();
         assert_eq!(&back[..8], b"header..");
-        assert_eq!(&back[8..], &data[..]);
+        assert!(back[8..] == data[..], "the data came back intact");
         std::fs::remove_file(path).unwrap();
     }
 
@@ -191,7 +209,7 @@ mod tests {
         let path = std::env::temp_dir().join(format!("imgstream-engine-ro-{}", std::process::id()));
         std::fs::write(&path, b"x").unwrap();
         let file = File::open(&path).unwrap();
-        let err = engine.write_all_sync(&file, &[b"data"]).unwrap_err();
+        let err = engine.write_parts(&file, &[b"data"], true).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EBADF), "{err}");
         std::fs::remove_file(path).unwrap();
     }

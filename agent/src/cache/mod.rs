@@ -255,7 +255,8 @@ impl ChunkCache {
             }
             let file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
             let header = header(data);
-            self.engine.write_all_sync(&file, &[&header, data])?;
+            // Not synced: a chunk torn by a crash fails its crc32 check and is fetched again.
+            self.engine.write_parts(&file, &[&header, data], false)?;
             fs::rename(&tmp, &path)
         })();
         match result {

@@ -71,8 +71,45 @@ struct Inflight {
     ready: Condvar,
 }
 
+/// Verified chunks kept in memory, so that the consecutive reads a chunk serves (FUSE reads
+/// are at most 1 MiB, chunks up to 4 MiB) do not each read and check it again. First in,
+/// first out: sequential readers are what it is for.
+struct Recent {
+    map: HashMap<Digest, Arc<Vec<u8>>>,
+    order: std::collections::VecDeque<Digest>,
+    bytes: usize,
+    cap: usize,
+}
+
+impl Recent {
+    fn get(&self, digest: &Digest) -> Option<Arc<Vec<u8>>> {
+        self.map.get(digest).cloned()
+    }
+
+    fn insert(&mut self, digest: Digest, data: Arc<Vec<u8>>) {
+        if data.len() > self.cap || self.map.contains_key(&digest) {
+            return;
+        }
+        while self.bytes + data.len() > self.cap {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(gone) = self.map.remove(&old) {
+                self.bytes -= gone.len();
+            }
+        }
+        self.bytes += data.len();
+        self.order.push_back(digest);
+        self.map.insert(digest, data);
+    }
+}
+
+/// Bytes of verified chunks the fetcher keeps in memory.
+const RECENT_BYTES: usize = 64 << 20;
+
 /// Fetches chunks of the blobs of one source.
 pub struct Fetcher {
+    recent: Mutex<Recent>,
     runtime: tokio::runtime::Handle,
     source: Arc<dyn BlobSource>,
     cache: Arc<ChunkCache>,
@@ -104,6 +141,12 @@ impl Fetcher {
         cache: Arc<ChunkCache>,
     ) -> Self {
         Self {
+            recent: Mutex::new(Recent {
+                map: HashMap::new(),
+                order: Default::default(),
+                bytes: 0,
+                cap: RECENT_BYTES,
+            }),
             runtime,
             source,
             cache,
@@ -137,9 +180,26 @@ impl Fetcher {
         let mut mine = Vec::new();
         let mut waits = Vec::new();
         for (i, c) in chunks.iter().enumerate() {
+            if let Some(data) = self
+                .recent
+                .lock()
+                .expect("recent lock")
+                .get(&c.chunk.digest)
+            {
+                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                out[i] = Some(data);
+                continue;
+            }
             if let Ok(Some(data)) = self.cache.get(&c.chunk.digest) {
                 self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-                out[i] = Some(Arc::new(data));
+                let data = Arc::new(data);
+                if priority == Priority::OnDemand {
+                    self.recent
+                        .lock()
+                        .expect("recent lock")
+                        .insert(c.chunk.digest, data.clone());
+                }
+                out[i] = Some(data);
                 continue;
             }
             let mut map = self.inflight.lock().expect("inflight lock");

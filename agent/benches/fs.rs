@@ -1,0 +1,348 @@
+//! `cargo xtask bench fs`: the lazy filesystem against its baselines, each pair measured in
+//! the same run on the same machine and reported as a ratio (absolute numbers on a shared
+//! 2-core machine mean little). Needs root (FUSE, drop_caches) and the tools setup installs.
+//!
+//! 1. time to read one small file from a cold ~300 MB image, vs pulling and extracting the
+//!    whole image from the same registry;
+//! 2. time for the background download to cache the whole image, vs a plain parallel download
+//!    of all its blobs;
+//! 3. cached sequential read throughput through FUSE, vs reading the same bytes from disk;
+//! 4. chunk-cache write throughput, io_uring engine vs sync engine vs `dd oflag=direct`.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::{
+    fmt::Write as _,
+    path::Path,
+    process::Command,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use imgstream::{
+    cache::{CacheConfig, ChunkCache, SyncEngine, UringEngine, engine::CacheEngine},
+    fetch::background::BackgroundConfig,
+    fs::{FsConfig, View},
+    image::{
+        digest::Digest,
+        manifest::{self, Document, Platform},
+    },
+    mount::{self, MountOptions},
+    registry::{
+        BlobSource,
+        http::{HttpConfig, RegistryClient},
+    },
+};
+use support::Registry;
+
+const IMGSTREAM: &str = env!("CARGO_BIN_EXE_imgstream");
+
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2).wrapping_add(1);
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn drop_page_cache() {
+    std::fs::write("/proc/sys/vm/drop_caches", "3").expect("the benchmark needs root");
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.3} s", d.as_secs_f64())
+}
+
+fn http(host: &str) -> HttpConfig {
+    HttpConfig {
+        insecure: vec![host.to_string()],
+        auth_file: None,
+        timeout: Duration::from_secs(30),
+        ..HttpConfig::default()
+    }
+}
+
+fn main() {
+    support::require_root();
+    let scratch = support::scratch("bench-fs");
+    let mut table = String::from(
+        "| measurement | imgstream | baseline | ratio | target |\n|---|---|---|---|---|\n",
+    );
+
+    // The image: ~300 MB of incompressible data in 150 files, 2,000 small files, busybox.
+    let root = scratch.join("root");
+    support::busybox_rootfs(&root);
+    for i in 0..150u64 {
+        let dir = root.join(format!("data/{:02}", i % 10));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("blob-{i}.bin")), noise(i + 1, 2 << 20)).unwrap();
+    }
+    for i in 0..2000u64 {
+        let dir = root.join(format!("usr/share/doc/pkg{}", i % 100));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join(format!("f{i}.txt")),
+            format!("file {i}\n").repeat(20),
+        )
+        .unwrap();
+    }
+    let registry = Registry::start("bench-fs", None);
+    let reg = registry.host();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let layout = scratch.join("layout");
+    rt.block_on(support::build_image(
+        &layout,
+        "v1",
+        std::slice::from_ref(&root),
+        &["/bin/true"],
+    ));
+    std::fs::remove_dir_all(&root).unwrap();
+    support::skopeo_copy(
+        &format!("oci:{}:v1", layout.display()),
+        &format!("docker://{reg}/bench/plain:v1"),
+    );
+    let out = Command::new(IMGSTREAM)
+        .args([
+            "convert",
+            &format!("{reg}/bench/plain:v1"),
+            &format!("{reg}/bench/esgz:v1"),
+            "--insecure-registry",
+            &reg,
+        ])
+        .args(["--json", "--scratch", scratch.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let digest = report["manifest_digest"].as_str().unwrap().to_string();
+    let client = Arc::new(RegistryClient::new(&reg, "bench/esgz", http(&reg)).unwrap());
+    let fetched = rt.block_on(client.manifest(&digest)).unwrap();
+    let Document::Manifest(m) = manifest::parse(&fetched.bytes, &fetched.media_type).unwrap()
+    else {
+        panic!()
+    };
+    let image_bytes: u64 = m.layers.iter().map(|l| l.size).sum();
+    println!(
+        "image: {} layers, {:.1} MB compressed",
+        m.layers.len(),
+        image_bytes as f64 / 1e6
+    );
+
+    // 1. Baseline: pull every blob, then extract every layer.
+    let pull_dir = scratch.join("pull");
+    std::fs::create_dir_all(pull_dir.join("rootfs")).unwrap();
+    drop_page_cache();
+    let started = Instant::now();
+    for (i, layer) in m.layers.iter().enumerate() {
+        let path = pull_dir.join(format!("layer{i}"));
+        rt.block_on(client.blob_to_file(layer, &path)).unwrap();
+        let status = Command::new("tar")
+            .arg("-xzf")
+            .arg(&path)
+            .arg("-C")
+            .arg(pull_dir.join("rootfs"))
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    let pull = started.elapsed();
+    std::fs::remove_dir_all(&pull_dir).unwrap();
+
+    // 1. imgstream: mount cold (empty cache), read one small file.
+    let options = |cache: &Path, background: Option<BackgroundConfig>| MountOptions {
+        view: View::Merged,
+        cache: CacheConfig {
+            dir: cache.to_path_buf(),
+            limit_bytes: None,
+            prefer_uring: true,
+        },
+        fs: FsConfig::default(),
+        background,
+        threads: 4,
+        platform: Platform::host(),
+    };
+    let cache_dir = scratch.join("cache");
+    let mnt = scratch.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    drop_page_cache();
+    let started = Instant::now();
+    let opts = options(&cache_dir, None);
+    let cache = Arc::new(ChunkCache::open(&opts.cache).unwrap());
+    let opened = rt
+        .block_on(mount::open_layers(
+            client.clone(),
+            &digest,
+            &opts.platform,
+            &cache,
+        ))
+        .unwrap();
+    let mounted = mount::mount(rt.handle().clone(), opened, cache, &mnt, &opts).unwrap();
+    let small = std::fs::read(mnt.join("usr/share/doc/pkg7/f7.txt")).unwrap();
+    let first_file = started.elapsed();
+    assert_eq!(small.len(), "file 7\n".len() * 20);
+    drop(mounted);
+    let ratio = first_file.as_secs_f64() / pull.as_secs_f64();
+    writeln!(
+        table,
+        "| cold image: mount + read one small file, vs pull and extract the whole image | {} | {} | {:.1} % | < 5 % |",
+        secs(first_file),
+        secs(pull),
+        100.0 * ratio
+    )
+    .unwrap();
+
+    // 2. Background download of the whole image vs a plain parallel download of the blobs.
+    let concurrency = 4;
+    let plain_dir = scratch.join("plain");
+    std::fs::create_dir_all(&plain_dir).unwrap();
+    let started = Instant::now();
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for (i, layer) in m.layers.iter().enumerate() {
+            let (client, layer, path) = (
+                client.clone(),
+                layer.clone(),
+                plain_dir.join(format!("l{i}")),
+            );
+            tasks.push(tokio::spawn(async move {
+                client.blob_to_file(&layer, &path).await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+    });
+    let plain = started.elapsed();
+    std::fs::remove_dir_all(&plain_dir).unwrap();
+    let _ = std::fs::remove_dir_all(&cache_dir);
+    let started = Instant::now();
+    let opts = options(
+        &cache_dir,
+        Some(BackgroundConfig {
+            concurrency,
+            bandwidth: None,
+        }),
+    );
+    let cache = Arc::new(ChunkCache::open(&opts.cache).unwrap());
+    let opened = rt
+        .block_on(mount::open_layers(
+            client.clone(),
+            &digest,
+            &opts.platform,
+            &cache,
+        ))
+        .unwrap();
+    let mut mounted = mount::mount(rt.handle().clone(), opened, cache, &mnt, &opts).unwrap();
+    mounted.wait_background();
+    let background = started.elapsed();
+    assert!(
+        mounted
+            .progress
+            .as_ref()
+            .unwrap()
+            .finished
+            .load(Ordering::Acquire)
+    );
+    writeln!(
+        table,
+        "| background download of the whole image (into the chunk cache), vs a plain parallel download of its blobs ({concurrency} streams) | {} | {} | {:.2}x | within 1.10x |",
+        secs(background),
+        secs(plain),
+        background.as_secs_f64() / plain.as_secs_f64()
+    )
+    .unwrap();
+
+    // 3. Cached sequential read through FUSE vs the same bytes from the local disk.
+    let files: Vec<String> = (0..20)
+        .map(|i| format!("data/{:02}/blob-{i}.bin", i % 10))
+        .collect();
+    drop_page_cache();
+    let started = Instant::now();
+    let mut fuse_bytes = 0;
+    for f in &files {
+        fuse_bytes += std::fs::read(mnt.join(f)).unwrap().len();
+    }
+    let fuse = started.elapsed();
+    let requests = mounted.fetcher.stats.requests.load(Ordering::Relaxed);
+    drop(mounted);
+    let local_dir = scratch.join("local");
+    std::fs::create_dir_all(&local_dir).unwrap();
+    for (i, f) in files.iter().enumerate() {
+        let n: u64 = f
+            .rsplit_once("blob-")
+            .unwrap()
+            .1
+            .trim_end_matches(".bin")
+            .parse()
+            .unwrap();
+        std::fs::write(local_dir.join(format!("{i}")), noise(n + 1, 2 << 20)).unwrap();
+    }
+    Command::new("sync").status().unwrap();
+    drop_page_cache();
+    let started = Instant::now();
+    let mut local_bytes = 0;
+    for i in 0..files.len() {
+        local_bytes += std::fs::read(local_dir.join(format!("{i}"))).unwrap().len();
+    }
+    let local = started.elapsed();
+    assert_eq!(fuse_bytes, local_bytes);
+    let mbps = |b: usize, d: Duration| b as f64 / 1e6 / d.as_secs_f64();
+    writeln!(
+        table,
+        "| cached sequential read through FUSE ({} MB, page cache dropped; {requests} registry requests all run) vs the same bytes from local disk | {:.0} MB/s | {:.0} MB/s | {:.0} % | >= 70 % |",
+        fuse_bytes / 1_000_000,
+        mbps(fuse_bytes, fuse),
+        mbps(local_bytes, local),
+        100.0 * local.as_secs_f64() / fuse.as_secs_f64()
+    )
+    .unwrap();
+
+    // 4. Cache writes: io_uring engine vs sync engine vs dd oflag=direct, 256 x 1 MiB.
+    let chunk = noise(99, 1 << 20);
+    let header = [0u8; 16];
+    let engine_rate = |engine: &dyn CacheEngine, dir: &Path| {
+        std::fs::create_dir_all(dir).unwrap();
+        let started = Instant::now();
+        for i in 0..256 {
+            let file = std::fs::File::create(dir.join(format!("{i}"))).unwrap();
+            engine.write_parts(&file, &[&header, &chunk], true).unwrap();
+        }
+        let took = started.elapsed();
+        std::fs::remove_dir_all(dir).unwrap();
+        mbps(256 << 20, took)
+    };
+    let uring = engine_rate(&UringEngine::probe().unwrap(), &scratch.join("w-uring"));
+    let sync = engine_rate(&SyncEngine, &scratch.join("w-sync"));
+    let started = Instant::now();
+    let out = Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "count=256", "oflag=direct"])
+        .arg(format!("of={}", scratch.join("dd.bin").display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let dd = mbps(256 << 20, started.elapsed());
+    writeln!(
+        table,
+        "| chunk-cache writes, 256 x 1 MiB, each chunk file written and fdatasync'd: io_uring engine vs sync engine (and `dd oflag=direct`, one file) | {uring:.0} MB/s | {sync:.0} MB/s (dd {dd:.0} MB/s) | {:.2}x | (report) |",
+        uring / sync
+    )
+    .unwrap();
+
+    let _ = Digest::of(b"");
+    println!("\n{table}");
+    let out_dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    std::fs::write(out_dir.join("fs.md"), &table).unwrap();
+    drop(registry);
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
