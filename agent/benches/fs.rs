@@ -38,19 +38,6 @@ use support::Registry;
 
 const IMGSTREAM: &str = env!("CARGO_BIN_EXE_imgstream");
 
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(2).wrapping_add(1);
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 fn drop_page_cache() {
     std::fs::write("/proc/sys/vm/drop_caches", "3").expect("the benchmark needs root");
 }
@@ -81,7 +68,11 @@ fn main() {
     for i in 0..150u64 {
         let dir = root.join(format!("data/{:02}", i % 10));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join(format!("blob-{i}.bin")), noise(i + 1, 2 << 20)).unwrap();
+        std::fs::write(
+            dir.join(format!("blob-{i}.bin")),
+            support::noise(i + 1, 2 << 20),
+        )
+        .unwrap();
     }
     for i in 0..2000u64 {
         let dir = root.join(format!("usr/share/doc/pkg{}", i % 100));
@@ -285,7 +276,11 @@ fn main() {
             .trim_end_matches(".bin")
             .parse()
             .unwrap();
-        std::fs::write(local_dir.join(format!("{i}")), noise(n + 1, 2 << 20)).unwrap();
+        std::fs::write(
+            local_dir.join(format!("{i}")),
+            support::noise(n + 1, 2 << 20),
+        )
+        .unwrap();
     }
     Command::new("sync").status().unwrap();
     drop_page_cache();
@@ -308,7 +303,7 @@ fn main() {
     .unwrap();
 
     // 4. Cache writes: io_uring engine vs sync engine vs dd oflag=direct, 256 x 1 MiB.
-    let chunk = noise(99, 1 << 20);
+    let chunk = support::noise(99, 1 << 20);
     let header = [0u8; 16];
     let engine_rate = |engine: &dyn CacheEngine, dir: &Path| {
         std::fs::create_dir_all(dir).unwrap();

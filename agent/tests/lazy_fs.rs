@@ -40,18 +40,6 @@ struct Image {
     files: Vec<(String, Vec<u8>)>,
 }
 
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(2).wrapping_add(1);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 async fn image(name: &str) -> Image {
     support::require_root();
     let scratch = support::scratch(name);
@@ -62,7 +50,7 @@ async fn image(name: &str) -> Image {
     let mut files = Vec::new();
     std::fs::create_dir_all(root.join("data")).unwrap();
     for i in 0..40u64 {
-        let content = noise(i + 1, if i % 10 == 0 { 1_500_000 } else { 20_000 });
+        let content = support::noise(i + 1, if i % 10 == 0 { 1_500_000 } else { 20_000 });
         let rel = format!("data/f{i:02}.bin");
         std::fs::write(root.join(&rel), &content).unwrap();
         files.push((rel, content));
@@ -319,5 +307,42 @@ fn a_flipped_byte_in_the_cache_is_caught_and_fetched_again() {
     assert!(proxy.bytes() > 0);
     drop(mounted);
     drop(runtime);
+    std::fs::remove_dir_all(&image.scratch).unwrap();
+}
+
+#[test]
+fn a_full_cache_disk_is_reported_and_reads_keep_working_from_the_network() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let image = rt.block_on(image("lazy-full"));
+    // A 1 MiB tmpfs as the cache disk: the TOC fits, the 1.5 MB file's chunks do not.
+    let cache = image.scratch.join("tiny-cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&cache)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let proxy = Proxy::start(image.registry.addr, Fault::None);
+    let (runtime, mounted, mnt, chunk_cache) =
+        mount_through(&image, &proxy, &cache, None, Duration::from_secs(10));
+    let (big, content) = &image.files[0];
+    assert_eq!(content.len(), 1_500_000);
+    assert!(
+        &std::fs::read(mnt.join(big)).unwrap() == content,
+        "read from the network"
+    );
+    assert!(
+        chunk_cache.stats.write_errors.load(Ordering::Relaxed) > 0,
+        "the full disk was noticed"
+    );
+    drop_page_cache();
+    assert!(
+        &std::fs::read(mnt.join(big)).unwrap() == content,
+        "and again"
+    );
+    drop(mounted);
+    drop(runtime);
+    let _ = Command::new("umount").arg(&cache).status();
     std::fs::remove_dir_all(&image.scratch).unwrap();
 }

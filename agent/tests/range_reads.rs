@@ -20,20 +20,6 @@ use support::{Fault, Proxy, Registry};
 
 const IMGSTREAM: &str = env!("CARGO_BIN_EXE_imgstream");
 
-/// Incompressible bytes, quickly (xorshift).
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(2).wrapping_add(1);
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_4k_file_from_a_300mb_image_costs_a_few_range_requests() {
     let scratch = support::scratch("range300");
@@ -43,7 +29,11 @@ async fn a_4k_file_from_a_300mb_image_costs_a_few_range_requests() {
     for i in 0..150u64 {
         let dir = root.join(format!("data/{:02}", i % 10));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join(format!("blob-{i}.bin")), noise(i + 1, 2 << 20)).unwrap();
+        std::fs::write(
+            dir.join(format!("blob-{i}.bin")),
+            support::noise(i + 1, 2 << 20),
+        )
+        .unwrap();
     }
     for i in 0..2000u64 {
         let dir = root.join(format!("usr/share/doc/pkg{}", i % 100));
@@ -54,7 +44,7 @@ async fn a_4k_file_from_a_300mb_image_costs_a_few_range_requests() {
         )
         .unwrap();
     }
-    let target = noise(424242, 4096);
+    let target = support::noise(424242, 4096);
     std::fs::write(root.join("etc/target.conf"), &target).unwrap();
 
     let registry = Registry::start("range300", None);

@@ -116,6 +116,7 @@ pub struct Fetcher {
     inflight: Mutex<HashMap<Digest, Arc<Inflight>>>,
     ondemand: AtomicUsize,
     ondemand_done: (Mutex<()>, Condvar),
+    warned_cache: std::sync::atomic::AtomicBool,
     pub stats: FetchStats,
 }
 
@@ -152,6 +153,7 @@ impl Fetcher {
             cache,
             inflight: Mutex::new(HashMap::new()),
             ondemand: AtomicUsize::new(0),
+            warned_cache: std::sync::atomic::AtomicBool::new(false),
             ondemand_done: (Mutex::new(()), Condvar::new()),
             stats: FetchStats::default(),
         }
@@ -297,13 +299,16 @@ impl Fetcher {
                             Ok(data) => {
                                 self.stats.chunks_fetched.fetch_add(1, Ordering::Relaxed);
                                 if let Err(err) = self.cache.put(&c.chunk.digest, &data) {
-                                    tracing::warn!(%err, "chunk not cached; reads keep working from the network");
+                                    self.cache_write_failed(&err);
                                 }
                                 Ok(Arc::new(data))
                             }
                             Err(e) => {
                                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                                Err(FetchError::Source { digest: c.chunk.digest, detail: e.to_string() })
+                                Err(FetchError::Source {
+                                    digest: c.chunk.digest,
+                                    detail: e.to_string(),
+                                })
                             }
                         });
                     }
@@ -312,6 +317,16 @@ impl Fetcher {
             i = j + 1;
         }
         results
+    }
+
+    /// Reports a failed cache write: loudly the first time, quietly after (a full disk would
+    /// otherwise log once per chunk). Reads go on from the network either way.
+    fn cache_write_failed(&self, err: &crate::cache::CacheError) {
+        if !self.warned_cache.swap(true, Ordering::Relaxed) {
+            tracing::error!(%err, dir = %self.cache.dir().display(), "chunks cannot be cached; reads keep working from the network");
+        } else {
+            tracing::debug!(%err, "chunk not cached");
+        }
     }
 
     /// Blocks a background fetch while on-demand fetches run (bounded by `deadline`).
