@@ -228,7 +228,19 @@ fn parse_platform(s: &str) -> Result<imgstream::image::manifest::Platform, Strin
     })
 }
 
+/// glibc gives each thread that allocates its own arena (up to 8 per core), and each keeps
+/// what it frees. The agent runs many threads (FUSE workers, background workers, the async
+/// runtime) that allocate briefly: two arenas keep its memory close to what it uses.
+fn limit_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator tunable; called first thing, before any thread.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let args = Args::parse();
     if let Command::SelftestHelper(helper) = args.command {
         return ExitCode::from(selftest::helper::run(helper) as u8);

@@ -105,7 +105,7 @@ impl Recent {
 }
 
 /// Bytes of verified chunks the fetcher keeps in memory.
-const RECENT_BYTES: usize = 64 << 20;
+const RECENT_BYTES: usize = 16 << 20;
 
 /// Fetches chunks of the blobs of one source.
 pub struct Fetcher {

@@ -220,7 +220,8 @@ impl<W: Write> EstargzWriter<W> {
             version: 1,
             entries: std::mem::take(&mut self.entries),
         };
-        let json = serde_json::to_vec_pretty(&toc).map_err(io::Error::other)?;
+        // Compact: readers parse it, nobody reads it by eye, and it is a third smaller.
+        let json = serde_json::to_vec(&toc).map_err(io::Error::other)?;
         let toc_digest = Digest::of(&json);
         let toc_offset = self.next_member()?;
         let mut header = Header::new(TOC_NAME, Kind::Regular);
