@@ -334,6 +334,17 @@ fn main() {
     .unwrap();
 
     let _ = Digest::of(b"");
+    // 2b. The same comparison where the target's setting puts it: behind a 100 Mbit/s link.
+    let (background, plain, mb) = background_on_a_slow_link(&scratch, &rt);
+    writeln!(
+        table,
+        "| same, {mb:.0} MB image behind a 100 Mbit/s link (tc tbf on a veth into a network namespace) | {} | {} | {:.2}x | within 1.10x |",
+        secs(background),
+        secs(plain),
+        background.as_secs_f64() / plain.as_secs_f64()
+    )
+    .unwrap();
+
     // 5. Peak RSS of `imgstream mount` serving and downloading a 1 GB image of 50,000 files.
     let (rss, files, gigabytes) = peak_rss(&scratch, &reg, &rt);
     writeln!(
@@ -461,4 +472,122 @@ fn peak_rss(scratch: &Path, reg: &str, rt: &tokio::runtime::Runtime) -> (u64, us
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     child.wait().unwrap();
     (hwm, files, bytes as f64 / 1e9)
+}
+
+/// Background download vs plain parallel download of a ~64 MB image served from a registry
+/// behind a 100 Mbit/s link. Returns both times and the image size in MB.
+fn background_on_a_slow_link(
+    scratch: &Path,
+    rt: &tokio::runtime::Runtime,
+) -> (Duration, Duration, f64) {
+    let link = support::SlowLink::new("bench", "100mbit");
+    let registry = Registry::start_in_netns("bench-slow", &link.netns, &link.ip);
+    let reg = registry.host();
+    let root = scratch.join("slow-root");
+    for i in 0..32u64 {
+        std::fs::create_dir_all(root.join("data")).unwrap();
+        std::fs::write(
+            root.join(format!("data/f{i}")),
+            support::noise(1000 + i, 2 << 20),
+        )
+        .unwrap();
+    }
+    let layout = scratch.join("slow-layout");
+    rt.block_on(support::build_image(
+        &layout,
+        "v1",
+        std::slice::from_ref(&root),
+        &["/bin/true"],
+    ));
+    // Convert next to the registry's data path, straight into it.
+    let esgz = scratch.join("slow-esgz");
+    let out = Command::new(IMGSTREAM)
+        .args([
+            "convert",
+            &format!("oci:{}:v1", layout.display()),
+            &format!("oci:{}:v1", esgz.display()),
+        ])
+        .args(["--json", "--scratch", scratch.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    support::skopeo_copy(
+        &format!("oci:{}:v1", esgz.display()),
+        &format!("docker://{reg}/slow/esgz:v1"),
+    );
+    let client = Arc::new(RegistryClient::new(&reg, "slow/esgz", http(&reg)).unwrap());
+    let fetched = rt.block_on(client.manifest("v1")).unwrap();
+    let Document::Manifest(m) = manifest::parse(&fetched.bytes, &fetched.media_type).unwrap()
+    else {
+        panic!()
+    };
+    let bytes: u64 = m.layers.iter().map(|l| l.size).sum();
+
+    let plain_dir = scratch.join("slow-plain");
+    std::fs::create_dir_all(&plain_dir).unwrap();
+    let started = Instant::now();
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for (i, layer) in m.layers.iter().enumerate() {
+            let (client, layer, path) = (
+                client.clone(),
+                layer.clone(),
+                plain_dir.join(format!("l{i}")),
+            );
+            tasks.push(tokio::spawn(async move {
+                client.blob_to_file(&layer, &path).await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+    });
+    let plain = started.elapsed();
+
+    let mnt = scratch.join("slow-mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let started = Instant::now();
+    let opts = MountOptions {
+        view: View::Merged,
+        cache: CacheConfig {
+            dir: scratch.join("slow-cache"),
+            limit_bytes: None,
+            prefer_uring: true,
+        },
+        fs: FsConfig::default(),
+        background: Some(BackgroundConfig {
+            concurrency: 4,
+            bandwidth: None,
+        }),
+        threads: 4,
+        platform: Platform::host(),
+    };
+    let cache = Arc::new(ChunkCache::open(&opts.cache).unwrap());
+    let opened = rt
+        .block_on(mount::open_layers(
+            client.clone(),
+            "v1",
+            &opts.platform,
+            &cache,
+        ))
+        .unwrap();
+    let mut mounted = mount::mount(rt.handle().clone(), opened, cache, &mnt, &opts).unwrap();
+    mounted.wait_background();
+    let background = started.elapsed();
+    assert!(
+        mounted
+            .progress
+            .as_ref()
+            .unwrap()
+            .finished
+            .load(Ordering::Acquire)
+    );
+    drop(mounted);
+    drop(registry);
+    drop(link);
+    (background, plain, bytes as f64 / 1e6)
 }

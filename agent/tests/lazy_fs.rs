@@ -346,3 +346,37 @@ fn a_full_cache_disk_is_reported_and_reads_keep_working_from_the_network() {
     let _ = Command::new("umount").arg(&cache).status();
     std::fs::remove_dir_all(&image.scratch).unwrap();
 }
+
+#[test]
+fn the_background_download_keeps_to_its_bandwidth_cap() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let image = rt.block_on(image("lazy-cap"));
+    let cache = image.scratch.join("cache");
+    let proxy = Proxy::start(image.registry.addr, Fault::None);
+    let cap = 4_000_000;
+    let config = BackgroundConfig {
+        concurrency: 2,
+        bandwidth: Some(cap),
+    };
+    let started = Instant::now();
+    let (runtime, mut mounted, _mnt, _cache) = mount_through(
+        &image,
+        &proxy,
+        &cache,
+        Some(config),
+        Duration::from_secs(10),
+    );
+    mounted.wait_background();
+    let took = started.elapsed();
+    let progress = mounted.progress.clone().unwrap();
+    assert!(progress.finished.load(Ordering::Acquire));
+    let bytes = progress.bytes_done.load(Ordering::Relaxed);
+    // The cap spaces batches out: everything but the last batch (at most cap/4 bytes) waits
+    // its turn. A slow machine can only make this take longer, never shorter.
+    let floor = Duration::from_secs_f64(bytes.saturating_sub(cap / 4) as f64 / cap as f64);
+    println!("{bytes} B in {took:?} under a {cap} B/s cap (floor {floor:?})");
+    assert!(took >= floor, "{took:?} < {floor:?}");
+    drop(mounted);
+    drop(runtime);
+    std::fs::remove_dir_all(&image.scratch).unwrap();
+}

@@ -134,6 +134,34 @@ impl ChunkCache {
         self.dir.join("chunks").join(&hex[..2]).join(hex)
     }
 
+    /// Counts `size` bytes as used before they are written, so that concurrent writers can
+    /// never take the cache over its limit together. Evicts to make room when needed; `false`
+    /// when there is no room.
+    fn reserve(&self, size: u64) -> bool {
+        let Some(limit) = self.limit else {
+            self.usage.fetch_add(size, Ordering::Relaxed);
+            return true;
+        };
+        let mut evicted = false;
+        loop {
+            let used = self.usage.load(Ordering::Acquire);
+            if used + size > limit {
+                if evicted || !self.evict(limit.saturating_sub(size)) {
+                    return false;
+                }
+                evicted = true;
+                continue;
+            }
+            if self
+                .usage
+                .compare_exchange(used, used + size, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                return true;
+            }
+        }
+    }
+
     /// Records that image `key` (its manifest digest) uses `chunks` and pins it against
     /// eviction while the returned [`Pin`] lives, across processes sharing the cache.
     pub fn pin_image(&self, key: &Digest, chunks: &[Digest]) -> Result<Pin, CacheError> {
@@ -239,10 +267,7 @@ impl ChunkCache {
             return Ok(true);
         }
         let size = (HEADER + data.len()) as u64;
-        if let Some(limit) = self.limit
-            && self.usage() + size > limit
-            && !self.evict(limit.saturating_sub(size))
-        {
+        if !self.reserve(size) {
             self.stats
                 .skipped_over_limit
                 .fetch_add(1, Ordering::Relaxed);
@@ -261,7 +286,6 @@ impl ChunkCache {
         })();
         match result {
             Ok(()) => {
-                self.usage.fetch_add(size, Ordering::Relaxed);
                 self.stats.writes.fetch_add(1, Ordering::Relaxed);
                 self.stats
                     .bytes_written
@@ -270,6 +294,7 @@ impl ChunkCache {
             }
             Err(e) => {
                 let _ = fs::remove_file(&tmp);
+                self.usage.fetch_sub(size, Ordering::Relaxed);
                 self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
                 if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT)
                 {

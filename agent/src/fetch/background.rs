@@ -68,7 +68,11 @@ pub fn spawn(
     shutdown: Shutdown,
 ) -> (Arc<Progress>, thread::JoinHandle<()>) {
     let progress = Arc::new(Progress::default());
-    let batches = Arc::new(plan(&layers));
+    // Under a cap, smaller batches keep the rate smooth (about four per second).
+    let max_batch = config.bandwidth.map_or(MAX_BATCH_BYTES, |cap| {
+        (cap / 4).clamp(64 << 10, MAX_BATCH_BYTES)
+    });
+    let batches = Arc::new(plan(&layers, max_batch));
     progress.chunks_total.store(
         batches.iter().map(|b| b.chunks.len()).sum(),
         Ordering::Relaxed,
@@ -96,7 +100,7 @@ pub fn spawn(
 }
 
 /// Every distinct chunk, in blob order, cut into batches of adjacent members.
-fn plan(layers: &[RemoteLayer]) -> Vec<Batch> {
+fn plan(layers: &[RemoteLayer], max_batch: u64) -> Vec<Batch> {
     let mut seen = HashSet::new();
     let mut batches = Vec::new();
     for layer in layers {
@@ -115,7 +119,7 @@ fn plan(layers: &[RemoteLayer]) -> Vec<Batch> {
                     if b.chunks
                         .last()
                         .is_some_and(|l| l.blob_end == chunk.blob_offset)
-                        && chunk.blob_end - b.chunks[0].blob_offset <= MAX_BATCH_BYTES =>
+                        && chunk.blob_end - b.chunks[0].blob_offset <= max_batch =>
                 {
                     b.chunks.push(chunk)
                 }
@@ -143,10 +147,12 @@ fn run(
     progress: Arc<Progress>,
 ) {
     let next = Arc::new(AtomicUsize::new(0));
+    let scheduled = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let workers: Vec<_> = (0..config.concurrency.max(1))
         .map(|i| {
             let (fetcher, batches, next, progress, shutdown) = (fetcher.clone(), batches.clone(), next.clone(), progress.clone(), shutdown.clone());
+            let scheduled = scheduled.clone();
             thread::Builder::new()
                 .name(format!("background-{i}"))
                 .spawn(move || loop {
@@ -156,9 +162,11 @@ fn run(
                     let n = next.fetch_add(1, Ordering::Relaxed);
                     let Some(batch) = batches.get(n) else { return };
                     if let Some(cap) = config.bandwidth {
-                        // Stay under the cap: wait until the bytes done so far fit the time.
-                        let done = progress.bytes_done.load(Ordering::Relaxed);
-                        let due = Duration::from_secs_f64(done as f64 / cap as f64);
+                        // Stay under the cap: each batch takes its turn in a shared schedule,
+                        // starting when the bytes scheduled before it fit the cap.
+                        let bytes: u64 = batch.chunks.iter().map(|c| c.blob_end - c.blob_offset).sum();
+                        let before = scheduled.fetch_add(bytes, Ordering::Relaxed);
+                        let due = Duration::from_secs_f64(before as f64 / cap.max(1) as f64);
                         if let Some(wait) = due.checked_sub(started.elapsed()) {
                             thread::sleep(wait);
                         }

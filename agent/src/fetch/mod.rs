@@ -382,3 +382,172 @@ fn wait(flight: &Inflight, digest: Digest, deadline: Instant) -> Result<Arc<Vec<
             .0;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{ops::Range, path::Path, sync::atomic::AtomicUsize};
+
+    use async_trait::async_trait;
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::{
+        cache::CacheConfig,
+        image::{
+            estargz::{self, EstargzWriter, FOOTER_SIZE, LayerIndex, WriterOptions},
+            manifest::Descriptor,
+            tar::{Header, Kind},
+        },
+        registry::{FetchedManifest, RegistryError},
+    };
+
+    /// The fetcher's test double for a registry: one blob in memory, slow range reads, every
+    /// request counted.
+    struct SlowBlob {
+        blob: Vec<u8>,
+        ranges: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl BlobSource for SlowBlob {
+        async fn manifest(&self, _: &str) -> Result<FetchedManifest, RegistryError> {
+            unreachable!("not used by the fetcher")
+        }
+        async fn blob(&self, _: &Descriptor) -> Result<Bytes, RegistryError> {
+            unreachable!("not used by the fetcher")
+        }
+        async fn blob_to_file(&self, _: &Descriptor, _: &Path) -> Result<(), RegistryError> {
+            unreachable!("not used by the fetcher")
+        }
+        async fn read_range(&self, _: &Digest, range: Range<u64>) -> Result<Bytes, RegistryError> {
+            self.ranges.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok(Bytes::copy_from_slice(
+                &self.blob[range.start as usize..range.end as usize],
+            ))
+        }
+        fn name(&self) -> String {
+            "slow test blob".into()
+        }
+    }
+
+    fn layer() -> (Vec<u8>, LayerIndex) {
+        let mut w = EstargzWriter::new(
+            Vec::new(),
+            WriterOptions {
+                chunk_size: 4096,
+                level: 1,
+            },
+        );
+        let data: Vec<u8> = (0..16_384u32).map(|i| (i * 31 % 251) as u8).collect();
+        let mut h = Header::new("f", Kind::Regular);
+        h.size = data.len() as u64;
+        w.append(&h, &mut data.as_slice()).unwrap();
+        let (blob, _) = w.finish().unwrap();
+        let size = blob.len() as u64;
+        let toc_offset = estargz::parse_footer(&blob[blob.len() - FOOTER_SIZE as usize..]).unwrap();
+        let (index, _) = estargz::read_toc(
+            &blob[toc_offset as usize..(size - FOOTER_SIZE) as usize],
+            toc_offset,
+            size,
+            None,
+        )
+        .unwrap();
+        (blob, index)
+    }
+
+    #[test]
+    fn concurrent_reads_of_one_chunk_make_one_request_and_adjacent_chunks_share_one() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let (blob, index) = layer();
+        let source = Arc::new(SlowBlob {
+            blob,
+            ranges: AtomicUsize::new(0),
+        });
+        let dir = std::env::temp_dir().join(format!("imgstream-fetch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cache = Arc::new(
+            ChunkCache::open(&CacheConfig {
+                dir: dir.clone(),
+                limit_bytes: None,
+                prefer_uring: false,
+            })
+            .unwrap(),
+        );
+        let fetcher = Arc::new(Fetcher::new(
+            runtime.handle().clone(),
+            source.clone(),
+            cache,
+        ));
+        let node = index.get("f").unwrap().clone();
+        let blob_digest = Digest::of(b"the blob");
+        let deadline = Instant::now() + Duration::from_secs(10);
+
+        // Two readers of chunk 0 at once: one request, one merged waiter.
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let (fetcher, node) = (fetcher.clone(), node.clone());
+                std::thread::spawn(move || {
+                    let refs = [ChunkRef {
+                        blob: blob_digest,
+                        chunk: &node.chunks[0],
+                    }];
+                    fetcher.get(&refs, Priority::OnDemand, deadline).unwrap()[0].clone()
+                })
+            })
+            .collect();
+        let got: Vec<_> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+        assert!(got[0] == got[1]);
+        assert_eq!(
+            source.ranges.load(Ordering::SeqCst),
+            1,
+            "one request for two readers"
+        );
+        assert_eq!(fetcher.stats.merged.load(Ordering::Relaxed), 1);
+
+        // Chunks 1..4 are adjacent members: one request for all three.
+        let refs: Vec<_> = node.chunks[1..4]
+            .iter()
+            .map(|chunk| ChunkRef {
+                blob: blob_digest,
+                chunk,
+            })
+            .collect();
+        let data = fetcher.get(&refs, Priority::OnDemand, deadline).unwrap();
+        assert_eq!(data.len(), 3);
+        assert_eq!(
+            source.ranges.load(Ordering::SeqCst),
+            2,
+            "coalesced into one range request"
+        );
+
+        // A deadline shorter than the source's answer: an error, not a hang.
+        let fresh = index.get("f").unwrap().chunks[0].clone();
+        let other = Fetcher::new(
+            runtime.handle().clone(),
+            source.clone(),
+            Arc::new(
+                ChunkCache::open(&CacheConfig {
+                    dir: dir.join("other"),
+                    limit_bytes: None,
+                    prefer_uring: false,
+                })
+                .unwrap(),
+            ),
+        );
+        let started = Instant::now();
+        let err = other
+            .get(
+                &[ChunkRef {
+                    blob: blob_digest,
+                    chunk: &fresh,
+                }],
+                Priority::OnDemand,
+                Instant::now() + Duration::from_millis(50),
+            )
+            .unwrap_err();
+        assert!(matches!(err, FetchError::Deadline(_)), "{err}");
+        assert!(started.elapsed() < Duration::from_millis(280));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -70,7 +70,22 @@ impl Registry {
         Self::start_with(name, None, Some(format!("__TLS__{tls}")))
     }
 
+    /// Starts a registry inside network namespace `netns`, listening on `ip` (an address of
+    /// that namespace, reachable from here).
+    pub fn start_in_netns(name: &str, netns: &str, ip: &str) -> Self {
+        Self::start_at(name, None, None, Some((netns.to_string(), ip.to_string())))
+    }
+
     fn start_with(name: &str, user: Option<(&str, &str)>, custom: Option<String>) -> Self {
+        Self::start_at(name, user, custom, None)
+    }
+
+    fn start_at(
+        name: &str,
+        user: Option<(&str, &str)>,
+        custom: Option<String>,
+        netns: Option<(String, String)>,
+    ) -> Self {
         let (tls, custom_auth) = match custom {
             Some(t) if t.starts_with("__TLS__") => {
                 (t.trim_start_matches("__TLS__").to_string(), None)
@@ -79,6 +94,9 @@ impl Registry {
         };
         let dir = scratch(&format!("registry-{name}"));
         let port = free_port();
+        let host_ip = netns
+            .as_ref()
+            .map_or("127.0.0.1".to_string(), |(_, ip)| ip.clone());
         let auth = match user {
             Some((u, p)) => {
                 let out = Command::new("htpasswd")
@@ -95,18 +113,26 @@ impl Registry {
             None => custom_auth.unwrap_or_default(),
         };
         let config = format!(
-            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{tls}{auth}",
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host_ip}:{port}\n{tls}{auth}",
             dir.join("data").display()
         );
         std::fs::write(dir.join("config.yml"), config).unwrap();
-        let child = Command::new("docker-registry")
+        let mut command = match &netns {
+            Some((ns, _)) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "docker-registry"]);
+                c
+            }
+            None => Command::new("docker-registry"),
+        };
+        let child = command
             .arg("serve")
             .arg(dir.join("config.yml"))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("registry.log")).unwrap())
             .spawn()
             .expect("docker-registry is needed: cargo xtask setup installs it");
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let addr: SocketAddr = format!("{host_ip}:{port}").parse().unwrap();
         let deadline = Instant::now() + Duration::from_secs(15);
         while std::net::TcpStream::connect(addr).is_err() {
             assert!(
@@ -801,4 +827,73 @@ pub fn noise(seed: u64, len: usize) -> Vec<u8> {
     }
     out.truncate(len);
     out
+}
+
+/// A network namespace joined to this one by a veth pair whose namespace side is shaped to
+/// `rate` (tc tbf), so traffic from a server inside it crosses a slow link. Removed on drop.
+pub struct SlowLink {
+    pub netns: String,
+    /// The namespace side's address.
+    pub ip: String,
+}
+
+impl SlowLink {
+    pub fn new(name: &str, rate: &str) -> Self {
+        let netns = format!("isb-{name}");
+        let (host_if, ns_if) = (format!("isbh-{name}"), format!("isbn-{name}"));
+        let run = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().unwrap();
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let _ = Command::new("ip").args(["netns", "del", &netns]).output();
+        let _ = Command::new("ip").args(["link", "del", &host_if]).output();
+        run(&["netns", "add", &netns]);
+        run(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+        ]);
+        run(&["link", "set", &ns_if, "netns", &netns]);
+        run(&["addr", "add", "10.213.0.1/30", "dev", &host_if]);
+        run(&["link", "set", &host_if, "up"]);
+        run(&[
+            "netns",
+            "exec",
+            &netns,
+            "ip",
+            "addr",
+            "add",
+            "10.213.0.2/30",
+            "dev",
+            &ns_if,
+        ]);
+        run(&["netns", "exec", &netns, "ip", "link", "set", &ns_if, "up"]);
+        run(&["netns", "exec", &netns, "ip", "link", "set", "lo", "up"]);
+        let out = Command::new("ip")
+            .args([
+                "netns", "exec", &netns, "tc", "qdisc", "add", "dev", &ns_if, "root", "tbf",
+            ])
+            .args(["rate", rate, "burst", "256kb", "latency", "100ms"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "tc: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self {
+            netns,
+            ip: "10.213.0.2".into(),
+        }
+    }
+}
+
+impl Drop for SlowLink {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .output();
+    }
 }
