@@ -380,3 +380,129 @@ fn the_background_download_keeps_to_its_bandwidth_cap() {
     drop(runtime);
     std::fs::remove_dir_all(&image.scratch).unwrap();
 }
+
+#[test]
+fn a_small_cache_limit_evicts_the_unmounted_image_not_the_mounted_one() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut image = rt.block_on(image("lazy-evict"));
+    let reg = image.registry.host();
+    // The same files as a second image: other chunk boundaries, so other chunks.
+    let out = Command::new(IMGSTREAM)
+        .args([
+            "convert",
+            &format!("{reg}/src/app:v1"),
+            &format!("{reg}/esgz/app:v2"),
+            "--insecure-registry",
+            &reg,
+        ])
+        .args([
+            "--chunk-size",
+            "1M",
+            "--json",
+            "--scratch",
+            image.scratch.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let second = report["manifest_digest"].as_str().unwrap().to_string();
+    let cache = image.scratch.join("cache");
+    let proxy = Proxy::start(image.registry.addr, Fault::None);
+    let data: u64 = image.files.iter().map(|(_, c)| c.len() as u64).sum();
+
+    // Image 1, read in full with a limit of 1.5 images' worth, then unmounted.
+    let limit = data * 3 / 2;
+    let (runtime, mounted, mnt, chunks) = mount_with_limit(&image, &proxy, &cache, limit);
+    for (rel, content) in &image.files {
+        assert!(&std::fs::read(mnt.join(rel)).unwrap() == content);
+    }
+    let first_usage = chunks.usage();
+    drop(mounted);
+    drop(runtime);
+
+    // Image 2, mounted and read in full: it needs room, image 1 (unmounted) gives it.
+    image.digest = second;
+    let (runtime, mounted, mnt, chunks) = mount_with_limit(&image, &proxy, &cache, limit);
+    for (rel, content) in &image.files {
+        assert!(&std::fs::read(mnt.join(rel)).unwrap() == content, "{rel}");
+    }
+    assert!(
+        chunks.stats.evicted.load(Ordering::Relaxed) > 0,
+        "image 1's chunks were evicted"
+    );
+    assert!(chunks.usage() <= limit, "{} > {limit}", chunks.usage());
+    assert_eq!(
+        chunks.stats.skipped_over_limit.load(Ordering::Relaxed),
+        0,
+        "room was made for every chunk of the mounted image"
+    );
+    println!(
+        "limit {limit}, image 1 used {first_usage}, after image 2 {}",
+        chunks.usage()
+    );
+    drop(mounted);
+    drop(runtime);
+    std::fs::remove_dir_all(&image.scratch).unwrap();
+}
+
+fn mount_with_limit(
+    image: &Image,
+    proxy: &Proxy,
+    cache: &Path,
+    limit: u64,
+) -> (
+    tokio::runtime::Runtime,
+    MountedImage,
+    PathBuf,
+    Arc<ChunkCache>,
+) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let config = HttpConfig {
+        insecure: vec![proxy.host()],
+        auth_file: None,
+        ..HttpConfig::default()
+    };
+    let source: Arc<dyn BlobSource> =
+        Arc::new(RegistryClient::new(&proxy.host(), &image.repository, config).unwrap());
+    let options = MountOptions {
+        view: View::Merged,
+        cache: CacheConfig {
+            dir: cache.to_path_buf(),
+            limit_bytes: Some(limit),
+            prefer_uring: true,
+        },
+        fs: FsConfig {
+            read_deadline: Duration::from_secs(10),
+        },
+        background: None,
+        threads: 2,
+        platform: Platform::host(),
+    };
+    let chunks = Arc::new(ChunkCache::open(&options.cache).unwrap());
+    let opened = runtime
+        .block_on(mount::open_layers(
+            source,
+            &image.digest,
+            &options.platform,
+            &chunks,
+        ))
+        .unwrap();
+    let mountpoint = image
+        .scratch
+        .join(format!("mnt-limit-{}", &image.digest[7..19]));
+    std::fs::create_dir_all(&mountpoint).unwrap();
+    let mounted = mount::mount(
+        runtime.handle().clone(),
+        opened,
+        chunks.clone(),
+        &mountpoint,
+        &options,
+    )
+    .unwrap();
+    (runtime, mounted, mountpoint, chunks)
+}
