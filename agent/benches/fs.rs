@@ -55,6 +55,67 @@ fn http(host: &str) -> HttpConfig {
     }
 }
 
+/// Mounts image `reference` of `client`'s repository at `mnt` with the cache in `cache_dir`.
+fn mount_image(
+    rt: &tokio::runtime::Runtime,
+    client: &Arc<RegistryClient>,
+    reference: &str,
+    cache_dir: &Path,
+    mnt: &Path,
+    background: Option<BackgroundConfig>,
+) -> mount::MountedImage {
+    let opts = MountOptions {
+        view: View::Merged,
+        cache: CacheConfig {
+            dir: cache_dir.to_path_buf(),
+            limit_bytes: None,
+            prefer_uring: true,
+        },
+        fs: FsConfig::default(),
+        background,
+        threads: 4,
+        platform: Platform::host(),
+    };
+    let cache = Arc::new(ChunkCache::open(&opts.cache).unwrap());
+    let opened = rt
+        .block_on(mount::open_layers(
+            client.clone(),
+            reference,
+            &opts.platform,
+            &cache,
+        ))
+        .unwrap();
+    mount::mount(rt.handle().clone(), opened, cache, mnt, &opts).unwrap()
+}
+
+/// The baseline: every layer blob downloaded at once into `dir`, one stream each.
+fn plain_download(
+    rt: &tokio::runtime::Runtime,
+    client: &Arc<RegistryClient>,
+    layers: &[imgstream::image::manifest::Descriptor],
+    dir: &Path,
+) -> Duration {
+    std::fs::create_dir_all(dir).unwrap();
+    let started = Instant::now();
+    rt.block_on(async {
+        let tasks: Vec<_> = layers
+            .iter()
+            .enumerate()
+            .map(|(i, layer)| {
+                let (client, layer, path) =
+                    (client.clone(), layer.clone(), dir.join(format!("l{i}")));
+                tokio::spawn(async move { client.blob_to_file(&layer, &path).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+    });
+    let took = started.elapsed();
+    std::fs::remove_dir_all(dir).unwrap();
+    took
+}
+
 fn main() {
     support::require_root();
     let scratch = support::scratch("bench-fs");
@@ -98,22 +159,16 @@ fn main() {
         &format!("oci:{}:v1", layout.display()),
         &format!("docker://{reg}/bench/plain:v1"),
     );
-    let out = Command::new(IMGSTREAM)
-        .args([
-            "convert",
-            &format!("{reg}/bench/plain:v1"),
-            &format!("{reg}/bench/esgz:v1"),
-            "--insecure-registry",
-            &reg,
-        ])
-        .args(["--json", "--scratch", scratch.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = support::imgstream(&[
+        "convert",
+        &format!("{reg}/bench/plain:v1"),
+        &format!("{reg}/bench/esgz:v1"),
+        "--insecure-registry",
+        &reg,
+        "--json",
+        "--scratch",
+        scratch.to_str().unwrap(),
+    ]);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let digest = report["manifest_digest"].as_str().unwrap().to_string();
     let client = Arc::new(RegistryClient::new(&reg, "bench/esgz", http(&reg)).unwrap());
@@ -150,34 +205,12 @@ fn main() {
     std::fs::remove_dir_all(&pull_dir).unwrap();
 
     // 1. imgstream: mount cold (empty cache), read one small file.
-    let options = |cache: &Path, background: Option<BackgroundConfig>| MountOptions {
-        view: View::Merged,
-        cache: CacheConfig {
-            dir: cache.to_path_buf(),
-            limit_bytes: None,
-            prefer_uring: true,
-        },
-        fs: FsConfig::default(),
-        background,
-        threads: 4,
-        platform: Platform::host(),
-    };
     let cache_dir = scratch.join("cache");
     let mnt = scratch.join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
     drop_page_cache();
     let started = Instant::now();
-    let opts = options(&cache_dir, None);
-    let cache = Arc::new(ChunkCache::open(&opts.cache).unwrap());
-    let opened = rt
-        .block_on(mount::open_layers(
-            client.clone(),
-            &digest,
-            &opts.platform,
-            &cache,
-        ))
-        .unwrap();
-    let mounted = mount::mount(rt.handle().clone(), opened, cache, &mnt, &opts).unwrap();
+    let mounted = mount_image(&rt, &client, &digest, &cache_dir, &mnt, None);
     let small = std::fs::read(mnt.join("usr/share/doc/pkg7/f7.txt")).unwrap();
     let first_file = started.elapsed();
     assert_eq!(small.len(), "file 7\n".len() * 20);
@@ -194,46 +227,21 @@ fn main() {
 
     // 2. Background download of the whole image vs a plain parallel download of the blobs.
     let concurrency = 4;
-    let plain_dir = scratch.join("plain");
-    std::fs::create_dir_all(&plain_dir).unwrap();
-    let started = Instant::now();
-    rt.block_on(async {
-        let mut tasks = Vec::new();
-        for (i, layer) in m.layers.iter().enumerate() {
-            let (client, layer, path) = (
-                client.clone(),
-                layer.clone(),
-                plain_dir.join(format!("l{i}")),
-            );
-            tasks.push(tokio::spawn(async move {
-                client.blob_to_file(&layer, &path).await
-            }));
-        }
-        for t in tasks {
-            t.await.unwrap().unwrap();
-        }
-    });
-    let plain = started.elapsed();
-    std::fs::remove_dir_all(&plain_dir).unwrap();
+    let plain = plain_download(&rt, &client, &m.layers, &scratch.join("plain"));
     let _ = std::fs::remove_dir_all(&cache_dir);
     let started = Instant::now();
-    let opts = options(
+    let background_config = BackgroundConfig {
+        concurrency,
+        bandwidth: None,
+    };
+    let mut mounted = mount_image(
+        &rt,
+        &client,
+        &digest,
         &cache_dir,
-        Some(BackgroundConfig {
-            concurrency,
-            bandwidth: None,
-        }),
+        &mnt,
+        Some(background_config),
     );
-    let cache = Arc::new(ChunkCache::open(&opts.cache).unwrap());
-    let opened = rt
-        .block_on(mount::open_layers(
-            client.clone(),
-            &digest,
-            &opts.platform,
-            &cache,
-        ))
-        .unwrap();
-    let mut mounted = mount::mount(rt.handle().clone(), opened, cache, &mnt, &opts).unwrap();
     mounted.wait_background();
     let background = started.elapsed();
     assert!(
@@ -392,22 +400,16 @@ fn peak_rss(scratch: &Path, reg: &str, rt: &tokio::runtime::Runtime) -> (u64, us
         &format!("docker://{reg}/bench/big:v1"),
     );
     std::fs::remove_dir_all(&layout).unwrap();
-    let out = Command::new(IMGSTREAM)
-        .args([
-            "convert",
-            &format!("{reg}/bench/big:v1"),
-            &format!("{reg}/bench/big-esgz:v1"),
-            "--insecure-registry",
-            reg,
-        ])
-        .args(["--json", "--scratch", scratch.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = support::imgstream(&[
+        "convert",
+        &format!("{reg}/bench/big:v1"),
+        &format!("{reg}/bench/big-esgz:v1"),
+        "--insecure-registry",
+        reg,
+        "--json",
+        "--scratch",
+        scratch.to_str().unwrap(),
+    ]);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let bytes: u64 = report["layers"]
         .as_array()
@@ -501,20 +503,14 @@ fn background_on_a_slow_link(
     ));
     // Convert next to the registry's data path, straight into it.
     let esgz = scratch.join("slow-esgz");
-    let out = Command::new(IMGSTREAM)
-        .args([
-            "convert",
-            &format!("oci:{}:v1", layout.display()),
-            &format!("oci:{}:v1", esgz.display()),
-        ])
-        .args(["--json", "--scratch", scratch.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::imgstream(&[
+        "convert",
+        &format!("oci:{}:v1", layout.display()),
+        &format!("oci:{}:v1", esgz.display()),
+        "--json",
+        "--scratch",
+        scratch.to_str().unwrap(),
+    ]);
     support::skopeo_copy(
         &format!("oci:{}:v1", esgz.display()),
         &format!("docker://{reg}/slow/esgz:v1"),
@@ -527,55 +523,23 @@ fn background_on_a_slow_link(
     };
     let bytes: u64 = m.layers.iter().map(|l| l.size).sum();
 
-    let plain_dir = scratch.join("slow-plain");
-    std::fs::create_dir_all(&plain_dir).unwrap();
-    let started = Instant::now();
-    rt.block_on(async {
-        let mut tasks = Vec::new();
-        for (i, layer) in m.layers.iter().enumerate() {
-            let (client, layer, path) = (
-                client.clone(),
-                layer.clone(),
-                plain_dir.join(format!("l{i}")),
-            );
-            tasks.push(tokio::spawn(async move {
-                client.blob_to_file(&layer, &path).await
-            }));
-        }
-        for t in tasks {
-            t.await.unwrap().unwrap();
-        }
-    });
-    let plain = started.elapsed();
+    let plain = plain_download(rt, &client, &m.layers, &scratch.join("slow-plain"));
 
     let mnt = scratch.join("slow-mnt");
     std::fs::create_dir_all(&mnt).unwrap();
     let started = Instant::now();
-    let opts = MountOptions {
-        view: View::Merged,
-        cache: CacheConfig {
-            dir: scratch.join("slow-cache"),
-            limit_bytes: None,
-            prefer_uring: true,
-        },
-        fs: FsConfig::default(),
-        background: Some(BackgroundConfig {
-            concurrency: 4,
-            bandwidth: None,
-        }),
-        threads: 4,
-        platform: Platform::host(),
+    let background_config = BackgroundConfig {
+        concurrency: 4,
+        bandwidth: None,
     };
-    let cache = Arc::new(ChunkCache::open(&opts.cache).unwrap());
-    let opened = rt
-        .block_on(mount::open_layers(
-            client.clone(),
-            "v1",
-            &opts.platform,
-            &cache,
-        ))
-        .unwrap();
-    let mut mounted = mount::mount(rt.handle().clone(), opened, cache, &mnt, &opts).unwrap();
+    let mut mounted = mount_image(
+        rt,
+        &client,
+        "v1",
+        &scratch.join("slow-cache"),
+        &mnt,
+        Some(background_config),
+    );
     mounted.wait_background();
     let background = started.elapsed();
     assert!(

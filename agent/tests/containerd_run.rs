@@ -7,8 +7,6 @@ use std::process::Command;
 
 use support::{Containerd, Registry};
 
-const IMGSTREAM: &str = env!("CARGO_BIN_EXE_imgstream");
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stock_containerd_pulls_and_runs_a_converted_image() {
     support::require_root();
@@ -33,22 +31,15 @@ async fn stock_containerd_pulls_and_runs_a_converted_image() {
         &format!("oci:{}:v1", layout.display()),
         &format!("docker://{reg}/src/app:v1"),
     );
-    let out = Command::new(IMGSTREAM)
-        .args([
-            "convert",
-            &format!("{reg}/src/app:v1"),
-            &format!("{reg}/esgz/app:v1"),
-            "--insecure-registry",
-            &reg,
-        ])
-        .args(["--scratch", scratch.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::imgstream(&[
+        "convert",
+        &format!("{reg}/src/app:v1"),
+        &format!("{reg}/esgz/app:v1"),
+        "--insecure-registry",
+        &reg,
+        "--scratch",
+        scratch.to_str().unwrap(),
+    ]);
 
     // Docker v2.2 manifests too: skopeo rewrites the image as one, imgstream converts it.
     let out = Command::new("skopeo")
@@ -68,25 +59,15 @@ async fn stock_containerd_pulls_and_runs_a_converted_image() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = Command::new(IMGSTREAM)
-        .args([
-            "convert",
-            &format!("{reg}/src/docker:v1"),
-            &format!("{reg}/esgz/docker:v1"),
-        ])
-        .args([
-            "--insecure-registry",
-            &reg,
-            "--scratch",
-            scratch.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::imgstream(&[
+        "convert",
+        &format!("{reg}/src/docker:v1"),
+        &format!("{reg}/esgz/docker:v1"),
+        "--insecure-registry",
+        &reg,
+        "--scratch",
+        scratch.to_str().unwrap(),
+    ]);
 
     let containerd = Containerd::start("ctr-run");
     let image = format!("{reg}/esgz/app:v1");

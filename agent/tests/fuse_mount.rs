@@ -390,22 +390,17 @@ async fn mounted_image_equals_a_gnu_tar_extraction_in_both_views() {
         &format!("oci:{}:v1", layout.display()),
         &format!("docker://{reg}/src/app:v1"),
     );
-    let out = Command::new(IMGSTREAM)
-        .args([
-            "convert",
-            &format!("{reg}/src/app:v1"),
-            &format!("{reg}/esgz/app:v1"),
-            "--insecure-registry",
-            &reg,
-        ])
-        .args(["--chunk-size", "1M", "--scratch", scratch.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::imgstream(&[
+        "convert",
+        &format!("{reg}/src/app:v1"),
+        &format!("{reg}/esgz/app:v1"),
+        "--insecure-registry",
+        &reg,
+        "--chunk-size",
+        "1M",
+        "--scratch",
+        scratch.to_str().unwrap(),
+    ]);
 
     let image = format!("{reg}/esgz/app:v1");
     let cache = scratch.join("cache");

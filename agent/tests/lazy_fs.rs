@@ -28,8 +28,6 @@ use imgstream::{
 };
 use support::{Fault, Proxy, Registry};
 
-const IMGSTREAM: &str = env!("CARGO_BIN_EXE_imgstream");
-
 struct Image {
     registry: Registry,
     scratch: PathBuf,
@@ -61,28 +59,18 @@ async fn image(name: &str) -> Image {
         &format!("oci:{}:v1", layout.display()),
         &format!("docker://{reg}/src/app:v1"),
     );
-    let out = Command::new(IMGSTREAM)
-        .args([
-            "convert",
-            &format!("{reg}/src/app:v1"),
-            &format!("{reg}/esgz/app:v1"),
-            "--insecure-registry",
-            &reg,
-        ])
-        .args([
-            "--chunk-size",
-            "256K",
-            "--json",
-            "--scratch",
-            scratch.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = support::imgstream(&[
+        "convert",
+        &format!("{reg}/src/app:v1"),
+        &format!("{reg}/esgz/app:v1"),
+        "--insecure-registry",
+        &reg,
+        "--chunk-size",
+        "256K",
+        "--json",
+        "--scratch",
+        scratch.to_str().unwrap(),
+    ]);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let digest = report["manifest_digest"].as_str().unwrap().to_string();
     Image {
@@ -101,6 +89,7 @@ fn mount_through(
     cache: &Path,
     background: Option<BackgroundConfig>,
     deadline: Duration,
+    limit: Option<u64>,
 ) -> (
     tokio::runtime::Runtime,
     MountedImage,
@@ -122,7 +111,7 @@ fn mount_through(
         view: View::Merged,
         cache: CacheConfig {
             dir: cache.to_path_buf(),
-            limit_bytes: None,
+            limit_bytes: limit,
             prefer_uring: true,
         },
         fs: FsConfig {
@@ -173,7 +162,7 @@ fn reads_fetch_what_they_need_and_the_background_download_caches_the_rest() {
     // Lazy: one 20 KB file costs the manifest, footer, TOC and about one chunk.
     let proxy = Proxy::start(image.registry.addr, Fault::None);
     let (runtime, mounted, mnt, _cache) =
-        mount_through(&image, &proxy, &cache, None, Duration::from_secs(10));
+        mount_through(&image, &proxy, &cache, None, Duration::from_secs(10), None);
     let opened = proxy.bytes();
     let (rel, content) = &image.files[3];
     assert_eq!(&std::fs::read(mnt.join(rel)).unwrap(), content);
@@ -192,8 +181,14 @@ fn reads_fetch_what_they_need_and_the_background_download_caches_the_rest() {
         concurrency: 2,
         bandwidth: None,
     };
-    let (runtime, mut mounted, mnt, _cache) =
-        mount_through(&image, &proxy, &cache, Some(config), Duration::from_secs(2));
+    let (runtime, mut mounted, mnt, _cache) = mount_through(
+        &image,
+        &proxy,
+        &cache,
+        Some(config),
+        Duration::from_secs(2),
+        None,
+    );
     let progress = mounted.progress.clone().unwrap();
     let started = Instant::now();
     while !progress.finished.load(Ordering::Acquire) {
@@ -221,7 +216,7 @@ fn reads_fetch_what_they_need_and_the_background_download_caches_the_rest() {
     // Restart with the warm cache, by digest: not one byte from the registry.
     let proxy = Proxy::start(image.registry.addr, Fault::None);
     let (runtime, mounted, mnt, _cache) =
-        mount_through(&image, &proxy, &cache, None, Duration::from_secs(2));
+        mount_through(&image, &proxy, &cache, None, Duration::from_secs(2), None);
     drop_page_cache();
     for (rel, content) in &image.files {
         assert!(&std::fs::read(mnt.join(rel)).unwrap() == content, "{rel}");
@@ -240,7 +235,8 @@ fn a_registry_gone_mid_way_fails_uncached_reads_within_the_deadline() {
     let cache = image.scratch.join("cache");
     let proxy = Proxy::start(image.registry.addr, Fault::None);
     let deadline = Duration::from_secs(2);
-    let (runtime, mounted, mnt, _cache) = mount_through(&image, &proxy, &cache, None, deadline);
+    let (runtime, mounted, mnt, _cache) =
+        mount_through(&image, &proxy, &cache, None, deadline, None);
     let (cached, content) = &image.files[1];
     assert_eq!(&std::fs::read(mnt.join(cached)).unwrap(), content);
     proxy.cut();
@@ -278,7 +274,7 @@ fn a_flipped_byte_in_the_cache_is_caught_and_fetched_again() {
     let (rel, content) = &image.files[0];
     let proxy = Proxy::start(image.registry.addr, Fault::None);
     let (runtime, mounted, mnt, _) =
-        mount_through(&image, &proxy, &cache, None, Duration::from_secs(10));
+        mount_through(&image, &proxy, &cache, None, Duration::from_secs(10), None);
     assert_eq!(&std::fs::read(mnt.join(rel)).unwrap(), content);
     drop(mounted);
     drop(runtime);
@@ -292,7 +288,7 @@ fn a_flipped_byte_in_the_cache_is_caught_and_fetched_again() {
 
     let proxy = Proxy::start(image.registry.addr, Fault::None);
     let (runtime, mounted, mnt, chunk_cache) =
-        mount_through(&image, &proxy, &cache, None, Duration::from_secs(10));
+        mount_through(&image, &proxy, &cache, None, Duration::from_secs(10), None);
     drop_page_cache();
     assert!(
         &std::fs::read(mnt.join(rel)).unwrap() == content,
@@ -325,7 +321,7 @@ fn a_full_cache_disk_is_reported_and_reads_keep_working_from_the_network() {
     assert!(status.success());
     let proxy = Proxy::start(image.registry.addr, Fault::None);
     let (runtime, mounted, mnt, chunk_cache) =
-        mount_through(&image, &proxy, &cache, None, Duration::from_secs(10));
+        mount_through(&image, &proxy, &cache, None, Duration::from_secs(10), None);
     let (big, content) = &image.files[0];
     assert_eq!(content.len(), 1_500_000);
     assert!(
@@ -365,6 +361,7 @@ fn the_background_download_keeps_to_its_bandwidth_cap() {
         &cache,
         Some(config),
         Duration::from_secs(10),
+        None,
     );
     mounted.wait_background();
     let took = started.elapsed();
@@ -387,28 +384,18 @@ fn a_small_cache_limit_evicts_the_unmounted_image_not_the_mounted_one() {
     let mut image = rt.block_on(image("lazy-evict"));
     let reg = image.registry.host();
     // The same files as a second image: other chunk boundaries, so other chunks.
-    let out = Command::new(IMGSTREAM)
-        .args([
-            "convert",
-            &format!("{reg}/src/app:v1"),
-            &format!("{reg}/esgz/app:v2"),
-            "--insecure-registry",
-            &reg,
-        ])
-        .args([
-            "--chunk-size",
-            "1M",
-            "--json",
-            "--scratch",
-            image.scratch.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = support::imgstream(&[
+        "convert",
+        &format!("{reg}/src/app:v1"),
+        &format!("{reg}/esgz/app:v2"),
+        "--insecure-registry",
+        &reg,
+        "--chunk-size",
+        "1M",
+        "--json",
+        "--scratch",
+        image.scratch.to_str().unwrap(),
+    ]);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let second = report["manifest_digest"].as_str().unwrap().to_string();
     let cache = image.scratch.join("cache");
@@ -417,7 +404,14 @@ fn a_small_cache_limit_evicts_the_unmounted_image_not_the_mounted_one() {
 
     // Image 1, read in full with a limit of 1.5 images' worth, then unmounted.
     let limit = data * 3 / 2;
-    let (runtime, mounted, mnt, chunks) = mount_with_limit(&image, &proxy, &cache, limit);
+    let (runtime, mounted, mnt, chunks) = mount_through(
+        &image,
+        &proxy,
+        &cache,
+        None,
+        Duration::from_secs(10),
+        Some(limit),
+    );
     for (rel, content) in &image.files {
         assert!(&std::fs::read(mnt.join(rel)).unwrap() == content);
     }
@@ -427,7 +421,14 @@ fn a_small_cache_limit_evicts_the_unmounted_image_not_the_mounted_one() {
 
     // Image 2, mounted and read in full: it needs room, image 1 (unmounted) gives it.
     image.digest = second;
-    let (runtime, mounted, mnt, chunks) = mount_with_limit(&image, &proxy, &cache, limit);
+    let (runtime, mounted, mnt, chunks) = mount_through(
+        &image,
+        &proxy,
+        &cache,
+        None,
+        Duration::from_secs(10),
+        Some(limit),
+    );
     for (rel, content) in &image.files {
         assert!(&std::fs::read(mnt.join(rel)).unwrap() == content, "{rel}");
     }
@@ -448,61 +449,4 @@ fn a_small_cache_limit_evicts_the_unmounted_image_not_the_mounted_one() {
     drop(mounted);
     drop(runtime);
     std::fs::remove_dir_all(&image.scratch).unwrap();
-}
-
-fn mount_with_limit(
-    image: &Image,
-    proxy: &Proxy,
-    cache: &Path,
-    limit: u64,
-) -> (
-    tokio::runtime::Runtime,
-    MountedImage,
-    PathBuf,
-    Arc<ChunkCache>,
-) {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let config = HttpConfig {
-        insecure: vec![proxy.host()],
-        auth_file: None,
-        ..HttpConfig::default()
-    };
-    let source: Arc<dyn BlobSource> =
-        Arc::new(RegistryClient::new(&proxy.host(), &image.repository, config).unwrap());
-    let options = MountOptions {
-        view: View::Merged,
-        cache: CacheConfig {
-            dir: cache.to_path_buf(),
-            limit_bytes: Some(limit),
-            prefer_uring: true,
-        },
-        fs: FsConfig {
-            read_deadline: Duration::from_secs(10),
-        },
-        background: None,
-        threads: 2,
-        platform: Platform::host(),
-    };
-    let chunks = Arc::new(ChunkCache::open(&options.cache).unwrap());
-    let opened = runtime
-        .block_on(mount::open_layers(
-            source,
-            &image.digest,
-            &options.platform,
-            &chunks,
-        ))
-        .unwrap();
-    let mountpoint = image
-        .scratch
-        .join(format!("mnt-limit-{}", &image.digest[7..19]));
-    std::fs::create_dir_all(&mountpoint).unwrap();
-    let mounted = mount::mount(
-        runtime.handle().clone(),
-        opened,
-        chunks.clone(),
-        &mountpoint,
-        &options,
-    )
-    .unwrap();
-    (runtime, mounted, mountpoint, chunks)
 }

@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::{io::Write, process::Command, sync::atomic::Ordering, time::Duration};
+use std::{io::Write, sync::atomic::Ordering, time::Duration};
 
 use imgstream::{
     image::{
@@ -17,8 +17,6 @@ use imgstream::{
     },
 };
 use support::{Fault, Proxy, Registry};
-
-const IMGSTREAM: &str = env!("CARGO_BIN_EXE_imgstream");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_4k_file_from_a_300mb_image_costs_a_few_range_requests() {
@@ -55,22 +53,15 @@ async fn a_4k_file_from_a_300mb_image_costs_a_few_range_requests() {
         &format!("oci:{}:v1", layout.display()),
         &format!("docker://{reg}/big/app:v1"),
     );
-    let out = Command::new(IMGSTREAM)
-        .args([
-            "convert",
-            &format!("{reg}/big/app:v1"),
-            &format!("{reg}/big/esgz:v1"),
-            "--insecure-registry",
-            &reg,
-        ])
-        .args(["--scratch", scratch.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::imgstream(&[
+        "convert",
+        &format!("{reg}/big/app:v1"),
+        &format!("{reg}/big/esgz:v1"),
+        "--insecure-registry",
+        &reg,
+        "--scratch",
+        scratch.to_str().unwrap(),
+    ]);
     std::fs::remove_dir_all(&root).unwrap();
 
     // Read the manifest directly, then count what reading the file costs through the proxy.

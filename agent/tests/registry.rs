@@ -217,29 +217,20 @@ async fn convert_pushes_estargz_that_reads_back_file_for_file() {
         &format!("docker://{reg}/src/app:v1"),
     );
 
-    let out = Command::new(IMGSTREAM)
-        .args([
-            "convert",
-            &format!("{reg}/src/app:v1"),
-            &format!("{reg}/esgz/app:v1"),
-        ])
-        .args([
-            "--insecure-registry",
-            &reg,
-            "--chunk-size",
-            "1M",
-            "--prioritize",
-            "/bin/busybox",
-            "--json",
-        ])
-        .args(["--scratch", scratch.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = support::imgstream(&[
+        "convert",
+        &format!("{reg}/src/app:v1"),
+        &format!("{reg}/esgz/app:v1"),
+        "--insecure-registry",
+        &reg,
+        "--chunk-size",
+        "1M",
+        "--prioritize",
+        "/bin/busybox",
+        "--json",
+        "--scratch",
+        scratch.to_str().unwrap(),
+    ]);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["layers"].as_array().unwrap().len(), 2);
 
@@ -275,26 +266,16 @@ async fn convert_pushes_estargz_that_reads_back_file_for_file() {
         assert_eq!(config["rootfs"]["diff_ids"][i], hasher.finish().to_string());
     }
     // Converting again from the converted image copies the layers as they are.
-    let out = Command::new(IMGSTREAM)
-        .args([
-            "convert",
-            &format!("{reg}/esgz/app:v1"),
-            &format!("oci:{}:again", scratch.join("again").display()),
-        ])
-        .args([
-            "--insecure-registry",
-            &reg,
-            "--json",
-            "--scratch",
-            scratch.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = support::imgstream(&[
+        "convert",
+        &format!("{reg}/esgz/app:v1"),
+        &format!("oci:{}:again", scratch.join("again").display()),
+        "--insecure-registry",
+        &reg,
+        "--json",
+        "--scratch",
+        scratch.to_str().unwrap(),
+    ]);
     let again: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(
         again["layers"]
@@ -362,26 +343,17 @@ async fn basic_auth_with_docker_config_credentials() {
         format!(r#"{{"auths":{{"{reg}":{{"auth":"{auth}"}}}}}}"#),
     )
     .unwrap();
-    let out = Command::new(IMGSTREAM)
-        .args([
-            "convert",
-            &format!("{reg}/private/app:v1"),
-            &format!("{reg}/private/esgz:v1"),
-        ])
-        .args([
-            "--insecure-registry",
-            &reg,
-            "--auth-file",
-            scratch.join("config.json").to_str().unwrap(),
-        ])
-        .args(["--scratch", scratch.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::imgstream(&[
+        "convert",
+        &format!("{reg}/private/app:v1"),
+        &format!("{reg}/private/esgz:v1"),
+        "--insecure-registry",
+        &reg,
+        "--auth-file",
+        scratch.join("config.json").to_str().unwrap(),
+        "--scratch",
+        scratch.to_str().unwrap(),
+    ]);
     std::fs::remove_dir_all(&scratch).unwrap();
 }
 

@@ -897,3 +897,17 @@ impl Drop for SlowLink {
             .output();
     }
 }
+
+/// Runs the `imgstream` binary with `args`, asserting it succeeds; returns its output.
+pub fn imgstream(args: &[&str]) -> std::process::Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_imgstream"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "imgstream {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
