@@ -81,39 +81,102 @@ enum Command {
         /// `merged` (all layers, whiteouts applied) or `layer:N` (one layer, overlayfs lower form).
         #[arg(long, default_value = "merged", value_parser = parse_view)]
         view: imgstream::fs::View,
-        /// The chunk cache directory, shared by every image.
-        #[arg(long, default_value = "/var/lib/imgstream/cache")]
-        cache_dir: PathBuf,
-        /// Most bytes the cache may hold (K/M/G suffixes); no limit by default.
-        #[arg(long, value_parser = parse_bytes)]
-        cache_limit: Option<u64>,
-        /// Write the cache with plain syscalls instead of io_uring.
-        #[arg(long)]
-        no_io_uring: bool,
-        /// Do not download the whole image in the background.
-        #[arg(long)]
-        no_background: bool,
-        /// Parallel requests of the background download.
-        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
-        background_concurrency: u64,
-        /// Bandwidth cap of the background download, bytes per second (K/M/G suffixes).
-        #[arg(long, value_parser = parse_bytes)]
-        background_bandwidth: Option<u64>,
-        /// A read waiting on the network fails with EIO after this many seconds.
-        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
-        read_deadline_secs: u64,
-        /// FUSE worker threads.
-        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
-        threads: u64,
-        /// Platform to pick from an image index.
-        #[arg(long, default_value = "linux/amd64", value_parser = parse_platform)]
-        platform: imgstream::image::manifest::Platform,
         #[command(flatten)]
-        registry: RegistryArgs,
+        serving: ServingArgs,
+    },
+    /// Serve an image to a virtual machine as a vhost-user virtio-fs device: the VMM connects
+    /// to SOCKET (QEMU: `-chardev socket,id=fs0,path=SOCKET -device
+    /// vhost-user-fs-pci,chardev=fs0,tag=TAG` with shared guest memory) and the guest mounts
+    /// the merged image with `mount -t virtiofs TAG DIR`. Same filesystem, cache and
+    /// background download as `mount`; one VM at a time, any number one after another.
+    /// Stops on Ctrl-C or SIGTERM.
+    ServeVhost {
+        image: String,
+        /// The vhost-user socket to listen on (a stale socket file is replaced).
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        /// The tag offered to VMMs that read it from the backend (at most 36 bytes); QEMU's
+        /// vhost-user-fs-pci takes its own `tag=` instead, which must match.
+        #[arg(long)]
+        tag: Option<String>,
+        /// Request queues offered to the guest.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
+        request_queues: u64,
+        /// Largest virtqueue size the guest may use.
+        #[arg(long, default_value_t = 1024, value_parser = parse_queue_size)]
+        queue_size: u16,
+        #[command(flatten)]
+        serving: ServingArgs,
     },
     /// Internal: the processes `selftest` runs.
     #[command(hide = true, subcommand)]
     SelftestHelper(selftest::helper::HelperCommand),
+}
+
+/// How an image is served: cache, background download, deadlines (`mount`, `serve-vhost`).
+#[derive(Debug, clap::Args)]
+struct ServingArgs {
+    /// The chunk cache directory, shared by every image and every transport.
+    #[arg(long, default_value = "/var/lib/imgstream/cache")]
+    cache_dir: PathBuf,
+    /// Most bytes the cache may hold (K/M/G suffixes); no limit by default.
+    #[arg(long, value_parser = parse_bytes)]
+    cache_limit: Option<u64>,
+    /// Write the cache with plain syscalls instead of io_uring.
+    #[arg(long)]
+    no_io_uring: bool,
+    /// Do not download the whole image in the background.
+    #[arg(long)]
+    no_background: bool,
+    /// Parallel requests of the background download.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    background_concurrency: u64,
+    /// Bandwidth cap of the background download, bytes per second (K/M/G suffixes).
+    #[arg(long, value_parser = parse_bytes)]
+    background_bandwidth: Option<u64>,
+    /// A read waiting on the network fails with EIO after this many seconds.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    read_deadline_secs: u64,
+    /// Threads serving requests.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    threads: u64,
+    /// Platform to pick from an image index.
+    #[arg(long, default_value = "linux/amd64", value_parser = parse_platform)]
+    platform: imgstream::image::manifest::Platform,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+impl ServingArgs {
+    fn options(
+        self,
+        view: imgstream::fs::View,
+    ) -> anyhow::Result<(
+        imgstream::mount::MountOptions,
+        imgstream::registry::http::HttpConfig,
+    )> {
+        let options = imgstream::mount::MountOptions {
+            view,
+            cache: imgstream::cache::CacheConfig {
+                dir: self.cache_dir,
+                limit_bytes: self.cache_limit,
+                prefer_uring: !self.no_io_uring,
+            },
+            fs: imgstream::fs::FsConfig {
+                read_deadline: Duration::from_secs(self.read_deadline_secs),
+            },
+            background: (!self.no_background).then_some(
+                imgstream::fetch::background::BackgroundConfig {
+                    concurrency: self.background_concurrency as usize,
+                    bandwidth: self.background_bandwidth,
+                },
+            ),
+            threads: self.threads as usize,
+            platform: self.platform,
+        };
+        let http = imgstream::registry::http::HttpConfig::try_from(self.registry)?;
+        Ok((options, http))
+    }
 }
 
 /// How registries are reached (shared by every subcommand that talks to one).
@@ -204,13 +267,17 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
         "G" | "GB" | "GIB" => 1 << 30,
         other => return Err(format!("unknown size unit {other:?}")),
     };
-    let size = n
-        .checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is too large"))?;
-    if !(4096..=1 << 30).contains(&size) {
-        return Err(format!("{s:?}: the chunk size must be between 4K and 1G"));
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn parse_queue_size(s: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(n) if n.is_power_of_two() && n >= 2 => Ok(n),
+        _ => Err(format!(
+            "{s:?}: a queue size is a power of two from 2 to 32768"
+        )),
     }
-    Ok(size)
 }
 
 fn parse_platform(s: &str) -> Result<imgstream::image::manifest::Platform, String> {
@@ -355,38 +422,28 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             image,
             mountpoint,
             view,
-            cache_dir,
-            cache_limit,
-            no_io_uring,
-            no_background,
-            background_concurrency,
-            background_bandwidth,
-            read_deadline_secs,
-            threads,
-            platform,
-            registry,
+            serving,
         } => {
-            let options = imgstream::mount::MountOptions {
-                view,
-                cache: imgstream::cache::CacheConfig {
-                    dir: cache_dir,
-                    limit_bytes: cache_limit,
-                    prefer_uring: !no_io_uring,
-                },
-                fs: imgstream::fs::FsConfig {
-                    read_deadline: Duration::from_secs(read_deadline_secs),
-                },
-                background: (!no_background).then_some(
-                    imgstream::fetch::background::BackgroundConfig {
-                        concurrency: background_concurrency as usize,
-                        bandwidth: background_bandwidth,
-                    },
-                ),
-                threads: threads as usize,
-                platform,
-            };
-            let http = imgstream::registry::http::HttpConfig::try_from(registry)?;
+            let (options, http) = serving.options(view)?;
             mount(&image, &mountpoint, &options, http)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ServeVhost {
+            image,
+            socket,
+            tag,
+            request_queues,
+            queue_size,
+            serving,
+        } => {
+            let (options, http) = serving.options(imgstream::fs::View::Merged)?;
+            let config = imgstream::fs::virtiofs::VirtioFsConfig {
+                request_queues: request_queues as usize,
+                queue_size,
+                request_threads: options.threads,
+                tag,
+            };
+            serve_vhost(&image, &socket, config, &options, http)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::SelftestHelper(_) => unreachable!("handled before logging is set up"),
@@ -472,14 +529,17 @@ fn progress_bars() -> Option<imgstream::convert::ProgressFn> {
     }))
 }
 
-fn mount(
+/// Opens IMAGE's layers for serving: the runtime, the cache and the opened image.
+fn open_image(
     image: &str,
-    mountpoint: &std::path::Path,
     options: &imgstream::mount::MountOptions,
     http: imgstream::registry::http::HttpConfig,
-) -> anyhow::Result<()> {
-    use std::sync::atomic::Ordering;
-
+) -> anyhow::Result<(
+    tokio::runtime::Runtime,
+    std::sync::Arc<imgstream::cache::ChunkCache>,
+    imgstream::mount::OpenedImage,
+    imgstream::registry::ImageRef,
+)> {
     use imgstream::registry::{ImageRef, open_source};
     let image_ref = ImageRef::parse(image).context("IMAGE")?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -497,6 +557,58 @@ fn mount(
             &cache,
         ))
         .with_context(|| format!("reading {image_ref}"))?;
+    Ok((runtime, cache, opened, image_ref))
+}
+
+fn serve_vhost(
+    image: &str,
+    socket: &std::path::Path,
+    config: imgstream::fs::virtiofs::VirtioFsConfig,
+    options: &imgstream::mount::MountOptions,
+    http: imgstream::registry::http::HttpConfig,
+) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering;
+
+    let (runtime, cache, opened, image_ref) = open_image(image, options, http)?;
+    let mut served = imgstream::mount::serve(runtime.handle().clone(), opened, cache, options)
+        .with_context(|| format!("preparing {image_ref}"))?;
+    let mut server =
+        imgstream::fs::virtiofs::VirtioFsServer::bind(served.fs.clone(), socket, config)
+            .with_context(|| format!("serving {image_ref} on {}", socket.display()))?;
+    let shutdown = Shutdown::new();
+    runtime
+        .block_on(async { shutdown.trigger_on_signals() })
+        .context("installing signal handlers")?;
+    tracing::info!(image = %image_ref, socket = %socket.display(), files = served.fs.tree().iter().count(), "serving the image over vhost-user virtio-fs");
+    eprintln!(
+        "{image_ref} served over virtio-fs on {}; Ctrl-C stops",
+        socket.display()
+    );
+    let result = server.run(&shutdown);
+    served.wait_background_stop();
+    let stats = &server.stats;
+    tracing::info!(
+        sessions = stats.sessions.load(Ordering::Relaxed),
+        requests = stats.requests.load(Ordering::Relaxed),
+        bad_requests = stats.bad_requests.load(Ordering::Relaxed),
+        fetched_bytes = served.fetcher.stats.bytes.load(Ordering::Relaxed),
+        "virtio-fs backend stopped"
+    );
+    drop(server);
+    result.with_context(|| format!("serving on {}", socket.display()))?;
+    eprintln!("stopped serving on {}", socket.display());
+    Ok(())
+}
+
+fn mount(
+    image: &str,
+    mountpoint: &std::path::Path,
+    options: &imgstream::mount::MountOptions,
+    http: imgstream::registry::http::HttpConfig,
+) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering;
+
+    let (runtime, cache, opened, image_ref) = open_image(image, options, http)?;
     let mut mounted =
         imgstream::mount::mount(runtime.handle().clone(), opened, cache, mountpoint, options)
             .with_context(|| format!("mounting {image_ref} at {}", mountpoint.display()))?;

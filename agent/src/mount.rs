@@ -47,7 +47,7 @@ pub enum MountError {
     Fuse(#[from] crate::fs::fusedev::MountError),
 }
 
-/// Everything a mount needs to know.
+/// Everything a mount (or a virtio-fs backend) needs to know.
 #[derive(Clone, Debug)]
 pub struct MountOptions {
     pub view: View,
@@ -55,7 +55,7 @@ pub struct MountOptions {
     pub fs: FsConfig,
     /// `None` disables the background download.
     pub background: Option<BackgroundConfig>,
-    /// FUSE worker threads.
+    /// Threads serving requests (FUSE workers, or virtio-fs request threads).
     pub threads: usize,
     pub platform: Platform,
 }
@@ -216,26 +216,28 @@ async fn manifest_cached(
     Ok(fetched)
 }
 
-/// A mounted image; unmounted (and the background download stopped) when dropped.
-pub struct MountedImage {
+/// An image ready to serve: its filesystem, the fetcher behind it, the pin that keeps its
+/// chunks from eviction, and the background download. Any transport serves `fs`; the
+/// background download stops when this is dropped.
+pub struct ServedImage {
+    pub fs: Arc<ImageFs>,
     pub fetcher: Arc<Fetcher>,
-    /// Keeps the image's chunks from eviction while mounted.
+    /// Keeps the image's chunks from eviction while served.
     _pin: crate::cache::Pin,
     pub progress: Option<Arc<Progress>>,
-    mount: Option<FuseMount>,
     background: Option<thread::JoinHandle<()>>,
     stop: Shutdown,
 }
 
-impl std::fmt::Debug for MountedImage {
+impl std::fmt::Debug for ServedImage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MountedImage")
-            .field("mount", &self.mount)
+        f.debug_struct("ServedImage")
+            .field("fs", &self.fs)
             .finish_non_exhaustive()
     }
 }
 
-impl MountedImage {
+impl ServedImage {
     /// Stops the background download and waits for its workers.
     pub fn wait_background_stop(&mut self) {
         self.stop.trigger();
@@ -250,22 +252,56 @@ impl MountedImage {
     }
 }
 
-impl Drop for MountedImage {
+impl Drop for ServedImage {
     fn drop(&mut self) {
         self.stop.trigger();
-        self.mount.take();
         self.wait_background();
     }
 }
 
-/// Mounts an opened image at `mountpoint`, pinning its chunks in `cache` while mounted.
-pub fn mount(
+/// A mounted image; unmounted (and the background download stopped) when dropped.
+pub struct MountedImage {
+    // Declared first: unmounted before the image it serves is dropped.
+    mount: Option<FuseMount>,
+    served: ServedImage,
+}
+
+impl std::fmt::Debug for MountedImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MountedImage")
+            .field("mount", &self.mount)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::ops::Deref for MountedImage {
+    type Target = ServedImage;
+    fn deref(&self) -> &ServedImage {
+        &self.served
+    }
+}
+
+impl std::ops::DerefMut for MountedImage {
+    fn deref_mut(&mut self) -> &mut ServedImage {
+        &mut self.served
+    }
+}
+
+impl Drop for MountedImage {
+    fn drop(&mut self) {
+        self.served.stop.trigger();
+        self.mount.take();
+    }
+}
+
+/// Builds the filesystem of an opened image, pins its chunks in `cache` and starts the
+/// background download (when configured): everything but the transport.
+pub fn serve(
     runtime: tokio::runtime::Handle,
     image: OpenedImage,
     cache: Arc<ChunkCache>,
-    mountpoint: &Path,
     options: &MountOptions,
-) -> Result<MountedImage, MountError> {
+) -> Result<ServedImage, MountError> {
     let OpenedImage {
         digest,
         layers,
@@ -298,9 +334,6 @@ pub fn mount(
         fetcher.clone(),
         options.fs,
     ));
-    let files = fs.tree().iter().count();
-    let mount = FuseMount::mount(fs, mountpoint, "imgstream", true, options.threads)?;
-    tracing::info!(mountpoint = %mountpoint.display(), files, view = ?options.view, "image mounted");
     let stop = Shutdown::new();
     let (progress, background) = match options.background {
         Some(config) => {
@@ -310,12 +343,36 @@ pub fn mount(
         }
         None => (None, None),
     };
-    Ok(MountedImage {
+    Ok(ServedImage {
+        fs,
         fetcher,
         _pin: pin,
         progress,
-        mount: Some(mount),
         background,
         stop,
+    })
+}
+
+/// Mounts an opened image at `mountpoint`, pinning its chunks in `cache` while mounted.
+pub fn mount(
+    runtime: tokio::runtime::Handle,
+    image: OpenedImage,
+    cache: Arc<ChunkCache>,
+    mountpoint: &Path,
+    options: &MountOptions,
+) -> Result<MountedImage, MountError> {
+    let served = serve(runtime, image, cache, options)?;
+    let files = served.fs.tree().iter().count();
+    let mount = FuseMount::mount(
+        served.fs.clone(),
+        mountpoint,
+        "imgstream",
+        true,
+        options.threads,
+    )?;
+    tracing::info!(mountpoint = %mountpoint.display(), files, view = ?options.view, "image mounted");
+    Ok(MountedImage {
+        mount: Some(mount),
+        served,
     })
 }

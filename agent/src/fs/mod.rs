@@ -3,10 +3,12 @@
 //! [`Fetcher`] (cache, else the registry, chunk by chunk); metadata comes from the layers'
 //! TOCs and is all in memory, so `ls -l` never touches the network.
 //!
-//! Transports (`fusedev` here, virtio-fs later) only move messages to and from this type.
+//! Transports ([`fusedev`] for host mounts, [`virtiofs`] for VMs) only move messages to and
+//! from this type.
 
 pub mod fusedev;
 pub mod tree;
+pub mod virtiofs;
 
 use std::{
     ffi::CStr,

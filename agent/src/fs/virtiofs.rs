@@ -1,0 +1,536 @@
+//! The virtio-fs transport: serves any `FileSystem` to a virtual machine as a vhost-user-fs
+//! device backend. The VMM (QEMU's `vhost-user-fs-pci`, Cloud Hypervisor, Kata's runtimes)
+//! connects to a unix socket, shares the guest's memory with us and hands over the
+//! virtqueues; FUSE requests then arrive as descriptor chains and replies go back into the
+//! guest's buffers. Like [`super::fusedev`], it moves messages only: the files are the
+//! filesystem's business, so a host mount and a guest share one implementation and one cache.
+//!
+//! Queue 0 is the high-priority queue (FORGET, INTERRUPT); queues 1.. carry requests. Each
+//! queue has its own event thread, which only pops descriptor chains and hands them to a
+//! pool of request threads: a read that waits on the registry never holds up the requests
+//! behind it. A guest that goes away ends its session; the backend then waits for the next
+//! connection on the same socket.
+//!
+//! Everything in the rings comes from the guest and is untrusted: a chain that points outside
+//! guest memory, has no room for a reply or holds a malformed FUSE message is completed with
+//! zero bytes and logged, and the backend carries on.
+
+use std::{
+    io,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc,
+    },
+    thread,
+    time::Duration,
+};
+
+use fuse_backend_rs::{
+    api::{filesystem::FileSystem, server::Server},
+    transport::{Reader, VirtioFsWriter},
+};
+use vhost::vhost_user::{
+    Listener,
+    message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures},
+};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use virtio_bindings::{
+    virtio_config::VIRTIO_F_VERSION_1,
+    virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC},
+};
+use virtio_queue::{DescriptorChain, QueueOwnedT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vmm_sys_util::{
+    epoll::EventSet,
+    event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier},
+};
+
+use crate::shutdown::Shutdown;
+
+/// The guest's memory as the backend sees it.
+pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
+type Chain = DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap>>;
+
+/// Bytes of the tag in the device's configuration space (virtio spec 5.11.4).
+pub const TAG_LEN: usize = 36;
+/// The one high-priority queue that comes before the request queues.
+const HIPRIO_QUEUES: usize = 1;
+/// Most request queues a guest may use (the kernel's virtiofs driver maps them to CPUs).
+pub const MAX_REQUEST_QUEUES: usize = 16;
+
+/// How the device looks to the guest and how many threads serve it.
+#[derive(Clone, Debug)]
+pub struct VirtioFsConfig {
+    /// Request queues offered (the VMM decides how many it uses, at most this many).
+    pub request_queues: usize,
+    /// The largest virtqueue the guest may set up.
+    pub queue_size: u16,
+    /// Threads that run requests, shared by all queues and sessions.
+    pub request_threads: usize,
+    /// The tag, offered in the configuration space to VMMs that ask the backend for it
+    /// (VHOST_USER_PROTOCOL_F_CONFIG). QEMU's `vhost-user-fs-pci` uses its own `tag=`
+    /// property instead; the two must match for the guest to find the share under this name.
+    pub tag: Option<String>,
+}
+
+impl Default for VirtioFsConfig {
+    fn default() -> Self {
+        Self {
+            request_queues: 1,
+            queue_size: 1024,
+            request_threads: 4,
+            tag: None,
+        }
+    }
+}
+
+/// Errors of the virtio-fs backend.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioFsError {
+    #[error("the virtio-fs tag {0:?} is empty or longer than {TAG_LEN} bytes")]
+    BadTag(String),
+    #[error("{0} request queues: between 1 and {MAX_REQUEST_QUEUES}")]
+    BadQueueCount(usize),
+    #[error("listening on {0}")]
+    Listen(PathBuf, #[source] vhost::vhost_user::Error),
+    #[error("waiting for a connection on {0}")]
+    Accept(PathBuf, #[source] io::Error),
+    /// The library's error type implements Display only.
+    #[error("setting up a vhost-user session: {0}")]
+    Session(String),
+    #[error("creating an event fd")]
+    Event(#[source] io::Error),
+    #[error("starting a request thread")]
+    Thread(#[source] io::Error),
+}
+
+/// What the backend has done, for logs and tests.
+#[derive(Debug, Default)]
+pub struct VirtioFsStats {
+    /// Guest connections accepted.
+    pub sessions: AtomicU64,
+    /// Requests answered.
+    pub requests: AtomicU64,
+    /// Chains that could not be served (bad descriptors, malformed messages).
+    pub bad_requests: AtomicU64,
+}
+
+/// A request to run on a request thread.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The request threads: jobs in, run in any order.
+struct RequestPool {
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+}
+
+impl RequestPool {
+    fn start(threads: usize) -> Result<Self, VirtioFsError> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..threads.max(1) {
+            let rx = rx.clone();
+            thread::Builder::new()
+                .name(format!("virtiofs-req-{i}"))
+                .spawn(move || {
+                    loop {
+                        // The lock is held only while taking a job, not while running it.
+                        let job = match rx.lock() {
+                            Ok(rx) => rx.recv(),
+                            Err(_) => return,
+                        };
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => return, // the pool was dropped
+                        }
+                    }
+                })
+                .map_err(VirtioFsError::Thread)?;
+        }
+        Ok(Self {
+            jobs: Mutex::new(Some(tx)),
+        })
+    }
+
+    fn run(&self, job: Job) -> bool {
+        match self.jobs.lock() {
+            Ok(jobs) => jobs.as_ref().is_some_and(|tx| tx.send(job).is_ok()),
+            Err(_) => false,
+        }
+    }
+}
+
+impl Drop for RequestPool {
+    fn drop(&mut self) {
+        if let Ok(mut jobs) = self.jobs.lock() {
+            jobs.take();
+        }
+    }
+}
+
+/// The vhost-user-fs device of one session.
+struct FsBackend<F: FileSystem + Send + Sync + 'static> {
+    server: Arc<Server<Arc<F>>>,
+    config: VirtioFsConfig,
+    memory: RwLock<Option<GuestMemory>>,
+    event_idx: AtomicBool,
+    /// One exit event per queue thread: how the session's threads are told to stop.
+    exits: Vec<(EventConsumer, EventNotifier)>,
+    pool: Arc<RequestPool>,
+    stats: Arc<VirtioFsStats>,
+}
+
+impl<F: FileSystem + Send + Sync + 'static> FsBackend<F> {
+    fn new(
+        server: Arc<Server<Arc<F>>>,
+        config: VirtioFsConfig,
+        pool: Arc<RequestPool>,
+        stats: Arc<VirtioFsStats>,
+    ) -> Result<Self, VirtioFsError> {
+        let exits = (0..HIPRIO_QUEUES + config.request_queues)
+            .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
+            .collect::<Result<_, _>>()
+            .map_err(VirtioFsError::Event)?;
+        Ok(Self {
+            server,
+            config,
+            memory: RwLock::new(None),
+            event_idx: AtomicBool::new(false),
+            exits,
+            pool,
+            stats,
+        })
+    }
+
+    /// Takes every available chain off `vring` and hands each to a request thread.
+    fn dispatch(&self, vring: &VringRwLock, memory: &GuestMemoryLoadGuard<GuestMemoryMmap>) {
+        let chains: Vec<Chain> = {
+            let mut state = vring.get_mut();
+            match state.get_queue_mut().iter(memory.clone()) {
+                Ok(iter) => iter.collect(),
+                Err(err) => {
+                    // The guest's avail ring is broken; nothing on it can be trusted. The
+                    // session stays up (the guest may reset the device), nothing is served.
+                    self.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%err, "virtio-fs: unreadable available ring");
+                    return;
+                }
+            }
+        };
+        for chain in chains {
+            let (server, vring, memory, stats) = (
+                self.server.clone(),
+                vring.clone(),
+                memory.clone(),
+                self.stats.clone(),
+            );
+            let job = Box::new(move || complete(&server, &vring, &memory, chain, &stats));
+            if !self.pool.run(job) {
+                tracing::warn!("virtio-fs: the request threads are gone; request dropped");
+            }
+        }
+    }
+}
+
+/// Serves one chain and returns it to the guest.
+fn complete<F: FileSystem + Send + Sync>(
+    server: &Server<Arc<F>>,
+    vring: &VringRwLock,
+    memory: &GuestMemoryLoadGuard<GuestMemoryMmap>,
+    chain: Chain,
+    stats: &VirtioFsStats,
+) {
+    let head = chain.head_index();
+    let written = match serve_chain(server, memory, chain) {
+        Ok(written) => {
+            stats.requests.fetch_add(1, Ordering::Relaxed);
+            written
+        }
+        Err(err) => {
+            stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%err, head, "virtio-fs: request not served");
+            0
+        }
+    };
+    // A full used ring or a session already gone: the guest is past caring.
+    if let Err(err) = vring.add_used(head, written) {
+        tracing::debug!(%err, head, "virtio-fs: returning a chain failed");
+        return;
+    }
+    match vring.needs_notification() {
+        Ok(true) => {
+            if let Err(err) = vring.signal_used_queue() {
+                tracing::debug!(%err, "virtio-fs: notifying the guest failed");
+            }
+        }
+        Ok(false) => {}
+        Err(err) => tracing::debug!(%err, "virtio-fs: reading the used event failed"),
+    }
+}
+
+/// Why a chain was not served.
+#[derive(Debug, thiserror::Error)]
+enum ChainError {
+    #[error("bad descriptor chain: {0}")]
+    Descriptors(fuse_backend_rs::transport::Error),
+    #[error("FUSE message: {0}")]
+    Message(fuse_backend_rs::Error),
+}
+
+fn serve_chain<F: FileSystem + Send + Sync>(
+    server: &Server<Arc<F>>,
+    memory: &GuestMemoryLoadGuard<GuestMemoryMmap>,
+    chain: Chain,
+) -> Result<u32, ChainError> {
+    let reader =
+        Reader::from_descriptor_chain(&**memory, chain.clone()).map_err(ChainError::Descriptors)?;
+    let writer = VirtioFsWriter::new(&**memory, chain).map_err(ChainError::Descriptors)?;
+    let written = server
+        .handle_message(reader, writer.into(), None, None)
+        .map_err(ChainError::Message)?;
+    // A reply never exceeds the chain's writable bytes, which fit in u32 (the spec's limit).
+    Ok(u32::try_from(written).unwrap_or(u32::MAX))
+}
+
+impl<F: FileSystem + Send + Sync + 'static> VhostUserBackend for FsBackend<F> {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        HIPRIO_QUEUES + self.config.request_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.config.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        let mut features = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        if self.config.tag.is_some() {
+            features |= VhostUserProtocolFeatures::CONFIG;
+        }
+        features
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // struct virtio_fs_config { u8 tag[36]; le32 num_request_queues; }
+        let mut config = [0u8; TAG_LEN + 4];
+        if let Some(tag) = &self.config.tag {
+            config[..tag.len()].copy_from_slice(tag.as_bytes());
+        }
+        let queues = u32::try_from(self.config.request_queues).unwrap_or(1);
+        config[TAG_LEN..].copy_from_slice(&queues.to_le_bytes());
+        let start = (offset as usize).min(config.len());
+        let end = start.saturating_add(size as usize).min(config.len());
+        config[start..end].to_vec()
+    }
+
+    fn update_memory(&self, memory: GuestMemory) -> io::Result<()> {
+        *self.memory.write().map_err(|_| io::Error::other("lock"))? = Some(memory);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // One event thread per queue: a busy queue does not delay another's kicks.
+        (0..self.num_queues()).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (consumer, notifier) = self.exits.get(thread_index)?;
+        Some((consumer.try_clone().ok()?, notifier.try_clone().ok()?))
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!(
+                "virtio-fs: unexpected event {evset:?}"
+            )));
+        }
+        // `device_event` counts the queues of this thread, which has exactly one.
+        let vring = vrings
+            .get(usize::from(device_event))
+            .ok_or_else(|| io::Error::other(format!("virtio-fs: no queue {device_event}")))?;
+        let memory = self
+            .memory
+            .read()
+            .map_err(|_| io::Error::other("lock"))?
+            .as_ref()
+            .ok_or_else(|| io::Error::other("virtio-fs: a kick before the guest's memory"))?
+            .memory();
+        if !self.event_idx.load(Ordering::Relaxed) {
+            self.dispatch(vring, &memory);
+            return Ok(());
+        }
+        // With EVENT_IDX the guest kicks only when told to: keep taking chains until none
+        // arrived while notifications were off, or the guest waits forever.
+        loop {
+            vring
+                .disable_notification()
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            self.dispatch(vring, &memory);
+            if !vring
+                .enable_notification()
+                .map_err(|e| io::Error::other(e.to_string()))?
+            {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// A vhost-user-fs backend bound to its socket.
+pub struct VirtioFsServer<F: FileSystem + Send + Sync + 'static> {
+    server: Arc<Server<Arc<F>>>,
+    config: VirtioFsConfig,
+    listener: Listener,
+    socket: PathBuf,
+    pool: Arc<RequestPool>,
+    pub stats: Arc<VirtioFsStats>,
+}
+
+impl<F: FileSystem + Send + Sync + 'static> std::fmt::Debug for VirtioFsServer<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioFsServer")
+            .field("socket", &self.socket)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F: FileSystem + Send + Sync + 'static> VirtioFsServer<F> {
+    /// Binds `socket` (replacing a stale socket file) to serve `fs`.
+    pub fn bind(fs: Arc<F>, socket: &Path, config: VirtioFsConfig) -> Result<Self, VirtioFsError> {
+        if let Some(tag) = &config.tag
+            && (tag.is_empty() || tag.len() > TAG_LEN)
+        {
+            return Err(VirtioFsError::BadTag(tag.clone()));
+        }
+        if !(1..=MAX_REQUEST_QUEUES).contains(&config.request_queues) {
+            return Err(VirtioFsError::BadQueueCount(config.request_queues));
+        }
+        let listener =
+            Listener::new(socket, true).map_err(|e| VirtioFsError::Listen(socket.into(), e))?;
+        let pool = Arc::new(RequestPool::start(config.request_threads)?);
+        Ok(Self {
+            server: Arc::new(Server::new(fs)),
+            config,
+            listener,
+            socket: socket.to_path_buf(),
+            pool,
+            stats: Arc::default(),
+        })
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Serves guests one session after another until `stop` is triggered. A guest that
+    /// disconnects, cleanly or by dying, ends its session only.
+    pub fn run(&mut self, stop: &Shutdown) -> Result<(), VirtioFsError> {
+        while self.wait_for_connection(stop)? {
+            self.session(stop)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until a VMM connects (true) or `stop` is triggered (false).
+    fn wait_for_connection(&self, stop: &Shutdown) -> Result<bool, VirtioFsError> {
+        let mut pollfd = libc::pollfd {
+            fd: self.listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        while !stop.is_triggered() {
+            // SAFETY: one valid pollfd for the duration of the call.
+            let ready = unsafe { libc::poll(&mut pollfd, 1, 200) };
+            if ready > 0 {
+                return Ok(true);
+            }
+            if ready < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() != io::ErrorKind::Interrupted {
+                    return Err(VirtioFsError::Accept(self.socket.clone(), err));
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    fn session(&mut self, stop: &Shutdown) -> Result<(), VirtioFsError> {
+        let backend = Arc::new(FsBackend::new(
+            self.server.clone(),
+            self.config.clone(),
+            self.pool.clone(),
+            self.stats.clone(),
+        )?);
+        let mut daemon = VhostUserDaemon::new(
+            "imgstream-virtiofs".into(),
+            backend,
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .map_err(|e| VirtioFsError::Session(e.to_string()))?;
+        daemon
+            .start(&mut self.listener)
+            .map_err(|e| VirtioFsError::Session(e.to_string()))?;
+        let session = self.stats.sessions.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::info!(session, socket = %self.socket.display(), "virtio-fs: a VMM connected");
+        let handlers = daemon.get_epoll_handlers();
+        let (done_tx, done_rx) = mpsc::channel();
+        // `wait` blocks until the VMM goes away; it runs apart so that a stop is not held up.
+        thread::Builder::new()
+            .name("virtiofs-session".into())
+            .spawn(move || {
+                let result = daemon.wait();
+                let _ = done_tx.send(result);
+            })
+            .map_err(VirtioFsError::Thread)?;
+        loop {
+            match done_rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(result) => {
+                    match result {
+                        Ok(()) => tracing::info!(session, "virtio-fs: the VMM disconnected"),
+                        Err(err) => {
+                            tracing::info!(session, %err, "virtio-fs: the session ended")
+                        }
+                    }
+                    break;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) if stop.is_triggered() => {
+                    tracing::info!(session, "virtio-fs: stopping with a VMM still connected");
+                    break;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+        }
+        for handler in handlers {
+            handler.send_exit_event();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
