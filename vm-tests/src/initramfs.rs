@@ -5,13 +5,14 @@
 use std::io::{self, Write};
 
 /// Builds an archive in memory, entry by entry.
-pub(crate) struct Initramfs {
+#[derive(Debug, Default)]
+pub struct Initramfs {
     out: Vec<u8>,
     next_ino: u32,
 }
 
 impl Initramfs {
-    pub(crate) fn new() -> Self {
+    pub fn new() -> Self {
         Self {
             out: Vec::new(),
             next_ino: 1,
@@ -19,17 +20,17 @@ impl Initramfs {
     }
 
     /// A directory (parents must be added first).
-    pub(crate) fn dir(&mut self, path: &str) {
+    pub fn dir(&mut self, path: &str) {
         self.entry(path, 0o040_755, 0, &[]);
     }
 
     /// A regular file with `mode`'s permission bits.
-    pub(crate) fn file(&mut self, path: &str, mode: u32, data: &[u8]) {
+    pub fn file(&mut self, path: &str, mode: u32, data: &[u8]) {
         self.entry(path, 0o100_000 | (mode & 0o7777), 0, data);
     }
 
     /// A character device node.
-    pub(crate) fn char_dev(&mut self, path: &str, major: u32, minor: u32) {
+    pub fn char_dev(&mut self, path: &str, major: u32, minor: u32) {
         self.entry(path, 0o020_600, (major << 8) | minor, &[]);
     }
 
@@ -71,10 +72,89 @@ impl Initramfs {
     }
 
     /// Appends the trailer and writes the archive.
-    pub(crate) fn finish(mut self, to: &mut impl Write) -> io::Result<()> {
+    pub fn finish(mut self, to: &mut impl Write) -> io::Result<()> {
         self.entry("TRAILER!!!", 0, 0, &[]);
         to.write_all(&self.out)
     }
+}
+
+/// The guest programs of the VM tests, static musl binaries built by `cargo xtask vm-test`.
+#[derive(Clone, Debug)]
+pub struct GuestBinaries {
+    /// `imgstream-guest-init`: /init, and the checks test lines run as `/init CHECK ...`.
+    pub init: std::path::PathBuf,
+    /// The agent, as `/bin/imgstream`.
+    pub imgstream: std::path::PathBuf,
+}
+
+impl GuestBinaries {
+    /// The binaries in `dir` (`target/x86_64-unknown-linux-musl/guest`).
+    pub fn in_dir(dir: &std::path::Path) -> Self {
+        Self {
+            init: dir.join("imgstream-guest-init"),
+            imgstream: dir.join("imgstream"),
+        }
+    }
+}
+
+/// A test initramfs for `kernel`: `/init`, `/bin/imgstream`, that kernel's modules the tests
+/// need (in load order, listed in /etc/imgstream/modules), the test list (`name: argv` lines,
+/// in /etc/imgstream/tests) and any `extra` files (absolute paths; parents must exist or be
+/// among /etc/imgstream).
+pub fn test_image(
+    kernel: &crate::kernels::GuestKernel,
+    bins: &GuestBinaries,
+    tests: &str,
+    extra: &[(&str, &[u8])],
+) -> anyhow::Result<Vec<u8>> {
+    use anyhow::Context as _;
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).with_context(|| {
+            format!(
+                "reading {}: build it with `cargo xtask vm-test`",
+                p.display()
+            )
+        })
+    };
+    let mut image = Initramfs::new();
+    for dir in [
+        "/bin",
+        "/dev",
+        "/etc",
+        "/etc/imgstream",
+        "/lib",
+        "/lib/modules",
+        "/mnt",
+        "/proc",
+        "/sys",
+        "/tmp",
+    ] {
+        image.dir(dir);
+    }
+    // The kernel opens /dev/console as init's stdin, stdout and stderr.
+    image.char_dev("/dev/console", 5, 1);
+    image.file("/init", 0o755, &read(&bins.init)?);
+    image.file("/bin/imgstream", 0o755, &read(&bins.imgstream)?);
+    let mut load_order = String::new();
+    for module in kernel.modules(&crate::kernels::GUEST_MODULES)? {
+        let name = module
+            .file_name()
+            .context("module path")?
+            .to_string_lossy()
+            .into_owned();
+        let guest_path = format!("/lib/modules/{name}");
+        image.file(&guest_path, 0o644, &read(&module)?);
+        load_order.push_str(&guest_path);
+        load_order.push('\n');
+    }
+    image.file("/etc/imgstream/modules", 0o644, load_order.as_bytes());
+    image.file("/etc/imgstream/tests", 0o644, tests.as_bytes());
+    for (path, data) in extra {
+        image.file(path, 0o644, data);
+    }
+    let mut out = Vec::new();
+    image.finish(&mut out)?;
+    Ok(out)
 }
 
 #[cfg(test)]

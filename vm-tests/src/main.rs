@@ -1,6 +1,6 @@
-//! `/init` of the VM tests' initramfs (PID 1 in the guest).
+//! `/init` of the VM tests' initramfs (PID 1 in the guest), and the checks the tests run.
 //!
-//! It mounts the pseudo filesystems the agent needs, loads the kernel modules `cargo xtask
+//! As PID 1 it mounts the pseudo filesystems the agent needs, loads the kernel modules `cargo xtask
 //! vm-test` put in the image, runs each test command listed in `/etc/imgstream/tests`, and
 //! prints one verdict line on the console for the host to read:
 //!
@@ -11,6 +11,9 @@
 //!
 //! then powers the guest off. Whatever goes wrong, including a panic here, ends in a FAIL
 //! verdict or, at worst, no verdict, which the host also counts as a failure.
+//!
+//! Run with arguments (`/init CHECK ARGS...`, not as PID 1), it is one of the checks the test
+//! lists name; see [`checks`].
 
 use std::{
     ffi::CString,
@@ -22,14 +25,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// The marker the host looks for on the serial console.
-const VERDICT: &str = "IMGSTREAM-VERDICT:";
+mod checks;
+
+use imgstream_vm_tests::VERDICT;
+
 /// `finit_module` flag: the kernel decompresses the module itself (`.ko.xz`).
 const MODULE_INIT_COMPRESSED_FILE: libc::c_uint = 4;
 /// The longest one test command may run.
 const TEST_TIMEOUT: Duration = Duration::from_secs(300);
 
 fn main() {
+    if std::process::id() != 1 {
+        std::process::exit(checks::main(std::env::args().skip(1).collect()));
+    }
     std::panic::set_hook(Box::new(|info| {
         println!("guest-init panicked: {info}");
         println!("{VERDICT} FAIL kernel={} failed=guest-init-panic", kernel());
@@ -114,19 +122,25 @@ fn mount_pseudo_filesystems() -> Result<(), String> {
     Ok(())
 }
 
-fn mount(source: &str, target: &str, fstype: &str) -> Result<(), String> {
+pub(crate) fn mount(source: &str, target: &str, fstype: &str) -> Result<(), String> {
+    mount_with(source, target, fstype, None)
+}
+
+/// mount(2) with an optional data string (filesystem options).
+pub(crate) fn mount_with(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    data: Option<&str>,
+) -> Result<(), String> {
     let cstr = |s: &str| CString::new(s).map_err(|e| e.to_string());
     let (src, tgt, fst) = (cstr(source)?, cstr(target)?, cstr(fstype)?);
-    // SAFETY: three NUL-terminated strings that outlive the call; no mount data.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            tgt.as_ptr(),
-            fst.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
+    let data = data.map(cstr).transpose()?;
+    let data_ptr = data
+        .as_ref()
+        .map_or(std::ptr::null(), |d| d.as_ptr().cast::<libc::c_void>());
+    // SAFETY: NUL-terminated strings (and optional data) that outlive the call.
+    let rc = unsafe { libc::mount(src.as_ptr(), tgt.as_ptr(), fst.as_ptr(), 0, data_ptr) };
     if rc != 0 {
         return Err(format!(
             "mount {fstype} on {target}: {}",

@@ -79,7 +79,7 @@ pub(crate) fn run(root: &Path) -> anyhow::Result<()> {
         ),
         (
             "VM tests",
-            Box::new(|| vm_test::run(root, None, std::time::Duration::from_secs(240))),
+            Box::new(|| vm_test::run(root, vm_test::Options::default())),
         ),
     ];
     let total = steps.len();

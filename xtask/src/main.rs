@@ -7,13 +7,13 @@
 //! - `demo`       setup, then the main job on its built-in default
 //! - `fuzz`       the cargo-fuzz targets of agent/fuzz, for a while each
 //! - `bench fs`   the lazy filesystem's benchmarks, as ratios against baselines
+//! - `bench virtiofs` a guest's virtio-fs reads against the host's FUSE reads, as a ratio
 
 mod build_ebpf;
 mod ci;
 mod cmd;
 mod demo;
 mod fuzz;
-mod initramfs;
 mod kernels;
 mod setup;
 mod vm_test;
@@ -40,8 +40,8 @@ enum Command {
         /// Only kernels whose series starts with this (e.g. `6.1`, `6.12`).
         #[arg(long)]
         kernel: Option<String>,
-        /// Seconds a guest may run before it counts as hung.
-        #[arg(long, default_value_t = 240)]
+        /// Seconds one guest may run before it counts as hung.
+        #[arg(long, default_value_t = 300)]
         timeout: u64,
     },
     /// Set up, then run everything CI runs: fmt, clippy, unit tests, root-only host tests,
@@ -49,9 +49,10 @@ enum Command {
     Ci,
     /// Set up, then show the rename-ENXIO detector catching a container's failing `mv`.
     Demo,
-    /// Run a benchmark: `fs` (the lazy filesystem against its baselines). Needs root.
+    /// Run a benchmark: `fs` (the lazy filesystem against its baselines), `virtiofs` (a
+    /// guest's reads through virtio-fs against the host's through FUSE). Needs root.
     Bench {
-        #[arg(value_parser = ["fs"])]
+        #[arg(value_parser = ["fs", "virtiofs"])]
         suite: String,
     },
     /// Run the fuzz targets (eStargz footer+TOC and blobs, tar streams, manifests).
@@ -73,11 +74,22 @@ fn main() -> anyhow::Result<()> {
         Command::BuildEbpf => build_ebpf::run(&root),
         Command::VmTest { kernel, timeout } => vm_test::run(
             &root,
-            kernel.as_deref(),
-            std::time::Duration::from_secs(timeout),
+            vm_test::Options {
+                kernel: kernel.as_deref(),
+                timeout: Some(std::time::Duration::from_secs(timeout)),
+                bench: false,
+            },
         ),
         Command::Ci => ci::run(&root),
         Command::Demo => demo::run(&root),
+        Command::Bench { suite } if suite == "virtiofs" => vm_test::run(
+            &root,
+            vm_test::Options {
+                kernel: Some("6.12"),
+                timeout: None,
+                bench: true,
+            },
+        ),
         Command::Bench { suite } => cmd::run(
             std::process::Command::new("cargo")
                 .current_dir(&root)
@@ -94,10 +106,4 @@ fn workspace_root() -> PathBuf {
 
 /// Where setup keeps what it downloads and builds: `$IMGSTREAM_CACHE`, else
 /// `~/.cache/imgstream`.
-pub(crate) fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("IMGSTREAM_CACHE") {
-        return PathBuf::from(dir);
-    }
-    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
-    home.join(".cache/imgstream")
-}
+pub(crate) use imgstream_vm_tests::kernels::cache_dir;

@@ -190,11 +190,11 @@ impl Setup {
             if kernels::installed(series).is_some() {
                 continue;
             }
-            let package = match series.newest_package() {
+            let package = match kernels::newest_package(series) {
                 Ok(package) => package,
                 Err(_) => {
                     self.apt_update()?;
-                    series.newest_package()?
+                    kernels::newest_package(series)?
                 }
             };
             let kernel = kernels::download(series, &package)?;

@@ -18,6 +18,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod image_tree;
+
 use bytes::Bytes;
 use imgstream::{
     image::{
@@ -147,6 +149,19 @@ impl Registry {
 
     pub fn host(&self) -> String {
         self.addr.to_string()
+    }
+
+    /// Stops the registry process (SIGSTOP): connections are still accepted by the kernel,
+    /// and nothing is ever answered, as with a registry that hangs.
+    pub fn pause(&self) {
+        // SAFETY: kill(2) of our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGSTOP) };
+    }
+
+    /// Lets a paused registry run again.
+    pub fn resume(&self) {
+        // SAFETY: kill(2) of our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGCONT) };
     }
 
     /// Where the registry's filesystem storage keeps a blob's bytes.
@@ -910,4 +925,62 @@ pub fn imgstream(args: &[&str]) -> std::process::Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+/// `imgstream mount` as a child process; SIGTERM and wait on drop.
+pub struct Mounted {
+    child: Child,
+    pub mountpoint: PathBuf,
+}
+
+impl Mounted {
+    pub fn start(image: &str, mountpoint: &Path, cache: &Path, reg: &str, extra: &[&str]) -> Self {
+        std::fs::create_dir_all(mountpoint).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_imgstream"))
+            .args(["mount", image])
+            .arg(mountpoint)
+            .arg("--cache-dir")
+            .arg(cache)
+            .args(["--insecure-registry", reg])
+            .args(extra)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mounts = || std::fs::read_to_string("/proc/self/mounts").unwrap();
+        while !mounts().contains(mountpoint.to_str().unwrap()) {
+            assert!(Instant::now() < deadline, "the mount did not appear");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self {
+            child,
+            mountpoint: mountpoint.to_path_buf(),
+        }
+    }
+
+    pub fn stop(mut self) {
+        // SAFETY: kill(2) of our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "imgstream mount exited with {status}");
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+        assert!(
+            !mounts.contains(self.mountpoint.to_str().unwrap()),
+            "unmounted on SIGTERM"
+        );
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        // After a failed assertion: no orphan process, no stale mount.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.mountpoint)
+                .status();
+        }
+    }
 }
