@@ -18,7 +18,7 @@
 //! The host read the whole image through FUSE first; the guests then transfer nothing from the
 //! registry (one cache). Between the kernels, a guest is killed in the middle of a read; both
 //! backends survive it and serve the next guest on the same socket. SIGTERM stops them
-//! cleanly. The guest's sequential read throughput is reported against the host's FUSE read of
+//! cleanly, even with a guest connected. The guest's sequential read throughput is reported against the host's FUSE read of
 //! the same cached file.
 
 mod support;
@@ -393,15 +393,54 @@ detector-selftest: /bin/imgstream selftest --workdir /tmp
         }
     }
 
-    let main_log = main.stop();
-    let faulty_log = faulty.stop();
-    let sessions = if kernels.len() > 1 { 3 } else { 2 };
-    for log in [&main_log, &faulty_log] {
-        assert!(
-            log.contains(&format!("sessions={sessions}")),
-            "one session per guest, on one socket: {log}"
+    // SIGTERM while a guest is connected: the backends stop at once and clean up.
+    let sessions = kernels.len() + 2;
+    let last = kernels.last().unwrap();
+    let guest = std::thread::scope(|scope| {
+        let guest = scope.spawn(|| {
+            Vm {
+                kernel: last,
+                bins: &bins,
+                dir: &logs,
+                devices: devices.clone(),
+                timeout,
+            }
+            .boot(
+                "stopped-backend",
+                "mount-image: /init mount virtiofs imgstream /mnt/image\n\
+                 wait: /init sleep 10\n",
+                &[],
+                None,
+            )
+        });
+        let connected = format!("session={sessions}");
+        let deadline = Instant::now() + timeout;
+        while !main.log_text().contains(&connected) {
+            assert!(Instant::now() < deadline, "the last guest never connected");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_secs(3));
+        let stopped_at = Instant::now();
+        let main_log = main.stop();
+        let faulty_log = faulty.stop();
+        eprintln!(
+            "both backends stopped {:.1} s after SIGTERM with a guest connected",
+            stopped_at.elapsed().as_secs_f32()
         );
-    }
+        for log in [&main_log, &faulty_log] {
+            assert!(
+                log.contains(&format!("sessions={sessions}")),
+                "one session per guest, on one socket: {log}"
+            );
+        }
+        assert!(main_log.contains("stopping with a VMM still connected"));
+        guest.join().unwrap()
+    });
+    // Whatever the guest made of losing its filesystem, its VM ended.
+    eprintln!(
+        "the guest of the stopped backends ended: {:?}",
+        guest.outcome
+    );
     host.stop();
     stopped.resume();
 

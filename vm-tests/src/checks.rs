@@ -10,6 +10,7 @@
 //!   FILE's directory still lists (the backend survived).
 //! - `hang-read FILE MARKER`: prints MARKER, then reads FILE (the host kills the VM on it).
 //! - `read-throughput FILE`: reads FILE sequentially and reports bytes and seconds.
+//! - `sleep SECS`: waits (while the host does something to the backends).
 
 use std::{
     ffi::CString,
@@ -37,6 +38,13 @@ pub(crate) fn main(args: Vec<String>) -> i32 {
         },
         ["hang-read", file, marker] => hang_read(Path::new(file), marker),
         ["read-throughput", file] => read_throughput(Path::new(file)),
+        ["sleep", secs] => match secs.parse() {
+            Ok(secs) => {
+                std::thread::sleep(Duration::from_secs(secs));
+                Ok(())
+            }
+            Err(_) => Err(format!("{secs:?} is not a number of seconds")),
+        },
         _ => Err(format!("unknown check {args:?}")),
     };
     match result {
