@@ -66,6 +66,12 @@ pub mod maps {
     pub const RENAME_INFLIGHT: &str = "RENAME_INFLIGHT";
     /// Per-CPU `u64` counters, indexed by [`super::counter`].
     pub const COUNTERS: &str = "COUNTERS";
+    /// Ring buffer of [`super::LifecycleEvent`].
+    pub const LIFECYCLE_EVENTS: &str = "LIFECYCLE_EVENTS";
+    /// Cgroups being watched (key: cgroup id, value: [`super::ContainerState`]).
+    pub const CONTAINERS: &str = "CONTAINERS";
+    /// One [`super::KernelOffsets`], written by the agent before it attaches.
+    pub const OFFSETS: &str = "OFFSETS";
 }
 
 /// Indexes into the [`maps::COUNTERS`] per-CPU array. Nothing the programs drop is silent.
@@ -76,8 +82,36 @@ pub mod counter {
     pub const RENAME_INFLIGHT_FULL: u32 = 1;
     /// Failed renames whose paths could not be read from user memory.
     pub const RENAME_PATH_UNREADABLE: u32 = 2;
+    /// Lifecycle events lost because the ring buffer was full.
+    pub const LIFECYCLE_EVENTS_DROPPED: u32 = 3;
+    /// New cgroups not watched because the state map refused the entry.
+    pub const CONTAINERS_FULL: u32 = 4;
+    /// Writes to fd 1 or 2 whose file type could not be read (then counted as log lines).
+    pub const LOG_FD_UNREADABLE: u32 = 5;
     /// Number of counters.
-    pub const COUNT: u32 = 3;
+    pub const COUNT: u32 = 6;
+}
+
+/// What a [`LifecycleEvent`] reports.
+pub mod lifecycle {
+    /// A cgroup was created (`cgroup/cgroup_mkdir`); the event carries its path.
+    pub const CREATED: u32 = 1;
+    /// The first exec inside a watched cgroup (`sched/sched_process_exec`); carries the
+    /// program's path.
+    pub const STARTED: u32 = 2;
+    /// The first `write`/`writev` of a non-zero count to fd 1 or 2, going to a pipe, FIFO,
+    /// socket or terminal, from any task of a watched cgroup.
+    pub const FIRST_LOG: u32 = 3;
+    /// The task started by [`STARTED`] exited (`sched/sched_process_exit` of its thread group
+    /// leader).
+    pub const EXITED: u32 = 4;
+}
+
+/// Bits of [`ContainerState::seen`]: which first events were sent.
+pub mod seen {
+    pub const STARTED: u32 = 1 << 0;
+    pub const LOGGED: u32 = 1 << 1;
+    pub const EXITED: u32 = 1 << 2;
 }
 
 /// Program names, as the loader looks them up in the object file.
@@ -90,7 +124,84 @@ pub mod programs {
     pub const ENTER_RENAMEAT2: &str = "enter_renameat2";
     /// `sys_exit_rename`, `sys_exit_renameat` and `sys_exit_renameat2` share one program.
     pub const EXIT_RENAME: &str = "exit_rename";
+    /// `cgroup/cgroup_mkdir`.
+    pub const CGROUP_MKDIR: &str = "cgroup_mkdir";
+    /// `sched/sched_process_exec`.
+    pub const PROCESS_EXEC: &str = "process_exec";
+    /// `sched/sched_process_exit`.
+    pub const PROCESS_EXIT: &str = "process_exit";
+    /// `syscalls/sys_enter_write`.
+    pub const ENTER_WRITE: &str = "enter_write";
+    /// `syscalls/sys_enter_writev`.
+    pub const ENTER_WRITEV: &str = "enter_writev";
 }
+
+/// Offsets into the non-syscall tracepoint records the lifecycle programs read, checked
+/// against tracefs by the agent before it attaches.
+pub mod tp_fields {
+    /// `cgroup/cgroup_mkdir`: `int root` (the hierarchy; 0 is cgroup v2).
+    pub const MKDIR_ROOT: usize = 8;
+    /// `cgroup/cgroup_mkdir`: `u64 id`.
+    pub const MKDIR_ID: usize = 16;
+    /// `cgroup/cgroup_mkdir`: `__data_loc char[] path` (u32: length << 16 | offset).
+    pub const MKDIR_PATH: usize = 24;
+    /// `sched/sched_process_exec`: `__data_loc char[] filename`.
+    pub const EXEC_FILENAME: usize = 8;
+}
+
+/// Longest cgroup or program path a lifecycle event carries, NUL included.
+pub const LIFECYCLE_PATH_CAP: usize = 256;
+
+/// Where the fields the log-line check reads sit in this kernel's structs, from its BTF. The
+/// programs follow `current->files->fdt->fd[n]->f_inode->i_mode` to tell a pipe from a file
+/// a container redirected its output to. With `valid == 0` (no BTF), every write to fd 1 or
+/// 2 counts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_fd: u32,
+    pub file_inode: u32,
+    pub inode_mode: u32,
+    pub valid: u32,
+}
+const _: () = assert!(size_of::<KernelOffsets>() == 24);
+
+/// What the kernel side remembers of a watched cgroup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ContainerState {
+    /// Process started by the first exec (its thread group id), 0 before.
+    pub init_tgid: u32,
+    /// [`seen`] bits.
+    pub seen: u32,
+}
+const _: () = assert!(size_of::<ContainerState>() == 8);
+
+/// One lifecycle event, as sent through [`maps::LIFECYCLE_EVENTS`].
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct LifecycleEvent {
+    /// `bpf_ktime_get_boot_ns()` when it happened (CLOCK_BOOTTIME).
+    pub boot_ns: u64,
+    /// The cgroup (v2 id).
+    pub cgroup_id: u64,
+    /// One of [`lifecycle`].
+    pub kind: u32,
+    /// Process id of the task (thread group id).
+    pub tgid: u32,
+    /// [`lifecycle::FIRST_LOG`]: the fd written (1 or 2); [`lifecycle::EXITED`]: the exit
+    /// code as `wait(2)` reports it; otherwise 0.
+    pub detail: i32,
+    /// [`lifecycle::FIRST_LOG`]: the file type bits (`S_IFMT`) of the fd, 0 if unknown.
+    pub file_type: u32,
+    /// Task name, NUL-padded.
+    pub comm: [u8; COMM_LEN],
+    /// [`lifecycle::CREATED`]: the cgroup's path; [`lifecycle::STARTED`]: the program's.
+    pub path: [u8; LIFECYCLE_PATH_CAP],
+}
+const _: () = assert!(size_of::<LifecycleEvent>() == 32 + COMM_LEN + LIFECYCLE_PATH_CAP);
 
 /// A rename recorded at `sys_enter`, kept per thread until its `sys_exit`.
 ///
@@ -154,4 +265,10 @@ mod user {
     unsafe impl aya::Pod for super::RenameInflight {}
     // SAFETY: as above: integers and byte arrays, `repr(C)`, no padding.
     unsafe impl aya::Pod for super::RenameEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::KernelOffsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ContainerState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::LifecycleEvent {}
 }

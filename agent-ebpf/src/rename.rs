@@ -212,7 +212,7 @@ unsafe fn copy_path(src: u64, dst: *mut u8) -> bool {
     read == 0 && next != 0
 }
 
-fn bump(index: u32) {
+pub(crate) fn bump(index: u32) {
     if let Some(count) = COUNTERS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, and BPF programs are not preempted on one CPU mid-run.
         unsafe { *count += 1 };

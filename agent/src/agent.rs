@@ -1,18 +1,43 @@
-//! `imgstream agent`: the long-running node agent. Today it runs the rename-ENXIO detector:
-//! probes -> detector -> one log line and one JSON line per detection.
+//! `imgstream agent`: the long-running node agent.
+//!
+//! - The rename-ENXIO detector: probes -> detector -> one log line and one JSON line per
+//!   detection, a flag in the store, and (in a cluster) an Event, annotation and node
+//!   condition.
+//! - Start latency: lifecycle probes -> tracker -> start records (with pod metadata from CRI)
+//!   in the store and in the metrics.
+//! - The HTTP API over both.
+//!
+//! Each probe loop runs on its own blocking thread; CRI and Kubernetes calls go through the
+//! async runtime with deadlines, so a slow runtime or API server delays records, never the
+//! draining of the kernel's ring buffers for long.
 
 use std::{
     fs::OpenOptions,
     io::{self, Write},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
 };
 
 use crate::{
+    api::{self, ApiState, Metrics},
     attribution::CgroupResolver,
     config::AgentConfig,
-    detect::{Detector, Verdict},
-    probes::{DropCounters, ProbeError, RenameProbes},
+    cri::{Cri, Lookup},
+    detect::{Detection, Detector, Verdict},
+    flag::Flagger,
+    probes::{DropCounters, LifecycleDrops, ProbeError, RenameProbes, StartProbes},
     shutdown::Shutdown,
+    starts::{
+        StartRecord, Tracker, Update,
+        store::{FlagRecord, Store, StoreError},
+    },
 };
+
+/// Deadline of one CRI lookup.
+const CRI_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Errors that stop the agent.
 #[derive(Debug, thiserror::Error)]
@@ -23,8 +48,55 @@ pub enum AgentError {
     OpenOutput(std::path::PathBuf, #[source] io::Error),
     #[error("writing a detection")]
     WriteOutput(#[source] io::Error),
-    #[error("the probe loop panicked")]
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Api(#[from] api::ApiError),
+    #[error(transparent)]
+    Flag(#[from] Box<crate::flag::FlagError>),
+    #[error("a probe loop panicked")]
     LoopPanicked,
+}
+
+/// What the loops share.
+struct Shared {
+    state: Arc<ApiState>,
+    cri: Option<Cri>,
+    runtime: tokio::runtime::Handle,
+    flags: Option<tokio::sync::mpsc::Sender<FlagRecord>>,
+}
+
+impl Shared {
+    fn cri_lookup(&self, container_id: &str) -> Option<Lookup> {
+        let cri = self.cri.clone()?;
+        let id = container_id.to_string();
+        let lookup = self
+            .runtime
+            .block_on(async move { tokio::time::timeout(CRI_DEADLINE, cri.lookup(&id)).await });
+        match lookup {
+            Ok(Ok(found)) => Some(found),
+            Ok(Err(err)) => {
+                tracing::warn!(%err, container = container_id, "CRI lookup failed");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(container = container_id, "CRI lookup timed out");
+                None
+            }
+        }
+    }
+
+    fn store_start(&self, record: &StartRecord) {
+        if let Some(store) = &self.state.store
+            && let Err(err) = store.put_start(record)
+        {
+            self.state
+                .metrics
+                .store_errors
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%err, "start record not stored");
+        }
+    }
 }
 
 /// Runs the agent until `shutdown` is triggered.
@@ -39,7 +111,59 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentErr
         ),
         None => Box::new(io::stdout()),
     };
-    let probes = RenameProbes::attach()?;
+    let store = match &config.store {
+        Some(path) => Some(Arc::new(Store::open(path, config.store_max_records)?)),
+        None => None,
+    };
+    let cri = match &config.cri_socket {
+        Some(path) => match Cri::connect(path).await {
+            Ok(cri) => Some(cri),
+            Err(err) => {
+                tracing::warn!(%err, "no pod names, namespaces or images: CRI is unreachable");
+                None
+            }
+        },
+        None => None,
+    };
+    let flags = match config.kubernetes.clone() {
+        Some(kube) => {
+            let mut flagger = Flagger::new(kube).await.map_err(Box::new)?;
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<FlagRecord>(256);
+            tokio::spawn(async move {
+                while let Some(flag) = rx.recv().await {
+                    match flagger.flag(&flag).await {
+                        Ok(outcome) => {
+                            tracing::info!(?outcome, pod = ?flag.pod, path = %flag.path, "pod flag")
+                        }
+                        Err(err) => tracing::warn!(%err, "flagging the pod failed"),
+                    }
+                }
+            });
+            Some(tx)
+        }
+        None => None,
+    };
+    let state = Arc::new(ApiState {
+        metrics: Arc::new(Metrics::default()),
+        store,
+        healthy: AtomicBool::new(true),
+    });
+    if let Some(addr) = config.api_addr {
+        api::serve(addr, state.clone(), shutdown.clone()).await?;
+    }
+    let shared = Arc::new(Shared {
+        state: state.clone(),
+        cri,
+        runtime: tokio::runtime::Handle::current(),
+        flags,
+    });
+
+    let rename = RenameProbes::attach()?;
+    let starts = if config.start_latency {
+        Some(StartProbes::attach()?)
+    } else {
+        None
+    };
     let cgroups = match CgroupResolver::discover() {
         Ok(resolver) => Some(resolver),
         Err(err) => {
@@ -47,24 +171,57 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentErr
             None
         }
     };
-    tokio::task::spawn_blocking(move || {
-        probe_loop(probes, Detector::new(cgroups), out, &config, &shutdown)
-    })
-    .await
-    .map_err(|_| AgentError::LoopPanicked)?
+    let rename_loop = {
+        let (config, shutdown, shared) = (config.clone(), shutdown.clone(), shared.clone());
+        tokio::task::spawn_blocking(move || {
+            rename_loop(
+                rename,
+                Detector::new(cgroups),
+                out,
+                &config,
+                &shutdown,
+                &shared,
+            )
+        })
+    };
+    let start_loop = starts.map(|probes| {
+        let (config, shutdown, shared) = (config.clone(), shutdown.clone(), shared.clone());
+        tokio::task::spawn_blocking(move || start_loop(probes, &config, &shutdown, &shared))
+    });
+    let result = async {
+        rename_loop.await.map_err(|_| AgentError::LoopPanicked)??;
+        if let Some(start_loop) = start_loop {
+            start_loop.await.map_err(|_| AgentError::LoopPanicked)??;
+        }
+        Ok(())
+    };
+    let result = result.await;
+    if result.is_err() {
+        state.healthy.store(false, Ordering::Relaxed);
+        shutdown.trigger();
+    }
+    result
 }
 
-fn probe_loop(
+fn rename_loop(
     mut probes: RenameProbes,
     mut detector: Detector,
     mut out: Box<dyn Write + Send>,
     config: &AgentConfig,
     shutdown: &Shutdown,
+    shared: &Shared,
 ) -> Result<(), AgentError> {
     let mut drops = DropCounters::default();
     tracing::info!("watching rename, renameat and renameat2 for ENXIO");
     while !shutdown.is_triggered() {
-        for event in probes.next_batch(config.poll_interval)? {
+        let batch = match probes.next_batch(config.poll_interval) {
+            Ok(batch) => batch,
+            Err(err) => {
+                shutdown.trigger();
+                return Err(err.into());
+            }
+        };
+        for event in batch {
             let failure = match event {
                 Ok(failure) => failure,
                 Err(err) => {
@@ -79,6 +236,7 @@ fn probe_loop(
                     writeln!(out, "{line}")
                         .and_then(|()| out.flush())
                         .map_err(AgentError::WriteOutput)?;
+                    record_flag(&detection, shared);
                 }
                 Verdict::NotSymlink(kind) => {
                     tracing::debug!(?kind, "rename failed with ENXIO, but not on a symlink");
@@ -87,10 +245,148 @@ fn probe_loop(
         }
         let now = probes.drops();
         if now != drops {
-            tracing::warn!(?now, "the kernel side dropped events");
+            tracing::warn!(?now, "the kernel side dropped rename events");
             drops = now;
+            shared.state.metrics.set_rename_drops(now);
         }
     }
-    tracing::info!("probes detached");
+    tracing::info!("rename probes detached");
+    Ok(())
+}
+
+/// Stores, counts and (in a cluster) sends a detection as a flag on its pod.
+fn record_flag(detection: &Detection, shared: &Shared) {
+    let container = detection.container.as_ref();
+    let meta = container
+        .and_then(|c| shared.cri_lookup(&c.container_id))
+        .and_then(|lookup| match lookup {
+            Lookup::Container(meta) => Some(meta),
+            _ => None,
+        });
+    let f = &detection.failure;
+    let flag = FlagRecord {
+        time_ns: crate::starts::unix_ns(
+            std::time::SystemTime::now()
+                - Duration::from_nanos(crate::events::boot_ns_now().saturating_sub(f.boot_ns)),
+        ),
+        time: detection.time.clone(),
+        container_id: container.map(|c| c.container_id.clone()),
+        pod_uid: meta
+            .as_ref()
+            .and_then(|m| m.pod_uid.clone())
+            .or_else(|| container.and_then(|c| c.pod_uid.clone())),
+        namespace: meta
+            .as_ref()
+            .and_then(|m| m.namespace.clone())
+            .or_else(|| container.and_then(|c| c.namespace.clone())),
+        pod: meta.as_ref().and_then(|m| m.pod.clone()),
+        container: meta.as_ref().and_then(|m| m.container.clone()),
+        image: meta.as_ref().and_then(|m| m.image.clone()),
+        path: f.old.path.clone(),
+        new_path: f.new.path.clone(),
+        syscall: format!("{:?}", f.syscall).to_lowercase(),
+        confirmed: detection.confirmed,
+    };
+    shared.state.metrics.enxio(flag.namespace.as_deref());
+    if let Some(store) = &shared.state.store
+        && let Err(err) = store.put_flag(&flag)
+    {
+        shared
+            .state
+            .metrics
+            .store_errors
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%err, "flag not stored");
+    }
+    if let Some(tx) = &shared.flags
+        && tx.try_send(flag).is_err()
+    {
+        tracing::warn!("the Kubernetes flagger is behind; flag dropped");
+    }
+}
+
+fn start_loop(
+    mut probes: StartProbes,
+    config: &AgentConfig,
+    shutdown: &Shutdown,
+    shared: &Shared,
+) -> Result<(), AgentError> {
+    let mut tracker = Tracker::new();
+    let mut drops = LifecycleDrops::default();
+    let metrics = &shared.state.metrics;
+    tracing::info!("watching container starts");
+    while !shutdown.is_triggered() {
+        let batch = match probes.next_batch(config.poll_interval) {
+            Ok(batch) => batch,
+            Err(err) => {
+                shutdown.trigger();
+                return Err(err.into());
+            }
+        };
+        for event in batch {
+            let event = match event {
+                Ok(event) => event,
+                Err(err) => {
+                    tracing::warn!(%err, "undecodable lifecycle event skipped");
+                    continue;
+                }
+            };
+            metrics.lifecycle_events.fetch_add(1, Ordering::Relaxed);
+            let record = match tracker.apply(&event) {
+                Update::Unwatch(cgroup) => {
+                    probes.unwatch(cgroup);
+                    continue;
+                }
+                Update::None => continue,
+                Update::Record(record) => *record,
+            };
+            use crate::events::LifecycleKind as K;
+            let record = match &event.kind {
+                K::Created { .. } => match shared.cri_lookup(&record.container_id) {
+                    Some(Lookup::Sandbox) => {
+                        tracker.forget(event.cgroup_id);
+                        probes.unwatch(event.cgroup_id);
+                        continue;
+                    }
+                    Some(Lookup::Container(meta)) => tracker
+                        .annotate(event.cgroup_id, |r| {
+                            r.namespace = meta.namespace.or(r.namespace.take());
+                            r.pod = meta.pod;
+                            r.pod_uid = meta.pod_uid.or(r.pod_uid.take());
+                            r.container = meta.container;
+                            r.image = meta.image;
+                            r.labels = meta.labels;
+                        })
+                        .unwrap_or(record),
+                    _ => record,
+                },
+                _ => record,
+            };
+            match &event.kind {
+                K::Created { .. } => {
+                    metrics.start_records.fetch_add(1, Ordering::Relaxed);
+                }
+                K::Started { program } => {
+                    metrics.started(&record);
+                    tracing::info!(container = %record.container_id, pod = ?record.pod, %program, create_to_start = ?record.create_to_start(), "container started");
+                }
+                K::FirstLog { fd, .. } => {
+                    metrics.first_log(&record);
+                    tracing::info!(container = %record.container_id, pod = ?record.pod, fd, start_to_first_log = ?record.start_to_first_log(), "container's first log line");
+                }
+                K::Exited => {
+                    tracing::info!(container = %record.container_id, pod = ?record.pod, logged = record.first_log_ns.is_some(), "container exited");
+                }
+            }
+            shared.store_start(&record);
+        }
+        let now = probes.drops();
+        if now != drops {
+            tracing::warn!(?now, "the kernel side dropped lifecycle events");
+            drops = now;
+            metrics.set_lifecycle_drops(now);
+        }
+    }
+    tracing::info!("start-latency probes detached");
     Ok(())
 }

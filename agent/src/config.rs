@@ -1,7 +1,7 @@
 //! Configuration, parsed once from the command line by the binary and handed to each part as
 //! its own struct. Nothing below this module reads the environment or the arguments.
 
-use std::{path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 /// `imgstream agent`.
 #[derive(Clone, Debug)]
@@ -10,6 +10,18 @@ pub struct AgentConfig {
     pub detections_out: Option<PathBuf>,
     /// How long one wait on the probes' ring buffer lasts (bounds shutdown latency).
     pub poll_interval: Duration,
+    /// Run the start-latency probes.
+    pub start_latency: bool,
+    /// The local store of start records and flags; `None` keeps nothing.
+    pub store: Option<PathBuf>,
+    /// Most records of each kind the store keeps (oldest pruned first).
+    pub store_max_records: u64,
+    /// The HTTP API's address; `None` serves no API.
+    pub api_addr: Option<SocketAddr>,
+    /// The container runtime's CRI socket, for pod names, namespaces and images.
+    pub cri_socket: Option<PathBuf>,
+    /// Flag pods in the Kubernetes API (needs in-cluster credentials).
+    pub kubernetes: Option<crate::flag::KubeConfig>,
 }
 
 impl Default for AgentConfig {
@@ -17,6 +29,12 @@ impl Default for AgentConfig {
         Self {
             detections_out: None,
             poll_interval: Duration::from_millis(200),
+            start_latency: true,
+            store: None,
+            store_max_records: 100_000,
+            api_addr: None,
+            cri_socket: None,
+            kubernetes: None,
         }
     }
 }

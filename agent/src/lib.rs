@@ -14,17 +14,22 @@
 //! it on the running kernel against an emulated regression.
 
 pub mod agent;
+pub mod api;
 pub mod attribution;
 pub mod cache;
 pub mod config;
 pub mod convert;
+pub mod cri;
 pub mod detect;
 pub mod events;
 pub mod fetch;
+pub mod flag;
 pub mod fs;
 pub mod image;
 pub mod mount;
 pub mod probes;
 pub mod registry;
+pub mod report;
 pub mod selftest;
 pub mod shutdown;
+pub mod starts;

@@ -35,6 +35,38 @@ enum Command {
         /// Longest wait on the probes between shutdown checks, in milliseconds.
         #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=10_000))]
         poll_ms: u64,
+        /// Do not run the container start-latency probes.
+        #[arg(long)]
+        no_start_latency: bool,
+        /// The local store of start records and flags.
+        #[arg(long, default_value = "/var/lib/imgstream/agent.redb")]
+        store: PathBuf,
+        /// Keep no store (records then live in the metrics only).
+        #[arg(long, conflicts_with = "store")]
+        no_store: bool,
+        /// Most records of each kind the store keeps; the oldest go first.
+        #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+        store_max_records: u64,
+        /// Address of the HTTP API (/healthz, /metrics, /v1/starts, /v1/flags).
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        api_addr: std::net::SocketAddr,
+        /// Serve no HTTP API.
+        #[arg(long, conflicts_with = "api_addr")]
+        no_api: bool,
+        /// The container runtime's CRI socket, for pod names, namespaces and images
+        /// (containerd: /run/containerd/containerd.sock).
+        #[arg(long, value_name = "PATH")]
+        cri_socket: Option<PathBuf>,
+        /// Flag pods that hit rename-ENXIO in the Kubernetes API (Event, annotation, node
+        /// condition), as this node; uses the in-cluster service account.
+        #[arg(long, value_name = "NODE_NAME", env = "IMGSTREAM_NODE_NAME")]
+        flag_pods_as: Option<String>,
+        /// The API server to flag pods in, instead of the in-cluster one.
+        #[arg(long, value_name = "URL", requires = "flag_pods_as")]
+        kube_api: Option<String>,
+        /// Least seconds between two Events for one pod.
+        #[arg(long, default_value_t = 600)]
+        flag_interval_secs: u64,
     },
     /// Check on this kernel that the rename-ENXIO detector works, against an emulated
     /// regression (a FUSE mount whose rename fails with ENXIO). Needs root.
@@ -107,6 +139,42 @@ enum Command {
         queue_size: u16,
         #[command(flatten)]
         serving: ServingArgs,
+    },
+    /// Report container start latencies (per image and namespace: p50/p90/p99/max of create
+    /// -> start, start -> first log line and the total), containers that never logged, and
+    /// pods flagged for rename-ENXIO; from a running agent's API or from its store.
+    Report {
+        /// The agent's HTTP API.
+        #[arg(
+            long,
+            default_value = "http://127.0.0.1:9464",
+            conflicts_with = "store"
+        )]
+        api: String,
+        /// Read the agent's store directly (only while no agent has it open).
+        #[arg(long)]
+        store: Option<PathBuf>,
+        /// Only starts since: Unix seconds, or an age like 15m, 2h, 7d.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        namespace: Option<String>,
+        #[arg(long)]
+        pod: Option<String>,
+        /// Only images whose reference contains this.
+        #[arg(long)]
+        image: Option<String>,
+        /// Compare groups: `namespace`, `image`, `label:KEY`, or `image:PATTERN` (images
+        /// matching PATTERN against the rest, e.g. streamed against fully pulled).
+        #[arg(long, value_name = "BY")]
+        compare: Option<imgstream::report::GroupBy>,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+        /// Also write a CDF chart of start -> first log line latencies (one line per compared
+        /// group, else per namespace) to FILE.
+        #[arg(long, value_name = "FILE")]
+        svg: Option<PathBuf>,
     },
     /// Internal: the processes `selftest` runs.
     #[command(hide = true, subcommand)]
@@ -333,10 +401,30 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Agent {
             detections,
             poll_ms,
+            no_start_latency,
+            store,
+            no_store,
+            store_max_records,
+            api_addr,
+            no_api,
+            cri_socket,
+            flag_pods_as,
+            kube_api,
+            flag_interval_secs,
         } => {
             let config = AgentConfig {
                 detections_out: detections,
                 poll_interval: Duration::from_millis(poll_ms),
+                start_latency: !no_start_latency,
+                store: (!no_store).then_some(store),
+                store_max_records,
+                api_addr: (!no_api).then_some(api_addr),
+                cri_socket,
+                kubernetes: flag_pods_as.map(|node_name| imgstream::flag::KubeConfig {
+                    node_name,
+                    api_url: kube_api,
+                    min_interval: Duration::from_secs(flag_interval_secs),
+                }),
             };
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async {
@@ -446,6 +534,20 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             serve_vhost(&image, &socket, config, &options, http)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Report {
+            api,
+            store,
+            since,
+            namespace,
+            pod,
+            image,
+            compare,
+            json,
+            svg,
+        } => {
+            report(api, store, since, namespace, pod, image, compare, json, svg)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::SelftestHelper(_) => unreachable!("handled before logging is set up"),
     }
 }
@@ -527,6 +629,87 @@ fn progress_bars() -> Option<imgstream::convert::ProgressFn> {
             bar.finish();
         }
     }))
+}
+
+#[expect(clippy::too_many_arguments, reason = "one per command-line option")]
+fn report(
+    api: String,
+    store: Option<PathBuf>,
+    since: Option<String>,
+    namespace: Option<String>,
+    pod: Option<String>,
+    image: Option<String>,
+    compare: Option<imgstream::report::GroupBy>,
+    json: bool,
+    svg: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use imgstream::{
+        report::{GroupBy, Report, svg::Series},
+        starts::store::{Filter, Store},
+    };
+    let since_ns = since
+        .as_deref()
+        .map(imgstream::api::parse_since)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let (starts, flags) = match store {
+        Some(path) => {
+            let store = Store::open(&path, u64::MAX)?;
+            let filter = Filter {
+                since_ns,
+                namespace,
+                pod,
+                image,
+            };
+            (store.starts(&filter)?, store.flags(&filter)?)
+        }
+        None => {
+            let mut query = Vec::new();
+            if let Some(ns) = since_ns {
+                query.push(format!("since={}", ns as f64 / 1e9));
+            }
+            for (key, value) in [("namespace", namespace), ("pod", pod), ("image", image)] {
+                if let Some(value) = value {
+                    let encoded: String = value
+                        .bytes()
+                        .map(|b| {
+                            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                                (b as char).to_string()
+                            } else {
+                                format!("%{b:02X}")
+                            }
+                        })
+                        .collect();
+                    query.push(format!("{key}={encoded}"));
+                }
+            }
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(imgstream::report::from_api(&api, &query.join("&")))?
+        }
+    };
+    let report = Report::build(&starts, flags, compare.as_ref());
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render_text());
+    }
+    if let Some(path) = svg {
+        let by = compare.unwrap_or(GroupBy::Namespace);
+        let mut groups: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+        for r in &starts {
+            if let Some(v) = r.start_to_first_log() {
+                groups.entry(by.key(r)).or_default().push(v);
+            }
+        }
+        let series: Vec<Series> = groups
+            .into_iter()
+            .map(|(name, values)| Series { name, values })
+            .collect();
+        let chart = imgstream::report::svg::cdf("container start -> first log line", &series);
+        std::fs::write(&path, chart).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
 }
 
 /// Opens IMAGE's layers for serving: the runtime, the cache and the opened image.

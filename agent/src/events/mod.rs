@@ -6,18 +6,88 @@
 
 use std::time::{Duration, SystemTime};
 
-use imgstream_ebpf::{RenameEvent, TRUNCATED_NEW, TRUNCATED_OLD, syscall};
+use imgstream_ebpf::{
+    LifecycleEvent, RenameEvent, TRUNCATED_NEW, TRUNCATED_OLD, lifecycle, syscall,
+};
 use serde::Serialize;
 
 /// Errors decoding a record from the kernel.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
     /// The record is shorter than the ABI type it should hold.
-    #[error("rename event record is {got} bytes, expected at least {want}")]
+    #[error("event record is {got} bytes, expected at least {want}")]
     ShortRecord { got: usize, want: usize },
     /// The syscall number is not one of the rename syscalls.
     #[error("rename event names syscall {0}, which is not rename, renameat or renameat2")]
     UnknownSyscall(u32),
+    /// A lifecycle event of a kind this agent does not know.
+    #[error("lifecycle event of unknown kind {0}")]
+    UnknownKind(u32),
+}
+
+/// What happened to a watched cgroup.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum LifecycleKind {
+    /// The cgroup was created; its path relative to the cgroup v2 root.
+    Created { path: String },
+    /// The first exec in it; the program's path.
+    Started { program: String },
+    /// The first write to its stdout or stderr; the fd and its file type (`S_IFMT` bits, 0
+    /// when unknown).
+    FirstLog { fd: i32, file_type: u32 },
+    /// The started process exited.
+    Exited,
+}
+
+/// One start-latency event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Lifecycle {
+    /// CLOCK_BOOTTIME nanoseconds.
+    pub boot_ns: u64,
+    pub cgroup_id: u64,
+    pub tgid: u32,
+    pub comm: String,
+    #[serde(flatten)]
+    pub kind: LifecycleKind,
+}
+
+impl Lifecycle {
+    /// Decodes one ring-buffer record.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let want = size_of::<LifecycleEvent>();
+        if bytes.len() < want {
+            return Err(DecodeError::ShortRecord {
+                got: bytes.len(),
+                want,
+            });
+        }
+        // SAFETY: at least `size_of::<LifecycleEvent>()` bytes (checked above), read
+        // unaligned; the type is integers and byte arrays, valid for every bit pattern.
+        let raw: LifecycleEvent =
+            unsafe { bytes.as_ptr().cast::<LifecycleEvent>().read_unaligned() };
+        let kind = match raw.kind {
+            lifecycle::CREATED => LifecycleKind::Created {
+                path: c_string(&raw.path),
+            },
+            lifecycle::STARTED => LifecycleKind::Started {
+                program: c_string(&raw.path),
+            },
+            lifecycle::FIRST_LOG => LifecycleKind::FirstLog {
+                fd: raw.detail,
+                file_type: raw.file_type,
+            },
+            lifecycle::EXITED => LifecycleKind::Exited,
+            other => return Err(DecodeError::UnknownKind(other)),
+        };
+        Ok(Self {
+            boot_ns: raw.boot_ns,
+            cgroup_id: raw.cgroup_id,
+            tgid: raw.tgid,
+            comm: c_string(&raw.comm),
+            kind,
+        })
+    }
 }
 
 /// Which rename syscall failed.

@@ -4,6 +4,8 @@
 //! layouts the programs assume), attaching, and the ring buffer and drop counters. Hands out
 //! decoded [`RenameFailure`]s; what they mean is `detect`'s business.
 
+pub mod btf;
+mod lifecycle;
 mod prereq;
 
 use std::{os::fd::AsRawFd, time::Duration};
@@ -15,12 +17,13 @@ use aya::{
 };
 use imgstream_ebpf::{counter, maps, programs};
 
+pub use lifecycle::{LifecycleDrops, StartProbes};
 pub use prereq::{PrereqError, check_prerequisites};
 
 use crate::events::{DecodeError, RenameFailure};
 
 /// The eBPF object built from `agent-ebpf` by `build.rs`.
-static PROBES_OBJECT: &[u8] =
+pub(crate) static PROBES_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/imgstream-probes"));
 
 /// Tracepoints of the detector: (program, tracepoint) in the `syscalls` category.
@@ -189,7 +192,7 @@ impl RenameProbes {
     }
 }
 
-fn wait_readable(fd: i32, timeout: Duration) -> Result<(), ProbeError> {
+pub(crate) fn wait_readable(fd: i32, timeout: Duration) -> Result<(), ProbeError> {
     let mut pfd = libc::pollfd {
         fd,
         events: libc::POLLIN,
@@ -208,7 +211,7 @@ fn wait_readable(fd: i32, timeout: Duration) -> Result<(), ProbeError> {
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it, best effort.
-fn raise_memlock_limit() {
+pub(crate) fn raise_memlock_limit() {
     let unlimited = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
         rlim_max: libc::RLIM_INFINITY,

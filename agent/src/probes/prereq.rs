@@ -21,15 +21,15 @@ pub enum PrereqError {
          mount the host's /sys/kernel/tracing)"
     )]
     NoTracefs,
-    /// The kernel has no syscall tracepoints (CONFIG_FTRACE_SYSCALLS off) or lacks this one.
+    /// The kernel lacks this tracepoint (syscall ones need CONFIG_FTRACE_SYSCALLS).
     #[error(
-        "tracepoint syscalls/{0} does not exist under {1}: this kernel lacks syscall \
-         tracepoints (CONFIG_FTRACE_SYSCALLS)"
+        "tracepoint {0} does not exist under {1}: this kernel lacks it (syscall tracepoints \
+         need CONFIG_FTRACE_SYSCALLS)"
     )]
     MissingTracepoint(String, PathBuf),
     /// A tracepoint's record layout differs from the one the programs were built for.
     #[error(
-        "tracepoint syscalls/{tracepoint} has field `{field}` at offset {found:?}, the probes expect {expected}"
+        "tracepoint {tracepoint} has field `{field}` at offset {found:?}, the probes expect {expected}"
     )]
     UnexpectedLayout {
         tracepoint: String,
@@ -46,17 +46,40 @@ const CAP_BPF: u32 = 39;
 
 /// Checks privileges, tracefs and the record layout of each `syscalls/<tracepoint>`.
 pub fn check_prerequisites(tracepoints: &[&str]) -> Result<(), PrereqError> {
+    let tracefs = check_access()?;
+    for tracepoint in tracepoints {
+        let format = read_format(&tracefs, "syscalls", tracepoint)?;
+        check_layout(tracepoint, &format, expected_fields(tracepoint))?;
+    }
+    Ok(())
+}
+
+/// Fields a program reads from a tracepoint record, and where.
+pub(super) type Fields = &'static [(&'static str, usize)];
+
+/// Checks privileges, tracefs and the record layouts of the start-latency tracepoints:
+/// (category, tracepoint, fields).
+pub(super) fn check_tracepoints(tracepoints: &[(&str, &str, Fields)]) -> Result<(), PrereqError> {
+    let tracefs = check_access()?;
+    for (category, tracepoint, fields) in tracepoints {
+        let format = read_format(&tracefs, category, tracepoint)?;
+        check_layout(tracepoint, &format, fields)?;
+    }
+    Ok(())
+}
+
+fn check_access() -> Result<PathBuf, PrereqError> {
     if !privileged() {
         return Err(PrereqError::NotPrivileged);
     }
-    let tracefs = find_tracefs().ok_or(PrereqError::NoTracefs)?;
-    for tracepoint in tracepoints {
-        let dir = tracefs.join("events/syscalls").join(tracepoint);
-        let format = std::fs::read_to_string(dir.join("format"))
-            .map_err(|_| PrereqError::MissingTracepoint(tracepoint.to_string(), tracefs.clone()))?;
-        check_layout(tracepoint, &format)?;
-    }
-    Ok(())
+    find_tracefs().ok_or(PrereqError::NoTracefs)
+}
+
+fn read_format(tracefs: &Path, category: &str, tracepoint: &str) -> Result<String, PrereqError> {
+    let dir = tracefs.join("events").join(category).join(tracepoint);
+    std::fs::read_to_string(dir.join("format")).map_err(|_| {
+        PrereqError::MissingTracepoint(format!("{category}/{tracepoint}"), tracefs.into())
+    })
 }
 
 fn privileged() -> bool {
@@ -110,8 +133,12 @@ fn expected_fields(tracepoint: &str) -> &'static [(&'static str, usize)] {
     }
 }
 
-fn check_layout(tracepoint: &str, format: &str) -> Result<(), PrereqError> {
-    for &(field, expected) in expected_fields(tracepoint) {
+fn check_layout(
+    tracepoint: &str,
+    format: &str,
+    fields: &[(&'static str, usize)],
+) -> Result<(), PrereqError> {
+    for &(field, expected) in fields {
         let found = field_offset(format, field);
         if found != Some(expected) {
             return Err(PrereqError::UnexpectedLayout {
@@ -161,13 +188,23 @@ format:
         assert_eq!(field_offset(RENAMEAT2_FORMAT, "oldname"), Some(24));
         assert_eq!(field_offset(RENAMEAT2_FORMAT, "flags"), Some(48));
         assert_eq!(field_offset(RENAMEAT2_FORMAT, "name"), None);
-        check_layout("sys_enter_renameat2", RENAMEAT2_FORMAT).unwrap();
+        check_layout(
+            "sys_enter_renameat2",
+            RENAMEAT2_FORMAT,
+            expected_fields("sys_enter_renameat2"),
+        )
+        .unwrap();
     }
 
     #[test]
     fn a_moved_field_is_refused() {
         let moved = RENAMEAT2_FORMAT.replace("offset:48", "offset:56");
-        let err = check_layout("sys_enter_renameat2", &moved).unwrap_err();
+        let err = check_layout(
+            "sys_enter_renameat2",
+            &moved,
+            expected_fields("sys_enter_renameat2"),
+        )
+        .unwrap_err();
         assert!(matches!(
             err,
             PrereqError::UnexpectedLayout {
@@ -177,7 +214,12 @@ format:
                 ..
             }
         ));
-        let err = check_layout("sys_exit_rename", "garbage").unwrap_err();
+        let err = check_layout(
+            "sys_exit_rename",
+            "garbage",
+            expected_fields("sys_exit_rename"),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("`ret`"), "{err}");
     }
 }

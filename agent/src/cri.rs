@@ -1,0 +1,134 @@
+//! Pod metadata from the container runtime's CRI socket (containerd's CRI plugin, CRI-O):
+//! which pod, namespace and image a container id belongs to, from the labels kubelet put on
+//! it (`io.kubernetes.pod.*`), and whether an id is a pod sandbox rather than a container.
+
+use std::{collections::BTreeMap, path::Path, time::Duration};
+
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::{
+    ContainerStatusRequest, PodSandboxStatusRequest, runtime_service_client::RuntimeServiceClient,
+};
+use tonic::transport::{Channel, Endpoint};
+
+/// Errors talking to the CRI socket.
+#[derive(Debug, thiserror::Error)]
+pub enum CriError {
+    #[error("connecting to the CRI socket {0}: {1}")]
+    Connect(String, String),
+    #[error("CRI {call}: {status}")]
+    Call {
+        call: &'static str,
+        status: Box<tonic::Status>,
+    },
+}
+
+/// What the runtime knows of a container id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    Container(ContainerMeta),
+    /// A pod sandbox (its pause container), not a workload.
+    Sandbox,
+    /// Not a CRI container (for instance one started with `ctr run`).
+    Unknown,
+}
+
+/// A CRI container's identity.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ContainerMeta {
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
+    pub pod_uid: Option<String>,
+    pub container: Option<String>,
+    pub image: Option<String>,
+    /// How many times kubelet restarted it before (`metadata.attempt`).
+    pub attempt: u32,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A client of one CRI socket.
+#[derive(Clone, Debug)]
+pub struct Cri {
+    client: RuntimeServiceClient<Channel>,
+}
+
+impl Cri {
+    /// Connects to the unix socket at `path`.
+    pub async fn connect(path: &Path) -> Result<Self, CriError> {
+        let socket = path.to_path_buf();
+        let err = |e: &dyn std::fmt::Display| {
+            CriError::Connect(path.display().to_string(), e.to_string())
+        };
+        // The URI is required by the API and unused: the connector dials the socket.
+        let channel = Endpoint::try_from("http://cri.invalid")
+            .map_err(|e| err(&e))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(10))
+            .connect_with_connector(tower::service_fn(move |_| {
+                let socket = socket.clone();
+                async move {
+                    let stream = tokio::net::UnixStream::connect(socket).await?;
+                    Ok::<_, std::io::Error>(TokioIo::new(stream))
+                }
+            }))
+            .await
+            .map_err(|e| err(&e))?;
+        Ok(Self {
+            client: RuntimeServiceClient::new(channel),
+        })
+    }
+
+    /// The runtime's view of container (or sandbox) `id`.
+    pub async fn lookup(&self, id: &str) -> Result<Lookup, CriError> {
+        let mut client = self.client.clone();
+        let status = client
+            .container_status(ContainerStatusRequest {
+                container_id: id.to_string(),
+                verbose: false,
+            })
+            .await;
+        match status {
+            Ok(response) => {
+                let Some(status) = response.into_inner().status else {
+                    return Ok(Lookup::Unknown);
+                };
+                let label = |k: &str| status.labels.get(k).cloned();
+                let image = status
+                    .image
+                    .as_ref()
+                    .map(|i| i.image.clone())
+                    .filter(|i| !i.is_empty() && !i.starts_with("sha256:"))
+                    .or_else(|| Some(status.image_ref.clone()).filter(|i| !i.is_empty()));
+                Ok(Lookup::Container(ContainerMeta {
+                    namespace: label("io.kubernetes.pod.namespace"),
+                    pod: label("io.kubernetes.pod.name"),
+                    pod_uid: label("io.kubernetes.pod.uid"),
+                    container: label("io.kubernetes.container.name")
+                        .or_else(|| status.metadata.as_ref().map(|m| m.name.clone())),
+                    image,
+                    attempt: status.metadata.as_ref().map_or(0, |m| m.attempt),
+                    labels: status.labels.into_iter().collect(),
+                }))
+            }
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                let sandbox = client
+                    .pod_sandbox_status(PodSandboxStatusRequest {
+                        pod_sandbox_id: id.to_string(),
+                        verbose: false,
+                    })
+                    .await;
+                match sandbox {
+                    Ok(_) => Ok(Lookup::Sandbox),
+                    Err(status) if status.code() == tonic::Code::NotFound => Ok(Lookup::Unknown),
+                    Err(status) => Err(CriError::Call {
+                        call: "PodSandboxStatus",
+                        status: Box::new(status),
+                    }),
+                }
+            }
+            Err(status) => Err(CriError::Call {
+                call: "ContainerStatus",
+                status: Box::new(status),
+            }),
+        }
+    }
+}

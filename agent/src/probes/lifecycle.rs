@@ -1,0 +1,199 @@
+//! The start-latency probes: cgroup creation, first exec, first log line and exit of each
+//! watched cgroup (see agent-ebpf's `lifecycle.rs`). The agent decides which new cgroups are
+//! containers and [`StartProbes::unwatch`]es the rest.
+
+use std::{os::fd::AsRawFd, time::Duration};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use imgstream_ebpf::{ContainerState, KernelOffsets, counter, maps, programs, tp, tp_fields};
+
+use super::{PROBES_OBJECT, ProbeError, prereq::Fields, raise_memlock_limit, wait_readable};
+use crate::events::{DecodeError, Lifecycle};
+
+/// (program, category, tracepoint, fields the program reads at fixed offsets).
+const TRACEPOINTS: [(&str, &str, &str, Fields); 5] = [
+    (
+        programs::CGROUP_MKDIR,
+        "cgroup",
+        "cgroup_mkdir",
+        &[
+            ("root", tp_fields::MKDIR_ROOT),
+            ("id", tp_fields::MKDIR_ID),
+            ("path", tp_fields::MKDIR_PATH),
+        ],
+    ),
+    (
+        programs::PROCESS_EXEC,
+        "sched",
+        "sched_process_exec",
+        &[("filename", tp_fields::EXEC_FILENAME)],
+    ),
+    (programs::PROCESS_EXIT, "sched", "sched_process_exit", &[]),
+    (
+        programs::ENTER_WRITE,
+        "syscalls",
+        "sys_enter_write",
+        &[("fd", tp::arg(0)), ("count", tp::arg(2))],
+    ),
+    (
+        programs::ENTER_WRITEV,
+        "syscalls",
+        "sys_enter_writev",
+        &[("fd", tp::arg(0)), ("vlen", tp::arg(2))],
+    ),
+];
+
+/// What the start-latency programs dropped, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LifecycleDrops {
+    /// Events lost to a full ring buffer.
+    pub events_dropped: u64,
+    /// New cgroups not watched because the state map refused them.
+    pub containers_full: u64,
+    /// Writes whose file type could not be read (counted as log lines).
+    pub log_fd_unreadable: u64,
+}
+
+/// The start-latency probes, loaded and attached. Detached when dropped.
+pub struct StartProbes {
+    ebpf: Ebpf,
+    events: RingBuf<MapData>,
+    counters: PerCpuArray<MapData, u64>,
+    /// Whether the log-line check can tell files from pipes (the kernel has BTF).
+    pub redirects_detected: bool,
+}
+
+impl std::fmt::Debug for StartProbes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StartProbes")
+            .field("redirects_detected", &self.redirects_detected)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StartProbes {
+    /// Checks the tracepoints' layouts, loads the programs, writes the kernel's struct
+    /// offsets and attaches.
+    pub fn attach() -> Result<Self, ProbeError> {
+        let layouts: Vec<(&str, &str, Fields)> = TRACEPOINTS
+            .iter()
+            .map(|(_, category, name, fields)| (*category, *name, *fields))
+            .collect();
+        super::prereq::check_tracepoints(&layouts)?;
+        raise_memlock_limit();
+        let mut ebpf = Ebpf::load(PROBES_OBJECT).map_err(ProbeError::LoadObject)?;
+        let offsets = match super::btf::kernel_offsets() {
+            Ok(offsets) => offsets,
+            Err(err) => {
+                tracing::warn!(%err, "no kernel BTF: writes to a file a container redirected its stdout to will count as log lines");
+                KernelOffsets::default()
+            }
+        };
+        {
+            let map = ebpf
+                .map_mut(maps::OFFSETS)
+                .ok_or(ProbeError::MissingMap(maps::OFFSETS))?;
+            let mut array: Array<_, KernelOffsets> =
+                Array::try_from(map).map_err(|source| ProbeError::Map {
+                    name: maps::OFFSETS,
+                    source,
+                })?;
+            array.set(0, offsets, 0).map_err(|source| ProbeError::Map {
+                name: maps::OFFSETS,
+                source,
+            })?;
+        }
+        for (program, category, tracepoint, _) in TRACEPOINTS {
+            let attach_err = |source| ProbeError::Attach {
+                program,
+                tracepoint,
+                source,
+            };
+            let prog: &mut TracePoint = ebpf
+                .program_mut(program)
+                .ok_or(ProbeError::MissingProgram(program))?
+                .try_into()
+                .map_err(attach_err)?;
+            prog.load().map_err(attach_err)?;
+            prog.attach(category, tracepoint).map_err(attach_err)?;
+        }
+        let take = |name: &'static str, ebpf: &mut Ebpf| {
+            ebpf.take_map(name).ok_or(ProbeError::MissingMap(name))
+        };
+        let events =
+            RingBuf::try_from(take(maps::LIFECYCLE_EVENTS, &mut ebpf)?).map_err(|source| {
+                ProbeError::Map {
+                    name: maps::LIFECYCLE_EVENTS,
+                    source,
+                }
+            })?;
+        let counters =
+            PerCpuArray::try_from(take(maps::COUNTERS, &mut ebpf)?).map_err(|source| {
+                ProbeError::Map {
+                    name: maps::COUNTERS,
+                    source,
+                }
+            })?;
+        tracing::info!(
+            tracepoints = TRACEPOINTS.len(),
+            redirects_detected = offsets.valid == 1,
+            "start-latency probes attached"
+        );
+        Ok(Self {
+            ebpf,
+            events,
+            counters,
+            redirects_detected: offsets.valid == 1,
+        })
+    }
+
+    /// Waits up to `timeout` for events, then returns all that are queued (possibly none).
+    pub fn next_batch(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Vec<Result<Lifecycle, DecodeError>>, ProbeError> {
+        let mut batch = self.drain();
+        if batch.is_empty() {
+            wait_readable(self.events.as_raw_fd(), timeout)?;
+            batch = self.drain();
+        }
+        Ok(batch)
+    }
+
+    fn drain(&mut self) -> Vec<Result<Lifecycle, DecodeError>> {
+        let mut out = Vec::new();
+        while let Some(item) = self.events.next() {
+            out.push(Lifecycle::decode(&item));
+        }
+        out
+    }
+
+    /// Stops watching a cgroup (not a container, or done with).
+    pub fn unwatch(&mut self, cgroup_id: u64) {
+        let Some(map) = self.ebpf.map_mut(maps::CONTAINERS) else {
+            return;
+        };
+        if let Ok(mut containers) = HashMap::<_, u64, ContainerState>::try_from(map) {
+            let _ = containers.remove(&cgroup_id);
+        }
+    }
+
+    /// The kernel side's drop counters.
+    pub fn drops(&self) -> LifecycleDrops {
+        let sum = |index: u32| {
+            self.counters
+                .get(&index, 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0)
+        };
+        LifecycleDrops {
+            events_dropped: sum(counter::LIFECYCLE_EVENTS_DROPPED),
+            containers_full: sum(counter::CONTAINERS_FULL),
+            log_fd_unreadable: sum(counter::LOG_FD_UNREADABLE),
+        }
+    }
+}

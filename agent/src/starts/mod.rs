@@ -1,0 +1,277 @@
+//! Container start records: what the start-latency probes saw of each container, attributed
+//! to its container, pod and image.
+//!
+//! [`Tracker`] turns lifecycle events into [`StartRecord`]s: a new cgroup that names a
+//! container opens a record (others are dropped, and the probes stop watching them), the
+//! first exec, first log line and exit fill it in. Each container start is its own record: a
+//! restarted container gets a new cgroup, so a new record; init containers are containers.
+//! Pod sandboxes (pause containers) are left out.
+
+pub mod store;
+
+use std::{collections::HashMap, time::SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    attribution::{Runtime, parse_cgroup_path},
+    events::{BootClock, Lifecycle, LifecycleKind},
+};
+
+/// Most containers tracked in memory at once (oldest dropped first; they are in the store).
+const TRACKED: usize = 4096;
+
+/// Wall time as nanoseconds since the Unix epoch.
+pub fn unix_ns(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// One container start.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StartRecord {
+    /// The cgroup's creation time (ns since the epoch) and id: unique, and time-ordered.
+    pub created_ns: u64,
+    pub cgroup_id: u64,
+    pub cgroup_path: String,
+    pub container_id: String,
+    pub runtime: String,
+    /// Kubernetes pod UID, from the cgroup path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
+    /// Kubernetes namespace (from CRI), or containerd namespace for plain containerd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Container labels from CRI (`io.kubernetes.*` and the pod's own).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// First exec in the container (ns since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_ns: Option<u64>,
+    /// The program of that exec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub program: Option<String>,
+    /// First write to stdout or stderr.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_log_ns: Option<u64>,
+    /// Which of the two.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_fd: Option<i32>,
+    /// Exit of the started process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exited_ns: Option<u64>,
+}
+
+impl StartRecord {
+    /// Creation to first exec, in seconds.
+    pub fn create_to_start(&self) -> Option<f64> {
+        Some(secs(self.started_ns?.checked_sub(self.created_ns)?))
+    }
+
+    /// First exec to first log line, in seconds.
+    pub fn start_to_first_log(&self) -> Option<f64> {
+        Some(secs(self.first_log_ns?.checked_sub(self.started_ns?)?))
+    }
+
+    /// Creation to first log line, in seconds.
+    pub fn total(&self) -> Option<f64> {
+        Some(secs(self.first_log_ns?.checked_sub(self.created_ns)?))
+    }
+
+    /// Started, and ended (or still running) without a line of output.
+    pub fn never_logged(&self) -> bool {
+        self.started_ns.is_some() && self.first_log_ns.is_none()
+    }
+}
+
+fn secs(ns: u64) -> f64 {
+    ns as f64 / 1e9
+}
+
+/// What a cgroup turned out to be.
+#[derive(Debug)]
+pub enum Update {
+    /// A container's record changed (new, or a new event): store it.
+    Record(Box<StartRecord>),
+    /// Not a container, or a pod sandbox: stop watching this cgroup.
+    Unwatch(u64),
+    /// Nothing to do (an event of a cgroup the tracker no longer holds).
+    None,
+}
+
+/// Builds start records from lifecycle events.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    clock: BootClock,
+    records: HashMap<u64, StartRecord>,
+    order: std::collections::VecDeque<u64>,
+}
+
+impl Tracker {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Applies one event.
+    pub fn apply(&mut self, event: &Lifecycle) -> Update {
+        let at = unix_ns(self.clock.to_wall(event.boot_ns));
+        match &event.kind {
+            LifecycleKind::Created { path } => {
+                let Some(container) = parse_cgroup_path(path) else {
+                    return Update::Unwatch(event.cgroup_id);
+                };
+                let record = StartRecord {
+                    created_ns: at,
+                    cgroup_id: event.cgroup_id,
+                    cgroup_path: path.clone(),
+                    container_id: container.container_id,
+                    runtime: runtime_name(container.runtime).into(),
+                    pod_uid: container.pod_uid,
+                    namespace: container.namespace,
+                    ..Default::default()
+                };
+                self.insert(record.clone());
+                Update::Record(Box::new(record))
+            }
+            kind => {
+                let Some(record) = self.records.get_mut(&event.cgroup_id) else {
+                    return Update::None;
+                };
+                match kind {
+                    LifecycleKind::Started { program } => {
+                        if is_sandbox(program) {
+                            self.records.remove(&event.cgroup_id);
+                            return Update::Unwatch(event.cgroup_id);
+                        }
+                        record.started_ns = Some(at);
+                        record.program = Some(program.clone());
+                    }
+                    LifecycleKind::FirstLog { fd, .. } => {
+                        record.first_log_ns = Some(at);
+                        record.log_fd = Some(*fd);
+                    }
+                    LifecycleKind::Exited => record.exited_ns = Some(at),
+                    LifecycleKind::Created { .. } => {}
+                }
+                Update::Record(Box::new(record.clone()))
+            }
+        }
+    }
+
+    /// Forgets a record (a pod sandbox found out later, through CRI).
+    pub fn forget(&mut self, cgroup_id: u64) {
+        self.records.remove(&cgroup_id);
+    }
+
+    /// Updates a held record in place (metadata from CRI) and returns it.
+    pub fn annotate(
+        &mut self,
+        cgroup_id: u64,
+        f: impl FnOnce(&mut StartRecord),
+    ) -> Option<StartRecord> {
+        let record = self.records.get_mut(&cgroup_id)?;
+        f(record);
+        Some(record.clone())
+    }
+
+    fn insert(&mut self, record: StartRecord) {
+        if self.records.len() >= TRACKED
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.records.remove(&oldest);
+        }
+        self.order.push_back(record.cgroup_id);
+        self.records.insert(record.cgroup_id, record);
+    }
+}
+
+/// The pause container of a pod sandbox: its only program is `/pause`.
+fn is_sandbox(program: &str) -> bool {
+    program == "/pause" || program.ends_with("/pause")
+}
+
+fn runtime_name(runtime: Runtime) -> &'static str {
+    match runtime {
+        Runtime::Containerd => "containerd",
+        Runtime::Crio => "cri-o",
+        Runtime::Docker => "docker",
+        Runtime::Podman => "podman",
+        Runtime::Unknown => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(cgroup_id: u64, boot_ns: u64, kind: LifecycleKind) -> Lifecycle {
+        Lifecycle {
+            boot_ns,
+            cgroup_id,
+            tgid: 7,
+            comm: "sh".into(),
+            kind,
+        }
+    }
+
+    const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn a_container_start_becomes_one_record_and_other_cgroups_are_unwatched() {
+        let mut tracker = Tracker::new();
+        let created = LifecycleKind::Created {
+            path: format!("/k8s.io/{ID}"),
+        };
+        let Update::Record(r) = tracker.apply(&event(5, 1_000_000_000, created)) else {
+            panic!("a container cgroup opens a record");
+        };
+        assert_eq!(
+            (r.container_id.as_str(), r.namespace.as_deref()),
+            (ID, Some("k8s.io"))
+        );
+        let started = LifecycleKind::Started {
+            program: "/bin/sh".into(),
+        };
+        tracker.apply(&event(5, 1_250_000_000, started));
+        let logged = LifecycleKind::FirstLog {
+            fd: 1,
+            file_type: 0o010000,
+        };
+        let Update::Record(r) = tracker.apply(&event(5, 1_750_000_000, logged)) else {
+            panic!("the first log line updates the record");
+        };
+        assert!((r.create_to_start().unwrap() - 0.25).abs() < 1e-6);
+        assert!((r.start_to_first_log().unwrap() - 0.5).abs() < 1e-6);
+        assert!((r.total().unwrap() - 0.75).abs() < 1e-6);
+        assert!(!r.never_logged());
+
+        let other = LifecycleKind::Created {
+            path: "/system.slice/cron.service".into(),
+        };
+        assert!(matches!(
+            tracker.apply(&event(6, 1, other)),
+            Update::Unwatch(6)
+        ));
+        let sandbox = LifecycleKind::Created {
+            path: format!("/kubepods/besteffort/pod12345678-1234-1234-1234-123456789abc/{ID}"),
+        };
+        tracker.apply(&event(8, 1, sandbox));
+        let pause = LifecycleKind::Started {
+            program: "/pause".into(),
+        };
+        assert!(matches!(
+            tracker.apply(&event(8, 2, pause)),
+            Update::Unwatch(8)
+        ));
+        assert!(matches!(
+            tracker.apply(&event(99, 2, LifecycleKind::Exited)),
+            Update::None
+        ));
+    }
+}

@@ -1,0 +1,275 @@
+//! The agent's local store of start records and rename-ENXIO flags: a redb database (one
+//! file, copy-on-write B-trees with checksummed commits, so a crash mid-write leaves the last
+//! committed state), bounded by record count with the oldest pruned first.
+//!
+//! Records are JSON values in two tables keyed by (time in ns, id), so iteration is in time
+//! order and pruning pops the first keys. The database is locked by the process that opens it:
+//! `imgstream report --store` reads it while no agent runs; with the agent running, ask its
+//! HTTP API.
+
+use std::path::Path;
+
+use redb::{Database, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use super::StartRecord;
+
+const STARTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("starts");
+const FLAGS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("flags");
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "opening the store {0}: {1} (another imgstream agent may have it open; ask its HTTP API \
+         instead, e.g. `imgstream report --api http://127.0.0.1:9464`)"
+    )]
+    Open(String, String),
+    #[error("store: {0}")]
+    Db(String),
+    #[error("store record: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+fn db<E: std::fmt::Display>(e: E) -> StoreError {
+    StoreError::Db(e.to_string())
+}
+
+/// A rename-ENXIO detection attributed to a pod: a flag on it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FlagRecord {
+    /// Time of the failing rename, ns since the epoch.
+    pub time_ns: u64,
+    pub time: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// The symlink that could not be renamed, and where to.
+    pub path: String,
+    pub new_path: String,
+    pub syscall: String,
+    pub confirmed: bool,
+}
+
+/// Which records to return.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    /// Only records at or after this time (ns since the epoch).
+    pub since_ns: Option<u64>,
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
+    /// Substring of the image reference.
+    pub image: Option<String>,
+}
+
+impl Filter {
+    fn keeps(
+        &self,
+        namespace: &Option<String>,
+        pod: &Option<String>,
+        image: &Option<String>,
+    ) -> bool {
+        let eq = |want: &Option<String>, got: &Option<String>| {
+            want.as_ref()
+                .is_none_or(|w| got.as_deref() == Some(w.as_str()))
+        };
+        eq(&self.namespace, namespace)
+            && eq(&self.pod, pod)
+            && self
+                .image
+                .as_ref()
+                .is_none_or(|w| image.as_deref().is_some_and(|i| i.contains(w.as_str())))
+    }
+}
+
+/// The store, open.
+pub struct Store {
+    db: Database,
+    max_records: u64,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("max_records", &self.max_records)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path`, keeping at most `max_records` of each kind.
+    pub fn open(path: &Path, max_records: u64) -> Result<Self, StoreError> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| StoreError::Open(path.display().to_string(), e.to_string()))?;
+        }
+        let db = Database::create(path)
+            .map_err(|e| StoreError::Open(path.display().to_string(), e.to_string()))?;
+        let txn = db.begin_write().map_err(db_err)?;
+        txn.open_table(STARTS).map_err(db_err)?;
+        txn.open_table(FLAGS).map_err(db_err)?;
+        txn.commit().map_err(db_err)?;
+        Ok(Self {
+            db,
+            max_records: max_records.max(1),
+        })
+    }
+
+    /// Inserts or replaces a start record (keyed by creation time and cgroup id).
+    pub fn put_start(&self, record: &StartRecord) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(record)?;
+        self.put(STARTS, (record.created_ns, record.cgroup_id), &value)
+    }
+
+    /// Appends a flag.
+    pub fn put_flag(&self, flag: &FlagRecord) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(flag)?;
+        // Several detections can share a nanosecond only in theory; the id keeps them apart.
+        let id = self.len(FLAGS)?;
+        self.put(FLAGS, (flag.time_ns, id), &value)
+    }
+
+    fn put(
+        &self,
+        table: TableDefinition<(u64, u64), &[u8]>,
+        key: (u64, u64),
+        value: &[u8],
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(db)?;
+        {
+            let mut t = txn.open_table(table).map_err(db)?;
+            t.insert(key, value).map_err(db)?;
+            while t.len().map_err(db)? > self.max_records {
+                t.pop_first().map_err(db)?;
+            }
+        }
+        txn.commit().map_err(db)
+    }
+
+    fn len(&self, table: TableDefinition<(u64, u64), &[u8]>) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let t = txn.open_table(table).map_err(db)?;
+        t.len().map_err(db)
+    }
+
+    /// Start records matching `filter`, oldest first.
+    pub fn starts(&self, filter: &Filter) -> Result<Vec<StartRecord>, StoreError> {
+        self.scan(STARTS, filter.since_ns, |r: &StartRecord| {
+            filter.keeps(&r.namespace, &r.pod, &r.image)
+        })
+    }
+
+    /// Flags matching `filter`, oldest first.
+    pub fn flags(&self, filter: &Filter) -> Result<Vec<FlagRecord>, StoreError> {
+        self.scan(FLAGS, filter.since_ns, |f: &FlagRecord| {
+            filter.keeps(&f.namespace, &f.pod, &f.image)
+        })
+    }
+
+    fn scan<T: for<'de> Deserialize<'de>>(
+        &self,
+        table: TableDefinition<(u64, u64), &[u8]>,
+        since_ns: Option<u64>,
+        keep: impl Fn(&T) -> bool,
+    ) -> Result<Vec<T>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let t = txn.open_table(table).map_err(db)?;
+        let mut out = Vec::new();
+        for entry in t.range((since_ns.unwrap_or(0), 0)..).map_err(db)? {
+            let (_, value) = entry.map_err(db)?;
+            match serde_json::from_slice::<T>(value.value()) {
+                Ok(record) if keep(&record) => out.push(record),
+                Ok(_) => {}
+                Err(err) => tracing::warn!(%err, "unreadable record in the store skipped"),
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn db_err<E: std::fmt::Display>(e: E) -> StoreError {
+    db(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(created_ns: u64, cgroup_id: u64, namespace: &str) -> StartRecord {
+        StartRecord {
+            created_ns,
+            cgroup_id,
+            container_id: format!("c{cgroup_id}"),
+            namespace: Some(namespace.into()),
+            image: Some(format!("registry/app:{cgroup_id}")),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn records_survive_a_reopen_are_bounded_oldest_first_and_filter() {
+        let dir = std::env::temp_dir().join(format!("imgstream-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("agent.redb");
+        {
+            let store = Store::open(&path, 3).unwrap();
+            for i in 1..=5 {
+                store
+                    .put_start(&record(i * 10, i, if i % 2 == 0 { "a" } else { "b" }))
+                    .unwrap();
+            }
+            // An update replaces, it does not add.
+            let mut r = record(50, 5, "b");
+            r.first_log_ns = Some(60);
+            store.put_start(&r).unwrap();
+        }
+        let store = Store::open(&path, 3).unwrap();
+        let all = store.starts(&Filter::default()).unwrap();
+        let ids: Vec<u64> = all.iter().map(|r| r.cgroup_id).collect();
+        assert_eq!(ids, [3, 4, 5], "the oldest two were pruned");
+        assert_eq!(all[2].first_log_ns, Some(60));
+        let b = Filter {
+            namespace: Some("b".into()),
+            ..Default::default()
+        };
+        assert_eq!(store.starts(&b).unwrap().len(), 2);
+        let since = Filter {
+            since_ns: Some(40),
+            image: Some("app:5".into()),
+            ..Default::default()
+        };
+        assert_eq!(store.starts(&since).unwrap().len(), 1);
+
+        let flag = FlagRecord {
+            time_ns: 7,
+            pod: Some("web".into()),
+            path: "/etc/link".into(),
+            ..Default::default()
+        };
+        store.put_flag(&flag).unwrap();
+        store.put_flag(&flag).unwrap();
+        assert_eq!(store.flags(&Filter::default()).unwrap().len(), 2);
+        drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_second_opener_gets_a_clear_error() {
+        let dir = std::env::temp_dir().join(format!("imgstream-store2-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("agent.redb");
+        let _first = Store::open(&path, 10).unwrap();
+        let err = Store::open(&path, 10).unwrap_err().to_string();
+        assert!(err.contains("another imgstream agent"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
