@@ -38,6 +38,64 @@ use crate::{
 
 /// Deadline of one CRI lookup.
 const CRI_DEADLINE: Duration = Duration::from_secs(2);
+/// Wait before asking CRI again about an id it did not know yet, and how often to ask.
+const CRI_RETRY: Duration = Duration::from_millis(300);
+const CRI_ATTEMPTS: u32 = 10;
+
+/// A container CRI did not know when its cgroup appeared.
+struct Pending {
+    cgroup_id: u64,
+    container_id: String,
+    attempts: u32,
+    due: std::time::Instant,
+}
+
+fn apply_meta(record: &mut StartRecord, meta: crate::cri::ContainerMeta) {
+    record.namespace = meta.namespace.or(record.namespace.take());
+    record.pod = meta.pod;
+    record.pod_uid = meta.pod_uid.or(record.pod_uid.take());
+    record.container = meta.container;
+    record.image = meta.image;
+    record.labels = meta.labels;
+}
+
+/// Asks CRI again about the ids it did not know: sandboxes are dropped (and removed from the
+/// store), containers named; after `CRI_ATTEMPTS`, the id is taken for a non-CRI container.
+fn resolve_pending(
+    pending: &mut std::collections::VecDeque<Pending>,
+    tracker: &mut Tracker,
+    probes: &mut StartProbes,
+    shared: &Shared,
+) {
+    let now = std::time::Instant::now();
+    while pending.front().is_some_and(|p| p.due <= now) {
+        let Some(mut p) = pending.pop_front() else {
+            break;
+        };
+        match shared.cri_lookup(&p.container_id) {
+            Some(Lookup::Sandbox) => {
+                if let (Some(record), Some(store)) = (tracker.get(p.cgroup_id), &shared.state.store)
+                    && let Err(err) = store.remove_start(record)
+                {
+                    tracing::warn!(%err, "sandbox record not removed from the store");
+                }
+                tracker.forget(p.cgroup_id);
+                probes.unwatch(p.cgroup_id);
+            }
+            Some(Lookup::Container(meta)) => {
+                if let Some(record) = tracker.annotate(p.cgroup_id, |r| apply_meta(r, meta)) {
+                    shared.store_start(&record);
+                }
+            }
+            Some(Lookup::Unknown) if p.attempts < CRI_ATTEMPTS => {
+                p.attempts += 1;
+                p.due = now + CRI_RETRY;
+                pending.push_back(p);
+            }
+            _ => {}
+        }
+    }
+}
 
 /// Errors that stop the agent.
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +132,10 @@ impl Shared {
             .runtime
             .block_on(async move { tokio::time::timeout(CRI_DEADLINE, cri.lookup(&id)).await });
         match lookup {
-            Ok(Ok(found)) => Some(found),
+            Ok(Ok(found)) => {
+                tracing::debug!(container = container_id, ?found, "CRI lookup");
+                Some(found)
+            }
             Ok(Err(err)) => {
                 tracing::warn!(%err, container = container_id, "CRI lookup failed");
                 None
@@ -312,6 +373,7 @@ fn start_loop(
     shared: &Shared,
 ) -> Result<(), AgentError> {
     let mut tracker = Tracker::new();
+    let mut pending = std::collections::VecDeque::<Pending>::new();
     let mut drops = LifecycleDrops::default();
     let metrics = &shared.state.metrics;
     tracing::info!("watching container starts");
@@ -349,16 +411,20 @@ fn start_loop(
                         continue;
                     }
                     Some(Lookup::Container(meta)) => tracker
-                        .annotate(event.cgroup_id, |r| {
-                            r.namespace = meta.namespace.or(r.namespace.take());
-                            r.pod = meta.pod;
-                            r.pod_uid = meta.pod_uid.or(r.pod_uid.take());
-                            r.container = meta.container;
-                            r.image = meta.image;
-                            r.labels = meta.labels;
-                        })
+                        .annotate(event.cgroup_id, |r| apply_meta(r, meta))
                         .unwrap_or(record),
-                    _ => record,
+                    Some(Lookup::Unknown) => {
+                        // Too early: the runtime adds a sandbox to its store only once its
+                        // pause process runs. Ask again shortly.
+                        pending.push_back(Pending {
+                            cgroup_id: event.cgroup_id,
+                            container_id: record.container_id.clone(),
+                            attempts: 1,
+                            due: std::time::Instant::now() + CRI_RETRY,
+                        });
+                        record
+                    }
+                    None => record,
                 },
                 _ => record,
             };
@@ -380,6 +446,7 @@ fn start_loop(
             }
             shared.store_start(&record);
         }
+        resolve_pending(&mut pending, &mut tracker, &mut probes, shared);
         let now = probes.drops();
         if now != drops {
             tracing::warn!(?now, "the kernel side dropped lifecycle events");

@@ -6,7 +6,8 @@ use std::{collections::BTreeMap, path::Path, time::Duration};
 
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1::{
-    ContainerStatusRequest, PodSandboxStatusRequest, runtime_service_client::RuntimeServiceClient,
+    ContainerFilter, ContainerStatusRequest, ListContainersRequest, PodSandboxStatusRequest,
+    runtime_service_client::RuntimeServiceClient,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -54,6 +55,15 @@ pub struct Cri {
 impl Cri {
     /// Connects to the unix socket at `path`.
     pub async fn connect(path: &Path) -> Result<Self, CriError> {
+        Ok(Self {
+            client: RuntimeServiceClient::new(channel(path).await?),
+        })
+    }
+}
+
+/// A gRPC channel to the CRI (or any) unix socket at `path`.
+pub async fn channel(path: &Path) -> Result<Channel, CriError> {
+    {
         let socket = path.to_path_buf();
         let err = |e: &dyn std::fmt::Display| {
             CriError::Connect(path.display().to_string(), e.to_string())
@@ -72,11 +82,11 @@ impl Cri {
             }))
             .await
             .map_err(|e| err(&e))?;
-        Ok(Self {
-            client: RuntimeServiceClient::new(channel),
-        })
+        Ok(channel)
     }
+}
 
+impl Cri {
     /// The runtime's view of container (or sandbox) `id`.
     pub async fn lookup(&self, id: &str) -> Result<Lookup, CriError> {
         let mut client = self.client.clone();
@@ -98,7 +108,7 @@ impl Cri {
                     .map(|i| i.image.clone())
                     .filter(|i| !i.is_empty() && !i.starts_with("sha256:"))
                     .or_else(|| Some(status.image_ref.clone()).filter(|i| !i.is_empty()));
-                Ok(Lookup::Container(ContainerMeta {
+                let mut meta = ContainerMeta {
                     namespace: label("io.kubernetes.pod.namespace"),
                     pod: label("io.kubernetes.pod.name"),
                     pod_uid: label("io.kubernetes.pod.uid"),
@@ -107,7 +117,12 @@ impl Cri {
                     image,
                     attempt: status.metadata.as_ref().map_or(0, |m| m.attempt),
                     labels: status.labels.into_iter().collect(),
-                }))
+                };
+                if meta.pod.is_none() {
+                    // Not created by kubelet (no io.kubernetes labels): ask the sandbox.
+                    self.fill_from_sandbox(id, &mut meta).await?;
+                }
+                Ok(Lookup::Container(meta))
             }
             Err(status) if status.code() == tonic::Code::NotFound => {
                 let sandbox = client
@@ -130,5 +145,47 @@ impl Cri {
                 status: Box::new(status),
             }),
         }
+    }
+
+    /// Pod name, namespace and UID from the container's sandbox metadata.
+    async fn fill_from_sandbox(&self, id: &str, meta: &mut ContainerMeta) -> Result<(), CriError> {
+        let mut client = self.client.clone();
+        let listed = client
+            .list_containers(ListContainersRequest {
+                filter: Some(ContainerFilter {
+                    id: id.to_string(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map_err(|status| CriError::Call {
+                call: "ListContainers",
+                status: Box::new(status),
+            })?;
+        let Some(sandbox_id) = listed
+            .into_inner()
+            .containers
+            .into_iter()
+            .find(|c| c.id == id)
+            .map(|c| c.pod_sandbox_id)
+        else {
+            return Ok(());
+        };
+        let sandbox = client
+            .pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: sandbox_id,
+                verbose: false,
+            })
+            .await
+            .map_err(|status| CriError::Call {
+                call: "PodSandboxStatus",
+                status: Box::new(status),
+            })?;
+        if let Some(m) = sandbox.into_inner().status.and_then(|s| s.metadata) {
+            meta.pod = Some(m.name);
+            meta.namespace = Some(m.namespace);
+            meta.pod_uid = Some(m.uid);
+        }
+        Ok(())
     }
 }

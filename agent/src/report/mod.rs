@@ -37,6 +37,17 @@ impl std::str::FromStr for GroupBy {
     }
 }
 
+impl std::fmt::Display for GroupBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Namespace => write!(f, "namespace"),
+            Self::Image => write!(f, "image"),
+            Self::Label(key) => write!(f, "label {key}"),
+            Self::ImageMatch(pattern) => write!(f, "images matching {pattern:?} or not"),
+        }
+    }
+}
+
 impl GroupBy {
     /// The group of a record.
     pub fn key(&self, r: &StartRecord) -> String {
@@ -163,7 +174,7 @@ impl Report {
                 .map(|g| (base > 0.0 && g.total.count > 0).then(|| g.total.p50 / base))
                 .collect();
             Comparison {
-                by: format!("{by:?}"),
+                by: by.to_string(),
                 groups,
                 total_p50_ratio,
             }

@@ -164,6 +164,11 @@ impl Tracker {
         }
     }
 
+    /// The record of a cgroup, if held.
+    pub fn get(&self, cgroup_id: u64) -> Option<&StartRecord> {
+        self.records.get(&cgroup_id)
+    }
+
     /// Forgets a record (a pod sandbox found out later, through CRI).
     pub fn forget(&mut self, cgroup_id: u64) {
         self.records.remove(&cgroup_id);

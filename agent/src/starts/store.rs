@@ -130,6 +130,17 @@ impl Store {
         self.put(STARTS, (record.created_ns, record.cgroup_id), &value)
     }
 
+    /// Removes a start record (one that turned out to be a pod sandbox).
+    pub fn remove_start(&self, record: &StartRecord) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(db)?;
+        {
+            let mut t = txn.open_table(STARTS).map_err(db)?;
+            t.remove((record.created_ns, record.cgroup_id))
+                .map_err(db)?;
+        }
+        txn.commit().map_err(db)
+    }
+
     /// Appends a flag.
     pub fn put_flag(&self, flag: &FlagRecord) -> Result<(), StoreError> {
         let value = serde_json::to_vec(flag)?;

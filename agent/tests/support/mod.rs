@@ -500,10 +500,26 @@ pub struct Containerd {
 
 impl Containerd {
     pub fn start(name: &str) -> Self {
+        Self::start_with(name, "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n")
+    }
+
+    /// A containerd with its CRI plugin: pods get `sandbox_image`, and `registry` is
+    /// reached over plain HTTP. The settings this machine needs: no CAP_SYS_RESOURCE, so
+    /// `restrict_oom_score_adj`.
+    pub fn start_cri(name: &str, registry: &str, sandbox_image: &str) -> Self {
+        Self::start_with(
+            name,
+            &format!(
+                "[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"{sandbox_image}\"\n  restrict_oom_score_adj = true\n[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{registry}\"]\n  endpoint = [\"http://{registry}\"]\n"
+            ),
+        )
+    }
+
+    fn start_with(name: &str, extra: &str) -> Self {
         let dir = scratch(&format!("containerd-{name}"));
         let socket = dir.join("containerd.sock");
         let config = format!(
-            "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n",
+            "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n[grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n{extra}",
             root = dir.join("root").display(),
             state = dir.join("state").display(),
             sock = socket.display(),
@@ -981,6 +997,140 @@ impl Drop for Mounted {
                 .arg("-l")
                 .arg(&self.mountpoint)
                 .status();
+        }
+    }
+}
+
+/// The start-latency tests' container entrypoint (`support/clockprobe.rs`), compiled once
+/// per test process with plain rustc for the static musl target.
+pub fn clockprobe() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let out =
+                std::env::temp_dir().join(format!("imgstream-clockprobe-{}", std::process::id()));
+            let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/clockprobe.rs");
+            let status = Command::new("rustc")
+                .args(["--edition", "2024", "-O", "-C", "strip=symbols"])
+                .args(["--target", "x86_64-unknown-linux-musl", "-o"])
+                .arg(&out)
+                .arg(&source)
+                .status()
+                .expect("rustc is needed");
+            assert!(
+                status.success(),
+                "compiling clockprobe (needs the musl target: cargo xtask setup)"
+            );
+            out
+        })
+        .clone()
+}
+
+/// A plain HTTP/1.1 GET on loopback: (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_string());
+    // Chunked bodies do not occur: the API answers with Content-Length.
+    (status, body)
+}
+
+/// `imgstream agent` as a child process, with a store and an API on a free loopback port.
+pub struct Agent {
+    child: Child,
+    pub api: SocketAddr,
+    pub store: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    pub fn start(dir: &Path, extra: &[&str]) -> Self {
+        let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let store = dir.join("agent.redb");
+        let log = dir.join(format!("agent-{}.log", api.port()));
+        let child = Command::new(env!("CARGO_BIN_EXE_imgstream"))
+            .args(["agent", "--api-addr", &api.to_string(), "--store"])
+            .arg(&store)
+            .arg("--detections")
+            .arg(dir.join("detections.jsonl"))
+            .args(extra)
+            .env("IMGSTREAM_LOG", "info,imgstream::agent=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut agent = Self {
+            child,
+            api,
+            store,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            assert!(
+                matches!(agent.child.try_wait(), Ok(None)),
+                "the agent exited: {}",
+                agent.log_text()
+            );
+            let attached = agent.log_text().contains("watching container starts");
+            if attached && std::net::TcpStream::connect(api).is_ok() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not start: {}",
+                agent.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        agent
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.api, path)
+    }
+
+    /// SIGTERM; the agent exits 0.
+    pub fn stop(mut self) {
+        // SAFETY: kill(2) of our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        assert!(
+            status.success(),
+            "the agent exited with {status}: {}",
+            self.log_text()
+        );
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }

@@ -1,0 +1,408 @@
+//! Container start latency, measured by the real agent's eBPF probes on real containers: a
+//! private containerd and runc (Debian's) run an image whose entrypoint reads CLOCK_BOOTTIME
+//! as its first act and again just before its first log line, and writes both into a truth
+//! file on the host. The agent's start -> first log line must be within 2 ms of that; a
+//! container that never writes is reported as such; output redirected to a file is not a log
+//! line; a restarted container gets a second record. The store survives an agent restart,
+//! and `imgstream report` prints the table and writes the chart from the same data.
+
+mod support;
+
+use std::{collections::BTreeMap, path::Path};
+
+use imgstream::starts::StartRecord;
+use support::{Agent, Containerd, Registry};
+
+/// How far the measured start -> first log line may be from the container's own clocks.
+const TOLERANCE_NS: i64 = 2_000_000;
+
+/// The truth file: `start NS`, `log NS`, `redirected NS` lines (CLOCK_BOOTTIME).
+fn truth(path: &Path) -> BTreeMap<String, i64> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+fn check_latency(record: &StartRecord, truth: &BTreeMap<String, i64>, name: &str) -> i64 {
+    let measured = record.first_log_ns.expect("a first log line") as i64
+        - record.started_ns.expect("a start") as i64;
+    let expected = truth["log"] - truth["start"];
+    let error = measured - expected;
+    assert!(
+        error.abs() <= TOLERANCE_NS,
+        "{name}: measured {measured} ns, the container's clock says {expected} ns"
+    );
+    error
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_are_measured_within_2ms_of_the_containers_own_clock() {
+    support::require_root();
+    let scratch = support::scratch("start-latency");
+    let registry = Registry::start("start-latency", None);
+    let reg = registry.host();
+    let rootfs = scratch.join("rootfs");
+    for dir in ["tmp", "truth", "proc", "sys", "dev", "etc"] {
+        std::fs::create_dir_all(rootfs.join(dir)).unwrap();
+    }
+    std::fs::copy(support::clockprobe(), rootfs.join("clockprobe")).unwrap();
+    let layout = scratch.join("layout");
+    support::build_image(&layout, "v1", &[rootfs], &["/clockprobe", "log", "0"]).await;
+    let image = format!("{reg}/clockprobe:v1");
+    support::skopeo_copy(
+        &format!("oci:{}:v1", layout.display()),
+        &format!("docker://{image}"),
+    );
+    let containerd = Containerd::start("start-latency");
+    let (ok, _, err) = containerd.ctr(&["images", "pull", "--plain-http", &image]);
+    assert!(ok, "ctr pull: {err}");
+
+    let agent_dir = scratch.join("agent");
+    std::fs::create_dir_all(&agent_dir).unwrap();
+    let agent = Agent::start(&agent_dir, &[]);
+    let truth_dir = scratch.join("truth");
+    std::fs::create_dir_all(&truth_dir).unwrap();
+    let run = |id: &str, truth_name: &str, args: &[&str]| {
+        let mount = format!(
+            "type=bind,src={},dst=/truth,options=rbind:rw",
+            truth_dir.display()
+        );
+        let truth_file = format!("/truth/{truth_name}");
+        let mut argv = vec!["run", "--rm", "--mount", &mount, &image, id, "/clockprobe"];
+        argv.extend_from_slice(args);
+        argv.push(&truth_file);
+        let (ok, stdout, stderr) = containerd.ctr(&argv);
+        assert!(ok, "ctr run {id}: {stderr}");
+        (stdout, stderr)
+    };
+    let (out, _) = run("log-150", "log-150", &["log", "150"]);
+    assert!(out.starts_with("boottime="), "{out}");
+    run("log-400", "log-400", &["log", "400"]);
+    run("silent", "silent", &["silent", "200"]);
+    let (out, err) = run("redirect", "redirect", &["redirect", "250"]);
+    assert!(
+        out.is_empty() && err.starts_with("boottime="),
+        "{out} / {err}"
+    );
+    run("again", "again-1", &["log", "100"]);
+    run("again", "again-2", &["log", "100"]);
+
+    // The agent handles events within a poll interval; give it a moment.
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    let (status, body) = agent.get("/v1/starts?namespace=imgstream-test");
+    assert_eq!(status, 200, "{body}");
+    let records: Vec<StartRecord> = serde_json::from_str(&body).unwrap();
+    let by_id = |id: &str| -> Vec<&StartRecord> {
+        records.iter().filter(|r| r.container_id == id).collect()
+    };
+    let mut errors = Vec::new();
+    for name in ["log-150", "log-400"] {
+        let found = by_id(name);
+        assert_eq!(found.len(), 1, "one record for {name}: {records:?}");
+        let record = found[0];
+        errors.push(check_latency(record, &truth(&truth_dir.join(name)), name));
+        assert_eq!(record.log_fd, Some(1));
+        assert!(record.create_to_start().is_some() && record.exited_ns.is_some());
+        assert_eq!(record.program.as_deref(), Some("/clockprobe"));
+    }
+    let silent = by_id("silent");
+    assert_eq!(silent.len(), 1);
+    assert!(
+        silent[0].never_logged() && silent[0].exited_ns.is_some(),
+        "{:?}",
+        silent[0]
+    );
+    let redirect = by_id("redirect");
+    let redirect_truth = truth(&truth_dir.join("redirect"));
+    errors.push(check_latency(redirect[0], &redirect_truth, "redirect"));
+    assert_eq!(
+        redirect[0].log_fd,
+        Some(2),
+        "the write to the file was not the first log line"
+    );
+    let mut again = by_id("again");
+    again.sort_by_key(|r| r.created_ns);
+    assert_eq!(again.len(), 2, "a restart is a record of its own");
+    assert_ne!(again[0].cgroup_id, again[1].cgroup_id);
+    for (record, file) in again.iter().zip(["again-1", "again-2"]) {
+        errors.push(check_latency(record, &truth(&truth_dir.join(file)), file));
+    }
+    eprintln!("start -> first log line, measured minus the container's own clock (ns): {errors:?}");
+
+    let (status, metrics) = agent.get("/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains(
+            "imgstream_container_start_to_first_log_seconds_count{namespace=\"imgstream-test\"} 5"
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains(
+        "imgstream_probe_dropped_total{probe=\"lifecycle\",reason=\"ring_buffer_full\"} 0"
+    ));
+    assert_eq!(agent.get("/healthz").0, 200);
+
+    // The report, from the API: the table and the chart.
+    let svg = scratch.join("starts.svg");
+    let out = support::imgstream(&[
+        "report",
+        "--api",
+        &format!("http://{}", agent.api),
+        "--namespace",
+        "imgstream-test",
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{table}");
+    assert!(
+        table.contains("6 container starts, 1 never wrote a log line"),
+        "{table}"
+    );
+    assert!(table.contains("imgstream-test"), "{table}");
+    let chart = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        chart.contains("<polyline") && chart.contains("imgstream-test (n=5)"),
+        "{chart}"
+    );
+
+    // The store outlives the agent.
+    agent.stop();
+    let agent = Agent::start(&agent_dir, &[]);
+    let (_, body) = agent.get("/v1/starts?namespace=imgstream-test");
+    let again: Vec<StartRecord> = serde_json::from_str(&body).unwrap();
+    assert_eq!(again.len(), records.len(), "records survive a restart");
+    agent.stop();
+    let out = support::imgstream(&[
+        "report",
+        "--store",
+        agent_dir.join("agent.redb").to_str().unwrap(),
+        "--json",
+    ]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["containers"], records.len());
+    assert_eq!(report["never_logged"], 1);
+
+    drop(containerd);
+    drop(registry);
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
+/// kubelet's part, over containerd's CRI socket: a pod with an init container and an app
+/// container that is restarted once. The records carry pod, namespace, container names and
+/// the image from CRI; the pod sandbox is left out; each start is a record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_pods_are_named_and_their_sandboxes_left_out() {
+    use k8s_cri::v1::{
+        ContainerConfig, ContainerMetadata, CreateContainerRequest, ImageSpec,
+        LinuxPodSandboxConfig, LinuxSandboxSecurityContext, Mount, NamespaceMode, NamespaceOption,
+        PodSandboxConfig, PodSandboxMetadata, PullImageRequest, RunPodSandboxRequest,
+        StartContainerRequest, image_service_client::ImageServiceClient,
+        runtime_service_client::RuntimeServiceClient,
+    };
+    support::require_root();
+    let scratch = support::scratch("start-latency-cri");
+    let registry = Registry::start("start-latency-cri", None);
+    let reg = registry.host();
+    let rootfs = scratch.join("rootfs");
+    for dir in ["tmp", "truth", "proc", "sys", "dev", "etc"] {
+        std::fs::create_dir_all(rootfs.join(dir)).unwrap();
+    }
+    std::fs::copy(support::clockprobe(), rootfs.join("clockprobe")).unwrap();
+    // The sandbox image is the same program, pausing: told apart by CRI, not by its name.
+    for (tag, cmd) in [
+        ("v1", ["/clockprobe", "log", "0"]),
+        ("pause", ["/clockprobe", "pause", "0"]),
+    ] {
+        let layout = scratch.join(format!("layout-{tag}"));
+        support::build_image(&layout, tag, &[rootfs.clone()], &cmd).await;
+        support::skopeo_copy(
+            &format!("oci:{}:{tag}", layout.display()),
+            &format!("docker://{reg}/clockprobe:{tag}"),
+        );
+    }
+    let image = format!("{reg}/clockprobe:v1");
+    let containerd = Containerd::start_cri(
+        "start-latency-cri",
+        &reg,
+        &format!("{reg}/clockprobe:pause"),
+    );
+    let agent_dir = scratch.join("agent");
+    std::fs::create_dir_all(&agent_dir).unwrap();
+    let agent = Agent::start(
+        &agent_dir,
+        &["--cri-socket", containerd.socket.to_str().unwrap()],
+    );
+
+    let channel = imgstream::cri::channel(&containerd.socket).await.unwrap();
+    let mut images = ImageServiceClient::new(channel.clone());
+    let runtime = RuntimeServiceClient::new(channel);
+    images
+        .pull_image(PullImageRequest {
+            image: Some(ImageSpec {
+                image: image.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let logs = scratch.join("pod-logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let sandbox_config = PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: "web".into(),
+            uid: "0f0e0d0c-0b0a-4909-8807-060504030201".into(),
+            namespace: "shop".into(),
+            attempt: 0,
+        }),
+        log_directory: logs.display().to_string(),
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    network: NamespaceMode::Node as i32,
+                    pid: NamespaceMode::Container as i32,
+                    ipc: NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let sandbox = runtime
+        .clone()
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(sandbox_config.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pod_sandbox_id;
+    let truth_dir = scratch.join("truth");
+    std::fs::create_dir_all(&truth_dir).unwrap();
+    let start = |name: &'static str, attempt: u32, args: Vec<String>| {
+        let (sandbox, sandbox_config, image, truth_dir) = (
+            sandbox.clone(),
+            sandbox_config.clone(),
+            image.clone(),
+            truth_dir.clone(),
+        );
+        let mut runtime = runtime.clone();
+        async move {
+            let id = runtime
+                .create_container(CreateContainerRequest {
+                    pod_sandbox_id: sandbox,
+                    config: Some(ContainerConfig {
+                        metadata: Some(ContainerMetadata {
+                            name: name.into(),
+                            attempt,
+                        }),
+                        image: Some(ImageSpec {
+                            image,
+                            ..Default::default()
+                        }),
+                        command: vec!["/clockprobe".into()],
+                        args,
+                        log_path: format!("{name}-{attempt}.log"),
+                        // kubelet's labels; the init container goes without, so that the
+                        // agent has to ask the sandbox for the pod.
+                        labels: if name == "init" {
+                            Default::default()
+                        } else {
+                            [
+                                ("io.kubernetes.pod.name", "web"),
+                                ("io.kubernetes.pod.namespace", "shop"),
+                                (
+                                    "io.kubernetes.pod.uid",
+                                    "0f0e0d0c-0b0a-4909-8807-060504030201",
+                                ),
+                                ("io.kubernetes.container.name", name),
+                            ]
+                            .into_iter()
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .collect()
+                        },
+                        mounts: vec![Mount {
+                            container_path: "/truth".into(),
+                            host_path: truth_dir.display().to_string(),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }),
+                    sandbox_config: Some(sandbox_config),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .container_id;
+            runtime
+                .start_container(StartContainerRequest {
+                    container_id: id.clone(),
+                })
+                .await
+                .unwrap();
+            id
+        }
+    };
+    let args = |mode: &str, ms: u32, truth: &str| {
+        vec![mode.to_string(), ms.to_string(), format!("/truth/{truth}")]
+    };
+    let init = start("init", 0, args("silent", 50, "init")).await;
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let app0 = start("app", 0, args("log", 200, "app-0")).await;
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let app1 = start("app", 1, args("log", 300, "app-1")).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+
+    let (status, body) = agent.get("/v1/starts?namespace=shop&pod=web");
+    assert_eq!(status, 200, "{body}");
+    let records: Vec<StartRecord> = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        records.len(),
+        3,
+        "init, app, app restarted, and no sandbox: {records:#?}"
+    );
+    assert!(
+        !records.iter().any(|r| r.container_id == sandbox),
+        "the sandbox is left out"
+    );
+    let find = |id: &str| records.iter().find(|r| r.container_id == id).unwrap();
+    for (id, name) in [(&init, "init"), (&app0, "app"), (&app1, "app")] {
+        let r = find(id);
+        assert_eq!(r.pod.as_deref(), Some("web"));
+        assert_eq!(r.namespace.as_deref(), Some("shop"));
+        assert_eq!(r.container.as_deref(), Some(name));
+        assert_eq!(
+            r.pod_uid.as_deref(),
+            Some("0f0e0d0c-0b0a-4909-8807-060504030201")
+        );
+        assert_eq!(r.image.as_deref(), Some(image.as_str()), "{r:?}");
+    }
+    assert!(find(&init).never_logged());
+    check_latency(find(&app0), &truth(&truth_dir.join("app-0")), "app-0");
+    check_latency(find(&app1), &truth(&truth_dir.join("app-1")), "app-1");
+
+    let out = support::imgstream(&[
+        "report",
+        "--api",
+        &format!("http://{}", agent.api),
+        "--compare",
+        "label:io.kubernetes.container.name",
+    ]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{table}");
+    assert!(table.contains(&image) && table.contains("shop"), "{table}");
+    assert!(table.contains("comparison"), "{table}");
+    agent.stop();
+    drop(containerd);
+    drop(registry);
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
