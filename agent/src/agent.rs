@@ -172,6 +172,14 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentErr
         ),
         None => Box::new(io::stdout()),
     };
+    // Probes first: without privileges or tracefs nothing else is worth setting up, and the
+    // error says so.
+    let rename = RenameProbes::attach()?;
+    let starts = if config.start_latency {
+        Some(StartProbes::attach()?)
+    } else {
+        None
+    };
     let store = match &config.store {
         Some(path) => Some(Arc::new(Store::open(path, config.store_max_records)?)),
         None => None,
@@ -219,12 +227,6 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentErr
         flags,
     });
 
-    let rename = RenameProbes::attach()?;
-    let starts = if config.start_latency {
-        Some(StartProbes::attach()?)
-    } else {
-        None
-    };
     let cgroups = match CgroupResolver::discover() {
         Ok(resolver) => Some(resolver),
         Err(err) => {

@@ -84,6 +84,9 @@ fn agent_reports_a_detection_as_json_and_stops_on_sigterm() {
     let out = dir.join("detections.jsonl");
     let mut agent = Command::new(IMGSTREAM)
         .args(["agent", "--detections", out.to_str().unwrap()])
+        .arg("--store")
+        .arg(dir.join("agent.redb"))
+        .args(["--api-addr", "127.0.0.1:0"])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -153,6 +156,27 @@ fn agent_reports_a_detection_as_json_and_stops_on_sigterm() {
         ours(&text).len(),
         1,
         "the regular-file rename must not be reported:\n{text}"
+    );
+    // The detection is a flag in the store, which the report lists.
+    let report = Command::new(IMGSTREAM)
+        .args(["report", "--json", "--store"])
+        .arg(dir.join("agent.redb"))
+        .output()
+        .unwrap();
+    assert!(
+        report.status.success(),
+        "{}",
+        String::from_utf8_lossy(&report.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
+    let flags = report["flags"].as_array().unwrap();
+    assert!(
+        flags
+            .iter()
+            .any(|f| f["path"] == mnt.join("link").to_str().unwrap()
+                && f["new_path"] == mnt.join("moved").to_str().unwrap()
+                && f["syscall"] == "renameat2"),
+        "{report}"
     );
     std::fs::remove_dir_all(dir).unwrap();
 }

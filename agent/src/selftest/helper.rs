@@ -55,6 +55,35 @@ pub enum HelperCommand {
         #[arg(long)]
         mountpoint: PathBuf,
     },
+    /// Start a "container": join a cgroup, then exec `selftest-helper emit` in it (its first
+    /// exec there).
+    Container {
+        #[arg(long)]
+        cgroup: PathBuf,
+        #[arg(long, value_enum)]
+        mode: EmitMode,
+        #[arg(long)]
+        sleep_ms: u64,
+    },
+    /// A container's main process: read CLOCK_BOOTTIME, sleep, and write one line
+    /// `start=NS log=NS` to stdout (or nothing), as its first log line.
+    Emit {
+        #[arg(long, value_enum)]
+        mode: EmitMode,
+        #[arg(long)]
+        sleep_ms: u64,
+    },
+}
+
+/// What an emitting "container" writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EmitMode {
+    /// One line to stdout.
+    Log,
+    /// First a line to stdout redirected to a file, then one to the real stdout.
+    Redirect,
+    /// Nothing at all.
+    Silent,
 }
 
 /// Runs a helper command; returns the process exit code.
@@ -85,6 +114,41 @@ pub fn run(command: HelperCommand) -> i32 {
                 2
             }
         },
+        HelperCommand::Container {
+            cgroup,
+            mode,
+            sleep_ms,
+        } => {
+            use std::os::unix::process::CommandExt as _;
+            if let Err(err) = join_cgroup(&cgroup) {
+                eprintln!("selftest-helper: {err}");
+                return 2;
+            }
+            let err = std::process::Command::new("/proc/self/exe")
+                .args(["selftest-helper", "emit", "--mode"])
+                .arg(format!("{mode:?}").to_lowercase())
+                .args(["--sleep-ms", &sleep_ms.to_string()])
+                .exec();
+            eprintln!("selftest-helper: exec: {err}");
+            2
+        }
+        HelperCommand::Emit { mode, sleep_ms } => {
+            let start = crate::events::boot_ns_now();
+            if mode == EmitMode::Redirect
+                && let Err(err) = write_redirected()
+            {
+                eprintln!("selftest-helper: {err}");
+                return 2;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(sleep_ms));
+            if mode != EmitMode::Silent {
+                let line = format!("start={start} log={}\n", crate::events::boot_ns_now());
+                // One write(2): the first log line.
+                // SAFETY: a valid buffer of the given length; fd 1 is open.
+                unsafe { libc::write(1, line.as_ptr().cast(), line.len()) };
+            }
+            0
+        }
         HelperCommand::Rename {
             call,
             old,
@@ -153,6 +217,28 @@ fn rename_syscall(call: Call, dfd: i32, old: &Path, new: &Path, flags: u32) -> i
     } else {
         std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
     }
+}
+
+/// Writes a line to stdout while stdout points at a regular file, then puts stdout back.
+fn write_redirected() -> std::io::Result<()> {
+    let path = std::env::temp_dir().join(format!(
+        "imgstream-selftest-redirect-{}",
+        std::process::id()
+    ));
+    let file = std::fs::File::create(&path)?;
+    let _ = std::fs::remove_file(&path);
+    // SAFETY: dup/dup2 on fds this process owns; the saved fd is restored and closed.
+    unsafe {
+        let saved = libc::dup(1);
+        if saved < 0 || libc::dup2(file.as_raw_fd(), 1) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let line = b"redirected, not a log line\n";
+        libc::write(1, line.as_ptr().cast(), line.len());
+        libc::dup2(saved, 1);
+        libc::close(saved);
+    }
+    Ok(())
 }
 
 fn join_cgroup(cgroup: &Path) -> std::io::Result<()> {

@@ -169,6 +169,13 @@ impl Tracker {
         self.records.get(&cgroup_id)
     }
 
+    /// The record of a container id, if held.
+    pub fn find_container(&self, container_id: &str) -> Option<&StartRecord> {
+        self.records
+            .values()
+            .find(|r| r.container_id == container_id)
+    }
+
     /// Forgets a record (a pod sandbox found out later, through CRI).
     pub fn forget(&mut self, cgroup_id: u64) {
         self.records.remove(&cgroup_id);
