@@ -38,6 +38,9 @@ use crate::{
 
 /// Deadline of one CRI lookup.
 const CRI_DEADLINE: Duration = Duration::from_secs(2);
+/// How long the write probes stay attached after the last container waiting for its first
+/// log line logged, exited or aged out.
+const DISARM_GRACE: Duration = Duration::from_secs(2);
 /// Wait before asking CRI again about an id it did not know yet, and how often to ask.
 const CRI_RETRY: Duration = Duration::from_millis(300);
 const CRI_ATTEMPTS: u32 = 10;
@@ -376,6 +379,7 @@ fn start_loop(
 ) -> Result<(), AgentError> {
     let mut tracker = Tracker::new();
     let mut pending = std::collections::VecDeque::<Pending>::new();
+    let mut last_awaited = std::time::Instant::now();
     let mut drops = LifecycleDrops::default();
     let metrics = &shared.state.metrics;
     tracing::info!("watching container starts");
@@ -405,6 +409,13 @@ fn start_loop(
                 Update::Record(record) => *record,
             };
             use crate::events::LifecycleKind as K;
+            if matches!(event.kind, K::Created { .. }) && !probes.writes_armed() {
+                // Before anything else: the container's first write must find them attached.
+                match probes.arm_writes() {
+                    Ok(()) => metrics.write_probes_armed.store(true, Ordering::Relaxed),
+                    Err(err) => tracing::warn!(%err, "arming the write probes failed"),
+                }
+            }
             let record = match &event.kind {
                 K::Created { .. } => match shared.cri_lookup(&record.container_id) {
                     Some(Lookup::Sandbox) => {
@@ -449,6 +460,13 @@ fn start_loop(
             shared.store_start(&record);
         }
         resolve_pending(&mut pending, &mut tracker, &mut probes, shared);
+        let now = crate::starts::unix_ns(std::time::SystemTime::now());
+        if tracker.awaiting_first_log(now, config.first_log_window) > 0 {
+            last_awaited = std::time::Instant::now();
+        } else if probes.writes_armed() && last_awaited.elapsed() > DISARM_GRACE {
+            probes.disarm_writes();
+            metrics.write_probes_armed.store(false, Ordering::Relaxed);
+        }
         let now = probes.drops();
         if now != drops {
             tracing::warn!(?now, "the kernel side dropped lifecycle events");

@@ -12,6 +12,9 @@ pub struct AgentConfig {
     pub poll_interval: Duration,
     /// Run the start-latency probes.
     pub start_latency: bool,
+    /// How long after its creation a container's first log line is waited for (the write
+    /// probes stay attached while one waits); later lines count as never logged.
+    pub first_log_window: Duration,
     /// The local store of start records and flags; `None` keeps nothing.
     pub store: Option<PathBuf>,
     /// Most records of each kind the store keeps (oldest pruned first).
@@ -30,6 +33,7 @@ impl Default for AgentConfig {
             detections_out: None,
             poll_interval: Duration::from_millis(200),
             start_latency: true,
+            first_log_window: Duration::from_secs(300),
             store: None,
             store_max_records: 100_000,
             api_addr: None,

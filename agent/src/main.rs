@@ -38,6 +38,10 @@ enum Command {
         /// Do not run the container start-latency probes.
         #[arg(long)]
         no_start_latency: bool,
+        /// Seconds after its creation that a container's first log line is waited for;
+        /// a container silent for longer counts as never logged.
+        #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        first_log_window_secs: u64,
         /// The local store of start records and flags.
         #[arg(long, default_value = "/var/lib/imgstream/agent.redb")]
         store: PathBuf,
@@ -402,6 +406,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             detections,
             poll_ms,
             no_start_latency,
+            first_log_window_secs,
             store,
             no_store,
             store_max_records,
@@ -416,6 +421,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 detections_out: detections,
                 poll_interval: Duration::from_millis(poll_ms),
                 start_latency: !no_start_latency,
+                first_log_window: Duration::from_secs(first_log_window_secs),
                 store: (!no_store).then_some(store),
                 store_max_records,
                 api_addr: (!no_api).then_some(api_addr),

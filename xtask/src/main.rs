@@ -8,6 +8,7 @@
 //! - `fuzz`       the cargo-fuzz targets of agent/fuzz, for a while each
 //! - `bench fs`   the lazy filesystem's benchmarks, as ratios against baselines
 //! - `bench virtiofs` a guest's virtio-fs reads against the host's FUSE reads, as a ratio
+//! - `bench probes` the eBPF probes' overhead on write- and exec-heavy workloads
 
 mod build_ebpf;
 mod ci;
@@ -50,9 +51,10 @@ enum Command {
     /// Set up, then show the rename-ENXIO detector catching a container's failing `mv`.
     Demo,
     /// Run a benchmark: `fs` (the lazy filesystem against its baselines), `virtiofs` (a
-    /// guest's reads through virtio-fs against the host's through FUSE). Needs root.
+    /// guest's reads through virtio-fs against the host's through FUSE), `probes` (the eBPF
+    /// probes' overhead on write- and exec-heavy work). Needs root.
     Bench {
-        #[arg(value_parser = ["fs", "virtiofs"])]
+        #[arg(value_parser = ["fs", "virtiofs", "probes"])]
         suite: String,
     },
     /// Run the fuzz targets (eStargz footer+TOC and blobs, tar streams, manifests).

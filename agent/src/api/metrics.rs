@@ -52,6 +52,8 @@ pub struct Metrics {
     pub lifecycle_events: AtomicU64,
     pub start_records: AtomicU64,
     pub store_errors: AtomicU64,
+    /// Whether the write programs are attached (a container waits for its first log line).
+    pub write_probes_armed: std::sync::atomic::AtomicBool,
     rename_drops: Mutex<DropCounters>,
     lifecycle_drops: Mutex<LifecycleDrops>,
 }
@@ -66,6 +68,7 @@ impl Default for Metrics {
             lifecycle_events: AtomicU64::new(0),
             start_records: AtomicU64::new(0),
             store_errors: AtomicU64::new(0),
+            write_probes_armed: std::sync::atomic::AtomicBool::new(false),
             rename_drops: Mutex::default(),
             lifecycle_drops: Mutex::default(),
         }
@@ -199,6 +202,12 @@ impl Metrics {
                 "Writes to the local store that failed.",
                 "counter",
                 self.store_errors.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "imgstream_write_probes_armed",
+                "1 while the write probes are attached (a container waits for its first log line).",
+                "gauge",
+                f64::from(u8::from(self.write_probes_armed.load(Ordering::Relaxed))),
             ),
             (
                 "imgstream_agent_uptime_seconds",

@@ -7,7 +7,7 @@ use std::{os::fd::AsRawFd, time::Duration};
 use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{TracePoint, trace_point::TracePointLinkId},
 };
 use imgstream_ebpf::{ContainerState, KernelOffsets, counter, maps, programs, tp, tp_fields};
 
@@ -58,9 +58,15 @@ pub struct LifecycleDrops {
     pub log_fd_unreadable: u64,
 }
 
+/// The write programs, attached only while a container waits for its first log line: each
+/// write(2) of every process pays for them while attached.
+const WRITE_PROGRAMS: [&str; 2] = [programs::ENTER_WRITE, programs::ENTER_WRITEV];
+
 /// The start-latency probes, loaded and attached. Detached when dropped.
 pub struct StartProbes {
     ebpf: Ebpf,
+    /// The write programs' links while armed.
+    write_links: Vec<(&'static str, TracePointLinkId)>,
     events: RingBuf<MapData>,
     counters: PerCpuArray<MapData, u64>,
     /// Whether the log-line check can tell files from pipes (the kernel has BTF).
@@ -119,7 +125,9 @@ impl StartProbes {
                 .try_into()
                 .map_err(attach_err)?;
             prog.load().map_err(attach_err)?;
-            prog.attach(category, tracepoint).map_err(attach_err)?;
+            if !WRITE_PROGRAMS.contains(&program) {
+                prog.attach(category, tracepoint).map_err(attach_err)?;
+            }
         }
         let take = |name: &'static str, ebpf: &mut Ebpf| {
             ebpf.take_map(name).ok_or(ProbeError::MissingMap(name))
@@ -145,6 +153,7 @@ impl StartProbes {
         );
         Ok(Self {
             ebpf,
+            write_links: Vec::new(),
             events,
             counters,
             redirects_detected: offsets.valid == 1,
@@ -170,6 +179,50 @@ impl StartProbes {
             out.push(Lifecycle::decode(&item));
         }
         out
+    }
+
+    /// Attaches the write programs (a container is starting); idempotent.
+    pub fn arm_writes(&mut self) -> Result<(), ProbeError> {
+        if !self.write_links.is_empty() {
+            return Ok(());
+        }
+        for (program, category, tracepoint, _) in TRACEPOINTS
+            .iter()
+            .filter(|(program, ..)| WRITE_PROGRAMS.contains(program))
+        {
+            let attach_err = |source| ProbeError::Attach {
+                program,
+                tracepoint,
+                source,
+            };
+            let prog: &mut TracePoint = self
+                .ebpf
+                .program_mut(program)
+                .ok_or(ProbeError::MissingProgram(program))?
+                .try_into()
+                .map_err(attach_err)?;
+            let link = prog.attach(category, tracepoint).map_err(attach_err)?;
+            self.write_links.push((program, link));
+        }
+        tracing::debug!("write probes armed");
+        Ok(())
+    }
+
+    /// Detaches the write programs (no container waits for its first log line).
+    pub fn disarm_writes(&mut self) {
+        for (program, link) in self.write_links.drain(..) {
+            if let Some(prog) = self.ebpf.program_mut(program)
+                && let Ok(prog) = <&mut TracePoint>::try_from(prog)
+                && let Err(err) = prog.detach(link)
+            {
+                tracing::warn!(%err, program, "detaching a write probe failed");
+            }
+        }
+        tracing::debug!("write probes disarmed");
+    }
+
+    pub fn writes_armed(&self) -> bool {
+        !self.write_links.is_empty()
     }
 
     /// Stops watching a cgroup (not a container, or done with).

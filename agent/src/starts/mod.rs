@@ -169,6 +169,16 @@ impl Tracker {
         self.records.get(&cgroup_id)
     }
 
+    /// Containers created within `window` of `now_ns` that have neither logged nor exited:
+    /// the ones whose first write the probes must not miss.
+    pub fn awaiting_first_log(&self, now_ns: u64, window: std::time::Duration) -> usize {
+        let since = now_ns.saturating_sub(window.as_nanos() as u64);
+        self.records
+            .values()
+            .filter(|r| r.first_log_ns.is_none() && r.exited_ns.is_none() && r.created_ns >= since)
+            .count()
+    }
+
     /// The record of a container id, if held.
     pub fn find_container(&self, container_id: &str) -> Option<&StartRecord> {
         self.records
