@@ -65,6 +65,8 @@ pub enum HelperCommand {
         #[arg(long)]
         sleep_ms: u64,
     },
+    /// Write records into a store until killed (the store's crash test).
+    StoreWriter(StoreWriter),
     /// A container's main process: read CLOCK_BOOTTIME, sleep, and write one line
     /// `start=NS log=NS` to stdout (or nothing), as its first log line.
     Emit {
@@ -73,6 +75,16 @@ pub enum HelperCommand {
         #[arg(long)]
         sleep_ms: u64,
     },
+}
+
+/// Internal to the store's crash test: write start records into a store as fast as it
+/// commits them, forever (until killed).
+#[derive(Debug, clap::Args)]
+pub struct StoreWriter {
+    #[arg(long)]
+    pub path: PathBuf,
+    #[arg(long, default_value_t = 1000)]
+    pub max_records: u64,
 }
 
 /// What an emitting "container" writes.
@@ -131,6 +143,38 @@ pub fn run(command: HelperCommand) -> i32 {
                 .exec();
             eprintln!("selftest-helper: exec: {err}");
             2
+        }
+        HelperCommand::StoreWriter(args) => {
+            let store = match crate::starts::store::Store::open(&args.path, args.max_records) {
+                Ok(store) => store,
+                Err(err) => {
+                    eprintln!("selftest-helper: {err}");
+                    return 2;
+                }
+            };
+            let mut next = store
+                .starts(&Default::default())
+                .map_or(1, |r| r.last().map_or(1, |r| r.created_ns + 1));
+            let mut announced = false;
+            loop {
+                let record = crate::starts::StartRecord {
+                    created_ns: next,
+                    cgroup_id: next,
+                    container_id: format!("{next:064x}"),
+                    cgroup_path: "x".repeat((next % 512) as usize),
+                    ..Default::default()
+                };
+                if let Err(err) = store.put_start(&record) {
+                    eprintln!("selftest-helper: {err}");
+                    return 2;
+                }
+                next += 1;
+                if !announced {
+                    println!("ready");
+                    let _ = std::io::stdout().flush();
+                    announced = true;
+                }
+            }
         }
         HelperCommand::Emit { mode, sleep_ms } => {
             let start = crate::events::boot_ns_now();
