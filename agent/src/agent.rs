@@ -114,6 +114,8 @@ pub enum AgentError {
     #[error(transparent)]
     Api(#[from] api::ApiError),
     #[error(transparent)]
+    Snapshotter(#[from] crate::snapshotter::SnapshotterError),
+    #[error(transparent)]
     Flag(#[from] Box<crate::flag::FlagError>),
     #[error("a probe loop panicked")]
     LoopPanicked,
@@ -223,6 +225,14 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentErr
     if let Some(addr) = config.api_addr {
         api::serve(addr, state.clone(), shutdown.clone()).await?;
     }
+    let snapshotter = match config.snapshotter.clone() {
+        Some(snapshotter) => {
+            let service = crate::snapshotter::Snapshotter::open(snapshotter).await?;
+            let shutdown = shutdown.clone();
+            Some(tokio::spawn(async move { service.serve(shutdown).await }))
+        }
+        None => None,
+    };
     let shared = Arc::new(Shared {
         state: state.clone(),
         cri,
@@ -258,6 +268,9 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentErr
         rename_loop.await.map_err(|_| AgentError::LoopPanicked)??;
         if let Some(start_loop) = start_loop {
             start_loop.await.map_err(|_| AgentError::LoopPanicked)??;
+        }
+        if let Some(snapshotter) = snapshotter {
+            snapshotter.await.map_err(|_| AgentError::LoopPanicked)??;
         }
         Ok(())
     };

@@ -25,6 +25,8 @@ pub struct AgentConfig {
     pub cri_socket: Option<PathBuf>,
     /// Flag pods in the Kubernetes API (needs in-cluster credentials).
     pub kubernetes: Option<crate::flag::KubeConfig>,
+    /// Serve containerd's snapshot API (the remote snapshotter).
+    pub snapshotter: Option<crate::snapshotter::SnapshotterConfig>,
 }
 
 impl Default for AgentConfig {
@@ -39,6 +41,7 @@ impl Default for AgentConfig {
             api_addr: None,
             cri_socket: None,
             kubernetes: None,
+            snapshotter: None,
         }
     }
 }

@@ -32,4 +32,5 @@ pub mod registry;
 pub mod report;
 pub mod selftest;
 pub mod shutdown;
+pub mod snapshotter;
 pub mod starts;

@@ -71,6 +71,15 @@ enum Command {
         /// Least seconds between two Events for one pod.
         #[arg(long, default_value_t = 600)]
         flag_interval_secs: u64,
+        /// Serve containerd's snapshot API on this socket (the remote snapshotter; name it in
+        /// containerd's `[proxy_plugins]`, see `imgstream containerd-config`).
+        #[arg(long, value_name = "PATH")]
+        snapshotter_socket: Option<PathBuf>,
+        /// The snapshotter's metadata and layer directories.
+        #[arg(long, default_value = "/var/lib/imgstream/snapshotter")]
+        snapshotter_root: PathBuf,
+        #[command(flatten)]
+        serving: ServingArgs,
     },
     /// Check on this kernel that the rename-ENXIO detector works, against an emulated
     /// regression (a FUSE mount whose rename fails with ENXIO). Needs root.
@@ -416,7 +425,18 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             flag_pods_as,
             kube_api,
             flag_interval_secs,
+            snapshotter_socket,
+            snapshotter_root,
+            serving,
         } => {
+            let (mount, http) = serving.options(imgstream::fs::View::Merged)?;
+            let snapshotter =
+                snapshotter_socket.map(|socket| imgstream::snapshotter::SnapshotterConfig {
+                    root: snapshotter_root,
+                    socket,
+                    http,
+                    mount,
+                });
             let config = AgentConfig {
                 detections_out: detections,
                 poll_interval: Duration::from_millis(poll_ms),
@@ -431,6 +451,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     api_url: kube_api,
                     min_interval: Duration::from_secs(flag_interval_secs),
                 }),
+                snapshotter,
             };
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async {

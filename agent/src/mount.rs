@@ -122,6 +122,50 @@ pub async fn open_layers(
     })
 }
 
+/// One layer of image `reference` (the one with digest `layer`), opened for random access,
+/// as a one-layer image: what a remote snapshot mounts. `None` when the layer is not eStargz
+/// (the caller unpacks it the ordinary way) or not in the image.
+pub async fn open_one_layer(
+    source: Arc<dyn BlobSource>,
+    reference: &str,
+    platform: &Platform,
+    cache: &ChunkCache,
+    layer: &Digest,
+) -> Result<Option<OpenedImage>, MountError> {
+    let mut fetched = manifest_cached(source.as_ref(), reference, Some(cache)).await?;
+    let manifest = loop {
+        match manifest::parse(&fetched.bytes, &fetched.media_type).map_err(RegistryError::from)? {
+            Document::Manifest(m) => break *m,
+            Document::Index(index) => {
+                let chosen = index.select(platform).map_err(RegistryError::from)?;
+                fetched = manifest_cached(source.as_ref(), &chosen.digest.to_string(), Some(cache))
+                    .await?;
+            }
+        }
+    };
+    let Some((index, desc)) = manifest
+        .layers
+        .iter()
+        .enumerate()
+        .find(|(_, d)| d.digest == *layer)
+    else {
+        return Ok(None);
+    };
+    match layer::open_cached(source.as_ref(), desc, Some(cache)).await {
+        Ok(opened) => Ok(Some(OpenedImage {
+            digest: desc.digest,
+            layers: vec![opened],
+            source,
+        })),
+        Err(LayerError::Format(EstargzError::NotEstargz(_))) => Ok(None),
+        Err(source) => Err(MountError::Layer {
+            index,
+            digest: desc.digest.to_string(),
+            source: Box::new(source),
+        }),
+    }
+}
+
 /// Downloads a layer that is not eStargz, rewrites it as eStargz in the cache directory
 /// (reused by later mounts) and opens that.
 async fn whole_layer(

@@ -507,10 +507,15 @@ impl Containerd {
     /// reached over plain HTTP. The settings this machine needs: no CAP_SYS_RESOURCE, so
     /// `restrict_oom_score_adj`.
     pub fn start_cri(name: &str, registry: &str, sandbox_image: &str) -> Self {
+        Self::start_cri_with(name, registry, sandbox_image, "")
+    }
+
+    /// [`Containerd::start_cri`] with more configuration appended (TOML).
+    pub fn start_cri_with(name: &str, registry: &str, sandbox_image: &str, extra: &str) -> Self {
         Self::start_with(
             name,
             &format!(
-                "[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"{sandbox_image}\"\n  restrict_oom_score_adj = true\n[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{registry}\"]\n  endpoint = [\"http://{registry}\"]\n"
+                "[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"{sandbox_image}\"\n  restrict_oom_score_adj = true\n[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{registry}\"]\n  endpoint = [\"http://{registry}\"]\n{extra}"
             ),
         )
     }
@@ -555,10 +560,15 @@ impl Containerd {
 
     /// Runs `ctr -a SOCK -n imgstream-test ARGS`, returning (success, stdout, stderr).
     pub fn ctr(&self, args: &[&str]) -> (bool, String, String) {
+        self.ctr_ns("imgstream-test", args)
+    }
+
+    /// Runs `ctr -a SOCK -n NAMESPACE ARGS` (CRI's namespace is `k8s.io`).
+    pub fn ctr_ns(&self, namespace: &str, args: &[&str]) -> (bool, String, String) {
         let out = Command::new("ctr")
             .arg("-a")
             .arg(&self.socket)
-            .args(["-n", "imgstream-test"])
+            .args(["-n", namespace])
             .args(args)
             .output()
             .unwrap();
@@ -572,6 +582,24 @@ impl Containerd {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
+        // Containers outlive containerd (their shims keep them): kill them first.
+        for ns in ["imgstream-test", "k8s.io"] {
+            let (_, tasks, _) = self.ctr_ns(ns, &["tasks", "ls", "-q"]);
+            let tasks: Vec<&str> = tasks
+                .lines()
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .collect();
+            for task in &tasks {
+                self.ctr_ns(ns, &["tasks", "kill", "--signal", "SIGKILL", task]);
+            }
+            if !tasks.is_empty() {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            for task in &tasks {
+                self.ctr_ns(ns, &["tasks", "delete", "--force", task]);
+            }
+        }
         // SAFETY: kill(2) of our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -1,0 +1,176 @@
+//! The snapshotter's filters and the gRPC service over a real unix socket, without FUSE:
+//! prepare, unpack-style commit, views, the chain's overlay mounts, updates, removal order,
+//! and the metadata surviving a reopen.
+
+use std::collections::HashMap;
+
+use super::{proto::snapshots_client::SnapshotsClient, *};
+
+#[test]
+fn filters_are_conjunctions_of_selectors() {
+    let info = Info {
+        name: "sha256:aa".into(),
+        parent: "k8s.io/3/sha256:bb".into(),
+        kind: Kind::Committed as i32,
+        labels: HashMap::from([(TARGET_REF.to_string(), "sha256:aa".to_string())]),
+        ..Default::default()
+    };
+    let f = |s: &str| Filter::parse(s).unwrap().matches(&info);
+    assert!(f(
+        r#"labels."containerd.io/snapshot.ref"==sha256:aa,parent==k8s.io/3/sha256:bb"#
+    ));
+    assert!(!f(
+        r#"labels."containerd.io/snapshot.ref"==sha256:aa,parent==other"#
+    ));
+    assert!(f("kind==committed"));
+    assert!(f(r#"labels."containerd.io/snapshot.ref""#));
+    assert!(
+        !f(r#"labels."a,b"==c"#),
+        "commas inside quotes do not split"
+    );
+    for bad in ["kind==frozen", "size>3", "name"] {
+        assert!(Filter::parse(bad).is_err(), "{bad}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_keeps_overlay_chains_and_its_metadata() {
+    let dir = std::env::temp_dir().join(format!("imgstream-snapshotter-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let config = SnapshotterConfig {
+        root: dir.join("root"),
+        socket: dir.join("snapshotter.sock"),
+        http: HttpConfig::default(),
+        mount: MountOptions {
+            view: crate::fs::View::Merged,
+            cache: crate::cache::CacheConfig {
+                dir: dir.join("cache"),
+                limit_bytes: None,
+                prefer_uring: false,
+            },
+            fs: Default::default(),
+            background: None,
+            threads: 1,
+            platform: crate::image::manifest::Platform::host(),
+        },
+    };
+    let stop = Shutdown::new();
+    let service = Snapshotter::open(config.clone()).await.unwrap();
+    let server = tokio::spawn(service.serve(stop.clone()));
+    while !config.socket.exists() {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let channel = crate::cri::channel(&config.socket).await.unwrap();
+    let mut client = SnapshotsClient::new(channel);
+
+    // Layer 1 unpacked (no parent: a bind mount), committed; layer 2 on top of it.
+    let prepare = |key: &str, parent: &str| PrepareSnapshotRequest {
+        snapshotter: "imgstream".into(),
+        key: key.into(),
+        parent: parent.into(),
+        labels: HashMap::new(),
+    };
+    let mounts = client
+        .prepare(prepare("extract-1", ""))
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts;
+    assert_eq!(mounts[0].r#type, "bind");
+    let commit = |name: &str, key: &str| CommitSnapshotRequest {
+        snapshotter: "imgstream".into(),
+        name: name.into(),
+        key: key.into(),
+        labels: HashMap::new(),
+    };
+    client.commit(commit("layer-1", "extract-1")).await.unwrap();
+    client
+        .prepare(prepare("extract-2", "layer-1"))
+        .await
+        .unwrap();
+    client.commit(commit("layer-2", "extract-2")).await.unwrap();
+    let mounts = client
+        .prepare(prepare("container", "layer-2"))
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts;
+    assert_eq!(mounts[0].r#type, "overlay");
+    let lower = mounts[0]
+        .options
+        .iter()
+        .find_map(|o| o.strip_prefix("lowerdir="))
+        .unwrap();
+    assert_eq!(lower.split(':').count(), 2, "nearest parent first: {lower}");
+    let view = client
+        .view(ViewSnapshotRequest {
+            snapshotter: "imgstream".into(),
+            key: "view".into(),
+            parent: "layer-1".into(),
+            labels: HashMap::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts;
+    assert_eq!(
+        (view[0].r#type.as_str(), view[0].options[0].as_str()),
+        ("bind", "ro")
+    );
+
+    // Errors containerd relies on.
+    let code = |r: Result<tonic::Response<PrepareSnapshotResponse>, Status>| r.unwrap_err().code();
+    assert_eq!(
+        code(client.prepare(prepare("container", "layer-2")).await),
+        tonic::Code::AlreadyExists
+    );
+    assert_eq!(
+        code(client.prepare(prepare("x", "missing")).await),
+        tonic::Code::NotFound
+    );
+    assert_eq!(
+        code(client.prepare(prepare("y", "container")).await),
+        tonic::Code::FailedPrecondition
+    );
+    let removed = client
+        .remove(RemoveSnapshotRequest {
+            snapshotter: "imgstream".into(),
+            key: "layer-1".into(),
+        })
+        .await;
+    assert_eq!(
+        removed.unwrap_err().code(),
+        tonic::Code::FailedPrecondition,
+        "it has children"
+    );
+
+    // Labels update through a mask.
+    let info = Info {
+        name: "layer-2".into(),
+        labels: HashMap::from([("containerd.io/gc.root".to_string(), "x".to_string())]),
+        ..Default::default()
+    };
+    let updated = client
+        .update(UpdateSnapshotRequest {
+            snapshotter: "imgstream".into(),
+            info: Some(info),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["labels.containerd.io/gc.root".into()],
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(updated.info.unwrap().labels["containerd.io/gc.root"], "x");
+
+    stop.trigger();
+    server.await.unwrap().unwrap();
+
+    // Reopened: the same snapshots.
+    let stop = Shutdown::new();
+    let service = Snapshotter::open(config.clone()).await.unwrap();
+    let names: Vec<String> = service.all().unwrap().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["container", "layer-1", "layer-2", "view"]);
+    drop((stop, service));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,302 @@
+//! The whole path with real parts: Debian's containerd (CRI plugin) and runc, Debian's
+//! docker-registry on loopback behind a byte-counting proxy, and `imgstream agent` as
+//! containerd's remote snapshotter and start-latency probe. The test plays kubelet over CRI
+//! (PullImage, RunPodSandbox, CreateContainer, StartContainer): the converted image's layers
+//! are mounted lazily instead of downloaded, the container runs from them and logs, only a
+//! part of the image crossed the network by its first log line, and its start record is in
+//! `imgstream report`. The pod sandbox's plain-gzip image takes the fallback (unpacked by
+//! containerd into the snapshotter's directories). The same image through containerd's own
+//! overlayfs snapshotter works too (the baseline), and the snapshotter's metadata survives an
+//! agent restart.
+
+mod support;
+
+use std::time::Duration;
+
+use k8s_cri::v1::{
+    ContainerConfig, ContainerMetadata, CreateContainerRequest, ImageSpec, LinuxPodSandboxConfig,
+    LinuxSandboxSecurityContext, Mount, NamespaceMode, NamespaceOption, PodSandboxConfig,
+    PodSandboxMetadata, PullImageRequest, RunPodSandboxRequest, StartContainerRequest,
+    image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient,
+};
+use support::{Agent, Containerd, Fault, Proxy, Registry};
+
+/// Runs a pod with one container of `image` over the CRI socket of `containerd`; returns the
+/// container's log file.
+async fn run_pod(
+    containerd: &Containerd,
+    image: &str,
+    pod: &str,
+    truth_dir: &std::path::Path,
+    logs: &std::path::Path,
+) -> std::path::PathBuf {
+    let channel = imgstream::cri::channel(&containerd.socket).await.unwrap();
+    let mut images = ImageServiceClient::new(channel.clone());
+    let mut runtime = RuntimeServiceClient::new(channel);
+    images
+        .pull_image(PullImageRequest {
+            image: Some(ImageSpec {
+                image: image.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("PullImage {image}: {e}"));
+    std::fs::create_dir_all(logs).unwrap();
+    let sandbox_config = PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: pod.into(),
+            uid: format!("00000000-0000-4000-8000-{:012x}", pod.len()),
+            namespace: "streaming".into(),
+            attempt: 0,
+        }),
+        log_directory: logs.display().to_string(),
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    network: NamespaceMode::Node as i32,
+                    pid: NamespaceMode::Container as i32,
+                    ipc: NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let sandbox = runtime
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(sandbox_config.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}"))
+        .into_inner()
+        .pod_sandbox_id;
+    let id = runtime
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: sandbox,
+            config: Some(ContainerConfig {
+                metadata: Some(ContainerMetadata {
+                    name: "app".into(),
+                    attempt: 0,
+                }),
+                image: Some(ImageSpec {
+                    image: image.into(),
+                    ..Default::default()
+                }),
+                command: vec!["/clockprobe".into()],
+                args: vec!["log".into(), "100".into(), format!("/truth/{pod}")],
+                log_path: "app.log".into(),
+                mounts: vec![Mount {
+                    container_path: "/truth".into(),
+                    host_path: truth_dir.display().to_string(),
+                    ..Default::default()
+                }],
+                labels: [
+                    ("io.kubernetes.pod.name", pod),
+                    ("io.kubernetes.pod.namespace", "streaming"),
+                    ("io.kubernetes.container.name", "app"),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+                ..Default::default()
+            }),
+            sandbox_config: Some(sandbox_config),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("CreateContainer: {e}"))
+        .into_inner()
+        .container_id;
+    runtime
+        .start_container(StartContainerRequest { container_id: id })
+        .await
+        .unwrap_or_else(|e| panic!("StartContainer: {e}"));
+    logs.join("app.log")
+}
+
+/// Waits until the CRI log file holds the container's line.
+fn wait_for_log(path: &std::path::Path) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains("boottime=") {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no log line in {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_runs_a_streamed_image_through_the_imgstream_snapshotter() {
+    support::require_root();
+    let scratch = support::scratch("snapshotter-e2e");
+    let registry = Registry::start("snapshotter-e2e", None);
+    let reg = registry.host();
+    // The image: the entrypoint and 24 MB it never reads.
+    let rootfs = scratch.join("rootfs");
+    for dir in ["tmp", "truth", "proc", "sys", "dev", "etc", "data"] {
+        std::fs::create_dir_all(rootfs.join(dir)).unwrap();
+    }
+    std::fs::copy(support::clockprobe(), rootfs.join("clockprobe")).unwrap();
+    for i in 0..3u64 {
+        std::fs::write(
+            rootfs.join(format!("data/blob{i}")),
+            support::noise(i + 1, 8 << 20),
+        )
+        .unwrap();
+    }
+    // The sandbox image: the entrypoint alone, pausing (plain gzip: containerd unpacks it).
+    let pause_rootfs = scratch.join("pause-rootfs");
+    for dir in ["proc", "sys", "dev", "etc"] {
+        std::fs::create_dir_all(pause_rootfs.join(dir)).unwrap();
+    }
+    std::fs::copy(support::clockprobe(), pause_rootfs.join("clockprobe")).unwrap();
+    for (tag, cmd, root) in [
+        ("v1", ["/clockprobe", "log", "0"], &rootfs),
+        ("pause", ["/clockprobe", "pause", "0"], &pause_rootfs),
+    ] {
+        let layout = scratch.join(format!("layout-{tag}"));
+        support::build_image(&layout, tag, std::slice::from_ref(root), &cmd).await;
+        support::skopeo_copy(
+            &format!("oci:{}:{tag}", layout.display()),
+            &format!("docker://{reg}/app:{tag}"),
+        );
+    }
+    let out = support::imgstream(&[
+        "convert",
+        &format!("{reg}/app:v1"),
+        &format!("{reg}/app:esgz"),
+        "--insecure-registry",
+        &reg,
+        "--chunk-size",
+        "1M",
+        "--prioritize",
+        "clockprobe",
+        "--json",
+        "--scratch",
+        scratch.to_str().unwrap(),
+    ]);
+    let converted: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let layer_bytes = converted["layers"][0]["size"].as_u64().unwrap();
+
+    // Everything containerd and the agent fetch goes through the counting proxy.
+    let proxy = Proxy::start(registry.addr, Fault::None);
+    let host = proxy.host();
+    let socket = scratch.join("snapshotter.sock");
+    let containerd = Containerd::start_cri_with(
+        "snapshotter-e2e",
+        &host,
+        &format!("{host}/app:pause"),
+        &format!(
+            "[proxy_plugins]\n  [proxy_plugins.imgstream]\n    type = \"snapshot\"\n    address = \"{}\"\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"imgstream\"\n  disable_snapshot_annotations = false\n",
+            socket.display()
+        ),
+    );
+    let agent_dir = scratch.join("agent");
+    std::fs::create_dir_all(&agent_dir).unwrap();
+    let agent_args = [
+        "--cri-socket",
+        containerd.socket.to_str().unwrap(),
+        "--snapshotter-socket",
+        socket.to_str().unwrap(),
+        "--snapshotter-root",
+        &agent_dir.join("snapshotter").display().to_string(),
+        "--cache-dir",
+        &agent_dir.join("cache").display().to_string(),
+        "--insecure-registry",
+        &host,
+        "--no-background",
+    ]
+    .map(String::from);
+    let args: Vec<&str> = agent_args.iter().map(String::as_str).collect();
+    let agent = Agent::start(&agent_dir, &args);
+
+    let truth = scratch.join("truth");
+    std::fs::create_dir_all(&truth).unwrap();
+    // The sandbox image first, so that the bytes counted below are the streamed image's.
+    ImageServiceClient::new(imgstream::cri::channel(&containerd.socket).await.unwrap())
+        .pull_image(PullImageRequest {
+            image: Some(ImageSpec {
+                image: format!("{host}/app:pause"),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let before = proxy.bytes();
+    let log = run_pod(
+        &containerd,
+        &format!("{host}/app:esgz"),
+        "streamed",
+        &truth,
+        &scratch.join("pod-logs"),
+    )
+    .await;
+    let line = wait_for_log(&log);
+    let fetched = proxy.bytes() - before;
+    eprintln!(
+        "streamed: pull to first log line took {fetched} bytes from the registry; the layer is {layer_bytes} bytes: {}",
+        line.trim()
+    );
+    assert!(
+        fetched < layer_bytes / 4,
+        "only part of the image crosses the network before the first log line: {fetched} of {layer_bytes}"
+    );
+    let agent_log = agent.log_text();
+    assert!(agent_log.contains("layer mounted lazily"), "{agent_log}");
+
+    // The start record, through the report.
+    std::thread::sleep(Duration::from_millis(800));
+    let out = support::imgstream(&[
+        "report",
+        "--api",
+        &format!("http://{}", agent.api),
+        "--namespace",
+        "streaming",
+        "--json",
+    ]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["containers"], 1, "{report}");
+    assert_eq!(report["by_image"][0]["group"], format!("{host}/app:esgz"));
+    assert_eq!(report["by_image"][0]["start_to_first_log"]["count"], 1);
+
+    // The snapshotter's metadata survives a restart of the agent.
+    let (ok, before, err) =
+        containerd.ctr_ns("k8s.io", &["snapshots", "--snapshotter", "imgstream", "ls"]);
+    assert!(ok, "{err}");
+    agent.stop();
+    let agent = Agent::start(&agent_dir, &args);
+    let (ok, after, err) =
+        containerd.ctr_ns("k8s.io", &["snapshots", "--snapshotter", "imgstream", "ls"]);
+    assert!(ok, "{err}");
+    assert_eq!(before, after, "the same snapshots after a restart");
+    assert!(agent.log_text().contains("lazy layer mounted again"));
+    agent.stop();
+
+    // Baseline: the same image through containerd's default overlayfs snapshotter.
+    let plain = Containerd::start_cri("snapshotter-e2e-plain", &host, &format!("{host}/app:pause"));
+    let log = run_pod(
+        &plain,
+        &format!("{host}/app:esgz"),
+        "pulled",
+        &truth,
+        &scratch.join("pod-logs-plain"),
+    )
+    .await;
+    wait_for_log(&log);
+
+    drop(plain);
+    drop(containerd);
+    drop(registry);
+    let _ = std::fs::remove_dir_all(&scratch);
+}
