@@ -78,6 +78,10 @@ enum Command {
         /// The snapshotter's metadata and layer directories.
         #[arg(long, default_value = "/var/lib/imgstream/snapshotter")]
         snapshotter_root: PathBuf,
+        /// Print the files and sockets this configuration uses, as JSON, and exit (for
+        /// checking a deployment's mounts against its arguments).
+        #[arg(long, hide = true)]
+        print_paths: bool,
         #[command(flatten)]
         serving: ServingArgs,
     },
@@ -188,6 +192,18 @@ enum Command {
         /// group, else per namespace) to FILE.
         #[arg(long, value_name = "FILE")]
         svg: Option<PathBuf>,
+    },
+    /// Print the containerd configuration drop-in that makes imgstream containerd's
+    /// snapshotter: the proxy plugin on the agent's socket, and CRI told to use it and to pass
+    /// the layer labels remote snapshots need. Import it from containerd's config
+    /// (`imports = ["/etc/containerd/conf.d/*.toml"]`) and restart containerd.
+    ContainerdConfig {
+        /// The agent's snapshotter socket (`imgstream agent --snapshotter-socket`).
+        #[arg(long, default_value = "/run/imgstream/snapshotter.sock")]
+        socket: PathBuf,
+        /// The name containerd knows the snapshotter by.
+        #[arg(long, default_value = "imgstream")]
+        name: String,
     },
     /// Internal: the processes `selftest` runs.
     #[command(hide = true, subcommand)]
@@ -427,8 +443,23 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             flag_interval_secs,
             snapshotter_socket,
             snapshotter_root,
+            print_paths,
             serving,
         } => {
+            if print_paths {
+                let paths = serde_json::json!({
+                    "detections": detections,
+                    "store": (!no_store).then_some(&store),
+                    "api_addr": (!no_api).then_some(api_addr.to_string()),
+                    "cri_socket": cri_socket,
+                    "snapshotter_socket": snapshotter_socket,
+                    "snapshotter_root": snapshotter_socket.as_ref().map(|_| &snapshotter_root),
+                    "cache_dir": &serving.cache_dir,
+                    "flag_pods_as": flag_pods_as,
+                });
+                println!("{}", serde_json::to_string_pretty(&paths)?);
+                return Ok(ExitCode::SUCCESS);
+            }
             let (mount, http) = serving.options(imgstream::fs::View::Merged)?;
             let snapshotter =
                 snapshotter_socket.map(|socket| imgstream::snapshotter::SnapshotterConfig {
@@ -573,6 +604,13 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             svg,
         } => {
             report(api, store, since, namespace, pod, image, compare, json, svg)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ContainerdConfig { socket, name } => {
+            print!(
+                "{}",
+                imgstream::snapshotter::containerd_config(&name, &socket)
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::SelftestHelper(_) => unreachable!("handled before logging is set up"),

@@ -196,10 +196,12 @@ async fn containerd_runs_a_streamed_image_through_the_imgstream_snapshotter() {
         "snapshotter-e2e",
         &host,
         &format!("{host}/app:pause"),
-        &format!(
-            "[proxy_plugins]\n  [proxy_plugins.imgstream]\n    type = \"snapshot\"\n    address = \"{}\"\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"imgstream\"\n  disable_snapshot_annotations = false\n",
-            socket.display()
-        ),
+        // The drop-in `imgstream containerd-config` generates (deploy/ ships the same).
+        &String::from_utf8(
+            support::imgstream(&["containerd-config", "--socket", socket.to_str().unwrap()]).stdout,
+        )
+        .unwrap()
+        .replace("version = 2\n", ""),
     );
     let agent_dir = scratch.join("agent");
     std::fs::create_dir_all(&agent_dir).unwrap();
