@@ -124,32 +124,34 @@ pub enum AgentError {
 /// What the loops share.
 struct Shared {
     state: Arc<ApiState>,
-    cri: Option<Cri>,
+    /// One client per runtime; an id is asked of each until one knows it.
+    cri: Vec<Cri>,
     runtime: tokio::runtime::Handle,
     flags: Option<tokio::sync::mpsc::Sender<FlagRecord>>,
 }
 
 impl Shared {
     fn cri_lookup(&self, container_id: &str) -> Option<Lookup> {
-        let cri = self.cri.clone()?;
-        let id = container_id.to_string();
-        let lookup = self
-            .runtime
-            .block_on(async move { tokio::time::timeout(CRI_DEADLINE, cri.lookup(&id)).await });
-        match lookup {
-            Ok(Ok(found)) => {
-                tracing::debug!(container = container_id, ?found, "CRI lookup");
-                Some(found)
-            }
-            Ok(Err(err)) => {
-                tracing::warn!(%err, container = container_id, "CRI lookup failed");
-                None
-            }
-            Err(_) => {
-                tracing::warn!(container = container_id, "CRI lookup timed out");
-                None
+        if self.cri.is_empty() {
+            return None;
+        }
+        let mut answer = None;
+        for cri in &self.cri {
+            let (cri, id) = (cri.clone(), container_id.to_string());
+            let lookup = self
+                .runtime
+                .block_on(async move { tokio::time::timeout(CRI_DEADLINE, cri.lookup(&id)).await });
+            match lookup {
+                Ok(Ok(Lookup::Unknown)) => answer = Some(Lookup::Unknown),
+                Ok(Ok(found)) => {
+                    tracing::debug!(container = container_id, ?found, "CRI lookup");
+                    return Some(found);
+                }
+                Ok(Err(err)) => tracing::warn!(%err, container = container_id, "CRI lookup failed"),
+                Err(_) => tracing::warn!(container = container_id, "CRI lookup timed out"),
             }
         }
+        answer
     }
 
     fn store_start(&self, record: &StartRecord) {
@@ -189,16 +191,15 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentErr
         Some(path) => Some(Arc::new(Store::open(path, config.store_max_records)?)),
         None => None,
     };
-    let cri = match &config.cri_socket {
-        Some(path) => match Cri::connect(path).await {
-            Ok(cri) => Some(cri),
+    let mut cri = Vec::new();
+    for path in &config.cri_sockets {
+        match Cri::connect(path).await {
+            Ok(client) => cri.push(client),
             Err(err) => {
-                tracing::warn!(%err, "no pod names, namespaces or images: CRI is unreachable");
-                None
+                tracing::warn!(%err, "no pod names, namespaces or images from this runtime: CRI is unreachable");
             }
-        },
-        None => None,
-    };
+        }
+    }
     let flags = match config.kubernetes.clone() {
         Some(kube) => {
             let mut flagger = Flagger::new(kube).await.map_err(Box::new)?;
@@ -228,8 +229,11 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentErr
     let snapshotter = match config.snapshotter.clone() {
         Some(snapshotter) => {
             let service = crate::snapshotter::Snapshotter::open(snapshotter).await?;
+            let listener = service.listen()?;
             let shutdown = shutdown.clone();
-            Some(tokio::spawn(async move { service.serve(shutdown).await }))
+            Some(tokio::spawn(async move {
+                service.serve(listener, shutdown).await
+            }))
         }
         None => None,
     };

@@ -21,8 +21,8 @@ pub struct AgentConfig {
     pub store_max_records: u64,
     /// The HTTP API's address; `None` serves no API.
     pub api_addr: Option<SocketAddr>,
-    /// The container runtime's CRI socket, for pod names, namespaces and images.
-    pub cri_socket: Option<PathBuf>,
+    /// The container runtimes' CRI sockets, for pod names, namespaces and images.
+    pub cri_sockets: Vec<PathBuf>,
     /// Flag pods in the Kubernetes API (needs in-cluster credentials).
     pub kubernetes: Option<crate::flag::KubeConfig>,
     /// Serve containerd's snapshot API (the remote snapshotter).
@@ -39,7 +39,7 @@ impl Default for AgentConfig {
             store: None,
             store_max_records: 100_000,
             api_addr: None,
-            cri_socket: None,
+            cri_sockets: Vec::new(),
             kubernetes: None,
             snapshotter: None,
         }

@@ -58,9 +58,9 @@ enum Command {
         #[arg(long, conflicts_with = "api_addr")]
         no_api: bool,
         /// The container runtime's CRI socket, for pod names, namespaces and images
-        /// (containerd: /run/containerd/containerd.sock).
-        #[arg(long, value_name = "PATH")]
-        cri_socket: Option<PathBuf>,
+        /// (containerd: /run/containerd/containerd.sock); repeat for several runtimes.
+        #[arg(long = "cri-socket", value_name = "PATH")]
+        cri_sockets: Vec<PathBuf>,
         /// Flag pods that hit rename-ENXIO in the Kubernetes API (Event, annotation, node
         /// condition), as this node; uses the in-cluster service account.
         #[arg(long, value_name = "NODE_NAME", env = "IMGSTREAM_NODE_NAME")]
@@ -437,7 +437,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             store_max_records,
             api_addr,
             no_api,
-            cri_socket,
+            cri_sockets,
             flag_pods_as,
             kube_api,
             flag_interval_secs,
@@ -451,7 +451,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     "detections": detections,
                     "store": (!no_store).then_some(&store),
                     "api_addr": (!no_api).then_some(api_addr.to_string()),
-                    "cri_socket": cri_socket,
+                    "cri_socket": cri_sockets.first(),
                     "snapshotter_socket": snapshotter_socket,
                     "snapshotter_root": snapshotter_socket.as_ref().map(|_| &snapshotter_root),
                     "cache_dir": &serving.cache_dir,
@@ -476,7 +476,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 store: (!no_store).then_some(store),
                 store_max_records,
                 api_addr: (!no_api).then_some(api_addr),
-                cri_socket,
+                cri_sockets,
                 kubernetes: flag_pods_as.map(|node_name| imgstream::flag::KubeConfig {
                     node_name,
                     api_url: kube_api,

@@ -13,127 +13,11 @@ mod support;
 
 use std::time::Duration;
 
-use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, CreateContainerRequest, ImageSpec, LinuxPodSandboxConfig,
-    LinuxSandboxSecurityContext, Mount, NamespaceMode, NamespaceOption, PodSandboxConfig,
-    PodSandboxMetadata, PullImageRequest, RunPodSandboxRequest, StartContainerRequest,
-    image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient,
+use k8s_cri::v1::{ImageSpec, PullImageRequest, image_service_client::ImageServiceClient};
+use support::{
+    Agent, Containerd, Fault, Proxy, Registry,
+    cri::{run_pod, wait_for_log},
 };
-use support::{Agent, Containerd, Fault, Proxy, Registry};
-
-/// Runs a pod with one container of `image` over the CRI socket of `containerd`; returns the
-/// container's log file.
-async fn run_pod(
-    containerd: &Containerd,
-    image: &str,
-    pod: &str,
-    truth_dir: &std::path::Path,
-    logs: &std::path::Path,
-) -> std::path::PathBuf {
-    let channel = imgstream::cri::channel(&containerd.socket).await.unwrap();
-    let mut images = ImageServiceClient::new(channel.clone());
-    let mut runtime = RuntimeServiceClient::new(channel);
-    images
-        .pull_image(PullImageRequest {
-            image: Some(ImageSpec {
-                image: image.into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("PullImage {image}: {e}"));
-    std::fs::create_dir_all(logs).unwrap();
-    let sandbox_config = PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: pod.into(),
-            uid: format!("00000000-0000-4000-8000-{:012x}", pod.len()),
-            namespace: "streaming".into(),
-            attempt: 0,
-        }),
-        log_directory: logs.display().to_string(),
-        linux: Some(LinuxPodSandboxConfig {
-            security_context: Some(LinuxSandboxSecurityContext {
-                namespace_options: Some(NamespaceOption {
-                    network: NamespaceMode::Node as i32,
-                    pid: NamespaceMode::Container as i32,
-                    ipc: NamespaceMode::Pod as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let sandbox = runtime
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(sandbox_config.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}"))
-        .into_inner()
-        .pod_sandbox_id;
-    let id = runtime
-        .create_container(CreateContainerRequest {
-            pod_sandbox_id: sandbox,
-            config: Some(ContainerConfig {
-                metadata: Some(ContainerMetadata {
-                    name: "app".into(),
-                    attempt: 0,
-                }),
-                image: Some(ImageSpec {
-                    image: image.into(),
-                    ..Default::default()
-                }),
-                command: vec!["/clockprobe".into()],
-                args: vec!["log".into(), "100".into(), format!("/truth/{pod}")],
-                log_path: "app.log".into(),
-                mounts: vec![Mount {
-                    container_path: "/truth".into(),
-                    host_path: truth_dir.display().to_string(),
-                    ..Default::default()
-                }],
-                labels: [
-                    ("io.kubernetes.pod.name", pod),
-                    ("io.kubernetes.pod.namespace", "streaming"),
-                    ("io.kubernetes.container.name", "app"),
-                ]
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-                ..Default::default()
-            }),
-            sandbox_config: Some(sandbox_config),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("CreateContainer: {e}"))
-        .into_inner()
-        .container_id;
-    runtime
-        .start_container(StartContainerRequest { container_id: id })
-        .await
-        .unwrap_or_else(|e| panic!("StartContainer: {e}"));
-    logs.join("app.log")
-}
-
-/// Waits until the CRI log file holds the container's line.
-fn wait_for_log(path: &std::path::Path) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        if text.contains("boottime=") {
-            return text;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no log line in {}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containerd_runs_a_streamed_image_through_the_imgstream_snapshotter() {
@@ -239,7 +123,7 @@ async fn containerd_runs_a_streamed_image_through_the_imgstream_snapshotter() {
     let log = run_pod(
         &containerd,
         &format!("{host}/app:esgz"),
-        "streamed",
+        ("streaming", "streamed"),
         &truth,
         &scratch.join("pod-logs"),
     )
@@ -290,7 +174,7 @@ async fn containerd_runs_a_streamed_image_through_the_imgstream_snapshotter() {
     let log = run_pod(
         &plain,
         &format!("{host}/app:esgz"),
-        "pulled",
+        ("streaming", "pulled"),
         &truth,
         &scratch.join("pod-logs-plain"),
     )

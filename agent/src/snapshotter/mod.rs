@@ -470,17 +470,29 @@ impl Snapshotter {
         self.mounts_of(&snap)
     }
 
-    /// Serves the API on the configured socket until `shutdown`.
-    pub async fn serve(self: Arc<Self>, shutdown: Shutdown) -> Result<(), SnapshotterError> {
-        let socket = self.config.socket.clone();
+    /// Binds the configured socket (replacing a stale one).
+    pub fn listen(&self) -> Result<tokio::net::UnixListener, SnapshotterError> {
+        let socket = &self.config.socket;
         let err =
             |e: &dyn std::fmt::Display| SnapshotterError::Socket(socket.clone(), e.to_string());
         if let Some(dir) = socket.parent() {
             std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
         }
-        let _ = std::fs::remove_file(&socket);
-        let listener = tokio::net::UnixListener::bind(&socket).map_err(|e| err(&e))?;
+        let _ = std::fs::remove_file(socket);
+        let listener = tokio::net::UnixListener::bind(socket).map_err(|e| err(&e))?;
         tracing::info!(socket = %socket.display(), root = %self.config.root.display(), "snapshotter listening");
+        Ok(listener)
+    }
+
+    /// Serves the API on `listener` (from [`Snapshotter::listen`]) until `shutdown`.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: tokio::net::UnixListener,
+        shutdown: Shutdown,
+    ) -> Result<(), SnapshotterError> {
+        let socket = self.config.socket.clone();
+        let err =
+            |e: &dyn std::fmt::Display| SnapshotterError::Socket(socket.clone(), e.to_string());
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
         let service = Service(self.clone());
         let result = tonic::transport::Server::builder()

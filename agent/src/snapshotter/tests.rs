@@ -56,10 +56,8 @@ async fn the_service_keeps_overlay_chains_and_its_metadata() {
     };
     let stop = Shutdown::new();
     let service = Snapshotter::open(config.clone()).await.unwrap();
-    let server = tokio::spawn(service.serve(stop.clone()));
-    while !config.socket.exists() {
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let listener = service.listen().unwrap();
+    let server = tokio::spawn(service.serve(listener, stop.clone()));
     let channel = crate::cri::channel(&config.socket).await.unwrap();
     let mut client = SnapshotsClient::new(channel);
 

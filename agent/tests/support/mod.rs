@@ -18,6 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod cri;
 pub mod image_tree;
 
 use bytes::Bytes;
