@@ -1,10 +1,17 @@
-//! `cargo xtask demo`: the main job on its built-in default, no cluster and no registry.
+//! `cargo xtask demo`: the main job on its built-in default, no cluster and no outside
+//! registry.
 //!
-//! Today imgstream's first feature is the rename-ENXIO detector, so the demo shows it at work:
-//! it starts `imgstream agent`, mounts a FUSE filesystem that emulates the overlayfs regression,
-//! and runs coreutils `mv` on a symlink and on a regular file from inside a cgroup laid out like
-//! a Kubernetes pod's container. The agent flags the symlink rename (with the container id and
-//! pod UID) and stays quiet about the regular file. Everything is cleaned up afterwards.
+//! 1. Image streaming (agent/examples/demo.rs): a sample image served from a local registry
+//!    behind a 100 Mbit/s link, started by two containerd instances over CRI, one with
+//!    imgstream as its snapshotter and one without; PullImage -> first log line for both,
+//!    and imgstream's latency report.
+//! 2. The rename-ENXIO detector: it starts `imgstream agent`, mounts a FUSE filesystem that
+//!    emulates the overlayfs regression, and runs coreutils `mv` on a symlink and on a regular
+//!    file from inside a cgroup laid out like a Kubernetes pod's container. The agent flags
+//!    the symlink rename (with the container id and pod UID) and stays quiet about the
+//!    regular file.
+//!
+//! Everything is cleaned up afterwards.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -31,7 +38,13 @@ pub(crate) fn run(root: &Path) -> anyhow::Result<()> {
         "imgstream-agent",
         "--bin",
         "imgstream",
+        "--example",
+        "demo",
     ]))?;
+    println!("\n=== Part 1: image streaming ===\n");
+    cmd::run(&mut Command::new(root.join("target/debug/examples/demo")))
+        .context("the streaming demo failed")?;
+    println!("\n=== Part 2: the rename-ENXIO detector ===");
     let imgstream = root.join("target/debug/imgstream");
     let scratch = std::env::temp_dir().join(format!("imgstream-demo-{}", std::process::id()));
     let mnt = scratch.join("rootfs");

@@ -502,11 +502,23 @@ impl Snapshotter {
         let _ = std::fs::remove_file(&socket);
         // Lazy layers stay mounted for running containers only while this process serves
         // them; unmount them so that nothing hangs on a dead FUSE connection.
-        if let Ok(mut lazy) = self.lazy.lock() {
-            lazy.clear();
-        }
+        let mounts = self
+            .lazy
+            .lock()
+            .map(|mut lazy| std::mem::take(&mut *lazy))
+            .unwrap_or_default();
+        drop_mounts(mounts.into_values().collect()).await;
         result.map_err(|e| err(&e))
     }
+}
+
+/// Unmounts lazy layers and stops their background downloads, off the async workers: the
+/// downloads wait on fetches that need those workers to finish.
+async fn drop_mounts(mounts: Vec<MountedImage>) {
+    if mounts.is_empty() {
+        return;
+    }
+    let _ = tokio::task::spawn_blocking(move || drop(mounts)).await;
 }
 
 fn nix_umount_lazy(path: &Path) -> std::io::Result<()> {
@@ -629,9 +641,8 @@ impl Snapshots for Service {
             )));
         }
         self.0.apply(&[(&key, None)])?;
-        if let Ok(mut lazy) = self.0.lazy.lock() {
-            lazy.remove(&snap.id);
-        }
+        let mounted = self.0.lazy.lock().ok().and_then(|mut l| l.remove(&snap.id));
+        drop_mounts(mounted.into_iter().collect()).await;
         let dir = self.0.dir(snap.id);
         let _ = nix_umount_lazy(&dir.join("fs"));
         if let Err(err) = std::fs::remove_dir_all(&dir) {

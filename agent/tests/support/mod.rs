@@ -960,10 +960,7 @@ impl Drop for SlowLink {
 
 /// Runs the `imgstream` binary with `args`, asserting it succeeds; returns its output.
 pub fn imgstream(args: &[&str]) -> std::process::Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_imgstream"))
-        .args(args)
-        .output()
-        .unwrap();
+    let out = Command::new(imgstream_bin()).args(args).output().unwrap();
     assert!(
         out.status.success(),
         "imgstream {args:?}: {}",
@@ -981,7 +978,7 @@ pub struct Mounted {
 impl Mounted {
     pub fn start(image: &str, mountpoint: &Path, cache: &Path, reg: &str, extra: &[&str]) -> Self {
         std::fs::create_dir_all(mountpoint).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_imgstream"))
+        let child = Command::new(imgstream_bin())
             .args(["mount", image])
             .arg(mountpoint)
             .arg("--cache-dir")
@@ -1095,7 +1092,7 @@ impl Agent {
         let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let store = dir.join("agent.redb");
         let log = dir.join(format!("agent-{}.log", api.port()));
-        let child = Command::new(env!("CARGO_BIN_EXE_imgstream"))
+        let child = Command::new(imgstream_bin())
             .args(["agent", "--api-addr", &api.to_string(), "--store"])
             .arg(&store)
             .arg("--detections")
@@ -1161,5 +1158,17 @@ impl Drop for Agent {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// The `imgstream` binary: cargo's path for tests and benches; next to the examples'
+/// directory for the demo (an example, built together with the binary by `cargo xtask demo`).
+pub fn imgstream_bin() -> PathBuf {
+    match option_env!("CARGO_BIN_EXE_imgstream") {
+        Some(path) => PathBuf::from(path),
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|exe| Some(exe.parent()?.parent()?.join("imgstream")))
+            .unwrap_or_else(|| PathBuf::from("imgstream")),
     }
 }
