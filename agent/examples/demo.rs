@@ -8,7 +8,6 @@
 //! report, which the agent's probes measured meanwhile. Everything is removed afterwards.
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code, unreachable_pub)]
 mod support;
 
 use std::time::{Duration, Instant};
