@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use support::{
     Agent, Containerd, Registry, SlowLink,
-    cri::{run_pod, wait_for_log},
+    cri::{clockprobe_images, run_pod, wait_for_log},
 };
 
 const RATE: &str = "100mbit";
@@ -26,20 +26,8 @@ async fn main() {
     println!("imgstream demo: the same pod started from a streamed image and from a pulled one\n");
 
     println!("1. Build the sample image: an entrypoint, 1,000 small files, 96 MB of data");
-    let rootfs = scratch.join("rootfs");
-    for dir in [
-        "tmp",
-        "truth",
-        "proc",
-        "sys",
-        "dev",
-        "etc",
-        "srv/assets",
-        "usr/share/app",
-    ] {
-        std::fs::create_dir_all(rootfs.join(dir)).unwrap();
-    }
-    std::fs::copy(support::clockprobe(), rootfs.join("clockprobe")).unwrap();
+    let rootfs =
+        support::clockprobe_rootfs(&scratch.join("rootfs"), &["srv/assets", "usr/share/app"]);
     for i in 0..12u64 {
         std::fs::write(
             rootfs.join(format!("srv/assets/pack{i:02}.bin")),
@@ -54,41 +42,11 @@ async fn main() {
         )
         .unwrap();
     }
-    let pause_rootfs = scratch.join("pause-rootfs");
-    for dir in ["proc", "sys", "dev", "etc"] {
-        std::fs::create_dir_all(pause_rootfs.join(dir)).unwrap();
-    }
-    std::fs::copy(support::clockprobe(), pause_rootfs.join("clockprobe")).unwrap();
-
     println!("2. Serve it from a registry behind a {RATE} link, as eStargz");
     let link = SlowLink::new("demo", RATE);
     let registry = Registry::start_in_netns("demo", &link.netns, &link.ip);
     let reg = registry.host();
-    for (tag, cmd, root) in [
-        ("v1", ["/clockprobe", "log", "0"], &rootfs),
-        ("pause", ["/clockprobe", "pause", "0"], &pause_rootfs),
-    ] {
-        let layout = scratch.join(format!("layout-{tag}"));
-        support::build_image(&layout, tag, std::slice::from_ref(root), &cmd).await;
-        support::skopeo_copy(
-            &format!("oci:{}:{tag}", layout.display()),
-            &format!("docker://{reg}/demo:{tag}"),
-        );
-    }
-    let out = support::imgstream(&[
-        "convert",
-        &format!("{reg}/demo:v1"),
-        &format!("{reg}/demo:esgz"),
-        "--insecure-registry",
-        &reg,
-        "--prioritize",
-        "clockprobe",
-        "--json",
-        "--scratch",
-        scratch.to_str().unwrap(),
-    ]);
-    let converted: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let layer = converted["layers"][0]["size"].as_u64().unwrap();
+    let layer = clockprobe_images(&scratch, &reg, "demo", &rootfs).await;
     println!(
         "   {reg}/demo:esgz, one layer of {:.1} MB",
         layer as f64 / 1e6

@@ -297,21 +297,10 @@ fn rename_loop(
     let mut drops = DropCounters::default();
     tracing::info!("watching rename, renameat and renameat2 for ENXIO");
     while !shutdown.is_triggered() {
-        let batch = match probes.next_batch(config.poll_interval) {
-            Ok(batch) => batch,
-            Err(err) => {
-                shutdown.trigger();
-                return Err(err.into());
-            }
-        };
-        for event in batch {
-            let failure = match event {
-                Ok(failure) => failure,
-                Err(err) => {
-                    tracing::warn!(%err, "undecodable rename event skipped");
-                    continue;
-                }
-            };
+        let batch = probes
+            .next_batch(config.poll_interval)
+            .inspect_err(|_| shutdown.trigger())?;
+        for failure in decoded(batch, "rename") {
             match detector.judge(failure) {
                 Verdict::Report(detection) => {
                     detection.log();
@@ -335,6 +324,18 @@ fn rename_loop(
     }
     tracing::info!("rename probes detached");
     Ok(())
+}
+
+/// The events of a batch that decoded; the others are logged and skipped.
+fn decoded<T>(
+    batch: Vec<Result<T, crate::events::DecodeError>>,
+    what: &'static str,
+) -> impl Iterator<Item = T> {
+    batch.into_iter().filter_map(move |event| {
+        event
+            .inspect_err(|err| tracing::warn!(%err, what, "undecodable event skipped"))
+            .ok()
+    })
 }
 
 /// Stores, counts and (in a cluster) sends a detection as a flag on its pod.
@@ -401,21 +402,10 @@ fn start_loop(
     let metrics = &shared.state.metrics;
     tracing::info!("watching container starts");
     while !shutdown.is_triggered() {
-        let batch = match probes.next_batch(config.poll_interval) {
-            Ok(batch) => batch,
-            Err(err) => {
-                shutdown.trigger();
-                return Err(err.into());
-            }
-        };
-        for event in batch {
-            let event = match event {
-                Ok(event) => event,
-                Err(err) => {
-                    tracing::warn!(%err, "undecodable lifecycle event skipped");
-                    continue;
-                }
-            };
+        let batch = probes
+            .next_batch(config.poll_interval)
+            .inspect_err(|_| shutdown.trigger())?;
+        for event in decoded(batch, "lifecycle") {
             metrics.lifecycle_events.fetch_add(1, Ordering::Relaxed);
             let record = match tracker.apply(&event) {
                 Update::Unwatch(cgroup) => {

@@ -5,15 +5,12 @@
 
 mod support;
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::{path::Path, process::Command};
 
 use imgstream_vm_tests::tree::describe;
 use support::{
     Mounted, Registry,
-    image_tree::{expected_merged, extract, layer_dirs, set_xattr, tar_layer},
+    image_tree::{expected_merged, extract, layer_dirs, set_xattr, tar_layers},
 };
 
 /// One layer as an overlayfs lower directory: whiteouts as 0:0 char devices, opaque markers
@@ -84,15 +81,7 @@ async fn mounted_image_equals_a_gnu_tar_extraction_in_both_views() {
     let registry = Registry::start("fuse-tree", None);
     let reg = registry.host();
     let dirs = layer_dirs(&scratch);
-    let tarballs: Vec<PathBuf> = dirs
-        .iter()
-        .enumerate()
-        .map(|(i, d)| {
-            let t = scratch.join(format!("layer{i}.tar.gz"));
-            tar_layer(d, &t);
-            t
-        })
-        .collect();
+    let tarballs = tar_layers(&dirs, &scratch);
     let layout = scratch.join("layout");
     support::build_image_from_tarballs(&layout, "v1", &tarballs, &["/bin/sh"]).await;
     support::skopeo_copy(

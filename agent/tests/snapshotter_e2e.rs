@@ -16,7 +16,7 @@ use std::time::Duration;
 use k8s_cri::v1::{ImageSpec, PullImageRequest, image_service_client::ImageServiceClient};
 use support::{
     Agent, Containerd, Fault, Proxy, Registry,
-    cri::{run_pod, wait_for_log},
+    cri::{clockprobe_images, run_pod, wait_for_log},
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -26,11 +26,7 @@ async fn containerd_runs_a_streamed_image_through_the_imgstream_snapshotter() {
     let registry = Registry::start("snapshotter-e2e", None);
     let reg = registry.host();
     // The image: the entrypoint and 24 MB it never reads.
-    let rootfs = scratch.join("rootfs");
-    for dir in ["tmp", "truth", "proc", "sys", "dev", "etc", "data"] {
-        std::fs::create_dir_all(rootfs.join(dir)).unwrap();
-    }
-    std::fs::copy(support::clockprobe(), rootfs.join("clockprobe")).unwrap();
+    let rootfs = support::clockprobe_rootfs(&scratch.join("rootfs"), &["data"]);
     for i in 0..3u64 {
         std::fs::write(
             rootfs.join(format!("data/blob{i}")),
@@ -38,39 +34,8 @@ async fn containerd_runs_a_streamed_image_through_the_imgstream_snapshotter() {
         )
         .unwrap();
     }
-    // The sandbox image: the entrypoint alone, pausing (plain gzip: containerd unpacks it).
-    let pause_rootfs = scratch.join("pause-rootfs");
-    for dir in ["proc", "sys", "dev", "etc"] {
-        std::fs::create_dir_all(pause_rootfs.join(dir)).unwrap();
-    }
-    std::fs::copy(support::clockprobe(), pause_rootfs.join("clockprobe")).unwrap();
-    for (tag, cmd, root) in [
-        ("v1", ["/clockprobe", "log", "0"], &rootfs),
-        ("pause", ["/clockprobe", "pause", "0"], &pause_rootfs),
-    ] {
-        let layout = scratch.join(format!("layout-{tag}"));
-        support::build_image(&layout, tag, std::slice::from_ref(root), &cmd).await;
-        support::skopeo_copy(
-            &format!("oci:{}:{tag}", layout.display()),
-            &format!("docker://{reg}/app:{tag}"),
-        );
-    }
-    let out = support::imgstream(&[
-        "convert",
-        &format!("{reg}/app:v1"),
-        &format!("{reg}/app:esgz"),
-        "--insecure-registry",
-        &reg,
-        "--chunk-size",
-        "1M",
-        "--prioritize",
-        "clockprobe",
-        "--json",
-        "--scratch",
-        scratch.to_str().unwrap(),
-    ]);
-    let converted: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let layer_bytes = converted["layers"][0]["size"].as_u64().unwrap();
+    // v1, its eStargz conversion, and a plain sandbox image (unpacked by containerd).
+    let layer_bytes = clockprobe_images(&scratch, &reg, "app", &rootfs).await;
 
     // Everything containerd and the agent fetch goes through the counting proxy.
     let proxy = Proxy::start(registry.addr, Fault::None);

@@ -52,11 +52,7 @@ async fn starts_are_measured_within_2ms_of_the_containers_own_clock() {
     let scratch = support::scratch("start-latency");
     let registry = Registry::start("start-latency", None);
     let reg = registry.host();
-    let rootfs = scratch.join("rootfs");
-    for dir in ["tmp", "truth", "proc", "sys", "dev", "etc"] {
-        std::fs::create_dir_all(rootfs.join(dir)).unwrap();
-    }
-    std::fs::copy(support::clockprobe(), rootfs.join("clockprobe")).unwrap();
+    let rootfs = support::clockprobe_rootfs(&scratch.join("rootfs"), &[]);
     let layout = scratch.join("layout");
     support::build_image(&layout, "v1", &[rootfs], &["/clockprobe", "log", "0"]).await;
     let image = format!("{reg}/clockprobe:v1");
@@ -220,22 +216,16 @@ async fn starts_are_measured_within_2ms_of_the_containers_own_clock() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cri_pods_are_named_and_their_sandboxes_left_out() {
     use k8s_cri::v1::{
-        ContainerConfig, ContainerMetadata, CreateContainerRequest, ImageSpec,
-        LinuxPodSandboxConfig, LinuxSandboxSecurityContext, Mount, NamespaceMode, NamespaceOption,
-        PodSandboxConfig, PodSandboxMetadata, PullImageRequest, RunPodSandboxRequest,
-        StartContainerRequest, image_service_client::ImageServiceClient,
-        runtime_service_client::RuntimeServiceClient,
+        ContainerConfig, ContainerMetadata, CreateContainerRequest, ImageSpec, Mount,
+        PullImageRequest, RunPodSandboxRequest, StartContainerRequest,
+        image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient,
     };
     let _serial = SERIAL.lock().await;
     support::require_root();
     let scratch = support::scratch("start-latency-cri");
     let registry = Registry::start("start-latency-cri", None);
     let reg = registry.host();
-    let rootfs = scratch.join("rootfs");
-    for dir in ["tmp", "truth", "proc", "sys", "dev", "etc"] {
-        std::fs::create_dir_all(rootfs.join(dir)).unwrap();
-    }
-    std::fs::copy(support::clockprobe(), rootfs.join("clockprobe")).unwrap();
+    let rootfs = support::clockprobe_rootfs(&scratch.join("rootfs"), &[]);
     // The sandbox image is the same program, pausing: told apart by CRI, not by its name.
     for (tag, cmd) in [
         ("v1", ["/clockprobe", "log", "0"]),
@@ -276,28 +266,8 @@ async fn cri_pods_are_named_and_their_sandboxes_left_out() {
         .unwrap();
     let logs = scratch.join("pod-logs");
     std::fs::create_dir_all(&logs).unwrap();
-    let sandbox_config = PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: "web".into(),
-            uid: "0f0e0d0c-0b0a-4909-8807-060504030201".into(),
-            namespace: "shop".into(),
-            attempt: 0,
-        }),
-        log_directory: logs.display().to_string(),
-        linux: Some(LinuxPodSandboxConfig {
-            security_context: Some(LinuxSandboxSecurityContext {
-                namespace_options: Some(NamespaceOption {
-                    network: NamespaceMode::Node as i32,
-                    pid: NamespaceMode::Container as i32,
-                    ipc: NamespaceMode::Pod as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let sandbox_config =
+        support::cri::sandbox_config("shop", "web", "0f0e0d0c-0b0a-4909-8807-060504030201", &logs);
     let sandbox = runtime
         .clone()
         .run_pod_sandbox(RunPodSandboxRequest {

@@ -38,7 +38,7 @@ use imgstream_vm_tests::{
 };
 use support::{
     Fault, Mounted, Proxy, Registry,
-    image_tree::{expected_merged, layer_dirs, tar_layer},
+    image_tree::{expected_merged, layer_dirs, tar_layers},
 };
 
 const KILL_MARKER: &str = "IMGSTREAM-KILL-ME";
@@ -226,15 +226,7 @@ fn guests_stream_the_image_over_virtio_fs_from_the_hosts_cache() {
         support::noise(7, bench_bytes),
     )
     .unwrap();
-    let tarballs: Vec<PathBuf> = dirs
-        .iter()
-        .enumerate()
-        .map(|(i, d)| {
-            let t = scratch.join(format!("layer{i}.tar.gz"));
-            tar_layer(d, &t);
-            t
-        })
-        .collect();
+    let tarballs = tar_layers(&dirs, &scratch);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let layout = scratch.join("layout");
     runtime.block_on(support::build_image_from_tarballs(

@@ -384,9 +384,10 @@ impl Snapshotter {
         &self,
         key: &str,
         parent: &str,
-        labels: BTreeMap<String, String>,
+        labels: HashMap<String, String>,
         kind: Kind,
     ) -> Result<Vec<Mount>, Status> {
+        let labels: BTreeMap<String, String> = labels.into_iter().collect();
         let _write = self.write.lock().await;
         if key.is_empty() {
             return Err(Status::invalid_argument("empty snapshot key"));
@@ -549,12 +550,7 @@ impl Snapshots for Service {
         let r = request.into_inner();
         let mounts = self
             .0
-            .prepare(
-                &r.key,
-                &r.parent,
-                r.labels.into_iter().collect(),
-                Kind::Active,
-            )
+            .prepare(&r.key, &r.parent, r.labels, Kind::Active)
             .await?;
         Ok(Response::new(PrepareSnapshotResponse { mounts }))
     }
@@ -566,12 +562,7 @@ impl Snapshots for Service {
         let r = request.into_inner();
         let mounts = self
             .0
-            .prepare(
-                &r.key,
-                &r.parent,
-                r.labels.into_iter().collect(),
-                Kind::View,
-            )
+            .prepare(&r.key, &r.parent, r.labels, Kind::View)
             .await?;
         Ok(Response::new(ViewSnapshotResponse { mounts }))
     }

@@ -34,33 +34,13 @@ pub async fn run_pod(
         .await
         .unwrap_or_else(|e| panic!("PullImage {image}: {e}"));
     std::fs::create_dir_all(logs).unwrap();
-    let sandbox_config = PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: pod.into(),
-            uid: format!(
-                "00000000-0000-4000-8000-{:012x}",
-                pod.bytes()
-                    .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)))
-                    & 0xffff_ffff_ffff
-            ),
-            namespace: namespace.into(),
-            attempt: 0,
-        }),
-        log_directory: logs.display().to_string(),
-        linux: Some(LinuxPodSandboxConfig {
-            security_context: Some(LinuxSandboxSecurityContext {
-                namespace_options: Some(NamespaceOption {
-                    network: NamespaceMode::Node as i32,
-                    pid: NamespaceMode::Container as i32,
-                    ipc: NamespaceMode::Pod as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let uid = format!(
+        "00000000-0000-4000-8000-{:012x}",
+        pod.bytes()
+            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)))
+            & 0xffff_ffff_ffff
+    );
+    let sandbox_config = sandbox_config(namespace, pod, &uid, logs);
     let sandbox = runtime
         .run_pod_sandbox(RunPodSandboxRequest {
             config: Some(sandbox_config.clone()),
@@ -111,6 +91,86 @@ pub async fn run_pod(
         .await
         .unwrap_or_else(|e| panic!("StartContainer: {e}"));
     logs.join("app.log")
+}
+
+/// A host-network pod sandbox as kubelet describes one (no hostname: a host-network sandbox
+/// must not set it).
+pub fn sandbox_config(
+    namespace: &str,
+    pod: &str,
+    uid: &str,
+    logs: &std::path::Path,
+) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: pod.into(),
+            uid: uid.into(),
+            namespace: namespace.into(),
+            attempt: 0,
+        }),
+        log_directory: logs.display().to_string(),
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    network: NamespaceMode::Node as i32,
+                    pid: NamespaceMode::Container as i32,
+                    ipc: NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Pushes `REG/NAME:v1` (entrypoint `/clockprobe log 0` over `rootfs`, which must hold it)
+/// and `REG/NAME:pause` (the entrypoint alone, pausing: a pod sandbox image), then converts
+/// v1 to `REG/NAME:esgz` (1 MiB chunks, the entrypoint first). Returns the eStargz layer's
+/// size.
+pub async fn clockprobe_images(
+    scratch: &std::path::Path,
+    reg: &str,
+    name: &str,
+    rootfs: &std::path::Path,
+) -> u64 {
+    let pause_rootfs = scratch.join("pause-rootfs");
+    for dir in ["proc", "sys", "dev", "etc"] {
+        std::fs::create_dir_all(pause_rootfs.join(dir)).unwrap();
+    }
+    std::fs::copy(super::clockprobe(), pause_rootfs.join("clockprobe")).unwrap();
+    for (tag, cmd, root) in [
+        ("v1", ["/clockprobe", "log", "0"], rootfs),
+        (
+            "pause",
+            ["/clockprobe", "pause", "0"],
+            pause_rootfs.as_path(),
+        ),
+    ] {
+        let layout = scratch.join(format!("layout-{tag}"));
+        super::build_image(&layout, tag, &[root.to_path_buf()], &cmd).await;
+        super::skopeo_copy(
+            &format!("oci:{}:{tag}", layout.display()),
+            &format!("docker://{reg}/{name}:{tag}"),
+        );
+    }
+    let out = super::imgstream(&[
+        "convert",
+        &format!("{reg}/{name}:v1"),
+        &format!("{reg}/{name}:esgz"),
+        "--insecure-registry",
+        reg,
+        "--chunk-size",
+        "1M",
+        "--prioritize",
+        "clockprobe",
+        "--json",
+        "--scratch",
+        scratch.to_str().unwrap(),
+    ]);
+    let converted: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    converted["layers"][0]["size"].as_u64().unwrap()
 }
 
 /// Waits until the CRI log file holds the container's line.

@@ -139,3 +139,15 @@ pub fn expected_merged(layers: &[PathBuf], into: &Path) {
         extract(layer, into, &["--exclude=.wh.*"]);
     }
 }
+
+/// Each directory tarred (with xattrs) as `dir/layerN.tar.gz`, bottom first.
+pub fn tar_layers(dirs: &[PathBuf], dir: &Path) -> Vec<PathBuf> {
+    dirs.iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let t = dir.join(format!("layer{i}.tar.gz"));
+            tar_layer(d, &t);
+            t
+        })
+        .collect()
+}

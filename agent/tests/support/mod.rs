@@ -1052,6 +1052,19 @@ pub fn clockprobe() -> PathBuf {
         .clone()
 }
 
+/// A root filesystem at `dir` holding the clockprobe entrypoint and the directories a
+/// container needs (`/truth` for the bind-mounted truth files), plus `extra` directories.
+pub fn clockprobe_rootfs(dir: &Path, extra: &[&str]) -> PathBuf {
+    for sub in ["tmp", "truth", "proc", "sys", "dev", "etc"]
+        .iter()
+        .chain(extra)
+    {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+    }
+    std::fs::copy(clockprobe(), dir.join("clockprobe")).unwrap();
+    dir.to_path_buf()
+}
+
 /// A plain HTTP/1.1 GET on loopback: (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
