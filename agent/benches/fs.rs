@@ -233,6 +233,7 @@ fn main() {
     let background_config = BackgroundConfig {
         concurrency,
         bandwidth: None,
+        ..BackgroundConfig::default()
     };
     let mut mounted = mount_image(
         &rt,
@@ -531,6 +532,7 @@ fn background_on_a_slow_link(
     let background_config = BackgroundConfig {
         concurrency: 4,
         bandwidth: None,
+        ..BackgroundConfig::default()
     };
     let mut mounted = mount_image(
         rt,

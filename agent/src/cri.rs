@@ -72,7 +72,8 @@ pub async fn channel(path: &Path) -> Result<Channel, CriError> {
         let channel = Endpoint::try_from("http://cri.invalid")
             .map_err(|e| err(&e))?
             .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(10))
+            // Calls carry their own deadlines (a pull can take minutes).
+            .timeout(Duration::from_secs(600))
             .connect_with_connector(tower::service_fn(move |_| {
                 let socket = socket.clone();
                 async move {

@@ -231,6 +231,14 @@ struct ServingArgs {
     /// Bandwidth cap of the background download, bytes per second (K/M/G suffixes).
     #[arg(long, value_parser = parse_bytes)]
     background_bandwidth: Option<u64>,
+    /// Seconds after a mount before the background download starts (the snapshotter mounts
+    /// layers at pull time, moments before the container's first reads).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    background_delay_secs: u64,
+    /// The background download starts a request only when on-demand reads have been quiet
+    /// this many milliseconds, so that a starting container has the link to itself.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    background_quiet_ms: u64,
     /// A read waiting on the network fails with EIO after this many seconds.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     read_deadline_secs: u64,
@@ -266,6 +274,8 @@ impl ServingArgs {
                 imgstream::fetch::background::BackgroundConfig {
                     concurrency: self.background_concurrency as usize,
                     bandwidth: self.background_bandwidth,
+                    start_delay: Duration::from_secs(self.background_delay_secs),
+                    quiet: Duration::from_millis(self.background_quiet_ms),
                 },
             ),
             threads: self.threads as usize,

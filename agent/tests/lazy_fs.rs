@@ -180,6 +180,7 @@ fn reads_fetch_what_they_need_and_the_background_download_caches_the_rest() {
     let config = BackgroundConfig {
         concurrency: 2,
         bandwidth: None,
+        ..BackgroundConfig::default()
     };
     let (runtime, mut mounted, mnt, _cache) = mount_through(
         &image,
@@ -353,6 +354,7 @@ fn the_background_download_keeps_to_its_bandwidth_cap() {
     let config = BackgroundConfig {
         concurrency: 2,
         bandwidth: Some(cap),
+        ..BackgroundConfig::default()
     };
     let started = Instant::now();
     let (runtime, mut mounted, _mnt, _cache) = mount_through(

@@ -127,9 +127,18 @@ async fn containerd_runs_a_streamed_image_through_the_imgstream_snapshotter() {
     assert!(ok, "{err}");
     agent.stop();
     let agent = Agent::start(&agent_dir, &args);
-    let (ok, after, err) =
-        containerd.ctr_ns("k8s.io", &["snapshots", "--snapshotter", "imgstream", "ls"]);
-    assert!(ok, "{err}");
+    // containerd's gRPC connection to the proxy plugin backs off after the old agent went
+    // away ("connection refused" until it dials again): give it a few seconds.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let after = loop {
+        let (ok, after, err) =
+            containerd.ctr_ns("k8s.io", &["snapshots", "--snapshotter", "imgstream", "ls"]);
+        if ok {
+            break after;
+        }
+        assert!(std::time::Instant::now() < deadline, "{err}");
+        std::thread::sleep(Duration::from_millis(250));
+    };
     assert_eq!(before, after, "the same snapshots after a restart");
     assert!(agent.log_text().contains("lazy layer mounted again"));
     agent.stop();

@@ -9,6 +9,7 @@
 //! - `bench fs`   the lazy filesystem's benchmarks, as ratios against baselines
 //! - `bench virtiofs` a guest's virtio-fs reads against the host's FUSE reads, as a ratio
 //! - `bench probes` the eBPF probes' overhead on write- and exec-heavy workloads
+//! - `bench e2e`  PullImage -> first log line of a ~340 MB image, streamed vs pulled
 
 mod build_ebpf;
 mod ci;
@@ -52,9 +53,10 @@ enum Command {
     Demo,
     /// Run a benchmark: `fs` (the lazy filesystem against its baselines), `virtiofs` (a
     /// guest's reads through virtio-fs against the host's through FUSE), `probes` (the eBPF
-    /// probes' overhead on write- and exec-heavy work). Needs root.
+    /// probes' overhead on write- and exec-heavy work), `e2e` (PullImage to first log line,
+    /// streamed against pulled, behind a 100 Mbit/s link). Needs root.
     Bench {
-        #[arg(value_parser = ["fs", "virtiofs", "probes"])]
+        #[arg(value_parser = ["fs", "virtiofs", "probes", "e2e"])]
         suite: String,
     },
     /// Run the fuzz targets (eStargz footer+TOC and blobs, tar streams, manifests).
@@ -92,6 +94,27 @@ fn main() -> anyhow::Result<()> {
                 bench: true,
             },
         ),
+        Command::Bench { suite } if suite == "e2e" => {
+            // Optimised like a deployed agent: FUSE and decompression in a debug build would
+            // measure the build, not the design.
+            cmd::run(
+                std::process::Command::new("cargo")
+                    .current_dir(&root)
+                    .args([
+                        "build",
+                        "--release",
+                        "-p",
+                        "imgstream-agent",
+                        "--bin",
+                        "imgstream",
+                        "--example",
+                        "bench_e2e",
+                    ]),
+            )?;
+            cmd::run(&mut std::process::Command::new(
+                root.join("target/release/examples/bench_e2e"),
+            ))
+        }
         Command::Bench { suite } => cmd::run(
             std::process::Command::new("cargo")
                 .current_dir(&root)

@@ -31,6 +31,11 @@ pub struct BackgroundConfig {
     pub concurrency: usize,
     /// Cap in bytes per second; `None` for none.
     pub bandwidth: Option<u64>,
+    /// Wait this long after the start before the first batch (a container that is about to
+    /// start reads first).
+    pub start_delay: Duration,
+    /// Start a batch only when on-demand reads have been quiet this long.
+    pub quiet: Duration,
 }
 
 impl Default for BackgroundConfig {
@@ -38,6 +43,8 @@ impl Default for BackgroundConfig {
         Self {
             concurrency: 4,
             bandwidth: None,
+            start_delay: Duration::ZERO,
+            quiet: Duration::ZERO,
         }
     }
 }
@@ -149,6 +156,10 @@ fn run(
     let next = Arc::new(AtomicUsize::new(0));
     let scheduled = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
+    let delay_end = started + config.start_delay;
+    while Instant::now() < delay_end && !shutdown.is_triggered() {
+        thread::sleep(Duration::from_millis(50).min(delay_end - Instant::now()));
+    }
     let workers: Vec<_> = (0..config.concurrency.max(1))
         .map(|i| {
             let (fetcher, batches, next, progress, shutdown) = (fetcher.clone(), batches.clone(), next.clone(), progress.clone(), shutdown.clone());
@@ -173,6 +184,9 @@ fn run(
                     }
                     let refs: Vec<ChunkRef<'_>> = batch.chunks.iter().map(|chunk| ChunkRef { blob: batch.blob, chunk }).collect();
                     let deadline = Instant::now() + Duration::from_secs(300);
+                    if !config.quiet.is_zero() {
+                        fetcher.wait_quiet(config.quiet, deadline);
+                    }
                     match fetcher.get(&refs, Priority::Background, deadline) {
                         Ok(_) => {
                             progress.chunks_done.fetch_add(batch.chunks.len(), Ordering::Relaxed);

@@ -116,6 +116,9 @@ pub struct Fetcher {
     inflight: Mutex<HashMap<Digest, Arc<Inflight>>>,
     ondemand: AtomicUsize,
     ondemand_done: (Mutex<()>, Condvar),
+    /// When the last on-demand fetch ended, in ns since `born` (`u64::MAX`: never).
+    last_ondemand_ns: AtomicU64,
+    born: Instant,
     warned_cache: std::sync::atomic::AtomicBool,
     pub stats: FetchStats,
 }
@@ -153,6 +156,8 @@ impl Fetcher {
             cache,
             inflight: Mutex::new(HashMap::new()),
             ondemand: AtomicUsize::new(0),
+            last_ondemand_ns: AtomicU64::new(u64::MAX),
+            born: Instant::now(),
             warned_cache: std::sync::atomic::AtomicBool::new(false),
             ondemand_done: (Mutex::new(()), Condvar::new()),
             stats: FetchStats::default(),
@@ -341,6 +346,26 @@ impl Fetcher {
         }
     }
 
+    /// Waits (until `deadline`) for the on-demand reads to go quiet: none running, and none
+    /// ended in the last `quiet`. The background download calls it before each batch so that
+    /// a starting container's burst of reads has the link to itself.
+    pub fn wait_quiet(&self, quiet: Duration, deadline: Instant) {
+        loop {
+            let active = self.ondemand.load(Ordering::Acquire) > 0;
+            let last = self.last_ondemand_ns.load(Ordering::Acquire);
+            let since = (last != u64::MAX).then(|| {
+                self.born
+                    .elapsed()
+                    .saturating_sub(Duration::from_nanos(last))
+            });
+            let recent = since.is_some_and(|s| s < quiet);
+            if (!active && !recent) || Instant::now() >= deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// On-demand fetches running now.
     pub fn active_readers(&self) -> usize {
         self.ondemand.load(Ordering::Acquire)
@@ -359,6 +384,8 @@ impl<'a> OnDemand<'a> {
 
 impl Drop for OnDemand<'_> {
     fn drop(&mut self) {
+        let now = self.0.born.elapsed().as_nanos() as u64;
+        self.0.last_ondemand_ns.store(now, Ordering::Release);
         if self.0.ondemand.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.ondemand_done.1.notify_all();
         }

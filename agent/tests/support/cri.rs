@@ -20,6 +20,29 @@ pub async fn run_pod(
     truth_dir: &std::path::Path,
     logs: &std::path::Path,
 ) -> std::path::PathBuf {
+    let command = vec![
+        "/clockprobe".to_string(),
+        "log".into(),
+        "100".into(),
+        format!("/truth/{pod}"),
+    ];
+    let mounts = vec![Mount {
+        container_path: "/truth".into(),
+        host_path: truth_dir.display().to_string(),
+        ..Default::default()
+    }];
+    run_pod_with(containerd, image, (namespace, pod), command, mounts, logs).await
+}
+
+/// [`run_pod`] with any command and mounts.
+pub async fn run_pod_with(
+    containerd: &Containerd,
+    image: &str,
+    (namespace, pod): (&str, &str),
+    command: Vec<String>,
+    mounts: Vec<Mount>,
+    logs: &std::path::Path,
+) -> std::path::PathBuf {
     let channel = imgstream::cri::channel(&containerd.socket).await.unwrap();
     let mut images = ImageServiceClient::new(channel.clone());
     let mut runtime = RuntimeServiceClient::new(channel);
@@ -62,14 +85,9 @@ pub async fn run_pod(
                     image: image.into(),
                     ..Default::default()
                 }),
-                command: vec!["/clockprobe".into()],
-                args: vec!["log".into(), "100".into(), format!("/truth/{pod}")],
+                command,
                 log_path: "app.log".into(),
-                mounts: vec![Mount {
-                    container_path: "/truth".into(),
-                    host_path: truth_dir.display().to_string(),
-                    ..Default::default()
-                }],
+                mounts,
                 labels: [
                     ("io.kubernetes.pod.name", pod),
                     ("io.kubernetes.pod.namespace", namespace),
@@ -173,12 +191,17 @@ pub async fn clockprobe_images(
     converted["layers"][0]["size"].as_u64().unwrap()
 }
 
-/// Waits until the CRI log file holds the container's line.
+/// Waits until the CRI log file holds the clockprobe's line.
 pub fn wait_for_log(path: &std::path::Path) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    wait_for_line(path, "boottime=")
+}
+
+/// Waits until the CRI log file holds `needle`.
+pub fn wait_for_line(path: &std::path::Path, needle: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
     loop {
         let text = std::fs::read_to_string(path).unwrap_or_default();
-        if text.contains("boottime=") {
+        if text.contains(needle) {
             return text;
         }
         assert!(

@@ -1,0 +1,382 @@
+//! `cargo xtask bench e2e`: the headline measurement. A realistic image (Debian's
+//! packages for Apache, PHP 8.2 and common PHP extensions with their whole dependency closure,
+//! unpacked with `dpkg -x`: about 340 MB and 9,000 files) is served by Debian's
+//! docker-registry from a network namespace behind a rate-limited veth link (tc tbf,
+//! 100 Mbit/s). On a cold node (fresh containerd, fresh agent, empty cache, each repetition)
+//! the test plays kubelet over CRI and times PullImage to the container's first log line:
+//! `php -r 'echo "ready\n";'`, which loads 49 extensions (about 38 MB of files) before it
+//! prints. Streamed (imgstream as containerd's snapshotter) against containerd's default
+//! overlayfs snapshotter, same run, several repetitions; medians and their ratio, bytes that
+//! crossed the link before the first log line, the transfer floor (those bytes at the link's
+//! rate), and the time until the whole image is in imgstream's cache.
+//!
+//! The packages are downloaded with apt once, into ~/.cache/imgstream/bench-e2e.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use support::{Agent, Containerd, Registry, SlowLink, cri};
+
+const RATE_MBIT: f64 = 100.0;
+const REPETITIONS: usize = 3;
+const PACKAGES: [&str; 12] = [
+    "apache2",
+    "libapache2-mod-php8.2",
+    "php8.2-cli",
+    "php8.2-intl",
+    "php8.2-gd",
+    "php8.2-mysql",
+    "php8.2-xml",
+    "php8.2-curl",
+    "php8.2-mbstring",
+    "php8.2-zip",
+    "coreutils",
+    "dash",
+];
+const COMMAND: [&str; 3] = ["/usr/bin/php8.2", "-r", "echo \"ready\\n\";"];
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The packages' dependency closure, downloaded once.
+fn debs() -> Vec<PathBuf> {
+    let cache = imgstream_vm_tests::kernels::cache_dir().join("bench-e2e/debs");
+    std::fs::create_dir_all(&cache).unwrap();
+    let closure = run(Command::new("apt-cache")
+        .args([
+            "depends",
+            "--recurse",
+            "--no-recommends",
+            "--no-suggests",
+            "--no-conflicts",
+            "--no-breaks",
+            "--no-replaces",
+            "--no-enhances",
+        ])
+        .args(PACKAGES));
+    let mut names: Vec<&str> = closure
+        .lines()
+        .filter(|l| !l.starts_with(' ') && !l.starts_with('<'))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    let have = |name: &str| {
+        std::fs::read_dir(&cache).unwrap().flatten().any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{name}_"))
+        })
+    };
+    let missing: Vec<&str> = names.iter().copied().filter(|n| !have(n)).collect();
+    if !missing.is_empty() {
+        println!("   downloading {} packages with apt", missing.len());
+        run(Command::new("apt-get")
+            .arg("download")
+            .args(&missing)
+            .current_dir(&cache));
+    }
+    std::fs::read_dir(&cache)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "deb"))
+        .collect()
+}
+
+/// The root filesystem: every package unpacked, PHP's extensions enabled as the packages'
+/// maintainer scripts would.
+fn rootfs(dir: &Path) -> PathBuf {
+    let root = dir.join("rootfs");
+    std::fs::create_dir_all(&root).unwrap();
+    for deb in debs() {
+        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root));
+    }
+    for d in ["proc", "sys", "dev", "tmp", "etc/php/8.2/mods-available"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    let conf_d = root.join("etc/php/8.2/cli/conf.d");
+    std::fs::create_dir_all(&conf_d).unwrap();
+    let _ = std::fs::copy(
+        root.join("usr/lib/php/8.2/php.ini-production"),
+        root.join("etc/php/8.2/cli/php.ini"),
+    );
+    for share in std::fs::read_dir(root.join("usr/share")).unwrap().flatten() {
+        if !share.file_name().to_string_lossy().starts_with("php8.2-") {
+            continue;
+        }
+        for module in std::fs::read_dir(share.path()).unwrap().flatten() {
+            let Ok(inis) = std::fs::read_dir(module.path()) else {
+                continue;
+            };
+            for ini in inis
+                .flatten()
+                .filter(|i| i.path().extension().is_some_and(|e| e == "ini"))
+            {
+                let name = ini.file_name().to_string_lossy().into_owned();
+                let text = std::fs::read_to_string(ini.path()).unwrap();
+                std::fs::write(root.join("etc/php/8.2/mods-available").join(&name), &text).unwrap();
+                let priority = text
+                    .lines()
+                    .find_map(|l| l.split("priority=").nth(1))
+                    .map_or("20".to_string(), |p| p.trim().to_string());
+                let _ = std::os::unix::fs::symlink(
+                    format!("/etc/php/8.2/mods-available/{name}"),
+                    conf_d.join(format!("{priority}-{name}")),
+                );
+            }
+        }
+    }
+    root
+}
+
+fn rx_bytes(interface: &str) -> u64 {
+    std::fs::read_to_string(format!("/sys/class/net/{interface}/statistics/rx_bytes"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// One cold start: (seconds from PullImage to the first log line, bytes over the link by
+/// then, seconds until the image was all fetched when streamed).
+async fn cold_start(
+    scratch: &Path,
+    reg: &str,
+    image: &str,
+    streamed: bool,
+    interface: &str,
+) -> (f64, u64, Option<f64>) {
+    let name = if streamed { "streamed" } else { "pulled" };
+    let dir = scratch.join(format!("{name}-{}", support::free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("snapshotter.sock");
+    let sandbox = format!("{reg}/pause:v1");
+    let containerd = if streamed {
+        let dropin = String::from_utf8(
+            support::imgstream(&["containerd-config", "--socket", socket.to_str().unwrap()]).stdout,
+        )
+        .unwrap()
+        .replace("version = 2\n", "");
+        Containerd::start_cri_with(&format!("bench-{name}"), reg, &sandbox, &dropin)
+    } else {
+        Containerd::start_cri(&format!("bench-{name}"), reg, &sandbox)
+    };
+    let agent = streamed.then(|| {
+        let args = [
+            "--snapshotter-socket".to_string(),
+            socket.display().to_string(),
+            "--snapshotter-root".into(),
+            dir.join("snapshotter").display().to_string(),
+            "--cache-dir".into(),
+            dir.join("cache").display().to_string(),
+            "--insecure-registry".into(),
+            reg.to_string(),
+            // As the DaemonSet runs it: the background download waits for the container's
+            // start, then for its reads to go quiet.
+            "--background-delay-secs".into(),
+            "3".into(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Agent::start(&dir, &args)
+    });
+    // The sandbox image first: not part of what is timed.
+    k8s_cri::v1::image_service_client::ImageServiceClient::new(
+        imgstream::cri::channel(&containerd.socket).await.unwrap(),
+    )
+    .pull_image(k8s_cri::v1::PullImageRequest {
+        image: Some(k8s_cri::v1::ImageSpec {
+            image: sandbox.clone(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let before = rx_bytes(interface);
+    let started = Instant::now();
+    let log = cri::run_pod_with(
+        &containerd,
+        image,
+        ("bench", name),
+        COMMAND.map(String::from).to_vec(),
+        Vec::new(),
+        &dir.join("logs"),
+    )
+    .await;
+    cri::wait_for_line(&log, "ready");
+    let took = started.elapsed().as_secs_f64();
+    let fetched = rx_bytes(interface) - before;
+    // The agent logs when a layer's background download has cached all of it.
+    let cached = agent.as_ref().and_then(|agent| {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while !agent.log_text().contains("background download complete") {
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Some(started.elapsed().as_secs_f64())
+    });
+    println!(
+        "   {name:>8}: PullImage -> first log line {took:6.2} s, {:6.1} MB over the link by then{}",
+        fetched as f64 / 1e6,
+        cached.map_or(String::new(), |c| format!(
+            ", whole image cached after {c:.1} s"
+        ))
+    );
+    if let Some(agent) = agent {
+        agent.stop();
+    }
+    drop(containerd);
+    (took, fetched, cached)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    support::require_root();
+    let scratch = support::scratch("bench-e2e");
+    println!("1. Build the image from Debian's packages (Apache, PHP 8.2 and extensions)");
+    let root = rootfs(&scratch);
+    let tarball = scratch.join("layer.tar.gz");
+    support::gnu_tar_gz(&root, &tarball);
+    let layout = scratch.join("layout");
+    support::build_image_from_tarballs(&layout, "v1", &[tarball], &COMMAND).await;
+    let esgz_layout = scratch.join("esgz-layout");
+    let out = support::imgstream(&[
+        "convert",
+        &format!("oci:{}:v1", layout.display()),
+        &format!("oci:{}:esgz", esgz_layout.display()),
+        "--chunk-size",
+        "512K",
+        "--json",
+        "--scratch",
+        scratch.to_str().unwrap(),
+    ]);
+    let converted: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let plain_bytes = converted["layers"][0]["source_size"].as_u64().unwrap();
+    let esgz_bytes = converted["layers"][0]["size"].as_u64().unwrap();
+    let unpacked = run(Command::new("du").args(["-sb"]).arg(&root));
+    let unpacked: u64 = unpacked.split_whitespace().next().unwrap().parse().unwrap();
+    let files = walkdir_count(&root);
+    println!(
+        "   {:.0} MB unpacked in {files} files; layer {:.0} MB gzip, {:.0} MB as eStargz (512 KiB chunks)",
+        unpacked as f64 / 1e6,
+        plain_bytes as f64 / 1e6,
+        esgz_bytes as f64 / 1e6
+    );
+
+    println!("2. Serve it from a registry behind a {RATE_MBIT} Mbit/s link");
+    let link = SlowLink::new("e2e", &format!("{RATE_MBIT}mbit"));
+    let registry = Registry::start_in_netns("bench-e2e", &link.netns, &link.ip);
+    let reg = registry.host();
+    let interface = "isbh-e2e";
+    support::skopeo_copy(
+        &format!("oci:{}:v1", layout.display()),
+        &format!("docker://{reg}/php:plain"),
+    );
+    support::skopeo_copy(
+        &format!("oci:{}:esgz", esgz_layout.display()),
+        &format!("docker://{reg}/php:esgz"),
+    );
+    let pause_root = support::clockprobe_rootfs(&scratch.join("pause-rootfs"), &[]);
+    let pause_layout = scratch.join("pause-layout");
+    support::build_image(
+        &pause_layout,
+        "v1",
+        &[pause_root],
+        &["/clockprobe", "pause", "0"],
+    )
+    .await;
+    support::skopeo_copy(
+        &format!("oci:{}:v1", pause_layout.display()),
+        &format!("docker://{reg}/pause:v1"),
+    );
+
+    println!("3. Cold starts, {REPETITIONS} of each, alternating");
+    let image = format!("{reg}/php:esgz");
+    let (mut pulled, mut streamed, mut bytes, mut cached) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..REPETITIONS {
+        let (t, _, _) = cold_start(&scratch, &reg, &image, false, interface).await;
+        pulled.push(t);
+        let (t, b, c) = cold_start(&scratch, &reg, &image, true, interface).await;
+        streamed.push(t);
+        bytes.push(b as f64);
+        cached.extend(c);
+    }
+    let (p, s) = (median(pulled), median(streamed));
+    let b = median(bytes);
+    let floor = b * 8.0 / (RATE_MBIT * 1e6);
+    let mut table = String::from("| measurement | value |\n|---|---|\n");
+    let _ = writeln!(
+        table,
+        "| image | {:.0} MB unpacked, {files} files; {:.0} MB gzip, {:.0} MB eStargz |",
+        unpacked as f64 / 1e6,
+        plain_bytes as f64 / 1e6,
+        esgz_bytes as f64 / 1e6
+    );
+    let _ = writeln!(
+        table,
+        "| PullImage -> first log line, containerd's overlayfs snapshotter (median of {REPETITIONS}) | {p:.2} s |"
+    );
+    let _ = writeln!(
+        table,
+        "| PullImage -> first log line, streamed by imgstream (median of {REPETITIONS}) | {s:.2} s |"
+    );
+    let _ = writeln!(table, "| ratio | **{:.1}x** sooner (target: 10x) |", p / s);
+    let _ = writeln!(
+        table,
+        "| bytes over the link before the first log line, streamed | {:.1} MB ({:.0} % of the eStargz layer) |",
+        b / 1e6,
+        b / esgz_bytes as f64 * 100.0
+    );
+    let _ = writeln!(
+        table,
+        "| transfer floor: those bytes at {RATE_MBIT} Mbit/s | {floor:.2} s ({:.0} % of the streamed time) |",
+        floor / s * 100.0
+    );
+    let _ = writeln!(
+        table,
+        "| whole image in imgstream's cache (background download, which starts 3 s after the mount), from PullImage | {:.1} s |",
+        median(cached)
+    );
+    println!("\n{table}");
+    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("e2e.md"), &table).unwrap();
+    drop(registry);
+    drop(link);
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
+fn walkdir_count(dir: &Path) -> usize {
+    let mut n = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            n += 1;
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(e.path());
+            }
+        }
+    }
+    n
+}
