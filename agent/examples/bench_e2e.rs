@@ -266,7 +266,7 @@ async fn main() {
         &format!("oci:{}:v1", layout.display()),
         &format!("oci:{}:esgz", esgz_layout.display()),
         "--chunk-size",
-        "512K",
+        "256K",
         "--json",
         "--scratch",
         scratch.to_str().unwrap(),
@@ -278,7 +278,7 @@ async fn main() {
     let unpacked: u64 = unpacked.split_whitespace().next().unwrap().parse().unwrap();
     let files = walkdir_count(&root);
     println!(
-        "   {:.0} MB unpacked in {files} files; layer {:.0} MB gzip, {:.0} MB as eStargz (512 KiB chunks)",
+        "   {:.0} MB unpacked in {files} files; layer {:.0} MB gzip, {:.0} MB as eStargz (256 KiB chunks)",
         unpacked as f64 / 1e6,
         plain_bytes as f64 / 1e6,
         esgz_bytes as f64 / 1e6
