@@ -350,6 +350,20 @@ pub enum Fault {
     Stall,
 }
 
+/// A one-thread runtime and a non-blocking listener on a free loopback port, for the test
+/// servers (proxy, token server) that run beside the test.
+fn loopback_server() -> (tokio::runtime::Runtime, std::net::TcpListener, SocketAddr) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    (runtime, listener, addr)
+}
+
 /// A TCP proxy on loopback that counts the bytes it forwards from the upstream and can
 /// inject faults.
 pub struct Proxy {
@@ -364,14 +378,7 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn start(upstream: SocketAddr, fault: Fault) -> Self {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
+        let (runtime, listener, addr) = loopback_server();
         let downstream_bytes = Arc::new(AtomicU64::new(0));
         let connections = Arc::new(AtomicUsize::new(0));
         let (bytes, conns) = (downstream_bytes.clone(), connections.clone());
@@ -689,14 +696,7 @@ impl TokenServer {
             base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", user.0, user.1))
         );
 
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
+        let (runtime, listener, addr) = loopback_server();
         let issued = Arc::new(AtomicUsize::new(0));
         let counter = issued.clone();
         let state = Arc::new((signer, rng, x5c, basic));
