@@ -74,6 +74,8 @@ fn mount_image(
         fs: FsConfig::default(),
         background,
         threads: 4,
+        readahead_kb: None,
+        prefetch: true,
         platform: Platform::host(),
     };
     let cache = Arc::new(ChunkCache::open(&opts.cache).unwrap());

@@ -41,6 +41,8 @@ const PACKAGES: [&str; 12] = [
     "dash",
 ];
 const COMMAND: [&str; 3] = ["/usr/bin/php8.2", "-r", "echo \"ready\\n\";"];
+/// eStargz chunk size: a page fault fetches the compressed chunk around it.
+const CHUNK_SIZE: &str = "64K";
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
@@ -143,6 +145,27 @@ fn rootfs(dir: &Path) -> PathBuf {
     root
 }
 
+/// Records what the command reads as it starts: the converted image mounted with
+/// `imgstream mount --record-reads`, the command run in a chroot on it. Returns the record.
+fn record_reads(scratch: &Path, esgz_layout: &Path) -> PathBuf {
+    let reads = scratch.join("reads.jsonl");
+    let mounted = support::Mounted::start(
+        &format!("oci:{}:esgz", esgz_layout.display()),
+        &scratch.join("record-mnt"),
+        &scratch.join("record-cache"),
+        "localhost:1",
+        &["--record-reads", reads.to_str().unwrap(), "--no-background"],
+    );
+    let out = run(Command::new("chroot")
+        .arg(&mounted.mountpoint)
+        .args(COMMAND));
+    assert_eq!(out, "ready\n");
+    mounted.stop();
+    let lines = std::fs::read_to_string(&reads).unwrap().lines().count();
+    println!("   recorded {lines} reads of the command's start (imgstream mount --record-reads)");
+    reads
+}
+
 fn rx_bytes(interface: &str) -> u64 {
     std::fs::read_to_string(format!("/sys/class/net/{interface}/statistics/rx_bytes"))
         .unwrap()
@@ -165,7 +188,11 @@ async fn cold_start(
     streamed: bool,
     interface: &str,
 ) -> (f64, u64, Option<f64>) {
-    let name = if streamed { "streamed" } else { "pulled" };
+    let name = match (streamed, image.ends_with(":prefetch")) {
+        (false, _) => "pulled",
+        (true, false) => "streamed",
+        (true, true) => "prefetch",
+    };
     let dir = scratch.join(format!("{name}-{}", support::free_port()));
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("snapshotter.sock");
@@ -266,19 +293,31 @@ async fn main() {
         &format!("oci:{}:v1", layout.display()),
         &format!("oci:{}:esgz", esgz_layout.display()),
         "--chunk-size",
-        "256K",
+        CHUNK_SIZE,
         "--json",
         "--scratch",
         scratch.to_str().unwrap(),
     ]);
     let converted: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let reads = record_reads(&scratch, &esgz_layout);
+    support::imgstream(&[
+        "convert",
+        &format!("oci:{}:v1", layout.display()),
+        &format!("oci:{}:prefetch", esgz_layout.display()),
+        "--chunk-size",
+        CHUNK_SIZE,
+        "--prefetch-from",
+        reads.to_str().unwrap(),
+        "--scratch",
+        scratch.to_str().unwrap(),
+    ]);
     let plain_bytes = converted["layers"][0]["source_size"].as_u64().unwrap();
     let esgz_bytes = converted["layers"][0]["size"].as_u64().unwrap();
     let unpacked = run(Command::new("du").args(["-sb"]).arg(&root));
     let unpacked: u64 = unpacked.split_whitespace().next().unwrap().parse().unwrap();
     let files = walkdir_count(&root);
     println!(
-        "   {:.0} MB unpacked in {files} files; layer {:.0} MB gzip, {:.0} MB as eStargz (256 KiB chunks)",
+        "   {:.0} MB unpacked in {files} files; layer {:.0} MB gzip, {:.0} MB as eStargz ({CHUNK_SIZE} chunks)",
         unpacked as f64 / 1e6,
         plain_bytes as f64 / 1e6,
         esgz_bytes as f64 / 1e6
@@ -293,10 +332,12 @@ async fn main() {
         &format!("oci:{}:v1", layout.display()),
         &format!("docker://{reg}/php:plain"),
     );
-    support::skopeo_copy(
-        &format!("oci:{}:esgz", esgz_layout.display()),
-        &format!("docker://{reg}/php:esgz"),
-    );
+    for tag in ["esgz", "prefetch"] {
+        support::skopeo_copy(
+            &format!("oci:{}:{tag}", esgz_layout.display()),
+            &format!("docker://{reg}/php:{tag}"),
+        );
+    }
     let pause_root = support::clockprobe_rootfs(&scratch.join("pause-rootfs"), &[]);
     let pause_layout = scratch.join("pause-layout");
     support::build_image(
@@ -312,52 +353,63 @@ async fn main() {
     );
 
     println!("3. Cold starts, {REPETITIONS} of each, alternating");
-    let image = format!("{reg}/php:esgz");
-    let (mut pulled, mut streamed, mut bytes, mut cached) = (vec![], vec![], vec![], vec![]);
+    // (label, image, streamed): containerd's own pull; imgstream on demand only; imgstream
+    // with the recorded prefetch list.
+    let setups = [
+        (
+            "containerd's overlayfs snapshotter (pulled)",
+            format!("{reg}/php:esgz"),
+            false,
+        ),
+        ("imgstream, on demand only", format!("{reg}/php:esgz"), true),
+        (
+            "imgstream, with the recorded prefetch list",
+            format!("{reg}/php:prefetch"),
+            true,
+        ),
+    ];
+    let mut results: Vec<Vec<(f64, u64, Option<f64>)>> = vec![Vec::new(); setups.len()];
     for _ in 0..REPETITIONS {
-        let (t, _, _) = cold_start(&scratch, &reg, &image, false, interface).await;
-        pulled.push(t);
-        let (t, b, c) = cold_start(&scratch, &reg, &image, true, interface).await;
-        streamed.push(t);
-        bytes.push(b as f64);
-        cached.extend(c);
+        for ((_, image, streamed), runs) in setups.iter().zip(&mut results) {
+            runs.push(cold_start(&scratch, &reg, image, *streamed, interface).await);
+        }
     }
-    let (p, s) = (median(pulled), median(streamed));
-    let b = median(bytes);
-    let floor = b * 8.0 / (RATE_MBIT * 1e6);
-    let mut table = String::from("| measurement | value |\n|---|---|\n");
-    let _ = writeln!(
-        table,
-        "| image | {:.0} MB unpacked, {files} files; {:.0} MB gzip, {:.0} MB eStargz |",
+    let mut table = format!(
+        "Image: {:.0} MB unpacked, {files} files; {:.0} MB gzip, {:.0} MB eStargz ({CHUNK_SIZE} chunks). \
+         Link: {RATE_MBIT} Mbit/s. Medians of {REPETITIONS} cold starts each.\n\n\
+         | setup | PullImage -> first log line | sooner than pulled | bytes over the link by then | transfer floor (share of the time) | whole image cached |\n\
+         |---|---|---|---|---|---|\n",
         unpacked as f64 / 1e6,
         plain_bytes as f64 / 1e6,
         esgz_bytes as f64 / 1e6
     );
-    let _ = writeln!(
-        table,
-        "| PullImage -> first log line, containerd's overlayfs snapshotter (median of {REPETITIONS}) | {p:.2} s |"
-    );
-    let _ = writeln!(
-        table,
-        "| PullImage -> first log line, streamed by imgstream (median of {REPETITIONS}) | {s:.2} s |"
-    );
-    let _ = writeln!(table, "| ratio | **{:.1}x** sooner (target: 10x) |", p / s);
-    let _ = writeln!(
-        table,
-        "| bytes over the link before the first log line, streamed | {:.1} MB ({:.0} % of the eStargz layer) |",
-        b / 1e6,
-        b / esgz_bytes as f64 * 100.0
-    );
-    let _ = writeln!(
-        table,
-        "| transfer floor: those bytes at {RATE_MBIT} Mbit/s | {floor:.2} s ({:.0} % of the streamed time) |",
-        floor / s * 100.0
-    );
-    let _ = writeln!(
-        table,
-        "| whole image in imgstream's cache (background download, which starts 3 s after the mount), from PullImage | {:.1} s |",
-        median(cached)
-    );
+    let pulled = median(results[0].iter().map(|r| r.0).collect());
+    for ((label, _, streamed), runs) in setups.iter().zip(&results) {
+        let took = median(runs.iter().map(|r| r.0).collect());
+        if !streamed {
+            let _ = writeln!(
+                table,
+                "| {label} | {took:.2} s | 1x | the whole image | | |"
+            );
+            continue;
+        }
+        let bytes = median(runs.iter().map(|r| r.1 as f64).collect());
+        let floor = bytes * 8.0 / (RATE_MBIT * 1e6);
+        let cached: Vec<f64> = runs.iter().filter_map(|r| r.2).collect();
+        let _ = writeln!(
+            table,
+            "| {label} | {took:.2} s | **{:.1}x** | {:.1} MB ({:.0} % of the layer) | {floor:.2} s ({:.0} %) | {} |",
+            pulled / took,
+            bytes / 1e6,
+            bytes / esgz_bytes as f64 * 100.0,
+            floor / took * 100.0,
+            if cached.is_empty() {
+                "not finished".to_string()
+            } else {
+                format!("{:.1} s", median(cached))
+            }
+        );
+    }
     println!("\n{table}");
     let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&out).unwrap();

@@ -109,6 +109,12 @@ enum Command {
         /// A file listing paths to prioritise, one per line.
         #[arg(long, value_name = "FILE")]
         prioritize_file: Option<PathBuf>,
+        /// Reads recorded while the workload started (`imgstream mount --record-reads`): the
+        /// files they touch go first, and the chunks they touch become the layer's prefetch
+        /// list, fetched as soon as a node mounts the layer. Use the same --chunk-size as the
+        /// image the reads were recorded on, or a smaller one.
+        #[arg(long, value_name = "FILE")]
+        prefetch_from: Option<PathBuf>,
         /// Platform to pick from an image index.
         #[arg(long, default_value = "linux/amd64", value_parser = parse_platform)]
         platform: imgstream::image::manifest::Platform,
@@ -130,6 +136,12 @@ enum Command {
         /// `merged` (all layers, whiteouts applied) or `layer:N` (one layer, overlayfs lower form).
         #[arg(long, default_value = "merged", value_parser = parse_view)]
         view: imgstream::fs::View,
+        /// Record every file read while mounted (layer, path, offset, size; JSON lines) and
+        /// write them to FILE at unmount: run a workload's start on the mount, then give FILE
+        /// to `imgstream convert --prefetch-from`. Readahead is off while recording (unless
+        /// --fuse-readahead-kb says otherwise), so what is recorded is what was read.
+        #[arg(long, value_name = "FILE")]
+        record_reads: Option<PathBuf>,
         #[command(flatten)]
         serving: ServingArgs,
     },
@@ -242,6 +254,16 @@ struct ServingArgs {
     /// A read waiting on the network fails with EIO after this many seconds.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     read_deadline_secs: u64,
+    /// Do not fetch the chunks a layer's TOC lists as read at start (`imgstream convert
+    /// --prefetch-from`, or eStargz's prioritised files) as soon as it is mounted.
+    #[arg(long)]
+    no_prefetch: bool,
+    /// The kernel's readahead on FUSE mounts, KiB, until the whole image is cached (then the
+    /// kernel's default comes back). By default 0 for images with a prefetch list (the list
+    /// brings what the start reads; readahead would fetch pages it does not), and the
+    /// kernel's default for the others (fewer, larger requests).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=16384))]
+    fuse_readahead_kb: Option<u32>,
     /// Threads serving requests.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
     threads: u64,
@@ -269,6 +291,7 @@ impl ServingArgs {
             },
             fs: imgstream::fs::FsConfig {
                 read_deadline: Duration::from_secs(self.read_deadline_secs),
+                record_reads: false,
             },
             background: (!self.no_background).then_some(
                 imgstream::fetch::background::BackgroundConfig {
@@ -278,7 +301,9 @@ impl ServingArgs {
                     quiet: Duration::from_millis(self.background_quiet_ms),
                 },
             ),
+            prefetch: !self.no_prefetch,
             threads: self.threads as usize,
+            readahead_kb: self.fuse_readahead_kb,
             platform: self.platform,
         };
         let http = imgstream::registry::http::HttpConfig::try_from(self.registry)?;
@@ -536,11 +561,16 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             chunk_size,
             mut prioritize,
             prioritize_file,
+            prefetch_from,
             platform,
             scratch,
             json,
             registry,
         } => {
+            let reads = match prefetch_from {
+                Some(file) => imgstream::image::reads::read(&file)?,
+                None => Vec::new(),
+            };
             if let Some(file) = prioritize_file {
                 let list = std::fs::read_to_string(&file)
                     .with_context(|| format!("reading {}", file.display()))?;
@@ -554,7 +584,13 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let http = imgstream::registry::http::HttpConfig::try_from(registry)?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             let report = runtime.block_on(convert(
-                &src, &dst, chunk_size, prioritize, platform, scratch, http,
+                &src,
+                &dst,
+                chunk_size,
+                (prioritize, reads),
+                platform,
+                scratch,
+                http,
             ))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -578,10 +614,15 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             image,
             mountpoint,
             view,
+            record_reads,
             serving,
         } => {
-            let (options, http) = serving.options(view)?;
-            mount(&image, &mountpoint, &options, http)?;
+            let (mut options, http) = serving.options(view)?;
+            if record_reads.is_some() {
+                options.fs.record_reads = true;
+                options.readahead_kb.get_or_insert(0);
+            }
+            mount(&image, &mountpoint, &options, http, record_reads.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::ServeVhost {
@@ -631,7 +672,7 @@ async fn convert(
     src: &str,
     dst: &str,
     chunk_size: u64,
-    prioritized: Vec<String>,
+    (prioritized, reads): (Vec<String>, Vec<imgstream::image::reads::RecordedRead>),
     platform: imgstream::image::manifest::Platform,
     scratch: PathBuf,
     http: imgstream::registry::http::HttpConfig,
@@ -651,6 +692,7 @@ async fn convert(
             ..Default::default()
         },
         prioritized,
+        reads,
         platform,
         scratch: scratch.join(format!("imgstream-convert-{}", std::process::id())),
         progress: bars,
@@ -863,6 +905,7 @@ fn mount(
     mountpoint: &std::path::Path,
     options: &imgstream::mount::MountOptions,
     http: imgstream::registry::http::HttpConfig,
+    record_reads: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
     use std::sync::atomic::Ordering;
 
@@ -913,7 +956,13 @@ fn mount(
         bar.finish_and_clear();
     }
     mounted.wait_background_stop();
+    let reads = mounted.fs.recorded_reads();
     drop(mounted);
     eprintln!("unmounted {}", mountpoint.display());
+    if let Some(file) = record_reads {
+        imgstream::image::reads::write(file, &reads)
+            .with_context(|| format!("writing the recorded reads to {}", file.display()))?;
+        eprintln!("{} reads recorded in {}", reads.len(), file.display());
+    }
     Ok(())
 }

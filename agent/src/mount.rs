@@ -9,6 +9,7 @@ use crate::{
     fetch::{
         Fetcher,
         background::{self, BackgroundConfig, Progress},
+        prefetch,
     },
     fs::{FsConfig, ImageFs, View, fusedev::FuseMount},
     image::{
@@ -55,8 +56,14 @@ pub struct MountOptions {
     pub fs: FsConfig,
     /// `None` disables the background download.
     pub background: Option<BackgroundConfig>,
+    /// Fetch the chunks the layers' TOCs list as read at start, as soon as they are mounted.
+    pub prefetch: bool,
     /// Threads serving requests (FUSE workers, or virtio-fs request threads).
     pub threads: usize,
+    /// The kernel's readahead on FUSE mounts, in KiB, until the image is all cached; `None`:
+    /// 0 when a layer has a prefetch list (it brings what a start reads), else the kernel's
+    /// default.
+    pub readahead_kb: Option<u32>,
     pub platform: Platform,
 }
 
@@ -202,7 +209,7 @@ async fn whole_layer(
                     &media_type,
                     &out_path,
                     Default::default(),
-                    &[],
+                    &Default::default(),
                     &|_| {},
                 )
             })
@@ -270,6 +277,7 @@ pub struct ServedImage {
     _pin: crate::cache::Pin,
     pub progress: Option<Arc<Progress>>,
     background: Option<thread::JoinHandle<()>>,
+    prefetch: Option<thread::JoinHandle<()>>,
     stop: Shutdown,
 }
 
@@ -288,9 +296,13 @@ impl ServedImage {
         self.wait_background();
     }
 
-    /// Waits for the background download to end (finished, failed or stopped).
+    /// Waits for the background download and the prefetch to end (finished, failed or
+    /// stopped).
     pub fn wait_background(&mut self) {
-        if let Some(handle) = self.background.take() {
+        for handle in [self.prefetch.take(), self.background.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = handle.join();
         }
     }
@@ -328,6 +340,22 @@ impl std::ops::Deref for MountedImage {
 impl std::ops::DerefMut for MountedImage {
     fn deref_mut(&mut self) -> &mut ServedImage {
         &mut self.served
+    }
+}
+
+impl MountedImage {
+    /// The FUSE connection's descriptor, to hand to a keeper.
+    pub fn fuse_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.mount.as_ref()?.fuse_fd()
+    }
+
+    /// Stops serving (after the requests being served are answered) and the background
+    /// download, and leaves the mount for the next agent, whose keeper holds the connection.
+    pub fn leave_mounted(mut self) {
+        self.served.stop.trigger();
+        if let Some(mount) = self.mount.take() {
+            mount.leave_mounted();
+        }
     }
 }
 
@@ -379,6 +407,16 @@ pub fn serve(
         options.fs,
     ));
     let stop = Shutdown::new();
+    let prefetch = if options.prefetch {
+        prefetch::spawn(
+            fetcher.clone(),
+            &background_layers,
+            options.fs.read_deadline,
+            stop.clone(),
+        )
+    } else {
+        None
+    };
     let (progress, background) = match options.background {
         Some(config) => {
             let (progress, handle) =
@@ -393,6 +431,7 @@ pub fn serve(
         _pin: pin,
         progress,
         background,
+        prefetch,
         stop,
     })
 }
@@ -405,6 +444,10 @@ pub fn mount(
     mountpoint: &Path,
     options: &MountOptions,
 ) -> Result<MountedImage, MountError> {
+    let has_list = image.layers.iter().any(|l| !l.index.prefetch.is_empty());
+    let readahead_kb = options
+        .readahead_kb
+        .or_else(|| (has_list && options.prefetch).then_some(0));
     let served = serve(runtime, image, cache, options)?;
     let files = served.fs.tree().iter().count();
     let mount = FuseMount::mount(
@@ -413,8 +456,42 @@ pub fn mount(
         "imgstream",
         true,
         options.threads,
+        readahead_kb,
     )?;
+    if let (Some(readahead), Some(progress)) = (mount.readahead(), &served.progress) {
+        let readahead = readahead.clone();
+        progress.when_finished(move || readahead.restore());
+    }
     tracing::info!(mountpoint = %mountpoint.display(), files, view = ?options.view, "image mounted");
+    Ok(MountedImage {
+        mount: Some(mount),
+        served,
+    })
+}
+
+/// Serves an opened image again on the FUSE connection mounted at `mountpoint` by a previous
+/// agent, its descriptor `file` taken back from a keeper (see [`crate::fs::keeper`]).
+pub fn adopt(
+    runtime: tokio::runtime::Handle,
+    image: OpenedImage,
+    cache: Arc<ChunkCache>,
+    mountpoint: &Path,
+    file: std::fs::File,
+    options: &MountOptions,
+) -> Result<MountedImage, MountError> {
+    let served = serve(runtime, image, cache, options)?;
+    let mount = FuseMount::adopt(
+        served.fs.clone(),
+        mountpoint,
+        "imgstream",
+        file,
+        options.threads,
+    )?;
+    if let (Some(readahead), Some(progress)) = (mount.readahead(), &served.progress) {
+        let readahead = readahead.clone();
+        progress.when_finished(move || readahead.restore());
+    }
+    tracing::info!(mountpoint = %mountpoint.display(), "image served again on the mount a previous agent left");
     Ok(MountedImage {
         mount: Some(mount),
         served,

@@ -135,6 +135,7 @@ fn convert_with_imgstream(tar: &Path, blob: &Path) -> Digest {
             level: 6,
         },
     );
+    let mut reads = Vec::new();
     while let Some(h) = r.next_header().unwrap() {
         let mut data = Vec::new();
         let mut buf = [0u8; 8192];
@@ -145,9 +146,13 @@ fn convert_with_imgstream(tar: &Path, blob: &Path) -> Digest {
             }
             data.extend_from_slice(&buf[..n]);
         }
+        reads.push((h.name.clone(), 0, data.len() as u64));
         w.append(&h, &mut data.as_slice()).unwrap();
     }
     w.append_landmark(false).unwrap();
+    // The TOC carries imgstream's prefetch list (every file, as if all were read at start):
+    // stargz-snapshotter must still read and verify the layer.
+    w.prefetch_reads(reads);
     w.finish().unwrap().1.toc_digest
 }
 

@@ -140,3 +140,129 @@ async fn mounted_image_equals_a_gnu_tar_extraction_in_both_views() {
     drop(registry);
     std::fs::remove_dir_all(&scratch).unwrap();
 }
+
+/// `imgstream mount --record-reads` records what a workload reads, `imgstream convert
+/// --prefetch-from` turns that into the layer's prefetch list, and a mount of the converted
+/// image fetches exactly those chunks before anything reads them: with the registry hung
+/// afterwards, the recorded reads are served from the cache and any other read fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recorded_reads_are_prefetched_at_mount() {
+    support::require_root();
+    let scratch = support::scratch("fuse-prefetch");
+    let registry = Registry::start("fuse-prefetch", None);
+    let reg = registry.host();
+    let dirs = layer_dirs(&scratch);
+    let tarballs = tar_layers(&dirs, &scratch);
+    let layout = scratch.join("layout");
+    support::build_image_from_tarballs(&layout, "v1", &tarballs, &["/bin/sh"]).await;
+    support::skopeo_copy(
+        &format!("oci:{}:v1", layout.display()),
+        &format!("docker://{reg}/src/app:v1"),
+    );
+    let convert = |dst: &str, extra: &[&str]| {
+        let mut args = vec![
+            "convert".to_string(),
+            format!("{reg}/src/app:v1"),
+            format!("{reg}/{dst}"),
+            "--insecure-registry".into(),
+            reg.clone(),
+            "--chunk-size".into(),
+            "64K".into(),
+            "--scratch".into(),
+            scratch.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        support::imgstream(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    };
+    convert("esgz/app:v1", &[]);
+
+    // The "workload": a read in the middle of big.bin and all of a small file.
+    let reads = scratch.join("reads.jsonl");
+    let recording = Mounted::start(
+        &format!("{reg}/esgz/app:v1"),
+        &scratch.join("mnt-record"),
+        &scratch.join("cache-record"),
+        &reg,
+        &["--no-background", "--record-reads", reads.to_str().unwrap()],
+    );
+    let big = std::fs::read(dirs[0].join("usr/lib/big.bin")).unwrap();
+    let middle = read_at(
+        &recording.mountpoint.join("usr/lib/big.bin"),
+        1_000_000,
+        100,
+    );
+    assert_eq!(middle, big[1_000_000..1_000_100]);
+    let config = std::fs::read(recording.mountpoint.join("opt/app/config")).unwrap();
+    recording.stop();
+    let recorded: Vec<serde_json::Value> = std::fs::read_to_string(&reads)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // Readahead is off while recording: the page around the read, nothing more. (The path
+    // is the one holding the data: big.bin and big-hardlink.bin are one file.)
+    assert!(
+        recorded.iter().any(|r| r["path"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("usr/lib/big"))
+            && r["layer"] == 0
+            && r["offset"] == 999_424
+            && r["size"] == 4096),
+        "{recorded:?}"
+    );
+    assert!(recorded.iter().any(|r| r["path"] == "opt/app/config"));
+    assert!(
+        !recorded.iter().any(|r| r["path"] == "bin/busybox"),
+        "{recorded:?}"
+    );
+
+    convert(
+        "prefetch/app:v1",
+        &["--prefetch-from", reads.to_str().unwrap()],
+    );
+    let log = scratch.join("mount.log");
+    let mounted = Mounted::start_logged(
+        &format!("{reg}/prefetch/app:v1"),
+        &scratch.join("mnt"),
+        &scratch.join("cache"),
+        &reg,
+        &["--no-background", "--read-deadline-secs", "2"],
+        Some(&log),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !mounted.log_text().contains("prefetch done") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            mounted.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(mounted.log_text().contains("failed_batches=0"));
+    registry.pause();
+    assert_eq!(
+        read_at(&mounted.mountpoint.join("usr/lib/big.bin"), 1_000_000, 100),
+        middle
+    );
+    assert_eq!(
+        std::fs::read(mounted.mountpoint.join("opt/app/config")).unwrap(),
+        config
+    );
+    // Not in the list: needs the (hung) registry.
+    let err = std::fs::read(mounted.mountpoint.join("bin/busybox")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    registry.resume();
+    mounted.stop();
+    drop(registry);
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
+fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0; len];
+    std::fs::File::open(path)
+        .unwrap()
+        .read_exact_at(&mut buf, offset)
+        .unwrap();
+    buf
+}

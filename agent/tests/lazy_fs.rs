@@ -116,9 +116,12 @@ fn mount_through(
         },
         fs: FsConfig {
             read_deadline: deadline,
+            record_reads: false,
         },
         background,
         threads: 2,
+        readahead_kb: None,
+        prefetch: true,
         platform: Platform::host(),
     };
     let chunk_cache = Arc::new(ChunkCache::open(&options.cache).unwrap());

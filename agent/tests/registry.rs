@@ -555,6 +555,7 @@ async fn bearer_tokens_from_the_challenge_realm_and_refresh_on_401() {
     let options = imgstream::convert::ConvertOptions {
         writer: Default::default(),
         prioritized: vec![],
+        reads: Vec::new(),
         platform: imgstream::image::manifest::Platform::host(),
         scratch: scratch.join("convert"),
         progress: None,
@@ -625,6 +626,7 @@ async fn https_with_a_custom_ca_and_a_clear_error_without_it() {
     let options = imgstream::convert::ConvertOptions {
         writer: Default::default(),
         prioritized: vec![],
+        reads: Vec::new(),
         platform: imgstream::image::manifest::Platform::host(),
         scratch: scratch.join("convert"),
         progress: None,

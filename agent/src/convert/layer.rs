@@ -11,7 +11,10 @@ use flate2::read::MultiGzDecoder;
 
 use crate::image::{
     digest::{Digest, Hasher},
-    estargz::{EstargzWriter, LayerSummary, WriterOptions, normalize},
+    estargz::{
+        EstargzWriter, LayerSummary, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_NAME,
+        WriterOptions, normalize,
+    },
     manifest::{DOCKER_LAYER_GZIP, OCI_LAYER_GZIP, OCI_LAYER_TAR},
     tar::{Header, Kind, TarError, TarReader},
 };
@@ -66,17 +69,34 @@ fn tar_stream<'a>(
     Ok(TarReader::new(stream))
 }
 
+/// What to put first in a converted layer, and what to prefetch.
+#[derive(Clone, Debug, Default)]
+pub struct LayerPlan {
+    /// Entries to put first, in this order, before the prefetch landmark.
+    pub prioritized: Vec<String>,
+    /// Recorded reads, (path, offset, size) in the order they were made: the chunks they
+    /// touch become the TOC's prefetch list.
+    pub reads: Vec<(String, u64, u64)>,
+}
+
+/// Entries an eStargz layer carries for its readers, not for the image: an eStargz input
+/// being converted again gets fresh ones.
+fn is_estargz_bookkeeping(name: &str) -> bool {
+    [TOC_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK].contains(&name)
+}
+
 /// Converts the layer blob at `input` (of `media_type`) into an eStargz blob at `output`.
-/// Entries named in `prioritized` (in that order) come first, followed by the prefetch
+/// Entries named in `plan.prioritized` (in that order) come first, followed by the prefetch
 /// landmark; without any, the no-prefetch landmark comes first.
 pub fn convert_layer(
     input: &Path,
     media_type: &str,
     output: &Path,
     options: WriterOptions,
-    prioritized: &[String],
+    plan: &LayerPlan,
     report: Progress<'_>,
 ) -> Result<LayerSummary, ConvertLayerError> {
+    let prioritized = &plan.prioritized;
     let wanted: HashMap<String, usize> = prioritized
         .iter()
         .enumerate()
@@ -84,6 +104,7 @@ pub fn convert_layer(
         .collect();
     let out = io::BufWriter::with_capacity(1 << 20, File::create(output)?);
     let mut writer = EstargzWriter::new(out, options);
+    writer.prefetch_reads(plan.reads.iter().cloned());
 
     // Pass 1: set the prioritised entries aside (data spilled to a scratch file).
     let mut first: Vec<(usize, Header, u64)> = Vec::new();
@@ -95,7 +116,10 @@ pub fn convert_layer(
         while let Some(header) = tar.next_header()? {
             let name = normalize(&header.name).unwrap_or_default();
             // A hard link must follow its target, so it is never moved ahead.
-            let Some(&rank) = wanted.get(&name).filter(|_| header.kind != Kind::HardLink) else {
+            let Some(&rank) = wanted
+                .get(&name)
+                .filter(|_| header.kind != Kind::HardLink && !is_estargz_bookkeeping(&name))
+            else {
                 continue;
             };
             let copied = copy_data(&mut tar, &mut spill)?;
@@ -122,8 +146,8 @@ pub fn convert_layer(
     // Pass 2: everything else, in the original order.
     let mut tar = tar_stream(input, media_type, report)?;
     while let Some(header) = tar.next_header()? {
-        if moved.contains(&normalize(&header.name).unwrap_or_default())
-            && header.kind != Kind::HardLink
+        let name = normalize(&header.name).unwrap_or_default();
+        if (moved.contains(&name) && header.kind != Kind::HardLink) || is_estargz_bookkeeping(&name)
         {
             continue;
         }

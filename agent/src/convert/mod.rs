@@ -14,7 +14,7 @@ use std::{path::PathBuf, sync::Arc};
 use bytes::Bytes;
 use serde::Serialize;
 
-pub use layer::{ConvertLayerError, Progress, convert_layer};
+pub use layer::{ConvertLayerError, LayerPlan, Progress, convert_layer};
 
 use crate::{
     image::{
@@ -24,6 +24,7 @@ use crate::{
             self, DOCKER_LAYER_GZIP, DOCKER_MANIFEST, Descriptor, Document, Manifest,
             OCI_LAYER_GZIP, Platform,
         },
+        reads::RecordedRead,
     },
     registry::{BlobSink, BlobSource, RegistryError},
 };
@@ -59,6 +60,11 @@ pub struct ConvertOptions {
     /// Files (paths inside the image) to put first, in this order, before the prefetch
     /// landmark.
     pub prioritized: Vec<String>,
+    /// Reads recorded while the workload started (`imgstream mount --record-reads`): the
+    /// files they touch go first in their layer (after `prioritized`), the chunks they touch
+    /// become the layer's prefetch list. A layer with recorded reads is rewritten even when
+    /// it is already eStargz.
+    pub reads: Vec<RecordedRead>,
     /// Which manifest of an index to convert.
     pub platform: Platform,
     /// Where layers are staged (removed afterwards).
@@ -68,6 +74,27 @@ pub struct ConvertOptions {
     /// The source repository, when the sink is another repository of the same registry:
     /// layers that stay as they are are then mounted across repositories, not copied.
     pub mount_from: Option<String>,
+}
+
+impl ConvertOptions {
+    /// Layer `n`'s plan: the prioritised files, then the files its recorded reads touch in
+    /// the order first touched; and those reads.
+    fn plan(&self, n: usize) -> LayerPlan {
+        let reads: Vec<(String, u64, u64)> = self
+            .reads
+            .iter()
+            .filter(|r| r.layer == n)
+            .map(|r| (r.path.clone(), r.offset, r.size))
+            .collect();
+        let mut prioritized = self.prioritized.clone();
+        let mut seen: std::collections::HashSet<String> = prioritized.iter().cloned().collect();
+        for (path, ..) in &reads {
+            if seen.insert(path.clone()) {
+                prioritized.push(path.clone());
+            }
+        }
+        LayerPlan { prioritized, reads }
+    }
 }
 
 /// What a conversion produced.
@@ -189,7 +216,10 @@ async fn convert_one(
         reused: true,
         mounted,
     };
-    if let Some(toc) = desc.annotations.get(TOC_DIGEST_ANNOTATION) {
+    let plan = options.plan(n);
+    if let Some(toc) = desc.annotations.get(TOC_DIGEST_ANNOTATION)
+        && plan.reads.is_empty()
+    {
         // Already eStargz: keep it, without moving a byte when the registry can mount it.
         let toc_digest: Digest = toc.parse().map_err(RegistryError::from)?;
         if let (Some(from), Some(diff_id)) = (&options.mount_from, source_diff_id)
@@ -211,11 +241,7 @@ async fn convert_one(
         return Ok((desc.clone(), diff_id, reuse(toc_digest, false)));
     }
     source.blob_to_file(desc, &input).await?;
-    let (media_type, writer, prioritized) = (
-        desc.media_type.clone(),
-        options.writer,
-        options.prioritized.clone(),
-    );
+    let (media_type, writer) = (desc.media_type.clone(), options.writer);
     let (src_path, dst_path) = (input.clone(), output.clone());
     let progress = options.progress.clone();
     let total = desc.size;
@@ -225,14 +251,7 @@ async fn convert_one(
                 p(n, read, total);
             }
         };
-        convert_layer(
-            &src_path,
-            &media_type,
-            &dst_path,
-            writer,
-            &prioritized,
-            &report,
-        )
+        convert_layer(&src_path, &media_type, &dst_path, writer, &plan, &report)
     })
     .await
     .map_err(|e| ConvertError::Task(e.to_string()))?

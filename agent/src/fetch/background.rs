@@ -58,6 +58,43 @@ pub struct Progress {
     pub bytes_done: AtomicU64,
     pub failed_batches: AtomicUsize,
     pub finished: AtomicBool,
+    #[serde(skip)]
+    on_finished: FinishHook,
+}
+
+/// What to do once the whole image is cached.
+#[derive(Default)]
+struct FinishHook(std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>);
+
+impl std::fmt::Debug for FinishHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FinishHook")
+    }
+}
+
+impl Progress {
+    /// Runs `hook` once the whole image is cached (now, if it already is). Not run when the
+    /// download stops unfinished.
+    pub fn when_finished(&self, hook: impl FnOnce() + Send + 'static) {
+        let mut slot = self.on_finished.0.lock().unwrap_or_else(|e| e.into_inner());
+        if self.finished.load(Ordering::Acquire) {
+            drop(slot);
+            hook();
+        } else {
+            *slot = Some(Box::new(hook));
+        }
+    }
+
+    fn finish(&self) {
+        let hook = {
+            let mut slot = self.on_finished.0.lock().unwrap_or_else(|e| e.into_inner());
+            self.finished.store(true, Ordering::Release);
+            slot.take()
+        };
+        if let Some(hook) = hook {
+            hook();
+        }
+    }
 }
 
 /// A run of adjacent chunks of one blob.
@@ -207,7 +244,7 @@ fn run(
     }
     let failed = progress.failed_batches.load(Ordering::Relaxed);
     if !shutdown.is_triggered() && failed == 0 {
-        progress.finished.store(true, Ordering::Release);
+        progress.finish();
         tracing::info!(
             chunks = progress.chunks_done.load(Ordering::Relaxed),
             bytes = progress.bytes_done.load(Ordering::Relaxed),

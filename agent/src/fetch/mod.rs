@@ -20,6 +20,7 @@ use std::{
 };
 
 pub mod background;
+pub mod prefetch;
 
 use serde::Serialize;
 
@@ -119,7 +120,10 @@ pub struct Fetcher {
     /// When the last on-demand fetch ended, in ns since `born` (`u64::MAX`: never).
     last_ondemand_ns: AtomicU64,
     born: Instant,
-    warned_cache: std::sync::atomic::AtomicBool,
+    warned_cache: Arc<std::sync::atomic::AtomicBool>,
+    /// Chunks fetched for readers, on their way to the cache: a reader gets its data before
+    /// its chunk is written. `None` if the writer thread could not start.
+    writes: Option<std::sync::mpsc::SyncSender<(Digest, Arc<Vec<u8>>)>>,
     pub stats: FetchStats,
 }
 
@@ -144,6 +148,8 @@ impl Fetcher {
         source: Arc<dyn BlobSource>,
         cache: Arc<ChunkCache>,
     ) -> Self {
+        let warned_cache = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writes = spawn_writer(cache.clone(), warned_cache.clone());
         Self {
             recent: Mutex::new(Recent {
                 map: HashMap::new(),
@@ -158,7 +164,8 @@ impl Fetcher {
             ondemand: AtomicUsize::new(0),
             last_ondemand_ns: AtomicU64::new(u64::MAX),
             born: Instant::now(),
-            warned_cache: std::sync::atomic::AtomicBool::new(false),
+            writes,
+            warned_cache,
             ondemand_done: (Mutex::new(()), Condvar::new()),
             stats: FetchStats::default(),
         }
@@ -225,7 +232,16 @@ impl Fetcher {
         if !mine.is_empty() {
             let wanted: Vec<(usize, &ChunkRef<'_>)> =
                 mine.iter().map(|(i, _)| (*i, &chunks[*i])).collect();
-            let results = self.fetch_runs(&wanted, deadline);
+            let results = self.fetch_runs(&wanted, deadline, priority);
+            if priority == Priority::OnDemand {
+                // The next reads of a container usually want the rest of what it just read.
+                let mut recent = self.recent.lock().expect("recent lock");
+                for ((i, _), result) in mine.iter().zip(&results) {
+                    if let Ok(data) = result {
+                        recent.insert(chunks[*i].chunk.digest, data.clone());
+                    }
+                }
+            }
             let mut map = self.inflight.lock().expect("inflight lock");
             for ((i, flight), result) in mine.iter().zip(results) {
                 map.remove(&chunks[*i].chunk.digest);
@@ -248,6 +264,7 @@ impl Fetcher {
         &self,
         wanted: &[(usize, &ChunkRef<'_>)],
         deadline: Instant,
+        priority: Priority,
     ) -> Vec<Result<Arc<Vec<u8>>, FetchError>> {
         let mut results = Vec::with_capacity(wanted.len());
         let mut i = 0;
@@ -264,6 +281,14 @@ impl Fetcher {
                 run[0].1.blob,
                 run[0].1.chunk.blob_offset,
                 run[run.len() - 1].1.chunk.blob_end,
+            );
+            tracing::trace!(
+                target: "imgstream::reads",
+                %blob,
+                start,
+                bytes = end - start,
+                chunks = run.len(),
+                "range request"
             );
             let left = deadline.saturating_duration_since(Instant::now());
             let source = self.source.clone();
@@ -303,10 +328,9 @@ impl Fetcher {
                         results.push(match estargz::decode_chunk(member, c.chunk) {
                             Ok(data) => {
                                 self.stats.chunks_fetched.fetch_add(1, Ordering::Relaxed);
-                                if let Err(err) = self.cache.put(&c.chunk.digest, &data) {
-                                    self.cache_write_failed(&err);
-                                }
-                                Ok(Arc::new(data))
+                                let data = Arc::new(data);
+                                self.store(c.chunk.digest, &data, priority);
+                                Ok(data)
                             }
                             Err(e) => {
                                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -324,14 +348,19 @@ impl Fetcher {
         results
     }
 
-    /// Reports a failed cache write: loudly the first time, quietly after (a full disk would
-    /// otherwise log once per chunk). Reads go on from the network either way.
-    fn cache_write_failed(&self, err: &crate::cache::CacheError) {
-        if !self.warned_cache.swap(true, Ordering::Relaxed) {
-            tracing::error!(%err, dir = %self.cache.dir().display(), "chunks cannot be cached; reads keep working from the network");
-        } else {
-            tracing::debug!(%err, "chunk not cached");
+    /// Caches a fetched chunk: for a reader, through the writer thread (written inline when
+    /// its queue is full, so nothing fetched is dropped); for the background, inline.
+    fn store(&self, digest: Digest, data: &Arc<Vec<u8>>, priority: Priority) {
+        if priority == Priority::OnDemand
+            && let Some(writes) = &self.writes
+        {
+            match writes.try_send((digest, data.clone())) {
+                Ok(()) => return,
+                Err(std::sync::mpsc::TrySendError::Full(_))
+                | Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {}
+            }
         }
+        put(&self.cache, &self.warned_cache, &digest, data);
     }
 
     /// Blocks a background fetch while on-demand fetches run (bounded by `deadline`).
@@ -369,6 +398,42 @@ impl Fetcher {
     /// On-demand fetches running now.
     pub fn active_readers(&self) -> usize {
         self.ondemand.load(Ordering::Acquire)
+    }
+}
+
+/// Chunks queued for the writer thread at most; beyond, readers write inline.
+const QUEUED_WRITES: usize = 256;
+
+/// Starts the thread that writes readers' chunks to the cache. It ends when the fetcher is
+/// dropped, after writing what is queued.
+fn spawn_writer(
+    cache: Arc<ChunkCache>,
+    warned: Arc<std::sync::atomic::AtomicBool>,
+) -> Option<std::sync::mpsc::SyncSender<(Digest, Arc<Vec<u8>>)>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(Digest, Arc<Vec<u8>>)>(QUEUED_WRITES);
+    std::thread::Builder::new()
+        .name("cache-writer".into())
+        .spawn(move || {
+            for (digest, data) in rx {
+                put(&cache, &warned, &digest, &data);
+            }
+        })
+        .inspect_err(
+            |err| tracing::warn!(%err, "no cache writer thread: readers write chunks themselves"),
+        )
+        .ok()?;
+    Some(tx)
+}
+
+/// Writes a chunk to the cache. A failure is reported loudly the first time, quietly after
+/// (a full disk would otherwise log once per chunk); reads go on from the network either way.
+fn put(cache: &ChunkCache, warned: &std::sync::atomic::AtomicBool, digest: &Digest, data: &[u8]) {
+    if let Err(err) = cache.put(digest, data) {
+        if !warned.swap(true, Ordering::Relaxed) {
+            tracing::error!(%err, dir = %cache.dir().display(), "chunks cannot be cached; reads keep working from the network");
+        } else {
+            tracing::debug!(%err, "chunk not cached");
+        }
     }
 }
 

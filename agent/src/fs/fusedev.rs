@@ -28,9 +28,11 @@ pub enum MountError {
 
 /// A mounted filesystem and its worker threads.
 pub struct FuseMount {
-    session: FuseSession,
+    /// `None` once left mounted for another process to serve.
+    session: Option<FuseSession>,
     workers: Vec<thread::JoinHandle<()>>,
     mountpoint: PathBuf,
+    readahead: Option<Readahead>,
 }
 
 impl std::fmt::Debug for FuseMount {
@@ -41,14 +43,20 @@ impl std::fmt::Debug for FuseMount {
     }
 }
 
+/// `FUSE_NOTIFY_RESEND` (Linux 6.9): the kernel queues again the requests a server read
+/// but never answered.
+const FUSE_NOTIFY_RESEND: i32 = 7;
+
 impl FuseMount {
-    /// Mounts `fs` read-only (or not) at `mountpoint` and serves it with `threads` workers.
+    /// Mounts `fs` read-only (or not) at `mountpoint` and serves it with `threads` workers,
+    /// with the kernel's readahead set to `readahead_kb` (`None`: the kernel's default).
     pub fn mount<F>(
         fs: Arc<F>,
         mountpoint: &Path,
         fsname: &str,
         readonly: bool,
         threads: usize,
+        readahead_kb: Option<u32>,
     ) -> Result<Self, MountError>
     where
         F: FileSystem + Send + Sync + 'static,
@@ -57,26 +65,153 @@ impl FuseMount {
         let mut session = FuseSession::new(mountpoint, fsname, "", readonly)
             .map_err(|e| MountError::Mount(where_.clone(), e))?;
         session.mount().map_err(|e| MountError::Mount(where_, e))?;
+        let mut this = Self::start(session, fs, mountpoint, threads)?;
+        this.readahead = readahead_kb.and_then(|kb| {
+            Readahead::set(mountpoint, kb)
+                .inspect_err(|err| tracing::warn!(%err, mountpoint = %mountpoint.display(), kb, "the FUSE mount keeps the kernel's readahead"))
+                .ok()
+        });
+        Ok(this)
+    }
+
+    /// Serves `fs` on a FUSE connection already mounted at `mountpoint`, its /dev/fuse
+    /// descriptor `file` taken back from a keeper after a restart. The kernel's INIT is long
+    /// done, so requests are served from the first one read; those the previous server read
+    /// and never answered are asked for again.
+    pub fn adopt<F>(
+        fs: Arc<F>,
+        mountpoint: &Path,
+        fsname: &str,
+        file: std::fs::File,
+        threads: usize,
+    ) -> Result<Self, MountError>
+    where
+        F: FileSystem + Send + Sync + 'static,
+    {
+        let where_ = mountpoint.display().to_string();
+        let mut session = FuseSession::new(mountpoint, fsname, "", true)
+            .map_err(|e| MountError::Mount(where_, e))?;
+        session.set_fuse_file(file);
+        let mut this = Self::start(session, fs, mountpoint, threads)?;
+        this.readahead = Readahead::of(mountpoint).ok();
+        let mut resend = [0u8; 16];
+        resend[..4].copy_from_slice(&16u32.to_ne_bytes());
+        resend[4..8].copy_from_slice(&FUSE_NOTIFY_RESEND.to_ne_bytes());
+        if let Some(mut file) = this.session.as_ref().and_then(|s| s.get_fuse_file())
+            && let Err(err) = std::io::Write::write_all(&mut file, &resend)
+        {
+            tracing::warn!(%err, mountpoint = %mountpoint.display(), "the kernel did not resend unanswered requests (FUSE_NOTIFY_RESEND needs Linux 6.9); a read in flight when the agent stopped may hang");
+        }
+        Ok(this)
+    }
+
+    fn start<F>(
+        session: FuseSession,
+        fs: Arc<F>,
+        mountpoint: &Path,
+        threads: usize,
+    ) -> Result<Self, MountError>
+    where
+        F: FileSystem + Send + Sync + 'static,
+    {
         let server = Arc::new(Server::new(fs));
-        let mut workers = Vec::new();
+        let mut this = Self {
+            session: Some(session),
+            workers: Vec::new(),
+            readahead: None,
+            mountpoint: mountpoint.to_path_buf(),
+        };
         for i in 0..threads.max(1) {
+            let session = this.session.as_ref().expect("just set");
             let channel = session.new_channel().map_err(MountError::Channel)?;
             let server = server.clone();
             let worker = thread::Builder::new()
                 .name(format!("fuse-{i}"))
                 .spawn(move || serve(channel, &server))
                 .map_err(MountError::Thread)?;
-            workers.push(worker);
+            this.workers.push(worker);
         }
-        Ok(Self {
-            session,
-            workers,
-            mountpoint: mountpoint.to_path_buf(),
-        })
+        Ok(this)
     }
 
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint
+    }
+
+    /// The readahead this mount set, if it set one.
+    pub fn readahead(&self) -> Option<&Readahead> {
+        self.readahead.as_ref()
+    }
+
+    /// The connection's /dev/fuse descriptor, to hand to a keeper.
+    pub fn fuse_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.session.as_ref()?.get_fuse_file().map(|f| f.as_fd())
+    }
+
+    /// Stops serving once the requests being served are answered, and leaves the mount in
+    /// place for the next agent (a keeper holds the connection meanwhile). The descriptor
+    /// stays open in this process until it exits.
+    pub fn leave_mounted(mut self) {
+        let Some(session) = self.session.take() else {
+            return;
+        };
+        let _ = session.wake();
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
+        // Dropping the session would unmount it.
+        std::mem::forget(session);
+    }
+}
+
+/// The readahead knob of a FUSE connection: its backing device is named after the mount's
+/// device number in /sys/class/bdi.
+#[derive(Clone, Debug)]
+pub struct Readahead {
+    knob: PathBuf,
+    /// The kernel's value when the mount was made.
+    default_kb: u32,
+}
+
+impl Readahead {
+    /// Sets the readahead of the FUSE connection mounted at `mountpoint` to `kb` (the kernel
+    /// keeps the smaller of this and what the FUSE INIT reply allows). Page faults and reads
+    /// then ask for little more than they need, which matters while every page comes over
+    /// the network.
+    fn set(mountpoint: &Path, kb: u32) -> std::io::Result<Self> {
+        let knob = Self::of(mountpoint)?.knob;
+        let with_path =
+            |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", knob.display()));
+        let default_kb = std::fs::read_to_string(&knob)
+            .map_err(with_path)?
+            .trim()
+            .parse()
+            .map_err(|_| with_path(std::io::ErrorKind::InvalidData.into()))?;
+        std::fs::write(&knob, kb.to_string()).map_err(with_path)?;
+        Ok(Self { knob, default_kb })
+    }
+
+    /// The knob of a mount taken over from a previous agent: the kernel's default then is
+    /// not known any more, so restoring writes the kernel's usual 128 KiB.
+    fn of(mountpoint: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let dev = std::fs::metadata(mountpoint)?.dev();
+        Ok(Self {
+            knob: PathBuf::from(format!(
+                "/sys/class/bdi/{}:{}/read_ahead_kb",
+                libc::major(dev),
+                libc::minor(dev)
+            )),
+            default_kb: 128,
+        })
+    }
+
+    /// Puts the kernel's default back (once the image is all cached, readahead is free).
+    pub fn restore(&self) {
+        if let Err(err) = std::fs::write(&self.knob, self.default_kb.to_string()) {
+            tracing::debug!(%err, knob = %self.knob.display(), "readahead not restored");
+        }
     }
 }
 
@@ -102,10 +237,13 @@ fn serve<F: FileSystem + Send + Sync>(mut channel: FuseChannel, server: &Server<
 
 impl Drop for FuseMount {
     fn drop(&mut self) {
-        if let Err(err) = self.session.umount() {
+        let Some(mut session) = self.session.take() else {
+            return;
+        };
+        if let Err(err) = session.umount() {
             tracing::warn!(%err, mountpoint = %self.mountpoint.display(), "unmounting failed; run `umount -l` on it");
         }
-        let _ = self.session.wake();
+        let _ = session.wake();
         for worker in self.workers.drain(..) {
             let _ = worker.join();
         }

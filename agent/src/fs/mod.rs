@@ -7,13 +7,14 @@
 //! from this type.
 
 pub mod fusedev;
+
 pub mod tree;
 pub mod virtiofs;
 
 use std::{
     ffi::CStr,
     io,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -28,7 +29,10 @@ pub use tree::{Kind, Tree, View};
 
 use crate::{
     fetch::{ChunkRef, Fetcher, Priority},
-    image::layer::RemoteLayer,
+    image::{
+        layer::RemoteLayer,
+        reads::{MAX_RECORDS, RecordedRead},
+    },
 };
 
 /// How long the kernel may cache names and attributes: the image never changes.
@@ -39,15 +43,21 @@ const TTL: Duration = Duration::from_secs(3600);
 pub struct FsConfig {
     /// A read waiting on the network fails with EIO after this long.
     pub read_deadline: Duration,
+    /// Keep a record of every file read ([`ImageFs::recorded_reads`]).
+    pub record_reads: bool,
 }
 
 impl Default for FsConfig {
     fn default() -> Self {
         Self {
             read_deadline: Duration::from_secs(30),
+            record_reads: false,
         }
     }
 }
+
+/// A read, as recorded: layer, node in that layer's index, offset, size.
+type Read = (usize, usize, u64, u32);
 
 /// An image, served as a read-only filesystem.
 pub struct ImageFs {
@@ -55,6 +65,8 @@ pub struct ImageFs {
     layers: Arc<[RemoteLayer]>,
     fetcher: Arc<Fetcher>,
     config: FsConfig,
+    /// Reads in the order they came, when recording (at most `reads::MAX_RECORDS`).
+    recorded: Option<Mutex<Vec<Read>>>,
 }
 
 impl std::fmt::Debug for ImageFs {
@@ -83,8 +95,27 @@ impl ImageFs {
             tree,
             layers,
             fetcher,
+            recorded: config.record_reads.then(Default::default),
             config,
         }
+    }
+
+    /// The reads recorded so far (with [`FsConfig::record_reads`]), in the order they came,
+    /// each with its layer's index in the image and the file's path in that layer.
+    pub fn recorded_reads(&self) -> Vec<RecordedRead> {
+        let Some(recorded) = &self.recorded else {
+            return Vec::new();
+        };
+        let recorded = recorded.lock().unwrap_or_else(|e| e.into_inner());
+        recorded
+            .iter()
+            .map(|&(layer, node, offset, size)| RecordedRead {
+                layer,
+                path: self.layers[layer].index.nodes[node].path.clone(),
+                offset,
+                size: size.into(),
+            })
+            .collect()
     }
 
     pub fn tree(&self) -> &Tree {
@@ -165,6 +196,20 @@ impl ImageFs {
                 chunk,
             })
             .collect();
+        tracing::trace!(
+            target: "imgstream::reads",
+            ino = inode.ino,
+            offset,
+            size,
+            chunks = last - first,
+            "read"
+        );
+        if let Some(recorded) = &self.recorded {
+            let mut recorded = recorded.lock().unwrap_or_else(|e| e.into_inner());
+            if recorded.len() < MAX_RECORDS {
+                recorded.push((layer, node_index, offset, size));
+            }
+        }
         let deadline = Instant::now() + self.config.read_deadline;
         let data = self
             .fetcher

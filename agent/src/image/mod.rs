@@ -6,4 +6,5 @@ pub mod digest;
 pub mod estargz;
 pub mod layer;
 pub mod manifest;
+pub mod reads;
 pub mod tar;

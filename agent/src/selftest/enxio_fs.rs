@@ -130,7 +130,14 @@ pub struct EnxioMount {
 impl EnxioMount {
     /// Mounts the filesystem at `mountpoint` (an existing directory) and serves it.
     pub fn mount(mountpoint: &Path) -> Result<Self, MountError> {
-        let mount = FuseMount::mount(Arc::new(EnxioFs), mountpoint, "imgstream-enxio", false, 1)?;
+        let mount = FuseMount::mount(
+            Arc::new(EnxioFs),
+            mountpoint,
+            "imgstream-enxio",
+            false,
+            1,
+            None,
+        )?;
         Ok(Self { _mount: mount })
     }
 }

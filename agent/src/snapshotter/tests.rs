@@ -51,6 +51,8 @@ async fn the_service_keeps_overlay_chains_and_its_metadata() {
             fs: Default::default(),
             background: None,
             threads: 1,
+            readahead_kb: None,
+            prefetch: true,
             platform: crate::image::manifest::Platform::host(),
         },
     };

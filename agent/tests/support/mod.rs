@@ -973,21 +973,36 @@ pub fn imgstream(args: &[&str]) -> std::process::Output {
 pub struct Mounted {
     child: Child,
     pub mountpoint: PathBuf,
+    log: Option<PathBuf>,
 }
 
 impl Mounted {
     pub fn start(image: &str, mountpoint: &Path, cache: &Path, reg: &str, extra: &[&str]) -> Self {
+        Self::start_logged(image, mountpoint, cache, reg, extra, None)
+    }
+
+    /// As `start`, with the mount's log written to `log` (see `log_text`).
+    pub fn start_logged(
+        image: &str,
+        mountpoint: &Path,
+        cache: &Path,
+        reg: &str,
+        extra: &[&str],
+        log: Option<&Path>,
+    ) -> Self {
         std::fs::create_dir_all(mountpoint).unwrap();
-        let child = Command::new(imgstream_bin())
-            .args(["mount", image])
+        let mut cmd = Command::new(imgstream_bin());
+        cmd.args(["mount", image])
             .arg(mountpoint)
             .arg("--cache-dir")
             .arg(cache)
             .args(["--insecure-registry", reg])
             .args(extra)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
+            .stdin(Stdio::null());
+        if let Some(log) = log {
+            cmd.stderr(std::fs::File::create(log).unwrap());
+        }
+        let child = cmd.spawn().unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         let mounts = || std::fs::read_to_string("/proc/self/mounts").unwrap();
         while !mounts().contains(mountpoint.to_str().unwrap()) {
@@ -997,7 +1012,15 @@ impl Mounted {
         Self {
             child,
             mountpoint: mountpoint.to_path_buf(),
+            log: log.map(Path::to_path_buf),
         }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log
+            .as_ref()
+            .and_then(|l| std::fs::read_to_string(l).ok())
+            .unwrap_or_default()
     }
 
     pub fn stop(mut self) {
@@ -1111,7 +1134,11 @@ impl Agent {
             .arg("--detections")
             .arg(dir.join("detections.jsonl"))
             .args(extra)
-            .env("IMGSTREAM_LOG", "info,imgstream::agent=debug")
+            .env(
+                "IMGSTREAM_LOG",
+                std::env::var("IMGSTREAM_AGENT_LOG")
+                    .unwrap_or_else(|_| "info,imgstream::agent=debug".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())

@@ -16,9 +16,9 @@ use flate2::read::GzDecoder;
 
 pub use toc::{
     Chunk, FOOTER_SIZE, LayerIndex, MAX_CHUNK, MAX_TOC_COMPRESSED, MAX_TOC_JSON,
-    NO_PREFETCH_LANDMARK, Node, NodeKind, PREFETCH_LANDMARK, TOC_DIGEST_ANNOTATION, TOC_NAME, Toc,
-    TocEntry, UNCOMPRESSED_SIZE_ANNOTATION, footer_bytes, format_rfc3339, normalize, parse_footer,
-    parse_rfc3339,
+    NO_PREFETCH_LANDMARK, Node, NodeKind, PREFETCH_LANDMARK, PrefetchChunk, TOC_DIGEST_ANNOTATION,
+    TOC_NAME, Toc, TocEntry, UNCOMPRESSED_SIZE_ANNOTATION, footer_bytes, format_rfc3339, normalize,
+    parse_footer, parse_rfc3339,
 };
 pub use writer::{EstargzWriter, LayerSummary, WriterOptions};
 

@@ -213,6 +213,7 @@ fn toc_of(entries: Vec<TocEntry>) -> Toc {
     Toc {
         version: 1,
         entries,
+        prefetch: Vec::new(),
     }
 }
 
@@ -318,6 +319,7 @@ fn hostile_tocs_are_refused_with_the_reason() {
         Toc {
             version: 2,
             entries: vec![],
+            prefetch: Vec::new(),
         },
         1000,
         2000,
@@ -350,4 +352,123 @@ fn rfc3339_round_trip() {
     ] {
         assert!(parse_rfc3339(bad).is_err(), "{bad}");
     }
+}
+
+#[test]
+fn recorded_reads_become_the_prefetch_list() {
+    let mut w = EstargzWriter::new(
+        Vec::new(),
+        WriterOptions {
+            chunk_size: 1000,
+            level: 6,
+        },
+    );
+    w.append_landmark(false).unwrap();
+    for (h, data) in &sample_entries() {
+        let mut h = h.clone();
+        h.size = data.len() as u64;
+        w.append(&h, &mut data.as_slice()).unwrap();
+    }
+    w.prefetch_reads([
+        // First touch order: the end of big.bin, a read across two of its chunks, its
+        // start again (already listed), a file that is not regular, a path not in the layer.
+        ("usr/lib/big.bin".to_string(), 9_500, 100),
+        ("./usr/lib/big.bin".to_string(), 1_990, 20),
+        ("usr/lib/big.bin".to_string(), 9_999, 1),
+        ("etc/link".to_string(), 0, 5),
+        ("nowhere".to_string(), 0, 5),
+        ("etc/hosts".to_string(), 0, 4096),
+    ]);
+    let (blob, summary) = w.finish().unwrap();
+    let (index, _) = open(&blob, Some(&summary.toc_digest)).unwrap();
+    let listed: Vec<(String, u64)> = index
+        .prefetch_chunks()
+        .into_iter()
+        .map(|(n, c)| {
+            let node = &index.nodes[n];
+            (node.path.clone(), node.chunks[c].file_offset)
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("usr/lib/big.bin".to_string(), 9_000),
+            ("usr/lib/big.bin".to_string(), 1_000),
+            ("usr/lib/big.bin".to_string(), 2_000),
+            ("etc/hosts".to_string(), 0),
+        ]
+    );
+}
+
+#[test]
+fn a_prefetch_entry_must_name_a_chunk() {
+    let (blob, summary) = build(&sample_entries(), 1000);
+    let (index, _) = open(&blob, Some(&summary.toc_digest)).unwrap();
+    // No list and no prioritised files (the no-prefetch landmark): nothing to prefetch.
+    assert!(index.prefetch_chunks().is_empty());
+    let toc_offset = index.toc_offset;
+    let toc = |name: &str, offset: u64| {
+        let mut toc = toc_of(vec![
+            TocEntry {
+                size: 2000,
+                offset: 100,
+                chunk_size: 1000,
+                chunk_digest: Digest::of(b"a").to_string(),
+                ..entry("big", "reg")
+            },
+            TocEntry {
+                offset: 200,
+                chunk_offset: 1000,
+                chunk_size: 1000,
+                chunk_digest: Digest::of(b"b").to_string(),
+                ..entry("big", "chunk")
+            },
+        ]);
+        toc.prefetch = vec![PrefetchChunk {
+            name: name.into(),
+            chunk_offset: offset,
+        }];
+        LayerIndex::from_toc(toc, toc_offset, toc_offset + 100)
+    };
+    let ok = toc("./big", 1000).unwrap();
+    let big = ok.nodes.iter().position(|n| n.path == "big").unwrap();
+    assert_eq!(ok.prefetch_chunks(), [(big, 1)]);
+    for (name, offset) in [("big", 500), ("big", 2000), ("small", 0), ("", 0)] {
+        let err = toc(name, offset).unwrap_err().to_string();
+        assert!(err.contains("prefetch entry 0"), "{name}@{offset}: {err}");
+    }
+}
+
+#[test]
+fn prioritised_files_are_prefetched_without_a_list() {
+    let entries = sample_entries();
+    let mut w = EstargzWriter::new(
+        Vec::new(),
+        WriterOptions {
+            chunk_size: 4000,
+            level: 6,
+        },
+    );
+    // big.bin first, then the landmark, then the rest: eStargz's own prefetch convention.
+    let (big, data) = entries
+        .iter()
+        .find(|(h, _)| h.name == "usr/lib/big.bin")
+        .unwrap();
+    let mut h = big.clone();
+    h.size = data.len() as u64;
+    w.append(&h, &mut data.as_slice()).unwrap();
+    w.append_landmark(true).unwrap();
+    for (h, data) in entries.iter().filter(|(h, _)| h.name != big.name) {
+        let mut h = h.clone();
+        h.size = data.len() as u64;
+        w.append(&h, &mut data.as_slice()).unwrap();
+    }
+    let (blob, summary) = w.finish().unwrap();
+    let (index, _) = open(&blob, Some(&summary.toc_digest)).unwrap();
+    let big = index
+        .nodes
+        .iter()
+        .position(|n| n.path == "usr/lib/big.bin")
+        .unwrap();
+    assert_eq!(index.prefetch_chunks(), [(big, 0), (big, 1), (big, 2)]);
 }

@@ -68,6 +68,23 @@ pub fn parse_footer(footer: &[u8]) -> Result<u64, EstargzError> {
 pub struct Toc {
     pub version: i64,
     pub entries: Vec<TocEntry>,
+    /// imgstream's extension: the chunks a workload read as it started, in the order it first
+    /// read them (recorded with `imgstream mount --record-reads`). Readers that do not know
+    /// the field ignore it; imgstream fetches these chunks as soon as the layer is mounted.
+    #[serde(
+        rename = "imgstream.prefetch",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub prefetch: Vec<PrefetchChunk>,
+}
+
+/// One chunk of the prefetch list: the file and where the chunk starts in it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PrefetchChunk {
+    pub name: String,
+    #[serde(rename = "chunkOffset", default)]
+    pub chunk_offset: u64,
 }
 
 /// One TOC entry (a tar entry or a chunk of a regular file).
@@ -192,6 +209,8 @@ pub struct LayerIndex {
     pub toc_offset: u64,
     /// Whether the layer marks prioritised files, and the offset where they end.
     pub prefetch_end: Option<u64>,
+    /// The TOC's prefetch list as (node, chunk) indexes, in the order the workload read them.
+    pub prefetch: Vec<(usize, usize)>,
 }
 
 impl LayerIndex {
@@ -213,7 +232,9 @@ impl LayerIndex {
             by_path: HashMap::new(),
             toc_offset,
             prefetch_end: None,
+            prefetch: Vec::new(),
         };
+        let prefetch = toc.prefetch;
         index.insert_dir("", None)?;
         let mut hardlinks: Vec<(usize, String)> = Vec::new();
         let mut member_starts: Vec<u64> = vec![toc_offset];
@@ -337,7 +358,59 @@ impl LayerIndex {
         }
         index.finish_chunks(member_starts)?;
         index.resolve_hardlinks(hardlinks)?;
+        index.resolve_prefetch(prefetch)?;
         Ok(index)
+    }
+
+    /// Resolves the prefetch list: every entry must name a chunk of a regular file. Repeats
+    /// are dropped, so the list is never longer than the layer's chunks.
+    fn resolve_prefetch(&mut self, list: Vec<PrefetchChunk>) -> Result<(), EstargzError> {
+        let mut seen = std::collections::HashSet::new();
+        for (i, entry) in list.into_iter().enumerate() {
+            let found = normalize(&entry.name).ok().and_then(|path| {
+                let node = *self.by_path.get(&path)?;
+                let chunks = &self.nodes[node].chunks;
+                let at = chunks.partition_point(|c| c.file_offset < entry.chunk_offset);
+                (chunks.get(at)?.file_offset == entry.chunk_offset).then_some((node, at))
+            });
+            let Some(found) = found else {
+                return Err(EstargzError::BadToc(format!(
+                    "prefetch entry {i} ({}, offset {}) is not a chunk of a file in the layer",
+                    shorten(&entry.name),
+                    entry.chunk_offset
+                )));
+            };
+            if seen.insert(found) {
+                self.prefetch.push(found);
+            }
+        }
+        Ok(())
+    }
+
+    /// The chunks to fetch as soon as the layer is mounted, as (node, chunk) indexes: the
+    /// TOC's prefetch list when it has one, else the prioritised files before the prefetch
+    /// landmark (eStargz's own convention), in blob order; else none.
+    pub fn prefetch_chunks(&self) -> Vec<(usize, usize)> {
+        if !self.prefetch.is_empty() {
+            return self.prefetch.clone();
+        }
+        let Some(end) = self.prefetch_end else {
+            return Vec::new();
+        };
+        let mut chunks: Vec<(u64, usize, usize)> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .flat_map(|(n, node)| {
+                node.chunks
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| c.blob_end <= end)
+                    .map(move |(c, chunk)| (chunk.blob_offset, n, c))
+            })
+            .collect();
+        chunks.sort_unstable();
+        chunks.into_iter().map(|(_, n, c)| (n, c)).collect()
     }
 
     /// The node at `path` (normalised or not), if any.

@@ -11,7 +11,8 @@ use base64::Engine as _;
 use flate2::{Compression, write::GzEncoder};
 
 use super::toc::{
-    NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_NAME, Toc, TocEntry, footer_bytes, format_rfc3339,
+    NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, PrefetchChunk, TOC_NAME, Toc, TocEntry, footer_bytes,
+    format_rfc3339, normalize,
 };
 use crate::image::{
     digest::{Digest, Hasher},
@@ -76,6 +77,8 @@ pub struct EstargzWriter<W: Write> {
     entries: Vec<TocEntry>,
     diff: Hasher,
     uncompressed: u64,
+    /// Reads (path, offset, size) that become the TOC's prefetch list.
+    prefetch_reads: Vec<(String, u64, u64)>,
 }
 
 impl<W: Write> EstargzWriter<W> {
@@ -95,6 +98,7 @@ impl<W: Write> EstargzWriter<W> {
             entries: Vec::new(),
             diff: Hasher::new(),
             uncompressed: 0,
+            prefetch_reads: Vec::new(),
         }
     }
 
@@ -214,11 +218,59 @@ impl<W: Write> EstargzWriter<W> {
         self.append(&header, &mut &[0x0f_u8][..])
     }
 
+    /// Records reads of this layer's files, (path, offset, size) in the order a workload made
+    /// them: the chunks they touch become the TOC's prefetch list. Reads of paths the layer
+    /// does not have as regular files are ignored.
+    pub fn prefetch_reads(&mut self, reads: impl IntoIterator<Item = (String, u64, u64)>) {
+        self.prefetch_reads.extend(reads);
+    }
+
+    /// The prefetch list: the chunks the recorded reads touch, first touch first.
+    fn prefetch_list(&self) -> Vec<PrefetchChunk> {
+        // Chunk starts of every regular file, by normalised path.
+        let mut starts: std::collections::HashMap<String, (String, Vec<u64>)> = Default::default();
+        for e in &self.entries {
+            let path = normalize(&e.name).unwrap_or_default();
+            match e.kind.as_str() {
+                "reg" if e.size > 0 => {
+                    starts.insert(path, (e.name.clone(), vec![0]));
+                }
+                "chunk" => {
+                    if let Some((_, s)) = starts.get_mut(&path) {
+                        s.push(e.chunk_offset as u64);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut list = Vec::new();
+        for (path, offset, size) in &self.prefetch_reads {
+            let Some((name, chunks)) = normalize(path).ok().and_then(|p| starts.get(&p)) else {
+                continue;
+            };
+            let end = offset.saturating_add((*size).max(1));
+            // The chunk holding `offset`, then every chunk that starts before `end`.
+            let first = chunks.partition_point(|&s| s <= *offset).saturating_sub(1);
+            for &start in chunks[first..].iter().take_while(|&&s| s < end) {
+                if seen.insert((name.as_str(), start)) {
+                    list.push(PrefetchChunk {
+                        name: name.clone(),
+                        chunk_offset: start,
+                    });
+                }
+            }
+        }
+        list
+    }
+
     /// Writes the TOC and the footer and returns what the layer is.
     pub fn finish(mut self) -> io::Result<(W, LayerSummary)> {
+        let prefetch = self.prefetch_list();
         let toc = Toc {
             version: 1,
             entries: std::mem::take(&mut self.entries),
+            prefetch,
         };
         // Compact: readers parse it, nobody reads it by eye, and it is a third smaller.
         let json = serde_json::to_vec(&toc).map_err(io::Error::other)?;

@@ -1,0 +1,203 @@
+//! The prefetch: as soon as a layer is mounted, the chunks its TOC lists as read at start
+//! (imgstream's recorded prefetch list, else eStargz's prioritised files before the prefetch
+//! landmark) are fetched in that order, a few requests at a time, so the link never idles
+//! while a starting container computes, and the container's reads find their chunks cached
+//! or already on the way (a read of a chunk in flight waits for that fetch, it does not send
+//! another). Prefetch fetches count as on-demand: the background download waits for them.
+
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use super::{ChunkRef, Fetcher, Priority};
+use crate::{
+    image::{digest::Digest, estargz::Chunk, layer::RemoteLayer},
+    shutdown::Shutdown,
+};
+
+/// Requests in flight: enough that the link stays busy between one request's last byte
+/// and the next one's first.
+const CONCURRENCY: usize = 4;
+/// The list is fetched in windows of about this many compressed bytes: within a window,
+/// chunks go in blob order so that neighbours share a request; windows go in list order, so
+/// what the container reads first still comes first.
+const WINDOW_BYTES: u64 = 1 << 20;
+/// Most compressed bytes one prefetch request asks for.
+const MAX_BATCH_BYTES: u64 = 512 << 10;
+/// Chunks between two listed ones are fetched too when they are at most this many
+/// compressed bytes: cheaper than the round trip of another request.
+const MAX_GAP_BYTES: u64 = 16 << 10;
+
+/// Chunks adjacent in one blob, fetched with one range request.
+struct Batch {
+    blob: Digest,
+    chunks: Vec<Chunk>,
+}
+
+/// The prefetch lists of `layers` as range requests, in list order by window.
+fn plan(layers: &[RemoteLayer]) -> Vec<Batch> {
+    let mut seen = HashSet::new();
+    let mut batches: Vec<Batch> = Vec::new();
+    for layer in layers {
+        let listed = layer.index.prefetch_chunks();
+        if listed.is_empty() {
+            continue;
+        }
+        // Every chunk of the layer by blob offset, to fill small gaps.
+        let mut by_offset: Vec<&Chunk> = layer
+            .index
+            .nodes
+            .iter()
+            .flat_map(|n| n.chunks.iter())
+            .collect();
+        by_offset.sort_by_key(|c| c.blob_offset);
+        let mut window: Vec<&Chunk> = Vec::new();
+        let mut window_bytes = 0;
+        let mut listed = listed.into_iter().peekable();
+        while let Some((node, chunk)) = listed.next() {
+            let chunk = &layer.index.nodes[node].chunks[chunk];
+            if seen.insert(chunk.digest) {
+                window_bytes += chunk.blob_end - chunk.blob_offset;
+                window.push(chunk);
+            }
+            if window_bytes >= WINDOW_BYTES || listed.peek().is_none() {
+                window.sort_by_key(|c| c.blob_offset);
+                cut(
+                    layer.desc.digest,
+                    &window,
+                    &by_offset,
+                    &mut seen,
+                    &mut batches,
+                );
+                window.clear();
+                window_bytes = 0;
+            }
+        }
+    }
+    batches
+}
+
+/// Cuts a window (sorted by blob offset) into batches of adjacent members, taking in the
+/// unlisted chunks of small gaps.
+fn cut(
+    blob: Digest,
+    window: &[&Chunk],
+    by_offset: &[&Chunk],
+    seen: &mut HashSet<Digest>,
+    batches: &mut Vec<Batch>,
+) {
+    let mut current: Option<Batch> = None;
+    for &chunk in window {
+        if let Some(b) = current.as_mut() {
+            let (start, end) = (
+                b.chunks[0].blob_offset,
+                b.chunks[b.chunks.len() - 1].blob_end,
+            );
+            let gap = chunk.blob_offset.saturating_sub(end);
+            if chunk.blob_offset >= end
+                && gap <= MAX_GAP_BYTES
+                && chunk.blob_end - start <= MAX_BATCH_BYTES
+            {
+                let from = by_offset.partition_point(|c| c.blob_offset < end);
+                for &filler in by_offset[from..]
+                    .iter()
+                    .take_while(|c| c.blob_offset < chunk.blob_offset)
+                {
+                    seen.insert(filler.digest);
+                    b.chunks.push(filler.clone());
+                }
+                if b.chunks[b.chunks.len() - 1].blob_end == chunk.blob_offset {
+                    b.chunks.push(chunk.clone());
+                    continue;
+                }
+            }
+        }
+        batches.extend(current.take());
+        current = Some(Batch {
+            blob,
+            chunks: vec![chunk.clone()],
+        });
+    }
+    batches.extend(current);
+}
+
+/// Starts prefetching the listed chunks of `layers`; `None` when they list none. The thread
+/// ends when all are fetched (or failed: they stay on demand) or `shutdown` is triggered.
+pub fn spawn(
+    fetcher: Arc<Fetcher>,
+    layers: &[RemoteLayer],
+    deadline: Duration,
+    shutdown: Shutdown,
+) -> Option<thread::JoinHandle<()>> {
+    let batches = plan(layers);
+    if batches.is_empty() {
+        return None;
+    }
+    let batches = Arc::new(batches);
+    let spawned = thread::Builder::new()
+        .name("prefetch".into())
+        .spawn(move || run(&fetcher, &batches, deadline, &shutdown));
+    match spawned {
+        Ok(handle) => Some(handle),
+        Err(err) => {
+            tracing::warn!(%err, "prefetch not started; files are fetched as they are read");
+            None
+        }
+    }
+}
+
+fn run(fetcher: &Fetcher, batches: &[Batch], deadline: Duration, shutdown: &Shutdown) {
+    let started = Instant::now();
+    let next = AtomicUsize::new(0);
+    let (bytes, chunks, failed) = (AtomicU64::new(0), AtomicUsize::new(0), AtomicUsize::new(0));
+    thread::scope(|scope| {
+        for _ in 0..CONCURRENCY {
+            scope.spawn(|| {
+                while !shutdown.is_triggered() {
+                    let Some(batch) = batches.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                        return;
+                    };
+                    let refs: Vec<ChunkRef<'_>> = batch
+                        .chunks
+                        .iter()
+                        .map(|chunk| ChunkRef {
+                            blob: batch.blob,
+                            chunk,
+                        })
+                        .collect();
+                    match fetcher.get(&refs, Priority::OnDemand, Instant::now() + deadline) {
+                        Ok(_) => {
+                            chunks.fetch_add(refs.len(), Ordering::Relaxed);
+                            bytes.fetch_add(
+                                batch
+                                    .chunks
+                                    .iter()
+                                    .map(|c| c.blob_end - c.blob_offset)
+                                    .sum(),
+                                Ordering::Relaxed,
+                            );
+                        }
+                        Err(err) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(%err, "prefetch batch failed; its chunks stay on demand");
+                        }
+                    }
+                }
+            });
+        }
+    });
+    tracing::info!(
+        chunks = chunks.into_inner(),
+        bytes = bytes.into_inner(),
+        failed_batches = failed.into_inner(),
+        secs = started.elapsed().as_secs_f32(),
+        stopped = shutdown.is_triggered(),
+        "prefetch done"
+    );
+}
