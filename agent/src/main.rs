@@ -78,6 +78,10 @@ enum Command {
         /// The snapshotter's metadata and layer directories.
         #[arg(long, default_value = "/var/lib/imgstream/snapshotter")]
         snapshotter_root: PathBuf,
+        /// An `imgstream fuse-keeper` socket: lazy layers' FUSE connections are handed to it,
+        /// so running containers keep reading them while the agent restarts or is upgraded.
+        #[arg(long, value_name = "PATH")]
+        fuse_keeper: Option<PathBuf>,
         /// Print the files and sockets this configuration uses, as JSON, and exit (for
         /// checking a deployment's mounts against its arguments).
         #[arg(long, hide = true)]
@@ -216,6 +220,13 @@ enum Command {
         /// The name containerd knows the snapshotter by.
         #[arg(long, default_value = "imgstream")]
         name: String,
+    },
+    /// Hold lazy layers' FUSE connections for `imgstream agent --fuse-keeper`, so that they
+    /// outlive an agent restart. Run it apart from the agent (its own DaemonSet or service)
+    /// and restart it only while the agent runs: connections it holds end with it.
+    FuseKeeper {
+        #[arg(long, default_value = "/run/imgstream/fuse-keeper.sock")]
+        socket: PathBuf,
     },
     /// Internal: the processes `selftest` runs.
     #[command(hide = true, subcommand)]
@@ -478,6 +489,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             flag_interval_secs,
             snapshotter_socket,
             snapshotter_root,
+            fuse_keeper,
             print_paths,
             serving,
         } => {
@@ -489,6 +501,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     "cri_socket": cri_sockets.first(),
                     "snapshotter_socket": snapshotter_socket,
                     "snapshotter_root": snapshotter_socket.as_ref().map(|_| &snapshotter_root),
+                    "fuse_keeper": fuse_keeper,
                     "cache_dir": &serving.cache_dir,
                     "flag_pods_as": flag_pods_as,
                 });
@@ -502,6 +515,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     socket,
                     http,
                     mount,
+                    keeper: fuse_keeper,
                 });
             let config = AgentConfig {
                 detections_out: detections,
@@ -655,6 +669,19 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             svg,
         } => {
             report(api, store, since, namespace, pod, image, compare, json, svg)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::FuseKeeper { socket } => {
+            let shutdown = Shutdown::new();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime
+                .block_on(async { shutdown.trigger_on_signals() })
+                .context("installing signal handlers")?;
+            imgstream::fs::keeper::run(&socket, &shutdown)
+                .with_context(|| format!("serving {}", socket.display()))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::ContainerdConfig { socket, name } => {

@@ -18,6 +18,7 @@ const IMGSTREAM: &str = env!("CARGO_BIN_EXE_imgstream");
 
 struct Manifests {
     daemonset: DaemonSet,
+    keeper: DaemonSet,
     configmap: ConfigMap,
     role: ClusterRole,
     binding: ClusterRoleBinding,
@@ -27,8 +28,8 @@ struct Manifests {
 fn load() -> Manifests {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/imgstream.yaml");
     let text = std::fs::read_to_string(&path).unwrap();
-    let (mut ds, mut cm, mut role, mut binding, mut sa, mut ns) =
-        (None, None, None, None, None, None);
+    let (mut cm, mut role, mut binding, mut sa, mut ns) = (None, None, None, None, None);
+    let mut daemonsets: Vec<DaemonSet> = Vec::new();
     fn parse<T: serde::de::DeserializeOwned>(kind: &str, value: serde_yaml::Value) -> T {
         serde_yaml::from_value(value).unwrap_or_else(|e| panic!("{kind} does not parse: {e}"))
     }
@@ -36,7 +37,7 @@ fn load() -> Manifests {
         let value = serde_yaml::Value::deserialize(doc).unwrap();
         let kind = value["kind"].as_str().unwrap().to_string();
         match kind.as_str() {
-            "DaemonSet" => ds = Some(parse::<DaemonSet>(&kind, value)),
+            "DaemonSet" => daemonsets.push(parse::<DaemonSet>(&kind, value)),
             "ConfigMap" => cm = Some(parse::<ConfigMap>(&kind, value)),
             "ClusterRole" => role = Some(parse::<ClusterRole>(&kind, value)),
             "ClusterRoleBinding" => binding = Some(parse::<ClusterRoleBinding>(&kind, value)),
@@ -46,8 +47,18 @@ fn load() -> Manifests {
         }
     }
     assert!(ns.is_some(), "a Namespace");
+    let mut named = |name: &str| {
+        let at = daemonsets
+            .iter()
+            .position(|d| d.metadata.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("a DaemonSet named {name}"));
+        daemonsets.remove(at)
+    };
+    let (daemonset, keeper) = (named("imgstream"), named("imgstream-fuse-keeper"));
+    assert!(daemonsets.is_empty(), "no other DaemonSet");
     Manifests {
-        daemonset: ds.expect("a DaemonSet"),
+        daemonset,
+        keeper,
         configmap: cm.expect("a ConfigMap"),
         role: role.expect("a ClusterRole"),
         binding: binding.expect("a ClusterRoleBinding"),
@@ -118,6 +129,7 @@ fn the_daemonset_gives_the_agent_what_it_uses() {
         "cri_socket",
         "snapshotter_socket",
         "snapshotter_root",
+        "fuse_keeper",
         "cache_dir",
         "store",
         "detections",
@@ -244,4 +256,75 @@ fn the_dockerfile_ships_the_binary_the_build_makes() {
         "COPY target/x86_64-unknown-linux-musl/guest/imgstream /usr/local/bin/imgstream"
     ));
     assert!(dockerfile.contains("ENTRYPOINT [\"/usr/local/bin/imgstream\"]"));
+}
+
+/// The FUSE keeper runs apart from the agent (a rollout of the agent never restarts it), on
+/// the socket the agent is told, through the same host directory.
+#[test]
+fn the_fuse_keeper_outlives_agent_rollouts_on_the_agents_socket() {
+    let m = load();
+    let keeper_spec = m.keeper.spec.as_ref().unwrap();
+    assert_eq!(
+        keeper_spec
+            .update_strategy
+            .as_ref()
+            .and_then(|u| u.type_.as_deref()),
+        Some("OnDelete")
+    );
+    let pod = keeper_spec.template.spec.as_ref().unwrap();
+    let keeper = &pod.containers[0];
+    let args = keeper.args.clone().unwrap();
+    assert_eq!(args[0], "fuse-keeper");
+    let socket = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--socket="))
+        .expect("--socket=");
+    let out = Command::new(IMGSTREAM)
+        .arg("fuse-keeper")
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--socket"));
+
+    let agent_pod = m
+        .daemonset
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap();
+    let agent = agent_pod
+        .containers
+        .iter()
+        .find(|c| c.name == "agent")
+        .unwrap();
+    let out = Command::new(IMGSTREAM)
+        .args(agent.args.clone().unwrap())
+        .arg("--print-paths")
+        .output()
+        .unwrap();
+    let paths: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(paths["fuse_keeper"], socket, "the agent's --fuse-keeper");
+    // Both see the socket through the same host directory.
+    let host_dir = |spec: &k8s_openapi::api::core::v1::PodSpec,
+                    container: &k8s_openapi::api::core::v1::Container| {
+        let mount = container
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| Path::new(socket).starts_with(&v.mount_path))
+            .expect("the socket's directory is mounted");
+        let volume = spec
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == mount.name)
+            .unwrap();
+        volume.host_path.as_ref().unwrap().path.clone()
+    };
+    assert_eq!(host_dir(pod, keeper), host_dir(agent_pod, agent));
 }

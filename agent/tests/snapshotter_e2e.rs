@@ -7,17 +7,30 @@
 //! `imgstream report`. The pod sandbox's plain-gzip image takes the fallback (unpacked by
 //! containerd into the snapshotter's directories). The same image through containerd's own
 //! overlayfs snapshotter works too (the baseline), and the snapshotter's metadata survives an
-//! agent restart.
+//! agent restart. With a FUSE keeper, a running container keeps reading its lazy layer across
+//! a graceful restart of the agent and across a crash in the middle of one of its reads.
 
 mod support;
 
 use std::time::Duration;
 
-use k8s_cri::v1::{ImageSpec, PullImageRequest, image_service_client::ImageServiceClient};
+use k8s_cri::v1::{ImageSpec, Mount, PullImageRequest, image_service_client::ImageServiceClient};
 use support::{
-    Agent, Containerd, Fault, Proxy, Registry,
-    cri::{clockprobe_images, run_pod, wait_for_log},
+    Agent, Containerd, Fault, FuseKeeper, Proxy, Registry,
+    cri::{clockprobe_images, run_pod, run_pod_with, wait_for_line, wait_for_log},
 };
+
+/// The checksum `clockprobe readafter` prints.
+fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The line `clockprobe readafter` prints for a file it read whole.
+fn read_line(path: &str, data: &[u8]) -> String {
+    format!("{path} {} {:016x}", data.len(), fnv1a(data))
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containerd_runs_a_streamed_image_through_the_imgstream_snapshotter() {
@@ -54,7 +67,10 @@ async fn containerd_runs_a_streamed_image_through_the_imgstream_snapshotter() {
     );
     let agent_dir = scratch.join("agent");
     std::fs::create_dir_all(&agent_dir).unwrap();
+    let keeper = FuseKeeper::start(&scratch.join("fuse-keeper.sock"));
     let agent_args = [
+        "--fuse-keeper",
+        keeper.socket.to_str().unwrap(),
         "--cri-socket",
         containerd.socket.to_str().unwrap(),
         "--snapshotter-socket",
@@ -121,6 +137,44 @@ async fn containerd_runs_a_streamed_image_through_the_imgstream_snapshotter() {
     assert_eq!(report["by_image"][0]["group"], format!("{host}/app:esgz"));
     assert_eq!(report["by_image"][0]["start_to_first_log"]["count"], 1);
 
+    // A container that stays up and reads files of its lazy layer when told to (through a
+    // host directory), across agent restarts. The agent runs without the background
+    // download: those files are fetched only when read.
+    let triggers = scratch.join("triggers");
+    std::fs::create_dir_all(&triggers).unwrap();
+    let reader_log = run_pod_with(
+        &containerd,
+        &format!("{host}/app:esgz"),
+        ("streaming", "reader"),
+        [
+            "/clockprobe",
+            "readafter",
+            "0",
+            "/truth/reader",
+            "/triggers/go0",
+            "/data/blob0",
+            "/triggers/go1",
+            "/data/blob1",
+        ]
+        .map(String::from)
+        .to_vec(),
+        vec![
+            Mount {
+                container_path: "/truth".into(),
+                host_path: truth.display().to_string(),
+                ..Default::default()
+            },
+            Mount {
+                container_path: "/triggers".into(),
+                host_path: triggers.display().to_string(),
+                ..Default::default()
+            },
+        ],
+        &scratch.join("pod-logs-reader"),
+    )
+    .await;
+    wait_for_line(&reader_log, "waiting");
+
     // The snapshotter's metadata survives a restart of the agent.
     let (ok, before, err) =
         containerd.ctr_ns("k8s.io", &["snapshots", "--snapshotter", "imgstream", "ls"]);
@@ -140,7 +194,34 @@ async fn containerd_runs_a_streamed_image_through_the_imgstream_snapshotter() {
         std::thread::sleep(Duration::from_millis(250));
     };
     assert_eq!(before, after, "the same snapshots after a restart");
-    assert!(agent.log_text().contains("lazy layer mounted again"));
+    // The keeper held the lazy layer's connection: the new agent serves the same mount.
+    assert!(
+        agent.log_text().contains("lazy layer served again"),
+        "{}",
+        agent.log_text()
+    );
+    std::fs::write(triggers.join("go0"), "").unwrap();
+    let text = wait_for_line(&reader_log, "/data/blob0 ");
+    let blob0 = std::fs::read(rootfs.join("data/blob0")).unwrap();
+    assert!(
+        text.contains(&read_line("/data/blob0", &blob0)),
+        "the running container reads its layer after a graceful restart: {text}"
+    );
+
+    // A crash in the middle of a read: the registry hangs, the container asks for blob1, the
+    // agent dies with the read in flight. The next agent is asked again for it and answers.
+    registry.pause();
+    std::fs::write(triggers.join("go1"), "").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    agent.kill();
+    registry.resume();
+    let agent = Agent::start(&agent_dir, &args);
+    let text = wait_for_line(&reader_log, "/data/blob1 ");
+    let blob1 = std::fs::read(rootfs.join("data/blob1")).unwrap();
+    assert!(
+        text.contains(&read_line("/data/blob1", &blob1)),
+        "the running container's read in flight is answered after a crash: {text}"
+    );
     agent.stop();
 
     // Baseline: the same image through containerd's default overlayfs snapshotter.
@@ -157,6 +238,9 @@ async fn containerd_runs_a_streamed_image_through_the_imgstream_snapshotter() {
 
     drop(plain);
     drop(containerd);
+    // The last agent left its lazy layer mounted for a next one that will not come.
+    drop(keeper);
+    support::unmount_all_under(&scratch);
     drop(registry);
     let _ = std::fs::remove_dir_all(&scratch);
 }

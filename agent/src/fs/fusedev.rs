@@ -33,6 +33,9 @@ pub struct FuseMount {
     workers: Vec<thread::JoinHandle<()>>,
     mountpoint: PathBuf,
     readahead: Option<Readahead>,
+    /// For an adopted connection: the empty directory its session was created on (see
+    /// [`FuseMount::adopt`]).
+    placeholder: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for FuseMount {
@@ -88,11 +91,24 @@ impl FuseMount {
     where
         F: FileSystem + Send + Sync + 'static,
     {
+        // Nothing may look at the mount point before the workers run: with no server, a
+        // stat of it waits forever. The session (which canonicalises its path) is made on an
+        // empty directory next to it, and this type unmounts the real mount point itself.
         let where_ = mountpoint.display().to_string();
-        let mut session = FuseSession::new(mountpoint, fsname, "", true)
+        let mut placeholder = mountpoint.as_os_str().to_owned();
+        placeholder.push(".adopting");
+        let placeholder = PathBuf::from(placeholder);
+        std::fs::create_dir_all(&placeholder).map_err(|e| {
+            MountError::Mount(
+                where_.clone(),
+                fuse_backend_rs::transport::Error::SessionFailure(e.to_string()),
+            )
+        })?;
+        let mut session = FuseSession::new(&placeholder, fsname, "", true)
             .map_err(|e| MountError::Mount(where_, e))?;
         session.set_fuse_file(file);
         let mut this = Self::start(session, fs, mountpoint, threads)?;
+        this.placeholder = Some(placeholder);
         this.readahead = Readahead::of(mountpoint).ok();
         let mut resend = [0u8; 16];
         resend[..4].copy_from_slice(&16u32.to_ne_bytes());
@@ -120,6 +136,7 @@ impl FuseMount {
             workers: Vec::new(),
             readahead: None,
             mountpoint: mountpoint.to_path_buf(),
+            placeholder: None,
         };
         for i in 0..threads.max(1) {
             let session = this.session.as_ref().expect("just set");
@@ -240,12 +257,34 @@ impl Drop for FuseMount {
         let Some(mut session) = self.session.take() else {
             return;
         };
-        if let Err(err) = session.umount() {
+        let unmounted = match &self.placeholder {
+            None => session.umount().map_err(|e| e.to_string()),
+            Some(placeholder) => {
+                // The session knows only its placeholder: unmount the real mount point here.
+                let result = umount_lazy(&self.mountpoint).map_err(|e| e.to_string());
+                let _ = session.umount();
+                let _ = std::fs::remove_dir(placeholder);
+                result
+            }
+        };
+        if let Err(err) = unmounted {
             tracing::warn!(%err, mountpoint = %self.mountpoint.display(), "unmounting failed; run `umount -l` on it");
         }
         let _ = session.wake();
         for worker in self.workers.drain(..) {
             let _ = worker.join();
         }
+    }
+}
+
+/// umount2(MNT_DETACH): the mount goes now, busy or not.
+pub fn umount_lazy(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: a NUL-terminated path that outlives the call.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }

@@ -7,6 +7,7 @@
 //! from this type.
 
 pub mod fusedev;
+pub mod keeper;
 
 pub mod tree;
 pub mod virtiofs;

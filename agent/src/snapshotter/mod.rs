@@ -40,6 +40,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     cache::ChunkCache,
+    fs::{fusedev::umount_lazy, keeper::Keeper},
     image::digest::Digest,
     mount::{self, MountOptions, MountedImage},
     registry::{ImageRef, http::HttpConfig, open_source},
@@ -115,6 +116,9 @@ pub struct SnapshotterConfig {
     pub socket: PathBuf,
     pub http: HttpConfig,
     pub mount: MountOptions,
+    /// A FUSE keeper's socket ([`crate::fs::keeper`]): lazy layers then keep serving
+    /// running containers across agent restarts.
+    pub keeper: Option<PathBuf>,
 }
 
 fn now_ns() -> u64 {
@@ -140,6 +144,7 @@ pub struct Snapshotter {
     runtime: tokio::runtime::Handle,
     /// Lazy layers mounted now, by snapshot id.
     lazy: Mutex<HashMap<u64, MountedImage>>,
+    keeper: Option<Keeper>,
     /// Serialises metadata changes (containerd's calls for one image come in order anyway).
     write: tokio::sync::Mutex<()>,
 }
@@ -162,12 +167,13 @@ impl Snapshotter {
         let db = Database::create(config.root.join("metadata.redb")).map_err(|e| root_err(&e))?;
         let cache = Arc::new(ChunkCache::open(&config.mount.cache).map_err(|e| root_err(&e))?);
         let this = Arc::new(Self {
-            config,
             db,
             cache,
             runtime: tokio::runtime::Handle::current(),
             lazy: Mutex::new(HashMap::new()),
+            keeper: config.keeper.as_deref().map(Keeper::new),
             write: tokio::sync::Mutex::new(()),
+            config,
         });
         let remotes: Vec<(String, Snapshot)> = this
             .all()
@@ -175,9 +181,25 @@ impl Snapshotter {
             .into_iter()
             .filter(|(_, s)| s.remote.is_some())
             .collect();
+        // Connections a keeper held through a restart, by mount point.
+        let mut held = match &this.keeper {
+            Some(keeper) => keeper.get().unwrap_or_else(|err| {
+                tracing::warn!(%err, "FUSE keeper unreachable: lazy layers are mounted afresh, and running containers lose theirs");
+                Default::default()
+            }),
+            None => Default::default(),
+        };
         for (name, snap) in remotes {
             let Some(remote) = &snap.remote else { continue };
-            match this.mount_lazy(snap.id, remote).await {
+            let fs = this.dir(snap.id).join("fs");
+            let kept = held
+                .remove(&fs.display().to_string())
+                .filter(|_| crate::fs::keeper::is_fuse_mount(&fs));
+            let adopting = kept.is_some();
+            match this.mount_lazy(snap.id, remote, kept).await {
+                Ok(true) if adopting => {
+                    tracing::info!(snapshot = %name, layer = %remote.layer, "lazy layer served again: its containers kept their mount")
+                }
                 Ok(true) => {
                     tracing::info!(snapshot = %name, layer = %remote.layer, "lazy layer mounted again")
                 }
@@ -186,6 +208,13 @@ impl Snapshotter {
                 }
                 Err(err) => {
                     tracing::warn!(snapshot = %name, %err, "lazy layer could not be mounted again; its containers will fail to read it")
+                }
+            }
+        }
+        if let Some(keeper) = &this.keeper {
+            for key in held.keys() {
+                if let Err(err) = keeper.del(key) {
+                    tracing::debug!(%err, key, "stale keeper entry not released");
                 }
             }
         }
@@ -336,8 +365,15 @@ impl Snapshotter {
         }
     }
 
-    /// Mounts layer `remote` lazily at snapshot `id`'s directory. `Ok(false)`: not eStargz.
-    async fn mount_lazy(&self, id: u64, remote: &Remote) -> Result<bool, String> {
+    /// Mounts layer `remote` lazily at snapshot `id`'s directory, or serves it again on the
+    /// connection `kept` (a keeper held it while the agent restarted). `Ok(false)`: not
+    /// eStargz.
+    async fn mount_lazy(
+        &self,
+        id: u64,
+        remote: &Remote,
+        kept: Option<std::os::fd::OwnedFd>,
+    ) -> Result<bool, String> {
         let image = ImageRef::parse(&remote.image_ref).map_err(|e| e.to_string())?;
         let source = open_source(&image, &self.config.http).map_err(|e| e.to_string())?;
         let reference = remote
@@ -359,20 +395,29 @@ impl Snapshotter {
             return Ok(false);
         };
         let fs = self.dir(id).join("fs");
-        std::fs::create_dir_all(&fs).map_err(|e| e.to_string())?;
-        // A mount left by a snapshotter that died: its FUSE connection is gone.
-        let _ = nix_umount_lazy(&fs);
+        if kept.is_none() {
+            // A mount left by a snapshotter that died: its FUSE connection is gone.
+            let _ = umount_lazy(&fs);
+            std::fs::create_dir_all(&fs).map_err(|e| e.to_string())?;
+        }
         let options = MountOptions {
             view: crate::fs::View::Layer(0),
             ..self.config.mount.clone()
         };
         let (runtime, cache) = (self.runtime.clone(), self.cache.clone());
-        let mounted = tokio::task::spawn_blocking(move || {
-            mount::mount(runtime, opened, cache, &fs, &options)
+        let mountpoint = fs.clone();
+        let mounted = tokio::task::spawn_blocking(move || match kept {
+            Some(fd) => mount::adopt(runtime, opened, cache, &fs, fd.into(), &options),
+            None => mount::mount(runtime, opened, cache, &fs, &options),
         })
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
+        if let (Some(keeper), Some(fd)) = (&self.keeper, mounted.fuse_fd())
+            && let Err(err) = keeper.put(&mountpoint.display().to_string(), fd)
+        {
+            tracing::warn!(%err, keeper = %keeper.socket().display(), mountpoint = %mountpoint.display(), "FUSE keeper unreachable: this layer's containers will lose it if the agent restarts");
+        }
         self.lazy
             .lock()
             .map_err(|_| "lock".to_string())?
@@ -421,7 +466,7 @@ impl Snapshotter {
                 manifest: labels.get(CRI_MANIFEST_DIGEST).cloned(),
                 layer: layer.clone(),
             };
-            match self.mount_lazy(id, &remote).await {
+            match self.mount_lazy(id, &remote, None).await {
                 Ok(true) => {
                     let mut labels = labels.clone();
                     labels.insert(REMOTE_LABEL.into(), "imgstream".into());
@@ -501,14 +546,30 @@ impl Snapshotter {
             .serve_with_incoming_shutdown(incoming, shutdown.triggered())
             .await;
         let _ = std::fs::remove_file(&socket);
-        // Lazy layers stay mounted for running containers only while this process serves
-        // them; unmount them so that nothing hangs on a dead FUSE connection.
         let mounts = self
             .lazy
             .lock()
             .map(|mut lazy| std::mem::take(&mut *lazy))
             .unwrap_or_default();
-        drop_mounts(mounts.into_values().collect()).await;
+        if self.keeper.is_some() {
+            // The keeper holds their connections: the mounts stay, requests wait in the
+            // kernel, and the next agent serves them.
+            let count = mounts.len();
+            let _ = tokio::task::spawn_blocking(move || {
+                for mounted in mounts.into_values() {
+                    mounted.leave_mounted();
+                }
+            })
+            .await;
+            tracing::info!(
+                lazy_layers = count,
+                "lazy layers left mounted for the next agent"
+            );
+        } else {
+            // Without a keeper, the mounts die with this process: unmount them so that
+            // nothing new starts on a dead FUSE connection.
+            drop_mounts(mounts.into_values().collect()).await;
+        }
         result.map_err(|e| err(&e))
     }
 }
@@ -520,18 +581,6 @@ async fn drop_mounts(mounts: Vec<MountedImage>) {
         return;
     }
     let _ = tokio::task::spawn_blocking(move || drop(mounts)).await;
-}
-
-fn nix_umount_lazy(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-    // SAFETY: a NUL-terminated path that outlives the call.
-    let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 /// The tonic service over the shared snapshotter.
@@ -635,7 +684,13 @@ impl Snapshots for Service {
         let mounted = self.0.lazy.lock().ok().and_then(|mut l| l.remove(&snap.id));
         drop_mounts(mounted.into_iter().collect()).await;
         let dir = self.0.dir(snap.id);
-        let _ = nix_umount_lazy(&dir.join("fs"));
+        if let Some(keeper) = &self.0.keeper
+            && snap.remote.is_some()
+            && let Err(err) = keeper.del(&dir.join("fs").display().to_string())
+        {
+            tracing::warn!(%err, "FUSE keeper unreachable: it keeps a removed layer's connection");
+        }
+        let _ = umount_lazy(&dir.join("fs"));
         if let Err(err) = std::fs::remove_dir_all(&dir) {
             tracing::warn!(%err, dir = %dir.display(), "snapshot directory left behind (Cleanup retries)");
         }
@@ -745,7 +800,7 @@ impl Snapshots for Service {
         for entry in std::fs::read_dir(&dir).map_err(internal)?.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if !known.contains(&name) {
-                let _ = nix_umount_lazy(&entry.path().join("fs"));
+                let _ = umount_lazy(&entry.path().join("fs"));
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }

@@ -55,6 +55,7 @@ async fn the_service_keeps_overlay_chains_and_its_metadata() {
             prefetch: true,
             platform: crate::image::manifest::Platform::host(),
         },
+        keeper: None,
     };
     let stop = Shutdown::new();
     let service = Snapshotter::open(config.clone()).await.unwrap();

@@ -9,7 +9,9 @@
 //! - `silent`: sleep, exit without writing;
 //! - `redirect`: write to stdout redirected to a regular file, sleep, then one write to
 //!   stderr (the real first log line);
-//! - `pause`: sleep forever (a pod sandbox's pause process).
+//! - `pause`: sleep forever (a pod sandbox's pause process);
+//! - `readafter`, then pairs `TRIGGER FILE`: write `waiting`, then for each pair wait until
+//!   TRIGGER exists and write `FILE LENGTH FNV1A64` of FILE's bytes (or `FILE error ...`).
 
 use std::{io::Write, os::fd::AsRawFd, time::Duration};
 
@@ -75,9 +77,30 @@ fn main() {
             record("log", now);
             raw_write(2, &format!("boottime={now}\n"));
         }
+        "readafter" => {
+            raw_write(1, "waiting\n");
+            for pair in args.get(4..).unwrap_or_default().chunks(2) {
+                let [trigger, file] = pair else { break };
+                while !std::path::Path::new(trigger).exists() {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                let line = match std::fs::read(file) {
+                    Ok(data) => format!("{file} {} {:016x}\n", data.len(), fnv1a(&data)),
+                    Err(e) => format!("{file} error {e}\n"),
+                };
+                raw_write(1, &line);
+            }
+        }
         "pause" => loop {
             std::thread::sleep(Duration::from_secs(3600));
         },
         other => panic!("unknown mode {other}"),
     }
+}
+
+/// FNV-1a, 64 bits: a checksum with no dependencies (the test computes the same).
+pub fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }

@@ -1192,6 +1192,61 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// Kills the agent (SIGKILL), as a crash would.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `imgstream fuse-keeper` as a child process; killed on drop.
+pub struct FuseKeeper {
+    child: Child,
+    pub socket: PathBuf,
+}
+
+impl FuseKeeper {
+    pub fn start(socket: &Path) -> Self {
+        let child = Command::new(imgstream_bin())
+            .args(["fuse-keeper", "--socket"])
+            .arg(socket)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "the FUSE keeper did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            child,
+            socket: socket.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for FuseKeeper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Lazily unmounts every mount under `dir` (deepest first): what a keeper left mounted.
+pub fn unmount_all_under(dir: &Path) {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut points: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(1))
+        .filter(|p| p.starts_with(dir.to_str().unwrap()))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for point in points {
+        let _ = Command::new("umount").args(["-l", point]).status();
+    }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
