@@ -458,10 +458,7 @@ pub fn mount(
         options.threads,
         readahead_kb,
     )?;
-    if let (Some(readahead), Some(progress)) = (mount.readahead(), &served.progress) {
-        let readahead = readahead.clone();
-        progress.when_finished(move || readahead.restore());
-    }
+    restore_readahead_when_cached(&mount, &served);
     tracing::info!(mountpoint = %mountpoint.display(), files, view = ?options.view, "image mounted");
     Ok(MountedImage {
         mount: Some(mount),
@@ -487,13 +484,19 @@ pub fn adopt(
         file,
         options.threads,
     )?;
-    if let (Some(readahead), Some(progress)) = (mount.readahead(), &served.progress) {
-        let readahead = readahead.clone();
-        progress.when_finished(move || readahead.restore());
-    }
+    restore_readahead_when_cached(&mount, &served);
     tracing::info!(mountpoint = %mountpoint.display(), "image served again on the mount a previous agent left");
     Ok(MountedImage {
         mount: Some(mount),
         served,
     })
+}
+
+/// Once the background download has cached the whole image, readahead costs no network:
+/// give the mount the kernel's default back.
+fn restore_readahead_when_cached(mount: &FuseMount, served: &ServedImage) {
+    if let (Some(readahead), Some(progress)) = (mount.readahead(), &served.progress) {
+        let readahead = readahead.clone();
+        progress.when_finished(move || readahead.restore());
+    }
 }

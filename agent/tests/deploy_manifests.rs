@@ -68,6 +68,22 @@ fn load() -> Manifests {
 
 use serde::Deserialize as _;
 
+/// What the agent makes of the DaemonSet's arguments: the real binary's `--print-paths`.
+fn agent_paths(args: &[String]) -> serde_json::Value {
+    let out = Command::new(IMGSTREAM)
+        .args(args)
+        .arg("--print-paths")
+        .env("IMGSTREAM_NODE_NAME", "node-1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the DaemonSet's arguments do not parse: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 #[test]
 fn the_daemonset_gives_the_agent_what_it_uses() {
     let m = load();
@@ -103,18 +119,7 @@ fn the_daemonset_gives_the_agent_what_it_uses() {
     // The arguments parse, and the paths they resolve to are all under mounts.
     let args = agent.args.clone().unwrap();
     assert_eq!(args[0], "agent");
-    let out = Command::new(IMGSTREAM)
-        .args(&args)
-        .arg("--print-paths")
-        .env("IMGSTREAM_NODE_NAME", "node-1")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "the DaemonSet's arguments do not parse: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let paths: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let paths = agent_paths(&args);
     assert_eq!(
         paths["flag_pods_as"], "node-1",
         "IMGSTREAM_NODE_NAME turns flagging on"
@@ -300,12 +305,7 @@ fn the_fuse_keeper_outlives_agent_rollouts_on_the_agents_socket() {
         .iter()
         .find(|c| c.name == "agent")
         .unwrap();
-    let out = Command::new(IMGSTREAM)
-        .args(agent.args.clone().unwrap())
-        .arg("--print-paths")
-        .output()
-        .unwrap();
-    let paths: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let paths = agent_paths(&agent.args.clone().unwrap());
     assert_eq!(paths["fuse_keeper"], socket, "the agent's --fuse-keeper");
     // Both see the socket through the same host directory.
     let host_dir = |spec: &k8s_openapi::api::core::v1::PodSpec,

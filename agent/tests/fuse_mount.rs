@@ -74,20 +74,34 @@ fn assert_same_tree(mounted: &Path, expected: &Path, at_least: usize) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mounted_image_equals_a_gnu_tar_extraction_in_both_views() {
+/// The sample image's layer directories and tarballs, pushed as `src/app:v1` to a fresh
+/// registry (as root).
+async fn sample_image(
+    name: &str,
+) -> (
+    std::path::PathBuf,
+    Registry,
+    Vec<std::path::PathBuf>,
+    Vec<std::path::PathBuf>,
+) {
     support::require_root();
-    let scratch = support::scratch("fuse-tree");
-    let registry = Registry::start("fuse-tree", None);
-    let reg = registry.host();
+    let scratch = support::scratch(name);
+    let registry = Registry::start(name, None);
     let dirs = layer_dirs(&scratch);
     let tarballs = tar_layers(&dirs, &scratch);
     let layout = scratch.join("layout");
     support::build_image_from_tarballs(&layout, "v1", &tarballs, &["/bin/sh"]).await;
     support::skopeo_copy(
         &format!("oci:{}:v1", layout.display()),
-        &format!("docker://{reg}/src/app:v1"),
+        &format!("docker://{}/src/app:v1", registry.host()),
     );
+    (scratch, registry, dirs, tarballs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mounted_image_equals_a_gnu_tar_extraction_in_both_views() {
+    let (scratch, registry, _, tarballs) = sample_image("fuse-tree").await;
+    let reg = registry.host();
     support::imgstream(&[
         "convert",
         &format!("{reg}/src/app:v1"),
@@ -147,18 +161,8 @@ async fn mounted_image_equals_a_gnu_tar_extraction_in_both_views() {
 /// afterwards, the recorded reads are served from the cache and any other read fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recorded_reads_are_prefetched_at_mount() {
-    support::require_root();
-    let scratch = support::scratch("fuse-prefetch");
-    let registry = Registry::start("fuse-prefetch", None);
+    let (scratch, registry, dirs, _) = sample_image("fuse-prefetch").await;
     let reg = registry.host();
-    let dirs = layer_dirs(&scratch);
-    let tarballs = tar_layers(&dirs, &scratch);
-    let layout = scratch.join("layout");
-    support::build_image_from_tarballs(&layout, "v1", &tarballs, &["/bin/sh"]).await;
-    support::skopeo_copy(
-        &format!("oci:{}:v1", layout.display()),
-        &format!("docker://{reg}/src/app:v1"),
-    );
     let convert = |dst: &str, extra: &[&str]| {
         let mut args = vec![
             "convert".to_string(),
