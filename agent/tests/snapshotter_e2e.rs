@@ -8,7 +8,8 @@
 //! containerd into the snapshotter's directories). The same image through containerd's own
 //! overlayfs snapshotter works too (the baseline), and the snapshotter's metadata survives an
 //! agent restart. With a FUSE keeper, a running container keeps reading its lazy layer across
-//! a graceful restart of the agent and across a crash in the middle of one of its reads.
+//! a restart of the keeper, a graceful restart of the agent and a crash of the agent in the
+//! middle of one of its reads.
 
 mod support;
 
@@ -174,6 +175,24 @@ async fn containerd_runs_a_streamed_image_through_the_imgstream_snapshotter() {
     )
     .await;
     wait_for_line(&reader_log, "waiting");
+
+    // The keeper restarts while the agent runs: the agent hands it the connection again.
+    let keeper_socket = keeper.socket.clone();
+    drop(keeper);
+    let keeper = FuseKeeper::start(&keeper_socket);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while imgstream::fs::keeper::Keeper::new(&keeper_socket)
+        .get()
+        .unwrap()
+        .is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not hand its connections to a restarted keeper: {}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // The snapshotter's metadata survives a restart of the agent.
     let (ok, before, err) =

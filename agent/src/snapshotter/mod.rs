@@ -57,6 +57,9 @@ pub const CRI_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-diges
 /// Set on the snapshots imgstream mounted lazily.
 pub const REMOTE_LABEL: &str = "containerd.io/snapshot/remote";
 
+/// How often the agent checks that its FUSE keeper holds every lazy layer's connection.
+const KEEPER_RESYNC: std::time::Duration = std::time::Duration::from_secs(5);
+
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 
@@ -145,6 +148,8 @@ pub struct Snapshotter {
     /// Lazy layers mounted now, by snapshot id.
     lazy: Mutex<HashMap<u64, MountedImage>>,
     keeper: Option<Keeper>,
+    /// Whether the keeper answered last time (to log changes, not every check).
+    keeper_ok: std::sync::atomic::AtomicBool,
     /// Serialises metadata changes (containerd's calls for one image come in order anyway).
     write: tokio::sync::Mutex<()>,
 }
@@ -172,6 +177,7 @@ impl Snapshotter {
             runtime: tokio::runtime::Handle::current(),
             lazy: Mutex::new(HashMap::new()),
             keeper: config.keeper.as_deref().map(Keeper::new),
+            keeper_ok: std::sync::atomic::AtomicBool::new(true),
             write: tokio::sync::Mutex::new(()),
             config,
         });
@@ -516,6 +522,53 @@ impl Snapshotter {
         self.mounts_of(&snap)
     }
 
+    /// Hands the keeper every lazy layer's connection it does not hold: after it restarted
+    /// (it then holds nothing), or when it was unreachable at mount time.
+    fn resync_keeper(&self) {
+        let Some(keeper) = &self.keeper else { return };
+        let held = match keeper.get() {
+            Ok(held) => held,
+            Err(err) => {
+                if self
+                    .keeper_ok
+                    .swap(false, std::sync::atomic::Ordering::Relaxed)
+                {
+                    tracing::warn!(%err, keeper = %keeper.socket().display(), "FUSE keeper unreachable: running containers would lose their lazy layers if the agent restarted now");
+                }
+                return;
+            }
+        };
+        if !self
+            .keeper_ok
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::info!(keeper = %keeper.socket().display(), "FUSE keeper reachable");
+        }
+        // Duplicates, so that the keeper is talked to without holding the lock.
+        let missing: Vec<(String, std::os::fd::OwnedFd)> = match self.lazy.lock() {
+            Ok(lazy) => lazy
+                .iter()
+                .filter_map(|(id, mounted)| {
+                    let key = self.dir(*id).join("fs").display().to_string();
+                    let fd = mounted.fuse_fd()?.try_clone_to_owned().ok()?;
+                    (!held.contains_key(&key)).then_some((key, fd))
+                })
+                .collect(),
+            Err(_) => return,
+        };
+        for (key, fd) in missing {
+            use std::os::fd::AsFd;
+            match keeper.put(&key, fd.as_fd()) {
+                Ok(()) => {
+                    tracing::info!(mountpoint = %key, "lazy layer's connection handed to the FUSE keeper")
+                }
+                Err(err) => {
+                    tracing::debug!(%err, mountpoint = %key, "FUSE keeper did not take a connection")
+                }
+            }
+        }
+    }
+
     /// Binds the configured socket (replacing a stale one).
     pub fn listen(&self) -> Result<tokio::net::UnixListener, SnapshotterError> {
         let socket = &self.config.socket;
@@ -541,10 +594,27 @@ impl Snapshotter {
             |e: &dyn std::fmt::Display| SnapshotterError::Socket(socket.clone(), e.to_string());
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
         let service = Service(self.clone());
+        let resync = self.keeper.is_some().then(|| {
+            let (this, stop) = (self.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(KEEPER_RESYNC);
+                while !stop.is_triggered() {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = stop.triggered() => break,
+                    }
+                    let this = this.clone();
+                    let _ = tokio::task::spawn_blocking(move || this.resync_keeper()).await;
+                }
+            })
+        });
         let result = tonic::transport::Server::builder()
             .add_service(SnapshotsServer::new(service))
             .serve_with_incoming_shutdown(incoming, shutdown.triggered())
             .await;
+        if let Some(task) = resync {
+            let _ = task.await;
+        }
         let _ = std::fs::remove_file(&socket);
         let mounts = self
             .lazy

@@ -1208,6 +1208,8 @@ pub struct FuseKeeper {
 
 impl FuseKeeper {
     pub fn start(socket: &Path) -> Self {
+        // One left by a killed keeper would look like this one being up.
+        let _ = std::fs::remove_file(socket);
         let child = Command::new(imgstream_bin())
             .args(["fuse-keeper", "--socket"])
             .arg(socket)
