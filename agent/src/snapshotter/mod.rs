@@ -202,19 +202,31 @@ impl Snapshotter {
                 .remove(&fs.display().to_string())
                 .filter(|_| crate::fs::keeper::is_fuse_mount(&fs));
             let adopting = kept.is_some();
-            match this.mount_lazy(snap.id, remote, kept).await {
+            let served = match this.mount_lazy(snap.id, remote, kept).await {
                 Ok(true) if adopting => {
-                    tracing::info!(snapshot = %name, layer = %remote.layer, "lazy layer served again: its containers kept their mount")
+                    tracing::info!(snapshot = %name, layer = %remote.layer, "lazy layer served again: its containers kept their mount");
+                    true
                 }
                 Ok(true) => {
-                    tracing::info!(snapshot = %name, layer = %remote.layer, "lazy layer mounted again")
+                    tracing::info!(snapshot = %name, layer = %remote.layer, "lazy layer mounted again");
+                    true
                 }
                 Ok(false) => {
-                    tracing::warn!(snapshot = %name, "lazy layer is no longer eStargz or in its image")
+                    tracing::warn!(snapshot = %name, "lazy layer is no longer eStargz or in its image");
+                    false
                 }
                 Err(err) => {
-                    tracing::warn!(snapshot = %name, %err, "lazy layer could not be mounted again; its containers will fail to read it")
+                    tracing::warn!(snapshot = %name, %err, "lazy layer could not be mounted again; its containers will fail to read it");
+                    false
                 }
+            };
+            if adopting && !served {
+                // Nobody will answer on the kept connection: end it, so that its containers
+                // get errors instead of waiting forever.
+                if let Some(keeper) = &this.keeper {
+                    let _ = keeper.del(&fs.display().to_string());
+                }
+                let _ = umount_lazy(&fs);
             }
         }
         if let Some(keeper) = &this.keeper {
