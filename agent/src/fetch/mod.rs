@@ -123,7 +123,7 @@ pub struct Fetcher {
     warned_cache: Arc<std::sync::atomic::AtomicBool>,
     /// Chunks fetched for readers, on their way to the cache: a reader gets its data before
     /// its chunk is written. `None` if the writer thread could not start.
-    writes: Option<std::sync::mpsc::SyncSender<(Digest, Arc<Vec<u8>>)>>,
+    writes: Option<Writer>,
     pub stats: FetchStats,
 }
 
@@ -149,7 +149,7 @@ impl Fetcher {
         cache: Arc<ChunkCache>,
     ) -> Self {
         let warned_cache = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let writes = spawn_writer(cache.clone(), warned_cache.clone());
+        let writes = Writer::spawn(cache.clone(), warned_cache.clone());
         Self {
             recent: Mutex::new(Recent {
                 map: HashMap::new(),
@@ -353,12 +353,9 @@ impl Fetcher {
     fn store(&self, digest: Digest, data: &Arc<Vec<u8>>, priority: Priority) {
         if priority == Priority::OnDemand
             && let Some(writes) = &self.writes
+            && writes.queue(digest, data)
         {
-            match writes.try_send((digest, data.clone())) {
-                Ok(()) => return,
-                Err(std::sync::mpsc::TrySendError::Full(_))
-                | Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {}
-            }
+            return;
         }
         put(&self.cache, &self.warned_cache, &digest, data);
     }
@@ -401,28 +398,49 @@ impl Fetcher {
     }
 }
 
-/// Chunks queued for the writer thread at most; beyond, readers write inline.
-const QUEUED_WRITES: usize = 256;
+/// Bytes of chunks queued for the writer thread at most; beyond, readers write inline (so
+/// a slow disk costs readers time, never memory).
+const MAX_QUEUED_BYTES: usize = 32 << 20;
 
-/// Starts the thread that writes readers' chunks to the cache. It ends when the fetcher is
-/// dropped, after writing what is queued.
-fn spawn_writer(
-    cache: Arc<ChunkCache>,
-    warned: Arc<std::sync::atomic::AtomicBool>,
-) -> Option<std::sync::mpsc::SyncSender<(Digest, Arc<Vec<u8>>)>> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<(Digest, Arc<Vec<u8>>)>(QUEUED_WRITES);
-    std::thread::Builder::new()
-        .name("cache-writer".into())
-        .spawn(move || {
-            for (digest, data) in rx {
-                put(&cache, &warned, &digest, &data);
-            }
-        })
-        .inspect_err(
-            |err| tracing::warn!(%err, "no cache writer thread: readers write chunks themselves"),
-        )
-        .ok()?;
-    Some(tx)
+/// The writer thread's queue.
+struct Writer {
+    tx: std::sync::mpsc::SyncSender<(Digest, Arc<Vec<u8>>)>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Writer {
+    /// Starts the thread that writes readers' chunks to the cache. It ends when the fetcher
+    /// is dropped, after writing what is queued.
+    fn spawn(cache: Arc<ChunkCache>, warned: Arc<std::sync::atomic::AtomicBool>) -> Option<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(Digest, Arc<Vec<u8>>)>(1024);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let written = queued.clone();
+        std::thread::Builder::new()
+            .name("cache-writer".into())
+            .spawn(move || {
+                for (digest, data) in rx {
+                    put(&cache, &warned, &digest, &data);
+                    written.fetch_sub(data.len(), Ordering::AcqRel);
+                }
+            })
+            .inspect_err(
+                |err| tracing::warn!(%err, "no cache writer thread: readers write chunks themselves"),
+            )
+            .ok()?;
+        Some(Self { tx, queued })
+    }
+
+    /// Queues a chunk; false when the queue is full (the caller writes it).
+    fn queue(&self, digest: Digest, data: &Arc<Vec<u8>>) -> bool {
+        let len = data.len();
+        if self.queued.fetch_add(len, Ordering::AcqRel) + len > MAX_QUEUED_BYTES
+            || self.tx.try_send((digest, data.clone())).is_err()
+        {
+            self.queued.fetch_sub(len, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
 }
 
 /// Writes a chunk to the cache. A failure is reported loudly the first time, quietly after
