@@ -68,6 +68,10 @@ fn load() -> Manifests {
 
 use serde::Deserialize as _;
 
+fn pod_spec(ds: &DaemonSet) -> &k8s_openapi::api::core::v1::PodSpec {
+    ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
+}
+
 /// What the agent makes of the DaemonSet's arguments: the real binary's `--print-paths`.
 fn agent_paths(args: &[String]) -> serde_json::Value {
     let out = Command::new(IMGSTREAM)
@@ -87,15 +91,7 @@ fn agent_paths(args: &[String]) -> serde_json::Value {
 #[test]
 fn the_daemonset_gives_the_agent_what_it_uses() {
     let m = load();
-    let spec = m
-        .daemonset
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap();
+    let spec = pod_spec(&m.daemonset);
     assert_eq!(
         spec.host_pid,
         Some(true),
@@ -276,7 +272,7 @@ fn the_fuse_keeper_outlives_agent_rollouts_on_the_agents_socket() {
             .and_then(|u| u.type_.as_deref()),
         Some("OnDelete")
     );
-    let pod = keeper_spec.template.spec.as_ref().unwrap();
+    let pod = pod_spec(&m.keeper);
     let keeper = &pod.containers[0];
     let args = keeper.args.clone().unwrap();
     assert_eq!(args[0], "fuse-keeper");
@@ -291,15 +287,7 @@ fn the_fuse_keeper_outlives_agent_rollouts_on_the_agents_socket() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("--socket"));
 
-    let agent_pod = m
-        .daemonset
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap();
+    let agent_pod = pod_spec(&m.daemonset);
     let agent = agent_pod
         .containers
         .iter()
