@@ -1,7 +1,7 @@
 //! Container start latency, measured by the real agent's eBPF probes on real containers: a
 //! private containerd and runc (Debian's) run an image whose entrypoint reads CLOCK_BOOTTIME
 //! as its first act and again just before its first log line, and writes both into a truth
-//! file on the host. The agent's start -> first log line must be within 2 ms of that; a
+//! file on the host. The agent's start -> first log line must bracket that, by at most 5 ms; a
 //! container that never writes is reported as such; output redirected to a file is not a log
 //! line; a restarted container gets a second record. The store survives an agent restart,
 //! and `imgstream report` prints the table and writes the chart from the same data.
@@ -13,8 +13,15 @@ use std::{collections::BTreeMap, path::Path};
 use imgstream::starts::StartRecord;
 use support::{Agent, Containerd, Registry};
 
-/// How far the measured start -> first log line may be from the container's own clocks.
-const TOLERANCE_NS: i64 = 2_000_000;
+/// How much longer the measured start -> first log line may be than the container's own
+/// clocks say. The probes' events bracket the container's readings (the exec comes before
+/// its first instruction, the write after its last reading), so the difference is never
+/// negative; it is the time the new process waited for a CPU before its first reading, and
+/// its write after the last: 0.1 to 0.9 ms on a quiet machine, 2.1 ms seen once under CI's
+/// load. A mix-up of events (cgroup creation instead of exec, say) is tens of ms.
+const TOLERANCE_NS: i64 = 5_000_000;
+/// Both sides read CLOCK_BOOTTIME; this much below zero would still be rounding.
+const CLOCK_SLACK_NS: i64 = 50_000;
 
 /// One test at a time: on two cores, a second containerd and agent busy at once can keep a
 /// freshly exec'd entrypoint off the CPU for tens of milliseconds before its first clock
@@ -39,14 +46,14 @@ fn check_latency(record: &StartRecord, truth: &BTreeMap<String, i64>, name: &str
     let expected = truth["log"] - truth["start"];
     let error = measured - expected;
     assert!(
-        error.abs() <= TOLERANCE_NS,
+        (-CLOCK_SLACK_NS..=TOLERANCE_NS).contains(&error),
         "{name}: measured {measured} ns, the container's clock says {expected} ns: {record:?} {truth:?}"
     );
     error
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn starts_are_measured_within_2ms_of_the_containers_own_clock() {
+async fn starts_are_measured_against_the_containers_own_clock() {
     let _serial = SERIAL.lock().await;
     support::require_root();
     let scratch = support::scratch("start-latency");
