@@ -27,6 +27,7 @@ pub mod flag;
 pub mod fs;
 pub mod image;
 pub mod mount;
+pub mod mountinfo;
 pub mod probes;
 pub mod registry;
 pub mod report;

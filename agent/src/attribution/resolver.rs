@@ -101,41 +101,13 @@ fn walk(root: &Path) -> HashMap<u64, String> {
 /// The first cgroup2 mount point in `/proc/self/mountinfo` (`/sys/fs/cgroup` on unified hosts,
 /// `/sys/fs/cgroup/unified` on hybrid ones).
 pub fn find_cgroup2_mount() -> Result<PathBuf, ResolveError> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(ResolveError::Mountinfo)?;
+    let info = crate::mountinfo::read().map_err(ResolveError::Mountinfo)?;
     cgroup2_mount_in(&info).ok_or(ResolveError::NoCgroup2Mount)
 }
 
 fn cgroup2_mount_in(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
-        // "<id> <parent> <maj:min> <root> <mount point> <opts> [optional...] - <fstype> ..."
-        let (left, right) = line.split_once(" - ")?;
-        let fstype = right.split_whitespace().next()?;
-        let mount_point = left.split_whitespace().nth(4)?;
-        (fstype == "cgroup2").then(|| PathBuf::from(unescape_octal(mount_point)))
-    })
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_octal(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes
-            .get(i + 1..i + 4)
-            .filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
-        match (bytes[i], octal) {
-            (b'\\', Some(d)) => {
-                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
-                i += 4;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    crate::mountinfo::mounts(mountinfo)
+        .find_map(|(mount_point, fstype)| (fstype == "cgroup2").then_some(mount_point))
 }
 
 #[cfg(test)]

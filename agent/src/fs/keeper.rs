@@ -17,7 +17,6 @@
 
 use std::{
     collections::BTreeMap,
-    ffi::CString,
     io,
     mem::{size_of, zeroed},
     os::{
@@ -389,45 +388,10 @@ fn expect_ok(sock: BorrowedFd<'_>) -> io::Result<()> {
 /// Whether a FUSE mount sits at `path` (in /proc/self/mountinfo, fstype `fuse*`): after an
 /// agent died, its mounts are still there while a keeper holds their connections.
 pub fn is_fuse_mount(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let Ok(want) = CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
-    let want = want.to_string_lossy();
-    info.lines().any(|line| {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let sep = fields.iter().position(|f| *f == "-");
-        let (Some(mount_point), Some(fstype)) =
-            (fields.get(4), sep.and_then(|s| fields.get(s + 1)))
-        else {
-            return false;
-        };
-        unescape(mount_point) == want && fstype.starts_with("fuse")
+    crate::mountinfo::read().is_ok_and(|info| {
+        crate::mountinfo::mounts(&info)
+            .any(|(mount_point, fstype)| mount_point == path && fstype.starts_with("fuse"))
     })
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && let Some(digits) = bytes.get(i + 1..i + 4)
-            && let Some(v) = std::str::from_utf8(digits)
-                .ok()
-                .and_then(|d| u8::from_str_radix(d, 8).ok())
-        {
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -480,12 +444,5 @@ mod tests {
         server.join().unwrap().unwrap();
         assert!(!socket.exists());
         let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn mountinfo_escapes() {
-        assert_eq!(unescape("/a\\040b"), "/a b");
-        assert_eq!(unescape("/plain"), "/plain");
-        assert_eq!(unescape("/tail\\04"), "/tail\\04");
     }
 }
