@@ -312,6 +312,9 @@ impl Drop for ServedImage {
     fn drop(&mut self) {
         self.stop.trigger();
         self.wait_background();
+        // Other holders of the fetcher may outlive this image briefly; what readers fetched
+        // is in the cache when it is gone, so a remount finds it there.
+        self.fetcher.flush_cache_writes();
     }
 }
 

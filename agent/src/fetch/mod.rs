@@ -360,6 +360,13 @@ impl Fetcher {
         put(&self.cache, &self.warned_cache, &digest, data);
     }
 
+    /// Waits until every chunk fetched so far is in the cache (or failed to be written).
+    pub fn flush_cache_writes(&self) {
+        if let Some(writes) = &self.writes {
+            writes.flush();
+        }
+    }
+
     /// Blocks a background fetch while on-demand fetches run (bounded by `deadline`).
     fn yield_to_readers(&self, deadline: Instant) {
         let (lock, cv) = &self.ondemand_done;
@@ -402,44 +409,83 @@ impl Fetcher {
 /// a slow disk costs readers time, never memory).
 const MAX_QUEUED_BYTES: usize = 32 << 20;
 
+/// What the writer thread is asked to do.
+enum WriteJob {
+    Put(Digest, Arc<Vec<u8>>),
+    /// Answered once every chunk queued before it is written.
+    Flush(std::sync::mpsc::SyncSender<()>),
+}
+
 /// The writer thread's queue.
 struct Writer {
-    tx: std::sync::mpsc::SyncSender<(Digest, Arc<Vec<u8>>)>,
+    tx: Option<std::sync::mpsc::SyncSender<WriteJob>>,
     queued: Arc<AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Writer {
-    /// Starts the thread that writes readers' chunks to the cache. It ends when the fetcher
-    /// is dropped, after writing what is queued.
+    /// Starts the thread that writes readers' chunks to the cache. When the writer is
+    /// dropped, the thread writes what is queued and is joined: nothing fetched is lost.
     fn spawn(cache: Arc<ChunkCache>, warned: Arc<std::sync::atomic::AtomicBool>) -> Option<Self> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<(Digest, Arc<Vec<u8>>)>(1024);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<WriteJob>(1024);
         let queued = Arc::new(AtomicUsize::new(0));
         let written = queued.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("cache-writer".into())
             .spawn(move || {
-                for (digest, data) in rx {
-                    put(&cache, &warned, &digest, &data);
-                    written.fetch_sub(data.len(), Ordering::AcqRel);
+                for job in rx {
+                    match job {
+                        WriteJob::Put(digest, data) => {
+                            put(&cache, &warned, &digest, &data);
+                            written.fetch_sub(data.len(), Ordering::AcqRel);
+                        }
+                        WriteJob::Flush(done) => {
+                            let _ = done.send(());
+                        }
+                    }
                 }
             })
             .inspect_err(
                 |err| tracing::warn!(%err, "no cache writer thread: readers write chunks themselves"),
             )
             .ok()?;
-        Some(Self { tx, queued })
+        Some(Self {
+            tx: Some(tx),
+            queued,
+            thread: Some(thread),
+        })
     }
 
     /// Queues a chunk; false when the queue is full (the caller writes it).
     fn queue(&self, digest: Digest, data: &Arc<Vec<u8>>) -> bool {
+        let Some(tx) = &self.tx else { return false };
         let len = data.len();
         if self.queued.fetch_add(len, Ordering::AcqRel) + len > MAX_QUEUED_BYTES
-            || self.tx.try_send((digest, data.clone())).is_err()
+            || tx.try_send(WriteJob::Put(digest, data.clone())).is_err()
         {
             self.queued.fetch_sub(len, Ordering::AcqRel);
             return false;
         }
         true
+    }
+
+    /// Waits until every chunk queued so far is written (or the thread is gone).
+    fn flush(&self) {
+        let Some(tx) = &self.tx else { return };
+        let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
+        if tx.send(WriteJob::Flush(done_tx)).is_ok() {
+            // An error means the thread ended: nothing is left to wait for.
+            let _ = done_rx.recv();
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -516,6 +562,7 @@ mod tests {
     struct SlowBlob {
         blob: Vec<u8>,
         ranges: AtomicUsize,
+        delay: Duration,
     }
 
     #[async_trait]
@@ -531,7 +578,7 @@ mod tests {
         }
         async fn read_range(&self, _: &Digest, range: Range<u64>) -> Result<Bytes, RegistryError> {
             self.ranges.fetch_add(1, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            tokio::time::sleep(self.delay).await;
             Ok(Bytes::copy_from_slice(
                 &self.blob[range.start as usize..range.end as usize],
             ))
@@ -571,8 +618,9 @@ mod tests {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let (blob, index) = layer();
         let source = Arc::new(SlowBlob {
-            blob,
+            blob: blob.clone(),
             ranges: AtomicUsize::new(0),
+            delay: Duration::from_millis(300),
         });
         let dir = std::env::temp_dir().join(format!("imgstream-fetch-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -587,7 +635,7 @@ mod tests {
         let fetcher = Arc::new(Fetcher::new(
             runtime.handle().clone(),
             source.clone(),
-            cache,
+            cache.clone(),
         ));
         let node = index.get("f").unwrap().clone();
         let blob_digest = Digest::of(b"the blob");
@@ -630,12 +678,22 @@ mod tests {
             2,
             "coalesced into one range request"
         );
+        // Readers' chunks are cached by the writer thread; a flush waits for it.
+        fetcher.flush_cache_writes();
+        for chunk in &node.chunks[..4] {
+            assert!(cache.contains(&chunk.digest), "fetched chunks are cached");
+        }
 
-        // A deadline shorter than the source's answer: an error, not a hang.
+        // A deadline far shorter than the source's answer: an error, not a hang.
         let fresh = index.get("f").unwrap().chunks[0].clone();
+        let stuck = Arc::new(SlowBlob {
+            blob,
+            ranges: AtomicUsize::new(0),
+            delay: Duration::from_secs(30),
+        });
         let other = Fetcher::new(
             runtime.handle().clone(),
-            source.clone(),
+            stuck,
             Arc::new(
                 ChunkCache::open(&CacheConfig {
                     dir: dir.join("other"),
@@ -657,7 +715,10 @@ mod tests {
             )
             .unwrap_err();
         assert!(matches!(err, FetchError::Deadline(_)), "{err}");
-        assert!(started.elapsed() < Duration::from_millis(280));
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "returned at its deadline"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
