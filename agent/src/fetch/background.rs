@@ -244,6 +244,8 @@ fn run(
     }
     let failed = progress.failed_batches.load(Ordering::Relaxed);
     if !shutdown.is_triggered() && failed == 0 {
+        // Chunks readers fetched count as done here; they may still be queued for the cache.
+        fetcher.flush_cache_writes();
         progress.finish();
         tracing::info!(
             chunks = progress.chunks_done.load(Ordering::Relaxed),
