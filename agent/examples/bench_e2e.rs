@@ -22,6 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::{Context as _, bail};
 use support::{Agent, Containerd, Registry, SlowLink, cri};
 
 const RATE_MBIT: f64 = 100.0;
@@ -44,20 +45,32 @@ const COMMAND: [&str; 3] = ["/usr/bin/php8.2", "-r", "echo \"ready\\n\";"];
 /// eStargz chunk size: a page fault fetches the compressed chunk around it.
 const CHUNK_SIZE: &str = "64K";
 
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+fn run(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn mkdir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))
+}
+
+fn list(dir: &Path) -> anyhow::Result<impl Iterator<Item = std::fs::DirEntry>> {
+    Ok(std::fs::read_dir(dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .flatten())
 }
 
 /// The packages' dependency closure, downloaded once.
-fn debs() -> Vec<PathBuf> {
+fn debs() -> anyhow::Result<Vec<PathBuf>> {
     let cache = imgstream_vm_tests::kernels::cache_dir().join("bench-e2e/debs");
-    std::fs::create_dir_all(&cache).unwrap();
+    mkdir(&cache)?;
     let closure = run(Command::new("apt-cache")
         .args([
             "depends",
@@ -69,58 +82,56 @@ fn debs() -> Vec<PathBuf> {
             "--no-replaces",
             "--no-enhances",
         ])
-        .args(PACKAGES));
+        .args(PACKAGES))?;
     let mut names: Vec<&str> = closure
         .lines()
         .filter(|l| !l.starts_with(' ') && !l.starts_with('<'))
         .collect();
     names.sort_unstable();
     names.dedup();
-    let have = |name: &str| {
-        std::fs::read_dir(&cache).unwrap().flatten().any(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with(&format!("{name}_"))
-        })
-    };
-    let missing: Vec<&str> = names.iter().copied().filter(|n| !have(n)).collect();
+    let have: Vec<String> = list(&cache)?
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let missing: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| !have.iter().any(|f| f.starts_with(&format!("{n}_"))))
+        .collect();
     if !missing.is_empty() {
         println!("   downloading {} packages with apt", missing.len());
         run(Command::new("apt-get")
             .arg("download")
             .args(&missing)
-            .current_dir(&cache));
+            .current_dir(&cache))?;
     }
-    std::fs::read_dir(&cache)
-        .unwrap()
-        .flatten()
+    Ok(list(&cache)?
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|e| e == "deb"))
-        .collect()
+        .collect())
 }
 
 /// The root filesystem: every package unpacked, PHP's extensions enabled as the packages'
 /// maintainer scripts would.
-fn rootfs(dir: &Path) -> PathBuf {
+fn rootfs(dir: &Path) -> anyhow::Result<PathBuf> {
     let root = dir.join("rootfs");
-    std::fs::create_dir_all(&root).unwrap();
-    for deb in debs() {
-        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root));
+    mkdir(&root)?;
+    for deb in debs()? {
+        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
     }
     for d in ["proc", "sys", "dev", "tmp", "etc/php/8.2/mods-available"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
+        mkdir(&root.join(d))?;
     }
     let conf_d = root.join("etc/php/8.2/cli/conf.d");
-    std::fs::create_dir_all(&conf_d).unwrap();
+    mkdir(&conf_d)?;
     let _ = std::fs::copy(
         root.join("usr/lib/php/8.2/php.ini-production"),
         root.join("etc/php/8.2/cli/php.ini"),
     );
-    for share in std::fs::read_dir(root.join("usr/share")).unwrap().flatten() {
+    for share in list(&root.join("usr/share"))? {
         if !share.file_name().to_string_lossy().starts_with("php8.2-") {
             continue;
         }
-        for module in std::fs::read_dir(share.path()).unwrap().flatten() {
+        for module in list(&share.path())? {
             let Ok(inis) = std::fs::read_dir(module.path()) else {
                 continue;
             };
@@ -129,8 +140,11 @@ fn rootfs(dir: &Path) -> PathBuf {
                 .filter(|i| i.path().extension().is_some_and(|e| e == "ini"))
             {
                 let name = ini.file_name().to_string_lossy().into_owned();
-                let text = std::fs::read_to_string(ini.path()).unwrap();
-                std::fs::write(root.join("etc/php/8.2/mods-available").join(&name), &text).unwrap();
+                let text = std::fs::read_to_string(ini.path())
+                    .with_context(|| format!("reading {}", ini.path().display()))?;
+                let available = root.join("etc/php/8.2/mods-available").join(&name);
+                std::fs::write(&available, &text)
+                    .with_context(|| format!("writing {}", available.display()))?;
                 let priority = text
                     .lines()
                     .find_map(|l| l.split("priority=").nth(1))
@@ -142,36 +156,42 @@ fn rootfs(dir: &Path) -> PathBuf {
             }
         }
     }
-    root
+    Ok(root)
 }
 
 /// Records what the command reads as it starts: the converted image mounted with
 /// `imgstream mount --record-reads`, the command run in a chroot on it. Returns the record.
-fn record_reads(scratch: &Path, esgz_layout: &Path) -> PathBuf {
+fn record_reads(scratch: &Path, esgz_layout: &Path) -> anyhow::Result<PathBuf> {
     let reads = scratch.join("reads.jsonl");
+    let reads_arg = reads.display().to_string();
     let mounted = support::Mounted::start(
         &format!("oci:{}:esgz", esgz_layout.display()),
         &scratch.join("record-mnt"),
         &scratch.join("record-cache"),
         "localhost:1",
-        &["--record-reads", reads.to_str().unwrap(), "--no-background"],
+        &["--record-reads", &reads_arg, "--no-background"],
     );
     let out = run(Command::new("chroot")
         .arg(&mounted.mountpoint)
-        .args(COMMAND));
-    assert_eq!(out, "ready\n");
+        .args(COMMAND))?;
     mounted.stop();
-    let lines = std::fs::read_to_string(&reads).unwrap().lines().count();
+    if out != "ready\n" {
+        bail!("the command printed {out:?} on the recording mount, not \"ready\"");
+    }
+    let lines = std::fs::read_to_string(&reads)
+        .with_context(|| format!("reading {}", reads.display()))?
+        .lines()
+        .count();
     println!("   recorded {lines} reads of the command's start (imgstream mount --record-reads)");
-    reads
+    Ok(reads)
 }
 
-fn rx_bytes(interface: &str) -> u64 {
-    std::fs::read_to_string(format!("/sys/class/net/{interface}/statistics/rx_bytes"))
-        .unwrap()
-        .trim()
+fn rx_bytes(interface: &str) -> anyhow::Result<u64> {
+    let path = format!("/sys/class/net/{interface}/statistics/rx_bytes");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    text.trim()
         .parse()
-        .unwrap()
+        .with_context(|| format!("{path} holds {text:?}, not a byte count"))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -187,21 +207,22 @@ async fn cold_start(
     image: &str,
     streamed: bool,
     interface: &str,
-) -> (f64, u64, Option<f64>) {
+) -> anyhow::Result<(f64, u64, Option<f64>)> {
     let name = match (streamed, image.ends_with(":prefetch")) {
         (false, _) => "pulled",
         (true, false) => "streamed",
         (true, true) => "prefetch",
     };
     let dir = scratch.join(format!("{name}-{}", support::free_port()));
-    std::fs::create_dir_all(&dir).unwrap();
+    mkdir(&dir)?;
     let socket = dir.join("snapshotter.sock");
+    let socket_arg = socket.display().to_string();
     let sandbox = format!("{reg}/pause:v1");
     let containerd = if streamed {
         let dropin = String::from_utf8(
-            support::imgstream(&["containerd-config", "--socket", socket.to_str().unwrap()]).stdout,
+            support::imgstream(&["containerd-config", "--socket", &socket_arg]).stdout,
         )
-        .unwrap()
+        .context("`imgstream containerd-config` printed something other than UTF-8")?
         .replace("version = 2\n", "");
         Containerd::start_cri_with(&format!("bench-{name}"), reg, &sandbox, &dropin)
     } else {
@@ -227,7 +248,9 @@ async fn cold_start(
     });
     // The sandbox image first: not part of what is timed.
     k8s_cri::v1::image_service_client::ImageServiceClient::new(
-        imgstream::cri::channel(&containerd.socket).await.unwrap(),
+        imgstream::cri::channel(&containerd.socket)
+            .await
+            .context("connecting to containerd's CRI socket")?,
     )
     .pull_image(k8s_cri::v1::PullImageRequest {
         image: Some(k8s_cri::v1::ImageSpec {
@@ -237,8 +260,8 @@ async fn cold_start(
         ..Default::default()
     })
     .await
-    .unwrap();
-    let before = rx_bytes(interface);
+    .context("pulling the sandbox image")?;
+    let before = rx_bytes(interface)?;
     let started = Instant::now();
     let log = cri::run_pod_with(
         &containerd,
@@ -251,7 +274,7 @@ async fn cold_start(
     .await;
     cri::wait_for_line(&log, "ready");
     let took = started.elapsed().as_secs_f64();
-    let fetched = rx_bytes(interface) - before;
+    let fetched = rx_bytes(interface)?.saturating_sub(before);
     // The agent logs when a layer's background download has cached all of it.
     let cached = agent.as_ref().and_then(|agent| {
         let deadline = Instant::now() + Duration::from_secs(300);
@@ -274,15 +297,16 @@ async fn cold_start(
         agent.stop();
     }
     drop(containerd);
-    (took, fetched, cached)
+    Ok((took, fetched, cached))
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
+async fn main() -> anyhow::Result<()> {
     support::require_root();
     let scratch = support::scratch("bench-e2e");
+    let scratch_arg = scratch.display().to_string();
     println!("1. Build the image from Debian's packages (Apache, PHP 8.2 and extensions)");
-    let root = rootfs(&scratch);
+    let root = rootfs(&scratch)?;
     let tarball = scratch.join("layer.tar.gz");
     support::gnu_tar_gz(&root, &tarball);
     let layout = scratch.join("layout");
@@ -296,10 +320,12 @@ async fn main() {
         CHUNK_SIZE,
         "--json",
         "--scratch",
-        scratch.to_str().unwrap(),
+        &scratch_arg,
     ]);
-    let converted: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let reads = record_reads(&scratch, &esgz_layout);
+    let converted: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .context("`imgstream convert --json` printed something other than JSON")?;
+    let reads = record_reads(&scratch, &esgz_layout)?;
+    let reads_arg = reads.display().to_string();
     support::imgstream(&[
         "convert",
         &format!("oci:{}:v1", layout.display()),
@@ -307,14 +333,22 @@ async fn main() {
         "--chunk-size",
         CHUNK_SIZE,
         "--prefetch-from",
-        reads.to_str().unwrap(),
+        &reads_arg,
         "--scratch",
-        scratch.to_str().unwrap(),
+        &scratch_arg,
     ]);
-    let plain_bytes = converted["layers"][0]["source_size"].as_u64().unwrap();
-    let esgz_bytes = converted["layers"][0]["size"].as_u64().unwrap();
-    let unpacked = run(Command::new("du").args(["-sb"]).arg(&root));
-    let unpacked: u64 = unpacked.split_whitespace().next().unwrap().parse().unwrap();
+    let layer_size = |field: &str| {
+        converted["layers"][0][field]
+            .as_u64()
+            .with_context(|| format!("`imgstream convert --json` gave no layers[0].{field}"))
+    };
+    let (plain_bytes, esgz_bytes) = (layer_size("source_size")?, layer_size("size")?);
+    let du = run(Command::new("du").args(["-sb"]).arg(&root))?;
+    let unpacked: u64 = du
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("du printed {du:?}"))?;
     let files = walkdir_count(&root);
     println!(
         "   {:.0} MB unpacked in {files} files; layer {:.0} MB gzip, {:.0} MB as eStargz ({CHUNK_SIZE} chunks)",
@@ -371,7 +405,7 @@ async fn main() {
     let mut results: Vec<Vec<(f64, u64, Option<f64>)>> = vec![Vec::new(); setups.len()];
     for _ in 0..REPETITIONS {
         for ((_, image, streamed), runs) in setups.iter().zip(&mut results) {
-            runs.push(cold_start(&scratch, &reg, image, *streamed, interface).await);
+            runs.push(cold_start(&scratch, &reg, image, *streamed, interface).await?);
         }
     }
     let mut table = format!(
@@ -412,11 +446,14 @@ async fn main() {
     }
     println!("\n{table}");
     let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(out.join("e2e.md"), &table).unwrap();
+    mkdir(&out)?;
+    let table_file = out.join("e2e.md");
+    std::fs::write(&table_file, &table)
+        .with_context(|| format!("writing {}", table_file.display()))?;
     drop(registry);
     drop(link);
     let _ = std::fs::remove_dir_all(&scratch);
+    Ok(())
 }
 
 fn walkdir_count(dir: &Path) -> usize {

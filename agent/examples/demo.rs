@@ -12,6 +12,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
+
 use support::{
     Agent, Containerd, Registry, SlowLink,
     cri::{clockprobe_images, run_pod, wait_for_log},
@@ -20,7 +22,7 @@ use support::{
 const RATE: &str = "100mbit";
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
+async fn main() -> anyhow::Result<()> {
     support::require_root();
     let scratch = support::scratch("demo");
     println!("imgstream demo: the same pod started from a streamed image and from a pulled one\n");
@@ -29,18 +31,14 @@ async fn main() {
     let rootfs =
         support::clockprobe_rootfs(&scratch.join("rootfs"), &["srv/assets", "usr/share/app"]);
     for i in 0..12u64 {
-        std::fs::write(
-            rootfs.join(format!("srv/assets/pack{i:02}.bin")),
-            support::noise(i + 1, 8 << 20),
-        )
-        .unwrap();
+        let path = rootfs.join(format!("srv/assets/pack{i:02}.bin"));
+        std::fs::write(&path, support::noise(i + 1, 8 << 20))
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     for i in 0..1000u64 {
-        std::fs::write(
-            rootfs.join(format!("usr/share/app/module{i:04}.txt")),
-            format!("module {i}\n").repeat(40),
-        )
-        .unwrap();
+        let path = rootfs.join(format!("usr/share/app/module{i:04}.txt"));
+        std::fs::write(&path, format!("module {i}\n").repeat(40))
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     println!("2. Serve it from a registry behind a {RATE} link, as eStargz");
     let link = SlowLink::new("demo", RATE);
@@ -54,16 +52,18 @@ async fn main() {
 
     println!("3. Start two containerds (CRI, runc) and the imgstream agent");
     let socket = scratch.join("snapshotter.sock");
+    let socket_arg = socket.display().to_string();
     let dropin = String::from_utf8(
-        support::imgstream(&["containerd-config", "--socket", socket.to_str().unwrap()]).stdout,
+        support::imgstream(&["containerd-config", "--socket", &socket_arg]).stdout,
     )
-    .unwrap()
+    .context("`imgstream containerd-config` printed something other than UTF-8")?
     .replace("version = 2\n", "");
     let sandbox = format!("{reg}/demo:pause");
     let streamed = Containerd::start_cri_with("demo-streamed", &reg, &sandbox, &dropin);
     let pulled = Containerd::start_cri("demo-pulled", &reg, &sandbox);
     let agent_dir = scratch.join("agent");
-    std::fs::create_dir_all(&agent_dir).unwrap();
+    std::fs::create_dir_all(&agent_dir)
+        .with_context(|| format!("creating {}", agent_dir.display()))?;
     let args = [
         "--cri-socket".to_string(),
         streamed.socket.display().to_string(),
@@ -81,7 +81,7 @@ async fn main() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let agent = Agent::start(&agent_dir, &args);
     let truth = scratch.join("truth");
-    std::fs::create_dir_all(&truth).unwrap();
+    std::fs::create_dir_all(&truth).with_context(|| format!("creating {}", truth.display()))?;
     let image = format!("{reg}/demo:esgz");
 
     println!("4. Run the pod: PullImage, RunPodSandbox, CreateContainer, StartContainer\n");
@@ -127,4 +127,5 @@ async fn main() {
     drop(link);
     let _ = std::fs::remove_dir_all(&scratch);
     println!("done; everything the demo started is stopped and removed");
+    Ok(())
 }
