@@ -24,11 +24,11 @@ use imgstream::{
     cache::{CacheConfig, ChunkCache, SyncEngine, UringEngine, engine::CacheEngine},
     fetch::background::BackgroundConfig,
     fs::{FsConfig, View},
-    image::{
+    mount::{self, MountOptions},
+    oci::{
         digest::Digest,
         manifest::{self, Document, Platform},
     },
-    mount::{self, MountOptions},
     registry::{
         BlobSource,
         http::{HttpConfig, RegistryClient},
@@ -94,7 +94,7 @@ fn mount_image(
 fn plain_download(
     rt: &tokio::runtime::Runtime,
     client: &Arc<RegistryClient>,
-    layers: &[imgstream::image::manifest::Descriptor],
+    layers: &[imgstream::oci::manifest::Descriptor],
     dir: &Path,
 ) -> Duration {
     std::fs::create_dir_all(dir).unwrap();

@@ -349,7 +349,7 @@ fn record_flag(detection: &Detection, shared: &Shared) {
         });
     let f = &detection.failure;
     let flag = FlagRecord {
-        time_ns: crate::starts::unix_ns(
+        time_ns: crate::time::unix_ns(
             std::time::SystemTime::now()
                 - Duration::from_nanos(crate::events::boot_ns_now().saturating_sub(f.boot_ns)),
         ),
@@ -467,7 +467,7 @@ fn start_loop(
             shared.store_start(&record);
         }
         resolve_pending(&mut pending, &mut tracker, &mut probes, shared);
-        let now = crate::starts::unix_ns(std::time::SystemTime::now());
+        let now = crate::time::unix_ns(std::time::SystemTime::now());
         if tracker.awaiting_first_log(now, config.first_log_window) > 0 {
             last_awaited = std::time::Instant::now();
         } else if probes.writes_armed() && last_awaited.elapsed() > DISARM_GRACE {

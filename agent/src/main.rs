@@ -121,7 +121,7 @@ enum Command {
         prefetch_from: Option<PathBuf>,
         /// Platform to pick from an image index.
         #[arg(long, default_value = "linux/amd64", value_parser = parse_platform)]
-        platform: imgstream::image::manifest::Platform,
+        platform: imgstream::oci::manifest::Platform,
         /// Directory for staging layers.
         #[arg(long, default_value = "/var/tmp")]
         scratch: PathBuf,
@@ -280,7 +280,7 @@ struct ServingArgs {
     threads: u64,
     /// Platform to pick from an image index.
     #[arg(long, default_value = "linux/amd64", value_parser = parse_platform)]
-    platform: imgstream::image::manifest::Platform,
+    platform: imgstream::oci::manifest::Platform,
     #[command(flatten)]
     registry: RegistryArgs,
 }
@@ -423,14 +423,14 @@ fn parse_queue_size(s: &str) -> Result<u16, String> {
     }
 }
 
-fn parse_platform(s: &str) -> Result<imgstream::image::manifest::Platform, String> {
+fn parse_platform(s: &str) -> Result<imgstream::oci::manifest::Platform, String> {
     let parts: Vec<&str> = s.split('/').collect();
     let (os, architecture, variant) = match parts.as_slice() {
         [os, arch] => (os, arch, None),
         [os, arch, variant] => (os, arch, Some(variant.to_string())),
         _ => return Err(format!("{s:?} is not OS/ARCH[/VARIANT]")),
     };
-    Ok(imgstream::image::manifest::Platform {
+    Ok(imgstream::oci::manifest::Platform {
         os: os.to_string(),
         architecture: architecture.to_string(),
         variant,
@@ -700,11 +700,14 @@ async fn convert(
     dst: &str,
     chunk_size: u64,
     (prioritized, reads): (Vec<String>, Vec<imgstream::image::reads::RecordedRead>),
-    platform: imgstream::image::manifest::Platform,
+    platform: imgstream::oci::manifest::Platform,
     scratch: PathBuf,
     http: imgstream::registry::http::HttpConfig,
 ) -> anyhow::Result<imgstream::convert::ConvertReport> {
-    use imgstream::registry::{ImageRef, open_sink, open_source};
+    use imgstream::{
+        oci::reference::ImageRef,
+        registry::{open_sink, open_source},
+    };
     let src_ref = ImageRef::parse(src).context("SRC")?;
     let dst_ref = ImageRef::parse(dst).context("DST")?;
     let source = open_source(&src_ref, &http).with_context(|| format!("opening {src_ref}"))?;
@@ -761,7 +764,7 @@ fn progress_bars() -> Option<imgstream::convert::ProgressFn> {
     .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
     .progress_chars("=> ");
     Some(std::sync::Arc::new(move |layer, read, total| {
-        let mut bars = bars.lock().expect("progress lock");
+        let mut bars = imgstream::sync::lock(&bars);
         let bar = bars.entry(layer).or_insert_with(|| {
             let bar = multi.add(indicatif::ProgressBar::new(total));
             bar.set_style(style.clone());
@@ -865,9 +868,9 @@ fn open_image(
     tokio::runtime::Runtime,
     std::sync::Arc<imgstream::cache::ChunkCache>,
     imgstream::mount::OpenedImage,
-    imgstream::registry::ImageRef,
+    imgstream::oci::reference::ImageRef,
 )> {
-    use imgstream::registry::{ImageRef, open_source};
+    use imgstream::{oci::reference::ImageRef, registry::open_source};
     let image_ref = ImageRef::parse(image).context("IMAGE")?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let source = open_source(&image_ref, &http).with_context(|| format!("opening {image_ref}"))?;

@@ -9,15 +9,14 @@ use crate::{
     fetch::{
         Fetcher,
         background::{self, BackgroundConfig, Progress},
+        layer::{self, LayerError, RemoteLayer},
         prefetch,
     },
     fs::{FsConfig, ImageFs, View, fusedev::FuseMount},
-    image::{
+    image::estargz::EstargzError,
+    oci::{
         digest::Digest,
-        estargz::EstargzError,
-        layer::{self, LayerError, RemoteLayer},
-        manifest::Descriptor,
-        manifest::{self, Document, Platform},
+        manifest::{self, Descriptor, Document, Platform},
     },
     registry::{BlobSource, FetchedManifest, RegistryError},
     shutdown::Shutdown,
@@ -249,7 +248,7 @@ async fn manifest_cached(
 ) -> Result<FetchedManifest, MountError> {
     let by_digest = reference.parse::<Digest>().ok();
     if let (Some(cache), Some(digest)) = (cache, by_digest)
-        && let Ok(Some(bytes)) = cache.get(&digest)
+        && let Ok(Some(bytes)) = cache.get_manifest(&digest)
         && Digest::of(&bytes) == digest
     {
         return Ok(FetchedManifest {
@@ -260,7 +259,7 @@ async fn manifest_cached(
     }
     let fetched = source.manifest(reference).await?;
     if let Some(cache) = cache
-        && let Err(err) = cache.put(&fetched.digest, &fetched.bytes)
+        && let Err(err) = cache.put_manifest(&fetched.digest, &fetched.bytes)
     {
         tracing::warn!(%err, "manifest not cached");
     }

@@ -9,10 +9,12 @@ use std::{
     process::Command,
 };
 
-use imgstream::image::{
-    digest::Digest,
-    estargz::{self, EstargzWriter, FOOTER_SIZE, NodeKind, WriterOptions},
-    tar::{Kind, TarReader},
+use imgstream::{
+    image::{
+        estargz::{self, EstargzWriter, FOOTER_SIZE, NodeKind, WriterOptions},
+        tar::{Kind, TarReader},
+    },
+    oci::digest::Digest,
 };
 
 fn scratch(test: &str) -> PathBuf {

@@ -19,8 +19,8 @@ use imgstream::{
     cache::{CacheConfig, ChunkCache},
     fetch::background::BackgroundConfig,
     fs::{FsConfig, View},
-    image::{digest::Digest, manifest::Platform},
     mount::{self, MountOptions, MountedImage},
+    oci::{digest::Digest, manifest::Platform},
     registry::{
         BlobSource,
         http::{HttpConfig, RegistryClient},

@@ -7,10 +7,8 @@ mod support;
 use std::{io::Write, sync::atomic::Ordering, time::Duration};
 
 use imgstream::{
-    image::{
-        layer,
-        manifest::{self, Document},
-    },
+    fetch::layer,
+    oci::manifest::{self, Document},
     registry::{
         BlobSource,
         http::{HttpConfig, RegistryClient},

@@ -13,10 +13,10 @@ use std::{
 };
 
 use imgstream::{
-    image::{
+    fetch::layer::{self, RemoteLayer},
+    image::estargz::{NO_PREFETCH_LANDMARK, NodeKind, PREFETCH_LANDMARK, TOC_DIGEST_ANNOTATION},
+    oci::{
         digest::Digest,
-        estargz::{NO_PREFETCH_LANDMARK, NodeKind, PREFETCH_LANDMARK, TOC_DIGEST_ANNOTATION},
-        layer::{self, RemoteLayer},
         manifest::{self, Descriptor, Document},
     },
     registry::{
@@ -257,7 +257,7 @@ async fn convert_pushes_estargz_that_reads_back_file_for_file() {
     for (i, desc) in converted.layers.iter().enumerate() {
         let path = scratch.join(format!("check-{i}.gz"));
         client.blob_to_file(desc, &path).await.unwrap();
-        let mut hasher = imgstream::image::digest::Hasher::new();
+        let mut hasher = imgstream::oci::digest::Hasher::new();
         std::io::copy(
             &mut flate2::read::MultiGzDecoder::new(std::fs::File::open(&path).unwrap()),
             &mut hasher,
@@ -556,7 +556,7 @@ async fn bearer_tokens_from_the_challenge_realm_and_refresh_on_401() {
         writer: Default::default(),
         prioritized: vec![],
         reads: Vec::new(),
-        platform: imgstream::image::manifest::Platform::host(),
+        platform: imgstream::oci::manifest::Platform::host(),
         scratch: scratch.join("convert"),
         progress: None,
         mount_from: None,
@@ -627,7 +627,7 @@ async fn https_with_a_custom_ca_and_a_clear_error_without_it() {
         writer: Default::default(),
         prioritized: vec![],
         reads: Vec::new(),
-        platform: imgstream::image::manifest::Platform::host(),
+        platform: imgstream::oci::manifest::Platform::host(),
         scratch: scratch.join("convert"),
         progress: None,
         mount_from: None,

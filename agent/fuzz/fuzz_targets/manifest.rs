@@ -1,7 +1,7 @@
 //! Manifests and indexes as a registry might send them.
 #![no_main]
 
-use imgstream::image::manifest::{self, Document, Platform};
+use imgstream::oci::manifest::{Document, Platform, self};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -16,6 +16,7 @@ use std::{
 use crate::{
     probes::{DropCounters, LifecycleDrops},
     starts::StartRecord,
+    sync::lock,
 };
 
 /// Upper bounds of the latency buckets, in seconds.
@@ -82,8 +83,9 @@ fn namespace_of(namespace: Option<&str>) -> String {
 impl Metrics {
     /// A container reached its first exec (`before` is its record before this event).
     pub fn started(&self, record: &StartRecord) {
-        if let (Some(v), Ok(mut h)) = (record.create_to_start(), self.create_to_start.lock()) {
-            h.entry(namespace_of(record.namespace.as_deref()))
+        if let Some(v) = record.create_to_start() {
+            lock(&self.create_to_start)
+                .entry(namespace_of(record.namespace.as_deref()))
                 .or_default()
                 .observe(v);
         }
@@ -91,9 +93,9 @@ impl Metrics {
 
     /// A container wrote its first log line.
     pub fn first_log(&self, record: &StartRecord) {
-        if let (Some(v), Ok(mut h)) = (record.start_to_first_log(), self.start_to_first_log.lock())
-        {
-            h.entry(namespace_of(record.namespace.as_deref()))
+        if let Some(v) = record.start_to_first_log() {
+            lock(&self.start_to_first_log)
+                .entry(namespace_of(record.namespace.as_deref()))
                 .or_default()
                 .observe(v);
         }
@@ -101,21 +103,17 @@ impl Metrics {
 
     /// A rename-ENXIO detection.
     pub fn enxio(&self, namespace: Option<&str>) {
-        if let Ok(mut m) = self.enxio.lock() {
-            *m.entry(namespace_of(namespace)).or_default() += 1;
-        }
+        *lock(&self.enxio)
+            .entry(namespace_of(namespace))
+            .or_default() += 1;
     }
 
     pub fn set_rename_drops(&self, drops: DropCounters) {
-        if let Ok(mut d) = self.rename_drops.lock() {
-            *d = drops;
-        }
+        *lock(&self.rename_drops) = drops;
     }
 
     pub fn set_lifecycle_drops(&self, drops: LifecycleDrops) {
-        if let Ok(mut d) = self.lifecycle_drops.lock() {
-            *d = drops;
-        }
+        *lock(&self.lifecycle_drops) = drops;
     }
 
     /// The exposition text.
@@ -135,7 +133,7 @@ impl Metrics {
         ];
         for (name, help, hist) in histograms {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-            let Ok(hist) = hist.lock() else { continue };
+            let hist = lock(hist);
             for (ns, h) in hist.iter() {
                 let ns = escape(ns);
                 for (bound, count) in BUCKETS.iter().zip(h.counts) {
@@ -158,18 +156,16 @@ impl Metrics {
             out,
             "# HELP {name} Renames of a symlink that failed with ENXIO (the overlayfs regression).\n# TYPE {name} counter"
         );
-        if let Ok(enxio) = self.enxio.lock() {
-            for (ns, n) in enxio.iter() {
-                let _ = writeln!(out, "{name}{{namespace=\"{}\"}} {n}", escape(ns));
-            }
+        for (ns, n) in lock(&self.enxio).iter() {
+            let _ = writeln!(out, "{name}{{namespace=\"{}\"}} {n}", escape(ns));
         }
         let name = "imgstream_probe_dropped_total";
         let _ = writeln!(
             out,
             "# HELP {name} Events the eBPF programs could not deliver, by probe and reason.\n# TYPE {name} counter"
         );
-        let rename = self.rename_drops.lock().map(|d| *d).unwrap_or_default();
-        let lifecycle = self.lifecycle_drops.lock().map(|d| *d).unwrap_or_default();
+        let rename = *lock(&self.rename_drops);
+        let lifecycle = *lock(&self.lifecycle_drops);
         for (probe, reason, n) in [
             ("rename", "ring_buffer_full", rename.rename_events_dropped),
             ("rename", "inflight_map_full", rename.rename_inflight_full),

@@ -29,10 +29,8 @@ pub use metrics::Metrics;
 
 use crate::{
     shutdown::Shutdown,
-    starts::{
-        store::{Filter, Store},
-        unix_ns,
-    },
+    starts::store::{Filter, Store},
+    time::unix_ns,
 };
 
 /// What the API serves.

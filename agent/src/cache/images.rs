@@ -15,7 +15,7 @@ use std::{
     time::SystemTime,
 };
 
-use crate::image::digest::Digest;
+use crate::oci::digest::Digest;
 
 /// A mounted image's hold on its chunks; released when dropped.
 #[derive(Debug)]

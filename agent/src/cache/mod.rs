@@ -8,6 +8,11 @@
 //! `quarantine/` and reported as a miss, so the caller fetches it again: corrupt data is never
 //! served. Nothing is kept in memory about the chunks, so the cache survives restarts as is.
 //!
+//! Image metadata (eStargz TOCs, manifests) lives apart from chunks, in `meta/<kind>/<64 hex>`
+//! with the same framing, through a typed API ([`ChunkCache::put_toc`],
+//! [`ChunkCache::get_manifest`], ...): a TOC or manifest can never be read as a chunk, nor a
+//! chunk as one, whatever digests an image claims.
+//!
 //! This module knows nothing of registries or filesystems: it maps digests to bytes.
 
 pub mod engine;
@@ -25,7 +30,7 @@ use serde::Serialize;
 pub use engine::{CacheEngine, SyncEngine, UringEngine};
 pub use images::Pin;
 
-use crate::image::digest::Digest;
+use crate::oci::digest::Digest;
 
 const MAGIC: &[u8; 4] = b"ISC1";
 const HEADER: usize = 16;
@@ -91,7 +96,7 @@ impl std::fmt::Debug for ChunkCache {
 impl ChunkCache {
     /// Opens (creating if needed) the cache at `config.dir` and measures what it holds.
     pub fn open(config: &CacheConfig) -> Result<Self, CacheError> {
-        for sub in ["chunks", "quarantine", "tmp"] {
+        for sub in ["chunks", "meta/toc", "meta/manifest", "quarantine", "tmp"] {
             let dir = config.dir.join(sub);
             fs::create_dir_all(&dir).map_err(|e| CacheError::Prepare(dir.clone(), e))?;
         }
@@ -101,7 +106,7 @@ impl ChunkCache {
                 let _ = fs::remove_file(entry.path());
             }
         }
-        let usage = disk_usage(&config.dir.join("chunks"));
+        let usage = disk_usage(&config.dir.join("chunks")) + disk_usage(&config.dir.join("meta"));
         let engine = engine::probe(config.prefer_uring);
         tracing::info!(dir = %config.dir.display(), engine = engine.name(), usage, "chunk cache opened");
         Ok(Self {
@@ -132,6 +137,10 @@ impl ChunkCache {
     fn path(&self, digest: &Digest) -> PathBuf {
         let hex = digest.hex();
         self.dir.join("chunks").join(&hex[..2]).join(hex)
+    }
+
+    fn meta_path(&self, kind: MetaKind, digest: &Digest) -> PathBuf {
+        self.dir.join("meta").join(kind.dir()).join(digest.hex())
     }
 
     /// Counts `size` bytes as used before they are written, so that concurrent writers can
@@ -173,7 +182,7 @@ impl ChunkCache {
     /// images that no process has mounted, keeping chunks any mounted image uses. Returns
     /// whether usage is now at or under `target`.
     fn evict(&self, target: u64) -> bool {
-        let _one_at_a_time = self.evicting.lock().expect("eviction lock");
+        let _one_at_a_time = crate::sync::lock(&self.evicting);
         if self.usage() <= target {
             return true;
         }
@@ -216,27 +225,81 @@ impl ChunkCache {
     /// The chunk's data if it is cached and intact. A corrupt chunk is quarantined and
     /// reported as absent.
     pub fn get(&self, digest: &Digest) -> Result<Option<Vec<u8>>, CacheError> {
-        let path = self.path(digest);
-        let mut file = match File::open(&path) {
+        let found = self.read_entry(&self.path(digest), digest)?;
+        let counter = if found.is_some() {
+            &self.stats.hits
+        } else {
+            &self.stats.misses
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        Ok(found)
+    }
+
+    /// An eStargz TOC member kept by [`ChunkCache::put_toc`] under the TOC's digest, if it is
+    /// cached and its framing intact (the caller still checks it against the digest).
+    pub fn get_toc(&self, toc_digest: &Digest) -> Result<Option<CachedToc>, CacheError> {
+        let Some(bytes) =
+            self.read_entry(&self.meta_path(MetaKind::Toc, toc_digest), toc_digest)?
+        else {
+            return Ok(None);
+        };
+        let Some((offset, member)) = bytes.split_first_chunk::<8>() else {
+            return Ok(None);
+        };
+        Ok(Some(CachedToc {
+            offset: u64::from_le_bytes(*offset),
+            member: member.to_vec(),
+        }))
+    }
+
+    /// Keeps a layer's compressed TOC member (which starts at `offset` in the blob) under
+    /// the TOC's digest. Returns `false` when the size limit left no room.
+    pub fn put_toc(
+        &self,
+        toc_digest: &Digest,
+        offset: u64,
+        member: &[u8],
+    ) -> Result<bool, CacheError> {
+        let mut entry = Vec::with_capacity(8 + member.len());
+        entry.extend_from_slice(&offset.to_le_bytes());
+        entry.extend_from_slice(member);
+        self.write_entry(
+            &self.meta_path(MetaKind::Toc, toc_digest),
+            toc_digest,
+            &entry,
+        )
+    }
+
+    /// A manifest (or index) kept by [`ChunkCache::put_manifest`], if cached and intact (the
+    /// caller still checks it against the digest).
+    pub fn get_manifest(&self, digest: &Digest) -> Result<Option<Vec<u8>>, CacheError> {
+        self.read_entry(&self.meta_path(MetaKind::Manifest, digest), digest)
+    }
+
+    /// Keeps a manifest's bytes under their digest. Returns `false` when the size limit left
+    /// no room.
+    pub fn put_manifest(&self, digest: &Digest, bytes: &[u8]) -> Result<bool, CacheError> {
+        self.write_entry(&self.meta_path(MetaKind::Manifest, digest), digest, bytes)
+    }
+
+    /// The data of the entry at `path` if it exists and its framing and crc32 are intact; a
+    /// corrupt entry is quarantined (named after `digest`) and reported as absent.
+    fn read_entry(&self, path: &Path, digest: &Digest) -> Result<Option<Vec<u8>>, CacheError> {
+        let mut file = match File::open(path) {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                self.stats.misses.fetch_add(1, Ordering::Relaxed);
-                return Ok(None);
-            }
-            Err(e) => return Err(CacheError::Read(path, e)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(CacheError::Read(path.to_path_buf(), e)),
         };
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)
-            .map_err(|e| CacheError::Read(path.clone(), e))?;
+            .map_err(|e| CacheError::Read(path.to_path_buf(), e))?;
         match check(&bytes) {
             Some(()) => {
-                self.stats.hits.fetch_add(1, Ordering::Relaxed);
                 bytes.drain(..HEADER);
                 Ok(Some(bytes))
             }
             None => {
-                self.quarantine(digest, &path, bytes.len() as u64);
-                self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                self.quarantine(digest, path, bytes.len() as u64);
                 Ok(None)
             }
         }
@@ -262,15 +325,23 @@ impl ChunkCache {
     /// Stores a chunk (already verified against its digest by the caller). Returns `false`
     /// when it was not stored because the size limit would be exceeded.
     pub fn put(&self, digest: &Digest, data: &[u8]) -> Result<bool, CacheError> {
-        let path = self.path(digest);
+        let stored = self.write_entry(&self.path(digest), digest, data)?;
+        if !stored {
+            self.stats
+                .skipped_over_limit
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(stored)
+    }
+
+    /// Writes `data`, framed, to `path` through a temporary file and a rename, within the
+    /// size limit. An entry already there is kept. `false` when the limit left no room.
+    fn write_entry(&self, path: &Path, digest: &Digest, data: &[u8]) -> Result<bool, CacheError> {
         if path.exists() {
             return Ok(true);
         }
         let size = (HEADER + data.len()) as u64;
         if !self.reserve(size) {
-            self.stats
-                .skipped_over_limit
-                .fetch_add(1, Ordering::Relaxed);
             return Ok(false);
         }
         let tmp = unique(self.dir.join("tmp").join(digest.hex()));
@@ -280,9 +351,9 @@ impl ChunkCache {
             }
             let file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
             let header = header(data);
-            // Not synced: a chunk torn by a crash fails its crc32 check and is fetched again.
+            // Not synced: an entry torn by a crash fails its crc32 check and is fetched again.
             self.engine.write_parts(&file, &[&header, data], false)?;
-            fs::rename(&tmp, &path)
+            fs::rename(&tmp, path)
         })();
         match result {
             Ok(()) => {
@@ -296,6 +367,7 @@ impl ChunkCache {
                 let _ = fs::remove_file(&tmp);
                 self.usage.fetch_sub(size, Ordering::Relaxed);
                 self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                let path = path.to_path_buf();
                 if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT)
                 {
                     Err(CacheError::Full(path))
@@ -305,6 +377,29 @@ impl ChunkCache {
             }
         }
     }
+}
+
+/// The key spaces of image metadata, each apart from the chunks and from each other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MetaKind {
+    Toc,
+    Manifest,
+}
+
+impl MetaKind {
+    fn dir(self) -> &'static str {
+        match self {
+            MetaKind::Toc => "toc",
+            MetaKind::Manifest => "manifest",
+        }
+    }
+}
+
+/// An eStargz TOC member as cached: where it starts in its blob, and its compressed bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedToc {
+    pub offset: u64,
+    pub member: Vec<u8>,
 }
 
 /// A temporary name no other writer uses at the same time.
@@ -409,6 +504,36 @@ mod tests {
         // A truncated file and a foreign file are caught too.
         fs::write(&path, b"ISC1").unwrap();
         assert_eq!(cache.get(&d).unwrap(), None);
+        fs::remove_dir_all(&cfg.dir).unwrap();
+    }
+
+    #[test]
+    fn metadata_and_chunks_never_share_a_key() {
+        let cfg = config("meta", None, false);
+        let cache = ChunkCache::open(&cfg).unwrap();
+        let chunk = b"chunk bytes".to_vec();
+        let d = Digest::of(&chunk);
+        cache.put(&d, &chunk).unwrap();
+        // The same digest names no TOC and no manifest until one is stored under it.
+        assert_eq!(cache.get_toc(&d).unwrap(), None);
+        assert_eq!(cache.get_manifest(&d).unwrap(), None);
+        assert!(cache.put_toc(&d, 1234, b"toc member").unwrap());
+        assert!(cache.put_manifest(&d, b"{}").unwrap());
+        let toc = cache.get_toc(&d).unwrap().unwrap();
+        assert_eq!((toc.offset, &toc.member[..]), (1234, &b"toc member"[..]));
+        assert_eq!(cache.get_manifest(&d).unwrap().as_deref(), Some(&b"{}"[..]));
+        assert_eq!(
+            cache.get(&d).unwrap().as_deref(),
+            Some(&chunk[..]),
+            "the chunk is its own"
+        );
+        drop(cache);
+        let again = ChunkCache::open(&cfg).unwrap();
+        assert_eq!(
+            again.usage(),
+            3 * HEADER as u64 + chunk.len() as u64 + 8 + 10 + 2,
+            "metadata counts against the limit, measured from disk"
+        );
         fs::remove_dir_all(&cfg.dir).unwrap();
     }
 

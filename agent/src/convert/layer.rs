@@ -9,14 +9,18 @@ use std::{
 
 use flate2::read::MultiGzDecoder;
 
-use crate::image::{
-    digest::{Digest, Hasher},
-    estargz::{
-        EstargzWriter, LayerSummary, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_NAME,
-        WriterOptions, normalize,
+use crate::{
+    image::{
+        estargz::{
+            EstargzWriter, LayerSummary, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_NAME,
+            WriterOptions, normalize,
+        },
+        tar::{Header, Kind, TarError, TarReader},
     },
-    manifest::{DOCKER_LAYER_GZIP, OCI_LAYER_GZIP, OCI_LAYER_TAR},
-    tar::{Header, Kind, TarError, TarReader},
+    oci::{
+        digest::{Digest, Hasher},
+        manifest::{DOCKER_LAYER_GZIP, OCI_LAYER_GZIP, OCI_LAYER_TAR},
+    },
 };
 
 /// Errors converting one layer.

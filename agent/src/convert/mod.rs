@@ -18,13 +18,15 @@ pub use layer::{ConvertLayerError, LayerPlan, Progress, convert_layer};
 
 use crate::{
     image::{
-        digest::Digest,
         estargz::{TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION, WriterOptions},
+        reads::RecordedRead,
+    },
+    oci::{
+        digest::Digest,
         manifest::{
             self, DOCKER_LAYER_GZIP, DOCKER_MANIFEST, Descriptor, Document, Manifest,
             OCI_LAYER_GZIP, Platform,
         },
-        reads::RecordedRead,
     },
     registry::{BlobSink, BlobSource, RegistryError},
 };

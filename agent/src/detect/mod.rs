@@ -9,8 +9,6 @@
 
 mod inspect;
 
-use std::time::SystemTime;
-
 use serde::Serialize;
 
 pub use inspect::{SourceKind, Via, inspect_source};
@@ -84,7 +82,7 @@ impl Detector {
         };
         let container = cgroup_path.as_deref().and_then(parse_cgroup_path);
         Verdict::Report(Box::new(Detection {
-            time: rfc3339(self.clock.to_wall(failure.boot_ns)),
+            time: crate::time::rfc3339_millis(self.clock.to_wall(failure.boot_ns)),
             confirmed,
             flag_names: failure.flag_names(),
             failure,
@@ -114,51 +112,5 @@ impl Detection {
             pod_uid = self.container.as_ref().and_then(|c| c.pod_uid.as_deref()).unwrap_or("-"),
             "rename of a symlink failed with ENXIO (overlayfs regression, fixed in Linux 6.6 and 6.1.55)"
         );
-    }
-}
-
-/// `YYYY-MM-DDTHH:MM:SS.mmmZ` for a wall-clock time.
-pub fn rfc3339(time: SystemTime) -> String {
-    let since = time
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
-    let secs = since.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (y, m, d) = civil_from_days(days as i64);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        since.subsec_millis()
-    )
-}
-
-/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::*;
-
-    #[test]
-    fn rfc3339_formats_known_instants() {
-        let at = |s: u64, ms: u64| SystemTime::UNIX_EPOCH + Duration::from_millis(s * 1000 + ms);
-        assert_eq!(rfc3339(at(0, 0)), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339(at(951_782_400, 5)), "2000-02-29T00:00:00.005Z");
-        assert_eq!(rfc3339(at(1_796_083_199, 999)), "2026-11-30T23:59:59.999Z");
     }
 }

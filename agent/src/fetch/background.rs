@@ -17,8 +17,7 @@ use serde::Serialize;
 
 use super::{ChunkRef, Fetcher, Priority};
 use crate::{
-    image::{digest::Digest, estargz::Chunk, layer::RemoteLayer},
-    shutdown::Shutdown,
+    fetch::layer::RemoteLayer, image::estargz::Chunk, oci::digest::Digest, shutdown::Shutdown,
 };
 
 /// Most compressed bytes one background request asks for.
@@ -76,7 +75,7 @@ impl Progress {
     /// Runs `hook` once the whole image is cached (now, if it already is). Not run when the
     /// download stops unfinished.
     pub fn when_finished(&self, hook: impl FnOnce() + Send + 'static) {
-        let mut slot = self.on_finished.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = crate::sync::lock(&self.on_finished.0);
         if self.finished.load(Ordering::Acquire) {
             drop(slot);
             hook();
@@ -87,7 +86,7 @@ impl Progress {
 
     fn finish(&self) {
         let hook = {
-            let mut slot = self.on_finished.0.lock().unwrap_or_else(|e| e.into_inner());
+            let mut slot = crate::sync::lock(&self.on_finished.0);
             self.finished.store(true, Ordering::Release);
             slot.take()
         };

@@ -20,16 +20,15 @@ use std::{
 };
 
 pub mod background;
+pub mod layer;
 pub mod prefetch;
 
 use serde::Serialize;
 
 use crate::{
     cache::ChunkCache,
-    image::{
-        digest::Digest,
-        estargz::{self, Chunk},
-    },
+    image::estargz::{self, Chunk},
+    oci::digest::Digest,
     registry::BlobSource,
 };
 
@@ -194,12 +193,7 @@ impl Fetcher {
         let mut mine = Vec::new();
         let mut waits = Vec::new();
         for (i, c) in chunks.iter().enumerate() {
-            if let Some(data) = self
-                .recent
-                .lock()
-                .expect("recent lock")
-                .get(&c.chunk.digest)
-            {
+            if let Some(data) = crate::sync::lock(&self.recent).get(&c.chunk.digest) {
                 self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
                 out[i] = Some(data);
                 continue;
@@ -208,15 +202,12 @@ impl Fetcher {
                 self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
                 let data = Arc::new(data);
                 if priority == Priority::OnDemand {
-                    self.recent
-                        .lock()
-                        .expect("recent lock")
-                        .insert(c.chunk.digest, data.clone());
+                    crate::sync::lock(&self.recent).insert(c.chunk.digest, data.clone());
                 }
                 out[i] = Some(data);
                 continue;
             }
-            let mut map = self.inflight.lock().expect("inflight lock");
+            let mut map = crate::sync::lock(&self.inflight);
             match map.get(&c.chunk.digest) {
                 Some(flight) => {
                     self.stats.merged.fetch_add(1, Ordering::Relaxed);
@@ -235,17 +226,17 @@ impl Fetcher {
             let results = self.fetch_runs(&wanted, deadline, priority);
             if priority == Priority::OnDemand {
                 // The next reads of a container usually want the rest of what it just read.
-                let mut recent = self.recent.lock().expect("recent lock");
+                let mut recent = crate::sync::lock(&self.recent);
                 for ((i, _), result) in mine.iter().zip(&results) {
                     if let Ok(data) = result {
                         recent.insert(chunks[*i].chunk.digest, data.clone());
                     }
                 }
             }
-            let mut map = self.inflight.lock().expect("inflight lock");
+            let mut map = crate::sync::lock(&self.inflight);
             for ((i, flight), result) in mine.iter().zip(results) {
                 map.remove(&chunks[*i].chunk.digest);
-                *flight.result.lock().expect("flight lock") = Some(result.clone());
+                *crate::sync::lock(&flight.result) = Some(result.clone());
                 flight.ready.notify_all();
                 out[*i] = Some(result?);
             }
@@ -370,7 +361,7 @@ impl Fetcher {
     /// Blocks a background fetch while on-demand fetches run (bounded by `deadline`).
     fn yield_to_readers(&self, deadline: Instant) {
         let (lock, cv) = &self.ondemand_done;
-        let mut guard = lock.lock().expect("yield lock");
+        let mut guard = crate::sync::lock(lock);
         while self.ondemand.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
             let left = deadline
                 .saturating_duration_since(Instant::now())
@@ -522,7 +513,7 @@ impl Drop for OnDemand<'_> {
 }
 
 fn wait(flight: &Inflight, digest: Digest, deadline: Instant) -> Result<Arc<Vec<u8>>, FetchError> {
-    let mut result = flight.result.lock().expect("flight lock");
+    let mut result = crate::sync::lock(&flight.result);
     loop {
         if let Some(r) = result.as_ref() {
             return r.clone();
@@ -551,9 +542,9 @@ mod tests {
         cache::CacheConfig,
         image::{
             estargz::{self, EstargzWriter, FOOTER_SIZE, LayerIndex, WriterOptions},
-            manifest::Descriptor,
             tar::{Header, Kind},
         },
+        oci::manifest::Descriptor,
         registry::{FetchedManifest, RegistryError},
     };
 

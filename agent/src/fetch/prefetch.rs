@@ -17,8 +17,7 @@ use std::{
 
 use super::{ChunkRef, Fetcher, Priority};
 use crate::{
-    image::{digest::Digest, estargz::Chunk, layer::RemoteLayer},
-    shutdown::Shutdown,
+    fetch::layer::RemoteLayer, image::estargz::Chunk, oci::digest::Digest, shutdown::Shutdown,
 };
 
 /// Requests in flight: enough that the link stays busy between one request's last byte

@@ -211,7 +211,7 @@ pub fn run(socket: &Path, shutdown: &Shutdown) -> io::Result<()> {
         }
     }
     let _ = std::fs::remove_file(socket);
-    let count = held.lock().map(|h| h.len()).unwrap_or(0);
+    let count = crate::sync::lock(&held).len();
     tracing::info!(held = count, "FUSE keeper stopping");
     Ok(())
 }
@@ -224,7 +224,7 @@ fn serve_conn(conn: BorrowedFd<'_>, held: &Mutex<BTreeMap<String, OwnedFd>>) -> 
         }
         let text = String::from_utf8_lossy(&msg);
         let (verb, key) = text.split_once(' ').unwrap_or((&text, ""));
-        let mut held = held.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held = crate::sync::lock(held);
         match (verb, fd) {
             ("PUT", Some(fd)) if !key.is_empty() => {
                 if held.len() >= MAX_HELD && !held.contains_key(key) {
@@ -313,7 +313,7 @@ impl Keeper {
 
     /// Runs one exchange on the connection, reconnecting once if the keeper went away.
     fn exchange<T>(&self, f: impl Fn(BorrowedFd<'_>) -> io::Result<T>) -> io::Result<T> {
-        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        let mut conn = crate::sync::lock(&self.conn);
         for attempt in 0..2 {
             if conn.is_none() {
                 *conn = Some(self.connect()?);

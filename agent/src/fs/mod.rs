@@ -29,11 +29,8 @@ use fuse_backend_rs::{
 pub use tree::{Kind, Tree, View};
 
 use crate::{
-    fetch::{ChunkRef, Fetcher, Priority},
-    image::{
-        layer::RemoteLayer,
-        reads::{MAX_RECORDS, RecordedRead},
-    },
+    fetch::{ChunkRef, Fetcher, Priority, layer::RemoteLayer},
+    image::reads::{MAX_RECORDS, RecordedRead},
 };
 
 /// How long the kernel may cache names and attributes: the image never changes.
@@ -107,7 +104,7 @@ impl ImageFs {
         let Some(recorded) = &self.recorded else {
             return Vec::new();
         };
-        let recorded = recorded.lock().unwrap_or_else(|e| e.into_inner());
+        let recorded = crate::sync::lock(recorded);
         recorded
             .iter()
             .map(|&(layer, node, offset, size)| RecordedRead {
@@ -206,7 +203,7 @@ impl ImageFs {
             "read"
         );
         if let Some(recorded) = &self.recorded {
-            let mut recorded = recorded.lock().unwrap_or_else(|e| e.into_inner());
+            let mut recorded = crate::sync::lock(recorded);
             if recorded.len() < MAX_RECORDS {
                 recorded.push((layer, node_index, offset, size));
             }

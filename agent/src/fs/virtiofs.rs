@@ -137,10 +137,7 @@ impl RequestPool {
                 .spawn(move || {
                     loop {
                         // The lock is held only while taking a job, not while running it.
-                        let job = match rx.lock() {
-                            Ok(rx) => rx.recv(),
-                            Err(_) => return,
-                        };
+                        let job = crate::sync::lock(&rx).recv();
                         match job {
                             Ok(job) => job(),
                             Err(_) => return, // the pool was dropped
@@ -155,18 +152,15 @@ impl RequestPool {
     }
 
     fn run(&self, job: Job) -> bool {
-        match self.jobs.lock() {
-            Ok(jobs) => jobs.as_ref().is_some_and(|tx| tx.send(job).is_ok()),
-            Err(_) => false,
-        }
+        crate::sync::lock(&self.jobs)
+            .as_ref()
+            .is_some_and(|tx| tx.send(job).is_ok())
     }
 }
 
 impl Drop for RequestPool {
     fn drop(&mut self) {
-        if let Ok(mut jobs) = self.jobs.lock() {
-            jobs.take();
-        }
+        crate::sync::lock(&self.jobs).take();
     }
 }
 
@@ -341,7 +335,7 @@ impl<F: FileSystem + Send + Sync + 'static> VhostUserBackend for FsBackend<F> {
     }
 
     fn update_memory(&self, memory: GuestMemory) -> io::Result<()> {
-        *self.memory.write().map_err(|_| io::Error::other("lock"))? = Some(memory);
+        *crate::sync::write(&self.memory) = Some(memory);
         Ok(())
     }
 
@@ -371,10 +365,7 @@ impl<F: FileSystem + Send + Sync + 'static> VhostUserBackend for FsBackend<F> {
         let vring = vrings
             .get(usize::from(device_event))
             .ok_or_else(|| io::Error::other(format!("virtio-fs: no queue {device_event}")))?;
-        let memory = self
-            .memory
-            .read()
-            .map_err(|_| io::Error::other("lock"))?
+        let memory = crate::sync::read(&self.memory)
             .as_ref()
             .ok_or_else(|| io::Error::other("virtio-fs: a kick before the guest's memory"))?
             .memory();

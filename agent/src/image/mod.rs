@@ -1,10 +1,8 @@
-//! Images: what a registry or a local layout hands over, made safe to use. Owns content
-//! digests, tar headers, and the eStargz format (footer, TOC, chunks, writing). Knows nothing
-//! about where bytes come from (`registry`) or how files are served (`fs`).
+//! Layer formats, and only formats: tar headers, the eStargz footer, TOC, chunks and writer,
+//! and recorded reads turned into prefetch lists. Everything here works on bytes handed in:
+//! nothing knows where they come from (`registry`), where they are kept (`cache`) or how
+//! files are served (`fs`). Digests and manifests are `oci`'s.
 
-pub mod digest;
 pub mod estargz;
-pub mod layer;
-pub mod manifest;
 pub mod reads;
 pub mod tar;

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use super::{
     BlobSink, BlobSource, FetchedManifest, MAX_IN_MEMORY_BLOB, RegistryError, check_content,
 };
-use crate::image::{
+use crate::oci::{
     digest::{Digest, Hasher},
     manifest::{self, Descriptor, Index, MAX_MANIFEST, OCI_INDEX},
 };

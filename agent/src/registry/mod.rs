@@ -6,18 +6,16 @@
 
 pub mod http;
 pub mod local;
-mod reference;
 
 use std::{ops::Range, path::Path};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
-pub use reference::{ImageRef, ReferenceError};
-
-use crate::image::{
+use crate::oci::{
     digest::{Digest, DigestError},
     manifest::{Descriptor, ManifestError},
+    reference::{ImageRef, ReferenceError},
 };
 
 /// Largest blob fetched into memory with [`BlobSource::blob`] (configs, small layers).

@@ -41,9 +41,9 @@ use tonic::{Request, Response, Status};
 use crate::{
     cache::ChunkCache,
     fs::{fusedev::umount_lazy, keeper::Keeper},
-    image::digest::Digest,
     mount::{self, MountOptions, MountedImage},
-    registry::{ImageRef, http::HttpConfig, open_source},
+    oci::{digest::Digest, reference::ImageRef},
+    registry::{http::HttpConfig, open_source},
     shutdown::Shutdown,
 };
 
@@ -125,7 +125,7 @@ pub struct SnapshotterConfig {
 }
 
 fn now_ns() -> u64 {
-    crate::starts::unix_ns(SystemTime::now())
+    crate::time::unix_ns(SystemTime::now())
 }
 
 fn timestamp(ns: u64) -> prost_types::Timestamp {
@@ -436,10 +436,7 @@ impl Snapshotter {
         {
             tracing::warn!(%err, keeper = %keeper.socket().display(), mountpoint = %mountpoint.display(), "FUSE keeper unreachable: this layer's containers will lose it if the agent restarts");
         }
-        self.lazy
-            .lock()
-            .map_err(|_| "lock".to_string())?
-            .insert(id, mounted);
+        crate::sync::lock(&self.lazy).insert(id, mounted);
         Ok(true)
     }
 
@@ -557,17 +554,14 @@ impl Snapshotter {
             tracing::info!(keeper = %keeper.socket().display(), "FUSE keeper reachable");
         }
         // Duplicates, so that the keeper is talked to without holding the lock.
-        let missing: Vec<(String, std::os::fd::OwnedFd)> = match self.lazy.lock() {
-            Ok(lazy) => lazy
-                .iter()
-                .filter_map(|(id, mounted)| {
-                    let key = self.dir(*id).join("fs").display().to_string();
-                    let fd = mounted.fuse_fd()?.try_clone_to_owned().ok()?;
-                    (!held.contains_key(&key)).then_some((key, fd))
-                })
-                .collect(),
-            Err(_) => return,
-        };
+        let missing: Vec<(String, std::os::fd::OwnedFd)> = crate::sync::lock(&self.lazy)
+            .iter()
+            .filter_map(|(id, mounted)| {
+                let key = self.dir(*id).join("fs").display().to_string();
+                let fd = mounted.fuse_fd()?.try_clone_to_owned().ok()?;
+                (!held.contains_key(&key)).then_some((key, fd))
+            })
+            .collect();
         for (key, fd) in missing {
             use std::os::fd::AsFd;
             match keeper.put(&key, fd.as_fd()) {
@@ -628,11 +622,7 @@ impl Snapshotter {
             let _ = task.await;
         }
         let _ = std::fs::remove_file(&socket);
-        let mounts = self
-            .lazy
-            .lock()
-            .map(|mut lazy| std::mem::take(&mut *lazy))
-            .unwrap_or_default();
+        let mounts = std::mem::take(&mut *crate::sync::lock(&self.lazy));
         if self.keeper.is_some() {
             // The keeper holds their connections: the mounts stay, requests wait in the
             // kernel, and the next agent serves them.
@@ -763,7 +753,7 @@ impl Snapshots for Service {
             )));
         }
         self.0.apply(&[(&key, None)])?;
-        let mounted = self.0.lazy.lock().ok().and_then(|mut l| l.remove(&snap.id));
+        let mounted = crate::sync::lock(&self.0.lazy).remove(&snap.id);
         drop_mounts(mounted.into_iter().collect()).await;
         let dir = self.0.dir(snap.id);
         if let Some(keeper) = &self.0.keeper

@@ -53,7 +53,7 @@ async fn the_service_keeps_overlay_chains_and_its_metadata() {
             threads: 1,
             readahead_kb: None,
             prefetch: true,
-            platform: crate::image::manifest::Platform::host(),
+            platform: crate::oci::manifest::Platform::host(),
         },
         keeper: None,
     };

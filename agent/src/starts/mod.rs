@@ -9,23 +9,18 @@
 
 pub mod store;
 
-use std::{collections::HashMap, time::SystemTime};
+use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
     attribution::{Runtime, parse_cgroup_path},
     events::{BootClock, Lifecycle, LifecycleKind},
+    time::unix_ns,
 };
 
 /// Most containers tracked in memory at once (oldest dropped first; they are in the store).
 const TRACKED: usize = 4096;
-
-/// Wall time as nanoseconds since the Unix epoch.
-pub fn unix_ns(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
 
 /// One container start.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -23,7 +23,7 @@ pub mod image_tree;
 
 use bytes::Bytes;
 use imgstream::{
-    image::{
+    oci::{
         digest::Digest,
         manifest::{self, Descriptor, Manifest},
     },
@@ -216,7 +216,7 @@ pub fn gnu_tar_gz(dir: &Path, out: &Path) {
 }
 
 fn gunzip_digest(path: &Path) -> Digest {
-    let mut hasher = imgstream::image::digest::Hasher::new();
+    let mut hasher = imgstream::oci::digest::Hasher::new();
     std::io::copy(
         &mut flate2::read::MultiGzDecoder::new(std::fs::File::open(path).unwrap()),
         &mut hasher,

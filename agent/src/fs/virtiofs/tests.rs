@@ -20,14 +20,13 @@ use vm_memory::{ByteValued, Bytes, GuestAddress};
 use super::*;
 use crate::{
     cache::{CacheConfig, ChunkCache},
-    fetch::Fetcher,
+    fetch::{Fetcher, layer},
     fs::{FsConfig, ImageFs, View},
     image::{
         estargz::{EstargzWriter, TOC_DIGEST_ANNOTATION, WriterOptions},
-        layer,
-        manifest::{self, Descriptor},
         tar::{Header, Kind},
     },
+    oci::manifest::{self, Descriptor},
     registry::{BlobSource, local::WithLocalBlobs},
 };
 

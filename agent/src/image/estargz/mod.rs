@@ -17,14 +17,13 @@ use flate2::read::GzDecoder;
 pub use toc::{
     Chunk, FOOTER_SIZE, LayerIndex, MAX_CHUNK, MAX_TOC_COMPRESSED, MAX_TOC_JSON,
     NO_PREFETCH_LANDMARK, Node, NodeKind, PREFETCH_LANDMARK, PrefetchChunk, TOC_DIGEST_ANNOTATION,
-    TOC_NAME, Toc, TocEntry, UNCOMPRESSED_SIZE_ANNOTATION, footer_bytes, format_rfc3339, normalize,
-    parse_footer, parse_rfc3339,
+    TOC_NAME, Toc, TocEntry, UNCOMPRESSED_SIZE_ANNOTATION, footer_bytes, normalize, parse_footer,
 };
 pub use writer::{EstargzWriter, LayerSummary, WriterOptions};
 
-use super::{
-    digest::Digest,
-    tar::{Kind, TarReader},
+use crate::{
+    image::tar::{Kind, TarReader},
+    oci::digest::Digest,
 };
 
 /// Errors reading an eStargz layer.

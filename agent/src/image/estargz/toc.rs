@@ -7,7 +7,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use super::EstargzError;
-use crate::image::digest::Digest;
+use crate::oci::digest::Digest;
 
 /// Size of the eStargz footer at the end of a blob.
 pub const FOOTER_SIZE: u64 = 51;
@@ -598,7 +598,7 @@ fn apply_meta(node: &mut Node, e: &TocEntry) -> Result<(), String> {
     node.mtime = if e.modtime.is_empty() {
         (0, 0)
     } else {
-        parse_rfc3339(&e.modtime)?
+        crate::time::parse_rfc3339(&e.modtime).map_err(|e| e.to_string())?
     };
     for (key, value) in &e.xattrs {
         let bytes = base64::engine::general_purpose::STANDARD
@@ -632,92 +632,4 @@ fn parent_of(path: &str) -> &str {
 
 fn shorten(s: &str) -> String {
     s.chars().take(200).collect()
-}
-
-/// `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)` to seconds and nanoseconds since the epoch.
-pub fn parse_rfc3339(s: &str) -> Result<(i64, u32), String> {
-    let bad = || format!("modtime {:?} is not RFC 3339", shorten(s));
-    let b = s.as_bytes();
-    if b.len() < 20
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || !matches!(b[10], b'T' | b't')
-        || b[13] != b':'
-        || b[16] != b':'
-    {
-        return Err(bad());
-    }
-    let num = |r: std::ops::Range<usize>| -> Result<i64, String> {
-        s.get(r).and_then(|t| t.parse::<i64>().ok()).ok_or_else(bad)
-    };
-    let (y, mo, d, h, mi, se) = (
-        num(0..4)?,
-        num(5..7)?,
-        num(8..10)?,
-        num(11..13)?,
-        num(14..16)?,
-        num(17..19)?,
-    );
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
-        return Err(bad());
-    }
-    let mut rest = &s[19..];
-    let mut nanos = 0u32;
-    if let Some(frac) = rest.strip_prefix('.') {
-        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return Err(bad());
-        }
-        let text: String = frac[..digits]
-            .chars()
-            .chain(std::iter::repeat('0'))
-            .take(9)
-            .collect();
-        nanos = text.parse().map_err(|_| bad())?;
-        rest = &frac[digits..];
-    }
-    let offset = match rest {
-        "Z" | "z" => 0,
-        tz if tz.len() == 6 && (tz.starts_with('+') || tz.starts_with('-')) && &tz[3..4] == ":" => {
-            let sign = if tz.starts_with('-') { -1 } else { 1 };
-            let hh: i64 = tz[1..3].parse().map_err(|_| bad())?;
-            let mm: i64 = tz[4..6].parse().map_err(|_| bad())?;
-            sign * (hh * 3600 + mm * 60)
-        }
-        _ => return Err(bad()),
-    };
-    let days = days_from_civil(y, mo as u32, d as u32);
-    Ok((days * 86_400 + h * 3600 + mi * 60 + se - offset, nanos))
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m as i64 + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d as i64 - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ`, the form the Go writer uses.
-pub fn format_rfc3339(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }

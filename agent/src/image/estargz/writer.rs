@@ -12,11 +12,11 @@ use flate2::{Compression, write::GzEncoder};
 
 use super::toc::{
     NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, PrefetchChunk, TOC_NAME, Toc, TocEntry, footer_bytes,
-    format_rfc3339, normalize,
+    normalize,
 };
-use crate::image::{
-    digest::{Digest, Hasher},
-    tar::{Header, Kind, TarWriter},
+use crate::{
+    image::tar::{Header, Kind, TarWriter},
+    oci::digest::{Digest, Hasher},
 };
 
 /// How layers are written.
@@ -313,7 +313,7 @@ fn toc_entry(h: &Header) -> TocEntry {
         modtime: if h.mtime == 0 {
             String::new()
         } else {
-            format_rfc3339(h.mtime)
+            crate::time::format_rfc3339(h.mtime)
         },
         link_name: h.link_name.clone(),
         mode: i64::from(h.mode & 0o7777) | type_bits,

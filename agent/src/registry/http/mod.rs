@@ -32,7 +32,7 @@ pub use auth::{Challenge, Credentials, parse_challenge};
 use super::{
     BlobSink, BlobSource, FetchedManifest, MAX_IN_MEMORY_BLOB, RegistryError, check_content,
 };
-use crate::image::{
+use crate::oci::{
     digest::{Digest, Hasher},
     manifest::{ACCEPT, Descriptor, MAX_MANIFEST},
 };
@@ -306,7 +306,7 @@ impl RegistryClient {
     }
 
     fn auth_header(&self, scope: &str) -> Option<String> {
-        let auth = self.auth.lock().expect("auth lock");
+        let auth = crate::sync::lock(&self.auth);
         auth.get(scope).or_else(|| auth.get(ANY_SCOPE)).cloned()
     }
 
@@ -327,10 +327,7 @@ impl RegistryClient {
                 let creds = self.credentials.as_ref().ok_or_else(|| {
                     unauthorized("the registry wants credentials and none are configured")
                 })?;
-                self.auth
-                    .lock()
-                    .expect("auth lock")
-                    .insert(ANY_SCOPE.into(), creds.basic_header());
+                crate::sync::lock(&self.auth).insert(ANY_SCOPE.into(), creds.basic_header());
                 Ok(())
             }
             Some(Challenge::Bearer { realm, service, .. }) => {
@@ -383,10 +380,7 @@ impl RegistryClient {
                 }
                 let token = auth::token_from_response(&body)
                     .ok_or_else(|| unauthorized("the token server's answer has no token"))?;
-                self.auth
-                    .lock()
-                    .expect("auth lock")
-                    .insert(scope.to_string(), format!("Bearer {token}"));
+                crate::sync::lock(&self.auth).insert(scope.to_string(), format!("Bearer {token}"));
                 Ok(())
             }
             None => Err(unauthorized(
@@ -683,11 +677,11 @@ impl BlobSource for RegistryClient {
         self.fetch_blob(
             desc,
             |data| {
-                buf.lock().expect("buffer lock").extend_from_slice(data);
+                crate::sync::lock(&buf).extend_from_slice(data);
                 Ok(())
             },
             || {
-                buf.lock().expect("buffer lock").clear();
+                crate::sync::lock(&buf).clear();
                 Ok(())
             },
         )
@@ -704,14 +698,13 @@ impl BlobSource for RegistryClient {
             desc,
             |data| {
                 use std::io::Write;
-                file.lock()
-                    .expect("file lock")
+                crate::sync::lock(&file)
                     .write_all(data)
                     .map_err(|e| RegistryError::io(path, e))
             },
             || {
                 use std::io::Seek;
-                let mut f = file.lock().expect("file lock");
+                let mut f = crate::sync::lock(&file);
                 f.set_len(0)
                     .and_then(|()| f.rewind())
                     .map_err(|e| RegistryError::io(path, e))

@@ -3,7 +3,7 @@
 
 use std::{fmt, path::PathBuf};
 
-use crate::image::digest::Digest;
+use crate::oci::digest::Digest;
 
 /// Errors parsing a reference.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

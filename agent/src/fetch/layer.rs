@@ -1,16 +1,18 @@
-//! Reading eStargz layers from a [`BlobSource`] by range: the footer, then the TOC (checked
-//! against the layer descriptor's TOC digest annotation), then only the chunks a read needs,
-//! each verified against its chunkDigest. Adjacent chunks are fetched in one request.
+//! Remote layers: eStargz layers read from a [`BlobSource`] by range. The footer, then the
+//! TOC (checked against the layer descriptor's TOC digest annotation, and kept in the cache's
+//! metadata), then only the chunks a read needs, each verified against its chunkDigest.
+//! Adjacent chunks are fetched in one request. This sits above `registry`, `cache` and
+//! `image`: it is where the three meet.
 
 use bytes::Bytes;
 
-use super::{
-    digest::Digest,
-    estargz::{self, EstargzError, FOOTER_SIZE, LayerIndex, Node, TOC_DIGEST_ANNOTATION},
-    manifest::{Descriptor, is_gzip_layer},
-};
 use crate::{
     cache::ChunkCache,
+    image::estargz::{self, EstargzError, FOOTER_SIZE, LayerIndex, Node, TOC_DIGEST_ANNOTATION},
+    oci::{
+        digest::Digest,
+        manifest::{Descriptor, is_gzip_layer},
+    },
     registry::{BlobSource, RegistryError},
 };
 
@@ -72,19 +74,15 @@ pub async fn open_cached(
     if desc.size < FOOTER_SIZE {
         return Err(EstargzError::NotEstargz("the blob is shorter than an eStargz footer").into());
     }
-    if let Some(cached) = cache.and_then(|c| c.get(&expected).ok().flatten())
-        && cached.len() > 8
+    if let Some(cached) = cache.and_then(|c| c.get_toc(&expected).ok().flatten())
+        && let Ok((index, toc_digest)) =
+            estargz::read_toc(&cached.member, cached.offset, desc.size, Some(&expected))
     {
-        let toc_offset = u64::from_le_bytes(cached[..8].try_into().expect("8 bytes"));
-        if let Ok((index, toc_digest)) =
-            estargz::read_toc(&cached[8..], toc_offset, desc.size, Some(&expected))
-        {
-            return Ok(RemoteLayer {
-                desc: desc.clone(),
-                index,
-                toc_digest,
-            });
-        }
+        return Ok(RemoteLayer {
+            desc: desc.clone(),
+            index,
+            toc_digest,
+        });
     }
     let footer = source
         .read_range(&desc.digest, desc.size - FOOTER_SIZE..desc.size)
@@ -106,12 +104,10 @@ pub async fn open_cached(
         .await
         .map_err(fetch)?;
     let (index, toc_digest) = estargz::read_toc(&member, toc_offset, desc.size, Some(&expected))?;
-    if let Some(cache) = cache {
-        let mut entry = toc_offset.to_le_bytes().to_vec();
-        entry.extend_from_slice(&member);
-        if let Err(err) = cache.put(&expected, &entry) {
-            tracing::warn!(%err, "TOC not cached");
-        }
+    if let Some(cache) = cache
+        && let Err(err) = cache.put_toc(&expected, toc_offset, &member)
+    {
+        tracing::warn!(%err, "TOC not cached");
     }
     Ok(RemoteLayer {
         desc: desc.clone(),
