@@ -1,7 +1,49 @@
 //! Configuration, parsed once from the command line by the binary and handed to each part as
 //! its own struct. Nothing below this module reads the environment or the arguments.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+
+/// A number of bytes as people write it: `4096`, `64K`, `4M`, `1G` (binary multiples; `KB`,
+/// `KiB` and a trailing `B` are read alike).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+/// A size that is not a number with an optional K/M/G unit, or does not fit in 64 bits.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a size (a number, optionally followed by K, M or G)")]
+pub struct ByteSizeError(String);
+
+impl FromStr for ByteSize {
+    type Err = ByteSizeError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ByteSizeError(s.chars().take(100).collect());
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (digits, unit) = t.split_at(split);
+        let n: u64 = digits.parse().map_err(|_| bad())?;
+        let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
+            "" | "B" => 1,
+            "K" | "KB" | "KIB" => 1 << 10,
+            "M" | "MB" | "MIB" => 1 << 20,
+            "G" | "GB" | "GIB" => 1 << 30,
+            _ => return Err(bad()),
+        };
+        n.checked_mul(mult).map(ByteSize).ok_or_else(bad)
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0;
+        for (shift, unit) in [(30, "G"), (20, "M"), (10, "K")] {
+            if n != 0 && n.is_multiple_of(1 << shift) {
+                return write!(f, "{}{unit}", n >> shift);
+            }
+        }
+        write!(f, "{n}")
+    }
+}
 
 /// `imgstream agent`.
 #[derive(Clone, Debug)]
@@ -42,6 +84,38 @@ impl Default for AgentConfig {
             cri_sockets: Vec::new(),
             kubernetes: None,
             snapshotter: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_sizes_parse_print_and_refuse_garbage() {
+        for (text, n) in [
+            ("4096", 4096),
+            ("64K", 65_536),
+            ("4M", 4 << 20),
+            ("1GiB", 1 << 30),
+        ] {
+            let size: ByteSize = text.parse().unwrap();
+            assert_eq!(size, ByteSize(n), "{text}");
+            assert_eq!(size.to_string().parse::<ByteSize>().unwrap(), size);
+        }
+        assert_eq!(ByteSize(4 << 20).to_string(), "4M");
+        assert_eq!(ByteSize(1000).to_string(), "1000");
+        for bad in [
+            "",
+            "K",
+            "4X",
+            "-1",
+            "99999999999999999999",
+            "18446744073709551615G",
+            "4é",
+        ] {
+            assert!(bad.parse::<ByteSize>().is_err(), "{bad}");
         }
     }
 }

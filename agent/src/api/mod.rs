@@ -158,12 +158,29 @@ fn route(state: &ApiState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
+/// The query string that [`parse_filter`] reads back as `filter` (what the report client
+/// asks the API for).
+pub fn filter_query(filter: &Filter) -> String {
+    let since = filter.since_ns.map(|ns| (ns as f64 / 1e9).to_string());
+    let pairs = [
+        ("since", since.as_deref()),
+        ("namespace", filter.namespace.as_deref()),
+        ("pod", filter.pod.as_deref()),
+        ("image", filter.image.as_deref()),
+    ];
+    crate::query::build(
+        pairs
+            .into_iter()
+            .filter_map(|(key, value)| Some((key, value?))),
+    )
+}
+
 /// Parses `since`, `namespace`, `pod` and `image` from a query string.
 pub fn parse_filter(query: &str) -> Result<Filter, String> {
     let mut filter = Filter::default();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let value = percent_decode(value).ok_or_else(|| format!("bad escape in {key}"))?;
+        let value = crate::query::decode(value).ok_or_else(|| format!("bad escape in {key}"))?;
         match key {
             "since" => filter.since_ns = Some(parse_since(&value)?),
             "namespace" => filter.namespace = Some(value),
@@ -208,33 +225,26 @@ pub fn parse_since(value: &str) -> Result<u64, String> {
     }
 }
 
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_report_clients_query_reads_back_as_its_filter() {
+        let filter = Filter {
+            since_ns: Some(1_700_000_000_500_000_000),
+            namespace: Some("shop & co".into()),
+            pod: Some("web-1".into()),
+            image: Some("r:5000/a/b:1".into()),
+        };
+        let query = filter_query(&filter);
+        assert_eq!(
+            query,
+            "since=1700000000.5&namespace=shop%20%26%20co&pod=web-1&image=r%3A5000%2Fa%2Fb%3A1"
+        );
+        assert_eq!(parse_filter(&query).unwrap(), filter);
+        assert_eq!(filter_query(&Filter::default()), "");
+    }
 
     #[test]
     fn filters_parse_and_bad_ones_are_refused() {

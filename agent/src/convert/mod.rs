@@ -7,6 +7,7 @@
 //! annotation. Then the new config and manifest. Layers that already carry a TOC digest
 //! annotation are copied as they are.
 
+mod job;
 mod layer;
 
 use std::{path::PathBuf, sync::Arc};
@@ -14,6 +15,7 @@ use std::{path::PathBuf, sync::Arc};
 use bytes::Bytes;
 use serde::Serialize;
 
+pub use job::{ConvertJob, terminal_progress};
 pub use layer::{ConvertLayerError, LayerPlan, Progress, convert_layer};
 
 use crate::{
@@ -117,6 +119,26 @@ pub struct LayerReport {
     pub reused: bool,
     /// Reused and mounted from the source repository (no bytes moved).
     pub mounted: bool,
+}
+
+impl ConvertReport {
+    /// One line per layer, then the new manifest of `dst`.
+    pub fn render_text(&self, dst: &str) -> String {
+        let mut out = String::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let how = if l.reused {
+                "already eStargz, copied"
+            } else {
+                "converted"
+            };
+            out.push_str(&format!(
+                "layer {i}: {} ({} B) -> {} ({} B), TOC {}, {how}\n",
+                l.source_digest, l.source_size, l.digest, l.size, l.toc_digest
+            ));
+        }
+        out.push_str(&format!("{dst}: manifest {}\n", self.manifest_digest));
+        out
+    }
 }
 
 /// Converts the image `reference` of `source` into `sink`, tagged `tag`.

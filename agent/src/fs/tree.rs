@@ -30,6 +30,26 @@ pub enum View {
     Layer(usize),
 }
 
+/// A view that is neither `merged` nor `layer:N`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is neither `merged` nor `layer:N`")]
+pub struct ViewError(String);
+
+impl std::str::FromStr for View {
+    type Err = ViewError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "merged" => Ok(View::Merged),
+            _ => s
+                .strip_prefix("layer:")
+                .and_then(|n| n.parse().ok())
+                .map(View::Layer)
+                .ok_or_else(|| ViewError(s.into())),
+        }
+    }
+}
+
 /// What an inode is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Kind {

@@ -95,6 +95,34 @@ impl Platform {
     }
 }
 
+/// A platform that is not `OS/ARCH[/VARIANT]`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not OS/ARCH[/VARIANT]")]
+pub struct PlatformError(String);
+
+impl std::str::FromStr for Platform {
+    type Err = PlatformError;
+
+    /// `OS/ARCH[/VARIANT]`, e.g. `linux/amd64` or `linux/arm/v7`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let parts: Vec<&str> = s.split('/').collect();
+        if parts.iter().any(|p| p.is_empty()) {
+            return Err(PlatformError(s.into()));
+        }
+        let (os, architecture, variant) = match parts.as_slice() {
+            [os, arch] => (os, arch, None),
+            [os, arch, variant] => (os, arch, Some(variant.to_string())),
+            _ => return Err(PlatformError(s.into())),
+        };
+        Ok(Self {
+            os: os.to_string(),
+            architecture: architecture.to_string(),
+            variant,
+            extra: BTreeMap::new(),
+        })
+    }
+}
+
 impl std::fmt::Display for Platform {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.os, self.architecture)?;

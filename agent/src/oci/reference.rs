@@ -118,6 +118,13 @@ impl ImageRef {
         })
     }
 
+    /// The tag, if the reference names one.
+    pub fn tag(&self) -> Option<&str> {
+        match self {
+            Self::Registry { tag, .. } | Self::Layout { tag, .. } => tag.as_deref(),
+        }
+    }
+
     /// What to ask the source for: the digest if pinned, else the tag.
     pub fn manifest_reference(&self) -> Option<String> {
         match self {

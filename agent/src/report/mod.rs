@@ -303,6 +303,90 @@ pub enum SourceError {
     Store(#[from] crate::starts::store::StoreError),
 }
 
+/// Where `imgstream report` reads records.
+#[derive(Clone, Debug)]
+pub enum RecordSource {
+    /// A running agent's HTTP API (`http://HOST:PORT`).
+    Api(String),
+    /// The agent's store, read directly (only while no agent has it open).
+    Store(std::path::PathBuf),
+}
+
+/// `imgstream report`: which records, how to group them, and what to write.
+#[derive(Clone, Debug)]
+pub struct ReportJob {
+    pub source: RecordSource,
+    pub filter: crate::starts::store::Filter,
+    pub compare: Option<GroupBy>,
+    /// JSON on standard output instead of tables.
+    pub json: bool,
+    /// Also write a CDF chart of start -> first log line to this file.
+    pub svg: Option<std::path::PathBuf>,
+}
+
+/// Errors of `imgstream report`.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("encoding the report as JSON")]
+    Json(#[from] serde_json::Error),
+    #[error("writing {0}")]
+    Write(std::path::PathBuf, #[source] std::io::Error),
+}
+
+impl ReportJob {
+    /// Loads the records, prints the report, and writes the chart if asked.
+    pub async fn run(self) -> Result<(), ReportError> {
+        let (starts, flags) = load(&self.source, &self.filter).await?;
+        let report = Report::build(&starts, flags, self.compare.as_ref());
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            print!("{}", report.render_text());
+        }
+        if let Some(path) = &self.svg {
+            let by = self.compare.unwrap_or(GroupBy::Namespace);
+            let chart = svg::cdf(
+                "container start -> first log line",
+                &latency_series(&starts, &by),
+            );
+            std::fs::write(path, chart).map_err(|e| ReportError::Write(path.clone(), e))?;
+            eprintln!("wrote {}", path.display());
+        }
+        Ok(())
+    }
+}
+
+/// The start records and flags that `filter` selects, from `source`.
+pub async fn load(
+    source: &RecordSource,
+    filter: &crate::starts::store::Filter,
+) -> Result<(Vec<StartRecord>, Vec<FlagRecord>), SourceError> {
+    match source {
+        RecordSource::Store(path) => {
+            let store = crate::starts::store::Store::open(path, u64::MAX)?;
+            Ok((store.starts(filter)?, store.flags(filter)?))
+        }
+        RecordSource::Api(base) => from_api(base, &crate::api::filter_query(filter)).await,
+    }
+}
+
+/// One chart series per group of `by` (start -> first log line, seconds), for
+/// [`svg::cdf`]; containers that never logged are left out.
+pub fn latency_series(records: &[StartRecord], by: &GroupBy) -> Vec<svg::Series> {
+    let mut groups: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    for r in records {
+        if let Some(v) = r.start_to_first_log() {
+            groups.entry(by.key(r)).or_default().push(v);
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(name, values)| svg::Series { name, values })
+        .collect()
+}
+
 /// Start records and flags from an agent's HTTP API at `base` (`http://HOST:PORT`).
 pub async fn from_api(
     base: &str,
@@ -312,7 +396,8 @@ pub async fn from_api(
     use hyper_util::{client::legacy::Client, rt::TokioExecutor};
     let client: Client<_, Empty<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let get = |path: &str| {
-        let url = format!("{}{path}?{query}", base.trim_end_matches('/'));
+        let sep = if query.is_empty() { "" } else { "?" };
+        let url = format!("{}{path}{sep}{query}", base.trim_end_matches('/'));
         let client = client.clone();
         async move {
             let err = |why: String| SourceError::Api {

@@ -73,6 +73,22 @@ impl Report {
     pub fn passed(&self) -> bool {
         self.cases.iter().all(|c| c.passed)
     }
+
+    /// One line per case, then a summary line.
+    pub fn render_text(&self) -> String {
+        let mut out = String::new();
+        for case in &self.cases {
+            let mark = if case.passed { "ok  " } else { "FAIL" };
+            out.push_str(&format!("{mark} {}: {}\n", case.name, case.detail));
+        }
+        let failed = self.cases.iter().filter(|c| !c.passed).count();
+        out.push_str(&format!(
+            "selftest on {}: {} cases passed, {failed} failed\n",
+            self.kernel,
+            self.cases.len() - failed
+        ));
+        out
+    }
 }
 
 fn cases(mnt: &Path, plain: &Path) -> Vec<Case> {

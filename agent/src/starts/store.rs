@@ -61,7 +61,7 @@ pub struct FlagRecord {
 }
 
 /// Which records to return.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Filter {
     /// Only records at or after this time (ns since the epoch).
     pub since_ns: Option<u64>,

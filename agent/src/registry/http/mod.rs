@@ -333,10 +333,10 @@ impl RegistryClient {
             Some(Challenge::Bearer { realm, service, .. }) => {
                 let mut token_url = format!("{realm}?");
                 if let Some(service) = service {
-                    token_url.push_str(&format!("service={}&", encode(&service)));
+                    token_url.push_str(&format!("service={}&", crate::query::encode(&service)));
                 }
                 for s in scope.split(' ') {
-                    token_url.push_str(&format!("scope={}&", encode(s)));
+                    token_url.push_str(&format!("scope={}&", crate::query::encode(s)));
                 }
                 token_url.pop();
                 let mut headers = HeaderMap::new();
@@ -993,7 +993,10 @@ impl RegistryClient {
         let mut url = self.url(self.origin(), "blobs/uploads/");
         let mut scope = self.scope(true);
         if let Some(from) = mount_from {
-            url.push_str(&format!("?mount={digest}&from={}", encode(from)));
+            url.push_str(&format!(
+                "?mount={digest}&from={}",
+                crate::query::encode(from)
+            ));
             scope.push_str(&format!(" repository:{from}:pull"));
         }
         let resp = self
@@ -1021,7 +1024,10 @@ impl RegistryClient {
     ) -> Result<(), RegistryError> {
         let base = resolve_url(self.origin(), location);
         let sep = if base.contains('?') { '&' } else { '?' };
-        let url = format!("{base}{sep}digest={}", encode(&digest.to_string()));
+        let url = format!(
+            "{base}{sep}digest={}",
+            crate::query::encode(&digest.to_string())
+        );
         let mut headers = HeaderMap::new();
         headers.insert(
             header::CONTENT_TYPE,
@@ -1088,18 +1094,6 @@ fn host_of(url: &str) -> &str {
     rest.split('/').next().unwrap_or(rest)
 }
 
-/// Percent-encodes a query value.
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 fn snippet(body: &[u8]) -> String {
     String::from_utf8_lossy(&body[..body.len().min(300)])
         .trim()
@@ -1125,7 +1119,6 @@ mod tests {
             "http://r:5000/v2/a/y"
         );
         assert_eq!(host_of("https://a.b:1/c"), "a.b:1");
-        assert_eq!(encode("repository:a/b:pull"), "repository%3Aa%2Fb%3Apull");
         assert_eq!(content_range_start("bytes 100-199/1000"), Some(100));
         assert_eq!(content_range_start("items 1-2"), None);
     }

@@ -1,0 +1,560 @@
+//! The command line: one argument struct per subcommand, each turned into the library's
+//! configuration with `TryFrom` (checked once here, so nothing below reads arguments or the
+//! environment).
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use imgstream::{
+    config::{AgentConfig, ByteSize},
+    convert::ConvertJob,
+    foreground::ImageJob,
+    fs::View,
+    oci::reference::ImageRef,
+    registry::http::HttpConfig,
+    report::{RecordSource, ReportJob},
+    selftest,
+    starts::store::Filter,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "imgstream",
+    version,
+    about = "Image-streaming node agent for Kubernetes"
+)]
+pub(crate) struct Args {
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `imgstream=debug`.
+    #[arg(
+        long,
+        global = true,
+        default_value = "info,fuse_backend_rs=warn",
+        env = "IMGSTREAM_LOG"
+    )]
+    pub(crate) log: String,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run the node agent: attach the probes and report rename-ENXIO detections.
+    Agent(AgentArgs),
+    /// Check on this kernel that the rename-ENXIO detector works, against an emulated
+    /// regression (a FUSE mount whose rename fails with ENXIO). Needs root.
+    Selftest(SelftestArgs),
+    /// Convert an image to eStargz so it can be streamed. SRC and DST are registry
+    /// references (`host:port/repo:tag`) or OCI layouts (`oci:DIR[:TAG]`).
+    Convert(ConvertArgs),
+    /// Mount an image lazily (FUSE): files are fetched as they are read, the whole image is
+    /// cached in the background. IMAGE is a registry reference or `oci:DIR[:TAG]`. Unmounts on
+    /// Ctrl-C or SIGTERM; after a crash, `umount -l MOUNTPOINT` removes the stale mount.
+    Mount(MountArgs),
+    /// Serve an image to a virtual machine as a vhost-user virtio-fs device: the VMM connects
+    /// to SOCKET (QEMU: `-chardev socket,id=fs0,path=SOCKET -device
+    /// vhost-user-fs-pci,chardev=fs0,tag=TAG` with shared guest memory) and the guest mounts
+    /// the merged image with `mount -t virtiofs TAG DIR`. Same filesystem, cache and
+    /// background download as `mount`; one VM at a time, any number one after another.
+    /// Stops on Ctrl-C or SIGTERM.
+    ServeVhost(ServeVhostArgs),
+    /// Report container start latencies (per image and namespace: p50/p90/p99/max of create
+    /// -> start, start -> first log line and the total), containers that never logged, and
+    /// pods flagged for rename-ENXIO; from a running agent's API or from its store.
+    Report(ReportArgs),
+    /// Print the containerd configuration drop-in that makes imgstream containerd's
+    /// snapshotter: the proxy plugin on the agent's socket, and CRI told to use it and to pass
+    /// the layer labels remote snapshots need. Import it from containerd's config
+    /// (`imports = ["/etc/containerd/conf.d/*.toml"]`) and restart containerd.
+    ContainerdConfig(ContainerdConfigArgs),
+    /// Hold lazy layers' FUSE connections for `imgstream agent --fuse-keeper`, so that they
+    /// outlive an agent restart. Run it apart from the agent (its own DaemonSet or service)
+    /// and restart it only while the agent runs: connections it holds end with it.
+    FuseKeeper(FuseKeeperArgs),
+    /// Internal: the processes `selftest` runs.
+    #[command(hide = true, subcommand)]
+    SelftestHelper(selftest::helper::HelperCommand),
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct AgentArgs {
+    /// Append detections as JSON lines to this file instead of standard output.
+    #[arg(long)]
+    pub(crate) detections: Option<PathBuf>,
+    /// Longest wait on the probes between shutdown checks, in milliseconds.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub(crate) poll_ms: u64,
+    /// Do not run the container start-latency probes.
+    #[arg(long)]
+    pub(crate) no_start_latency: bool,
+    /// Seconds after its creation that a container's first log line is waited for;
+    /// a container silent for longer counts as never logged.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub(crate) first_log_window_secs: u64,
+    /// The local store of start records and flags.
+    #[arg(long, default_value = "/var/lib/imgstream/agent.redb")]
+    pub(crate) store: PathBuf,
+    /// Keep no store (records then live in the metrics only).
+    #[arg(long, conflicts_with = "store")]
+    pub(crate) no_store: bool,
+    /// Most records of each kind the store keeps; the oldest go first.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) store_max_records: u64,
+    /// Address of the HTTP API (/healthz, /metrics, /v1/starts, /v1/flags).
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub(crate) api_addr: std::net::SocketAddr,
+    /// Serve no HTTP API.
+    #[arg(long, conflicts_with = "api_addr")]
+    pub(crate) no_api: bool,
+    /// The container runtime's CRI socket, for pod names, namespaces and images
+    /// (containerd: /run/containerd/containerd.sock); repeat for several runtimes.
+    #[arg(long = "cri-socket", value_name = "PATH")]
+    pub(crate) cri_sockets: Vec<PathBuf>,
+    /// Flag pods that hit rename-ENXIO in the Kubernetes API (Event, annotation, node
+    /// condition), as this node; uses the in-cluster service account.
+    #[arg(long, value_name = "NODE_NAME", env = "IMGSTREAM_NODE_NAME")]
+    pub(crate) flag_pods_as: Option<String>,
+    /// The API server to flag pods in, instead of the in-cluster one.
+    #[arg(long, value_name = "URL", requires = "flag_pods_as")]
+    pub(crate) kube_api: Option<String>,
+    /// Least seconds between two Events for one pod.
+    #[arg(long, default_value_t = 600)]
+    pub(crate) flag_interval_secs: u64,
+    /// Serve containerd's snapshot API on this socket (the remote snapshotter; name it in
+    /// containerd's `[proxy_plugins]`, see `imgstream containerd-config`).
+    #[arg(long, value_name = "PATH")]
+    pub(crate) snapshotter_socket: Option<PathBuf>,
+    /// The snapshotter's metadata and layer directories.
+    #[arg(long, default_value = "/var/lib/imgstream/snapshotter")]
+    pub(crate) snapshotter_root: PathBuf,
+    /// An `imgstream fuse-keeper` socket: lazy layers' FUSE connections are handed to it,
+    /// so running containers keep reading them while the agent restarts or is upgraded.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) fuse_keeper: Option<PathBuf>,
+    /// Print the files and sockets this configuration uses, as JSON, and exit (for
+    /// checking a deployment's mounts against its arguments).
+    #[arg(long, hide = true)]
+    pub(crate) print_paths: bool,
+    #[command(flatten)]
+    pub(crate) serving: ServingArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct SelftestArgs {
+    /// Directory for the scratch mount point.
+    #[arg(long, default_value = "/tmp")]
+    pub(crate) workdir: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct ConvertArgs {
+    pub(crate) src: String,
+    pub(crate) dst: String,
+    /// Chunk size for large files (bytes, or with a K/M/G suffix).
+    #[arg(long, default_value = "4M")]
+    pub(crate) chunk_size: ByteSize,
+    /// A file to put first (prefetched by streaming runtimes); repeat in access order.
+    #[arg(long = "prioritize", value_name = "PATH")]
+    pub(crate) prioritize: Vec<String>,
+    /// A file listing paths to prioritise, one per line.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) prioritize_file: Option<PathBuf>,
+    /// Reads recorded while the workload started (`imgstream mount --record-reads`): the
+    /// files they touch go first, and the chunks they touch become the layer's prefetch
+    /// list, fetched as soon as a node mounts the layer. Use the same --chunk-size as the
+    /// image the reads were recorded on, or a smaller one.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) prefetch_from: Option<PathBuf>,
+    /// Platform to pick from an image index.
+    #[arg(long, default_value = "linux/amd64")]
+    pub(crate) platform: imgstream::oci::manifest::Platform,
+    /// Directory for staging layers.
+    #[arg(long, default_value = "/var/tmp")]
+    pub(crate) scratch: PathBuf,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+    #[command(flatten)]
+    pub(crate) registry: RegistryArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct MountArgs {
+    pub(crate) image: String,
+    pub(crate) mountpoint: PathBuf,
+    /// `merged` (all layers, whiteouts applied) or `layer:N` (one layer, overlayfs lower form).
+    #[arg(long, default_value = "merged")]
+    pub(crate) view: imgstream::fs::View,
+    /// Record every file read while mounted (layer, path, offset, size; JSON lines) and
+    /// write them to FILE at unmount: run a workload's start on the mount, then give FILE
+    /// to `imgstream convert --prefetch-from`. Readahead is off while recording (unless
+    /// --fuse-readahead-kb says otherwise), so what is recorded is what was read.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) record_reads: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) serving: ServingArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct ServeVhostArgs {
+    pub(crate) image: String,
+    /// The vhost-user socket to listen on (a stale socket file is replaced).
+    #[arg(long, value_name = "PATH")]
+    pub(crate) socket: PathBuf,
+    /// The tag offered to VMMs that read it from the backend (at most 36 bytes); QEMU's
+    /// vhost-user-fs-pci takes its own `tag=` instead, which must match.
+    #[arg(long)]
+    pub(crate) tag: Option<String>,
+    /// Request queues offered to the guest.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
+    pub(crate) request_queues: u64,
+    /// Largest virtqueue size the guest may use.
+    #[arg(long, default_value_t = 1024, value_parser = parse_queue_size)]
+    pub(crate) queue_size: u16,
+    #[command(flatten)]
+    pub(crate) serving: ServingArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct ReportArgs {
+    /// The agent's HTTP API.
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:9464",
+        conflicts_with = "store"
+    )]
+    pub(crate) api: String,
+    /// Read the agent's store directly (only while no agent has it open).
+    #[arg(long)]
+    pub(crate) store: Option<PathBuf>,
+    /// Only starts since: Unix seconds, or an age like 15m, 2h, 7d.
+    #[arg(long)]
+    pub(crate) since: Option<String>,
+    #[arg(long)]
+    pub(crate) namespace: Option<String>,
+    #[arg(long)]
+    pub(crate) pod: Option<String>,
+    /// Only images whose reference contains this.
+    #[arg(long)]
+    pub(crate) image: Option<String>,
+    /// Compare groups: `namespace`, `image`, `label:KEY`, or `image:PATTERN` (images
+    /// matching PATTERN against the rest, e.g. streamed against fully pulled).
+    #[arg(long, value_name = "BY")]
+    pub(crate) compare: Option<imgstream::report::GroupBy>,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// Also write a CDF chart of start -> first log line latencies (one line per compared
+    /// group, else per namespace) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) svg: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct ContainerdConfigArgs {
+    /// The agent's snapshotter socket (`imgstream agent --snapshotter-socket`).
+    #[arg(long, default_value = "/run/imgstream/snapshotter.sock")]
+    pub(crate) socket: PathBuf,
+    /// The name containerd knows the snapshotter by.
+    #[arg(long, default_value = "imgstream")]
+    pub(crate) name: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct FuseKeeperArgs {
+    #[arg(long, default_value = "/run/imgstream/fuse-keeper.sock")]
+    pub(crate) socket: PathBuf,
+}
+
+/// How an image is served: cache, background download, deadlines (`mount`, `serve-vhost`).
+#[derive(Debug, clap::Args)]
+pub(crate) struct ServingArgs {
+    /// The chunk cache directory, shared by every image and every transport.
+    #[arg(long, default_value = "/var/lib/imgstream/cache")]
+    pub(crate) cache_dir: PathBuf,
+    /// Most bytes the cache may hold (K/M/G suffixes); no limit by default.
+    #[arg(long)]
+    pub(crate) cache_limit: Option<ByteSize>,
+    /// Write the cache with plain syscalls instead of io_uring.
+    #[arg(long)]
+    pub(crate) no_io_uring: bool,
+    /// Do not download the whole image in the background.
+    #[arg(long)]
+    pub(crate) no_background: bool,
+    /// Parallel requests of the background download.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub(crate) background_concurrency: u64,
+    /// Bandwidth cap of the background download, bytes per second (K/M/G suffixes).
+    #[arg(long)]
+    pub(crate) background_bandwidth: Option<ByteSize>,
+    /// Seconds after a mount before the background download starts (the snapshotter mounts
+    /// layers at pull time, moments before the container's first reads).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub(crate) background_delay_secs: u64,
+    /// The background download starts a request only when on-demand reads have been quiet
+    /// this many milliseconds, so that a starting container has the link to itself.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub(crate) background_quiet_ms: u64,
+    /// A read waiting on the network fails with EIO after this many seconds.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub(crate) read_deadline_secs: u64,
+    /// Do not fetch the chunks a layer's TOC lists as read at start (`imgstream convert
+    /// --prefetch-from`, or eStargz's prioritised files) as soon as it is mounted.
+    #[arg(long)]
+    pub(crate) no_prefetch: bool,
+    /// The kernel's readahead on FUSE mounts, KiB, until the whole image is cached (then the
+    /// kernel's default comes back). By default 0 for images with a prefetch list (the list
+    /// brings what the start reads; readahead would fetch pages it does not), and the
+    /// kernel's default for the others (fewer, larger requests).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=16384))]
+    pub(crate) fuse_readahead_kb: Option<u32>,
+    /// Threads serving requests.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub(crate) threads: u64,
+    /// Platform to pick from an image index.
+    #[arg(long, default_value = "linux/amd64")]
+    pub(crate) platform: imgstream::oci::manifest::Platform,
+    #[command(flatten)]
+    pub(crate) registry: RegistryArgs,
+}
+
+impl ServingArgs {
+    pub(crate) fn options(
+        self,
+        view: imgstream::fs::View,
+    ) -> anyhow::Result<(
+        imgstream::mount::MountOptions,
+        imgstream::registry::http::HttpConfig,
+    )> {
+        let options = imgstream::mount::MountOptions {
+            view,
+            cache: imgstream::cache::CacheConfig {
+                dir: self.cache_dir,
+                limit_bytes: self.cache_limit.map(|s| s.0),
+                prefer_uring: !self.no_io_uring,
+            },
+            fs: imgstream::fs::FsConfig {
+                read_deadline: Duration::from_secs(self.read_deadline_secs),
+                record_reads: false,
+            },
+            background: (!self.no_background).then_some(
+                imgstream::fetch::background::BackgroundConfig {
+                    concurrency: self.background_concurrency as usize,
+                    bandwidth: self.background_bandwidth.map(|s| s.0),
+                    start_delay: Duration::from_secs(self.background_delay_secs),
+                    quiet: Duration::from_millis(self.background_quiet_ms),
+                },
+            ),
+            prefetch: !self.no_prefetch,
+            threads: self.threads as usize,
+            readahead_kb: self.fuse_readahead_kb,
+            platform: self.platform,
+        };
+        let http = imgstream::registry::http::HttpConfig::try_from(self.registry)?;
+        Ok((options, http))
+    }
+}
+
+/// How registries are reached (shared by every subcommand that talks to one).
+#[derive(Debug, clap::Args)]
+pub(crate) struct RegistryArgs {
+    /// A registry (host:port) to reach over plain HTTP; repeat for several.
+    #[arg(long = "insecure-registry", value_name = "HOST")]
+    pub(crate) insecure: Vec<String>,
+    /// A PEM file of extra CA certificates to trust.
+    #[arg(long = "ca-file", value_name = "PEM")]
+    pub(crate) ca_files: Vec<PathBuf>,
+    /// A mirror for a registry, tried before it: HOST=URL (repeat for several, in order).
+    #[arg(long = "mirror", value_name = "HOST=URL")]
+    pub(crate) mirrors: Vec<String>,
+    /// Docker config.json with credentials [default: ~/.docker/config.json].
+    #[arg(long)]
+    pub(crate) auth_file: Option<PathBuf>,
+    /// Per-request timeout in seconds.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub(crate) timeout_secs: u64,
+    /// Retries for failed requests (connection errors, timeouts, 5xx).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=20))]
+    pub(crate) retries: u32,
+}
+
+impl TryFrom<RegistryArgs> for imgstream::registry::http::HttpConfig {
+    type Error = anyhow::Error;
+
+    fn try_from(args: RegistryArgs) -> anyhow::Result<Self> {
+        let mut config = Self {
+            insecure: args.insecure,
+            ca_files: args.ca_files,
+            ..Self::default()
+        };
+        for mirror in args.mirrors {
+            let (host, url) = mirror
+                .split_once('=')
+                .with_context(|| format!("--mirror {mirror:?} is not HOST=URL"))?;
+            anyhow::ensure!(
+                url.starts_with("http://") || url.starts_with("https://"),
+                "--mirror {mirror:?}: the URL must start with http:// or https://"
+            );
+            config
+                .mirrors
+                .entry(host.to_string())
+                .or_default()
+                .push(url.to_string());
+        }
+        // The binary, not the library, reads the environment: docker's default location.
+        config.auth_file = args.auth_file.or_else(|| {
+            std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".docker/config.json"))
+        });
+        config.timeout = Duration::from_secs(args.timeout_secs);
+        config.retries = args.retries;
+        Ok(config)
+    }
+}
+
+/// Smallest and largest `--chunk-size`.
+const CHUNK_SIZES: std::ops::RangeInclusive<u64> = 4096..=1 << 30;
+
+fn parse_queue_size(s: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(n) if n.is_power_of_two() && n >= 2 => Ok(n),
+        _ => Err(format!(
+            "{s:?}: a queue size is a power of two from 2 to 32768"
+        )),
+    }
+}
+
+impl TryFrom<AgentArgs> for AgentConfig {
+    type Error = anyhow::Error;
+
+    fn try_from(args: AgentArgs) -> anyhow::Result<Self> {
+        let (mount, http) = args.serving.options(View::Merged)?;
+        let snapshotter =
+            args.snapshotter_socket
+                .map(|socket| imgstream::snapshotter::SnapshotterConfig {
+                    root: args.snapshotter_root,
+                    socket,
+                    http,
+                    mount,
+                    keeper: args.fuse_keeper,
+                });
+        Ok(AgentConfig {
+            detections_out: args.detections,
+            poll_interval: Duration::from_millis(args.poll_ms),
+            start_latency: !args.no_start_latency,
+            first_log_window: Duration::from_secs(args.first_log_window_secs),
+            store: (!args.no_store).then_some(args.store),
+            store_max_records: args.store_max_records,
+            api_addr: (!args.no_api).then_some(args.api_addr),
+            cri_sockets: args.cri_sockets,
+            kubernetes: args
+                .flag_pods_as
+                .map(|node_name| imgstream::flag::KubeConfig {
+                    node_name,
+                    api_url: args.kube_api,
+                    min_interval: Duration::from_secs(args.flag_interval_secs),
+                }),
+            snapshotter,
+        })
+    }
+}
+
+impl AgentArgs {
+    /// The files and sockets this configuration uses, as JSON (for checking a deployment's
+    /// mounts against its arguments).
+    pub(crate) fn paths(&self) -> serde_json::Value {
+        serde_json::json!({
+            "detections": self.detections,
+            "store": (!self.no_store).then_some(&self.store),
+            "api_addr": (!self.no_api).then_some(self.api_addr.to_string()),
+            "cri_socket": self.cri_sockets.first(),
+            "snapshotter_socket": self.snapshotter_socket,
+            "snapshotter_root": self.snapshotter_socket.as_ref().map(|_| &self.snapshotter_root),
+            "fuse_keeper": self.fuse_keeper,
+            "cache_dir": &self.serving.cache_dir,
+            "flag_pods_as": self.flag_pods_as,
+        })
+    }
+}
+
+impl TryFrom<ConvertArgs> for ConvertJob {
+    type Error = anyhow::Error;
+
+    fn try_from(args: ConvertArgs) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            CHUNK_SIZES.contains(&args.chunk_size.0),
+            "--chunk-size {}: between 4K and 1G",
+            args.chunk_size
+        );
+        let mut prioritized = args.prioritize;
+        if let Some(file) = args.prioritize_file {
+            let list = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            prioritized.extend(
+                list.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(String::from),
+            );
+        }
+        let reads = match args.prefetch_from {
+            Some(file) => imgstream::image::reads::read(&file)?,
+            None => Vec::new(),
+        };
+        Ok(ConvertJob {
+            src: ImageRef::parse(&args.src).context("SRC")?,
+            dst: ImageRef::parse(&args.dst).context("DST")?,
+            writer: imgstream::image::estargz::WriterOptions {
+                chunk_size: args.chunk_size.0,
+                ..Default::default()
+            },
+            prioritized,
+            reads,
+            platform: args.platform,
+            scratch_parent: args.scratch,
+            http: HttpConfig::try_from(args.registry)?,
+        })
+    }
+}
+
+impl ServingArgs {
+    /// The image job for IMAGE served in `view`.
+    pub(crate) fn job(self, image: &str, view: View) -> anyhow::Result<ImageJob> {
+        let (options, http) = self.options(view)?;
+        Ok(ImageJob {
+            image: ImageRef::parse(image).context("IMAGE")?,
+            options,
+            http,
+        })
+    }
+}
+
+impl TryFrom<ReportArgs> for ReportJob {
+    type Error = anyhow::Error;
+
+    fn try_from(args: ReportArgs) -> anyhow::Result<Self> {
+        let since_ns = args
+            .since
+            .as_deref()
+            .map(imgstream::api::parse_since)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!(e))?;
+        Ok(ReportJob {
+            source: match args.store {
+                Some(path) => RecordSource::Store(path),
+                None => RecordSource::Api(args.api),
+            },
+            filter: Filter {
+                since_ns,
+                namespace: args.namespace,
+                pod: args.pod,
+                image: args.image,
+            },
+            compare: args.compare,
+            json: args.json,
+            svg: args.svg,
+        })
+    }
+}
