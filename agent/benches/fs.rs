@@ -77,6 +77,7 @@ fn mount_image(
         readahead_kb: None,
         prefetch: true,
         platform: Platform::host(),
+        fetch_totals: None,
     };
     let cache = Arc::new(ChunkCache::open(&opts.cache).unwrap());
     let opened = rt

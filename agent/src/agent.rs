@@ -218,8 +218,9 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentErr
         }
         None => None,
     };
+    let metrics = Arc::new(Metrics::default());
     let state = Arc::new(ApiState {
-        metrics: Arc::new(Metrics::default()),
+        metrics: metrics.clone(),
         store,
         healthy: AtomicBool::new(true),
     });
@@ -227,8 +228,10 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentErr
         api::serve(addr, state.clone(), shutdown.clone()).await?;
     }
     let snapshotter = match config.snapshotter.clone() {
-        Some(snapshotter) => {
+        Some(mut snapshotter) => {
+            snapshotter.mount.fetch_totals = Some(metrics.fetch_totals());
             let service = crate::snapshotter::Snapshotter::open(snapshotter).await?;
+            metrics.watch_cache(service.cache().clone());
             let listener = service.listen()?;
             let shutdown = shutdown.clone();
             Some(tokio::spawn(async move {

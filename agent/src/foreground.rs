@@ -1,6 +1,7 @@
 //! `imgstream mount` and `imgstream serve-vhost`: one image served from the command line until
 //! SIGINT or SIGTERM, with the background download's progress on a terminal (a bar) or in
-//! the log (every 10 s), and a clean unmount or socket removal at the end.
+//! the log (every 10 s), and a clean unmount or socket removal at the end. With a metrics
+//! address, `/metrics` serves the image's fetch, cache and virtio-fs figures meanwhile.
 
 use std::{
     io::IsTerminal as _,
@@ -10,6 +11,7 @@ use std::{
 };
 
 use crate::{
+    api::{self, ApiState, Metrics},
     cache::{CacheError, ChunkCache},
     fetch::background::Progress,
     fs::virtiofs::{VirtioFsConfig, VirtioFsError, VirtioFsServer},
@@ -62,6 +64,8 @@ pub enum ForegroundError {
         #[source]
         source: VirtioFsError,
     },
+    #[error("serving metrics")]
+    Metrics(#[source] api::ApiError),
     #[error("writing the recorded reads to {0}")]
     WriteReads(PathBuf, #[source] std::io::Error),
 }
@@ -72,6 +76,8 @@ pub struct ImageJob {
     pub image: ImageRef,
     pub options: MountOptions,
     pub http: HttpConfig,
+    /// Serve `/metrics` (and `/healthz`) on this address while the image is served.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// The runtime, cache and opened layers that serving needs.
@@ -80,6 +86,9 @@ struct Opened {
     cache: Arc<ChunkCache>,
     image: OpenedImage,
     shutdown: Shutdown,
+    metrics: Arc<Metrics>,
+    /// `self.options`, with the fetcher counting into `metrics`.
+    options: MountOptions,
 }
 
 impl ImageJob {
@@ -110,11 +119,29 @@ impl ImageJob {
         runtime
             .block_on(async { shutdown.trigger_on_signals() })
             .map_err(ForegroundError::Signals)?;
+        let metrics = Arc::new(Metrics::default());
+        metrics.watch_cache(cache.clone());
+        let options = MountOptions {
+            fetch_totals: Some(metrics.fetch_totals()),
+            ..self.options.clone()
+        };
+        if let Some(addr) = self.metrics_addr {
+            let state = Arc::new(ApiState {
+                metrics: metrics.clone(),
+                store: None,
+                healthy: true.into(),
+            });
+            runtime
+                .block_on(api::serve(addr, state, shutdown.clone()))
+                .map_err(ForegroundError::Metrics)?;
+        }
         Ok(Opened {
             runtime,
             cache,
             image: opened,
             shutdown,
+            metrics,
+            options,
         })
     }
 
@@ -131,7 +158,7 @@ impl ImageJob {
             opened.image,
             opened.cache,
             mountpoint,
-            &self.options,
+            &opened.options,
         )
         .map_err(|source| ForegroundError::Serve {
             image: self.image.to_string(),
@@ -167,7 +194,7 @@ impl ImageJob {
             opened.runtime.handle().clone(),
             opened.image,
             opened.cache,
-            &self.options,
+            &opened.options,
         )
         .map_err(|source| ForegroundError::Serve {
             image: image.clone(),
@@ -180,6 +207,7 @@ impl ImageJob {
         };
         let mut server =
             VirtioFsServer::bind(served.fs.clone(), socket, config).map_err(vhost_err)?;
+        opened.metrics.watch_virtiofs(server.stats.clone());
         tracing::info!(image = %self.image, socket = %socket.display(), files = served.fs.tree().iter().count(), "serving the image over vhost-user virtio-fs");
         eprintln!(
             "{} served over virtio-fs on {}; Ctrl-C stops",

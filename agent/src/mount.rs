@@ -64,6 +64,8 @@ pub struct MountOptions {
     /// default.
     pub readahead_kb: Option<u32>,
     pub platform: Platform,
+    /// The agent's fetch counters, which this image's fetcher adds to (for `/metrics`).
+    pub fetch_totals: Option<Arc<crate::fetch::FetchStats>>,
 }
 
 /// An image's layers opened for random access, and the source to read them through.
@@ -396,7 +398,11 @@ pub fn serve(
         })
         .collect();
     let pin = cache.pin_image(&digest, &chunks)?;
-    let fetcher = Arc::new(Fetcher::new(runtime, source, cache));
+    let mut fetcher = Fetcher::new(runtime, source, cache);
+    if let Some(totals) = &options.fetch_totals {
+        fetcher = fetcher.with_totals(totals.clone());
+    }
+    let fetcher = Arc::new(fetcher);
     let layers: Arc<[RemoteLayer]> = layers.into();
     let background_layers: Arc<[RemoteLayer]> = match options.view {
         View::Merged => layers.clone(),

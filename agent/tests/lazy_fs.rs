@@ -4,7 +4,7 @@
 //! image, after which no read touches the network; a registry gone mid-way leaves cached
 //! reads working and uncached ones failing with EIO within the deadline; a flipped byte in a
 //! cached chunk is caught and the chunk fetched again; a restart with a warm cache fetches
-//! nothing at all.
+//! nothing at all; `/metrics` reports what the reads did.
 
 mod support;
 
@@ -16,8 +16,9 @@ use std::{
 };
 
 use imgstream::{
+    api::{ApiState, Metrics},
     cache::{CacheConfig, ChunkCache},
-    fetch::background::BackgroundConfig,
+    fetch::{FetchStats, background::BackgroundConfig},
     fs::{FsConfig, View},
     mount::{self, MountOptions, MountedImage},
     oci::{digest::Digest, manifest::Platform},
@@ -82,6 +83,14 @@ async fn image(name: &str) -> Image {
     }
 }
 
+/// What a test mount leaves alive: its runtime, the mount, the mountpoint and the cache.
+type TestMount = (
+    tokio::runtime::Runtime,
+    MountedImage,
+    PathBuf,
+    Arc<ChunkCache>,
+);
+
 /// Mounts the image through `proxy` with a fresh runtime; returns what must stay alive.
 fn mount_through(
     image: &Image,
@@ -90,12 +99,20 @@ fn mount_through(
     background: Option<BackgroundConfig>,
     deadline: Duration,
     limit: Option<u64>,
-) -> (
-    tokio::runtime::Runtime,
-    MountedImage,
-    PathBuf,
-    Arc<ChunkCache>,
-) {
+) -> TestMount {
+    mount_counting(image, proxy, cache, background, deadline, limit, None)
+}
+
+/// [`mount_through`], counting fetches into `totals` as the agent does for `/metrics`.
+fn mount_counting(
+    image: &Image,
+    proxy: &Proxy,
+    cache: &Path,
+    background: Option<BackgroundConfig>,
+    deadline: Duration,
+    limit: Option<u64>,
+    totals: Option<Arc<FetchStats>>,
+) -> TestMount {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let config = HttpConfig {
         insecure: vec![proxy.host()],
@@ -123,6 +140,7 @@ fn mount_through(
         readahead_kb: None,
         prefetch: true,
         platform: Platform::host(),
+        fetch_totals: totals,
     };
     let chunk_cache = Arc::new(ChunkCache::open(&options.cache).unwrap());
     let opened = runtime
@@ -451,6 +469,102 @@ fn a_small_cache_limit_evicts_the_unmounted_image_not_the_mounted_one() {
         "limit {limit}, image 1 used {first_usage}, after image 2 {}",
         chunks.usage()
     );
+    drop(mounted);
+    drop(runtime);
+    std::fs::remove_dir_all(&image.scratch).unwrap();
+}
+
+#[test]
+fn metrics_report_the_fetches_cache_and_deadlines_of_real_reads() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let image = rt.block_on(image("lazy-metrics"));
+    let cache = image.scratch.join("cache");
+    let metrics = Arc::new(Metrics::default());
+    let proxy = Proxy::start(image.registry.addr, Fault::None);
+    let deadline = Duration::from_secs(2);
+    let (runtime, mounted, mnt, chunk_cache) = mount_counting(
+        &image,
+        &proxy,
+        &cache,
+        None,
+        deadline,
+        None,
+        Some(metrics.fetch_totals()),
+    );
+    metrics.watch_cache(chunk_cache.clone());
+    // On demand: a 1.5 MB file (several chunks) and a small one.
+    for i in [0, 3] {
+        let (rel, content) = &image.files[i];
+        assert!(&std::fs::read(mnt.join(rel)).unwrap() == content, "{rel}");
+    }
+    mounted.fetcher.flush_cache_writes();
+    // A registry that hangs: the next uncached read fails at its deadline.
+    image.registry.pause();
+    let err = std::fs::read(mnt.join(&image.files[5].0)).unwrap_err();
+    image.registry.resume();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+
+    let state = Arc::new(ApiState {
+        metrics: metrics.clone(),
+        store: None,
+        healthy: true.into(),
+    });
+    let shutdown = imgstream::shutdown::Shutdown::new();
+    let (addr, _task) = rt
+        .block_on(imgstream::api::serve(
+            "127.0.0.1:0".parse().unwrap(),
+            state,
+            shutdown.clone(),
+        ))
+        .unwrap();
+    let (status, page) = support::http_get(addr, "/metrics");
+    assert_eq!(status, 200);
+    let stats = &mounted.fetcher.stats;
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let on_demand = support::metric(
+        &page,
+        r#"imgstream_fetch_bytes_total{priority="on_demand"}"#,
+    );
+    assert!(
+        on_demand > 1_000_000,
+        "the 1.5 MB file's chunks: {on_demand}"
+    );
+    assert_eq!(on_demand, load(&stats.bytes));
+    assert!(on_demand <= proxy.bytes(), "no more than crossed the link");
+    assert_eq!(
+        support::metric(
+            &page,
+            r#"imgstream_fetch_bytes_total{priority="background"}"#
+        ),
+        0
+    );
+    assert_eq!(
+        support::metric(
+            &page,
+            r#"imgstream_fetch_requests_total{priority="on_demand"}"#
+        ),
+        load(&stats.requests)
+    );
+    let chunks = support::metric(&page, "imgstream_fetch_chunks_total");
+    assert!(chunks >= 6, "1.5 MB in 256 KiB chunks and more: {chunks}");
+    // The failed read's readahead request, and the page read the kernel retries it with.
+    let deadlines = support::metric(&page, "imgstream_fetch_deadline_exceeded_total");
+    assert!((1..=2).contains(&deadlines), "{deadlines}");
+    assert_eq!(deadlines, load(&stats.deadline_exceeded));
+    assert_eq!(
+        support::metric(&page, "imgstream_cache_size_bytes"),
+        chunk_cache.usage()
+    );
+    assert!(support::metric(&page, "imgstream_cache_writes_total") >= chunks);
+    assert_eq!(
+        support::metric(&page, "imgstream_cache_quarantined_chunks_total"),
+        0
+    );
+    assert!(
+        !page.contains("imgstream_cache_limit_bytes"),
+        "no limit set"
+    );
+    shutdown.trigger();
     drop(mounted);
     drop(runtime);
     std::fs::remove_dir_all(&image.scratch).unwrap();

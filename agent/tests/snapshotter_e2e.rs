@@ -15,7 +15,7 @@ mod support;
 
 use std::time::Duration;
 
-use k8s_cri::v1::{ImageSpec, Mount, PullImageRequest, image_service_client::ImageServiceClient};
+use k8s_cri::v1::{Mount, image_service_client::ImageServiceClient};
 use support::{
     Agent, Containerd, Fault, FuseKeeper, Proxy, Registry,
     cri::{clockprobe_images, run_pod, run_pod_with, wait_for_line, wait_for_log},
@@ -91,16 +91,9 @@ async fn containerd_runs_a_streamed_image_through_the_imgstream_snapshotter() {
     let truth = scratch.join("truth");
     std::fs::create_dir_all(&truth).unwrap();
     // The sandbox image first, so that the bytes counted below are the streamed image's.
-    ImageServiceClient::new(imgstream::cri::channel(&containerd.socket).await.unwrap())
-        .pull_image(PullImageRequest {
-            image: Some(ImageSpec {
-                image: format!("{host}/app:pause"),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let mut images =
+        ImageServiceClient::new(imgstream::cri::channel(&containerd.socket).await.unwrap());
+    support::cri::pull(&mut images, &format!("{host}/app:pause")).await;
     let before = proxy.bytes();
     let log = run_pod(
         &containerd,
@@ -122,6 +115,25 @@ async fn containerd_runs_a_streamed_image_through_the_imgstream_snapshotter() {
     );
     let agent_log = agent.log_text();
     assert!(agent_log.contains("layer mounted lazily"), "{agent_log}");
+    // The agent's /metrics sees the lazy layer's reads: fetched on demand, no more than
+    // crossed the link, and written to its cache.
+    let (status, page) = support::http_get(agent.api, "/metrics");
+    assert_eq!(status, 200);
+    let on_demand = support::metric(
+        &page,
+        r#"imgstream_fetch_bytes_total{priority="on_demand"}"#,
+    );
+    assert!(
+        on_demand > 0 && on_demand <= fetched,
+        "{on_demand} of {fetched}"
+    );
+    assert!(
+        support::metric(
+            &page,
+            r#"imgstream_fetch_requests_total{priority="on_demand"}"#
+        ) > 0
+    );
+    assert!(support::metric(&page, "imgstream_cache_size_bytes") > 0);
 
     // The start record, through the report.
     std::thread::sleep(Duration::from_millis(800));

@@ -263,12 +263,20 @@ fn guests_stream_the_image_over_virtio_fs_from_the_hosts_cache() {
     let image = format!("{}/esgz/app:v1", proxy.host());
     let cache = scratch.join("cache");
 
+    let metrics_addr: std::net::SocketAddr = format!("127.0.0.1:{}", support::free_port())
+        .parse()
+        .unwrap();
     let main = Backend::start(
         &image,
         &scratch.join("image.sock"),
         &cache,
         &proxy.host(),
-        &["--request-queues", "2"],
+        &[
+            "--request-queues",
+            "2",
+            "--metrics-addr",
+            &metrics_addr.to_string(),
+        ],
     );
     let faulty = Backend::start(
         &format!("{}/esgz/app:v1", stopped.host()),
@@ -358,6 +366,26 @@ detector-selftest: /bin/imgstream selftest --workdir /tmp
             fetched_by_host,
             "the guest's reads came from the host's cache: nothing more from the registry"
         );
+        // The backend's own figures say the same: requests served, none malformed, every
+        // chunk from the cache and not one byte fetched.
+        let (status, page) = support::http_get(metrics_addr, "/metrics");
+        assert_eq!(status, 200);
+        let sessions = support::metric(&page, "imgstream_virtiofs_sessions_total");
+        assert!(
+            sessions > i as u64,
+            "{sessions} sessions after {} guests",
+            i + 1
+        );
+        assert!(support::metric(&page, "imgstream_virtiofs_requests_total") > 0);
+        assert_eq!(
+            support::metric(&page, "imgstream_virtiofs_bad_requests_total"),
+            0
+        );
+        assert!(support::metric(&page, "imgstream_fetch_cache_hits_total") > 0);
+        for priority in ["on_demand", "background"] {
+            let series = format!("imgstream_fetch_bytes_total{{priority=\"{priority}\"}}");
+            assert_eq!(support::metric(&page, &series), 0, "{series}");
+        }
         let guest_rate = result_field(&run.lines, "guest-read-mb-per-s").expect("throughput line");
         rates.push((kernel.release.clone(), guest_rate));
         assert!(

@@ -1,4 +1,8 @@
-//! The agent's Prometheus metrics, in the text exposition format (version 0.0.4).
+//! The agent's Prometheus metrics, in the text exposition format (version 0.0.4): the one
+//! owner of `/metrics`. The probe side (start latencies, detections, drops) is counted here;
+//! the serving side (fetches, cache, virtio-fs) is read from the parts that count it, which
+//! register with [`Metrics::watch_cache`] and [`Metrics::watch_virtiofs`] or count into
+//! [`Metrics::fetch_totals`].
 //!
 //! Start latencies are histograms by namespace only: pod names would give every pod its own
 //! series and grow without bound.
@@ -7,13 +11,17 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     sync::{
-        Mutex,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::Instant,
 };
 
+use super::serving_metrics::Serving;
 use crate::{
+    cache::ChunkCache,
+    fetch::FetchStats,
+    fs::virtiofs::VirtioFsStats,
     probes::{DropCounters, LifecycleDrops},
     starts::StartRecord,
     sync::lock,
@@ -57,6 +65,7 @@ pub struct Metrics {
     pub write_probes_armed: std::sync::atomic::AtomicBool,
     rename_drops: Mutex<DropCounters>,
     lifecycle_drops: Mutex<LifecycleDrops>,
+    serving: Mutex<Serving>,
 }
 
 impl Default for Metrics {
@@ -72,6 +81,7 @@ impl Default for Metrics {
             write_probes_armed: std::sync::atomic::AtomicBool::new(false),
             rename_drops: Mutex::default(),
             lifecycle_drops: Mutex::default(),
+            serving: Mutex::default(),
         }
     }
 }
@@ -99,6 +109,21 @@ impl Metrics {
                 .or_default()
                 .observe(v);
         }
+    }
+
+    /// The fetch counters every lazy layer's fetcher adds to (`Fetcher::with_totals`).
+    pub fn fetch_totals(&self) -> Arc<FetchStats> {
+        lock(&self.serving).fetch.clone()
+    }
+
+    /// Exports `cache`'s size, limit and counters.
+    pub fn watch_cache(&self, cache: Arc<ChunkCache>) {
+        lock(&self.serving).cache = Some(cache);
+    }
+
+    /// Exports a virtio-fs backend's counters.
+    pub fn watch_virtiofs(&self, stats: Arc<VirtioFsStats>) {
+        lock(&self.serving).virtiofs = Some(stats);
     }
 
     /// A rename-ENXIO detection.
@@ -223,6 +248,7 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
             );
         }
+        lock(&self.serving).render(&mut out);
         let _ = writeln!(
             out,
             "# HELP imgstream_agent_info The agent's version.\n# TYPE imgstream_agent_info gauge\nimgstream_agent_info{{version=\"{}\"}} 1",

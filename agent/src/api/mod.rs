@@ -9,6 +9,7 @@
 //! It listens on loopback by default: the records name pods and images.
 
 pub mod metrics;
+mod serving_metrics;
 
 use std::{
     convert::Infallible,

@@ -129,6 +129,11 @@ impl ChunkCache {
         self.engine.name()
     }
 
+    /// The size limit, if any.
+    pub fn limit(&self) -> Option<u64> {
+        self.limit
+    }
+
     /// Chunk bytes held now.
     pub fn usage(&self) -> u64 {
         self.usage.load(Ordering::Relaxed)

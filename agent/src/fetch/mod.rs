@@ -29,16 +29,40 @@ use crate::{
     cache::ChunkCache,
     image::estargz::{self, Chunk},
     oci::digest::Digest,
-    registry::BlobSource,
+    registry::{BlobSource, RegistryError},
 };
 
 /// Errors fetching a chunk.
+/// Clone, because one fetch's result goes to every reader waiting on it: causes are shared.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FetchError {
     #[error("no answer for chunk {0} before the read's deadline")]
     Deadline(Digest),
-    #[error("fetching chunk {digest}: {detail}")]
-    Source { digest: Digest, detail: String },
+    #[error("fetching chunk {digest}")]
+    Source {
+        digest: Digest,
+        #[source]
+        source: Arc<RegistryError>,
+    },
+    #[error("chunk {digest} as fetched is not what the TOC describes")]
+    Chunk {
+        digest: Digest,
+        #[source]
+        source: Arc<estargz::EstargzError>,
+    },
+}
+
+impl FetchError {
+    /// Whether the same read may succeed if tried again: a deadline passed or the source's
+    /// failure is retryable (network trouble, 5xx), as opposed to a definite answer (404, a
+    /// chunk that does not match its digest).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Deadline(_) => true,
+            Self::Source { source, .. } => source.is_retryable(),
+            Self::Chunk { .. } => false,
+        }
+    }
 }
 
 /// Whether a fetch serves a reader now or fills the cache in the background.
@@ -48,19 +72,26 @@ pub enum Priority {
     Background,
 }
 
-/// Counters, for logs, tests and metrics.
+/// Counters, for logs, tests and metrics. Each fetcher keeps its own (one image's figures)
+/// and also adds to the agent's totals when it was given them ([`Fetcher::with_totals`]),
+/// which `/metrics` exports.
 #[derive(Debug, Default, Serialize)]
 pub struct FetchStats {
     /// Range requests sent to the source.
     pub requests: AtomicU64,
     /// Compressed bytes received from the source.
     pub bytes: AtomicU64,
+    /// Of `requests` and `bytes`: those of the background download.
+    pub background_requests: AtomicU64,
+    pub background_bytes: AtomicU64,
     /// Chunks served from the cache.
     pub cache_hits: AtomicU64,
     /// Chunks fetched from the source.
     pub chunks_fetched: AtomicU64,
     /// Waiters that joined a fetch already in flight.
     pub merged: AtomicU64,
+    /// Reads that failed because their deadline passed (a FUSE or virtio-fs EIO).
+    pub deadline_exceeded: AtomicU64,
     pub errors: AtomicU64,
 }
 
@@ -124,6 +155,8 @@ pub struct Fetcher {
     /// its chunk is written. `None` if the writer thread could not start.
     writes: Option<Writer>,
     pub stats: FetchStats,
+    /// The agent's totals, which every fetcher adds to as well.
+    totals: Option<Arc<FetchStats>>,
 }
 
 impl std::fmt::Debug for Fetcher {
@@ -167,6 +200,21 @@ impl Fetcher {
             warned_cache,
             ondemand_done: (Mutex::new(()), Condvar::new()),
             stats: FetchStats::default(),
+            totals: None,
+        }
+    }
+
+    /// Also counts into `totals` (the agent's figures across images, for `/metrics`).
+    pub fn with_totals(mut self, totals: Arc<FetchStats>) -> Self {
+        self.totals = Some(totals);
+        self
+    }
+
+    /// Adds `n` to one counter of this fetcher's stats and of the agent's totals.
+    fn count(&self, counter: fn(&FetchStats) -> &AtomicU64, n: u64) {
+        counter(&self.stats).fetch_add(n, Ordering::Relaxed);
+        if let Some(totals) = &self.totals {
+            counter(totals).fetch_add(n, Ordering::Relaxed);
         }
     }
 
@@ -185,6 +233,19 @@ impl Fetcher {
         priority: Priority,
         deadline: Instant,
     ) -> Result<Vec<Arc<Vec<u8>>>, FetchError> {
+        let result = self.get_by(chunks, priority, deadline);
+        if let Err(FetchError::Deadline(_)) = &result {
+            self.count(|s| &s.deadline_exceeded, 1);
+        }
+        result
+    }
+
+    fn get_by(
+        &self,
+        chunks: &[ChunkRef<'_>],
+        priority: Priority,
+        deadline: Instant,
+    ) -> Result<Vec<Arc<Vec<u8>>>, FetchError> {
         let _guard = (priority == Priority::OnDemand).then(|| OnDemand::enter(self));
         if priority == Priority::Background {
             self.yield_to_readers(deadline);
@@ -194,12 +255,12 @@ impl Fetcher {
         let mut waits = Vec::new();
         for (i, c) in chunks.iter().enumerate() {
             if let Some(data) = crate::sync::lock(&self.recent).get(&c.chunk.digest) {
-                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                self.count(|s| &s.cache_hits, 1);
                 out[i] = Some(data);
                 continue;
             }
             if let Ok(Some(data)) = self.cache.get(&c.chunk.digest) {
-                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                self.count(|s| &s.cache_hits, 1);
                 let data = Arc::new(data);
                 if priority == Priority::OnDemand {
                     crate::sync::lock(&self.recent).insert(c.chunk.digest, data.clone());
@@ -210,7 +271,7 @@ impl Fetcher {
             let mut map = crate::sync::lock(&self.inflight);
             match map.get(&c.chunk.digest) {
                 Some(flight) => {
-                    self.stats.merged.fetch_add(1, Ordering::Relaxed);
+                    self.count(|s| &s.merged, 1);
                     waits.push((i, flight.clone()));
                 }
                 None => {
@@ -233,12 +294,25 @@ impl Fetcher {
                     }
                 }
             }
+            // Every flight this call opened is completed and its waiters woken, whatever
+            // the results: a flight left open would make every later read of its chunk wait
+            // out its deadline, for the life of the mount.
+            let mut first_error = None;
             let mut map = crate::sync::lock(&self.inflight);
             for ((i, flight), result) in mine.iter().zip(results) {
                 map.remove(&chunks[*i].chunk.digest);
                 *crate::sync::lock(&flight.result) = Some(result.clone());
                 flight.ready.notify_all();
-                out[*i] = Some(result?);
+                match result {
+                    Ok(data) => out[*i] = Some(data),
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            drop(map);
+            if let Some(e) = first_error {
+                return Err(e);
             }
         }
         for (i, flight) in waits {
@@ -292,42 +366,44 @@ impl Fetcher {
             });
             match fetched {
                 Err(_) => {
-                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    self.count(|s| &s.errors, 1);
                     results.extend(
                         run.iter()
                             .map(|(_, c)| Err(FetchError::Deadline(c.chunk.digest))),
                     );
                 }
                 Ok(Err(e)) => {
-                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                    let detail = e.to_string();
+                    self.count(|s| &s.errors, 1);
+                    let source = Arc::new(e);
                     results.extend(run.iter().map(|(_, c)| {
                         Err(FetchError::Source {
                             digest: c.chunk.digest,
-                            detail: detail.clone(),
+                            source: source.clone(),
                         })
                     }));
                 }
                 Ok(Ok(bytes)) => {
-                    self.stats.requests.fetch_add(1, Ordering::Relaxed);
-                    self.stats
-                        .bytes
-                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    self.count(|s| &s.requests, 1);
+                    self.count(|s| &s.bytes, bytes.len() as u64);
+                    if priority == Priority::Background {
+                        self.count(|s| &s.background_requests, 1);
+                        self.count(|s| &s.background_bytes, bytes.len() as u64);
+                    }
                     for (_, c) in run {
                         let member = &bytes[(c.chunk.blob_offset - start) as usize
                             ..(c.chunk.blob_end - start) as usize];
                         results.push(match estargz::decode_chunk(member, c.chunk) {
                             Ok(data) => {
-                                self.stats.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+                                self.count(|s| &s.chunks_fetched, 1);
                                 let data = Arc::new(data);
                                 self.store(c.chunk.digest, &data, priority);
                                 Ok(data)
                             }
                             Err(e) => {
-                                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                                Err(FetchError::Source {
+                                self.count(|s| &s.errors, 1);
+                                Err(FetchError::Chunk {
                                     digest: c.chunk.digest,
-                                    detail: e.to_string(),
+                                    source: Arc::new(e),
                                 })
                             }
                         });
@@ -525,7 +601,7 @@ fn wait(flight: &Inflight, digest: Digest, deadline: Instant) -> Result<Arc<Vec<
         result = flight
             .ready
             .wait_timeout(result, left)
-            .expect("flight lock")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .0;
     }
 }
@@ -554,6 +630,8 @@ mod tests {
         blob: Vec<u8>,
         ranges: AtomicUsize,
         delay: Duration,
+        /// The first this many range requests fail with a 503.
+        failures: AtomicUsize,
     }
 
     #[async_trait]
@@ -570,6 +648,16 @@ mod tests {
         async fn read_range(&self, _: &Digest, range: Range<u64>) -> Result<Bytes, RegistryError> {
             self.ranges.fetch_add(1, Ordering::SeqCst);
             tokio::time::sleep(self.delay).await;
+            let fail = self
+                .failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+            if fail.is_ok() {
+                return Err(RegistryError::Status {
+                    url: "test".into(),
+                    status: 503,
+                    body: String::new(),
+                });
+            }
             Ok(Bytes::copy_from_slice(
                 &self.blob[range.start as usize..range.end as usize],
             ))
@@ -612,6 +700,7 @@ mod tests {
             blob: blob.clone(),
             ranges: AtomicUsize::new(0),
             delay: Duration::from_millis(300),
+            failures: AtomicUsize::new(0),
         });
         let dir = std::env::temp_dir().join(format!("imgstream-fetch-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -681,6 +770,7 @@ mod tests {
             blob,
             ranges: AtomicUsize::new(0),
             delay: Duration::from_secs(30),
+            failures: AtomicUsize::new(0),
         });
         let other = Fetcher::new(
             runtime.handle().clone(),
@@ -710,6 +800,64 @@ mod tests {
             started.elapsed() < Duration::from_secs(20),
             "returned at its deadline"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_failed_chunk_leaves_no_flight_behind_for_the_next_reads() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let (blob, index) = layer();
+        // The first range request fails (a 503), then the registry answers again.
+        let source = Arc::new(SlowBlob {
+            blob,
+            ranges: AtomicUsize::new(0),
+            delay: Duration::from_millis(10),
+            failures: AtomicUsize::new(1),
+        });
+        let dir = std::env::temp_dir().join(format!("imgstream-fetch-fail-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cache = Arc::new(
+            ChunkCache::open(&CacheConfig {
+                dir: dir.clone(),
+                limit_bytes: None,
+                prefer_uring: false,
+            })
+            .unwrap(),
+        );
+        let fetcher = Fetcher::new(runtime.handle().clone(), source.clone(), cache);
+        let node = index.get("f").unwrap().clone();
+        let blob_digest = Digest::of(b"the blob");
+        let chunk = |n: usize| ChunkRef {
+            blob: blob_digest,
+            chunk: &node.chunks[n],
+        };
+        // Chunks 0 and 1 are adjacent: one range request for both, and it fails.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let err = fetcher
+            .get(&[chunk(0), chunk(1)], Priority::OnDemand, deadline)
+            .unwrap_err();
+        assert!(matches!(err, FetchError::Source { .. }), "{err}");
+        assert!(err.is_retryable(), "a 503 is worth another try: {err}");
+        assert_eq!(source.ranges.load(Ordering::SeqCst), 1);
+        // The registry is back: the next read of chunk 1 fetches it with one request. A
+        // flight left open by the failed read would make it wait out its deadline instead.
+        let data = fetcher
+            .get(
+                &[chunk(1)],
+                Priority::OnDemand,
+                Instant::now() + Duration::from_secs(2),
+            )
+            .unwrap();
+        assert_eq!(*data[0], {
+            let c = &node.chunks[1];
+            (0..16_384u32)
+                .map(|i| (i * 31 % 251) as u8)
+                .collect::<Vec<_>>()[c.file_offset as usize..(c.file_offset + c.size) as usize]
+                .to_vec()
+        });
+        assert_eq!(source.ranges.load(Ordering::SeqCst), 2, "one more request");
+        assert_eq!(fetcher.stats.deadline_exceeded.load(Ordering::Relaxed), 0);
+        drop(fetcher);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

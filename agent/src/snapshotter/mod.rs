@@ -163,6 +163,11 @@ impl std::fmt::Debug for Snapshotter {
 }
 
 impl Snapshotter {
+    /// The chunk cache every lazy layer of this snapshotter shares.
+    pub fn cache(&self) -> &Arc<ChunkCache> {
+        &self.cache
+    }
+
     /// Opens the root (metadata and snapshot directories) and mounts the lazy layers again.
     pub async fn open(config: SnapshotterConfig) -> Result<Arc<Self>, SnapshotterError> {
         let root = config.root.clone();

@@ -34,6 +34,36 @@ pub async fn run_pod(
     run_pod_with(containerd, image, (namespace, pod), command, mounts, logs).await
 }
 
+/// How long a pull is retried while containerd cannot reach a proxy snapshotter yet.
+const PULL_UNAVAILABLE_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// PullImage as kubelet does it: retried while containerd answers `Unavailable`. containerd
+/// dials a proxy snapshotter when it starts, before the agent listens, and its gRPC channel
+/// then reconnects with backoff; a pull made inside that window fails with `Unavailable`
+/// though the snapshotter is up (seen here on a loaded machine).
+pub async fn pull(images: &mut ImageServiceClient<tonic::transport::Channel>, image: &str) {
+    let deadline = std::time::Instant::now() + PULL_UNAVAILABLE_FOR;
+    loop {
+        let request = PullImageRequest {
+            image: Some(ImageSpec {
+                image: image.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        match images.pull_image(request).await {
+            Ok(_) => return,
+            Err(e)
+                if e.code() == tonic::Code::Unavailable && std::time::Instant::now() < deadline =>
+            {
+                eprintln!("PullImage {image}: {}; retrying", e.message());
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("PullImage {image}: {e}"),
+        }
+    }
+}
+
 /// [`run_pod`] with any command and mounts.
 pub async fn run_pod_with(
     containerd: &Containerd,
@@ -46,16 +76,7 @@ pub async fn run_pod_with(
     let channel = imgstream::cri::channel(&containerd.socket).await.unwrap();
     let mut images = ImageServiceClient::new(channel.clone());
     let mut runtime = RuntimeServiceClient::new(channel);
-    images
-        .pull_image(PullImageRequest {
-            image: Some(ImageSpec {
-                image: image.into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("PullImage {image}: {e}"));
+    pull(&mut images, image).await;
     std::fs::create_dir_all(logs).unwrap();
     let uid = format!(
         "00000000-0000-4000-8000-{:012x}",

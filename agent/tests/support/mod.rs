@@ -1088,6 +1088,15 @@ pub fn clockprobe_rootfs(dir: &Path, extra: &[&str]) -> PathBuf {
     dir.to_path_buf()
 }
 
+/// The value of the sample `series` (name and labels, as exposed) in a `/metrics` page.
+pub fn metric(page: &str, series: &str) -> u64 {
+    page.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in\n{page}"))
+        .parse()
+        .unwrap()
+}
+
 /// A plain HTTP/1.1 GET on loopback: (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     use std::io::{Read, Write};

@@ -194,6 +194,10 @@ pub(crate) struct MountArgs {
     /// --fuse-readahead-kb says otherwise), so what is recorded is what was read.
     #[arg(long, value_name = "FILE")]
     pub(crate) record_reads: Option<PathBuf>,
+    /// Serve `/metrics` and `/healthz` on this address (e.g. 127.0.0.1:9465) while the
+    /// image is served: fetches, cache and (serve-vhost) virtio-fs figures.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) metrics_addr: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub(crate) serving: ServingArgs,
 }
@@ -214,6 +218,10 @@ pub(crate) struct ServeVhostArgs {
     /// Largest virtqueue size the guest may use.
     #[arg(long, default_value_t = 1024, value_parser = parse_queue_size)]
     pub(crate) queue_size: u16,
+    /// Serve `/metrics` and `/healthz` on this address (e.g. 127.0.0.1:9465) while the
+    /// image is served: fetches, cache and (serve-vhost) virtio-fs figures.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) metrics_addr: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub(crate) serving: ServingArgs,
 }
@@ -352,6 +360,7 @@ impl ServingArgs {
             threads: self.threads as usize,
             readahead_kb: self.fuse_readahead_kb,
             platform: self.platform,
+            fetch_totals: None,
         };
         let http = imgstream::registry::http::HttpConfig::try_from(self.registry)?;
         Ok((options, http))
@@ -521,12 +530,18 @@ impl TryFrom<ConvertArgs> for ConvertJob {
 
 impl ServingArgs {
     /// The image job for IMAGE served in `view`.
-    pub(crate) fn job(self, image: &str, view: View) -> anyhow::Result<ImageJob> {
+    pub(crate) fn job(
+        self,
+        image: &str,
+        view: View,
+        metrics_addr: Option<std::net::SocketAddr>,
+    ) -> anyhow::Result<ImageJob> {
         let (options, http) = self.options(view)?;
         Ok(ImageJob {
             image: ImageRef::parse(image).context("IMAGE")?,
             options,
             http,
+            metrics_addr,
         })
     }
 }

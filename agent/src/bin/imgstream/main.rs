@@ -101,9 +101,10 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             mountpoint,
             view,
             record_reads,
+            metrics_addr,
             serving,
         }) => {
-            let mut job = serving.job(&image, view)?;
+            let mut job = serving.job(&image, view, metrics_addr)?;
             if record_reads.is_some() {
                 job.options.fs.record_reads = true;
                 job.options.readahead_kb.get_or_insert(0);
@@ -116,9 +117,10 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             tag,
             request_queues,
             queue_size,
+            metrics_addr,
             serving,
         }) => {
-            let job = serving.job(&image, View::Merged)?;
+            let job = serving.job(&image, View::Merged, metrics_addr)?;
             let config = imgstream::fs::virtiofs::VirtioFsConfig {
                 request_queues: request_queues as usize,
                 queue_size,

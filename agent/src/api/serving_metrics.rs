@@ -1,0 +1,176 @@
+//! The image-serving half of `/metrics`: the fetch totals of every lazy layer, the chunk
+//! cache, and virtio-fs backends. Counters are read at scrape time from the parts that keep
+//! them; nothing is copied in between. Names follow Prometheus' conventions (base units,
+//! `_total` on counters), and no label carries an image or pod (the series stay bounded).
+
+use std::{
+    fmt::Write as _,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use crate::{cache::ChunkCache, fetch::FetchStats, fs::virtiofs::VirtioFsStats};
+
+/// What the serving parts registered with the metrics.
+#[derive(Debug, Default)]
+pub(super) struct Serving {
+    pub fetch: Arc<FetchStats>,
+    pub cache: Option<Arc<ChunkCache>>,
+    pub virtiofs: Option<Arc<VirtioFsStats>>,
+}
+
+fn load(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str, u64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{name}{labels} {value}");
+    }
+}
+
+impl Serving {
+    pub(super) fn render(&self, out: &mut String) {
+        let f = &self.fetch;
+        let by_priority = |total: &AtomicU64, background: &AtomicU64| {
+            let background = load(background);
+            [
+                (
+                    "{priority=\"on_demand\"}",
+                    load(total).saturating_sub(background),
+                ),
+                ("{priority=\"background\"}", background),
+            ]
+        };
+        family(
+            out,
+            "imgstream_fetch_requests_total",
+            "counter",
+            "Range requests sent to registries, by what they served (readers or the background download).",
+            &by_priority(&f.requests, &f.background_requests),
+        );
+        family(
+            out,
+            "imgstream_fetch_bytes_total",
+            "counter",
+            "Compressed bytes received from registries, by what they served.",
+            &by_priority(&f.bytes, &f.background_bytes),
+        );
+        for (name, help, counter) in [
+            (
+                "imgstream_fetch_chunks_total",
+                "Chunks fetched from registries and verified.",
+                &f.chunks_fetched,
+            ),
+            (
+                "imgstream_fetch_cache_hits_total",
+                "Chunks served from the cache (memory or disk) instead of a registry.",
+                &f.cache_hits,
+            ),
+            (
+                "imgstream_fetch_inflight_waits_total",
+                "Reads that waited for a chunk another read was already fetching.",
+                &f.merged,
+            ),
+            (
+                "imgstream_fetch_deadline_exceeded_total",
+                "Reads answered with EIO because their deadline passed.",
+                &f.deadline_exceeded,
+            ),
+            (
+                "imgstream_fetch_errors_total",
+                "Range requests or chunks that failed (network, status, digest).",
+                &f.errors,
+            ),
+        ] {
+            family(out, name, "counter", help, &[("", load(counter))]);
+        }
+        if let Some(cache) = &self.cache {
+            let s = &cache.stats;
+            family(
+                out,
+                "imgstream_cache_size_bytes",
+                "gauge",
+                "Bytes the chunk cache holds.",
+                &[("", cache.usage())],
+            );
+            if let Some(limit) = cache.limit() {
+                family(
+                    out,
+                    "imgstream_cache_limit_bytes",
+                    "gauge",
+                    "Most bytes the chunk cache may hold.",
+                    &[("", limit)],
+                );
+            }
+            for (name, help, counter) in [
+                (
+                    "imgstream_cache_hits_total",
+                    "Chunk reads the cache answered.",
+                    &s.hits,
+                ),
+                (
+                    "imgstream_cache_misses_total",
+                    "Chunk reads the cache could not answer.",
+                    &s.misses,
+                ),
+                (
+                    "imgstream_cache_writes_total",
+                    "Entries written to the cache.",
+                    &s.writes,
+                ),
+                (
+                    "imgstream_cache_written_bytes_total",
+                    "Bytes written to the cache.",
+                    &s.bytes_written,
+                ),
+                (
+                    "imgstream_cache_evicted_chunks_total",
+                    "Chunks removed to make room.",
+                    &s.evicted,
+                ),
+                (
+                    "imgstream_cache_quarantined_chunks_total",
+                    "Chunks that failed their crc32 check, moved aside and fetched again.",
+                    &s.corrupt,
+                ),
+                (
+                    "imgstream_cache_skipped_over_limit_total",
+                    "Chunks not cached because the size limit left no room.",
+                    &s.skipped_over_limit,
+                ),
+                (
+                    "imgstream_cache_write_errors_total",
+                    "Cache writes that failed.",
+                    &s.write_errors,
+                ),
+            ] {
+                family(out, name, "counter", help, &[("", load(counter))]);
+            }
+        }
+        if let Some(v) = &self.virtiofs {
+            for (name, help, counter) in [
+                (
+                    "imgstream_virtiofs_sessions_total",
+                    "Guest connections accepted.",
+                    &v.sessions,
+                ),
+                (
+                    "imgstream_virtiofs_requests_total",
+                    "Requests answered.",
+                    &v.requests,
+                ),
+                (
+                    "imgstream_virtiofs_bad_requests_total",
+                    "Descriptor chains that could not be served (bad descriptors, malformed messages).",
+                    &v.bad_requests,
+                ),
+            ] {
+                family(out, name, "counter", help, &[("", load(counter))]);
+            }
+        }
+    }
+}
