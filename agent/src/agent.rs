@@ -23,7 +23,7 @@ use std::{
 
 use crate::{
     api::{self, ApiState, Metrics},
-    attribution::CgroupResolver,
+    attribution::{CgroupResolver, PodDirectory, Retries},
     config::AgentConfig,
     cri::{Cri, Lookup},
     detect::{Detection, Detector, Verdict},
@@ -36,67 +36,35 @@ use crate::{
     },
 };
 
-/// Deadline of one CRI lookup.
-const CRI_DEADLINE: Duration = Duration::from_secs(2);
 /// How long the write probes stay attached after the last container waiting for its first
 /// log line logged, exited or aged out.
 const DISARM_GRACE: Duration = Duration::from_secs(2);
-/// Wait before asking CRI again about an id it did not know yet, and how often to ask.
-const CRI_RETRY: Duration = Duration::from_millis(300);
-const CRI_ATTEMPTS: u32 = 10;
 
-/// A container CRI did not know when its cgroup appeared.
-struct Pending {
+/// Applies a late CRI answer: a sandbox is dropped (and removed from the store), a
+/// container named.
+fn settle(
     cgroup_id: u64,
-    container_id: String,
-    attempts: u32,
-    due: std::time::Instant,
-}
-
-fn apply_meta(record: &mut StartRecord, meta: crate::cri::ContainerMeta) {
-    record.namespace = meta.namespace.or(record.namespace.take());
-    record.pod = meta.pod;
-    record.pod_uid = meta.pod_uid.or(record.pod_uid.take());
-    record.container = meta.container;
-    record.image = meta.image;
-    record.labels = meta.labels;
-}
-
-/// Asks CRI again about the ids it did not know: sandboxes are dropped (and removed from the
-/// store), containers named; after `CRI_ATTEMPTS`, the id is taken for a non-CRI container.
-fn resolve_pending(
-    pending: &mut std::collections::VecDeque<Pending>,
+    answer: Lookup,
     tracker: &mut Tracker,
     probes: &mut StartProbes,
     shared: &Shared,
 ) {
-    let now = std::time::Instant::now();
-    while pending.front().is_some_and(|p| p.due <= now) {
-        let Some(mut p) = pending.pop_front() else {
-            break;
-        };
-        match shared.cri_lookup(&p.container_id) {
-            Some(Lookup::Sandbox) => {
-                if let (Some(record), Some(store)) = (tracker.get(p.cgroup_id), &shared.state.store)
-                    && let Err(err) = store.remove_start(record)
-                {
-                    tracing::warn!(%err, "sandbox record not removed from the store");
-                }
-                tracker.forget(p.cgroup_id);
-                probes.unwatch(p.cgroup_id);
+    match answer {
+        Lookup::Sandbox => {
+            if let (Some(record), Some(store)) = (tracker.get(cgroup_id), &shared.state.store)
+                && let Err(err) = store.remove_start(record)
+            {
+                tracing::warn!(%err, "sandbox record not removed from the store");
             }
-            Some(Lookup::Container(meta)) => {
-                if let Some(record) = tracker.annotate(p.cgroup_id, |r| apply_meta(r, meta)) {
-                    shared.store_start(&record);
-                }
-            }
-            Some(Lookup::Unknown) if p.attempts < CRI_ATTEMPTS => {
-                p.attempts += 1;
-                p.due = now + CRI_RETRY;
-                pending.push_back(p);
-            }
-            _ => {}
+            tracker.forget(cgroup_id);
+            probes.unwatch(cgroup_id);
         }
+        Lookup::Container(meta) => {
+            if let Some(record) = tracker.annotate(cgroup_id, |r| r.apply_cri(meta)) {
+                shared.store_start(&record);
+            }
+        }
+        Lookup::Unknown => {}
     }
 }
 
@@ -124,36 +92,11 @@ pub enum AgentError {
 /// What the loops share.
 struct Shared {
     state: Arc<ApiState>,
-    /// One client per runtime; an id is asked of each until one knows it.
-    cri: Vec<Cri>,
-    runtime: tokio::runtime::Handle,
+    pods: PodDirectory,
     flags: Option<tokio::sync::mpsc::Sender<FlagRecord>>,
 }
 
 impl Shared {
-    fn cri_lookup(&self, container_id: &str) -> Option<Lookup> {
-        if self.cri.is_empty() {
-            return None;
-        }
-        let mut answer = None;
-        for cri in &self.cri {
-            let (cri, id) = (cri.clone(), container_id.to_string());
-            let lookup = self
-                .runtime
-                .block_on(async move { tokio::time::timeout(CRI_DEADLINE, cri.lookup(&id)).await });
-            match lookup {
-                Ok(Ok(Lookup::Unknown)) => answer = Some(Lookup::Unknown),
-                Ok(Ok(found)) => {
-                    tracing::debug!(container = container_id, ?found, "CRI lookup");
-                    return Some(found);
-                }
-                Ok(Err(err)) => tracing::warn!(%err, container = container_id, "CRI lookup failed"),
-                Err(_) => tracing::warn!(container = container_id, "CRI lookup timed out"),
-            }
-        }
-        answer
-    }
-
     fn store_start(&self, record: &StartRecord) {
         if let Some(store) = &self.state.store
             && let Err(err) = store.put_start(record)
@@ -208,7 +151,7 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentErr
                 while let Some(flag) = rx.recv().await {
                     match flagger.flag(&flag).await {
                         Ok(outcome) => {
-                            tracing::info!(?outcome, pod = ?flag.pod, path = %flag.path, "pod flag")
+                            tracing::info!(?outcome, pod = ?flag.pod.name, path = %flag.path, "pod flag")
                         }
                         Err(err) => tracing::warn!(%err, "flagging the pod failed"),
                     }
@@ -242,8 +185,7 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentErr
     };
     let shared = Arc::new(Shared {
         state: state.clone(),
-        cri,
-        runtime: tokio::runtime::Handle::current(),
+        pods: PodDirectory::new(cri, tokio::runtime::Handle::current()),
         flags,
     });
 
@@ -345,7 +287,7 @@ fn decoded<T>(
 fn record_flag(detection: &Detection, shared: &Shared) {
     let container = detection.container.as_ref();
     let meta = container
-        .and_then(|c| shared.cri_lookup(&c.container_id))
+        .and_then(|c| shared.pods.lookup(&c.container_id))
         .and_then(|lookup| match lookup {
             Lookup::Container(meta) => Some(meta),
             _ => None,
@@ -358,23 +300,18 @@ fn record_flag(detection: &Detection, shared: &Shared) {
         ),
         time: detection.time.clone(),
         container_id: container.map(|c| c.container_id.clone()),
-        pod_uid: meta
+        pod: meta
             .as_ref()
-            .and_then(|m| m.pod_uid.clone())
-            .or_else(|| container.and_then(|c| c.pod_uid.clone())),
-        namespace: meta
-            .as_ref()
-            .and_then(|m| m.namespace.clone())
-            .or_else(|| container.and_then(|c| c.namespace.clone())),
-        pod: meta.as_ref().and_then(|m| m.pod.clone()),
-        container: meta.as_ref().and_then(|m| m.container.clone()),
+            .map(|m| m.pod.clone())
+            .unwrap_or_default()
+            .or(container.map(|c| c.pod_ref()).unwrap_or_default()),
         image: meta.as_ref().and_then(|m| m.image.clone()),
         path: f.old.path.clone(),
         new_path: f.new.path.clone(),
         syscall: format!("{:?}", f.syscall).to_lowercase(),
         confirmed: detection.confirmed,
     };
-    shared.state.metrics.enxio(flag.namespace.as_deref());
+    shared.state.metrics.enxio(flag.pod.namespace.as_deref());
     if let Some(store) = &shared.state.store
         && let Err(err) = store.put_flag(&flag)
     {
@@ -399,7 +336,7 @@ fn start_loop(
     shared: &Shared,
 ) -> Result<(), AgentError> {
     let mut tracker = Tracker::new();
-    let mut pending = std::collections::VecDeque::<Pending>::new();
+    let mut retries = Retries::default();
     let mut last_awaited = std::time::Instant::now();
     let mut drops = LifecycleDrops::default();
     let metrics = &shared.state.metrics;
@@ -427,24 +364,18 @@ fn start_loop(
                 }
             }
             let record = match &event.kind {
-                K::Created { .. } => match shared.cri_lookup(&record.container_id) {
+                K::Created { .. } => match shared.pods.lookup(&record.container_id) {
                     Some(Lookup::Sandbox) => {
                         tracker.forget(event.cgroup_id);
                         probes.unwatch(event.cgroup_id);
                         continue;
                     }
                     Some(Lookup::Container(meta)) => tracker
-                        .annotate(event.cgroup_id, |r| apply_meta(r, meta))
+                        .annotate(event.cgroup_id, |r| r.apply_cri(meta))
                         .unwrap_or(record),
                     Some(Lookup::Unknown) => {
-                        // Too early: the runtime adds a sandbox to its store only once its
-                        // pause process runs. Ask again shortly.
-                        pending.push_back(Pending {
-                            cgroup_id: event.cgroup_id,
-                            container_id: record.container_id.clone(),
-                            attempts: 1,
-                            due: std::time::Instant::now() + CRI_RETRY,
-                        });
+                        // Too early for the runtime: ask again shortly.
+                        retries.later(event.cgroup_id, &record.container_id);
                         record
                     }
                     None => record,
@@ -457,11 +388,11 @@ fn start_loop(
                 }
                 K::Started { program } => {
                     metrics.started(&record);
-                    tracing::info!(container = %record.container_id, pod = ?record.pod, %program, create_to_start = ?record.create_to_start(), "container started");
+                    tracing::info!(container = %record.container_id, pod = ?record.pod.name, %program, create_to_start = ?record.create_to_start(), "container started");
                 }
                 K::FirstLog { fd, .. } => {
                     metrics.first_log(&record);
-                    tracing::info!(container = %record.container_id, pod = ?record.pod, fd, start_to_first_log = ?record.start_to_first_log(), "container's first log line");
+                    tracing::info!(container = %record.container_id, pod = ?record.pod.name, fd, start_to_first_log = ?record.start_to_first_log(), "container's first log line");
                 }
                 K::Exited => {
                     tracing::info!(container = %record.container_id, pod = ?record.pod, logged = record.first_log_ns.is_some(), "container exited");
@@ -469,7 +400,9 @@ fn start_loop(
             }
             shared.store_start(&record);
         }
-        resolve_pending(&mut pending, &mut tracker, &mut probes, shared);
+        for (cgroup_id, answer) in retries.due(&shared.pods) {
+            settle(cgroup_id, answer, &mut tracker, &mut probes, shared);
+        }
         let now = crate::time::unix_ns(std::time::SystemTime::now());
         if tracker.awaiting_first_log(now, config.first_log_window) > 0 {
             last_awaited = std::time::Instant::now();

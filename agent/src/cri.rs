@@ -14,8 +14,10 @@ use tonic::transport::{Channel, Endpoint};
 /// Errors talking to the CRI socket.
 #[derive(Debug, thiserror::Error)]
 pub enum CriError {
-    #[error("connecting to the CRI socket {0}: {1}")]
-    Connect(String, String),
+    #[error("the CRI endpoint for {0}")]
+    Endpoint(std::path::PathBuf, #[source] tonic::transport::Error),
+    #[error("connecting to the CRI socket {0}")]
+    Connect(std::path::PathBuf, #[source] tonic::transport::Error),
     #[error("CRI {call}: {status}")]
     Call {
         call: &'static str,
@@ -36,10 +38,7 @@ pub enum Lookup {
 /// A CRI container's identity.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ContainerMeta {
-    pub namespace: Option<String>,
-    pub pod: Option<String>,
-    pub pod_uid: Option<String>,
-    pub container: Option<String>,
+    pub pod: crate::attribution::PodRef,
     pub image: Option<String>,
     /// How many times kubelet restarted it before (`metadata.attempt`).
     pub attempt: u32,
@@ -65,12 +64,9 @@ impl Cri {
 pub async fn channel(path: &Path) -> Result<Channel, CriError> {
     {
         let socket = path.to_path_buf();
-        let err = |e: &dyn std::fmt::Display| {
-            CriError::Connect(path.display().to_string(), e.to_string())
-        };
         // The URI is required by the API and unused: the connector dials the socket.
         let channel = Endpoint::try_from("http://cri.invalid")
-            .map_err(|e| err(&e))?
+            .map_err(|e| CriError::Endpoint(path.to_path_buf(), e))?
             .connect_timeout(Duration::from_secs(5))
             // Calls carry their own deadlines (a pull can take minutes).
             .timeout(Duration::from_secs(600))
@@ -82,7 +78,7 @@ pub async fn channel(path: &Path) -> Result<Channel, CriError> {
                 }
             }))
             .await
-            .map_err(|e| err(&e))?;
+            .map_err(|e| CriError::Connect(path.to_path_buf(), e))?;
         Ok(channel)
     }
 }
@@ -110,16 +106,18 @@ impl Cri {
                     .filter(|i| !i.is_empty() && !i.starts_with("sha256:"))
                     .or_else(|| Some(status.image_ref.clone()).filter(|i| !i.is_empty()));
                 let mut meta = ContainerMeta {
-                    namespace: label("io.kubernetes.pod.namespace"),
-                    pod: label("io.kubernetes.pod.name"),
-                    pod_uid: label("io.kubernetes.pod.uid"),
-                    container: label("io.kubernetes.container.name")
-                        .or_else(|| status.metadata.as_ref().map(|m| m.name.clone())),
+                    pod: crate::attribution::PodRef {
+                        uid: label("io.kubernetes.pod.uid"),
+                        namespace: label("io.kubernetes.pod.namespace"),
+                        name: label("io.kubernetes.pod.name"),
+                        container: label("io.kubernetes.container.name")
+                            .or_else(|| status.metadata.as_ref().map(|m| m.name.clone())),
+                    },
                     image,
                     attempt: status.metadata.as_ref().map_or(0, |m| m.attempt),
                     labels: status.labels.into_iter().collect(),
                 };
-                if meta.pod.is_none() {
+                if meta.pod.name.is_none() {
                     // Not created by kubelet (no io.kubernetes labels): ask the sandbox.
                     self.fill_from_sandbox(id, &mut meta).await?;
                 }
@@ -183,9 +181,9 @@ impl Cri {
                 status: Box::new(status),
             })?;
         if let Some(m) = sandbox.into_inner().status.and_then(|s| s.metadata) {
-            meta.pod = Some(m.name);
-            meta.namespace = Some(m.namespace);
-            meta.pod_uid = Some(m.uid);
+            meta.pod.name = Some(m.name);
+            meta.pod.namespace = Some(m.namespace);
+            meta.pod.uid = Some(m.uid);
         }
         Ok(())
     }

@@ -107,11 +107,12 @@ impl Flagger {
 
     /// Flags the pod of `flag`, unless a duplicate or rate-limited.
     pub async fn flag(&mut self, flag: &FlagRecord) -> Result<Outcome, FlagError> {
-        let (Some(namespace), Some(pod)) = (&flag.namespace, &flag.pod) else {
+        let (Some(namespace), Some(pod)) = (&flag.pod.namespace, &flag.pod.name) else {
             return Ok(Outcome::NoPod);
         };
         let pod_key = flag
-            .pod_uid
+            .pod
+            .uid
             .clone()
             .unwrap_or_else(|| format!("{namespace}/{pod}"));
         if !self.seen.insert((pod_key.clone(), flag.path.clone())) {
@@ -132,7 +133,7 @@ impl Flagger {
             "renaming the symlink {} (to {}) failed with ENXIO in container {}: {FIX}",
             flag.path,
             flag.new_path,
-            flag.container.as_deref().unwrap_or("?")
+            flag.pod.container.as_deref().unwrap_or("?")
         );
         let api_err = |what: String| move |source| FlagError::Api { what, source };
 
@@ -150,7 +151,7 @@ impl Flagger {
                 kind: Some("Pod".into()),
                 name: Some(pod.clone()),
                 namespace: Some(namespace.clone()),
-                uid: flag.pod_uid.clone(),
+                uid: flag.pod.uid.clone(),
                 ..Default::default()
             },
             reason: Some(REASON.into()),

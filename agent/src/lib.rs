@@ -39,4 +39,19 @@ pub mod shutdown;
 pub mod snapshotter;
 pub mod starts;
 pub mod sync;
+#[cfg(test)]
+mod testing;
 pub mod time;
+
+/// An error and its causes as one line (`a: b: c`), for logs: with causes in `#[source]`
+/// and not repeated in messages, an error's `Display` alone names only the outermost step.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut cause = err.source();
+    while let Some(e) = cause {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        cause = e.source();
+    }
+    out
+}

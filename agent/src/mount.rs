@@ -34,11 +34,19 @@ pub enum MountError {
         #[source]
         source: Box<LayerError>,
     },
-    #[error(
-        "layer {index} ({digest}) is not eStargz; convert the image with `imgstream convert` first \
-         (mounting plain gzip layers, downloaded whole, is not implemented yet)"
-    )]
-    NotEstargz { index: usize, digest: String },
+    #[error("rewriting layer {index} ({digest}), which is not eStargz, for the cache")]
+    Rewrite {
+        index: usize,
+        digest: String,
+        #[source]
+        source: crate::convert::ConvertLayerError,
+    },
+    #[error("the task rewriting layer {index} failed")]
+    RewriteTask {
+        index: usize,
+        #[source]
+        source: tokio::task::JoinError,
+    },
     #[error("the view asks for layer {0}, the image has {1}")]
     NoSuchLayer(usize, usize),
     #[error(transparent)]
@@ -215,12 +223,19 @@ async fn whole_layer(
                 )
             })
             .await
-            .map_err(|e| io_err(std::io::Error::other(e.to_string())))?
-            .map_err(|e| io_err(std::io::Error::other(e.to_string())))?;
+            .map_err(|source| MountError::RewriteTask { index, source })?
+            .map_err(|source| MountError::Rewrite {
+                index,
+                digest: desc.digest.to_string(),
+                source,
+            })?;
             let _ = std::fs::remove_file(&input);
             let record = (summary.digest, summary.size, summary.toc_digest);
-            std::fs::write(&meta, serde_json::to_vec(&record).expect("serializes"))
-                .map_err(io_err)?;
+            // A tuple of digests and a number always serialises; without the record the
+            // layer is only rewritten again at the next mount.
+            if let Ok(bytes) = serde_json::to_vec(&record) {
+                std::fs::write(&meta, bytes).map_err(io_err)?;
+            }
             record
         }
     };

@@ -14,6 +14,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use imgstream::{
+    attribution::PodRef,
     flag::{ANNOTATION, Flagger, KubeConfig, NODE_CONDITION, Outcome, REASON},
     starts::store::FlagRecord,
 };
@@ -90,10 +91,12 @@ fn flag(pod: &str, path: &str) -> FlagRecord {
         time_ns: 1_795_000_000_000_000_000,
         time: "2026-11-18T11:06:40.000Z".into(),
         container_id: Some("c0ffee".into()),
-        pod_uid: Some(format!("uid-{pod}")),
-        namespace: Some("shop".into()),
-        pod: Some(pod.into()),
-        container: Some("app".into()),
+        pod: PodRef {
+            uid: Some(format!("uid-{pod}")),
+            namespace: Some("shop".into()),
+            name: Some(pod.into()),
+            container: Some("app".into()),
+        },
         image: Some("registry/app:v1".into()),
         path: path.into(),
         new_path: format!("{path}.new"),
@@ -186,7 +189,7 @@ async fn flags_become_one_event_one_annotation_and_one_node_condition() {
         Outcome::RateLimited
     );
     let mut nopod = flag("x", "/a");
-    nopod.pod = None;
+    nopod.pod.name = None;
     assert_eq!(flagger.flag(&nopod).await.unwrap(), Outcome::NoPod);
     assert_eq!(seen.lock().unwrap().len(), 3);
 

@@ -376,11 +376,11 @@ async fn cri_pods_are_named_and_their_sandboxes_left_out() {
     let find = |id: &str| records.iter().find(|r| r.container_id == id).unwrap();
     for (id, name) in [(&init, "init"), (&app0, "app"), (&app1, "app")] {
         let r = find(id);
-        assert_eq!(r.pod.as_deref(), Some("web"));
-        assert_eq!(r.namespace.as_deref(), Some("shop"));
-        assert_eq!(r.container.as_deref(), Some(name));
+        assert_eq!(r.pod.name.as_deref(), Some("web"));
+        assert_eq!(r.pod.namespace.as_deref(), Some("shop"));
+        assert_eq!(r.pod.container.as_deref(), Some(name));
         assert_eq!(
-            r.pod_uid.as_deref(),
+            r.pod.uid.as_deref(),
             Some("0f0e0d0c-0b0a-4909-8807-060504030201")
         );
         assert_eq!(r.image.as_deref(), Some(image.as_str()), "{r:?}");

@@ -95,7 +95,7 @@ impl Metrics {
     pub fn started(&self, record: &StartRecord) {
         if let Some(v) = record.create_to_start() {
             lock(&self.create_to_start)
-                .entry(namespace_of(record.namespace.as_deref()))
+                .entry(namespace_of(record.pod.namespace.as_deref()))
                 .or_default()
                 .observe(v);
         }
@@ -105,7 +105,7 @@ impl Metrics {
     pub fn first_log(&self, record: &StartRecord) {
         if let Some(v) = record.start_to_first_log() {
             lock(&self.start_to_first_log)
-                .entry(namespace_of(record.namespace.as_deref()))
+                .entry(namespace_of(record.pod.namespace.as_deref()))
                 .or_default()
                 .observe(v);
         }
@@ -281,7 +281,10 @@ mod tests {
     fn histograms_are_cumulative_and_labels_escaped() {
         let m = Metrics::default();
         let record = |ns: &str, start: u64, log: u64| StartRecord {
-            namespace: Some(ns.into()),
+            pod: crate::attribution::PodRef {
+                namespace: Some(ns.into()),
+                ..Default::default()
+            },
             created_ns: 0,
             started_ns: Some(start),
             first_log_ns: Some(log),

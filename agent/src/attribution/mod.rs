@@ -3,10 +3,16 @@
 //!
 //! Owns the cgroup v2 hierarchy walk (a cgroup's id is its directory's inode number in cgroup2fs)
 //! and the naming rules of the cgroupfs and systemd drivers for containerd, CRI-O and docker.
-//! Knows nothing of events or of the Kubernetes API: names and pod metadata come later.
+//! `pods` asks the container runtimes (CRI) which pod a container id belongs to, again when
+//! they do not know it yet; [`PodRef`] is the pod identity every record shares. Knows
+//! nothing of events or of the Kubernetes API.
 
 mod naming;
+mod pod;
+mod pods;
 mod resolver;
 
 pub use naming::{CgroupDriver, ContainerRef, Runtime, parse_cgroup_path};
+pub use pod::PodRef;
+pub use pods::{PodDirectory, Retries};
 pub use resolver::{CgroupResolver, ResolveError, find_cgroup2_mount};

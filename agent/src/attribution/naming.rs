@@ -44,6 +44,17 @@ pub struct ContainerRef {
     pub driver: CgroupDriver,
 }
 
+impl ContainerRef {
+    /// The pod identity the cgroup path gives: the UID and the containerd namespace.
+    pub fn pod_ref(&self) -> super::PodRef {
+        super::PodRef {
+            uid: self.pod_uid.clone(),
+            namespace: self.namespace.clone(),
+            ..Default::default()
+        }
+    }
+}
+
 /// Finds the container (and pod) a cgroup v2 path belongs to, if the path names one.
 ///
 /// The innermost component that names a container wins, so a process in a sub-cgroup of a

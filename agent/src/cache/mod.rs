@@ -13,10 +13,15 @@
 //! [`ChunkCache::get_manifest`], ...): a TOC or manifest can never be read as a chunk, nor a
 //! chunk as one, whatever digests an image claims.
 //!
+//! Next to the store: [`MemoryCache`], the recently verified chunks kept in memory, and
+//! [`WriteBehind`], the thread that writes readers' chunks off the read path.
+//!
 //! This module knows nothing of registries or filesystems: it maps digests to bytes.
 
 pub mod engine;
 mod images;
+mod memory;
+mod writer;
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -29,6 +34,8 @@ use serde::Serialize;
 
 pub use engine::{CacheEngine, SyncEngine, UringEngine};
 pub use images::Pin;
+pub use memory::MemoryCache;
+pub use writer::{MAX_QUEUED_BYTES, WriteBehind};
 
 use crate::oci::digest::Digest;
 

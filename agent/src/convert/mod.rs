@@ -50,8 +50,8 @@ pub enum ConvertError {
     NoReference,
     #[error("scratch directory {0}")]
     Scratch(PathBuf, #[source] std::io::Error),
-    #[error("a conversion task failed: {0}")]
-    Task(String),
+    #[error("a conversion task failed")]
+    Task(#[source] tokio::task::JoinError),
 }
 
 /// Progress callback: (layer number, compressed bytes read, compressed size).
@@ -255,7 +255,7 @@ async fn convert_one(
         let path = input.clone();
         let diff_id = tokio::task::spawn_blocking(move || layer::diff_id_of_gzip(&path))
             .await
-            .map_err(|e| ConvertError::Task(e.to_string()))?
+            .map_err(ConvertError::Task)?
             .map_err(|source| ConvertError::Layer {
                 digest: desc.digest,
                 source,
@@ -278,7 +278,7 @@ async fn convert_one(
         convert_layer(&src_path, &media_type, &dst_path, writer, &plan, &report)
     })
     .await
-    .map_err(|e| ConvertError::Task(e.to_string()))?
+    .map_err(ConvertError::Task)?
     .map_err(|source| ConvertError::Layer {
         digest: desc.digest,
         source,

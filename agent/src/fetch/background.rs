@@ -231,6 +231,7 @@ fn run(
                         }
                         Err(err) => {
                             progress.failed_batches.fetch_add(1, Ordering::Relaxed);
+                            let err = crate::error_chain(&err);
                             tracing::warn!(%err, "background download batch failed; the chunks stay on demand");
                         }
                     }

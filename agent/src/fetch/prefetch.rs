@@ -184,6 +184,7 @@ fn run(fetcher: &Fetcher, batches: &[Batch], deadline: Duration, shutdown: &Shut
                         }
                         Err(err) => {
                             failed.fetch_add(1, Ordering::Relaxed);
+                            let err = crate::error_chain(&err);
                             tracing::debug!(%err, "prefetch batch failed; its chunks stay on demand");
                         }
                     }

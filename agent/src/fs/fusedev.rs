@@ -24,6 +24,9 @@ pub enum MountError {
     Channel(#[source] fuse_backend_rs::transport::Error),
     #[error("starting a FUSE worker thread")]
     Thread(#[source] std::io::Error),
+    /// Making the directory an adopted connection's session is opened on.
+    #[error("preparing {0} to serve an adopted FUSE connection")]
+    Placeholder(PathBuf, #[source] std::io::Error),
 }
 
 /// A mounted filesystem and its worker threads.
@@ -98,12 +101,8 @@ impl FuseMount {
         let mut placeholder = mountpoint.as_os_str().to_owned();
         placeholder.push(".adopting");
         let placeholder = PathBuf::from(placeholder);
-        std::fs::create_dir_all(&placeholder).map_err(|e| {
-            MountError::Mount(
-                where_.clone(),
-                fuse_backend_rs::transport::Error::SessionFailure(e.to_string()),
-            )
-        })?;
+        std::fs::create_dir_all(&placeholder)
+            .map_err(|e| MountError::Placeholder(placeholder.clone(), e))?;
         let mut session = FuseSession::new(&placeholder, fsname, "", true)
             .map_err(|e| MountError::Mount(where_, e))?;
         session.set_fuse_file(file);

@@ -213,7 +213,8 @@ impl ImageFs {
             .fetcher
             .get(&refs, Priority::OnDemand, deadline)
             .map_err(|err| {
-                tracing::warn!(%err, ino = inode.ino, "read failed");
+                let err = crate::error_chain(&err);
+                tracing::warn!(%err, ino = inode.ino, offset, "read failed");
                 errno(libc::EIO)
             })?;
         let mut written = 0;

@@ -78,16 +78,12 @@ impl LocalLayout {
         let bytes = read_bounded(&path, MAX_MANIFEST as u64)?;
         match manifest::parse(&bytes, OCI_INDEX)? {
             manifest::Document::Index(index) => Ok(index),
-            manifest::Document::Manifest(_) => Err(RegistryError::Protocol(format!(
-                "{} is not an index",
-                path.display()
-            ))),
+            manifest::Document::Manifest(_) => Err(RegistryError::NotAnIndex(path)),
         }
     }
 
     fn write_index(&self, index: &Index) -> Result<(), RegistryError> {
-        let bytes =
-            serde_json::to_vec(index).map_err(|e| RegistryError::Protocol(e.to_string()))?;
+        let bytes = serde_json::to_vec(index).map_err(RegistryError::Encode)?;
         self.write_atomic(&self.root.join("index.json"), &bytes)
     }
 
@@ -165,10 +161,10 @@ impl BlobSource for LocalLayout {
                 ([], [only]) if reference.is_empty() => only.clone(),
                 ([], _) => return Err(self.not_found(format!("image tagged {reference:?}"))),
                 _ => {
-                    return Err(RegistryError::Protocol(format!(
-                        "{} has several images tagged {reference:?}",
-                        self.name()
-                    )));
+                    return Err(RegistryError::AmbiguousTag {
+                        source_name: self.name(),
+                        tag: reference.into(),
+                    });
                 }
             }
         };
@@ -225,7 +221,11 @@ impl BlobSource for LocalLayout {
         let len = range
             .end
             .checked_sub(range.start)
-            .ok_or_else(|| RegistryError::Protocol("empty range".into()))?;
+            .ok_or_else(|| RegistryError::EmptyRange {
+                what: path.display().to_string(),
+                start: range.start,
+                end: range.end,
+            })?;
         if len > MAX_IN_MEMORY_BLOB {
             return Err(RegistryError::TooLarge {
                 what: format!("range of {digest}"),
@@ -416,7 +416,11 @@ impl BlobSource for WithLocalBlobs {
         let len = range
             .end
             .checked_sub(range.start)
-            .ok_or_else(|| RegistryError::Protocol("empty range".into()))?;
+            .ok_or_else(|| RegistryError::EmptyRange {
+                what: path.display().to_string(),
+                start: range.start,
+                end: range.end,
+            })?;
         let file = std::fs::File::open(path).map_err(|e| RegistryError::io(path, e))?;
         let mut buf = vec![0u8; len as usize];
         file.read_exact_at(&mut buf, range.start)

@@ -66,8 +66,42 @@ pub enum RegistryError {
     Digest(#[from] DigestError),
     #[error("invalid manifest")]
     Manifest(#[from] ManifestError),
-    #[error("{0}")]
-    Protocol(String),
+    #[error("{0} holds no PEM certificate")]
+    NoCertificate(std::path::PathBuf),
+    #[error("setting up TLS: {what}")]
+    Tls {
+        what: String,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("building a request to {url}")]
+    BadRequest {
+        url: String,
+        #[source]
+        source: ::http::Error,
+    },
+    #[error("{0:?} is not a valid header value")]
+    BadHeaderValue(String),
+    #[error("more than {limit} redirects from {url}")]
+    TooManyRedirects { url: String, limit: usize },
+    #[error("location {location:?} from {base} is not a URL")]
+    BadLocation { base: String, location: String },
+    #[error("{url} answered the {what} without a Location")]
+    MissingLocation { url: String, what: &'static str },
+    #[error("{url} answered a range request for byte {asked} with a range from {answered:?}")]
+    WrongRange {
+        url: String,
+        asked: u64,
+        answered: Option<u64>,
+    },
+    #[error("empty range {start}..{end} of {what}")]
+    EmptyRange { what: String, start: u64, end: u64 },
+    #[error("{0} is not an image index")]
+    NotAnIndex(std::path::PathBuf),
+    #[error("{source_name} has several images tagged {tag:?}")]
+    AmbiguousTag { source_name: String, tag: String },
+    #[error("encoding an image index")]
+    Encode(#[source] serde_json::Error),
     #[error("local I/O on {path}")]
     Io {
         path: String,
@@ -76,6 +110,8 @@ pub enum RegistryError {
     },
     #[error("reading credentials from {path}: {detail}")]
     Credentials { path: String, detail: String },
+    #[error("the client has no endpoint to ask")]
+    NoEndpoint,
     #[error("every endpoint failed; the last error was from {last_endpoint}")]
     AllEndpointsFailed {
         last_endpoint: String,

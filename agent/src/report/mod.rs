@@ -53,7 +53,7 @@ impl GroupBy {
     pub fn key(&self, r: &StartRecord) -> String {
         let or_none = |v: Option<&String>| v.cloned().unwrap_or_else(|| "(none)".into());
         match self {
-            Self::Namespace => or_none(r.namespace.as_ref()),
+            Self::Namespace => or_none(r.pod.namespace.as_ref()),
             Self::Image => or_none(r.image.as_ref()),
             Self::Label(key) => or_none(r.labels.get(key)),
             Self::ImageMatch(pattern) => {
@@ -219,9 +219,10 @@ impl Report {
             out.push_str(&format!(
                 "  {}  {}/{}  container {}  {} -> {} ({}{})\n",
                 f.time,
-                f.namespace.as_deref().unwrap_or("-"),
-                f.pod.as_deref().unwrap_or("-"),
-                f.container
+                f.pod.namespace.as_deref().unwrap_or("-"),
+                f.pod.name.as_deref().unwrap_or("-"),
+                f.pod
+                    .container
                     .as_deref()
                     .or(f.container_id.as_deref())
                     .unwrap_or("-"),
@@ -447,7 +448,10 @@ mod tests {
 
     fn record(ns: &str, image: &str, start_ms: u64, log_ms: Option<u64>) -> StartRecord {
         StartRecord {
-            namespace: Some(ns.into()),
+            pod: crate::attribution::PodRef {
+                namespace: Some(ns.into()),
+                ..Default::default()
+            },
             image: Some(image.into()),
             created_ns: 1_000_000_000,
             started_ns: Some(1_000_000_000 + start_ms * 1_000_000),

@@ -4,7 +4,15 @@
 
 use std::collections::HashMap;
 
-use super::{proto::snapshots_client::SnapshotsClient, *};
+use super::{
+    filter::Filter,
+    proto::{
+        CommitSnapshotRequest, Info, Kind, PrepareSnapshotRequest, PrepareSnapshotResponse,
+        RemoveSnapshotRequest, UpdateSnapshotRequest, ViewSnapshotRequest,
+        snapshots_client::SnapshotsClient,
+    },
+    *,
+};
 
 #[test]
 fn filters_are_conjunctions_of_selectors() {
@@ -121,7 +129,8 @@ async fn the_service_keeps_overlay_chains_and_its_metadata() {
     );
 
     // Errors containerd relies on.
-    let code = |r: Result<tonic::Response<PrepareSnapshotResponse>, Status>| r.unwrap_err().code();
+    let code =
+        |r: Result<tonic::Response<PrepareSnapshotResponse>, tonic::Status>| r.unwrap_err().code();
     assert_eq!(
         code(client.prepare(prepare("container", "layer-2")).await),
         tonic::Code::AlreadyExists
@@ -171,7 +180,13 @@ async fn the_service_keeps_overlay_chains_and_its_metadata() {
     // Reopened: the same snapshots.
     let stop = Shutdown::new();
     let service = Snapshotter::open(config.clone()).await.unwrap();
-    let names: Vec<String> = service.all().unwrap().into_iter().map(|(n, _)| n).collect();
+    let names: Vec<String> = service
+        .meta
+        .all()
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     assert_eq!(names, ["container", "layer-1", "layer-2", "view"]);
     drop((stop, service));
     let _ = std::fs::remove_dir_all(&dir);

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    attribution::{Runtime, parse_cgroup_path},
+    attribution::{PodRef, Runtime, parse_cgroup_path},
     events::{BootClock, Lifecycle, LifecycleKind},
     time::unix_ns,
 };
@@ -31,16 +31,9 @@ pub struct StartRecord {
     pub cgroup_path: String,
     pub container_id: String,
     pub runtime: String,
-    /// Kubernetes pod UID, from the cgroup path.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pod_uid: Option<String>,
-    /// Kubernetes namespace (from CRI), or containerd namespace for plain containerd.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pod: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub container: Option<String>,
+    /// The pod and container: UID and namespace from the cgroup path, names from CRI.
+    #[serde(flatten)]
+    pub pod: PodRef,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     /// Container labels from CRI (`io.kubernetes.*` and the pod's own).
@@ -64,6 +57,14 @@ pub struct StartRecord {
 }
 
 impl StartRecord {
+    /// Takes what CRI says of the container: names over what the cgroup path said, the
+    /// image and labels.
+    pub fn apply_cri(&mut self, meta: crate::cri::ContainerMeta) {
+        self.pod = meta.pod.or(std::mem::take(&mut self.pod));
+        self.image = meta.image;
+        self.labels = meta.labels;
+    }
+
     /// Creation to first exec, in seconds.
     pub fn create_to_start(&self) -> Option<f64> {
         Some(secs(self.started_ns?.checked_sub(self.created_ns)?))
@@ -121,14 +122,14 @@ impl Tracker {
                 let Some(container) = parse_cgroup_path(path) else {
                     return Update::Unwatch(event.cgroup_id);
                 };
+                let pod = container.pod_ref();
                 let record = StartRecord {
                     created_ns: at,
                     cgroup_id: event.cgroup_id,
                     cgroup_path: path.clone(),
                     container_id: container.container_id,
                     runtime: runtime_name(container.runtime).into(),
-                    pod_uid: container.pod_uid,
-                    namespace: container.namespace,
+                    pod,
                     ..Default::default()
                 };
                 self.insert(record.clone());
@@ -249,7 +250,7 @@ mod tests {
             panic!("a container cgroup opens a record");
         };
         assert_eq!(
-            (r.container_id.as_str(), r.namespace.as_deref()),
+            (r.container_id.as_str(), r.pod.namespace.as_deref()),
             (ID, Some("k8s.io"))
         );
         let started = LifecycleKind::Started {

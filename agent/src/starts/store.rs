@@ -13,6 +13,7 @@ use redb::{Database, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::StartRecord;
+use crate::attribution::PodRef;
 
 const STARTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("starts");
 const FLAGS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("flags");
@@ -21,18 +22,18 @@ const FLAGS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("flags");
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(
-        "opening the store {0}: {1} (another imgstream agent may have it open; ask its HTTP API \
+        "opening the store {0} (another imgstream agent may have it open; ask its HTTP API \
          instead, e.g. `imgstream report --api http://127.0.0.1:9464`)"
     )]
-    Open(String, String),
-    #[error("store: {0}")]
-    Db(String),
+    Open(std::path::PathBuf, #[source] Box<redb::Error>),
+    #[error("the store's database")]
+    Db(#[source] Box<redb::Error>),
     #[error("store record: {0}")]
     Encode(#[from] serde_json::Error),
 }
 
-fn db<E: std::fmt::Display>(e: E) -> StoreError {
-    StoreError::Db(e.to_string())
+fn db<E: Into<redb::Error>>(e: E) -> StoreError {
+    StoreError::Db(Box::new(e.into()))
 }
 
 /// A rename-ENXIO detection attributed to a pod: a flag on it.
@@ -43,14 +44,8 @@ pub struct FlagRecord {
     pub time: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pod_uid: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pod: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub container: Option<String>,
+    #[serde(flatten)]
+    pub pod: PodRef,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     /// The symlink that could not be renamed, and where to.
@@ -110,10 +105,10 @@ impl Store {
     pub fn open(path: &Path, max_records: u64) -> Result<Self, StoreError> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)
-                .map_err(|e| StoreError::Open(path.display().to_string(), e.to_string()))?;
+                .map_err(|e| StoreError::Open(path.to_path_buf(), Box::new(e.into())))?;
         }
         let db = Database::create(path)
-            .map_err(|e| StoreError::Open(path.display().to_string(), e.to_string()))?;
+            .map_err(|e| StoreError::Open(path.to_path_buf(), Box::new(e.into())))?;
         let txn = db.begin_write().map_err(db_err)?;
         txn.open_table(STARTS).map_err(db_err)?;
         txn.open_table(FLAGS).map_err(db_err)?;
@@ -175,14 +170,14 @@ impl Store {
     /// Start records matching `filter`, oldest first.
     pub fn starts(&self, filter: &Filter) -> Result<Vec<StartRecord>, StoreError> {
         self.scan(STARTS, filter.since_ns, |r: &StartRecord| {
-            filter.keeps(&r.namespace, &r.pod, &r.image)
+            filter.keeps(&r.pod.namespace, &r.pod.name, &r.image)
         })
     }
 
     /// Flags matching `filter`, oldest first.
     pub fn flags(&self, filter: &Filter) -> Result<Vec<FlagRecord>, StoreError> {
         self.scan(FLAGS, filter.since_ns, |f: &FlagRecord| {
-            filter.keeps(&f.namespace, &f.pod, &f.image)
+            filter.keeps(&f.pod.namespace, &f.pod.name, &f.image)
         })
     }
 
@@ -207,7 +202,7 @@ impl Store {
     }
 }
 
-fn db_err<E: std::fmt::Display>(e: E) -> StoreError {
+fn db_err<E: Into<redb::Error>>(e: E) -> StoreError {
     db(e)
 }
 
@@ -220,7 +215,10 @@ mod tests {
             created_ns,
             cgroup_id,
             container_id: format!("c{cgroup_id}"),
-            namespace: Some(namespace.into()),
+            pod: PodRef {
+                namespace: Some(namespace.into()),
+                ..Default::default()
+            },
             image: Some(format!("registry/app:{cgroup_id}")),
             ..Default::default()
         }
@@ -262,7 +260,10 @@ mod tests {
 
         let flag = FlagRecord {
             time_ns: 7,
-            pod: Some("web".into()),
+            pod: PodRef {
+                name: Some("web".into()),
+                ..Default::default()
+            },
             path: "/etc/link".into(),
             ..Default::default()
         };

@@ -22,12 +22,9 @@ use crate::{
     cache::{CacheConfig, ChunkCache},
     fetch::{Fetcher, layer},
     fs::{FsConfig, ImageFs, View},
-    image::{
-        estargz::{EstargzWriter, TOC_DIGEST_ANNOTATION, WriterOptions},
-        tar::{Header, Kind},
-    },
-    oci::manifest::{self, Descriptor},
-    registry::{BlobSource, local::WithLocalBlobs},
+    image::tar::{Header, Kind},
+    registry::BlobSource,
+    testing::{MemoryBlobs, estargz_layer, layer_descriptor},
 };
 
 const QUEUE_SIZE: u16 = 256;
@@ -43,38 +40,18 @@ fn content() -> Vec<u8> {
 /// An image filesystem over one real eStargz layer holding `data/hello.bin`.
 fn image_fs(runtime: &tokio::runtime::Runtime, dir: &Path) -> Arc<ImageFs> {
     std::fs::create_dir_all(dir).unwrap();
-    let mut writer = EstargzWriter::new(
-        Vec::new(),
-        WriterOptions {
-            chunk_size: 16 * 1024,
-            level: 1,
-        },
+    let mut file = Header::new("data/hello.bin", Kind::Regular);
+    file.mode = 0o644;
+    let (blob, summary) = estargz_layer(
+        &[
+            (Header::new("data/", Kind::Directory), Vec::new()),
+            (file, content()),
+        ],
+        16 * 1024,
+        false,
     );
-    writer
-        .append(&Header::new("data/", Kind::Directory), &mut io::empty())
-        .unwrap();
-    let data = content();
-    let mut header = Header::new("data/hello.bin", Kind::Regular);
-    header.size = data.len() as u64;
-    header.mode = 0o644;
-    writer.append(&header, &mut data.as_slice()).unwrap();
-    let (blob, summary) = writer.finish().unwrap();
-    let path = dir.join("layer.esgz");
-    std::fs::write(&path, &blob).unwrap();
-    let mut desc = Descriptor {
-        media_type: manifest::OCI_LAYER_GZIP.into(),
-        digest: summary.digest,
-        size: summary.size,
-        annotations: Default::default(),
-        platform: None,
-        extra: Default::default(),
-    };
-    desc.annotations
-        .insert(TOC_DIGEST_ANNOTATION.into(), summary.toc_digest.to_string());
-    let source = Arc::new(WithLocalBlobs::local_only(HashMap::from([(
-        summary.digest,
-        path,
-    )])));
+    let desc = layer_descriptor(&summary);
+    let source = Arc::new(MemoryBlobs::default().with(blob));
     let opened = runtime
         .block_on(layer::open_cached(source.as_ref(), &desc, None))
         .unwrap();

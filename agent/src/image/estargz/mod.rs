@@ -7,6 +7,7 @@
 //! one chunk, and writing layers ([`EstargzWriter`]). It does no I/O of its own; callers hand
 //! it byte ranges they fetched.
 
+mod index;
 mod toc;
 mod writer;
 
@@ -14,10 +15,11 @@ use std::io::Read;
 
 use flate2::read::GzDecoder;
 
+pub use index::{Chunk, LayerIndex, Node, NodeKind, normalize};
 pub use toc::{
-    Chunk, FOOTER_SIZE, LayerIndex, MAX_CHUNK, MAX_TOC_COMPRESSED, MAX_TOC_JSON,
-    NO_PREFETCH_LANDMARK, Node, NodeKind, PREFETCH_LANDMARK, PrefetchChunk, TOC_DIGEST_ANNOTATION,
-    TOC_NAME, Toc, TocEntry, UNCOMPRESSED_SIZE_ANNOTATION, footer_bytes, normalize, parse_footer,
+    FOOTER_SIZE, MAX_CHUNK, MAX_TOC_COMPRESSED, MAX_TOC_JSON, NO_PREFETCH_LANDMARK,
+    PREFETCH_LANDMARK, PrefetchChunk, TOC_DIGEST_ANNOTATION, TOC_NAME, Toc, TocEntry,
+    UNCOMPRESSED_SIZE_ANNOTATION, footer_bytes, parse_footer,
 };
 pub use writer::{EstargzWriter, LayerSummary, WriterOptions};
 

@@ -43,28 +43,11 @@ fn sample_entries() -> Vec<(Header, Vec<u8>)> {
 }
 
 fn build(entries: &[(Header, Vec<u8>)], chunk_size: u64) -> (Vec<u8>, LayerSummary) {
-    let mut w = EstargzWriter::new(
-        Vec::new(),
-        WriterOptions {
-            chunk_size,
-            level: 6,
-        },
-    );
-    w.append_landmark(false).unwrap();
-    for (h, data) in entries {
-        let mut h = h.clone();
-        h.size = data.len() as u64;
-        w.append(&h, &mut data.as_slice()).unwrap();
-    }
-    w.finish().unwrap()
+    crate::testing::estargz_layer(entries, chunk_size, true)
 }
 
 fn open(blob: &[u8], expected: Option<&Digest>) -> Result<(LayerIndex, Digest), EstargzError> {
-    let size = blob.len() as u64;
-    let footer = &blob[blob.len().saturating_sub(FOOTER_SIZE as usize)..];
-    let toc_offset = parse_footer(footer)?;
-    let end = (size - FOOTER_SIZE) as usize;
-    read_toc(&blob[toc_offset as usize..end], toc_offset, size, expected)
+    crate::testing::layer_index(blob, expected)
 }
 
 fn file_bytes(blob: &[u8], index: &LayerIndex, path: &str) -> Vec<u8> {

@@ -10,9 +10,12 @@ use std::io::{self, Read, Write};
 use base64::Engine as _;
 use flate2::{Compression, write::GzEncoder};
 
-use super::toc::{
-    NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, PrefetchChunk, TOC_NAME, Toc, TocEntry, footer_bytes,
-    normalize,
+use super::{
+    index::normalize,
+    toc::{
+        NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, PrefetchChunk, TOC_NAME, Toc, TocEntry,
+        footer_bytes,
+    },
 };
 use crate::{
     image::tar::{Header, Kind, TarWriter},

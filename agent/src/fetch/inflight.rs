@@ -1,0 +1,49 @@
+//! Fetches in flight, so that concurrent reads of one chunk make one request: the first
+//! reader opens a flight and fetches; the others wait on it, each bounded by its own
+//! deadline. Every flight opened is completed, success or failure.
+
+use std::{
+    sync::{Arc, Condvar, Mutex},
+    time::Instant,
+};
+
+use super::FetchError;
+use crate::oci::digest::Digest;
+
+/// A chunk being fetched; waiters block on `ready` until `result` is set.
+#[derive(Default)]
+pub(super) struct Inflight {
+    result: Mutex<Option<Result<Arc<Vec<u8>>, FetchError>>>,
+    ready: Condvar,
+}
+
+impl Inflight {
+    /// Sets the result and wakes every waiter.
+    pub(super) fn complete(&self, result: Result<Arc<Vec<u8>>, FetchError>) {
+        *crate::sync::lock(&self.result) = Some(result);
+        self.ready.notify_all();
+    }
+
+    /// The flight's result, or [`FetchError::Deadline`] once `deadline` passes.
+    pub(super) fn wait(
+        &self,
+        digest: Digest,
+        deadline: Instant,
+    ) -> Result<Arc<Vec<u8>>, FetchError> {
+        let mut result = crate::sync::lock(&self.result);
+        loop {
+            if let Some(r) = result.as_ref() {
+                return r.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(FetchError::Deadline(digest));
+            }
+            result = self
+                .ready
+                .wait_timeout(result, left)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+    }
+}

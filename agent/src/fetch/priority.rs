@@ -1,0 +1,94 @@
+//! Readers first: the background download yields to on-demand fetches. Each on-demand fetch
+//! is counted while it runs ([`ReaderGate::enter`]); a background batch waits while any runs
+//! and, before it starts, until reads have been quiet for a while, so that a starting
+//! container's burst of reads has the link to itself.
+
+use std::{
+    sync::{
+        Condvar, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+/// How often waiting background work looks again.
+const RECHECK: Duration = Duration::from_millis(50);
+
+/// The on-demand fetches running now, and when the last one ended.
+#[derive(Debug)]
+pub(super) struct ReaderGate {
+    running: AtomicUsize,
+    done: (Mutex<()>, Condvar),
+    /// When the last on-demand fetch ended, in ns since `born` (`u64::MAX`: never).
+    last_ended_ns: AtomicU64,
+    born: Instant,
+}
+
+/// Counts an on-demand fetch for as long as it lives.
+pub(super) struct OnDemand<'a>(&'a ReaderGate);
+
+impl Drop for OnDemand<'_> {
+    fn drop(&mut self) {
+        let gate = self.0;
+        let now = gate.born.elapsed().as_nanos() as u64;
+        gate.last_ended_ns.store(now, Ordering::Release);
+        if gate.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            gate.done.1.notify_all();
+        }
+    }
+}
+
+impl ReaderGate {
+    pub(super) fn new() -> Self {
+        Self {
+            running: AtomicUsize::new(0),
+            done: (Mutex::new(()), Condvar::new()),
+            last_ended_ns: AtomicU64::new(u64::MAX),
+            born: Instant::now(),
+        }
+    }
+
+    /// Marks an on-demand fetch as running until the guard is dropped.
+    pub(super) fn enter(&self) -> OnDemand<'_> {
+        self.running.fetch_add(1, Ordering::AcqRel);
+        OnDemand(self)
+    }
+
+    /// On-demand fetches running now.
+    pub(super) fn running(&self) -> usize {
+        self.running.load(Ordering::Acquire)
+    }
+
+    /// Blocks while on-demand fetches run (bounded by `deadline`).
+    pub(super) fn yield_to_readers(&self, deadline: Instant) {
+        let (lock, cv) = &self.done;
+        let mut guard = crate::sync::lock(lock);
+        while self.running() > 0 && Instant::now() < deadline {
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .min(RECHECK);
+            guard = cv
+                .wait_timeout(guard, left)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Waits (until `deadline`) for on-demand reads to go quiet: none running, and none
+    /// ended in the last `quiet`.
+    pub(super) fn wait_quiet(&self, quiet: Duration, deadline: Instant) {
+        loop {
+            let last = self.last_ended_ns.load(Ordering::Acquire);
+            let since = (last != u64::MAX).then(|| {
+                self.born
+                    .elapsed()
+                    .saturating_sub(Duration::from_nanos(last))
+            });
+            let recent = since.is_some_and(|s| s < quiet);
+            if (self.running() == 0 && !recent) || Instant::now() >= deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}

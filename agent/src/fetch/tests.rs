@@ -1,0 +1,192 @@
+//! The fetcher against a registry double: merged and coalesced requests, caching,
+//! deadlines, and what a failed request leaves behind.
+
+use super::*;
+use crate::{
+    cache::CacheConfig,
+    image::{
+        estargz::LayerIndex,
+        tar::{Header, Kind},
+    },
+    testing::{MemoryBlobs, estargz_layer, layer_index},
+};
+
+/// The digest the tests' blob is served under.
+fn the_blob() -> Digest {
+    Digest::of(b"the blob")
+}
+
+/// One 16 KiB file `f` in 4 KiB chunks.
+fn layer() -> (Vec<u8>, LayerIndex) {
+    let data: Vec<u8> = (0..16_384u32).map(|i| (i * 31 % 251) as u8).collect();
+    let (blob, _) = estargz_layer(&[(Header::new("f", Kind::Regular), data)], 4096, false);
+    let (index, _) = layer_index(&blob, None).unwrap();
+    (blob, index)
+}
+
+#[test]
+fn concurrent_reads_of_one_chunk_make_one_request_and_adjacent_chunks_share_one() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (blob, index) = layer();
+    let source = Arc::new(
+        MemoryBlobs::default()
+            .with_digest(the_blob(), blob.clone())
+            .delayed(Duration::from_millis(300)),
+    );
+    let dir = std::env::temp_dir().join(format!("imgstream-fetch-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cache = Arc::new(
+        ChunkCache::open(&CacheConfig {
+            dir: dir.clone(),
+            limit_bytes: None,
+            prefer_uring: false,
+        })
+        .unwrap(),
+    );
+    let fetcher = Arc::new(Fetcher::new(
+        runtime.handle().clone(),
+        source.clone(),
+        cache.clone(),
+    ));
+    let node = index.get("f").unwrap().clone();
+    let blob_digest = the_blob();
+    let deadline = Instant::now() + Duration::from_secs(10);
+
+    // Two readers of chunk 0 at once: one request, one merged waiter.
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (fetcher, node) = (fetcher.clone(), node.clone());
+            std::thread::spawn(move || {
+                let refs = [ChunkRef {
+                    blob: blob_digest,
+                    chunk: &node.chunks[0],
+                }];
+                fetcher.get(&refs, Priority::OnDemand, deadline).unwrap()[0].clone()
+            })
+        })
+        .collect();
+    let got: Vec<_> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+    assert!(got[0] == got[1]);
+    assert_eq!(
+        source.ranges.load(Ordering::SeqCst),
+        1,
+        "one request for two readers"
+    );
+    assert_eq!(fetcher.stats.merged.load(Ordering::Relaxed), 1);
+
+    // Chunks 1..4 are adjacent members: one request for all three.
+    let refs: Vec<_> = node.chunks[1..4]
+        .iter()
+        .map(|chunk| ChunkRef {
+            blob: blob_digest,
+            chunk,
+        })
+        .collect();
+    let data = fetcher.get(&refs, Priority::OnDemand, deadline).unwrap();
+    assert_eq!(data.len(), 3);
+    assert_eq!(
+        source.ranges.load(Ordering::SeqCst),
+        2,
+        "coalesced into one range request"
+    );
+    // Readers' chunks are cached by the writer thread; a flush waits for it.
+    fetcher.flush_cache_writes();
+    for chunk in &node.chunks[..4] {
+        assert!(cache.contains(&chunk.digest), "fetched chunks are cached");
+    }
+
+    // A deadline far shorter than the source's answer: an error, not a hang.
+    let fresh = index.get("f").unwrap().chunks[0].clone();
+    let stuck = Arc::new(
+        MemoryBlobs::default()
+            .with_digest(the_blob(), blob)
+            .delayed(Duration::from_secs(30)),
+    );
+    let other = Fetcher::new(
+        runtime.handle().clone(),
+        stuck,
+        Arc::new(
+            ChunkCache::open(&CacheConfig {
+                dir: dir.join("other"),
+                limit_bytes: None,
+                prefer_uring: false,
+            })
+            .unwrap(),
+        ),
+    );
+    let started = Instant::now();
+    let err = other
+        .get(
+            &[ChunkRef {
+                blob: blob_digest,
+                chunk: &fresh,
+            }],
+            Priority::OnDemand,
+            Instant::now() + Duration::from_millis(50),
+        )
+        .unwrap_err();
+    assert!(matches!(err, FetchError::Deadline(_)), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "returned at its deadline"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_failed_chunk_leaves_no_flight_behind_for_the_next_reads() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (blob, index) = layer();
+    // The first range request fails (a 503), then the registry answers again.
+    let source = Arc::new(
+        MemoryBlobs::default()
+            .with_digest(the_blob(), blob)
+            .delayed(Duration::from_millis(10))
+            .failing_first(1),
+    );
+    let dir = std::env::temp_dir().join(format!("imgstream-fetch-fail-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cache = Arc::new(
+        ChunkCache::open(&CacheConfig {
+            dir: dir.clone(),
+            limit_bytes: None,
+            prefer_uring: false,
+        })
+        .unwrap(),
+    );
+    let fetcher = Fetcher::new(runtime.handle().clone(), source.clone(), cache);
+    let node = index.get("f").unwrap().clone();
+    let blob_digest = the_blob();
+    let chunk = |n: usize| ChunkRef {
+        blob: blob_digest,
+        chunk: &node.chunks[n],
+    };
+    // Chunks 0 and 1 are adjacent: one range request for both, and it fails.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let err = fetcher
+        .get(&[chunk(0), chunk(1)], Priority::OnDemand, deadline)
+        .unwrap_err();
+    assert!(matches!(err, FetchError::Source { .. }), "{err}");
+    assert!(err.is_retryable(), "a 503 is worth another try: {err}");
+    assert_eq!(source.ranges.load(Ordering::SeqCst), 1);
+    // The registry is back: the next read of chunk 1 fetches it with one request. A
+    // flight left open by the failed read would make it wait out its deadline instead.
+    let data = fetcher
+        .get(
+            &[chunk(1)],
+            Priority::OnDemand,
+            Instant::now() + Duration::from_secs(2),
+        )
+        .unwrap();
+    assert_eq!(*data[0], {
+        let c = &node.chunks[1];
+        (0..16_384u32)
+            .map(|i| (i * 31 % 251) as u8)
+            .collect::<Vec<_>>()[c.file_offset as usize..(c.file_offset + c.size) as usize]
+            .to_vec()
+    });
+    assert_eq!(source.ranges.load(Ordering::SeqCst), 2, "one more request");
+    assert_eq!(fetcher.stats.deadline_exceeded.load(Ordering::Relaxed), 0);
+    drop(fetcher);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,125 @@
+//! Tar headers: a streaming reader for untrusted layer tarballs and a writer for the layers
+//! imgstream builds.
+//!
+//! The reader understands ustar (with the `prefix` field), GNU long names and link names
+//! (`L`, `K`), PAX extended headers (`x`; global `g` ones are skipped) including
+//! `SCHILY.xattr.*`, and base-256 numbers. Everything a header claims is bounded: metadata
+//! records (long names, PAX) may not exceed [`MAX_META`], checksums are verified, and a
+//! truncated archive is an error, never a hang or an allocation of the claimed size.
+
+mod reader;
+#[cfg(test)]
+mod tests;
+mod writer;
+
+use std::{collections::BTreeMap, io};
+
+pub use reader::TarReader;
+pub use writer::{TarWriter, write_entry};
+
+/// Largest GNU long-name or PAX record the reader accepts.
+pub const MAX_META: u64 = 1 << 20;
+/// A tar block: every header and every data run is padded to a whole number of them.
+const BLOCK: usize = 512;
+
+/// Errors reading a tar stream.
+#[derive(Debug, thiserror::Error)]
+pub enum TarError {
+    #[error("reading the tar stream")]
+    Io(#[from] io::Error),
+    #[error("tar header at byte {offset} has a bad checksum")]
+    Checksum { offset: u64 },
+    #[error("tar header at byte {offset}: field `{field}` is not a number")]
+    Number { offset: u64, field: &'static str },
+    #[error("tar stream ends inside an entry (at byte {offset})")]
+    Truncated { offset: u64 },
+    #[error(
+        "tar metadata record of {size} bytes at byte {offset} exceeds the {MAX_META}-byte limit"
+    )]
+    MetaTooLarge { offset: u64, size: u64 },
+    #[error("malformed PAX record at byte {offset}")]
+    Pax { offset: u64 },
+    #[error("tar entry type {kind:?} at byte {offset} is not supported")]
+    UnsupportedType { offset: u64, kind: char },
+    #[error("tar entry at byte {offset} has no name")]
+    EmptyName { offset: u64 },
+    #[error("tar entry at byte {offset} claims {size} bytes, more than a stream can hold")]
+    SizeOverflow { offset: u64, size: u64 },
+}
+
+/// The bytes `size` bytes of data take in a stream: rounded up to whole blocks. `None` past
+/// what a `u64` holds (only a hostile size field gets there).
+fn padded(size: u64) -> Option<u64> {
+    size.checked_next_multiple_of(BLOCK as u64)
+}
+
+/// What a tar entry is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Regular,
+    HardLink,
+    Symlink,
+    CharDevice,
+    BlockDevice,
+    Directory,
+    Fifo,
+}
+
+impl Kind {
+    fn flag(self) -> u8 {
+        match self {
+            Kind::Regular => b'0',
+            Kind::HardLink => b'1',
+            Kind::Symlink => b'2',
+            Kind::CharDevice => b'3',
+            Kind::BlockDevice => b'4',
+            Kind::Directory => b'5',
+            Kind::Fifo => b'6',
+        }
+    }
+}
+
+/// One entry's metadata, with long names and PAX overrides applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub name: String,
+    pub kind: Kind,
+    pub link_name: String,
+    /// Permission bits including setuid, setgid and sticky (no file type bits).
+    pub mode: u32,
+    pub uid: u64,
+    pub gid: u64,
+    pub size: u64,
+    /// Seconds since the epoch.
+    pub mtime: i64,
+    pub uname: String,
+    pub gname: String,
+    pub dev_major: u32,
+    pub dev_minor: u32,
+    pub xattrs: BTreeMap<String, Vec<u8>>,
+}
+
+impl Header {
+    /// An empty header of `kind` named `name`.
+    pub fn new(name: &str, kind: Kind) -> Self {
+        Self {
+            name: name.to_string(),
+            kind,
+            link_name: String::new(),
+            mode: if kind == Kind::Directory {
+                0o755
+            } else {
+                0o644
+            },
+            uid: 0,
+            gid: 0,
+            size: 0,
+            mtime: 0,
+            uname: String::new(),
+            gname: String::new(),
+            dev_major: 0,
+            dev_minor: 0,
+            xattrs: BTreeMap::new(),
+        }
+    }
+}

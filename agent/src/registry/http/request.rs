@@ -1,0 +1,343 @@
+//! One request to a registry: credentials (a Basic header, or a bearer token fetched from the
+//! challenge's realm), redirects (credentials never follow to another host), the deadline,
+//! and reading bodies within bounds.
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+
+use super::{ANY_SCOPE, Attempt, MAX_REDIRECTS, RegistryClient, auth, url};
+use crate::registry::{
+    RegistryError,
+    http::{Challenge, parse_challenge},
+};
+
+/// Statuses that another try may change: server errors, throttling, a request timeout.
+fn retryable_status(status: StatusCode) -> bool {
+    status.is_server_error()
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || status == StatusCode::REQUEST_TIMEOUT
+}
+
+impl RegistryClient {
+    /// Sends one request to `url` with retries, authentication and redirects; returns the
+    /// first answer another try would not change (whatever its status) or the last error. A
+    /// 401 is answered with credentials once per request, within the same try.
+    pub(super) async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &HeaderMap,
+        body: Bytes,
+        scope: &str,
+    ) -> Result<Response<Incoming>, RegistryError> {
+        let mut authenticated = false;
+        retrying!(self, url, {
+            let result = self
+                .send_authenticated(&method, url, headers, &body, scope, &mut authenticated)
+                .await;
+            match &result {
+                Ok(resp) if retryable_status(resp.status()) => Attempt::Again(result),
+                Ok(_) => Attempt::Done(result),
+                Err(e) if e.is_retryable() => Attempt::Again(result),
+                Err(_) => Attempt::Done(result),
+            }
+        })
+    }
+
+    /// One try of a request: on its first 401 (per `authenticated`), the challenge is
+    /// answered and the request sent again.
+    async fn send_authenticated(
+        &self,
+        method: &Method,
+        url: &str,
+        headers: &HeaderMap,
+        body: &Bytes,
+        scope: &str,
+        authenticated: &mut bool,
+    ) -> Result<Response<Incoming>, RegistryError> {
+        let resp = self
+            .send_once(method.clone(), url, headers, body.clone(), scope)
+            .await?;
+        if resp.status() != StatusCode::UNAUTHORIZED || *authenticated {
+            return Ok(resp);
+        }
+        *authenticated = true;
+        let challenge = resp
+            .headers()
+            .get(header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_challenge);
+        self.authenticate(challenge, scope, url).await?;
+        self.send_once(method.clone(), url, headers, body.clone(), scope)
+            .await
+    }
+
+    /// One request, following redirects, with the deadline applied to getting the headers.
+    pub(super) async fn send_once(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &HeaderMap,
+        body: Bytes,
+        scope: &str,
+    ) -> Result<Response<Incoming>, RegistryError> {
+        let mut url = url.to_string();
+        let mut auth = self.auth_header(scope);
+        for _ in 0..=MAX_REDIRECTS {
+            let mut req = Request::builder().method(method.clone()).uri(&url);
+            for (k, v) in headers {
+                req = req.header(k, v);
+            }
+            if let Some(auth) = &auth {
+                req = req.header(header::AUTHORIZATION, auth);
+            }
+            req = req.header(
+                header::USER_AGENT,
+                concat!("imgstream/", env!("CARGO_PKG_VERSION")),
+            );
+            let req =
+                req.body(Full::new(body.clone()))
+                    .map_err(|source| RegistryError::BadRequest {
+                        url: url.clone(),
+                        source,
+                    })?;
+            let secs = self.config.timeout.as_secs();
+            let resp = match tokio::time::timeout(self.config.timeout, self.http.request(req)).await
+            {
+                Err(_) => return Err(RegistryError::Timeout { url, secs }),
+                Ok(Err(e)) => {
+                    return Err(RegistryError::Connect {
+                        url,
+                        source: Box::new(e),
+                    });
+                }
+                Ok(Ok(resp)) => resp,
+            };
+            if resp.status().is_redirection()
+                && let Some(location) = resp
+                    .headers()
+                    .get(header::LOCATION)
+                    .and_then(|v| v.to_str().ok())
+            {
+                let next = url::resolve_or_err(&url, location)?;
+                // Credentials stay with the registry: never send them to another host.
+                if url::authority(&next) != url::authority(&url) {
+                    auth = None;
+                }
+                url = next;
+                continue;
+            }
+            return Ok(resp);
+        }
+        Err(RegistryError::TooManyRedirects {
+            url,
+            limit: MAX_REDIRECTS,
+        })
+    }
+
+    fn auth_header(&self, scope: &str) -> Option<String> {
+        let auth = crate::sync::lock(&self.auth);
+        auth.get(scope).or_else(|| auth.get(ANY_SCOPE)).cloned()
+    }
+
+    /// Answers a 401: stores a Basic header or fetches a bearer token for `scope`.
+    pub(super) async fn authenticate(
+        &self,
+        challenge: Option<Challenge>,
+        scope: &str,
+        url: &str,
+    ) -> Result<(), RegistryError> {
+        let unauthorized = |detail: &str| RegistryError::Unauthorized {
+            url: url.to_string(),
+            status: 401,
+            detail: detail.into(),
+        };
+        match challenge {
+            Some(Challenge::Basic) => {
+                let creds = self.credentials.as_ref().ok_or_else(|| {
+                    unauthorized("the registry wants credentials and none are configured")
+                })?;
+                crate::sync::lock(&self.auth).insert(ANY_SCOPE.into(), creds.basic_header());
+                Ok(())
+            }
+            Some(Challenge::Bearer { realm, service, .. }) => {
+                let mut token_url = format!("{realm}?");
+                if let Some(service) = service {
+                    token_url.push_str(&format!("service={}&", crate::query::encode(&service)));
+                }
+                for s in scope.split(' ') {
+                    token_url.push_str(&format!("scope={}&", crate::query::encode(s)));
+                }
+                token_url.pop();
+                let mut headers = HeaderMap::new();
+                if let Some(creds) = &self.credentials {
+                    headers.insert(
+                        header::AUTHORIZATION,
+                        url::header_value(&creds.basic_header())?,
+                    );
+                }
+                let secs = self.config.timeout.as_secs();
+                let req = {
+                    let mut r = Request::get(&token_url);
+                    for (k, v) in &headers {
+                        r = r.header(k, v);
+                    }
+                    r.body(Full::new(Bytes::new()))
+                        .map_err(|source| RegistryError::BadRequest {
+                            url: token_url.clone(),
+                            source,
+                        })?
+                };
+                let resp =
+                    match tokio::time::timeout(self.config.timeout, self.http.request(req)).await {
+                        Err(_) => {
+                            return Err(RegistryError::Timeout {
+                                url: token_url,
+                                secs,
+                            });
+                        }
+                        Ok(Err(e)) => {
+                            return Err(RegistryError::Connect {
+                                url: token_url,
+                                source: Box::new(e),
+                            });
+                        }
+                        Ok(Ok(resp)) => resp,
+                    };
+                let status = resp.status();
+                let body = self.read_small(resp, 1 << 20, &token_url).await?;
+                if !status.is_success() {
+                    return Err(RegistryError::Unauthorized {
+                        url: token_url,
+                        status: status.as_u16(),
+                        detail: url::snippet(&body),
+                    });
+                }
+                let token = auth::token_from_response(&body)
+                    .ok_or_else(|| unauthorized("the token server's answer has no token"))?;
+                crate::sync::lock(&self.auth).insert(scope.to_string(), format!("Bearer {token}"));
+                Ok(())
+            }
+            None => Err(unauthorized(
+                "401 without a usable WWW-Authenticate challenge",
+            )),
+        }
+    }
+
+    /// Turns a non-success answer into an error (reading a little of its body).
+    pub(super) async fn error_for(
+        &self,
+        resp: Response<Incoming>,
+        url: &str,
+        what: &str,
+    ) -> RegistryError {
+        let status = resp.status();
+        let body = self.read_small(resp, 4096, url).await.unwrap_or_default();
+        match status {
+            StatusCode::NOT_FOUND => RegistryError::NotFound {
+                what: what.to_string(),
+                source_name: url.to_string(),
+            },
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => RegistryError::Unauthorized {
+                url: url.to_string(),
+                status: status.as_u16(),
+                detail: url::snippet(&body),
+            },
+            _ => RegistryError::Status {
+                url: url.to_string(),
+                status: status.as_u16(),
+                body: url::snippet(&body),
+            },
+        }
+    }
+
+    /// Reads a whole body of at most `limit` bytes within the request deadline.
+    pub(super) async fn read_small(
+        &self,
+        resp: Response<Incoming>,
+        limit: u64,
+        url: &str,
+    ) -> Result<Bytes, RegistryError> {
+        if let Some(len) = url::content_length(resp.headers())
+            && len > limit
+        {
+            return Err(RegistryError::TooLarge {
+                what: url.to_string(),
+                limit,
+            });
+        }
+        let mut body = resp.into_body();
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + self.config.timeout;
+        loop {
+            let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+                Err(_) => {
+                    return Err(RegistryError::Timeout {
+                        url: url.to_string(),
+                        secs: self.config.timeout.as_secs(),
+                    });
+                }
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    return Err(RegistryError::Connect {
+                        url: url.to_string(),
+                        source: Box::new(e),
+                    });
+                }
+                Ok(Some(Ok(frame))) => frame,
+            };
+            if let Ok(data) = frame.into_data() {
+                if out.len() as u64 + data.len() as u64 > limit {
+                    return Err(RegistryError::TooLarge {
+                        what: url.to_string(),
+                        limit,
+                    });
+                }
+                out.extend_from_slice(&data);
+            }
+        }
+        Ok(out.into())
+    }
+
+    /// Streams a body into `sink` frame by frame; each frame must come within the timeout.
+    /// Returns the bytes delivered (at most `limit`, more is an error).
+    pub(super) async fn stream_body<S>(
+        &self,
+        resp: Response<Incoming>,
+        url: &str,
+        limit: u64,
+        mut sink: S,
+    ) -> Result<u64, RegistryError>
+    where
+        S: FnMut(&[u8]) -> Result<(), RegistryError>,
+    {
+        let mut body = resp.into_body();
+        let mut total = 0u64;
+        loop {
+            let frame = match tokio::time::timeout(self.config.timeout, body.frame()).await {
+                Err(_) => {
+                    return Err(RegistryError::Timeout {
+                        url: url.to_string(),
+                        secs: self.config.timeout.as_secs(),
+                    });
+                }
+                Ok(None) => return Ok(total),
+                // A connection cut mid-body: report it like a short body, which is retryable.
+                Ok(Some(Err(_))) => return Ok(total),
+                Ok(Some(Ok(frame))) => frame,
+            };
+            if let Ok(data) = frame.into_data() {
+                total += data.len() as u64;
+                if total > limit {
+                    return Err(RegistryError::TooLarge {
+                        what: url.to_string(),
+                        limit,
+                    });
+                }
+                sink(&data)?;
+            }
+        }
+    }
+}

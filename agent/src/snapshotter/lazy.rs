@@ -1,0 +1,199 @@
+//! Lazy layers: an eStargz layer mounted through the image filesystem (one layer, overlayfs
+//! lower form) at its snapshot's directory instead of unpacked; mounted again when the
+//! snapshotter starts, or served again on the FUSE connection a keeper held across the
+//! restart; and the keeper kept holding every lazy layer's connection.
+
+use std::os::fd::{AsFd as _, OwnedFd};
+
+use super::{Snapshotter, store::Remote};
+use crate::{
+    fs::fusedev::umount_lazy,
+    mount::{self, MountError, MountOptions},
+    oci::{
+        digest::{Digest, DigestError},
+        reference::{ImageRef, ReferenceError},
+    },
+    registry::{RegistryError, open_source},
+};
+
+/// Errors mounting a lazy layer.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum LazyError {
+    #[error("the layer's image reference")]
+    Reference(#[from] ReferenceError),
+    #[error("the layer's digest")]
+    Digest(#[from] DigestError),
+    #[error("reaching the layer's registry")]
+    Source(#[source] RegistryError),
+    #[error("opening the layer")]
+    Open(#[source] MountError),
+    #[error("preparing the mount point")]
+    Dir(#[source] std::io::Error),
+    #[error("the mount task failed")]
+    Task(#[source] tokio::task::JoinError),
+    #[error("mounting the layer")]
+    Mount(#[source] MountError),
+}
+
+impl Snapshotter {
+    /// Mounts layer `remote` lazily at snapshot `id`'s directory, or serves it again on the
+    /// connection `kept` (a keeper held it while the agent restarted). `Ok(false)`: not
+    /// eStargz (containerd unpacks it).
+    pub(super) async fn mount_lazy(
+        &self,
+        id: u64,
+        remote: &Remote,
+        kept: Option<OwnedFd>,
+    ) -> Result<bool, LazyError> {
+        let image = ImageRef::parse(&remote.image_ref)?;
+        let source = open_source(&image, &self.config.http).map_err(LazyError::Source)?;
+        let reference = remote
+            .manifest
+            .clone()
+            .or_else(|| image.manifest_reference())
+            .unwrap_or_default();
+        let layer: Digest = remote.layer.parse()?;
+        let opened = mount::open_one_layer(
+            source,
+            &reference,
+            &self.config.mount.platform,
+            &self.cache,
+            &layer,
+        )
+        .await
+        .map_err(LazyError::Open)?;
+        let Some(opened) = opened else {
+            return Ok(false);
+        };
+        let fs = self.dir(id).join("fs");
+        if kept.is_none() {
+            // A mount left by a snapshotter that died: its FUSE connection is gone.
+            let _ = umount_lazy(&fs);
+            std::fs::create_dir_all(&fs).map_err(LazyError::Dir)?;
+        }
+        let options = MountOptions {
+            view: crate::fs::View::Layer(0),
+            ..self.config.mount.clone()
+        };
+        let (runtime, cache) = (self.runtime.clone(), self.cache.clone());
+        let mountpoint = fs.clone();
+        let mounted = tokio::task::spawn_blocking(move || match kept {
+            Some(fd) => mount::adopt(runtime, opened, cache, &fs, fd.into(), &options),
+            None => mount::mount(runtime, opened, cache, &fs, &options),
+        })
+        .await
+        .map_err(LazyError::Task)?
+        .map_err(LazyError::Mount)?;
+        if let (Some(keeper), Some(fd)) = (&self.keeper, mounted.fuse_fd())
+            && let Err(err) = keeper.put(&mountpoint.display().to_string(), fd)
+        {
+            tracing::warn!(%err, keeper = %keeper.socket().display(), mountpoint = %mountpoint.display(), "FUSE keeper unreachable: this layer's containers will lose it if the agent restarts");
+        }
+        crate::sync::lock(&self.lazy).insert(id, mounted);
+        Ok(true)
+    }
+
+    /// Mounts every lazy layer of the metadata again (at start), adopting the connections a
+    /// keeper held; a kept connection that cannot be served again is ended, so that its
+    /// containers get errors instead of waiting forever.
+    pub(super) async fn remount_all(&self) -> Result<(), super::store::MetaError> {
+        let remotes: Vec<_> = self
+            .meta
+            .all()?
+            .into_iter()
+            .filter(|(_, s)| s.remote.is_some())
+            .collect();
+        // Connections a keeper held through a restart, by mount point.
+        let mut held = match &self.keeper {
+            Some(keeper) => keeper.get().unwrap_or_else(|err| {
+                tracing::warn!(%err, "FUSE keeper unreachable: lazy layers are mounted afresh, and running containers lose theirs");
+                Default::default()
+            }),
+            None => Default::default(),
+        };
+        for (name, snap) in remotes {
+            let Some(remote) = &snap.remote else { continue };
+            let fs = self.dir(snap.id).join("fs");
+            let kept = held
+                .remove(&fs.display().to_string())
+                .filter(|_| crate::fs::keeper::is_fuse_mount(&fs));
+            let adopting = kept.is_some();
+            let served = match self.mount_lazy(snap.id, remote, kept).await {
+                Ok(true) if adopting => {
+                    tracing::info!(snapshot = %name, layer = %remote.layer, "lazy layer served again: its containers kept their mount");
+                    true
+                }
+                Ok(true) => {
+                    tracing::info!(snapshot = %name, layer = %remote.layer, "lazy layer mounted again");
+                    true
+                }
+                Ok(false) => {
+                    tracing::warn!(snapshot = %name, "lazy layer is no longer eStargz or in its image");
+                    false
+                }
+                Err(err) => {
+                    let err = crate::error_chain(&err);
+                    tracing::warn!(snapshot = %name, %err, "lazy layer could not be mounted again; its containers will fail to read it");
+                    false
+                }
+            };
+            if adopting && !served {
+                if let Some(keeper) = &self.keeper {
+                    let _ = keeper.del(&fs.display().to_string());
+                }
+                let _ = umount_lazy(&fs);
+            }
+        }
+        if let Some(keeper) = &self.keeper {
+            for key in held.keys() {
+                if let Err(err) = keeper.del(key) {
+                    tracing::debug!(%err, key, "stale keeper entry not released");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands the keeper every lazy layer's connection it does not hold: after it restarted
+    /// (it then holds nothing), or when it was unreachable at mount time.
+    pub(super) fn resync_keeper(&self) {
+        let Some(keeper) = &self.keeper else { return };
+        let held = match keeper.get() {
+            Ok(held) => held,
+            Err(err) => {
+                if self
+                    .keeper_ok
+                    .swap(false, std::sync::atomic::Ordering::Relaxed)
+                {
+                    tracing::warn!(%err, keeper = %keeper.socket().display(), "FUSE keeper unreachable: running containers would lose their lazy layers if the agent restarted now");
+                }
+                return;
+            }
+        };
+        if !self
+            .keeper_ok
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::info!(keeper = %keeper.socket().display(), "FUSE keeper reachable");
+        }
+        // Duplicates, so that the keeper is talked to without holding the lock.
+        let missing: Vec<(String, OwnedFd)> = crate::sync::lock(&self.lazy)
+            .iter()
+            .filter_map(|(id, mounted)| {
+                let key = self.dir(*id).join("fs").display().to_string();
+                let fd = mounted.fuse_fd()?.try_clone_to_owned().ok()?;
+                (!held.contains_key(&key)).then_some((key, fd))
+            })
+            .collect();
+        for (key, fd) in missing {
+            match keeper.put(&key, fd.as_fd()) {
+                Ok(()) => {
+                    tracing::info!(mountpoint = %key, "lazy layer's connection handed to the FUSE keeper")
+                }
+                Err(err) => {
+                    tracing::debug!(%err, mountpoint = %key, "FUSE keeper did not take a connection")
+                }
+            }
+        }
+    }
+}

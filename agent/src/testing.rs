@@ -1,0 +1,175 @@
+//! Test doubles shared by the unit tests: eStargz layers built in memory, and a blob source
+//! that serves them from memory with every range request counted, and optionally slow or
+//! failing. The real parts (registries, layouts, the cache) are tested as themselves; these
+//! stand in only where a test needs to control timing or failures.
+
+use std::{
+    collections::HashMap,
+    ops::Range,
+    path::Path,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::{
+    image::{
+        estargz::{
+            self, EstargzError, EstargzWriter, FOOTER_SIZE, LayerIndex, LayerSummary,
+            TOC_DIGEST_ANNOTATION, WriterOptions,
+        },
+        tar::Header,
+    },
+    oci::{
+        digest::Digest,
+        manifest::{self, Descriptor},
+    },
+    registry::{BlobSource, FetchedManifest, RegistryError},
+};
+
+/// An eStargz layer of `entries` (sizes taken from their data) in chunks of `chunk_size`,
+/// after the no-prefetch landmark when `landmark` is set.
+pub(crate) fn estargz_layer(
+    entries: &[(Header, Vec<u8>)],
+    chunk_size: u64,
+    landmark: bool,
+) -> (Vec<u8>, LayerSummary) {
+    let mut w = EstargzWriter::new(
+        Vec::new(),
+        WriterOptions {
+            chunk_size,
+            level: 6,
+        },
+    );
+    if landmark {
+        w.append_landmark(false).expect("writing to memory");
+    }
+    for (h, data) in entries {
+        let mut h = h.clone();
+        h.size = data.len() as u64;
+        w.append(&h, &mut data.as_slice())
+            .expect("writing to memory");
+    }
+    w.finish().expect("writing to memory")
+}
+
+/// A layer's index as a remote reader gets it: the footer, then the TOC.
+pub(crate) fn layer_index(
+    blob: &[u8],
+    expected: Option<&Digest>,
+) -> Result<(LayerIndex, Digest), EstargzError> {
+    let size = blob.len() as u64;
+    let footer = &blob[blob.len().saturating_sub(FOOTER_SIZE as usize)..];
+    let toc_offset = estargz::parse_footer(footer)?;
+    let end = (size - FOOTER_SIZE) as usize;
+    let toc = blob
+        .get(toc_offset as usize..end)
+        .ok_or_else(|| EstargzError::BadToc("TOC offset beyond the blob".into()))?;
+    estargz::read_toc(toc, toc_offset, size, expected)
+}
+
+/// The descriptor a manifest would list for a built layer, TOC digest annotation included.
+pub(crate) fn layer_descriptor(summary: &LayerSummary) -> Descriptor {
+    let mut desc = Descriptor {
+        media_type: manifest::OCI_LAYER_GZIP.into(),
+        digest: summary.digest,
+        size: summary.size,
+        annotations: Default::default(),
+        platform: None,
+        extra: Default::default(),
+    };
+    desc.annotations
+        .insert(TOC_DIGEST_ANNOTATION.into(), summary.toc_digest.to_string());
+    desc
+}
+
+/// Blobs in memory, served by range: every range request counted, each delayed by `delay`,
+/// and the first `failures` of them answered with a 503.
+#[derive(Debug, Default)]
+pub(crate) struct MemoryBlobs {
+    blobs: HashMap<Digest, Vec<u8>>,
+    pub ranges: AtomicUsize,
+    pub delay: Duration,
+    pub failures: AtomicUsize,
+}
+
+impl MemoryBlobs {
+    /// Serves `blob` under its own digest.
+    pub(crate) fn with(mut self, blob: Vec<u8>) -> Self {
+        self.blobs.insert(Digest::of(&blob), blob);
+        self
+    }
+
+    /// Serves `blob` under `digest`, whatever its content.
+    pub(crate) fn with_digest(mut self, digest: Digest, blob: Vec<u8>) -> Self {
+        self.blobs.insert(digest, blob);
+        self
+    }
+
+    pub(crate) fn delayed(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+
+    pub(crate) fn failing_first(self, failures: usize) -> Self {
+        self.failures.store(failures, Ordering::SeqCst);
+        self
+    }
+
+    fn get(&self, digest: &Digest) -> Result<&Vec<u8>, RegistryError> {
+        self.blobs
+            .get(digest)
+            .ok_or_else(|| RegistryError::NotFound {
+                what: format!("blob {digest}"),
+                source_name: self.name(),
+            })
+    }
+}
+
+#[async_trait]
+impl BlobSource for MemoryBlobs {
+    async fn manifest(&self, reference: &str) -> Result<FetchedManifest, RegistryError> {
+        Err(RegistryError::NotFound {
+            what: format!("manifest {reference}"),
+            source_name: self.name(),
+        })
+    }
+
+    async fn blob(&self, desc: &Descriptor) -> Result<Bytes, RegistryError> {
+        Ok(Bytes::copy_from_slice(self.get(&desc.digest)?))
+    }
+
+    async fn blob_to_file(&self, desc: &Descriptor, path: &Path) -> Result<(), RegistryError> {
+        std::fs::write(path, self.get(&desc.digest)?).map_err(|e| RegistryError::io(path, e))
+    }
+
+    async fn read_range(&self, digest: &Digest, range: Range<u64>) -> Result<Bytes, RegistryError> {
+        self.ranges.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(self.delay).await;
+        let fail = self
+            .failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if fail.is_ok() {
+            return Err(RegistryError::Status {
+                url: self.name(),
+                status: 503,
+                body: String::new(),
+            });
+        }
+        let blob = self.get(digest)?;
+        let bytes = blob
+            .get(range.start as usize..range.end as usize)
+            .ok_or_else(|| RegistryError::SizeMismatch {
+                what: format!("range {range:?} of {digest}"),
+                expected: range.end - range.start,
+                actual: 0,
+            })?;
+        Ok(Bytes::copy_from_slice(bytes))
+    }
+
+    fn name(&self) -> String {
+        "in-memory test blobs".into()
+    }
+}
