@@ -339,3 +339,132 @@ fn new_inode(ino: u64, parent: u64, kind: Kind, layer: usize) -> Inode {
         names: 0,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        image::tar::{Header, Kind as TarKind},
+        testing::{estargz_layer, layer_index},
+    };
+
+    fn file(path: &str, data: &[u8]) -> (Header, Vec<u8>) {
+        (Header::new(path, TarKind::Regular), data.to_vec())
+    }
+
+    fn dir(path: &str) -> (Header, Vec<u8>) {
+        (Header::new(path, TarKind::Directory), Vec::new())
+    }
+
+    fn hard_link(path: &str, target: &str) -> (Header, Vec<u8>) {
+        let mut h = Header::new(path, TarKind::HardLink);
+        h.link_name = target.into();
+        (h, Vec::new())
+    }
+
+    fn index(entries: &[(Header, Vec<u8>)]) -> LayerIndex {
+        let (blob, _) = estargz_layer(entries, 4096, true);
+        layer_index(&blob, None).unwrap().0
+    }
+
+    /// The inode at `path` (slash-separated, from the root), if the view has it.
+    fn at<'a>(tree: &'a Tree, path: &str) -> Option<&'a Inode> {
+        path.split('/')
+            .filter(|c| !c.is_empty())
+            .try_fold(tree.get(ROOT_INO)?, |dir, name| {
+                tree.lookup(dir.ino, name.as_bytes())
+            })
+    }
+
+    fn names(tree: &Tree, path: &str) -> Vec<String> {
+        at(tree, path)
+            .unwrap()
+            .children
+            .keys()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect()
+    }
+
+    /// A bottom layer, and a top layer that whites out, makes a directory opaque, replaces
+    /// a file and removes one name of a hard-linked pair.
+    fn layers() -> (LayerIndex, LayerIndex) {
+        let bottom = index(&[
+            dir("etc/"),
+            file("etc/a", b"a"),
+            file("etc/b", b"old b"),
+            dir("keep/"),
+            file("keep/x", b"x"),
+            dir("opq/"),
+            file("opq/old", b"old"),
+            file("f", b"shared data"),
+            hard_link("g", "f"),
+        ]);
+        let top = index(&[
+            dir("etc/"),
+            file("etc/.wh.a", b""),
+            file("etc/b", b"new b"),
+            dir("opq/"),
+            file("opq/.wh..wh..opq", b""),
+            file("opq/new", b"new"),
+            file(".wh.g", b""),
+        ]);
+        (bottom, top)
+    }
+
+    #[test]
+    fn the_merged_view_applies_whiteouts_opaque_directories_and_replacements() {
+        let (bottom, top) = layers();
+        let tree = Tree::build(&[&bottom, &top], View::Merged);
+        assert!(at(&tree, "etc/a").is_none(), "whited out");
+        assert_eq!(names(&tree, "etc"), ["b"], "no whiteout file is shown");
+        assert_eq!(
+            at(&tree, "etc/b").unwrap().data.unwrap().0,
+            1,
+            "the top layer's b"
+        );
+        assert_eq!(
+            names(&tree, "opq"),
+            ["new"],
+            "the opaque directory hides the lower one"
+        );
+        assert_eq!(names(&tree, "keep"), ["x"], "untouched directories stay");
+        let mut root = names(&tree, "");
+        root.sort();
+        assert_eq!(root, ["etc", "f", "keep", "opq"], "no landmark, no g");
+        assert_eq!(at(&tree, "f").unwrap().nlink, 1, "g's name is gone");
+        assert_eq!(tree.iter().filter(|i| i.kind == Kind::Directory).count(), 4);
+    }
+
+    #[test]
+    fn hard_links_share_one_inode() {
+        let (bottom, _) = layers();
+        let tree = Tree::build(&[&bottom], View::Merged);
+        let (f, g) = (at(&tree, "f").unwrap(), at(&tree, "g").unwrap());
+        assert_eq!(f.ino, g.ino);
+        assert_eq!(f.nlink, 2);
+        assert_eq!(f.size, 11);
+    }
+
+    #[test]
+    fn one_layer_is_shown_in_overlayfs_lower_form() {
+        let (bottom, top) = layers();
+        let tree = Tree::build(&[&bottom, &top], View::Layer(1));
+        assert_eq!(
+            at(&tree, "etc/a").unwrap().kind,
+            Kind::CharDevice(0, 0),
+            "a whiteout is a 0:0 character device"
+        );
+        assert_eq!(at(&tree, "g").unwrap().kind, Kind::CharDevice(0, 0));
+        let opq = at(&tree, "opq").unwrap();
+        assert_eq!(
+            opq.xattrs.get(OVERLAY_OPAQUE_XATTR).map(Vec::as_slice),
+            Some(&b"y"[..])
+        );
+        assert_eq!(
+            names(&tree, "opq"),
+            ["new"],
+            "the marker itself is not an entry"
+        );
+        assert!(at(&tree, "keep").is_none(), "only this layer's entries");
+    }
+}
