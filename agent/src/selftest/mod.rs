@@ -9,6 +9,7 @@
 mod enxio_fs;
 pub mod helper;
 mod scenario;
+mod start_latency;
 
 use std::{
     io::{BufRead, BufReader, Write},

@@ -1,0 +1,154 @@
+//! The chunk store: round trips, corruption caught, key spaces apart, the limit held, and
+//! eviction of the least recently used unmounted images.
+
+use super::*;
+
+fn config(name: &str, limit: Option<u64>, uring: bool) -> CacheConfig {
+    let dir = std::env::temp_dir().join(format!("imgstream-cache-{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    CacheConfig {
+        dir,
+        limit_bytes: limit,
+        prefer_uring: uring,
+    }
+}
+
+#[test]
+fn stores_reads_and_survives_reopening() {
+    for uring in [true, false] {
+        let cfg = config(if uring { "uring" } else { "sync" }, None, uring);
+        let cache = ChunkCache::open(&cfg).unwrap();
+        assert_eq!(cache.engine_name(), if uring { "io_uring" } else { "sync" });
+        let data = vec![7u8; 100_000];
+        let d = Digest::of(&data);
+        assert_eq!(cache.get(&d).unwrap(), None);
+        assert!(cache.put(&d, &data).unwrap());
+        assert_eq!(cache.get(&d).unwrap().as_deref(), Some(&data[..]));
+        assert_eq!(cache.usage(), 100_016);
+        drop(cache);
+        let again = ChunkCache::open(&cfg).unwrap();
+        assert_eq!(again.usage(), 100_016, "usage is measured from disk");
+        assert_eq!(again.get(&d).unwrap().as_deref(), Some(&data[..]));
+        fs::remove_dir_all(&cfg.dir).unwrap();
+    }
+}
+
+#[test]
+fn a_flipped_byte_is_caught_and_quarantined() {
+    let cfg = config("flip", None, true);
+    let cache = ChunkCache::open(&cfg).unwrap();
+    let data = b"some chunk data".repeat(100);
+    let d = Digest::of(&data);
+    cache.put(&d, &data).unwrap();
+    let path = cache.path(&d);
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[HEADER + 500] ^= 0x01;
+    fs::write(&path, bytes).unwrap();
+    assert_eq!(
+        cache.get(&d).unwrap(),
+        None,
+        "corrupt data is never returned"
+    );
+    assert_eq!(cache.stats.corrupt.load(Ordering::Relaxed), 1);
+    assert!(!path.exists());
+    assert_eq!(fs::read_dir(cfg.dir.join("quarantine")).unwrap().count(), 1);
+    // Stored again, served again.
+    cache.put(&d, &data).unwrap();
+    assert_eq!(cache.get(&d).unwrap().as_deref(), Some(&data[..]));
+    // A truncated file and a foreign file are caught too.
+    fs::write(&path, b"ISC1").unwrap();
+    assert_eq!(cache.get(&d).unwrap(), None);
+    fs::remove_dir_all(&cfg.dir).unwrap();
+}
+
+#[test]
+fn metadata_and_chunks_never_share_a_key() {
+    let cfg = config("meta", None, false);
+    let cache = ChunkCache::open(&cfg).unwrap();
+    let chunk = b"chunk bytes".to_vec();
+    let d = Digest::of(&chunk);
+    cache.put(&d, &chunk).unwrap();
+    // The same digest names no TOC and no manifest until one is stored under it.
+    assert_eq!(cache.get_toc(&d).unwrap(), None);
+    assert_eq!(cache.get_manifest(&d).unwrap(), None);
+    assert!(cache.put_toc(&d, 1234, b"toc member").unwrap());
+    assert!(cache.put_manifest(&d, b"{}").unwrap());
+    let toc = cache.get_toc(&d).unwrap().unwrap();
+    assert_eq!((toc.offset, &toc.member[..]), (1234, &b"toc member"[..]));
+    assert_eq!(cache.get_manifest(&d).unwrap().as_deref(), Some(&b"{}"[..]));
+    assert_eq!(
+        cache.get(&d).unwrap().as_deref(),
+        Some(&chunk[..]),
+        "the chunk is its own"
+    );
+    drop(cache);
+    let again = ChunkCache::open(&cfg).unwrap();
+    assert_eq!(
+        again.usage(),
+        3 * HEADER as u64 + chunk.len() as u64 + 8 + 10 + 2,
+        "metadata counts against the limit, measured from disk"
+    );
+    fs::remove_dir_all(&cfg.dir).unwrap();
+}
+
+#[test]
+fn the_limit_is_never_exceeded() {
+    let cfg = config("limit", Some(3 * (HEADER as u64 + 1000)), false);
+    let cache = ChunkCache::open(&cfg).unwrap();
+    let chunks: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 1000]).collect();
+    let stored: Vec<bool> = chunks
+        .iter()
+        .map(|c| cache.put(&Digest::of(c), c).unwrap())
+        .collect();
+    assert_eq!(stored, [true, true, true, false, false]);
+    assert!(cache.usage() <= 3 * (HEADER as u64 + 1000));
+    fs::remove_dir_all(&cfg.dir).unwrap();
+}
+
+#[test]
+fn least_recently_used_unmounted_images_make_room_and_mounted_ones_keep_theirs() {
+    let dir = std::env::temp_dir().join(format!("imgstream-evict-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    let chunk = |tag: u8| vec![tag; 1000];
+    let per = (HEADER + 1000) as u64;
+    let cfg = CacheConfig {
+        dir: dir.clone(),
+        limit_bytes: Some(4 * per),
+        prefer_uring: false,
+    };
+    let cache = ChunkCache::open(&cfg).unwrap();
+    let (old, mounted, shared) = (chunk(1), chunk(2), chunk(9));
+    let key = |n: u8| Digest::of(&[n]);
+    // An old image (chunks 1 + shared), unmounted; a mounted one (chunks 2 + shared).
+    drop(
+        cache
+            .pin_image(&key(1), &[Digest::of(&old), Digest::of(&shared)])
+            .unwrap(),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let _pin = cache
+        .pin_image(&key(2), &[Digest::of(&mounted), Digest::of(&shared)])
+        .unwrap();
+    for c in [&old, &mounted, &shared] {
+        assert!(cache.put(&Digest::of(c), c).unwrap());
+    }
+    assert_eq!(cache.usage(), 3 * per);
+    // Two more chunks do not fit: the old image's own chunk goes, the shared one stays.
+    assert!(cache.put(&Digest::of(&chunk(3)), &chunk(3)).unwrap());
+    assert!(cache.put(&Digest::of(&chunk(4)), &chunk(4)).unwrap());
+    assert!(
+        !cache.contains(&Digest::of(&old)),
+        "the unmounted image's chunk was evicted"
+    );
+    assert!(
+        cache.contains(&Digest::of(&shared)),
+        "a chunk of a mounted image stays"
+    );
+    assert!(cache.contains(&Digest::of(&mounted)));
+    assert!(cache.usage() <= 4 * per);
+    assert_eq!(cache.stats.evicted.load(Ordering::Relaxed), 1);
+    // Nothing left to evict: the next chunk is refused, the limit holds.
+    assert!(!cache.put(&Digest::of(&chunk(5)), &chunk(5)).unwrap());
+    assert!(cache.usage() <= 4 * per);
+    fs::remove_dir_all(&dir).unwrap();
+}
