@@ -15,6 +15,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::{
+    cache::{CacheConfig, ChunkCache},
     image::{
         estargz::{
             self, EstargzError, EstargzWriter, FOOTER_SIZE, LayerIndex, LayerSummary,
@@ -28,6 +29,20 @@ use crate::{
     },
     registry::{BlobSource, FetchedManifest, RegistryError},
 };
+
+/// A fresh chunk cache (synchronous writes) in a scratch directory named after `name`:
+/// the directory, and the cache.
+pub(crate) fn scratch_cache(name: &str) -> (std::path::PathBuf, std::sync::Arc<ChunkCache>) {
+    let dir = std::env::temp_dir().join(format!("imgstream-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cache = ChunkCache::open(&CacheConfig {
+        dir: dir.join("cache"),
+        limit_bytes: None,
+        prefer_uring: false,
+    })
+    .expect("a cache in a scratch directory");
+    (dir, std::sync::Arc::new(cache))
+}
 
 /// An eStargz layer of `entries` (sizes taken from their data) in chunks of `chunk_size`,
 /// after the no-prefetch landmark when `landmark` is set.

@@ -88,6 +88,13 @@ impl Serving {
         ] {
             family(out, name, "counter", help, &[("", load(counter))]);
         }
+        family(
+            out,
+            "imgstream_fs_request_panics_total",
+            "counter",
+            "Filesystem requests (FUSE or virtio-fs) whose handling panicked; each was answered with EIO and its worker kept serving.",
+            &[("", load(&crate::fs::REQUEST_PANICS))],
+        );
         if let Some(cache) = &self.cache {
             let s = &cache.stats;
             family(

@@ -51,6 +51,12 @@ pub enum FetchError {
         #[source]
         source: Arc<RegistryError>,
     },
+    #[error("chunk {digest} is {actual} bytes where the TOC says {expected}")]
+    Size {
+        digest: Digest,
+        expected: u64,
+        actual: u64,
+    },
     #[error("chunk {digest} as fetched is not what the TOC describes")]
     Chunk {
         digest: Digest,
@@ -67,7 +73,7 @@ impl FetchError {
         match self {
             Self::Deadline(_) => true,
             Self::Source { source, .. } => source.is_retryable(),
-            Self::Chunk { .. } => false,
+            Self::Chunk { .. } | Self::Size { .. } => false,
         }
     }
 }
@@ -205,12 +211,20 @@ impl Fetcher {
         let mut mine = Vec::new();
         let mut waits = Vec::new();
         for (i, c) in chunks.iter().enumerate() {
-            if let Some(data) = crate::sync::lock(&self.recent).get(&c.chunk.digest) {
+            // A hit counts only with the length this TOC gives the chunk: a TOC may name a
+            // digest another image's TOC cached with another size.
+            let fits = |data: &Arc<Vec<u8>>| data.len() as u64 == c.chunk.size;
+            if let Some(data) = crate::sync::lock(&self.recent)
+                .get(&c.chunk.digest)
+                .filter(fits)
+            {
                 self.count(|s| &s.cache_hits, 1);
                 out[i] = Some(data);
                 continue;
             }
-            if let Ok(Some(data)) = self.cache.get(&c.chunk.digest) {
+            if let Ok(Some(data)) = self.cache.get(&c.chunk.digest)
+                && data.len() as u64 == c.chunk.size
+            {
                 self.count(|s| &s.cache_hits, 1);
                 let data = Arc::new(data);
                 if priority == Priority::OnDemand {
@@ -268,10 +282,20 @@ impl Fetcher {
         for (i, flight) in waits {
             out[i] = Some(flight.wait(chunks[i].chunk.digest, deadline)?);
         }
-        Ok(out
-            .into_iter()
-            .map(|d| d.expect("every chunk resolved"))
-            .collect())
+        // Every chunk resolved above; a waiter may have been handed a chunk of the same
+        // digest fetched for another size, which is as wrong as a missing one.
+        chunks
+            .iter()
+            .zip(out)
+            .map(|(c, data)| match data {
+                Some(data) if data.len() as u64 == c.chunk.size => Ok(data),
+                data => Err(FetchError::Size {
+                    digest: c.chunk.digest,
+                    expected: c.chunk.size,
+                    actual: data.map_or(0, |d| d.len() as u64),
+                }),
+            })
+            .collect()
     }
 
     /// Fetches the given chunks, one range request per run of members adjacent in a blob.

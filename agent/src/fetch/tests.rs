@@ -8,7 +8,7 @@ use crate::{
         estargz::LayerIndex,
         tar::{Header, Kind},
     },
-    testing::{MemoryBlobs, estargz_layer, layer_index},
+    testing::{MemoryBlobs, estargz_layer, layer_index, scratch_cache},
 };
 
 /// The digest the tests' blob is served under.
@@ -33,16 +33,7 @@ fn concurrent_reads_of_one_chunk_make_one_request_and_adjacent_chunks_share_one(
             .with_digest(the_blob(), blob.clone())
             .delayed(Duration::from_millis(300)),
     );
-    let dir = std::env::temp_dir().join(format!("imgstream-fetch-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let cache = Arc::new(
-        ChunkCache::open(&CacheConfig {
-            dir: dir.clone(),
-            limit_bytes: None,
-            prefer_uring: false,
-        })
-        .unwrap(),
-    );
+    let (dir, cache) = scratch_cache("fetch");
     let fetcher = Arc::new(Fetcher::new(
         runtime.handle().clone(),
         source.clone(),
@@ -144,16 +135,7 @@ fn a_failed_chunk_leaves_no_flight_behind_for_the_next_reads() {
             .delayed(Duration::from_millis(10))
             .failing_first(1),
     );
-    let dir = std::env::temp_dir().join(format!("imgstream-fetch-fail-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let cache = Arc::new(
-        ChunkCache::open(&CacheConfig {
-            dir: dir.clone(),
-            limit_bytes: None,
-            prefer_uring: false,
-        })
-        .unwrap(),
-    );
+    let (dir, cache) = scratch_cache("fetch-fail");
     let fetcher = Fetcher::new(runtime.handle().clone(), source.clone(), cache);
     let node = index.get("f").unwrap().clone();
     let blob_digest = the_blob();
@@ -187,6 +169,44 @@ fn a_failed_chunk_leaves_no_flight_behind_for_the_next_reads() {
     });
     assert_eq!(source.ranges.load(Ordering::SeqCst), 2, "one more request");
     assert_eq!(fetcher.stats.deadline_exceeded.load(Ordering::Relaxed), 0);
+    drop(fetcher);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_cached_chunk_named_again_with_another_size_is_an_error_not_a_short_buffer() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (blob, index) = layer();
+    let source = Arc::new(MemoryBlobs::default().with_digest(the_blob(), blob));
+    let (dir, cache) = scratch_cache("fetch-size");
+    let fetcher = Fetcher::new(runtime.handle().clone(), source, cache);
+    let real = index.get("f").unwrap().chunks[0].clone();
+    let deadline = || Instant::now() + Duration::from_secs(5);
+    let get = |chunk| {
+        fetcher.get(
+            &[ChunkRef {
+                blob: the_blob(),
+                chunk,
+            }],
+            Priority::OnDemand,
+            deadline(),
+        )
+    };
+    assert_eq!(get(&real).unwrap()[0].len() as u64, real.size);
+    fetcher.flush_cache_writes();
+    // Another TOC claims the same digest at twice the size: the hit (memory or disk) does
+    // not count, and what the source has does not decode to that size.
+    let lying = Chunk {
+        size: real.size * 2,
+        ..real.clone()
+    };
+    let err = get(&lying).unwrap_err();
+    assert!(
+        matches!(err, FetchError::Chunk { .. } | FetchError::Size { .. }),
+        "{err}"
+    );
+    // The honest TOC still reads.
+    assert_eq!(get(&real).unwrap()[0].len() as u64, real.size);
     drop(fetcher);
     std::fs::remove_dir_all(&dir).unwrap();
 }

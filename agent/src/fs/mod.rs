@@ -57,6 +57,34 @@ impl Default for FsConfig {
 /// A read, as recorded: layer, node in that layer's index, offset, size.
 type Read = (usize, usize, u64, u32);
 
+/// Requests (of every image this process serves) whose handling panicked: each was answered
+/// with EIO and its worker went on. Exported as `imgstream_fs_request_panics_total`.
+pub static REQUEST_PANICS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Runs one request's handler; a panic inside it becomes EIO for that request alone, logged
+/// with what was asked and counted. The worker thread (FUSE or virtio-fs) and every lock the
+/// handler held stay usable (`crate::sync`'s policy), so the mount keeps serving.
+fn guarded<T>(
+    op: &'static str,
+    ino: u64,
+    offset: u64,
+    handler: impl FnOnce() -> io::Result<T>,
+) -> io::Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(handler)) {
+        Ok(result) => result,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            REQUEST_PANICS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::error!(op, ino, offset, panic = %what, "a request panicked; answered with EIO");
+            Err(errno(libc::EIO))
+        }
+    }
+}
+
 /// An image, served as a read-only filesystem.
 pub struct ImageFs {
     tree: Tree,
@@ -65,6 +93,9 @@ pub struct ImageFs {
     config: FsConfig,
     /// Reads in the order they came, when recording (at most `reads::MAX_RECORDS`).
     recorded: Option<Mutex<Vec<Read>>>,
+    /// Tests: the next read panics (to show a panicking request is answered).
+    #[cfg(test)]
+    pub(crate) panic_next_read: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for ImageFs {
@@ -95,6 +126,8 @@ impl ImageFs {
             fetcher,
             recorded: config.record_reads.then(Default::default),
             config,
+            #[cfg(test)]
+            panic_next_read: Default::default(),
         }
     }
 
@@ -166,6 +199,50 @@ impl ImageFs {
         }
     }
 
+    /// The entries of directory `ino` from position `offset`, into `add_entry`.
+    fn list(
+        &self,
+        ino: u64,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        let dir = self.inode(ino)?;
+        if dir.kind != Kind::Directory {
+            return Err(errno(libc::ENOTDIR));
+        }
+        let dots = [(b".".as_slice(), dir.ino), (b"..".as_slice(), dir.parent)];
+        let children = dir
+            .children
+            .iter()
+            .map(|(name, &child)| (name.as_slice(), child));
+        for (i, (name, child)) in dots
+            .into_iter()
+            .chain(children)
+            .enumerate()
+            .skip(offset as usize)
+        {
+            let type_ = match self.tree.get(child).map(|c| &c.kind) {
+                Some(Kind::Directory) => libc::DT_DIR,
+                Some(Kind::Regular) => libc::DT_REG,
+                Some(Kind::Symlink(_)) => libc::DT_LNK,
+                Some(Kind::CharDevice(..)) => libc::DT_CHR,
+                Some(Kind::BlockDevice(..)) => libc::DT_BLK,
+                Some(Kind::Fifo) => libc::DT_FIFO,
+                None => libc::DT_UNKNOWN,
+            };
+            let entry = DirEntry {
+                ino: child,
+                offset: i as u64 + 1,
+                type_: type_.into(),
+                name,
+            };
+            if add_entry(entry)? == 0 {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// Bytes `[offset, offset + size)` of a regular file into `w`.
     fn read_into(
         &self,
@@ -221,7 +298,12 @@ impl ImageFs {
         for (chunk, bytes) in node.chunks[first..last].iter().zip(&data) {
             let from = offset.max(chunk.file_offset) - chunk.file_offset;
             let to = end.min(chunk.file_offset + chunk.size) - chunk.file_offset;
-            w.write_all(&bytes[from as usize..to as usize])?;
+            // The fetcher checks every chunk's length against the TOC; a slice out of range
+            // would still be an EIO here, never a panic in a worker.
+            let part = bytes
+                .get(from as usize..to as usize)
+                .ok_or_else(|| errno(libc::EIO))?;
+            w.write_all(part)?;
             written += (to - from) as usize;
         }
         Ok(written)
@@ -237,11 +319,13 @@ impl FileSystem for ImageFs {
     }
 
     fn lookup(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
-        let inode = self
-            .tree
-            .lookup(parent, name.to_bytes())
-            .ok_or_else(|| errno(libc::ENOENT))?;
-        Ok(self.entry(inode))
+        guarded("lookup", parent, 0, || {
+            let inode = self
+                .tree
+                .lookup(parent, name.to_bytes())
+                .ok_or_else(|| errno(libc::ENOENT))?;
+            Ok(self.entry(inode))
+        })
     }
 
     fn getattr(
@@ -250,7 +334,7 @@ impl FileSystem for ImageFs {
         ino: u64,
         _handle: Option<u64>,
     ) -> io::Result<(stat64, Duration)> {
-        Ok((self.stat(self.inode(ino)?), TTL))
+        guarded("getattr", ino, 0, || Ok((self.stat(self.inode(ino)?), TTL)))
     }
 
     fn readlink(&self, _ctx: &Context, ino: u64) -> io::Result<Vec<u8>> {
@@ -288,8 +372,17 @@ impl FileSystem for ImageFs {
         _lock_owner: Option<u64>,
         _flags: u32,
     ) -> io::Result<usize> {
-        let inode = self.inode(ino)?;
-        self.read_into(inode, w, size, offset)
+        guarded("read", ino, offset, || {
+            #[cfg(test)]
+            if self
+                .panic_next_read
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                panic!("injected by a test");
+            }
+            let inode = self.inode(ino)?;
+            self.read_into(inode, w, size, offset)
+        })
     }
 
     fn release(
@@ -326,41 +419,7 @@ impl FileSystem for ImageFs {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        let dir = self.inode(ino)?;
-        if dir.kind != Kind::Directory {
-            return Err(errno(libc::ENOTDIR));
-        }
-        let dots = [(b".".as_slice(), dir.ino), (b"..".as_slice(), dir.parent)];
-        let children = dir
-            .children
-            .iter()
-            .map(|(name, &child)| (name.as_slice(), child));
-        for (i, (name, child)) in dots
-            .into_iter()
-            .chain(children)
-            .enumerate()
-            .skip(offset as usize)
-        {
-            let type_ = match self.tree.get(child).map(|c| &c.kind) {
-                Some(Kind::Directory) => libc::DT_DIR,
-                Some(Kind::Regular) => libc::DT_REG,
-                Some(Kind::Symlink(_)) => libc::DT_LNK,
-                Some(Kind::CharDevice(..)) => libc::DT_CHR,
-                Some(Kind::BlockDevice(..)) => libc::DT_BLK,
-                Some(Kind::Fifo) => libc::DT_FIFO,
-                None => libc::DT_UNKNOWN,
-            };
-            let entry = DirEntry {
-                ino: child,
-                offset: i as u64 + 1,
-                type_: type_.into(),
-                name,
-            };
-            if add_entry(entry)? == 0 {
-                break;
-            }
-        }
-        Ok(())
+        guarded("readdir", ino, offset, || self.list(ino, offset, add_entry))
     }
 
     fn releasedir(&self, _ctx: &Context, _ino: u64, _flags: u32, _handle: u64) -> io::Result<()> {

@@ -139,7 +139,15 @@ impl RequestPool {
                         // The lock is held only while taking a job, not while running it.
                         let job = crate::sync::lock(&rx).recv();
                         match job {
-                            Ok(job) => job(),
+                            // A panic outside the filesystem's own guard (in the transport)
+                            // ends that job, not the thread: the pool stays whole.
+                            Ok(job) => {
+                                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job))
+                                    .is_err()
+                                {
+                                    tracing::error!("a virtio-fs request job panicked");
+                                }
+                            }
                             Err(_) => return, // the pool was dropped
                         }
                     }

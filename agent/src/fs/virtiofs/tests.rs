@@ -447,6 +447,73 @@ fn requests_round_trip_and_hostile_chains_never_take_the_backend_down() {
 }
 
 #[test]
+fn a_request_that_panics_is_answered_with_eio_and_the_backend_serves_the_next() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let dir = std::env::temp_dir().join(format!("imgstream-virtiofs-panic-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let fs = image_fs(&runtime, &dir);
+    let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEMORY as usize)]).unwrap();
+    let mut guest = Guest::new(&memory);
+    let rig = rig(&memory, &guest, fs.clone());
+    // One request at a time: its reply, once the backend has put it on the used ring.
+    let mut sent = 0;
+    let mut ask = |guest: &mut Guest<'_>, request: Vec<u8>| {
+        let (_, reply) = guest.submit(vec![Part::Readable(request), Part::Writable(65_536)]);
+        sent += 1;
+        rig.kick();
+        rig.wait_used(guest, sent);
+        guest.reply(reply.unwrap())
+    };
+    let init = InitIn {
+        major: 7,
+        minor: 31,
+        max_readahead: 128 * 1024,
+        flags: 0,
+    };
+    assert_eq!(
+        ask(&mut guest, message(FUSE_INIT, 1, 0, init.as_slice()))
+            .0
+            .error,
+        0
+    );
+    let (_, body) = ask(&mut guest, message(FUSE_LOOKUP, 2, 1, b"data\0"));
+    let data = EntryOut::from_slice(&body[..size_of::<EntryOut>()])
+        .unwrap()
+        .nodeid;
+    let (_, body) = ask(&mut guest, message(FUSE_LOOKUP, 3, data, b"hello.bin\0"));
+    let file = EntryOut::from_slice(&body[..size_of::<EntryOut>()])
+        .unwrap()
+        .nodeid;
+    let read = |unique| {
+        let body = ReadIn {
+            offset: 0,
+            size: 4096,
+            ..Default::default()
+        };
+        message(FUSE_READ, unique, file, body.as_slice())
+    };
+    let panics = crate::fs::REQUEST_PANICS.load(std::sync::atomic::Ordering::SeqCst);
+    fs.panic_next_read
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let (header, _) = ask(&mut guest, read(4));
+    assert_eq!(
+        (header.unique, header.error),
+        (4, -libc::EIO),
+        "the panicking read is answered"
+    );
+    assert!(crate::fs::REQUEST_PANICS.load(std::sync::atomic::Ordering::SeqCst) > panics);
+    let (header, body) = ask(&mut guest, read(5));
+    assert_eq!(
+        (header.unique, header.error),
+        (5, 0),
+        "the next read is served"
+    );
+    assert_eq!(body, content()[..4096]);
+    drop(rig);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn the_config_space_holds_the_tag_and_queue_count_and_reads_past_it_are_cut() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let dir = std::env::temp_dir().join(format!("imgstream-virtiofs-cfg-{}", std::process::id()));
