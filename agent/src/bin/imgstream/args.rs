@@ -423,8 +423,8 @@ impl TryFrom<RegistryArgs> for imgstream::registry::http::HttpConfig {
     }
 }
 
-/// Smallest and largest `--chunk-size`.
-const CHUNK_SIZES: std::ops::RangeInclusive<u64> = 4096..=1 << 30;
+/// Smallest and largest `--chunk-size`: the largest is what readers accept.
+const CHUNK_SIZES: std::ops::RangeInclusive<u64> = 4096..=imgstream::image::estargz::MAX_CHUNK;
 
 fn parse_queue_size(s: &str) -> Result<u16, String> {
     match s.parse::<u16>() {
@@ -494,7 +494,7 @@ impl TryFrom<ConvertArgs> for ConvertJob {
     fn try_from(args: ConvertArgs) -> anyhow::Result<Self> {
         anyhow::ensure!(
             CHUNK_SIZES.contains(&args.chunk_size.0),
-            "--chunk-size {}: between 4K and 1G",
+            "--chunk-size {}: between 4K and 64M",
             args.chunk_size
         );
         let mut prioritized = args.prioritize;

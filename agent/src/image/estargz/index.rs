@@ -12,6 +12,13 @@ use super::{
 };
 use crate::oci::digest::Digest;
 
+/// Most entries a TOC may hold (a large image has a few hundred thousand files).
+pub const MAX_ENTRIES: usize = 1_000_000;
+/// Longest path a TOC entry may name, in bytes (Linux's `PATH_MAX`).
+pub const MAX_PATH_LEN: usize = 4096;
+/// Most components a TOC entry's path may have.
+pub const MAX_PATH_DEPTH: usize = 512;
+
 /// What a file is, once validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NodeKind {
@@ -95,6 +102,12 @@ impl LayerIndex {
                 "TOC offset {toc_offset} lies beyond the blob ({blob_size} bytes)"
             )));
         }
+        if toc.entries.len() > MAX_ENTRIES {
+            return Err(EstargzError::BadToc(format!(
+                "{} entries, more than the {MAX_ENTRIES} allowed",
+                toc.entries.len()
+            )));
+        }
         let mut index = Self {
             nodes: Vec::new(),
             by_path: HashMap::new(),
@@ -113,6 +126,11 @@ impl LayerIndex {
                 why,
             };
             let path = normalize(&entry.name).map_err(|why| bad(why.into()))?;
+            if path.len() > MAX_PATH_LEN || path.split('/').count() > MAX_PATH_DEPTH {
+                return Err(bad(format!(
+                    "the path is longer than {MAX_PATH_LEN} bytes or deeper than {MAX_PATH_DEPTH} components"
+                )));
+            }
             if entry.kind == "chunk" {
                 let node = index
                     .by_path
@@ -325,7 +343,8 @@ impl LayerIndex {
         Ok(i)
     }
 
-    /// Adds (or, for an explicit entry, updates) a directory and any missing parents.
+    /// Adds (or, for an explicit entry, updates) a directory and any missing parents, from
+    /// the outermost missing one down: a loop, not a recursion, so a deep path costs no stack.
     fn insert_dir(&mut self, path: &str, explicit: Option<Node>) -> Result<(), EstargzError> {
         if let Some(&i) = self.by_path.get(path) {
             if let Some(node) = explicit {
@@ -333,24 +352,29 @@ impl LayerIndex {
             }
             return Ok(());
         }
-        let node = explicit.unwrap_or_else(|| Node {
-            path: path.to_string(),
-            kind: NodeKind::Directory,
-            mode: 0o755,
-            uid: 0,
-            gid: 0,
-            size: 0,
-            mtime: (0, 0),
-            xattrs: BTreeMap::new(),
-            digest: None,
-            chunks: Vec::new(),
-        });
-        if path.is_empty() {
-            self.by_path.insert(String::new(), self.nodes.len());
-            self.nodes.push(node);
-            return Ok(());
+        let mut missing = vec![path.to_string()];
+        let mut at = path;
+        while !at.is_empty() {
+            at = parent_of(at);
+            if self.by_path.contains_key(at) {
+                break;
+            }
+            missing.push(at.to_string());
         }
-        self.insert(node).map(drop)
+        let mut explicit = explicit;
+        while let Some(dir) = missing.pop() {
+            let node = match explicit.take_if(|_| missing.is_empty()) {
+                Some(node) => node,
+                None => implicit_dir(&dir),
+            };
+            if dir.is_empty() {
+                self.by_path.insert(String::new(), self.nodes.len());
+                self.nodes.push(node);
+            } else {
+                self.insert(node)?;
+            }
+        }
+        Ok(())
     }
 
     /// Checks every file's chunks cover it exactly and gives each chunk its member's end.
@@ -492,6 +516,22 @@ pub fn normalize(name: &str) -> Result<String, &'static str> {
         }
     }
     Ok(parts.join("/"))
+}
+
+/// A directory the TOC implies (a parent of an entry) without listing it.
+fn implicit_dir(path: &str) -> Node {
+    Node {
+        path: path.to_string(),
+        kind: NodeKind::Directory,
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        size: 0,
+        mtime: (0, 0),
+        xattrs: BTreeMap::new(),
+        digest: None,
+        chunks: Vec::new(),
+    }
 }
 
 fn parent_of(path: &str) -> &str {

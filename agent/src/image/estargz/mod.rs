@@ -15,7 +15,9 @@ use std::io::Read;
 
 use flate2::read::GzDecoder;
 
-pub use index::{Chunk, LayerIndex, Node, NodeKind, normalize};
+pub use index::{
+    Chunk, LayerIndex, MAX_ENTRIES, MAX_PATH_DEPTH, MAX_PATH_LEN, Node, NodeKind, normalize,
+};
 pub use toc::{
     FOOTER_SIZE, MAX_CHUNK, MAX_TOC_COMPRESSED, MAX_TOC_JSON, NO_PREFETCH_LANDMARK,
     PREFETCH_LANDMARK, PrefetchChunk, TOC_DIGEST_ANNOTATION, TOC_NAME, Toc, TocEntry,

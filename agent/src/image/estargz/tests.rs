@@ -1,4 +1,5 @@
 use super::*;
+use crate::image::estargz::{MAX_ENTRIES, MAX_PATH_DEPTH, MAX_PATH_LEN};
 use crate::image::tar::Header;
 
 /// A layer exercising every kind of entry, a chunked file and metadata corners.
@@ -430,4 +431,55 @@ fn prioritised_files_are_prefetched_without_a_list() {
         .position(|n| n.path == "usr/lib/big.bin")
         .unwrap();
     assert_eq!(index.prefetch_chunks(), [(big, 0), (big, 1), (big, 2)]);
+}
+
+/// `LayerIndex::from_toc` on a thread with a tokio worker's 2 MiB stack.
+fn index_on_small_stack(toc: Toc) -> Result<LayerIndex, String> {
+    std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(move || LayerIndex::from_toc(toc, 1000, 2000).map_err(|e| e.to_string()))
+        .unwrap()
+        .join()
+        .expect("no stack overflow")
+}
+
+#[test]
+fn deep_paths_cost_no_stack_and_the_path_caps_hold() {
+    // Just under both caps: parents made by a loop, not one frame per component.
+    let deep = vec!["d"; MAX_PATH_DEPTH - 1].join("/") + "/f";
+    assert!(deep.len() < MAX_PATH_LEN);
+    let index = index_on_small_stack(toc_of(vec![entry(&deep, "dir")])).unwrap();
+    assert_eq!(
+        index.nodes.len(),
+        MAX_PATH_DEPTH + 1,
+        "the root and every parent"
+    );
+    // One component more, a path one byte too long: refused, naming the entry.
+    let deeper = vec!["d"; MAX_PATH_DEPTH].join("/") + "/f";
+    let err = index_on_small_stack(toc_of(vec![entry(&deeper, "dir")])).unwrap_err();
+    assert!(err.contains("deeper than"), "{err}");
+    let long = "x".repeat(MAX_PATH_LEN + 1);
+    let err = index_on_small_stack(toc_of(vec![entry(&long, "dir")])).unwrap_err();
+    assert!(err.contains("longer than"), "{err}");
+    // Twenty thousand components (one frame pair each in the old recursion): an error.
+    let hostile = vec!["a"; 20_000].join("/");
+    let err = index_on_small_stack(toc_of(vec![entry(&hostile, "reg")])).unwrap_err();
+    assert!(err.contains("TOC entry 0"), "the entry is named: {err}");
+}
+
+#[test]
+fn a_toc_with_too_many_entries_is_refused_before_it_is_indexed() {
+    let entries = vec![TocEntry::default(); MAX_ENTRIES + 1];
+    let err = LayerIndex::from_toc(toc_of(entries), 1000, 2000).unwrap_err();
+    assert!(err.to_string().contains("entries"), "{err}");
+}
+
+#[test]
+fn a_chunk_claiming_more_than_the_cap_is_refused() {
+    let huge = TocEntry {
+        chunk_size: (MAX_CHUNK + 1) as i64,
+        ..reg("big", MAX_CHUNK + 1, 10)
+    };
+    let err = LayerIndex::from_toc(toc_of(vec![huge]), 1000, 2000).unwrap_err();
+    assert!(err.to_string().contains("limit"), "{err}");
 }

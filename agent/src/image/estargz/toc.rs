@@ -25,7 +25,7 @@ pub const MAX_TOC_COMPRESSED: u64 = 64 << 20;
 /// Largest decompressed TOC JSON accepted.
 pub const MAX_TOC_JSON: u64 = 256 << 20;
 /// Largest decompressed chunk accepted (whole chunks are verified in memory).
-pub const MAX_CHUNK: u64 = 1 << 30;
+pub const MAX_CHUNK: u64 = 64 << 20;
 
 /// The 51-byte footer pointing at the TOC: an empty gzip member with the offset in an
 /// RFC 1952 extra field (`SG`, 22 bytes: 16 hex digits and "STARGZ").

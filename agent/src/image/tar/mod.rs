@@ -17,7 +17,7 @@ use std::{collections::BTreeMap, io};
 pub use reader::TarReader;
 pub use writer::{TarWriter, write_entry};
 
-/// Largest GNU long-name or PAX record the reader accepts.
+/// Most bytes of GNU long-name and PAX records one entry may carry, all of them together.
 pub const MAX_META: u64 = 1 << 20;
 /// A tar block: every header and every data run is padded to a whole number of them.
 const BLOCK: usize = 512;

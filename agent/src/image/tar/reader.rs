@@ -44,6 +44,8 @@ impl<R: Read> TarReader<R> {
         let mut long_name: Option<String> = None;
         let mut long_link: Option<String> = None;
         let mut pax: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        // Metadata records read for this entry so far: bounded together, not only each.
+        let mut meta_bytes = 0u64;
         loop {
             let at = self.offset;
             let mut block = [0u8; BLOCK];
@@ -61,8 +63,12 @@ impl<R: Read> TarReader<R> {
             let flag = block[156];
             match flag {
                 b'L' | b'K' | b'x' | b'g' => {
-                    if size > MAX_META {
-                        return Err(TarError::MetaTooLarge { offset: at, size });
+                    meta_bytes = meta_bytes.saturating_add(size);
+                    if meta_bytes > MAX_META {
+                        return Err(TarError::MetaTooLarge {
+                            offset: at,
+                            size: meta_bytes,
+                        });
                     }
                     let data = self.read_exact_padded(size)?;
                     match flag {

@@ -236,3 +236,26 @@ fn a_size_field_near_the_limit_of_u64_is_an_error_not_an_overflow() {
     assert_eq!(TarWriter::padding(u64::MAX), 1);
     assert_eq!(TarWriter::padding(1024), 0);
 }
+
+#[test]
+fn pax_records_are_bounded_together_not_only_each() {
+    // Three PAX headers for one entry, each under the limit, together over it.
+    let record = |n: usize| {
+        let value = "v".repeat(n);
+        let body = format!("{} comment={value}\n", 0);
+        // The length prefix counts itself: fix it up.
+        let len = body.len() - 1 + format!("{}", body.len()).len();
+        format!("{len} comment={value}\n").into_bytes()
+    };
+    let mut bytes = Vec::new();
+    for _ in 0..3 {
+        let data = record((MAX_META / 2) as usize);
+        let mut h = Header::new("pax", Kind::Regular);
+        h.size = data.len() as u64;
+        bytes.extend_from_slice(&ustar_block(&h, b'x', ("", "pax")));
+        bytes.extend_from_slice(&data);
+        bytes.resize(bytes.len() + TarWriter::padding(data.len() as u64), 0);
+    }
+    let err = TarReader::new(bytes.as_slice()).next_header().unwrap_err();
+    assert!(matches!(err, TarError::MetaTooLarge { .. }), "{err}");
+}
