@@ -12,7 +12,6 @@
 //! draining of the kernel's ring buffers for long.
 
 use std::{
-    fs::OpenOptions,
     io::{self, Write},
     sync::{
         Arc,
@@ -114,7 +113,7 @@ impl Shared {
 pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentError> {
     let out: Box<dyn Write + Send> = match &config.detections_out {
         Some(path) => Box::new(
-            OpenOptions::new()
+            crate::private::file_options()
                 .create(true)
                 .append(true)
                 .open(path)

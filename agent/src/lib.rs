@@ -30,6 +30,7 @@ pub mod image;
 pub mod mount;
 pub mod mountinfo;
 pub mod oci;
+pub mod private;
 pub mod probes;
 pub mod query;
 pub mod registry;

@@ -193,7 +193,7 @@ async fn whole_layer(
 ) -> Result<(RemoteLayer, std::path::PathBuf), MountError> {
     let dir = cache.dir().join("layers");
     let io_err = |e: std::io::Error| MountError::Cache(CacheError::Prepare(dir.clone(), e));
-    std::fs::create_dir_all(&dir).map_err(io_err)?;
+    crate::private::own_dir(&dir).map_err(io_err)?;
     let out = dir.join(format!("{}.esgz", desc.digest.hex()));
     let meta = dir.join(format!("{}.json", desc.digest.hex()));
     let layer_err = |source: LayerError| MountError::Layer {
@@ -234,7 +234,7 @@ async fn whole_layer(
             // A tuple of digests and a number always serialises; without the record the
             // layer is only rewritten again at the next mount.
             if let Ok(bytes) = serde_json::to_vec(&record) {
-                std::fs::write(&meta, bytes).map_err(io_err)?;
+                crate::private::write(&meta, &bytes).map_err(io_err)?;
             }
             record
         }

@@ -30,8 +30,8 @@ pub(super) fn dir(cache_dir: &Path) -> PathBuf {
 /// Records that image `key` uses `chunks` and pins it until the returned [`Pin`] is dropped.
 pub(super) fn pin(cache_dir: &Path, key: &Digest, chunks: &[Digest]) -> io::Result<Pin> {
     let dir = dir(cache_dir);
-    fs::create_dir_all(&dir)?;
-    let lock = File::options()
+    crate::private::own_dir(&dir)?;
+    let lock = crate::private::file_options()
         .create(true)
         .truncate(false)
         .write(true)
@@ -46,7 +46,7 @@ pub(super) fn pin(cache_dir: &Path, key: &Digest, chunks: &[Digest]) -> io::Resu
     }
     let record = dir.join(format!("{}.chunks", key.hex()));
     let tmp = record.with_extension(format!("tmp-{}", std::process::id()));
-    fs::write(&tmp, bytes)?;
+    crate::private::write(&tmp, &bytes)?;
     fs::rename(&tmp, &record)?;
     Ok(Pin { _lock: lock })
 }

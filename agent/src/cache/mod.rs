@@ -24,7 +24,7 @@ mod memory;
 mod writer;
 
 use std::{
-    fs::{self, File, OpenOptions},
+    fs::{self, File},
     io::{self, Read},
     path::{Path, PathBuf},
     sync::atomic::{AtomicU64, Ordering},
@@ -105,7 +105,7 @@ impl ChunkCache {
     pub fn open(config: &CacheConfig) -> Result<Self, CacheError> {
         for sub in ["chunks", "meta/toc", "meta/manifest", "quarantine", "tmp"] {
             let dir = config.dir.join(sub);
-            fs::create_dir_all(&dir).map_err(|e| CacheError::Prepare(dir.clone(), e))?;
+            crate::private::own_dir(&dir).map_err(|e| CacheError::Prepare(dir.clone(), e))?;
         }
         // Leftovers of writes interrupted by a crash.
         if let Ok(entries) = fs::read_dir(config.dir.join("tmp")) {
@@ -359,9 +359,12 @@ impl ChunkCache {
         let tmp = unique(self.dir.join("tmp").join(digest.hex()));
         let result = (|| {
             if let Some(parent) = path.parent() {
-                fs::create_dir_all(parent)?;
+                crate::private::create_dir(parent)?;
             }
-            let file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            let file = crate::private::file_options()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)?;
             let header = header(data);
             // Not synced: an entry torn by a crash fails its crc32 check and is fetched again.
             self.engine.write_parts(&file, &[&header, data], false)?;

@@ -25,6 +25,14 @@ fn stores_reads_and_survives_reopening() {
         assert!(cache.put(&d, &data).unwrap());
         assert_eq!(cache.get(&d).unwrap().as_deref(), Some(&data[..]));
         assert_eq!(cache.usage(), 100_016);
+        // Private image data: directories 0700, chunk files 0600.
+        let mode = |p: &std::path::Path| {
+            use std::os::unix::fs::PermissionsExt;
+            fs::metadata(p).unwrap().permissions().mode() & 0o7777
+        };
+        assert_eq!(mode(&cfg.dir.join("chunks")), 0o700);
+        assert_eq!(mode(cache.path(&d).parent().unwrap()), 0o700);
+        assert_eq!(mode(&cache.path(&d)), 0o600);
         drop(cache);
         let again = ChunkCache::open(&cfg).unwrap();
         assert_eq!(again.usage(), 100_016, "usage is measured from disk");

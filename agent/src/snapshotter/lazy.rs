@@ -69,7 +69,10 @@ impl Snapshotter {
         if kept.is_none() {
             // A mount left by a snapshotter that died: its FUSE connection is gone.
             let _ = umount_lazy(&fs);
-            std::fs::create_dir_all(&fs).map_err(LazyError::Dir)?;
+            let dir = fs.parent().unwrap_or(&fs);
+            crate::private::own_dir(dir)
+                .and_then(|()| std::fs::create_dir_all(&fs))
+                .map_err(LazyError::Dir)?;
         }
         let options = MountOptions {
             view: crate::fs::View::Layer(0),

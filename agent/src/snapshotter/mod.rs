@@ -122,7 +122,9 @@ impl Snapshotter {
     pub async fn open(config: SnapshotterConfig) -> Result<Arc<Self>, SnapshotterError> {
         let root = config.root.clone();
         let snapshots = config.root.join("snapshots");
-        std::fs::create_dir_all(&snapshots)
+        // Private all the way down to each snapshot: containers' writable layers and the
+        // setuid binaries of unpacked layers are reached only through mounts, never by path.
+        crate::private::own_dir(&snapshots)
             .map_err(|e| SnapshotterError::Dir(snapshots.clone(), e))?;
         let meta = MetaStore::open(&config.root.join("metadata.redb"))
             .map_err(|e| SnapshotterError::Meta(root.clone(), e))?;
@@ -153,10 +155,11 @@ impl Snapshotter {
         let socket = &self.config.socket;
         let err = |e| SnapshotterError::Socket(socket.clone(), e);
         if let Some(dir) = socket.parent() {
-            std::fs::create_dir_all(dir).map_err(err)?;
+            crate::private::create_dir(dir).map_err(err)?;
         }
         let _ = std::fs::remove_file(socket);
         let listener = tokio::net::UnixListener::bind(socket).map_err(err)?;
+        crate::private::restrict(socket, crate::private::FILE_MODE).map_err(err)?;
         tracing::info!(socket = %socket.display(), root = %self.config.root.display(), "snapshotter listening");
         Ok(listener)
     }

@@ -163,6 +163,9 @@ impl Snapshotter {
         }
         let id = self.meta.next_id()?;
         let dir = self.dir(id);
+        // The snapshot's own directory is private; `fs` keeps the usual 0755, as it is the
+        // root directory containers see.
+        crate::private::own_dir(&dir).map_err(internal)?;
         for sub in ["fs", "work"] {
             std::fs::create_dir_all(dir.join(sub)).map_err(internal)?;
         }

@@ -112,6 +112,20 @@ async fn the_service_keeps_overlay_chains_and_its_metadata() {
         .find_map(|o| o.strip_prefix("lowerdir="))
         .unwrap();
     assert_eq!(lower.split(':').count(), 2, "nearest parent first: {lower}");
+    // No other user reaches a layer by path: the snapshots and each snapshot are 0700 (the
+    // container's root, `fs`, keeps 0755), and containerd's socket is 0600.
+    let mode = |p: &std::path::Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    };
+    let snapshots = config.root.join("snapshots");
+    assert_eq!(mode(&snapshots), 0o700);
+    for entry in std::fs::read_dir(&snapshots).unwrap() {
+        let dir = entry.unwrap().path();
+        assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+        assert_eq!(mode(&dir.join("fs")), 0o755, "{}", dir.display());
+    }
+    assert_eq!(mode(&config.socket), 0o600);
     let view = client
         .view(ViewSnapshotRequest {
             snapshotter: "imgstream".into(),

@@ -104,10 +104,12 @@ impl Store {
     /// Opens (or creates) the store at `path`, keeping at most `max_records` of each kind.
     pub fn open(path: &Path, max_records: u64) -> Result<Self, StoreError> {
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)
+            crate::private::create_dir(parent)
                 .map_err(|e| StoreError::Open(path.to_path_buf(), Box::new(e.into())))?;
         }
         let db = Database::create(path)
+            .map_err(|e| StoreError::Open(path.to_path_buf(), Box::new(e.into())))?;
+        crate::private::restrict(path, crate::private::FILE_MODE)
             .map_err(|e| StoreError::Open(path.to_path_buf(), Box::new(e.into())))?;
         let txn = db.begin_write().map_err(db_err)?;
         txn.open_table(STARTS).map_err(db_err)?;
@@ -242,6 +244,11 @@ mod tests {
             store.put_start(&r).unwrap();
         }
         let store = Store::open(&path, 3).unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777;
+            assert_eq!(mode, 0o600, "the records are root's alone");
+        }
         let all = store.starts(&Filter::default()).unwrap();
         let ids: Vec<u64> = all.iter().map(|r| r.cgroup_id).collect();
         assert_eq!(ids, [3, 4, 5], "the oldest two were pruned");

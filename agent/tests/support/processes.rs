@@ -244,6 +244,22 @@ impl FuseKeeper {
     }
 }
 
+impl FuseKeeper {
+    /// SIGTERM, then the exit status (within 10 s, or a panic).
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) of our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the FUSE keeper ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 impl Drop for FuseKeeper {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -135,7 +135,10 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::FuseKeeper(FuseKeeperArgs { socket }) => {
             let shutdown = Shutdown::new();
-            let runtime = tokio::runtime::Builder::new_current_thread()
+            // One worker thread drives the signal task while keeper::run blocks this one (a
+            // current-thread runtime would never run it again, and SIGTERM would go unheard).
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
