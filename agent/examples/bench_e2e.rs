@@ -247,20 +247,16 @@ async fn cold_start(
         Agent::start(&dir, &args)
     });
     // The sandbox image first: not part of what is timed.
-    k8s_cri::v1::image_service_client::ImageServiceClient::new(
+    // As kubelet does: retried while containerd's channel to the proxy snapshotter, dialled
+    // before the agent listened, is still in its reconnect backoff.
+    let mut images = k8s_cri::v1::image_service_client::ImageServiceClient::new(
         imgstream::cri::channel(&containerd.socket)
             .await
             .context("connecting to containerd's CRI socket")?,
-    )
-    .pull_image(k8s_cri::v1::PullImageRequest {
-        image: Some(k8s_cri::v1::ImageSpec {
-            image: sandbox.clone(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
-    .await
-    .context("pulling the sandbox image")?;
+    );
+    support::cri::pull(&mut images, &sandbox)
+        .await
+        .context("pulling the sandbox image")?;
     let before = rx_bytes(interface)?;
     let started = Instant::now();
     let log = cri::run_pod_with(

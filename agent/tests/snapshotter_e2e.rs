@@ -93,7 +93,9 @@ async fn containerd_runs_a_streamed_image_through_the_imgstream_snapshotter() {
     // The sandbox image first, so that the bytes counted below are the streamed image's.
     let mut images =
         ImageServiceClient::new(imgstream::cri::channel(&containerd.socket).await.unwrap());
-    support::cri::pull(&mut images, &format!("{host}/app:pause")).await;
+    support::cri::pull(&mut images, &format!("{host}/app:pause"))
+        .await
+        .unwrap();
     let before = proxy.bytes();
     let log = run_pod(
         &containerd,

@@ -41,7 +41,10 @@ const PULL_UNAVAILABLE_FOR: std::time::Duration = std::time::Duration::from_secs
 /// dials a proxy snapshotter when it starts, before the agent listens, and its gRPC channel
 /// then reconnects with backoff; a pull made inside that window fails with `Unavailable`
 /// though the snapshotter is up (seen here on a loaded machine).
-pub async fn pull(images: &mut ImageServiceClient<tonic::transport::Channel>, image: &str) {
+pub async fn pull(
+    images: &mut ImageServiceClient<tonic::transport::Channel>,
+    image: &str,
+) -> Result<(), tonic::Status> {
     let deadline = std::time::Instant::now() + PULL_UNAVAILABLE_FOR;
     loop {
         let request = PullImageRequest {
@@ -52,14 +55,14 @@ pub async fn pull(images: &mut ImageServiceClient<tonic::transport::Channel>, im
             ..Default::default()
         };
         match images.pull_image(request).await {
-            Ok(_) => return,
+            Ok(_) => return Ok(()),
             Err(e)
                 if e.code() == tonic::Code::Unavailable && std::time::Instant::now() < deadline =>
             {
                 eprintln!("PullImage {image}: {}; retrying", e.message());
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             }
-            Err(e) => panic!("PullImage {image}: {e}"),
+            Err(e) => return Err(e),
         }
     }
 }
@@ -76,7 +79,9 @@ pub async fn run_pod_with(
     let channel = imgstream::cri::channel(&containerd.socket).await.unwrap();
     let mut images = ImageServiceClient::new(channel.clone());
     let mut runtime = RuntimeServiceClient::new(channel);
-    pull(&mut images, image).await;
+    pull(&mut images, image)
+        .await
+        .unwrap_or_else(|e| panic!("PullImage {image}: {e}"));
     std::fs::create_dir_all(logs).unwrap();
     let uid = format!(
         "00000000-0000-4000-8000-{:012x}",
