@@ -18,9 +18,13 @@ use crate::{
 };
 
 /// Most a measured start -> first log line may exceed the process's own reading: the time
-/// from the exec to the process's first instruction (page faults of a large binary, slow
-/// under emulation). The host tests hold real containers to 2 ms.
-const START_SLACK_NS: i64 = 100_000_000;
+/// from the exec to the process's first instruction. The helper is the agent's own static
+/// musl binary, which relocates itself and faults its pages in before `main`; under QEMU's
+/// TCG emulation that took 78-132 ms over ten guest runs (2026-11-30), against a 100 ms
+/// bound that then failed one run in three. This check is that the probes see the start and
+/// the first log line on the guest's kernel, in order; precision is the host tests' job,
+/// which hold real containers to 5 ms.
+const START_SLACK_NS: i64 = 500_000_000;
 
 /// "Containers" in fresh container cgroups under the test pod: one that logs, one that writes
 /// to a redirected stdout first, one that never writes.
