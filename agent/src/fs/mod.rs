@@ -338,10 +338,10 @@ impl FileSystem for ImageFs {
     }
 
     fn readlink(&self, _ctx: &Context, ino: u64) -> io::Result<Vec<u8>> {
-        match &self.inode(ino)?.kind {
+        guarded("readlink", ino, 0, || match &self.inode(ino)?.kind {
             Kind::Symlink(target) => Ok(target.clone()),
             _ => Err(errno(libc::EINVAL)),
-        }
+        })
     }
 
     fn open(
@@ -351,15 +351,19 @@ impl FileSystem for ImageFs {
         flags: u32,
         _fuse_flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
-        let inode = self.inode(ino)?;
-        if (flags as i32 & libc::O_ACCMODE) != libc::O_RDONLY || flags as i32 & libc::O_TRUNC != 0 {
-            return Err(errno(libc::EROFS));
-        }
-        if inode.kind == Kind::Directory {
-            return Err(errno(libc::EISDIR));
-        }
-        // The content never changes: let the kernel keep its page cache across opens.
-        Ok((None, OpenOptions::KEEP_CACHE, None))
+        guarded("open", ino, 0, || {
+            let inode = self.inode(ino)?;
+            if (flags as i32 & libc::O_ACCMODE) != libc::O_RDONLY
+                || flags as i32 & libc::O_TRUNC != 0
+            {
+                return Err(errno(libc::EROFS));
+            }
+            if inode.kind == Kind::Directory {
+                return Err(errno(libc::EISDIR));
+            }
+            // The content never changes: let the kernel keep its page cache across opens.
+            Ok((None, OpenOptions::KEEP_CACHE, None))
+        })
     }
     fn read(
         &self,
@@ -404,10 +408,10 @@ impl FileSystem for ImageFs {
         ino: u64,
         _flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
-        match self.inode(ino)?.kind {
+        guarded("opendir", ino, 0, || match self.inode(ino)?.kind {
             Kind::Directory => Ok((None, OpenOptions::CACHE_DIR)),
             _ => Err(errno(libc::ENOTDIR)),
-        }
+        })
     }
 
     fn readdir(
@@ -433,32 +437,36 @@ impl FileSystem for ImageFs {
         name: &CStr,
         size: u32,
     ) -> io::Result<GetxattrReply> {
-        let inode = self.inode(ino)?;
-        let name = name.to_str().map_err(|_| errno(libc::ENODATA))?;
-        let value = inode.xattrs.get(name).ok_or_else(|| errno(libc::ENODATA))?;
-        if size == 0 {
-            return Ok(GetxattrReply::Count(value.len() as u32));
-        }
-        if value.len() > size as usize {
-            return Err(errno(libc::ERANGE));
-        }
-        Ok(GetxattrReply::Value(value.clone()))
+        guarded("getxattr", ino, 0, || {
+            let inode = self.inode(ino)?;
+            let name = name.to_str().map_err(|_| errno(libc::ENODATA))?;
+            let value = inode.xattrs.get(name).ok_or_else(|| errno(libc::ENODATA))?;
+            if size == 0 {
+                return Ok(GetxattrReply::Count(value.len() as u32));
+            }
+            if value.len() > size as usize {
+                return Err(errno(libc::ERANGE));
+            }
+            Ok(GetxattrReply::Value(value.clone()))
+        })
     }
 
     fn listxattr(&self, _ctx: &Context, ino: u64, size: u32) -> io::Result<ListxattrReply> {
-        let inode = self.inode(ino)?;
-        let mut names = Vec::new();
-        for name in inode.xattrs.keys() {
-            names.extend_from_slice(name.as_bytes());
-            names.push(0);
-        }
-        if size == 0 {
-            return Ok(ListxattrReply::Count(names.len() as u32));
-        }
-        if names.len() > size as usize {
-            return Err(errno(libc::ERANGE));
-        }
-        Ok(ListxattrReply::Names(names))
+        guarded("listxattr", ino, 0, || {
+            let inode = self.inode(ino)?;
+            let mut names = Vec::new();
+            for name in inode.xattrs.keys() {
+                names.extend_from_slice(name.as_bytes());
+                names.push(0);
+            }
+            if size == 0 {
+                return Ok(ListxattrReply::Count(names.len() as u32));
+            }
+            if names.len() > size as usize {
+                return Err(errno(libc::ERANGE));
+            }
+            Ok(ListxattrReply::Names(names))
+        })
     }
 
     fn statfs(&self, _ctx: &Context, _ino: u64) -> io::Result<statvfs64> {
@@ -474,10 +482,12 @@ impl FileSystem for ImageFs {
     }
 
     fn access(&self, _ctx: &Context, ino: u64, mask: u32) -> io::Result<()> {
-        self.inode(ino)?;
-        if mask as i32 & libc::W_OK != 0 {
-            return Err(errno(libc::EROFS));
-        }
-        Ok(())
+        guarded("access", ino, 0, || {
+            self.inode(ino)?;
+            if mask as i32 & libc::W_OK != 0 {
+                return Err(errno(libc::EROFS));
+            }
+            Ok(())
+        })
     }
 }

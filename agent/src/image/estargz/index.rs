@@ -190,18 +190,7 @@ impl LayerIndex {
                 "fifo" => NodeKind::Fifo,
                 other => return Err(bad(format!("unknown type {:?}", shorten(other)))),
             };
-            let mut node = Node {
-                path: path.clone(),
-                kind,
-                mode: 0,
-                uid: 0,
-                gid: 0,
-                size: 0,
-                mtime: (0, 0),
-                xattrs: BTreeMap::new(),
-                digest: None,
-                chunks: Vec::new(),
-            };
+            let mut node = Node::bare(path.clone(), kind, 0);
             apply_meta(&mut node, &entry).map_err(bad)?;
             if node.kind == NodeKind::Regular {
                 node.size = entry.size;
@@ -520,17 +509,25 @@ pub fn normalize(name: &str) -> Result<String, &'static str> {
 
 /// A directory the TOC implies (a parent of an entry) without listing it.
 fn implicit_dir(path: &str) -> Node {
-    Node {
-        path: path.to_string(),
-        kind: NodeKind::Directory,
-        mode: 0o755,
-        uid: 0,
-        gid: 0,
-        size: 0,
-        mtime: (0, 0),
-        xattrs: BTreeMap::new(),
-        digest: None,
-        chunks: Vec::new(),
+    Node::bare(path.to_string(), NodeKind::Directory, 0o755)
+}
+
+impl Node {
+    /// A node of `kind` at `path` with `mode`, owned by root, with no data, times or xattrs
+    /// yet.
+    fn bare(path: String, kind: NodeKind, mode: u32) -> Self {
+        Node {
+            path,
+            kind,
+            mode,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            mtime: (0, 0),
+            xattrs: BTreeMap::new(),
+            digest: None,
+            chunks: Vec::new(),
+        }
     }
 }
 
