@@ -1,16 +1,24 @@
 //! `cargo xtask bench e2e`: the headline measurement. A realistic image (Debian's
 //! packages for Apache, PHP 8.2 and common PHP extensions with their whole dependency closure,
-//! unpacked with `dpkg -x`: about 340 MB and 9,000 files) is served by Debian's
-//! docker-registry from a network namespace behind a rate-limited veth link (tc tbf,
-//! 100 Mbit/s). On a cold node (fresh containerd, fresh agent, empty cache, each repetition)
-//! the test plays kubelet over CRI and times PullImage to the container's first log line:
-//! `php -r 'echo "ready\n";'`, which loads 49 extensions (about 38 MB of files) before it
-//! prints. Streamed (imgstream as containerd's snapshotter) against containerd's default
-//! overlayfs snapshotter, same run, several repetitions; medians and their ratio, bytes that
-//! crossed the link before the first log line, the transfer floor (those bytes at the link's
-//! rate), and the time until the whole image is in imgstream's cache.
+//! unpacked with `dpkg -x`: about 340 MB and 9,000 files), converted by `imgstream convert`
+//! with its defaults, is served by Debian's docker-registry from a network namespace behind a
+//! rate-limited veth link (tc tbf, 100 Mbit/s) and a relay that adds a round-trip time
+//! (0, 20 and 50 ms). On a cold node (fresh containerd, fresh snapshotter, empty cache, each
+//! repetition) the bench plays kubelet over CRI and times PullImage to the container's first
+//! log line: `php -r 'echo "ready\n";'`, which loads 49 extensions (about 38 MB of files)
+//! before it prints. Side by side in one run, repetitions alternating: containerd's own pull
+//! (overlayfs snapshotter), imgstream as containerd's snapshotter with its defaults,
+//! imgstream with a prefetch list recorded from the same command (a tuned image), and
+//! stargz-snapshotter v0.12 on the same eStargz bytes with its defaults (its daemon is a
+//! benchmark tool built by `../shared/peers/build_stargz_grpc.sh`; `IMGSTREAM_STARGZ_GRPC`
+//! names it, default `~/.cache/peer/containerd-stargz-grpc`, and its rows are left out,
+//! saying so, when it is absent). Then a workload that reads the whole image before its first
+//! line (`tar` of the root filesystem). Medians with min-max, ratios, bytes over the link by
+//! the first log line, the transfer floor (those bytes at the link's rate).
 //!
-//! The packages are downloaded with apt once, into ~/.cache/imgstream/bench-e2e.
+//! `IMGSTREAM_BENCH_RTTS` (default `0,20,50`, ms) and `IMGSTREAM_BENCH_REPS` (default 3)
+//! shorten a trial run; `IMGSTREAM_BENCH_KEEP` keeps its logs. The packages are downloaded with apt once, into
+//! ~/.cache/imgstream/bench-e2e.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -23,11 +31,10 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use support::{Agent, Containerd, Registry, SlowLink, cri};
+use support::{Agent, Containerd, Registry, RoundTrip, SlowLink, cri};
 
 const RATE_MBIT: f64 = 100.0;
-const REPETITIONS: usize = 3;
-const PACKAGES: [&str; 12] = [
+const PACKAGES: [&str; 13] = [
     "apache2",
     "libapache2-mod-php8.2",
     "php8.2-cli",
@@ -40,10 +47,16 @@ const PACKAGES: [&str; 12] = [
     "php8.2-zip",
     "coreutils",
     "dash",
+    "tar",
 ];
+/// The start: PHP with its 49 extensions.
 const COMMAND: [&str; 3] = ["/usr/bin/php8.2", "-r", "echo \"ready\\n\";"];
-/// eStargz chunk size: a page fault fetches the compressed chunk around it.
-const CHUNK_SIZE: &str = "64K";
+/// A workload that reads every file of its image before its first line.
+const READ_ALL: [&str; 3] = [
+    "/bin/dash",
+    "-c",
+    "/bin/tar -cf - --one-file-system / | /usr/bin/wc -c >/dev/null; echo ready",
+];
 
 fn run(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
@@ -194,44 +207,166 @@ fn rx_bytes(interface: &str) -> anyhow::Result<u64> {
         .with_context(|| format!("{path} holds {text:?}, not a byte count"))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// Median, min and max.
+fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
-/// One cold start: (seconds from PullImage to the first log line, bytes over the link by
-/// then, seconds until the image was all fetched when streamed).
+/// Who prepares the image's snapshots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Snapshotter {
+    /// containerd's overlayfs snapshotter: the whole image is pulled and unpacked.
+    Pulled,
+    Imgstream,
+    Stargz,
+}
+
+/// One row's setup: who, which image tag, which command.
+#[derive(Clone, Copy, Debug)]
+struct Setup {
+    label: &'static str,
+    snapshotter: Snapshotter,
+    tag: &'static str,
+    command: &'static [&'static str],
+}
+
+/// One cold start's figures.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    /// PullImage -> first log line, seconds.
+    took: f64,
+    /// Bytes over the link by then.
+    fetched: u64,
+    /// Seconds until imgstream had the whole image cached.
+    cached: Option<f64>,
+}
+
+/// stargz-snapshotter's daemon, with its defaults, as containerd's proxy snapshotter.
+struct StargzDaemon {
+    child: std::process::Child,
+    root: PathBuf,
+    log: PathBuf,
+}
+
+impl StargzDaemon {
+    fn start(binary: &Path, dir: &Path) -> anyhow::Result<(Self, PathBuf)> {
+        let (socket, root, log, config) = (
+            dir.join("stargz.sock"),
+            dir.join("stargz-root"),
+            dir.join("stargz.log"),
+            dir.join("stargz.toml"),
+        );
+        // The registry is on 127.0.0.1, which it reaches over plain HTTP with no entry.
+        std::fs::write(&config, "").context("writing stargz-snapshotter's config")?;
+        let out = std::fs::File::create(&log).context("creating stargz-snapshotter's log")?;
+        let child = Command::new(binary)
+            .arg("--address")
+            .arg(&socket)
+            .arg("--root")
+            .arg(&root)
+            .arg("--config")
+            .arg(&config)
+            .args(["--log-level", "debug"])
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let daemon = Self { child, root, log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            if Instant::now() > deadline {
+                bail!(
+                    "stargz-snapshotter did not listen; see {}",
+                    daemon.log.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok((daemon, socket))
+    }
+
+    /// Whether its log says a layer was mounted lazily (a remote snapshot: the sandbox
+    /// image's plain layer is not), and the last word it logged on that.
+    fn lazy(&self) -> (bool, String) {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let mut said = text
+            .lines()
+            .filter(|l| l.contains("remote-snapshot-prepared"));
+        let lazy = said
+            .clone()
+            .any(|l| l.contains("\"remote-snapshot-prepared\":\"true\""));
+        (lazy, said.next_back().unwrap_or("nothing").to_string())
+    }
+
+    /// SIGINT unmounts its layers; what it leaves mounted is unmounted here.
+    fn stop(mut self) {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let root = self.root.display().to_string();
+        for point in mounts
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .filter(|p| p.starts_with(&root))
+        {
+            let _ = Command::new("umount").args(["-l", point]).status();
+        }
+    }
+}
+
+/// One cold start of `setup`'s command with a fresh containerd and snapshotter.
 async fn cold_start(
     scratch: &Path,
     reg: &str,
-    image: &str,
-    streamed: bool,
+    setup: &Setup,
     interface: &str,
-) -> anyhow::Result<(f64, u64, Option<f64>)> {
-    let name = match (streamed, image.ends_with(":prefetch")) {
-        (false, _) => "pulled",
-        (true, false) => "streamed",
-        (true, true) => "prefetch",
-    };
+    stargz: Option<&Path>,
+) -> anyhow::Result<Run> {
+    let name = format!("{:?}", setup.snapshotter).to_lowercase();
     let dir = scratch.join(format!("{name}-{}", support::free_port()));
     mkdir(&dir)?;
-    let socket = dir.join("snapshotter.sock");
-    let socket_arg = socket.display().to_string();
     let sandbox = format!("{reg}/pause:v1");
-    let containerd = if streamed {
-        let dropin = String::from_utf8(
-            support::imgstream(&["containerd-config", "--socket", &socket_arg]).stdout,
-        )
-        .context("`imgstream containerd-config` printed something other than UTF-8")?
-        .replace("version = 2\n", "");
-        Containerd::start_cri_with(&format!("bench-{name}"), reg, &sandbox, &dropin)
-    } else {
-        Containerd::start_cri(&format!("bench-{name}"), reg, &sandbox)
+    let image = format!("{reg}/php:{}", setup.tag);
+    let mut stargz_daemon = None;
+    let containerd = match setup.snapshotter {
+        Snapshotter::Pulled => Containerd::start_cri(&format!("bench-{name}"), reg, &sandbox),
+        Snapshotter::Imgstream => {
+            let socket = dir.join("snapshotter.sock");
+            let dropin = String::from_utf8(
+                support::imgstream(&[
+                    "containerd-config",
+                    "--socket",
+                    &socket.display().to_string(),
+                ])
+                .stdout,
+            )
+            .context("`imgstream containerd-config` printed something other than UTF-8")?
+            .replace("version = 2\n", "");
+            Containerd::start_cri_with(&format!("bench-{name}"), reg, &sandbox, &dropin)
+        }
+        Snapshotter::Stargz => {
+            let binary = stargz.context("no stargz-snapshotter")?;
+            let (daemon, socket) = StargzDaemon::start(binary, &dir)?;
+            stargz_daemon = Some(daemon);
+            let dropin = format!(
+                "[proxy_plugins.stargz]\n  type = \"snapshot\"\n  address = \"{}\"\n\
+                 [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"stargz\"\n  disable_snapshot_annotations = false\n",
+                socket.display()
+            );
+            Containerd::start_cri_with(&format!("bench-{name}"), reg, &sandbox, &dropin)
+        }
     };
-    let agent = streamed.then(|| {
+    let agent = (setup.snapshotter == Snapshotter::Imgstream).then(|| {
         let args = [
             "--snapshotter-socket".to_string(),
-            socket.display().to_string(),
+            dir.join("snapshotter.sock").display().to_string(),
             "--snapshotter-root".into(),
             dir.join("snapshotter").display().to_string(),
             "--cache-dir".into(),
@@ -261,9 +396,9 @@ async fn cold_start(
     let started = Instant::now();
     let log = cri::run_pod_with(
         &containerd,
-        image,
-        ("bench", name),
-        COMMAND.map(String::from).to_vec(),
+        &image,
+        ("bench", &name),
+        setup.command.iter().map(|s| s.to_string()).collect(),
         Vec::new(),
         &dir.join("logs"),
     )
@@ -283,7 +418,8 @@ async fn cold_start(
         Some(started.elapsed().as_secs_f64())
     });
     println!(
-        "   {name:>8}: PullImage -> first log line {took:6.2} s, {:6.1} MB over the link by then{}",
+        "   {name:>9} {:<10} PullImage -> first log line {took:6.2} s, {:6.1} MB over the link by then{}",
+        setup.tag,
         fetched as f64 / 1e6,
         cached.map_or(String::new(), |c| format!(
             ", whole image cached after {c:.1} s"
@@ -293,12 +429,121 @@ async fn cold_start(
         agent.stop();
     }
     drop(containerd);
-    Ok((took, fetched, cached))
+    if let Some(daemon) = stargz_daemon {
+        let (lazy, line) = daemon.lazy();
+        daemon.stop();
+        if !lazy {
+            bail!("stargz-snapshotter did not mount the image lazily: its log says {line:?}");
+        }
+    }
+    Ok(Run {
+        took,
+        fetched,
+        cached,
+    })
+}
+
+fn env_list(name: &str, default: &str) -> anyhow::Result<Vec<u64>> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.to_string())
+        .split(',')
+        .filter(|n| !n.trim().is_empty())
+        .map(|n| {
+            n.trim()
+                .parse()
+                .with_context(|| format!("{name}: {n:?} is not a whole number"))
+        })
+        .collect()
+}
+
+/// The peer's daemon, if it was built.
+fn stargz_binary() -> Option<PathBuf> {
+    let path = std::env::var_os("IMGSTREAM_STARGZ_GRPC").map_or_else(
+        || {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/peer/containerd-stargz-grpc")
+        },
+        PathBuf::from,
+    );
+    if path.exists() {
+        Some(path)
+    } else {
+        println!(
+            "   stargz-snapshotter's containerd-stargz-grpc is not at {} (build it with \
+             ../shared/peers/build_stargz_grpc.sh, or name it with IMGSTREAM_STARGZ_GRPC): \
+             its rows are left out",
+            path.display()
+        );
+        None
+    }
+}
+
+/// Runs `setups` `reps` times each, alternating; the runs of each setup in order.
+async fn measure(
+    scratch: &Path,
+    reg: &str,
+    setups: &[Setup],
+    reps: usize,
+    interface: &str,
+    stargz: Option<&Path>,
+) -> anyhow::Result<Vec<Vec<Run>>> {
+    let mut results = vec![Vec::new(); setups.len()];
+    for _ in 0..reps {
+        for (setup, runs) in setups.iter().zip(&mut results) {
+            runs.push(cold_start(scratch, reg, setup, interface, stargz).await?);
+        }
+    }
+    Ok(results)
+}
+
+/// Table rows for one set of setups measured together.
+fn rows(table: &mut String, rtt: &str, setups: &[Setup], results: &[Vec<Run>], esgz_bytes: u64) {
+    let pulled = setups
+        .iter()
+        .zip(results)
+        .find(|(s, _)| s.snapshotter == Snapshotter::Pulled)
+        .map(|(_, runs)| spread(runs.iter().map(|r| r.took).collect()).0);
+    let stargz = setups
+        .iter()
+        .zip(results)
+        .find(|(s, _)| s.snapshotter == Snapshotter::Stargz)
+        .map(|(_, runs)| spread(runs.iter().map(|r| r.took).collect()).0);
+    for (setup, runs) in setups.iter().zip(results) {
+        let (took, lo, hi) = spread(runs.iter().map(|r| r.took).collect());
+        let bytes = spread(runs.iter().map(|r| r.fetched as f64).collect()).0;
+        let floor = bytes * 8.0 / (RATE_MBIT * 1e6);
+        let cached: Vec<f64> = runs.iter().filter_map(|r| r.cached).collect();
+        let vs_stargz = match (setup.snapshotter, stargz) {
+            (Snapshotter::Imgstream, Some(peer)) => format!("**{:.2}x**", peer / took),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            table,
+            "| {rtt} | {} | {took:.2} s ({lo:.2}-{hi:.2}) | {} | {vs_stargz} | {:.1} MB ({:.0} %) | {floor:.2} s ({:.0} %) | {} |",
+            setup.label,
+            pulled.map_or(String::new(), |p| format!("{:.1}x", p / took)),
+            bytes / 1e6,
+            bytes / esgz_bytes as f64 * 100.0,
+            floor / took * 100.0,
+            if cached.is_empty() {
+                String::new()
+            } else {
+                format!("{:.1} s", spread(cached).0)
+            }
+        );
+    }
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     support::require_root();
+    let rtts = env_list("IMGSTREAM_BENCH_RTTS", "0,20,50")?;
+    let reps = env_list("IMGSTREAM_BENCH_REPS", "3")?
+        .first()
+        .copied()
+        .unwrap_or(3)
+        .max(1) as usize;
+    let stargz = stargz_binary();
     let scratch = support::scratch("bench-e2e");
     let scratch_arg = scratch.display().to_string();
     println!("1. Build the image from Debian's packages (Apache, PHP 8.2 and extensions)");
@@ -308,12 +553,11 @@ async fn main() -> anyhow::Result<()> {
     let layout = scratch.join("layout");
     support::build_image_from_tarballs(&layout, "v1", &[tarball], &COMMAND).await;
     let esgz_layout = scratch.join("esgz-layout");
+    // `imgstream convert` as a new user runs it: no flags.
     let out = support::imgstream(&[
         "convert",
         &format!("oci:{}:v1", layout.display()),
         &format!("oci:{}:esgz", esgz_layout.display()),
-        "--chunk-size",
-        CHUNK_SIZE,
         "--json",
         "--scratch",
         &scratch_arg,
@@ -326,8 +570,6 @@ async fn main() -> anyhow::Result<()> {
         "convert",
         &format!("oci:{}:v1", layout.display()),
         &format!("oci:{}:prefetch", esgz_layout.display()),
-        "--chunk-size",
-        CHUNK_SIZE,
         "--prefetch-from",
         &reads_arg,
         "--scratch",
@@ -347,7 +589,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("du printed {du:?}"))?;
     let files = walkdir_count(&root);
     println!(
-        "   {:.0} MB unpacked in {files} files; layer {:.0} MB gzip, {:.0} MB as eStargz ({CHUNK_SIZE} chunks)",
+        "   {:.0} MB unpacked in {files} files; layer {:.0} MB gzip, {:.0} MB as eStargz (convert's defaults)",
         unpacked as f64 / 1e6,
         plain_bytes as f64 / 1e6,
         esgz_bytes as f64 / 1e6
@@ -356,16 +598,15 @@ async fn main() -> anyhow::Result<()> {
     println!("2. Serve it from a registry behind a {RATE_MBIT} Mbit/s link");
     let link = SlowLink::new("e2e", &format!("{RATE_MBIT}mbit"));
     let registry = Registry::start_in_netns("bench-e2e", &link.netns, &link.ip);
-    let reg = registry.host();
     let interface = "isbh-e2e";
     support::skopeo_copy(
         &format!("oci:{}:v1", layout.display()),
-        &format!("docker://{reg}/php:plain"),
+        &format!("docker://{}/php:plain", registry.host()),
     );
     for tag in ["esgz", "prefetch"] {
         support::skopeo_copy(
             &format!("oci:{}:{tag}", esgz_layout.display()),
-            &format!("docker://{reg}/php:{tag}"),
+            &format!("docker://{}/php:{tag}", registry.host()),
         );
     }
     let pause_root = support::clockprobe_rootfs(&scratch.join("pause-rootfs"), &[]);
@@ -379,67 +620,109 @@ async fn main() -> anyhow::Result<()> {
     .await;
     support::skopeo_copy(
         &format!("oci:{}:v1", pause_layout.display()),
-        &format!("docker://{reg}/pause:v1"),
+        &format!("docker://{}/pause:v1", registry.host()),
     );
 
-    println!("3. Cold starts, {REPETITIONS} of each, alternating");
-    // (label, image, streamed): containerd's own pull; imgstream on demand only; imgstream
-    // with the recorded prefetch list.
-    let setups = [
-        (
-            "containerd's overlayfs snapshotter (pulled)",
-            format!("{reg}/php:esgz"),
-            false,
-        ),
-        ("imgstream, on demand only", format!("{reg}/php:esgz"), true),
-        (
-            "imgstream, with the recorded prefetch list",
-            format!("{reg}/php:prefetch"),
-            true,
-        ),
+    let mut start_setups = vec![
+        Setup {
+            label: "full pull (containerd's overlayfs snapshotter)",
+            snapshotter: Snapshotter::Pulled,
+            tag: "esgz",
+            command: &COMMAND,
+        },
+        Setup {
+            label: "imgstream, defaults",
+            snapshotter: Snapshotter::Imgstream,
+            tag: "esgz",
+            command: &COMMAND,
+        },
+        Setup {
+            label: "imgstream, tuned: prefetch list recorded from the same command (`convert --prefetch-from`)",
+            snapshotter: Snapshotter::Imgstream,
+            tag: "prefetch",
+            command: &COMMAND,
+        },
     ];
-    let mut results: Vec<Vec<(f64, u64, Option<f64>)>> = vec![Vec::new(); setups.len()];
-    for _ in 0..REPETITIONS {
-        for ((_, image, streamed), runs) in setups.iter().zip(&mut results) {
-            runs.push(cold_start(&scratch, &reg, image, *streamed, interface).await?);
-        }
+    if stargz.is_some() {
+        start_setups.push(Setup {
+            label: "stargz-snapshotter v0.12, defaults",
+            snapshotter: Snapshotter::Stargz,
+            tag: "esgz",
+            command: &COMMAND,
+        });
+    }
+    // A trial run may pick setups by name: pulled, imgstream:esgz, imgstream:prefetch, stargz.
+    if let Ok(only) = std::env::var("IMGSTREAM_BENCH_SETUPS") {
+        let only: Vec<&str> = only.split(',').map(str::trim).collect();
+        start_setups.retain(|s| {
+            let name = format!("{:?}", s.snapshotter).to_lowercase();
+            only.contains(&name.as_str()) || only.contains(&format!("{name}:{}", s.tag).as_str())
+        });
     }
     let mut table = format!(
-        "Image: {:.0} MB unpacked, {files} files; {:.0} MB gzip, {:.0} MB eStargz ({CHUNK_SIZE} chunks). \
-         Link: {RATE_MBIT} Mbit/s. Medians of {REPETITIONS} cold starts each.\n\n\
-         | setup | PullImage -> first log line | sooner than pulled | bytes over the link by then | transfer floor (share of the time) | whole image cached |\n\
-         |---|---|---|---|---|---|\n",
+        "Image: {:.0} MB unpacked, {files} files; {:.0} MB gzip, {:.0} MB eStargz (`imgstream convert` defaults). \
+         Link: {RATE_MBIT} Mbit/s plus the round-trip time. Medians of {reps} cold starts each (min-max).\n\n\
+         | round trip | setup | PullImage -> first log line | vs full pull | vs stargz-snapshotter | bytes over the link by then | transfer floor (share of the time) | whole image cached |\n\
+         |---|---|---|---|---|---|---|---|\n",
         unpacked as f64 / 1e6,
         plain_bytes as f64 / 1e6,
         esgz_bytes as f64 / 1e6
     );
-    let pulled = median(results[0].iter().map(|r| r.0).collect());
-    for ((label, _, streamed), runs) in setups.iter().zip(&results) {
-        let took = median(runs.iter().map(|r| r.0).collect());
-        if !streamed {
-            let _ = writeln!(
-                table,
-                "| {label} | {took:.2} s | 1x | the whole image | | |"
-            );
-            continue;
-        }
-        let bytes = median(runs.iter().map(|r| r.1 as f64).collect());
-        let floor = bytes * 8.0 / (RATE_MBIT * 1e6);
-        let cached: Vec<f64> = runs.iter().filter_map(|r| r.2).collect();
-        let _ = writeln!(
-            table,
-            "| {label} | {took:.2} s | **{:.1}x** | {:.1} MB ({:.0} % of the layer) | {floor:.2} s ({:.0} %) | {} |",
-            pulled / took,
-            bytes / 1e6,
-            bytes / esgz_bytes as f64 * 100.0,
-            floor / took * 100.0,
-            if cached.is_empty() {
-                "not finished".to_string()
-            } else {
-                format!("{:.1} s", median(cached))
-            }
+    for &rtt in &rtts {
+        println!("3. Cold starts at {rtt} ms round trip, {reps} of each, alternating");
+        let relay = RoundTrip::start(registry.addr, Duration::from_millis(rtt));
+        let results = measure(
+            &scratch,
+            &relay.host(),
+            &start_setups,
+            reps,
+            interface,
+            stargz.as_deref(),
+        )
+        .await?;
+        rows(
+            &mut table,
+            &format!("{rtt} ms"),
+            &start_setups,
+            &results,
+            esgz_bytes,
         );
     }
+
+    let rtt = rtts.first().copied().unwrap_or(0);
+    println!("4. A workload that reads the whole image first, at {rtt} ms round trip");
+    let read_all: Vec<Setup> = start_setups
+        .iter()
+        .filter(|s| s.tag == "esgz")
+        .map(|s| Setup {
+            command: &READ_ALL,
+            ..*s
+        })
+        .collect();
+    let relay = RoundTrip::start(registry.addr, Duration::from_millis(rtt));
+    let results = measure(
+        &scratch,
+        &relay.host(),
+        &read_all,
+        reps,
+        interface,
+        stargz.as_deref(),
+    )
+    .await?;
+    let _ = writeln!(
+        table,
+        "\nThe whole image read first (`tar -cf - --one-file-system / | wc -c`, then the line):\n\n\
+         | round trip | setup | PullImage -> first log line | vs full pull | vs stargz-snapshotter | bytes over the link by then | transfer floor (share of the time) | whole image cached |\n\
+         |---|---|---|---|---|---|---|---|"
+    );
+    rows(
+        &mut table,
+        &format!("{rtt} ms"),
+        &read_all,
+        &results,
+        esgz_bytes,
+    );
+
     println!("\n{table}");
     let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     mkdir(&out)?;
@@ -448,7 +731,9 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", table_file.display()))?;
     drop(registry);
     drop(link);
-    let _ = std::fs::remove_dir_all(&scratch);
+    if std::env::var_os("IMGSTREAM_BENCH_KEEP").is_none() {
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
     Ok(())
 }
 

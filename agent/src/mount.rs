@@ -413,7 +413,7 @@ pub fn serve(
         })
         .collect();
     let pin = cache.pin_image(&digest, &chunks)?;
-    let mut fetcher = Fetcher::new(runtime, source, cache);
+    let mut fetcher = Fetcher::new(runtime, source, cache).with_read_around(options.fs.read_around);
     if let Some(totals) = &options.fetch_totals {
         fetcher = fetcher.with_totals(totals.clone());
     }

@@ -108,6 +108,8 @@ pub(crate) struct MemoryBlobs {
     pub ranges: AtomicUsize,
     pub delay: Duration,
     pub failures: AtomicUsize,
+    /// What [`BlobSource::round_trip`] says (`None`, as for local files, by default).
+    pub round_trip: Option<Duration>,
 }
 
 impl MemoryBlobs {
@@ -125,6 +127,12 @@ impl MemoryBlobs {
 
     pub(crate) fn delayed(mut self, delay: Duration) -> Self {
         self.delay = delay;
+        self
+    }
+
+    /// Reports `rtt` as its round trip, as a registry some distance away would.
+    pub(crate) fn far(mut self, rtt: Duration) -> Self {
+        self.round_trip = Some(rtt);
         self
     }
 
@@ -186,5 +194,9 @@ impl BlobSource for MemoryBlobs {
 
     fn name(&self) -> String {
         "in-memory test blobs".into()
+    }
+
+    fn round_trip(&self) -> Option<Duration> {
+        self.round_trip
     }
 }

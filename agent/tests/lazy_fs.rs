@@ -133,7 +133,7 @@ fn mount_counting(
         },
         fs: FsConfig {
             read_deadline: deadline,
-            record_reads: false,
+            ..FsConfig::default()
         },
         background,
         threads: 2,

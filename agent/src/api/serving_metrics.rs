@@ -35,13 +35,16 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str
 impl Serving {
     pub(super) fn render(&self, out: &mut String) {
         let f = &self.fetch;
-        let by_priority = |total: &AtomicU64, background: &AtomicU64| {
-            let background = load(background);
+        let by_priority = |total: &AtomicU64, background: &AtomicU64, around: &AtomicU64| {
+            let (background, around) = (load(background), load(around));
             [
                 (
                     "{priority=\"on_demand\"}",
-                    load(total).saturating_sub(background),
+                    load(total)
+                        .saturating_sub(background)
+                        .saturating_sub(around),
                 ),
+                ("{priority=\"read_around\"}", around),
                 ("{priority=\"background\"}", background),
             ]
         };
@@ -49,15 +52,15 @@ impl Serving {
             out,
             "imgstream_fetch_requests_total",
             "counter",
-            "Range requests sent to registries, by what they served (readers or the background download).",
-            &by_priority(&f.requests, &f.background_requests),
+            "Range requests sent to registries, by what they served (readers, guesses around readers' misses, or the background download).",
+            &by_priority(&f.requests, &f.background_requests, &f.read_around_requests),
         );
         family(
             out,
             "imgstream_fetch_bytes_total",
             "counter",
             "Compressed bytes received from registries, by what they served.",
-            &by_priority(&f.bytes, &f.background_bytes),
+            &by_priority(&f.bytes, &f.background_bytes, &f.read_around_bytes),
         );
         for (name, help, counter) in [
             (

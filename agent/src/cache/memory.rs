@@ -32,6 +32,10 @@ impl MemoryCache {
         self.map.get(digest).cloned()
     }
 
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.map.contains_key(digest)
+    }
+
     /// Keeps `data`, dropping the oldest chunks to make room; a chunk larger than the whole
     /// cache is not kept.
     pub fn insert(&mut self, digest: Digest, data: Arc<Vec<u8>>) {

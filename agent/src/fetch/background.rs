@@ -132,6 +132,7 @@ pub fn spawn(
             .sum(),
         Ordering::Relaxed,
     );
+    fetcher.serving(progress.bytes_total.load(Ordering::Relaxed));
     let handle = {
         let progress = progress.clone();
         thread::Builder::new()
@@ -193,7 +194,7 @@ fn run(
     let scheduled = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let delay_end = started + config.start_delay;
-    while Instant::now() < delay_end && !shutdown.is_triggered() {
+    while Instant::now() < delay_end && !shutdown.is_triggered() && !fetcher.greedy() {
         thread::sleep(Duration::from_millis(50).min(delay_end - Instant::now()));
     }
     let workers: Vec<_> = (0..config.concurrency.max(1))

@@ -15,9 +15,25 @@ use crate::oci::digest::Digest;
 pub(super) struct Inflight {
     result: Mutex<Option<Result<Arc<Vec<u8>>, FetchError>>>,
     ready: Condvar,
+    /// Fetched because read-around guessed it would be read, not because a reader asked.
+    guessed: bool,
 }
 
 impl Inflight {
+    /// A flight read-around opened.
+    pub(super) fn guess() -> Self {
+        Self {
+            guessed: true,
+            ..Self::default()
+        }
+    }
+
+    /// Whether read-around opened this flight: when it fails, a reader that waited on it
+    /// fetches the chunk itself.
+    pub(super) fn guessed(&self) -> bool {
+        self.guessed
+    }
+
     /// Sets the result and wakes every waiter.
     pub(super) fn complete(&self, result: Result<Arc<Vec<u8>>, FetchError>) {
         *crate::sync::lock(&self.result) = Some(result);

@@ -4,11 +4,15 @@
 //! Adjacent chunks are fetched in one request. This sits above `registry`, `cache` and
 //! `image`: it is where the three meet.
 
+use std::sync::{Arc, OnceLock};
+
 use bytes::Bytes;
 
 use crate::{
     cache::ChunkCache,
-    image::estargz::{self, EstargzError, FOOTER_SIZE, LayerIndex, Node, TOC_DIGEST_ANNOTATION},
+    image::estargz::{
+        self, Chunk, EstargzError, FOOTER_SIZE, LayerIndex, Node, TOC_DIGEST_ANNOTATION,
+    },
     oci::{
         digest::Digest,
         manifest::{Descriptor, is_gzip_layer},
@@ -39,6 +43,8 @@ pub struct RemoteLayer {
     pub desc: Descriptor,
     pub index: LayerIndex,
     pub toc_digest: Digest,
+    /// Every chunk as (node, chunk of that node), in blob order: built on first use.
+    blob_order: OnceLock<Arc<[(u32, u32)]>>,
 }
 
 /// Opens an eStargz layer: two range requests (footer, TOC). A layer that is not eStargz, or
@@ -78,11 +84,7 @@ pub async fn open_cached(
         && let Ok((index, toc_digest)) =
             estargz::read_toc(&cached.member, cached.offset, desc.size, Some(&expected))
     {
-        return Ok(RemoteLayer {
-            desc: desc.clone(),
-            index,
-            toc_digest,
-        });
+        return Ok(RemoteLayer::new(desc.clone(), index, toc_digest));
     }
     let footer = source
         .read_range(&desc.digest, desc.size - FOOTER_SIZE..desc.size)
@@ -109,14 +111,52 @@ pub async fn open_cached(
     {
         tracing::warn!(%err, "TOC not cached");
     }
-    Ok(RemoteLayer {
-        desc: desc.clone(),
-        index,
-        toc_digest,
-    })
+    Ok(RemoteLayer::new(desc.clone(), index, toc_digest))
 }
 
 impl RemoteLayer {
+    pub fn new(desc: Descriptor, index: LayerIndex, toc_digest: Digest) -> Self {
+        Self {
+            desc,
+            index,
+            toc_digest,
+            blob_order: OnceLock::new(),
+        }
+    }
+
+    /// The chunks whose members lie within `from..to` of the blob, in blob order; a chunk
+    /// that several files share (the same member) once.
+    pub fn chunks_between(&self, from: u64, to: u64) -> Vec<&Chunk> {
+        let order = self.blob_order.get_or_init(|| {
+            let mut order: Vec<(u32, u32)> = self
+                .index
+                .nodes
+                .iter()
+                .enumerate()
+                .flat_map(|(n, node)| (0..node.chunks.len()).map(move |c| (n as u32, c as u32)))
+                .collect();
+            order
+                .sort_by_key(|&(n, c)| self.index.nodes[n as usize].chunks[c as usize].blob_offset);
+            order.into()
+        });
+        let chunk = |&(n, c): &(u32, u32)| &self.index.nodes[n as usize].chunks[c as usize];
+        let first = order.partition_point(|e| chunk(e).blob_offset < from);
+        let mut out: Vec<&Chunk> = Vec::new();
+        for entry in &order[first..] {
+            let c = chunk(entry);
+            if c.blob_end > to {
+                break;
+            }
+            if out
+                .last()
+                .is_none_or(|last| last.blob_offset != c.blob_offset)
+            {
+                out.push(c);
+            }
+        }
+        out
+    }
+
     /// The whole content of the regular file (or hard link) at `path`.
     pub async fn read_file(
         &self,

@@ -24,6 +24,7 @@ mod inflight;
 pub mod layer;
 pub mod prefetch;
 mod priority;
+pub mod readaround;
 #[cfg(test)]
 mod tests;
 
@@ -31,9 +32,11 @@ use serde::Serialize;
 
 use inflight::Inflight;
 use priority::ReaderGate;
+use readaround::{ReadAround, ReadAroundConfig};
 
 use crate::{
     cache::{ChunkCache, MemoryCache, WriteBehind},
+    fetch::layer::RemoteLayer,
     image::estargz::{self, Chunk},
     oci::digest::Digest,
     registry::{BlobSource, RegistryError},
@@ -78,10 +81,12 @@ impl FetchError {
     }
 }
 
-/// Whether a fetch serves a reader now or fills the cache in the background.
+/// Whether a fetch serves a reader now, follows a reader's miss ([`readaround`]), or fills
+/// the cache in the background.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Priority {
     OnDemand,
+    ReadAround,
     Background,
 }
 
@@ -97,6 +102,9 @@ pub struct FetchStats {
     /// Of `requests` and `bytes`: those of the background download.
     pub background_requests: AtomicU64,
     pub background_bytes: AtomicU64,
+    /// Of `requests` and `bytes`: those fetched around readers' misses ([`readaround`]).
+    pub read_around_requests: AtomicU64,
+    pub read_around_bytes: AtomicU64,
     /// Chunks served from the cache.
     pub cache_hits: AtomicU64,
     /// Chunks fetched from the source.
@@ -107,6 +115,10 @@ pub struct FetchStats {
     pub deadline_exceeded: AtomicU64,
     pub errors: AtomicU64,
 }
+
+/// The share of an image readers fetch themselves before the background download stops
+/// yielding to them ([`Fetcher::serving`]).
+pub const GREEDY_SHARE: f64 = 0.25;
 
 /// Bytes of verified chunks the fetcher keeps in memory.
 const RECENT_BYTES: usize = 16 << 20;
@@ -125,6 +137,9 @@ pub struct Fetcher {
     pub stats: FetchStats,
     /// The agent's totals, which every fetcher adds to as well.
     totals: Option<Arc<FetchStats>>,
+    read_around: ReadAround,
+    /// Compressed bytes of the image this fetcher serves, once known ([`Fetcher::serving`]).
+    image_bytes: AtomicU64,
 }
 
 impl std::fmt::Debug for Fetcher {
@@ -158,7 +173,15 @@ impl Fetcher {
             readers: ReaderGate::new(),
             stats: FetchStats::default(),
             totals: None,
+            read_around: ReadAround::new(ReadAroundConfig::default()),
+            image_bytes: AtomicU64::new(0),
         }
+    }
+
+    /// Sizes read-around windows by `config` instead of the default.
+    pub fn with_read_around(mut self, config: ReadAroundConfig) -> Self {
+        self.read_around = ReadAround::new(config);
+        self
     }
 
     /// Also counts into `totals` (the agent's figures across images, for `/metrics`).
@@ -190,11 +213,52 @@ impl Fetcher {
         priority: Priority,
         deadline: Instant,
     ) -> Result<Vec<Arc<Vec<u8>>>, FetchError> {
-        let result = self.get_by(chunks, priority, deadline);
+        let result = self.get_by(chunks, priority, deadline, None);
         if let Err(FetchError::Deadline(_)) = &result {
             self.count(|s| &s.deadline_exceeded, 1);
         }
         result
+    }
+
+    /// [`Fetcher::get`] for a reader of file `file` (its index in the layer) of `layer`: when
+    /// it misses, what follows its chunks in the blob is fetched beside it ([`readaround`]).
+    pub fn read(
+        self: &Arc<Self>,
+        chunks: &[ChunkRef<'_>],
+        (layer, file): (&RemoteLayer, usize),
+        deadline: Instant,
+    ) -> Result<Vec<Arc<Vec<u8>>>, FetchError> {
+        let result = self.get_by(
+            chunks,
+            Priority::OnDemand,
+            deadline,
+            Some((self, layer, file)),
+        );
+        if let Err(FetchError::Deadline(_)) = &result {
+            self.count(|s| &s.deadline_exceeded, 1);
+        }
+        result
+    }
+
+    /// A cached copy of the chunk, from memory or disk, of the size its TOC gives it.
+    fn cached(&self, chunk: &Chunk, keep_in_memory: bool) -> Option<Arc<Vec<u8>>> {
+        // A hit counts only with the length this TOC gives the chunk: a TOC may name a digest
+        // another image's TOC cached with another size.
+        let fits = |data: &Arc<Vec<u8>>| data.len() as u64 == chunk.size;
+        if let Some(data) = crate::sync::lock(&self.recent)
+            .get(&chunk.digest)
+            .filter(fits)
+        {
+            return Some(data);
+        }
+        let data = Arc::new(self.cache.get(&chunk.digest).ok()??);
+        if !fits(&data) {
+            return None;
+        }
+        if keep_in_memory {
+            crate::sync::lock(&self.recent).insert(chunk.digest, data.clone());
+        }
+        Some(data)
     }
 
     fn get_by(
@@ -202,6 +266,7 @@ impl Fetcher {
         chunks: &[ChunkRef<'_>],
         priority: Priority,
         deadline: Instant,
+        around: Option<(&Arc<Self>, &RemoteLayer, usize)>,
     ) -> Result<Vec<Arc<Vec<u8>>>, FetchError> {
         let _guard = (priority == Priority::OnDemand).then(|| self.readers.enter());
         if priority == Priority::Background {
@@ -211,25 +276,8 @@ impl Fetcher {
         let mut mine = Vec::new();
         let mut waits = Vec::new();
         for (i, c) in chunks.iter().enumerate() {
-            // A hit counts only with the length this TOC gives the chunk: a TOC may name a
-            // digest another image's TOC cached with another size.
-            let fits = |data: &Arc<Vec<u8>>| data.len() as u64 == c.chunk.size;
-            if let Some(data) = crate::sync::lock(&self.recent)
-                .get(&c.chunk.digest)
-                .filter(fits)
-            {
+            if let Some(data) = self.cached(c.chunk, priority == Priority::OnDemand) {
                 self.count(|s| &s.cache_hits, 1);
-                out[i] = Some(data);
-                continue;
-            }
-            if let Ok(Some(data)) = self.cache.get(&c.chunk.digest)
-                && data.len() as u64 == c.chunk.size
-            {
-                self.count(|s| &s.cache_hits, 1);
-                let data = Arc::new(data);
-                if priority == Priority::OnDemand {
-                    crate::sync::lock(&self.recent).insert(c.chunk.digest, data.clone());
-                }
                 out[i] = Some(data);
                 continue;
             }
@@ -246,41 +294,36 @@ impl Fetcher {
                 }
             }
         }
+        if let (Some((this, layer, file)), Some(last)) = (around, mine.last()) {
+            let last = chunks[last.0].chunk;
+            let first = chunks[mine[0].0].chunk;
+            this.fetch_around((layer, file), first.blob_offset..last.blob_end, deadline);
+        }
         if !mine.is_empty() {
-            let wanted: Vec<(usize, &ChunkRef<'_>)> =
-                mine.iter().map(|(i, _)| (*i, &chunks[*i])).collect();
+            let wanted: Vec<&ChunkRef<'_>> = mine.iter().map(|(i, _)| &chunks[*i]).collect();
             let results = self.fetch_runs(&wanted, deadline, priority);
+            self.complete(
+                mine.iter().map(|(i, f)| (&chunks[*i], f)),
+                &results,
+                priority,
+            );
+            for ((i, _), result) in mine.iter().zip(results) {
+                out[*i] = Some(result?);
+            }
             if priority == Priority::OnDemand {
-                // The next reads of a container usually want the rest of what it just read.
-                let mut recent = crate::sync::lock(&self.recent);
-                for ((i, _), result) in mine.iter().zip(&results) {
-                    if let Ok(data) = result {
-                        recent.insert(chunks[*i].chunk.digest, data.clone());
-                    }
-                }
-            }
-            // Every flight this call opened is completed and its waiters woken, whatever
-            // the results: a flight left open would make every later read of its chunk wait
-            // out its deadline, for the life of the mount.
-            let mut first_error = None;
-            let mut map = crate::sync::lock(&self.inflight);
-            for ((i, flight), result) in mine.iter().zip(results) {
-                map.remove(&chunks[*i].chunk.digest);
-                flight.complete(result.clone());
-                match result {
-                    Ok(data) => out[*i] = Some(data),
-                    Err(e) => {
-                        first_error.get_or_insert(e);
-                    }
-                }
-            }
-            drop(map);
-            if let Some(e) = first_error {
-                return Err(e);
+                self.check_share();
             }
         }
         for (i, flight) in waits {
-            out[i] = Some(flight.wait(chunks[i].chunk.digest, deadline)?);
+            out[i] = Some(match flight.wait(chunks[i].chunk.digest, deadline) {
+                Ok(data) => data,
+                // Read-around guessed, and its request failed: this reader still needs the
+                // chunk, and asks for it itself.
+                Err(_) if flight.guessed() && Instant::now() < deadline => self
+                    .get_by(&chunks[i..=i], priority, deadline, None)?
+                    .remove(0),
+                Err(e) => return Err(e),
+            });
         }
         // Every chunk resolved above; a waiter may have been handed a chunk of the same
         // digest fetched for another size, which is as wrong as a missing one.
@@ -298,72 +341,213 @@ impl Fetcher {
             .collect()
     }
 
-    /// Fetches the given chunks, one range request per run of members adjacent in a blob.
+    /// Completes the flights of fetched chunks and wakes their waiters, whatever the results:
+    /// a flight left open would make every later read of its chunk wait out its deadline, for
+    /// the life of the mount. Chunks fetched for readers are kept in memory first, so that no
+    /// read between the flight's end and the chunk's write misses it.
+    fn complete<'c, 'r: 'c>(
+        &self,
+        flights: impl Iterator<Item = (&'c ChunkRef<'r>, &'c Arc<Inflight>)>,
+        results: &[Result<Arc<Vec<u8>>, FetchError>],
+        priority: Priority,
+    ) {
+        let flights: Vec<_> = flights.collect();
+        if priority != Priority::Background {
+            let mut recent = crate::sync::lock(&self.recent);
+            for ((c, _), result) in flights.iter().zip(results) {
+                if let Ok(data) = result {
+                    recent.insert(c.chunk.digest, data.clone());
+                }
+            }
+        }
+        let mut map = crate::sync::lock(&self.inflight);
+        for ((c, flight), result) in flights.into_iter().zip(results) {
+            map.remove(&c.chunk.digest);
+            flight.complete(result.clone());
+        }
+    }
+
+    /// Starts fetching, on a thread of its own, the chunks of `layer` that follow a miss of
+    /// `missed` in the blob by a reader of `file`, as far as the read-around window goes;
+    /// chunks cached or in flight are left out. Readers that want them meanwhile wait for
+    /// this fetch.
+    fn fetch_around(
+        self: &Arc<Self>,
+        (layer, file): (&RemoteLayer, usize),
+        missed: std::ops::Range<u64>,
+        deadline: Instant,
+    ) {
+        let blob = layer.desc.digest;
+        let end = missed.end;
+        let window =
+            self.read_around
+                .window(blob, file, (missed.start, end), self.source.round_trip());
+        if window == 0 {
+            return;
+        }
+        if window >= self.read_around.max_window() && self.readers.open() {
+            tracing::info!(
+                %blob,
+                window,
+                "a reader reads a file through: the background download stops yielding to readers"
+            );
+        }
+        let around = layer.chunks_between(end, end.saturating_add(window));
+        if let Some(last) = around.last() {
+            self.read_around.covered(blob, last.blob_end);
+        }
+        let candidates: Vec<Chunk> = around
+            .into_iter()
+            .filter(|c| {
+                !crate::sync::lock(&self.recent).contains(&c.digest)
+                    && !self.cache.contains(&c.digest)
+            })
+            .cloned()
+            .collect();
+        let mut guessed = Vec::with_capacity(candidates.len());
+        {
+            let mut map = crate::sync::lock(&self.inflight);
+            for chunk in candidates {
+                if let std::collections::hash_map::Entry::Vacant(slot) = map.entry(chunk.digest) {
+                    let flight = Arc::new(Inflight::guess());
+                    slot.insert(flight.clone());
+                    guessed.push((chunk, flight));
+                }
+            }
+        }
+        if guessed.is_empty() {
+            return;
+        }
+        let opened: Vec<(Digest, Arc<Inflight>)> =
+            guessed.iter().map(|(c, f)| (c.digest, f.clone())).collect();
+        let this = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("read-around".into())
+            .spawn(move || {
+                let refs: Vec<ChunkRef<'_>> = guessed
+                    .iter()
+                    .map(|(chunk, _)| ChunkRef { blob, chunk })
+                    .collect();
+                let wanted: Vec<&ChunkRef<'_>> = refs.iter().collect();
+                let results = this.fetch_runs(&wanted, deadline, Priority::ReadAround);
+                this.complete(
+                    refs.iter().zip(guessed.iter().map(|(_, f)| f)),
+                    &results,
+                    Priority::ReadAround,
+                );
+            });
+        if let Err(err) = spawned {
+            tracing::warn!(%err, "no read-around thread; readers fetch for themselves");
+            // The flights were never started: fail them so that their waiters fetch.
+            let mut map = crate::sync::lock(&self.inflight);
+            for (digest, flight) in opened {
+                map.remove(&digest);
+                flight.complete(Err(FetchError::Deadline(digest)));
+            }
+        }
+    }
+
+    /// Fetches the given chunks, one range request per run of members adjacent in a blob,
+    /// the runs in parallel.
     fn fetch_runs(
         &self,
-        wanted: &[(usize, &ChunkRef<'_>)],
+        wanted: &[&ChunkRef<'_>],
         deadline: Instant,
         priority: Priority,
     ) -> Vec<Result<Arc<Vec<u8>>, FetchError>> {
-        let mut results = Vec::with_capacity(wanted.len());
+        let mut runs: Vec<&[&ChunkRef<'_>]> = Vec::new();
         let mut i = 0;
         while i < wanted.len() {
             let mut j = i;
             while j + 1 < wanted.len()
-                && wanted[j + 1].1.blob == wanted[j].1.blob
-                && wanted[j + 1].1.chunk.blob_offset == wanted[j].1.chunk.blob_end
+                && wanted[j + 1].blob == wanted[j].blob
+                && wanted[j + 1].chunk.blob_offset == wanted[j].chunk.blob_end
             {
                 j += 1;
             }
-            let run = &wanted[i..=j];
-            let (blob, start, end) = (
-                run[0].1.blob,
-                run[0].1.chunk.blob_offset,
-                run[run.len() - 1].1.chunk.blob_end,
-            );
-            tracing::trace!(
-                target: "imgstream::reads",
-                %blob,
-                start,
-                bytes = end - start,
-                chunks = run.len(),
-                "range request"
-            );
-            let left = deadline.saturating_duration_since(Instant::now());
-            let source = self.source.clone();
-            let fetched = self.runtime.block_on(async move {
-                tokio::time::timeout(
-                    left.max(Duration::from_millis(1)),
-                    source.read_range(&blob, start..end),
-                )
-                .await
-            });
+            runs.push(&wanted[i..=j]);
+            i = j + 1;
+        }
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        let requests: Vec<(Digest, u64, u64)> = runs
+            .iter()
+            .map(|run| {
+                let (blob, start, end) = (
+                    run[0].blob,
+                    run[0].chunk.blob_offset,
+                    run[run.len() - 1].chunk.blob_end,
+                );
+                tracing::trace!(
+                    target: "imgstream::reads",
+                    %blob,
+                    start,
+                    bytes = end - start,
+                    chunks = run.len(),
+                    ?priority,
+                    "range request"
+                );
+                (blob, start, end)
+            })
+            .collect();
+        let source = self.source.clone();
+        let fetched = self.runtime.block_on(async move {
+            let tasks: Vec<_> = requests
+                .into_iter()
+                .map(|(blob, start, end)| {
+                    let source = source.clone();
+                    tokio::spawn(async move {
+                        let began = Instant::now();
+                        let result =
+                            tokio::time::timeout(left, source.read_range(&blob, start..end)).await;
+                        (result, began.elapsed())
+                    })
+                })
+                .collect();
+            let mut out = Vec::with_capacity(tasks.len());
+            for task in tasks {
+                out.push(task.await.ok());
+            }
+            out
+        });
+        let mut results = Vec::with_capacity(wanted.len());
+        for (run, fetched) in runs.iter().zip(fetched) {
             match fetched {
-                Err(_) => {
+                None | Some((Err(_), _)) => {
                     self.count(|s| &s.errors, 1);
                     results.extend(
                         run.iter()
-                            .map(|(_, c)| Err(FetchError::Deadline(c.chunk.digest))),
+                            .map(|c| Err(FetchError::Deadline(c.chunk.digest))),
                     );
                 }
-                Ok(Err(e)) => {
+                Some((Ok(Err(e)), _)) => {
                     self.count(|s| &s.errors, 1);
                     let source = Arc::new(e);
-                    results.extend(run.iter().map(|(_, c)| {
+                    results.extend(run.iter().map(|c| {
                         Err(FetchError::Source {
                             digest: c.chunk.digest,
                             source: source.clone(),
                         })
                     }));
                 }
-                Ok(Ok(bytes)) => {
+                Some((Ok(Ok(bytes)), took)) => {
+                    self.read_around.observe(bytes.len() as u64, took);
                     self.count(|s| &s.requests, 1);
                     self.count(|s| &s.bytes, bytes.len() as u64);
-                    if priority == Priority::Background {
-                        self.count(|s| &s.background_requests, 1);
-                        self.count(|s| &s.background_bytes, bytes.len() as u64);
+                    match priority {
+                        Priority::Background => {
+                            self.count(|s| &s.background_requests, 1);
+                            self.count(|s| &s.background_bytes, bytes.len() as u64);
+                        }
+                        Priority::ReadAround => {
+                            self.count(|s| &s.read_around_requests, 1);
+                            self.count(|s| &s.read_around_bytes, bytes.len() as u64);
+                        }
+                        Priority::OnDemand => {}
                     }
-                    for (_, c) in run {
+                    let start = run[0].chunk.blob_offset;
+                    for c in run.iter() {
                         let member = &bytes[(c.chunk.blob_offset - start) as usize
                             ..(c.chunk.blob_end - start) as usize];
                         results.push(match estargz::decode_chunk(member, c.chunk) {
@@ -384,18 +568,54 @@ impl Fetcher {
                     }
                 }
             }
-            i = j + 1;
         }
         results
     }
 
     /// Caches a fetched chunk: for a reader, through the writer thread (written inline when
-    /// its queue is full, so nothing fetched is dropped); for the background, inline.
+    /// its queue is full, so nothing fetched is dropped); for read-around and the background,
+    /// inline, on their own threads.
     fn store(&self, digest: Digest, data: &Arc<Vec<u8>>, priority: Priority) {
         match priority {
             Priority::OnDemand => self.writes.write_behind(digest, data),
-            Priority::Background => self.writes.write_now(&digest, data),
+            Priority::ReadAround | Priority::Background => self.writes.write_now(&digest, data),
         }
+    }
+
+    /// Compressed bytes fetched for readers themselves (not around them, not background).
+    pub fn on_demand_bytes(&self) -> u64 {
+        let s = &self.stats;
+        s.bytes
+            .load(Ordering::Relaxed)
+            .saturating_sub(s.background_bytes.load(Ordering::Relaxed))
+            .saturating_sub(s.read_around_bytes.load(Ordering::Relaxed))
+    }
+
+    /// Tells the fetcher the compressed size of the image it serves (the background download
+    /// does), so that it can tell when readers read most of it.
+    pub fn serving(&self, image_bytes: u64) {
+        self.image_bytes.store(image_bytes, Ordering::Relaxed);
+    }
+
+    /// Once readers fetched [`GREEDY_SHARE`] of the image themselves, they read most of it (a
+    /// start reads a few percent; a workload that reads its data, or its whole tree, reads
+    /// it all): from then on the background download does not yield to them, since its
+    /// large parallel requests serve them faster than their own one at a time.
+    fn check_share(&self) {
+        let total = self.image_bytes.load(Ordering::Relaxed);
+        let fetched = self.on_demand_bytes();
+        if total > 0 && fetched as f64 >= total as f64 * GREEDY_SHARE && self.readers.open() {
+            tracing::info!(
+                fetched,
+                total,
+                "readers fetched a quarter of the image themselves: the background download stops yielding to them"
+            );
+        }
+    }
+
+    /// Whether the background download no longer yields to readers.
+    pub fn greedy(&self) -> bool {
+        self.readers.is_open()
     }
 
     /// Waits until every chunk fetched so far is in the cache (or failed to be written).

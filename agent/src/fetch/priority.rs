@@ -22,6 +22,8 @@ pub(super) struct ReaderGate {
     /// When the last on-demand fetch ended, in ns since `born` (`u64::MAX`: never).
     last_ended_ns: AtomicU64,
     born: Instant,
+    /// Set when readers read so much that the background should not yield to them.
+    off: std::sync::atomic::AtomicBool,
 }
 
 /// Counts an on-demand fetch for as long as it lives.
@@ -45,7 +47,22 @@ impl ReaderGate {
             done: (Mutex::new(()), Condvar::new()),
             last_ended_ns: AtomicU64::new(u64::MAX),
             born: Instant::now(),
+            off: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// From now on nothing waits for readers; waiting background work goes on at once.
+    /// Returns whether it was on until now.
+    pub(super) fn open(&self) -> bool {
+        let was_on = !self.off.swap(true, Ordering::AcqRel);
+        let _guard = crate::sync::lock(&self.done.0);
+        self.done.1.notify_all();
+        was_on
+    }
+
+    /// Whether [`ReaderGate::open`] was called.
+    pub(super) fn is_open(&self) -> bool {
+        self.off.load(Ordering::Acquire)
     }
 
     /// Marks an on-demand fetch as running until the guard is dropped.
@@ -63,7 +80,7 @@ impl ReaderGate {
     pub(super) fn yield_to_readers(&self, deadline: Instant) {
         let (lock, cv) = &self.done;
         let mut guard = crate::sync::lock(lock);
-        while self.running() > 0 && Instant::now() < deadline {
+        while self.running() > 0 && !self.is_open() && Instant::now() < deadline {
             let left = deadline
                 .saturating_duration_since(Instant::now())
                 .min(RECHECK);
@@ -85,7 +102,7 @@ impl ReaderGate {
                     .saturating_sub(Duration::from_nanos(last))
             });
             let recent = since.is_some_and(|s| s < quiet);
-            if (self.running() == 0 && !recent) || Instant::now() >= deadline {
+            if (self.running() == 0 && !recent) || self.is_open() || Instant::now() >= deadline {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));

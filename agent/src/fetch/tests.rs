@@ -210,3 +210,134 @@ fn a_cached_chunk_named_again_with_another_size_is_an_error_not_a_short_buffer()
     drop(fetcher);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Ten 4 KiB files `f0`..`f9`, one chunk each, in order in the blob; the layer as mounted.
+fn ten_files() -> (Vec<u8>, RemoteLayer) {
+    let entries: Vec<(Header, Vec<u8>)> = (0..10u8)
+        .map(|i| (Header::new(&format!("f{i}"), Kind::Regular), vec![i; 4096]))
+        .collect();
+    let (blob, summary) = estargz_layer(&entries, 4096, false);
+    let (index, toc_digest) = layer_index(&blob, None).unwrap();
+    let layer = RemoteLayer::new(
+        crate::testing::layer_descriptor(&summary),
+        index,
+        toc_digest,
+    );
+    (blob, layer)
+}
+
+/// Reads file `name` of `layer` whole, as the filesystem does.
+fn read_file(fetcher: &Arc<Fetcher>, layer: &RemoteLayer, name: &str) -> Vec<u8> {
+    let node = layer.index.get(name).unwrap();
+    let file = layer
+        .index
+        .nodes
+        .iter()
+        .position(|n| n.path == node.path)
+        .unwrap();
+    let refs: Vec<ChunkRef<'_>> = node
+        .chunks
+        .iter()
+        .map(|chunk| ChunkRef {
+            blob: layer.desc.digest,
+            chunk,
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let data = fetcher.read(&refs, (layer, file), deadline).unwrap();
+    data.iter().flat_map(|d| d.iter().copied()).collect()
+}
+
+#[test]
+fn a_miss_over_a_distant_link_fetches_the_files_after_it_beside_it() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (blob, layer) = ten_files();
+    // 50 ms away: the window is two bandwidth-delay products at the assumed 100 Mbit/s,
+    // 1.25 MB, far more than the nine files after f0.
+    let source = Arc::new(
+        MemoryBlobs::default()
+            .with_digest(layer.desc.digest, blob)
+            .far(Duration::from_millis(50)),
+    );
+    let (dir, cache) = scratch_cache("fetch-read-around");
+    let fetcher = Arc::new(Fetcher::new(
+        runtime.handle().clone(),
+        source.clone(),
+        cache,
+    ));
+    assert_eq!(read_file(&fetcher, &layer, "f0"), vec![0; 4096]);
+    // f0's own request, and one beside it for the rest.
+    for i in 1..10u8 {
+        assert_eq!(read_file(&fetcher, &layer, &format!("f{i}")), vec![i; 4096]);
+    }
+    assert_eq!(source.ranges.load(Ordering::SeqCst), 2);
+    assert_eq!(fetcher.stats.read_around_requests.load(Ordering::SeqCst), 1);
+    assert_eq!(fetcher.stats.chunks_fetched.load(Ordering::SeqCst), 10);
+    // Not the reader's own bytes: f0's chunk is what it fetched.
+    assert!(fetcher.on_demand_bytes() < fetcher.stats.read_around_bytes.load(Ordering::SeqCst));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn without_a_network_in_between_a_miss_fetches_only_its_own_chunks() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (blob, layer) = ten_files();
+    let source = Arc::new(MemoryBlobs::default().with_digest(layer.desc.digest, blob));
+    let (dir, cache) = scratch_cache("fetch-no-read-around");
+    let fetcher = Arc::new(Fetcher::new(
+        runtime.handle().clone(),
+        source.clone(),
+        cache,
+    ));
+    for i in 0..3u8 {
+        assert_eq!(read_file(&fetcher, &layer, &format!("f{i}")), vec![i; 4096]);
+    }
+    assert_eq!(source.ranges.load(Ordering::SeqCst), 3);
+    assert_eq!(fetcher.stats.read_around_requests.load(Ordering::SeqCst), 0);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn readers_that_fetch_a_quarter_of_the_image_stop_the_background_yielding() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (blob, layer) = ten_files();
+    let source = Arc::new(MemoryBlobs::default().with_digest(layer.desc.digest, blob));
+    let (dir, cache) = scratch_cache("fetch-greedy");
+    let fetcher = Arc::new(Fetcher::new(runtime.handle().clone(), source, cache));
+    let total: u64 = layer
+        .chunks_between(0, layer.desc.size)
+        .iter()
+        .map(|c| c.blob_end - c.blob_offset)
+        .sum();
+    fetcher.serving(total);
+    read_file(&fetcher, &layer, "f0");
+    read_file(&fetcher, &layer, "f1");
+    assert!(
+        !fetcher.greedy(),
+        "two files of ten are less than a quarter"
+    );
+    read_file(&fetcher, &layer, "f2");
+    assert!(fetcher.greedy(), "three of ten are more");
+    // And the background's waits for readers end at once.
+    let _reader = fetcher.readers.enter();
+    let before = Instant::now();
+    fetcher.wait_quiet(
+        Duration::from_secs(5),
+        Instant::now() + Duration::from_secs(5),
+    );
+    assert!(before.elapsed() < Duration::from_secs(5));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn chunks_between_lists_whole_members_in_blob_order() {
+    let (_, layer) = ten_files();
+    let all = layer.chunks_between(0, layer.desc.size);
+    assert_eq!(all.len(), 10);
+    assert!(all.windows(2).all(|w| w[0].blob_end <= w[1].blob_offset));
+    // A range that ends inside f3's member holds f1 and f2 only.
+    let (from, to) = (all[1].blob_offset, all[3].blob_end - 1);
+    let some = layer.chunks_between(from, to);
+    assert_eq!(some.len(), 2);
+    assert_eq!(some[0].blob_offset, all[1].blob_offset);
+}

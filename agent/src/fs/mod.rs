@@ -29,7 +29,7 @@ use fuse_backend_rs::{
 pub use tree::{Kind, Tree, View};
 
 use crate::{
-    fetch::{ChunkRef, Fetcher, Priority, layer::RemoteLayer},
+    fetch::{ChunkRef, Fetcher, layer::RemoteLayer, readaround::ReadAroundConfig},
     image::reads::{MAX_RECORDS, RecordedRead},
 };
 
@@ -43,6 +43,8 @@ pub struct FsConfig {
     pub read_deadline: Duration,
     /// Keep a record of every file read ([`ImageFs::recorded_reads`]).
     pub record_reads: bool,
+    /// What a miss fetches besides the chunks it needs.
+    pub read_around: ReadAroundConfig,
 }
 
 impl Default for FsConfig {
@@ -50,6 +52,7 @@ impl Default for FsConfig {
         Self {
             read_deadline: Duration::from_secs(30),
             record_reads: false,
+            read_around: ReadAroundConfig::default(),
         }
     }
 }
@@ -288,7 +291,7 @@ impl ImageFs {
         let deadline = Instant::now() + self.config.read_deadline;
         let data = self
             .fetcher
-            .get(&refs, Priority::OnDemand, deadline)
+            .read(&refs, (remote, node_index), deadline)
             .map_err(|err| {
                 let err = crate::error_chain(&err);
                 tracing::warn!(%err, ino = inode.ino, offset, "read failed");

@@ -435,4 +435,8 @@ impl BlobSource for WithLocalBlobs {
             .map_or_else(|| "nothing".to_string(), |b| b.name());
         format!("{base} (+{} local layers)", self.local.len())
     }
+
+    fn round_trip(&self) -> Option<std::time::Duration> {
+        self.base.as_ref().and_then(|b| b.round_trip())
+    }
 }

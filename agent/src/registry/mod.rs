@@ -167,6 +167,34 @@ pub trait BlobSource: Send + Sync {
 
     /// A human-readable name for logs and errors.
     fn name(&self) -> String;
+
+    /// The round trip to the source as its recent answers measured it (the shortest time to
+    /// a response's first byte); `None` for sources with no network in between.
+    fn round_trip(&self) -> Option<std::time::Duration> {
+        None
+    }
+}
+
+/// Times to first byte of recent requests; their minimum is the round trip (queues and
+/// server work only ever add to it).
+#[derive(Debug, Default)]
+pub struct RoundTrips(std::sync::Mutex<std::collections::VecDeque<std::time::Duration>>);
+
+impl RoundTrips {
+    /// Answers remembered.
+    const KEEP: usize = 32;
+
+    pub fn observe(&self, took: std::time::Duration) {
+        let mut recent = crate::sync::lock(&self.0);
+        if recent.len() == Self::KEEP {
+            recent.pop_front();
+        }
+        recent.push_back(took);
+    }
+
+    pub fn min(&self) -> Option<std::time::Duration> {
+        crate::sync::lock(&self.0).iter().min().copied()
+    }
 }
 
 /// Write access to an image repository.

@@ -309,6 +309,14 @@ pub(crate) struct ServingArgs {
     /// A read waiting on the network fails with EIO after this many seconds.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub(crate) read_deadline_secs: u64,
+    /// On a miss, also fetch what follows it in the layer: this many bandwidth-delay
+    /// products of the link, as measured from the agent's own requests (0: off).
+    #[arg(long, default_value_t = 2.0, value_parser = read_around_bdps)]
+    pub(crate) read_around_bdps: f64,
+    /// The largest read-around window, which readers that read the layer in order grow to
+    /// (K/M suffixes; at most 64M).
+    #[arg(long, default_value = "16M", value_parser = read_around_max)]
+    pub(crate) read_around_max: ByteSize,
     /// Do not fetch the chunks a layer's TOC lists as read at start (`imgstream convert
     /// --prefetch-from`, or eStargz's prioritised files) as soon as it is mounted.
     #[arg(long)]
@@ -347,6 +355,10 @@ impl ServingArgs {
             fs: imgstream::fs::FsConfig {
                 read_deadline: Duration::from_secs(self.read_deadline_secs),
                 record_reads: false,
+                read_around: imgstream::fetch::readaround::ReadAroundConfig {
+                    bdp_multiple: self.read_around_bdps,
+                    max_window: self.read_around_max.0,
+                },
             },
             background: (!self.no_background).then_some(
                 imgstream::fetch::background::BackgroundConfig {
@@ -572,4 +584,19 @@ impl TryFrom<ReportArgs> for ReportJob {
             svg: args.svg,
         })
     }
+}
+
+fn read_around_bdps(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(f) if (0.0..=64.0).contains(&f) => Ok(f),
+        _ => Err(format!("{text:?} is not a number from 0 to 64")),
+    }
+}
+
+fn read_around_max(text: &str) -> Result<ByteSize, String> {
+    let size: ByteSize = text.parse().map_err(|e| format!("{e}"))?;
+    if size.0 > 64 << 20 {
+        return Err(format!("{text} is more than 64M"));
+    }
+    Ok(size)
 }

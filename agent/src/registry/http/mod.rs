@@ -91,6 +91,8 @@ pub struct RegistryClient {
     /// [`ANY_SCOPE`] for Basic.
     auth: Mutex<BTreeMap<String, String>>,
     config: HttpConfig,
+    /// Times to first byte of range requests.
+    round_trips: super::RoundTrips,
 }
 
 impl std::fmt::Debug for RegistryClient {
@@ -195,6 +197,7 @@ impl RegistryClient {
             credentials,
             auth: Mutex::new(BTreeMap::new()),
             config,
+            round_trips: super::RoundTrips::default(),
         })
     }
 

@@ -107,6 +107,7 @@ impl RegistryClient {
     ) -> Attempt<Result<Bytes, RegistryError>> {
         let len = range.end - range.start;
         let scope = self.scope(false);
+        let asked = std::time::Instant::now();
         let resp = match self
             .send(Method::GET, url, headers, Bytes::new(), &scope)
             .await
@@ -114,6 +115,7 @@ impl RegistryClient {
             Ok(resp) => resp,
             Err(e) => return Attempt::Done(Err(e)),
         };
+        self.round_trips.observe(asked.elapsed());
         let mut out = Vec::with_capacity(len as usize);
         let streamed = match resp.status() {
             StatusCode::PARTIAL_CONTENT => {
@@ -311,5 +313,9 @@ impl BlobSource for RegistryClient {
 
     fn name(&self) -> String {
         format!("{}/{}", self.registry, self.repository)
+    }
+
+    fn round_trip(&self) -> Option<std::time::Duration> {
+        self.round_trips.min()
     }
 }

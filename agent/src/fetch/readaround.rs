@@ -1,0 +1,262 @@
+//! Read-around: when a reader misses, also fetch what follows its chunks in the blob, in a
+//! request of its own that runs beside the reader's.
+//!
+//! A starting container opens one file after another (the dynamic loader, then each library,
+//! then each module), and each miss costs a round trip to the registry. Files read together
+//! were usually written together, so they sit next to each other in the layer. The bytes the
+//! link can carry while one request waits for its answer (the bandwidth-delay product) are
+//! nearly free: fetching them beside a miss costs about one round trip of link time and saves
+//! a round trip for every later miss they cover. So the window after a miss is a few
+//! bandwidth-delay products, measured: the round trip is the source's shortest recent time to
+//! a first byte ([`crate::registry::BlobSource::round_trip`]), the bandwidth the fetcher's
+//! own large responses with that round trip taken out. On loopback the window shrinks to
+//! almost nothing, for a source with no network (a local layout) it is nothing, and 50 ms
+//! away at 100 Mbit/s it is about a megabyte.
+//!
+//! A reader whose misses in one file land where the last window ended is reading that file
+//! through (a large data file, a model's weights): its window doubles on each such miss, up
+//! to a cap, as the kernel's readahead does. Across files it does not: a start that loads a
+//! directory of modules in name order also misses in blob order, file after file, and wants
+//! what it loads, not the megabytes after it. (A tree read whole is served by the background
+//! download going to full speed instead, see `background`.)
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Mutex,
+    time::Duration,
+};
+
+use crate::oci::digest::Digest;
+
+/// How read-around sizes its windows.
+#[derive(Clone, Copy, Debug)]
+pub struct ReadAroundConfig {
+    /// The window after a miss, in bandwidth-delay products of the link (0: off).
+    pub bdp_multiple: f64,
+    /// Largest window, also for readers that read in blob order.
+    pub max_window: u64,
+}
+
+impl Default for ReadAroundConfig {
+    fn default() -> Self {
+        Self {
+            bdp_multiple: 2.0,
+            max_window: 16 << 20,
+        }
+    }
+}
+
+/// Requests remembered for the link's figures.
+const SAMPLES: usize = 64;
+/// Responses at least this large say something about bandwidth.
+const RATE_SAMPLE_BYTES: u64 = 128 << 10;
+/// The bandwidth assumed until a response has measured it: 100 Mbit/s.
+const ASSUMED_RATE: f64 = 12.5e6;
+/// A miss this close after where the last window ended continues a read in blob order.
+const SEQUENTIAL_SLACK: u64 = 64 << 10;
+
+/// The bandwidth of the link to one source, from recent large responses.
+#[derive(Debug, Default)]
+struct Link {
+    /// (bytes, seconds) of recent successful requests of at least [`RATE_SAMPLE_BYTES`],
+    /// newest last.
+    samples: VecDeque<(u64, f64)>,
+}
+
+impl Link {
+    fn observe(&mut self, bytes: u64, took: Duration) {
+        if bytes < RATE_SAMPLE_BYTES {
+            return;
+        }
+        if self.samples.len() == SAMPLES {
+            self.samples.pop_front();
+        }
+        self.samples.push_back((bytes, took.as_secs_f64()));
+    }
+
+    /// Bytes per second over the recent large responses together, each with the round trip
+    /// taken out (a burst the link let through at once does not count as its rate).
+    fn rate(&self, rtt: f64) -> f64 {
+        let (bytes, secs) = self
+            .samples
+            .iter()
+            .fold((0.0, 0.0), |(b, s), &(bytes, secs)| {
+                (b + bytes as f64, s + (secs - rtt).max(1e-3))
+            });
+        if bytes == 0.0 {
+            ASSUMED_RATE
+        } else {
+            bytes / secs
+        }
+    }
+
+    /// Bytes the link carries in one round trip.
+    fn bdp(&self, rtt: Duration) -> u64 {
+        let rtt = rtt.as_secs_f64();
+        (rtt * self.rate(rtt)) as u64
+    }
+}
+
+/// Where the last read-around window of a blob ended, how large it was, and the file
+/// whose miss it followed.
+#[derive(Clone, Copy, Debug)]
+struct Stream {
+    end: u64,
+    window: u64,
+    file: usize,
+}
+
+/// Read-around state of one fetcher.
+#[derive(Debug)]
+pub(super) struct ReadAround {
+    config: ReadAroundConfig,
+    link: Mutex<Link>,
+    streams: Mutex<HashMap<Digest, Stream>>,
+}
+
+impl ReadAround {
+    pub(super) fn new(config: ReadAroundConfig) -> Self {
+        Self {
+            config,
+            link: Mutex::new(Link::default()),
+            streams: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The largest window.
+    pub(super) fn max_window(&self) -> u64 {
+        self.config.max_window
+    }
+
+    /// A request of `bytes` took `took`.
+    pub(super) fn observe(&self, bytes: u64, took: Duration) {
+        crate::sync::lock(&self.link).observe(bytes, took);
+    }
+
+    /// The link's bandwidth-delay product for round trip `rtt`, bandwidth as measured so far.
+    pub(super) fn bdp(&self, rtt: Duration) -> u64 {
+        crate::sync::lock(&self.link).bdp(rtt)
+    }
+
+    /// Bytes to fetch after `end` for a reader of `file` (an index of the layer's files) that
+    /// missed `start..end` of `blob`, over a link with round trip `rtt` (`None`: no network,
+    /// no window). [`ReadAround::covered`] then says where the fetch really ended.
+    pub(super) fn window(
+        &self,
+        blob: Digest,
+        file: usize,
+        (start, end): (u64, u64),
+        rtt: Option<Duration>,
+    ) -> u64 {
+        let Some(rtt) = rtt.filter(|_| self.config.bdp_multiple > 0.0) else {
+            return 0;
+        };
+        let base =
+            ((self.bdp(rtt) as f64 * self.config.bdp_multiple) as u64).min(self.config.max_window);
+        let mut streams = crate::sync::lock(&self.streams);
+        let window = match streams.get(&blob) {
+            Some(s) if s.file == file && start >= s.end && start - s.end <= SEQUENTIAL_SLACK => {
+                (s.window.max(base) * 2).min(self.config.max_window)
+            }
+            _ => base,
+        };
+        streams.insert(
+            blob,
+            Stream {
+                end: end + window,
+                window,
+                file,
+            },
+        );
+        window
+    }
+
+    /// The window after a miss of `blob` ended at `end` (the end of its last chunk): a reader
+    /// in blob order misses next right there.
+    pub(super) fn covered(&self, blob: Digest, end: u64) {
+        if let Some(s) = crate::sync::lock(&self.streams).get_mut(&blob) {
+            s.end = end;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blob() -> Digest {
+        Digest::of(b"blob")
+    }
+
+    const MS_50: Option<Duration> = Some(Duration::from_millis(50));
+
+    #[test]
+    fn no_window_without_a_network_or_when_off() {
+        let on = ReadAround::new(ReadAroundConfig::default());
+        assert_eq!(on.window(blob(), 7, (0, 100), None), 0);
+        let off = ReadAround::new(ReadAroundConfig {
+            bdp_multiple: 0.0,
+            ..Default::default()
+        });
+        assert_eq!(off.window(blob(), 7, (0, 100), MS_50), 0);
+    }
+
+    #[test]
+    fn the_window_is_a_multiple_of_the_measured_bandwidth_delay_product() {
+        let ra = ReadAround::new(ReadAroundConfig::default());
+        // Before a large response, 100 Mbit/s is assumed: 625 kB in 50 ms.
+        assert_eq!(ra.bdp(Duration::from_millis(50)), 625_000);
+        // 1 MB in 50 ms + 100 ms and 3 MB in 50 ms + 300 ms: 10 MB/s. A small answer and a
+        // 256 kB burst the link let through at once do not count.
+        ra.observe(4096, Duration::from_millis(50));
+        ra.observe(1_000_000, Duration::from_millis(150));
+        ra.observe(3_000_000, Duration::from_millis(350));
+        assert_eq!(ra.bdp(Duration::from_millis(50)), 500_000);
+        assert_eq!(ra.window(blob(), 7, (0, 4096), MS_50), 1_000_000);
+        // A miss somewhere else starts over at the base window.
+        assert_eq!(
+            ra.window(blob(), 7, (50_000_000, 50_004_096), MS_50),
+            1_000_000
+        );
+        // Half a millisecond away (the responses above then took 8 MB/s), the window is
+        // almost nothing.
+        let near = Some(Duration::from_micros(500));
+        assert_eq!(ra.window(blob(), 7, (0, 4096), near), 8_016);
+    }
+
+    #[test]
+    fn misses_through_a_file_double_the_window_up_to_the_cap() {
+        let ra = ReadAround::new(ReadAroundConfig {
+            bdp_multiple: 1.0,
+            max_window: 4 << 20,
+        });
+        let rtt = Some(Duration::from_millis(10));
+        ra.observe(1_000_000, Duration::from_millis(110));
+        let base = ra.window(blob(), 7, (0, 1000), rtt);
+        assert_eq!(base, 100_000);
+        // The window's last chunk ended a little after the window.
+        ra.covered(blob(), 1000 + base + 500);
+        let mut at = 1000 + base + 500 + 700;
+        let mut windows = Vec::new();
+        for _ in 0..8 {
+            let w = ra.window(blob(), 7, (at, at + 1000), rtt);
+            windows.push(w);
+            at += 1000 + w;
+        }
+        assert_eq!(windows[0], 200_000);
+        assert_eq!(windows[1], 400_000);
+        assert_eq!(windows[7], 4 << 20);
+        // Another blob keeps its own state.
+        assert_eq!(
+            ra.window(Digest::of(b"other"), 7, (at, at + 1000), rtt),
+            base
+        );
+        // A miss inside the last window, far after it, or in another file where the window
+        // ended, is no read in order.
+        assert_eq!(ra.window(blob(), 7, (at - 10, at), rtt), base);
+        let far = at + base + (1 << 20);
+        assert_eq!(ra.window(blob(), 7, (far, far + 1000), rtt), base);
+        let end = far + 1000 + base;
+        assert_eq!(ra.window(blob(), 8, (end, end + 1000), rtt), base);
+    }
+}
