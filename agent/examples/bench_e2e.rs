@@ -222,14 +222,37 @@ enum Snapshotter {
     Stargz,
 }
 
-/// One row's setup: who, which image tag, which command.
+/// One row's setup: who, which image tag, which command, and for imgstream, whether a
+/// prefetch list learned on this node is kept across its cold starts.
 #[derive(Clone, Copy, Debug)]
 struct Setup {
     label: &'static str,
     snapshotter: Snapshotter,
     tag: &'static str,
     command: &'static [&'static str],
+    learned: Option<Learned>,
 }
+
+/// A prefetch list imgstream learned from one start of `command` (on a node whose cache
+/// was emptied since): the cold starts keep it, nothing else.
+#[derive(Clone, Copy, Debug)]
+struct Learned {
+    name: &'static str,
+    command: &'static [&'static str],
+}
+
+impl Learned {
+    fn dir(&self, scratch: &Path) -> PathBuf {
+        scratch.join(format!("learned-{}", self.name))
+    }
+}
+
+/// Another command of the same image, to learn from.
+const PHP_V: [&str; 3] = [
+    "/bin/dash",
+    "-c",
+    "/usr/bin/php8.2 -v >/dev/null; echo ready",
+];
 
 /// One cold start's figures.
 #[derive(Clone, Copy, Debug)]
@@ -364,7 +387,12 @@ async fn cold_start(
         }
     };
     let agent = (setup.snapshotter == Snapshotter::Imgstream).then(|| {
+        let learned = setup
+            .learned
+            .map_or_else(|| dir.join("learned"), |l| l.dir(scratch));
         let args = [
+            "--learned-dir".to_string(),
+            learned.display().to_string(),
             "--snapshotter-socket".to_string(),
             dir.join("snapshotter.sock").display().to_string(),
             "--snapshotter-root".into(),
@@ -419,7 +447,7 @@ async fn cold_start(
     });
     println!(
         "   {name:>9} {:<10} PullImage -> first log line {took:6.2} s, {:6.1} MB over the link by then{}",
-        setup.tag,
+        setup.learned.map_or(setup.tag, |l| l.name),
         fetched as f64 / 1e6,
         cached.map_or(String::new(), |c| format!(
             ", whole image cached after {c:.1} s"
@@ -553,28 +581,41 @@ async fn main() -> anyhow::Result<()> {
     let layout = scratch.join("layout");
     support::build_image_from_tarballs(&layout, "v1", &[tarball], &COMMAND).await;
     let esgz_layout = scratch.join("esgz-layout");
-    // `imgstream convert` as a new user runs it: no flags.
-    let out = support::imgstream(&[
-        "convert",
-        &format!("oci:{}:v1", layout.display()),
-        &format!("oci:{}:esgz", esgz_layout.display()),
-        "--json",
-        "--scratch",
-        &scratch_arg,
-    ]);
+    // `imgstream convert` as a new user runs it: no flags (`IMGSTREAM_BENCH_CHUNK` sets
+    // --chunk-size, to measure other sizes).
+    let chunk = std::env::var("IMGSTREAM_BENCH_CHUNK").ok();
+    let chunk_args: Vec<&str> = chunk
+        .as_deref()
+        .map_or_else(Vec::new, |c| vec!["--chunk-size", c]);
+    let mut convert = vec![
+        "convert".to_string(),
+        format!("oci:{}:v1", layout.display()),
+        format!("oci:{}:esgz", esgz_layout.display()),
+        "--json".into(),
+        "--scratch".into(),
+        scratch_arg.clone(),
+    ];
+    convert.extend(chunk_args.iter().map(|s| s.to_string()));
+    let out = support::imgstream(&convert.iter().map(String::as_str).collect::<Vec<_>>());
     let converted: serde_json::Value = serde_json::from_slice(&out.stdout)
         .context("`imgstream convert --json` printed something other than JSON")?;
     let reads = record_reads(&scratch, &esgz_layout)?;
     let reads_arg = reads.display().to_string();
-    support::imgstream(&[
+    let (layout_ref, prefetch_ref) = (
+        format!("oci:{}:v1", layout.display()),
+        format!("oci:{}:prefetch", esgz_layout.display()),
+    );
+    let mut convert = vec![
         "convert",
-        &format!("oci:{}:v1", layout.display()),
-        &format!("oci:{}:prefetch", esgz_layout.display()),
+        &layout_ref,
+        &prefetch_ref,
         "--prefetch-from",
         &reads_arg,
         "--scratch",
         &scratch_arg,
-    ]);
+    ];
+    convert.extend(&chunk_args);
+    support::imgstream(&convert);
     let layer_size = |field: &str| {
         converted["layers"][0][field]
             .as_u64()
@@ -589,10 +630,15 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("du printed {du:?}"))?;
     let files = walkdir_count(&root);
     println!(
-        "   {:.0} MB unpacked in {files} files; layer {:.0} MB gzip, {:.0} MB as eStargz (convert's defaults)",
+        "   {:.0} MB unpacked in {files} files; layer {:.0} MB gzip, {:.0} MB as eStargz ({})",
         unpacked as f64 / 1e6,
         plain_bytes as f64 / 1e6,
-        esgz_bytes as f64 / 1e6
+        esgz_bytes as f64 / 1e6,
+        chunk
+            .as_deref()
+            .map_or("convert's defaults".to_string(), |c| format!(
+                "--chunk-size {c}"
+            ))
     );
 
     println!("2. Serve it from a registry behind a {RATE_MBIT} Mbit/s link");
@@ -629,18 +675,41 @@ async fn main() -> anyhow::Result<()> {
             snapshotter: Snapshotter::Pulled,
             tag: "esgz",
             command: &COMMAND,
+            learned: None,
         },
         Setup {
             label: "imgstream, defaults",
             snapshotter: Snapshotter::Imgstream,
             tag: "esgz",
             command: &COMMAND,
+            learned: None,
+        },
+        Setup {
+            label: "imgstream, defaults, list learned from the same command's first start",
+            snapshotter: Snapshotter::Imgstream,
+            tag: "esgz",
+            command: &COMMAND,
+            learned: Some(Learned {
+                name: "same",
+                command: &COMMAND,
+            }),
+        },
+        Setup {
+            label: "imgstream, defaults, list learned from another command's first start (`php -v`)",
+            snapshotter: Snapshotter::Imgstream,
+            tag: "esgz",
+            command: &COMMAND,
+            learned: Some(Learned {
+                name: "other",
+                command: &PHP_V,
+            }),
         },
         Setup {
             label: "imgstream, tuned: prefetch list recorded from the same command (`convert --prefetch-from`)",
             snapshotter: Snapshotter::Imgstream,
             tag: "prefetch",
             command: &COMMAND,
+            learned: None,
         },
     ];
     if stargz.is_some() {
@@ -649,14 +718,17 @@ async fn main() -> anyhow::Result<()> {
             snapshotter: Snapshotter::Stargz,
             tag: "esgz",
             command: &COMMAND,
+            learned: None,
         });
     }
-    // A trial run may pick setups by name: pulled, imgstream:esgz, imgstream:prefetch, stargz.
+    // A trial run may pick setups by name: pulled, imgstream:esgz, imgstream:same,
+    // imgstream:other, imgstream:prefetch, stargz.
     if let Ok(only) = std::env::var("IMGSTREAM_BENCH_SETUPS") {
         let only: Vec<&str> = only.split(',').map(str::trim).collect();
         start_setups.retain(|s| {
             let name = format!("{:?}", s.snapshotter).to_lowercase();
-            only.contains(&name.as_str()) || only.contains(&format!("{name}:{}", s.tag).as_str())
+            let variant = s.learned.map_or(s.tag, |l| l.name);
+            only.contains(&name.as_str()) || only.contains(&format!("{name}:{variant}").as_str())
         });
     }
     let mut table = format!(
@@ -668,6 +740,27 @@ async fn main() -> anyhow::Result<()> {
         plain_bytes as f64 / 1e6,
         esgz_bytes as f64 / 1e6
     );
+    // What imgstream learns on a node's first start: once, before the timed starts, which
+    // keep the list and nothing else.
+    for learned in start_setups.iter().filter_map(|s| s.learned) {
+        println!(
+            "   learning from one start of {:?} (not timed)",
+            learned.command.join(" ")
+        );
+        let relay = RoundTrip::start(registry.addr, Duration::ZERO);
+        let first = Setup {
+            label: "learning",
+            snapshotter: Snapshotter::Imgstream,
+            tag: "esgz",
+            command: learned.command,
+            learned: Some(learned),
+        };
+        cold_start(&scratch, &relay.host(), &first, interface, None).await?;
+        let lists = list(&learned.dir(&scratch)).map(|l| l.count()).unwrap_or(0);
+        if lists == 0 {
+            bail!("imgstream learned nothing from {:?}", learned.command);
+        }
+    }
     for &rtt in &rtts {
         println!("3. Cold starts at {rtt} ms round trip, {reps} of each, alternating");
         let relay = RoundTrip::start(registry.addr, Duration::from_millis(rtt));
@@ -693,7 +786,7 @@ async fn main() -> anyhow::Result<()> {
     println!("4. A workload that reads the whole image first, at {rtt} ms round trip");
     let read_all: Vec<Setup> = start_setups
         .iter()
-        .filter(|s| s.tag == "esgz")
+        .filter(|s| s.tag == "esgz" && s.learned.is_none())
         .map(|s| Setup {
             command: &READ_ALL,
             ..*s

@@ -2,7 +2,11 @@
 //! Ties the layers together: image source -> fetcher (cache) -> ImageFs -> FUSE, plus the
 //! background download.
 
-use std::{path::Path, sync::Arc, thread};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    thread,
+};
 
 use crate::{
     cache::{CacheConfig, CacheError, ChunkCache},
@@ -10,7 +14,7 @@ use crate::{
         Fetcher,
         background::{self, BackgroundConfig, Progress},
         layer::{self, LayerError, RemoteLayer},
-        prefetch,
+        learn, prefetch,
     },
     fs::{FsConfig, ImageFs, View, fusedev::FuseMount},
     image::estargz::EstargzError,
@@ -74,6 +78,9 @@ pub struct MountOptions {
     pub platform: Platform,
     /// The agent's fetch counters, which this image's fetcher adds to (for `/metrics`).
     pub fetch_totals: Option<Arc<crate::fetch::FetchStats>>,
+    /// Where layers' learned prefetch lists are kept ([`crate::fetch::learn`]); `None`:
+    /// nothing is learned or used.
+    pub learned: Option<PathBuf>,
 }
 
 /// An image's layers opened for random access, and the source to read them through.
@@ -294,6 +301,8 @@ pub struct ServedImage {
     pub progress: Option<Arc<Progress>>,
     background: Option<thread::JoinHandle<()>>,
     prefetch: Option<thread::JoinHandle<()>>,
+    /// Watches the first start of layers with no prefetch list ([`learn`]).
+    learner: Option<thread::JoinHandle<()>>,
     stop: Shutdown,
 }
 
@@ -328,6 +337,9 @@ impl Drop for ServedImage {
     fn drop(&mut self) {
         self.stop.trigger();
         self.wait_background();
+        if let Some(learner) = self.learner.take() {
+            let _ = learner.join();
+        }
         // Other holders of the fetcher may outlive this image briefly; what readers fetched
         // is in the cache when it is gone, so a remount finds it there.
         self.fetcher.flush_cache_writes();
@@ -395,9 +407,12 @@ pub fn serve(
 ) -> Result<ServedImage, MountError> {
     let OpenedImage {
         digest,
-        layers,
+        mut layers,
         source,
     } = image;
+    if let Some(dir) = &options.learned {
+        learn::apply(&mut layers, dir);
+    }
     if let View::Layer(n) = options.view
         && n >= layers.len()
     {
@@ -440,6 +455,14 @@ pub fn serve(
     } else {
         None
     };
+    let learner = options.learned.as_ref().and_then(|dir| {
+        learn::spawn(
+            fetcher.clone(),
+            &background_layers,
+            dir.clone(),
+            stop.clone(),
+        )
+    });
     let (progress, background) = match options.background {
         Some(config) => {
             let (progress, handle) =
@@ -455,6 +478,7 @@ pub fn serve(
         progress,
         background,
         prefetch,
+        learner,
         stop,
     })
 }
@@ -467,6 +491,10 @@ pub fn mount(
     mountpoint: &Path,
     options: &MountOptions,
 ) -> Result<MountedImage, MountError> {
+    let mut image = image;
+    if let Some(dir) = &options.learned {
+        learn::apply(&mut image.layers, dir);
+    }
     let has_list = image.layers.iter().any(|l| !l.index.prefetch.is_empty());
     let readahead_kb = options
         .readahead_kb

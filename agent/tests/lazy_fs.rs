@@ -139,6 +139,7 @@ fn mount_counting(
         threads: 2,
         readahead_kb: None,
         prefetch: true,
+        learned: None,
         platform: Platform::host(),
         fetch_totals: totals,
     };

@@ -22,6 +22,7 @@ use std::{
 pub mod background;
 mod inflight;
 pub mod layer;
+pub mod learn;
 pub mod prefetch;
 mod priority;
 pub mod readaround;
@@ -140,6 +141,8 @@ pub struct Fetcher {
     read_around: ReadAround,
     /// Compressed bytes of the image this fetcher serves, once known ([`Fetcher::serving`]).
     image_bytes: AtomicU64,
+    /// While a start is watched ([`learn`]): the chunks readers ask for.
+    learning: Mutex<Option<Arc<Mutex<learn::Notes>>>>,
 }
 
 impl std::fmt::Debug for Fetcher {
@@ -175,6 +178,7 @@ impl Fetcher {
             totals: None,
             read_around: ReadAround::new(ReadAroundConfig::default()),
             image_bytes: AtomicU64::new(0),
+            learning: Mutex::new(None),
         }
     }
 
@@ -271,6 +275,14 @@ impl Fetcher {
         let _guard = (priority == Priority::OnDemand).then(|| self.readers.enter());
         if priority == Priority::Background {
             self.readers.yield_to_readers(deadline);
+        }
+        if priority == Priority::OnDemand
+            && let Some(notes) = crate::sync::lock(&self.learning).as_ref()
+        {
+            let mut notes = crate::sync::lock(notes);
+            for c in chunks {
+                notes.note(c.blob, c.chunk.blob_offset);
+            }
         }
         let mut out: Vec<Option<Arc<Vec<u8>>>> = vec![None; chunks.len()];
         let mut mine = Vec::new();
@@ -611,6 +623,25 @@ impl Fetcher {
                 "readers fetched a quarter of the image themselves: the background download stops yielding to them"
             );
         }
+    }
+
+    /// Notes every chunk readers ask for into `notes` until [`Fetcher::stop_learning`].
+    fn learn_into(&self, notes: Arc<Mutex<learn::Notes>>) {
+        *crate::sync::lock(&self.learning) = Some(notes);
+    }
+
+    fn stop_learning(&self) {
+        *crate::sync::lock(&self.learning) = None;
+    }
+
+    /// Whether any reader has read through this fetcher yet.
+    fn readers_seen(&self) -> bool {
+        self.readers.seen()
+    }
+
+    /// Whether no reader has read for `quiet` (and none reads now).
+    fn readers_quiet_for(&self, quiet: Duration) -> bool {
+        self.readers.quiet_for(quiet)
     }
 
     /// Whether the background download no longer yields to readers.

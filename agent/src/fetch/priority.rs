@@ -91,6 +91,23 @@ impl ReaderGate {
         }
     }
 
+    /// Whether an on-demand fetch has run or runs.
+    pub(super) fn seen(&self) -> bool {
+        self.running() > 0 || self.last_ended_ns.load(Ordering::Acquire) != u64::MAX
+    }
+
+    /// Whether none runs and none ended in the last `quiet` (false before any ran).
+    pub(super) fn quiet_for(&self, quiet: Duration) -> bool {
+        let last = self.last_ended_ns.load(Ordering::Acquire);
+        last != u64::MAX
+            && self.running() == 0
+            && self
+                .born
+                .elapsed()
+                .saturating_sub(Duration::from_nanos(last))
+                >= quiet
+    }
+
     /// Waits (until `deadline`) for on-demand reads to go quiet: none running, and none
     /// ended in the last `quiet`.
     pub(super) fn wait_quiet(&self, quiet: Duration, deadline: Instant) {

@@ -226,6 +226,51 @@ fn ten_files() -> (Vec<u8>, RemoteLayer) {
     (blob, layer)
 }
 
+/// A fetcher over the ten files' layer, served from memory (`rtt`: as if that far away);
+/// the runtime, the layer, the source, the scratch directory and the fetcher.
+struct TenFiles {
+    _runtime: tokio::runtime::Runtime,
+    layer: RemoteLayer,
+    source: Arc<MemoryBlobs>,
+    dir: std::path::PathBuf,
+    fetcher: Arc<Fetcher>,
+}
+
+impl TenFiles {
+    fn new(name: &str, rtt: Option<Duration>) -> Self {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let (blob, layer) = ten_files();
+        let mut source = MemoryBlobs::default().with_digest(layer.desc.digest, blob);
+        if let Some(rtt) = rtt {
+            source = source.far(rtt);
+        }
+        let source = Arc::new(source);
+        let (dir, cache) = scratch_cache(name);
+        let fetcher = Arc::new(Fetcher::new(
+            runtime.handle().clone(),
+            source.clone(),
+            cache,
+        ));
+        Self {
+            _runtime: runtime,
+            layer,
+            source,
+            dir,
+            fetcher,
+        }
+    }
+
+    fn read(&self, name: &str) -> Vec<u8> {
+        read_file(&self.fetcher, &self.layer, name)
+    }
+}
+
+impl Drop for TenFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Reads file `name` of `layer` whole, as the filesystem does.
 fn read_file(fetcher: &Arc<Fetcher>, layer: &RemoteLayer, name: &str) -> Vec<u8> {
     let node = layer.index.get(name).unwrap();
@@ -250,83 +295,61 @@ fn read_file(fetcher: &Arc<Fetcher>, layer: &RemoteLayer, name: &str) -> Vec<u8>
 
 #[test]
 fn a_miss_over_a_distant_link_fetches_the_files_after_it_beside_it() {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let (blob, layer) = ten_files();
     // 50 ms away: the window is two bandwidth-delay products at the assumed 100 Mbit/s,
     // 1.25 MB, far more than the nine files after f0.
-    let source = Arc::new(
-        MemoryBlobs::default()
-            .with_digest(layer.desc.digest, blob)
-            .far(Duration::from_millis(50)),
-    );
-    let (dir, cache) = scratch_cache("fetch-read-around");
-    let fetcher = Arc::new(Fetcher::new(
-        runtime.handle().clone(),
-        source.clone(),
-        cache,
-    ));
-    assert_eq!(read_file(&fetcher, &layer, "f0"), vec![0; 4096]);
-    // f0's own request, and one beside it for the rest.
+    let t = TenFiles::new("fetch-read-around", Some(Duration::from_millis(50)));
+    assert_eq!(t.read("f0"), vec![0; 4096]);
     for i in 1..10u8 {
-        assert_eq!(read_file(&fetcher, &layer, &format!("f{i}")), vec![i; 4096]);
+        assert_eq!(t.read(&format!("f{i}")), vec![i; 4096]);
     }
-    assert_eq!(source.ranges.load(Ordering::SeqCst), 2);
-    assert_eq!(fetcher.stats.read_around_requests.load(Ordering::SeqCst), 1);
-    assert_eq!(fetcher.stats.chunks_fetched.load(Ordering::SeqCst), 10);
+    // f0's own request, and one beside it for the rest.
+    let stats = &t.fetcher.stats;
+    assert_eq!(t.source.ranges.load(Ordering::SeqCst), 2);
+    assert_eq!(stats.read_around_requests.load(Ordering::SeqCst), 1);
+    assert_eq!(stats.chunks_fetched.load(Ordering::SeqCst), 10);
     // Not the reader's own bytes: f0's chunk is what it fetched.
-    assert!(fetcher.on_demand_bytes() < fetcher.stats.read_around_bytes.load(Ordering::SeqCst));
-    let _ = std::fs::remove_dir_all(dir);
+    assert!(t.fetcher.on_demand_bytes() < stats.read_around_bytes.load(Ordering::SeqCst));
 }
 
 #[test]
 fn without_a_network_in_between_a_miss_fetches_only_its_own_chunks() {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let (blob, layer) = ten_files();
-    let source = Arc::new(MemoryBlobs::default().with_digest(layer.desc.digest, blob));
-    let (dir, cache) = scratch_cache("fetch-no-read-around");
-    let fetcher = Arc::new(Fetcher::new(
-        runtime.handle().clone(),
-        source.clone(),
-        cache,
-    ));
+    let t = TenFiles::new("fetch-no-read-around", None);
     for i in 0..3u8 {
-        assert_eq!(read_file(&fetcher, &layer, &format!("f{i}")), vec![i; 4096]);
+        assert_eq!(t.read(&format!("f{i}")), vec![i; 4096]);
     }
-    assert_eq!(source.ranges.load(Ordering::SeqCst), 3);
-    assert_eq!(fetcher.stats.read_around_requests.load(Ordering::SeqCst), 0);
-    let _ = std::fs::remove_dir_all(dir);
+    assert_eq!(t.source.ranges.load(Ordering::SeqCst), 3);
+    assert_eq!(
+        t.fetcher.stats.read_around_requests.load(Ordering::SeqCst),
+        0
+    );
 }
 
 #[test]
 fn readers_that_fetch_a_quarter_of_the_image_stop_the_background_yielding() {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let (blob, layer) = ten_files();
-    let source = Arc::new(MemoryBlobs::default().with_digest(layer.desc.digest, blob));
-    let (dir, cache) = scratch_cache("fetch-greedy");
-    let fetcher = Arc::new(Fetcher::new(runtime.handle().clone(), source, cache));
-    let total: u64 = layer
-        .chunks_between(0, layer.desc.size)
+    let t = TenFiles::new("fetch-greedy", None);
+    let total: u64 = t
+        .layer
+        .chunks_between(0, t.layer.desc.size)
         .iter()
         .map(|c| c.blob_end - c.blob_offset)
         .sum();
-    fetcher.serving(total);
-    read_file(&fetcher, &layer, "f0");
-    read_file(&fetcher, &layer, "f1");
+    t.fetcher.serving(total);
+    t.read("f0");
+    t.read("f1");
     assert!(
-        !fetcher.greedy(),
+        !t.fetcher.greedy(),
         "two files of ten are less than a quarter"
     );
-    read_file(&fetcher, &layer, "f2");
-    assert!(fetcher.greedy(), "three of ten are more");
+    t.read("f2");
+    assert!(t.fetcher.greedy(), "three of ten are more");
     // And the background's waits for readers end at once.
-    let _reader = fetcher.readers.enter();
+    let _reader = t.fetcher.readers.enter();
     let before = Instant::now();
-    fetcher.wait_quiet(
+    t.fetcher.wait_quiet(
         Duration::from_secs(5),
         Instant::now() + Duration::from_secs(5),
     );
     assert!(before.elapsed() < Duration::from_secs(5));
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
@@ -340,4 +363,73 @@ fn chunks_between_lists_whole_members_in_blob_order() {
     let some = layer.chunks_between(from, to);
     assert_eq!(some.len(), 2);
     assert_eq!(some[0].blob_offset, all[1].blob_offset);
+}
+
+#[test]
+fn a_start_is_learned_in_the_order_it_read_and_becomes_the_next_mounts_prefetch_list() {
+    let t = TenFiles::new("fetch-learn", None);
+    let (layer, fetcher) = (&t.layer, &t.fetcher);
+    let learned = t.dir.join("learned");
+    let stop = crate::shutdown::Shutdown::new();
+    let watcher = learn::spawn(
+        fetcher.clone(),
+        std::slice::from_ref(layer),
+        learned.clone(),
+        stop.clone(),
+    )
+    .expect("a layer with no list is watched");
+    for name in ["f7", "f2", "f7", "f4"] {
+        t.read(name);
+    }
+    // The mount goes away before the reads went quiet: what was read is kept all the same.
+    stop.trigger();
+    watcher.join().unwrap();
+
+    let mut again = layer.clone();
+    assert_eq!(learn::apply(std::slice::from_mut(&mut again), &learned), 1);
+    let files: Vec<&str> = again
+        .index
+        .prefetch
+        .iter()
+        .map(|&(node, _)| again.index.nodes[node].path.as_str())
+        .collect();
+    assert_eq!(files, ["f7", "f2", "f4"], "first read first, once each");
+    // A layer with a list is neither watched nor given another.
+    assert!(learn::spawn(fetcher.clone(), std::slice::from_ref(&again), learned, stop).is_none());
+}
+
+#[test]
+fn a_learned_list_is_checked_against_its_layer() {
+    let (_, layer) = ten_files();
+    let (dir, _cache) = scratch_cache("fetch-learn-hostile");
+    let learned = dir.join("learned");
+    std::fs::create_dir_all(&learned).unwrap();
+    let file = learned.join(layer.desc.digest.hex());
+    let f3 = layer.index.get("f3").unwrap().chunks[0].blob_offset;
+    let apply = |text: String| {
+        std::fs::write(&file, text).unwrap();
+        let mut copy = layer.clone();
+        let n = learn::apply(std::slice::from_mut(&mut copy), &learned);
+        (n, copy.index.prefetch)
+    };
+    // Offsets that start no chunk of the layer are dropped.
+    let (n, list) = apply(format!(
+        r#"{{"layer":"{}","chunks":[{f3},{},999999999]}}"#,
+        layer.desc.digest,
+        f3 + 1
+    ));
+    assert_eq!(n, 1);
+    assert_eq!(list.len(), 1);
+    // Another layer's list under this layer's name, or no JSON at all: ignored.
+    let (n, _) = apply(format!(
+        r#"{{"layer":"{}","chunks":[{f3}]}}"#,
+        Digest::of(b"another layer")
+    ));
+    assert_eq!(n, 0);
+    let (n, _) = apply("not json".into());
+    assert_eq!(n, 0);
+    // Larger than any list could be: not even read.
+    let (n, _) = apply(" ".repeat(33 << 20));
+    assert_eq!(n, 0);
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -61,6 +61,7 @@ async fn the_service_keeps_overlay_chains_and_its_metadata() {
             threads: 1,
             readahead_kb: None,
             prefetch: true,
+            learned: None,
             platform: crate::oci::manifest::Platform::host(),
             fetch_totals: None,
         },

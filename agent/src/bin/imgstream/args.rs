@@ -153,8 +153,11 @@ pub(crate) struct SelftestArgs {
 pub(crate) struct ConvertArgs {
     pub(crate) src: String,
     pub(crate) dst: String,
-    /// Chunk size for large files (bytes, or with a K/M/G suffix).
-    #[arg(long, default_value = "4M")]
+    /// Chunk size for large files (bytes, or with a K/M/G suffix). A miss fetches whole
+    /// chunks: 1M measured best across 0 and 50 ms round trips (`cargo xtask bench e2e`,
+    /// 2026-11-30: against 4M, 16 % sooner at 0 ms and 7 % at 50 ms; 256K was sooner still
+    /// at 0 ms and later at 50 ms).
+    #[arg(long, default_value = "1M")]
     pub(crate) chunk_size: ByteSize,
     /// A file to put first (prefetched by streaming runtimes); repeat in access order.
     #[arg(long = "prioritize", value_name = "PATH")]
@@ -317,6 +320,14 @@ pub(crate) struct ServingArgs {
     /// (K/M suffixes; at most 64M).
     #[arg(long, default_value = "16M", value_parser = read_around_max)]
     pub(crate) read_around_max: ByteSize,
+    /// Do not learn what a layer's first start on this node reads, nor prefetch what was
+    /// learned, for layers whose TOC has no prefetch list.
+    #[arg(long)]
+    pub(crate) no_learn: bool,
+    /// Where learned prefetch lists are kept (one small file per layer; default: `learned`
+    /// in the cache directory).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) learned_dir: Option<PathBuf>,
     /// Do not fetch the chunks a layer's TOC lists as read at start (`imgstream convert
     /// --prefetch-from`, or eStargz's prioritised files) as soon as it is mounted.
     #[arg(long)]
@@ -345,6 +356,11 @@ impl ServingArgs {
         imgstream::mount::MountOptions,
         imgstream::registry::http::HttpConfig,
     )> {
+        let learned = (!self.no_learn).then(|| {
+            self.learned_dir
+                .clone()
+                .unwrap_or_else(|| self.cache_dir.join("learned"))
+        });
         let options = imgstream::mount::MountOptions {
             view,
             cache: imgstream::cache::CacheConfig {
@@ -369,6 +385,7 @@ impl ServingArgs {
                 },
             ),
             prefetch: !self.no_prefetch,
+            learned,
             threads: self.threads as usize,
             readahead_kb: self.fuse_readahead_kb,
             platform: self.platform,

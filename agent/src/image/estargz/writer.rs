@@ -34,7 +34,7 @@ pub struct WriterOptions {
 impl Default for WriterOptions {
     fn default() -> Self {
         Self {
-            chunk_size: 4 << 20,
+            chunk_size: 1 << 20,
             level: 6,
         }
     }
