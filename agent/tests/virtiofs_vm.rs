@@ -382,7 +382,7 @@ detector-selftest: /bin/imgstream selftest --workdir /tmp
             0
         );
         assert!(support::metric(&page, "imgstream_fetch_cache_hits_total") > 0);
-        for priority in ["on_demand", "background"] {
+        for priority in ["on_demand", "read_around", "background"] {
             let series = format!("imgstream_fetch_bytes_total{{priority=\"{priority}\"}}");
             assert_eq!(support::metric(&page, &series), 0, "{series}");
         }

@@ -504,18 +504,24 @@ impl Fetcher {
             })
             .collect();
         let source = self.source.clone();
-        let fetched = self.runtime.block_on(async move {
+        let fetch = move |(blob, start, end): (Digest, u64, u64)| {
+            let source = source.clone();
+            async move {
+                let began = Instant::now();
+                let result = tokio::time::timeout(left, source.read_range(&blob, start..end)).await;
+                (result, began.elapsed())
+            }
+        };
+        let fetched: Vec<Option<_>> = self.runtime.block_on(async move {
+            if requests.len() == 1 {
+                // One request (the usual case, and every background batch): polled right here,
+                // on the calling thread, not handed to the runtime's workers.
+                let mut requests = requests;
+                return vec![Some(fetch(requests.remove(0)).await)];
+            }
             let tasks: Vec<_> = requests
                 .into_iter()
-                .map(|(blob, start, end)| {
-                    let source = source.clone();
-                    tokio::spawn(async move {
-                        let began = Instant::now();
-                        let result =
-                            tokio::time::timeout(left, source.read_range(&blob, start..end)).await;
-                        (result, began.elapsed())
-                    })
-                })
+                .map(|r| tokio::spawn(fetch(r)))
                 .collect();
             let mut out = Vec::with_capacity(tasks.len());
             for task in tasks {
@@ -584,13 +590,13 @@ impl Fetcher {
         results
     }
 
-    /// Caches a fetched chunk: for a reader, through the writer thread (written inline when
-    /// its queue is full, so nothing fetched is dropped); for read-around and the background,
-    /// inline, on their own threads.
+    /// Caches a fetched chunk: for a reader or around one, through the writer thread (written
+    /// inline when its queue is full, so nothing fetched is dropped), since readers wait for
+    /// these flights; for the background, inline, on its own threads.
     fn store(&self, digest: Digest, data: &Arc<Vec<u8>>, priority: Priority) {
         match priority {
-            Priority::OnDemand => self.writes.write_behind(digest, data),
-            Priority::ReadAround | Priority::Background => self.writes.write_now(&digest, data),
+            Priority::OnDemand | Priority::ReadAround => self.writes.write_behind(digest, data),
+            Priority::Background => self.writes.write_now(&digest, data),
         }
     }
 
