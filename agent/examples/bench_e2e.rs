@@ -332,15 +332,7 @@ impl StargzDaemon {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        let root = self.root.display().to_string();
-        for point in mounts
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(1))
-            .filter(|p| p.starts_with(&root))
-        {
-            let _ = Command::new("umount").args(["-l", point]).status();
-        }
+        support::umount_below(&self.root);
     }
 }
 
@@ -506,19 +498,21 @@ fn stargz_binary() -> Option<PathBuf> {
     }
 }
 
-/// Runs `setups` `reps` times each, alternating; the runs of each setup in order.
+/// Runs `setups` `reps` times each, alternating, through a relay that adds `rtt` in front
+/// of the registry at `upstream`; the runs of each setup in order.
 async fn measure(
     scratch: &Path,
-    reg: &str,
+    (upstream, rtt): (std::net::SocketAddr, Duration),
     setups: &[Setup],
     reps: usize,
     interface: &str,
     stargz: Option<&Path>,
 ) -> anyhow::Result<Vec<Vec<Run>>> {
+    let relay = RoundTrip::start(upstream, rtt);
     let mut results = vec![Vec::new(); setups.len()];
     for _ in 0..reps {
         for (setup, runs) in setups.iter().zip(&mut results) {
-            runs.push(cold_start(scratch, reg, setup, interface, stargz).await?);
+            runs.push(cold_start(scratch, &relay.host(), setup, interface, stargz).await?);
         }
     }
     Ok(results)
@@ -747,7 +741,6 @@ async fn main() -> anyhow::Result<()> {
             "   learning from one start of {:?} (not timed)",
             learned.command.join(" ")
         );
-        let relay = RoundTrip::start(registry.addr, Duration::ZERO);
         let first = Setup {
             label: "learning",
             snapshotter: Snapshotter::Imgstream,
@@ -755,7 +748,15 @@ async fn main() -> anyhow::Result<()> {
             command: learned.command,
             learned: Some(learned),
         };
-        cold_start(&scratch, &relay.host(), &first, interface, None).await?;
+        measure(
+            &scratch,
+            (registry.addr, Duration::ZERO),
+            &[first],
+            1,
+            interface,
+            None,
+        )
+        .await?;
         let lists = list(&learned.dir(&scratch)).map(|l| l.count()).unwrap_or(0);
         if lists == 0 {
             bail!("imgstream learned nothing from {:?}", learned.command);
@@ -763,10 +764,9 @@ async fn main() -> anyhow::Result<()> {
     }
     for &rtt in &rtts {
         println!("3. Cold starts at {rtt} ms round trip, {reps} of each, alternating");
-        let relay = RoundTrip::start(registry.addr, Duration::from_millis(rtt));
         let results = measure(
             &scratch,
-            &relay.host(),
+            (registry.addr, Duration::from_millis(rtt)),
             &start_setups,
             reps,
             interface,
@@ -792,10 +792,9 @@ async fn main() -> anyhow::Result<()> {
             ..*s
         })
         .collect();
-    let relay = RoundTrip::start(registry.addr, Duration::from_millis(rtt));
     let results = measure(
         &scratch,
-        &relay.host(),
+        (registry.addr, Duration::from_millis(rtt)),
         &read_all,
         reps,
         interface,

@@ -121,16 +121,7 @@ impl Drop for Containerd {
         let _ = self.child.kill();
         let _ = self.child.wait();
         // Overlay mounts of snapshots may linger: detach them before removing the tree.
-        if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {
-            let root = self.dir.display().to_string();
-            for target in mounts
-                .lines()
-                .filter_map(|l| l.split_whitespace().nth(1))
-                .filter(|t| t.starts_with(&root))
-            {
-                let _ = Command::new("umount").args(["-l", target]).status();
-            }
-        }
+        umount_below(&self.dir);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -76,6 +76,22 @@ fn loopback_server() -> (tokio::runtime::Runtime, std::net::TcpListener, SocketA
     (runtime, listener, addr)
 }
 
+/// Detaches (`umount -l`) every mount at or below `root`: what a stopped snapshotter or
+/// containerd left behind.
+pub fn umount_below(root: &Path) {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return;
+    };
+    let root = root.display().to_string();
+    for target in mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|t| t.starts_with(&root))
+    {
+        let _ = Command::new("umount").args(["-l", target]).status();
+    }
+}
+
 /// Panics with a clear message unless running as root (mknod, chown, containerd, mounts).
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
