@@ -104,6 +104,7 @@ fn mount_image(
         readahead_kb: None,
         prefetch: true,
         learned: None,
+        share_learned: Default::default(),
         platform: Platform::host(),
         fetch_totals: None,
     };

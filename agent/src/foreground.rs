@@ -17,7 +17,7 @@ use crate::{
     fs::virtiofs::{VirtioFsConfig, VirtioFsError, VirtioFsServer},
     mount::{self, MountError, MountOptions, OpenedImage},
     oci::reference::ImageRef,
-    registry::{RegistryError, http::HttpConfig, open_source},
+    registry::{RegistryError, http::HttpConfig, open_sink, open_source},
     shutdown::Shutdown,
 };
 
@@ -114,7 +114,16 @@ impl ImageJob {
                 &self.options.platform,
                 &cache,
             ))
-            .map_err(|source| ForegroundError::Open { image, source })?;
+            .map_err(|source| ForegroundError::Open {
+                image: image.clone(),
+                source,
+            })?;
+        let mut opened = opened;
+        if self.options.share_learned == crate::fetch::learn::share::Sharing::Publish {
+            let sink = open_sink(&self.image, &self.http)
+                .map_err(|source| ForegroundError::Source { image, source })?;
+            opened.sink = Some(sink);
+        }
         let shutdown = Shutdown::new();
         runtime
             .block_on(async { shutdown.trigger_on_signals() })

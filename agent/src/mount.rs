@@ -14,7 +14,11 @@ use crate::{
         Fetcher,
         background::{self, BackgroundConfig, Progress},
         layer::{self, LayerError, RemoteLayer},
-        learn, prefetch,
+        learn::{
+            self,
+            share::{Shared, Sharing},
+        },
+        prefetch,
     },
     fs::{FsConfig, ImageFs, View, fusedev::FuseMount},
     image::estargz::EstargzError,
@@ -22,7 +26,7 @@ use crate::{
         digest::Digest,
         manifest::{self, Descriptor, Document, Platform},
     },
-    registry::{BlobSource, FetchedManifest, RegistryError},
+    registry::{BlobSink, BlobSource, FetchedManifest, RegistryError},
     shutdown::Shutdown,
 };
 
@@ -81,6 +85,9 @@ pub struct MountOptions {
     /// Where layers' learned prefetch lists are kept ([`crate::fetch::learn`]); `None`:
     /// nothing is learned or used.
     pub learned: Option<PathBuf>,
+    /// Whether learned lists are also fetched from and published to the image's registry
+    /// ([`crate::fetch::learn::share`]); publishing needs [`OpenedImage::sink`].
+    pub share_learned: Sharing,
 }
 
 /// An image's layers opened for random access, and the source to read them through.
@@ -90,6 +97,12 @@ pub struct OpenedImage {
     pub layers: Vec<RemoteLayer>,
     /// The source, plus the local files of layers that had to be downloaded whole.
     pub source: Arc<dyn BlobSource>,
+    /// The image manifest (the platform's, for an index): what shared learned lists are
+    /// attached to.
+    pub manifest: Descriptor,
+    /// Where this image's learned lists are published, when they are
+    /// ([`MountOptions::share_learned`]); set by the caller, which knows the reference.
+    pub sink: Option<Arc<dyn BlobSink>>,
 }
 
 /// The layers of image `reference` (bottom first), opened for random access. eStargz layers
@@ -139,9 +152,11 @@ pub async fn open_layers(
         Arc::new(crate::registry::local::WithLocalBlobs::new(base, local))
     };
     Ok(OpenedImage {
+        manifest: manifest_descriptor(&fetched, &manifest),
         digest: fetched.digest,
         layers,
         source,
+        sink: None,
     })
 }
 
@@ -178,7 +193,9 @@ pub async fn open_one_layer(
         Ok(opened) => Ok(Some(OpenedImage {
             digest: desc.digest,
             layers: vec![opened],
+            manifest: manifest_descriptor(&fetched, &manifest),
             source,
+            sink: None,
         })),
         Err(LayerError::Format(EstargzError::NotEstargz(_))) => Ok(None),
         Err(source) => Err(MountError::Layer {
@@ -186,6 +203,23 @@ pub async fn open_one_layer(
             digest: desc.digest.to_string(),
             source: Box::new(source),
         }),
+    }
+}
+
+/// The descriptor of a fetched image manifest (its media type from the registry, else from
+/// its own field: a manifest from the cache comes without one).
+fn manifest_descriptor(fetched: &FetchedManifest, manifest: &manifest::Manifest) -> Descriptor {
+    let media_type = Some(fetched.media_type.clone())
+        .filter(|t| !t.is_empty())
+        .or_else(|| manifest.media_type.clone())
+        .unwrap_or_else(|| manifest::OCI_MANIFEST.to_string());
+    Descriptor {
+        media_type,
+        digest: fetched.digest,
+        size: fetched.bytes.len() as u64,
+        annotations: Default::default(),
+        platform: None,
+        extra: Default::default(),
     }
 }
 
@@ -409,7 +443,18 @@ pub fn serve(
         digest,
         mut layers,
         source,
+        manifest,
+        sink,
     } = image;
+    let shared = match (options.share_learned, &options.learned) {
+        (Sharing::Off, _) | (_, None) => None,
+        (sharing, Some(dir)) => Some(Shared {
+            source: source.clone(),
+            sink: sink.filter(|_| sharing == Sharing::Publish),
+            subject: manifest,
+            dir: dir.clone(),
+        }),
+    };
     if let Some(dir) = &options.learned {
         learn::apply(&mut layers, dir);
     }
@@ -448,8 +493,9 @@ pub fn serve(
     let prefetch = if options.prefetch {
         prefetch::spawn(
             fetcher.clone(),
-            &background_layers,
+            background_layers.clone(),
             options.fs.read_deadline,
+            shared.clone(),
             stop.clone(),
         )
     } else {
@@ -460,6 +506,7 @@ pub fn serve(
             fetcher.clone(),
             &background_layers,
             dir.clone(),
+            shared.clone(),
             stop.clone(),
         )
     });

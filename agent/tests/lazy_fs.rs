@@ -18,7 +18,7 @@ use std::{
 use imgstream::{
     api::{ApiState, Metrics},
     cache::{CacheConfig, ChunkCache},
-    fetch::{FetchStats, background::BackgroundConfig},
+    fetch::{FetchStats, background::BackgroundConfig, learn::share::Sharing},
     fs::{FsConfig, View},
     mount::{self, MountOptions, MountedImage},
     oci::{digest::Digest, manifest::Platform},
@@ -113,6 +113,23 @@ fn mount_counting(
     limit: Option<u64>,
     totals: Option<Arc<FetchStats>>,
 ) -> TestMount {
+    mount_learning(
+        image, proxy, cache, background, deadline, limit, totals, None,
+    )
+}
+
+/// [`mount_counting`] with a learned directory and a way of sharing its lists.
+#[allow(clippy::too_many_arguments)]
+fn mount_learning(
+    image: &Image,
+    proxy: &Proxy,
+    cache: &Path,
+    background: Option<BackgroundConfig>,
+    deadline: Duration,
+    limit: Option<u64>,
+    totals: Option<Arc<FetchStats>>,
+    learned: Option<(PathBuf, Sharing)>,
+) -> TestMount {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let config = HttpConfig {
         insecure: vec![proxy.host()],
@@ -122,8 +139,8 @@ fn mount_counting(
         backoff: Duration::from_millis(20),
         ..HttpConfig::default()
     };
-    let source: Arc<dyn BlobSource> =
-        Arc::new(RegistryClient::new(&proxy.host(), &image.repository, config).unwrap());
+    let client = Arc::new(RegistryClient::new(&proxy.host(), &image.repository, config).unwrap());
+    let source: Arc<dyn BlobSource> = client.clone();
     let options = MountOptions {
         view: View::Merged,
         cache: CacheConfig {
@@ -146,12 +163,13 @@ fn mount_counting(
         threads: 2,
         readahead_kb: None,
         prefetch: true,
-        learned: None,
+        learned: learned.as_ref().map(|(dir, _)| dir.clone()),
+        share_learned: learned.as_ref().map_or(Sharing::Off, |(_, s)| *s),
         platform: Platform::host(),
         fetch_totals: totals,
     };
     let chunk_cache = Arc::new(ChunkCache::open(&options.cache).unwrap());
-    let opened = runtime
+    let mut opened = runtime
         .block_on(mount::open_layers(
             source,
             &image.digest,
@@ -159,6 +177,9 @@ fn mount_counting(
             &chunk_cache,
         ))
         .unwrap();
+    if options.share_learned == Sharing::Publish {
+        opened.sink = Some(client);
+    }
     let mountpoint = image.scratch.join(format!("mnt-{}", proxy.addr.port()));
     std::fs::create_dir_all(&mountpoint).unwrap();
     let mounted = mount::mount(
@@ -573,4 +594,102 @@ fn metrics_report_the_fetches_cache_and_deadlines_of_real_reads() {
     drop(mounted);
     drop(runtime);
     std::fs::remove_dir_all(&image.scratch).unwrap();
+}
+
+#[test]
+fn a_list_one_node_learned_is_published_and_prefetched_by_the_next_node() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let image = rt.block_on(image("lazy-share"));
+    let read = [3usize, 17, 25];
+    let quiet = imgstream::fetch::learn::QUIET;
+
+    // Node A: no list anywhere; its start reads three files, then goes quiet: the list is
+    // learned, written and published next to the image.
+    let a_learned = image.scratch.join("a-learned");
+    let proxy = Proxy::start(image.registry.addr, Fault::None);
+    let (runtime, mounted, mnt, _cache) = mount_learning(
+        &image,
+        &proxy,
+        &image.scratch.join("a-cache"),
+        None,
+        Duration::from_secs(10),
+        None,
+        None,
+        Some((a_learned.clone(), Sharing::Publish)),
+    );
+    for &i in &read {
+        let (rel, content) = &image.files[i];
+        assert_eq!(&std::fs::read(mnt.join(rel)).unwrap(), content);
+    }
+    std::thread::sleep(quiet + Duration::from_millis(500));
+    drop(mounted); // joins the learner, which has written and published the list
+    drop(runtime);
+    let lists: Vec<_> = std::fs::read_dir(&a_learned).unwrap().collect();
+    assert_eq!(lists.len(), 1, "one layer, one list");
+    let layer_hex = lists[0].as_ref().unwrap().file_name();
+    let a_list = std::fs::read(a_learned.join(&layer_hex)).unwrap();
+
+    // In the registry: the tag fallback (this registry has no referrers API) lists one
+    // artifact of ours for the image manifest.
+    let registry = RegistryClient::new(
+        &image.registry.host(),
+        &image.repository,
+        HttpConfig {
+            insecure: vec![image.registry.host()],
+            ..HttpConfig::default()
+        },
+    )
+    .unwrap();
+    let subject: Digest = image.digest.parse().unwrap();
+    let tag = format!("sha256-{}", subject.hex());
+    let index = |registry: &RegistryClient| -> serde_json::Value {
+        let fetched = rt.block_on(registry.manifest(&tag)).unwrap();
+        serde_json::from_slice(&fetched.bytes).unwrap()
+    };
+    let listed = index(&registry);
+    let entries = listed["manifests"].as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{listed}");
+    assert_eq!(
+        entries[0]["artifactType"],
+        imgstream::fetch::learn::share::ARTIFACT_TYPE
+    );
+    let artifact = rt
+        .block_on(registry.manifest(entries[0]["digest"].as_str().unwrap()))
+        .unwrap();
+    let artifact: serde_json::Value = serde_json::from_slice(&artifact.bytes).unwrap();
+    assert_eq!(artifact["subject"]["digest"], image.digest.as_str());
+
+    // Node B: empty cache, empty learned directory. The list comes from the registry and is
+    // prefetched at mount; reading the same files afterwards costs no byte.
+    let b_learned = image.scratch.join("b-learned");
+    let proxy = Proxy::start(image.registry.addr, Fault::None);
+    let (runtime, mut mounted, mnt, _cache) = mount_learning(
+        &image,
+        &proxy,
+        &image.scratch.join("b-cache"),
+        None,
+        Duration::from_secs(10),
+        None,
+        None,
+        Some((b_learned.clone(), Sharing::Publish)),
+    );
+    mounted.wait_background(); // the prefetch, with the look-up first
+    assert_eq!(
+        std::fs::read(b_learned.join(&layer_hex)).unwrap(),
+        a_list,
+        "node B keeps the list node A published"
+    );
+    let before = proxy.bytes();
+    for &i in &read {
+        let (rel, content) = &image.files[i];
+        assert_eq!(&std::fs::read(mnt.join(rel)).unwrap(), content);
+    }
+    assert_eq!(proxy.bytes(), before, "the start's files were prefetched");
+    std::thread::sleep(quiet + Duration::from_millis(500));
+    drop(mounted);
+    drop(runtime);
+    // Node B had a list, so it learned nothing new and published nothing.
+    let entries = index(&registry)["manifests"].as_array().unwrap().len();
+    assert_eq!(entries, 1);
 }

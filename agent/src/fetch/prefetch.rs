@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{ChunkRef, Fetcher, Priority};
+use super::{ChunkRef, Fetcher, Priority, learn};
 use crate::{
     fetch::layer::RemoteLayer, image::estargz::Chunk, oci::digest::Digest, shutdown::Shutdown,
 };
@@ -126,22 +126,33 @@ fn cut(
     batches.extend(current);
 }
 
-/// Starts prefetching the listed chunks of `layers`; `None` when they list none. The thread
-/// ends when all are fetched (or failed: they stay on demand) or `shutdown` is triggered.
+/// Starts prefetching the listed chunks of `layers`; with `shared`, first fetches the lists
+/// other nodes published for the layers that have none and prefetches those too. `None`
+/// when there is nothing to do. The thread ends when all are fetched (or failed: they stay
+/// on demand) or `shutdown` is triggered.
 pub fn spawn(
     fetcher: Arc<Fetcher>,
-    layers: &[RemoteLayer],
+    layers: Arc<[RemoteLayer]>,
     deadline: Duration,
+    shared: Option<learn::share::Shared>,
     shutdown: Shutdown,
 ) -> Option<thread::JoinHandle<()>> {
-    let batches = plan(layers);
-    if batches.is_empty() {
+    let mut batches = plan(&layers);
+    let wanted = match &shared {
+        Some(shared) => learn::without_list(&layers, &shared.dir),
+        None => Vec::new(),
+    };
+    if batches.is_empty() && wanted.is_empty() {
         return None;
     }
-    let batches = Arc::new(batches);
     let spawned = thread::Builder::new()
         .name("prefetch".into())
-        .spawn(move || run(&fetcher, &batches, deadline, &shutdown));
+        .spawn(move || {
+            if let Some(shared) = shared.filter(|_| !wanted.is_empty()) {
+                batches.extend(shared_batches(&fetcher, &shared, &layers, &wanted));
+            }
+            run(&fetcher, &batches, deadline, &shutdown)
+        });
     match spawned {
         Ok(handle) => Some(handle),
         Err(err) => {
@@ -149,6 +160,42 @@ pub fn spawn(
             None
         }
     }
+}
+
+/// How long the look-up of shared lists may take: the start it serves is under way.
+const SHARED_WITHIN: Duration = Duration::from_secs(30);
+
+/// The batches of the lists other nodes published for layers `wanted`.
+fn shared_batches(
+    fetcher: &Fetcher,
+    shared: &learn::share::Shared,
+    layers: &[RemoteLayer],
+    wanted: &[Digest],
+) -> Vec<Batch> {
+    let found = fetcher
+        .runtime
+        .block_on(async { tokio::time::timeout(SHARED_WITHIN, shared.fetch(wanted)).await });
+    let found = match found {
+        Ok(Ok(found)) => found,
+        Ok(Err(err)) => {
+            let err = crate::error_chain(&err);
+            tracing::warn!(%err, subject = %shared.subject.digest, "shared learned lists not fetched");
+            return Vec::new();
+        }
+        Err(_) => {
+            tracing::warn!(subject = %shared.subject.digest, "shared learned lists not fetched in time");
+            return Vec::new();
+        }
+    };
+    let mut got: Vec<RemoteLayer> = layers
+        .iter()
+        .filter(|l| found.contains(&l.desc.digest))
+        .cloned()
+        .collect();
+    if learn::apply(&mut got, &shared.dir) > 0 {
+        tracing::info!(layers = got.len(), subject = %shared.subject.digest, "prefetching lists other nodes learned");
+    }
+    plan(&got)
 }
 
 fn run(fetcher: &Fetcher, batches: &[Batch], deadline: Duration, shutdown: &Shutdown) {

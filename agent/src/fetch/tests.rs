@@ -375,6 +375,7 @@ fn a_start_is_learned_in_the_order_it_read_and_becomes_the_next_mounts_prefetch_
         fetcher.clone(),
         std::slice::from_ref(layer),
         learned.clone(),
+        None,
         stop.clone(),
     )
     .expect("a layer with no list is watched");
@@ -395,7 +396,16 @@ fn a_start_is_learned_in_the_order_it_read_and_becomes_the_next_mounts_prefetch_
         .collect();
     assert_eq!(files, ["f7", "f2", "f4"], "first read first, once each");
     // A layer with a list is neither watched nor given another.
-    assert!(learn::spawn(fetcher.clone(), std::slice::from_ref(&again), learned, stop).is_none());
+    assert!(
+        learn::spawn(
+            fetcher.clone(),
+            std::slice::from_ref(&again),
+            learned,
+            None,
+            stop
+        )
+        .is_none()
+    );
 }
 
 #[test]

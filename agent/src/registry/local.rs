@@ -439,4 +439,15 @@ impl BlobSource for WithLocalBlobs {
     fn round_trip(&self) -> Option<std::time::Duration> {
         self.base.as_ref().and_then(|b| b.round_trip())
     }
+
+    async fn referrers(
+        &self,
+        subject: &Digest,
+        artifact_type: &str,
+    ) -> Result<Option<Bytes>, RegistryError> {
+        match &self.base {
+            Some(base) => base.referrers(subject, artifact_type).await,
+            None => Ok(None),
+        }
+    }
 }

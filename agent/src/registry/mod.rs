@@ -173,6 +173,18 @@ pub trait BlobSource: Send + Sync {
     fn round_trip(&self) -> Option<std::time::Duration> {
         None
     }
+
+    /// The image index the OCI referrers API lists for manifest `subject`, filtered to
+    /// `artifact_type` where the registry filters. `None` when the source has no referrers
+    /// API: its referrers are then found through the tag fallback (`sha256-<hex>`).
+    async fn referrers(
+        &self,
+        subject: &Digest,
+        artifact_type: &str,
+    ) -> Result<Option<Bytes>, RegistryError> {
+        let _ = (subject, artifact_type);
+        Ok(None)
+    }
 }
 
 /// Times to first byte of recent requests; their minimum is the round trip (queues and

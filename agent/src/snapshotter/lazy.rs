@@ -13,7 +13,7 @@ use crate::{
         digest::{Digest, DigestError},
         reference::{ImageRef, ReferenceError},
     },
-    registry::{RegistryError, open_source},
+    registry::{RegistryError, open_sink, open_source},
 };
 
 /// Errors mounting a lazy layer.
@@ -62,9 +62,12 @@ impl Snapshotter {
         )
         .await
         .map_err(LazyError::Open)?;
-        let Some(opened) = opened else {
+        let Some(mut opened) = opened else {
             return Ok(false);
         };
+        if self.config.mount.share_learned == crate::fetch::learn::share::Sharing::Publish {
+            opened.sink = Some(open_sink(&image, &self.config.http).map_err(LazyError::Source)?);
+        }
         let fs = self.dir(id).join("fs");
         if kept.is_none() {
             // A mount left by a snapshotter that died: its FUSE connection is gone.

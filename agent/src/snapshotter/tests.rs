@@ -62,6 +62,7 @@ async fn the_service_keeps_overlay_chains_and_its_metadata() {
             readahead_kb: None,
             prefetch: true,
             learned: None,
+            share_learned: Default::default(),
             platform: crate::oci::manifest::Platform::host(),
             fetch_totals: None,
         },

@@ -328,6 +328,12 @@ pub(crate) struct ServingArgs {
     /// in the cache directory).
     #[arg(long, value_name = "DIR")]
     pub(crate) learned_dir: Option<PathBuf>,
+    /// Learned lists and the image's registry: `use` prefetches lists other nodes
+    /// published for layers with none on this node; `publish` also publishes what this node
+    /// learns, as an OCI artifact attached to the image manifest (referrers API, or the
+    /// `sha256-<digest>` tag fallback; needs push access); `off` keeps lists on the node.
+    #[arg(long, default_value = "off", value_name = "off|use|publish")]
+    pub(crate) share_learned: imgstream::fetch::learn::share::Sharing,
     /// Do not fetch the chunks a layer's TOC lists as read at start (`imgstream convert
     /// --prefetch-from`, or eStargz's prioritised files) as soon as it is mounted.
     #[arg(long)]
@@ -386,6 +392,7 @@ impl ServingArgs {
             ),
             prefetch: !self.no_prefetch,
             learned,
+            share_learned: self.share_learned,
             threads: self.threads as usize,
             readahead_kb: self.fuse_readahead_kb,
             platform: self.platform,

@@ -282,6 +282,61 @@ impl BlobSource for RegistryClient {
             .map_err(|e| RegistryError::io(path, e))
     }
 
+    async fn referrers(
+        &self,
+        subject: &Digest,
+        artifact_type: &str,
+    ) -> Result<Option<Bytes>, RegistryError> {
+        // Asked of the origin only: a mirror that lacks the API would hide the origin's.
+        let url = self.url(
+            self.origin(),
+            &format!(
+                "referrers/{subject}?artifactType={}",
+                crate::query::encode(artifact_type)
+            ),
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::ACCEPT,
+            HeaderValue::from_static(crate::oci::manifest::OCI_INDEX),
+        );
+        let resp = self
+            .send(
+                Method::GET,
+                &url,
+                &headers,
+                Bytes::new(),
+                &self.scope(false),
+            )
+            .await?;
+        let status = resp.status();
+        let index = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with(crate::oci::manifest::OCI_INDEX));
+        // The spec: a registry without the API answers 404 (or, behind some proxies, 400 or
+        // 405); one with it answers an image index, even an empty one.
+        if !status.is_success() || !index {
+            if status.is_success()
+                || [
+                    StatusCode::NOT_FOUND,
+                    StatusCode::BAD_REQUEST,
+                    StatusCode::METHOD_NOT_ALLOWED,
+                ]
+                .contains(&status)
+            {
+                return Ok(None);
+            }
+            return Err(self
+                .error_for(resp, &url, &format!("referrers of {subject}"))
+                .await);
+        }
+        self.read_small(resp, MAX_MANIFEST as u64, &url)
+            .await
+            .map(Some)
+    }
+
     async fn read_range(&self, digest: &Digest, range: Range<u64>) -> Result<Bytes, RegistryError> {
         let len = range.end.checked_sub(range.start).filter(|&l| l > 0);
         let Some(len) = len else {

@@ -13,7 +13,10 @@
 //!
 //! The file is keyed by the layer's content digest, so it can only describe that layer;
 //! still, it is read as untrusted: bounded in size, and offsets that are not the start of one
-//! of the layer's chunks are dropped.
+//! of the layer's chunks are dropped. When asked, lists are also shared through the image's
+//! registry ([`share`]).
+
+pub mod share;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -36,11 +39,11 @@ pub const WINDOW: Duration = Duration::from_secs(60);
 /// Chunks a list holds at most (a TOC holds at most `estargz::MAX_ENTRIES` files).
 const MAX_CHUNKS: usize = 1 << 20;
 /// Largest list file read: more than [`MAX_CHUNKS`] offsets written as JSON.
-const MAX_FILE_BYTES: u64 = 32 << 20;
+pub(crate) const MAX_FILE_BYTES: u64 = 32 << 20;
 
-/// One layer's learned list as stored.
+/// One layer's learned list as stored (and as shared).
 #[derive(Debug, Serialize, Deserialize)]
-struct Stored {
+pub struct Stored {
     layer: Digest,
     /// Blob offsets of the chunks the start read, in the order it first read them.
     chunks: Vec<u64>,
@@ -89,6 +92,15 @@ pub fn apply(layers: &mut [RemoteLayer], dir: &Path) -> usize {
     applied
 }
 
+/// The layers with no list of their own and none learned in `dir`.
+pub(crate) fn without_list(layers: &[RemoteLayer], dir: &Path) -> Vec<Digest> {
+    layers
+        .iter()
+        .filter(|l| !has_own_list(l) && !path(dir, &l.desc.digest).exists())
+        .map(|l| l.desc.digest)
+        .collect()
+}
+
 fn has_own_list(layer: &RemoteLayer) -> bool {
     !layer.index.prefetch.is_empty() || layer.index.prefetch_end.is_some()
 }
@@ -132,11 +144,14 @@ fn load(dir: &Path, layer: &RemoteLayer) -> io::Result<Option<Vec<(usize, usize)
 }
 
 /// Starts watching the first start of the `layers` that have no list (own or learned) and
-/// writes what it read to `dir` when it ends. `None` when every layer has a list.
+/// writes what it read to `dir` when it ends, unless a list for the layer arrived there in
+/// the meantime (from the registry, or another mount); with `shared`, publishes it too.
+/// `None` when every layer has a list.
 pub fn spawn(
     fetcher: Arc<Fetcher>,
     layers: &[RemoteLayer],
     dir: PathBuf,
+    shared: Option<share::Shared>,
     stop: Shutdown,
 ) -> Option<thread::JoinHandle<()>> {
     let blobs: Vec<Digest> = layers
@@ -166,6 +181,10 @@ pub fn spawn(
                 if chunks.is_empty() {
                     continue;
                 }
+                if path(&dir, &blob).exists() {
+                    tracing::debug!(layer = %blob, "a list arrived while this start was watched; kept");
+                    continue;
+                }
                 let stored = Stored {
                     layer: blob,
                     chunks,
@@ -181,11 +200,41 @@ pub fn spawn(
                         tracing::warn!(%err, dir = %dir.display(), "learned prefetch list not written")
                     }
                 }
+                if let Some(shared) = shared.as_ref().filter(|s| s.sink.is_some()) {
+                    publish(&fetcher, shared, &stored);
+                }
             }
         });
     spawned
         .inspect_err(|err| tracing::warn!(%err, "no thread to learn the start's reads"))
         .ok()
+}
+
+/// How long publishing one list may take before it is given up.
+const PUBLISH_WITHIN: Duration = Duration::from_secs(60);
+
+fn publish(fetcher: &Fetcher, shared: &share::Shared, stored: &Stored) {
+    let published = fetcher
+        .runtime
+        .block_on(async { tokio::time::timeout(PUBLISH_WITHIN, shared.publish(stored)).await });
+    match published {
+        Ok(Ok(Some(artifact))) => tracing::info!(
+            layer = %stored.layer,
+            %artifact,
+            subject = %shared.subject.digest,
+            "learned prefetch list published for other nodes"
+        ),
+        Ok(Ok(None)) => {}
+        Ok(Err(err)) => {
+            let err = crate::error_chain(&err);
+            tracing::warn!(%err, layer = %stored.layer, "learned prefetch list not published");
+        }
+        Err(_) => tracing::warn!(
+            layer = %stored.layer,
+            secs = PUBLISH_WITHIN.as_secs(),
+            "learned prefetch list not published in time"
+        ),
+    }
 }
 
 /// Waits for the first read, then for the reads to go quiet (or the window to pass).
