@@ -20,18 +20,60 @@ use crate::{
     fetch::layer::RemoteLayer, image::estargz::Chunk, oci::digest::Digest, shutdown::Shutdown,
 };
 
-/// Requests in flight: enough that the link stays busy between one request's last byte
-/// and the next one's first.
+/// Requests in flight at least: enough that the link stays busy between one request's last
+/// byte and the next one's first.
 const CONCURRENCY: usize = 4;
+/// Requests in flight at most (each is a connection to the registry).
+const MAX_CONCURRENCY: usize = 16;
 /// The list is fetched in windows of about this many compressed bytes: within a window,
 /// chunks go in blob order so that neighbours share a request; windows go in list order, so
 /// what the container reads first still comes first.
 const WINDOW_BYTES: u64 = 1 << 20;
-/// Most compressed bytes one prefetch request asks for.
-const MAX_BATCH_BYTES: u64 = 512 << 10;
-/// Chunks between two listed ones are fetched too when they are at most this many
-/// compressed bytes: cheaper than the round trip of another request.
-const MAX_GAP_BYTES: u64 = 16 << 10;
+
+/// How the list is cut into range requests, sized by the link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Sizes {
+    /// Most compressed bytes one request asks for.
+    max_batch: u64,
+    /// Chunks between two listed ones are fetched too when they are at most this many
+    /// compressed bytes: cheaper than the round trip of another request.
+    max_gap: u64,
+}
+
+impl Sizes {
+    /// With no network in between (or none measured): small gaps, half-MiB requests.
+    const LOCAL: Sizes = Sizes {
+        max_batch: 512 << 10,
+        max_gap: 16 << 10,
+    };
+
+    /// Requests in flight for `batches`: enough that their bytes cover two bandwidth-delay
+    /// products, since a list learned from reads is scattered over the layer and most of
+    /// its requests are small.
+    fn concurrency(bdp: Option<u64>, batches: &[Batch]) -> usize {
+        let Some(bdp) = bdp.filter(|_| !batches.is_empty()) else {
+            return CONCURRENCY;
+        };
+        let bytes: u64 = batches.iter().map(Batch::bytes).sum();
+        let mean = (bytes / batches.len() as u64).max(1);
+        let wanted = (2 * bdp).div_ceil(mean);
+        usize::try_from(wanted)
+            .unwrap_or(MAX_CONCURRENCY)
+            .clamp(CONCURRENCY, MAX_CONCURRENCY)
+    }
+
+    /// For a link whose bandwidth-delay product is `bdp`: a request's round trip costs what
+    /// `bdp` bytes would take to arrive, so a gap of a quarter of that is cheaper to fetch
+    /// than to skip with another request, and a request of one product keeps the link busy
+    /// across its own round trip.
+    fn for_link(bdp: Option<u64>) -> Sizes {
+        let Some(bdp) = bdp else { return Self::LOCAL };
+        Sizes {
+            max_batch: bdp.clamp(Self::LOCAL.max_batch, 4 << 20),
+            max_gap: (bdp / 4).clamp(Self::LOCAL.max_gap, 1 << 20),
+        }
+    }
+}
 
 /// Chunks adjacent in one blob, fetched with one range request.
 struct Batch {
@@ -39,8 +81,14 @@ struct Batch {
     chunks: Vec<Chunk>,
 }
 
+impl Batch {
+    fn bytes(&self) -> u64 {
+        self.chunks.iter().map(|c| c.blob_end - c.blob_offset).sum()
+    }
+}
+
 /// The prefetch lists of `layers` as range requests, in list order by window.
-fn plan(layers: &[RemoteLayer]) -> Vec<Batch> {
+fn plan(layers: &[RemoteLayer], sizes: Sizes) -> Vec<Batch> {
     let mut seen = HashSet::new();
     let mut batches: Vec<Batch> = Vec::new();
     for layer in layers {
@@ -71,6 +119,7 @@ fn plan(layers: &[RemoteLayer]) -> Vec<Batch> {
                     layer.desc.digest,
                     &window,
                     &by_offset,
+                    sizes,
                     &mut seen,
                     &mut batches,
                 );
@@ -88,6 +137,7 @@ fn cut(
     blob: Digest,
     window: &[&Chunk],
     by_offset: &[&Chunk],
+    sizes: Sizes,
     seen: &mut HashSet<Digest>,
     batches: &mut Vec<Batch>,
 ) {
@@ -100,8 +150,8 @@ fn cut(
             );
             let gap = chunk.blob_offset.saturating_sub(end);
             if chunk.blob_offset >= end
-                && gap <= MAX_GAP_BYTES
-                && chunk.blob_end - start <= MAX_BATCH_BYTES
+                && gap <= sizes.max_gap
+                && chunk.blob_end - start <= sizes.max_batch
             {
                 let from = by_offset.partition_point(|c| c.blob_offset < end);
                 for &filler in by_offset[from..]
@@ -137,7 +187,10 @@ pub fn spawn(
     shared: Option<learn::share::Shared>,
     shutdown: Shutdown,
 ) -> Option<thread::JoinHandle<()>> {
-    let mut batches = plan(&layers);
+    // The mount's own requests (footer, TOC) have measured the link by now.
+    let bdp = fetcher.link_bdp();
+    let sizes = Sizes::for_link(bdp);
+    let mut batches = plan(&layers, sizes);
     let wanted = match &shared {
         Some(shared) => learn::without_list(&layers, &shared.dir),
         None => Vec::new(),
@@ -149,9 +202,10 @@ pub fn spawn(
         .name("prefetch".into())
         .spawn(move || {
             if let Some(shared) = shared.filter(|_| !wanted.is_empty()) {
-                batches.extend(shared_batches(&fetcher, &shared, &layers, &wanted));
+                batches.extend(shared_batches(&fetcher, &shared, &layers, &wanted, sizes));
             }
-            run(&fetcher, &batches, deadline, &shutdown)
+            let workers = Sizes::concurrency(bdp, &batches);
+            run(&fetcher, &batches, workers, deadline, &shutdown)
         });
     match spawned {
         Ok(handle) => Some(handle),
@@ -171,6 +225,7 @@ fn shared_batches(
     shared: &learn::share::Shared,
     layers: &[RemoteLayer],
     wanted: &[Digest],
+    sizes: Sizes,
 ) -> Vec<Batch> {
     let found = fetcher
         .runtime
@@ -195,15 +250,21 @@ fn shared_batches(
     if learn::apply(&mut got, &shared.dir) > 0 {
         tracing::info!(layers = got.len(), subject = %shared.subject.digest, "prefetching lists other nodes learned");
     }
-    plan(&got)
+    plan(&got, sizes)
 }
 
-fn run(fetcher: &Fetcher, batches: &[Batch], deadline: Duration, shutdown: &Shutdown) {
+fn run(
+    fetcher: &Fetcher,
+    batches: &[Batch],
+    workers: usize,
+    deadline: Duration,
+    shutdown: &Shutdown,
+) {
     let started = Instant::now();
     let next = AtomicUsize::new(0);
     let (bytes, chunks, failed) = (AtomicU64::new(0), AtomicUsize::new(0), AtomicUsize::new(0));
     thread::scope(|scope| {
-        for _ in 0..CONCURRENCY {
+        for _ in 0..workers {
             scope.spawn(|| {
                 while !shutdown.is_triggered() {
                     let Some(batch) = batches.get(next.fetch_add(1, Ordering::Relaxed)) else {
@@ -220,14 +281,7 @@ fn run(fetcher: &Fetcher, batches: &[Batch], deadline: Duration, shutdown: &Shut
                     match fetcher.get(&refs, Priority::OnDemand, Instant::now() + deadline) {
                         Ok(_) => {
                             chunks.fetch_add(refs.len(), Ordering::Relaxed);
-                            bytes.fetch_add(
-                                batch
-                                    .chunks
-                                    .iter()
-                                    .map(|c| c.blob_end - c.blob_offset)
-                                    .sum(),
-                                Ordering::Relaxed,
-                            );
+                            bytes.fetch_add(batch.bytes(), Ordering::Relaxed);
                         }
                         Err(err) => {
                             failed.fetch_add(1, Ordering::Relaxed);
@@ -243,8 +297,60 @@ fn run(fetcher: &Fetcher, batches: &[Batch], deadline: Duration, shutdown: &Shut
         chunks = chunks.into_inner(),
         bytes = bytes.into_inner(),
         failed_batches = failed.into_inner(),
+        requests_in_flight = workers,
         secs = started.elapsed().as_secs_f32(),
         stopped = shutdown.is_triggered(),
         "prefetch done"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_grow_with_the_link_within_bounds() {
+        assert_eq!(Sizes::for_link(None), Sizes::LOCAL);
+        // A loopback registry: the local sizes are the floor.
+        assert_eq!(Sizes::for_link(Some(2_000)), Sizes::LOCAL);
+        // 100 Mbit/s at 50 ms: 625 KB per round trip.
+        let far = Sizes::for_link(Some(625_000));
+        assert_eq!((far.max_batch, far.max_gap), (625_000, 156_250));
+        // Gigabit at 100 ms: capped.
+        let huge = Sizes::for_link(Some(12_500_000));
+        assert_eq!((huge.max_batch, huge.max_gap), (4 << 20, 1 << 20));
+    }
+
+    #[test]
+    fn small_scattered_requests_go_more_at_a_time() {
+        let chunk = |size: u64| Chunk {
+            file_offset: 0,
+            size,
+            blob_offset: 0,
+            blob_end: size,
+            digest: Digest::of(b"chunk"),
+        };
+        let of = |size: u64, n: usize| -> Vec<Batch> {
+            (0..n)
+                .map(|_| Batch {
+                    blob: Digest::of(b"blob"),
+                    chunks: vec![chunk(size)],
+                })
+                .collect()
+        };
+        // No network measured, or nothing to fetch: the floor.
+        assert_eq!(Sizes::concurrency(None, &of(1000, 10)), CONCURRENCY);
+        assert_eq!(Sizes::concurrency(Some(625_000), &[]), CONCURRENCY);
+        // 50 ms at 100 Mbit/s: 1.25 MB in flight takes eight 160 kB requests...
+        assert_eq!(Sizes::concurrency(Some(625_000), &of(160_000, 100)), 8);
+        // ...and more than the cap of 20 kB ones; half-MiB ones need no more than the floor.
+        assert_eq!(
+            Sizes::concurrency(Some(625_000), &of(20_000, 100)),
+            MAX_CONCURRENCY
+        );
+        assert_eq!(
+            Sizes::concurrency(Some(625_000), &of(512 << 10, 100)),
+            CONCURRENCY
+        );
+    }
 }

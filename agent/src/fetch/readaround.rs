@@ -13,12 +13,14 @@
 //! almost nothing, for a source with no network (a local layout) it is nothing, and 50 ms
 //! away at 100 Mbit/s it is about a megabyte.
 //!
-//! A reader whose misses in one file land where the last window ended is reading that file
-//! through (a large data file, a model's weights): its window doubles on each such miss, up
-//! to a cap, as the kernel's readahead does. Across files it does not: a start that loads a
-//! directory of modules in name order also misses in blob order, file after file, and wants
-//! what it loads, not the megabytes after it. (A tree read whole is served by the background
-//! download going to full speed instead, see `background`.)
+//! A reader whose misses land where the last window ended is reading the layer in order: its
+//! window doubles on each such miss, as the kernel's readahead does. Within one file (a large
+//! data file, a model's weights) up to the cap; across files only up to
+//! [`CROSS_FILE_GROWTH`] times the base window: a start that loads a directory of modules in
+//! name order also misses in blob order, file after file, and each doubling saves it round
+//! trips, but it wants what it loads, not the megabytes after it. (A tree read whole is
+//! served by the background download going to full speed once most of the image was fetched
+//! for it, see [`super::GREEDY_SHARE`].)
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -54,6 +56,8 @@ const RATE_SAMPLE_BYTES: u64 = 128 << 10;
 const ASSUMED_RATE: f64 = 12.5e6;
 /// A miss this close after where the last window ended continues a read in blob order.
 const SEQUENTIAL_SLACK: u64 = 64 << 10;
+/// A read in blob order across files grows its window to at most this many base windows.
+const CROSS_FILE_GROWTH: u64 = 8;
 
 /// The bandwidth of the link to one source, from recent large responses.
 #[derive(Debug, Default)]
@@ -155,8 +159,14 @@ impl ReadAround {
             ((self.bdp(rtt) as f64 * self.config.bdp_multiple) as u64).min(self.config.max_window);
         let mut streams = crate::sync::lock(&self.streams);
         let window = match streams.get(&blob) {
-            Some(s) if s.file == file && start >= s.end && start - s.end <= SEQUENTIAL_SLACK => {
-                (s.window.max(base) * 2).min(self.config.max_window)
+            Some(s) if start >= s.end && start - s.end <= SEQUENTIAL_SLACK => {
+                let cap = if s.file == file {
+                    self.config.max_window
+                } else {
+                    base.saturating_mul(CROSS_FILE_GROWTH)
+                        .min(self.config.max_window)
+                };
+                (s.window.max(base) * 2).min(cap)
             }
             _ => base,
         };
@@ -251,12 +261,21 @@ mod tests {
             ra.window(Digest::of(b"other"), 7, (at, at + 1000), rtt),
             base
         );
-        // A miss inside the last window, far after it, or in another file where the window
-        // ended, is no read in order.
+        // A miss inside the last window, or far after it, is no read in order.
         assert_eq!(ra.window(blob(), 7, (at - 10, at), rtt), base);
         let far = at + base + (1 << 20);
         assert_eq!(ra.window(blob(), 7, (far, far + 1000), rtt), base);
-        let end = far + 1000 + base;
-        assert_eq!(ra.window(blob(), 8, (end, end + 1000), rtt), base);
+        // File after file where the windows ended: growing, to eight base windows only.
+        let mut at = far + 1000 + base;
+        let mut windows = Vec::new();
+        for file in 8..14 {
+            let w = ra.window(blob(), file, (at, at + 1000), rtt);
+            windows.push(w);
+            at += 1000 + w;
+        }
+        assert_eq!(
+            windows,
+            [200_000, 400_000, 800_000, 800_000, 800_000, 800_000]
+        );
     }
 }
