@@ -24,7 +24,7 @@ use imgstream::{
         http::{HttpConfig, RegistryClient},
     },
 };
-use support::{Fault, Proxy, Registry};
+use support::{Fault, Proxy, Recorder, Registry};
 
 const IMGSTREAM: &str = env!("CARGO_BIN_EXE_imgstream");
 
@@ -673,4 +673,89 @@ async fn https_with_a_custom_ca_and_a_clear_error_without_it() {
     );
     drop(registry);
     std::fs::remove_dir_all(&scratch).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_never_gets_the_origins_credentials() {
+    let registry = Registry::start("creds-mirror", Some(("tester", "s3cret")));
+    let origin = registry.host();
+    // A mirror that asks for credentials, and then for a token from a realm of its own.
+    let basic = Recorder::start(
+        "401 Unauthorized",
+        &["WWW-Authenticate: Basic realm=\"mirror\"".into()],
+        "",
+    );
+    let realm = Recorder::start("200 OK", &[], r#"{"token":"mirror-token"}"#);
+    let bearer = Recorder::start(
+        "401 Unauthorized",
+        &[format!(
+            "WWW-Authenticate: Bearer realm=\"http://{}/token\",service=\"mirror\"",
+            realm.host()
+        )],
+        "",
+    );
+    for mirror in [&basic, &bearer] {
+        let mut config = http(&[&origin, &mirror.host()]);
+        config.mirrors =
+            BTreeMap::from([(origin.clone(), vec![format!("http://{}", mirror.host())])]);
+        let client = RegistryClient::new(&origin, "private/app", config)
+            .unwrap()
+            .with_credentials(imgstream::registry::http::Credentials {
+                username: "tester".into(),
+                password: "s3cret".into(),
+            });
+        // The mirror fails; the origin takes the credentials and answers (no such tag).
+        let err = client.manifest("v1").await.unwrap_err();
+        let RegistryError::AllEndpointsFailed { source, .. } = &err else {
+            panic!("{err:?}");
+        };
+        assert!(
+            matches!(**source, RegistryError::NotFound { .. }),
+            "the origin answered with the credentials: {err:?}"
+        );
+        assert!(!mirror.heads().is_empty(), "the mirror was asked first");
+        assert!(!mirror.saw_credentials(), "{:?}", mirror.heads());
+    }
+    assert_eq!(realm.heads().len(), 1, "the mirror's realm was asked once");
+    assert!(!realm.saw_credentials(), "{:?}", realm.heads());
+    let mirror_requests = bearer.heads();
+    assert!(
+        mirror_requests
+            .iter()
+            .any(|h| h.contains("Bearer mirror-token")),
+        "the mirror's own token goes to the mirror: {mirror_requests:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_go_to_a_plain_http_realm_only_on_a_host_allowed_insecure() {
+    let realm = Recorder::start("200 OK", &[], r#"{"token":"t"}"#);
+    let port = realm.addr.port();
+    // "localhost" and "127.0.0.1" are the same machine but not the same host name: only the
+    // second is allowed plain HTTP below.
+    for (realm_host, trusted) in [("localhost", false), ("127.0.0.1", true)] {
+        let before = realm.heads().len();
+        let registry = Recorder::start(
+            "401 Unauthorized",
+            &[format!(
+                "WWW-Authenticate: Bearer realm=\"http://{realm_host}:{port}/token\",service=\"s\""
+            )],
+            "",
+        );
+        let client =
+            RegistryClient::new(&registry.host(), "private/app", http(&[&registry.host()]))
+                .unwrap()
+                .with_credentials(imgstream::registry::http::Credentials {
+                    username: "tester".into(),
+                    password: "s3cret".into(),
+                });
+        let err = client.manifest("v1").await.unwrap_err();
+        assert!(matches!(err, RegistryError::Unauthorized { .. }), "{err:?}");
+        let heads = realm.heads();
+        assert_eq!(heads.len(), before + 1, "one token request");
+        let sent = heads[before]
+            .to_ascii_lowercase()
+            .contains("\r\nauthorization: basic");
+        assert_eq!(sent, trusted, "realm {realm_host}: {}", heads[before]);
+    }
 }

@@ -27,6 +27,7 @@ pub mod images;
 pub mod network;
 pub mod processes;
 pub mod proxy;
+pub mod recorder;
 pub mod registry;
 pub mod token;
 
@@ -35,6 +36,7 @@ pub use images::*;
 pub use network::*;
 pub use processes::*;
 pub use proxy::*;
+pub use recorder::*;
 pub use registry::*;
 pub use token::*;
 

@@ -87,8 +87,8 @@ pub struct RegistryClient {
     /// Base URLs: mirrors first, origin last.
     endpoints: Vec<String>,
     credentials: Option<Credentials>,
-    /// `Authorization` values learnt from challenges: by scope for bearer tokens, under
-    /// [`ANY_SCOPE`] for Basic.
+    /// `Authorization` values learnt from challenges, by endpoint (scheme, host, port) and
+    /// then by scope for bearer tokens, under [`ANY_SCOPE`] for Basic.
     auth: Mutex<BTreeMap<String, String>>,
     config: HttpConfig,
     /// Times to first byte of range requests.

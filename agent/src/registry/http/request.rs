@@ -84,7 +84,7 @@ impl RegistryClient {
         scope: &str,
     ) -> Result<Response<Incoming>, RegistryError> {
         let mut url = url.to_string();
-        let mut auth = self.auth_header(scope);
+        let mut auth = self.auth_header(&url, scope);
         for _ in 0..=MAX_REDIRECTS {
             let mut req = Request::builder().method(method.clone()).uri(&url);
             for (k, v) in headers {
@@ -122,8 +122,9 @@ impl RegistryClient {
                     .and_then(|v| v.to_str().ok())
             {
                 let next = url::resolve_or_err(&url, location)?;
-                // Credentials stay with the registry: never send them to another host.
-                if url::authority(&next) != url::authority(&url) {
+                // Credentials stay with the endpoint: never sent to another host, nor in the
+                // clear after an https -> http redirect.
+                if url::origin_of(&next) != url::origin_of(&url) {
                     auth = None;
                 }
                 url = next;
@@ -137,9 +138,31 @@ impl RegistryClient {
         })
     }
 
-    fn auth_header(&self, scope: &str) -> Option<String> {
+    /// What to authorise a request to `url` with: what that endpoint's challenge got for
+    /// `scope`, else for any scope. A token a mirror's realm gave is the mirror's, the origin's
+    /// is the origin's.
+    fn auth_header(&self, url: &str, scope: &str) -> Option<String> {
         let auth = crate::sync::lock(&self.auth);
-        auth.get(scope).or_else(|| auth.get(ANY_SCOPE)).cloned()
+        auth.get(&auth_key(url, scope))
+            .or_else(|| auth.get(&auth_key(url, ANY_SCOPE)))
+            .cloned()
+    }
+
+    /// Whether `url` is on the origin (the registry the configured credentials are for), not
+    /// a mirror.
+    fn is_origin(&self, url: &str) -> bool {
+        url::origin_of(url) == url::origin_of(self.origin())
+    }
+
+    /// Whether the configured credentials may go to token realm `realm`: over https, or to a
+    /// host the operator allowed plain HTTP for (`--insecure-registry`, port aside).
+    fn realm_trusted(&self, realm: &str) -> bool {
+        url::is_https(realm)
+            || self
+                .config
+                .insecure
+                .iter()
+                .any(|allowed| url::host(&format!("http://{allowed}")) == url::host(realm))
     }
 
     /// Answers a 401: stores a Basic header or fetches a bearer token for `scope`.
@@ -156,10 +179,16 @@ impl RegistryClient {
         };
         match challenge {
             Some(Challenge::Basic) => {
+                if !self.is_origin(url) {
+                    return Err(unauthorized(
+                        "a mirror asks for credentials: the configured ones are the origin's and go nowhere else",
+                    ));
+                }
                 let creds = self.credentials.as_ref().ok_or_else(|| {
                     unauthorized("the registry wants credentials and none are configured")
                 })?;
-                crate::sync::lock(&self.auth).insert(ANY_SCOPE.into(), creds.basic_header());
+                crate::sync::lock(&self.auth)
+                    .insert(auth_key(url, ANY_SCOPE), creds.basic_header());
                 Ok(())
             }
             Some(Challenge::Bearer { realm, service, .. }) => {
@@ -173,10 +202,16 @@ impl RegistryClient {
                 token_url.pop();
                 let mut headers = HeaderMap::new();
                 if let Some(creds) = &self.credentials {
-                    headers.insert(
-                        header::AUTHORIZATION,
-                        url::header_value(&creds.basic_header())?,
-                    );
+                    if !self.is_origin(url) {
+                        tracing::debug!(%url, "a mirror's token realm gets no credentials: an anonymous token is asked for");
+                    } else if !self.realm_trusted(&realm) {
+                        tracing::warn!(%realm, "token realm is plain HTTP on a host not allowed insecure: credentials withheld, an anonymous token is asked for");
+                    } else {
+                        headers.insert(
+                            header::AUTHORIZATION,
+                            url::header_value(&creds.basic_header())?,
+                        );
+                    }
                 }
                 let secs = self.config.timeout.as_secs();
                 let req = {
@@ -217,7 +252,8 @@ impl RegistryClient {
                 }
                 let token = auth::token_from_response(&body)
                     .ok_or_else(|| unauthorized("the token server's answer has no token"))?;
-                crate::sync::lock(&self.auth).insert(scope.to_string(), format!("Bearer {token}"));
+                crate::sync::lock(&self.auth)
+                    .insert(auth_key(url, scope), format!("Bearer {token}"));
                 Ok(())
             }
             None => Err(unauthorized(
@@ -340,4 +376,9 @@ impl RegistryClient {
             }
         }
     }
+}
+
+/// Stored authorisation is per endpoint (scheme, host and port) and scope.
+fn auth_key(url: &str, scope: &str) -> String {
+    format!("{} {scope}", url::origin_of(url))
 }

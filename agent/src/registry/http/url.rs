@@ -49,6 +49,33 @@ pub(super) fn authority(url: &str) -> String {
         .unwrap_or_default()
 }
 
+/// The scheme and the host and port of `url`: credentials for one are never sent to
+/// another (an https -> http redirect to the same host drops them too).
+pub(super) fn origin_of(url: &str) -> String {
+    let scheme = url
+        .parse::<Uri>()
+        .ok()
+        .and_then(|u| u.scheme_str().map(str::to_ascii_lowercase))
+        .unwrap_or_default();
+    format!("{scheme}://{}", authority(url))
+}
+
+/// Whether `url` is https.
+pub(super) fn is_https(url: &str) -> bool {
+    url.parse::<Uri>().ok().is_some_and(|u| {
+        u.scheme_str()
+            .is_some_and(|s| s.eq_ignore_ascii_case("https"))
+    })
+}
+
+/// The host of `url`, without its port.
+pub(super) fn host(url: &str) -> String {
+    url.parse::<Uri>()
+        .ok()
+        .and_then(|u| u.host().map(str::to_ascii_lowercase))
+        .unwrap_or_default()
+}
+
 pub(super) fn header_value(s: &str) -> Result<HeaderValue, RegistryError> {
     HeaderValue::from_str(s)
         .map_err(|_| RegistryError::BadHeaderValue(s.chars().take(300).collect()))
@@ -109,5 +136,25 @@ mod tests {
         assert_eq!(content_range_start("bytes 100-199/1000"), Some(100));
         assert_eq!(content_range_start("items 1-2"), None);
         assert!(header_value("bad\nvalue").is_err());
+    }
+}
+
+#[cfg(test)]
+mod credential_tests {
+    use super::*;
+
+    #[test]
+    fn an_origin_is_scheme_host_and_port() {
+        let a = "https://reg.example:5000/v2/app/blobs/x";
+        assert_eq!(origin_of(a), "https://reg.example:5000");
+        assert_eq!(origin_of("https://REG.example:5000/other"), origin_of(a));
+        // Same host, plain HTTP: another origin, so a redirect there drops the credentials.
+        assert_ne!(
+            origin_of("http://reg.example:5000/v2/app/blobs/x"),
+            origin_of(a)
+        );
+        assert_ne!(origin_of("https://reg.example:5001/"), origin_of(a));
+        assert!(is_https(a) && !is_https("http://reg.example/"));
+        assert_eq!(host("http://Auth.example:8080/token?x=1"), "auth.example");
     }
 }
