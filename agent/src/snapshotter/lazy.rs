@@ -16,6 +16,10 @@ use crate::{
     registry::{RegistryError, open_sink, open_source},
 };
 
+/// How long a lazy layer's manifest, footer and TOC may take together before Prepare gives
+/// up on it (containerd then unpacks the layer: a full pull, slower but sure).
+const OPEN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Errors mounting a lazy layer.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum LazyError {
@@ -27,6 +31,8 @@ pub(super) enum LazyError {
     Source(#[source] RegistryError),
     #[error("opening the layer")]
     Open(#[source] MountError),
+    #[error("the manifest, footer and TOC did not arrive within {0} s")]
+    Deadline(u64),
     #[error("preparing the mount point")]
     Dir(#[source] std::io::Error),
     #[error("the mount task failed")]
@@ -53,14 +59,20 @@ impl Snapshotter {
             .or_else(|| image.manifest_reference())
             .unwrap_or_default();
         let layer: Digest = remote.layer.parse()?;
-        let opened = mount::open_one_layer(
-            source,
-            &reference,
-            &self.config.mount.platform,
-            &self.cache,
-            &layer,
+        // Every response has a per-frame timeout; a registry that trickles bytes passes it
+        // forever, so the whole opening has one deadline too.
+        let opened = tokio::time::timeout(
+            OPEN_DEADLINE,
+            mount::open_one_layer(
+                source,
+                &reference,
+                &self.config.mount.platform,
+                &self.cache,
+                &layer,
+            ),
         )
         .await
+        .map_err(|_| LazyError::Deadline(OPEN_DEADLINE.as_secs()))?
         .map_err(LazyError::Open)?;
         let Some(mut opened) = opened else {
             return Ok(false);

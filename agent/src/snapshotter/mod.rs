@@ -102,6 +102,8 @@ pub struct Snapshotter {
     keeper_ok: std::sync::atomic::AtomicBool,
     /// Serialises metadata changes (containerd's calls for one image come in order anyway).
     write: tokio::sync::Mutex<()>,
+    /// Per target snapshot, the lock its lazy mount holds while it talks to the registry.
+    targets: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl std::fmt::Debug for Snapshotter {
@@ -138,6 +140,7 @@ impl Snapshotter {
             keeper: config.keeper.as_deref().map(Keeper::new),
             keeper_ok: std::sync::atomic::AtomicBool::new(true),
             write: tokio::sync::Mutex::new(()),
+            targets: Mutex::new(HashMap::new()),
             config,
         });
         this.remount_all()

@@ -96,71 +96,39 @@ impl Snapshotter {
         kind: Kind,
     ) -> Result<Vec<Mount>, Status> {
         let labels: BTreeMap<String, String> = labels.into_iter().collect();
-        let _write = self.write.lock().await;
-        if key.is_empty() {
-            return Err(Status::invalid_argument("empty snapshot key"));
-        }
-        if self.meta.get(key)?.is_some() {
-            return Err(Status::already_exists(format!("snapshot {key} exists")));
-        }
-        if !parent.is_empty() {
-            let p = self.meta.get(parent)?.ok_or_else(|| {
-                Status::not_found(format!("parent snapshot {parent} does not exist"))
-            })?;
-            if p.kind != Kind::Committed as i32 {
-                return Err(Status::failed_precondition(format!(
-                    "parent {parent} is not committed"
-                )));
-            }
-        }
-        if kind == Kind::Active
-            && let Some(target) = labels.get(TARGET_REF)
-            && let (Some(image_ref), Some(layer)) =
-                (labels.get(CRI_IMAGE_REF), labels.get(CRI_LAYER_DIGEST))
-        {
-            if self.meta.get(target)?.is_some() {
-                return Err(Status::already_exists(format!(
-                    "target snapshot {target} exists"
-                )));
-            }
-            let id = self.meta.next_id()?;
-            let remote = Remote {
-                image_ref: image_ref.clone(),
-                manifest: labels.get(CRI_MANIFEST_DIGEST).cloned(),
-                layer: layer.clone(),
-            };
-            match self.mount_lazy(id, &remote, None).await {
-                Ok(true) => {
-                    let mut labels = labels.clone();
-                    labels.insert(REMOTE_LABEL.into(), "imgstream".into());
-                    let now = now_ns();
-                    let snap = Snapshot {
-                        id,
-                        kind: Kind::Committed as i32,
-                        parent: parent.to_string(),
-                        labels,
-                        created_ns: now,
-                        updated_ns: now,
-                        remote: Some(remote),
+        let lazy = {
+            let _write = self.write.lock().await;
+            self.check_prepare(key, parent)?;
+            match (
+                kind,
+                labels.get(TARGET_REF),
+                labels.get(CRI_IMAGE_REF),
+                labels.get(CRI_LAYER_DIGEST),
+            ) {
+                (Kind::Active, Some(target), Some(image_ref), Some(layer)) => {
+                    if self.meta.get(target)?.is_some() {
+                        return Err(Status::already_exists(format!(
+                            "target snapshot {target} exists"
+                        )));
+                    }
+                    let remote = Remote {
+                        image_ref: image_ref.clone(),
+                        manifest: labels.get(CRI_MANIFEST_DIGEST).cloned(),
+                        layer: layer.clone(),
                     };
-                    self.meta.apply(&[(target, Some(&snap))])?;
-                    tracing::info!(%target, %layer, image = %image_ref, "layer mounted lazily");
-                    // containerd takes AlreadyExists on the target as "this layer is there".
-                    return Err(Status::already_exists(format!(
-                        "target snapshot {target} exists (mounted lazily)"
-                    )));
+                    Some((target.clone(), remote, self.meta.next_id()?))
                 }
-                Ok(false) => {
-                    tracing::debug!(%layer, "not eStargz: unpacked by containerd");
-                    let _ = std::fs::remove_dir_all(self.dir(id));
-                }
-                Err(err) => {
-                    let err = crate::error_chain(&err);
-                    tracing::warn!(%layer, %err, "lazy mount failed; containerd unpacks the layer");
-                    let _ = std::fs::remove_dir_all(self.dir(id));
-                }
+                _ => None,
             }
+        };
+        // The lazy mount talks to the registry: without the write lock, so that a slow
+        // registry holds up only the Prepares of this target, not every call on the node.
+        if let Some((target, remote, id)) = lazy {
+            self.prepare_lazy(&target, &remote, id, &labels, parent)
+                .await?;
         }
+        let _write = self.write.lock().await;
+        self.check_prepare(key, parent)?;
         let id = self.meta.next_id()?;
         let dir = self.dir(id);
         // The snapshot's own directory is private; `fs` keeps the usual 0755, as it is the
@@ -181,6 +149,118 @@ impl Snapshotter {
         };
         self.meta.apply(&[(key, Some(&snap))])?;
         self.mounts_of(&snap)
+    }
+
+    /// What Prepare needs of `key` and `parent`: a new key, a committed parent.
+    fn check_prepare(&self, key: &str, parent: &str) -> Result<(), Status> {
+        if key.is_empty() {
+            return Err(Status::invalid_argument("empty snapshot key"));
+        }
+        if self.meta.get(key)?.is_some() {
+            return Err(Status::already_exists(format!("snapshot {key} exists")));
+        }
+        if !parent.is_empty() {
+            let p = self.meta.get(parent)?.ok_or_else(|| {
+                Status::not_found(format!("parent snapshot {parent} does not exist"))
+            })?;
+            if p.kind != Kind::Committed as i32 {
+                return Err(Status::failed_precondition(format!(
+                    "parent {parent} is not committed"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Mounts layer `remote` lazily as snapshot `target` (id `id`). `Err(AlreadyExists)` is
+    /// success as containerd reads it ("this layer is there"); `Ok` means it could not be
+    /// mounted lazily, and containerd unpacks it into the snapshot Prepare makes.
+    async fn prepare_lazy(
+        &self,
+        target: &str,
+        remote: &Remote,
+        id: u64,
+        labels: &BTreeMap<String, String>,
+        parent: &str,
+    ) -> Result<(), Status> {
+        let exists =
+            || Status::already_exists(format!("target snapshot {target} exists (mounted lazily)"));
+        // One lazy mount of a target at a time: a second Prepare of it waits for the first.
+        let serial = self.target_lock(target);
+        let _target = serial.lock().await;
+        if self.meta.get(target)?.is_some() {
+            return Err(exists());
+        }
+        let layer = &remote.layer;
+        let outcome = self.mount_lazy(id, remote, None).await;
+        let result = match outcome {
+            Ok(true) => {
+                let mut labels = labels.clone();
+                labels.insert(REMOTE_LABEL.into(), "imgstream".into());
+                let now = now_ns();
+                let snap = Snapshot {
+                    id,
+                    kind: Kind::Committed as i32,
+                    parent: parent.to_string(),
+                    labels,
+                    created_ns: now,
+                    updated_ns: now,
+                    remote: Some(remote.clone()),
+                };
+                let stored = {
+                    let _write = self.write.lock().await;
+                    self.meta.apply(&[(target, Some(&snap))])
+                };
+                match stored {
+                    Ok(()) => {
+                        tracing::info!(%target, %layer, image = %remote.image_ref, "layer mounted lazily");
+                        // containerd takes AlreadyExists on the target as "this layer is there".
+                        Err(exists())
+                    }
+                    Err(err) => {
+                        self.unmount_lazy(id).await;
+                        Err(err.into())
+                    }
+                }
+            }
+            Ok(false) => {
+                tracing::debug!(%layer, "not eStargz: unpacked by containerd");
+                let _ = std::fs::remove_dir_all(self.dir(id));
+                Ok(())
+            }
+            Err(err) => {
+                let err = crate::error_chain(&err);
+                tracing::warn!(%layer, %err, "lazy mount failed; containerd unpacks the layer");
+                let _ = std::fs::remove_dir_all(self.dir(id));
+                Ok(())
+            }
+        };
+        drop(_target);
+        self.release_target_lock(target, serial);
+        result
+    }
+
+    /// The lock that serialises lazy mounts of `target`.
+    fn target_lock(&self, target: &str) -> Arc<tokio::sync::Mutex<()>> {
+        crate::sync::lock(&self.targets)
+            .entry(target.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Forgets `target`'s lock once nobody else holds or waits for it.
+    fn release_target_lock(&self, target: &str, serial: Arc<tokio::sync::Mutex<()>>) {
+        let mut targets = crate::sync::lock(&self.targets);
+        // The map's reference and ours: nobody else has it.
+        if Arc::strong_count(&serial) == 2 {
+            targets.remove(target);
+        }
+    }
+
+    /// Unmounts lazy layer `id` (its background download joined) off the async workers.
+    pub(super) async fn unmount_lazy(&self, id: u64) {
+        let mounted = crate::sync::lock(&self.lazy).remove(&id);
+        drop_mounts(mounted.into_iter().collect()).await;
     }
 }
 
@@ -287,8 +367,9 @@ impl Snapshots for Service {
             )));
         }
         self.0.meta.apply(&[(&key, None)])?;
-        let mounted = crate::sync::lock(&self.0.lazy).remove(&snap.id);
-        drop_mounts(mounted.into_iter().collect()).await;
+        // Unmounting joins the layer's threads: not under the lock.
+        drop(_write);
+        self.0.unmount_lazy(snap.id).await;
         let dir = self.0.dir(snap.id);
         if let Some(keeper) = &self.0.keeper
             && snap.remote.is_some()

@@ -8,7 +8,7 @@ use super::{
     filter::Filter,
     proto::{
         CommitSnapshotRequest, Info, Kind, PrepareSnapshotRequest, PrepareSnapshotResponse,
-        RemoveSnapshotRequest, UpdateSnapshotRequest, ViewSnapshotRequest,
+        RemoveSnapshotRequest, StatSnapshotRequest, UpdateSnapshotRequest, ViewSnapshotRequest,
         snapshots_client::SnapshotsClient,
     },
     *,
@@ -205,5 +205,158 @@ async fn the_service_keeps_overlay_chains_and_its_metadata() {
         .collect();
     assert_eq!(names, ["container", "layer-1", "layer-2", "view"]);
     drop((stop, service));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A registry that answers every request with a large body, one byte every half second:
+/// each frame is in time, the body never ends. Returns its host and whether it was asked.
+fn trickling_registry() -> (String, Arc<std::sync::atomic::AtomicBool>) {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let host = listener.local_addr().unwrap().to_string();
+    let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = asked.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let flag = flag.clone();
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).is_ok_and(|n| n == 1) {
+                    head.push(byte[0]);
+                }
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                let _ = conn.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nContent-Length: 100000\r\n\r\n",
+                );
+                while conn.write_all(b" ").is_ok() {
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                }
+            });
+        }
+    });
+    (host, asked)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_that_trickles_holds_up_only_its_own_layer() {
+    let dir = std::env::temp_dir().join(format!("imgstream-snap-trickle-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (registry, asked) = trickling_registry();
+    let config = SnapshotterConfig {
+        root: dir.join("root"),
+        socket: dir.join("snapshotter.sock"),
+        http: HttpConfig {
+            insecure: vec![registry.clone()],
+            ..HttpConfig::default()
+        },
+        mount: MountOptions {
+            view: crate::fs::View::Merged,
+            cache: crate::cache::CacheConfig {
+                dir: dir.join("cache"),
+                limit_bytes: None,
+                prefer_uring: false,
+            },
+            fs: Default::default(),
+            background: None,
+            threads: 1,
+            readahead_kb: None,
+            prefetch: true,
+            learned: None,
+            share_learned: Default::default(),
+            platform: crate::oci::manifest::Platform::host(),
+            fetch_totals: None,
+        },
+        keeper: None,
+    };
+    let stop = Shutdown::new();
+    let service = Snapshotter::open(config.clone()).await.unwrap();
+    let listener = service.listen().unwrap();
+    let server = tokio::spawn(service.serve(listener, stop.clone()));
+    let channel = crate::cri::channel(&config.socket).await.unwrap();
+    let mut client = SnapshotsClient::new(channel.clone());
+
+    // containerd prepares a layer of the trickling registry's image...
+    let labels = HashMap::from([
+        (
+            TARGET_REF.to_string(),
+            "sha256:slow-layer-chain".to_string(),
+        ),
+        (CRI_IMAGE_REF.to_string(), format!("{registry}/app:v1")),
+        (
+            CRI_LAYER_DIGEST.to_string(),
+            format!("sha256:{}", "ab".repeat(32)),
+        ),
+    ]);
+    let mut slow_client = SnapshotsClient::new(channel);
+    let slow = tokio::spawn(async move {
+        slow_client
+            .prepare(PrepareSnapshotRequest {
+                snapshotter: "imgstream".into(),
+                key: "extract-slow".into(),
+                parent: String::new(),
+                labels,
+            })
+            .await
+    });
+    while !asked.load(std::sync::atomic::Ordering::SeqCst) {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // ...while another image's layer is prepared, committed, looked at and removed.
+    let soon = std::time::Duration::from_secs(10);
+    let held = "held up by the other image's registry";
+    tokio::time::timeout(
+        soon,
+        client.prepare(PrepareSnapshotRequest {
+            snapshotter: "imgstream".into(),
+            key: "extract-other".into(),
+            parent: String::new(),
+            labels: HashMap::new(),
+        }),
+    )
+    .await
+    .expect(held)
+    .unwrap();
+    tokio::time::timeout(
+        soon,
+        client.commit(CommitSnapshotRequest {
+            snapshotter: "imgstream".into(),
+            name: "other".into(),
+            key: "extract-other".into(),
+            labels: HashMap::new(),
+        }),
+    )
+    .await
+    .expect(held)
+    .unwrap();
+    let stat = tokio::time::timeout(
+        soon,
+        client.stat(StatSnapshotRequest {
+            snapshotter: "imgstream".into(),
+            key: "other".into(),
+        }),
+    )
+    .await
+    .expect(held)
+    .unwrap();
+    assert_eq!(stat.into_inner().info.unwrap().kind, Kind::Committed as i32);
+    tokio::time::timeout(
+        soon,
+        client.remove(RemoveSnapshotRequest {
+            snapshotter: "imgstream".into(),
+            key: "other".into(),
+        }),
+    )
+    .await
+    .expect(held)
+    .unwrap();
+    assert!(
+        !slow.is_finished(),
+        "the trickling layer is still being opened"
+    );
+    slow.abort();
+    stop.trigger();
+    let _ = tokio::time::timeout(soon, server).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
