@@ -22,6 +22,24 @@ impl Shutdown {
         self.0.is_cancelled()
     }
 
+    /// Blocks for `timeout` or until shutdown is triggered, whichever comes first; returns
+    /// whether it was triggered. For threads outside the runtime (sleeps that must not hold
+    /// a stopping download up).
+    pub fn wait_timeout(&self, timeout: std::time::Duration) -> bool {
+        let end = std::time::Instant::now() + timeout;
+        let step = std::time::Duration::from_millis(20);
+        loop {
+            if self.is_triggered() {
+                return true;
+            }
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            std::thread::sleep(left.min(step));
+        }
+    }
+
     /// Completes once shutdown is triggered.
     pub async fn triggered(&self) {
         self.0.cancelled().await;

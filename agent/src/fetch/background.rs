@@ -22,6 +22,11 @@ use crate::{
 
 /// Most compressed bytes one background request asks for.
 const MAX_BATCH_BYTES: u64 = 4 << 20;
+/// Tries of a batch that fails (a 5xx, a timeout, a connection reset) before its chunks are
+/// left on demand.
+const BATCH_TRIES: u32 = 4;
+/// Wait before the second try; doubled for each next one.
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 
 /// How the background download runs.
 #[derive(Clone, Copy, Debug)]
@@ -183,6 +188,32 @@ fn plan(layers: &[RemoteLayer], max_batch: u64) -> Vec<Batch> {
     batches
 }
 
+/// One batch, tried again with exponential backoff while its failure is worth another try
+/// and the download is not stopping.
+fn fetch_with_retries(
+    fetcher: &Fetcher,
+    refs: &[ChunkRef<'_>],
+    deadline: Instant,
+    shutdown: &Shutdown,
+) -> Result<(), super::FetchError> {
+    let mut backoff = FIRST_BACKOFF;
+    let mut tries = 1;
+    loop {
+        match fetcher.get(refs, Priority::Background, deadline) {
+            Ok(_) => return Ok(()),
+            Err(err)
+                if tries < BATCH_TRIES && err.is_retryable() && !shutdown.wait_timeout(backoff) =>
+            {
+                let error = crate::error_chain(&err);
+                tracing::debug!(%error, tries, "background batch failed; trying it again");
+                tries += 1;
+                backoff *= 2;
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
 fn run(
     fetcher: Arc<Fetcher>,
     batches: Arc<Vec<Batch>>,
@@ -215,17 +246,19 @@ fn run(
                         let bytes: u64 = batch.chunks.iter().map(|c| c.blob_end - c.blob_offset).sum();
                         let before = scheduled.fetch_add(bytes, Ordering::Relaxed);
                         let due = Duration::from_secs_f64(before as f64 / cap.max(1) as f64);
-                        if let Some(wait) = due.checked_sub(started.elapsed()) {
-                            thread::sleep(wait);
+                        if let Some(wait) = due.checked_sub(started.elapsed())
+                            && shutdown.wait_timeout(wait)
+                        {
+                            return;
                         }
                     }
                     let refs: Vec<ChunkRef<'_>> = batch.chunks.iter().map(|chunk| ChunkRef { blob: batch.blob, chunk }).collect();
                     let deadline = Instant::now() + Duration::from_secs(300);
                     if !config.quiet.is_zero() {
-                        fetcher.wait_quiet(config.quiet, deadline);
+                        fetcher.wait_quiet(config.quiet, deadline, &shutdown);
                     }
-                    match fetcher.get(&refs, Priority::Background, deadline) {
-                        Ok(_) => {
+                    match fetch_with_retries(&fetcher, &refs, deadline, &shutdown) {
+                        Ok(()) => {
                             progress.chunks_done.fetch_add(batch.chunks.len(), Ordering::Relaxed);
                             let bytes: u64 = batch.chunks.iter().map(|c| c.blob_end - c.blob_offset).sum();
                             progress.bytes_done.fetch_add(bytes, Ordering::Relaxed);
@@ -247,6 +280,21 @@ fn run(
     if !shutdown.is_triggered() && failed == 0 {
         // Chunks readers fetched count as done here; they may still be queued for the cache.
         fetcher.flush_cache_writes();
+        // Fetched is not cached: a cache at its limit refuses writes. Then the image is not
+        // whole on disk, and readers still need the network (and their readahead settings).
+        let missing = batches
+            .iter()
+            .flat_map(|b| b.chunks.iter())
+            .filter(|c| !fetcher.cache().contains(&c.digest))
+            .count();
+        if missing > 0 {
+            tracing::warn!(
+                missing,
+                secs = started.elapsed().as_secs_f32(),
+                "background download done, but the cache did not keep every chunk (its limit?): reads of those still go to the registry"
+            );
+            return;
+        }
         progress.finish();
         tracing::info!(
             chunks = progress.chunks_done.load(Ordering::Relaxed),

@@ -41,6 +41,7 @@ use crate::{
     image::estargz::{self, Chunk},
     oci::digest::Digest,
     registry::{BlobSource, RegistryError},
+    shutdown::Shutdown,
 };
 
 /// Errors fetching a chunk.
@@ -678,9 +679,10 @@ impl Fetcher {
 
     /// Waits (until `deadline`) for the on-demand reads to go quiet: none running, and none
     /// ended in the last `quiet`. The background download calls it before each batch so that
-    /// a starting container's burst of reads has the link to itself.
-    pub fn wait_quiet(&self, quiet: Duration, deadline: Instant) {
-        self.readers.wait_quiet(quiet, deadline);
+    /// a starting container's burst of reads has the link to itself. Returns early when
+    /// `stop` is triggered.
+    pub fn wait_quiet(&self, quiet: Duration, deadline: Instant, stop: &Shutdown) {
+        self.readers.wait_quiet(quiet, deadline, stop);
     }
 
     /// On-demand fetches running now.

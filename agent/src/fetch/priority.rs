@@ -11,6 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::shutdown::Shutdown;
+
 /// How often waiting background work looks again.
 const RECHECK: Duration = Duration::from_millis(50);
 
@@ -110,7 +112,7 @@ impl ReaderGate {
 
     /// Waits (until `deadline`) for on-demand reads to go quiet: none running, and none
     /// ended in the last `quiet`.
-    pub(super) fn wait_quiet(&self, quiet: Duration, deadline: Instant) {
+    pub(super) fn wait_quiet(&self, quiet: Duration, deadline: Instant, stop: &Shutdown) {
         loop {
             let last = self.last_ended_ns.load(Ordering::Acquire);
             let since = (last != u64::MAX).then(|| {
@@ -119,7 +121,11 @@ impl ReaderGate {
                     .saturating_sub(Duration::from_nanos(last))
             });
             let recent = since.is_some_and(|s| s < quiet);
-            if (self.running() == 0 && !recent) || self.is_open() || Instant::now() >= deadline {
+            if (self.running() == 0 && !recent)
+                || self.is_open()
+                || Instant::now() >= deadline
+                || stop.is_triggered()
+            {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -346,8 +346,36 @@ fn readers_that_fetch_most_of_the_image_stop_the_background_yielding() {
     t.fetcher.wait_quiet(
         Duration::from_secs(5),
         Instant::now() + Duration::from_secs(5),
+        &crate::shutdown::Shutdown::new(),
     );
     assert!(before.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn a_stopping_background_does_not_wait_for_readers_to_go_quiet() {
+    let t = TenFiles::new("fetch-quiet-stop", None);
+    let _reader = t.fetcher.readers.enter(); // a reader that never ends
+    let stop = crate::shutdown::Shutdown::new();
+    let trigger = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            stop.trigger();
+        })
+    };
+    let before = Instant::now();
+    t.fetcher.wait_quiet(
+        Duration::from_secs(1),
+        Instant::now() + Duration::from_secs(300),
+        &stop,
+    );
+    trigger.join().unwrap();
+    // Not the 300 s of its deadline: a few polls after the trigger.
+    assert!(
+        before.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        before.elapsed()
+    );
 }
 
 #[test]
@@ -440,4 +468,73 @@ fn a_learned_list_is_checked_against_its_layer() {
     let (n, _) = apply(" ".repeat(33 << 20));
     assert_eq!(n, 0);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The ten files' background download with `source`'s failures and the cache's `limit`;
+/// returns its progress once it ended, and the source.
+fn background_of_ten(
+    name: &str,
+    failures: usize,
+    limit: Option<u64>,
+) -> (Arc<background::Progress>, Arc<MemoryBlobs>) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (blob, layer) = ten_files();
+    let source = Arc::new(
+        MemoryBlobs::default()
+            .with_digest(layer.desc.digest, blob)
+            .failing_first(failures),
+    );
+    let dir = std::env::temp_dir().join(format!("imgstream-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cache = Arc::new(
+        ChunkCache::open(&CacheConfig {
+            dir: dir.join("cache"),
+            limit_bytes: limit,
+            prefer_uring: false,
+        })
+        .unwrap(),
+    );
+    let fetcher = Arc::new(Fetcher::new(
+        runtime.handle().clone(),
+        source.clone(),
+        cache,
+    ));
+    let config = background::BackgroundConfig {
+        concurrency: 1,
+        ..Default::default()
+    };
+    let (progress, handle) = background::spawn(
+        fetcher,
+        Arc::from(vec![layer]),
+        config,
+        crate::shutdown::Shutdown::new(),
+    );
+    handle.join().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    (progress, source)
+}
+
+#[test]
+fn a_failed_background_batch_is_tried_again_and_the_image_completes() {
+    // The ten files are one batch; its first two tries get a 503.
+    let (progress, source) = background_of_ten("bg-retry", 2, None);
+    assert_eq!(progress.failed_batches.load(Ordering::SeqCst), 0);
+    assert!(progress.finished.load(Ordering::SeqCst));
+    assert_eq!(
+        source.ranges.load(Ordering::SeqCst),
+        3,
+        "two failures, one success"
+    );
+}
+
+#[test]
+fn a_cache_that_did_not_keep_every_chunk_is_not_called_whole() {
+    // Room for two of the ten 4 KiB chunks.
+    let (progress, _) = background_of_ten("bg-limit", 0, Some(9000));
+    assert_eq!(progress.failed_batches.load(Ordering::SeqCst), 0);
+    assert_eq!(progress.chunks_done.load(Ordering::SeqCst), 10);
+    assert!(
+        !progress.finished.load(Ordering::SeqCst),
+        "the download ended, the image is not cached whole"
+    );
 }
