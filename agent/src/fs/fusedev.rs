@@ -27,6 +27,19 @@ pub enum MountError {
     /// Making the directory an adopted connection's session is opened on.
     #[error("preparing {0} to serve an adopted FUSE connection")]
     Placeholder(PathBuf, #[source] std::io::Error),
+    /// A descriptor handed over to adopt is not a FUSE connection.
+    #[error("the descriptor kept for {0} is not /dev/fuse")]
+    NotFuse(String),
+}
+
+/// Whether `file` is a FUSE connection: the character device 10:229, /dev/fuse.
+pub fn is_fuse_device(file: &std::fs::File) -> bool {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+    file.metadata().is_ok_and(|m| {
+        m.file_type().is_char_device()
+            && libc::major(m.rdev()) == 10
+            && libc::minor(m.rdev()) == 229
+    })
 }
 
 /// A mounted filesystem and its worker threads.
@@ -98,6 +111,11 @@ impl FuseMount {
         // stat of it waits forever. The session (which canonicalises its path) is made on an
         // empty directory next to it, and this type unmounts the real mount point itself.
         let where_ = mountpoint.display().to_string();
+        // Serving requests read from anything else (a keeper's file mixed up, a socket)
+        // would answer garbage, or write replies into a stranger's file.
+        if !is_fuse_device(&file) {
+            return Err(MountError::NotFuse(where_));
+        }
         let mut placeholder = mountpoint.as_os_str().to_owned();
         placeholder.push(".adopting");
         let placeholder = PathBuf::from(placeholder);
@@ -285,5 +303,41 @@ pub fn umount_lazy(path: &Path) -> std::io::Result<()> {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_dev_fuse_is_a_fuse_connection() {
+        let null = std::fs::File::open("/dev/null").unwrap();
+        assert!(!is_fuse_device(&null));
+        let file = std::fs::File::open("/proc/self/status").unwrap();
+        assert!(!is_fuse_device(&file));
+        // Opening /dev/fuse needs nothing but the device; where it is missing there is no
+        // FUSE to test anyway.
+        if let Ok(fuse) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/fuse")
+        {
+            assert!(is_fuse_device(&fuse));
+        }
+        struct Nothing;
+        impl FileSystem for Nothing {
+            type Inode = u64;
+            type Handle = u64;
+        }
+        let err = FuseMount::adopt(
+            Arc::new(Nothing),
+            Path::new("/nonexistent/imgstream-adopt"),
+            "imgstream",
+            null,
+            1,
+        )
+        .expect_err("a descriptor that is not /dev/fuse is refused");
+        assert!(matches!(err, MountError::NotFuse(_)), "{err}");
     }
 }

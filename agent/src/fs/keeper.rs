@@ -34,8 +34,32 @@ use crate::shutdown::Shutdown;
 const MAX_MESSAGE: usize = 4096 + 4;
 /// Descriptors one keeper holds at most (one per lazy layer).
 const MAX_HELD: usize = 65_536;
-/// How long the agent waits for the keeper's answer.
+/// How long the agent waits for the keeper's answer, and the keeper for a client to take
+/// one.
 const TIMEOUT: Duration = Duration::from_secs(5);
+/// A client connection idle this long is closed by the keeper (the agent reconnects).
+const IDLE: Duration = Duration::from_secs(60);
+
+/// Sets `sock`'s receive and send timeouts.
+fn set_timeouts(sock: BorrowedFd<'_>, recv: Duration, send: Duration) -> io::Result<()> {
+    for (opt, after) in [(libc::SO_RCVTIMEO, recv), (libc::SO_SNDTIMEO, send)] {
+        let timeout = libc::timeval {
+            tv_sec: after.as_secs() as libc::time_t,
+            tv_usec: libc::suseconds_t::from(after.subsec_micros()),
+        };
+        // SAFETY: a timeval option of the right size on a socket we hold.
+        check(unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&raw const timeout).cast(),
+                size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        })?;
+    }
+    Ok(())
+}
 
 fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
     if rc < 0 {
@@ -198,6 +222,12 @@ pub fn run(socket: &Path, shutdown: &Shutdown) -> io::Result<()> {
         }
         // SAFETY: a fresh descriptor from accept4.
         let conn = unsafe { OwnedFd::from_raw_fd(conn) };
+        // A client that stops reading (or never writes) costs its own thread a timeout, and
+        // nobody else anything.
+        if let Err(err) = set_timeouts(conn.as_fd(), IDLE, TIMEOUT) {
+            tracing::warn!(%err, "keeper connection refused: no timeouts");
+            continue;
+        }
         let held = held.clone();
         let spawned = std::thread::Builder::new()
             .name("keeper-conn".into())
@@ -245,10 +275,15 @@ fn serve_conn(conn: BorrowedFd<'_>, held: &Mutex<BTreeMap<String, OwnedFd>>) -> 
                 send(conn, b"OK", None)?;
             }
             ("GET", None) => {
-                for (key, fd) in held.iter() {
+                // Duplicates, sent without the lock: a client slow to read holds up nobody.
+                let copies: Vec<(String, OwnedFd)> = held
+                    .iter()
+                    .filter_map(|(key, fd)| Some((key.clone(), fd.try_clone().ok()?)))
+                    .collect();
+                drop(held);
+                for (key, fd) in &copies {
                     send(conn, format!("FD {key}").as_bytes(), Some(fd.as_fd()))?;
                 }
-                drop(held);
                 send(conn, b"END", None)?;
             }
             _ => {
@@ -292,22 +327,7 @@ impl Keeper {
             )
         })
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.socket.display())))?;
-        let timeout = libc::timeval {
-            tv_sec: TIMEOUT.as_secs() as libc::time_t,
-            tv_usec: 0,
-        };
-        for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
-            // SAFETY: a timeval option of the right size on our socket.
-            check(unsafe {
-                libc::setsockopt(
-                    sock.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    opt,
-                    (&raw const timeout).cast(),
-                    size_of::<libc::timeval>() as libc::socklen_t,
-                )
-            })?;
-        }
+        set_timeouts(sock.as_fd(), TIMEOUT, TIMEOUT)?;
         Ok(sock)
     }
 
@@ -443,6 +463,40 @@ mod tests {
         stop.trigger();
         server.join().unwrap().unwrap();
         assert!(!socket.exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_client_that_stops_reading_does_not_wedge_the_keeper() {
+        let dir =
+            std::env::temp_dir().join(format!("imgstream-keeper-stuck-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("keeper.sock");
+        let stop = Shutdown::new();
+        let server = {
+            let (socket, stop) = (socket.clone(), stop.clone());
+            std::thread::spawn(move || run(&socket, &stop))
+        };
+        while !socket.exists() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let agent = Keeper::new(&socket);
+        // More answers than a connection queues (net.unix.max_dgram_qlen is 10 or so).
+        for i in 0..64 {
+            agent.put(&format!("/mnt/{i}"), null.as_fd()).unwrap();
+        }
+        // A client asks for everything and never reads the answers.
+        let stuck = agent.connect().unwrap();
+        send(stuck.as_fd(), b"GET", None).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        // Everyone else is still answered.
+        let other = Keeper::new(&socket);
+        other.put("/mnt/late", null.as_fd()).unwrap();
+        assert_eq!(other.get().unwrap().len(), 65);
+        drop(stuck);
+        stop.trigger();
+        server.join().unwrap().unwrap();
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
