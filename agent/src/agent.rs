@@ -12,11 +12,8 @@
 //! draining of the kernel's ring buffers for long.
 
 use std::{
-    io::{self, Write},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    io,
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
@@ -25,7 +22,7 @@ use crate::{
     attribution::{CgroupResolver, PodDirectory, Retries},
     config::AgentConfig,
     cri::{Cri, Lookup},
-    detect::{Detection, Detector, Verdict},
+    detect::{Detection, Detector, Verdict, journal::Journal},
     flag::Flagger,
     probes::{DropCounters, LifecycleDrops, ProbeError, RenameProbes, StartProbes},
     shutdown::Shutdown,
@@ -74,8 +71,6 @@ pub enum AgentError {
     Probes(#[from] ProbeError),
     #[error("opening the detections file {0}")]
     OpenOutput(std::path::PathBuf, #[source] io::Error),
-    #[error("writing a detection")]
-    WriteOutput(#[source] io::Error),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -110,27 +105,76 @@ impl Shared {
 }
 
 /// Runs the agent until `shutdown` is triggered.
+///
+/// The snapshotter comes first and stands alone: containerd waits on it, and no pod on the
+/// node starts while it is down. Each other part (the probes, the store, the Kubernetes
+/// client, the detections file) that fails is reported on `/healthz` and in the log while
+/// the rest runs. Only when nothing would be left running (no snapshotter, and the probes
+/// failed) does a failure stop the agent, with its error.
 pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentError> {
-    let out: Box<dyn Write + Send> = match &config.detections_out {
-        Some(path) => Box::new(
-            crate::private::file_options()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|e| AgentError::OpenOutput(path.clone(), e))?,
-        ),
-        None => Box::new(io::stdout()),
+    let metrics = Arc::new(Metrics::default());
+    let health = crate::api::Health::default();
+    let snapshotter = match config.snapshotter.clone() {
+        Some(mut snapshotter) => {
+            snapshotter.mount.fetch_totals = Some(metrics.fetch_totals());
+            let service = crate::snapshotter::Snapshotter::open(snapshotter).await?;
+            metrics.watch_cache(service.cache().clone());
+            let listener = service.listen()?;
+            let shutdown = shutdown.clone();
+            health.running(SNAPSHOTTER);
+            Some(tokio::spawn(async move {
+                service.serve(listener, shutdown).await
+            }))
+        }
+        None => None,
     };
-    // Probes first: without privileges or tracefs nothing else is worth setting up, and the
-    // error says so.
-    let rename = RenameProbes::attach()?;
-    let starts = if config.start_latency {
-        Some(StartProbes::attach()?)
-    } else {
-        None
+    let alone = snapshotter.is_none();
+    // A part that failed: the agent's error when nothing else would run, else reported.
+    let part_failed = |part: &'static str, err: AgentError| -> Result<(), AgentError> {
+        if alone {
+            return Err(err);
+        }
+        health.failed(part, &err, false);
+        Ok(())
+    };
+    let out = match Journal::open(
+        config.detections_out.as_deref(),
+        crate::detect::journal::DEFAULT_MAX_BYTES,
+    ) {
+        Ok(out) => Some(out),
+        Err(e) => {
+            let path = config.detections_out.clone().unwrap_or_default();
+            part_failed(DETECTIONS, AgentError::OpenOutput(path, e))?;
+            None
+        }
+    };
+    // Probes first: without privileges or tracefs they cannot run, and the error says so.
+    let rename = match RenameProbes::attach() {
+        Ok(probes) => Some(probes),
+        Err(err) => {
+            part_failed(RENAME_PROBES, err.into())?;
+            None
+        }
+    };
+    let starts = match config.start_latency.then(StartProbes::attach) {
+        Some(Ok(probes)) => Some(probes),
+        Some(Err(err)) => {
+            part_failed(START_PROBES, err.into())?;
+            None
+        }
+        None => None,
     };
     let store = match &config.store {
-        Some(path) => Some(Arc::new(Store::open(path, config.store_max_records)?)),
+        Some(path) => match Store::open(path, config.store_max_records) {
+            Ok(store) => {
+                health.running(STORE);
+                Some(Arc::new(store))
+            }
+            Err(err) => {
+                part_failed(STORE, err.into())?;
+                None
+            }
+        },
         None => None,
     };
     let mut cri = Vec::new();
@@ -143,45 +187,37 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentErr
         }
     }
     let flags = match config.kubernetes.clone() {
-        Some(kube) => {
-            let mut flagger = Flagger::new(kube).await.map_err(Box::new)?;
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<FlagRecord>(256);
-            tokio::spawn(async move {
-                while let Some(flag) = rx.recv().await {
-                    match flagger.flag(&flag).await {
-                        Ok(outcome) => {
-                            tracing::info!(?outcome, pod = ?flag.pod.name, path = %flag.path, "pod flag")
+        Some(kube) => match Flagger::new(kube).await {
+            Ok(mut flagger) => {
+                let (tx, mut rx) = tokio::sync::mpsc::channel::<FlagRecord>(256);
+                tokio::spawn(async move {
+                    while let Some(flag) = rx.recv().await {
+                        match flagger.flag(&flag).await {
+                            Ok(outcome) => {
+                                tracing::info!(?outcome, pod = ?flag.pod.name, path = %flag.path, "pod flag")
+                            }
+                            Err(err) => tracing::warn!(%err, "flagging the pod failed"),
                         }
-                        Err(err) => tracing::warn!(%err, "flagging the pod failed"),
                     }
-                }
-            });
-            Some(tx)
-        }
+                });
+                health.running(KUBERNETES);
+                Some(tx)
+            }
+            Err(err) => {
+                part_failed(KUBERNETES, AgentError::Flag(Box::new(err)))?;
+                None
+            }
+        },
         None => None,
     };
-    let metrics = Arc::new(Metrics::default());
     let state = Arc::new(ApiState {
         metrics: metrics.clone(),
         store,
-        healthy: AtomicBool::new(true),
+        health,
     });
     if let Some(addr) = config.api_addr {
         api::serve(addr, state.clone(), shutdown.clone()).await?;
     }
-    let snapshotter = match config.snapshotter.clone() {
-        Some(mut snapshotter) => {
-            snapshotter.mount.fetch_totals = Some(metrics.fetch_totals());
-            let service = crate::snapshotter::Snapshotter::open(snapshotter).await?;
-            metrics.watch_cache(service.cache().clone());
-            let listener = service.listen()?;
-            let shutdown = shutdown.clone();
-            Some(tokio::spawn(async move {
-                service.serve(listener, shutdown).await
-            }))
-        }
-        None => None,
-    };
     let shared = Arc::new(Shared {
         state: state.clone(),
         pods: PodDirectory::new(cri, tokio::runtime::Handle::current()),
@@ -195,45 +231,77 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentErr
             None
         }
     };
-    let rename_loop = {
+    // Each loop reports its own end: a failed one is marked on /healthz, the others go on.
+    let mut loops = Vec::new();
+    if let Some(rename) = rename {
         let (config, shutdown, shared) = (config.clone(), shutdown.clone(), shared.clone());
-        tokio::task::spawn_blocking(move || {
-            rename_loop(
-                rename,
-                Detector::new(cgroups),
-                out,
-                &config,
-                &shutdown,
-                &shared,
-            )
-        })
-    };
-    let start_loop = starts.map(|probes| {
-        let (config, shutdown, shared) = (config.clone(), shutdown.clone(), shared.clone());
-        tokio::task::spawn_blocking(move || start_loop(probes, &config, &shutdown, &shared))
-    });
-    let result = async {
-        rename_loop.await.map_err(|_| AgentError::LoopPanicked)??;
-        if let Some(start_loop) = start_loop {
-            start_loop.await.map_err(|_| AgentError::LoopPanicked)??;
-        }
-        if let Some(snapshotter) = snapshotter {
-            snapshotter.await.map_err(|_| AgentError::LoopPanicked)??;
-        }
-        Ok(())
-    };
-    let result = result.await;
-    if result.is_err() {
-        state.healthy.store(false, Ordering::Relaxed);
-        shutdown.trigger();
+        state.health.running(RENAME_PROBES);
+        loops.push((
+            RENAME_PROBES,
+            tokio::task::spawn_blocking(move || {
+                rename_loop(
+                    rename,
+                    Detector::new(cgroups),
+                    out,
+                    &config,
+                    &shutdown,
+                    &shared,
+                )
+            }),
+        ));
     }
-    result
+    if let Some(probes) = starts {
+        let (config, shutdown, shared) = (config.clone(), shutdown.clone(), shared.clone());
+        state.health.running(START_PROBES);
+        loops.push((
+            START_PROBES,
+            tokio::task::spawn_blocking(move || start_loop(probes, &config, &shutdown, &shared)),
+        ));
+    }
+    let mut failed = None;
+    for (part, handle) in loops {
+        let err = match handle.await {
+            Ok(Ok(())) => continue,
+            Ok(Err(err)) => err,
+            Err(_) => AgentError::LoopPanicked,
+        };
+        if alone {
+            shutdown.trigger();
+            failed.get_or_insert(err);
+        } else {
+            state.health.failed(part, &err, false);
+        }
+    }
+    if let Some(snapshotter) = snapshotter {
+        let err = match snapshotter.await {
+            Ok(Ok(())) => None,
+            Ok(Err(err)) => Some(AgentError::from(err)),
+            Err(_) => Some(AgentError::LoopPanicked),
+        };
+        if let Some(err) = err {
+            state.health.failed(SNAPSHOTTER, &err, true);
+            shutdown.trigger();
+            failed.get_or_insert(err);
+        }
+    }
+    match failed {
+        Some(err) => Err(err),
+        None => Ok(()),
+    }
 }
+
+/// The parts `/healthz` reports.
+const SNAPSHOTTER: &str = "snapshotter";
+const RENAME_PROBES: &str = "rename-probes";
+const START_PROBES: &str = "start-probes";
+const STORE: &str = "store";
+const KUBERNETES: &str = "kubernetes";
+const DETECTIONS: &str = "detections-file";
 
 fn rename_loop(
     mut probes: RenameProbes,
     mut detector: Detector,
-    mut out: Box<dyn Write + Send>,
+    mut out: Option<Journal>,
     config: &AgentConfig,
     shutdown: &Shutdown,
     shared: &Shared,
@@ -241,18 +309,29 @@ fn rename_loop(
     let mut drops = DropCounters::default();
     tracing::info!("watching rename, renameat and renameat2 for ENXIO");
     while !shutdown.is_triggered() {
-        let batch = probes
-            .next_batch(config.poll_interval)
-            .inspect_err(|_| shutdown.trigger())?;
+        // An error ends this loop only; `run` decides what it means for the rest.
+        let batch = probes.next_batch(config.poll_interval)?;
         for failure in decoded(batch, "rename") {
             match detector.judge(failure) {
                 Verdict::Report(detection) => {
                     detection.log();
-                    let line = serde_json::to_string(&detection).expect("detections serialize");
-                    writeln!(out, "{line}")
-                        .and_then(|()| out.flush())
-                        .map_err(AgentError::WriteOutput)?;
                     record_flag(&detection, shared);
+                    // A detection that cannot be written (disk full) is still logged, counted
+                    // and flagged on its pod: the agent goes on.
+                    let written = match out.as_mut() {
+                        Some(out) => serde_json::to_string(&detection)
+                            .map_err(io::Error::other)
+                            .and_then(|line| out.write_line(&line)),
+                        None => Err(io::Error::other("the detections file could not be opened")),
+                    };
+                    if let Err(err) = written {
+                        shared
+                            .state
+                            .metrics
+                            .detection_write_errors
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%err, "detection not written to the detections file");
+                    }
                 }
                 Verdict::NotSymlink(kind) => {
                     tracing::debug!(?kind, "rename failed with ENXIO, but not on a symlink");
@@ -341,9 +420,8 @@ fn start_loop(
     let metrics = &shared.state.metrics;
     tracing::info!("watching container starts");
     while !shutdown.is_triggered() {
-        let batch = probes
-            .next_batch(config.poll_interval)
-            .inspect_err(|_| shutdown.trigger())?;
+        // An error ends this loop only; `run` decides what it means for the rest.
+        let batch = probes.next_batch(config.poll_interval)?;
         for event in decoded(batch, "lifecycle") {
             metrics.lifecycle_events.fetch_add(1, Ordering::Relaxed);
             let record = match tracker.apply(&event) {

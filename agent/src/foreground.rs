@@ -138,7 +138,7 @@ impl ImageJob {
             let state = Arc::new(ApiState {
                 metrics: metrics.clone(),
                 store: None,
-                healthy: true.into(),
+                health: Default::default(),
             });
             runtime
                 .block_on(api::serve(addr, state, shutdown.clone()))

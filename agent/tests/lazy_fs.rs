@@ -536,7 +536,7 @@ fn metrics_report_the_fetches_cache_and_deadlines_of_real_reads() {
     let state = Arc::new(ApiState {
         metrics: metrics.clone(),
         store: None,
-        healthy: true.into(),
+        health: Default::default(),
     });
     let shutdown = imgstream::shutdown::Shutdown::new();
     let (addr, _task) = rt

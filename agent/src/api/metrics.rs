@@ -61,6 +61,8 @@ pub struct Metrics {
     pub lifecycle_events: AtomicU64,
     pub start_records: AtomicU64,
     pub store_errors: AtomicU64,
+    /// Detections the detections file did not take (a full disk).
+    pub detection_write_errors: AtomicU64,
     /// Whether the write programs are attached (a container waits for its first log line).
     pub write_probes_armed: std::sync::atomic::AtomicBool,
     rename_drops: Mutex<DropCounters>,
@@ -78,6 +80,7 @@ impl Default for Metrics {
             lifecycle_events: AtomicU64::new(0),
             start_records: AtomicU64::new(0),
             store_errors: AtomicU64::new(0),
+            detection_write_errors: AtomicU64::new(0),
             write_probes_armed: std::sync::atomic::AtomicBool::new(false),
             rename_drops: Mutex::default(),
             lifecycle_drops: Mutex::default(),
@@ -223,6 +226,12 @@ impl Metrics {
                 "Writes to the local store that failed.",
                 "counter",
                 self.store_errors.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "imgstream_detection_write_errors_total",
+                "Detections the detections file did not take (they are still logged and flagged).",
+                "counter",
+                self.detection_write_errors.load(Ordering::Relaxed) as f64,
             ),
             (
                 "imgstream_write_probes_armed",

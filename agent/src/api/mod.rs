@@ -1,6 +1,7 @@
 //! The agent's HTTP API (hyper, HTTP/1.1, GET only):
 //!
-//! - `/healthz`: 200 while the probe loops run, 503 once one has stopped;
+//! - `/healthz`: each part of the agent and how it is doing, as JSON; 503 when one the node
+//!   cannot do without (the snapshotter) has failed, else 200 ([`Health`]);
 //! - `/metrics`: Prometheus text format ([`metrics`]);
 //! - `/v1/starts`, `/v1/flags`: start records and rename-ENXIO flags from the store, as JSON
 //!   arrays, filtered by `since` (Unix seconds, or an age such as `90s`, `15m`, `2h`, `7d`),
@@ -12,12 +13,10 @@ pub mod metrics;
 mod serving_metrics;
 
 use std::{
+    collections::BTreeMap,
     convert::Infallible,
     net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -39,8 +38,67 @@ use crate::{
 pub struct ApiState {
     pub metrics: Arc<Metrics>,
     pub store: Option<Arc<Store>>,
-    /// Cleared when a probe loop stops.
-    pub healthy: AtomicBool,
+    /// How each part of the agent is doing.
+    pub health: Health,
+}
+
+/// The agent's parts and how each is doing. `/healthz` answers 503 only when a part the
+/// node cannot do without (the snapshotter containerd waits on) has failed: a failed probe
+/// or store is reported, per part, while the rest runs, since a liveness probe that
+/// restarted the agent for it would take the snapshotter down with it.
+#[derive(Debug, Default)]
+pub struct Health(std::sync::Mutex<BTreeMap<&'static str, Part>>);
+
+/// How one part is doing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Part {
+    Running,
+    Failed { why: String, critical: bool },
+}
+
+impl Health {
+    pub fn running(&self, part: &'static str) {
+        crate::sync::lock(&self.0).insert(part, Part::Running);
+    }
+
+    /// Marks `part` failed, with the error chain of `why`.
+    pub fn failed(
+        &self,
+        part: &'static str,
+        why: &(dyn std::error::Error + 'static),
+        critical: bool,
+    ) {
+        let why = crate::error_chain(why);
+        tracing::error!(part, error = %why, critical, "an agent part failed; the others go on");
+        crate::sync::lock(&self.0).insert(part, Part::Failed { why, critical });
+    }
+
+    /// Whether every critical part is up.
+    pub fn ok(&self) -> bool {
+        !crate::sync::lock(&self.0)
+            .values()
+            .any(|p| matches!(p, Part::Failed { critical: true, .. }))
+    }
+
+    /// Whether `part` is running.
+    pub fn is_running(&self, part: &str) -> bool {
+        crate::sync::lock(&self.0).get(part) == Some(&Part::Running)
+    }
+
+    /// Each part as `{"part": "running"}` or `{"part": "failed: why"}`.
+    fn report(&self) -> String {
+        let parts: BTreeMap<&str, String> = crate::sync::lock(&self.0)
+            .iter()
+            .map(|(name, part)| {
+                let state = match part {
+                    Part::Running => "running".to_string(),
+                    Part::Failed { why, .. } => format!("failed: {why}"),
+                };
+                (*name, state)
+            })
+            .collect();
+        serde_json::to_string_pretty(&parts).unwrap_or_default() + "\n"
+    }
 }
 
 /// Errors starting the API.
@@ -107,15 +165,12 @@ fn route(state: &ApiState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let json = "application/json";
     match req.uri().path() {
         "/healthz" => {
-            if state.healthy.load(Ordering::Relaxed) {
-                respond(StatusCode::OK, "text/plain", "ok\n")
+            let status = if state.health.ok() {
+                StatusCode::OK
             } else {
-                respond(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    "a probe loop stopped\n",
-                )
-            }
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            respond(status, "application/json", state.health.report())
         }
         "/metrics" => respond(
             StatusCode::OK,

@@ -8,6 +8,7 @@
 //! `ENXIO` from rename is rare enough that silence would be the worse error.
 
 mod inspect;
+pub mod journal;
 
 use serde::Serialize;
 
