@@ -302,8 +302,10 @@ pub(crate) struct ServingArgs {
     #[arg(long)]
     pub(crate) background_bandwidth: Option<ByteSize>,
     /// Seconds after a mount before the background download starts (the snapshotter mounts
-    /// layers at pull time, moments before the container's first reads).
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    /// layers at pull time, moments before the container's first reads; `bench e2e`: 3 s
+    /// against none made a cold start 22 % sooner at 0 ms and 7 % at 50 ms). Readers that
+    /// fetched most of the image end the wait early.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub(crate) background_delay_secs: u64,
     /// The background download starts a request only when on-demand reads have been quiet
     /// this many milliseconds, so that a starting container has the link to itself.
@@ -314,7 +316,7 @@ pub(crate) struct ServingArgs {
     pub(crate) read_deadline_secs: u64,
     /// On a miss, also fetch what follows it in the layer: this many bandwidth-delay
     /// products of the link, as measured from the agent's own requests (0: off).
-    #[arg(long, default_value_t = 2.0, value_parser = read_around_bdps)]
+    #[arg(long, default_value_t = 4.0, value_parser = read_around_bdps)]
     pub(crate) read_around_bdps: f64,
     /// The largest read-around window, which readers that read the layer in order grow to
     /// (K/M suffixes; at most 64M).
