@@ -604,24 +604,35 @@ fn a_list_one_node_learned_is_published_and_prefetched_by_the_next_node() {
     let read = [3usize, 17, 25];
     let quiet = imgstream::fetch::learn::QUIET;
 
+    // A node with its own cache and learned directory, publishing what it learns.
+    let node = |name: &str, proxy: &Proxy| {
+        mount_learning(
+            &image,
+            proxy,
+            &image.scratch.join(format!("{name}-cache")),
+            None,
+            Duration::from_secs(10),
+            None,
+            None,
+            Some((
+                image.scratch.join(format!("{name}-learned")),
+                Sharing::Publish,
+            )),
+        )
+    };
+    let read_the_start = |mnt: &Path| {
+        for &i in &read {
+            let (rel, content) = &image.files[i];
+            assert_eq!(&std::fs::read(mnt.join(rel)).unwrap(), content);
+        }
+    };
+
     // Node A: no list anywhere; its start reads three files, then goes quiet: the list is
     // learned, written and published next to the image.
     let a_learned = image.scratch.join("a-learned");
     let proxy = Proxy::start(image.registry.addr, Fault::None);
-    let (runtime, mounted, mnt, _cache) = mount_learning(
-        &image,
-        &proxy,
-        &image.scratch.join("a-cache"),
-        None,
-        Duration::from_secs(10),
-        None,
-        None,
-        Some((a_learned.clone(), Sharing::Publish)),
-    );
-    for &i in &read {
-        let (rel, content) = &image.files[i];
-        assert_eq!(&std::fs::read(mnt.join(rel)).unwrap(), content);
-    }
+    let (runtime, mounted, mnt, _cache) = node("a", &proxy);
+    read_the_start(&mnt);
     std::thread::sleep(quiet + Duration::from_millis(500));
     drop(mounted); // joins the learner, which has written and published the list
     drop(runtime);
@@ -664,16 +675,7 @@ fn a_list_one_node_learned_is_published_and_prefetched_by_the_next_node() {
     // prefetched at mount; reading the same files afterwards costs no byte.
     let b_learned = image.scratch.join("b-learned");
     let proxy = Proxy::start(image.registry.addr, Fault::None);
-    let (runtime, mut mounted, mnt, _cache) = mount_learning(
-        &image,
-        &proxy,
-        &image.scratch.join("b-cache"),
-        None,
-        Duration::from_secs(10),
-        None,
-        None,
-        Some((b_learned.clone(), Sharing::Publish)),
-    );
+    let (runtime, mut mounted, mnt, _cache) = node("b", &proxy);
     mounted.wait_background(); // the prefetch, with the look-up first
     assert_eq!(
         std::fs::read(b_learned.join(&layer_hex)).unwrap(),
@@ -681,10 +683,7 @@ fn a_list_one_node_learned_is_published_and_prefetched_by_the_next_node() {
         "node B keeps the list node A published"
     );
     let before = proxy.bytes();
-    for &i in &read {
-        let (rel, content) = &image.files[i];
-        assert_eq!(&std::fs::read(mnt.join(rel)).unwrap(), content);
-    }
+    read_the_start(&mnt);
     assert_eq!(proxy.bytes(), before, "the start's files were prefetched");
     std::thread::sleep(quiet + Duration::from_millis(500));
     drop(mounted);

@@ -418,9 +418,11 @@ pub fn is_fuse_mount(path: &Path) -> bool {
 mod tests {
     use super::*;
 
-    #[test]
-    fn descriptors_survive_the_client() {
-        let dir = std::env::temp_dir().join(format!("imgstream-keeper-{}", std::process::id()));
+    type Server = std::thread::JoinHandle<io::Result<()>>;
+
+    /// A keeper in its own thread on a socket in a fresh directory `name`, listening.
+    fn keeper(name: &str) -> (PathBuf, PathBuf, Shutdown, Server) {
+        let dir = std::env::temp_dir().join(format!("imgstream-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("keeper.sock");
         let stop = Shutdown::new();
@@ -431,6 +433,12 @@ mod tests {
         while !socket.exists() {
             std::thread::sleep(Duration::from_millis(10));
         }
+        (dir, socket, stop, server)
+    }
+
+    #[test]
+    fn descriptors_survive_the_client() {
+        let (dir, socket, stop, server) = keeper("keeper");
         // A pipe's write end, handed over and dropped here: the keeper keeps it open.
         let (r, w) = {
             let mut fds = [0; 2];
@@ -468,18 +476,7 @@ mod tests {
 
     #[test]
     fn a_client_that_stops_reading_does_not_wedge_the_keeper() {
-        let dir =
-            std::env::temp_dir().join(format!("imgstream-keeper-stuck-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("keeper.sock");
-        let stop = Shutdown::new();
-        let server = {
-            let (socket, stop) = (socket.clone(), stop.clone());
-            std::thread::spawn(move || run(&socket, &stop))
-        };
-        while !socket.exists() {
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let (dir, socket, stop, server) = keeper("keeper-stuck");
         let null = std::fs::File::open("/dev/null").unwrap();
         let agent = Keeper::new(&socket);
         // More answers than a connection queues (net.unix.max_dgram_qlen is 10 or so).

@@ -41,14 +41,22 @@ fn filters_are_conjunctions_of_selectors() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_service_keeps_overlay_chains_and_its_metadata() {
-    let dir = std::env::temp_dir().join(format!("imgstream-snapshotter-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+/// The snapshotter (no FUSE keeper, no background download) in a fresh `dir`, served on its
+/// socket: its config, its stop, its task and a channel to it.
+async fn serving(
+    dir: &std::path::Path,
+    http: HttpConfig,
+) -> (
+    SnapshotterConfig,
+    Shutdown,
+    tokio::task::JoinHandle<Result<(), SnapshotterError>>,
+    tonic::transport::Channel,
+) {
+    let _ = std::fs::remove_dir_all(dir);
     let config = SnapshotterConfig {
         root: dir.join("root"),
         socket: dir.join("snapshotter.sock"),
-        http: HttpConfig::default(),
+        http,
         mount: MountOptions {
             view: crate::fs::View::Merged,
             cache: crate::cache::CacheConfig {
@@ -73,6 +81,13 @@ async fn the_service_keeps_overlay_chains_and_its_metadata() {
     let listener = service.listen().unwrap();
     let server = tokio::spawn(service.serve(listener, stop.clone()));
     let channel = crate::cri::channel(&config.socket).await.unwrap();
+    (config, stop, server, channel)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_keeps_overlay_chains_and_its_metadata() {
+    let dir = std::env::temp_dir().join(format!("imgstream-snapshotter-{}", std::process::id()));
+    let (config, stop, server, channel) = serving(&dir, HttpConfig::default()).await;
     let mut client = SnapshotsClient::new(channel);
 
     // Layer 1 unpacked (no parent: a bind mount), committed; layer 2 on top of it.
@@ -242,39 +257,12 @@ fn trickling_registry() -> (String, Arc<std::sync::atomic::AtomicBool>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registry_that_trickles_holds_up_only_its_own_layer() {
     let dir = std::env::temp_dir().join(format!("imgstream-snap-trickle-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
     let (registry, asked) = trickling_registry();
-    let config = SnapshotterConfig {
-        root: dir.join("root"),
-        socket: dir.join("snapshotter.sock"),
-        http: HttpConfig {
-            insecure: vec![registry.clone()],
-            ..HttpConfig::default()
-        },
-        mount: MountOptions {
-            view: crate::fs::View::Merged,
-            cache: crate::cache::CacheConfig {
-                dir: dir.join("cache"),
-                limit_bytes: None,
-                prefer_uring: false,
-            },
-            fs: Default::default(),
-            background: None,
-            threads: 1,
-            readahead_kb: None,
-            prefetch: true,
-            learned: None,
-            share_learned: Default::default(),
-            platform: crate::oci::manifest::Platform::host(),
-            fetch_totals: None,
-        },
-        keeper: None,
+    let http = HttpConfig {
+        insecure: vec![registry.clone()],
+        ..HttpConfig::default()
     };
-    let stop = Shutdown::new();
-    let service = Snapshotter::open(config.clone()).await.unwrap();
-    let listener = service.listen().unwrap();
-    let server = tokio::spawn(service.serve(listener, stop.clone()));
-    let channel = crate::cri::channel(&config.socket).await.unwrap();
+    let (_config, stop, server, channel) = serving(&dir, http).await;
     let mut client = SnapshotsClient::new(channel.clone());
 
     // containerd prepares a layer of the trickling registry's image...
