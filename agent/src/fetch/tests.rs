@@ -295,8 +295,8 @@ fn read_file(fetcher: &Arc<Fetcher>, layer: &RemoteLayer, name: &str) -> Vec<u8>
 
 #[test]
 fn a_miss_over_a_distant_link_fetches_the_files_after_it_beside_it() {
-    // 50 ms away: the window is two bandwidth-delay products at the assumed 100 Mbit/s,
-    // 1.25 MB, far more than the nine files after f0.
+    // 50 ms away: the window is four bandwidth-delay products at the assumed 100 Mbit/s,
+    // 2.5 MB, far more than the nine files after f0.
     let t = TenFiles::new("fetch-read-around", Some(Duration::from_millis(50)));
     assert_eq!(t.read("f0"), vec![0; 4096]);
     for i in 1..10u8 {
