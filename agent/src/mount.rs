@@ -213,14 +213,7 @@ fn manifest_descriptor(fetched: &FetchedManifest, manifest: &manifest::Manifest)
         .filter(|t| !t.is_empty())
         .or_else(|| manifest.media_type.clone())
         .unwrap_or_else(|| manifest::OCI_MANIFEST.to_string());
-    Descriptor {
-        media_type,
-        digest: fetched.digest,
-        size: fetched.bytes.len() as u64,
-        annotations: Default::default(),
-        platform: None,
-        extra: Default::default(),
-    }
+    Descriptor::of(&media_type, &fetched.bytes)
 }
 
 /// Downloads a layer that is not eStargz, rewrites it as eStargz in the cache directory

@@ -80,11 +80,6 @@ impl Health {
             .any(|p| matches!(p, Part::Failed { critical: true, .. }))
     }
 
-    /// Whether `part` is running.
-    pub fn is_running(&self, part: &str) -> bool {
-        crate::sync::lock(&self.0).get(part) == Some(&Part::Running)
-    }
-
     /// Each part as `{"part": "running"}` or `{"part": "failed: why"}`.
     fn report(&self) -> String {
         let parts: BTreeMap<&str, String> = crate::sync::lock(&self.0)

@@ -113,29 +113,36 @@ mod tests {
     #[test]
     fn the_file_is_rotated_before_it_passes_its_bound() {
         let dir = std::env::temp_dir().join(format!("imgstream-journal-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&dir).expect("a scratch directory");
         let path = dir.join("enxio.jsonl");
-        let mut file = RotatingFile::open(&path, 100).unwrap();
+        let mut file = RotatingFile::open(&path, 100).expect("the file opens");
         let line = "x".repeat(29); // 30 bytes with its newline
         for _ in 0..7 {
-            file.write_line(&line).unwrap();
+            file.write_line(&line).expect("the line is written");
         }
         // 3 lines (90 bytes) per part: 3 rotated away once, 3 then, 1 now; the oldest went.
-        let now = std::fs::read_to_string(&path).unwrap();
-        let before = std::fs::read_to_string(file.rotated_path()).unwrap();
+        let now = std::fs::read_to_string(&path).expect("the file reads back");
+        let before = std::fs::read_to_string(file.rotated_path()).expect("the file reads back");
         assert_eq!((now.lines().count(), before.lines().count()), (1, 3));
-        assert!(std::fs::metadata(&path).unwrap().len() <= 100);
+        assert!(std::fs::metadata(&path).expect("the file is there").len() <= 100);
         // A new writer continues the file where it is.
-        let mut again = RotatingFile::open(&path, 100).unwrap();
-        again.write_line(&line).unwrap();
-        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 2);
-        std::fs::remove_dir_all(&dir).unwrap();
+        let mut again = RotatingFile::open(&path, 100).expect("the file opens");
+        again.write_line(&line).expect("the line is written");
+        assert_eq!(
+            std::fs::read_to_string(&path)
+                .expect("the file reads back")
+                .lines()
+                .count(),
+            2
+        );
+        std::fs::remove_dir_all(&dir).expect("the scratch directory goes");
     }
 
     #[test]
     fn a_full_disk_is_an_error_for_that_line_only() {
         // /dev/full takes the open and fails every write with ENOSPC.
-        let mut file = RotatingFile::open(Path::new("/dev/full"), u64::MAX).unwrap();
+        let mut file =
+            RotatingFile::open(Path::new("/dev/full"), u64::MAX).expect("the file opens");
         let err = file.write_line("{}").unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
         // The next line tries again (and fails again, here), without a panic or a stuck state.

@@ -611,15 +611,6 @@ impl Fetcher {
         }
     }
 
-    /// Compressed bytes fetched for readers themselves (not around them, not background).
-    pub fn on_demand_bytes(&self) -> u64 {
-        let s = &self.stats;
-        s.bytes
-            .load(Ordering::Relaxed)
-            .saturating_sub(s.background_bytes.load(Ordering::Relaxed))
-            .saturating_sub(s.read_around_bytes.load(Ordering::Relaxed))
-    }
-
     /// Tells the fetcher the compressed size of the image it serves (the background download
     /// does), so that it can tell when readers read most of it.
     pub fn serving(&self, image_bytes: u64) {

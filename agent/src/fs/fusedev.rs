@@ -312,9 +312,9 @@ mod tests {
 
     #[test]
     fn only_dev_fuse_is_a_fuse_connection() {
-        let null = std::fs::File::open("/dev/null").unwrap();
+        let null = std::fs::File::open("/dev/null").expect("it opens");
         assert!(!is_fuse_device(&null));
-        let file = std::fs::File::open("/proc/self/status").unwrap();
+        let file = std::fs::File::open("/proc/self/status").expect("it opens");
         assert!(!is_fuse_device(&file));
         // Opening /dev/fuse needs nothing but the device; where it is missing there is no
         // FUSE to test anyway.

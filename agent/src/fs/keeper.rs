@@ -477,23 +477,30 @@ mod tests {
     #[test]
     fn a_client_that_stops_reading_does_not_wedge_the_keeper() {
         let (dir, socket, stop, server) = keeper("keeper-stuck");
-        let null = std::fs::File::open("/dev/null").unwrap();
+        let null = std::fs::File::open("/dev/null").expect("it opens");
         let agent = Keeper::new(&socket);
         // More answers than a connection queues (net.unix.max_dgram_qlen is 10 or so).
         for i in 0..64 {
-            agent.put(&format!("/mnt/{i}"), null.as_fd()).unwrap();
+            agent
+                .put(&format!("/mnt/{i}"), null.as_fd())
+                .expect("the keeper takes it");
         }
         // A client asks for everything and never reads the answers.
-        let stuck = agent.connect().unwrap();
-        send(stuck.as_fd(), b"GET", None).unwrap();
+        let stuck = agent.connect().expect("the keeper accepts");
+        send(stuck.as_fd(), b"GET", None).expect("the keeper reads it");
         std::thread::sleep(Duration::from_millis(300));
         // Everyone else is still answered.
         let other = Keeper::new(&socket);
-        other.put("/mnt/late", null.as_fd()).unwrap();
-        assert_eq!(other.get().unwrap().len(), 65);
+        other
+            .put("/mnt/late", null.as_fd())
+            .expect("the keeper takes it");
+        assert_eq!(other.get().expect("the keeper answers").len(), 65);
         drop(stuck);
         stop.trigger();
-        server.join().unwrap().unwrap();
+        server
+            .join()
+            .expect("the thread ends without a panic")
+            .expect("the keeper ran without an error");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -61,6 +61,21 @@ pub struct Descriptor {
     pub extra: BTreeMap<String, serde_json::Value>,
 }
 
+impl Descriptor {
+    /// The descriptor of `bytes` as content of `media_type`: their digest and size, nothing
+    /// else.
+    pub fn of(media_type: &str, bytes: &[u8]) -> Self {
+        Self {
+            media_type: media_type.into(),
+            digest: Digest::of(bytes),
+            size: bytes.len() as u64,
+            annotations: BTreeMap::new(),
+            platform: None,
+            extra: BTreeMap::new(),
+        }
+    }
+}
+
 /// The platform of an index entry.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Platform {

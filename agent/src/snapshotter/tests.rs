@@ -227,8 +227,11 @@ async fn the_service_keeps_overlay_chains_and_its_metadata() {
 /// each frame is in time, the body never ends. Returns its host and whether it was asked.
 fn trickling_registry() -> (String, Arc<std::sync::atomic::AtomicBool>) {
     use std::io::{Read as _, Write as _};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let host = listener.local_addr().unwrap().to_string();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+    let host = listener
+        .local_addr()
+        .expect("the bound address")
+        .to_string();
     let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = asked.clone();
     std::thread::spawn(move || {
@@ -305,7 +308,7 @@ async fn a_registry_that_trickles_holds_up_only_its_own_layer() {
     )
     .await
     .expect(held)
-    .unwrap();
+    .expect("the call succeeds");
     tokio::time::timeout(
         soon,
         client.commit(CommitSnapshotRequest {
@@ -317,7 +320,7 @@ async fn a_registry_that_trickles_holds_up_only_its_own_layer() {
     )
     .await
     .expect(held)
-    .unwrap();
+    .expect("the call succeeds");
     let stat = tokio::time::timeout(
         soon,
         client.stat(StatSnapshotRequest {
@@ -327,8 +330,14 @@ async fn a_registry_that_trickles_holds_up_only_its_own_layer() {
     )
     .await
     .expect(held)
-    .unwrap();
-    assert_eq!(stat.into_inner().info.unwrap().kind, Kind::Committed as i32);
+    .expect("the call succeeds");
+    assert_eq!(
+        stat.into_inner()
+            .info
+            .expect("Stat answers with the info")
+            .kind,
+        Kind::Committed as i32
+    );
     tokio::time::timeout(
         soon,
         client.remove(RemoveSnapshotRequest {
@@ -338,7 +347,7 @@ async fn a_registry_that_trickles_holds_up_only_its_own_layer() {
     )
     .await
     .expect(held)
-    .unwrap();
+    .expect("the call succeeds");
     assert!(
         !slow.is_finished(),
         "the trickling layer is still being opened"

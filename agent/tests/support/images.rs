@@ -95,14 +95,7 @@ pub async fn build_image_from_tarballs(
 }
 
 pub fn descriptor(media_type: &str, bytes: &[u8]) -> Descriptor {
-    Descriptor {
-        media_type: media_type.into(),
-        digest: Digest::of(bytes),
-        size: bytes.len() as u64,
-        annotations: Default::default(),
-        platform: None,
-        extra: Default::default(),
-    }
+    Descriptor::of(media_type, bytes)
 }
 
 /// A root filesystem with busybox and its applet links, enough for `sh -c`.

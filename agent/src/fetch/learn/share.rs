@@ -187,33 +187,27 @@ impl Shared {
             return Ok(None);
         };
         let list = Bytes::from(serde_json::to_vec(stored).map_err(ShareError::Encode)?);
-        let mut list_desc = descriptor(ARTIFACT_TYPE, &list);
+        let mut list_desc = Descriptor::of(ARTIFACT_TYPE, &list);
         list_desc
             .annotations
             .insert(LAYER_ANNOTATION.into(), stored.layer.to_string());
-        let config = descriptor(EMPTY_TYPE, EMPTY);
+        let config = Descriptor::of(EMPTY_TYPE, EMPTY);
         for (desc, bytes) in [(&config, Bytes::from_static(EMPTY)), (&list_desc, list)] {
             if !sink.has_blob(&desc.digest).await? {
                 sink.put_blob(desc, bytes).await?;
             }
         }
-        let subject = Descriptor {
-            annotations: Default::default(),
-            platform: None,
-            extra: Default::default(),
-            ..self.subject.clone()
-        };
         let artifact = serde_json::json!({
             "schemaVersion": 2,
             "mediaType": OCI_MANIFEST,
             "artifactType": ARTIFACT_TYPE,
             "config": config,
             "layers": [list_desc],
-            "subject": subject,
+            "subject": self.subject,
             "annotations": { LAYER_ANNOTATION: stored.layer.to_string() },
         });
         let bytes = Bytes::from(serde_json::to_vec(&artifact).map_err(ShareError::Encode)?);
-        let mut entry = descriptor(OCI_MANIFEST, &bytes);
+        let mut entry = Descriptor::of(OCI_MANIFEST, &bytes);
         let digest = sink.put_manifest(None, OCI_MANIFEST, bytes).await?;
         let (mut index, api) = self.referrers().await?;
         if api || index.manifests.iter().any(|d| d.digest == digest) {
@@ -249,17 +243,6 @@ fn lists(d: &Descriptor, layer: &Digest) -> bool {
         && d.annotations.get(LAYER_ANNOTATION).map(String::as_str) == Some(&layer.to_string())
 }
 
-fn descriptor(media_type: &str, bytes: &[u8]) -> Descriptor {
-    Descriptor {
-        media_type: media_type.into(),
-        digest: Digest::of(bytes),
-        size: bytes.len() as u64,
-        annotations: Default::default(),
-        platform: None,
-        extra: Default::default(),
-    }
-}
-
 fn empty_index() -> Index {
     Index {
         schema_version: 2,
@@ -277,7 +260,7 @@ mod tests {
     #[test]
     fn only_entries_of_our_type_for_the_layer_are_taken() {
         let layer = Digest::of(b"layer");
-        let mut d = descriptor(OCI_MANIFEST, b"artifact");
+        let mut d = Descriptor::of(OCI_MANIFEST, b"artifact");
         assert!(!lists(&d, &layer), "no artifactType");
         d.extra.insert("artifactType".into(), ARTIFACT_TYPE.into());
         assert!(!lists(&d, &layer), "no layer annotation");

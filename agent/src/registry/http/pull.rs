@@ -166,6 +166,18 @@ impl RegistryClient {
         }))
     }
 
+    /// A pull-scoped GET of `url` that accepts the media types `accept`.
+    async fn get_accepting(
+        &self,
+        url: &str,
+        accept: &'static str,
+    ) -> Result<http::Response<hyper::body::Incoming>, RegistryError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ACCEPT, HeaderValue::from_static(accept));
+        self.send(Method::GET, url, &headers, Bytes::new(), &self.scope(false))
+            .await
+    }
+
     /// One manifest request at `endpoint`, checked against the digest asked for and the one
     /// the registry claims.
     async fn manifest_from(
@@ -174,17 +186,7 @@ impl RegistryClient {
         reference: &str,
     ) -> Result<FetchedManifest, RegistryError> {
         let url = self.url(endpoint, &format!("manifests/{reference}"));
-        let mut headers = HeaderMap::new();
-        headers.insert(header::ACCEPT, HeaderValue::from_static(ACCEPT));
-        let resp = self
-            .send(
-                Method::GET,
-                &url,
-                &headers,
-                Bytes::new(),
-                &self.scope(false),
-            )
-            .await?;
+        let resp = self.get_accepting(&url, ACCEPT).await?;
         if !resp.status().is_success() {
             return Err(self
                 .error_for(resp, &url, &format!("manifest {reference}"))
@@ -295,19 +297,8 @@ impl BlobSource for RegistryClient {
                 crate::query::encode(artifact_type)
             ),
         );
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            header::ACCEPT,
-            HeaderValue::from_static(crate::oci::manifest::OCI_INDEX),
-        );
         let resp = self
-            .send(
-                Method::GET,
-                &url,
-                &headers,
-                Bytes::new(),
-                &self.scope(false),
-            )
+            .get_accepting(&url, crate::oci::manifest::OCI_INDEX)
             .await?;
         let status = resp.status();
         let index = resp
