@@ -178,9 +178,21 @@ impl Serving {
                     "Descriptor chains that could not be served (bad descriptors, malformed messages).",
                     &v.bad_requests,
                 ),
+                (
+                    "imgstream_virtiofs_queue_full_total",
+                    "Kicks that found a queue with as many requests in flight as its size: what the guest posted waited for room.",
+                    &v.deferrals,
+                ),
             ] {
                 family(out, name, "counter", help, &[("", load(counter))]);
             }
+            family(
+                out,
+                "imgstream_virtiofs_requests_in_flight",
+                "gauge",
+                "Requests taken off the guest's queues and not yet answered.",
+                &[("", load(&v.in_flight))],
+            );
         }
     }
 }

@@ -8,8 +8,9 @@
 //! Queue 0 is the high-priority queue (FORGET, INTERRUPT); queues 1.. carry requests. Each
 //! queue has its own event thread, which only pops descriptor chains and hands them to a
 //! pool of request threads: a read that waits on the registry never holds up the requests
-//! behind it. A guest that goes away ends its session; the backend then waits for the next
-//! connection on the same socket.
+//! behind it; at most a queue's size of its chains wait or run at once (see [`Dispatcher`]).
+//! A guest that goes away ends its session; the backend then waits for the next connection
+//! on the same socket.
 //!
 //! Everything in the rings comes from the guest and is untrusted: a chain that points outside
 //! guest memory, has no room for a reply or holds a malformed FUSE message is completed with
@@ -21,7 +22,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex, RwLock,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         mpsc,
     },
     thread,
@@ -41,7 +42,7 @@ use virtio_bindings::{
     virtio_config::VIRTIO_F_VERSION_1,
     virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC},
 };
-use virtio_queue::{DescriptorChain, QueueOwnedT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 use vmm_sys_util::{
     epoll::EventSet,
@@ -116,6 +117,11 @@ pub struct VirtioFsStats {
     pub requests: AtomicU64,
     /// Chains that could not be served (bad descriptors, malformed messages).
     pub bad_requests: AtomicU64,
+    /// Chains taken off the rings and not yet returned, all queues and sessions.
+    pub in_flight: AtomicU64,
+    /// Times a kick found its queue with as many chains in flight as the queue's size, so
+    /// what the guest posted waited for room.
+    pub deferrals: AtomicU64,
 }
 
 /// A request to run on a request thread.
@@ -172,16 +178,156 @@ impl Drop for RequestPool {
     }
 }
 
-/// The vhost-user-fs device of one session.
-struct FsBackend<F: FileSystem + Send + Sync + 'static> {
+/// How far one queue is behind: chains taken off its ring and not yet returned, and
+/// whether taking stopped because there were as many as the queue's size.
+#[derive(Debug, Default)]
+struct QueueLoad {
+    in_flight: AtomicUsize,
+    deferred: AtomicBool,
+}
+
+/// Takes chains off the rings and runs them on the request threads, never more per queue
+/// than the queue's size: as many as an honest guest can have outstanding, since a
+/// descriptor is the guest's again only once returned. A guest that posts heads it already
+/// handed over (or floods the ring faster than the registry answers) waits for room instead
+/// of growing the host's job queue; the completion that makes room takes the next chains.
+struct Dispatcher<F: FileSystem + Send + Sync + 'static> {
     server: Arc<Server<Arc<F>>>,
-    config: VirtioFsConfig,
     memory: RwLock<Option<GuestMemory>>,
     event_idx: AtomicBool,
-    /// One exit event per queue thread: how the session's threads are told to stop.
-    exits: Vec<(EventConsumer, EventNotifier)>,
+    loads: Vec<QueueLoad>,
     pool: Arc<RequestPool>,
     stats: Arc<VirtioFsStats>,
+}
+
+impl<F: FileSystem + Send + Sync + 'static> Dispatcher<F> {
+    /// Takes what `vring` (queue `queue`) has, as room allows. With EVENT_IDX the guest kicks
+    /// only when told to: keep taking until no chain arrived while notifications were off, or
+    /// the guest waits forever; a queue at its limit is left to the completions.
+    fn drain(self: &Arc<Self>, queue: usize, vring: &VringRwLock) -> io::Result<()> {
+        let memory = crate::sync::read(&self.memory)
+            .as_ref()
+            .ok_or_else(|| io::Error::other("virtio-fs: a kick before the guest's memory"))?
+            .memory();
+        if !self.event_idx.load(Ordering::Relaxed) {
+            self.dispatch(queue, vring, &memory);
+            return Ok(());
+        }
+        loop {
+            vring
+                .disable_notification()
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            if self.dispatch(queue, vring, &memory) == Taken::UpToTheLimit {
+                return Ok(());
+            }
+            if !vring
+                .enable_notification()
+                .map_err(|e| io::Error::other(e.to_string()))?
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Takes available chains off `vring`, at most as many as leave the queue within its
+    /// size, and hands each to a request thread.
+    fn dispatch(
+        self: &Arc<Self>,
+        queue: usize,
+        vring: &VringRwLock,
+        memory: &GuestMemoryLoadGuard<GuestMemoryMmap>,
+    ) -> Taken {
+        let Some(load) = self.loads.get(queue) else {
+            return Taken::All;
+        };
+        let (chains, taken) = {
+            // Room is counted and taken under the ring's lock: two dispatchers of one queue
+            // (an event thread and a completion) cannot both fill the same room.
+            let mut state = vring.get_mut();
+            let limit = usize::from(state.get_queue().size()).max(1);
+            let mut room = limit.saturating_sub(load.in_flight.load(Ordering::SeqCst));
+            if room == 0 {
+                load.deferred.store(true, Ordering::SeqCst);
+                // A completion between the load above and the flag would not have seen it:
+                // look once more, now that any later completion will.
+                room = limit.saturating_sub(load.in_flight.load(Ordering::SeqCst));
+                if room == 0 {
+                    self.stats.deferrals.fetch_add(1, Ordering::Relaxed);
+                    return Taken::UpToTheLimit;
+                }
+            }
+            let chains: Vec<Chain> = match state.get_queue_mut().iter(memory.clone()) {
+                Ok(iter) => iter.take(room).collect(),
+                Err(err) => {
+                    // The guest's avail ring is broken; nothing on it can be trusted. The
+                    // session stays up (the guest may reset the device), nothing is served.
+                    self.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%err, "virtio-fs: unreadable available ring");
+                    return Taken::All;
+                }
+            };
+            load.in_flight.fetch_add(chains.len(), Ordering::SeqCst);
+            self.stats
+                .in_flight
+                .fetch_add(chains.len() as u64, Ordering::Relaxed);
+            let taken = if chains.len() == room {
+                // Maybe more wait on the ring: the completion of one of these takes them.
+                // Set before any of them can complete.
+                load.deferred.store(true, Ordering::SeqCst);
+                Taken::UpToTheLimit
+            } else {
+                Taken::All
+            };
+            (chains, taken)
+        };
+        for chain in chains {
+            let (this, vring, memory) = (self.clone(), vring.clone(), memory.clone());
+            let job = Box::new(move || {
+                complete(&this.server, &vring, &memory, chain, &this.stats);
+                this.finished(queue, &vring);
+            });
+            if !self.pool.run(job) {
+                tracing::warn!("virtio-fs: the request threads are gone; request dropped");
+                self.finished_without_drain(queue);
+            }
+        }
+        taken
+    }
+
+    /// One of queue `queue`'s chains went back to the guest: if taking had stopped at the
+    /// limit, take more now.
+    fn finished(self: &Arc<Self>, queue: usize, vring: &VringRwLock) {
+        if self.finished_without_drain(queue)
+            && let Err(err) = self.drain(queue, vring)
+        {
+            tracing::debug!(%err, queue, "virtio-fs: taking deferred chains failed");
+        }
+    }
+
+    /// Counts one chain of `queue` as done; whether taking had stopped at the limit.
+    fn finished_without_drain(&self, queue: usize) -> bool {
+        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let Some(load) = self.loads.get(queue) else {
+            return false;
+        };
+        load.in_flight.fetch_sub(1, Ordering::SeqCst);
+        load.deferred.swap(false, Ordering::SeqCst)
+    }
+}
+
+/// Whether a dispatch took everything the ring had.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Taken {
+    All,
+    UpToTheLimit,
+}
+
+/// The vhost-user-fs device of one session.
+struct FsBackend<F: FileSystem + Send + Sync + 'static> {
+    config: VirtioFsConfig,
+    /// One exit event per queue thread: how the session's threads are told to stop.
+    exits: Vec<(EventConsumer, EventNotifier)>,
+    dispatcher: Arc<Dispatcher<F>>,
 }
 
 impl<F: FileSystem + Send + Sync + 'static> FsBackend<F> {
@@ -191,48 +337,28 @@ impl<F: FileSystem + Send + Sync + 'static> FsBackend<F> {
         pool: Arc<RequestPool>,
         stats: Arc<VirtioFsStats>,
     ) -> Result<Self, VirtioFsError> {
-        let exits = (0..HIPRIO_QUEUES + config.request_queues)
+        let queues = HIPRIO_QUEUES + config.request_queues;
+        let exits = (0..queues)
             .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
             .collect::<Result<_, _>>()
             .map_err(VirtioFsError::Event)?;
         Ok(Self {
-            server,
             config,
-            memory: RwLock::new(None),
-            event_idx: AtomicBool::new(false),
             exits,
-            pool,
-            stats,
+            dispatcher: Arc::new(Dispatcher {
+                server,
+                memory: RwLock::new(None),
+                event_idx: AtomicBool::new(false),
+                loads: (0..queues).map(|_| QueueLoad::default()).collect(),
+                pool,
+                stats,
+            }),
         })
     }
 
-    /// Takes every available chain off `vring` and hands each to a request thread.
-    fn dispatch(&self, vring: &VringRwLock, memory: &GuestMemoryLoadGuard<GuestMemoryMmap>) {
-        let chains: Vec<Chain> = {
-            let mut state = vring.get_mut();
-            match state.get_queue_mut().iter(memory.clone()) {
-                Ok(iter) => iter.collect(),
-                Err(err) => {
-                    // The guest's avail ring is broken; nothing on it can be trusted. The
-                    // session stays up (the guest may reset the device), nothing is served.
-                    self.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%err, "virtio-fs: unreadable available ring");
-                    return;
-                }
-            }
-        };
-        for chain in chains {
-            let (server, vring, memory, stats) = (
-                self.server.clone(),
-                vring.clone(),
-                memory.clone(),
-                self.stats.clone(),
-            );
-            let job = Box::new(move || complete(&server, &vring, &memory, chain, &stats));
-            if !self.pool.run(job) {
-                tracing::warn!("virtio-fs: the request threads are gone; request dropped");
-            }
-        }
+    #[cfg(test)]
+    fn stats(&self) -> &VirtioFsStats {
+        &self.dispatcher.stats
     }
 }
 
@@ -326,7 +452,7 @@ impl<F: FileSystem + Send + Sync + 'static> VhostUserBackend for FsBackend<F> {
     }
 
     fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Relaxed);
+        self.dispatcher.event_idx.store(enabled, Ordering::Relaxed);
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -343,7 +469,7 @@ impl<F: FileSystem + Send + Sync + 'static> VhostUserBackend for FsBackend<F> {
     }
 
     fn update_memory(&self, memory: GuestMemory) -> io::Result<()> {
-        *crate::sync::write(&self.memory) = Some(memory);
+        *crate::sync::write(&self.dispatcher.memory) = Some(memory);
         Ok(())
     }
 
@@ -362,39 +488,19 @@ impl<F: FileSystem + Send + Sync + 'static> VhostUserBackend for FsBackend<F> {
         device_event: u16,
         evset: EventSet,
         vrings: &[VringRwLock],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!(
                 "virtio-fs: unexpected event {evset:?}"
             )));
         }
-        // `device_event` counts the queues of this thread, which has exactly one.
+        // `device_event` counts the queues of this thread, which has exactly one; the
+        // thread's index is its queue's.
         let vring = vrings
             .get(usize::from(device_event))
             .ok_or_else(|| io::Error::other(format!("virtio-fs: no queue {device_event}")))?;
-        let memory = crate::sync::read(&self.memory)
-            .as_ref()
-            .ok_or_else(|| io::Error::other("virtio-fs: a kick before the guest's memory"))?
-            .memory();
-        if !self.event_idx.load(Ordering::Relaxed) {
-            self.dispatch(vring, &memory);
-            return Ok(());
-        }
-        // With EVENT_IDX the guest kicks only when told to: keep taking chains until none
-        // arrived while notifications were off, or the guest waits forever.
-        loop {
-            vring
-                .disable_notification()
-                .map_err(|e| io::Error::other(e.to_string()))?;
-            self.dispatch(vring, &memory);
-            if !vring
-                .enable_notification()
-                .map_err(|e| io::Error::other(e.to_string()))?
-            {
-                return Ok(());
-            }
-        }
+        self.dispatcher.drain(thread_id, vring)
     }
 }
 

@@ -28,6 +28,8 @@ use crate::{
 };
 
 const QUEUE_SIZE: u16 = 256;
+/// Past the descriptor table (16 bytes an entry) and the avail ring (2 an entry).
+const USED_RING: u64 = 0x4000;
 const MEMORY: u64 = 8 << 20;
 const FUSE_LOOKUP: u32 = 1;
 const FUSE_READ: u32 = 15;
@@ -39,6 +41,11 @@ fn content() -> Vec<u8> {
 
 /// An image filesystem over one real eStargz layer holding `data/hello.bin`.
 fn image_fs(runtime: &tokio::runtime::Runtime, dir: &Path) -> Arc<ImageFs> {
+    image_fs_behind(runtime, dir, Duration::ZERO)
+}
+
+/// The same, its registry answering every range request after `delay`.
+fn image_fs_behind(runtime: &tokio::runtime::Runtime, dir: &Path, delay: Duration) -> Arc<ImageFs> {
     std::fs::create_dir_all(dir).unwrap();
     let mut file = Header::new("data/hello.bin", Kind::Regular);
     file.mode = 0o644;
@@ -51,7 +58,7 @@ fn image_fs(runtime: &tokio::runtime::Runtime, dir: &Path) -> Arc<ImageFs> {
         false,
     );
     let desc = layer_descriptor(&summary);
-    let source = Arc::new(MemoryBlobs::default().with(blob));
+    let source = Arc::new(MemoryBlobs::default().with(blob).delayed(delay));
     let opened = runtime
         .block_on(layer::open_cached(source.as_ref(), &desc, None))
         .unwrap();
@@ -90,6 +97,9 @@ fn message(opcode: u32, unique: u64, nodeid: u64, body: &[u8]) -> Vec<u8> {
 struct Guest<'a> {
     memory: &'a GuestMemoryMmap,
     queue: MockSplitQueue<'a, GuestMemoryMmap>,
+    /// The used ring. Not the mock's: it places its used ring after `size` bytes of avail
+    /// entries instead of `size` entries, so a ring past half full overlaps them.
+    used_addr: u64,
     next_desc: u16,
     next_buffer: u64,
 }
@@ -107,6 +117,7 @@ impl<'a> Guest<'a> {
         Self {
             memory,
             queue: MockSplitQueue::create(memory, GuestAddress(0), QUEUE_SIZE),
+            used_addr: USED_RING,
             next_desc: 0,
             next_buffer: 0x10_0000,
         }
@@ -157,7 +168,7 @@ impl<'a> Guest<'a> {
 
     /// The used ring: head -> bytes written.
     fn used(&self) -> HashMap<u16, u32> {
-        let base = self.queue.used_addr().0;
+        let base = self.used_addr;
         let idx: u16 = self.memory.read_obj(GuestAddress(base + 2)).unwrap();
         (0..idx)
             .map(|i| {
@@ -227,7 +238,7 @@ fn rig(memory: &GuestMemoryMmap, guest: &Guest<'_>, fs: Arc<ImageFs>) -> Rig {
         .set_queue_info(
             guest.queue.desc_table_addr().0,
             guest.queue.avail_addr().0,
-            guest.queue.used_addr().0,
+            guest.used_addr,
         )
         .unwrap();
     vring.set_queue_size(QUEUE_SIZE);
@@ -428,7 +439,7 @@ fn requests_round_trip_and_hostile_chains_never_take_the_backend_down() {
             assert!(header.error < 0, "hostile chain {i} got {header:?}");
         }
     }
-    let bad = rig.backend.stats.bad_requests.load(Ordering::Relaxed);
+    let bad = rig.backend.stats().bad_requests.load(Ordering::Relaxed);
     assert!(bad >= 4, "{bad} chains counted as bad");
     // And the backend still answers.
     let (header, _) = guest.reply(after_reply.unwrap());
@@ -440,7 +451,7 @@ fn requests_round_trip_and_hostile_chains_never_take_the_backend_down() {
     let idx: u16 = memory.read_obj(avail_idx).unwrap();
     memory.write_obj(idx.wrapping_add(5000), avail_idx).unwrap();
     rig.kick();
-    assert!(rig.backend.stats.bad_requests.load(Ordering::Relaxed) > bad);
+    assert!(rig.backend.stats().bad_requests.load(Ordering::Relaxed) > bad);
 
     drop(runtime);
     let _ = std::fs::remove_dir_all(&dir);
@@ -510,6 +521,119 @@ fn a_request_that_panics_is_answered_with_eio_and_the_backend_serves_the_next() 
     );
     assert_eq!(body, content()[..4096]);
     drop(rig);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_guest_that_reposts_chains_waits_for_room_instead_of_growing_the_host_queue() {
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let dir = std::env::temp_dir().join(format!("imgstream-virtiofs-flood-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    // Every range request takes two seconds: reads wait on the registry while the guest floods.
+    let fs = image_fs_behind(&runtime, &dir, Duration::from_secs(2));
+    let memory =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEMORY as usize)]).expect("guest memory");
+    let mut guest = Guest::new(&memory);
+    let rig = rig(&memory, &guest, fs);
+    let mut sent = 0;
+    let mut ask = |guest: &mut Guest<'_>, request: Vec<u8>| {
+        let (_, reply) = guest.submit(vec![Part::Readable(request), Part::Writable(4096)]);
+        sent += 1;
+        rig.kick();
+        rig.wait_used(guest, sent);
+        guest.reply(reply.expect("a reply buffer"))
+    };
+    let init = InitIn {
+        major: 7,
+        minor: 31,
+        max_readahead: 128 * 1024,
+        flags: 0,
+    };
+    assert_eq!(
+        ask(&mut guest, message(FUSE_INIT, 1, 0, init.as_slice()))
+            .0
+            .error,
+        0
+    );
+    let (_, body) = ask(&mut guest, message(FUSE_LOOKUP, 2, 1, b"data\0"));
+    let data = EntryOut::from_slice(&body[..size_of::<EntryOut>()])
+        .expect("an entry")
+        .nodeid;
+    let (_, body) = ask(&mut guest, message(FUSE_LOOKUP, 3, data, b"hello.bin\0"));
+    let file = EntryOut::from_slice(&body[..size_of::<EntryOut>()])
+        .expect("an entry")
+        .nodeid;
+    let answered_before = sent as u16;
+
+    // One read chain, then its head posted again and again: each time as many entries as
+    // the avail ring index allows (the backend refuses more than a queue's size ahead of
+    // what it has taken), twenty times over, while the first reads wait on the registry.
+    let read = ReadIn {
+        offset: 0,
+        size: 4096,
+        ..Default::default()
+    };
+    let (head, reply) = guest.submit(vec![
+        Part::Readable(message(FUSE_READ, 4, file, read.as_slice())),
+        Part::Writable(size_of::<OutHeader>() as u32 + 4096),
+    ]);
+    let avail = guest.queue.avail_addr().0;
+    let avail_idx = |memory: &GuestMemoryMmap| -> u16 {
+        memory
+            .read_obj(GuestAddress(avail + 2))
+            .expect("the avail index")
+    };
+    let mut posted = 1usize;
+    let mut peak = 0;
+    for _ in 0..20 {
+        let next_avail = rig.vring.get_ref().get_queue().next_avail();
+        let mut idx = avail_idx(&memory);
+        let allowed = QUEUE_SIZE - idx.wrapping_sub(next_avail);
+        for _ in 0..allowed {
+            let entry = GuestAddress(avail + 4 + 2 * u64::from(idx % QUEUE_SIZE));
+            memory.write_obj(head, entry).expect("an avail entry");
+            idx = idx.wrapping_add(1);
+        }
+        memory
+            .write_obj(idx, GuestAddress(avail + 2))
+            .expect("the avail index");
+        posted += usize::from(allowed);
+        rig.kick();
+        peak = peak.max(rig.backend.stats().in_flight.load(Ordering::SeqCst));
+    }
+    assert!(
+        peak <= u64::from(QUEUE_SIZE),
+        "{peak} chains in flight on a queue of {QUEUE_SIZE}"
+    );
+    assert!(rig.backend.stats().deferrals.load(Ordering::SeqCst) > 0);
+    assert_eq!(
+        posted,
+        2 * usize::from(QUEUE_SIZE),
+        "the ring's index rule let the guest post a queue's size beyond what was taken"
+    );
+
+    // Once the registry answers, every chain posted comes back, the waiting ones taken as
+    // room was made, and each holds the file's first 4 KiB.
+    let used_idx = GuestAddress(guest.used_addr + 2);
+
+    let expected = answered_before.wrapping_add(posted as u16);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while memory.read_obj::<u16>(used_idx).expect("the used index") != expected {
+        assert!(
+            Instant::now() < deadline,
+            "not every posted chain came back: used {} of {expected}, taken {}, {} in flight",
+            memory.read_obj::<u16>(used_idx).expect("the used index"),
+            rig.vring.get_ref().get_queue().next_avail(),
+            rig.backend.stats().in_flight.load(Ordering::SeqCst)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(rig.backend.stats().in_flight.load(Ordering::SeqCst), 0);
+    let (header, body) = guest.reply(reply.expect("a reply buffer"));
+    assert_eq!(header.error, 0);
+    assert!(body == content()[..4096], "read bytes differ");
+    drop(rig);
+    drop(runtime);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
