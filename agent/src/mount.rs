@@ -20,7 +20,7 @@ use crate::{
         },
         prefetch,
     },
-    fs::{FsConfig, ImageFs, View, fusedev::FuseMount},
+    fs::{FsConfig, ImageFs, View, fusedev::FuseMount, keeper::Kept},
     image::estargz::EstargzError,
     oci::{
         digest::Digest,
@@ -61,6 +61,15 @@ pub enum MountError {
     Cache(#[from] CacheError),
     #[error(transparent)]
     Fuse(#[from] crate::fs::fusedev::MountError),
+    /// A kept connection whose inode layout is not the one this agent would serve.
+    #[error(
+        "the connection kept for {mountpoint} served inode layout {kept}, this agent's is {serving}: not served again"
+    )]
+    LayoutChanged {
+        mountpoint: String,
+        kept: String,
+        serving: Digest,
+    },
 }
 
 /// Everything a mount (or a virtio-fs backend) needs to know.
@@ -407,6 +416,11 @@ impl MountedImage {
         self.mount.as_ref()?.fuse_fd()
     }
 
+    /// The inode layout the mount serves, kept with its descriptor.
+    pub fn layout(&self) -> Digest {
+        self.served.fs.tree().layout()
+    }
+
     /// Stops serving (after the requests being served are answered) and the background
     /// download, and leaves the mount for the next agent, whose keeper holds the connection.
     pub fn leave_mounted(mut self) {
@@ -558,16 +572,29 @@ pub fn mount(
 }
 
 /// Serves an opened image again on the FUSE connection mounted at `mountpoint` by a previous
-/// agent, its descriptor `file` taken back from a keeper (see [`crate::fs::keeper`]).
+/// agent, taken back from a keeper (see [`crate::fs::keeper`]): only if the inode layout the
+/// connection served is the one this image's tree has, since the kernel keeps the inode
+/// numbers it was given.
 pub fn adopt(
     runtime: tokio::runtime::Handle,
     image: OpenedImage,
     cache: Arc<ChunkCache>,
     mountpoint: &Path,
-    file: std::fs::File,
+    kept: Kept,
     options: &MountOptions,
 ) -> Result<MountedImage, MountError> {
     let served = serve(runtime, image, cache, options)?;
+    let serving = served.fs.tree().layout();
+    if kept.layout != Some(serving) {
+        return Err(MountError::LayoutChanged {
+            mountpoint: mountpoint.display().to_string(),
+            kept: kept
+                .layout
+                .map_or_else(|| "unknown".to_string(), |l| l.to_string()),
+            serving,
+        });
+    }
+    let file = std::fs::File::from(kept.fd);
     let mount = FuseMount::adopt(
         served.fs.clone(),
         mountpoint,

@@ -1,8 +1,18 @@
 //! `imgstream fuse-keeper` as a process: it stops on SIGTERM (it used to be SIGKILLed every
-//! time: its signal task sat on a runtime nothing drove) and removes its socket.
+//! time: its signal task sat on a runtime nothing drove) and removes its socket; and a
+//! connection it kept is served again only by a tree with the inode layout it was serving.
 
 mod support;
 
+use std::{path::Path, sync::Arc};
+
+use imgstream::{
+    cache::{CacheConfig, ChunkCache},
+    fs::{FsConfig, View, keeper::Keeper},
+    mount::{self, MountError, MountOptions, OpenedImage},
+    oci::manifest::Platform,
+    registry::{BlobSource, local::LocalLayout},
+};
 use support::FuseKeeper;
 
 #[test]
@@ -15,4 +25,141 @@ fn the_keeper_stops_on_sigterm_and_removes_its_socket() {
     assert!(status.success(), "exited with {status}");
     assert!(!socket.exists(), "the socket went with the keeper");
     std::fs::remove_dir_all(&scratch).unwrap();
+}
+
+fn options(cache: &Path) -> MountOptions {
+    MountOptions {
+        view: View::Merged,
+        cache: CacheConfig {
+            dir: cache.to_path_buf(),
+            limit_bytes: None,
+            prefer_uring: false,
+        },
+        fs: FsConfig::default(),
+        background: None,
+        threads: 1,
+        readahead_kb: None,
+        prefetch: false,
+        learned: None,
+        share_learned: Default::default(),
+        platform: Platform::host(),
+        fetch_totals: None,
+    }
+}
+
+fn open(
+    runtime: &tokio::runtime::Runtime,
+    layout: &Path,
+    tag: &str,
+    cache: &ChunkCache,
+) -> OpenedImage {
+    let source: Arc<dyn BlobSource> =
+        Arc::new(LocalLayout::open(layout).expect("the test layout opens"));
+    runtime
+        .block_on(mount::open_layers(source, tag, &Platform::host(), cache))
+        .expect("the test image opens")
+}
+
+#[test]
+fn a_kept_connection_is_served_again_only_by_a_tree_of_the_same_inode_layout() {
+    support::require_root();
+    let scratch = support::scratch("fuse-keeper-layout");
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    // Two images with the same paths; in the second, one file is longer.
+    let (a, b) = (scratch.join("a"), scratch.join("b"));
+    for (dir, text) in [(&a, "hello\n"), (&b, "hello, world\n")] {
+        std::fs::create_dir_all(dir.join("etc")).expect("a scratch directory");
+        std::fs::write(dir.join("etc/hello"), text).expect("a scratch file");
+    }
+    let layout = scratch.join("layout");
+    runtime.block_on(support::build_image(&layout, "a", &[a], &["/bin/true"]));
+    runtime.block_on(support::build_image(&layout, "b", &[b], &["/bin/true"]));
+    let options = options(&scratch.join("cache"));
+    let cache = Arc::new(ChunkCache::open(&options.cache).expect("a cache"));
+    let mountpoint = scratch.join("mnt");
+    std::fs::create_dir_all(&mountpoint).expect("a mount point");
+    let key = mountpoint.display().to_string();
+    let keeper_process = FuseKeeper::start(&scratch.join("keeper.sock"));
+    let keeper = Keeper::new(&keeper_process.socket);
+
+    // An agent mounts image a, hands its connection to the keeper and stops serving.
+    let mounted = mount::mount(
+        runtime.handle().clone(),
+        open(&runtime, &layout, "a", &cache),
+        cache.clone(),
+        &mountpoint,
+        &options,
+    )
+    .expect("image a mounts");
+    assert_eq!(
+        std::fs::read_to_string(mountpoint.join("etc/hello")).expect("a file of a"),
+        "hello\n"
+    );
+    keeper
+        .put(
+            &key,
+            &mounted.layout(),
+            mounted.fuse_fd().expect("a FUSE descriptor"),
+        )
+        .expect("the keeper takes it");
+    mounted.leave_mounted();
+
+    // The next agent would serve image b's tree on it: refused, before anything is served.
+    let kept = keeper
+        .get()
+        .expect("the keeper answers")
+        .remove(&key)
+        .expect("kept");
+    let err = mount::adopt(
+        runtime.handle().clone(),
+        open(&runtime, &layout, "b", &cache),
+        cache.clone(),
+        &mountpoint,
+        kept,
+        &options,
+    )
+    .expect_err("another layout is refused");
+    assert!(matches!(err, MountError::LayoutChanged { .. }), "{err}");
+    // A connection kept without a layout (an agent that did not say) is refused too.
+    let mut unknown = keeper
+        .get()
+        .expect("the keeper answers")
+        .remove(&key)
+        .expect("kept");
+    unknown.layout = None;
+    let err = mount::adopt(
+        runtime.handle().clone(),
+        open(&runtime, &layout, "a", &cache),
+        cache.clone(),
+        &mountpoint,
+        unknown,
+        &options,
+    )
+    .expect_err("an unknown layout is refused");
+    assert!(matches!(err, MountError::LayoutChanged { .. }), "{err}");
+
+    // Image a's tree has the kept layout: served again, the same file through the same mount.
+    let kept = keeper
+        .get()
+        .expect("the keeper answers")
+        .remove(&key)
+        .expect("kept");
+    let again = mount::adopt(
+        runtime.handle().clone(),
+        open(&runtime, &layout, "a", &cache),
+        cache.clone(),
+        &mountpoint,
+        kept,
+        &options,
+    )
+    .expect("the same layout is served again");
+    assert_eq!(
+        std::fs::read_to_string(mountpoint.join("etc/hello")).expect("a file of a, again"),
+        "hello\n"
+    );
+    keeper.del(&key).expect("the keeper lets go");
+    drop(again);
+    drop(keeper_process);
+    support::umount_below(&scratch);
+    let _ = std::fs::remove_dir_all(&scratch);
 }

@@ -11,9 +11,14 @@
 //! was in flight when the agent died is answered by the new one instead of hanging. Requests
 //! made while no agent runs wait in the kernel's queue.
 //!
-//! The protocol: SOCK_SEQPACKET messages, `PUT <key>` with one descriptor (answered `OK`),
-//! `DEL <key>` (`OK`), `GET` (answered with `FD <key>` plus a descriptor per entry, then
-//! `END`). The socket is created mode 0600.
+//! A connection is served again only by a tree with the same inode layout (see
+//! [`crate::fs::tree::Tree::layout`]): the layout's digest is kept with the descriptor, and an
+//! agent whose tree differs (its tree building changed, or the layer's TOC did) mounts the
+//! layer afresh instead of answering the kernel's cached inode numbers with other files.
+//!
+//! The protocol: SOCK_SEQPACKET messages, `PUT <key>[\n<layout>]` with one descriptor
+//! (answered `OK`), `DEL <key>` (`OK`), `GET` (answered with `FD <key>[\n<layout>]` plus a
+//! descriptor per entry, then `END`). The socket is created mode 0600.
 
 use std::{
     collections::BTreeMap,
@@ -28,7 +33,7 @@ use std::{
     time::Duration,
 };
 
-use crate::shutdown::Shutdown;
+use crate::{oci::digest::Digest, shutdown::Shutdown};
 
 /// Longest message: a key is a mount point path.
 const MAX_MESSAGE: usize = 4096 + 4;
@@ -196,7 +201,7 @@ pub fn run(socket: &Path, shutdown: &Shutdown) -> io::Result<()> {
     // SAFETY: listen(2) on our socket.
     check(unsafe { libc::listen(listener.as_raw_fd(), 16) })?;
     tracing::info!(socket = %socket.display(), "FUSE keeper listening");
-    let held: Arc<Mutex<BTreeMap<String, OwnedFd>>> = Arc::default();
+    let held: Arc<Mutex<Held>> = Arc::default();
     while !shutdown.is_triggered() {
         let mut poll = libc::pollfd {
             fd: listener.as_raw_fd(),
@@ -246,14 +251,19 @@ pub fn run(socket: &Path, shutdown: &Shutdown) -> io::Result<()> {
     Ok(())
 }
 
-fn serve_conn(conn: BorrowedFd<'_>, held: &Mutex<BTreeMap<String, OwnedFd>>) -> io::Result<()> {
+/// What a keeper holds: by key, a descriptor and the layout digest it was put with ("" for
+/// none).
+type Held = BTreeMap<String, (OwnedFd, String)>;
+
+fn serve_conn(conn: BorrowedFd<'_>, held: &Mutex<Held>) -> io::Result<()> {
     loop {
         let (msg, fd) = recv(conn)?;
         if msg.is_empty() {
             return Ok(());
         }
         let text = String::from_utf8_lossy(&msg);
-        let (verb, key) = text.split_once(' ').unwrap_or((&text, ""));
+        let (verb, rest) = text.split_once(' ').unwrap_or((&text, ""));
+        let (key, layout) = rest.split_once('\n').unwrap_or((rest, ""));
         let mut held = crate::sync::lock(held);
         match (verb, fd) {
             ("PUT", Some(fd)) if !key.is_empty() => {
@@ -262,8 +272,8 @@ fn serve_conn(conn: BorrowedFd<'_>, held: &Mutex<BTreeMap<String, OwnedFd>>) -> 
                     send(conn, b"FULL", None)?;
                     continue;
                 }
-                tracing::info!(key, "holding a FUSE connection");
-                held.insert(key.to_string(), fd);
+                tracing::info!(key, layout, "holding a FUSE connection");
+                held.insert(key.to_string(), (fd, layout.to_string()));
                 drop(held);
                 send(conn, b"OK", None)?;
             }
@@ -278,11 +288,17 @@ fn serve_conn(conn: BorrowedFd<'_>, held: &Mutex<BTreeMap<String, OwnedFd>>) -> 
                 // Duplicates, sent without the lock: a client slow to read holds up nobody.
                 let copies: Vec<(String, OwnedFd)> = held
                     .iter()
-                    .filter_map(|(key, fd)| Some((key.clone(), fd.try_clone().ok()?)))
+                    .filter_map(|(key, (fd, layout))| {
+                        let name = match layout.as_str() {
+                            "" => format!("FD {key}"),
+                            layout => format!("FD {key}\n{layout}"),
+                        };
+                        Some((name, fd.try_clone().ok()?))
+                    })
                     .collect();
                 drop(held);
-                for (key, fd) in &copies {
-                    send(conn, format!("FD {key}").as_bytes(), Some(fd.as_fd()))?;
+                for (name, fd) in &copies {
+                    send(conn, name.as_bytes(), Some(fd.as_fd()))?;
                 }
                 send(conn, b"END", None)?;
             }
@@ -292,6 +308,15 @@ fn serve_conn(conn: BorrowedFd<'_>, held: &Mutex<BTreeMap<String, OwnedFd>>) -> 
             }
         }
     }
+}
+
+/// A connection a keeper held, as the agent gets it back.
+#[derive(Debug)]
+pub struct Kept {
+    pub fd: OwnedFd,
+    /// The inode layout it was serving; `None` from an agent that did not say (it is then
+    /// served again by nobody: the layout cannot be checked).
+    pub layout: Option<Digest>,
 }
 
 /// The agent's side: a connection to a keeper.
@@ -354,10 +379,11 @@ impl Keeper {
         unreachable!("the second attempt returns")
     }
 
-    /// Hands the keeper a duplicate of `fd` under `key` (replacing one it had).
-    pub fn put(&self, key: &str, fd: BorrowedFd<'_>) -> io::Result<()> {
+    /// Hands the keeper a duplicate of `fd` under `key` (replacing one it had), with the
+    /// digest of the inode layout it serves.
+    pub fn put(&self, key: &str, layout: &Digest, fd: BorrowedFd<'_>) -> io::Result<()> {
         self.exchange(|sock| {
-            send(sock, format!("PUT {key}").as_bytes(), Some(fd))?;
+            send(sock, format!("PUT {key}\n{layout}").as_bytes(), Some(fd))?;
             expect_ok(sock)
         })
     }
@@ -371,15 +397,20 @@ impl Keeper {
     }
 
     /// Duplicates of everything the keeper holds, by key (it keeps holding them).
-    pub fn get(&self) -> io::Result<BTreeMap<String, OwnedFd>> {
+    pub fn get(&self) -> io::Result<BTreeMap<String, Kept>> {
         self.exchange(|sock| {
             send(sock, b"GET", None)?;
             let mut out = BTreeMap::new();
             loop {
                 let (msg, fd) = recv(sock)?;
                 match (msg.strip_prefix(b"FD "), fd) {
-                    (Some(key), Some(fd)) => {
-                        out.insert(String::from_utf8_lossy(key).into_owned(), fd);
+                    (Some(name), Some(fd)) => {
+                        let name = String::from_utf8_lossy(name);
+                        let (key, layout) = match name.split_once('\n') {
+                            Some((key, layout)) => (key, layout.parse().ok()),
+                            None => (name.as_ref(), None),
+                        };
+                        out.insert(key.to_string(), Kept { fd, layout });
                     }
                     _ if msg == b"END" => return Ok(out),
                     _ => return Err(protocol(&msg)),
@@ -449,16 +480,21 @@ mod tests {
         };
         {
             let client = Keeper::new(&socket);
-            client.put("/mnt/a", w.as_fd()).unwrap();
-            client.put("/mnt/b", r.as_fd()).unwrap();
+            client.put("/mnt/a", &Digest::of(b"a"), w.as_fd()).unwrap();
+            client.put("/mnt/b", &Digest::of(b"b"), r.as_fd()).unwrap();
             client.del("/mnt/b").unwrap();
         }
         drop(w);
         let again = Keeper::new(&socket);
         let held = again.get().unwrap();
         assert_eq!(held.keys().collect::<Vec<_>>(), ["/mnt/a"]);
+        assert_eq!(
+            held["/mnt/a"].layout,
+            Some(Digest::of(b"a")),
+            "the layout came back"
+        );
         // The write end we get back is the same pipe.
-        let mut w = std::fs::File::from(held["/mnt/a"].try_clone().unwrap());
+        let mut w = std::fs::File::from(held["/mnt/a"].fd.try_clone().unwrap());
         std::io::Write::write_all(&mut w, b"hi\n").unwrap();
         let mut buf = [0u8; 3];
         std::io::Read::read_exact(&mut std::fs::File::from(r), &mut buf).unwrap();
@@ -482,7 +518,7 @@ mod tests {
         // More answers than a connection queues (net.unix.max_dgram_qlen is 10 or so).
         for i in 0..64 {
             agent
-                .put(&format!("/mnt/{i}"), null.as_fd())
+                .put(&format!("/mnt/{i}"), &Digest::of(b"x"), null.as_fd())
                 .expect("the keeper takes it");
         }
         // A client asks for everything and never reads the answers.
@@ -492,7 +528,7 @@ mod tests {
         // Everyone else is still answered.
         let other = Keeper::new(&socket);
         other
-            .put("/mnt/late", null.as_fd())
+            .put("/mnt/late", &Digest::of(b"x"), null.as_fd())
             .expect("the keeper takes it");
         assert_eq!(other.get().expect("the keeper answers").len(), 65);
         drop(stuck);

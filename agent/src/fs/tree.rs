@@ -13,10 +13,16 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::image::estargz::{LayerIndex, NO_PREFETCH_LANDMARK, NodeKind, PREFETCH_LANDMARK};
+use crate::{
+    image::estargz::{LayerIndex, NO_PREFETCH_LANDMARK, NodeKind, PREFETCH_LANDMARK},
+    oci::digest::{Digest, Hasher},
+};
 
 /// `FUSE_ROOT_ID`.
 pub const ROOT_INO: u64 = 1;
+/// Changes whenever [`Tree::layout`] hashes other fields, so digests of two versions never
+/// match by accident.
+const LAYOUT_VERSION: &[u8] = b"imgstream tree layout 1\0";
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_MARKER: &str = ".wh..wh..opq";
 /// The xattr overlayfs reads to know a lower directory is opaque.
@@ -131,6 +137,56 @@ impl Tree {
     /// Live inodes.
     pub fn iter(&self) -> impl Iterator<Item = &Inode> {
         self.inodes.iter().filter(|i| !i.dead)
+    }
+
+    /// A digest of what a FUSE connection serving this tree has told the kernel, or may
+    /// have: which inode number is which entry, its parent, kind, attributes and where its
+    /// data is. A connection is served again by another agent only if its tree has the same
+    /// layout (an agent whose tree building changed, or a layer whose TOC did, would answer
+    /// the kernel's cached inode numbers with other files).
+    pub fn layout(&self) -> Digest {
+        let mut hasher = Hasher::new();
+        hasher.update(LAYOUT_VERSION);
+        let mut put = |bytes: &[u8]| hasher.update(bytes);
+        for (n, inode) in self.inodes.iter().enumerate() {
+            put(&(n as u64).to_le_bytes());
+            put(&[u8::from(inode.dead)]);
+            let (kind, extra): (u8, &[u8]) = match &inode.kind {
+                Kind::Directory => (1, &[]),
+                Kind::Regular => (2, &[]),
+                Kind::Symlink(target) => (3, target),
+                Kind::CharDevice(..) => (4, &[]),
+                Kind::BlockDevice(..) => (5, &[]),
+                Kind::Fifo => (6, &[]),
+            };
+            put(&[kind]);
+            put(&(extra.len() as u64).to_le_bytes());
+            put(extra);
+            if let Kind::CharDevice(major, minor) | Kind::BlockDevice(major, minor) = inode.kind {
+                put(&major.to_le_bytes());
+                put(&minor.to_le_bytes());
+            }
+            for n in [inode.ino, inode.parent, inode.size] {
+                put(&n.to_le_bytes());
+            }
+            for n in [inode.mode, inode.uid, inode.gid, inode.nlink] {
+                put(&n.to_le_bytes());
+            }
+            put(&inode.mtime.0.to_le_bytes());
+            put(&inode.mtime.1.to_le_bytes());
+            let (layer, node) = inode
+                .data
+                .map_or((u64::MAX, u64::MAX), |(l, n)| (l as u64, n as u64));
+            put(&layer.to_le_bytes());
+            put(&node.to_le_bytes());
+            put(&(inode.children.len() as u64).to_le_bytes());
+            for (name, ino) in &inode.children {
+                put(&(name.len() as u64).to_le_bytes());
+                put(name);
+                put(&ino.to_le_bytes());
+            }
+        }
+        hasher.finish()
     }
 
     /// Applies one layer's entries on top of what the tree holds.
@@ -383,6 +439,39 @@ mod tests {
             .keys()
             .map(|k| String::from_utf8_lossy(k).into_owned())
             .collect()
+    }
+
+    #[test]
+    fn the_layout_digest_is_stable_for_a_tree_and_changes_with_its_numbering_or_attributes() {
+        let (bottom, top) = layers();
+        let merged = Tree::build(&[&bottom, &top], View::Merged);
+        // Built again from the same TOCs: the same numbering, the same digest.
+        let (bottom_again, top_again) = layers();
+        assert_eq!(
+            merged.layout(),
+            Tree::build(&[&bottom_again, &top_again], View::Merged).layout()
+        );
+        // Another view, or one file one byte longer: another numbering or other attributes.
+        assert_ne!(
+            merged.layout(),
+            Tree::build(&[&bottom, &top], View::Layer(1)).layout()
+        );
+        let longer = index(&[
+            dir("etc/"),
+            file("etc/.wh.a", b""),
+            file("etc/b", b"new b!"),
+        ]);
+        let shorter = index(&[dir("etc/"), file("etc/.wh.a", b""), file("etc/b", b"new b")]);
+        assert_ne!(
+            Tree::build(&[&bottom, &longer], View::Merged).layout(),
+            Tree::build(&[&bottom, &shorter], View::Merged).layout()
+        );
+        // The same entries in another order number the inodes differently.
+        let swapped = index(&[dir("etc/"), file("etc/b", b"new b"), file("etc/.wh.a", b"")]);
+        assert_ne!(
+            Tree::build(&[&bottom, &swapped], View::Layer(1)).layout(),
+            Tree::build(&[&bottom, &shorter], View::Layer(1)).layout()
+        );
     }
 
     /// A bottom layer, and a top layer that whites out, makes a directory opaque, replaces

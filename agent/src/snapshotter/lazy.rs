@@ -5,6 +5,8 @@
 
 use std::os::fd::{AsFd as _, OwnedFd};
 
+use crate::fs::keeper::Kept;
+
 use super::{Snapshotter, store::Remote};
 use crate::{
     fs::fusedev::umount_lazy,
@@ -49,7 +51,7 @@ impl Snapshotter {
         &self,
         id: u64,
         remote: &Remote,
-        kept: Option<OwnedFd>,
+        kept: Option<Kept>,
     ) -> Result<bool, LazyError> {
         let image = ImageRef::parse(&remote.image_ref)?;
         let source = open_source(&image, &self.config.http).map_err(LazyError::Source)?;
@@ -96,14 +98,14 @@ impl Snapshotter {
         let (runtime, cache) = (self.runtime.clone(), self.cache.clone());
         let mountpoint = fs.clone();
         let mounted = tokio::task::spawn_blocking(move || match kept {
-            Some(fd) => mount::adopt(runtime, opened, cache, &fs, fd.into(), &options),
+            Some(kept) => mount::adopt(runtime, opened, cache, &fs, kept, &options),
             None => mount::mount(runtime, opened, cache, &fs, &options),
         })
         .await
         .map_err(LazyError::Task)?
         .map_err(LazyError::Mount)?;
         if let (Some(keeper), Some(fd)) = (&self.keeper, mounted.fuse_fd())
-            && let Err(err) = keeper.put(&mountpoint.display().to_string(), fd)
+            && let Err(err) = keeper.put(&mountpoint.display().to_string(), &mounted.layout(), fd)
         {
             tracing::warn!(%err, keeper = %keeper.socket().display(), mountpoint = %mountpoint.display(), "FUSE keeper unreachable: this layer's containers will lose it if the agent restarts");
         }
@@ -135,8 +137,21 @@ impl Snapshotter {
             let kept = held
                 .remove(&fs.display().to_string())
                 .filter(|_| crate::fs::keeper::is_fuse_mount(&fs));
-            let adopting = kept.is_some();
-            let served = match self.mount_lazy(snap.id, remote, kept).await {
+            let mut adopting = kept.is_some();
+            let mut outcome = self.mount_lazy(snap.id, remote, kept).await;
+            if let Err(LazyError::Mount(err @ MountError::LayoutChanged { .. })) = &outcome {
+                // Serving it would answer the kernel's inode numbers with other files: end
+                // the kept connection (its containers get errors, not wrong bytes) and mount
+                // the layer afresh for the containers to come.
+                tracing::warn!(snapshot = %name, %err, "lazy layer mounted afresh: its running containers lose their mount");
+                if let Some(keeper) = &self.keeper {
+                    let _ = keeper.del(&fs.display().to_string());
+                }
+                let _ = umount_lazy(&fs);
+                adopting = false;
+                outcome = self.mount_lazy(snap.id, remote, None).await;
+            }
+            let served = match outcome {
                 Ok(true) if adopting => {
                     tracing::info!(snapshot = %name, layer = %remote.layer, "lazy layer served again: its containers kept their mount");
                     true
@@ -195,16 +210,19 @@ impl Snapshotter {
             tracing::info!(keeper = %keeper.socket().display(), "FUSE keeper reachable");
         }
         // Duplicates, so that the keeper is talked to without holding the lock.
-        let missing: Vec<(String, OwnedFd)> = crate::sync::lock(&self.lazy)
+        let missing: Vec<(String, OwnedFd, _)> = crate::sync::lock(&self.lazy)
             .iter()
             .filter_map(|(id, mounted)| {
                 let key = self.dir(*id).join("fs").display().to_string();
+                if held.contains_key(&key) {
+                    return None;
+                }
                 let fd = mounted.fuse_fd()?.try_clone_to_owned().ok()?;
-                (!held.contains_key(&key)).then_some((key, fd))
+                Some((key, fd, mounted.layout()))
             })
             .collect();
-        for (key, fd) in missing {
-            match keeper.put(&key, fd.as_fd()) {
+        for (key, fd, layout) in missing {
+            match keeper.put(&key, &layout, fd.as_fd()) {
                 Ok(()) => {
                     tracing::info!(mountpoint = %key, "lazy layer's connection handed to the FUSE keeper")
                 }
