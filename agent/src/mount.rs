@@ -453,6 +453,7 @@ pub fn serve(
         manifest,
         sink,
     } = image;
+    let manifest_digest = manifest.digest;
     let shared = match (options.share_learned, &options.learned) {
         (Sharing::Off, _) | (_, None) => None,
         (sharing, Some(dir)) => Some(Shared {
@@ -470,6 +471,7 @@ pub fn serve(
     {
         return Err(MountError::NoSuchLayer(n, layers.len()));
     }
+    // The image's chunks, TOCs and manifest: evicted together when it is unused long enough.
     let chunks: Vec<Digest> = layers
         .iter()
         .flat_map(|l| {
@@ -477,7 +479,9 @@ pub fn serve(
                 .nodes
                 .iter()
                 .flat_map(|n| n.chunks.iter().map(|c| c.digest))
+                .chain([l.toc_digest])
         })
+        .chain([manifest_digest])
         .collect();
     let pin = cache.pin_image(&digest, &chunks)?;
     let mut fetcher = Fetcher::new(runtime, source, cache).with_read_around(options.fs.read_around);

@@ -28,6 +28,7 @@ use std::{
     io::{self, Read},
     path::{Path, PathBuf},
     sync::atomic::{AtomicU64, Ordering},
+    time::SystemTime,
 };
 
 use serde::Serialize;
@@ -183,16 +184,19 @@ impl ChunkCache {
         }
     }
 
-    /// Records that image `key` (its manifest digest) uses `chunks` and pins it against
-    /// eviction while the returned [`Pin`] lives, across processes sharing the cache.
+    /// Records that image `key` (its manifest digest) uses `chunks` (and the TOCs and
+    /// manifests cached under the digests listed with them) and pins it against eviction
+    /// while the returned [`Pin`] lives, across processes sharing the cache.
     pub fn pin_image(&self, key: &Digest, chunks: &[Digest]) -> Result<Pin, CacheError> {
         images::pin(&self.dir, key, chunks)
             .map_err(|e| CacheError::Prepare(images::dir(&self.dir), e))
     }
 
-    /// Frees space down to `target` bytes by removing the chunks of the least recently used
-    /// images that no process has mounted, keeping chunks any mounted image uses. Returns
-    /// whether usage is now at or under `target`.
+    /// Frees space down to `target` bytes: first everything cached under the digests of the
+    /// least recently used images that no process has mounted (chunks, TOCs and manifests
+    /// alike), keeping what any mounted image uses; then, oldest first, TOCs and manifests no
+    /// mounted image names (an image opened and never mounted, an index). Returns whether
+    /// usage is now at or under `target`.
     fn evict(&self, target: u64) -> bool {
         let _one_at_a_time = crate::sync::lock(&self.evicting);
         if self.usage() <= target {
@@ -211,13 +215,13 @@ impl ChunkCache {
                 if keep.contains(&raw) {
                     continue;
                 }
-                let path = self.path(&Digest::from_raw(raw));
-                if let Ok(meta) = fs::metadata(&path)
-                    && fs::remove_file(&path).is_ok()
-                {
-                    self.usage
-                        .fetch_sub(meta.len().min(self.usage()), Ordering::Relaxed);
-                    self.stats.evicted.fetch_add(1, Ordering::Relaxed);
+                let digest = Digest::from_raw(raw);
+                for path in [
+                    self.path(&digest),
+                    self.meta_path(MetaKind::Toc, &digest),
+                    self.meta_path(MetaKind::Manifest, &digest),
+                ] {
+                    self.remove_entry(&path);
                 }
             }
             tracing::info!(image = %record.key, usage = self.usage(), "evicted an unmounted image's chunks");
@@ -226,7 +230,38 @@ impl ChunkCache {
                 return true;
             }
         }
+        let mut orphans: Vec<(SystemTime, PathBuf)> = [MetaKind::Toc, MetaKind::Manifest]
+            .into_iter()
+            .filter_map(|kind| fs::read_dir(self.dir.join("meta").join(kind.dir())).ok())
+            .flat_map(|entries| entries.flatten())
+            .filter(|e| {
+                let name = e.file_name();
+                let digest = name
+                    .to_str()
+                    .and_then(|hex| format!("sha256:{hex}").parse::<Digest>().ok());
+                !digest.is_some_and(|d| keep.contains(&d.raw()))
+            })
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .collect();
+        orphans.sort();
+        for (_, path) in orphans {
+            if self.usage() <= target {
+                break;
+            }
+            self.remove_entry(&path);
+        }
         self.usage() <= target
+    }
+
+    /// Removes one cached entry, counting its bytes off the usage.
+    fn remove_entry(&self, path: &Path) {
+        if let Ok(meta) = fs::metadata(path)
+            && fs::remove_file(path).is_ok()
+        {
+            self.usage
+                .fetch_sub(meta.len().min(self.usage()), Ordering::Relaxed);
+            self.stats.evicted.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Whether a chunk file exists (not verified).

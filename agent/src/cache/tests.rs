@@ -160,3 +160,86 @@ fn least_recently_used_unmounted_images_make_room_and_mounted_ones_keep_theirs()
     assert!(cache.usage() <= 4 * per);
     fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn cached_tocs_and_manifests_are_evicted_like_chunks() {
+    let cfg = config("evict-meta", None, false);
+    let per = (HEADER + 1000) as u64;
+    let cfg = CacheConfig {
+        limit_bytes: Some(4 * per),
+        ..cfg
+    };
+    let cache = ChunkCache::open(&cfg).expect("a cache");
+    let bytes = |tag: u8| vec![tag; 1000];
+    let (old_toc, old_manifest, orphan, mounted_toc) = (bytes(1), bytes(2), bytes(3), bytes(4));
+    let digest = |b: &[u8]| Digest::of(b);
+    // An unmounted image whose record names its TOC and manifest; a mounted one with a TOC.
+    drop(
+        cache
+            .pin_image(&digest(b"old"), &[digest(&old_toc), digest(&old_manifest)])
+            .expect("a record"),
+    );
+    let _pin = cache
+        .pin_image(&digest(b"mounted"), &[digest(&mounted_toc)])
+        .expect("a record");
+    assert!(
+        cache
+            .put_toc(&digest(&old_toc), 0, &old_toc[8..])
+            .expect("written")
+    );
+    assert!(
+        cache
+            .put_manifest(&digest(&old_manifest), &old_manifest)
+            .expect("written")
+    );
+    // A manifest no image record names (an index, an image opened and never mounted).
+    assert!(
+        cache
+            .put_manifest(&digest(&orphan), &orphan)
+            .expect("written")
+    );
+    assert!(
+        cache
+            .put_toc(&digest(&mounted_toc), 0, &mounted_toc[8..])
+            .expect("written")
+    );
+    assert_eq!(cache.usage(), 4 * per);
+
+    // Three chunks need the room of three entries: the unmounted image's TOC and manifest
+    // go first, then the orphan; the mounted image's TOC stays.
+    for tag in [11, 12, 13] {
+        assert!(
+            cache
+                .put(&digest(&bytes(tag)), &bytes(tag))
+                .expect("written"),
+            "chunk {tag} found room"
+        );
+    }
+    assert_eq!(cache.get_toc(&digest(&old_toc)).expect("readable"), None);
+    assert_eq!(
+        cache
+            .get_manifest(&digest(&old_manifest))
+            .expect("readable"),
+        None
+    );
+    assert_eq!(
+        cache.get_manifest(&digest(&orphan)).expect("readable"),
+        None
+    );
+    assert!(
+        cache
+            .get_toc(&digest(&mounted_toc))
+            .expect("readable")
+            .is_some(),
+        "a mounted image's TOC stays"
+    );
+    assert_eq!(cache.stats.evicted.load(Ordering::Relaxed), 3);
+    assert!(cache.usage() <= 4 * per);
+    // Nothing else may go: the limit holds.
+    assert!(
+        !cache
+            .put(&digest(&bytes(14)), &bytes(14))
+            .expect("no error")
+    );
+    fs::remove_dir_all(&cfg.dir).expect("cleaned up");
+}
