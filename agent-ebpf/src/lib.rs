@@ -72,6 +72,10 @@ pub mod maps {
     pub const CONTAINERS: &str = "CONTAINERS";
     /// One [`super::KernelOffsets`], written by the agent before it attaches.
     pub const OFFSETS: &str = "OFFSETS";
+    /// Entries [`RENAME_INFLIGHT`] holds at most (renames in flight at once, node-wide).
+    pub const RENAME_INFLIGHT_ENTRIES: u32 = 16384;
+    /// Entries [`CONTAINERS`] holds at most (cgroups watched at once).
+    pub const CONTAINERS_ENTRIES: u32 = 8192;
 }
 
 /// Indexes into the [`maps::COUNTERS`] per-CPU array. Nothing the programs drop is silent.

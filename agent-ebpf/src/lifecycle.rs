@@ -17,12 +17,12 @@ use aya_ebpf::{
         bpf_probe_read_kernel_str,
     },
     macros::{map, tracepoint},
-    maps::{Array, LruHashMap, RingBuf},
+    maps::{Array, HashMap, RingBuf},
     programs::TracePointContext,
 };
 use imgstream_ebpf::{
     COMM_LEN, ContainerState, KernelOffsets, LIFECYCLE_PATH_CAP, LifecycleEvent, counter,
-    lifecycle, seen, tp, tp_fields,
+    lifecycle, maps, seen, tp, tp_fields,
 };
 
 use crate::rename::bump;
@@ -31,9 +31,12 @@ use crate::rename::bump;
 #[map]
 static LIFECYCLE_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
-/// LRU: the oldest cgroups (long gone, or long running) give way to new ones.
+/// A plain hash map, not an LRU: a full map refuses a new cgroup and the refusal is counted
+/// (an LRU would evict a watched container silently). The agent unwatches what is not a
+/// container or is done with, and sweeps the entries of cgroups that are gone.
 #[map]
-static CONTAINERS: LruHashMap<u64, ContainerState> = LruHashMap::with_max_entries(8192, 0);
+static CONTAINERS: HashMap<u64, ContainerState> =
+    HashMap::with_max_entries(maps::CONTAINERS_ENTRIES, 0);
 
 #[map]
 static OFFSETS: Array<KernelOffsets> = Array::with_max_entries(1, 0);

@@ -13,21 +13,24 @@ use aya_ebpf::{
         bpf_ktime_get_boot_ns, bpf_probe_read_user, bpf_probe_read_user_str,
     },
     macros::{map, tracepoint},
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use imgstream_ebpf::{
     COMM_LEN, ENXIO, PATH_CAP, RenameEvent, RenameInflight, TRUNCATED_NEW, TRUNCATED_OLD, counter,
-    syscall, tp,
+    maps, syscall, tp,
 };
 
 /// 256 KiB: about 120 events between two drains of the agent.
 #[map]
 static RENAME_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
-/// LRU, so an entry whose `sys_exit` never fired (task killed mid-syscall) ages out.
+/// A plain hash map, not an LRU: a full map refuses the entry and the refusal is counted
+/// (an LRU would evict silently and the counter would never fire). An entry whose `sys_exit`
+/// never came (programs attached mid-syscall) is swept by the agent once its thread is gone.
 #[map]
-static RENAME_INFLIGHT: LruHashMap<u64, RenameInflight> = LruHashMap::with_max_entries(16384, 0);
+static RENAME_INFLIGHT: HashMap<u64, RenameInflight> =
+    HashMap::with_max_entries(maps::RENAME_INFLIGHT_ENTRIES, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);

@@ -35,6 +35,9 @@ use crate::{
 /// How long the write probes stay attached after the last container waiting for its first
 /// log line logged, exited or aged out.
 const DISARM_GRACE: Duration = Duration::from_secs(2);
+/// How often the probes' maps are swept of entries whose thread or cgroup is gone (see
+/// `probes::sweep`).
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// Applies a late CRI answer: a sandbox is dropped (and removed from the store), a
 /// container named.
@@ -307,6 +310,7 @@ fn rename_loop(
     shared: &Shared,
 ) -> Result<(), AgentError> {
     let mut drops = DropCounters::default();
+    let mut last_sweep = std::time::Instant::now();
     tracing::info!("watching rename, renameat and renameat2 for ENXIO");
     while !shutdown.is_triggered() {
         // An error ends this loop only; `run` decides what it means for the rest.
@@ -336,6 +340,13 @@ fn rename_loop(
                 Verdict::NotSymlink(kind) => {
                     tracing::debug!(?kind, "rename failed with ENXIO, but not on a symlink");
                 }
+            }
+        }
+        if last_sweep.elapsed() >= SWEEP_EVERY {
+            last_sweep = std::time::Instant::now();
+            let swept = probes.sweep();
+            if swept > 0 {
+                tracing::debug!(swept, "rename in-flight entries of gone threads swept");
             }
         }
         let now = probes.drops();
@@ -417,6 +428,7 @@ fn start_loop(
     let mut retries = Retries::default();
     let mut last_awaited = std::time::Instant::now();
     let mut drops = LifecycleDrops::default();
+    let mut last_sweep = std::time::Instant::now();
     let metrics = &shared.state.metrics;
     tracing::info!("watching container starts");
     while !shutdown.is_triggered() {
@@ -486,6 +498,13 @@ fn start_loop(
         } else if probes.writes_armed() && last_awaited.elapsed() > DISARM_GRACE {
             probes.disarm_writes();
             metrics.write_probes_armed.store(false, Ordering::Relaxed);
+        }
+        if last_sweep.elapsed() >= SWEEP_EVERY {
+            last_sweep = std::time::Instant::now();
+            let swept = probes.sweep();
+            if swept > 0 {
+                tracing::debug!(swept, "watched cgroups that are gone swept");
+            }
         }
         let now = probes.drops();
         if now != drops {

@@ -11,7 +11,13 @@ use aya::{
 };
 use imgstream_ebpf::{ContainerState, KernelOffsets, counter, maps, programs, tp, tp_fields};
 
-use super::{PROBES_OBJECT, ProbeError, prereq::Fields, raise_memlock_limit, wait_readable};
+use super::{
+    PROBES_OBJECT, ProbeError,
+    prereq::Fields,
+    raise_memlock_limit,
+    sweep::{self, CgroupRoot},
+    wait_readable,
+};
 use crate::events::{DecodeError, Lifecycle};
 
 /// (program, category, tracepoint, fields the program reads at fixed offsets).
@@ -69,6 +75,8 @@ pub struct StartProbes {
     write_links: Vec<(&'static str, TracePointLinkId)>,
     events: RingBuf<MapData>,
     counters: PerCpuArray<MapData, u64>,
+    /// Where cgroups are looked up by id, to sweep the state map (none: no sweeping).
+    cgroups: Option<CgroupRoot>,
     /// Whether the log-line check can tell files from pipes (the kernel has BTF).
     pub redirects_detected: bool,
 }
@@ -151,13 +159,50 @@ impl StartProbes {
             redirects_detected = offsets.valid == 1,
             "start-latency probes attached"
         );
+        let cgroups = crate::attribution::find_cgroup2_mount()
+            .ok()
+            .and_then(|root| CgroupRoot::open(&root).ok());
+        if cgroups.is_none() {
+            tracing::warn!(
+                "the cgroup2 root could not be opened: watched cgroups that vanish unseen are not swept"
+            );
+        }
         Ok(Self {
             ebpf,
             write_links: Vec::new(),
             events,
             counters,
+            cgroups,
             redirects_detected: offsets.valid == 1,
         })
+    }
+
+    fn containers(&mut self) -> Option<HashMap<&mut MapData, u64, ContainerState>> {
+        HashMap::try_from(self.ebpf.map_mut(maps::CONTAINERS)?).ok()
+    }
+
+    /// Removes the state of watched cgroups that no longer exist (the agent missed their
+    /// creation or their end: a full ring buffer, an agent restart); how many.
+    pub fn sweep(&mut self) -> usize {
+        let Some(cgroups) = self.cgroups.take() else {
+            return 0;
+        };
+        let swept = self
+            .containers()
+            .map_or(0, |mut map| sweep::sweep(&mut map, |id| !cgroups.alive(id)));
+        self.cgroups = Some(cgroups);
+        swept
+    }
+
+    /// Fills the state map with cgroups that do not exist, until it refuses one:
+    /// `Ok(how many)`, or `Err(how many)` if it never refused (it evicts).
+    pub(crate) fn fill_containers(&mut self) -> Result<u64, u64> {
+        let Some(mut map) = self.containers() else {
+            return Err(0);
+        };
+        // Ids from the top of the range: kernfs hands them out from the bottom.
+        let limit = 2 * u64::from(maps::CONTAINERS_ENTRIES);
+        sweep::fill(&mut map, ContainerState::default(), |n| u64::MAX - n, limit)
     }
 
     /// Waits up to `timeout` for events, then returns all that are queued (possibly none).

@@ -7,15 +7,16 @@
 pub mod btf;
 mod lifecycle;
 mod prereq;
+mod sweep;
 
 use std::{os::fd::AsRawFd, time::Duration};
 
 use aya::{
     Ebpf, EbpfError,
-    maps::{MapData, MapError, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{ProgramError, TracePoint},
 };
-use imgstream_ebpf::{counter, maps, programs};
+use imgstream_ebpf::{RenameInflight, counter, maps, programs};
 
 pub use lifecycle::{LifecycleDrops, StartProbes};
 pub use prereq::{PrereqError, check_prerequisites};
@@ -84,8 +85,8 @@ pub struct DropCounters {
 
 /// The rename-ENXIO probes, loaded and attached. Detaches when dropped.
 pub struct RenameProbes {
-    // Keeps programs and links alive.
-    _ebpf: Ebpf,
+    // Keeps programs and links alive; holds the in-flight map.
+    ebpf: Ebpf,
     events: RingBuf<MapData>,
     counters: PerCpuArray<MapData, u64>,
 }
@@ -148,10 +149,41 @@ impl RenameProbes {
             "rename-ENXIO probes attached"
         );
         Ok(Self {
-            _ebpf: ebpf,
+            ebpf,
             events,
             counters,
         })
+    }
+
+    fn inflight(&mut self) -> Option<HashMap<&mut MapData, u64, RenameInflight>> {
+        HashMap::try_from(self.ebpf.map_mut(maps::RENAME_INFLIGHT)?).ok()
+    }
+
+    /// Removes in-flight entries of threads that no longer exist (their `sys_exit` never
+    /// came: the programs were attached mid-syscall); how many.
+    pub fn sweep(&mut self) -> usize {
+        self.inflight().map_or(0, |mut map| {
+            sweep::sweep(&mut map, |key| !sweep::thread_alive(key))
+        })
+    }
+
+    /// Fills the in-flight map with entries of a thread that does not exist, until it
+    /// refuses one: `Ok(how many)`, or `Err(how many)` if it never refused (it evicts).
+    pub(crate) fn fill_inflight(&mut self) -> Result<u64, u64> {
+        let Some(mut map) = self.inflight() else {
+            return Err(0);
+        };
+        let nobody = RenameInflight {
+            oldname: 0,
+            newname: 0,
+            olddfd: 0,
+            newdfd: 0,
+            flags: 0,
+            syscall: 0,
+        };
+        // Thread group u32::MAX is past any pid_max.
+        let limit = 2 * u64::from(maps::RENAME_INFLIGHT_ENTRIES);
+        sweep::fill(&mut map, nobody, |n| (u64::from(u32::MAX) << 32) | n, limit)
     }
 
     /// Waits up to `timeout` for events, then returns all that are queued (possibly none).

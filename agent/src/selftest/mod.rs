@@ -8,6 +8,7 @@
 
 mod enxio_fs;
 pub mod helper;
+mod maps;
 mod scenario;
 mod start_latency;
 

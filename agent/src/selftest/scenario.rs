@@ -397,6 +397,7 @@ pub fn run(options: &Options) -> Result<Report, SelftestError> {
     });
     drop(run);
     cases.extend(super::start_latency::cases(options, &cgroup)?);
+    cases.extend(super::maps::cases(options, &cgroup)?);
     Ok(Report {
         kernel: kernel_release(),
         cases,
