@@ -10,8 +10,9 @@
 //!     ──> detect (symlink check) + attribution (cgroup -> container -> pod) ──> agent output
 //! ```
 //!
-//! Built so far: the probe half, with the rename-ENXIO detector, and `selftest`, which proves
-//! it on the running kernel against an emulated regression.
+//! The binary (`src/bin/imgstream`) puts these together as the node agent (`agent`), the
+//! containerd snapshotter (`snapshotter`), one-off mounts and virtio-fs backends
+//! (`foreground`), `convert`, `report` and `selftest`.
 
 pub mod agent;
 pub mod api;
@@ -26,6 +27,8 @@ pub mod fetch;
 pub mod flag;
 pub mod foreground;
 pub mod fs;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod image;
 pub mod mount;
 pub mod mountinfo;

@@ -1,0 +1,140 @@
+//! The checks behind the fuzz targets (`agent/fuzz`), here so that the committed seeds and
+//! every input a fuzzer once found run as regression tests on stable Rust too
+//! (`tests/fuzz_seeds.rs`). Each check parses untrusted bytes the way the agent does and
+//! asserts what must hold of whatever it accepts; a panic is a finding.
+//!
+//! Every check runs on a thread with a 2 MiB stack, the size of a tokio worker's, where the
+//! agent parses these inputs (containerd's Prepare calls): an input that recurses deeper than
+//! that is a finding too, where libFuzzer's own larger main-thread stack would hide it.
+
+use crate::{
+    image::{
+        estargz::{self, FOOTER_SIZE, LayerIndex, NodeKind, Toc},
+        tar::TarReader,
+    },
+    oci::manifest::{self, Document, Platform},
+};
+
+/// A tokio worker thread's stack.
+pub const WORKER_STACK: usize = 2 << 20;
+
+/// A check: parses its input, panics on a finding.
+pub type Check = fn(&[u8]);
+
+/// The fuzz targets, by name: the check each runs.
+pub const TARGETS: [(&str, Check); 4] = [
+    ("estargz_toc", estargz_toc),
+    ("estargz_blob", estargz_blob),
+    ("tar_reader", tar_reader),
+    ("manifest", manifest),
+];
+
+/// Runs `check(data)` on a thread with a worker's stack; a panic there (an overflow aborts
+/// the process, as it would the agent) is resumed here.
+pub fn on_worker_stack(check: Check, data: &[u8]) {
+    std::thread::scope(|scope| {
+        let thread = std::thread::Builder::new()
+            .name("fuzz-check".into())
+            .stack_size(WORKER_STACK)
+            .spawn_scoped(scope, || check(data))
+            .expect("a thread for the check");
+        if let Err(panic) = thread.join() {
+            std::panic::resume_unwind(panic);
+        }
+    });
+}
+
+/// A TOC as JSON, validated into a layer index: every accepted index must be consistent.
+pub fn estargz_toc(data: &[u8]) {
+    let Ok(toc) = serde_json::from_slice::<Toc>(data) else {
+        return;
+    };
+    let Ok(index) = LayerIndex::from_toc(toc, 1 << 20, (1 << 20) + FOOTER_SIZE) else {
+        return;
+    };
+    for node in &index.nodes {
+        assert!(
+            !node.path.split('/').any(|p| p == ".." || p == "."),
+            "{}",
+            node.path
+        );
+        assert!(
+            node.path.len() <= estargz::MAX_PATH_LEN,
+            "{}",
+            node.path.len()
+        );
+        let mut expected = 0;
+        for chunk in &node.chunks {
+            assert_eq!(chunk.file_offset, expected);
+            assert!(chunk.blob_offset < chunk.blob_end && chunk.blob_end <= index.toc_offset);
+            assert!(chunk.size <= estargz::MAX_CHUNK, "chunk of {}", chunk.size);
+            expected += chunk.size;
+        }
+        if node.kind == NodeKind::Regular {
+            assert_eq!(expected, node.size);
+        }
+        if let NodeKind::HardLink { target } = node.kind {
+            assert!(!matches!(
+                index.nodes[target].kind,
+                NodeKind::HardLink { .. } | NodeKind::Directory
+            ));
+        }
+    }
+}
+
+/// A whole blob: footer, TOC member (gzip, tar, JSON) and every chunk it points at.
+pub fn estargz_blob(data: &[u8]) {
+    let footer = FOOTER_SIZE as usize;
+    if data.len() < footer {
+        return;
+    }
+    let size = data.len() as u64;
+    let Ok(toc_offset) = estargz::parse_footer(&data[data.len() - footer..]) else {
+        return;
+    };
+    if toc_offset >= size - FOOTER_SIZE {
+        return;
+    }
+    let member = &data[toc_offset as usize..data.len() - footer];
+    let Ok((index, _)) = estargz::read_toc(member, toc_offset, size, None) else {
+        return;
+    };
+    for node in &index.nodes {
+        for chunk in &node.chunks {
+            let compressed = &data[chunk.blob_offset as usize..chunk.blob_end as usize];
+            if let Ok(bytes) = estargz::decode_chunk(compressed, chunk) {
+                assert_eq!(bytes.len() as u64, chunk.size);
+            }
+        }
+    }
+}
+
+/// Tar streams: every header and every byte of data, never more than the stream holds.
+pub fn tar_reader(data: &[u8]) {
+    let mut reader = TarReader::new(data);
+    let mut buf = [0u8; 4096];
+    let mut total = 0u64;
+    while let Ok(Some(_header)) = reader.next_header() {
+        loop {
+            match reader.read_data(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n as u64,
+            }
+        }
+    }
+    assert!(total <= data.len() as u64);
+}
+
+/// Manifests and indexes as a registry might send them.
+pub fn manifest(data: &[u8]) {
+    for media_type in [
+        "",
+        manifest::OCI_MANIFEST,
+        manifest::OCI_INDEX,
+        manifest::DOCKER_LIST,
+    ] {
+        if let Ok(Document::Index(index)) = manifest::parse(data, media_type) {
+            let _ = index.select(&Platform::host());
+        }
+    }
+}
