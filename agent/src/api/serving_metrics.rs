@@ -34,6 +34,40 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str
 
 impl Serving {
     pub(super) fn render(&self, out: &mut String) {
+        let memory = crate::cache::budget::global();
+        let pools = [("fetches", &memory.fetches), ("kept", &memory.kept)];
+        let per_pool = |value: fn(&crate::cache::MemoryBudget) -> u64| {
+            pools.map(|(pool, budget)| (format!("{{pool=\"{pool}\"}}"), value(budget)))
+        };
+        for (name, kind, help, values) in [
+            (
+                "imgstream_memory_budget_bytes",
+                "gauge",
+                "The process's memory budget for chunk data (--memory-budget), by pool: fetches in flight, chunks kept (recent, queued writes).",
+                per_pool(|b| b.limit()),
+            ),
+            (
+                "imgstream_memory_budget_used_bytes",
+                "gauge",
+                "Chunk bytes leased from the budget now, by pool.",
+                per_pool(|b| b.used()),
+            ),
+            (
+                "imgstream_memory_budget_peak_bytes",
+                "gauge",
+                "The most ever leased from the budget at once, by pool.",
+                per_pool(|b| load(&b.stats.peak)),
+            ),
+            (
+                "imgstream_memory_budget_waits_total",
+                "counter",
+                "Leases that waited for room, by pool.",
+                per_pool(|b| load(&b.stats.waits)),
+            ),
+        ] {
+            let samples: Vec<(&str, u64)> = values.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+            family(out, name, kind, help, &samples);
+        }
         let f = &self.fetch;
         let by_priority = |total: &AtomicU64, background: &AtomicU64, around: &AtomicU64| {
             let (background, around) = (load(background), load(around));

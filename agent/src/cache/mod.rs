@@ -18,6 +18,7 @@
 //!
 //! This module knows nothing of registries or filesystems: it maps digests to bytes.
 
+pub mod budget;
 pub mod engine;
 mod images;
 mod memory;
@@ -33,6 +34,7 @@ use std::{
 
 use serde::Serialize;
 
+pub use budget::{Lease, Memory, MemoryBudget};
 pub use engine::{CacheEngine, SyncEngine, UringEngine};
 pub use images::Pin;
 pub use memory::MemoryCache;

@@ -1,5 +1,6 @@
 //! Write-behind: chunks fetched for readers go to the cache on a thread of their own, off the
-//! read path. The queue is bounded by bytes ([`MAX_QUEUED_BYTES`]); beyond it, or without the
+//! read path. The queue is bounded by bytes ([`MAX_QUEUED_BYTES`]) and each queued chunk holds
+//! a lease of the agent's memory budget ([`super::budget`]); beyond either, or without the
 //! thread, chunks are written inline, so a slow disk costs readers time, never memory, and
 //! nothing fetched is dropped. A flush waits for what is queued; dropping the writer writes
 //! what is queued and joins the thread.
@@ -10,7 +11,10 @@ use std::sync::{
     mpsc::{SyncSender, sync_channel},
 };
 
-use super::ChunkCache;
+use super::{
+    ChunkCache,
+    budget::{Lease, MemoryBudget},
+};
 use crate::oci::digest::Digest;
 
 /// Bytes of chunks queued for the writer thread at most.
@@ -20,7 +24,8 @@ const MAX_QUEUED_CHUNKS: usize = 1024;
 
 /// What the writer thread is asked to do.
 enum WriteJob {
-    Put(Digest, Arc<Vec<u8>>),
+    /// The lease is given back once the chunk is written.
+    Put(Digest, Arc<Vec<u8>>, Lease),
     /// Answered once every chunk queued before it is written.
     Flush(SyncSender<()>),
 }
@@ -32,6 +37,7 @@ pub struct WriteBehind {
     warned: Arc<AtomicBool>,
     tx: Option<SyncSender<WriteJob>>,
     queued: Arc<AtomicUsize>,
+    budget: Arc<MemoryBudget>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -45,7 +51,7 @@ impl std::fmt::Debug for WriteBehind {
 
 impl WriteBehind {
     /// Starts the writer thread (without it, every chunk is written inline).
-    pub fn spawn(cache: Arc<ChunkCache>) -> Self {
+    pub fn spawn(cache: Arc<ChunkCache>, budget: Arc<MemoryBudget>) -> Self {
         let warned = Arc::new(AtomicBool::new(false));
         let (tx, rx) = sync_channel::<WriteJob>(MAX_QUEUED_CHUNKS);
         let queued = Arc::new(AtomicUsize::new(0));
@@ -56,9 +62,10 @@ impl WriteBehind {
             .spawn(move || {
                 for job in rx {
                     match job {
-                        WriteJob::Put(digest, data) => {
+                        WriteJob::Put(digest, data, lease) => {
                             put(&thread_cache, &thread_warned, &digest, &data);
                             written.fetch_sub(data.len(), Ordering::AcqRel);
+                            drop(lease);
                         }
                         WriteJob::Flush(done) => {
                             let _ = done.send(());
@@ -75,6 +82,7 @@ impl WriteBehind {
             warned,
             tx: thread.is_some().then_some(tx),
             queued,
+            budget,
             thread,
         }
     }
@@ -91,12 +99,22 @@ impl WriteBehind {
         put(&self.cache, &self.warned, digest, data);
     }
 
-    /// Queues a chunk; false when the queue is full or there is no thread.
+    /// Queues a chunk; false when the queue is full, the budget has no room or there is no
+    /// thread.
     fn queue(&self, digest: Digest, data: &Arc<Vec<u8>>) -> bool {
         let Some(tx) = &self.tx else { return false };
         let len = data.len();
-        if self.queued.fetch_add(len, Ordering::AcqRel) + len > MAX_QUEUED_BYTES
-            || tx.try_send(WriteJob::Put(digest, data.clone())).is_err()
+        if self.queued.fetch_add(len, Ordering::AcqRel) + len > MAX_QUEUED_BYTES {
+            self.queued.fetch_sub(len, Ordering::AcqRel);
+            return false;
+        }
+        let Some(lease) = self.budget.try_acquire(len as u64) else {
+            self.queued.fetch_sub(len, Ordering::AcqRel);
+            return false;
+        };
+        if tx
+            .try_send(WriteJob::Put(digest, data.clone(), lease))
+            .is_err()
         {
             self.queued.fetch_sub(len, Ordering::AcqRel);
             return false;

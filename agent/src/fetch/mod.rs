@@ -36,7 +36,7 @@ use priority::ReaderGate;
 use readaround::{ReadAround, ReadAroundConfig};
 
 use crate::{
-    cache::{ChunkCache, MemoryCache, WriteBehind},
+    cache::{ChunkCache, Memory, MemoryBudget, MemoryCache, WriteBehind, budget},
     fetch::layer::RemoteLayer,
     image::estargz::{self, Chunk},
     oci::digest::Digest,
@@ -124,7 +124,8 @@ pub struct FetchStats {
 /// start: 21 %, 27 % with its read-around 50 ms away).
 pub const GREEDY_SHARE: f64 = 0.4;
 
-/// Bytes of verified chunks the fetcher keeps in memory.
+/// Bytes of verified chunks the fetcher keeps in memory at most (within the agent's budget,
+/// which all fetchers share).
 const RECENT_BYTES: usize = 16 << 20;
 
 /// Fetches chunks of the blobs of one source.
@@ -146,6 +147,9 @@ pub struct Fetcher {
     image_bytes: AtomicU64,
     /// While a start is watched ([`learn`]): the chunks readers ask for.
     learning: Mutex<Option<Arc<Mutex<learn::Notes>>>>,
+    /// Where the bytes of every fetch are leased from (kept chunks and queued writes lease
+    /// theirs from the other pool of the same [`Memory`]).
+    budget: Arc<MemoryBudget>,
 }
 
 impl std::fmt::Debug for Fetcher {
@@ -164,16 +168,28 @@ pub struct ChunkRef<'a> {
 }
 
 impl Fetcher {
+    /// A fetcher whose memory comes from the agent's budget ([`budget::global`]).
     pub fn new(
         runtime: tokio::runtime::Handle,
         source: Arc<dyn BlobSource>,
         cache: Arc<ChunkCache>,
     ) -> Self {
+        Self::with_budget(runtime, source, cache, budget::global())
+    }
+
+    /// A fetcher whose memory comes from `memory`.
+    pub fn with_budget(
+        runtime: tokio::runtime::Handle,
+        source: Arc<dyn BlobSource>,
+        cache: Arc<ChunkCache>,
+        memory: Arc<Memory>,
+    ) -> Self {
         Self {
-            recent: Mutex::new(MemoryCache::new(RECENT_BYTES)),
+            recent: Mutex::new(MemoryCache::new(RECENT_BYTES, memory.kept.clone())),
             runtime,
             source,
-            writes: WriteBehind::spawn(cache.clone()),
+            writes: WriteBehind::spawn(cache.clone(), memory.kept.clone()),
+            budget: memory.fetches.clone(),
             cache,
             inflight: Mutex::new(HashMap::new()),
             readers: ReaderGate::new(),
@@ -478,6 +494,26 @@ impl Fetcher {
         deadline: Instant,
         priority: Priority,
     ) -> Vec<Result<Arc<Vec<u8>>, FetchError>> {
+        // One lease for everything this fetch holds at once, compressed and decompressed;
+        // taken whole, so that no fetch holds part of the budget while it waits for more.
+        let bytes = wanted
+            .iter()
+            .map(|c| {
+                c.chunk
+                    .size
+                    .saturating_add(c.chunk.blob_end - c.chunk.blob_offset)
+            })
+            .fold(0u64, u64::saturating_add);
+        let ceiling = match priority {
+            Priority::Background => (self.budget.limit() as f64 * budget::BACKGROUND_SHARE) as u64,
+            Priority::OnDemand | Priority::ReadAround => self.budget.limit(),
+        };
+        let Some(_lease) = self.budget.acquire_below(bytes, ceiling, deadline) else {
+            return wanted
+                .iter()
+                .map(|c| Err(FetchError::Deadline(c.chunk.digest)))
+                .collect();
+        };
         let mut runs: Vec<&[&ChunkRef<'_>]> = Vec::new();
         let mut i = 0;
         while i < wanted.len() {

@@ -539,3 +539,60 @@ fn a_cache_that_did_not_keep_every_chunk_is_not_called_whole() {
         "the download ended, the image is not cached whole"
     );
 }
+
+#[test]
+fn many_fetchers_hold_at_most_the_one_budget_they_share() {
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    // Room for about three chunk fetches at once (each leases its 4 KiB chunk plus its
+    // compressed bytes) and as many kept chunks, shared by eight layers' fetchers read from
+    // sixteen threads.
+    let memory = Memory::new(2 * (3 * 4096 + 512));
+    let mut dirs = Vec::new();
+    let mut layers = Vec::new();
+    for n in 0..8 {
+        let (blob, layer) = ten_files();
+        let source = Arc::new(
+            MemoryBlobs::default()
+                .with_digest(layer.desc.digest, blob)
+                .delayed(Duration::from_millis(20)),
+        );
+        let (dir, cache) = scratch_cache(&format!("fetch-budget-{n}"));
+        dirs.push(dir);
+        let fetcher = Arc::new(Fetcher::with_budget(
+            runtime.handle().clone(),
+            source,
+            cache,
+            memory.clone(),
+        ));
+        layers.push((fetcher, Arc::new(layer)));
+    }
+    std::thread::scope(|scope| {
+        for (i, (fetcher, layer)) in layers.iter().enumerate() {
+            for half in 0..2u8 {
+                scope.spawn(move || {
+                    for f in (half * 5)..(half * 5 + 5) {
+                        let data = read_file(fetcher, layer, &format!("f{f}"));
+                        assert_eq!(data, vec![f; 4096], "layer {i}, f{f}");
+                    }
+                });
+            }
+        }
+    });
+    for pool in [&memory.fetches, &memory.kept] {
+        let peak = pool.stats.peak.load(Ordering::SeqCst);
+        assert!(peak <= pool.limit(), "{peak} leased of {}", pool.limit());
+    }
+    assert!(
+        memory.fetches.stats.waits.load(Ordering::SeqCst) > 0,
+        "the budget held fetches back"
+    );
+    drop(layers);
+    assert_eq!(
+        memory.fetches.used() + memory.kept.used(),
+        0,
+        "every lease given back"
+    );
+    for dir in dirs {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -292,6 +292,11 @@ pub(crate) struct ServingArgs {
     /// Write the cache with plain syscalls instead of io_uring.
     #[arg(long)]
     pub(crate) no_io_uring: bool,
+    /// Most bytes of chunk data the whole process holds in memory, however many images it
+    /// serves: fetches in flight, recently read chunks, writes queued for the cache (K/M/G
+    /// suffixes). Fetches wait for room; the background download uses at most 3/4 of it.
+    #[arg(long, default_value = "256M", value_parser = memory_budget)]
+    pub(crate) memory_budget: ByteSize,
     /// Do not download the whole image in the background.
     #[arg(long)]
     pub(crate) no_background: bool,
@@ -364,6 +369,8 @@ impl ServingArgs {
         imgstream::mount::MountOptions,
         imgstream::registry::http::HttpConfig,
     )> {
+        // One budget for the process: set before any fetcher exists.
+        imgstream::cache::budget::set_global(self.memory_budget.0);
         let learned = (!self.no_learn).then(|| {
             self.learned_dir
                 .clone()
@@ -623,6 +630,16 @@ fn read_around_max(text: &str) -> Result<ByteSize, String> {
     let size: ByteSize = text.parse().map_err(|e| format!("{e}"))?;
     if size.0 > 64 << 20 {
         return Err(format!("{text} is more than 64M"));
+    }
+    Ok(size)
+}
+
+/// A memory budget: at least 16M (room for a fetch of the largest default chunks and its
+/// neighbours), at most 64G.
+fn memory_budget(text: &str) -> Result<ByteSize, String> {
+    let size: ByteSize = text.parse().map_err(|e| format!("{e}"))?;
+    if !(16 << 20..=64 << 30).contains(&size.0) {
+        return Err(format!("{text}: a memory budget is from 16M to 64G"));
     }
     Ok(size)
 }
