@@ -311,4 +311,23 @@ fn the_fuse_keeper_outlives_agent_rollouts_on_the_agents_socket() {
         volume.host_path.as_ref().unwrap().path.clone()
     };
     assert_eq!(host_dir(pod, keeper), host_dir(agent_pod, agent));
+    // A directory of its own: not the one containerd reaches the snapshotter through.
+    let snapshotter = Path::new(paths["snapshotter_socket"].as_str().unwrap());
+    assert_ne!(
+        Path::new(socket).parent(),
+        snapshotter.parent(),
+        "the keeper's socket has a directory of its own"
+    );
+    // And no privilege: every capability dropped, no escalation, a read-only root.
+    let security = keeper
+        .security_context
+        .as_ref()
+        .expect("a security context");
+    assert_ne!(security.privileged, Some(true));
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    assert_eq!(
+        security.capabilities.as_ref().and_then(|c| c.drop.clone()),
+        Some(vec!["ALL".to_string()])
+    );
 }

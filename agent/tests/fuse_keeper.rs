@@ -27,6 +27,67 @@ fn the_keeper_stops_on_sigterm_and_removes_its_socket() {
     std::fs::remove_dir_all(&scratch).unwrap();
 }
 
+#[test]
+fn the_keeper_runs_without_any_capability_in_a_private_directory() {
+    support::require_root();
+    let scratch = support::scratch("fuse-keeper-unprivileged");
+    // A directory the keeper makes itself.
+    let socket = scratch.join("keeper-run/fuse-keeper.sock");
+    let keeper = FuseKeeper::start_under(
+        &socket,
+        &[
+            "setpriv",
+            "--bounding-set=-all",
+            "--inh-caps=-all",
+            "--no-new-privs",
+            "--",
+        ],
+    );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", keeper.pid()))
+        .expect("the keeper's status");
+    let caps = |field: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .map(str::trim)
+            .map(str::to_string)
+    };
+    assert_eq!(
+        caps("CapEff:").as_deref(),
+        Some("0000000000000000"),
+        "{status}"
+    );
+    assert_eq!(caps("CapBnd:").as_deref(), Some("0000000000000000"));
+    let mode = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::metadata(p)
+            .expect("it exists")
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(socket.parent().expect("a directory")), 0o700);
+    assert_eq!(mode(&socket), 0o600);
+    // It holds a FUSE connection and gives it back, with no capability at all.
+    let fuse = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .expect("/dev/fuse opens");
+    let client = Keeper::new(&socket);
+    let layout = imgstream::oci::digest::Digest::of(b"layout");
+    client
+        .put("/mnt/x", &layout, std::os::fd::AsFd::as_fd(&fuse))
+        .expect("the keeper takes it");
+    let held = client.get().expect("the keeper answers");
+    let kept = std::fs::File::from(held["/mnt/x"].fd.try_clone().expect("a duplicate"));
+    assert!(imgstream::fs::fusedev::is_fuse_device(&kept));
+    assert_eq!(held["/mnt/x"].layout, Some(layout));
+    let status = keeper.terminate();
+    assert!(status.success(), "exited with {status}");
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
 fn options(cache: &Path) -> MountOptions {
     MountOptions {
         view: View::Merged,

@@ -18,7 +18,9 @@
 //!
 //! The protocol: SOCK_SEQPACKET messages, `PUT <key>[\n<layout>]` with one descriptor
 //! (answered `OK`), `DEL <key>` (`OK`), `GET` (answered with `FD <key>[\n<layout>]` plus a
-//! descriptor per entry, then `END`). The socket is created mode 0600.
+//! descriptor per entry, then `END`). The socket is created mode 0600, in a directory of
+//! its own (0700 when the keeper makes it). The keeper needs no privilege: it holds
+//! descriptors and answers on a socket, so it runs with every capability dropped.
 
 use std::{
     collections::BTreeMap,
@@ -186,6 +188,11 @@ fn recv(sock: BorrowedFd<'_>) -> io::Result<(Vec<u8>, Option<OwnedFd>)> {
 /// Runs the keeper on `socket` until `shutdown` is triggered. Descriptors it holds are
 /// closed when it exits: the mounts they serve end unless an agent still serves them.
 pub fn run(socket: &Path, shutdown: &Shutdown) -> io::Result<()> {
+    // The socket's directory is the keeper's: made 0700 if missing (an existing one, which
+    // an operator chose, keeps its mode).
+    if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) {
+        crate::private::create_dir(dir)?;
+    }
     let listener = seqpacket()?;
     let _ = std::fs::remove_file(socket);
     let (addr, len) = address(socket)?;

@@ -224,9 +224,22 @@ pub struct FuseKeeper {
 
 impl FuseKeeper {
     pub fn start(socket: &Path) -> Self {
+        Self::start_under(socket, &[])
+    }
+
+    /// Started through `wrapper` (a command line that runs the keeper's, as `setpriv`).
+    pub fn start_under(socket: &Path, wrapper: &[&str]) -> Self {
         // One left by a killed keeper would look like this one being up.
         let _ = std::fs::remove_file(socket);
-        let child = Command::new(imgstream_bin())
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(imgstream_bin());
+                command
+            }
+            None => Command::new(imgstream_bin()),
+        };
+        let child = command
             .args(["fuse-keeper", "--socket"])
             .arg(socket)
             .stdin(Stdio::null())
@@ -245,6 +258,10 @@ impl FuseKeeper {
 }
 
 impl FuseKeeper {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGTERM, then the exit status (within 10 s, or a panic).
     pub fn terminate(mut self) -> std::process::ExitStatus {
         // SAFETY: kill(2) of our own child.

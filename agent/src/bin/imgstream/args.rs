@@ -276,7 +276,9 @@ pub(crate) struct ContainerdConfigArgs {
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct FuseKeeperArgs {
-    #[arg(long, default_value = "/run/imgstream/fuse-keeper.sock")]
+    /// The socket, in a directory of the keeper's own (created 0700 if missing): nothing
+    /// but the agent has business with it. The keeper needs no capabilities.
+    #[arg(long, default_value = "/run/imgstream-keeper/fuse-keeper.sock")]
     pub(crate) socket: PathBuf,
 }
 
