@@ -7,9 +7,9 @@ mod support;
 use std::{path::Path, sync::Arc};
 
 use imgstream::{
-    cache::{CacheConfig, ChunkCache},
-    fs::{FsConfig, View, keeper::Keeper},
-    mount::{self, MountError, MountOptions, OpenedImage},
+    cache::ChunkCache,
+    fs::keeper::Keeper,
+    mount::{self, MountError, OpenedImage},
     oci::manifest::Platform,
     registry::{BlobSource, local::LocalLayout},
 };
@@ -88,26 +88,6 @@ fn the_keeper_runs_without_any_capability_in_a_private_directory() {
     let _ = std::fs::remove_dir_all(&scratch);
 }
 
-fn options(cache: &Path) -> MountOptions {
-    MountOptions {
-        view: View::Merged,
-        cache: CacheConfig {
-            dir: cache.to_path_buf(),
-            limit_bytes: None,
-            prefer_uring: false,
-        },
-        fs: FsConfig::default(),
-        background: None,
-        threads: 1,
-        readahead_kb: None,
-        prefetch: false,
-        learned: None,
-        share_learned: Default::default(),
-        platform: Platform::host(),
-        fetch_totals: None,
-    }
-}
-
 fn open(
     runtime: &tokio::runtime::Runtime,
     layout: &Path,
@@ -135,11 +115,22 @@ fn a_kept_connection_is_served_again_only_by_a_tree_of_the_same_inode_layout() {
     let layout = scratch.join("layout");
     runtime.block_on(support::build_image(&layout, "a", &[a], &["/bin/true"]));
     runtime.block_on(support::build_image(&layout, "b", &[b], &["/bin/true"]));
-    let options = options(&scratch.join("cache"));
+    let options =
+        support::local_mount_options(&scratch.join("cache"), std::time::Duration::from_secs(30));
     let cache = Arc::new(ChunkCache::open(&options.cache).expect("a cache"));
     let mountpoint = scratch.join("mnt");
     std::fs::create_dir_all(&mountpoint).expect("a mount point");
     let key = mountpoint.display().to_string();
+    let adopt = |tag: &str, kept| {
+        mount::adopt(
+            runtime.handle().clone(),
+            open(&runtime, &layout, tag, &cache),
+            cache.clone(),
+            &mountpoint,
+            kept,
+            &options,
+        )
+    };
     let keeper_process = FuseKeeper::start(&scratch.join("keeper.sock"));
     let keeper = Keeper::new(&keeper_process.socket);
 
@@ -171,15 +162,7 @@ fn a_kept_connection_is_served_again_only_by_a_tree_of_the_same_inode_layout() {
         .expect("the keeper answers")
         .remove(&key)
         .expect("kept");
-    let err = mount::adopt(
-        runtime.handle().clone(),
-        open(&runtime, &layout, "b", &cache),
-        cache.clone(),
-        &mountpoint,
-        kept,
-        &options,
-    )
-    .expect_err("another layout is refused");
+    let err = adopt("b", kept).expect_err("another layout is refused");
     assert!(matches!(err, MountError::LayoutChanged { .. }), "{err}");
     // A connection kept without a layout (an agent that did not say) is refused too.
     let mut unknown = keeper
@@ -188,15 +171,7 @@ fn a_kept_connection_is_served_again_only_by_a_tree_of_the_same_inode_layout() {
         .remove(&key)
         .expect("kept");
     unknown.layout = None;
-    let err = mount::adopt(
-        runtime.handle().clone(),
-        open(&runtime, &layout, "a", &cache),
-        cache.clone(),
-        &mountpoint,
-        unknown,
-        &options,
-    )
-    .expect_err("an unknown layout is refused");
+    let err = adopt("a", unknown).expect_err("an unknown layout is refused");
     assert!(matches!(err, MountError::LayoutChanged { .. }), "{err}");
 
     // Image a's tree has the kept layout: served again, the same file through the same mount.
@@ -205,15 +180,7 @@ fn a_kept_connection_is_served_again_only_by_a_tree_of_the_same_inode_layout() {
         .expect("the keeper answers")
         .remove(&key)
         .expect("kept");
-    let again = mount::adopt(
-        runtime.handle().clone(),
-        open(&runtime, &layout, "a", &cache),
-        cache.clone(),
-        &mountpoint,
-        kept,
-        &options,
-    )
-    .expect("the same layout is served again");
+    let again = adopt("a", kept).expect("the same layout is served again");
     assert_eq!(
         std::fs::read_to_string(mountpoint.join("etc/hello")).expect("a file of a, again"),
         "hello\n"

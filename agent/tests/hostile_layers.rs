@@ -15,13 +15,12 @@ use std::{
 
 use bytes::Bytes;
 use imgstream::{
-    cache::{CacheConfig, ChunkCache},
-    fs::{FsConfig, View},
+    cache::ChunkCache,
     image::{
         estargz::{TOC_DIGEST_ANNOTATION, TOC_NAME, footer_bytes},
         tar::{Header, Kind, TarWriter},
     },
-    mount::{self, MountOptions},
+    mount,
     oci::{
         digest::Digest,
         manifest::{self, Descriptor, Manifest, Platform},
@@ -257,26 +256,7 @@ fn hostile_layers_are_refused_at_mount_or_served_with_every_read_answered() {
         .join(Digest::of(truncated).hex());
     std::fs::write(&path, &truncated[..truncated.len() / 2]).expect("the blob is cut");
 
-    let options = MountOptions {
-        view: View::Merged,
-        cache: CacheConfig {
-            dir: scratch.join("cache"),
-            limit_bytes: None,
-            prefer_uring: false,
-        },
-        fs: FsConfig {
-            read_deadline: Duration::from_secs(5),
-            ..FsConfig::default()
-        },
-        background: None,
-        threads: 2,
-        readahead_kb: None,
-        prefetch: false,
-        learned: None,
-        share_learned: Default::default(),
-        platform: Platform::host(),
-        fetch_totals: None,
-    };
+    let options = support::local_mount_options(&scratch.join("cache"), Duration::from_secs(5));
     let cache = Arc::new(ChunkCache::open(&options.cache).expect("a cache"));
     let source: Arc<dyn BlobSource> = Arc::new(LocalLayout::open(&layout_dir).expect("layout"));
     let mut outcomes = Vec::new();

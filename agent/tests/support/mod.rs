@@ -141,3 +141,32 @@ pub fn clockprobe_rootfs(dir: &Path, extra: &[&str]) -> PathBuf {
     std::fs::copy(clockprobe(), dir.join("clockprobe")).unwrap();
     dir.to_path_buf()
 }
+
+/// Mount options for an in-process mount from a local layout: a cache in `cache` (plain
+/// syscalls), reads failing after `read_deadline`, no background download, no prefetch, no
+/// learning.
+pub fn local_mount_options(
+    cache: &Path,
+    read_deadline: Duration,
+) -> imgstream::mount::MountOptions {
+    imgstream::mount::MountOptions {
+        view: imgstream::fs::View::Merged,
+        cache: imgstream::cache::CacheConfig {
+            dir: cache.to_path_buf(),
+            limit_bytes: None,
+            prefer_uring: false,
+        },
+        fs: imgstream::fs::FsConfig {
+            read_deadline,
+            ..Default::default()
+        },
+        background: None,
+        threads: 2,
+        readahead_kb: None,
+        prefetch: false,
+        learned: None,
+        share_learned: Default::default(),
+        platform: imgstream::oci::manifest::Platform::host(),
+        fetch_totals: None,
+    }
+}

@@ -102,6 +102,8 @@ struct Guest<'a> {
     used_addr: u64,
     next_desc: u16,
     next_buffer: u64,
+    /// Chains submitted so far.
+    submitted: usize,
 }
 
 /// One descriptor: device-readable bytes, or a device-writable buffer of some length.
@@ -120,6 +122,7 @@ impl<'a> Guest<'a> {
             used_addr: USED_RING,
             next_desc: 0,
             next_buffer: 0x10_0000,
+            submitted: 0,
         }
     }
 
@@ -163,6 +166,7 @@ impl<'a> Guest<'a> {
         }
         self.queue.add_desc_chains(&descriptors, head).unwrap();
         self.next_desc += count;
+        self.submitted += 1;
         (head, reply)
     }
 
@@ -204,6 +208,39 @@ impl Rig {
         self.backend
             .handle_event(0, EventSet::IN, std::slice::from_ref(&self.vring), 0)
             .unwrap();
+    }
+
+    /// Sends one request with `reply_len` bytes of room and waits for its reply.
+    fn ask(&self, guest: &mut Guest<'_>, request: Vec<u8>, reply_len: u32) -> (OutHeader, Vec<u8>) {
+        let (_, reply) = guest.submit(vec![Part::Readable(request), Part::Writable(reply_len)]);
+        self.kick();
+        self.wait_used(guest, guest.submitted);
+        guest.reply(reply.expect("a reply buffer"))
+    }
+
+    /// INIT, then LOOKUP of data/ and data/hello.bin: the file's node id.
+    fn open_hello(&self, guest: &mut Guest<'_>) -> u64 {
+        let init = InitIn {
+            major: 7,
+            minor: 31,
+            max_readahead: 128 * 1024,
+            flags: 0,
+        };
+        let (header, _) = self.ask(guest, message(FUSE_INIT, 1, 0, init.as_slice()), 4096);
+        assert_eq!(header.error, 0, "INIT answered");
+        let entry = |body: Vec<u8>| {
+            EntryOut::from_slice(&body[..size_of::<EntryOut>()])
+                .expect("an entry")
+                .nodeid
+        };
+        let data = entry(
+            self.ask(guest, message(FUSE_LOOKUP, 2, 1, b"data\0"), 4096)
+                .1,
+        );
+        entry(
+            self.ask(guest, message(FUSE_LOOKUP, 3, data, b"hello.bin\0"), 4096)
+                .1,
+        )
     }
 
     fn wait_used(&self, guest: &Guest<'_>, count: usize) -> HashMap<u16, u32> {
@@ -467,34 +504,7 @@ fn a_request_that_panics_is_answered_with_eio_and_the_backend_serves_the_next() 
     let mut guest = Guest::new(&memory);
     let rig = rig(&memory, &guest, fs.clone());
     // One request at a time: its reply, once the backend has put it on the used ring.
-    let mut sent = 0;
-    let mut ask = |guest: &mut Guest<'_>, request: Vec<u8>| {
-        let (_, reply) = guest.submit(vec![Part::Readable(request), Part::Writable(65_536)]);
-        sent += 1;
-        rig.kick();
-        rig.wait_used(guest, sent);
-        guest.reply(reply.unwrap())
-    };
-    let init = InitIn {
-        major: 7,
-        minor: 31,
-        max_readahead: 128 * 1024,
-        flags: 0,
-    };
-    assert_eq!(
-        ask(&mut guest, message(FUSE_INIT, 1, 0, init.as_slice()))
-            .0
-            .error,
-        0
-    );
-    let (_, body) = ask(&mut guest, message(FUSE_LOOKUP, 2, 1, b"data\0"));
-    let data = EntryOut::from_slice(&body[..size_of::<EntryOut>()])
-        .unwrap()
-        .nodeid;
-    let (_, body) = ask(&mut guest, message(FUSE_LOOKUP, 3, data, b"hello.bin\0"));
-    let file = EntryOut::from_slice(&body[..size_of::<EntryOut>()])
-        .unwrap()
-        .nodeid;
+    let file = rig.open_hello(&mut guest);
     let read = |unique| {
         let body = ReadIn {
             offset: 0,
@@ -506,14 +516,14 @@ fn a_request_that_panics_is_answered_with_eio_and_the_backend_serves_the_next() 
     let panics = crate::fs::REQUEST_PANICS.load(std::sync::atomic::Ordering::SeqCst);
     fs.panic_next_read
         .store(true, std::sync::atomic::Ordering::SeqCst);
-    let (header, _) = ask(&mut guest, read(4));
+    let (header, _) = rig.ask(&mut guest, read(4), 65_536);
     assert_eq!(
         (header.unique, header.error),
         (4, -libc::EIO),
         "the panicking read is answered"
     );
     assert!(crate::fs::REQUEST_PANICS.load(std::sync::atomic::Ordering::SeqCst) > panics);
-    let (header, body) = ask(&mut guest, read(5));
+    let (header, body) = rig.ask(&mut guest, read(5), 65_536);
     assert_eq!(
         (header.unique, header.error),
         (5, 0),
@@ -535,35 +545,8 @@ fn a_guest_that_reposts_chains_waits_for_room_instead_of_growing_the_host_queue(
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEMORY as usize)]).expect("guest memory");
     let mut guest = Guest::new(&memory);
     let rig = rig(&memory, &guest, fs);
-    let mut sent = 0;
-    let mut ask = |guest: &mut Guest<'_>, request: Vec<u8>| {
-        let (_, reply) = guest.submit(vec![Part::Readable(request), Part::Writable(4096)]);
-        sent += 1;
-        rig.kick();
-        rig.wait_used(guest, sent);
-        guest.reply(reply.expect("a reply buffer"))
-    };
-    let init = InitIn {
-        major: 7,
-        minor: 31,
-        max_readahead: 128 * 1024,
-        flags: 0,
-    };
-    assert_eq!(
-        ask(&mut guest, message(FUSE_INIT, 1, 0, init.as_slice()))
-            .0
-            .error,
-        0
-    );
-    let (_, body) = ask(&mut guest, message(FUSE_LOOKUP, 2, 1, b"data\0"));
-    let data = EntryOut::from_slice(&body[..size_of::<EntryOut>()])
-        .expect("an entry")
-        .nodeid;
-    let (_, body) = ask(&mut guest, message(FUSE_LOOKUP, 3, data, b"hello.bin\0"));
-    let file = EntryOut::from_slice(&body[..size_of::<EntryOut>()])
-        .expect("an entry")
-        .nodeid;
-    let answered_before = sent as u16;
+    let file = rig.open_hello(&mut guest);
+    let answered_before = guest.submitted as u16;
 
     // One read chain, then its head posted again and again: each time as many entries as
     // the avail ring index allows (the backend refuses more than a queue's size ahead of
