@@ -21,6 +21,15 @@ pub(super) fn cases(
     ])
 }
 
+/// The failed case of a map that took `n` entries without refusing one.
+fn evicts(name: &str, n: u64) -> CaseResult {
+    CaseResult {
+        name: name.into(),
+        passed: false,
+        detail: format!("the map took {n} entries without refusing one: it evicts"),
+    }
+}
+
 /// Renames a scratch file in `dir` (any rename passes through the enter program).
 fn rename_once(dir: &Path, n: u32) -> Result<(), SelftestError> {
     let (from, to) = (
@@ -38,13 +47,7 @@ fn rename_inflight(dir: &Path) -> Result<CaseResult, SelftestError> {
     let name = "rename: a full in-flight map is counted, and gone threads' entries are swept";
     let filled = match probes.fill_inflight() {
         Ok(n) => n,
-        Err(n) => {
-            return Ok(CaseResult {
-                name: name.into(),
-                passed: false,
-                detail: format!("the map took {n} entries without refusing one: it evicts"),
-            });
-        }
+        Err(n) => return Ok(evicts(name, n)),
     };
     // A rename in flight during the fill may have left its slot free on its exit: take it.
     let _ = probes.fill_inflight();
@@ -70,13 +73,7 @@ fn containers(base: &Path) -> Result<CaseResult, SelftestError> {
     let name = "start latency: a full cgroup map is counted, and gone cgroups' entries are swept";
     let filled = match probes.fill_containers() {
         Ok(n) => n,
-        Err(n) => {
-            return Ok(CaseResult {
-                name: name.into(),
-                passed: false,
-                detail: format!("the map took {n} entries without refusing one: it evicts"),
-            });
-        }
+        Err(n) => return Ok(evicts(name, n)),
     };
     let before = probes.drops().containers_full;
     let make = |n: u32| -> Result<(), SelftestError> {
