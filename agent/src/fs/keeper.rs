@@ -51,8 +51,9 @@ const IDLE: Duration = Duration::from_secs(60);
 fn set_timeouts(sock: BorrowedFd<'_>, recv: Duration, send: Duration) -> io::Result<()> {
     for (opt, after) in [(libc::SO_RCVTIMEO, recv), (libc::SO_SNDTIMEO, send)] {
         let timeout = libc::timeval {
-            tv_sec: after.as_secs() as libc::time_t,
-            tv_usec: libc::suseconds_t::from(after.subsec_micros()),
+            // `as _`: the field types differ by target (and musl deprecates their aliases).
+            tv_sec: after.as_secs() as _,
+            tv_usec: after.subsec_micros() as _,
         };
         // SAFETY: a timeval option of the right size on a socket we hold.
         check(unsafe {
