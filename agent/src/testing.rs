@@ -44,6 +44,55 @@ pub(crate) fn scratch_cache(name: &str) -> (std::path::PathBuf, std::sync::Arc<C
     (dir, std::sync::Arc::new(cache))
 }
 
+/// The bytes of `data/hello.bin` in [`hello_image_fs`]: 100,000 of them, in a pattern.
+pub(crate) fn hello_content() -> Vec<u8> {
+    (0..100_000u32).map(|i| (i * 7 % 253) as u8).collect()
+}
+
+/// An image filesystem over one real eStargz layer (16 KiB chunks) holding `data/hello.bin`,
+/// its chunk cache in `dir`, its registry answering every range request after `delay`.
+pub(crate) fn hello_image_fs(
+    runtime: &tokio::runtime::Runtime,
+    dir: &Path,
+    delay: Duration,
+) -> std::sync::Arc<crate::fs::ImageFs> {
+    use crate::{
+        fetch::{Fetcher, layer},
+        fs::{FsConfig, ImageFs, View},
+        image::tar::Kind,
+    };
+    std::fs::create_dir_all(dir).expect("a scratch directory");
+    let mut file = Header::new("data/hello.bin", Kind::Regular);
+    file.mode = 0o644;
+    let (blob, summary) = estargz_layer(
+        &[
+            (Header::new("data/", Kind::Directory), Vec::new()),
+            (file, hello_content()),
+        ],
+        16 * 1024,
+        false,
+    );
+    let desc = layer_descriptor(&summary);
+    let source = std::sync::Arc::new(MemoryBlobs::default().with(blob).delayed(delay));
+    let opened = runtime
+        .block_on(layer::open_cached(source.as_ref(), &desc, None))
+        .expect("the layer opens");
+    let cache = ChunkCache::open(&CacheConfig {
+        dir: dir.join("cache"),
+        limit_bytes: None,
+        prefer_uring: false,
+    })
+    .expect("a cache in a scratch directory");
+    let source: std::sync::Arc<dyn BlobSource> = source;
+    let fetcher = Fetcher::new(runtime.handle().clone(), source, std::sync::Arc::new(cache));
+    std::sync::Arc::new(ImageFs::new(
+        std::sync::Arc::from(vec![opened]),
+        View::Merged,
+        std::sync::Arc::new(fetcher),
+        FsConfig::default(),
+    ))
+}
+
 /// An eStargz layer of `entries` (sizes taken from their data) in chunks of `chunk_size`,
 /// after the no-prefetch landmark when `landmark` is set.
 pub(crate) fn estargz_layer(

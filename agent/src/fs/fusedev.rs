@@ -340,4 +340,72 @@ mod tests {
         .expect_err("a descriptor that is not /dev/fuse is refused");
         assert!(matches!(err, MountError::NotFuse(_)), "{err}");
     }
+
+    /// Reads `path` on another thread, bypassing the page cache (so the kernel neither
+    /// retries a failed readahead nor answers from memory): `None` if it was not answered
+    /// within `limit`.
+    fn read_within(path: &Path, limit: std::time::Duration) -> Option<std::io::Result<Vec<u8>>> {
+        use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = path.to_path_buf();
+        thread::spawn(move || {
+            let read = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(path)
+                .and_then(|mut file| {
+                    let mut data = Vec::new();
+                    file.read_to_end(&mut data).map(|_| data)
+                });
+            let _ = tx.send(read);
+        });
+        rx.recv_timeout(limit).ok()
+    }
+
+    #[test]
+    fn a_read_that_panics_gets_eio_and_the_only_worker_serves_the_next() {
+        let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+        let dir = std::env::temp_dir().join(format!("imgstream-fuse-panic-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let fs = crate::testing::hello_image_fs(&runtime, &dir, std::time::Duration::ZERO);
+        let mnt = dir.join("mnt");
+        std::fs::create_dir_all(&mnt).expect("a mount point");
+        // One worker: if a panic took it, nothing would answer the next read.
+        let mount = FuseMount::mount(fs.clone(), &mnt, "imgstream-test", true, 1, None)
+            .expect("mounting needs root and /dev/fuse");
+        let connection = {
+            use std::os::unix::fs::MetadataExt as _;
+            libc::minor(std::fs::metadata(&mnt).expect("the mount answers").dev())
+        };
+        let file = mnt.join("data/hello.bin");
+        let limit = std::time::Duration::from_secs(20);
+        let panics = crate::fs::REQUEST_PANICS.load(std::sync::atomic::Ordering::SeqCst);
+        fs.panic_next_read
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let first = read_within(&file, limit);
+        let second = first.as_ref().and_then(|_| read_within(&file, limit));
+        if second.is_none() {
+            // Unanswered readers sleep in the kernel until the connection is aborted: end it
+            // so that the test fails instead of hanging.
+            let _ = std::fs::write(format!("/sys/fs/fuse/connections/{connection}/abort"), "1");
+        }
+        let first = first.expect("the panicking read was answered");
+        assert_eq!(
+            first.as_ref().err().and_then(std::io::Error::raw_os_error),
+            Some(libc::EIO),
+            "the panicking read fails with EIO (it read {:?} bytes)",
+            first.as_ref().map(Vec::len).ok()
+        );
+        assert!(crate::fs::REQUEST_PANICS.load(std::sync::atomic::Ordering::SeqCst) > panics);
+        let second = second
+            .expect("the worker answered the next read")
+            .expect("the next read succeeds");
+        assert!(
+            second == crate::testing::hello_content(),
+            "the next read has the file's bytes"
+        );
+        drop(mount);
+        drop(runtime);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

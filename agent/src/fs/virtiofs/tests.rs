@@ -18,14 +18,7 @@ use virtio_queue::{
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 
 use super::*;
-use crate::{
-    cache::{CacheConfig, ChunkCache},
-    fetch::{Fetcher, layer},
-    fs::{FsConfig, ImageFs, View},
-    image::tar::{Header, Kind},
-    registry::BlobSource,
-    testing::{MemoryBlobs, estargz_layer, layer_descriptor},
-};
+use crate::{fs::ImageFs, testing};
 
 const QUEUE_SIZE: u16 = 256;
 /// Past the descriptor table (16 bytes an entry) and the avail ring (2 an entry).
@@ -36,48 +29,12 @@ const FUSE_READ: u32 = 15;
 const FUSE_INIT: u32 = 26;
 
 fn content() -> Vec<u8> {
-    (0..100_000u32).map(|i| (i * 7 % 253) as u8).collect()
+    testing::hello_content()
 }
 
 /// An image filesystem over one real eStargz layer holding `data/hello.bin`.
 fn image_fs(runtime: &tokio::runtime::Runtime, dir: &Path) -> Arc<ImageFs> {
-    image_fs_behind(runtime, dir, Duration::ZERO)
-}
-
-/// The same, its registry answering every range request after `delay`.
-fn image_fs_behind(runtime: &tokio::runtime::Runtime, dir: &Path, delay: Duration) -> Arc<ImageFs> {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut file = Header::new("data/hello.bin", Kind::Regular);
-    file.mode = 0o644;
-    let (blob, summary) = estargz_layer(
-        &[
-            (Header::new("data/", Kind::Directory), Vec::new()),
-            (file, content()),
-        ],
-        16 * 1024,
-        false,
-    );
-    let desc = layer_descriptor(&summary);
-    let source = Arc::new(MemoryBlobs::default().with(blob).delayed(delay));
-    let opened = runtime
-        .block_on(layer::open_cached(source.as_ref(), &desc, None))
-        .unwrap();
-    let cache = Arc::new(
-        ChunkCache::open(&CacheConfig {
-            dir: dir.join("cache"),
-            limit_bytes: None,
-            prefer_uring: false,
-        })
-        .unwrap(),
-    );
-    let source: Arc<dyn BlobSource> = source;
-    let fetcher = Arc::new(Fetcher::new(runtime.handle().clone(), source, cache));
-    Arc::new(ImageFs::new(
-        Arc::from(vec![opened]),
-        View::Merged,
-        fetcher,
-        FsConfig::default(),
-    ))
+    testing::hello_image_fs(runtime, dir, Duration::ZERO)
 }
 
 fn message(opcode: u32, unique: u64, nodeid: u64, body: &[u8]) -> Vec<u8> {
@@ -540,7 +497,7 @@ fn a_guest_that_reposts_chains_waits_for_room_instead_of_growing_the_host_queue(
     let dir = std::env::temp_dir().join(format!("imgstream-virtiofs-flood-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     // Every range request takes two seconds: reads wait on the registry while the guest floods.
-    let fs = image_fs_behind(&runtime, &dir, Duration::from_secs(2));
+    let fs = testing::hello_image_fs(&runtime, &dir, Duration::from_secs(2));
     let memory =
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEMORY as usize)]).expect("guest memory");
     let mut guest = Guest::new(&memory);
