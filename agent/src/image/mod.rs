@@ -1,8 +1,10 @@
 //! Layer formats, and only formats: tar headers, the eStargz footer, TOC, chunks and writer,
+//! span indexes of plain gzip layers,
 //! and recorded reads turned into prefetch lists. Everything here works on bytes handed in:
 //! nothing knows where they come from (`registry`), where they are kept (`cache`) or how
 //! files are served (`fs`). Digests and manifests are `oci`'s.
 
 pub mod estargz;
+pub mod gzip;
 pub mod reads;
 pub mod tar;

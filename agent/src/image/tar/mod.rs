@@ -66,7 +66,8 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn flag(self) -> u8 {
+    /// The type flag a header of this kind is written with.
+    pub(crate) fn flag(self) -> u8 {
         match self {
             Kind::Regular => b'0',
             Kind::HardLink => b'1',
@@ -76,6 +77,21 @@ impl Kind {
             Kind::Directory => b'5',
             Kind::Fifo => b'6',
         }
+    }
+
+    /// The kind written as `flag` (by [`Kind::flag`]).
+    pub(crate) fn from_flag(flag: u8) -> Option<Kind> {
+        [
+            Kind::Regular,
+            Kind::HardLink,
+            Kind::Symlink,
+            Kind::CharDevice,
+            Kind::BlockDevice,
+            Kind::Directory,
+            Kind::Fifo,
+        ]
+        .into_iter()
+        .find(|k| k.flag() == flag)
     }
 }
 

@@ -29,6 +29,11 @@ impl<R: Read> TarReader<R> {
         }
     }
 
+    /// The underlying stream, wherever the reader left it.
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+
     /// Bytes consumed from the underlying stream so far.
     pub fn position(&self) -> u64 {
         self.offset

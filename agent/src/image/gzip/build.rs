@@ -1,0 +1,374 @@
+//! Building a span index: one pass over the layer, inflating it and reading its tar stream,
+//! checkpoints placed at block boundaries as the bytes go by.
+
+use std::io::{self, Read};
+
+use super::{
+    Checkpoint, Entry, GzipError, MAX_ENTRIES, MAX_SPAN, MIN_SPAN, Span, SpanIndex, WINDOW,
+    inflate::{self, RawInflate, Stop},
+};
+use crate::{
+    image::tar::TarReader,
+    oci::digest::{Digest, Hasher},
+};
+
+/// How to build an index.
+#[derive(Clone, Copy, Debug)]
+pub struct BuildOptions {
+    /// Uncompressed bytes between checkpoints, at least (the next block boundary after that
+    /// many ends the span).
+    pub span: u64,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        Self { span: 1 << 20 }
+    }
+}
+
+impl SpanIndex {
+    /// Indexes the gzip layer `layer`, read once from its first byte to its last.
+    pub fn build(layer: impl Read, options: BuildOptions) -> Result<SpanIndex, GzipError> {
+        if !(MIN_SPAN..=MAX_SPAN).contains(&options.span) {
+            return Err(GzipError::SpanSize(options.span));
+        }
+        let mut tar = TarReader::new(Inflating::new(layer, options.span)?);
+        let mut entries = Vec::new();
+        let tar_result = loop {
+            match tar.next_header() {
+                Ok(Some(header)) => {
+                    if entries.len() == MAX_ENTRIES {
+                        break Err(GzipError::TooManyEntries);
+                    }
+                    let data_offset = tar.position();
+                    entries.push(Entry {
+                        header,
+                        data_offset,
+                    });
+                }
+                Ok(None) => break Ok(()),
+                Err(err) => break Err(GzipError::Tar(err)),
+            }
+        };
+        // What went wrong in the gzip stream is the cause of what the tar reader saw.
+        let mut inflating = tar.into_inner();
+        if let Some(err) = inflating.failed.take() {
+            return Err(err);
+        }
+        tar_result?;
+        // The rest: tar padding after the end-of-archive blocks, trailers, later members.
+        let drained = io::copy(&mut inflating, &mut io::sink());
+        if let Some(err) = inflating.failed.take() {
+            return Err(err);
+        }
+        drained.map_err(GzipError::Io)?;
+        let (layer, compressed_size, uncompressed_size, spans) = inflating.finish();
+        Ok(SpanIndex {
+            layer,
+            compressed_size,
+            uncompressed_size,
+            spans,
+            entries,
+        })
+    }
+}
+
+/// Where the reader is in the gzip stream.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum State {
+    Header,
+    Deflate,
+    Trailer,
+    Done,
+}
+
+/// The uncompressed stream of a gzip layer as a `Read`, recording checkpoints and span
+/// digests on the way. Its errors reach the tar reader as `io::Error`s; the `GzipError`
+/// behind one is kept in `failed`.
+struct Inflating<R> {
+    input: R,
+    buf: Vec<u8>,
+    /// Unconsumed bytes are `buf[start..end]`; `offset` is the layer offset of `buf[start]`.
+    start: usize,
+    end: usize,
+    offset: u64,
+    eof: bool,
+    /// The layer's digest, over every byte read.
+    layer: Hasher,
+    state: State,
+    inflate: RawInflate,
+    /// The member's last uncompressed bytes (at least the last [`WINDOW`] of them).
+    window: Vec<u8>,
+    member_crc: crc32fast::Hasher,
+    member_len: u64,
+    span: u64,
+    total_out: u64,
+    spans: Vec<Span>,
+    /// The span being read: its checkpoint and its bytes' digest so far.
+    current: Option<(Checkpoint, Hasher)>,
+    failed: Option<GzipError>,
+}
+
+/// Compressed bytes read at a time.
+const READ: usize = 256 * 1024;
+
+impl<R: Read> Inflating<R> {
+    fn new(input: R, span: u64) -> Result<Self, GzipError> {
+        Ok(Self {
+            input,
+            buf: vec![0; READ],
+            start: 0,
+            end: 0,
+            offset: 0,
+            eof: false,
+            layer: Hasher::new(),
+            state: State::Header,
+            inflate: RawInflate::new()?,
+            window: Vec::with_capacity(2 * WINDOW),
+            member_crc: crc32fast::Hasher::new(),
+            member_len: 0,
+            span,
+            total_out: 0,
+            spans: Vec::new(),
+            current: None,
+            failed: None,
+        })
+    }
+
+    fn pending(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        self.offset += n as u64;
+    }
+
+    /// Reads more input after what is pending; false at the end of the layer.
+    fn fill(&mut self) -> Result<bool, GzipError> {
+        if self.eof {
+            return Ok(false);
+        }
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.end == self.buf.len() {
+            // Only a long gzip header needs more than one read's worth pending, and
+            // `header_len` refuses one before it passes MAX_HEADER.
+            let grown = (self.buf.len() * 2).min(inflate::MAX_HEADER + READ);
+            if grown == self.buf.len() {
+                return Err(GzipError::Inflate("no progress with a full buffer".into()));
+            }
+            self.buf.resize(grown, 0);
+        }
+        let n = loop {
+            match self.input.read(&mut self.buf[self.end..]) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(GzipError::Io(e)),
+            }
+        };
+        self.layer.update(&self.buf[self.end..self.end + n]);
+        self.end += n;
+        self.eof = n == 0;
+        Ok(n > 0)
+    }
+
+    /// Closes the current span (if any) and opens one at `checkpoint`.
+    fn checkpoint(&mut self, checkpoint: Checkpoint) {
+        self.close_span();
+        self.current = Some((checkpoint, Hasher::new()));
+    }
+
+    fn close_span(&mut self) {
+        if let Some((start, hasher)) = self.current.take() {
+            let len = self.total_out - start.uncompressed;
+            self.spans.push(Span {
+                start,
+                len,
+                digest: hasher.finish(),
+            });
+        }
+    }
+
+    /// Whether the span being read is long enough to end at the next boundary.
+    fn span_full(&self) -> bool {
+        self.current
+            .as_ref()
+            .is_none_or(|(start, _)| self.total_out - start.uncompressed >= self.span)
+    }
+
+    fn finish(mut self) -> (Digest, u64, u64, Vec<Span>) {
+        self.close_span();
+        (self.layer.finish(), self.offset, self.total_out, self.spans)
+    }
+
+    /// The next uncompressed bytes into `out`: 0 only at the end of the layer.
+    fn step(&mut self, out: &mut [u8]) -> Result<usize, GzipError> {
+        let mut idle = 0;
+        loop {
+            match self.state {
+                State::Done => return Ok(0),
+                State::Header => match inflate::header_len(self.pending()) {
+                    Ok(Some(n)) => {
+                        if self.span_full() {
+                            self.checkpoint(Checkpoint {
+                                compressed: self.offset,
+                                bits: 0,
+                                uncompressed: self.total_out,
+                                member: true,
+                                window: Vec::new(),
+                            });
+                        }
+                        self.consume(n);
+                        self.inflate.reset()?;
+                        self.window.clear();
+                        self.member_crc = crc32fast::Hasher::new();
+                        self.member_len = 0;
+                        self.state = State::Deflate;
+                    }
+                    Ok(None) => {
+                        if !self.fill()? {
+                            return Err(GzipError::Truncated {
+                                offset: self.offset,
+                            });
+                        }
+                    }
+                    Err(err) => {
+                        return Err(GzipError::BadHeader {
+                            offset: self.offset,
+                            reason: err.to_string(),
+                        });
+                    }
+                },
+                State::Deflate => {
+                    if self.start == self.end && !self.fill()? {
+                        return Err(GzipError::Truncated {
+                            offset: self.offset,
+                        });
+                    }
+                    let (start, end) = (self.start, self.end);
+                    let step = self.inflate.inflate(&self.buf[start..end], out, true)?;
+                    self.consume(step.consumed);
+                    let produced = &out[..step.produced];
+                    self.total_out += produced.len() as u64;
+                    self.member_len += produced.len() as u64;
+                    self.member_crc.update(produced);
+                    if let Some((_, hasher)) = self.current.as_mut() {
+                        hasher.update(produced);
+                    }
+                    self.window.extend_from_slice(produced);
+                    if self.window.len() > 2 * WINDOW {
+                        self.window.drain(..self.window.len() - WINDOW);
+                    }
+                    match step.stop {
+                        Stop::Block { bits } if self.span_full() => {
+                            let window =
+                                self.window[self.window.len().saturating_sub(WINDOW)..].to_vec();
+                            self.checkpoint(Checkpoint {
+                                compressed: self.offset,
+                                bits,
+                                uncompressed: self.total_out,
+                                member: false,
+                                window,
+                            });
+                        }
+                        Stop::End => self.state = State::Trailer,
+                        _ => {}
+                    }
+                    if let Some((start, _)) = &self.current
+                        && self.total_out - start.uncompressed > MAX_SPAN
+                    {
+                        return Err(GzipError::Inflate(format!(
+                            "no deflate block ends within {MAX_SPAN} bytes after byte {} of the uncompressed stream",
+                            start.uncompressed
+                        )));
+                    }
+                    if step.produced > 0 {
+                        return Ok(step.produced);
+                    }
+                    if step.consumed > 0 || step.stop == Stop::End {
+                        idle = 0;
+                    } else {
+                        // zlib stops at a block boundary once without moving; more than
+                        // that means it wants input.
+                        idle += 1;
+                        if (step.stop == Stop::Room || idle > 2) && !self.fill()? {
+                            return Err(GzipError::Truncated {
+                                offset: self.offset,
+                            });
+                        }
+                        if idle > 8 {
+                            return Err(GzipError::Inflate("inflate makes no progress".into()));
+                        }
+                    }
+                }
+                State::Trailer => {
+                    while self.pending().len() < inflate::TRAILER {
+                        if !self.fill()? {
+                            return Err(GzipError::Truncated {
+                                offset: self.offset,
+                            });
+                        }
+                    }
+                    let trailer = &self.pending()[..inflate::TRAILER];
+                    let crc = u32::from_le_bytes([trailer[0], trailer[1], trailer[2], trailer[3]]);
+                    let size = u32::from_le_bytes([trailer[4], trailer[5], trailer[6], trailer[7]]);
+                    let member_end = self.offset;
+                    let computed =
+                        std::mem::replace(&mut self.member_crc, crc32fast::Hasher::new());
+                    if computed.finalize() != crc {
+                        return Err(GzipError::Trailer {
+                            offset: member_end,
+                            what: "CRC-32",
+                        });
+                    }
+                    if self.member_len as u32 != size {
+                        return Err(GzipError::Trailer {
+                            offset: member_end,
+                            what: "size",
+                        });
+                    }
+                    self.consume(inflate::TRAILER);
+                    self.state = self.after_member(member_end)?;
+                }
+            }
+        }
+    }
+
+    /// After a member's trailer: another member, or the end of the layer (zero padding, as
+    /// some tools write, is allowed there).
+    fn after_member(&mut self, member_end: u64) -> Result<State, GzipError> {
+        loop {
+            if self.start == self.end && !self.fill()? {
+                return Ok(State::Done);
+            }
+            let pending = self.pending();
+            if pending[0] != 0 {
+                return Ok(State::Header);
+            }
+            let zeros = pending.iter().take_while(|&&b| b == 0).count();
+            let rest = pending.len() - zeros;
+            self.consume(zeros);
+            if rest > 0 {
+                return Err(GzipError::TrailingGarbage { offset: member_end });
+            }
+        }
+    }
+}
+
+impl<R: Read> Read for Inflating<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if out.is_empty() {
+            return Ok(0);
+        }
+        self.step(out).map_err(|err| {
+            let io = io::Error::other(err.to_string());
+            self.failed = Some(err);
+            self.state = State::Done;
+            io
+        })
+    }
+}

@@ -1,0 +1,303 @@
+//! The span index as bytes: what `imgstream index` publishes beside an image and what the
+//! agent reads back from a registry it does not control, so decoding bounds everything.
+//!
+//! Version 1, all integers little-endian, the whole of it gzip-compressed (the windows
+//! compress several times over):
+//!
+//! ```text
+//! magic "imgstream-gzip-index\0" · u32 version = 1
+//! [32] layer digest (SHA-256) · u64 compressed size · u64 uncompressed size
+//! u32 spans, each: u64 compressed · u8 bits (0x80: a member header starts here)
+//!                  u64 uncompressed · u64 len · [32] digest · u32 window length · window
+//! u32 entries, each: str name · u8 type flag · str link · u32 mode · u64 uid · u64 gid
+//!                    u64 size · i64 mtime · str uname · str gname · u32 major · u32 minor
+//!                    u32 xattrs, each: str key · bytes value
+//!                    u64 data offset
+//! (str and bytes: u32 length, then that many bytes)
+//! ```
+
+use std::io::{Read, Write};
+
+use super::{Checkpoint, Entry, MAX_ENTRIES, MAX_SPAN, Span, SpanIndex, WINDOW};
+use crate::{
+    image::tar::{Header, Kind},
+    oci::digest::Digest,
+};
+
+const MAGIC: &[u8; 21] = b"imgstream-gzip-index\0";
+const VERSION: u32 = 1;
+/// Most bytes a decoded index may take uncompressed, whatever its compressed size.
+pub const MAX_DECODED: u64 = 256 << 20;
+/// Longest name, link target, user or group name, xattr key or value.
+const MAX_STRING: usize = 64 * 1024;
+/// Most xattrs of one entry.
+const MAX_XATTRS: usize = 1024;
+/// Most spans: a 64 GiB layer in 64 KiB spans, more than any real layer.
+const MAX_SPANS: usize = 1 << 20;
+const MEMBER: u8 = 0x80;
+
+/// Why an encoded index was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    #[error("not a gzip-compressed span index")]
+    Compression(#[source] std::io::Error),
+    #[error("the index is larger than {MAX_DECODED} bytes uncompressed")]
+    TooLarge,
+    #[error("not a span index (no magic)")]
+    Magic,
+    #[error("span index version {0} is not supported (this agent reads version {VERSION})")]
+    Version(u32),
+    #[error("the index ends early (reading {0})")]
+    Truncated(&'static str),
+    #[error("invalid span index: {0}")]
+    Invalid(String),
+}
+
+impl SpanIndex {
+    /// The index as published: the format above, gzip-compressed.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(MAGIC);
+        put_u32(&mut out, VERSION);
+        out.extend_from_slice(&self.layer.raw());
+        put_u64(&mut out, self.compressed_size);
+        put_u64(&mut out, self.uncompressed_size);
+        put_u32(&mut out, self.spans.len() as u32);
+        for span in &self.spans {
+            let c = &span.start;
+            put_u64(&mut out, c.compressed);
+            out.push(c.bits | if c.member { MEMBER } else { 0 });
+            put_u64(&mut out, c.uncompressed);
+            put_u64(&mut out, span.len);
+            out.extend_from_slice(&span.digest.raw());
+            put_bytes(&mut out, &c.window);
+        }
+        put_u32(&mut out, self.entries.len() as u32);
+        for entry in &self.entries {
+            let h = &entry.header;
+            put_bytes(&mut out, h.name.as_bytes());
+            out.push(h.kind.flag());
+            put_bytes(&mut out, h.link_name.as_bytes());
+            put_u32(&mut out, h.mode);
+            put_u64(&mut out, h.uid);
+            put_u64(&mut out, h.gid);
+            put_u64(&mut out, h.size);
+            put_u64(&mut out, h.mtime as u64);
+            put_bytes(&mut out, h.uname.as_bytes());
+            put_bytes(&mut out, h.gname.as_bytes());
+            put_u32(&mut out, h.dev_major);
+            put_u32(&mut out, h.dev_minor);
+            put_u32(&mut out, h.xattrs.len() as u32);
+            for (key, value) in &h.xattrs {
+                put_bytes(&mut out, key.as_bytes());
+                put_bytes(&mut out, value);
+            }
+            put_u64(&mut out, entry.data_offset);
+        }
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+        gz.write_all(&out).expect("writing to memory");
+        gz.finish().expect("writing to memory")
+    }
+
+    /// An index read back from `bytes`, checked for being well-formed and consistent: spans
+    /// contiguous and within the layer, entries' data within the stream. (Whether it is the
+    /// index of the layer it claims is checked against the layer: its digest, then each
+    /// span's.)
+    pub fn decode(bytes: &[u8]) -> Result<SpanIndex, FormatError> {
+        let mut raw = Vec::new();
+        flate2::read::GzDecoder::new(bytes)
+            .take(MAX_DECODED + 1)
+            .read_to_end(&mut raw)
+            .map_err(FormatError::Compression)?;
+        if raw.len() as u64 > MAX_DECODED {
+            return Err(FormatError::TooLarge);
+        }
+        let Some(rest) = raw.strip_prefix(MAGIC.as_slice()) else {
+            return Err(FormatError::Magic);
+        };
+        let mut r = Cursor { rest };
+        let version = r.u32("version")?;
+        if version != VERSION {
+            return Err(FormatError::Version(version));
+        }
+        let layer = Digest::from_raw(r.array("layer digest")?);
+        let compressed_size = r.u64("compressed size")?;
+        let uncompressed_size = r.u64("uncompressed size")?;
+        let count = r.count("spans", MAX_SPANS, 8 + 1 + 8 + 8 + 32 + 4)?;
+        let mut spans = Vec::with_capacity(count);
+        let mut next_uncompressed = 0u64;
+        let mut last_compressed = 0u64;
+        for i in 0..count {
+            let compressed = r.u64("span")?;
+            let flags = r.u8("span")?;
+            let uncompressed = r.u64("span")?;
+            let len = r.u64("span")?;
+            let digest = Digest::from_raw(r.array("span digest")?);
+            let window = r.bytes("window", WINDOW)?.to_vec();
+            let member = flags & MEMBER != 0;
+            let bits = flags & !MEMBER;
+            let invalid = |what: &str| FormatError::Invalid(format!("span {i}: {what}"));
+            if bits > 7
+                || (bits > 0 && compressed == 0)
+                || (member && (bits != 0 || !window.is_empty()))
+            {
+                return Err(invalid("bad flags"));
+            }
+            if uncompressed != next_uncompressed {
+                return Err(invalid("not where the previous span ends"));
+            }
+            if len == 0 || len > MAX_SPAN {
+                return Err(invalid("length out of range"));
+            }
+            // The first bits may share a byte with the previous span's last ones.
+            let first_byte = compressed - u64::from(bits > 0);
+            if (i == 0 && (compressed != 0 || bits != 0 || !member))
+                || (i > 0 && first_byte < last_compressed)
+                || compressed > compressed_size
+            {
+                return Err(invalid(
+                    "compressed offset out of order or out of the layer",
+                ));
+            }
+            next_uncompressed = uncompressed
+                .checked_add(len)
+                .ok_or_else(|| invalid("length overflows"))?;
+            last_compressed = compressed;
+            spans.push(Span {
+                start: Checkpoint {
+                    compressed,
+                    bits,
+                    uncompressed,
+                    member,
+                    window,
+                },
+                len,
+                digest,
+            });
+        }
+        if next_uncompressed != uncompressed_size {
+            return Err(FormatError::Invalid(
+                "the spans do not cover the uncompressed stream".into(),
+            ));
+        }
+        let count = r.count("entries", MAX_ENTRIES, 4 + 1 + 4 + 4 + 8 * 5 + 4 * 5 + 8)?;
+        let mut entries = Vec::with_capacity(count);
+        for i in 0..count {
+            let name = r.string("name")?;
+            let flag = r.u8("type")?;
+            let kind = Kind::from_flag(flag)
+                .ok_or_else(|| FormatError::Invalid(format!("entry {i}: type {flag}")))?;
+            let mut header = Header::new(&name, kind);
+            header.link_name = r.string("link")?;
+            header.mode = r.u32("mode")?;
+            header.uid = r.u64("uid")?;
+            header.gid = r.u64("gid")?;
+            header.size = r.u64("size")?;
+            header.mtime = r.u64("mtime")? as i64;
+            header.uname = r.string("uname")?;
+            header.gname = r.string("gname")?;
+            header.dev_major = r.u32("major")?;
+            header.dev_minor = r.u32("minor")?;
+            let xattrs = r.count("xattrs", MAX_XATTRS, 8)?;
+            for _ in 0..xattrs {
+                let key = r.string("xattr")?;
+                let value = r.bytes("xattr", MAX_STRING)?.to_vec();
+                header.xattrs.insert(key, value);
+            }
+            let data_offset = r.u64("data offset")?;
+            if data_offset
+                .checked_add(header.size)
+                .is_none_or(|end| end > uncompressed_size)
+            {
+                return Err(FormatError::Invalid(format!(
+                    "entry {i} ({name}): its data is past the end of the stream"
+                )));
+            }
+            entries.push(Entry {
+                header,
+                data_offset,
+            });
+        }
+        if !r.rest.is_empty() {
+            return Err(FormatError::Invalid("bytes after the entries".into()));
+        }
+        Ok(SpanIndex {
+            layer,
+            compressed_size,
+            uncompressed_size,
+            spans,
+            entries,
+        })
+    }
+}
+
+fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    put_u32(out, bytes.len() as u32);
+    out.extend_from_slice(bytes);
+}
+
+/// Reads fields off the front of the decoded bytes, never past their end.
+struct Cursor<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], FormatError> {
+        if self.rest.len() < n {
+            return Err(FormatError::Truncated(what));
+        }
+        let (head, rest) = self.rest.split_at(n);
+        self.rest = rest;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], FormatError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N, what)?);
+        Ok(out)
+    }
+
+    fn u8(&mut self, what: &'static str) -> Result<u8, FormatError> {
+        Ok(self.array::<1>(what)?[0])
+    }
+
+    fn u32(&mut self, what: &'static str) -> Result<u32, FormatError> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+
+    fn u64(&mut self, what: &'static str) -> Result<u64, FormatError> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+
+    /// A count of items of at least `each` bytes: at most `max`, and no more than the bytes
+    /// left could hold (so nothing is allocated for what is not there).
+    fn count(&mut self, what: &'static str, max: usize, each: usize) -> Result<usize, FormatError> {
+        let n = self.u32(what)? as usize;
+        if n > max || n.saturating_mul(each) > self.rest.len() {
+            return Err(FormatError::Invalid(format!("{n} {what}")));
+        }
+        Ok(n)
+    }
+
+    fn bytes(&mut self, what: &'static str, max: usize) -> Result<&'a [u8], FormatError> {
+        let n = self.u32(what)? as usize;
+        if n > max {
+            return Err(FormatError::Invalid(format!("{what} of {n} bytes")));
+        }
+        self.take(n, what)
+    }
+
+    fn string(&mut self, what: &'static str) -> Result<String, FormatError> {
+        let bytes = self.bytes(what, MAX_STRING)?;
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| FormatError::Invalid(format!("{what} is not UTF-8")))
+    }
+}

@@ -1,0 +1,221 @@
+//! Random access into unmodified gzip layers: a span index.
+//!
+//! A gzip layer is one deflate stream (or several members, one after the other) that can
+//! only be decompressed from its start. Reading it once, [`SpanIndex::build`] records
+//! checkpoints at deflate block boundaries about every `span` uncompressed bytes: where the
+//! next block starts in the compressed layer (to the bit), where it starts in the
+//! uncompressed stream, and the 32 KiB of uncompressed bytes before it that back-references
+//! may reach. With these, [`SpanIndex::inflate_span`] decompresses any one span from the
+//! compressed bytes between its checkpoint and the next, and checks them against the span's
+//! SHA-256 before a byte is handed out. The index also lists every tar entry with the
+//! offset of its data in the uncompressed stream, so a file's bytes are found in the spans
+//! that cover them.
+//!
+//! The index is built from the layer, not from anything it claims: until a layer's whole
+//! digest is checked, a span digest is as trustworthy as whoever produced the index.
+
+mod build;
+mod format;
+mod inflate;
+#[cfg(test)]
+mod tests;
+
+use std::ops::Range;
+
+pub use build::BuildOptions;
+pub use format::{FormatError, MAX_DECODED};
+
+use crate::{image::tar::Header, oci::digest::Digest};
+
+/// Uncompressed bytes back-references may reach: deflate's window.
+pub const WINDOW: usize = 32 * 1024;
+/// Smallest span between checkpoints: below this the windows cost more than they save.
+pub const MIN_SPAN: u64 = 64 * 1024;
+/// Largest span: every read of it is decompressed in memory at once.
+pub const MAX_SPAN: u64 = 64 << 20;
+/// Most tar entries one indexed layer may hold (as for eStargz TOCs).
+pub const MAX_ENTRIES: usize = crate::image::estargz::MAX_ENTRIES;
+
+/// Errors building or using a span index.
+#[derive(Debug, thiserror::Error)]
+pub enum GzipError {
+    #[error("reading the layer")]
+    Io(#[source] std::io::Error),
+    #[error("gzip header at byte {offset}: {reason}")]
+    BadHeader { offset: u64, reason: String },
+    #[error("gzip header: {0}")]
+    Header(String),
+    #[error("inflating: {0}")]
+    Inflate(String),
+    #[error("the layer ends inside a gzip member (at byte {offset})")]
+    Truncated { offset: u64 },
+    #[error("gzip member ending at byte {offset} fails its {what} check")]
+    Trailer { offset: u64, what: &'static str },
+    #[error("bytes that are not gzip after the member ending at byte {offset}")]
+    TrailingGarbage { offset: u64 },
+    #[error("the layer's tar stream")]
+    Tar(#[source] crate::image::tar::TarError),
+    #[error("the layer holds more than {MAX_ENTRIES} tar entries")]
+    TooManyEntries,
+    #[error("span size {0} is outside {MIN_SPAN}..={MAX_SPAN}")]
+    SpanSize(u64),
+    #[error("span {index} does not exist (the index has {count})")]
+    NoSpan { index: usize, count: usize },
+    #[error("span {index}: {got} compressed bytes given, {want} expected")]
+    SpanBytes { index: usize, got: u64, want: u64 },
+    #[error("span {index} is {len} bytes long, more than the {MAX_SPAN} allowed")]
+    SpanTooLong { index: usize, len: u64 },
+    #[error("span {index} ends before its {len} uncompressed bytes")]
+    SpanShort { index: usize, len: u64 },
+    #[error(
+        "span {index} does not match its digest: the layer or the index is not what was indexed"
+    )]
+    SpanDigest { index: usize },
+}
+
+/// A place in the layer where inflation can resume.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Offset in the compressed layer of the first whole byte after the resume point.
+    pub compressed: u64,
+    /// How many high bits of the byte before `compressed` belong to what follows (0..=7).
+    pub bits: u8,
+    /// Offset in the uncompressed stream.
+    pub uncompressed: u64,
+    /// A gzip member header starts at `compressed` (then `bits` is 0 and `window` empty).
+    pub member: bool,
+    /// The (up to) [`WINDOW`] uncompressed bytes of this member before the resume point.
+    pub window: Vec<u8>,
+}
+
+/// The uncompressed bytes from one checkpoint to the next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Span {
+    pub start: Checkpoint,
+    /// Uncompressed length.
+    pub len: u64,
+    /// SHA-256 of the uncompressed bytes.
+    pub digest: Digest,
+}
+
+/// A tar entry of the layer and where its data starts in the uncompressed stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub header: Header,
+    pub data_offset: u64,
+}
+
+/// Checkpoints, span digests and the tar entries of one gzip layer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpanIndex {
+    /// The digest of the layer as indexed (the whole compressed blob).
+    pub layer: Digest,
+    /// The layer's size as indexed.
+    pub compressed_size: u64,
+    pub uncompressed_size: u64,
+    pub spans: Vec<Span>,
+    pub entries: Vec<Entry>,
+}
+
+impl SpanIndex {
+    /// The spans holding any of the uncompressed bytes `range` (empty if none do).
+    pub fn spans_for(&self, range: Range<u64>) -> Range<usize> {
+        if range.start >= range.end || range.start >= self.uncompressed_size {
+            return 0..0;
+        }
+        let first = self
+            .spans
+            .partition_point(|s| s.start.uncompressed + s.len <= range.start);
+        let end = self
+            .spans
+            .partition_point(|s| s.start.uncompressed < range.end);
+        first..end.max(first)
+    }
+
+    /// The compressed bytes span `index` is inflated from: from the byte holding its first
+    /// bits to the byte holding the next span's first bits.
+    pub fn span_range(&self, index: usize) -> Result<Range<u64>, GzipError> {
+        let span = self.span(index)?;
+        let start = span.start.compressed - u64::from(span.start.bits > 0);
+        let end = self
+            .spans
+            .get(index + 1)
+            .map_or(self.compressed_size, |next| next.start.compressed);
+        Ok(start..end)
+    }
+
+    fn span(&self, index: usize) -> Result<&Span, GzipError> {
+        self.spans.get(index).ok_or(GzipError::NoSpan {
+            index,
+            count: self.spans.len(),
+        })
+    }
+
+    /// Decompresses span `index` from `bytes`, exactly its [`Self::span_range`], and checks
+    /// it against the span's digest: what comes back is what was indexed, or an error.
+    pub fn inflate_span(&self, index: usize, bytes: &[u8]) -> Result<Vec<u8>, GzipError> {
+        let span = self.span(index)?;
+        let range = self.span_range(index)?;
+        let want = range.end - range.start;
+        if bytes.len() as u64 != want {
+            return Err(GzipError::SpanBytes {
+                index,
+                got: bytes.len() as u64,
+                want,
+            });
+        }
+        let short = || GzipError::SpanShort {
+            index,
+            len: span.len,
+        };
+        if span.len > MAX_SPAN {
+            return Err(GzipError::SpanTooLong {
+                index,
+                len: span.len,
+            });
+        }
+        let len = span.len as usize;
+        let mut out = vec![0u8; len];
+        let mut inflate = inflate::RawInflate::new()?;
+        let mut input = bytes;
+        let start = &span.start;
+        if start.member {
+            input = skip_header(input).ok_or_else(short)?;
+        } else {
+            if start.bits > 0 {
+                let (&byte, rest) = input.split_first().ok_or_else(short)?;
+                inflate.prime(start.bits, byte)?;
+                input = rest;
+            }
+            inflate.set_dictionary(&start.window)?;
+        }
+        let mut produced = 0;
+        while produced < len {
+            let step = inflate.inflate(input, &mut out[produced..], false)?;
+            input = &input[step.consumed..];
+            produced += step.produced;
+            match step.stop {
+                inflate::Stop::End if produced < len => {
+                    // The span goes on in the next member.
+                    let after = input.get(inflate::TRAILER..).ok_or_else(short)?;
+                    input = skip_header(after).ok_or_else(short)?;
+                    inflate.reset()?;
+                }
+                _ if step.consumed == 0 && step.produced == 0 => return Err(short()),
+                _ => {}
+            }
+        }
+        if !span.digest.matches(&out) {
+            return Err(GzipError::SpanDigest { index });
+        }
+        Ok(out)
+    }
+}
+
+/// `input` after the gzip header it starts with, if it starts with a whole one.
+fn skip_header(input: &[u8]) -> Option<&[u8]> {
+    match inflate::header_len(input) {
+        Ok(Some(n)) => input.get(n..),
+        _ => None,
+    }
+}

@@ -1,0 +1,350 @@
+//! Span indexes over gzip layers written by flate2 and by GNU gzip: every span inflated on
+//! its own equals the same bytes of a plain decompression, every entry's data is where the
+//! index says, and corrupted or hostile layers get errors, never wrong bytes.
+
+use std::io::{Read, Write};
+
+use super::*;
+use crate::image::tar::{Header, Kind, TarWriter, write_entry};
+
+/// Bytes that compress a little (text-like) or not at all, from a seeded xorshift.
+fn bytes(seed: u64, len: usize, text: bool) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if text {
+                b"abcdefgh ijk\n"[(x % 13) as usize]
+            } else {
+                x as u8
+            }
+        })
+        .collect()
+}
+
+/// A tar of directories and files of mixed sizes and compressibility: (tar, files).
+fn layer_tar() -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
+    let mut tar = Vec::new();
+    let mut files = Vec::new();
+    write_entry(&mut tar, &Header::new("etc/", Kind::Directory), &[]).expect("to memory");
+    for i in 0..40u64 {
+        let len = [0, 1, 511, 4096, 70_000, 300_000][(i % 6) as usize] + i as usize;
+        let data = bytes(i + 1, len, i % 3 != 0);
+        let name = format!("etc/file-{i}");
+        let mut header = Header::new(&name, Kind::Regular);
+        header.size = data.len() as u64;
+        write_entry(&mut tar, &header, &data).expect("to memory");
+        files.push((name, data));
+    }
+    tar.extend_from_slice(&TarWriter::end_of_archive());
+    (tar, files)
+}
+
+fn gzip(data: &[u8], level: u32) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(level));
+    gz.write_all(data).expect("to memory");
+    gz.finish().expect("to memory")
+}
+
+/// GNU gzip's own output, the tool most layers' bytes come from.
+fn gnu_gzip(data: &[u8]) -> Vec<u8> {
+    let mut child = std::process::Command::new("gzip")
+        .args(["-c", "-n", "-6"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("gzip runs");
+    let mut stdin = child.stdin.take().expect("piped");
+    let data = data.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&data));
+    let out = child.wait_with_output().expect("gzip finishes");
+    writer.join().expect("the writer").expect("gzip reads");
+    assert!(out.status.success());
+    out.stdout
+}
+
+fn plain(layer: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    flate2::read::MultiGzDecoder::new(layer)
+        .read_to_end(&mut out)
+        .expect("a valid gzip stream");
+    out
+}
+
+fn build(layer: &[u8], span: u64) -> SpanIndex {
+    SpanIndex::build(layer, BuildOptions { span }).expect("the layer indexes")
+}
+
+/// Every span, inflated from its own compressed bytes, is that part of `whole`, the
+/// layer's uncompressed stream.
+fn check_every_span(layer: &[u8], index: &SpanIndex, whole: &[u8]) {
+    assert_eq!(index.uncompressed_size, whole.len() as u64);
+    assert_eq!(index.compressed_size, layer.len() as u64);
+    assert_eq!(index.layer, crate::oci::digest::Digest::of(layer));
+    let mut at = 0;
+    for (i, span) in index.spans.iter().enumerate() {
+        assert_eq!(span.start.uncompressed, at, "spans are contiguous");
+        let range = index.span_range(i).expect("a span");
+        let bytes = &layer[range.start as usize..range.end as usize];
+        let got = index.inflate_span(i, bytes).expect("the span inflates");
+        assert!(
+            got == whole[at as usize..(at + span.len) as usize],
+            "span {i} differs"
+        );
+        assert!(span.start.window.len() <= WINDOW);
+        at += span.len;
+    }
+    assert_eq!(at, whole.len() as u64, "the spans cover the stream");
+}
+
+fn check_entries(index: &SpanIndex, whole: &[u8], files: &[(String, Vec<u8>)]) {
+    for (name, data) in files {
+        let entry = index
+            .entries
+            .iter()
+            .find(|e| &e.header.name == name)
+            .expect("every file is listed");
+        let at = entry.data_offset as usize;
+        assert!(&whole[at..at + data.len()] == data.as_slice(), "{name}");
+    }
+}
+
+#[test]
+fn every_span_of_a_flate2_layer_inflates_on_its_own() {
+    let (tar, files) = layer_tar();
+    let layer = gzip(&tar, 6);
+    let index = build(&layer, MIN_SPAN);
+    assert!(index.spans.len() > 20, "{} spans", index.spans.len());
+    assert!(
+        index.spans.iter().any(|s| s.start.bits > 0),
+        "checkpoints mid-byte are exercised"
+    );
+    assert_eq!(plain(&layer), tar);
+    check_every_span(&layer, &index, &tar);
+    check_entries(&index, &tar, &files);
+    assert_eq!(index.entries.len(), files.len() + 1);
+}
+
+#[test]
+fn every_span_of_a_gnu_gzip_layer_inflates_on_its_own() {
+    let (tar, files) = layer_tar();
+    let layer = gnu_gzip(&tar);
+    let index = build(&layer, MIN_SPAN);
+    assert!(index.spans.len() > 20, "{} spans", index.spans.len());
+    check_every_span(&layer, &index, &tar);
+    check_entries(&index, &tar, &files);
+}
+
+#[test]
+fn spans_cross_member_boundaries_and_zero_padding_ends_the_layer() {
+    let (tar, files) = layer_tar();
+    // Three members cut at arbitrary points, then zeros as some tools pad.
+    let cuts = [0, 1_000_003, 1_500_001, tar.len()];
+    let mut layer = Vec::new();
+    for w in cuts.windows(2) {
+        layer.extend(gzip(&tar[w[0]..w[1]], 1));
+    }
+    layer.extend([0u8; 1000]);
+    let index = build(&layer, 3 * MIN_SPAN);
+    let crossing = index
+        .spans
+        .iter()
+        .filter(|s| {
+            cuts[1..3].iter().any(|&cut| {
+                s.start.uncompressed < cut as u64 && (cut as u64) < s.start.uncompressed + s.len
+            })
+        })
+        .count();
+    assert!(crossing >= 1, "no span goes on into the next member");
+    check_every_span(&layer, &index, &tar);
+    check_entries(&index, &tar, &files);
+}
+
+#[test]
+fn stored_and_level_9_blocks_index_alike() {
+    let (tar, _) = layer_tar();
+    for level in [0, 9] {
+        let layer = gzip(&tar, level);
+        let index = build(&layer, MIN_SPAN);
+        check_every_span(&layer, &index, &tar);
+    }
+}
+
+#[test]
+fn a_changed_byte_is_an_error_never_other_bytes() {
+    let (tar, _) = layer_tar();
+    let layer = gzip(&tar, 6);
+    let index = build(&layer, MIN_SPAN);
+    let mut refused = 0;
+    for i in (0..index.spans.len()).step_by(3) {
+        let range = index.span_range(i).expect("a span");
+        let mut bytes = layer[range.start as usize..range.end as usize].to_vec();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x20;
+        assert!(
+            index.inflate_span(i, &bytes).is_err(),
+            "span {i} with a changed byte was served"
+        );
+        refused += 1;
+        let short = &layer[range.start as usize..range.end as usize - 1];
+        assert!(matches!(
+            index.inflate_span(i, short),
+            Err(GzipError::SpanBytes { .. })
+        ));
+    }
+    assert!(refused > 5);
+    assert!(matches!(
+        index.inflate_span(index.spans.len(), &[]),
+        Err(GzipError::NoSpan { .. })
+    ));
+}
+
+#[test]
+fn the_spans_for_a_range_are_those_that_hold_its_bytes() {
+    let (tar, _) = layer_tar();
+    let layer = gzip(&tar, 6);
+    let index = build(&layer, MIN_SPAN);
+    let s = &index.spans;
+    let end = index.uncompressed_size;
+    assert_eq!(index.spans_for(0..1), 0..1);
+    assert_eq!(index.spans_for(0..end), 0..s.len());
+    assert_eq!(index.spans_for(end..end + 10), 0..0);
+    assert_eq!(index.spans_for(5..5), 0..0);
+    let second = s[1].start.uncompressed;
+    assert_eq!(index.spans_for(second - 1..second + 1), 0..2);
+    assert_eq!(index.spans_for(second..second + 1), 1..2);
+    assert_eq!(index.spans_for(end - 1..end + 100), s.len() - 1..s.len());
+}
+
+#[test]
+fn broken_layers_get_errors_that_say_where() {
+    let (tar, _) = layer_tar();
+    let layer = gzip(&tar, 6);
+    let err = |bytes: &[u8]| SpanIndex::build(bytes, BuildOptions::default()).expect_err("refused");
+    assert!(matches!(
+        err(&layer[..layer.len() / 2]),
+        GzipError::Truncated { .. }
+    ));
+    assert!(matches!(err(&layer[..5]), GzipError::Truncated { .. }));
+    assert!(matches!(
+        err(b"not gzip at all"),
+        GzipError::BadHeader { .. }
+    ));
+    let mut bad_crc = layer.clone();
+    let n = bad_crc.len();
+    bad_crc[n - 8] ^= 1;
+    assert!(matches!(
+        err(&bad_crc),
+        GzipError::Trailer { what: "CRC-32", .. }
+    ));
+    let mut garbage = layer.clone();
+    garbage.extend([0, 0, 7]);
+    assert!(matches!(err(&garbage), GzipError::TrailingGarbage { .. }));
+    let mut reserved = layer.clone();
+    reserved[3] = 0x80;
+    assert!(matches!(err(&reserved), GzipError::BadHeader { .. }));
+    // A file name that never ends is refused, not buffered without bound.
+    let mut endless = vec![0x1f, 0x8b, 8, 8, 0, 0, 0, 0, 0, 3];
+    endless.resize(1 << 20, b'a');
+    assert!(matches!(err(&endless), GzipError::BadHeader { .. }));
+    // Not a tar inside.
+    assert!(matches!(err(&gzip(&[7u8; 4096], 6)), GzipError::Tar(_)));
+    for span in [0, MIN_SPAN - 1, MAX_SPAN + 1] {
+        assert!(matches!(
+            SpanIndex::build(layer.as_slice(), BuildOptions { span }),
+            Err(GzipError::SpanSize(_))
+        ));
+    }
+}
+
+/// The uncompressed form of an encoded index, and back.
+fn unpack(encoded: &[u8]) -> Vec<u8> {
+    plain(encoded)
+}
+
+fn pack(raw: &[u8]) -> Vec<u8> {
+    gzip(raw, 1)
+}
+
+#[test]
+fn an_index_reads_back_as_it_was_written_and_costs_little() {
+    let (tar, _) = layer_tar();
+    let layer = gzip(&tar, 6);
+    let mut index = build(&layer, MIN_SPAN);
+    index.entries[1]
+        .header
+        .xattrs
+        .insert("user.note".into(), b"\x00\xff".to_vec());
+    let encoded = index.encode();
+    let back = SpanIndex::decode(&encoded).expect("it decodes");
+    assert_eq!(back, index);
+    // 64 KiB spans are the smallest allowed; at the default span the index is a sliver.
+    let default = build(&layer, BuildOptions::default().span).encode();
+    assert!(
+        default.len() * 100 < layer.len() * 3,
+        "{} bytes of index for a {}-byte layer",
+        default.len(),
+        layer.len()
+    );
+}
+
+#[test]
+fn hostile_encoded_indexes_are_refused_without_panic() {
+    let (tar, _) = layer_tar();
+    let layer = gzip(&tar, 6);
+    let raw = unpack(&build(&layer, MIN_SPAN).encode());
+    // Truncations: every one in the header and the first span, then some 150 more.
+    let step = raw.len() / 150;
+    for cut in (0..300).chain((300..raw.len()).step_by(step)) {
+        assert!(
+            SpanIndex::decode(&pack(&raw[..cut])).is_err(),
+            "cut at {cut}"
+        );
+    }
+    // Single bytes changed anywhere: an error, or an index that still holds together.
+    for at in (0..300).chain((300..raw.len()).step_by(step)) {
+        let mut bad = raw.clone();
+        bad[at] ^= 0x5a;
+        if let Ok(index) = SpanIndex::decode(&pack(&bad)) {
+            for i in 0..index.spans.len() {
+                let r = index.span_range(i).expect("a span");
+                assert!(r.start <= r.end && r.end <= index.compressed_size);
+            }
+        }
+    }
+    // Counts far beyond what the bytes hold allocate nothing.
+    let spans_at = 21 + 4 + 32 + 16;
+    let mut huge = raw.clone();
+    huge[spans_at..spans_at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(matches!(
+        SpanIndex::decode(&pack(&huge)),
+        Err(FormatError::Invalid(_))
+    ));
+    let mut version = raw.clone();
+    version[21] = 9;
+    assert!(matches!(
+        SpanIndex::decode(&pack(&version)),
+        Err(FormatError::Version(9))
+    ));
+    assert!(matches!(
+        SpanIndex::decode(b"plain bytes"),
+        Err(FormatError::Compression(_))
+    ));
+    assert!(matches!(
+        SpanIndex::decode(&pack(b"x")),
+        Err(FormatError::Magic)
+    ));
+    // A bomb: more than MAX_DECODED once inflated.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(9));
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..=(MAX_DECODED >> 20) {
+        gz.write_all(&zeros).expect("to memory");
+    }
+    let bomb = gz.finish().expect("to memory");
+    assert!(matches!(
+        SpanIndex::decode(&bomb),
+        Err(FormatError::TooLarge)
+    ));
+}
