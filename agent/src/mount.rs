@@ -126,22 +126,17 @@ pub async fn open_layers(
 ) -> Result<OpenedImage, MountError> {
     let source = base.as_ref();
     let cache_opt = Some(cache);
-    let mut fetched = manifest_cached(source, reference, cache_opt).await?;
-    let manifest = loop {
-        match manifest::parse(&fetched.bytes, &fetched.media_type).map_err(RegistryError::from)? {
-            Document::Manifest(m) => break *m,
-            Document::Index(index) => {
-                let chosen = index.select(platform).map_err(RegistryError::from)?;
-                fetched = manifest_cached(source, &chosen.digest.to_string(), cache_opt).await?;
-            }
-        }
-    };
+    let (fetched, manifest) = image_manifest(source, reference, platform, cache_opt).await?;
     let mut layers = Vec::with_capacity(manifest.layers.len());
     let mut local = std::collections::HashMap::new();
     for (index, desc) in manifest.layers.iter().enumerate() {
         match layer::open_cached(source, desc, cache_opt).await {
             Ok(opened) => layers.push(opened),
             Err(LayerError::Format(EstargzError::NotEstargz(why))) => {
+                if let Some(opened) = through_span_index(cache, desc, index) {
+                    layers.push(opened);
+                    continue;
+                }
                 let (opened, path) = whole_layer(source, desc, cache, index, why).await?;
                 local.insert(opened.desc.digest, path);
                 layers.push(opened);
@@ -169,6 +164,26 @@ pub async fn open_layers(
     })
 }
 
+/// The image manifest `reference` names (for an index, its manifest for `platform`), as
+/// fetched and as parsed; kept in `cache` when given.
+pub async fn image_manifest(
+    source: &dyn BlobSource,
+    reference: &str,
+    platform: &Platform,
+    cache: Option<&ChunkCache>,
+) -> Result<(FetchedManifest, manifest::Manifest), MountError> {
+    let mut fetched = manifest_cached(source, reference, cache).await?;
+    loop {
+        match manifest::parse(&fetched.bytes, &fetched.media_type).map_err(RegistryError::from)? {
+            Document::Manifest(m) => return Ok((fetched, *m)),
+            Document::Index(index) => {
+                let chosen = index.select(platform).map_err(RegistryError::from)?;
+                fetched = manifest_cached(source, &chosen.digest.to_string(), cache).await?;
+            }
+        }
+    }
+}
+
 /// One layer of image `reference` (the one with digest `layer`), opened for random access,
 /// as a one-layer image: what a remote snapshot mounts. `None` when the layer is not eStargz
 /// (the caller unpacks it the ordinary way) or not in the image.
@@ -179,17 +194,8 @@ pub async fn open_one_layer(
     cache: &ChunkCache,
     layer: &Digest,
 ) -> Result<Option<OpenedImage>, MountError> {
-    let mut fetched = manifest_cached(source.as_ref(), reference, Some(cache)).await?;
-    let manifest = loop {
-        match manifest::parse(&fetched.bytes, &fetched.media_type).map_err(RegistryError::from)? {
-            Document::Manifest(m) => break *m,
-            Document::Index(index) => {
-                let chosen = index.select(platform).map_err(RegistryError::from)?;
-                fetched = manifest_cached(source.as_ref(), &chosen.digest.to_string(), Some(cache))
-                    .await?;
-            }
-        }
-    };
+    let (fetched, manifest) =
+        image_manifest(source.as_ref(), reference, platform, Some(cache)).await?;
     let Some((index, desc)) = manifest
         .layers
         .iter()
@@ -206,7 +212,16 @@ pub async fn open_one_layer(
             source,
             sink: None,
         })),
-        Err(LayerError::Format(EstargzError::NotEstargz(_))) => Ok(None),
+        Err(LayerError::Format(EstargzError::NotEstargz(_))) => Ok(through_span_index(
+            cache, desc, index,
+        )
+        .map(|opened| OpenedImage {
+            digest: desc.digest,
+            layers: vec![opened],
+            manifest: manifest_descriptor(&fetched, &manifest),
+            source,
+            sink: None,
+        })),
         Err(source) => Err(MountError::Layer {
             index,
             digest: desc.digest.to_string(),
@@ -223,6 +238,37 @@ fn manifest_descriptor(fetched: &FetchedManifest, manifest: &manifest::Manifest)
         .or_else(|| manifest.media_type.clone())
         .unwrap_or_else(|| manifest::OCI_MANIFEST.to_string());
     Descriptor::of(&media_type, &fetched.bytes)
+}
+
+/// A plain gzip layer opened through the span index kept for it in `cache` (by `imgstream
+/// index --local`), if there is one and it is this layer's. A bad index is logged and
+/// left alone: the layer is then downloaded whole, as without one.
+fn through_span_index(cache: &ChunkCache, desc: &Descriptor, index: usize) -> Option<RemoteLayer> {
+    if !manifest::is_gzip_layer(&desc.media_type) {
+        return None;
+    }
+    let encoded = match cache.get_span_index(&desc.digest) {
+        Ok(found) => found?,
+        Err(err) => {
+            tracing::warn!(layer = index, digest = %desc.digest, err = %crate::error_chain(&err), "span index not read");
+            return None;
+        }
+    };
+    let opened = crate::image::gzip::SpanIndex::decode(&encoded)
+        .map_err(|e| crate::error_chain(&e))
+        .and_then(|span_index| {
+            layer::open_indexed(desc, &span_index, desc.digest).map_err(|e| crate::error_chain(&e))
+        });
+    match opened {
+        Ok(opened) => {
+            tracing::info!(layer = index, digest = %desc.digest, "plain gzip layer: streamed through its span index");
+            Some(opened)
+        }
+        Err(err) => {
+            tracing::warn!(layer = index, digest = %desc.digest, %err, "span index refused; the layer is downloaded whole");
+            None
+        }
+    }
 }
 
 /// Downloads a layer that is not eStargz, rewrites it as eStargz in the cache directory

@@ -149,6 +149,66 @@ pub(crate) fn layer_descriptor(summary: &LayerSummary) -> Descriptor {
     desc
 }
 
+/// Bytes that compress a little (text-like) or not at all, from a seeded xorshift.
+pub(crate) fn bytes(seed: u64, len: usize, text: bool) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if text {
+                b"abcdefgh ijk\n"[(x % 13) as usize]
+            } else {
+                x as u8
+            }
+        })
+        .collect()
+}
+
+/// A tar of directories and files of mixed sizes and compressibility: (tar, files).
+pub(crate) fn layer_tar() -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
+    let mut tar = Vec::new();
+    let mut files = Vec::new();
+    crate::image::tar::write_entry(
+        &mut tar,
+        &Header::new("etc/", crate::image::tar::Kind::Directory),
+        &[],
+    )
+    .expect("to memory");
+    for i in 0..40u64 {
+        let len = [0, 1, 511, 4096, 70_000, 300_000][(i % 6) as usize] + i as usize;
+        let data = bytes(i + 1, len, i % 3 != 0);
+        let name = format!("etc/file-{i}");
+        let mut header = Header::new(&name, crate::image::tar::Kind::Regular);
+        header.size = data.len() as u64;
+        crate::image::tar::write_entry(&mut tar, &header, &data).expect("to memory");
+        files.push((name, data));
+    }
+    tar.extend_from_slice(&crate::image::tar::TarWriter::end_of_archive());
+    (tar, files)
+}
+
+/// `data` gzip-compressed at `level`, as a plain (not eStargz) layer is.
+pub(crate) fn gzip(data: &[u8], level: u32) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(level));
+    gz.write_all(data).expect("to memory");
+    gz.finish().expect("to memory")
+}
+
+/// The descriptor of a plain gzip layer `blob`: no TOC annotation.
+pub(crate) fn plain_descriptor(blob: &[u8]) -> Descriptor {
+    Descriptor {
+        media_type: manifest::OCI_LAYER_GZIP.into(),
+        digest: Digest::of(blob),
+        size: blob.len() as u64,
+        annotations: Default::default(),
+        platform: None,
+        extra: Default::default(),
+    }
+}
+
 /// Blobs in memory, served by range: every range request counted, each delayed by `delay`,
 /// and the first `failures` of them answered with a 503.
 #[derive(Debug, Default)]

@@ -155,6 +155,85 @@ async fn mounted_image_equals_a_gnu_tar_extraction_in_both_views() {
     std::fs::remove_dir_all(&scratch).unwrap();
 }
 
+/// An unmodified image (GNU tar + gzip layers, pushed with skopeo, never converted) streams
+/// through span indexes that `imgstream index --local` kept in the cache: the mount comes up
+/// without downloading a layer, a small file costs a span, not the layer, and the tree is
+/// a GNU tar extraction's, file for file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unconverted_image_streams_through_span_indexes_and_equals_gnu_tar() {
+    let (scratch, registry, _, tarballs) = sample_image("fuse-span-index").await;
+    let reg = registry.host();
+    let image = format!("{reg}/src/app:v1");
+    let cache = scratch.join("cache");
+    let out = support::imgstream(&[
+        "index",
+        &image,
+        "--local",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--span",
+        "64K",
+        "--insecure-registry",
+        &reg,
+        "--scratch",
+        scratch.to_str().unwrap(),
+    ]);
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        printed.matches(" spans, ").count(),
+        tarballs.len(),
+        "{printed}"
+    );
+
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", support::free_port())
+        .parse()
+        .unwrap();
+    let log = scratch.join("mount.log");
+    let mounted = Mounted::start_logged(
+        &image,
+        &scratch.join("mnt"),
+        &cache,
+        &reg,
+        &["--no-background", "--metrics-addr", &metrics.to_string()],
+        Some(&log),
+    );
+    assert_eq!(
+        std::fs::read(mounted.mountpoint.join("opt/app/config")).unwrap(),
+        b"v2"
+    );
+    let (_, page) = support::http_get(metrics, "/metrics");
+    let fetched: u64 = ["on_demand", "read_around", "background"]
+        .iter()
+        .map(|p| {
+            support::metric(
+                &page,
+                &format!("imgstream_fetch_bytes_total{{priority=\"{p}\"}}"),
+            )
+        })
+        .sum();
+    let layers: u64 = tarballs
+        .iter()
+        .map(|t| std::fs::metadata(t).unwrap().len())
+        .sum();
+    assert!(
+        fetched > 0 && fetched * 4 < layers,
+        "{fetched} bytes fetched for one small file of {layers} bytes of layers"
+    );
+    let expected = scratch.join("expected-merged");
+    expected_merged(&tarballs, &expected);
+    assert_same_tree(&mounted.mountpoint, &expected, 25);
+    let text = mounted.log_text();
+    assert_eq!(
+        text.matches("streamed through its span index").count(),
+        tarballs.len(),
+        "{text}"
+    );
+    assert!(!text.contains("downloading it whole"), "{text}");
+    mounted.stop();
+    drop(registry);
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
 /// `imgstream mount --record-reads` records what a workload reads, `imgstream convert
 /// --prefetch-from` turns that into the layer's prefetch list, and a mount of the converted
 /// image fetches exactly those chunks before anything reads them: with the registry hung

@@ -106,7 +106,14 @@ impl std::fmt::Debug for ChunkCache {
 impl ChunkCache {
     /// Opens (creating if needed) the cache at `config.dir` and measures what it holds.
     pub fn open(config: &CacheConfig) -> Result<Self, CacheError> {
-        for sub in ["chunks", "meta/toc", "meta/manifest", "quarantine", "tmp"] {
+        for sub in [
+            "chunks",
+            "meta/toc",
+            "meta/manifest",
+            "meta/span-index",
+            "quarantine",
+            "tmp",
+        ] {
             let dir = config.dir.join(sub);
             crate::private::own_dir(&dir).map_err(|e| CacheError::Prepare(dir.clone(), e))?;
         }
@@ -222,6 +229,7 @@ impl ChunkCache {
                     self.path(&digest),
                     self.meta_path(MetaKind::Toc, &digest),
                     self.meta_path(MetaKind::Manifest, &digest),
+                    self.meta_path(MetaKind::SpanIndex, &digest),
                 ] {
                     self.remove_entry(&path);
                 }
@@ -232,19 +240,20 @@ impl ChunkCache {
                 return true;
             }
         }
-        let mut orphans: Vec<(SystemTime, PathBuf)> = [MetaKind::Toc, MetaKind::Manifest]
-            .into_iter()
-            .filter_map(|kind| fs::read_dir(self.dir.join("meta").join(kind.dir())).ok())
-            .flat_map(|entries| entries.flatten())
-            .filter(|e| {
-                let name = e.file_name();
-                let digest = name
-                    .to_str()
-                    .and_then(|hex| format!("sha256:{hex}").parse::<Digest>().ok());
-                !digest.is_some_and(|d| keep.contains(&d.raw()))
-            })
-            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
-            .collect();
+        let mut orphans: Vec<(SystemTime, PathBuf)> =
+            [MetaKind::Toc, MetaKind::Manifest, MetaKind::SpanIndex]
+                .into_iter()
+                .filter_map(|kind| fs::read_dir(self.dir.join("meta").join(kind.dir())).ok())
+                .flat_map(|entries| entries.flatten())
+                .filter(|e| {
+                    let name = e.file_name();
+                    let digest = name
+                        .to_str()
+                        .and_then(|hex| format!("sha256:{hex}").parse::<Digest>().ok());
+                    !digest.is_some_and(|d| keep.contains(&d.raw()))
+                })
+                .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+                .collect();
         orphans.sort();
         for (_, path) in orphans {
             if self.usage() <= target {
@@ -329,6 +338,18 @@ impl ChunkCache {
     /// no room.
     pub fn put_manifest(&self, digest: &Digest, bytes: &[u8]) -> Result<bool, CacheError> {
         self.write_entry(&self.meta_path(MetaKind::Manifest, digest), digest, bytes)
+    }
+
+    /// The span index kept for the plain gzip layer `layer` (as encoded), if any. Whose
+    /// layer it indexes is for the caller to check: the index names it.
+    pub fn get_span_index(&self, layer: &Digest) -> Result<Option<Vec<u8>>, CacheError> {
+        self.read_entry(&self.meta_path(MetaKind::SpanIndex, layer), layer)
+    }
+
+    /// Keeps `encoded`, the span index of `layer`. Returns `false` when the size limit left
+    /// no room.
+    pub fn put_span_index(&self, layer: &Digest, encoded: &[u8]) -> Result<bool, CacheError> {
+        self.write_entry(&self.meta_path(MetaKind::SpanIndex, layer), layer, encoded)
     }
 
     /// The data of the entry at `path` if it exists and its framing and crc32 are intact; a
@@ -436,6 +457,8 @@ impl ChunkCache {
 enum MetaKind {
     Toc,
     Manifest,
+    /// Span indexes of plain gzip layers, under the layer's digest.
+    SpanIndex,
 }
 
 impl MetaKind {
@@ -443,6 +466,7 @@ impl MetaKind {
         match self {
             MetaKind::Toc => "toc",
             MetaKind::Manifest => "manifest",
+            MetaKind::SpanIndex => "span-index",
         }
     }
 }

@@ -7,6 +7,7 @@
 //! annotation. Then the new config and manifest. Layers that already carry a TOC digest
 //! annotation are copied as they are.
 
+mod index;
 mod job;
 mod layer;
 
@@ -15,6 +16,7 @@ use std::{path::PathBuf, sync::Arc};
 use bytes::Bytes;
 use serde::Serialize;
 
+pub use index::{IndexError, IndexJob, IndexReport, IndexedLayer};
 pub use job::{ConvertJob, terminal_progress};
 pub use layer::{ConvertLayerError, LayerPlan, Progress, convert_layer};
 

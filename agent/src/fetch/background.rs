@@ -165,9 +165,7 @@ fn plan(layers: &[RemoteLayer], max_batch: u64) -> Vec<Batch> {
         for chunk in chunks {
             match current.as_mut() {
                 Some(b)
-                    if b.chunks
-                        .last()
-                        .is_some_and(|l| l.blob_end == chunk.blob_offset)
+                    if b.chunks.last().is_some_and(|l| chunk.follows(l))
                         && chunk.blob_end - b.chunks[0].blob_offset <= max_batch =>
                 {
                     b.chunks.push(chunk)

@@ -13,6 +13,7 @@ use crate::{
     image::estargz::{
         self, Chunk, EstargzError, FOOTER_SIZE, LayerIndex, Node, TOC_DIGEST_ANNOTATION,
     },
+    image::gzip::SpanIndex,
     oci::{
         digest::Digest,
         manifest::{Descriptor, is_gzip_layer},
@@ -35,6 +36,17 @@ pub enum LayerError {
     NotAFile { path: String },
     #[error("{path:?} is not in the layer")]
     NoSuchFile { path: String },
+    #[error(
+        "the span index is of layer {indexed} ({indexed_size} bytes), not of {layer} ({size} bytes)"
+    )]
+    WrongIndex {
+        layer: Digest,
+        size: u64,
+        indexed: Digest,
+        indexed_size: u64,
+    },
+    #[error("the span index does not hold a valid layer")]
+    Index(#[source] EstargzError),
 }
 
 /// An eStargz layer opened for random access.
@@ -114,6 +126,26 @@ pub async fn open_cached(
     Ok(RemoteLayer::new(desc.clone(), index, toc_digest))
 }
 
+/// Opens a plain gzip layer through its span index, `index` (decoded from bytes of digest
+/// `index_digest`): no request at all. The index must have been built from this very blob;
+/// each span is then checked against its digest as it is read.
+pub fn open_indexed(
+    desc: &Descriptor,
+    index: &SpanIndex,
+    index_digest: Digest,
+) -> Result<RemoteLayer, LayerError> {
+    if index.layer != desc.digest || index.compressed_size != desc.size {
+        return Err(LayerError::WrongIndex {
+            layer: desc.digest,
+            size: desc.size,
+            indexed: index.layer,
+            indexed_size: index.compressed_size,
+        });
+    }
+    let files = index.layer_index().map_err(LayerError::Index)?;
+    Ok(RemoteLayer::new(desc.clone(), files, index_digest))
+}
+
 impl RemoteLayer {
     pub fn new(desc: Descriptor, index: LayerIndex, toc_digest: Digest) -> Self {
         Self {
@@ -178,7 +210,8 @@ impl RemoteLayer {
         Ok(out)
     }
 
-    /// Chunks `which` of `node`, verified, fetching runs of adjacent chunks in one request.
+    /// The bytes of chunks `which` of `node`, verified, fetching runs of adjacent chunks in
+    /// one request.
     pub async fn read_chunks(
         &self,
         source: &dyn BlobSource,
@@ -191,7 +224,7 @@ impl RemoteLayer {
         while i < chunks.len() {
             // Extend the run while the next chunk's member starts where this one's ends.
             let mut j = i;
-            while j + 1 < chunks.len() && chunks[j + 1].blob_offset == chunks[j].blob_end {
+            while j + 1 < chunks.len() && chunks[j + 1].follows(&chunks[j]) {
                 j += 1;
             }
             let (start, end) = (chunks[i].blob_offset, chunks[j].blob_end);
@@ -205,7 +238,12 @@ impl RemoteLayer {
             for chunk in &chunks[i..=j] {
                 let member =
                     &bytes[(chunk.blob_offset - start) as usize..(chunk.blob_end - start) as usize];
-                out.push(Bytes::from(estargz::decode_chunk(member, chunk)?));
+                let unit = estargz::decode_chunk(member, chunk)?;
+                let part = chunk.slice(&unit).ok_or(EstargzError::BadChunk {
+                    offset: chunk.blob_offset,
+                    why: "shorter than the file's part of it".into(),
+                })?;
+                out.push(Bytes::copy_from_slice(part));
             }
             i = j + 1;
         }

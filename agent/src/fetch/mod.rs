@@ -267,7 +267,7 @@ impl Fetcher {
     fn cached(&self, chunk: &Chunk, keep_in_memory: bool) -> Option<Arc<Vec<u8>>> {
         // A hit counts only with the length this TOC gives the chunk: a TOC may name a digest
         // another image's TOC cached with another size.
-        let fits = |data: &Arc<Vec<u8>>| data.len() as u64 == chunk.size;
+        let fits = |data: &Arc<Vec<u8>>| data.len() as u64 == chunk.unit_len();
         if let Some(data) = crate::sync::lock(&self.recent)
             .get(&chunk.digest)
             .filter(fits)
@@ -362,10 +362,10 @@ impl Fetcher {
             .iter()
             .zip(out)
             .map(|(c, data)| match data {
-                Some(data) if data.len() as u64 == c.chunk.size => Ok(data),
+                Some(data) if data.len() as u64 == c.chunk.unit_len() => Ok(data),
                 data => Err(FetchError::Size {
                     digest: c.chunk.digest,
-                    expected: c.chunk.size,
+                    expected: c.chunk.unit_len(),
                     actual: data.map_or(0, |d| d.len() as u64),
                 }),
             })
@@ -431,7 +431,9 @@ impl Fetcher {
                 "a reader reads a file through: the background download stops yielding to readers"
             );
         }
-        let around = layer.chunks_between(end, end.saturating_add(window));
+        // From the byte before: the span after a plain gzip layer's span may start in the
+        // byte where it ends (no eStargz member is one byte long, so none starts there).
+        let around = layer.chunks_between(end.saturating_sub(1), end.saturating_add(window));
         if let Some(last) = around.last() {
             self.read_around.covered(blob, last.blob_end);
         }
@@ -500,7 +502,7 @@ impl Fetcher {
             .iter()
             .map(|c| {
                 c.chunk
-                    .size
+                    .unit_len()
                     .saturating_add(c.chunk.blob_end - c.chunk.blob_offset)
             })
             .fold(0u64, u64::saturating_add);
@@ -520,7 +522,7 @@ impl Fetcher {
             let mut j = i;
             while j + 1 < wanted.len()
                 && wanted[j + 1].blob == wanted[j].blob
-                && wanted[j + 1].chunk.blob_offset == wanted[j].chunk.blob_end
+                && wanted[j + 1].chunk.follows(wanted[j].chunk)
             {
                 j += 1;
             }

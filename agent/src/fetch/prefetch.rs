@@ -329,6 +329,7 @@ mod tests {
             blob_offset: 0,
             blob_end: size,
             digest: Digest::of(b"chunk"),
+            unit: Default::default(),
         };
         let of = |size: u64, n: usize| -> Vec<Batch> {
             (0..n)

@@ -596,3 +596,74 @@ fn many_fetchers_hold_at_most_the_one_budget_they_share() {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+#[test]
+fn a_plain_gzip_layer_reads_through_its_span_index_one_span_per_request() {
+    use crate::image::gzip::{BuildOptions, MIN_SPAN, SpanIndex};
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let (tar, files) = crate::testing::layer_tar();
+    let blob = crate::testing::gzip(&tar, 6);
+    let desc = crate::testing::plain_descriptor(&blob);
+    let index = SpanIndex::build(blob.as_slice(), BuildOptions { span: MIN_SPAN })
+        .expect("the layer indexes");
+    let encoded = index.encode();
+    let layer = layer::open_indexed(&desc, &index, Digest::of(&encoded)).expect("it opens");
+    let source = MemoryBlobs::default().with(blob.clone());
+    // A small file in one span: one request, of that span's bytes only.
+    let (name, data) = &files[1];
+    let got = runtime
+        .block_on(layer.read_file(&source, name))
+        .expect("it reads");
+    assert!(got == *data, "{name} as read differs");
+    assert_eq!(source.ranges.load(Ordering::SeqCst), 1);
+    // Every file, each the bytes the tar holds; a large one spans several spans, fetched
+    // together when adjacent (spans may share a byte).
+    for (name, data) in &files {
+        let got = runtime
+            .block_on(layer.read_file(&source, name))
+            .expect("it reads");
+        assert!(got == *data, "{name} as read differs");
+    }
+    let big = layer.index.get("etc/file-5").expect("a 300 KB file");
+    assert!(big.chunks.len() >= 4, "{} chunks", big.chunks.len());
+    let before = source.ranges.load(Ordering::SeqCst);
+    runtime
+        .block_on(layer.read_file(&source, "etc/file-5"))
+        .expect("it reads");
+    assert_eq!(source.ranges.load(Ordering::SeqCst) - before, 1);
+    // Through the fetcher, as the filesystem reads: verified, cached, one unit per span.
+    let (dir, cache) = scratch_cache("fetch-span");
+    let fetcher = Fetcher::new(runtime.handle().clone(), Arc::new(source), cache);
+    let refs: Vec<ChunkRef<'_>> = big
+        .chunks
+        .iter()
+        .map(|chunk| ChunkRef {
+            blob: desc.digest,
+            chunk,
+        })
+        .collect();
+    let units = fetcher
+        .get(
+            &refs,
+            Priority::OnDemand,
+            Instant::now() + Duration::from_secs(10),
+        )
+        .expect("the spans fetch");
+    let mut whole = Vec::new();
+    for (chunk, unit) in big.chunks.iter().zip(&units) {
+        assert_eq!(unit.len() as u64, chunk.unit_len());
+        whole.extend_from_slice(chunk.slice(unit).expect("within its span"));
+    }
+    assert!(whole == files[5].1, "the fetcher's spans hold the file");
+    // An index of another layer is refused before anything is read.
+    let other = crate::testing::gzip(&tar, 1);
+    let err = layer::open_indexed(
+        &crate::testing::plain_descriptor(&other),
+        &index,
+        Digest::of(&encoded),
+    )
+    .expect_err("another layer's index");
+    assert!(matches!(err, layer::LayerError::WrongIndex { .. }), "{err}");
+    drop(fetcher);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -408,4 +408,60 @@ mod tests {
         drop(runtime);
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    #[test]
+    fn a_plain_gzip_layer_mounts_through_its_span_index_and_reads_a_span_per_miss() {
+        use std::sync::atomic::Ordering;
+
+        use crate::{
+            fetch::{Fetcher, layer},
+            fs::{FsConfig, ImageFs, View},
+            image::gzip::{BuildOptions, MIN_SPAN, SpanIndex},
+            oci::digest::Digest,
+            registry::BlobSource,
+            testing::{MemoryBlobs, gzip, layer_tar, plain_descriptor, scratch_cache},
+        };
+        let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+        let (tar, files) = layer_tar();
+        let blob = gzip(&tar, 6);
+        let desc = plain_descriptor(&blob);
+        let index = SpanIndex::build(blob.as_slice(), BuildOptions { span: MIN_SPAN })
+            .expect("the layer indexes");
+        let opened =
+            layer::open_indexed(&desc, &index, Digest::of(&index.encode())).expect("it opens");
+        let source = Arc::new(MemoryBlobs::default().with(blob.clone()));
+        let (dir, cache) = scratch_cache("fuse-span");
+        let dyn_source: Arc<dyn BlobSource> = source.clone();
+        let fetcher = Arc::new(Fetcher::new(runtime.handle().clone(), dyn_source, cache));
+        let fs = Arc::new(ImageFs::new(
+            Arc::from(vec![opened]),
+            View::Merged,
+            fetcher.clone(),
+            FsConfig::default(),
+        ));
+        let mnt = dir.join("mnt");
+        std::fs::create_dir_all(&mnt).expect("a mount point");
+        let mount = FuseMount::mount(fs, &mnt, "imgstream-test", true, 2, None)
+            .expect("mounting needs root and /dev/fuse");
+        // A small file: the one span that holds it, and nothing else.
+        let (name, data) = &files[1];
+        let got = std::fs::read(mnt.join(name)).expect("it reads");
+        assert!(got == *data, "{name} differs");
+        assert_eq!(source.ranges.load(Ordering::SeqCst), 1);
+        let span = index.spans_for(0..1);
+        assert_eq!(span, 0..1, "the first file is in the first span");
+        // Every file through the kernel, as the tar holds it.
+        for (name, data) in &files {
+            let got = std::fs::read(mnt.join(name)).expect("it reads");
+            assert!(got == *data, "{name} differs");
+        }
+        let listed = std::fs::read_dir(mnt.join("etc"))
+            .expect("a directory")
+            .count();
+        assert_eq!(listed, files.len());
+        fetcher.flush_cache_writes();
+        drop(mount);
+        drop(runtime);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

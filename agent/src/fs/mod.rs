@@ -303,8 +303,9 @@ impl ImageFs {
             let to = end.min(chunk.file_offset + chunk.size) - chunk.file_offset;
             // The fetcher checks every chunk's length against the TOC; a slice out of range
             // would still be an EIO here, never a panic in a worker.
-            let part = bytes
-                .get(from as usize..to as usize)
+            let part = chunk
+                .slice(bytes)
+                .and_then(|part| part.get(from as usize..to as usize))
                 .ok_or_else(|| errno(libc::EIO))?;
             w.write_all(part)?;
             written += (to - from) as usize;

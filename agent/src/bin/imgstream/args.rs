@@ -47,6 +47,11 @@ pub(crate) enum Command {
     /// Convert an image to eStargz so it can be streamed. SRC and DST are registry
     /// references (`host:port/repo:tag`) or OCI layouts (`oci:DIR[:TAG]`).
     Convert(ConvertArgs),
+    /// Build a span index for every plain gzip layer of IMAGE (a registry reference or
+    /// `oci:DIR[:TAG]`), so that the image streams as it is, with no conversion: `mount`,
+    /// `serve-vhost` and the snapshotter use an index found in their cache. The image is not
+    /// changed. Only `--local` exists so far (the index is kept in --cache-dir).
+    Index(IndexArgs),
     /// Mount an image lazily (FUSE): files are fetched as they are read, the whole image is
     /// cached in the background. IMAGE is a registry reference or `oci:DIR[:TAG]`. Unmounts on
     /// Ctrl-C or SIGTERM; after a crash, `umount -l MOUNTPOINT` removes the stale mount.
@@ -171,6 +176,13 @@ pub(crate) struct ConvertArgs {
     /// image the reads were recorded on, or a smaller one.
     #[arg(long, value_name = "FILE")]
     pub(crate) prefetch_from: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) image_job: ImageJobArgs,
+}
+
+/// What every command that reads an image and stages its layers takes.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ImageJobArgs {
     /// Platform to pick from an image index.
     #[arg(long, default_value = "linux/amd64")]
     pub(crate) platform: imgstream::oci::manifest::Platform,
@@ -182,6 +194,49 @@ pub(crate) struct ConvertArgs {
     pub(crate) json: bool,
     #[command(flatten)]
     pub(crate) registry: RegistryArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct IndexArgs {
+    pub(crate) image: String,
+    /// Keep the index in the local cache (--cache-dir) instead of publishing it beside the
+    /// image; required, as publishing is not built yet.
+    #[arg(long)]
+    pub(crate) local: bool,
+    /// The cache directory of the agent or mount that will serve the image.
+    #[arg(long, default_value = "/var/lib/imgstream/cache")]
+    pub(crate) cache_dir: PathBuf,
+    /// Uncompressed bytes between checkpoints, at least: a miss fetches and inflates a whole
+    /// span; each checkpoint costs a 32 KiB window (compressed in the index).
+    #[arg(long, default_value = "1M")]
+    pub(crate) span: ByteSize,
+    #[command(flatten)]
+    pub(crate) image_job: ImageJobArgs,
+}
+
+impl TryFrom<IndexArgs> for imgstream::convert::IndexJob {
+    type Error = anyhow::Error;
+
+    fn try_from(args: IndexArgs) -> anyhow::Result<Self> {
+        use imgstream::image::gzip::{MAX_SPAN, MIN_SPAN};
+        anyhow::ensure!(
+            args.local,
+            "publishing span indexes to the registry is not built yet: give --local to keep them in --cache-dir"
+        );
+        anyhow::ensure!(
+            (MIN_SPAN..=MAX_SPAN).contains(&args.span.0),
+            "--span {}: between 64K and 64M",
+            args.span
+        );
+        Ok(Self {
+            image: ImageRef::parse(&args.image).context("IMAGE")?,
+            platform: args.image_job.platform,
+            build: imgstream::image::gzip::BuildOptions { span: args.span.0 },
+            cache_dir: args.cache_dir,
+            scratch_parent: args.image_job.scratch,
+            http: HttpConfig::try_from(args.image_job.registry)?,
+        })
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -568,9 +623,9 @@ impl TryFrom<ConvertArgs> for ConvertJob {
             },
             prioritized,
             reads,
-            platform: args.platform,
-            scratch_parent: args.scratch,
-            http: HttpConfig::try_from(args.registry)?,
+            platform: args.image_job.platform,
+            scratch_parent: args.image_job.scratch,
+            http: HttpConfig::try_from(args.image_job.registry)?,
         })
     }
 }

@@ -84,7 +84,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Convert(args) => {
-            let json = args.json;
+            let json = args.image_job.json;
             let job = ConvertJob::try_from(args)?;
             let (src, dst) = (job.src.to_string(), job.dst.to_string());
             let report = runtime()?
@@ -94,6 +94,19 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", report.render_text(&dst));
+            }
+        }
+        Command::Index(args) => {
+            let json = args.image_job.json;
+            let job = imgstream::convert::IndexJob::try_from(args)?;
+            let image = job.image.to_string();
+            let report = runtime()?
+                .block_on(job.run())
+                .with_context(|| format!("indexing {image}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render_text());
             }
         }
         Command::Mount(MountArgs {

@@ -53,7 +53,57 @@ pub struct Chunk {
     pub blob_offset: u64,
     /// Where the next gzip member starts: fetching `blob_offset..blob_end` is enough.
     pub blob_end: u64,
+    /// The digest of what `blob_offset..blob_end` decodes to (the unit the cache keeps).
     pub digest: Digest,
+    pub unit: Unit,
+}
+
+/// What a chunk's blob range decodes to, and where the file's bytes are in it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Unit {
+    /// eStargz: a gzip member holding exactly this chunk of the file.
+    #[default]
+    Member,
+    /// A span of a plain gzip layer, found through its span index: the file's `size` bytes
+    /// are at `offset` among the span's `len`. Every file that has bytes in the span shares
+    /// it (and its digest).
+    Span {
+        start: std::sync::Arc<crate::image::gzip::Checkpoint>,
+        len: u64,
+        offset: u64,
+    },
+}
+
+impl Chunk {
+    /// How many bytes the blob range decodes to: what the cache keeps under `digest`.
+    pub fn unit_len(&self) -> u64 {
+        match &self.unit {
+            Unit::Member => self.size,
+            Unit::Span { len, .. } => *len,
+        }
+    }
+
+    /// Where the chunk's bytes start in what the blob range decodes to.
+    pub fn unit_offset(&self) -> u64 {
+        match &self.unit {
+            Unit::Member => 0,
+            Unit::Span { offset, .. } => *offset,
+        }
+    }
+
+    /// Whether this chunk's blob range goes on from `prev`'s with no gap (so one range
+    /// request fetches both): for eStargz the next member, for spans the next span, which
+    /// may share a byte with it.
+    pub fn follows(&self, prev: &Chunk) -> bool {
+        prev.blob_offset < self.blob_offset && self.blob_offset <= prev.blob_end
+    }
+
+    /// This chunk's bytes of `unit`, what its blob range decoded to (`None` if `unit` is
+    /// shorter than the chunk says: never so for a verified unit).
+    pub fn slice<'a>(&self, unit: &'a [u8]) -> Option<&'a [u8]> {
+        let start = self.unit_offset();
+        unit.get(start as usize..start.checked_add(self.size)? as usize)
+    }
 }
 
 /// A validated file of the layer.
@@ -469,6 +519,7 @@ fn chunk_of(entry: &TocEntry, toc_offset: u64) -> Result<Chunk, String> {
         blob_offset: offset,
         blob_end: 0,
         digest,
+        unit: Unit::Member,
     })
 }
 

@@ -16,13 +16,14 @@ use std::io::Read;
 use flate2::read::GzDecoder;
 
 pub use index::{
-    Chunk, LayerIndex, MAX_ENTRIES, MAX_PATH_DEPTH, MAX_PATH_LEN, Node, NodeKind, normalize,
+    Chunk, LayerIndex, MAX_ENTRIES, MAX_PATH_DEPTH, MAX_PATH_LEN, Node, NodeKind, Unit, normalize,
 };
 pub use toc::{
     FOOTER_SIZE, MAX_CHUNK, MAX_TOC_COMPRESSED, MAX_TOC_JSON, NO_PREFETCH_LANDMARK,
     PREFETCH_LANDMARK, PrefetchChunk, TOC_DIGEST_ANNOTATION, TOC_NAME, Toc, TocEntry,
     UNCOMPRESSED_SIZE_ANNOTATION, footer_bytes, parse_footer,
 };
+pub(crate) use writer::toc_entry;
 pub use writer::{EstargzWriter, LayerSummary, WriterOptions};
 
 use crate::{
@@ -130,13 +131,19 @@ pub fn read_toc(
     Ok((LayerIndex::from_toc(toc, toc_offset, blob_size)?, actual))
 }
 
-/// Decompresses a chunk from the bytes of its gzip member (`chunk.blob_offset` onwards; at
-/// least up to `chunk.blob_end`) and checks its digest. Corrupt data is never returned.
+/// Decodes what a chunk's blob range holds, from its bytes (`chunk.blob_offset` onwards; at
+/// least up to `chunk.blob_end`), and checks its digest: for eStargz the chunk's gzip
+/// member, for a plain gzip layer the span the chunk is part of. Corrupt data is never
+/// returned.
 pub fn decode_chunk(member: &[u8], chunk: &Chunk) -> Result<Vec<u8>, EstargzError> {
     let bad = |why: String| EstargzError::BadChunk {
         offset: chunk.blob_offset,
         why,
     };
+    if let Unit::Span { start, len, .. } = &chunk.unit {
+        return crate::image::gzip::inflate_span(start, *len, &chunk.digest, member)
+            .map_err(|err| bad(err.to_string()));
+    }
     let mut data = Vec::with_capacity(chunk.size as usize);
     let read = GzDecoder::new(member)
         .take(chunk.size)

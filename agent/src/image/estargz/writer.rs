@@ -299,7 +299,7 @@ impl<W: Write> EstargzWriter<W> {
 }
 
 /// The TOC entry of a tar header, fields as the Go implementation fills them.
-fn toc_entry(h: &Header) -> TocEntry {
+pub(crate) fn toc_entry(h: &Header) -> TocEntry {
     let (kind, type_bits) = match h.kind {
         Kind::Directory => ("dir", 0o040_000),
         Kind::Regular => ("reg", 0o100_000),

@@ -17,6 +17,7 @@
 mod build;
 mod format;
 mod inflate;
+mod layer;
 #[cfg(test)]
 mod tests;
 
@@ -63,14 +64,16 @@ pub enum GzipError {
     NoSpan { index: usize, count: usize },
     #[error("span {index}: {got} compressed bytes given, {want} expected")]
     SpanBytes { index: usize, got: u64, want: u64 },
-    #[error("span {index} is {len} bytes long, more than the {MAX_SPAN} allowed")]
-    SpanTooLong { index: usize, len: u64 },
-    #[error("span {index} ends before its {len} uncompressed bytes")]
-    SpanShort { index: usize, len: u64 },
     #[error(
-        "span {index} does not match its digest: the layer or the index is not what was indexed"
+        "the span at uncompressed byte {at} is {len} bytes long, more than the {MAX_SPAN} allowed"
     )]
-    SpanDigest { index: usize },
+    SpanTooLong { at: u64, len: u64 },
+    #[error("the span at uncompressed byte {at} ends before its {len} bytes")]
+    SpanShort { at: u64, len: u64 },
+    #[error(
+        "the span at uncompressed byte {at} does not match its digest: the layer or the index is not what was indexed"
+    )]
+    SpanDigest { at: u64 },
 }
 
 /// A place in the layer where inflation can resume.
@@ -164,52 +167,57 @@ impl SpanIndex {
                 want,
             });
         }
-        let short = || GzipError::SpanShort {
-            index,
-            len: span.len,
-        };
-        if span.len > MAX_SPAN {
-            return Err(GzipError::SpanTooLong {
-                index,
-                len: span.len,
-            });
-        }
-        let len = span.len as usize;
-        let mut out = vec![0u8; len];
-        let mut inflate = inflate::RawInflate::new()?;
-        let mut input = bytes;
-        let start = &span.start;
-        if start.member {
-            input = skip_header(input).ok_or_else(short)?;
-        } else {
-            if start.bits > 0 {
-                let (&byte, rest) = input.split_first().ok_or_else(short)?;
-                inflate.prime(start.bits, byte)?;
-                input = rest;
-            }
-            inflate.set_dictionary(&start.window)?;
-        }
-        let mut produced = 0;
-        while produced < len {
-            let step = inflate.inflate(input, &mut out[produced..], false)?;
-            input = &input[step.consumed..];
-            produced += step.produced;
-            match step.stop {
-                inflate::Stop::End if produced < len => {
-                    // The span goes on in the next member.
-                    let after = input.get(inflate::TRAILER..).ok_or_else(short)?;
-                    input = skip_header(after).ok_or_else(short)?;
-                    inflate.reset()?;
-                }
-                _ if step.consumed == 0 && step.produced == 0 => return Err(short()),
-                _ => {}
-            }
-        }
-        if !span.digest.matches(&out) {
-            return Err(GzipError::SpanDigest { index });
-        }
-        Ok(out)
+        inflate_span(&span.start, span.len, &span.digest, bytes)
     }
+}
+
+/// Decompresses the `len` bytes of a span that starts at `start` from `bytes` (its
+/// compressed bytes: from the byte holding its first bits up to the next span's start) and
+/// checks them against `digest`. Bytes past the span's end are ignored.
+pub fn inflate_span(
+    start: &Checkpoint,
+    len: u64,
+    digest: &Digest,
+    bytes: &[u8],
+) -> Result<Vec<u8>, GzipError> {
+    let at = start.uncompressed;
+    if len > MAX_SPAN {
+        return Err(GzipError::SpanTooLong { at, len });
+    }
+    let short = || GzipError::SpanShort { at, len };
+    let mut out = vec![0u8; len as usize];
+    let mut inflate = inflate::RawInflate::new()?;
+    let mut input = bytes;
+    if start.member {
+        input = skip_header(input).ok_or_else(short)?;
+    } else {
+        if start.bits > 0 {
+            let (&byte, rest) = input.split_first().ok_or_else(short)?;
+            inflate.prime(start.bits, byte)?;
+            input = rest;
+        }
+        inflate.set_dictionary(&start.window)?;
+    }
+    let mut produced = 0;
+    while produced < out.len() {
+        let step = inflate.inflate(input, &mut out[produced..], false)?;
+        input = &input[step.consumed..];
+        produced += step.produced;
+        match step.stop {
+            inflate::Stop::End if produced < out.len() => {
+                // The span goes on in the next member.
+                let after = input.get(inflate::TRAILER..).ok_or_else(short)?;
+                input = skip_header(after).ok_or_else(short)?;
+                inflate.reset()?;
+            }
+            _ if step.consumed == 0 && step.produced == 0 => return Err(short()),
+            _ => {}
+        }
+    }
+    if !digest.matches(&out) {
+        return Err(GzipError::SpanDigest { at });
+    }
+    Ok(out)
 }
 
 /// `input` after the gzip header it starts with, if it starts with a whole one.

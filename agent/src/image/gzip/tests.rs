@@ -5,48 +5,7 @@
 use std::io::{Read, Write};
 
 use super::*;
-use crate::image::tar::{Header, Kind, TarWriter, write_entry};
-
-/// Bytes that compress a little (text-like) or not at all, from a seeded xorshift.
-fn bytes(seed: u64, len: usize, text: bool) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            if text {
-                b"abcdefgh ijk\n"[(x % 13) as usize]
-            } else {
-                x as u8
-            }
-        })
-        .collect()
-}
-
-/// A tar of directories and files of mixed sizes and compressibility: (tar, files).
-fn layer_tar() -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
-    let mut tar = Vec::new();
-    let mut files = Vec::new();
-    write_entry(&mut tar, &Header::new("etc/", Kind::Directory), &[]).expect("to memory");
-    for i in 0..40u64 {
-        let len = [0, 1, 511, 4096, 70_000, 300_000][(i % 6) as usize] + i as usize;
-        let data = bytes(i + 1, len, i % 3 != 0);
-        let name = format!("etc/file-{i}");
-        let mut header = Header::new(&name, Kind::Regular);
-        header.size = data.len() as u64;
-        write_entry(&mut tar, &header, &data).expect("to memory");
-        files.push((name, data));
-    }
-    tar.extend_from_slice(&TarWriter::end_of_archive());
-    (tar, files)
-}
-
-fn gzip(data: &[u8], level: u32) -> Vec<u8> {
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(level));
-    gz.write_all(data).expect("to memory");
-    gz.finish().expect("to memory")
-}
+use crate::testing::{gzip, layer_tar};
 
 /// GNU gzip's own output, the tool most layers' bytes come from.
 fn gnu_gzip(data: &[u8]) -> Vec<u8> {
