@@ -10,6 +10,7 @@
 use crate::{
     image::{
         estargz::{self, FOOTER_SIZE, LayerIndex, NodeKind, Toc},
+        gzip::{BuildOptions, MIN_SPAN, SpanIndex},
         tar::TarReader,
     },
     oci::manifest::{self, Document, Platform},
@@ -22,11 +23,13 @@ pub const WORKER_STACK: usize = 2 << 20;
 pub type Check = fn(&[u8]);
 
 /// The fuzz targets, by name: the check each runs.
-pub const TARGETS: [(&str, Check); 4] = [
+pub const TARGETS: [(&str, Check); 6] = [
     ("estargz_toc", estargz_toc),
     ("estargz_blob", estargz_blob),
     ("tar_reader", tar_reader),
     ("manifest", manifest),
+    ("gzip_layer", gzip_layer),
+    ("gzip_index", gzip_index),
 ];
 
 /// Runs `check(data)` on a thread with a worker's stack; a panic there (an overflow aborts
@@ -135,6 +138,65 @@ pub fn manifest(data: &[u8]) {
     ] {
         if let Ok(Document::Index(index)) = manifest::parse(data, media_type) {
             let _ = index.select(&Platform::host());
+        }
+    }
+}
+
+/// A plain gzip layer, indexed: whatever an index is built from, every span inflates from
+/// its own bytes to what it was indexed as, and the index reads back as it was written.
+pub fn gzip_layer(data: &[u8]) {
+    let Ok(index) = SpanIndex::build(data, BuildOptions { span: MIN_SPAN }) else {
+        return;
+    };
+    assert_eq!(index.compressed_size, data.len() as u64);
+    for i in 0..index.spans.len() {
+        let range = index.span_range(i).expect("a span of the index");
+        let bytes = &data[range.start as usize..range.end as usize];
+        if let Err(err) = index.inflate_span(i, bytes) {
+            panic!("span {i} of an index just built does not inflate: {err}");
+        }
+    }
+    let back = SpanIndex::decode(&index.encode()).expect("an index reads back");
+    assert!(
+        back == index,
+        "the index changed on its way through the format"
+    );
+    gzip_index_holds(&index);
+}
+
+/// A span index as a registry or a cache might hand it over: refused, or consistent enough
+/// that serving from it can only fail with an error.
+pub fn gzip_index(data: &[u8]) {
+    if let Ok(index) = SpanIndex::decode(data) {
+        gzip_index_holds(&index);
+        // Spans inflated from bytes that are not theirs: errors, never a panic.
+        for i in 0..index.spans.len().min(4) {
+            let range = index.span_range(i).expect("a span of the index");
+            let want = (range.end - range.start).min(1 << 20) as usize;
+            let bytes: Vec<u8> = data.iter().copied().cycle().take(want).collect();
+            let _ = index.inflate_span(i, &bytes);
+        }
+    }
+}
+
+fn gzip_index_holds(index: &SpanIndex) {
+    for i in 0..index.spans.len() {
+        let range = index.span_range(i).expect("a span of the index");
+        assert!(range.start <= range.end && range.end <= index.compressed_size);
+    }
+    let Ok(files) = index.layer_index() else {
+        return;
+    };
+    for node in &files.nodes {
+        let mut expected = 0;
+        for chunk in &node.chunks {
+            assert_eq!(chunk.file_offset, expected);
+            assert!(chunk.unit_offset() + chunk.size <= chunk.unit_len());
+            assert!(chunk.blob_offset < chunk.blob_end && chunk.blob_end <= index.compressed_size);
+            expected += chunk.size;
+        }
+        if node.kind == NodeKind::Regular {
+            assert_eq!(expected, node.size);
         }
     }
 }
