@@ -22,10 +22,12 @@ use crate::{
     },
     fs::{FsConfig, ImageFs, View, fusedev::FuseMount, keeper::Kept},
     image::estargz::EstargzError,
+    image::gzip::{MAX_DECODED as MAX_INDEX_BYTES, SPAN_INDEX_TYPE, SpanIndex},
     oci::{
         digest::Digest,
         manifest::{self, Descriptor, Document, Platform},
     },
+    registry::attached::{Attached, Listing},
     registry::{BlobSink, BlobSource, FetchedManifest, RegistryError},
     shutdown::Shutdown,
 };
@@ -127,13 +129,18 @@ pub async fn open_layers(
     let source = base.as_ref();
     let cache_opt = Some(cache);
     let (fetched, manifest) = image_manifest(source, reference, platform, cache_opt).await?;
+    let mut span_indexes = SpanIndexes::new(
+        cache,
+        base.clone(),
+        manifest_descriptor(&fetched, &manifest),
+    );
     let mut layers = Vec::with_capacity(manifest.layers.len());
     let mut local = std::collections::HashMap::new();
     for (index, desc) in manifest.layers.iter().enumerate() {
         match layer::open_cached(source, desc, cache_opt).await {
             Ok(opened) => layers.push(opened),
             Err(LayerError::Format(EstargzError::NotEstargz(why))) => {
-                if let Some(opened) = through_span_index(cache, desc, index) {
+                if let Some(opened) = span_indexes.open(desc, index).await {
                     layers.push(opened);
                     continue;
                 }
@@ -212,16 +219,20 @@ pub async fn open_one_layer(
             source,
             sink: None,
         })),
-        Err(LayerError::Format(EstargzError::NotEstargz(_))) => Ok(through_span_index(
-            cache, desc, index,
-        )
-        .map(|opened| OpenedImage {
-            digest: desc.digest,
-            layers: vec![opened],
-            manifest: manifest_descriptor(&fetched, &manifest),
-            source,
-            sink: None,
-        })),
+        Err(LayerError::Format(EstargzError::NotEstargz(_))) => {
+            let subject = manifest_descriptor(&fetched, &manifest);
+            let mut span_indexes = SpanIndexes::new(cache, source.clone(), subject.clone());
+            Ok(span_indexes
+                .open(desc, index)
+                .await
+                .map(|opened| OpenedImage {
+                    digest: desc.digest,
+                    layers: vec![opened],
+                    manifest: subject,
+                    source,
+                    sink: None,
+                }))
+        }
         Err(source) => Err(MountError::Layer {
             index,
             digest: desc.digest.to_string(),
@@ -232,7 +243,10 @@ pub async fn open_one_layer(
 
 /// The descriptor of a fetched image manifest (its media type from the registry, else from
 /// its own field: a manifest from the cache comes without one).
-fn manifest_descriptor(fetched: &FetchedManifest, manifest: &manifest::Manifest) -> Descriptor {
+pub(crate) fn manifest_descriptor(
+    fetched: &FetchedManifest,
+    manifest: &manifest::Manifest,
+) -> Descriptor {
     let media_type = Some(fetched.media_type.clone())
         .filter(|t| !t.is_empty())
         .or_else(|| manifest.media_type.clone())
@@ -240,33 +254,94 @@ fn manifest_descriptor(fetched: &FetchedManifest, manifest: &manifest::Manifest)
     Descriptor::of(&media_type, &fetched.bytes)
 }
 
-/// A plain gzip layer opened through the span index kept for it in `cache` (by `imgstream
-/// index --local`), if there is one and it is this layer's. A bad index is logged and
-/// left alone: the layer is then downloaded whole, as without one.
-fn through_span_index(cache: &ChunkCache, desc: &Descriptor, index: usize) -> Option<RemoteLayer> {
-    if !manifest::is_gzip_layer(&desc.media_type) {
-        return None;
+/// Finds span indexes for an image's plain gzip layers: kept in the cache (by `imgstream
+/// index --local`, or fetched by an earlier mount), else published beside the image
+/// (`imgstream index`: the referrers API, then the tag fallback; listed once per mount).
+/// A bad or missing index is logged and the layer is downloaded whole, as without one.
+struct SpanIndexes<'a> {
+    cache: &'a ChunkCache,
+    attached: Attached,
+    /// `None` until first needed; an error is remembered as an empty listing.
+    listing: Option<Listing>,
+}
+
+impl<'a> SpanIndexes<'a> {
+    fn new(cache: &'a ChunkCache, source: Arc<dyn BlobSource>, subject: Descriptor) -> Self {
+        Self {
+            cache,
+            attached: Attached {
+                source,
+                sink: None,
+                subject,
+            },
+            listing: None,
+        }
     }
-    let encoded = match cache.get_span_index(&desc.digest) {
-        Ok(found) => found?,
-        Err(err) => {
-            tracing::warn!(layer = index, digest = %desc.digest, err = %crate::error_chain(&err), "span index not read");
+
+    /// Layer `desc` (number `index` of its image) opened through its span index, if it has
+    /// one that is its own.
+    async fn open(&mut self, desc: &Descriptor, index: usize) -> Option<RemoteLayer> {
+        if !manifest::is_gzip_layer(&desc.media_type) {
             return None;
         }
-    };
-    let opened = crate::image::gzip::SpanIndex::decode(&encoded)
-        .map_err(|e| crate::error_chain(&e))
-        .and_then(|span_index| {
-            layer::open_indexed(desc, &span_index, desc.digest).map_err(|e| crate::error_chain(&e))
-        });
-    match opened {
-        Ok(opened) => {
-            tracing::info!(layer = index, digest = %desc.digest, "plain gzip layer: streamed through its span index");
-            Some(opened)
+        let (encoded, from) = match self.cache.get_span_index(&desc.digest) {
+            Ok(Some(encoded)) => (encoded, "the cache"),
+            Ok(None) => (self.published(desc).await?, "the registry"),
+            Err(err) => {
+                tracing::warn!(layer = index, digest = %desc.digest, err = %crate::error_chain(&err), "span index not read");
+                return None;
+            }
+        };
+        let opened = SpanIndex::decode(&encoded)
+            .map_err(|e| crate::error_chain(&e))
+            .and_then(|span_index| {
+                layer::open_indexed(desc, &span_index, desc.digest)
+                    .map_err(|e| crate::error_chain(&e))
+            });
+        match opened {
+            Ok(opened) => {
+                if from == "the registry"
+                    && let Err(err) = self.cache.put_span_index(&desc.digest, &encoded)
+                {
+                    tracing::warn!(layer = index, err = %crate::error_chain(&err), "span index not cached");
+                }
+                tracing::info!(layer = index, digest = %desc.digest, from, "plain gzip layer: streamed through its span index");
+                Some(opened)
+            }
+            Err(err) => {
+                tracing::warn!(layer = index, digest = %desc.digest, from, %err, "span index refused; the layer is downloaded whole");
+                None
+            }
         }
-        Err(err) => {
-            tracing::warn!(layer = index, digest = %desc.digest, %err, "span index refused; the layer is downloaded whole");
-            None
+    }
+
+    /// The span index published for `desc`, if the registry lists one.
+    async fn published(&mut self, desc: &Descriptor) -> Option<Vec<u8>> {
+        if self.listing.is_none() {
+            let listing = self
+                .attached
+                .listing(SPAN_INDEX_TYPE)
+                .await
+                .unwrap_or_else(|err| {
+                    tracing::warn!(err = %crate::error_chain(&err), "published span indexes not listed");
+                    Listing::empty()
+                });
+            self.listing = Some(listing);
+        }
+        let entry = self
+            .listing
+            .as_ref()?
+            .entry(SPAN_INDEX_TYPE, &desc.digest)?;
+        match self
+            .attached
+            .blob(entry, SPAN_INDEX_TYPE, MAX_INDEX_BYTES)
+            .await
+        {
+            Ok(bytes) => Some(bytes.to_vec()),
+            Err(err) => {
+                tracing::warn!(digest = %desc.digest, err = %crate::error_chain(&err), "published span index not fetched");
+                None
+            }
         }
     }
 }

@@ -234,6 +234,74 @@ async fn an_unconverted_image_streams_through_span_indexes_and_equals_gnu_tar() 
     std::fs::remove_dir_all(&scratch).unwrap();
 }
 
+/// `imgstream index` publishes each layer's span index beside the image (Debian's registry
+/// has no referrers API: through the `sha256-<digest>` tag fallback), the image's manifest
+/// stays byte for byte what it was, and a node with an empty cache finds the indexes there
+/// and streams the unconverted image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_span_indexes_are_found_through_the_tag_fallback() {
+    let (scratch, registry, _, tarballs) = sample_image("fuse-span-published").await;
+    let reg = registry.host();
+    let image = format!("{reg}/src/app:v1");
+    let before = support::skopeo_raw(&format!("docker://{image}"));
+    let out = support::imgstream(&[
+        "index",
+        &image,
+        "--insecure-registry",
+        &reg,
+        "--scratch",
+        scratch.to_str().unwrap(),
+    ]);
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        printed.matches("published as sha256:").count(),
+        tarballs.len(),
+        "{printed}"
+    );
+    assert_eq!(
+        support::skopeo_raw(&format!("docker://{image}")),
+        before,
+        "the image manifest is untouched"
+    );
+    let subject = imgstream::oci::digest::Digest::of(&before);
+    let fallback: serde_json::Value = serde_json::from_slice(&support::skopeo_raw(&format!(
+        "docker://{reg}/src/app:sha256-{}",
+        subject.hex()
+    )))
+    .unwrap();
+    let listed = fallback["manifests"].as_array().unwrap();
+    assert_eq!(listed.len(), tarballs.len());
+    assert!(
+        listed
+            .iter()
+            .all(|m| m["artifactType"] == imgstream::image::gzip::SPAN_INDEX_TYPE)
+    );
+
+    let log = scratch.join("mount.log");
+    let mounted = Mounted::start_logged(
+        &image,
+        &scratch.join("mnt"),
+        &scratch.join("fresh-cache"),
+        &reg,
+        &["--no-background"],
+        Some(&log),
+    );
+    let expected = scratch.join("expected-merged");
+    expected_merged(&tarballs, &expected);
+    assert_same_tree(&mounted.mountpoint, &expected, 25);
+    let text = mounted.log_text();
+    assert_eq!(
+        text.matches("streamed through its span index").count(),
+        tarballs.len(),
+        "{text}"
+    );
+    assert!(text.contains("the registry"), "{text}");
+    assert!(!text.contains("downloading it whole"), "{text}");
+    mounted.stop();
+    drop(registry);
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
 /// `imgstream mount --record-reads` records what a workload reads, `imgstream convert
 /// --prefetch-from` turns that into the layer's prefetch list, and a mount of the converted
 /// image fetches exactly those chunks before anything reads them: with the registry hung

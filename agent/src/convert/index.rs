@@ -1,8 +1,10 @@
-//! `imgstream index IMAGE --local`: a span index for every plain gzip layer of an image, so
-//! that the image streams as it is, unconverted. Each layer is downloaded to a scratch file
-//! (its digest checked), read once by [`SpanIndex::build`], and the encoded index kept in the
-//! chunk cache under the layer's digest, where `mount`, `serve-vhost` and the snapshotter
-//! look for it. The image itself is untouched.
+//! `imgstream index IMAGE`: a span index for every plain gzip layer of an image, so that the
+//! image streams as it is, unconverted. Each layer is downloaded to a scratch file (its
+//! digest checked) and read once by [`SpanIndex::build`]; the encoded index is published
+//! beside the image as an artifact whose subject is the image manifest (the referrers API,
+//! or the tag fallback: [`crate::registry::attached`]), or with `--local` kept in the chunk
+//! cache under the layer's digest. `mount`, `serve-vhost` and the snapshotter look in both.
+//! The image itself is untouched: its digest stays what it was.
 
 use std::{path::PathBuf, sync::Arc};
 
@@ -12,15 +14,15 @@ use crate::{
     cache::{CacheConfig, ChunkCache},
     image::{
         estargz::TOC_DIGEST_ANNOTATION,
-        gzip::{BuildOptions, SpanIndex},
+        gzip::{BuildOptions, SPAN_INDEX_TYPE, SpanIndex},
     },
-    mount::{MountError, image_manifest},
+    mount::{MountError, image_manifest, manifest_descriptor},
     oci::{
         digest::Digest,
         manifest::{Platform, is_gzip_layer},
         reference::ImageRef,
     },
-    registry::{BlobSource, http::HttpConfig, open_source},
+    registry::{BlobSource, attached::Attached, http::HttpConfig, open_sink, open_source},
 };
 
 /// Errors indexing an image.
@@ -44,6 +46,20 @@ pub enum IndexError {
     Task(#[source] tokio::task::JoinError),
     #[error("the cache has no room for the index of layer {0}")]
     NoRoom(Digest),
+    #[error("publishing a span index beside the image")]
+    Publish(#[source] crate::registry::attached::AttachError),
+}
+
+/// Where the indexes go: the local cache, or beside the image through this sink.
+enum Keep {
+    Cache(ChunkCache),
+    Publish(Arc<dyn crate::registry::BlobSink>),
+}
+
+/// The same, once the image manifest (the artifacts' subject) is known.
+enum Destination<'a> {
+    Cache(&'a ChunkCache),
+    Publish(Box<Attached>),
 }
 
 /// One indexing, as the command line asks for it.
@@ -52,7 +68,9 @@ pub struct IndexJob {
     pub image: ImageRef,
     pub platform: Platform,
     pub build: BuildOptions,
-    /// The cache the index is kept in (the agent's `--cache-dir`).
+    /// Keep the indexes in `cache_dir` (the agent's `--cache-dir`) instead of publishing
+    /// them beside the image.
+    pub local: bool,
     pub cache_dir: PathBuf,
     /// A directory under which layers are staged, in a directory of the job's own.
     pub scratch_parent: PathBuf,
@@ -75,6 +93,8 @@ pub struct IndexedLayer {
     pub entries: usize,
     /// Bytes of the encoded index.
     pub index_bytes: u64,
+    /// The artifact that publishes it, when published.
+    pub artifact: Option<Digest>,
 }
 
 impl IndexReport {
@@ -85,13 +105,17 @@ impl IndexReport {
             let line = match l.skipped {
                 Some(why) => format!("layer {n} {}: not indexed ({why})\n", l.digest),
                 None => format!(
-                    "layer {n} {}: {} spans, {} entries, index {} bytes ({:.2} % of {} bytes)\n",
+                    "layer {n} {}: {} spans, {} entries, index {} bytes ({:.2} % of {} bytes), {}\n",
                     l.digest,
                     l.spans,
                     l.entries,
                     l.index_bytes,
                     l.index_bytes as f64 * 100.0 / l.size.max(1) as f64,
-                    l.size
+                    l.size,
+                    match l.artifact {
+                        Some(artifact) => format!("published as {artifact}"),
+                        None => "kept in the cache".into(),
+                    }
                 ),
             };
             out.push_str(&line);
@@ -103,16 +127,20 @@ impl IndexReport {
 impl IndexJob {
     pub async fn run(self) -> Result<IndexReport, IndexError> {
         let source = open_source(&self.image, &self.http)?;
-        let cache = ChunkCache::open(&CacheConfig {
-            dir: self.cache_dir.clone(),
-            limit_bytes: None,
-            prefer_uring: false,
-        })?;
+        let keep = if self.local {
+            Keep::Cache(ChunkCache::open(&CacheConfig {
+                dir: self.cache_dir.clone(),
+                limit_bytes: None,
+                prefer_uring: false,
+            })?)
+        } else {
+            Keep::Publish(open_sink(&self.image, &self.http)?)
+        };
         let scratch = self
             .scratch_parent
             .join(format!("imgstream-index-{}", std::process::id()));
         crate::private::own_dir(&scratch).map_err(|e| IndexError::Scratch(scratch.clone(), e))?;
-        let result = self.index_layers(source, &cache, &scratch).await;
+        let result = self.index_layers(source, &keep, &scratch).await;
         let _ = std::fs::remove_dir_all(&scratch);
         result
     }
@@ -120,13 +148,21 @@ impl IndexJob {
     async fn index_layers(
         &self,
         source: Arc<dyn BlobSource>,
-        cache: &ChunkCache,
+        keep: &Keep,
         scratch: &std::path::Path,
     ) -> Result<IndexReport, IndexError> {
         let reference = self.image.manifest_reference().unwrap_or_default();
-        let (_, manifest) = image_manifest(source.as_ref(), &reference, &self.platform, None)
+        let (fetched, manifest) = image_manifest(source.as_ref(), &reference, &self.platform, None)
             .await
             .map_err(IndexError::Image)?;
+        let destination = match keep {
+            Keep::Cache(cache) => Destination::Cache(cache),
+            Keep::Publish(sink) => Destination::Publish(Box::new(Attached {
+                source: source.clone(),
+                sink: Some(sink.clone()),
+                subject: manifest_descriptor(&fetched, &manifest),
+            })),
+        };
         let mut layers = Vec::new();
         for desc in &manifest.layers {
             let mut report = IndexedLayer {
@@ -136,6 +172,7 @@ impl IndexJob {
                 spans: 0,
                 entries: 0,
                 index_bytes: 0,
+                artifact: None,
             };
             if desc.annotations.contains_key(TOC_DIGEST_ANNOTATION) {
                 report.skipped = Some("eStargz: it streams through its TOC");
@@ -164,13 +201,23 @@ impl IndexJob {
             })?;
             let _ = std::fs::remove_file(&file);
             let encoded = index.encode();
-            if !cache.put_span_index(&desc.digest, &encoded)? {
-                return Err(IndexError::NoRoom(desc.digest));
+            report.index_bytes = encoded.len() as u64;
+            match &destination {
+                Destination::Cache(cache) => {
+                    if !cache.put_span_index(&desc.digest, &encoded)? {
+                        return Err(IndexError::NoRoom(desc.digest));
+                    }
+                }
+                Destination::Publish(attached) => {
+                    report.artifact = attached
+                        .publish(SPAN_INDEX_TYPE, &desc.digest, encoded.into())
+                        .await
+                        .map_err(IndexError::Publish)?;
+                }
             }
-            tracing::info!(layer = %desc.digest, spans = index.spans.len(), bytes = encoded.len(), "layer indexed");
+            tracing::info!(layer = %desc.digest, spans = index.spans.len(), bytes = report.index_bytes, "layer indexed");
             report.spans = index.spans.len();
             report.entries = index.entries.len();
-            report.index_bytes = encoded.len() as u64;
             layers.push(report);
         }
         Ok(IndexReport { layers })

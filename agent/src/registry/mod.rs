@@ -4,6 +4,7 @@
 //! Both implement [`BlobSource`] (manifests, whole blobs with their digest checked, and byte
 //! ranges of blobs) and [`BlobSink`] (uploads). Nothing here knows what a layer contains.
 
+pub mod attached;
 pub mod http;
 pub mod local;
 

@@ -112,6 +112,20 @@ pub fn busybox_rootfs(dir: &Path) {
 }
 
 /// Copies an image with skopeo (an independent client) between `oci:` and `docker://`.
+/// The raw manifest (or index) `image` names, as `skopeo inspect --raw` fetches it.
+pub fn skopeo_raw(image: &str) -> Vec<u8> {
+    let out = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false", image])
+        .output()
+        .expect("skopeo is needed");
+    assert!(
+        out.status.success(),
+        "skopeo inspect {image}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 pub fn skopeo_copy(src: &str, dst: &str) {
     let out = Command::new("skopeo")
         .args([

@@ -48,9 +48,10 @@ pub(crate) enum Command {
     /// references (`host:port/repo:tag`) or OCI layouts (`oci:DIR[:TAG]`).
     Convert(ConvertArgs),
     /// Build a span index for every plain gzip layer of IMAGE (a registry reference or
-    /// `oci:DIR[:TAG]`), so that the image streams as it is, with no conversion: `mount`,
-    /// `serve-vhost` and the snapshotter use an index found in their cache. The image is not
-    /// changed. Only `--local` exists so far (the index is kept in --cache-dir).
+    /// `oci:DIR[:TAG]`), so that the image streams as it is, with no conversion, and publish
+    /// each beside the image (an OCI artifact whose subject is the image manifest: referrers
+    /// API, or the `sha256-<digest>` tag fallback), or keep it in --cache-dir with --local.
+    /// `mount`, `serve-vhost` and the snapshotter find either. The image is not changed.
     Index(IndexArgs),
     /// Mount an image lazily (FUSE): files are fetched as they are read, the whole image is
     /// cached in the background. IMAGE is a registry reference or `oci:DIR[:TAG]`. Unmounts on
@@ -199,11 +200,11 @@ pub(crate) struct ImageJobArgs {
 #[derive(Debug, clap::Args)]
 pub(crate) struct IndexArgs {
     pub(crate) image: String,
-    /// Keep the index in the local cache (--cache-dir) instead of publishing it beside the
-    /// image; required, as publishing is not built yet.
+    /// Keep the indexes in the local cache (--cache-dir) instead of publishing them beside
+    /// the image (air-gapped nodes, or an image one cannot push to).
     #[arg(long)]
     pub(crate) local: bool,
-    /// The cache directory of the agent or mount that will serve the image.
+    /// With --local: the cache directory of the agent or mount that will serve the image.
     #[arg(long, default_value = "/var/lib/imgstream/cache")]
     pub(crate) cache_dir: PathBuf,
     /// Uncompressed bytes between checkpoints, at least: a miss fetches and inflates a whole
@@ -221,10 +222,6 @@ impl TryFrom<IndexArgs> for imgstream::convert::IndexJob {
     fn try_from(args: IndexArgs) -> anyhow::Result<Self> {
         use imgstream::image::gzip::{MAX_SPAN, MIN_SPAN};
         anyhow::ensure!(
-            args.local,
-            "publishing span indexes to the registry is not built yet: give --local to keep them in --cache-dir"
-        );
-        anyhow::ensure!(
             (MIN_SPAN..=MAX_SPAN).contains(&args.span.0),
             "--span {}: between 64K and 64M",
             args.span
@@ -233,6 +230,7 @@ impl TryFrom<IndexArgs> for imgstream::convert::IndexJob {
             image: ImageRef::parse(&args.image).context("IMAGE")?,
             platform: args.image_job.platform,
             build: imgstream::image::gzip::BuildOptions { span: args.span.0 },
+            local: args.local,
             cache_dir: args.cache_dir,
             scratch_parent: args.image_job.scratch,
             http: HttpConfig::try_from(args.image_job.registry)?,

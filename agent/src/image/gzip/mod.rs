@@ -28,6 +28,9 @@ pub use format::{FormatError, MAX_DECODED};
 
 use crate::{image::tar::Header, oci::digest::Digest};
 
+/// Media type of an encoded span index, and `artifactType` of the artifact that publishes
+/// one beside its image.
+pub const SPAN_INDEX_TYPE: &str = "application/vnd.imgstream.gzip-span-index.v1+gzip";
 /// Uncompressed bytes back-references may reach: deflate's window.
 pub const WINDOW: usize = 32 * 1024;
 /// Smallest span between checkpoints: below this the windows cost more than they save.
