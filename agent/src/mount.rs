@@ -4,7 +4,10 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     thread,
 };
 
@@ -138,7 +141,10 @@ pub async fn open_layers(
     let mut local = std::collections::HashMap::new();
     for (index, desc) in manifest.layers.iter().enumerate() {
         match layer::open_cached(source, desc, cache_opt).await {
-            Ok(opened) => layers.push(opened),
+            Ok(opened) => {
+                LAYERS_OPENED.estargz.fetch_add(1, Ordering::Relaxed);
+                layers.push(opened);
+            }
             Err(LayerError::Format(EstargzError::NotEstargz(why))) => {
                 if let Some(opened) = span_indexes.open(desc, index).await {
                     layers.push(opened);
@@ -212,13 +218,16 @@ pub async fn open_one_layer(
         return Ok(None);
     };
     match layer::open_cached(source.as_ref(), desc, Some(cache)).await {
-        Ok(opened) => Ok(Some(OpenedImage {
-            digest: desc.digest,
-            layers: vec![opened],
-            manifest: manifest_descriptor(&fetched, &manifest),
-            source,
-            sink: None,
-        })),
+        Ok(opened) => {
+            LAYERS_OPENED.estargz.fetch_add(1, Ordering::Relaxed);
+            Ok(Some(OpenedImage {
+                digest: desc.digest,
+                layers: vec![opened],
+                manifest: manifest_descriptor(&fetched, &manifest),
+                source,
+                sink: None,
+            }))
+        }
         Err(LayerError::Format(EstargzError::NotEstargz(_))) => {
             let subject = manifest_descriptor(&fetched, &manifest);
             let mut span_indexes = SpanIndexes::new(cache, source.clone(), subject.clone());
@@ -254,15 +263,66 @@ pub(crate) fn manifest_descriptor(
     Descriptor::of(&media_type, &fetched.bytes)
 }
 
+/// Layers opened to be served, by how; exported as `imgstream_layers_opened_total`.
+#[derive(Debug)]
+pub struct LayersOpened {
+    /// eStargz, through their TOCs.
+    pub estargz: AtomicU64,
+    /// Plain gzip, through a span index.
+    pub span_index: AtomicU64,
+    /// Downloaded whole (by a mount; for the snapshotter, unpacked by containerd), by why:
+    /// not a gzip layer, no index found, or an index refused.
+    pub whole_not_gzip: AtomicU64,
+    pub whole_no_index: AtomicU64,
+    pub whole_index_refused: AtomicU64,
+}
+
+pub static LAYERS_OPENED: LayersOpened = LayersOpened {
+    estargz: AtomicU64::new(0),
+    span_index: AtomicU64::new(0),
+    whole_not_gzip: AtomicU64::new(0),
+    whole_no_index: AtomicU64::new(0),
+    whole_index_refused: AtomicU64::new(0),
+};
+
+/// How long what a registry listed of an image's span indexes (or that it listed none) is
+/// taken as still true: the snapshotter prepares an image's layers one by one, and a plain
+/// image with no index would otherwise cost two requests (referrers, tag fallback) a layer.
+const LISTING_FRESH: std::time::Duration = std::time::Duration::from_secs(300);
+/// Images whose listings are remembered at most.
+const LISTINGS_KEPT: usize = 256;
+
+type Listings = std::collections::HashMap<Digest, (std::time::Instant, Arc<Listing>)>;
+
+fn listings() -> &'static std::sync::Mutex<Listings> {
+    static LISTINGS: std::sync::OnceLock<std::sync::Mutex<Listings>> = std::sync::OnceLock::new();
+    LISTINGS.get_or_init(Default::default)
+}
+
+fn recent_listing(subject: &Digest) -> Option<Arc<Listing>> {
+    let listings = crate::sync::lock(listings());
+    let (at, listing) = listings.get(subject)?;
+    (at.elapsed() < LISTING_FRESH).then(|| listing.clone())
+}
+
+fn remember_listing(subject: Digest, listing: Arc<Listing>) {
+    let mut listings = crate::sync::lock(listings());
+    listings.retain(|_, (at, _)| at.elapsed() < LISTING_FRESH);
+    if listings.len() < LISTINGS_KEPT {
+        listings.insert(subject, (std::time::Instant::now(), listing));
+    }
+}
+
 /// Finds span indexes for an image's plain gzip layers: kept in the cache (by `imgstream
 /// index --local`, or fetched by an earlier mount), else published beside the image
-/// (`imgstream index`: the referrers API, then the tag fallback; listed once per mount).
+/// (`imgstream index`: the referrers API, then the tag fallback; listed once per image every
+/// [`LISTING_FRESH`], "none" included).
 /// A bad or missing index is logged and the layer is downloaded whole, as without one.
 struct SpanIndexes<'a> {
     cache: &'a ChunkCache,
     attached: Attached,
     /// `None` until first needed; an error is remembered as an empty listing.
-    listing: Option<Listing>,
+    listing: Option<Arc<Listing>>,
 }
 
 impl<'a> SpanIndexes<'a> {
@@ -281,13 +341,22 @@ impl<'a> SpanIndexes<'a> {
     /// Layer `desc` (number `index` of its image) opened through its span index, if it has
     /// one that is its own.
     async fn open(&mut self, desc: &Descriptor, index: usize) -> Option<RemoteLayer> {
+        let counts = &LAYERS_OPENED;
         if !manifest::is_gzip_layer(&desc.media_type) {
+            counts.whole_not_gzip.fetch_add(1, Ordering::Relaxed);
             return None;
         }
         let (encoded, from) = match self.cache.get_span_index(&desc.digest) {
             Ok(Some(encoded)) => (encoded, "the cache"),
-            Ok(None) => (self.published(desc).await?, "the registry"),
+            Ok(None) => match self.published(desc).await {
+                Some(encoded) => (encoded, "the registry"),
+                None => {
+                    counts.whole_no_index.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+            },
             Err(err) => {
+                counts.whole_no_index.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(layer = index, digest = %desc.digest, err = %crate::error_chain(&err), "span index not read");
                 return None;
             }
@@ -306,10 +375,12 @@ impl<'a> SpanIndexes<'a> {
                     tracing::warn!(layer = index, err = %crate::error_chain(&err), "span index not cached");
                 }
                 tracing::info!(layer = index, digest = %desc.digest, from, "plain gzip layer: streamed through its span index");
+                counts.span_index.fetch_add(1, Ordering::Relaxed);
                 Some(opened)
             }
             Err(err) => {
                 tracing::warn!(layer = index, digest = %desc.digest, from, %err, "span index refused; the layer is downloaded whole");
+                counts.whole_index_refused.fetch_add(1, Ordering::Relaxed);
                 None
             }
         }
@@ -318,14 +389,23 @@ impl<'a> SpanIndexes<'a> {
     /// The span index published for `desc`, if the registry lists one.
     async fn published(&mut self, desc: &Descriptor) -> Option<Vec<u8>> {
         if self.listing.is_none() {
-            let listing = self
-                .attached
-                .listing(SPAN_INDEX_TYPE)
-                .await
-                .unwrap_or_else(|err| {
-                    tracing::warn!(err = %crate::error_chain(&err), "published span indexes not listed");
-                    Listing::empty()
-                });
+            let subject = self.attached.subject.digest;
+            let listing = match recent_listing(&subject) {
+                Some(listing) => listing,
+                None => {
+                    let listing = self
+                        .attached
+                        .listing(SPAN_INDEX_TYPE)
+                        .await
+                        .unwrap_or_else(|err| {
+                            tracing::warn!(err = %crate::error_chain(&err), "published span indexes not listed");
+                            Listing::empty()
+                        });
+                    let listing = Arc::new(listing);
+                    remember_listing(subject, listing.clone());
+                    listing
+                }
+            };
             self.listing = Some(listing);
         }
         let entry = self

@@ -202,6 +202,17 @@ async fn an_unconverted_image_streams_through_span_indexes_and_equals_gnu_tar() 
         b"v2"
     );
     let (_, page) = support::http_get(metrics, "/metrics");
+    assert_eq!(
+        support::metric(&page, r#"imgstream_layers_opened_total{how="span_index"}"#),
+        tarballs.len() as u64
+    );
+    assert_eq!(
+        support::metric(
+            &page,
+            r#"imgstream_layers_opened_total{how="whole",why="no_index"}"#
+        ),
+        0
+    );
     let fetched: u64 = ["on_demand", "read_around", "background"]
         .iter()
         .map(|p| {
@@ -297,6 +308,74 @@ async fn published_span_indexes_are_found_through_the_tag_fallback() {
     );
     assert!(text.contains("the registry"), "{text}");
     assert!(!text.contains("downloading it whole"), "{text}");
+    mounted.stop();
+    drop(registry);
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
+/// Images GKE's Image streaming declines stream here like any other: one with an empty layer
+/// (a tar of nothing) and the same layer twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_and_repeated_layers_stream_like_any_other() {
+    support::require_root();
+    let scratch = support::scratch("fuse-odd-layers");
+    let registry = Registry::start("fuse-odd-layers", None);
+    let reg = registry.host();
+    let dirs = layer_dirs(&scratch);
+    let tarballs = tar_layers(&dirs, &scratch);
+    let empty = scratch.join("empty.tar.gz");
+    {
+        use std::io::Write as _;
+        let mut gz = flate2::write::GzEncoder::new(
+            std::fs::File::create(&empty).unwrap(),
+            flate2::Compression::default(),
+        );
+        gz.write_all(&[0u8; 1024]).unwrap();
+        gz.finish().unwrap();
+    }
+    let layers = [
+        tarballs[0].clone(),
+        empty,
+        tarballs[1].clone(),
+        tarballs[1].clone(),
+    ];
+    let layout = scratch.join("layout");
+    support::build_image_from_tarballs(&layout, "v1", &layers, &["/bin/sh"]).await;
+    support::skopeo_copy(
+        &format!("oci:{}:v1", layout.display()),
+        &format!("docker://{reg}/odd/app:v1"),
+    );
+    let image = format!("{reg}/odd/app:v1");
+    let cache = scratch.join("cache");
+    support::imgstream(&[
+        "index",
+        &image,
+        "--local",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--insecure-registry",
+        &reg,
+        "--scratch",
+        scratch.to_str().unwrap(),
+    ]);
+    let log = scratch.join("mount.log");
+    let mounted = Mounted::start_logged(
+        &image,
+        &scratch.join("mnt"),
+        &cache,
+        &reg,
+        &["--no-background"],
+        Some(&log),
+    );
+    let expected = scratch.join("expected-merged");
+    expected_merged(&tarballs, &expected);
+    assert_same_tree(&mounted.mountpoint, &expected, 25);
+    let text = mounted.log_text();
+    assert_eq!(
+        text.matches("streamed through its span index").count(),
+        layers.len(),
+        "{text}"
+    );
     mounted.stop();
     drop(registry);
     std::fs::remove_dir_all(&scratch).unwrap();

@@ -163,6 +163,48 @@ async fn containerd_runs_a_streamed_image_through_the_imgstream_snapshotter() {
     assert_eq!(report["by_image"][0]["group"], format!("{host}/app:esgz"));
     assert_eq!(report["by_image"][0]["start_to_first_log"]["count"], 1);
 
+    // The same image as pushed, never converted: with a span index published beside it,
+    // containerd runs it through the snapshotter lazily too.
+    let out = support::imgstream(&[
+        "index",
+        &format!("{host}/app:v1"),
+        "--insecure-registry",
+        &host,
+        "--scratch",
+        scratch.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before = proxy.bytes();
+    let log = run_pod(
+        &containerd,
+        &format!("{host}/app:v1"),
+        ("streaming-plain", "indexed"),
+        &truth,
+        &scratch.join("pod-logs-indexed"),
+    )
+    .await;
+    let line = wait_for_log(&log);
+    let fetched = proxy.bytes() - before;
+    eprintln!(
+        "unconverted, indexed: pull to first log line took {fetched} bytes; the layer is about {layer_bytes} bytes: {}",
+        line.trim()
+    );
+    let agent_log = agent.log_text();
+    assert!(
+        agent_log.contains("streamed through its span index"),
+        "{agent_log}"
+    );
+    // The index, the span holding the entrypoint (2 MiB of incompressible data at most),
+    // manifest and config: a fraction of the layer.
+    assert!(
+        fetched * 4 < layer_bytes,
+        "{fetched} bytes fetched of a {layer_bytes}-byte layer"
+    );
+
     // A container that stays up and reads files of its lazy layer when told to (through a
     // host directory), across agent restarts. The agent runs without the background
     // download: those files are fetched only when read.

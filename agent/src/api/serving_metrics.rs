@@ -125,6 +125,29 @@ impl Serving {
         ] {
             family(out, name, "counter", help, &[("", load(counter))]);
         }
+        let layers = &crate::mount::LAYERS_OPENED;
+        family(
+            out,
+            "imgstream_layers_opened_total",
+            "counter",
+            "Layers opened to be served, by how: eStargz (its TOC), a plain gzip layer through a span index, or downloaded whole (by a mount; unpacked by containerd for the snapshotter) and why.",
+            &[
+                ("{how=\"estargz\"}", load(&layers.estargz)),
+                ("{how=\"span_index\"}", load(&layers.span_index)),
+                (
+                    "{how=\"whole\",why=\"not_gzip\"}",
+                    load(&layers.whole_not_gzip),
+                ),
+                (
+                    "{how=\"whole\",why=\"no_index\"}",
+                    load(&layers.whole_no_index),
+                ),
+                (
+                    "{how=\"whole\",why=\"index_refused\"}",
+                    load(&layers.whole_index_refused),
+                ),
+            ],
+        );
         family(
             out,
             "imgstream_fs_request_panics_total",

@@ -19,10 +19,12 @@ use crate::{
     mount::{MountError, image_manifest, manifest_descriptor},
     oci::{
         digest::Digest,
-        manifest::{Platform, is_gzip_layer},
+        manifest::{self, Descriptor, Document, Manifest, Platform, is_gzip_layer},
         reference::ImageRef,
     },
-    registry::{BlobSource, attached::Attached, http::HttpConfig, open_sink, open_source},
+    registry::{
+        BlobSource, FetchedManifest, attached::Attached, http::HttpConfig, open_sink, open_source,
+    },
 };
 
 /// Errors indexing an image.
@@ -67,6 +69,8 @@ enum Destination<'a> {
 pub struct IndexJob {
     pub image: ImageRef,
     pub platform: Platform,
+    /// Every platform of an image index, not only `platform`.
+    pub all_platforms: bool,
     pub build: BuildOptions,
     /// Keep the indexes in `cache_dir` (the agent's `--cache-dir`) instead of publishing
     /// them beside the image.
@@ -85,6 +89,8 @@ pub struct IndexReport {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct IndexedLayer {
+    /// The image manifest (one platform's) the layer was indexed for.
+    pub manifest: Digest,
     pub digest: Digest,
     pub size: u64,
     /// Why the layer has no index (already eStargz, not gzip); `None` when it was indexed.
@@ -152,74 +158,231 @@ impl IndexJob {
         scratch: &std::path::Path,
     ) -> Result<IndexReport, IndexError> {
         let reference = self.image.manifest_reference().unwrap_or_default();
-        let (fetched, manifest) = image_manifest(source.as_ref(), &reference, &self.platform, None)
-            .await
-            .map_err(IndexError::Image)?;
-        let destination = match keep {
-            Keep::Cache(cache) => Destination::Cache(cache),
-            Keep::Publish(sink) => Destination::Publish(Box::new(Attached {
-                source: source.clone(),
-                sink: Some(sink.clone()),
-                subject: manifest_descriptor(&fetched, &manifest),
-            })),
+        let subjects = if self.all_platforms {
+            every_platform(source.as_ref(), &reference).await?
+        } else {
+            vec![
+                image_manifest(source.as_ref(), &reference, &self.platform, None)
+                    .await
+                    .map_err(IndexError::Image)?,
+            ]
         };
         let mut layers = Vec::new();
-        for desc in &manifest.layers {
-            let mut report = IndexedLayer {
-                digest: desc.digest,
-                size: desc.size,
-                skipped: None,
-                spans: 0,
-                entries: 0,
-                index_bytes: 0,
-                artifact: None,
+        for (fetched, manifest) in subjects {
+            let subject = manifest_descriptor(&fetched, &manifest);
+            let destination = match keep {
+                Keep::Cache(cache) => Destination::Cache(cache),
+                Keep::Publish(sink) => Destination::Publish(Box::new(Attached {
+                    source: source.clone(),
+                    sink: Some(sink.clone()),
+                    subject: subject.clone(),
+                })),
             };
-            if desc.annotations.contains_key(TOC_DIGEST_ANNOTATION) {
-                report.skipped = Some("eStargz: it streams through its TOC");
-            } else if !is_gzip_layer(&desc.media_type) {
-                report.skipped = Some("not a gzip layer");
+            for desc in &manifest.layers {
+                layers.push(
+                    self.index_layer(source.as_ref(), &destination, subject.digest, desc, scratch)
+                        .await?,
+                );
             }
-            if report.skipped.is_some() {
-                layers.push(report);
-                continue;
-            }
-            // Downloaded whole (its digest checked on the way), then read once.
-            let file = scratch.join(desc.digest.hex());
-            source.blob_to_file(desc, &file).await?;
-            let build = self.build;
-            let path = file.clone();
-            let index = tokio::task::spawn_blocking(move || {
-                let layer =
-                    std::fs::File::open(&path).map_err(crate::image::gzip::GzipError::Io)?;
-                SpanIndex::build(std::io::BufReader::new(layer), build)
-            })
-            .await
-            .map_err(IndexError::Task)?
-            .map_err(|source| IndexError::Layer {
-                digest: desc.digest,
-                source,
-            })?;
-            let _ = std::fs::remove_file(&file);
-            let encoded = index.encode();
-            report.index_bytes = encoded.len() as u64;
-            match &destination {
-                Destination::Cache(cache) => {
-                    if !cache.put_span_index(&desc.digest, &encoded)? {
-                        return Err(IndexError::NoRoom(desc.digest));
-                    }
-                }
-                Destination::Publish(attached) => {
-                    report.artifact = attached
-                        .publish(SPAN_INDEX_TYPE, &desc.digest, encoded.into())
-                        .await
-                        .map_err(IndexError::Publish)?;
-                }
-            }
-            tracing::info!(layer = %desc.digest, spans = index.spans.len(), bytes = report.index_bytes, "layer indexed");
-            report.spans = index.spans.len();
-            report.entries = index.entries.len();
-            layers.push(report);
         }
         Ok(IndexReport { layers })
+    }
+
+    /// One layer of one image manifest indexed and kept or published.
+    async fn index_layer(
+        &self,
+        source: &dyn BlobSource,
+        destination: &Destination<'_>,
+        manifest: Digest,
+        desc: &Descriptor,
+        scratch: &std::path::Path,
+    ) -> Result<IndexedLayer, IndexError> {
+        let mut report = IndexedLayer {
+            manifest,
+            digest: desc.digest,
+            size: desc.size,
+            skipped: None,
+            spans: 0,
+            entries: 0,
+            index_bytes: 0,
+            artifact: None,
+        };
+        if desc.annotations.contains_key(TOC_DIGEST_ANNOTATION) {
+            report.skipped = Some("eStargz: it streams through its TOC");
+        } else if !is_gzip_layer(&desc.media_type) {
+            report.skipped = Some("not a gzip layer");
+        }
+        if report.skipped.is_some() {
+            return Ok(report);
+        }
+        // Downloaded whole (its digest checked on the way), then read once.
+        let file = scratch.join(desc.digest.hex());
+        source.blob_to_file(desc, &file).await?;
+        let build = self.build;
+        let path = file.clone();
+        let index = tokio::task::spawn_blocking(move || {
+            let layer = std::fs::File::open(&path).map_err(crate::image::gzip::GzipError::Io)?;
+            SpanIndex::build(std::io::BufReader::new(layer), build)
+        })
+        .await
+        .map_err(IndexError::Task)?
+        .map_err(|source| IndexError::Layer {
+            digest: desc.digest,
+            source,
+        })?;
+        let _ = std::fs::remove_file(&file);
+        let encoded = index.encode();
+        report.index_bytes = encoded.len() as u64;
+        match destination {
+            Destination::Cache(cache) => {
+                if !cache.put_span_index(&desc.digest, &encoded)? {
+                    return Err(IndexError::NoRoom(desc.digest));
+                }
+            }
+            Destination::Publish(attached) => {
+                report.artifact = attached
+                    .publish(SPAN_INDEX_TYPE, &desc.digest, encoded.into())
+                    .await
+                    .map_err(IndexError::Publish)?;
+            }
+        }
+        tracing::info!(layer = %desc.digest, spans = index.spans.len(), bytes = report.index_bytes, "layer indexed");
+        report.spans = index.spans.len();
+        report.entries = index.entries.len();
+        Ok(report)
+    }
+}
+
+/// Every platform's image manifest of `reference` (one, if it names a manifest); entries of
+/// an index that are not images (attestations, `unknown/unknown`) are left out.
+async fn every_platform(
+    source: &dyn BlobSource,
+    reference: &str,
+) -> Result<Vec<(FetchedManifest, Manifest)>, IndexError> {
+    let top = source.manifest(reference).await?;
+    let index = match manifest::parse(&top.bytes, &top.media_type)
+        .map_err(crate::registry::RegistryError::from)?
+    {
+        Document::Manifest(m) => return Ok(vec![(top, *m)]),
+        Document::Index(index) => index,
+    };
+    let mut out = Vec::new();
+    for entry in &index.manifests {
+        if entry.platform.as_ref().is_some_and(|p| p.os == "unknown") {
+            continue;
+        }
+        let fetched = source.manifest(&entry.digest.to_string()).await?;
+        if let Document::Manifest(m) = manifest::parse(&fetched.bytes, &fetched.media_type)
+            .map_err(crate::registry::RegistryError::from)?
+        {
+            out.push((fetched, *m));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::{
+        oci::manifest::{OCI_CONFIG, OCI_INDEX, OCI_MANIFEST},
+        registry::{BlobSink as _, local::LocalLayout},
+        testing::{gzip, layer_tar, plain_descriptor},
+    };
+
+    /// One image manifest of a single plain layer `blob`, stored in `layout`.
+    async fn image(layout: &LocalLayout, blob: Vec<u8>) -> Descriptor {
+        let layer = plain_descriptor(&blob);
+        layout
+            .put_blob(&layer, Bytes::from(blob))
+            .await
+            .expect("a blob");
+        let config =
+            br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+        let config_desc = Descriptor::of(OCI_CONFIG, config);
+        layout
+            .put_blob(&config_desc, Bytes::from_static(config))
+            .await
+            .expect("a blob");
+        let m = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": config_desc,
+            "layers": [layer],
+        });
+        let bytes = serde_json::to_vec(&m).expect("JSON");
+        layout
+            .put_manifest(None, OCI_MANIFEST, Bytes::from(bytes.clone()))
+            .await
+            .expect("a manifest");
+        Descriptor::of(OCI_MANIFEST, &bytes)
+    }
+
+    #[tokio::test]
+    async fn every_platform_of_an_index_gets_its_own_indexes() {
+        let dir = std::env::temp_dir().join(format!("imgstream-index-all-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let layout = LocalLayout::create(&dir.join("layout")).expect("a layout");
+        let (tar, _) = layer_tar();
+        let mut entries = Vec::new();
+        for (level, (os, arch)) in [(6, ("linux", "amd64")), (1, ("linux", "arm64"))] {
+            let mut desc = image(&layout, gzip(&tar, level)).await;
+            desc.platform = Some(format!("{os}/{arch}").parse().expect("a platform"));
+            entries.push(desc);
+        }
+        // An attestation, as buildkit adds: not an image of any platform.
+        let mut attestation = image(&layout, gzip(b"not a tar", 6)).await;
+        attestation.platform = Some("unknown/unknown".parse().expect("a platform"));
+        entries.push(attestation);
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": entries,
+        });
+        layout
+            .put_manifest(
+                Some("v1"),
+                OCI_INDEX,
+                Bytes::from(serde_json::to_vec(&index).expect("JSON")),
+            )
+            .await
+            .expect("the index");
+        let job = IndexJob {
+            image: ImageRef::parse(&format!("oci:{}:v1", dir.join("layout").display()))
+                .expect("a reference"),
+            platform: Platform::host(),
+            all_platforms: true,
+            build: BuildOptions::default(),
+            local: true,
+            cache_dir: dir.join("cache"),
+            scratch_parent: dir.clone(),
+            http: HttpConfig::default(),
+        };
+        let report = job.run().await.expect("indexed");
+        let manifests: Vec<Digest> = report.layers.iter().map(|l| l.manifest).collect();
+        assert_eq!(manifests, vec![entries[0].digest, entries[1].digest]);
+        assert!(
+            report
+                .layers
+                .iter()
+                .all(|l| l.skipped.is_none() && l.spans > 0)
+        );
+        let cache = ChunkCache::open(&CacheConfig {
+            dir: dir.join("cache"),
+            limit_bytes: None,
+            prefer_uring: false,
+        })
+        .expect("the cache");
+        for layer in &report.layers {
+            let encoded = cache
+                .get_span_index(&layer.digest)
+                .expect("readable")
+                .expect("kept");
+            let index = SpanIndex::decode(&encoded).expect("it decodes");
+            assert_eq!(index.layer, layer.digest);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -212,6 +212,10 @@ pub(crate) struct IndexArgs {
     /// index of a 254 MB layer at 1.7 % of it (1M: 3.3 %, 4M: 0.9 %).
     #[arg(long, default_value = "2M")]
     pub(crate) span: ByteSize,
+    /// Index every platform of a multi-platform image (each platform's manifest gets its
+    /// own indexes), not only --platform.
+    #[arg(long)]
+    pub(crate) all_platforms: bool,
     #[command(flatten)]
     pub(crate) image_job: ImageJobArgs,
 }
@@ -229,6 +233,7 @@ impl TryFrom<IndexArgs> for imgstream::convert::IndexJob {
         Ok(Self {
             image: ImageRef::parse(&args.image).context("IMAGE")?,
             platform: args.image_job.platform,
+            all_platforms: args.all_platforms,
             build: imgstream::image::gzip::BuildOptions { span: args.span.0 },
             local: args.local,
             cache_dir: args.cache_dir,
