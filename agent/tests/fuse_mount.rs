@@ -155,6 +155,40 @@ async fn mounted_image_equals_a_gnu_tar_extraction_in_both_views() {
     std::fs::remove_dir_all(&scratch).unwrap();
 }
 
+/// `imgstream index IMAGE` against the test registry `reg`, with `extra` flags: its report.
+fn index_image(image: &str, reg: &str, scratch: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        "index",
+        image,
+        "--insecure-registry",
+        reg,
+        "--scratch",
+        scratch.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    String::from_utf8_lossy(&support::imgstream(&args).stdout).into_owned()
+}
+
+/// The mount holds what GNU tar extracts from `tarballs`, and its log says each of its
+/// `layers` was streamed through a span index, none downloaded whole.
+fn assert_streamed_through_indexes(
+    mounted: &Mounted,
+    scratch: &Path,
+    tarballs: &[std::path::PathBuf],
+    layers: usize,
+) {
+    let expected = scratch.join("expected-merged");
+    expected_merged(tarballs, &expected);
+    assert_same_tree(&mounted.mountpoint, &expected, 25);
+    let text = mounted.log_text();
+    assert_eq!(
+        text.matches("streamed through its span index").count(),
+        layers,
+        "{text}"
+    );
+    assert!(!text.contains("downloading it whole"), "{text}");
+}
+
 /// An unmodified image (GNU tar + gzip layers, pushed with skopeo, never converted) streams
 /// through span indexes that `imgstream index --local` kept in the cache: the mount comes up
 /// without downloading a layer, a small file costs a span, not the layer, and the tree is
@@ -165,20 +199,18 @@ async fn an_unconverted_image_streams_through_span_indexes_and_equals_gnu_tar() 
     let reg = registry.host();
     let image = format!("{reg}/src/app:v1");
     let cache = scratch.join("cache");
-    let out = support::imgstream(&[
-        "index",
+    let printed = index_image(
         &image,
-        "--local",
-        "--cache-dir",
-        cache.to_str().unwrap(),
-        "--span",
-        "64K",
-        "--insecure-registry",
         &reg,
-        "--scratch",
-        scratch.to_str().unwrap(),
-    ]);
-    let printed = String::from_utf8_lossy(&out.stdout);
+        &scratch,
+        &[
+            "--local",
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--span",
+            "64K",
+        ],
+    );
     assert_eq!(
         printed.matches(" spans, ").count(),
         tarballs.len(),
@@ -230,16 +262,7 @@ async fn an_unconverted_image_streams_through_span_indexes_and_equals_gnu_tar() 
         fetched > 0 && fetched * 4 < layers,
         "{fetched} bytes fetched for one small file of {layers} bytes of layers"
     );
-    let expected = scratch.join("expected-merged");
-    expected_merged(&tarballs, &expected);
-    assert_same_tree(&mounted.mountpoint, &expected, 25);
-    let text = mounted.log_text();
-    assert_eq!(
-        text.matches("streamed through its span index").count(),
-        tarballs.len(),
-        "{text}"
-    );
-    assert!(!text.contains("downloading it whole"), "{text}");
+    assert_streamed_through_indexes(&mounted, &scratch, &tarballs, tarballs.len());
     mounted.stop();
     drop(registry);
     std::fs::remove_dir_all(&scratch).unwrap();
@@ -255,15 +278,7 @@ async fn published_span_indexes_are_found_through_the_tag_fallback() {
     let reg = registry.host();
     let image = format!("{reg}/src/app:v1");
     let before = support::skopeo_raw(&format!("docker://{image}"));
-    let out = support::imgstream(&[
-        "index",
-        &image,
-        "--insecure-registry",
-        &reg,
-        "--scratch",
-        scratch.to_str().unwrap(),
-    ]);
-    let printed = String::from_utf8_lossy(&out.stdout);
+    let printed = index_image(&image, &reg, &scratch, &[]);
     assert_eq!(
         printed.matches("published as sha256:").count(),
         tarballs.len(),
@@ -297,17 +312,8 @@ async fn published_span_indexes_are_found_through_the_tag_fallback() {
         &["--no-background"],
         Some(&log),
     );
-    let expected = scratch.join("expected-merged");
-    expected_merged(&tarballs, &expected);
-    assert_same_tree(&mounted.mountpoint, &expected, 25);
-    let text = mounted.log_text();
-    assert_eq!(
-        text.matches("streamed through its span index").count(),
-        tarballs.len(),
-        "{text}"
-    );
-    assert!(text.contains("the registry"), "{text}");
-    assert!(!text.contains("downloading it whole"), "{text}");
+    assert_streamed_through_indexes(&mounted, &scratch, &tarballs, tarballs.len());
+    assert!(mounted.log_text().contains("the registry"));
     mounted.stop();
     drop(registry);
     std::fs::remove_dir_all(&scratch).unwrap();
@@ -347,17 +353,12 @@ async fn empty_and_repeated_layers_stream_like_any_other() {
     );
     let image = format!("{reg}/odd/app:v1");
     let cache = scratch.join("cache");
-    support::imgstream(&[
-        "index",
+    index_image(
         &image,
-        "--local",
-        "--cache-dir",
-        cache.to_str().unwrap(),
-        "--insecure-registry",
         &reg,
-        "--scratch",
-        scratch.to_str().unwrap(),
-    ]);
+        &scratch,
+        &["--local", "--cache-dir", cache.to_str().unwrap()],
+    );
     let log = scratch.join("mount.log");
     let mounted = Mounted::start_logged(
         &image,
@@ -367,15 +368,7 @@ async fn empty_and_repeated_layers_stream_like_any_other() {
         &["--no-background"],
         Some(&log),
     );
-    let expected = scratch.join("expected-merged");
-    expected_merged(&tarballs, &expected);
-    assert_same_tree(&mounted.mountpoint, &expected, 25);
-    let text = mounted.log_text();
-    assert_eq!(
-        text.matches("streamed through its span index").count(),
-        layers.len(),
-        "{text}"
-    );
+    assert_streamed_through_indexes(&mounted, &scratch, &tarballs, layers.len());
     mounted.stop();
     drop(registry);
     std::fs::remove_dir_all(&scratch).unwrap();
