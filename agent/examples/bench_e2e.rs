@@ -450,7 +450,11 @@ async fn cold_start(
         ))
     );
     if let Some(agent) = agent {
+        let streamed = agent.log_text().contains("streamed through its span index");
         agent.stop();
+        if setup.tag == "plain" && !streamed {
+            bail!("imgstream did not stream the unconverted image through its span index");
+        }
     }
     drop(containerd);
     if let Some(daemon) = stargz_daemon {
@@ -540,11 +544,19 @@ async fn measure(
 
 /// Table rows for one set of setups measured together.
 fn rows(table: &mut String, rtt: &str, setups: &[Setup], results: &[Vec<Run>], esgz_bytes: u64) {
-    let pulled = setups
-        .iter()
-        .zip(results)
-        .find(|(s, _)| s.snapshotter == Snapshotter::Pulled)
-        .map(|(_, runs)| spread(runs.iter().map(|r| r.took).collect()).0);
+    // Each row against the full pull of the same image (the first one, if that has none).
+    let pulled_of = |tag: &str| {
+        let pulled = || {
+            setups
+                .iter()
+                .zip(results)
+                .filter(|(s, _)| s.snapshotter == Snapshotter::Pulled)
+        };
+        pulled()
+            .find(|(s, _)| s.tag == tag)
+            .or_else(|| pulled().next())
+            .map(|(_, runs)| spread(runs.iter().map(|r| r.took).collect()).0)
+    };
     let stargz = setups
         .iter()
         .zip(results)
@@ -563,7 +575,7 @@ fn rows(table: &mut String, rtt: &str, setups: &[Setup], results: &[Vec<Run>], e
             table,
             "| {rtt} | {} | {took:.2} s ({lo:.2}-{hi:.2}) | {} | {vs_stargz} | {:.1} MB ({:.0} %) | {floor:.2} s ({:.0} %) | {} |",
             setup.label,
-            pulled.map_or(String::new(), |p| format!("{:.1}x", p / took)),
+            pulled_of(setup.tag).map_or(String::new(), |p| format!("{:.1}x", p / took)),
             bytes / 1e6,
             bytes / esgz_bytes as f64 * 100.0,
             floor / took * 100.0,
@@ -726,6 +738,24 @@ async fn main() -> anyhow::Result<()> {
             learned: None,
         },
     ];
+    // The image as pushed, never converted: pulled, and streamed through the span index
+    // `imgstream index` publishes beside it.
+    start_setups.extend([
+        Setup {
+            label: "full pull of the unconverted image (plain gzip)",
+            snapshotter: Snapshotter::Pulled,
+            tag: "plain",
+            command: &COMMAND,
+            learned: None,
+        },
+        Setup {
+            label: "imgstream, unconverted image, span index published by `imgstream index` (defaults)",
+            snapshotter: Snapshotter::Imgstream,
+            tag: "plain",
+            command: &COMMAND,
+            learned: None,
+        },
+    ]);
     if stargz.is_some() {
         start_setups.push(Setup {
             label: "stargz-snapshotter v0.12, defaults",
@@ -735,8 +765,8 @@ async fn main() -> anyhow::Result<()> {
             learned: None,
         });
     }
-    // A trial run may pick setups by name: pulled, imgstream:esgz, imgstream:same,
-    // imgstream:other, imgstream:prefetch, stargz.
+    // A trial run may pick setups by name: pulled, pulled:esgz, pulled:plain, imgstream:esgz,
+    // imgstream:same, imgstream:other, imgstream:prefetch, imgstream:plain, stargz.
     if let Ok(only) = std::env::var("IMGSTREAM_BENCH_SETUPS") {
         let only: Vec<&str> = only.split(',').map(str::trim).collect();
         start_setups.retain(|s| {
@@ -744,6 +774,35 @@ async fn main() -> anyhow::Result<()> {
             let variant = s.learned.map_or(s.tag, |l| l.name);
             only.contains(&name.as_str()) || only.contains(&format!("{name}:{variant}").as_str())
         });
+    }
+    let mut index_note = String::new();
+    if start_setups
+        .iter()
+        .any(|s| s.snapshotter == Snapshotter::Imgstream && s.tag == "plain")
+    {
+        println!("   publishing the unconverted image's span index (`imgstream index`, not timed)");
+        let host = registry.host();
+        let image = format!("{host}/php:plain");
+        let out = support::imgstream(&[
+            "index",
+            &image,
+            "--insecure-registry",
+            &host,
+            "--json",
+            "--scratch",
+            &scratch_arg,
+        ]);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .context("`imgstream index --json` printed something other than JSON")?;
+        let index_bytes = report["layers"][0]["index_bytes"]
+            .as_u64()
+            .context("`imgstream index --json` gave no layers[0].index_bytes")?;
+        index_note = format!(
+            " Span index of the unconverted layer: {:.2} MB ({:.1} % of it), {} spans.",
+            index_bytes as f64 / 1e6,
+            index_bytes as f64 * 100.0 / plain_bytes as f64,
+            report["layers"][0]["spans"]
+        );
     }
     let tuned = tuning();
     let mut table = if tuned.is_empty() {
@@ -756,7 +815,7 @@ async fn main() -> anyhow::Result<()> {
     };
     table += &format!(
         "Image: {:.0} MB unpacked, {files} files; {:.0} MB gzip, {:.0} MB eStargz (`imgstream convert` defaults). \
-         Link: {RATE_MBIT} Mbit/s plus the round-trip time. Medians of {reps} cold starts each (min-max).\n\n\
+         Link: {RATE_MBIT} Mbit/s plus the round-trip time. Medians of {reps} cold starts each (min-max).{index_note}\n\n\
          | round trip | setup | PullImage -> first log line | vs full pull | vs stargz-snapshotter | bytes over the link by then | transfer floor (share of the time) | whole image cached |\n\
          |---|---|---|---|---|---|---|---|\n",
         unpacked as f64 / 1e6,
