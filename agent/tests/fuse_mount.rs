@@ -319,6 +319,87 @@ async fn published_span_indexes_are_found_through_the_tag_fallback() {
     std::fs::remove_dir_all(&scratch).unwrap();
 }
 
+/// Bytes changed in the registry's own storage after the layer was indexed: every read of
+/// the spans they fall in fails with EIO, every other read is served, and no read ever
+/// returns bytes the layer did not hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_span_changed_in_the_registry_is_an_error_never_other_bytes() {
+    let (scratch, registry, _, tarballs) = sample_image("fuse-span-corrupt").await;
+    let reg = registry.host();
+    let image = format!("{reg}/src/app:v1");
+    let cache = scratch.join("cache");
+    index_image(
+        &image,
+        &reg,
+        &scratch,
+        &[
+            "--local",
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--span",
+            "64K",
+        ],
+    );
+    // One byte in the middle of the lower layer, as the registry stores it.
+    let lower = std::fs::read(&tarballs[0]).unwrap();
+    let hex = imgstream::oci::digest::Digest::of(&lower).hex();
+    let stored = registry.blob_data_path(&hex);
+    let mut bytes = std::fs::read(&stored).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    std::fs::write(&stored, &bytes).unwrap();
+
+    let mounted = Mounted::start(
+        &image,
+        &scratch.join("mnt"),
+        &cache,
+        &reg,
+        &["--no-background"],
+    );
+    let expected = scratch.join("expected-merged");
+    expected_merged(&tarballs, &expected);
+    let (mut served, mut refused) = (0, 0);
+    let mut dirs = vec![expected.clone()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let kind = std::fs::symlink_metadata(&path).unwrap().file_type();
+            if kind.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            if !kind.is_file() {
+                continue;
+            }
+            let relative = path.strip_prefix(&expected).unwrap();
+            match std::fs::read(mounted.mountpoint.join(relative)) {
+                Ok(got) => {
+                    assert!(
+                        got == std::fs::read(&path).unwrap(),
+                        "{} was served with bytes the layer does not hold",
+                        relative.display()
+                    );
+                    served += 1;
+                }
+                Err(err) => {
+                    assert_eq!(
+                        err.raw_os_error(),
+                        Some(libc::EIO),
+                        "{}",
+                        relative.display()
+                    );
+                    refused += 1;
+                }
+            }
+        }
+    }
+    assert!(refused > 0, "no read met the changed span");
+    assert!(served > 0, "nothing outside the changed span was served");
+    mounted.stop();
+    drop(registry);
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
 /// Images GKE's Image streaming declines stream here like any other: one with an empty layer
 /// (a tar of nothing) and the same layer twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
