@@ -169,6 +169,36 @@ fn index_image(image: &str, reg: &str, scratch: &Path, extra: &[&str]) -> String
     String::from_utf8_lossy(&support::imgstream(&args).stdout).into_owned()
 }
 
+/// The sample image in a fresh registry, indexed with `imgstream index --local` (64 KiB
+/// spans) into `scratch/cache`: (scratch, registry, tarballs, image reference, the report).
+async fn sample_indexed_locally(
+    name: &str,
+) -> (
+    std::path::PathBuf,
+    Registry,
+    Vec<std::path::PathBuf>,
+    String,
+    String,
+) {
+    let (scratch, registry, _, tarballs) = sample_image(name).await;
+    let reg = registry.host();
+    let image = format!("{reg}/src/app:v1");
+    let cache = scratch.join("cache");
+    let printed = index_image(
+        &image,
+        &reg,
+        &scratch,
+        &[
+            "--local",
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--span",
+            "64K",
+        ],
+    );
+    (scratch, registry, tarballs, image, printed)
+}
+
 /// The mount holds what GNU tar extracts from `tarballs`, and its log says each of its
 /// `layers` was streamed through a span index, none downloaded whole.
 fn assert_streamed_through_indexes(
@@ -195,22 +225,9 @@ fn assert_streamed_through_indexes(
 /// a GNU tar extraction's, file for file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unconverted_image_streams_through_span_indexes_and_equals_gnu_tar() {
-    let (scratch, registry, _, tarballs) = sample_image("fuse-span-index").await;
-    let reg = registry.host();
-    let image = format!("{reg}/src/app:v1");
-    let cache = scratch.join("cache");
-    let printed = index_image(
-        &image,
-        &reg,
-        &scratch,
-        &[
-            "--local",
-            "--cache-dir",
-            cache.to_str().unwrap(),
-            "--span",
-            "64K",
-        ],
-    );
+    let (scratch, registry, tarballs, image, printed) =
+        sample_indexed_locally("fuse-span-index").await;
+    let (reg, cache) = (registry.host(), scratch.join("cache"));
     assert_eq!(
         printed.matches(" spans, ").count(),
         tarballs.len(),
@@ -324,22 +341,8 @@ async fn published_span_indexes_are_found_through_the_tag_fallback() {
 /// returns bytes the layer did not hold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_span_changed_in_the_registry_is_an_error_never_other_bytes() {
-    let (scratch, registry, _, tarballs) = sample_image("fuse-span-corrupt").await;
-    let reg = registry.host();
-    let image = format!("{reg}/src/app:v1");
-    let cache = scratch.join("cache");
-    index_image(
-        &image,
-        &reg,
-        &scratch,
-        &[
-            "--local",
-            "--cache-dir",
-            cache.to_str().unwrap(),
-            "--span",
-            "64K",
-        ],
-    );
+    let (scratch, registry, tarballs, image, _) = sample_indexed_locally("fuse-span-corrupt").await;
+    let (reg, cache) = (registry.host(), scratch.join("cache"));
     // One byte in the middle of the lower layer, as the registry stores it.
     let lower = std::fs::read(&tarballs[0]).unwrap();
     let hex = imgstream::oci::digest::Digest::of(&lower).hex();
