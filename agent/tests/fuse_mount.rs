@@ -403,6 +403,106 @@ async fn a_span_changed_in_the_registry_is_an_error_never_other_bytes() {
     std::fs::remove_dir_all(&scratch).unwrap();
 }
 
+/// A layer whose bytes in the registry's storage differ from what its digest names only in
+/// its gzip trailer: every span still matches the index, so readers cannot tell. The
+/// background download reads each layer through and checks it against its descriptor: the
+/// changed layer is quarantined (reported in `/metrics` and the log) and its files are EIO
+/// from then on, while the intact layer is verified and served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_background_checks_each_layer_digest_and_quarantines_one_that_differs() {
+    let (scratch, registry, tarballs, image, _) =
+        sample_indexed_locally("fuse-span-quarantine").await;
+    let (reg, cache) = (registry.host(), scratch.join("cache"));
+    let lower = std::fs::read(&tarballs[0]).unwrap();
+    let hex = imgstream::oci::digest::Digest::of(&lower).hex();
+    let stored = registry.blob_data_path(&hex);
+    let mut bytes = std::fs::read(&stored).unwrap();
+    // The first byte of the CRC-32 in the gzip trailer: no span's inflated bytes change.
+    let crc = bytes.len() - 8;
+    bytes[crc] ^= 0x55;
+    std::fs::write(&stored, &bytes).unwrap();
+
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", support::free_port())
+        .parse()
+        .unwrap();
+    let log = scratch.join("mount.log");
+    let mounted = Mounted::start_logged(
+        &image,
+        &scratch.join("mnt"),
+        &cache,
+        &reg,
+        &["--metrics-addr", &metrics.to_string()],
+        Some(&log),
+    );
+    let verified = |result: &str| {
+        let (_, page) = support::http_get(metrics, "/metrics");
+        support::metric(
+            &page,
+            &format!("imgstream_layers_verified_total{{result=\"{result}\"}}"),
+        )
+    };
+    let waited = std::time::Instant::now();
+    while verified("quarantined") + verified("match") < tarballs.len() as u64 {
+        assert!(
+            waited.elapsed() < std::time::Duration::from_secs(60),
+            "the background download did not read every layer through\n{}",
+            mounted.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(verified("quarantined"), 1);
+    assert_eq!(verified("match"), tarballs.len() as u64 - 1);
+    assert!(mounted.log_text().contains("layer quarantined"));
+
+    // Files of the upper layer are served as GNU tar extracts them; those only the lower
+    // layer holds are EIO.
+    let upper = scratch.join("expected-upper");
+    expected_layer(&tarballs[1], &upper);
+    let expected = scratch.join("expected-merged");
+    expected_merged(&tarballs, &expected);
+    let (mut served, mut refused) = (0, 0);
+    let mut dirs = vec![expected.clone()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let kind = std::fs::symlink_metadata(&path).unwrap().file_type();
+            if kind.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            let relative = path.strip_prefix(&expected).unwrap();
+            if !kind.is_file() || std::fs::metadata(&path).unwrap().len() == 0 {
+                continue;
+            }
+            let got = std::fs::read(mounted.mountpoint.join(relative));
+            if upper.join(relative).exists() {
+                assert!(
+                    got.unwrap() == std::fs::read(&path).unwrap(),
+                    "{}",
+                    relative.display()
+                );
+                served += 1;
+            } else {
+                let err = got.expect_err("a file of the quarantined layer was served");
+                assert_eq!(
+                    err.raw_os_error(),
+                    Some(libc::EIO),
+                    "{}",
+                    relative.display()
+                );
+                refused += 1;
+            }
+        }
+    }
+    assert!(
+        served > 0 && refused > 0,
+        "{served} served, {refused} refused"
+    );
+    mounted.stop();
+    drop(registry);
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
 /// Images GKE's Image streaming declines stream here like any other: one with an empty layer
 /// (a tar of nothing) and the same layer twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -150,6 +150,16 @@ impl Serving {
         );
         family(
             out,
+            "imgstream_layers_verified_total",
+            "counter",
+            "Layers served through a span index that the background download read through and checked against their descriptors' digests: those that matched, and those quarantined (their reads fail).",
+            &[
+                ("{result=\"match\"}", load(&f.layers_verified)),
+                ("{result=\"quarantined\"}", load(&f.layers_quarantined)),
+            ],
+        );
+        family(
+            out,
             "imgstream_fs_request_panics_total",
             "counter",
             "Filesystem requests (FUSE or virtio-fs) whose handling panicked; each was answered with EIO and its worker kept serving.",

@@ -61,6 +61,14 @@ impl MemoryCache {
         self.map.insert(digest, (data, lease));
     }
 
+    /// Drops the chunk, if it is kept.
+    pub fn remove(&mut self, digest: &Digest) {
+        if let Some((gone, _lease)) = self.map.remove(digest) {
+            self.bytes -= gone.len();
+            self.order.retain(|d| d != digest);
+        }
+    }
+
     /// Drops the oldest chunk (its lease with it); false when there is none.
     fn drop_oldest(&mut self) -> bool {
         let Some(old) = self.order.pop_front() else {

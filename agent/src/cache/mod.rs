@@ -275,6 +275,16 @@ impl ChunkCache {
         }
     }
 
+    /// Deletes a chunk, if it is cached.
+    pub fn remove(&self, digest: &Digest) {
+        self.remove_entry(&self.path(digest));
+    }
+
+    /// Deletes the span index kept for `layer`, if any.
+    pub fn remove_span_index(&self, layer: &Digest) {
+        self.remove_entry(&self.meta_path(MetaKind::SpanIndex, layer));
+    }
+
     /// Whether a chunk file exists (not verified).
     pub fn contains(&self, digest: &Digest) -> bool {
         self.path(digest).exists()

@@ -15,7 +15,7 @@ use std::{
 
 use serde::Serialize;
 
-use super::{ChunkRef, Fetcher, Priority};
+use super::{ChunkRef, Fetcher, Priority, whole};
 use crate::{
     fetch::layer::RemoteLayer, image::estargz::Chunk, oci::digest::Digest, shutdown::Shutdown,
 };
@@ -61,6 +61,8 @@ pub struct Progress {
     pub bytes_total: AtomicU64,
     pub bytes_done: AtomicU64,
     pub failed_batches: AtomicUsize,
+    /// Layers read through and found not to be what their descriptors name.
+    pub quarantined: AtomicUsize,
     pub finished: AtomicBool,
     #[serde(skip)]
     on_finished: FinishHook,
@@ -107,6 +109,31 @@ struct Batch {
     chunks: Vec<Chunk>,
 }
 
+/// One piece of the background download: a batch of an eStargz layer, or a plain gzip
+/// layer served through its span index, read through whole ([`whole`]).
+enum Job {
+    Batch(Batch),
+    Whole(usize),
+}
+
+impl Job {
+    /// The compressed bytes the job fetches.
+    fn bytes(&self, layers: &[RemoteLayer]) -> u64 {
+        match self {
+            Job::Batch(b) => b.chunks.iter().map(|c| c.blob_end - c.blob_offset).sum(),
+            Job::Whole(l) => layers[*l].desc.size,
+        }
+    }
+
+    /// The distinct chunks it brings into the cache.
+    fn chunks(&self, layers: &[RemoteLayer]) -> usize {
+        match self {
+            Job::Batch(b) => b.chunks.len(),
+            Job::Whole(l) => whole::cuts(&layers[*l]).len(),
+        }
+    }
+}
+
 /// Starts the download on `config.concurrency` threads; returns its progress and a handle
 /// that finishes when everything is cached, or shutdown is triggered.
 pub fn spawn(
@@ -120,21 +147,13 @@ pub fn spawn(
     let max_batch = config.bandwidth.map_or(MAX_BATCH_BYTES, |cap| {
         (cap / 4).clamp(64 << 10, MAX_BATCH_BYTES)
     });
-    let batches = Arc::new(plan(&layers, max_batch));
+    let jobs = Arc::new(plan(&layers, max_batch));
     progress.chunks_total.store(
-        batches.iter().map(|b| b.chunks.len()).sum(),
+        jobs.iter().map(|j| j.chunks(&layers)).sum(),
         Ordering::Relaxed,
     );
     progress.bytes_total.store(
-        batches
-            .iter()
-            .map(|b| {
-                b.chunks
-                    .iter()
-                    .map(|c| c.blob_end - c.blob_offset)
-                    .sum::<u64>()
-            })
-            .sum(),
+        jobs.iter().map(|j| j.bytes(&layers)).sum(),
         Ordering::Relaxed,
     );
     fetcher.serving(progress.bytes_total.load(Ordering::Relaxed));
@@ -142,17 +161,34 @@ pub fn spawn(
         let progress = progress.clone();
         thread::Builder::new()
             .name("background".into())
-            .spawn(move || run(fetcher, batches, config, shutdown, progress))
+            .spawn(move || {
+                run(
+                    fetcher,
+                    layers,
+                    jobs,
+                    (config, max_batch),
+                    shutdown,
+                    progress,
+                )
+            })
             .expect("spawning the background download thread")
     };
     (progress, handle)
 }
 
-/// Every distinct chunk, in blob order, cut into batches of adjacent members.
-fn plan(layers: &[RemoteLayer], max_batch: u64) -> Vec<Batch> {
+/// Every distinct chunk of the eStargz layers, in blob order, cut into batches of adjacent
+/// members; each layer served through a span index, whole, once.
+fn plan(layers: &[RemoteLayer], max_batch: u64) -> Vec<Job> {
     let mut seen = HashSet::new();
+    let mut seen_blobs = HashSet::new();
     let mut batches = Vec::new();
-    for layer in layers {
+    for (l, layer) in layers.iter().enumerate() {
+        if layer.indexed {
+            if seen_blobs.insert(layer.desc.digest) {
+                batches.push(Job::Whole(l));
+            }
+            continue;
+        }
         let mut chunks: Vec<Chunk> = layer
             .index
             .nodes
@@ -172,7 +208,7 @@ fn plan(layers: &[RemoteLayer], max_batch: u64) -> Vec<Batch> {
                 }
                 _ => {
                     if let Some(done) = current.take() {
-                        batches.push(done);
+                        batches.push(Job::Batch(done));
                     }
                     current = Some(Batch {
                         blob: layer.desc.digest,
@@ -181,7 +217,7 @@ fn plan(layers: &[RemoteLayer], max_batch: u64) -> Vec<Batch> {
                 }
             }
         }
-        batches.extend(current);
+        batches.extend(current.map(Job::Batch));
     }
     batches
 }
@@ -214,8 +250,9 @@ fn fetch_with_retries(
 
 fn run(
     fetcher: Arc<Fetcher>,
-    batches: Arc<Vec<Batch>>,
-    config: BackgroundConfig,
+    layers: Arc<[RemoteLayer]>,
+    jobs: Arc<Vec<Job>>,
+    (config, max_batch): (BackgroundConfig, u64),
     shutdown: Shutdown,
     progress: Arc<Progress>,
 ) {
@@ -228,43 +265,52 @@ fn run(
     }
     let workers: Vec<_> = (0..config.concurrency.max(1))
         .map(|i| {
-            let (fetcher, batches, next, progress, shutdown) = (fetcher.clone(), batches.clone(), next.clone(), progress.clone(), shutdown.clone());
-            let scheduled = scheduled.clone();
+            let (fetcher, layers, jobs, next, progress, shutdown) = (
+                fetcher.clone(),
+                layers.clone(),
+                jobs.clone(),
+                next.clone(),
+                progress.clone(),
+                shutdown.clone(),
+            );
+            let (scheduled, stop) = (scheduled.clone(), shutdown.clone());
+            // Under a cap, each request takes its turn in a shared schedule, starting when
+            // the bytes scheduled before it fit the cap; false when the download stops.
+            let pace = move |bytes: u64| -> bool {
+                let Some(cap) = config.bandwidth else {
+                    return true;
+                };
+                let before = scheduled.fetch_add(bytes, Ordering::Relaxed);
+                let due = Duration::from_secs_f64(before as f64 / cap.max(1) as f64);
+                due.checked_sub(started.elapsed())
+                    .is_none_or(|wait| !stop.wait_timeout(wait))
+            };
             thread::Builder::new()
                 .name(format!("background-{i}"))
-                .spawn(move || loop {
-                    if shutdown.is_triggered() {
-                        return;
-                    }
-                    let n = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(batch) = batches.get(n) else { return };
-                    if let Some(cap) = config.bandwidth {
-                        // Stay under the cap: each batch takes its turn in a shared schedule,
-                        // starting when the bytes scheduled before it fit the cap.
-                        let bytes: u64 = batch.chunks.iter().map(|c| c.blob_end - c.blob_offset).sum();
-                        let before = scheduled.fetch_add(bytes, Ordering::Relaxed);
-                        let due = Duration::from_secs_f64(before as f64 / cap.max(1) as f64);
-                        if let Some(wait) = due.checked_sub(started.elapsed())
-                            && shutdown.wait_timeout(wait)
-                        {
+                .spawn(move || {
+                    loop {
+                        if shutdown.is_triggered() {
                             return;
                         }
-                    }
-                    let refs: Vec<ChunkRef<'_>> = batch.chunks.iter().map(|chunk| ChunkRef { blob: batch.blob, chunk }).collect();
-                    let deadline = Instant::now() + Duration::from_secs(300);
-                    if !config.quiet.is_zero() {
-                        fetcher.wait_quiet(config.quiet, deadline, &shutdown);
-                    }
-                    match fetch_with_retries(&fetcher, &refs, deadline, &shutdown) {
-                        Ok(()) => {
-                            progress.chunks_done.fetch_add(batch.chunks.len(), Ordering::Relaxed);
-                            let bytes: u64 = batch.chunks.iter().map(|c| c.blob_end - c.blob_offset).sum();
-                            progress.bytes_done.fetch_add(bytes, Ordering::Relaxed);
-                        }
-                        Err(err) => {
-                            progress.failed_batches.fetch_add(1, Ordering::Relaxed);
-                            let err = crate::error_chain(&err);
-                            tracing::warn!(%err, "background download batch failed; the chunks stay on demand");
+                        let n = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(job) = jobs.get(n) else { return };
+                        match job {
+                            Job::Batch(batch) => {
+                                run_batch(&fetcher, batch, config, &pace, &shutdown, &progress)
+                            }
+                            Job::Whole(l) => {
+                                let layer = &layers[*l];
+                                let depth = config.concurrency.max(1);
+                                let outcome = whole::read_through(
+                                    &fetcher,
+                                    layer,
+                                    (depth, max_batch),
+                                    &pace,
+                                    &shutdown,
+                                    &progress,
+                                );
+                                settle(&fetcher, layer, outcome, &progress);
+                            }
                         }
                     }
                 })
@@ -280,9 +326,9 @@ fn run(
         fetcher.flush_cache_writes();
         // Fetched is not cached: a cache at its limit refuses writes. Then the image is not
         // whole on disk, and readers still need the network (and their readahead settings).
-        let missing = batches
+        let missing = layers
             .iter()
-            .flat_map(|b| b.chunks.iter())
+            .flat_map(|l| l.index.nodes.iter().flat_map(|n| n.chunks.iter()))
             .filter(|c| !fetcher.cache().contains(&c.digest))
             .count();
         if missing > 0 {
@@ -300,5 +346,69 @@ fn run(
             secs = started.elapsed().as_secs_f32(),
             "background download complete: the whole image is cached"
         );
+    }
+}
+
+/// One batch of an eStargz layer, waiting for quiet readers first when asked to.
+fn run_batch(
+    fetcher: &Fetcher,
+    batch: &Batch,
+    config: BackgroundConfig,
+    pace: &dyn Fn(u64) -> bool,
+    shutdown: &Shutdown,
+    progress: &Progress,
+) {
+    let bytes: u64 = batch
+        .chunks
+        .iter()
+        .map(|c| c.blob_end - c.blob_offset)
+        .sum();
+    if !pace(bytes) {
+        return;
+    }
+    let refs: Vec<ChunkRef<'_>> = batch
+        .chunks
+        .iter()
+        .map(|chunk| ChunkRef {
+            blob: batch.blob,
+            chunk,
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    if !config.quiet.is_zero() {
+        fetcher.wait_quiet(config.quiet, deadline, shutdown);
+    }
+    match fetch_with_retries(fetcher, &refs, deadline, shutdown) {
+        Ok(()) => {
+            progress
+                .chunks_done
+                .fetch_add(batch.chunks.len(), Ordering::Relaxed);
+            progress.bytes_done.fetch_add(bytes, Ordering::Relaxed);
+        }
+        Err(err) => {
+            progress.failed_batches.fetch_add(1, Ordering::Relaxed);
+            let err = crate::error_chain(&err);
+            tracing::warn!(%err, "background download batch failed; the chunks stay on demand");
+        }
+    }
+}
+
+/// Records how a layer's read-through ended: a layer that does not match is quarantined.
+fn settle(fetcher: &Fetcher, layer: &RemoteLayer, outcome: whole::Outcome, progress: &Progress) {
+    let blob = layer.desc.digest;
+    match outcome {
+        whole::Outcome::Verified => {
+            fetcher.count(|s| &s.layers_verified, 1);
+            tracing::info!(layer = %blob, "layer read through: it matches its descriptor's digest");
+        }
+        whole::Outcome::Unfinished(err) => {
+            progress.failed_batches.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(layer = %blob, %err, "the layer's background read-through stopped; its spans stay on demand and it is not verified");
+        }
+        whole::Outcome::Mismatch(err) => {
+            progress.failed_batches.fetch_add(1, Ordering::Relaxed);
+            progress.quarantined.fetch_add(1, Ordering::Relaxed);
+            fetcher.quarantine(layer, &err);
+        }
     }
 }

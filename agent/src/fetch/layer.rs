@@ -55,6 +55,9 @@ pub struct RemoteLayer {
     pub desc: Descriptor,
     pub index: LayerIndex,
     pub toc_digest: Digest,
+    /// A plain gzip layer served through a span index (its chunks are spans), whose own
+    /// digest is checked once the background download has read it through.
+    pub indexed: bool,
     /// Every chunk as (node, chunk of that node), in blob order: built on first use.
     blob_order: OnceLock<Arc<[(u32, u32)]>>,
 }
@@ -143,7 +146,10 @@ pub fn open_indexed(
         });
     }
     let files = index.layer_index().map_err(LayerError::Index)?;
-    Ok(RemoteLayer::new(desc.clone(), files, index_digest))
+    Ok(RemoteLayer {
+        indexed: true,
+        ..RemoteLayer::new(desc.clone(), files, index_digest)
+    })
 }
 
 impl RemoteLayer {
@@ -152,6 +158,7 @@ impl RemoteLayer {
             desc,
             index,
             toc_digest,
+            indexed: false,
             blob_order: OnceLock::new(),
         }
     }

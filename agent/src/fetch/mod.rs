@@ -28,6 +28,7 @@ mod priority;
 pub mod readaround;
 #[cfg(test)]
 mod tests;
+mod whole;
 
 use serde::Serialize;
 
@@ -68,6 +69,8 @@ pub enum FetchError {
         #[source]
         source: Arc<estargz::EstargzError>,
     },
+    #[error("layer {blob} is quarantined: it is not what its descriptor names")]
+    Quarantined { blob: Digest },
 }
 
 impl FetchError {
@@ -78,7 +81,7 @@ impl FetchError {
         match self {
             Self::Deadline(_) => true,
             Self::Source { source, .. } => source.is_retryable(),
-            Self::Chunk { .. } | Self::Size { .. } => false,
+            Self::Chunk { .. } | Self::Size { .. } | Self::Quarantined { .. } => false,
         }
     }
 }
@@ -116,6 +119,10 @@ pub struct FetchStats {
     /// Reads that failed because their deadline passed (a FUSE or virtio-fs EIO).
     pub deadline_exceeded: AtomicU64,
     pub errors: AtomicU64,
+    /// Layers served through a span index, read through by the background download: those
+    /// that matched their descriptor's digest, and those quarantined because they did not.
+    pub layers_verified: AtomicU64,
+    pub layers_quarantined: AtomicU64,
 }
 
 /// The share of an image fetched for readers (their own misses, the prefetch and the
@@ -150,6 +157,8 @@ pub struct Fetcher {
     /// Where the bytes of every fetch are leased from (kept chunks and queued writes lease
     /// theirs from the other pool of the same [`Memory`]).
     budget: Arc<MemoryBudget>,
+    /// Layers found not to be what their descriptors name: their reads fail.
+    quarantined: Mutex<Vec<Digest>>,
 }
 
 impl std::fmt::Debug for Fetcher {
@@ -198,6 +207,7 @@ impl Fetcher {
             read_around: ReadAround::new(ReadAroundConfig::default()),
             image_bytes: AtomicU64::new(0),
             learning: Mutex::new(None),
+            quarantined: Mutex::new(Vec::new()),
         }
     }
 
@@ -291,6 +301,9 @@ impl Fetcher {
         deadline: Instant,
         around: Option<(&Arc<Self>, &RemoteLayer, usize)>,
     ) -> Result<Vec<Arc<Vec<u8>>>, FetchError> {
+        if let Some(blob) = self.quarantined_among(chunks) {
+            return Err(FetchError::Quarantined { blob });
+        }
         let _guard = (priority == Priority::OnDemand).then(|| self.readers.enter());
         if priority == Priority::Background {
             self.readers.yield_to_readers(deadline);
@@ -647,6 +660,58 @@ impl Fetcher {
             Priority::OnDemand | Priority::ReadAround => self.writes.write_behind(digest, data),
             Priority::Background => self.writes.write_now(&digest, data),
         }
+    }
+
+    /// The first blob among `chunks`' that is quarantined.
+    fn quarantined_among(&self, chunks: &[ChunkRef<'_>]) -> Option<Digest> {
+        let quarantined = crate::sync::lock(&self.quarantined);
+        if quarantined.is_empty() {
+            return None;
+        }
+        chunks
+            .iter()
+            .map(|c| c.blob)
+            .find(|blob| quarantined.contains(blob))
+    }
+
+    /// Takes `layer` out of service: it was found not to be what its descriptor names
+    /// (`why`). Its reads fail from now on, its spans leave memory and the cache, and its
+    /// cached span index is dropped, so that the next mount looks for one again. What was
+    /// served from it before stays served: the kernel's page cache and readers' buffers are
+    /// out of reach.
+    pub fn quarantine(&self, layer: &RemoteLayer, why: &(dyn std::error::Error + 'static)) {
+        let blob = layer.desc.digest;
+        {
+            let mut quarantined = crate::sync::lock(&self.quarantined);
+            if quarantined.contains(&blob) {
+                return;
+            }
+            quarantined.push(blob);
+        }
+        let spans = whole::cuts(layer);
+        {
+            let mut recent = crate::sync::lock(&self.recent);
+            for span in &spans {
+                recent.remove(&span.digest);
+            }
+        }
+        self.writes.flush();
+        for span in &spans {
+            self.cache.remove(&span.digest);
+        }
+        self.cache.remove_span_index(&blob);
+        self.count(|s| &s.layers_quarantined, 1);
+        let error = crate::error_chain(why);
+        tracing::error!(
+            layer = %blob,
+            %error,
+            "layer quarantined: it is not what its descriptor names; its reads fail from now on"
+        );
+    }
+
+    /// Whether `blob` was quarantined.
+    pub fn is_quarantined(&self, blob: &Digest) -> bool {
+        crate::sync::lock(&self.quarantined).contains(blob)
     }
 
     /// Tells the fetcher the compressed size of the image it serves (the background download

@@ -667,3 +667,180 @@ fn a_plain_gzip_layer_reads_through_its_span_index_one_span_per_request() {
     drop(fetcher);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A plain gzip layer served from memory, opened through its span index, and a fetcher for
+/// it over a scratch cache.
+struct Indexed {
+    /// What the fetcher's requests run on, alive as long as it is.
+    _runtime: tokio::runtime::Runtime,
+    layer: RemoteLayer,
+    source: Arc<MemoryBlobs>,
+    dir: std::path::PathBuf,
+    fetcher: Arc<Fetcher>,
+}
+
+/// Indexes `served` (a gzip layer of `tar` or of other bytes) and opens it as the layer
+/// `named` names: the descriptor says `named`'s digest, the registry serves `served` under it.
+fn indexed(name: &str, named: &[u8], served: Vec<u8>) -> Indexed {
+    use crate::image::gzip::{BuildOptions, MIN_SPAN, SpanIndex};
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let mut index = SpanIndex::build(served.as_slice(), BuildOptions { span: MIN_SPAN })
+        .expect("the layer indexes");
+    let mut desc = crate::testing::plain_descriptor(named);
+    desc.size = served.len() as u64;
+    index.layer = desc.digest;
+    let encoded = index.encode();
+    let layer = layer::open_indexed(&desc, &index, Digest::of(&encoded)).expect("it opens");
+    let source = Arc::new(MemoryBlobs::default().with_digest(desc.digest, served));
+    let (dir, cache) = scratch_cache(name);
+    let fetcher = Arc::new(Fetcher::new(
+        runtime.handle().clone(),
+        source.clone(),
+        cache,
+    ));
+    Indexed {
+        _runtime: runtime,
+        layer,
+        source,
+        dir,
+        fetcher,
+    }
+}
+
+impl Indexed {
+    /// File `path` through the fetcher, as the filesystem reads it.
+    fn read(&self, path: &str) -> Result<Vec<u8>, FetchError> {
+        let node = self.layer.index.get(path).expect("in the layer");
+        let refs: Vec<ChunkRef<'_>> = node
+            .chunks
+            .iter()
+            .map(|chunk| ChunkRef {
+                blob: self.layer.desc.digest,
+                chunk,
+            })
+            .collect();
+        let units = self.fetcher.get(
+            &refs,
+            Priority::OnDemand,
+            Instant::now() + Duration::from_secs(10),
+        )?;
+        let mut out = Vec::new();
+        for (chunk, unit) in node.chunks.iter().zip(&units) {
+            out.extend_from_slice(chunk.slice(unit).expect("within its span"));
+        }
+        Ok(out)
+    }
+
+    /// The background download, run to its end: 1 MiB ranges (a 4 MB/s cap), two at once.
+    fn background(&self) -> Arc<background::Progress> {
+        let config = background::BackgroundConfig {
+            concurrency: 2,
+            bandwidth: Some(4 << 20),
+            ..Default::default()
+        };
+        let (progress, handle) = background::spawn(
+            self.fetcher.clone(),
+            Arc::from(vec![self.layer.clone()]),
+            config,
+            crate::shutdown::Shutdown::new(),
+        );
+        handle.join().expect("the thread ends without a panic");
+        progress
+    }
+
+    fn spans(&self) -> Vec<Digest> {
+        whole::cuts(&self.layer).iter().map(|c| c.digest).collect()
+    }
+}
+
+impl Drop for Indexed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn a_span_indexed_layer_is_read_through_in_order_checked_whole_and_cached() {
+    let (tar, files) = crate::testing::layer_tar();
+    let blob = crate::testing::gzip(&tar, 6);
+    let size = blob.len() as u64;
+    let t = indexed("bg-whole", &blob, blob.clone());
+    // A reader first: its span is fetched (and cached) on demand.
+    assert!(t.read(&files[5].0).expect("it reads") == files[5].1);
+    let on_demand = t.source.ranges.load(Ordering::SeqCst);
+    let progress = t.background();
+    assert!(
+        progress.finished.load(Ordering::SeqCst),
+        "the image is whole"
+    );
+    assert_eq!(progress.failed_batches.load(Ordering::SeqCst), 0);
+    assert_eq!(progress.quarantined.load(Ordering::SeqCst), 0);
+    assert_eq!(t.fetcher.stats.layers_verified.load(Ordering::SeqCst), 1);
+    // The whole layer once, in 1 MiB ranges, the spans readers had fetched included.
+    let ranges = t.source.ranges.load(Ordering::SeqCst) - on_demand;
+    assert_eq!(ranges as u64, size.div_ceil(1 << 20));
+    assert_eq!(
+        t.fetcher.stats.background_bytes.load(Ordering::SeqCst),
+        size
+    );
+    assert_eq!(
+        progress.chunks_done.load(Ordering::SeqCst),
+        progress.chunks_total.load(Ordering::SeqCst)
+    );
+    for span in t.spans() {
+        assert!(t.fetcher.cache().contains(&span), "span {span} cached");
+    }
+    // Every file now reads from the cache, with no request.
+    let before = t.source.ranges.load(Ordering::SeqCst);
+    for (name, data) in &files {
+        assert!(t.read(name).expect("it reads") == *data, "{name}");
+    }
+    assert_eq!(t.source.ranges.load(Ordering::SeqCst), before);
+}
+
+#[test]
+fn a_layer_that_is_not_what_its_descriptor_names_is_quarantined_and_its_reads_fail() {
+    use crate::image::gzip::{BuildOptions, SpanIndex};
+    let (tar, files) = crate::testing::layer_tar();
+    let genuine = crate::testing::gzip(&tar, 6);
+    // Other bytes under the genuine layer's digest, with an index built from them (a
+    // registry's storage and an index publisher both compromised): every span matches its
+    // digest, so only the layer digest can tell.
+    let entry = SpanIndex::build(genuine.as_slice(), BuildOptions::default())
+        .expect("it indexes")
+        .entries
+        .into_iter()
+        .find(|e| e.header.name == files[5].0)
+        .expect("listed");
+    let mut other_tar = tar.clone();
+    other_tar[entry.data_offset as usize + 100] ^= 0xff;
+    let other = crate::testing::gzip(&other_tar, 6);
+    let t = indexed("bg-quarantine", &genuine, other);
+    let read = t
+        .read(&files[5].0)
+        .expect("served: its span matches the index");
+    assert!(
+        read != files[5].1,
+        "the other bytes, as the index describes them"
+    );
+    assert!(t.spans().iter().any(|s| t.fetcher.cache().contains(s)));
+
+    let progress = t.background();
+    assert_eq!(progress.quarantined.load(Ordering::SeqCst), 1);
+    assert!(!progress.finished.load(Ordering::SeqCst));
+    assert_eq!(t.fetcher.stats.layers_quarantined.load(Ordering::SeqCst), 1);
+    assert_eq!(t.fetcher.stats.layers_verified.load(Ordering::SeqCst), 0);
+    assert!(t.fetcher.is_quarantined(&t.layer.desc.digest));
+    for span in t.spans() {
+        assert!(
+            !t.fetcher.cache().contains(&span),
+            "span {span} left cached"
+        );
+    }
+    for (name, _) in &files[1..] {
+        let err = t
+            .read(name)
+            .expect_err("a quarantined layer serves nothing");
+        assert!(matches!(err, FetchError::Quarantined { .. }), "{err}");
+    }
+}

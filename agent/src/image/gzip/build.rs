@@ -36,7 +36,7 @@ impl SpanIndex {
         if !(MIN_SPAN..=MAX_SPAN).contains(&options.span) {
             return Err(GzipError::SpanSize(options.span));
         }
-        let mut tar = TarReader::new(Inflating::new(layer, options.span)?);
+        let mut tar = TarReader::new(Inflating::new(layer, Some(options.span))?);
         let mut entries = Vec::new();
         let tar_result = loop {
             match tar.next_header() {
@@ -77,6 +77,85 @@ impl SpanIndex {
     }
 }
 
+/// A span to cut out of a layer read through ([`read_through`]): where it starts in the
+/// uncompressed stream, how long it is, and what its bytes must hash to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cut {
+    pub at: u64,
+    pub len: u64,
+    pub digest: Digest,
+}
+
+/// Reads the gzip layer `layer` once, from its first byte to its last, inflating it: each of
+/// `cuts` (in stream order, not overlapping, at most [`MAX_SPAN`] long) is handed to `each`
+/// once its bytes match its digest, and at the end the whole layer must be `size` bytes
+/// whose SHA-256 is `digest`. This is what lets a layer's descriptor vouch for the spans an
+/// index describes: a span that does not match, or a layer that is not the one the
+/// descriptor names, is an error, and `each` has then seen only spans that matched.
+pub fn read_through(
+    layer: impl Read,
+    cuts: &[Cut],
+    digest: &Digest,
+    size: u64,
+    mut each: impl FnMut(&Cut, Vec<u8>),
+) -> Result<(), GzipError> {
+    let mut inflating = Inflating::new(layer, None)?;
+    let failed = |inflating: &mut Inflating<_>, err: io::Error| {
+        inflating.failed.take().unwrap_or(GzipError::Io(err))
+    };
+    let mut position = 0u64;
+    for cut in cuts {
+        if cut.at < position {
+            return Err(GzipError::Inflate(format!(
+                "the span at uncompressed byte {} overlaps the one before it",
+                cut.at
+            )));
+        }
+        if cut.len > MAX_SPAN {
+            return Err(GzipError::SpanTooLong {
+                at: cut.at,
+                len: cut.len,
+            });
+        }
+        let gap = cut.at - position;
+        let skipped = io::copy(&mut (&mut inflating).take(gap), &mut io::sink())
+            .map_err(|e| failed(&mut inflating, e))?;
+        let mut bytes = vec![0; cut.len as usize];
+        if skipped < gap {
+            return Err(GzipError::SpanShort {
+                at: cut.at,
+                len: cut.len,
+            });
+        }
+        match inflating.read_exact(&mut bytes) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err(GzipError::SpanShort {
+                    at: cut.at,
+                    len: cut.len,
+                });
+            }
+            Err(e) => return Err(failed(&mut inflating, e)),
+        }
+        if !cut.digest.matches(&bytes) {
+            return Err(GzipError::SpanDigest { at: cut.at });
+        }
+        each(cut, bytes);
+        position = cut.at + cut.len;
+    }
+    io::copy(&mut inflating, &mut io::sink()).map_err(|e| failed(&mut inflating, e))?;
+    let (actual, read, _, _) = inflating.finish();
+    if read != size || actual != *digest {
+        return Err(GzipError::LayerDigest {
+            expected: *digest,
+            size,
+            actual,
+            read,
+        });
+    }
+    Ok(())
+}
+
 /// Where the reader is in the gzip stream.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -105,7 +184,8 @@ struct Inflating<R> {
     window: Vec<u8>,
     member_crc: crc32fast::Hasher,
     member_len: u64,
-    span: u64,
+    /// Uncompressed bytes between checkpoints, at least; `None` records none.
+    span: Option<u64>,
     total_out: u64,
     spans: Vec<Span>,
     /// The span being read: its checkpoint and its bytes' digest so far.
@@ -117,7 +197,7 @@ struct Inflating<R> {
 const READ: usize = 256 * 1024;
 
 impl<R: Read> Inflating<R> {
-    fn new(input: R, span: u64) -> Result<Self, GzipError> {
+    fn new(input: R, span: Option<u64>) -> Result<Self, GzipError> {
         Ok(Self {
             input,
             buf: vec![0; READ],
@@ -197,11 +277,14 @@ impl<R: Read> Inflating<R> {
         }
     }
 
-    /// Whether the span being read is long enough to end at the next boundary.
+    /// Whether checkpoints are recorded and the span being read is long enough to end at
+    /// the next boundary.
     fn span_full(&self) -> bool {
-        self.current
-            .as_ref()
-            .is_none_or(|(start, _)| self.total_out - start.uncompressed >= self.span)
+        self.span.is_some_and(|span| {
+            self.current
+                .as_ref()
+                .is_none_or(|(start, _)| self.total_out - start.uncompressed >= span)
+        })
     }
 
     fn finish(mut self) -> (Digest, u64, u64, Vec<Span>) {

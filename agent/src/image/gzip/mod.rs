@@ -23,7 +23,7 @@ mod tests;
 
 use std::ops::Range;
 
-pub use build::BuildOptions;
+pub use build::{BuildOptions, Cut, read_through};
 pub use format::{FormatError, MAX_DECODED};
 
 use crate::{image::tar::Header, oci::digest::Digest};
@@ -77,6 +77,15 @@ pub enum GzipError {
         "the span at uncompressed byte {at} does not match its digest: the layer or the index is not what was indexed"
     )]
     SpanDigest { at: u64 },
+    #[error(
+        "the layer read is {read} bytes with digest {actual}, not the {size} bytes of {expected} its descriptor names"
+    )]
+    LayerDigest {
+        expected: Digest,
+        size: u64,
+        actual: Digest,
+        read: u64,
+    },
 }
 
 /// A place in the layer where inflation can resume.

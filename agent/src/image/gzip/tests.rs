@@ -307,3 +307,132 @@ fn hostile_encoded_indexes_are_refused_without_panic() {
         Err(FormatError::TooLarge)
     ));
 }
+
+fn cuts(index: &SpanIndex) -> Vec<Cut> {
+    index
+        .spans
+        .iter()
+        .map(|s| Cut {
+            at: s.start.uncompressed,
+            len: s.len,
+            digest: s.digest,
+        })
+        .collect()
+}
+
+#[test]
+fn a_layer_read_through_hands_out_each_span_once_it_matches_and_checks_the_whole() {
+    let (tar, _) = layer_tar();
+    let layer = gnu_gzip(&tar);
+    let whole = plain(&layer);
+    let index = build(&layer, MIN_SPAN);
+    let digest = crate::oci::digest::Digest::of(&layer);
+    // Every other span: the ones between are read past, not handed out.
+    let wanted: Vec<Cut> = cuts(&index).into_iter().step_by(2).collect();
+    assert!(wanted.len() > 2);
+    let mut got = Vec::new();
+    read_through(
+        &layer[..],
+        &wanted,
+        &digest,
+        layer.len() as u64,
+        |cut, bytes| {
+            assert!(bytes == whole[cut.at as usize..(cut.at + cut.len) as usize]);
+            got.push(cut.at);
+        },
+    )
+    .expect("the layer is what was indexed");
+    assert_eq!(got, wanted.iter().map(|c| c.at).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_layer_that_is_not_what_was_indexed_is_an_error_and_its_bad_spans_are_never_handed_out() {
+    let (tar, _) = layer_tar();
+    let layer = gzip(&tar, 6);
+    let whole = plain(&layer);
+    let index = build(&layer, MIN_SPAN);
+    let all = cuts(&index);
+    let digest = crate::oci::digest::Digest::of(&layer);
+    let size = layer.len() as u64;
+    let check = |layer: &[u8], cuts: &[Cut], digest, size| {
+        let mut handed = 0;
+        let result = read_through(layer, cuts, digest, size, |cut, bytes| {
+            assert!(
+                bytes == whole[cut.at as usize..(cut.at + cut.len) as usize],
+                "a span that differs was handed out"
+            );
+            handed += 1;
+        });
+        (result, handed)
+    };
+
+    // A byte changed in the middle of the layer: caught by a span digest, by inflation or
+    // by the gzip trailer, whichever sees it first.
+    let mut changed = layer.clone();
+    let middle = changed.len() / 2;
+    changed[middle] ^= 0x20;
+    let (result, handed) = check(&changed, &all, &digest, size);
+    assert!(result.is_err());
+    assert!(handed < all.len());
+
+    // The same layer with only its first span asked for: the change lies in a span no
+    // reader wanted, and the layer digest still catches it.
+    let (result, handed) = check(&changed, &all[..1], &digest, size);
+    assert!(
+        result.is_err(),
+        "a changed byte past the cuts went unnoticed"
+    );
+    assert!(handed <= 1);
+
+    // A valid layer whose digest is not the descriptor's (another layer, or an index built
+    // for other bytes): nothing inflates wrong, and the digest says so.
+    let other = crate::oci::digest::Digest::of(b"another layer");
+    let (result, _) = check(&layer, &all, &other, size);
+    assert!(matches!(result, Err(GzipError::LayerDigest { .. })));
+    let (result, _) = check(&layer, &all, &digest, size + 1);
+    assert!(matches!(result, Err(GzipError::LayerDigest { .. })));
+
+    // Cut short.
+    let (result, _) = check(&layer[..layer.len() - 100], &all, &digest, size);
+    assert!(matches!(
+        result,
+        Err(GzipError::Truncated { .. } | GzipError::SpanShort { .. })
+    ));
+
+    // Cuts out of order, or longer than a span may be, are refused before anything is read.
+    let mut backwards = all.clone();
+    backwards.swap(0, 1);
+    assert!(check(&layer, &backwards, &digest, size).0.is_err());
+    let huge = [Cut {
+        at: 0,
+        len: MAX_SPAN + 1,
+        digest,
+    }];
+    assert!(matches!(
+        check(&layer, &huge, &digest, size).0,
+        Err(GzipError::SpanTooLong { .. })
+    ));
+}
+
+#[test]
+fn a_reader_that_fails_is_an_io_error_not_a_bad_layer() {
+    struct Failing<'a>(&'a [u8]);
+    impl Read for Failing<'_> {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            if self.0.is_empty() {
+                return Err(std::io::Error::other("the registry went away"));
+            }
+            let n = out.len().min(self.0.len()).min(4096);
+            out[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+    let (tar, _) = layer_tar();
+    let layer = gzip(&tar, 6);
+    let index = build(&layer, MIN_SPAN);
+    let digest = crate::oci::digest::Digest::of(&layer);
+    let half = Failing(&layer[..layer.len() / 2]);
+    let result = read_through(half, &cuts(&index), &digest, layer.len() as u64, |_, _| {});
+    assert!(matches!(result, Err(GzipError::Io(_))), "{result:?}");
+}
