@@ -157,6 +157,7 @@ async fn mounted_image_equals_a_gnu_tar_extraction_in_both_views() {
 
 /// `imgstream index IMAGE` against the test registry `reg`, with `extra` flags: its report.
 fn index_image(image: &str, reg: &str, scratch: &Path, extra: &[&str]) -> String {
+    // The sample layers are a few KB: every one is indexed, however small.
     let mut args = vec![
         "index",
         image,
@@ -164,6 +165,8 @@ fn index_image(image: &str, reg: &str, scratch: &Path, extra: &[&str]) -> String
         reg,
         "--scratch",
         scratch.to_str().unwrap(),
+        "--min-layer",
+        "0",
     ];
     args.extend_from_slice(extra);
     String::from_utf8_lossy(&support::imgstream(&args).stdout).into_owned()

@@ -72,6 +72,8 @@ pub struct IndexJob {
     /// Every platform of an image index, not only `platform`.
     pub all_platforms: bool,
     pub build: BuildOptions,
+    /// Layers smaller than this many compressed bytes are not indexed.
+    pub min_layer: u64,
     /// Keep the indexes in `cache_dir` (the agent's `--cache-dir`) instead of publishing
     /// them beside the image.
     pub local: bool,
@@ -211,6 +213,8 @@ impl IndexJob {
             report.skipped = Some("eStargz: it streams through its TOC");
         } else if !is_gzip_layer(&desc.media_type) {
             report.skipped = Some("not a gzip layer");
+        } else if desc.size < self.min_layer {
+            report.skipped = Some("smaller than --min-layer: a mount downloads it whole");
         }
         if report.skipped.is_some() {
             return Ok(report);
@@ -355,11 +359,13 @@ mod tests {
             platform: Platform::host(),
             all_platforms: true,
             build: BuildOptions::default(),
+            min_layer: 0,
             local: true,
             cache_dir: dir.join("cache"),
             scratch_parent: dir.clone(),
             http: HttpConfig::default(),
         };
+        let job_again = job.clone();
         let report = job.run().await.expect("indexed");
         let manifests: Vec<Digest> = report.layers.iter().map(|l| l.manifest).collect();
         assert_eq!(manifests, vec![entries[0].digest, entries[1].digest]);
@@ -382,6 +388,25 @@ mod tests {
                 .expect("kept");
             let index = SpanIndex::decode(&encoded).expect("it decodes");
             assert_eq!(index.layer, layer.digest);
+        }
+
+        // Layers under --min-layer are left to be downloaded whole, and say so.
+        let small = report.layers.iter().map(|l| l.size).max().unwrap_or(0) + 1;
+        let report = IndexJob {
+            min_layer: small,
+            cache_dir: dir.join("cache-small"),
+            ..job_again
+        }
+        .run()
+        .await
+        .expect("indexed");
+        assert_eq!(report.layers.len(), 2);
+        for layer in &report.layers {
+            assert!(layer.size < small);
+            assert_eq!(
+                layer.skipped,
+                Some("smaller than --min-layer: a mount downloads it whole")
+            );
         }
         let _ = std::fs::remove_dir_all(&dir);
     }

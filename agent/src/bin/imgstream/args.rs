@@ -212,6 +212,11 @@ pub(crate) struct IndexArgs {
     /// index of a 254 MB layer at 1.7 % of it (1M: 3.3 %, 4M: 0.9 %).
     #[arg(long, default_value = "2M")]
     pub(crate) span: ByteSize,
+    /// Layers smaller than this (compressed) get no index: a mount downloads them whole.
+    /// Through an index, a read of one would fetch the index and then a span that is most
+    /// of the layer (a 2 MiB span is near 1 MB compressed): one request more.
+    #[arg(long, default_value = "1M")]
+    pub(crate) min_layer: ByteSize,
     /// Index every platform of a multi-platform image (each platform's manifest gets its
     /// own indexes), not only --platform.
     #[arg(long)]
@@ -235,6 +240,7 @@ impl TryFrom<IndexArgs> for imgstream::convert::IndexJob {
             platform: args.image_job.platform,
             all_platforms: args.all_platforms,
             build: imgstream::image::gzip::BuildOptions { span: args.span.0 },
+            min_layer: args.min_layer.0,
             local: args.local,
             cache_dir: args.cache_dir,
             scratch_parent: args.image_job.scratch,
