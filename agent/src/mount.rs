@@ -142,7 +142,7 @@ pub async fn open_layers(
     for (index, desc) in manifest.layers.iter().enumerate() {
         match layer::open_cached(source, desc, cache_opt).await {
             Ok(opened) => {
-                LAYERS_OPENED.estargz.fetch_add(1, Ordering::Relaxed);
+                LAYERS_OPENED.count_lazy(&opened);
                 layers.push(opened);
             }
             Err(LayerError::Format(EstargzError::NotEstargz(why))) => {
@@ -219,7 +219,7 @@ pub async fn open_one_layer(
     };
     match layer::open_cached(source.as_ref(), desc, Some(cache)).await {
         Ok(opened) => {
-            LAYERS_OPENED.estargz.fetch_add(1, Ordering::Relaxed);
+            LAYERS_OPENED.count_lazy(&opened);
             Ok(Some(OpenedImage {
                 digest: desc.digest,
                 layers: vec![opened],
@@ -268,6 +268,8 @@ pub(crate) fn manifest_descriptor(
 pub struct LayersOpened {
     /// eStargz, through their TOCs.
     pub estargz: AtomicU64,
+    /// zstd:chunked, through their TOCs.
+    pub zstd_chunked: AtomicU64,
     /// Plain gzip, through a span index.
     pub span_index: AtomicU64,
     /// Downloaded whole (by a mount; for the snapshotter, unpacked by containerd), by why:
@@ -279,11 +281,24 @@ pub struct LayersOpened {
 
 pub static LAYERS_OPENED: LayersOpened = LayersOpened {
     estargz: AtomicU64::new(0),
+    zstd_chunked: AtomicU64::new(0),
     span_index: AtomicU64::new(0),
     whole_not_gzip: AtomicU64::new(0),
     whole_no_index: AtomicU64::new(0),
     whole_index_refused: AtomicU64::new(0),
 };
+
+impl LayersOpened {
+    /// Counts a layer opened through its own TOC (eStargz or zstd:chunked).
+    fn count_lazy(&self, layer: &RemoteLayer) {
+        let counter = if manifest::is_zstd_layer(&layer.desc.media_type) {
+            &self.zstd_chunked
+        } else {
+            &self.estargz
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
 
 /// How long what a registry listed of an image's span indexes (or that it listed none) is
 /// taken as still true: the snapshotter prepares an image's layers one by one, and a plain

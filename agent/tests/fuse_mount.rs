@@ -506,6 +506,122 @@ async fn the_background_checks_each_layer_digest_and_quarantines_one_that_differ
     std::fs::remove_dir_all(&scratch).unwrap();
 }
 
+/// `podman` with storage of its own under `scratch` (vfs: no overlay mounts needed).
+fn podman(scratch: &Path, args: &[&str]) {
+    let root = scratch.join("podman");
+    let out = std::process::Command::new("podman")
+        .arg("--storage-driver")
+        .arg("vfs")
+        .arg("--root")
+        .arg(root.join("root"))
+        .arg("--runroot")
+        .arg(root.join("run"))
+        .args(args)
+        .output()
+        .expect("podman runs (apt-get install podman)");
+    assert!(
+        out.status.success(),
+        "podman {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The sample image's merged tree imported into podman and pushed by podman itself as
+/// zstd:chunked and as plain zstd: the zstd:chunked layer (the TOC found through podman's
+/// annotations) mounts lazily, a small file costing its frame, not the layer; the plain zstd
+/// one is downloaded whole and mounted, not refused; both trees are GNU tar's extraction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zstd_chunked_and_zstd_layers_written_by_podman_mount_and_equal_gnu_tar() {
+    let (scratch, registry, _, tarballs) = sample_image("fuse-zstd").await;
+    let (reg, cache) = (registry.host(), scratch.join("cache"));
+    let expected = scratch.join("expected-merged");
+    expected_merged(&tarballs, &expected);
+    let merged = scratch.join("merged.tar");
+    let tarred = std::process::Command::new("tar")
+        .args(["--xattrs", "--xattrs-include=*", "-C"])
+        .arg(&expected)
+        .arg("-cf")
+        .arg(&merged)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(tarred.success());
+    podman(
+        &scratch,
+        &["import", merged.to_str().unwrap(), "localhost/zc:v1"],
+    );
+    for (format, tag) in [("zstd:chunked", "chunked"), ("zstd", "zstd")] {
+        podman(
+            &scratch,
+            &[
+                "push",
+                "--tls-verify=false",
+                "--compression-format",
+                format,
+                "localhost/zc:v1",
+                &format!("docker://{reg}/zc:{tag}"),
+            ],
+        );
+    }
+    let big = std::fs::metadata(&merged).unwrap().len();
+
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", support::free_port())
+        .parse()
+        .unwrap();
+    let mounted = Mounted::start(
+        &format!("{reg}/zc:chunked"),
+        &scratch.join("mnt"),
+        &cache,
+        &reg,
+        &["--no-background", "--metrics-addr", &metrics.to_string()],
+    );
+    assert_eq!(
+        std::fs::read(mounted.mountpoint.join("opt/app/config")).unwrap(),
+        b"v2"
+    );
+    let (_, page) = support::http_get(metrics, "/metrics");
+    assert_eq!(
+        support::metric(
+            &page,
+            r#"imgstream_layers_opened_total{how="zstd_chunked"}"#
+        ),
+        1
+    );
+    let fetched = support::metric(
+        &page,
+        r#"imgstream_fetch_bytes_total{priority="on_demand"}"#,
+    ) + support::metric(
+        &page,
+        r#"imgstream_fetch_bytes_total{priority="read_around"}"#,
+    );
+    assert!(
+        fetched > 0 && fetched * 4 < big,
+        "{fetched} bytes fetched for one small file of a {big}-byte tree"
+    );
+    assert_same_tree(&mounted.mountpoint, &expected, 25);
+    mounted.stop();
+
+    let mounted = Mounted::start(
+        &format!("{reg}/zc:zstd"),
+        &scratch.join("mnt-zstd"),
+        &cache,
+        &reg,
+        &["--no-background", "--metrics-addr", &metrics.to_string()],
+    );
+    let (_, page) = support::http_get(metrics, "/metrics");
+    assert_eq!(
+        support::metric(
+            &page,
+            r#"imgstream_layers_opened_total{how="whole",why="not_gzip"}"#
+        ),
+        1
+    );
+    assert_same_tree(&mounted.mountpoint, &expected, 25);
+    mounted.stop();
+    drop(registry);
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
 /// Images GKE's Image streaming declines stream here like any other: one with an empty layer
 /// (a tar of nothing) and the same layer twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,7 @@ use anyhow::{Context as _, bail};
 use crate::{cmd, kernels};
 
 /// Debian packages the project needs.
-const PACKAGES: [&str; 15] = [
+const PACKAGES: [&str; 16] = [
     "qemu-system-x86",   // the VM tests (TCG)
     "protobuf-compiler", // tonic code generation (containerd and CRI APIs)
     "containerd",
@@ -28,6 +28,7 @@ const PACKAGES: [&str; 15] = [
     "skopeo",         // copies images between registries and OCI layouts in tests
     "apache2-utils",  // htpasswd (bcrypt) for the basic-auth registry tests
     "busybox-static", // the userland of the test images
+    "podman",         // writes zstd and zstd:chunked layers for the interoperability tests
 ];
 
 /// The bpf-linker release that builds against the nightly's LLVM 22 here.

@@ -130,9 +130,10 @@ impl Serving {
             out,
             "imgstream_layers_opened_total",
             "counter",
-            "Layers opened to be served, by how: eStargz (its TOC), a plain gzip layer through a span index, or downloaded whole (by a mount; unpacked by containerd for the snapshotter) and why.",
+            "Layers opened to be served, by how: eStargz or zstd:chunked (its TOC), a plain gzip layer through a span index, or downloaded whole (by a mount; unpacked by containerd for the snapshotter) and why.",
             &[
                 ("{how=\"estargz\"}", load(&layers.estargz)),
+                ("{how=\"zstd_chunked\"}", load(&layers.zstd_chunked)),
                 ("{how=\"span_index\"}", load(&layers.span_index)),
                 (
                     "{how=\"whole\",why=\"not_gzip\"}",

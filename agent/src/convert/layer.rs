@@ -19,7 +19,7 @@ use crate::{
     },
     oci::{
         digest::{Digest, Hasher},
-        manifest::{DOCKER_LAYER_GZIP, OCI_LAYER_GZIP, OCI_LAYER_TAR},
+        manifest::{DOCKER_LAYER_GZIP, OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_LAYER_ZSTD},
     },
 };
 
@@ -67,6 +67,7 @@ fn tar_stream<'a>(
     };
     let stream: Box<dyn Read + 'a> = match media_type {
         OCI_LAYER_GZIP | DOCKER_LAYER_GZIP => Box::new(MultiGzDecoder::new(file)),
+        OCI_LAYER_ZSTD => Box::new(crate::image::zstd::decoder(BufReader::new(file))?),
         OCI_LAYER_TAR | "application/vnd.docker.image.rootfs.diff.tar" => Box::new(file),
         other => return Err(ConvertLayerError::MediaType(other.to_string())),
     };

@@ -1,6 +1,8 @@
 //! Remote layers: eStargz layers read from a [`BlobSource`] by range. The footer, then the
 //! TOC (checked against the layer descriptor's TOC digest annotation, and kept in the cache's
 //! metadata), then only the chunks a read needs, each verified against its chunkDigest.
+//! zstd:chunked layers the same way (their TOC found and checked through their annotations),
+//! and plain gzip layers through a span index.
 //! Adjacent chunks are fetched in one request. This sits above `registry`, `cache` and
 //! `image`: it is where the three meet.
 
@@ -13,10 +15,10 @@ use crate::{
     image::estargz::{
         self, Chunk, EstargzError, FOOTER_SIZE, LayerIndex, Node, TOC_DIGEST_ANNOTATION,
     },
-    image::gzip::SpanIndex,
+    image::{gzip::SpanIndex, zstd},
     oci::{
         digest::Digest,
-        manifest::{Descriptor, is_gzip_layer},
+        manifest::{Descriptor, is_gzip_layer, is_zstd_layer},
     },
     registry::{BlobSource, RegistryError},
 };
@@ -81,6 +83,12 @@ pub async fn open_cached(
         source_name: source.name(),
         source: source_err,
     };
+    if let Some(toc) = zstd::toc_of(desc) {
+        return open_zstd_chunked(source, desc, toc?, cache).await;
+    }
+    if is_zstd_layer(&desc.media_type) {
+        return Err(EstargzError::NotEstargz("a zstd layer without a zstd:chunked TOC").into());
+    }
     if !is_gzip_layer(&desc.media_type) {
         return Err(EstargzError::NotEstargz("the layer is not a gzip tar").into());
     }
@@ -127,6 +135,39 @@ pub async fn open_cached(
         tracing::warn!(%err, "TOC not cached");
     }
     Ok(RemoteLayer::new(desc.clone(), index, toc_digest))
+}
+
+/// Opens a zstd:chunked layer whose TOC is at `position` and hashes to `checksum` (both
+/// from the descriptor's annotations): one range request, none when the TOC is cached.
+async fn open_zstd_chunked(
+    source: &dyn BlobSource,
+    desc: &Descriptor,
+    (position, checksum): (zstd::TocPosition, Digest),
+    cache: Option<&ChunkCache>,
+) -> Result<RemoteLayer, LayerError> {
+    if let Some(cached) = cache.and_then(|c| c.get_toc(&checksum).ok().flatten())
+        && cached.offset == position.offset
+        && let Ok(index) = zstd::read_toc(&cached.member, &position, &checksum, desc.size)
+    {
+        return Ok(RemoteLayer::new(desc.clone(), index, checksum));
+    }
+    let member = source
+        .read_range(
+            &desc.digest,
+            position.offset..position.offset + position.length,
+        )
+        .await
+        .map_err(|source_err| LayerError::Fetch {
+            source_name: source.name(),
+            source: source_err,
+        })?;
+    let index = zstd::read_toc(&member, &position, &checksum, desc.size)?;
+    if let Some(cache) = cache
+        && let Err(err) = cache.put_toc(&checksum, position.offset, &member)
+    {
+        tracing::warn!(%err, "zstd:chunked TOC not cached");
+    }
+    Ok(RemoteLayer::new(desc.clone(), index, checksum))
 }
 
 /// Opens a plain gzip layer through its span index, `index` (decoded from bytes of digest

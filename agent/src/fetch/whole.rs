@@ -54,7 +54,7 @@ pub(super) fn cuts(layer: &RemoteLayer) -> Vec<Cut> {
                 len: *len,
                 digest: c.digest,
             }),
-            Unit::Member => None,
+            Unit::Member | Unit::Frame => None,
         })
         .collect();
     cuts.sort_by_key(|c| c.at);

@@ -16,6 +16,7 @@ pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 pub const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+pub const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
@@ -247,6 +248,11 @@ impl Index {
 /// Whether a layer media type is a gzip tar (eStargz layers are gzip tars).
 pub fn is_gzip_layer(media_type: &str) -> bool {
     matches!(media_type, OCI_LAYER_GZIP | DOCKER_LAYER_GZIP)
+}
+
+/// Whether a layer of this media type is a zstd-compressed tar (zstd:chunked ones included).
+pub fn is_zstd_layer(media_type: &str) -> bool {
+    media_type == OCI_LAYER_ZSTD
 }
 
 #[cfg(test)]

@@ -72,13 +72,15 @@ pub enum Unit {
         len: u64,
         offset: u64,
     },
+    /// zstd:chunked: zstd frames holding exactly this chunk of the file.
+    Frame,
 }
 
 impl Chunk {
     /// How many bytes the blob range decodes to: what the cache keeps under `digest`.
     pub fn unit_len(&self) -> u64 {
         match &self.unit {
-            Unit::Member => self.size,
+            Unit::Member | Unit::Frame => self.size,
             Unit::Span { len, .. } => *len,
         }
     }
@@ -86,7 +88,7 @@ impl Chunk {
     /// Where the chunk's bytes start in what the blob range decodes to.
     pub fn unit_offset(&self) -> u64 {
         match &self.unit {
-            Unit::Member => 0,
+            Unit::Member | Unit::Frame => 0,
             Unit::Span { offset, .. } => *offset,
         }
     }

@@ -23,7 +23,7 @@ pub use toc::{
     PREFETCH_LANDMARK, PrefetchChunk, TOC_DIGEST_ANNOTATION, TOC_NAME, Toc, TocEntry,
     UNCOMPRESSED_SIZE_ANNOTATION, footer_bytes, parse_footer,
 };
-pub(crate) use writer::toc_entry;
+pub(crate) use writer::{Counting, toc_entry};
 pub use writer::{EstargzWriter, LayerSummary, WriterOptions};
 
 use crate::{
@@ -133,7 +133,8 @@ pub fn read_toc(
 
 /// Decodes what a chunk's blob range holds, from its bytes (`chunk.blob_offset` onwards; at
 /// least up to `chunk.blob_end`), and checks its digest: for eStargz the chunk's gzip
-/// member, for a plain gzip layer the span the chunk is part of. Corrupt data is never
+/// member, for zstd:chunked its zstd frames, for a plain gzip layer the span the chunk is
+/// part of. Corrupt data is never
 /// returned.
 pub fn decode_chunk(member: &[u8], chunk: &Chunk) -> Result<Vec<u8>, EstargzError> {
     let bad = |why: String| EstargzError::BadChunk {
@@ -144,11 +145,20 @@ pub fn decode_chunk(member: &[u8], chunk: &Chunk) -> Result<Vec<u8>, EstargzErro
         return crate::image::gzip::inflate_span(start, *len, &chunk.digest, member)
             .map_err(|err| bad(err.to_string()));
     }
-    let mut data = Vec::with_capacity(chunk.size as usize);
-    let read = GzDecoder::new(member)
-        .take(chunk.size)
-        .read_to_end(&mut data)
-        .map_err(|e| bad(e.to_string()))?;
+    let data = match chunk.unit {
+        Unit::Frame => {
+            crate::image::zstd::decode_frames(member, chunk.size).map_err(|e| bad(e.to_string()))?
+        }
+        _ => {
+            let mut data = Vec::with_capacity(chunk.size as usize);
+            GzDecoder::new(member)
+                .take(chunk.size)
+                .read_to_end(&mut data)
+                .map_err(|e| bad(e.to_string()))?;
+            data
+        }
+    };
+    let read = data.len();
     if read as u64 != chunk.size {
         return Err(bad(format!("{read} of {} bytes", chunk.size)));
     }

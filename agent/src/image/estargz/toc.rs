@@ -132,6 +132,9 @@ pub struct TocEntry {
         skip_serializing_if = "String::is_empty"
     )]
     pub chunk_digest: String,
+    /// zstd:chunked's: where the frames of a regular file's data end.
+    #[serde(rename = "endOffset", default, skip_serializing_if = "is_zero_i")]
+    pub end_offset: i64,
 }
 
 fn is_zero(v: &u64) -> bool {

@@ -54,10 +54,10 @@ pub struct LayerSummary {
 }
 
 /// Counts and hashes what reaches the output.
-struct Counting<W> {
-    inner: W,
-    written: u64,
-    hash: Hasher,
+pub(crate) struct Counting<W> {
+    pub(crate) inner: W,
+    pub(crate) written: u64,
+    pub(crate) hash: Hasher,
 }
 
 impl<W: Write> Write for Counting<W> {
