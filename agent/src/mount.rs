@@ -480,6 +480,7 @@ async fn whole_layer(
                     &Default::default(),
                     &|_| {},
                 )
+                .map(|converted| converted.summary)
             })
             .await
             .map_err(|source| MountError::RewriteTask { index, source })?

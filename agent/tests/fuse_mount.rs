@@ -506,16 +506,24 @@ async fn the_background_checks_each_layer_digest_and_quarantines_one_that_differ
     std::fs::remove_dir_all(&scratch).unwrap();
 }
 
+/// podman's run directory for a test of `scratch`: under /tmp, since podman takes at most
+/// 50 characters there.
+fn podman_runroot(scratch: &Path) -> std::path::PathBuf {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    scratch.hash(&mut hasher);
+    format!("/tmp/podman-run-{:016x}", hasher.finish()).into()
+}
+
 /// `podman` with storage of its own under `scratch` (vfs: no overlay mounts needed).
 fn podman(scratch: &Path, args: &[&str]) {
-    let root = scratch.join("podman");
     let out = std::process::Command::new("podman")
         .arg("--storage-driver")
         .arg("vfs")
         .arg("--root")
-        .arg(root.join("root"))
+        .arg(scratch.join("podman"))
         .arg("--runroot")
-        .arg(root.join("run"))
+        .arg(podman_runroot(scratch))
         .args(args)
         .output()
         .expect("podman runs (apt-get install podman)");
@@ -619,6 +627,68 @@ async fn zstd_chunked_and_zstd_layers_written_by_podman_mount_and_equal_gnu_tar(
     assert_same_tree(&mounted.mountpoint, &expected, 25);
     mounted.stop();
     drop(registry);
+    let _ = std::fs::remove_dir_all(podman_runroot(&scratch));
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
+/// `imgstream convert --format zstd:chunked` writes an image podman itself pulls (it checks
+/// every layer against the config's diff IDs) and imgstream mounts lazily, through the
+/// annotations podman 4 reads, with the tree GNU tar extracts from the original layers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_converted_to_zstd_chunked_is_pulled_by_podman_and_mounts_lazily() {
+    let (scratch, registry, _, tarballs) = sample_image("fuse-zstd-convert").await;
+    let (reg, cache) = (registry.host(), scratch.join("cache"));
+    let out = support::imgstream(&[
+        "convert",
+        &format!("{reg}/src/app:v1"),
+        &format!("{reg}/src/app:zc"),
+        "--format",
+        "zstd:chunked",
+        "--chunk-size",
+        "64K",
+        "--insecure-registry",
+        &reg,
+        "--scratch",
+        scratch.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    podman(
+        &scratch,
+        &[
+            "pull",
+            "--tls-verify=false",
+            &format!("docker://{reg}/src/app:zc"),
+        ],
+    );
+
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", support::free_port())
+        .parse()
+        .unwrap();
+    let mounted = Mounted::start(
+        &format!("{reg}/src/app:zc"),
+        &scratch.join("mnt"),
+        &cache,
+        &reg,
+        &["--no-background", "--metrics-addr", &metrics.to_string()],
+    );
+    let (_, page) = support::http_get(metrics, "/metrics");
+    assert_eq!(
+        support::metric(
+            &page,
+            r#"imgstream_layers_opened_total{how="zstd_chunked"}"#
+        ),
+        tarballs.len() as u64
+    );
+    let expected = scratch.join("expected-merged");
+    expected_merged(&tarballs, &expected);
+    assert_same_tree(&mounted.mountpoint, &expected, 25);
+    mounted.stop();
+    drop(registry);
+    let _ = std::fs::remove_dir_all(podman_runroot(&scratch));
     std::fs::remove_dir_all(&scratch).unwrap();
 }
 

@@ -553,6 +553,7 @@ async fn bearer_tokens_from_the_challenge_realm_and_refresh_on_401() {
     support::build_image(&layout, "v1", &[dir], &["/bin/true"]).await;
     let source = imgstream::registry::local::LocalLayout::open(&layout).unwrap();
     let options = imgstream::convert::ConvertOptions {
+        format: Default::default(),
         writer: Default::default(),
         prioritized: vec![],
         reads: Vec::new(),
@@ -624,6 +625,7 @@ async fn https_with_a_custom_ca_and_a_clear_error_without_it() {
     let source =
         std::sync::Arc::new(imgstream::registry::local::LocalLayout::open(&layout).unwrap());
     let options = imgstream::convert::ConvertOptions {
+        format: Default::default(),
         writer: Default::default(),
         prioritized: vec![],
         reads: Vec::new(),

@@ -21,6 +21,7 @@ use crate::{
 pub struct ConvertJob {
     pub src: ImageRef,
     pub dst: ImageRef,
+    pub format: super::LayerFormat,
     pub writer: WriterOptions,
     /// Files to put first, in this order.
     pub prioritized: Vec<String>,
@@ -38,6 +39,7 @@ impl ConvertJob {
         let source = open_source(&self.src, &self.http)?;
         let sink = open_sink(&self.dst, &self.http)?;
         let options = ConvertOptions {
+            format: self.format,
             writer: self.writer,
             prioritized: self.prioritized,
             reads: self.reads,

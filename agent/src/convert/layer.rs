@@ -1,4 +1,4 @@
-//! One layer to eStargz: decompress, re-order prioritised files first, write.
+//! One layer to eStargz or zstd:chunked: decompress, re-order prioritised files first, write.
 
 use std::{
     collections::HashMap,
@@ -16,6 +16,7 @@ use crate::{
             WriterOptions, normalize,
         },
         tar::{Header, Kind, TarError, TarReader},
+        zstd::{self, ChunkedOptions, ChunkedWriter, TocPosition},
     },
     oci::{
         digest::{Digest, Hasher},
@@ -26,12 +27,109 @@ use crate::{
 /// Errors converting one layer.
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertLayerError {
-    #[error("layer media type {0:?} is not supported (gzip or plain tar layers only)")]
+    #[error("layer media type {0:?} is not supported (gzip, zstd or plain tar layers only)")]
     MediaType(String),
     #[error("reading the layer's tar stream")]
     Tar(#[from] TarError),
     #[error("staging the layer")]
     Io(#[from] io::Error),
+}
+
+/// The format a layer is converted to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LayerFormat {
+    /// eStargz: gzip members, readable by every runtime that reads gzip layers.
+    #[default]
+    Estargz,
+    /// zstd:chunked, as containers/storage (podman, CRI-O) writes it.
+    ZstdChunked,
+}
+
+impl std::str::FromStr for LayerFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "estargz" => Ok(Self::Estargz),
+            "zstd:chunked" => Ok(Self::ZstdChunked),
+            other => Err(format!("{other:?}: estargz or zstd:chunked")),
+        }
+    }
+}
+
+/// A converted layer: what it is, and for zstd:chunked where its TOC is.
+#[derive(Clone, Debug)]
+pub struct Converted {
+    pub summary: LayerSummary,
+    pub zstd_toc: Option<TocPosition>,
+}
+
+/// The writer of one format.
+enum LayerWriter<W: Write> {
+    Estargz(EstargzWriter<W>),
+    ZstdChunked(ChunkedWriter<W>),
+}
+
+impl<W: Write> LayerWriter<W> {
+    fn new(out: W, format: LayerFormat, options: WriterOptions) -> io::Result<Self> {
+        Ok(match format {
+            LayerFormat::Estargz => Self::Estargz(EstargzWriter::new(out, options)),
+            LayerFormat::ZstdChunked => Self::ZstdChunked(ChunkedWriter::new(
+                out,
+                ChunkedOptions {
+                    chunk_size: options.chunk_size,
+                    ..Default::default()
+                },
+            )?),
+        })
+    }
+
+    fn append(&mut self, header: &Header, data: &mut dyn Read) -> io::Result<()> {
+        match self {
+            Self::Estargz(w) => w.append(header, data),
+            Self::ZstdChunked(w) => w.append(header, data),
+        }
+    }
+
+    /// eStargz's landmark entries; zstd:chunked has none.
+    fn append_landmark(&mut self, prioritised: bool) -> io::Result<()> {
+        match self {
+            Self::Estargz(w) => w.append_landmark(prioritised),
+            Self::ZstdChunked(_) => Ok(()),
+        }
+    }
+
+    fn prefetch_reads(&mut self, reads: impl IntoIterator<Item = (String, u64, u64)>) {
+        match self {
+            Self::Estargz(w) => w.prefetch_reads(reads),
+            Self::ZstdChunked(w) => w.prefetch_reads(reads),
+        }
+    }
+
+    fn finish(self) -> io::Result<(W, Converted)> {
+        Ok(match self {
+            Self::Estargz(w) => {
+                let (out, summary) = w.finish()?;
+                (
+                    out,
+                    Converted {
+                        summary,
+                        zstd_toc: None,
+                    },
+                )
+            }
+            Self::ZstdChunked(w) => {
+                let (out, summary, position) = w.finish()?;
+                (
+                    out,
+                    Converted {
+                        summary,
+                        zstd_toc: Some(position),
+                    },
+                )
+            }
+        })
+    }
 }
 
 /// Reports progress: bytes of the compressed input consumed so far.
@@ -67,7 +165,7 @@ fn tar_stream<'a>(
     };
     let stream: Box<dyn Read + 'a> = match media_type {
         OCI_LAYER_GZIP | DOCKER_LAYER_GZIP => Box::new(MultiGzDecoder::new(file)),
-        OCI_LAYER_ZSTD => Box::new(crate::image::zstd::decoder(BufReader::new(file))?),
+        OCI_LAYER_ZSTD => Box::new(zstd::decoder(BufReader::new(file))?),
         OCI_LAYER_TAR | "application/vnd.docker.image.rootfs.diff.tar" => Box::new(file),
         other => return Err(ConvertLayerError::MediaType(other.to_string())),
     };
@@ -90,17 +188,17 @@ fn is_estargz_bookkeeping(name: &str) -> bool {
     [TOC_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK].contains(&name)
 }
 
-/// Converts the layer blob at `input` (of `media_type`) into an eStargz blob at `output`.
-/// Entries named in `plan.prioritized` (in that order) come first, followed by the prefetch
-/// landmark; without any, the no-prefetch landmark comes first.
+/// Converts the layer blob at `input` (of `media_type`) into a blob of `format` at `output`.
+/// Entries named in `plan.prioritized` (in that order) come first, followed (in eStargz) by
+/// the prefetch landmark; without any, the no-prefetch landmark comes first.
 pub fn convert_layer(
     input: &Path,
     media_type: &str,
     output: &Path,
-    options: WriterOptions,
+    (format, options): (LayerFormat, WriterOptions),
     plan: &LayerPlan,
     report: Progress<'_>,
-) -> Result<LayerSummary, ConvertLayerError> {
+) -> Result<Converted, ConvertLayerError> {
     let prioritized = &plan.prioritized;
     let wanted: HashMap<String, usize> = prioritized
         .iter()
@@ -108,7 +206,7 @@ pub fn convert_layer(
         .filter_map(|(i, p)| normalize(p).ok().map(|p| (p, i)))
         .collect();
     let out = io::BufWriter::with_capacity(1 << 20, File::create(output)?);
-    let mut writer = EstargzWriter::new(out, options);
+    let mut writer = LayerWriter::new(out, format, options)?;
     writer.prefetch_reads(plan.reads.iter().cloned());
 
     // Pass 1: set the prioritised entries aside (data spilled to a scratch file).
@@ -159,11 +257,11 @@ pub fn convert_layer(
         let mut data = TarData { tar: &mut tar };
         writer.append(&header, &mut data)?;
     }
-    let (mut out, summary) = writer.finish()?;
+    let (mut out, converted) = writer.finish()?;
     out.flush()?;
     out.get_ref().sync_all()?;
     let _ = std::fs::remove_file(&spill_path);
-    Ok(summary)
+    Ok(converted)
 }
 
 /// The current entry's data as a reader.
@@ -193,12 +291,14 @@ fn copy_data<R: Read>(
     }
 }
 
-/// The diff ID (digest of the decompressed content) of a gzip blob.
-pub(super) fn diff_id_of_gzip(path: &Path) -> Result<Digest, ConvertLayerError> {
+/// The diff ID (digest of the decompressed content) of a layer blob of `media_type`.
+pub(super) fn diff_id_of(path: &Path, media_type: &str) -> Result<Digest, ConvertLayerError> {
     let mut hasher = Hasher::new();
-    io::copy(
-        &mut MultiGzDecoder::new(BufReader::new(File::open(path)?)),
-        &mut hasher,
-    )?;
+    let file = BufReader::new(File::open(path)?);
+    if media_type == OCI_LAYER_ZSTD {
+        io::copy(&mut zstd::decoder(file)?, &mut hasher)?;
+    } else {
+        io::copy(&mut MultiGzDecoder::new(file), &mut hasher)?;
+    }
     Ok(hasher.finish())
 }

@@ -18,18 +18,19 @@ use serde::Serialize;
 
 pub use index::{IndexError, IndexJob, IndexReport, IndexedLayer};
 pub use job::{ConvertJob, terminal_progress};
-pub use layer::{ConvertLayerError, LayerPlan, Progress, convert_layer};
+pub use layer::{ConvertLayerError, Converted, LayerFormat, LayerPlan, Progress, convert_layer};
 
 use crate::{
     image::{
         estargz::{TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION, WriterOptions},
         reads::RecordedRead,
+        zstd::{TOC_CHECKSUM_ANNOTATIONS, TOC_POSITION_ANNOTATIONS},
     },
     oci::{
         digest::Digest,
         manifest::{
             self, DOCKER_LAYER_GZIP, DOCKER_MANIFEST, Descriptor, Document, Manifest,
-            OCI_LAYER_GZIP, Platform,
+            OCI_LAYER_GZIP, OCI_LAYER_ZSTD, Platform,
         },
     },
     registry::{BlobSink, BlobSource, RegistryError},
@@ -62,6 +63,7 @@ pub type ProgressFn = Arc<dyn Fn(usize, u64, u64) + Send + Sync>;
 /// How to convert.
 #[derive(Clone)]
 pub struct ConvertOptions {
+    pub format: LayerFormat,
     pub writer: WriterOptions,
     /// Files (paths inside the image) to put first, in this order, before the prefetch
     /// landmark.
@@ -167,6 +169,9 @@ pub async fn convert(
     };
     let docker = manifest.media_type.as_deref() == Some(DOCKER_MANIFEST)
         || manifest.config.media_type == manifest::DOCKER_CONFIG;
+    // Docker's manifests have no zstd layer type: a zstd:chunked image is an OCI image.
+    let to_oci = docker && options.format == LayerFormat::ZstdChunked;
+    let docker = docker && !to_oci;
     let config_bytes = source.blob(&manifest.config).await?;
     let mut config: serde_json::Value =
         serde_json::from_slice(&config_bytes).map_err(|_| ConvertError::Config)?;
@@ -199,11 +204,16 @@ pub async fn convert(
         .ok_or(ConvertError::Config)?;
     rootfs.insert("diff_ids".into(), serde_json::Value::Array(diff_ids));
     let config_bytes = Bytes::from(serde_json::to_vec(&config).map_err(|_| ConvertError::Config)?);
-    let config_desc = Descriptor {
+    let mut config_desc = Descriptor {
         digest: Digest::of(&config_bytes),
         size: config_bytes.len() as u64,
         ..manifest.config.clone()
     };
+    let mut manifest = manifest;
+    if to_oci {
+        config_desc.media_type = manifest::OCI_CONFIG.into();
+        manifest.media_type = Some(manifest::OCI_MANIFEST.into());
+    }
     sink.put_blob(&config_desc, config_bytes).await?;
     let new_manifest = Manifest {
         config: config_desc,
@@ -243,7 +253,14 @@ async fn convert_one(
         mounted,
     };
     let plan = options.plan(n);
-    if let Some(toc) = desc.annotations.get(TOC_DIGEST_ANNOTATION)
+    // A layer already in the wanted format, with no reads to add, is kept.
+    let kept_toc = match options.format {
+        LayerFormat::Estargz => desc.annotations.get(TOC_DIGEST_ANNOTATION).cloned(),
+        LayerFormat::ZstdChunked => crate::image::zstd::toc_of(desc)
+            .and_then(Result::ok)
+            .map(|(_, checksum)| checksum.to_string()),
+    };
+    if let Some(toc) = kept_toc
         && plan.reads.is_empty()
     {
         // Already eStargz: keep it, without moving a byte when the registry can mount it.
@@ -255,7 +272,8 @@ async fn convert_one(
         }
         source.blob_to_file(desc, &input).await?;
         let path = input.clone();
-        let diff_id = tokio::task::spawn_blocking(move || layer::diff_id_of_gzip(&path))
+        let media_type = desc.media_type.clone();
+        let diff_id = tokio::task::spawn_blocking(move || layer::diff_id_of(&path, &media_type))
             .await
             .map_err(ConvertError::Task)?
             .map_err(|source| ConvertError::Layer {
@@ -267,7 +285,7 @@ async fn convert_one(
         return Ok((desc.clone(), diff_id, reuse(toc_digest, false)));
     }
     source.blob_to_file(desc, &input).await?;
-    let (media_type, writer) = (desc.media_type.clone(), options.writer);
+    let (media_type, writer) = (desc.media_type.clone(), (options.format, options.writer));
     let (src_path, dst_path) = (input.clone(), output.clone());
     let progress = options.progress.clone();
     let total = desc.size;
@@ -285,19 +303,42 @@ async fn convert_one(
         digest: desc.digest,
         source,
     })?;
+    let Converted { summary, zstd_toc } = summary;
     let mut annotations = desc.annotations.clone();
-    annotations.insert(TOC_DIGEST_ANNOTATION.into(), summary.toc_digest.to_string());
-    annotations.insert(
-        UNCOMPRESSED_SIZE_ANNOTATION.into(),
-        summary.uncompressed_size.to_string(),
-    );
-    let new_desc = Descriptor {
-        media_type: if docker {
-            DOCKER_LAYER_GZIP
-        } else {
-            OCI_LAYER_GZIP
+    // What described the source layer's format does not describe the new one.
+    for key in [TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION]
+        .into_iter()
+        .chain(TOC_CHECKSUM_ANNOTATIONS)
+        .chain(TOC_POSITION_ANNOTATIONS)
+    {
+        annotations.remove(key);
+    }
+    let media_type = match zstd_toc {
+        Some(position) => {
+            // Both spellings containers/storage has read: podman 4 reads the older.
+            for key in TOC_CHECKSUM_ANNOTATIONS {
+                annotations.insert(key.into(), summary.toc_digest.to_string());
+            }
+            for key in TOC_POSITION_ANNOTATIONS {
+                annotations.insert(key.into(), position.annotation());
+            }
+            OCI_LAYER_ZSTD
         }
-        .to_string(),
+        None => {
+            annotations.insert(TOC_DIGEST_ANNOTATION.into(), summary.toc_digest.to_string());
+            annotations.insert(
+                UNCOMPRESSED_SIZE_ANNOTATION.into(),
+                summary.uncompressed_size.to_string(),
+            );
+            if docker {
+                DOCKER_LAYER_GZIP
+            } else {
+                OCI_LAYER_GZIP
+            }
+        }
+    };
+    let new_desc = Descriptor {
+        media_type: media_type.to_string(),
         digest: summary.digest,
         size: summary.size,
         annotations,

@@ -165,6 +165,11 @@ pub(crate) struct ConvertArgs {
     /// at 0 ms and later at 50 ms).
     #[arg(long, default_value = "1M")]
     pub(crate) chunk_size: ByteSize,
+    /// Layer format: `estargz` (gzip members: every runtime pulls it) or `zstd:chunked`
+    /// (containers/storage's format: podman and CRI-O pull it lazily too; an image with it
+    /// is an OCI image).
+    #[arg(long, default_value = "estargz")]
+    pub(crate) format: imgstream::convert::LayerFormat,
     /// A file to put first (prefetched by streaming runtimes); repeat in access order.
     #[arg(long = "prioritize", value_name = "PATH")]
     pub(crate) prioritize: Vec<String>,
@@ -627,6 +632,7 @@ impl TryFrom<ConvertArgs> for ConvertJob {
         Ok(ConvertJob {
             src: ImageRef::parse(&args.src).context("SRC")?,
             dst: ImageRef::parse(&args.dst).context("DST")?,
+            format: args.format,
             writer: imgstream::image::estargz::WriterOptions {
                 chunk_size: args.chunk_size.0,
                 ..Default::default()

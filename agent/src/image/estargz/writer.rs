@@ -228,48 +228,9 @@ impl<W: Write> EstargzWriter<W> {
         self.prefetch_reads.extend(reads);
     }
 
-    /// The prefetch list: the chunks the recorded reads touch, first touch first.
-    fn prefetch_list(&self) -> Vec<PrefetchChunk> {
-        // Chunk starts of every regular file, by normalised path.
-        let mut starts: std::collections::HashMap<String, (String, Vec<u64>)> = Default::default();
-        for e in &self.entries {
-            let path = normalize(&e.name).unwrap_or_default();
-            match e.kind.as_str() {
-                "reg" if e.size > 0 => {
-                    starts.insert(path, (e.name.clone(), vec![0]));
-                }
-                "chunk" => {
-                    if let Some((_, s)) = starts.get_mut(&path) {
-                        s.push(e.chunk_offset as u64);
-                    }
-                }
-                _ => {}
-            }
-        }
-        let mut seen = std::collections::HashSet::new();
-        let mut list = Vec::new();
-        for (path, offset, size) in &self.prefetch_reads {
-            let Some((name, chunks)) = normalize(path).ok().and_then(|p| starts.get(&p)) else {
-                continue;
-            };
-            let end = offset.saturating_add((*size).max(1));
-            // The chunk holding `offset`, then every chunk that starts before `end`.
-            let first = chunks.partition_point(|&s| s <= *offset).saturating_sub(1);
-            for &start in chunks[first..].iter().take_while(|&&s| s < end) {
-                if seen.insert((name.as_str(), start)) {
-                    list.push(PrefetchChunk {
-                        name: name.clone(),
-                        chunk_offset: start,
-                    });
-                }
-            }
-        }
-        list
-    }
-
     /// Writes the TOC and the footer and returns what the layer is.
     pub fn finish(mut self) -> io::Result<(W, LayerSummary)> {
-        let prefetch = self.prefetch_list();
+        let prefetch = prefetch_list(&self.entries, &self.prefetch_reads);
         let toc = Toc {
             version: 1,
             entries: std::mem::take(&mut self.entries),
@@ -296,6 +257,48 @@ impl<W: Write> EstargzWriter<W> {
         };
         Ok((counting.inner, summary))
     }
+}
+
+/// The prefetch list of a layer of `entries`: the chunks `reads` touch, first touch first.
+pub(crate) fn prefetch_list(
+    entries: &[TocEntry],
+    reads: &[(String, u64, u64)],
+) -> Vec<PrefetchChunk> {
+    // Chunk starts of every regular file, by normalised path.
+    let mut starts: std::collections::HashMap<String, (String, Vec<u64>)> = Default::default();
+    for e in entries {
+        let path = normalize(&e.name).unwrap_or_default();
+        match e.kind.as_str() {
+            "reg" if e.size > 0 => {
+                starts.insert(path, (e.name.clone(), vec![0]));
+            }
+            "chunk" => {
+                if let Some((_, s)) = starts.get_mut(&path) {
+                    s.push(e.chunk_offset as u64);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut list = Vec::new();
+    for (path, offset, size) in reads {
+        let Some((name, chunks)) = normalize(path).ok().and_then(|p| starts.get(&p)) else {
+            continue;
+        };
+        let end = offset.saturating_add((*size).max(1));
+        // The chunk holding `offset`, then every chunk that starts before `end`.
+        let first = chunks.partition_point(|&s| s <= *offset).saturating_sub(1);
+        for &start in chunks[first..].iter().take_while(|&&s| s < end) {
+            if seen.insert((name.as_str(), start)) {
+                list.push(PrefetchChunk {
+                    name: name.clone(),
+                    chunk_offset: start,
+                });
+            }
+        }
+    }
+    list
 }
 
 /// The TOC entry of a tar header, fields as the Go implementation fills them.

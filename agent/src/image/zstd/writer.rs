@@ -8,7 +8,7 @@ use std::io::{self, Read, Write};
 use super::{SKIPPABLE_HEADER, TOC_TYPE_CRFS, TocPosition};
 use crate::{
     image::{
-        estargz::{Counting, LayerSummary, Toc, TocEntry, toc_entry},
+        estargz::{Counting, LayerSummary, Toc, TocEntry, prefetch_list, toc_entry},
         tar::{Header, Kind, TarWriter},
     },
     oci::digest::{Digest, Hasher},
@@ -48,6 +48,8 @@ pub struct ChunkedWriter<W: Write> {
     entries: Vec<TocEntry>,
     diff: Hasher,
     uncompressed: u64,
+    /// Reads (path, offset, size) that become the TOC's prefetch list.
+    prefetch_reads: Vec<(String, u64, u64)>,
 }
 
 impl<W: Write> ChunkedWriter<W> {
@@ -67,6 +69,7 @@ impl<W: Write> ChunkedWriter<W> {
             entries: Vec::new(),
             diff: Hasher::new(),
             uncompressed: 0,
+            prefetch_reads: Vec::new(),
         })
     }
 
@@ -171,6 +174,13 @@ impl<W: Write> ChunkedWriter<W> {
         Ok(())
     }
 
+    /// Records reads of this layer's files, (path, offset, size) in the order a workload made
+    /// them: the chunks they touch become the TOC's prefetch list (imgstream's extension,
+    /// which other readers ignore).
+    pub fn prefetch_reads(&mut self, reads: impl IntoIterator<Item = (String, u64, u64)>) {
+        self.prefetch_reads.extend(reads);
+    }
+
     /// Ends the tar, writes the TOC and the footer, and returns what the layer is
     /// (`toc_digest` is the compressed TOC's, the checksum annotation's value) and where its
     /// TOC is (the position annotation's value).
@@ -179,8 +189,8 @@ impl<W: Write> ChunkedWriter<W> {
         let mut out = self.close_frame()?;
         let toc = Toc {
             version: 1,
+            prefetch: prefetch_list(&self.entries, &self.prefetch_reads),
             entries: std::mem::take(&mut self.entries),
-            prefetch: Vec::new(),
         };
         let json = serde_json::to_vec(&toc).map_err(io::Error::other)?;
         let compressed = zstd::bulk::compress(&json, self.options.level)?;
