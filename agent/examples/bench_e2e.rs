@@ -450,10 +450,13 @@ async fn cold_start(
         ))
     );
     if let Some(agent) = agent {
-        let streamed = agent.log_text().contains("streamed through its span index");
+        let text = agent.log_text();
         agent.stop();
-        if setup.tag == "plain" && !streamed {
+        if setup.tag == "plain" && !text.contains("streamed through its span index") {
             bail!("imgstream did not stream the unconverted image through its span index");
+        }
+        if setup.tag == "zstd" && !text.contains("zstd:chunked layer: streamed through its TOC") {
+            bail!("imgstream did not stream the zstd:chunked image through its TOC");
         }
     }
     drop(containerd);
@@ -642,6 +645,25 @@ async fn main() -> anyhow::Result<()> {
     ];
     convert.extend(&chunk_args);
     support::imgstream(&convert);
+    // And as zstd:chunked (`convert --format zstd:chunked`, its defaults otherwise).
+    let zstd_ref = format!("oci:{}:zstd", esgz_layout.display());
+    let mut convert = vec![
+        "convert",
+        &layout_ref,
+        &zstd_ref,
+        "--format",
+        "zstd:chunked",
+        "--json",
+        "--scratch",
+        &scratch_arg,
+    ];
+    convert.extend(&chunk_args);
+    let out = support::imgstream(&convert);
+    let converted_zstd: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .context("`imgstream convert --json` printed something other than JSON")?;
+    let zstd_bytes = converted_zstd["layers"][0]["size"]
+        .as_u64()
+        .context("`imgstream convert --json` gave no layers[0].size")?;
     let layer_size = |field: &str| {
         converted["layers"][0][field]
             .as_u64()
@@ -675,7 +697,7 @@ async fn main() -> anyhow::Result<()> {
         &format!("oci:{}:v1", layout.display()),
         &format!("docker://{}/php:plain", registry.host()),
     );
-    for tag in ["esgz", "prefetch"] {
+    for tag in ["esgz", "prefetch", "zstd"] {
         support::skopeo_copy(
             &format!("oci:{}:{tag}", esgz_layout.display()),
             &format!("docker://{}/php:{tag}", registry.host()),
@@ -756,6 +778,23 @@ async fn main() -> anyhow::Result<()> {
             learned: None,
         },
     ]);
+    // The image as zstd:chunked: pulled (containerd decompresses zstd), and streamed.
+    start_setups.extend([
+        Setup {
+            label: "full pull of the zstd:chunked image",
+            snapshotter: Snapshotter::Pulled,
+            tag: "zstd",
+            command: &COMMAND,
+            learned: None,
+        },
+        Setup {
+            label: "imgstream, zstd:chunked image (`convert --format zstd:chunked`, defaults)",
+            snapshotter: Snapshotter::Imgstream,
+            tag: "zstd",
+            command: &COMMAND,
+            learned: None,
+        },
+    ]);
     if stargz.is_some() {
         start_setups.push(Setup {
             label: "stargz-snapshotter v0.12, defaults",
@@ -765,8 +804,9 @@ async fn main() -> anyhow::Result<()> {
             learned: None,
         });
     }
-    // A trial run may pick setups by name: pulled, pulled:esgz, pulled:plain, imgstream:esgz,
-    // imgstream:same, imgstream:other, imgstream:prefetch, imgstream:plain, stargz.
+    // A trial run may pick setups by name: pulled, pulled:esgz, pulled:plain, pulled:zstd,
+    // imgstream:esgz, imgstream:same, imgstream:other, imgstream:prefetch, imgstream:plain,
+    // imgstream:zstd, stargz.
     if let Ok(only) = std::env::var("IMGSTREAM_BENCH_SETUPS") {
         let only: Vec<&str> = only.split(',').map(str::trim).collect();
         start_setups.retain(|s| {
@@ -823,13 +863,14 @@ async fn main() -> anyhow::Result<()> {
         )
     };
     table += &format!(
-        "Image: {:.0} MB unpacked, {files} files; {:.0} MB gzip, {:.0} MB eStargz (`imgstream convert` defaults). \
+        "Image: {:.0} MB unpacked, {files} files; {:.0} MB gzip, {:.0} MB eStargz, {:.0} MB zstd:chunked (`imgstream convert` defaults). \
          Link: {RATE_MBIT} Mbit/s plus the round-trip time. Medians of {reps} cold starts each (min-max).{index_note}\n\n\
          | round trip | setup | PullImage -> first log line | vs full pull | vs stargz-snapshotter | bytes over the link by then | transfer floor (share of the time) | whole image cached |\n\
          |---|---|---|---|---|---|---|---|\n",
         unpacked as f64 / 1e6,
         plain_bytes as f64 / 1e6,
-        esgz_bytes as f64 / 1e6
+        esgz_bytes as f64 / 1e6,
+        zstd_bytes as f64 / 1e6
     );
     // What imgstream learns on a node's first start: once, before the timed starts, which
     // keep the list and nothing else.

@@ -23,13 +23,14 @@ pub const WORKER_STACK: usize = 2 << 20;
 pub type Check = fn(&[u8]);
 
 /// The fuzz targets, by name: the check each runs.
-pub const TARGETS: [(&str, Check); 6] = [
+pub const TARGETS: [(&str, Check); 7] = [
     ("estargz_toc", estargz_toc),
     ("estargz_blob", estargz_blob),
     ("tar_reader", tar_reader),
     ("manifest", manifest),
     ("gzip_layer", gzip_layer),
     ("gzip_index", gzip_index),
+    ("zstd_chunked", zstd_chunked),
 ];
 
 /// Runs `check(data)` on a thread with a worker's stack; a panic there (an overflow aborts
@@ -194,6 +195,62 @@ fn gzip_index_holds(index: &SpanIndex) {
             assert!(chunk.unit_offset() + chunk.size <= chunk.unit_len());
             assert!(chunk.blob_offset < chunk.blob_end && chunk.blob_end <= index.compressed_size);
             expected += chunk.size;
+        }
+        if node.kind == NodeKind::Regular {
+            assert_eq!(expected, node.size);
+        }
+    }
+}
+
+/// A zstd:chunked blob as a registry might serve it. Its TOC position is taken from the
+/// footer, if the blob ends with one, and its checksum from the TOC bytes there, as if the
+/// manifest vouched for them: what is checked is everything after the checksum. An accepted
+/// TOC's chunks lie before it, and every chunk decodes to its size or is an error.
+pub fn zstd_chunked(data: &[u8]) {
+    use crate::image::zstd::{self, TocPosition};
+    let size = data.len() as u64;
+    // Chunks are decoded from whatever bytes there are, with sizes the input claims.
+    let _ = zstd::decode_frames(data, size.min(1 << 16));
+    let Some(footer) = data.len().checked_sub(40).map(|at| &data[at..]) else {
+        return;
+    };
+    let number = |i: usize| {
+        let mut le = [0u8; 8];
+        le.copy_from_slice(&footer[i * 8..i * 8 + 8]);
+        u64::from_le_bytes(le)
+    };
+    let position = TocPosition {
+        offset: number(0),
+        length: number(1),
+        uncompressed: number(2).min(estargz::MAX_TOC_JSON),
+    };
+    let Some(end) = position
+        .offset
+        .checked_add(position.length)
+        .filter(|&e| e <= size)
+    else {
+        return;
+    };
+    if position.offset < zstd::SKIPPABLE_HEADER {
+        return;
+    }
+    let toc = &data[position.offset as usize..end as usize];
+    let checksum = crate::oci::digest::Digest::of(toc);
+    let Ok(index) = zstd::read_toc(toc, &position, &checksum, size) else {
+        return;
+    };
+    for node in &index.nodes {
+        let mut expected = 0;
+        for chunk in &node.chunks {
+            assert_eq!(chunk.file_offset, expected);
+            assert!(chunk.blob_offset < chunk.blob_end && chunk.blob_end <= position.frame_start());
+            expected += chunk.size;
+            if chunk.size <= 1 << 20 {
+                let bytes = &data[chunk.blob_offset as usize..chunk.blob_end as usize];
+                if let Ok(got) = estargz::decode_chunk(bytes, chunk) {
+                    assert_eq!(got.len() as u64, chunk.size);
+                }
+            }
         }
         if node.kind == NodeKind::Regular {
             assert_eq!(expected, node.size);

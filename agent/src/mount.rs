@@ -291,12 +291,12 @@ pub static LAYERS_OPENED: LayersOpened = LayersOpened {
 impl LayersOpened {
     /// Counts a layer opened through its own TOC (eStargz or zstd:chunked).
     fn count_lazy(&self, layer: &RemoteLayer) {
-        let counter = if manifest::is_zstd_layer(&layer.desc.media_type) {
-            &self.zstd_chunked
+        if manifest::is_zstd_layer(&layer.desc.media_type) {
+            tracing::info!(digest = %layer.desc.digest, "zstd:chunked layer: streamed through its TOC");
+            self.zstd_chunked.fetch_add(1, Ordering::Relaxed);
         } else {
-            &self.estargz
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+            self.estargz.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 

@@ -16,7 +16,11 @@ use crate::{
 /// The sample tar's entries written as a zstd:chunked layer with `chunk_size` chunks:
 /// (blob, its descriptor with the annotations a converter writes, the tar).
 fn chunked(chunk_size: u64) -> (Vec<u8>, Descriptor, Vec<u8>) {
-    let (tar, _) = layer_tar();
+    chunked_of(layer_tar().0, chunk_size)
+}
+
+/// `tar` written as a zstd:chunked layer: (blob, descriptor, tar).
+fn chunked_of(tar: Vec<u8>, chunk_size: u64) -> (Vec<u8>, Descriptor, Vec<u8>) {
     let mut reader = TarReader::new(tar.as_slice());
     let mut writer = ChunkedWriter::new(
         Vec::new(),
@@ -201,4 +205,122 @@ fn a_changed_or_misfit_frame_is_an_error_and_a_wide_window_costs_nothing() {
     longer.push(7);
     assert!(decode_chunk(&frame, &chunk(4097, Digest::of(&longer))).is_err());
     assert!(decode_chunk(&frame[..frame.len() - 3], &wide).is_err());
+}
+
+/// `blob`'s frames up to its TOC, then `json` as its TOC and a footer that points at it.
+fn with_toc(blob: &[u8], desc: &Descriptor, json: &[u8]) -> Vec<u8> {
+    let (position, _) = toc_of(desc).expect("zstd:chunked").expect("valid");
+    let mut out = blob[..position.frame_start() as usize].to_vec();
+    let compressed = zstd::bulk::compress(json, 3).expect("to memory");
+    let offset = out.len() as u64 + SKIPPABLE_HEADER;
+    let frame = |out: &mut Vec<u8>, data: &[u8]| {
+        out.extend_from_slice(&[0x50, 0x2a, 0x4d, 0x18]);
+        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        out.extend_from_slice(data);
+    };
+    frame(&mut out, &compressed);
+    let mut footer = Vec::new();
+    for n in [offset, compressed.len() as u64, json.len() as u64, 1] {
+        footer.extend_from_slice(&n.to_le_bytes());
+    }
+    footer.extend_from_slice(b"GNUlInUx");
+    frame(&mut out, &footer);
+    out
+}
+
+/// Writes the seeds of the `zstd_chunked` fuzz target (`agent/fuzz/seeds/zstd_chunked`):
+/// `cargo test -p imgstream-agent --lib write_zstd_chunked_fuzz_seeds -- --ignored`.
+#[test]
+#[ignore = "writes the fuzz seeds; run by hand"]
+fn write_zstd_chunked_fuzz_seeds() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/zstd_chunked");
+    std::fs::create_dir_all(&dir).expect("the seeds directory");
+    // A few small files and one of three 4 KiB chunks: seeds stay a few KB.
+    let mut tar = Vec::new();
+    for (name, len) in [("etc/a", 10usize), ("etc/b", 0), ("usr/bin/c", 12_000)] {
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        let mut header = crate::image::tar::Header::new(name, crate::image::tar::Kind::Regular);
+        header.size = len as u64;
+        crate::image::tar::write_entry(&mut tar, &header, &data).expect("to memory");
+    }
+    tar.extend_from_slice(&crate::image::tar::TarWriter::end_of_archive());
+    let (blob, desc, _) = chunked_of(tar, 4096);
+    let (position, _) = toc_of(&desc).expect("zstd:chunked").expect("valid");
+    let range = position.offset as usize..(position.offset + position.length) as usize;
+    let json = decode_frames(&blob[range], position.uncompressed).expect("the TOC");
+    let toc: serde_json::Value = serde_json::from_slice(&json).expect("JSON");
+    let edited = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut toc = toc.clone();
+        edit(&mut toc);
+        with_toc(&blob, &desc, &serde_json::to_vec(&toc).expect("JSON"))
+    };
+    let first_reg = |toc: &mut serde_json::Value| -> usize {
+        toc["entries"]
+            .as_array()
+            .expect("entries")
+            .iter()
+            .position(|e| e["type"] == "reg" && e["size"].as_u64().unwrap_or(0) > 0)
+            .expect("a regular file")
+    };
+    let mut seeds: Vec<(&str, Vec<u8>)> = vec![
+        ("sample-4k-chunks.zst", blob.clone()),
+        ("hostile-truncated.zst", blob[..blob.len() - 20].to_vec()),
+        (
+            "hostile-chunk-past-toc.zst",
+            edited(&|t| {
+                let i = first_reg(t);
+                t["entries"][i]["offset"] = (position.offset + 100).into();
+            }),
+        ),
+        (
+            "hostile-huge-chunk.zst",
+            edited(&|t| {
+                let i = first_reg(t);
+                t["entries"][i]["size"] = (1u64 << 40).into();
+                t["entries"][i]["chunkSize"] = (1u64 << 40).into();
+            }),
+        ),
+        (
+            "hostile-end-before-offset.zst",
+            edited(&|t| {
+                let i = first_reg(t);
+                t["entries"][i]["endOffset"] = 1.into();
+            }),
+        ),
+        (
+            "hostile-dotdot-path.zst",
+            edited(&|t| {
+                let i = first_reg(t);
+                t["entries"][i]["name"] = "../../etc/passwd".into();
+            }),
+        ),
+        (
+            "hostile-wrong-digest.zst",
+            edited(&|t| {
+                let i = first_reg(t);
+                t["entries"][i]["digest"] = Digest::of(b"other").to_string().into();
+            }),
+        ),
+    ];
+    // A TOC that is not zstd at all, and one whose footer claims more JSON than there is.
+    let mut raw = with_toc(&blob, &desc, b"{}");
+    let toc_at = raw.len() - 48 - 8 - 9;
+    raw[toc_at..toc_at + 4].copy_from_slice(b"JSON");
+    seeds.push(("hostile-toc-not-zstd.zst", raw));
+    let mut longer = with_toc(&blob, &desc, &json);
+    let at = longer.len() - 40 + 16;
+    let claimed = (json.len() as u64 + 1000).to_le_bytes();
+    longer[at..at + 8].copy_from_slice(&claimed);
+    seeds.push(("hostile-json-shorter-than-claimed.zst", longer));
+    // A chunk whose frame declares a 2 GiB window.
+    let mut wide = blob.clone();
+    let index = index_of(&blob, &desc).expect("valid");
+    let chunk = &index.get("usr/bin/c").expect("listed").chunks[1];
+    let frame = chunk.blob_offset as usize;
+    wide[frame + 4] &= !0x20; // not a single segment: a window descriptor follows
+    wide[frame + 5] = 0xa8; // window log 31
+    seeds.push(("hostile-huge-window.zst", wide));
+    for (name, bytes) in seeds {
+        std::fs::write(dir.join(name), bytes).expect("a seed");
+    }
 }
