@@ -1,6 +1,7 @@
 //! `imgstream index IMAGE`: a span index for every plain gzip layer of an image, so that the
 //! image streams as it is, unconverted. Each layer is downloaded to a scratch file (its
-//! digest checked) and read once by [`SpanIndex::build`]; the encoded index is published
+//! digest checked) and read once by [`SpanIndex::build`] (a progress bar a layer on a
+//! terminal); the encoded index is published
 //! beside the image as an artifact whose subject is the image manifest (the referrers API,
 //! or the tag fallback: [`crate::registry::attached`]), or with `--local` kept in the chunk
 //! cache under the layer's digest. `mount`, `serve-vhost` and the snapshotter look in both.
@@ -169,6 +170,7 @@ impl IndexJob {
                     .map_err(IndexError::Image)?,
             ]
         };
+        let progress = super::terminal_progress();
         let mut layers = Vec::new();
         for (fetched, manifest) in subjects {
             let subject = manifest_descriptor(&fetched, &manifest);
@@ -181,9 +183,20 @@ impl IndexJob {
                 })),
             };
             for desc in &manifest.layers {
+                let n = layers.len();
+                let progress = progress.clone().map(|p| {
+                    Arc::new(move |read, total| p(n, read, total))
+                        as Arc<dyn Fn(u64, u64) + Send + Sync>
+                });
                 layers.push(
-                    self.index_layer(source.as_ref(), &destination, subject.digest, desc, scratch)
-                        .await?,
+                    self.index_layer(
+                        source.as_ref(),
+                        &destination,
+                        (subject.digest, desc),
+                        scratch,
+                        progress,
+                    )
+                    .await?,
                 );
             }
         }
@@ -191,13 +204,14 @@ impl IndexJob {
     }
 
     /// One layer of one image manifest indexed and kept or published.
+    /// With `progress` (bytes read of the layer, its size) on a terminal.
     async fn index_layer(
         &self,
         source: &dyn BlobSource,
         destination: &Destination<'_>,
-        manifest: Digest,
-        desc: &Descriptor,
+        (manifest, desc): (Digest, &Descriptor),
         scratch: &std::path::Path,
+        progress: Option<Arc<dyn Fn(u64, u64) + Send + Sync>>,
     ) -> Result<IndexedLayer, IndexError> {
         let mut report = IndexedLayer {
             manifest,
@@ -222,11 +236,20 @@ impl IndexJob {
         // Downloaded whole (its digest checked on the way), then read once.
         let file = scratch.join(desc.digest.hex());
         source.blob_to_file(desc, &file).await?;
-        let build = self.build;
+        let (build, size) = (self.build, desc.size);
         let path = file.clone();
         let index = tokio::task::spawn_blocking(move || {
             let layer = std::fs::File::open(&path).map_err(crate::image::gzip::GzipError::Io)?;
-            SpanIndex::build(std::io::BufReader::new(layer), build)
+            let report = |read| {
+                if let Some(progress) = &progress {
+                    progress(read, size);
+                }
+            };
+            let layer = super::layer::Counted::new(
+                std::io::BufReader::with_capacity(1 << 20, layer),
+                &report,
+            );
+            SpanIndex::build(layer, build)
         })
         .await
         .map_err(IndexError::Task)?

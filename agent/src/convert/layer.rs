@@ -135,11 +135,21 @@ impl<W: Write> LayerWriter<W> {
 /// Reports progress: bytes of the compressed input consumed so far.
 pub type Progress<'a> = &'a dyn Fn(u64);
 
-/// Counts the bytes read through it.
-struct Counted<'a, R> {
+/// Counts the bytes read through it, and reports the count.
+pub(super) struct Counted<'a, R> {
     inner: R,
     read: u64,
     report: Progress<'a>,
+}
+
+impl<'a, R> Counted<'a, R> {
+    pub(super) fn new(inner: R, report: Progress<'a>) -> Self {
+        Self {
+            inner,
+            read: 0,
+            report,
+        }
+    }
 }
 
 impl<R: Read> Read for Counted<'_, R> {
