@@ -304,7 +304,7 @@ fn run(
                                 let outcome = whole::read_through(
                                     &fetcher,
                                     layer,
-                                    (depth, max_batch),
+                                    (depth, max_batch, config.quiet),
                                     &pace,
                                     &shutdown,
                                     &progress,

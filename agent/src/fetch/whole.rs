@@ -63,12 +63,13 @@ pub(super) fn cuts(layer: &RemoteLayer) -> Vec<Cut> {
 }
 
 /// Reads `layer` through (see the module doc), caching its spans through `fetcher`, with
-/// `depth` range requests of `range` bytes in flight; `pace` is asked before each request
-/// and returns false when the download should stop.
+/// `depth` range requests of `range` bytes in flight, each sent once readers have been
+/// `quiet` that long; `pace` is asked before each request and returns false when the
+/// download should stop.
 pub(super) fn read_through(
     fetcher: &Fetcher,
     layer: &RemoteLayer,
-    (depth, range): (usize, u64),
+    (depth, range, quiet): (usize, u64, Duration),
     pace: &dyn Fn(u64) -> bool,
     shutdown: &Shutdown,
     progress: &Progress,
@@ -81,6 +82,7 @@ pub(super) fn read_through(
         next: 0,
         depth: depth.max(1),
         range: range.max(1),
+        quiet,
         ahead: VecDeque::new(),
         current: (Bytes::new(), None),
         pace,
@@ -118,6 +120,9 @@ struct Ranges<'a> {
     next: u64,
     depth: usize,
     range: u64,
+    /// Readers must have been quiet this long before a request goes out (the background
+    /// download's `quiet`), so that a starting container has the link to itself.
+    quiet: Duration,
     ahead: VecDeque<InFlight>,
     /// The range being read, and the memory it holds.
     current: (Bytes, Option<Lease>),
@@ -154,6 +159,9 @@ impl Ranges<'_> {
                 return false;
             }
             let deadline = Instant::now() + RANGE_TIMEOUT;
+            if !self.quiet.is_zero() {
+                self.fetcher.wait_quiet(self.quiet, deadline, self.shutdown);
+            }
             self.fetcher.readers.yield_to_readers(deadline);
             let ceiling = (self.fetcher.budget.limit() as f64 * budget::BACKGROUND_SHARE) as u64;
             let Some(lease) = self.fetcher.budget.acquire_below(len, ceiling, deadline) else {

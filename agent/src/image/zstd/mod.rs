@@ -171,20 +171,10 @@ pub fn read_toc(
     })?;
     let mut toc: Toc = serde_json::from_slice(&json).map_err(|e| bad(e.to_string()))?;
     drop(json);
-    // Where each file's frames end, for the chunks that end with it.
-    let mut ends = Vec::new();
     for entry in &mut toc.entries {
-        if entry.kind == "reg" && entry.size > 0 {
-            // A file in one chunk carries its digest only as the file's.
-            if entry.chunk_digest.is_empty() {
-                entry.chunk_digest = entry.digest.clone();
-            }
-            if let (Ok(name), Ok(end)) = (
-                super::estargz::normalize(&entry.name),
-                u64::try_from(entry.end_offset),
-            ) {
-                ends.push((name, end));
-            }
+        // A file in one chunk carries its digest only as the file's.
+        if entry.kind == "reg" && entry.size > 0 && entry.chunk_digest.is_empty() {
+            entry.chunk_digest = entry.digest.clone();
         }
     }
     let mut index = LayerIndex::from_toc(toc, position.frame_start(), blob_size)?;
@@ -196,18 +186,9 @@ pub fn read_toc(
             chunk.unit = Unit::Frame;
         }
     }
-    // A file's last chunk ends where its frames do, not where the next file's start: the
-    // next file's tar header lies between, in a frame of its own.
-    for (name, end) in ends {
-        if let Some(last) = index
-            .position(&name)
-            .and_then(|n| index.nodes[n].chunks.last_mut())
-            && last.blob_offset < end
-            && end < last.blob_end
-        {
-            last.blob_end = end;
-        }
-    }
+    // A chunk's range runs to the next chunk's start, as an eStargz member's does: the next
+    // file's header frame comes with it (a few hundred bytes), so that the chunks of a
+    // layer tile it and adjacent ones go in one request. Decoding stops at the chunk's size.
     Ok(index)
 }
 
