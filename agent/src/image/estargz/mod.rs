@@ -23,7 +23,7 @@ pub use toc::{
     PREFETCH_LANDMARK, PrefetchChunk, TOC_DIGEST_ANNOTATION, TOC_NAME, Toc, TocEntry,
     UNCOMPRESSED_SIZE_ANNOTATION, footer_bytes, parse_footer,
 };
-pub(crate) use writer::{Counting, prefetch_list, toc_entry};
+pub(crate) use writer::{Counting, Units, Written, prefetch_list, toc_entry, write_chunks};
 pub use writer::{EstargzWriter, LayerSummary, WriterOptions};
 
 use crate::{

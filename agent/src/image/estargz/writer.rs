@@ -73,6 +73,71 @@ impl<W: Write> Write for Counting<W> {
     }
 }
 
+/// A writer of compressed units (gzip members, zstd frames) that a file's data is cut into,
+/// so that each chunk can be fetched and decompressed on its own.
+pub(crate) trait Units {
+    /// Closes the open unit and opens the next; returns the offset where it starts.
+    fn next_unit(&mut self) -> io::Result<u64>;
+    /// Writes uncompressed tar bytes into the open unit.
+    fn put(&mut self, bytes: &[u8]) -> io::Result<()>;
+}
+
+/// One chunk of a file as written.
+pub(crate) struct Written {
+    /// Where its unit starts in the blob.
+    pub offset: u64,
+    pub file_offset: u64,
+    pub size: u64,
+    pub digest: Digest,
+}
+
+/// Writes the `header.size` bytes of `data` into `units`, each `chunk_size` of them starting
+/// a unit of its own; returns the chunks and the digest of the whole file.
+pub(crate) fn write_chunks(
+    units: &mut impl Units,
+    header: &Header,
+    data: &mut dyn Read,
+    chunk_size: u64,
+) -> io::Result<(Vec<Written>, Digest)> {
+    let mut file_hash = Hasher::new();
+    let mut written = Vec::new();
+    let mut done = 0u64;
+    let mut buf = vec![0u8; 256 * 1024];
+    while done < header.size {
+        let this = chunk_size.max(1).min(header.size - done);
+        let offset = units.next_unit()?;
+        let mut chunk_hash = Hasher::new();
+        let mut left = this;
+        while left > 0 {
+            let want = buf.len().min(left as usize);
+            let n = data.read(&mut buf[..want])?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "{} ended after {} of {} bytes",
+                        header.name,
+                        done + this - left,
+                        header.size
+                    ),
+                ));
+            }
+            chunk_hash.update(&buf[..n]);
+            file_hash.update(&buf[..n]);
+            units.put(&buf[..n])?;
+            left -= n as u64;
+        }
+        written.push(Written {
+            offset,
+            file_offset: done,
+            size: this,
+            digest: chunk_hash.finish(),
+        });
+        done += this;
+    }
+    Ok((written, file_hash.finish()))
+}
+
 /// Builds an eStargz blob entry by entry.
 pub struct EstargzWriter<W: Write> {
     member: Option<GzEncoder<Counting<W>>>,
@@ -82,6 +147,26 @@ pub struct EstargzWriter<W: Write> {
     uncompressed: u64,
     /// Reads (path, offset, size) that become the TOC's prefetch list.
     prefetch_reads: Vec<(String, u64, u64)>,
+}
+
+impl<W: Write> Units for EstargzWriter<W> {
+    /// Writes uncompressed tar bytes into the open member.
+    fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.diff.update(bytes);
+        self.uncompressed += bytes.len() as u64;
+        self.member().write_all(bytes)
+    }
+
+    /// Closes the open member and opens the next; returns the offset where it starts.
+    fn next_unit(&mut self) -> io::Result<u64> {
+        let counting = self.member.take().expect("open member").finish()?;
+        let offset = counting.written;
+        self.member = Some(GzEncoder::new(
+            counting,
+            Compression::new(self.options.level.min(9)),
+        ));
+        Ok(offset)
+    }
 }
 
 impl<W: Write> EstargzWriter<W> {
@@ -111,24 +196,6 @@ impl<W: Write> EstargzWriter<W> {
             .expect("a member is always open until finish")
     }
 
-    /// Writes uncompressed tar bytes into the open member.
-    fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.diff.update(bytes);
-        self.uncompressed += bytes.len() as u64;
-        self.member().write_all(bytes)
-    }
-
-    /// Closes the open member and opens the next; returns the offset where it starts.
-    fn next_member(&mut self) -> io::Result<u64> {
-        let counting = self.member.take().expect("open member").finish()?;
-        let offset = counting.written;
-        self.member = Some(GzEncoder::new(
-            counting,
-            Compression::new(self.options.level.min(9)),
-        ));
-        Ok(offset)
-    }
-
     /// Appends one entry; `data` supplies exactly `header.size` bytes for regular files.
     pub fn append(&mut self, header: &Header, data: &mut dyn Read) -> io::Result<()> {
         self.put(&TarWriter::header_bytes(header))?;
@@ -137,43 +204,18 @@ impl<W: Write> EstargzWriter<W> {
             self.entries.push(entry);
             return Ok(());
         }
-        let mut file_hash = Hasher::new();
-        let mut chunk_entries = Vec::new();
-        let mut done = 0u64;
-        let mut buf = vec![0u8; 256 * 1024];
-        while done < header.size {
-            let this = self.options.chunk_size.min(header.size - done);
-            let offset = self.next_member()?;
-            let mut chunk_hash = Hasher::new();
-            let mut left = this;
-            while left > 0 {
-                let want = buf.len().min(left as usize);
-                let n = data.read(&mut buf[..want])?;
-                if n == 0 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!(
-                            "{} ended after {} of {} bytes",
-                            header.name,
-                            done + this - left,
-                            header.size
-                        ),
-                    ));
-                }
-                chunk_hash.update(&buf[..n]);
-                file_hash.update(&buf[..n]);
-                self.put(&buf[..n])?;
-                left -= n as u64;
-            }
-            let last = done + this == header.size;
-            chunk_entries.push((
-                offset,
-                done,
-                if last { 0 } else { this },
-                chunk_hash.finish(),
-            ));
-            done += this;
-        }
+        let chunk_size = self.options.chunk_size;
+        let (written, file_digest) = write_chunks(self, header, data, chunk_size)?;
+        let last = written.len().saturating_sub(1);
+        let chunk_entries: Vec<(u64, u64, u64, Digest)> = written
+            .into_iter()
+            .enumerate()
+            .map(|(i, w)| {
+                // The last chunk's size is left out: "the rest of the file".
+                let size = if i == last { 0 } else { w.size };
+                (w.offset, w.file_offset, size, w.digest)
+            })
+            .collect();
         self.put(&vec![0u8; TarWriter::padding(header.size)])?;
         let chunked = chunk_entries.len() > 1;
         for (i, (offset, chunk_offset, chunk_size, digest)) in chunk_entries.into_iter().enumerate()
@@ -196,7 +238,7 @@ impl<W: Write> EstargzWriter<W> {
                 });
             }
         }
-        let file_digest = file_hash.finish().to_string();
+        let file_digest = file_digest.to_string();
         let first = self
             .entries
             .iter_mut()
@@ -239,7 +281,7 @@ impl<W: Write> EstargzWriter<W> {
         // Compact: readers parse it, nobody reads it by eye, and it is a third smaller.
         let json = serde_json::to_vec(&toc).map_err(io::Error::other)?;
         let toc_digest = Digest::of(&json);
-        let toc_offset = self.next_member()?;
+        let toc_offset = self.next_unit()?;
         let mut header = Header::new(TOC_NAME, Kind::Regular);
         header.size = json.len() as u64;
         self.put(&TarWriter::header_bytes(&header))?;

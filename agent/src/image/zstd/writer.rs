@@ -8,7 +8,10 @@ use std::io::{self, Read, Write};
 use super::{SKIPPABLE_HEADER, TOC_TYPE_CRFS, TocPosition};
 use crate::{
     image::{
-        estargz::{Counting, LayerSummary, Toc, TocEntry, prefetch_list, toc_entry},
+        estargz::{
+            Counting, LayerSummary, Toc, TocEntry, Units, Written, prefetch_list, toc_entry,
+            write_chunks,
+        },
         tar::{Header, Kind, TarWriter},
     },
     oci::digest::{Digest, Hasher},
@@ -52,6 +55,23 @@ pub struct ChunkedWriter<W: Write> {
     prefetch_reads: Vec<(String, u64, u64)>,
 }
 
+impl<W: Write> Units for ChunkedWriter<W> {
+    /// Writes uncompressed tar bytes into the open frame.
+    fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.diff.update(bytes);
+        self.uncompressed += bytes.len() as u64;
+        self.frame()?.write_all(bytes)
+    }
+
+    /// Closes the open frame and opens the next; returns the offset where it starts.
+    fn next_unit(&mut self) -> io::Result<u64> {
+        let counting = self.close_frame()?;
+        let offset = counting.written;
+        self.frame = Some(Frame::new(counting, self.options.level)?);
+        Ok(offset)
+    }
+}
+
 impl<W: Write> ChunkedWriter<W> {
     pub fn new(out: W, options: ChunkedOptions) -> io::Result<Self> {
         let counting = Counting {
@@ -79,13 +99,6 @@ impl<W: Write> ChunkedWriter<W> {
             .ok_or_else(|| io::Error::other("the writer failed earlier"))
     }
 
-    /// Writes uncompressed tar bytes into the open frame.
-    fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.diff.update(bytes);
-        self.uncompressed += bytes.len() as u64;
-        self.frame()?.write_all(bytes)
-    }
-
     /// Closes the open frame; returns its output and the offset where the next one starts.
     fn close_frame(&mut self) -> io::Result<Counting<W>> {
         let frame = self
@@ -93,14 +106,6 @@ impl<W: Write> ChunkedWriter<W> {
             .take()
             .ok_or_else(|| io::Error::other("the writer failed earlier"))?;
         frame.finish()
-    }
-
-    /// Closes the open frame and opens the next; returns the offset where it starts.
-    fn next_frame(&mut self) -> io::Result<u64> {
-        let counting = self.close_frame()?;
-        let offset = counting.written;
-        self.frame = Some(Frame::new(counting, self.options.level)?);
-        Ok(offset)
     }
 
     /// Appends one entry; `data` supplies exactly `header.size` bytes for regular files.
@@ -113,43 +118,20 @@ impl<W: Write> ChunkedWriter<W> {
             self.entries.push(entry);
             return Ok(());
         }
-        let mut file_hash = Hasher::new();
-        let mut chunks = Vec::new();
-        let mut done = 0u64;
-        let mut buf = vec![0u8; 256 * 1024];
-        while done < header.size {
-            let this = self.options.chunk_size.min(header.size - done);
-            let offset = self.next_frame()?;
-            let mut chunk_hash = Hasher::new();
-            let mut left = this;
-            while left > 0 {
-                let want = buf.len().min(left as usize);
-                let n = data.read(&mut buf[..want])?;
-                if n == 0 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!(
-                            "{} ended after {} of {} bytes",
-                            header.name,
-                            done + this - left,
-                            header.size
-                        ),
-                    ));
-                }
-                chunk_hash.update(&buf[..n]);
-                file_hash.update(&buf[..n]);
-                self.put(&buf[..n])?;
-                left -= n as u64;
-            }
-            chunks.push((offset, done, this, chunk_hash.finish()));
-            done += this;
-        }
-        let end = self.next_frame()?;
+        let chunk_size = self.options.chunk_size;
+        let (chunks, file_digest) = write_chunks(self, header, data, chunk_size)?;
+        let end = self.next_unit()?;
         self.put(&vec![0u8; TarWriter::padding(header.size)])?;
-        entry.digest = file_hash.finish().to_string();
+        entry.digest = file_digest.to_string();
         entry.end_offset = end as i64;
         let chunked = chunks.len() > 1;
-        for (i, (offset, chunk_offset, size, digest)) in chunks.into_iter().enumerate() {
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let Written {
+                offset,
+                file_offset: chunk_offset,
+                size,
+                digest,
+            } = chunk;
             if i == 0 {
                 entry.offset = offset as i64;
                 // A file in one chunk is described by its own digest, as containers/storage
