@@ -10,7 +10,7 @@
 use crate::{
     image::{
         estargz::{self, FOOTER_SIZE, LayerIndex, NodeKind, Toc},
-        gzip::{BuildOptions, MIN_SPAN, SpanIndex},
+        gzip::{self, BuildOptions, MIN_SPAN, SpanIndex},
         tar::TarReader,
     },
     oci::manifest::{self, Document, Platform},
@@ -163,6 +163,32 @@ pub fn gzip_layer(data: &[u8]) {
         "the index changed on its way through the format"
     );
     gzip_index_holds(&index);
+    // Read through in order, as the background download checks a layer: every span is
+    // handed out, each what its own inflation gave, and the layer is the one indexed.
+    let cuts: Vec<gzip::Cut> = index
+        .spans
+        .iter()
+        .map(|s| gzip::Cut {
+            at: s.start.uncompressed,
+            len: s.len,
+            digest: s.digest,
+        })
+        .collect();
+    let mut handed = 0;
+    let read = gzip::read_through(
+        data,
+        &cuts,
+        &index.layer,
+        index.compressed_size,
+        |cut, bytes| {
+            assert!(cut.digest.matches(&bytes));
+            handed += 1;
+        },
+    );
+    if let Err(err) = read {
+        panic!("a layer just indexed does not read through: {err}");
+    }
+    assert_eq!(handed, cuts.len());
 }
 
 /// A span index as a registry or a cache might hand it over: refused, or consistent enough
