@@ -406,6 +406,29 @@ async fn a_span_changed_in_the_registry_is_an_error_never_other_bytes() {
     std::fs::remove_dir_all(&scratch).unwrap();
 }
 
+/// `image` mounted with `extra` flags and its metrics on a free port: the mount, and a reader
+/// of one series of its `/metrics` as it stands when called.
+fn mount_with_metrics(
+    image: &str,
+    mountpoint: &Path,
+    (cache, reg): (&Path, &str),
+    extra: &[&str],
+    log: Option<&Path>,
+) -> (Mounted, impl Fn(&str) -> u64 + use<>) {
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", support::free_port())
+        .parse()
+        .unwrap();
+    let metrics_addr = metrics.to_string();
+    let mut args = extra.to_vec();
+    args.extend(["--metrics-addr", &metrics_addr]);
+    let mounted = Mounted::start_logged(image, mountpoint, cache, reg, &args, log);
+    let metric = move |series: &str| {
+        let (_, page) = support::http_get(metrics, "/metrics");
+        support::metric(&page, series)
+    };
+    (mounted, metric)
+}
+
 /// A layer whose bytes in the registry's storage differ from what its digest names only in
 /// its gzip trailer: every span still matches the index, so readers cannot tell. The
 /// background download reads each layer through and checks it against its descriptor: the
@@ -425,24 +448,18 @@ async fn the_background_checks_each_layer_digest_and_quarantines_one_that_differ
     bytes[crc] ^= 0x55;
     std::fs::write(&stored, &bytes).unwrap();
 
-    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", support::free_port())
-        .parse()
-        .unwrap();
     let log = scratch.join("mount.log");
-    let mounted = Mounted::start_logged(
+    let (mounted, metric) = mount_with_metrics(
         &image,
         &scratch.join("mnt"),
-        &cache,
-        &reg,
-        &["--metrics-addr", &metrics.to_string()],
+        (&cache, &reg),
+        &[],
         Some(&log),
     );
     let verified = |result: &str| {
-        let (_, page) = support::http_get(metrics, "/metrics");
-        support::metric(
-            &page,
-            &format!("imgstream_layers_verified_total{{result=\"{result}\"}}"),
-        )
+        metric(&format!(
+            "imgstream_layers_verified_total{{result=\"{result}\"}}"
+        ))
     };
     let waited = std::time::Instant::now();
     while verified("quarantined") + verified("match") < tarballs.len() as u64 {
@@ -573,35 +590,23 @@ async fn zstd_chunked_and_zstd_layers_written_by_podman_mount_and_equal_gnu_tar(
     }
     let big = std::fs::metadata(&merged).unwrap().len();
 
-    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", support::free_port())
-        .parse()
-        .unwrap();
-    let mounted = Mounted::start(
+    let (mounted, metric) = mount_with_metrics(
         &format!("{reg}/zc:chunked"),
         &scratch.join("mnt"),
-        &cache,
-        &reg,
-        &["--no-background", "--metrics-addr", &metrics.to_string()],
+        (&cache, &reg),
+        &["--no-background"],
+        None,
     );
     assert_eq!(
         std::fs::read(mounted.mountpoint.join("opt/app/config")).unwrap(),
         b"v2"
     );
-    let (_, page) = support::http_get(metrics, "/metrics");
     assert_eq!(
-        support::metric(
-            &page,
-            r#"imgstream_layers_opened_total{how="zstd_chunked"}"#
-        ),
+        metric(r#"imgstream_layers_opened_total{how="zstd_chunked"}"#),
         1
     );
-    let fetched = support::metric(
-        &page,
-        r#"imgstream_fetch_bytes_total{priority="on_demand"}"#,
-    ) + support::metric(
-        &page,
-        r#"imgstream_fetch_bytes_total{priority="read_around"}"#,
-    );
+    let fetched = metric(r#"imgstream_fetch_bytes_total{priority="on_demand"}"#)
+        + metric(r#"imgstream_fetch_bytes_total{priority="read_around"}"#);
     assert!(
         fetched > 0 && fetched * 4 < big,
         "{fetched} bytes fetched for one small file of a {big}-byte tree"
@@ -609,19 +614,15 @@ async fn zstd_chunked_and_zstd_layers_written_by_podman_mount_and_equal_gnu_tar(
     assert_same_tree(&mounted.mountpoint, &expected, 25);
     mounted.stop();
 
-    let mounted = Mounted::start(
+    let (mounted, metric) = mount_with_metrics(
         &format!("{reg}/zc:zstd"),
         &scratch.join("mnt-zstd"),
-        &cache,
-        &reg,
-        &["--no-background", "--metrics-addr", &metrics.to_string()],
+        (&cache, &reg),
+        &["--no-background"],
+        None,
     );
-    let (_, page) = support::http_get(metrics, "/metrics");
     assert_eq!(
-        support::metric(
-            &page,
-            r#"imgstream_layers_opened_total{how="whole",why="not_gzip"}"#
-        ),
+        metric(r#"imgstream_layers_opened_total{how="whole",why="not_gzip"}"#),
         1
     );
     assert_same_tree(&mounted.mountpoint, &expected, 25);
@@ -665,22 +666,15 @@ async fn an_image_converted_to_zstd_chunked_is_pulled_by_podman_and_mounts_lazil
         ],
     );
 
-    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", support::free_port())
-        .parse()
-        .unwrap();
-    let mounted = Mounted::start(
+    let (mounted, metric) = mount_with_metrics(
         &format!("{reg}/src/app:zc"),
         &scratch.join("mnt"),
-        &cache,
-        &reg,
-        &["--no-background", "--metrics-addr", &metrics.to_string()],
+        (&cache, &reg),
+        &["--no-background"],
+        None,
     );
-    let (_, page) = support::http_get(metrics, "/metrics");
     assert_eq!(
-        support::metric(
-            &page,
-            r#"imgstream_layers_opened_total{how="zstd_chunked"}"#
-        ),
+        metric(r#"imgstream_layers_opened_total{how="zstd_chunked"}"#),
         tarballs.len() as u64
     );
     let expected = scratch.join("expected-merged");

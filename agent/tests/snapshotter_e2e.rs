@@ -25,6 +25,31 @@ use support::{
 /// this was written, so that a change that makes the critical path fetch more fails.
 const CRITICAL_PATH_BUDGET: u64 = 480 * 1000;
 
+/// `imgstream ARGS` (an index or a conversion), which must succeed.
+fn imgstream_ok(args: &[&str]) {
+    let out = support::imgstream(args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A pod of `image` started and its first log line waited for: (the line, the bytes the
+/// proxy carried from the registry meanwhile).
+async fn first_line(
+    containerd: &Containerd,
+    proxy: &Proxy,
+    image: &str,
+    pod: (&str, &str),
+    (truth, logs): (&std::path::Path, &std::path::Path),
+) -> (String, u64) {
+    let before = proxy.bytes();
+    let log = run_pod(containerd, image, pod, truth, logs).await;
+    let line = wait_for_log(&log);
+    (line, proxy.bytes() - before)
+}
+
 /// The checksum `clockprobe readafter` prints.
 fn fnv1a(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
@@ -104,17 +129,14 @@ async fn containerd_runs_a_streamed_image_through_the_imgstream_snapshotter() {
     support::cri::pull(&mut images, &format!("{host}/app:pause"))
         .await
         .unwrap();
-    let before = proxy.bytes();
-    let log = run_pod(
+    let (line, fetched) = first_line(
         &containerd,
+        &proxy,
         &format!("{host}/app:esgz"),
         ("streaming", "streamed"),
-        &truth,
-        &scratch.join("pod-logs"),
+        (&truth, &scratch.join("pod-logs")),
     )
     .await;
-    let line = wait_for_log(&log);
-    let fetched = proxy.bytes() - before;
     eprintln!(
         "streamed: pull to first log line took {fetched} bytes from the registry; the layer is {layer_bytes} bytes: {}",
         line.trim()
@@ -165,7 +187,7 @@ async fn containerd_runs_a_streamed_image_through_the_imgstream_snapshotter() {
 
     // The same image as pushed, never converted: with a span index published beside it,
     // containerd runs it through the snapshotter lazily too.
-    let out = support::imgstream(&[
+    imgstream_ok(&[
         "index",
         &format!("{host}/app:v1"),
         "--insecure-registry",
@@ -173,22 +195,14 @@ async fn containerd_runs_a_streamed_image_through_the_imgstream_snapshotter() {
         "--scratch",
         scratch.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let before = proxy.bytes();
-    let log = run_pod(
+    let (line, fetched) = first_line(
         &containerd,
+        &proxy,
         &format!("{host}/app:v1"),
         ("streaming-plain", "indexed"),
-        &truth,
-        &scratch.join("pod-logs-indexed"),
+        (&truth, &scratch.join("pod-logs-indexed")),
     )
     .await;
-    let line = wait_for_log(&log);
-    let fetched = proxy.bytes() - before;
     eprintln!(
         "unconverted, indexed: pull to first log line took {fetched} bytes; the layer is about {layer_bytes} bytes: {}",
         line.trim()
@@ -210,7 +224,7 @@ async fn containerd_runs_a_streamed_image_through_the_imgstream_snapshotter() {
     // cached by their content's digest, and convert cuts both formats at the same 1M
     // boundaries: the entrypoint's chunk comes from what the eStargz start cached (5.4 KB
     // crossed the link on 2026-12-01: manifest, config and TOC).
-    let out = support::imgstream(&[
+    imgstream_ok(&[
         "convert",
         &format!("{host}/app:v1"),
         &format!("{host}/app:zstd"),
@@ -221,22 +235,14 @@ async fn containerd_runs_a_streamed_image_through_the_imgstream_snapshotter() {
         "--scratch",
         scratch.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let before = proxy.bytes();
-    let log = run_pod(
+    let (line, fetched) = first_line(
         &containerd,
+        &proxy,
         &format!("{host}/app:zstd"),
         ("streaming-zstd", "zstd"),
-        &truth,
-        &scratch.join("pod-logs-zstd"),
+        (&truth, &scratch.join("pod-logs-zstd")),
     )
     .await;
-    let line = wait_for_log(&log);
-    let fetched = proxy.bytes() - before;
     eprintln!(
         "zstd:chunked: pull to first log line took {fetched} bytes; the layer is about {layer_bytes} bytes: {}",
         line.trim()
