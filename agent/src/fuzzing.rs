@@ -9,6 +9,7 @@
 
 use crate::{
     image::{
+        elf,
         estargz::{self, FOOTER_SIZE, LayerIndex, NodeKind, Toc},
         gzip::{self, BuildOptions, MIN_SPAN, SpanIndex},
         tar::TarReader,
@@ -23,7 +24,7 @@ pub const WORKER_STACK: usize = 2 << 20;
 pub type Check = fn(&[u8]);
 
 /// The fuzz targets, by name: the check each runs.
-pub const TARGETS: [(&str, Check); 7] = [
+pub const TARGETS: [(&str, Check); 8] = [
     ("estargz_toc", estargz_toc),
     ("estargz_blob", estargz_blob),
     ("tar_reader", tar_reader),
@@ -31,6 +32,7 @@ pub const TARGETS: [(&str, Check); 7] = [
     ("gzip_layer", gzip_layer),
     ("gzip_index", gzip_index),
     ("zstd_chunked", zstd_chunked),
+    ("elf", elf_object),
 ];
 
 /// Runs `check(data)` on a thread with a worker's stack; a panic there (an overflow aborts
@@ -127,6 +129,39 @@ pub fn tar_reader(data: &[u8]) {
         }
     }
     assert!(total <= data.len() as u64);
+}
+
+/// A file of an image read as ELF the way the loader prefetch reads it (`fs::loader`):
+/// whatever headers are accepted, their segments and dynamic section lie within the file, every
+/// address maps into it, and the names come from within the string table.
+pub fn elf_object(data: &[u8]) {
+    let size = data.len() as u64;
+    let Some(object) = elf::Object::parse(data, size) else {
+        return;
+    };
+    for s in &object.loads {
+        assert!(s.offset + s.file_size <= size);
+    }
+    let Some(dynamic) = object.dynamic.clone() else {
+        return;
+    };
+    assert!(dynamic.end <= size);
+    let dynamic = elf::Dynamic::parse(&data[dynamic.start as usize..dynamic.end as usize]);
+    let Some((addr, _)) = dynamic.strtab else {
+        return;
+    };
+    let Some(table) = object.file_offset(addr) else {
+        return;
+    };
+    assert!(table < size);
+    if let Some(span) = dynamic.names_span() {
+        assert!(span.start < span.end);
+        for &name in dynamic.needed.iter().chain(&dynamic.search) {
+            if let Some(name) = elf::string_at(&data[table as usize..], name) {
+                assert!(!name.is_empty() && name.len() < elf::MAX_NAME as usize);
+            }
+        }
+    }
 }
 
 /// Manifests and indexes as a registry might send them.

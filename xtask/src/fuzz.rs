@@ -1,5 +1,5 @@
 //! `cargo xtask fuzz`: runs the cargo-fuzz targets of agent/fuzz (footer+TOC, whole eStargz
-//! blobs, tar streams, manifests, plain gzip layers and their span indexes, zstd:chunked blobs) for a while each, starting from the committed seeds; each
+//! blobs, tar streams, manifests, plain gzip layers and their span indexes, zstd:chunked blobs, ELF headers) for a while each, starting from the committed seeds; each
 //! check runs on a 2 MiB stack, as in a tokio worker (`imgstream::fuzzing`). A failing input
 //! is copied to `agent/fuzz/regressions/<target>`, which `tests/fuzz_seeds.rs` runs with the
 //! seeds on every `cargo test`. Installs cargo-fuzz on first use. Not part of `ci`: fuzzing
@@ -11,7 +11,7 @@ use anyhow::Context as _;
 
 use crate::cmd;
 
-pub(crate) const TARGETS: [&str; 7] = [
+pub(crate) const TARGETS: [&str; 8] = [
     "estargz_toc",
     "estargz_blob",
     "tar_reader",
@@ -19,6 +19,7 @@ pub(crate) const TARGETS: [&str; 7] = [
     "gzip_layer",
     "gzip_index",
     "zstd_chunked",
+    "elf",
 ];
 
 pub(crate) fn run(root: &Path, only: Option<&str>, seconds: u64) -> anyhow::Result<()> {

@@ -10,7 +10,7 @@ use anyhow::{Context as _, bail};
 use crate::{cmd, kernels};
 
 /// Debian packages the project needs.
-const PACKAGES: [&str; 16] = [
+const PACKAGES: [&str; 17] = [
     "qemu-system-x86",   // the VM tests (TCG)
     "protobuf-compiler", // tonic code generation (containerd and CRI APIs)
     "containerd",
@@ -29,6 +29,7 @@ const PACKAGES: [&str; 16] = [
     "apache2-utils",  // htpasswd (bcrypt) for the basic-auth registry tests
     "busybox-static", // the userland of the test images
     "podman",         // writes zstd and zstd:chunked layers for the interoperability tests
+    "binutils",       // readelf: what the ELF reader of the loader prefetch is checked against
 ];
 
 /// The bpf-linker release that builds against the nightly's LLVM 22 here.
