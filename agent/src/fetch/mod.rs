@@ -332,7 +332,12 @@ impl Fetcher {
                     waits.push((i, flight.clone()));
                 }
                 None => {
-                    let flight = Arc::new(Inflight::default());
+                    // A read-around fetch is a guess: when it fails, its waiters fetch.
+                    let flight = Arc::new(if priority == Priority::ReadAround {
+                        Inflight::guess()
+                    } else {
+                        Inflight::default()
+                    });
                     map.insert(c.chunk.digest, flight.clone());
                     mine.push((i, flight));
                 }

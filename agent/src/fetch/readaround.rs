@@ -7,11 +7,12 @@
 //! link can carry while one request waits for its answer (the bandwidth-delay product) are
 //! nearly free: fetching them beside a miss costs about one round trip of link time and saves
 //! a round trip for every later miss they cover. So the window after a miss is a few
-//! bandwidth-delay products (4 by default), measured: the round trip is the source's shortest recent time to
-//! a first byte ([`crate::registry::BlobSource::round_trip`]), the bandwidth the fetcher's
+//! bandwidth-delay products (2 by default; the libraries a program loads are fetched by
+//! `fs::loader`, which knows them), measured: the round trip is the source's shortest
+//! recent time to a first byte ([`crate::registry::BlobSource::round_trip`]), the bandwidth the fetcher's
 //! own large responses with that round trip taken out. On loopback the window shrinks to
 //! almost nothing, for a source with no network (a local layout) it is nothing, and 50 ms
-//! away at 100 Mbit/s it is about 2.5 MB.
+//! away at 100 Mbit/s it is about 1.25 MB.
 //!
 //! A reader whose misses land where the last window ended is reading the layer in order: its
 //! window doubles on each such miss, as the kernel's readahead does. Within one file (a large
@@ -41,10 +42,12 @@ pub struct ReadAroundConfig {
 
 impl Default for ReadAroundConfig {
     fn default() -> Self {
-        // 4 by `bench e2e` (defaults otherwise, cold starts at 0 and 50 ms): against 1 and
-        // 2 it made the 50 ms start 25 % and 9 % sooner, the 0 ms one as soon within noise.
+        // 2 by `bench e2e` (defaults otherwise, cold starts at 0, 20 and 50 ms): with the
+        // loader prefetch fetching libraries, 4 sent megabytes of guesses ahead of the
+        // libraries the start waited for (2.33 / 3.97 / 5.73 s against 2.18 / 3.73 / 5.84 s
+        // with 2); before it, 4 was 25 % sooner than 1 at 50 ms.
         Self {
-            bdp_multiple: 4.0,
+            bdp_multiple: 2.0,
             max_window: 16 << 20,
         }
     }
@@ -224,16 +227,16 @@ mod tests {
         ra.observe(1_000_000, Duration::from_millis(150));
         ra.observe(3_000_000, Duration::from_millis(350));
         assert_eq!(ra.bdp(Duration::from_millis(50)), 500_000);
-        assert_eq!(ra.window(blob(), 7, (0, 4096), MS_50), 2_000_000);
+        assert_eq!(ra.window(blob(), 7, (0, 4096), MS_50), 1_000_000);
         // A miss somewhere else starts over at the base window.
         assert_eq!(
             ra.window(blob(), 7, (50_000_000, 50_004_096), MS_50),
-            2_000_000
+            1_000_000
         );
         // Half a millisecond away (the responses above then took 8 MB/s), the window is
         // almost nothing.
         let near = Some(Duration::from_micros(500));
-        assert_eq!(ra.window(blob(), 7, (0, 4096), near), 16_032);
+        assert_eq!(ra.window(blob(), 7, (0, 4096), near), 8_016);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 pub mod fusedev;
 pub mod keeper;
+mod loader;
 
 pub mod tree;
 pub mod virtiofs;
@@ -45,6 +46,9 @@ pub struct FsConfig {
     pub record_reads: bool,
     /// What a miss fetches besides the chunks it needs.
     pub read_around: ReadAroundConfig,
+    /// Fetch the libraries a program needs when a reader reads its ELF headers
+    /// ([`loader`]).
+    pub loader_prefetch: bool,
 }
 
 impl Default for FsConfig {
@@ -53,6 +57,7 @@ impl Default for FsConfig {
             read_deadline: Duration::from_secs(30),
             record_reads: false,
             read_around: ReadAroundConfig::default(),
+            loader_prefetch: true,
         }
     }
 }
@@ -90,12 +95,14 @@ fn guarded<T>(
 
 /// An image, served as a read-only filesystem.
 pub struct ImageFs {
-    tree: Tree,
+    tree: Arc<Tree>,
     layers: Arc<[RemoteLayer]>,
     fetcher: Arc<Fetcher>,
     config: FsConfig,
     /// Reads in the order they came, when recording (at most `reads::MAX_RECORDS`).
     recorded: Option<Mutex<Vec<Read>>>,
+    /// Fetches the libraries of programs readers start.
+    loader: Option<loader::Loader>,
     /// Tests: the next read panics (to show a panicking request is answered).
     #[cfg(test)]
     pub(crate) panic_next_read: std::sync::atomic::AtomicBool,
@@ -122,11 +129,20 @@ impl ImageFs {
         config: FsConfig,
     ) -> Self {
         let indexes: Vec<_> = layers.iter().map(|l| &l.index).collect();
-        let tree = Tree::build(&indexes, view);
+        let tree = Arc::new(Tree::build(&indexes, view));
+        let loader = config.loader_prefetch.then(|| {
+            loader::Loader::new(
+                tree.clone(),
+                layers.clone(),
+                fetcher.clone(),
+                config.read_deadline,
+            )
+        });
         Self {
             tree,
             layers,
             fetcher,
+            loader,
             recorded: config.record_reads.then(Default::default),
             config,
             #[cfg(test)]
@@ -250,7 +266,7 @@ impl ImageFs {
     fn read_into(
         &self,
         inode: &tree::Inode,
-        w: &mut dyn ZeroCopyWriter,
+        w: &mut dyn io::Write,
         size: u32,
         offset: u64,
     ) -> io::Result<usize> {
@@ -298,7 +314,7 @@ impl ImageFs {
                 errno(libc::EIO)
             })?;
         let mut written = 0;
-        for (chunk, bytes) in node.chunks[first..last].iter().zip(&data) {
+        for (i, (chunk, bytes)) in node.chunks[first..last].iter().zip(&data).enumerate() {
             let from = offset.max(chunk.file_offset) - chunk.file_offset;
             let to = end.min(chunk.file_offset + chunk.size) - chunk.file_offset;
             // The fetcher checks every chunk's length against the TOC; a slice out of range
@@ -307,6 +323,12 @@ impl ImageFs {
                 .slice(bytes)
                 .and_then(|part| part.get(from as usize..to as usize))
                 .ok_or_else(|| errno(libc::EIO))?;
+            if i == 0
+                && offset == 0
+                && let Some(loader) = &self.loader
+            {
+                loader.read_start(inode.ino, part);
+            }
             w.write_all(part)?;
             written += (to - from) as usize;
         }

@@ -20,6 +20,8 @@ use crate::{
 
 /// `FUSE_ROOT_ID`.
 pub const ROOT_INO: u64 = 1;
+/// Symlinks [`Tree::resolve`] follows in one path at most (the kernel's limit is 40).
+pub const MAX_SYMLINK_HOPS: usize = 40;
 /// Changes whenever [`Tree::layout`] hashes other fields, so digests of two versions never
 /// match by accident.
 const LAYOUT_VERSION: &[u8] = b"imgstream tree layout 1\0";
@@ -132,6 +134,44 @@ impl Tree {
 
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Option<&Inode> {
         self.get(*self.get(parent)?.children.get(name)?)
+    }
+
+    /// The inode at absolute `path`, following symlinks (at most [`MAX_SYMLINK_HOPS`] of
+    /// them) as the kernel would within this tree, `..` included; `None` when a part is
+    /// missing, not a directory, or the links go round.
+    pub fn resolve(&self, path: &[u8]) -> Option<&Inode> {
+        // Parts still to walk, the next one last.
+        let mut parts: Vec<&[u8]> = path.split(|&b| b == b'/').rev().collect();
+        let mut at = self.get(ROOT_INO)?;
+        let mut hops = 0;
+        while let Some(part) = parts.pop() {
+            match part {
+                b"" | b"." => continue,
+                b".." => {
+                    at = self.get(at.parent)?;
+                    continue;
+                }
+                _ => {}
+            }
+            if at.kind != Kind::Directory {
+                return None;
+            }
+            let next = self.lookup(at.ino, part)?;
+            match &next.kind {
+                Kind::Symlink(target) => {
+                    hops += 1;
+                    if hops > MAX_SYMLINK_HOPS {
+                        return None;
+                    }
+                    if target.first() == Some(&b'/') {
+                        at = self.get(ROOT_INO)?;
+                    }
+                    parts.extend(target.split(|&b| b == b'/').rev());
+                }
+                _ => at = next,
+            }
+        }
+        Some(at)
     }
 
     /// Live inodes.

@@ -160,10 +160,11 @@ pub(crate) struct ConvertArgs {
     pub(crate) src: String,
     pub(crate) dst: String,
     /// Chunk size for large files (bytes, or with a K/M/G suffix). A miss fetches whole
-    /// chunks: 1M measured best across 0 and 50 ms round trips (`cargo xtask bench e2e`,
-    /// 2026-11-30: against 4M, 16 % sooner at 0 ms and 7 % at 50 ms; 256K was sooner still
-    /// at 0 ms and later at 50 ms).
-    #[arg(long, default_value = "1M")]
+    /// chunks: 256K measured best across 0, 20 and 50 ms round trips once the agent fetched
+    /// a program's libraries ahead of the loader (`cargo xtask bench e2e`, 2026-12-01:
+    /// against 1M, 19 % sooner at 0 ms, level at 20 and 50 ms; before that 1M, which was
+    /// sooner than 256K at 50 ms).
+    #[arg(long, default_value = "256K")]
     pub(crate) chunk_size: ByteSize,
     /// Layer format: `estargz` (gzip members: every runtime pulls it) or `zstd:chunked`
     /// (containers/storage's format: podman and CRI-O pull it lazily too; an image with it
@@ -393,12 +394,16 @@ pub(crate) struct ServingArgs {
     pub(crate) read_deadline_secs: u64,
     /// On a miss, also fetch what follows it in the layer: this many bandwidth-delay
     /// products of the link, as measured from the agent's own requests (0: off).
-    #[arg(long, default_value_t = 4.0, value_parser = read_around_bdps)]
+    #[arg(long, default_value_t = 2.0, value_parser = read_around_bdps)]
     pub(crate) read_around_bdps: f64,
     /// The largest read-around window, which readers that read the layer in order grow to
     /// (K/M suffixes; at most 64M).
     #[arg(long, default_value = "16M", value_parser = read_around_max)]
     pub(crate) read_around_max: ByteSize,
+    /// Do not fetch the libraries a program needs (its ELF `DT_NEEDED`, found in the mount)
+    /// when a reader reads the program's first bytes; leave them to the loader's reads.
+    #[arg(long)]
+    pub(crate) no_loader_prefetch: bool,
     /// Do not learn what a layer's first start on this node reads, nor prefetch what was
     /// learned, for layers whose TOC has no prefetch list.
     #[arg(long)]
@@ -462,6 +467,7 @@ impl ServingArgs {
                     bdp_multiple: self.read_around_bdps,
                     max_window: self.read_around_max.0,
                 },
+                loader_prefetch: !self.no_loader_prefetch,
             },
             background: (!self.no_background).then_some(
                 imgstream::fetch::background::BackgroundConfig {
