@@ -422,7 +422,22 @@ mod tests {
             file(&format!("{LIBS}/libc.so.6"), host("libc.so.6")),
             symlink(&format!("{LIBS}/libpcre2-8.so.0"), &pcre),
             file(&format!("{LIBS}/{pcre}"), host(&pcre)),
+            (Header::new("opt/", TarKind::Directory), Vec::new()),
+            (Header::new("opt/app/", TarKind::Directory), Vec::new()),
+            (Header::new("opt/app/bin/", TarKind::Directory), Vec::new()),
         ];
+        // The `elf` fuzz target's seeds as programs: one that needs libc.so.6 and
+        // libm.so.6 (not in this image) with run path `$ORIGIN/../lib` (not in it either),
+        // and hostile ones.
+        let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/elf");
+        for seed in std::fs::read_dir(&seeds).expect("the elf fuzz seeds") {
+            let seed = seed.expect("a directory entry").path();
+            let name = seed.file_name().unwrap().to_string_lossy().to_string();
+            entries.push(file(
+                &format!("opt/app/bin/{name}"),
+                std::fs::read(&seed).unwrap(),
+            ));
+        }
         for (h, data) in &mut entries {
             h.size = data.len() as u64;
         }
@@ -531,21 +546,51 @@ mod tests {
     }
 
     #[test]
-    fn hostile_programs_cost_no_more_than_their_bounds() {
-        // A "program" whose dynamic section names libraries that are itself and missing ones,
-        // with run paths that loop: the loader looks at each file once and stops.
+    fn run_paths_missing_libraries_and_hostile_programs_cost_no_more_than_their_bounds() {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let dir = std::env::temp_dir().join(format!("imgstream-loader-bad-{}", std::process::id()));
-        let (fs, _) = ls_image(&runtime, &dir, true);
+        let (fs, source) = ls_image(&runtime, &dir, true);
         let loader = fs.loader.as_ref().unwrap();
-        // Not ELF: nothing queued.
+        // Not ELF, a directory, an inode that does not exist: nothing fetched.
         loader.read_start(1, b"#!/bin/sh\n");
         assert_eq!(loader.shared.pending.load(Ordering::SeqCst), 0);
-        // A directory's inode or one that does not exist: looked at, nothing fetched.
         loader.read_start(1, elf::MAGIC);
         loader.read_start(u64::MAX, elf::MAGIC);
         assert!(loader.wait_idle(Duration::from_secs(10)));
-        // Past the bound of files per mount, nothing more is queued.
+        assert_eq!(source.ranges.load(Ordering::SeqCst), 0);
+        // A program whose run path names a directory the image lacks: its libc is found in
+        // the multiarch directory after it, its libm nowhere (left to the loader).
+        read_head(&fs, "/opt/app/bin/program.bin");
+        assert!(loader.wait_idle(Duration::from_secs(30)));
+        fs.fetcher.flush_cache_writes();
+        assert!(fetched(&fs, "/usr/lib/x86_64-linux-gnu/libc.so.6", 0..4096));
+        // Hostile programs (65,535 program headers; a dynamic section of 5,000 DT_NEEDED
+        // entries pointing past any table and no end; segments and tables far beyond the
+        // file; names with no end): each read is answered, the loader goes idle, and
+        // nothing but their own bytes is fetched.
+        for name in [
+            "hostile-phnum.bin",
+            "hostile-endless-dynamic.bin",
+            "hostile-far.bin",
+            "hostile-unterminated.bin",
+        ] {
+            let before = source.ranges.load(Ordering::SeqCst);
+            read_head(&fs, &format!("/opt/app/bin/{name}"));
+            assert!(loader.wait_idle(Duration::from_secs(30)), "{name}");
+            assert!(
+                source.ranges.load(Ordering::SeqCst) - before <= 2,
+                "{name}: its head and end at most"
+            );
+        }
+        assert!(!fetched(
+            &fs,
+            "/usr/lib/x86_64-linux-gnu/libz.so.1",
+            0..4096
+        ));
+        // Each file is looked at once: reading its head again queues nothing.
+        read_head(&fs, "/opt/app/bin/program.bin");
+        assert_eq!(loader.shared.pending.load(Ordering::SeqCst), 0);
+        // Past the bound of files per mount, nothing more is looked at.
         for ino in 10_000..10_000 + MAX_FILES as u64 {
             loader.shared.first_time(ino);
         }

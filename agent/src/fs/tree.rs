@@ -596,4 +596,61 @@ mod tests {
         );
         assert!(at(&tree, "keep").is_none(), "only this layer's entries");
     }
+
+    #[test]
+    fn paths_resolve_through_symlinks_as_the_kernel_would_and_loops_end() {
+        let link = |path: &str, target: &str| {
+            let mut h = Header::new(path, TarKind::Symlink);
+            h.link_name = target.into();
+            (h, Vec::new())
+        };
+        let tree = Tree::build(
+            &[&index(&[
+                dir("usr/"),
+                dir("usr/lib/"),
+                file("usr/lib/libc.so.6", b"elf"),
+                link("lib", "usr/lib"),
+                link("usr/lib/libc.so", "libc.so.6"),
+                link("usr/lib/abs", "/usr/lib/libc.so.6"),
+                link("usr/lib/up", "../lib/./libc.so.6"),
+                link("loop-a", "loop-b"),
+                link("loop-b", "loop-a"),
+                link("usr/lib/dangling", "nothing"),
+            ])],
+            View::Merged,
+        );
+        let libc = at(&tree, "usr/lib/libc.so.6").unwrap().ino;
+        for path in [
+            "/usr/lib/libc.so.6",
+            "/lib/libc.so.6",
+            "/lib/libc.so",
+            "lib/abs",
+            "/lib//./up",
+            "/usr/../lib/libc.so.6",
+        ] {
+            assert_eq!(
+                tree.resolve(path.as_bytes()).map(|i| i.ino),
+                Some(libc),
+                "{path}"
+            );
+        }
+        assert_eq!(
+            tree.resolve(b"/lib").map(|i| i.kind.clone()),
+            Some(Kind::Directory)
+        );
+        for path in [
+            "/loop-a",
+            "/loop-a/x",
+            "/usr/lib/dangling",
+            "/usr/lib/libc.so.6/x",
+            "/no",
+        ] {
+            assert!(tree.resolve(path.as_bytes()).is_none(), "{path}");
+        }
+        // `..` of the root is the root.
+        assert_eq!(
+            tree.resolve(b"/../../usr/lib/libc.so.6").map(|i| i.ino),
+            Some(libc)
+        );
+    }
 }
