@@ -60,7 +60,8 @@ enum Command {
         #[arg(value_parser = ["fs", "virtiofs", "probes", "e2e"])]
         suite: String,
     },
-    /// Run the fuzz targets (eStargz footer+TOC and blobs, tar streams, manifests).
+    /// Run the fuzz targets (eStargz footer+TOC and blobs, tar streams, manifests, gzip and
+    /// zstd:chunked layers, ELF headers).
     Fuzz {
         /// Only this target.
         #[arg(long)]
