@@ -50,6 +50,25 @@ async fn first_line(
     (line, proxy.bytes() - before)
 }
 
+/// [`first_line`] of a pod whose image the agent must have streamed, saying so in its log
+/// with `streamed`: the bytes the proxy carried meanwhile.
+async fn lazy_first_line(
+    (containerd, proxy, agent): (&Containerd, &Proxy, &Agent),
+    image: &str,
+    pod: (&str, &str),
+    dirs: (&std::path::Path, &std::path::Path),
+    streamed: &str,
+) -> u64 {
+    let (line, fetched) = first_line(containerd, proxy, image, pod, dirs).await;
+    eprintln!(
+        "{image}: pull to first log line took {fetched} bytes: {}",
+        line.trim()
+    );
+    let agent_log = agent.log_text();
+    assert!(agent_log.contains(streamed), "{agent_log}");
+    fetched
+}
+
 /// The checksum `clockprobe readafter` prints.
 fn fnv1a(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
@@ -195,23 +214,14 @@ async fn containerd_runs_a_streamed_image_through_the_imgstream_snapshotter() {
         "--scratch",
         scratch.to_str().unwrap(),
     ]);
-    let (line, fetched) = first_line(
-        &containerd,
-        &proxy,
+    let fetched = lazy_first_line(
+        (&containerd, &proxy, &agent),
         &format!("{host}/app:v1"),
         ("streaming-plain", "indexed"),
         (&truth, &scratch.join("pod-logs-indexed")),
+        "streamed through its span index",
     )
     .await;
-    eprintln!(
-        "unconverted, indexed: pull to first log line took {fetched} bytes; the layer is about {layer_bytes} bytes: {}",
-        line.trim()
-    );
-    let agent_log = agent.log_text();
-    assert!(
-        agent_log.contains("streamed through its span index"),
-        "{agent_log}"
-    );
     // The index, the span holding the entrypoint (2 MiB of incompressible data at most),
     // manifest and config: a fraction of the layer.
     assert!(
@@ -221,7 +231,7 @@ async fn containerd_runs_a_streamed_image_through_the_imgstream_snapshotter() {
 
     // The same image converted to zstd:chunked (the form podman and CRI-O push): containerd
     // runs it through the snapshotter lazily, within the eStargz start's budget. Chunks are
-    // cached by their content's digest, and convert cuts both formats at the same 1M
+    // cached by their content's digest, and convert cuts both formats at the same chunk
     // boundaries: the entrypoint's chunk comes from what the eStargz start cached (5.4 KB
     // crossed the link on 2026-12-01: manifest, config and TOC).
     imgstream_ok(&[
@@ -235,23 +245,14 @@ async fn containerd_runs_a_streamed_image_through_the_imgstream_snapshotter() {
         "--scratch",
         scratch.to_str().unwrap(),
     ]);
-    let (line, fetched) = first_line(
-        &containerd,
-        &proxy,
+    let fetched = lazy_first_line(
+        (&containerd, &proxy, &agent),
         &format!("{host}/app:zstd"),
         ("streaming-zstd", "zstd"),
         (&truth, &scratch.join("pod-logs-zstd")),
+        "zstd:chunked layer: streamed through its TOC",
     )
     .await;
-    eprintln!(
-        "zstd:chunked: pull to first log line took {fetched} bytes; the layer is about {layer_bytes} bytes: {}",
-        line.trim()
-    );
-    let agent_log = agent.log_text();
-    assert!(
-        agent_log.contains("zstd:chunked layer: streamed through its TOC"),
-        "{agent_log}"
-    );
     assert!(
         fetched < CRITICAL_PATH_BUDGET,
         "the zstd:chunked start fetched {fetched} bytes before its first log line, more than the {CRITICAL_PATH_BUDGET} budgeted"

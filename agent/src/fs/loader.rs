@@ -23,7 +23,7 @@
 //! another directory than the loader picks costs its bytes, nothing else.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     ops::Range,
     sync::{
         Arc, Mutex, OnceLock,
@@ -37,6 +37,7 @@ use super::tree::{Kind, Tree};
 use crate::{
     fetch::{ChunkRef, Fetcher, Priority, layer::RemoteLayer},
     image::elf::{self, Dynamic, Object},
+    oci::digest::Digest,
 };
 
 /// Files of one mount whose libraries are looked for at most.
@@ -320,21 +321,39 @@ impl Shared {
     /// memory budget readers need), then returns the bytes of each of `wants`; `None` for
     /// one that could not be fetched.
     fn bytes(&self, wants: &[Want<'_>], warm: &[Want<'_>]) -> Vec<Option<Vec<u8>>> {
+        type Key = (Digest, u64);
+        let key = |c: &ChunkRef<'_>| (c.blob, c.chunk.blob_offset);
+        let wanted: HashSet<Key> = wants
+            .iter()
+            .flat_map(|w| self.chunks_of(w))
+            .map(|c| key(&c))
+            .collect();
         let mut unique = HashSet::new();
         let all: Vec<ChunkRef<'_>> = wants
             .iter()
             .chain(warm)
             .flat_map(|w| self.chunks_of(w))
-            .filter(|c| unique.insert((c.blob, c.chunk.blob_offset)))
+            .filter(|c| unique.insert(key(c)))
             .collect();
         let deadline = Instant::now() + self.deadline;
+        // What `wants` need is kept from the fetches; what is only warmed goes to the cache.
+        let mut got: HashMap<Key, Arc<Vec<u8>>> = HashMap::new();
+        let mut fetch = |batch: &[ChunkRef<'_>]| {
+            // A failed batch costs only its chunks: readers fetch them.
+            if let Ok(data) = self.fetcher.get(batch, Priority::ReadAround, deadline) {
+                for (c, unit) in batch.iter().zip(data) {
+                    if wanted.contains(&key(c)) {
+                        got.insert(key(c), unit);
+                    }
+                }
+            }
+        };
         let mut batch = Vec::new();
         let mut batch_bytes = 0;
         for c in all {
             let bytes = c.chunk.unit_len() + (c.chunk.blob_end - c.chunk.blob_offset);
             if !batch.is_empty() && batch_bytes + bytes > BATCH {
-                // A failed batch costs only its chunks: readers fetch them.
-                let _ = self.fetcher.get(&batch, Priority::ReadAround, deadline);
+                fetch(&batch);
                 batch.clear();
                 batch_bytes = 0;
             }
@@ -342,21 +361,15 @@ impl Shared {
             batch_bytes += bytes;
         }
         if !batch.is_empty() {
-            let _ = self.fetcher.get(&batch, Priority::ReadAround, deadline);
+            fetch(&batch);
         }
         wants
             .iter()
             .map(|want| {
-                let refs: Vec<ChunkRef<'_>> = self.chunks_of(want).collect();
-                // Fetched above: from memory or the cache now, unless that fetch failed.
-                let data = self
-                    .fetcher
-                    .get(&refs, Priority::ReadAround, deadline)
-                    .ok()?;
                 let (start, end) = (want.1.start.min(want.0.size), want.1.end.min(want.0.size));
                 let mut out = Vec::with_capacity((end - start) as usize);
-                for (c, unit) in refs.iter().zip(&data) {
-                    let part = c.chunk.slice(unit)?;
+                for c in self.chunks_of(want) {
+                    let part = c.chunk.slice(got.get(&key(&c))?)?;
                     let from = start.max(c.chunk.file_offset) - c.chunk.file_offset;
                     let to = end.min(c.chunk.file_offset + c.chunk.size) - c.chunk.file_offset;
                     out.extend_from_slice(part.get(from as usize..to as usize)?);
@@ -402,7 +415,10 @@ mod tests {
         dir: &std::path::Path,
         loader_prefetch: bool,
     ) -> (ImageFs, Arc<MemoryBlobs>) {
-        let host = |name: &str| std::fs::read(format!("/usr/lib/x86_64-linux-gnu/{name}")).unwrap();
+        let host = |name: &str| {
+            std::fs::read(format!("/usr/lib/x86_64-linux-gnu/{name}"))
+                .expect("a library of this Debian machine")
+        };
         let pcre = std::fs::read_link("/usr/lib/x86_64-linux-gnu/libpcre2-8.so.0")
             .expect("libpcre2-8.so.0 is a symlink on Debian")
             .display()
@@ -410,7 +426,10 @@ mod tests {
         let mut entries = vec![
             (Header::new("usr/", TarKind::Directory), Vec::new()),
             (Header::new("usr/bin/", TarKind::Directory), Vec::new()),
-            file("usr/bin/ls", std::fs::read("/usr/bin/ls").unwrap()),
+            file(
+                "usr/bin/ls",
+                std::fs::read("/usr/bin/ls").expect("this machine's ls"),
+            ),
             symlink("lib", "usr/lib"),
             (Header::new("usr/lib/", TarKind::Directory), Vec::new()),
             (
@@ -432,10 +451,14 @@ mod tests {
         let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/elf");
         for seed in std::fs::read_dir(&seeds).expect("the elf fuzz seeds") {
             let seed = seed.expect("a directory entry").path();
-            let name = seed.file_name().unwrap().to_string_lossy().to_string();
+            let name = seed
+                .file_name()
+                .expect("a file name")
+                .to_string_lossy()
+                .to_string();
             entries.push(file(
                 &format!("opt/app/bin/{name}"),
-                std::fs::read(&seed).unwrap(),
+                std::fs::read(&seed).expect("a committed seed"),
             ));
         }
         for (h, data) in &mut entries {
@@ -475,7 +498,11 @@ mod tests {
     }
 
     fn read_head(fs: &ImageFs, path: &str) -> Vec<u8> {
-        let inode = fs.tree.resolve(path.as_bytes()).unwrap().clone();
+        let inode = fs
+            .tree
+            .resolve(path.as_bytes())
+            .expect("in the image")
+            .clone();
         let mut out = Vec::new();
         fs.read_into(&inode, &mut out, 4096, 0)
             .expect("the read succeeds");
@@ -485,15 +512,18 @@ mod tests {
 
     #[test]
     fn reading_a_programs_headers_fetches_the_libraries_it_loads_and_theirs() {
-        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let runtime = tokio::runtime::Runtime::new().expect("a runtime");
         let dir = std::env::temp_dir().join(format!("imgstream-loader-{}", std::process::id()));
         let (fs, source) = ls_image(&runtime, &dir, true);
         let head = read_head(&fs, "/usr/bin/ls");
-        assert_eq!(head, std::fs::read("/usr/bin/ls").unwrap()[..4096]);
+        assert_eq!(
+            head,
+            std::fs::read("/usr/bin/ls").expect("this machine's ls")[..4096]
+        );
         assert!(
             fs.loader
                 .as_ref()
-                .unwrap()
+                .expect("the loader prefetch is on")
                 .wait_idle(Duration::from_secs(30))
         );
         fs.fetcher.flush_cache_writes();
@@ -506,9 +536,14 @@ mod tests {
         }
         assert!(!fetched(&fs, &format!("/{LIBS}/libz.so.1"), 0..4096));
         // libc's writable segment too (what relocation writes), without reading it.
-        let libc = std::fs::read("/usr/lib/x86_64-linux-gnu/libc.so.6").unwrap();
-        let object = Object::parse(&libc[..4096], libc.len() as u64).unwrap();
-        let data = object.loads.iter().find(|s| s.writable).unwrap();
+        let libc =
+            std::fs::read("/usr/lib/x86_64-linux-gnu/libc.so.6").expect("this machine's libc");
+        let object = Object::parse(&libc[..4096], libc.len() as u64).expect("libc is ELF");
+        let data = object
+            .loads
+            .iter()
+            .find(|s| s.writable)
+            .expect("libc has a data segment");
         assert!(fetched(
             &fs,
             "/lib/x86_64-linux-gnu/libc.so.6",
@@ -524,7 +559,7 @@ mod tests {
         assert_eq!(
             fs.loader
                 .as_ref()
-                .unwrap()
+                .expect("the loader prefetch is on")
                 .shared
                 .pending
                 .load(Ordering::SeqCst),
@@ -535,7 +570,7 @@ mod tests {
 
     #[test]
     fn with_the_prefetch_off_only_what_is_read_is_fetched() {
-        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let runtime = tokio::runtime::Runtime::new().expect("a runtime");
         let dir = std::env::temp_dir().join(format!("imgstream-loader-off-{}", std::process::id()));
         let (fs, source) = ls_image(&runtime, &dir, false);
         read_head(&fs, "/usr/bin/ls");
@@ -547,10 +582,10 @@ mod tests {
 
     #[test]
     fn run_paths_missing_libraries_and_hostile_programs_cost_no_more_than_their_bounds() {
-        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let runtime = tokio::runtime::Runtime::new().expect("a runtime");
         let dir = std::env::temp_dir().join(format!("imgstream-loader-bad-{}", std::process::id()));
         let (fs, source) = ls_image(&runtime, &dir, true);
-        let loader = fs.loader.as_ref().unwrap();
+        let loader = fs.loader.as_ref().expect("the loader prefetch is on");
         // Not ELF, a directory, an inode that does not exist: nothing fetched.
         loader.read_start(1, b"#!/bin/sh\n");
         assert_eq!(loader.shared.pending.load(Ordering::SeqCst), 0);

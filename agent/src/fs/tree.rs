@@ -619,7 +619,7 @@ mod tests {
             ])],
             View::Merged,
         );
-        let libc = at(&tree, "usr/lib/libc.so.6").unwrap().ino;
+        let libc = at(&tree, "usr/lib/libc.so.6").expect("in the tree").ino;
         for path in [
             "/usr/lib/libc.so.6",
             "/lib/libc.so.6",

@@ -208,7 +208,11 @@ mod tests {
         dynamic
             .needed
             .iter()
-            .map(|&n| string_at(&bytes[strtab..], n).unwrap().to_string())
+            .map(|&n| {
+                string_at(&bytes[strtab..], n)
+                    .expect("a name in the table")
+                    .to_string()
+            })
             .collect()
     }
 
@@ -234,22 +238,27 @@ mod tests {
     fn what_is_not_a_64_bit_little_endian_object_is_none() {
         assert_eq!(Object::parse(b"", 0), None);
         assert_eq!(Object::parse(b"#!/bin/sh\n", 10), None);
-        let mut head = std::fs::read("/usr/bin/ls").unwrap()[..4096].to_vec();
+        let mut head = std::fs::read("/usr/bin/ls").expect("this machine's ls")[..4096].to_vec();
         head[4] = 1; // 32-bit
         assert_eq!(Object::parse(&head, 1 << 20), None);
     }
 
     #[test]
     fn hostile_headers_and_sections_are_bounded_and_never_panic() {
-        let real = std::fs::read("/usr/bin/ls").unwrap();
+        let real = std::fs::read("/usr/bin/ls").expect("this machine's ls");
         let size = real.len() as u64;
-        let good = Object::parse(&real[..4096], size).unwrap();
+        let good = Object::parse(&real[..4096], size).expect("ls is ELF");
         // Truncated anywhere: program headers beyond the bytes at hand are no object.
         for cut in [0, 5, 20, 63, 64, 100, 200] {
             assert!(Object::parse(&real[..cut], size).is_none(), "cut at {cut}");
         }
         // Segments that claim to lie beyond the file are left out.
-        assert!(Object::parse(&real[..4096], 100).unwrap().loads.is_empty());
+        assert!(
+            Object::parse(&real[..4096], 100)
+                .expect("ls is ELF")
+                .loads
+                .is_empty()
+        );
         // Program header counts and offsets at their limits.
         let mut head = real[..4096].to_vec();
         head[56..58].copy_from_slice(&u16::MAX.to_le_bytes());
