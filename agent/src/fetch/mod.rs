@@ -418,7 +418,7 @@ impl Fetcher {
 
     /// The link's bandwidth-delay product as this fetcher's requests measured it so far;
     /// `None` for a source with no network in between.
-    pub(super) fn link_bdp(&self) -> Option<u64> {
+    pub(crate) fn link_bdp(&self) -> Option<u64> {
         self.source
             .round_trip()
             .map(|rtt| self.read_around.bdp(rtt))
@@ -574,9 +574,9 @@ impl Fetcher {
         let fetch = move |(blob, start, end): (Digest, u64, u64)| {
             let source = source.clone();
             async move {
-                let began = Instant::now();
+                let asked = Instant::now();
                 let result = tokio::time::timeout(left, source.read_range(&blob, start..end)).await;
-                (result, began.elapsed())
+                (result, asked, Instant::now())
             }
         };
         let fetched: Vec<Option<_>> = self.runtime.block_on(async move {
@@ -599,14 +599,14 @@ impl Fetcher {
         let mut results = Vec::with_capacity(wanted.len());
         for (run, fetched) in runs.iter().zip(fetched) {
             match fetched {
-                None | Some((Err(_), _)) => {
+                None | Some((Err(_), ..)) => {
                     self.count(|s| &s.errors, 1);
                     results.extend(
                         run.iter()
                             .map(|c| Err(FetchError::Deadline(c.chunk.digest))),
                     );
                 }
-                Some((Ok(Err(e)), _)) => {
+                Some((Ok(Err(e)), ..)) => {
                     self.count(|s| &s.errors, 1);
                     let source = Arc::new(e);
                     results.extend(run.iter().map(|c| {
@@ -616,8 +616,9 @@ impl Fetcher {
                         })
                     }));
                 }
-                Some((Ok(Ok(bytes)), took)) => {
-                    self.read_around.observe(bytes.len() as u64, took);
+                Some((Ok(Ok(bytes)), asked, answered)) => {
+                    self.read_around
+                        .observe(bytes.len() as u64, asked, answered);
                     self.count(|s| &s.requests, 1);
                     self.count(|s| &s.bytes, bytes.len() as u64);
                     match priority {

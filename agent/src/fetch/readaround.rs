@@ -9,8 +9,10 @@
 //! a round trip for every later miss they cover. So the window after a miss is a few
 //! bandwidth-delay products (2 by default; the libraries a program loads are fetched by
 //! `fs::loader`, which knows them), measured: the round trip is the source's shortest
-//! recent time to a first byte ([`crate::registry::BlobSource::round_trip`]), the bandwidth the fetcher's
-//! own large responses with that round trip taken out. On loopback the window shrinks to
+//! recent time to a first byte ([`crate::registry::BlobSource::round_trip`]), the bandwidth
+//! what the fetcher's own large responses delivered together over the time they were
+//! arriving (each with that round trip taken out: responses that share the link count as
+//! the link's rate, not as each one's share of it). On loopback the window shrinks to
 //! almost nothing, for a source with no network (a local layout) it is nothing, and 50 ms
 //! away at 100 Mbit/s it is about 1.25 MB.
 //!
@@ -26,7 +28,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     sync::Mutex,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use crate::oci::digest::Digest;
@@ -67,42 +69,56 @@ const CROSS_FILE_GROWTH: u64 = 8;
 /// The bandwidth of the link to one source, from recent large responses.
 #[derive(Debug, Default)]
 struct Link {
-    /// (bytes, seconds) of recent successful requests of at least [`RATE_SAMPLE_BYTES`],
-    /// newest last.
-    samples: VecDeque<(u64, f64)>,
+    /// (bytes, asked, answered) of recent successful requests of at least
+    /// [`RATE_SAMPLE_BYTES`], newest last.
+    samples: VecDeque<(u64, Instant, Instant)>,
 }
 
 impl Link {
-    fn observe(&mut self, bytes: u64, took: Duration) {
+    fn observe(&mut self, bytes: u64, asked: Instant, answered: Instant) {
         if bytes < RATE_SAMPLE_BYTES {
             return;
         }
         if self.samples.len() == SAMPLES {
             self.samples.pop_front();
         }
-        self.samples.push_back((bytes, took.as_secs_f64()));
+        self.samples.push_back((bytes, asked, answered.max(asked)));
     }
 
-    /// Bytes per second over the recent large responses together, each with the round trip
-    /// taken out (a burst the link let through at once does not count as its rate).
-    fn rate(&self, rtt: f64) -> f64 {
-        let (bytes, secs) = self
+    /// Bytes per second the recent large responses delivered together over the time any of
+    /// them was arriving: each from a round trip after it was asked (at least a millisecond
+    /// before its end: a burst the link let through at once does not count as its rate),
+    /// overlapping ones counted once.
+    fn rate(&self, rtt: Duration) -> f64 {
+        let mut arriving: Vec<(Instant, Instant)> = self
             .samples
             .iter()
-            .fold((0.0, 0.0), |(b, s), &(bytes, secs)| {
-                (b + bytes as f64, s + (secs - rtt).max(1e-3))
-            });
-        if bytes == 0.0 {
+            .map(|&(_, asked, answered)| {
+                let first_byte = (asked + rtt).min(answered - Duration::from_millis(1));
+                (first_byte.max(asked), answered)
+            })
+            .collect();
+        arriving.sort_unstable();
+        let mut busy = Duration::ZERO;
+        let mut until: Option<Instant> = None;
+        for (from, to) in arriving {
+            let from = until.map_or(from, |u| from.max(u));
+            if to > from {
+                busy += to - from;
+            }
+            until = Some(until.map_or(to, |u| u.max(to)));
+        }
+        let bytes: u64 = self.samples.iter().map(|&(b, ..)| b).sum();
+        if bytes == 0 || busy.is_zero() {
             ASSUMED_RATE
         } else {
-            bytes / secs
+            bytes as f64 / busy.as_secs_f64()
         }
     }
 
     /// Bytes the link carries in one round trip.
     fn bdp(&self, rtt: Duration) -> u64 {
-        let rtt = rtt.as_secs_f64();
-        (rtt * self.rate(rtt)) as u64
+        (rtt.as_secs_f64() * self.rate(rtt)) as u64
     }
 }
 
@@ -137,9 +153,9 @@ impl ReadAround {
         self.config.max_window
     }
 
-    /// A request of `bytes` took `took`.
-    pub(super) fn observe(&self, bytes: u64, took: Duration) {
-        crate::sync::lock(&self.link).observe(bytes, took);
+    /// A request asked at `asked` was answered with `bytes` at `answered`.
+    pub(super) fn observe(&self, bytes: u64, asked: Instant, answered: Instant) {
+        crate::sync::lock(&self.link).observe(bytes, asked, answered);
     }
 
     /// The link's bandwidth-delay product for round trip `rtt`, bandwidth as measured so far.
@@ -205,6 +221,11 @@ mod tests {
 
     const MS_50: Option<Duration> = Some(Duration::from_millis(50));
 
+    /// `ms` milliseconds after `base`.
+    fn at(base: Instant, ms: u64) -> Instant {
+        base + Duration::from_millis(ms)
+    }
+
     #[test]
     fn no_window_without_a_network_or_when_off() {
         let on = ReadAround::new(ReadAroundConfig::default());
@@ -221,11 +242,12 @@ mod tests {
         let ra = ReadAround::new(ReadAroundConfig::default());
         // Before a large response, 100 Mbit/s is assumed: 625 kB in 50 ms.
         assert_eq!(ra.bdp(Duration::from_millis(50)), 625_000);
-        // 1 MB in 50 ms + 100 ms and 3 MB in 50 ms + 300 ms: 10 MB/s. A small answer and a
-        // 256 kB burst the link let through at once do not count.
-        ra.observe(4096, Duration::from_millis(50));
-        ra.observe(1_000_000, Duration::from_millis(150));
-        ra.observe(3_000_000, Duration::from_millis(350));
+        // 1 MB in 50 ms + 100 ms and then 3 MB in 50 ms + 300 ms: 10 MB/s. A small answer
+        // does not count.
+        let t = Instant::now();
+        ra.observe(4096, t, at(t, 50));
+        ra.observe(1_000_000, t, at(t, 150));
+        ra.observe(3_000_000, at(t, 200), at(t, 550));
         assert_eq!(ra.bdp(Duration::from_millis(50)), 500_000);
         assert_eq!(ra.window(blob(), 7, (0, 4096), MS_50), 1_000_000);
         // A miss somewhere else starts over at the base window.
@@ -240,13 +262,35 @@ mod tests {
     }
 
     #[test]
+    fn responses_that_share_the_link_measure_the_link_not_their_share_of_it() {
+        let ra = ReadAround::new(ReadAroundConfig::default());
+        let rtt = Duration::from_millis(50);
+        // Four 1 MB answers arriving together over 400 ms, a round trip after they were
+        // asked: the link carried 10 MB/s (each one alone got a quarter of it).
+        let t = Instant::now();
+        for _ in 0..4 {
+            ra.observe(1_000_000, t, at(t, 450));
+        }
+        assert_eq!(ra.bdp(rtt), 500_000);
+        // Then, overlapping the last 100 ms of those, 2 MB more ending 100 ms later: 6 MB
+        // over 500 ms of arriving.
+        ra.observe(2_000_000, at(t, 300), at(t, 550));
+        assert_eq!(ra.bdp(rtt), 600_000);
+        // An answer that came back faster than the round trip counts one millisecond.
+        let fresh = ReadAround::new(ReadAroundConfig::default());
+        fresh.observe(1_000_000, t, at(t, 20));
+        assert_eq!(fresh.bdp(rtt), 50_000_000);
+    }
+
+    #[test]
     fn misses_through_a_file_double_the_window_up_to_the_cap() {
         let ra = ReadAround::new(ReadAroundConfig {
             bdp_multiple: 1.0,
             max_window: 4 << 20,
         });
         let rtt = Some(Duration::from_millis(10));
-        ra.observe(1_000_000, Duration::from_millis(110));
+        let t = Instant::now();
+        ra.observe(1_000_000, t, at(t, 110));
         let base = ra.window(blob(), 7, (0, 1000), rtt);
         assert_eq!(base, 100_000);
         // The window's last chunk ended a little after the window.
