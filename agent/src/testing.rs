@@ -7,7 +7,10 @@ use std::{
     collections::HashMap,
     ops::Range,
     path::Path,
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::{
+        Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -210,12 +213,16 @@ pub(crate) fn plain_descriptor(blob: &[u8]) -> Descriptor {
 }
 
 /// Blobs in memory, served by range: every range request counted, each delayed by `delay`,
-/// and the first `failures` of them answered with a 503.
+/// optionally behind a link of limited bandwidth, and the first `failures` of them answered
+/// with a 503.
 #[derive(Debug, Default)]
 pub(crate) struct MemoryBlobs {
     blobs: HashMap<Digest, Vec<u8>>,
     pub ranges: AtomicUsize,
     pub delay: Duration,
+    /// Bytes per second of the link all answers share, one after another (none: no limit),
+    /// and when it is next free.
+    link: Option<(f64, Mutex<tokio::time::Instant>)>,
     pub failures: AtomicUsize,
     /// What [`BlobSource::round_trip`] says (`None`, as for local files, by default).
     pub round_trip: Option<Duration>,
@@ -236,6 +243,13 @@ impl MemoryBlobs {
 
     pub(crate) fn delayed(mut self, delay: Duration) -> Self {
         self.delay = delay;
+        self
+    }
+
+    /// Answers over one link of `bytes_per_second`: an answer's bytes go after those of the
+    /// answers before it, as over a real link (the round trip, `delay`, before the first).
+    pub(crate) fn throttled(mut self, bytes_per_second: f64) -> Self {
+        self.link = Some((bytes_per_second, Mutex::new(tokio::time::Instant::now())));
         self
     }
 
@@ -280,6 +294,15 @@ impl BlobSource for MemoryBlobs {
     async fn read_range(&self, digest: &Digest, range: Range<u64>) -> Result<Bytes, RegistryError> {
         self.ranges.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(self.delay).await;
+        if let Some((rate, free)) = &self.link {
+            let sent = {
+                let mut free = crate::sync::lock(free);
+                let start = (*free).max(tokio::time::Instant::now());
+                *free = start + Duration::from_secs_f64((range.end - range.start) as f64 / rate);
+                *free
+            };
+            tokio::time::sleep_until(sent).await;
+        }
         let fail = self
             .failures
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));

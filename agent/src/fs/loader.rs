@@ -17,6 +17,20 @@
 //! wait for them, a failed one is fetched again by the reader, and they count as read-around
 //! bytes.
 //!
+//! Two guesses go with it. A module a program opens itself (`dlopen`: PHP's extensions,
+//! Apache's modules), read from a directory that is not one the loader searches, is rarely
+//! alone: the program opens the others of its directory one after another, each with its
+//! own libraries. So the first one read brings its directory's other modules (up to
+//! [`MAX_SIBLINGS`]) into the same walk, and their libraries are fetched level by level
+//! together instead of module after module. And the code an object's constructors and
+//! callers run, and the constant data they read, are touched page by page, each page a
+//! miss that waits a round trip (a trace of PHP's start 50 ms away: 30 such misses in
+//! libraries whose headers had been fetched): a read-only segment no larger than
+//! [`CODE_BDPS`] bandwidth-delay products of the link costs less link time to fetch whole
+//! than the round trips its misses would wait, so it is fetched, on a thread of its own
+//! that the walk does not wait for. On a link with no round trip to speak of (loopback, a
+//! local layout) none is, and larger ones are left to their readers.
+//!
 //! Libraries are looked up in the mount's own view: the whole image for `imgstream mount`,
 //! the layer itself under the snapshotter (which mounts each layer on its own). A library in
 //! another layer is then left to the reader. `ld.so.cache` is not read; a library found in
@@ -56,6 +70,19 @@ const BATCH: u64 = 24 << 20;
 const MAX_DEPTH: usize = 16;
 /// Directories of one `DT_RUNPATH` taken at most.
 const MAX_SEARCH: usize = 16;
+/// Other modules of a module's directory walked with it at most.
+const MAX_SIBLINGS: usize = 64;
+/// Read-only segments (code, constant data) of at most this many bandwidth-delay products
+/// are fetched whole...
+const CODE_BDPS: u64 = 2;
+/// ...and of this many bytes, whatever the link.
+const MAX_CODE: u64 = 16 << 20;
+/// Levels' code fetches waiting for the code thread; more are left to readers.
+const CODE_QUEUE: usize = 16;
+/// Where loaders look for libraries by default: a module found there is a library like any
+/// other, and its directory's other files are not modules of the same program (nor are the
+/// files at the image's root, `""`).
+const LIBRARY_DIRS: [&str; 6] = ["lib", "usr/lib", "lib64", "usr/lib64", "usr/local/lib", ""];
 
 /// Looks for the libraries of the programs its mount's readers start.
 pub(super) struct Loader {
@@ -71,7 +98,7 @@ struct Shared {
     deadline: Duration,
     /// Inodes whose libraries were looked for, or are being.
     seen: Mutex<HashSet<u64>>,
-    /// Programs queued or being worked on (tests wait for 0).
+    /// Programs and code fetches queued or being worked on (tests wait for 0).
     pending: AtomicUsize,
 }
 
@@ -103,10 +130,20 @@ impl Loader {
         }
         let queue = self.queue.get_or_init(|| {
             let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+            // The code thread's queue is held by the walking thread: when the mount drops
+            // this loader, both end.
+            let (code_tx, code_rx) = std::sync::mpsc::sync_channel(CODE_QUEUE);
+            let shared = self.shared.clone();
+            let code = std::thread::Builder::new()
+                .name("loader-code".into())
+                .spawn(move || shared.fetch_code(code_rx))
+                .map_err(|err| tracing::warn!(%err, "no thread to fetch libraries' code"))
+                .ok()
+                .map(|_| code_tx);
             let shared = self.shared.clone();
             std::thread::Builder::new()
                 .name("loader-prefetch".into())
-                .spawn(move || shared.run(rx))
+                .spawn(move || shared.run(rx, code))
                 .map_err(|err| tracing::warn!(%err, "no loader prefetch thread"))
                 .ok()
                 .map(|_| tx)
@@ -134,6 +171,9 @@ impl Loader {
 
 /// A file, and a range of it.
 type Want<'f> = (&'f File, Range<u64>);
+/// Ranges of files for the code thread.
+type Code = Vec<(File, Range<u64>)>;
+type CodeQueue = Option<SyncSender<Code>>;
 
 /// A file of the view: its inode, layer position and node index there, and size.
 #[derive(Clone)]
@@ -150,11 +190,11 @@ impl Shared {
         seen.len() < MAX_FILES && seen.insert(ino)
     }
 
-    fn run(&self, queue: Receiver<u64>) {
+    fn run(&self, queue: Receiver<u64>, code: CodeQueue) {
         while let Ok(ino) = queue.recv() {
             // A panic here would end prefetching for the mount, never a read.
             let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                self.closure(ino);
+                self.closure(ino, &code);
             }));
             if done.is_err() {
                 tracing::error!(ino, "looking for a program's libraries panicked");
@@ -177,31 +217,94 @@ impl Shared {
         &self.layers[file.layer].index.nodes[file.node].path
     }
 
-    /// Fetches the libraries of `root`, then of those, level by level.
-    fn closure(&self, root: u64) {
-        let Some(root) = self.file(root) else { return };
+    /// Fetches the code ranges the walk hands over, one level's at a time, without holding
+    /// the walk up.
+    fn fetch_code(&self, queue: Receiver<Code>) {
+        while let Ok(code) = queue.recv() {
+            let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let wants: Vec<Want<'_>> = code.iter().map(|(f, r)| (f, r.clone())).collect();
+                self.bytes(&[], &wants);
+            }));
+            if done.is_err() {
+                tracing::error!("fetching libraries' code panicked");
+            }
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// The other modules of the directory of `module` (a shared object a program opened
+    /// itself, not found by this walk), when that directory is no library directory: files
+    /// named like shared objects, not looked at before, [`MAX_SIBLINGS`] at most.
+    fn siblings(&self, ino: u64, module: &File) -> Vec<File> {
+        let path = self
+            .path(module)
+            .trim_start_matches("./")
+            .trim_start_matches('/');
+        let dir = path.rsplit_once('/').map_or("", |(dir, _)| dir);
+        let multiarch = dir.rsplit_once('/').is_some_and(|(parent, name)| {
+            LIBRARY_DIRS.contains(&parent) && name.contains("-linux-")
+        });
+        if LIBRARY_DIRS.contains(&dir) || multiarch {
+            return Vec::new();
+        }
+        let Some(parent) = self.tree.get(ino).and_then(|i| self.tree.get(i.parent)) else {
+            return Vec::new();
+        };
+        let named_like_a_module =
+            |name: &[u8]| name.ends_with(b".so") || name.windows(4).any(|w| w == b".so.");
+        parent
+            .children
+            .iter()
+            .filter(|&(name, &child)| child != ino && named_like_a_module(name))
+            .filter_map(|(_, &child)| {
+                let inode = self.tree.get(child)?;
+                (inode.kind == Kind::Regular).then_some(child)
+            })
+            .take(MAX_SIBLINGS)
+            .filter(|&child| self.first_time(child))
+            .filter_map(|child| self.file(child))
+            .collect()
+    }
+
+    /// Fetches the libraries of `ino` (and, for a module, of the other modules of its
+    /// directory), then of those, level by level.
+    fn closure(&self, ino: u64, code: &CodeQueue) {
+        let Some(root) = self.file(ino) else { return };
         // The reader just read the headers (cached now): a static program needs nothing,
         // and its end is not fetched.
         let head = self.bytes(&[(&root, 0..HEAD)], &[]).pop().flatten();
-        let dynamic = head
+        let Some(object) = head
             .and_then(|head| Object::parse(&head, root.size))
-            .is_some_and(|object| object.dynamic.is_some());
-        if !dynamic {
+            .filter(|object| object.dynamic.is_some())
+        else {
             return;
+        };
+        let siblings = if object.library {
+            self.siblings(ino, &root)
+        } else {
+            Vec::new()
+        };
+        if !siblings.is_empty() {
+            tracing::debug!(
+                module = self.path(&root),
+                others = siblings.len(),
+                "a program opened a module: the other modules of its directory are walked with it"
+            );
         }
         let mut level = vec![root];
+        level.extend(siblings);
         for _ in 0..MAX_DEPTH {
             if level.is_empty() {
                 return;
             }
-            level = self.next_level(&level);
+            level = self.next_level(&level, code);
         }
     }
 
     /// For each of `files`: its headers (and its end), then its dynamic section with its
     /// first and writable segments, then the names of its libraries, each step one fetch for
     /// all of them. The libraries found, not looked at before.
-    fn next_level(&self, files: &[File]) -> Vec<File> {
+    fn next_level(&self, files: &[File], code: &CodeQueue) -> Vec<File> {
         let heads: Vec<Want<'_>> = files.iter().map(|f| (f, 0..HEAD)).collect();
         // The dynamic section is in the writable segment, which linkers put last: fetched
         // with the headers, the next step usually finds it cached and costs no round trip.
@@ -234,6 +337,8 @@ impl Shared {
             );
         }
         let fetched = self.bytes(&dynamics, &segments);
+        // The walk's own bytes first: the code goes beside the next steps.
+        self.hand_over_code(&objects, code);
         let parsed: Vec<(&File, &Object, Dynamic)> = objects
             .iter()
             .filter(|(_, o)| o.dynamic.is_some())
@@ -277,6 +382,41 @@ impl Shared {
             }
         }
         next
+    }
+
+    /// Hands the read-only segments (code, constant data) of `objects` that are cheaper to
+    /// fetch whole than to miss (at most [`CODE_BDPS`] bandwidth-delay products of the link)
+    /// to the code thread.
+    fn hand_over_code(&self, objects: &[(&File, Object)], code: &CodeQueue) {
+        let (Some(queue), Some(bdp)) = (code, self.fetcher.link_bdp()) else {
+            return;
+        };
+        let limit = bdp.saturating_mul(CODE_BDPS).min(MAX_CODE);
+        let ranges: Code = objects
+            .iter()
+            .flat_map(|(f, object)| {
+                object
+                    .loads
+                    .iter()
+                    // Code and read-only data; what is at offset 0 shares its segment with
+                    // the headers, fetched anyway.
+                    .filter(move |s| !s.writable && s.offset > 0 && s.file_size <= limit)
+                    .map(|s| ((*f).clone(), s.offset..s.offset + s.file_size))
+            })
+            .collect();
+        if !ranges.is_empty() {
+            tracing::debug!(
+                limit,
+                segments = ranges.len(),
+                bytes = ranges.iter().map(|(_, r)| r.end - r.start).sum::<u64>(),
+                "code fetched whole"
+            );
+            self.pending.fetch_add(1, Ordering::AcqRel);
+            // A full queue leaves this level's code to its readers.
+            if queue.try_send(ranges).is_err() {
+                self.pending.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
     }
 
     /// Where the loader looks for a library of `f`: its run path (`$ORIGIN` being `f`'s
@@ -386,7 +526,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        fetch::layer,
+        fetch::{layer, readaround::ReadAroundConfig},
         fs::{FsConfig, ImageFs, View},
         image::tar::{Header, Kind as TarKind},
         registry::BlobSource,
@@ -394,6 +534,7 @@ mod tests {
     };
 
     const LIBS: &str = "usr/lib/x86_64-linux-gnu";
+    const MODULES: &str = "usr/lib/app/modules/";
 
     fn file(path: &str, data: Vec<u8>) -> (Header, Vec<u8>) {
         let mut h = Header::new(path, TarKind::Regular);
@@ -407,13 +548,25 @@ mod tests {
         (h, Vec::new())
     }
 
+    /// The link a test's registry is behind.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Link {
+        /// No network in between (as a local layout).
+        Local,
+        /// 50 ms away behind 100 Mbit/s.
+        Far,
+    }
+
     /// This machine's `ls` with the libraries it loads, laid out as a merged-/usr image does
-    /// (`lib` a symlink to `usr/lib`, `libpcre2-8.so.0` a symlink to its versioned file),
-    /// and a library nothing needs; 64 KiB chunks, served with every range counted.
+    /// (`lib` a symlink to `usr/lib`, `libpcre2-8.so.0` a symlink to its versioned file), a
+    /// library nothing needs, and a directory of modules a program would open itself (copies
+    /// of libselinux and libz, and a note); 64 KiB chunks, served with every range counted,
+    /// read-around off.
     fn ls_image(
         runtime: &tokio::runtime::Runtime,
         dir: &std::path::Path,
         loader_prefetch: bool,
+        link: Link,
     ) -> (ImageFs, Arc<MemoryBlobs>) {
         let host = |name: &str| {
             std::fs::read(format!("/usr/lib/x86_64-linux-gnu/{name}"))
@@ -444,6 +597,11 @@ mod tests {
             (Header::new("opt/", TarKind::Directory), Vec::new()),
             (Header::new("opt/app/", TarKind::Directory), Vec::new()),
             (Header::new("opt/app/bin/", TarKind::Directory), Vec::new()),
+            (Header::new("usr/lib/app/", TarKind::Directory), Vec::new()),
+            (Header::new(MODULES, TarKind::Directory), Vec::new()),
+            file(&format!("{MODULES}a.so"), host("libselinux.so.1")),
+            file(&format!("{MODULES}b.so"), host("libz.so.1")),
+            file(&format!("{MODULES}notes.txt"), b"not a module".to_vec()),
         ];
         // The `elf` fuzz target's seeds as programs: one that needs libc.so.6 and
         // libm.so.6 (not in this image) with run path `$ORIGIN/../lib` (not in it either),
@@ -466,14 +624,26 @@ mod tests {
         }
         let (blob, summary) = testing::estargz_layer(&entries, 64 << 10, false);
         let desc = testing::layer_descriptor(&summary);
-        let source = Arc::new(MemoryBlobs::default().with(blob));
+        let mut source = MemoryBlobs::default().with(blob);
+        if link == Link::Far {
+            let rtt = Duration::from_millis(50);
+            source = source.delayed(rtt).throttled(12.5e6).far(rtt);
+        }
+        let source = Arc::new(source);
         let opened = runtime
             .block_on(layer::open_cached(source.as_ref(), &desc, None))
             .expect("the layer opens");
         source.ranges.store(0, Ordering::SeqCst);
         let (_, cache) = testing::scratch_cache(&dir.display().to_string().replace('/', "-"));
         let blobs: Arc<dyn BlobSource> = source.clone();
-        let fetcher = Arc::new(Fetcher::new(runtime.handle().clone(), blobs, cache));
+        let fetcher = Arc::new(
+            Fetcher::new(runtime.handle().clone(), blobs, cache).with_read_around(
+                ReadAroundConfig {
+                    bdp_multiple: 0.0,
+                    ..ReadAroundConfig::default()
+                },
+            ),
+        );
         let fs = ImageFs::new(
             Arc::from(vec![opened]),
             View::Merged,
@@ -514,7 +684,7 @@ mod tests {
     fn reading_a_programs_headers_fetches_the_libraries_it_loads_and_theirs() {
         let runtime = tokio::runtime::Runtime::new().expect("a runtime");
         let dir = std::env::temp_dir().join(format!("imgstream-loader-{}", std::process::id()));
-        let (fs, source) = ls_image(&runtime, &dir, true);
+        let (fs, source) = ls_image(&runtime, &dir, true, Link::Local);
         let head = read_head(&fs, "/usr/bin/ls");
         assert_eq!(
             head,
@@ -568,11 +738,121 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    /// Where the code of this machine's `path` is in the file.
+    fn code_of(path: &str) -> Range<u64> {
+        let bytes = std::fs::read(path).expect("a binary of this machine");
+        let object = Object::parse(&bytes[..4096], bytes.len() as u64).expect("ELF");
+        let code = object
+            .loads
+            .iter()
+            .find(|s| s.executable)
+            .expect("a code segment");
+        code.offset..code.offset + code.file_size
+    }
+
+    #[test]
+    fn a_module_brings_the_other_modules_of_its_directory_and_their_libraries() {
+        let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+        let dir = std::env::temp_dir().join(format!("imgstream-loader-mod-{}", std::process::id()));
+        let (fs, _) = ls_image(&runtime, &dir, true, Link::Local);
+        let loader = fs.loader.as_ref().expect("the loader prefetch is on");
+        // A program opens module a (libselinux's bytes): module b (libz's) is fetched with
+        // it, and the libraries of both; the note is no module.
+        read_head(&fs, &format!("/{MODULES}a.so"));
+        assert!(loader.wait_idle(Duration::from_secs(30)));
+        fs.fetcher.flush_cache_writes();
+        assert!(fetched(&fs, &format!("/{MODULES}b.so"), 0..4096));
+        for lib in ["libpcre2-8.so.0", "libc.so.6"] {
+            assert!(fetched(&fs, &format!("/{LIBS}/{lib}"), 0..4096), "{lib}");
+        }
+        assert!(!fetched(&fs, &format!("/{MODULES}notes.txt"), 0..12));
+        // The program then opens b: nothing more to look at.
+        read_head(&fs, &format!("/{MODULES}b.so"));
+        assert_eq!(loader.shared.pending.load(Ordering::SeqCst), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+
+        // A library read from a directory the loader searches brings no neighbours: libz,
+        // next to libselinux and not needed by it, stays where it is.
+        let dir = std::env::temp_dir().join(format!("imgstream-loader-lib-{}", std::process::id()));
+        let (fs, _) = ls_image(&runtime, &dir, true, Link::Local);
+        read_head(&fs, &format!("/{LIBS}/libselinux.so.1"));
+        let loader = fs.loader.as_ref().expect("the loader prefetch is on");
+        assert!(loader.wait_idle(Duration::from_secs(30)));
+        fs.fetcher.flush_cache_writes();
+        assert!(fetched(&fs, &format!("/{LIBS}/libc.so.6"), 0..4096));
+        assert!(!fetched(&fs, &format!("/{LIBS}/libz.so.1"), 0..4096));
+        assert!(!fetched(&fs, &format!("/{MODULES}b.so"), 0..4096));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn code_cheaper_to_fetch_than_its_misses_is_fetched_whole_only_over_a_network() {
+        let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+        let pcre = std::fs::canonicalize("/usr/lib/x86_64-linux-gnu/libpcre2-8.so.0")
+            .expect("libpcre2-8 is installed")
+            .display()
+            .to_string();
+        let small = [
+            ("/usr/bin/ls", "/usr/bin/ls".to_string()),
+            (
+                "/usr/lib/x86_64-linux-gnu/libselinux.so.1",
+                format!("/{LIBS}/libselinux.so.1"),
+            ),
+            (pcre.as_str(), format!("/{LIBS}/libpcre2-8.so.0")),
+        ];
+        // 50 ms at 100 Mbit/s: two bandwidth-delay products are 1.25 MB. This machine's
+        // libc has more code than that, the others less.
+        let libc = code_of("/usr/lib/x86_64-linux-gnu/libc.so.6");
+        assert!(libc.end - libc.start > 1_250_000, "libc's code is {libc:?}");
+        for (host, _) in &small {
+            let code = code_of(host);
+            assert!(
+                code.end - code.start < 1_250_000,
+                "{host}'s code is {code:?}"
+            );
+        }
+        let dir = std::env::temp_dir().join(format!("imgstream-loader-far-{}", std::process::id()));
+        let (fs, _) = ls_image(&runtime, &dir, true, Link::Far);
+        read_head(&fs, "/usr/bin/ls");
+        let loader = fs.loader.as_ref().expect("the loader prefetch is on");
+        assert!(loader.wait_idle(Duration::from_secs(60)));
+        fs.fetcher.flush_cache_writes();
+        for (host, path) in &small {
+            assert!(fetched(&fs, path, code_of(host)), "{path}'s code");
+        }
+        // libc's code is left to its readers, but for what shares a chunk with its other
+        // segments.
+        let middle = (libc.start + libc.end) / 2;
+        assert!(!fetched(
+            &fs,
+            &format!("/{LIBS}/libc.so.6"),
+            middle..middle + 1
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+
+        // With no network in between, no code is fetched before it is read.
+        let dir =
+            std::env::temp_dir().join(format!("imgstream-loader-near-{}", std::process::id()));
+        let (fs, _) = ls_image(&runtime, &dir, true, Link::Local);
+        read_head(&fs, "/usr/bin/ls");
+        let loader = fs.loader.as_ref().expect("the loader prefetch is on");
+        assert!(loader.wait_idle(Duration::from_secs(30)));
+        fs.fetcher.flush_cache_writes();
+        let code = code_of(&pcre);
+        let middle = (code.start + code.end) / 2;
+        assert!(!fetched(
+            &fs,
+            &format!("/{LIBS}/libpcre2-8.so.0"),
+            middle..middle + 1
+        ));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     #[test]
     fn with_the_prefetch_off_only_what_is_read_is_fetched() {
         let runtime = tokio::runtime::Runtime::new().expect("a runtime");
         let dir = std::env::temp_dir().join(format!("imgstream-loader-off-{}", std::process::id()));
-        let (fs, source) = ls_image(&runtime, &dir, false);
+        let (fs, source) = ls_image(&runtime, &dir, false, Link::Local);
         read_head(&fs, "/usr/bin/ls");
         assert!(fs.loader.is_none());
         assert_eq!(source.ranges.load(Ordering::SeqCst), 1);
@@ -584,7 +864,7 @@ mod tests {
     fn run_paths_missing_libraries_and_hostile_programs_cost_no_more_than_their_bounds() {
         let runtime = tokio::runtime::Runtime::new().expect("a runtime");
         let dir = std::env::temp_dir().join(format!("imgstream-loader-bad-{}", std::process::id()));
-        let (fs, source) = ls_image(&runtime, &dir, true);
+        let (fs, source) = ls_image(&runtime, &dir, true, Link::Local);
         let loader = fs.loader.as_ref().expect("the loader prefetch is on");
         // Not ELF, a directory, an inode that does not exist: nothing fetched.
         loader.read_start(1, b"#!/bin/sh\n");

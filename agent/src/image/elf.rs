@@ -21,7 +21,10 @@ pub const MAX_NAME: u64 = 4096;
 
 const PT_LOAD: u32 = 1;
 const PT_DYNAMIC: u32 = 2;
+const PT_INTERP: u32 = 3;
+const PF_X: u32 = 1;
 const PF_W: u32 = 2;
+const ET_DYN: u16 = 3;
 const DT_NULL: u64 = 0;
 const DT_NEEDED: u64 = 1;
 const DT_STRTAB: u64 = 5;
@@ -38,6 +41,8 @@ pub struct Segment {
     pub file_size: u64,
     pub vaddr: u64,
     pub writable: bool,
+    /// Code (`PF_X`): what runs, page by page, as the object's constructors and callers do.
+    pub executable: bool,
 }
 
 /// What an object's headers say.
@@ -48,6 +53,10 @@ pub struct Object {
     pub loads: Vec<Segment>,
     /// The dynamic section's bytes in the file (none: statically linked).
     pub dynamic: Option<Range<u64>>,
+    /// A shared object that names no interpreter (`ET_DYN` without `PT_INTERP`): a library
+    /// or a module a program opens, not a program (position-independent programs are
+    /// `ET_DYN` too, but name their loader).
+    pub library: bool,
 }
 
 impl Object {
@@ -58,6 +67,7 @@ impl Object {
         if head.get(..4)? != MAGIC || *head.get(4)? != 2 || *head.get(5)? != 1 {
             return None;
         }
+        let kind = u16_at(head, 16)?;
         let machine = u16_at(head, 18)?;
         let phoff = u64_at(head, 32)?;
         let phentsize = u64::from(u16_at(head, 54)?);
@@ -67,6 +77,7 @@ impl Object {
         }
         let mut loads = Vec::new();
         let mut dynamic = None;
+        let mut interpreter = false;
         for i in 0..phnum as u64 {
             let at = usize::try_from(phoff.checked_add(i.checked_mul(phentsize)?)?).ok()?;
             let kind = u32_at(head, at)?;
@@ -85,8 +96,10 @@ impl Object {
                     file_size,
                     vaddr,
                     writable: flags & PF_W != 0,
+                    executable: flags & PF_X != 0,
                 }),
                 PT_DYNAMIC if file_size > 0 => dynamic = Some(offset..end),
+                PT_INTERP => interpreter = true,
                 _ => {}
             }
         }
@@ -94,6 +107,7 @@ impl Object {
             machine,
             loads,
             dynamic,
+            library: kind == ET_DYN && !interpreter,
         })
     }
 
@@ -231,6 +245,42 @@ mod tests {
                 .collect();
             assert!(!expected.is_empty(), "{path}: readelf lists no library");
             assert_eq!(needed_of(path), expected, "{path}");
+        }
+    }
+
+    #[test]
+    fn libraries_are_told_from_programs_and_code_from_data_as_readelf_does() {
+        for (path, library) in [
+            ("/usr/bin/ls", false),
+            ("/usr/lib/x86_64-linux-gnu/libz.so.1", true),
+            ("/usr/lib/x86_64-linux-gnu/libselinux.so.1", true),
+        ] {
+            let bytes = std::fs::read(path).expect("a binary of this machine");
+            let object = Object::parse(&bytes[..4096], bytes.len() as u64).expect("ELF");
+            assert_eq!(object.library, library, "{path}");
+            let readelf = std::process::Command::new("readelf")
+                .args(["-lW", path])
+                .output()
+                .expect("readelf (binutils) is installed");
+            // `LOAD off vaddr paddr filesz memsz flags align`, flags split in words.
+            let expected: Vec<(u64, bool, bool)> = String::from_utf8_lossy(&readelf.stdout)
+                .lines()
+                .filter(|l| l.trim_start().starts_with("LOAD"))
+                .map(|l| {
+                    let words: Vec<&str> = l.split_whitespace().collect();
+                    let offset = u64::from_str_radix(words[1].trim_start_matches("0x"), 16)
+                        .expect("a hex offset");
+                    let flags = words[6..words.len() - 1].concat();
+                    (offset, flags.contains('W'), flags.contains('E'))
+                })
+                .collect();
+            let got: Vec<(u64, bool, bool)> = object
+                .loads
+                .iter()
+                .map(|s| (s.offset, s.writable, s.executable))
+                .collect();
+            assert_eq!(got, expected, "{path}");
+            assert!(got.iter().any(|&(_, _, code)| code), "{path} has code");
         }
     }
 
