@@ -757,17 +757,33 @@ mod tests {
         code.offset..code.offset + code.file_size
     }
 
+    /// A fresh image behind `link` in which a reader read the first page of `path`, once the
+    /// loader prefetch did all that the read set off; and the image's cache directory.
+    fn after_reading(
+        runtime: &tokio::runtime::Runtime,
+        name: &str,
+        link: Link,
+        path: &str,
+    ) -> (ImageFs, std::path::PathBuf) {
+        let dir =
+            std::env::temp_dir().join(format!("imgstream-loader-{name}-{}", std::process::id()));
+        let (fs, _) = ls_image(runtime, &dir, true, link);
+        read_head(&fs, path);
+        let loader = fs.loader.as_ref().expect("the loader prefetch is on");
+        assert!(
+            loader.wait_idle(Duration::from_secs(60)),
+            "the prefetch went idle"
+        );
+        fs.fetcher.flush_cache_writes();
+        (fs, dir)
+    }
+
     #[test]
     fn a_module_brings_the_other_modules_of_its_directory_and_their_libraries() {
         let runtime = tokio::runtime::Runtime::new().expect("a runtime");
-        let dir = std::env::temp_dir().join(format!("imgstream-loader-mod-{}", std::process::id()));
-        let (fs, _) = ls_image(&runtime, &dir, true, Link::Far);
-        let loader = fs.loader.as_ref().expect("the loader prefetch is on");
         // A program opens module a (libselinux's bytes): module b (libz's) is fetched with
         // it, and the libraries of both; the note is no module.
-        read_head(&fs, &format!("/{MODULES}a.so"));
-        assert!(loader.wait_idle(Duration::from_secs(60)));
-        fs.fetcher.flush_cache_writes();
+        let (fs, dir) = after_reading(&runtime, "mod", Link::Far, &format!("/{MODULES}a.so"));
         assert!(fetched(&fs, &format!("/{MODULES}b.so"), 0..4096));
         for lib in ["libpcre2-8.so.0", "libc.so.6"] {
             assert!(fetched(&fs, &format!("/{LIBS}/{lib}"), 0..4096), "{lib}");
@@ -775,30 +791,21 @@ mod tests {
         assert!(!fetched(&fs, &format!("/{MODULES}notes.txt"), 0..12));
         // The program then opens b: nothing more to look at.
         read_head(&fs, &format!("/{MODULES}b.so"));
+        let loader = fs.loader.as_ref().expect("the loader prefetch is on");
         assert_eq!(loader.shared.pending.load(Ordering::SeqCst), 0);
         let _ = std::fs::remove_dir_all(&dir);
 
         // A library read from a directory the loader searches brings no neighbours: libz,
         // next to libselinux and not needed by it, stays where it is.
-        let dir = std::env::temp_dir().join(format!("imgstream-loader-lib-{}", std::process::id()));
-        let (fs, _) = ls_image(&runtime, &dir, true, Link::Far);
-        read_head(&fs, &format!("/{LIBS}/libselinux.so.1"));
-        let loader = fs.loader.as_ref().expect("the loader prefetch is on");
-        assert!(loader.wait_idle(Duration::from_secs(60)));
-        fs.fetcher.flush_cache_writes();
+        let libselinux = format!("/{LIBS}/libselinux.so.1");
+        let (fs, dir) = after_reading(&runtime, "lib", Link::Far, &libselinux);
         assert!(fetched(&fs, &format!("/{LIBS}/libc.so.6"), 0..4096));
         assert!(!fetched(&fs, &format!("/{LIBS}/libz.so.1"), 0..4096));
         assert!(!fetched(&fs, &format!("/{MODULES}b.so"), 0..4096));
         let _ = std::fs::remove_dir_all(&dir);
 
         // With no round trip to save, a module brings only its own libraries.
-        let dir =
-            std::env::temp_dir().join(format!("imgstream-loader-mod0-{}", std::process::id()));
-        let (fs, _) = ls_image(&runtime, &dir, true, Link::Local);
-        read_head(&fs, &format!("/{MODULES}a.so"));
-        let loader = fs.loader.as_ref().expect("the loader prefetch is on");
-        assert!(loader.wait_idle(Duration::from_secs(30)));
-        fs.fetcher.flush_cache_writes();
+        let (fs, dir) = after_reading(&runtime, "mod0", Link::Local, &format!("/{MODULES}a.so"));
         assert!(fetched(&fs, &format!("/{LIBS}/libpcre2-8.so.0"), 0..4096));
         assert!(!fetched(&fs, &format!("/{MODULES}b.so"), 0..4096));
         let _ = std::fs::remove_dir_all(dir);
@@ -830,12 +837,7 @@ mod tests {
                 "{host}'s code is {code:?}"
             );
         }
-        let dir = std::env::temp_dir().join(format!("imgstream-loader-far-{}", std::process::id()));
-        let (fs, _) = ls_image(&runtime, &dir, true, Link::Far);
-        read_head(&fs, "/usr/bin/ls");
-        let loader = fs.loader.as_ref().expect("the loader prefetch is on");
-        assert!(loader.wait_idle(Duration::from_secs(60)));
-        fs.fetcher.flush_cache_writes();
+        let (fs, dir) = after_reading(&runtime, "far", Link::Far, "/usr/bin/ls");
         for (host, path) in &small {
             assert!(fetched(&fs, path, code_of(host)), "{path}'s code");
         }
@@ -850,13 +852,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
 
         // With no network in between, no code is fetched before it is read.
-        let dir =
-            std::env::temp_dir().join(format!("imgstream-loader-near-{}", std::process::id()));
-        let (fs, _) = ls_image(&runtime, &dir, true, Link::Local);
-        read_head(&fs, "/usr/bin/ls");
-        let loader = fs.loader.as_ref().expect("the loader prefetch is on");
-        assert!(loader.wait_idle(Duration::from_secs(30)));
-        fs.fetcher.flush_cache_writes();
+        let (fs, dir) = after_reading(&runtime, "near", Link::Local, "/usr/bin/ls");
         let code = code_of(&pcre);
         let middle = (code.start + code.end) / 2;
         assert!(!fetched(
