@@ -21,7 +21,7 @@ use crate::{
     api::{self, ApiState, Metrics},
     attribution::{CgroupResolver, PodDirectory, Retries},
     config::AgentConfig,
-    cri::{Cri, Lookup},
+    cri::{Cri, Lookup, image_proxy::ImageProxy},
     detect::{Detection, Detector, Verdict, journal::Journal},
     flag::Flagger,
     probes::{DropCounters, LifecycleDrops, ProbeError, RenameProbes, StartProbes},
@@ -81,6 +81,8 @@ pub enum AgentError {
     #[error(transparent)]
     Snapshotter(#[from] crate::snapshotter::SnapshotterError),
     #[error(transparent)]
+    ImageProxy(#[from] crate::cri::image_proxy::ProxyError),
+    #[error(transparent)]
     Flag(#[from] Box<crate::flag::FlagError>),
     #[error("a probe loop panicked")]
     LoopPanicked,
@@ -131,7 +133,25 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentErr
         }
         None => None,
     };
-    let alone = snapshotter.is_none();
+    // Like the snapshotter, kubelet waits on the image proxy: it stands alone too.
+    let image_proxy = match config.image_proxy.clone() {
+        Some(proxy) => {
+            let server = ImageProxy::new(&proxy.upstream, proxy.keyring)?;
+            let listener = ImageProxy::listen(&proxy.socket)?;
+            let shutdown = shutdown.clone();
+            health.running(IMAGE_PROXY);
+            // kubelet can pull nothing without it: its failure stops the agent at once.
+            Some(tokio::spawn(async move {
+                let served = server.serve(listener, proxy.socket, shutdown.clone()).await;
+                if served.is_err() {
+                    shutdown.trigger();
+                }
+                served
+            }))
+        }
+        None => None,
+    };
+    let alone = snapshotter.is_none() && image_proxy.is_none();
     // A part that failed: the agent's error when nothing else would run, else reported.
     let part_failed = |part: &'static str, err: AgentError| -> Result<(), AgentError> {
         if alone {
@@ -287,6 +307,18 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentErr
             failed.get_or_insert(err);
         }
     }
+    if let Some(image_proxy) = image_proxy {
+        let err = match image_proxy.await {
+            Ok(Ok(())) => None,
+            Ok(Err(err)) => Some(AgentError::from(err)),
+            Err(_) => Some(AgentError::LoopPanicked),
+        };
+        if let Some(err) = err {
+            state.health.failed(IMAGE_PROXY, &err, true);
+            shutdown.trigger();
+            failed.get_or_insert(err);
+        }
+    }
     match failed {
         Some(err) => Err(err),
         None => Ok(()),
@@ -295,6 +327,7 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentErr
 
 /// The parts `/healthz` reports.
 const SNAPSHOTTER: &str = "snapshotter";
+const IMAGE_PROXY: &str = "image-proxy";
 const RENAME_PROBES: &str = "rename-probes";
 const START_PROBES: &str = "start-probes";
 const STORE: &str = "store";

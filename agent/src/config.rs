@@ -69,6 +69,19 @@ pub struct AgentConfig {
     pub kubernetes: Option<crate::flag::KubeConfig>,
     /// Serve containerd's snapshot API (the remote snapshotter).
     pub snapshotter: Option<crate::snapshotter::SnapshotterConfig>,
+    /// Stand between kubelet and the runtime's image service, keeping pulls' credentials.
+    pub image_proxy: Option<ImageProxyConfig>,
+}
+
+/// kubelet's image service in front of the runtime's (`--cri-image-proxy`).
+#[derive(Clone, Debug)]
+pub struct ImageProxyConfig {
+    /// Where kubelet's `--image-service-endpoint` points.
+    pub socket: PathBuf,
+    /// The runtime's CRI socket every call goes on to.
+    pub upstream: PathBuf,
+    /// Where pulls' credentials are kept; the snapshotter's registry clients read it.
+    pub keyring: std::sync::Arc<crate::registry::keyring::Keyring>,
 }
 
 impl Default for AgentConfig {
@@ -84,6 +97,7 @@ impl Default for AgentConfig {
             cri_sockets: Vec::new(),
             kubernetes: None,
             snapshotter: None,
+            image_proxy: None,
         }
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod attached;
 pub mod http;
+pub mod keyring;
 pub mod local;
 
 use std::{ops::Range, path::Path};

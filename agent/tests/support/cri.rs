@@ -3,10 +3,11 @@
 use std::time::Duration;
 
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, CreateContainerRequest, ImageSpec, LinuxPodSandboxConfig,
-    LinuxSandboxSecurityContext, Mount, NamespaceMode, NamespaceOption, PodSandboxConfig,
-    PodSandboxMetadata, PullImageRequest, RunPodSandboxRequest, StartContainerRequest,
-    image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient,
+    AuthConfig, ContainerConfig, ContainerMetadata, CreateContainerRequest, ImageSpec,
+    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, Mount, NamespaceMode, NamespaceOption,
+    PodSandboxConfig, PodSandboxMetadata, PullImageRequest, RunPodSandboxRequest,
+    StartContainerRequest, image_service_client::ImageServiceClient,
+    runtime_service_client::RuntimeServiceClient,
 };
 
 use super::Containerd;
@@ -45,6 +46,15 @@ pub async fn pull(
     images: &mut ImageServiceClient<tonic::transport::Channel>,
     image: &str,
 ) -> Result<(), tonic::Status> {
+    pull_with(images, image, None).await
+}
+
+/// [`pull`] with the credentials kubelet found for the image (an imagePullSecret's).
+pub async fn pull_with(
+    images: &mut ImageServiceClient<tonic::transport::Channel>,
+    image: &str,
+    auth: Option<AuthConfig>,
+) -> Result<(), tonic::Status> {
     let deadline = std::time::Instant::now() + PULL_UNAVAILABLE_FOR;
     loop {
         let request = PullImageRequest {
@@ -52,6 +62,7 @@ pub async fn pull(
                 image: image.into(),
                 ..Default::default()
             }),
+            auth: auth.clone(),
             ..Default::default()
         };
         match images.pull_image(request).await {
@@ -77,11 +88,25 @@ pub async fn run_pod_with(
     logs: &std::path::Path,
 ) -> std::path::PathBuf {
     let channel = imgstream::cri::channel(&containerd.socket).await.unwrap();
-    let mut images = ImageServiceClient::new(channel.clone());
-    let mut runtime = RuntimeServiceClient::new(channel);
+    let mut images = ImageServiceClient::new(channel);
     pull(&mut images, image)
         .await
         .unwrap_or_else(|e| panic!("PullImage {image}: {e}"));
+    start_pod(containerd, image, (namespace, pod), command, mounts, logs).await
+}
+
+/// [`run_pod_with`] of an image already pulled: the sandbox and the container are created
+/// and started, and the container's log file is returned.
+pub async fn start_pod(
+    containerd: &Containerd,
+    image: &str,
+    (namespace, pod): (&str, &str),
+    command: Vec<String>,
+    mounts: Vec<Mount>,
+    logs: &std::path::Path,
+) -> std::path::PathBuf {
+    let channel = imgstream::cri::channel(&containerd.socket).await.unwrap();
+    let mut runtime = RuntimeServiceClient::new(channel);
     std::fs::create_dir_all(logs).unwrap();
     let uid = format!(
         "00000000-0000-4000-8000-{:012x}",

@@ -7,12 +7,12 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use imgstream::{
-    config::{AgentConfig, ByteSize},
+    config::{AgentConfig, ByteSize, ImageProxyConfig},
     convert::ConvertJob,
     foreground::ImageJob,
     fs::View,
     oci::reference::ImageRef,
-    registry::http::HttpConfig,
+    registry::{http::HttpConfig, keyring::Keyring},
     report::{RecordSource, ReportJob},
     selftest,
     starts::store::Filter,
@@ -137,6 +137,19 @@ pub(crate) struct AgentArgs {
     /// so running containers keep reading them while the agent restarts or is upgraded.
     #[arg(long, value_name = "PATH")]
     pub(crate) fuse_keeper: Option<PathBuf>,
+    /// Serve kubelet's image service on this socket (kubelet's `--image-service-endpoint`),
+    /// passing every call on to --cri-upstream: the credentials of each PullImage are kept in
+    /// memory, never on disk, for the snapshotter's lazy layers of that image's repository.
+    #[arg(long, value_name = "PATH", requires = "cri_upstream")]
+    pub(crate) cri_image_proxy: Option<PathBuf>,
+    /// The runtime's CRI socket the image proxy passes calls on to
+    /// (containerd: /run/containerd/containerd.sock).
+    #[arg(long, value_name = "PATH", requires = "cri_image_proxy")]
+    pub(crate) cri_upstream: Option<PathBuf>,
+    /// Hours the image proxy keeps a pull's credentials (they also go when no image of the
+    /// repository is left).
+    #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u64).range(1..=720))]
+    pub(crate) credential_hours: u64,
     /// Print the files and sockets this configuration uses, as JSON, and exit (for
     /// checking a deployment's mounts against its arguments).
     #[arg(long, hide = true)]
@@ -562,7 +575,18 @@ impl TryFrom<AgentArgs> for AgentConfig {
     type Error = anyhow::Error;
 
     fn try_from(args: AgentArgs) -> anyhow::Result<Self> {
-        let (mount, http) = args.serving.options(View::Merged)?;
+        let (mount, mut http) = args.serving.options(View::Merged)?;
+        let image_proxy = match (args.cri_image_proxy, args.cri_upstream) {
+            (Some(socket), Some(upstream)) => Some(ImageProxyConfig {
+                socket,
+                upstream,
+                keyring: std::sync::Arc::new(Keyring::new(Duration::from_secs(
+                    args.credential_hours * 3600,
+                ))),
+            }),
+            _ => None,
+        };
+        http.keyring = image_proxy.as_ref().map(|proxy| proxy.keyring.clone());
         let snapshotter =
             args.snapshotter_socket
                 .map(|socket| imgstream::snapshotter::SnapshotterConfig {
@@ -589,6 +613,7 @@ impl TryFrom<AgentArgs> for AgentConfig {
                     min_interval: Duration::from_secs(args.flag_interval_secs),
                 }),
             snapshotter,
+            image_proxy,
         })
     }
 }
@@ -605,6 +630,8 @@ impl AgentArgs {
             "snapshotter_socket": self.snapshotter_socket,
             "snapshotter_root": self.snapshotter_socket.as_ref().map(|_| &self.snapshotter_root),
             "fuse_keeper": self.fuse_keeper,
+            "cri_image_proxy": self.cri_image_proxy,
+            "cri_upstream": self.cri_upstream,
             "cache_dir": &self.serving.cache_dir,
             "flag_pods_as": self.flag_pods_as,
         })

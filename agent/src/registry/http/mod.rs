@@ -52,6 +52,9 @@ pub struct HttpConfig {
     pub mirrors: BTreeMap<String, Vec<String>>,
     /// A docker `config.json` to read credentials from.
     pub auth_file: Option<PathBuf>,
+    /// Credentials kubelet handed over for a repository (the CRI image proxy's), asked
+    /// before `auth_file`.
+    pub keyring: Option<std::sync::Arc<super::keyring::Keyring>>,
     /// Deadline of one request, including reading a small body; for large bodies, the longest
     /// wait for the next piece.
     pub timeout: Duration,
@@ -70,6 +73,7 @@ impl Default for HttpConfig {
             ca_files: Vec::new(),
             mirrors: BTreeMap::new(),
             auth_file: None,
+            keyring: None,
             timeout: Duration::from_secs(30),
             retries: 3,
             backoff: Duration::from_millis(200),
@@ -185,9 +189,14 @@ impl RegistryClient {
             .map(|m| m.trim_end_matches('/').to_string())
             .collect();
         endpoints.push(format!("{scheme}://{host}"));
-        let credentials = match &config.auth_file {
-            Some(path) => Credentials::from_docker_config(path, registry)?,
-            None => None,
+        let kept = config
+            .keyring
+            .as_ref()
+            .and_then(|keyring| keyring.get(registry, repository));
+        let credentials = match (kept, &config.auth_file) {
+            (Some(kept), _) => Some(kept),
+            (None, Some(path)) => Credentials::from_docker_config(path, registry)?,
+            (None, None) => None,
         };
         Ok(Self {
             http: build_http(&config)?,

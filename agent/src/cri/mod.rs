@@ -1,6 +1,7 @@
 //! Pod metadata from the container runtime's CRI socket (containerd's CRI plugin, CRI-O):
 //! which pod, namespace and image a container id belongs to, from the labels kubelet put on
 //! it (`io.kubernetes.pod.*`), and whether an id is a pod sandbox rather than a container.
+//! [`image_proxy`] stands between kubelet and the runtime's image service.
 
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
@@ -10,6 +11,8 @@ use k8s_cri::v1::{
     runtime_service_client::RuntimeServiceClient,
 };
 use tonic::transport::{Channel, Endpoint};
+
+pub mod image_proxy;
 
 /// Errors talking to the CRI socket.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +61,23 @@ impl Cri {
             client: RuntimeServiceClient::new(channel(path).await?),
         })
     }
+}
+
+/// A gRPC channel to the CRI socket at `path` that connects at its first call and again
+/// after the runtime restarts: a call while the socket is gone fails at once (`Unavailable`)
+/// or within the connect timeout. Calls carry their callers' deadlines; the channel has none.
+pub fn lazy_channel(path: &Path) -> Result<Channel, CriError> {
+    let socket = path.to_path_buf();
+    Ok(Endpoint::try_from("http://cri.invalid")
+        .map_err(|e| CriError::Endpoint(path.to_path_buf(), e))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect_with_connector_lazy(tower::service_fn(move |_| {
+            let socket = socket.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(socket).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        })))
 }
 
 /// A gRPC channel to the CRI (or any) unix socket at `path`.

@@ -1,0 +1,377 @@
+//! kubelet's image service, passed through to the runtime: kubelet's
+//! `--image-service-endpoint` names this socket, every call goes on to containerd's unchanged
+//! and its answer (or error) comes back unchanged. On the way, the `auth` of each `PullImage`
+//! is kept in memory ([`Keyring`]) for the lazy layers of that image's repository: containerd
+//! uses those credentials for its own requests, and a remote snapshotter is never shown them.
+//! When a `RemoveImage` leaves no image of a repository on the node, its credentials go.
+//!
+//! Nothing here writes a credential anywhere or logs one: the log names the repository.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use k8s_cri::v1::{
+    AuthConfig, ImageFsInfoRequest, ImageFsInfoResponse, ImageStatusRequest, ImageStatusResponse,
+    ListImagesRequest, ListImagesResponse, PullImageRequest, PullImageResponse, RemoveImageRequest,
+    RemoveImageResponse,
+    image_service_client::ImageServiceClient,
+    image_service_server::{ImageService, ImageServiceServer},
+};
+use tonic::{Request, Response, Status, transport::Channel};
+
+use crate::{
+    oci::reference::ImageRef,
+    registry::{http::Credentials, keyring::Keyring},
+    shutdown::Shutdown,
+};
+
+/// Errors starting the proxy.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("the runtime's image service")]
+    Upstream(#[source] super::CriError),
+    #[error("listening on {0}")]
+    Listen(PathBuf, #[source] std::io::Error),
+    #[error("serving kubelet's image service on {0}")]
+    Serve(PathBuf, #[source] tonic::transport::Error),
+}
+
+/// The image service between kubelet and the runtime.
+pub struct ImageProxy {
+    upstream: ImageServiceClient<Channel>,
+    keyring: Arc<Keyring>,
+}
+
+impl ImageProxy {
+    /// A proxy to the runtime's CRI socket `upstream`, keeping credentials in `keyring`.
+    /// Nothing is dialled until the first call: the runtime may start after the agent.
+    pub fn new(upstream: &Path, keyring: Arc<Keyring>) -> Result<Self, ProxyError> {
+        let channel = super::lazy_channel(upstream).map_err(ProxyError::Upstream)?;
+        Ok(Self {
+            upstream: ImageServiceClient::new(channel),
+            keyring,
+        })
+    }
+
+    /// Binds the unix socket kubelet is pointed at (a stale socket file is replaced),
+    /// readable and writable by its owner only: kubelet runs as root, and nobody else has
+    /// business with images' credentials.
+    pub fn listen(socket: &Path) -> Result<tokio::net::UnixListener, ProxyError> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let failed = |e| ProxyError::Listen(socket.to_path_buf(), e);
+        if let Some(dir) = socket.parent() {
+            std::fs::create_dir_all(dir).map_err(failed)?;
+        }
+        match std::fs::remove_file(socket) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(failed(e)),
+        }
+        let listener = tokio::net::UnixListener::bind(socket).map_err(failed)?;
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).map_err(failed)?;
+        Ok(listener)
+    }
+
+    /// Serves kubelet on `listener` (from [`Self::listen`], bound at `socket`) until
+    /// `shutdown`; the socket file is removed when it ends.
+    pub async fn serve(
+        self,
+        listener: tokio::net::UnixListener,
+        socket: PathBuf,
+        shutdown: Shutdown,
+    ) -> Result<(), ProxyError> {
+        tracing::info!(socket = %socket.display(), "serving kubelet's image service");
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+        let result = tonic::transport::Server::builder()
+            .add_service(ImageServiceServer::new(self))
+            .serve_with_incoming_shutdown(incoming, shutdown.triggered())
+            .await;
+        let _ = std::fs::remove_file(&socket);
+        result.map_err(|e| ProxyError::Serve(socket, e))
+    }
+
+    /// The runtime's image service, for one call.
+    fn upstream(&self) -> ImageServiceClient<Channel> {
+        self.upstream.clone()
+    }
+
+    /// Drops the credentials of every repository the runtime no longer holds an image of.
+    async fn forget_removed(&self) {
+        let kept = self.keyring.repositories();
+        if kept.is_empty() {
+            return;
+        }
+        let listed = match self
+            .upstream()
+            .list_images(ListImagesRequest::default())
+            .await
+        {
+            Ok(listed) => listed.into_inner().images,
+            Err(status) => {
+                tracing::warn!(%status, "images not listed after a removal: credentials kept until they age out");
+                return;
+            }
+        };
+        let present: std::collections::BTreeSet<(String, String)> = listed
+            .iter()
+            .flat_map(|image| image.repo_tags.iter().chain(&image.repo_digests))
+            .filter_map(|name| repository_of(name))
+            .collect();
+        for (registry, repository) in kept {
+            if !present.contains(&(registry.clone(), repository.clone()))
+                && self.keyring.forget(&registry, &repository)
+            {
+                tracing::info!(%registry, %repository, "no image of the repository is left: its credentials are dropped");
+            }
+        }
+    }
+}
+
+/// The registry and repository an image name of the runtime's belongs to.
+fn repository_of(image: &str) -> Option<(String, String)> {
+    match ImageRef::parse(image).ok()? {
+        ImageRef::Registry {
+            registry,
+            repository,
+            ..
+        } => Some((registry, repository)),
+        ImageRef::Layout { .. } => None,
+    }
+}
+
+/// The credentials a `PullImage` carries, as the registry client uses them: a user name and
+/// password, given apart or as docker's base64 `auth`, or an identity token. A registry token
+/// (a bearer token to send as it is) has no place in the registry client yet.
+pub fn credentials(auth: &AuthConfig) -> Result<Option<Credentials>, &'static str> {
+    use base64::Engine as _;
+    if !auth.identity_token.is_empty() {
+        return Ok(Some(Credentials {
+            username: "<token>".into(),
+            password: auth.identity_token.clone(),
+        }));
+    }
+    if !auth.username.is_empty() || !auth.password.is_empty() {
+        return Ok(Some(Credentials {
+            username: auth.username.clone(),
+            password: auth.password.clone(),
+        }));
+    }
+    if !auth.auth.is_empty() {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(auth.auth.trim())
+            .map_err(|_| "auth is not base64")?;
+        let decoded = String::from_utf8(decoded).map_err(|_| "auth is not UTF-8")?;
+        let (username, password) = decoded.split_once(':').ok_or("auth is not user:password")?;
+        return Ok(Some(Credentials {
+            username: username.into(),
+            password: password.into(),
+        }));
+    }
+    if !auth.registry_token.is_empty() {
+        return Err("a registry token is not supported for lazy layers");
+    }
+    Ok(None)
+}
+
+/// `request`'s message in a request of its own, with its deadline (kubelet's) and nothing
+/// else of what kubelet sent.
+fn forwarded<T>(request: Request<T>) -> Request<T> {
+    let deadline = request.metadata().get("grpc-timeout").cloned();
+    let mut forwarded = Request::new(request.into_inner());
+    if let Some(deadline) = deadline {
+        forwarded.metadata_mut().insert("grpc-timeout", deadline);
+    }
+    forwarded
+}
+
+#[tonic::async_trait]
+impl ImageService for ImageProxy {
+    async fn list_images(
+        &self,
+        request: Request<ListImagesRequest>,
+    ) -> Result<Response<ListImagesResponse>, Status> {
+        self.upstream().list_images(forwarded(request)).await
+    }
+
+    async fn image_status(
+        &self,
+        request: Request<ImageStatusRequest>,
+    ) -> Result<Response<ImageStatusResponse>, Status> {
+        self.upstream().image_status(forwarded(request)).await
+    }
+
+    async fn pull_image(
+        &self,
+        request: Request<PullImageRequest>,
+    ) -> Result<Response<PullImageResponse>, Status> {
+        let message = request.get_ref();
+        let image = message.image.as_ref().map(|spec| spec.image.as_str());
+        // Kept before the pull: containerd prepares the lazy layers while it pulls.
+        if let (Some((registry, repository)), Some(auth)) =
+            (image.and_then(repository_of), message.auth.as_ref())
+        {
+            match credentials(auth) {
+                Ok(Some(found)) => {
+                    tracing::info!(%registry, %repository, "credentials kept for the image's lazy layers");
+                    self.keyring.keep(&registry, &repository, found);
+                }
+                Ok(None) => {}
+                Err(why) => {
+                    tracing::warn!(%registry, %repository, why, "the pull's credentials are not kept: its lazy layers use the node's")
+                }
+            }
+        }
+        let pulled = self.upstream().pull_image(forwarded(request)).await;
+        if pulled.is_err() {
+            // Nothing may need them now: kept only while an image of the repository is.
+            self.forget_removed().await;
+        }
+        pulled
+    }
+
+    async fn remove_image(
+        &self,
+        request: Request<RemoveImageRequest>,
+    ) -> Result<Response<RemoveImageResponse>, Status> {
+        let removed = self.upstream().remove_image(forwarded(request)).await?;
+        self.forget_removed().await;
+        Ok(removed)
+    }
+
+    async fn image_fs_info(
+        &self,
+        request: Request<ImageFsInfoRequest>,
+    ) -> Result<Response<ImageFsInfoResponse>, Status> {
+        self.upstream().image_fs_info(forwarded(request)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_come_apart_or_as_docker_auth_and_bad_ones_are_refused() {
+        let apart = AuthConfig {
+            username: "alice".into(),
+            password: "s3cret".into(),
+            ..Default::default()
+        };
+        let expected = Credentials {
+            username: "alice".into(),
+            password: "s3cret".into(),
+        };
+        assert_eq!(credentials(&apart), Ok(Some(expected.clone())));
+        let docker = AuthConfig {
+            auth: "YWxpY2U6czNjcmV0".into(), // alice:s3cret
+            ..Default::default()
+        };
+        assert_eq!(credentials(&docker), Ok(Some(expected)));
+        let token = AuthConfig {
+            identity_token: "tok".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            credentials(&token).map(|c| c.map(|c| c.password)),
+            Ok(Some("tok".into()))
+        );
+        assert_eq!(credentials(&AuthConfig::default()), Ok(None));
+        for bad in ["%%%", "bm9jb2xvbg=="] {
+            let auth = AuthConfig {
+                auth: bad.into(),
+                ..Default::default()
+            };
+            assert!(credentials(&auth).is_err(), "{bad}");
+        }
+        let bearer = AuthConfig {
+            registry_token: "t".into(),
+            ..Default::default()
+        };
+        assert!(credentials(&bearer).is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_runtime_that_cannot_be_reached_is_an_answer_not_a_wait() {
+        let dir =
+            std::env::temp_dir().join(format!("imgstream-image-proxy-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let socket = dir.join("kubelet").join("image.sock");
+        let keyring = Arc::new(Keyring::new(crate::registry::keyring::DEFAULT_TTL));
+        let proxy = ImageProxy::new(&dir.join("no-runtime.sock"), keyring).expect("a lazy channel");
+        let listener = ImageProxy::listen(&socket).expect("the socket, its directory created");
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(&socket)
+                .expect("the socket")
+                .permissions()
+                .mode();
+            assert_eq!(
+                mode & 0o777,
+                0o600,
+                "only its owner (kubelet's root) may call it"
+            );
+        }
+        let shutdown = Shutdown::new();
+        let server = tokio::spawn(proxy.serve(listener, socket.clone(), shutdown.clone()));
+        let channel = super::super::channel(&socket)
+            .await
+            .expect("the proxy answers");
+        let mut client = ImageServiceClient::new(channel);
+        let pull = PullImageRequest {
+            image: Some(k8s_cri::v1::ImageSpec {
+                image: "reg:5000/team/app:v1".into(),
+                ..Default::default()
+            }),
+            auth: Some(AuthConfig {
+                username: "u".into(),
+                password: "p".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        // A generous bound, so that a hang fails the test instead of stalling it.
+        let bound = std::time::Duration::from_secs(60);
+        let pulled = tokio::time::timeout(bound, client.pull_image(pull))
+            .await
+            .expect("an answer, not a wait");
+        let status = pulled.expect_err("no runtime, no image");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        let listed = tokio::time::timeout(bound, client.list_images(ListImagesRequest::default()))
+            .await
+            .expect("an answer, not a wait");
+        assert_eq!(
+            listed.expect_err("no runtime").code(),
+            tonic::Code::Unavailable
+        );
+        shutdown.trigger();
+        server
+            .await
+            .expect("the server task ends without a panic")
+            .expect("the server ends cleanly");
+        assert!(
+            !socket.exists(),
+            "the socket is removed when the proxy stops"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn images_are_keyed_by_the_repository_the_snapshotter_sees() {
+        assert_eq!(
+            repository_of("reg:5000/team/app:v1"),
+            Some(("reg:5000".into(), "team/app".into()))
+        );
+        assert_eq!(
+            repository_of(
+                "reg:5000/team/app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+            ),
+            Some(("reg:5000".into(), "team/app".into()))
+        );
+        assert_eq!(
+            repository_of("nginx"),
+            Some(("docker.io".into(), "library/nginx".into()))
+        );
+    }
+}

@@ -1,0 +1,273 @@
+//! Private images with kubelet's credentials: Debian's docker-registry with htpasswd auth,
+//! Debian's containerd (CRI plugin) with `imgstream agent` as its snapshotter, and the
+//! agent's CRI image proxy where kubelet's `--image-service-endpoint` would point. The test
+//! plays kubelet: the credentials exist only in the `auth` of its PullImage calls (the node
+//! has no docker config), yet the image's layer is mounted lazily and the pod starts from
+//! it having fetched a part of it; without them the pull fails with the registry's refusal
+//! and nothing is mounted; no file the agent writes holds the secret; and removing the image
+//! drops its repository's credentials while another repository's stay.
+
+mod support;
+
+use std::path::Path;
+
+use k8s_cri::v1::{
+    AuthConfig, ImageSpec, ListImagesRequest, RemoveImageRequest,
+    image_service_client::ImageServiceClient,
+};
+use support::{
+    Agent, Containerd, Fault, Proxy, Registry,
+    cri::{pull_with, start_pod, wait_for_log},
+};
+
+const USER: &str = "puller";
+const SECRET: &str = "pr1vate-Pull-S3cret";
+
+/// Pushes the image in layout `src` to `dst` with the registry's credentials.
+fn push(src: &str, dst: &str) {
+    let out = std::process::Command::new("skopeo")
+        .args(["copy", "--dest-tls-verify=false", "--quiet", "--dest-creds"])
+        .arg(format!("{USER}:{SECRET}"))
+        .args([src, dst])
+        .output()
+        .expect("skopeo is needed");
+    assert!(
+        out.status.success(),
+        "skopeo copy {src} {dst}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every file under `dir` whose bytes contain `needle`.
+fn files_holding(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        if kind.is_dir() {
+            found.extend(files_holding(&path, needle));
+        } else if kind.is_file()
+            && std::fs::read(&path)
+                .is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+        {
+            found.push(path.display().to_string());
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_image_streams_with_the_credentials_kubelet_hands_its_pull() {
+    support::require_root();
+    let scratch = support::scratch("private-images");
+    let registry = Registry::start("private-images", Some((USER, SECRET)));
+    let reg = registry.host();
+
+    // The image: the entrypoint and 16 MB it never reads, converted to eStargz in a layout
+    // and pushed with the credentials; a pause image in another repository.
+    let rootfs = support::clockprobe_rootfs(&scratch.join("rootfs"), &["data"]);
+    for i in 0..2u64 {
+        std::fs::write(
+            rootfs.join(format!("data/blob{i}")),
+            support::noise(i + 1, 8 << 20),
+        )
+        .unwrap();
+    }
+    let v1 = scratch.join("layout-v1");
+    support::build_image(&v1, "v1", &[rootfs], &["/clockprobe", "log", "0"]).await;
+    let esgz = scratch.join("layout-esgz");
+    let out = support::imgstream(&[
+        "convert",
+        &format!("oci:{}:v1", v1.display()),
+        &format!("oci:{}:esgz", esgz.display()),
+        "--chunk-size",
+        "1M",
+        "--prioritize",
+        "clockprobe",
+        "--json",
+        "--scratch",
+        scratch.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let converted: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let layer_bytes = converted["layers"][0]["size"].as_u64().unwrap();
+    push(
+        &format!("oci:{}:esgz", esgz.display()),
+        &format!("docker://{reg}/private/app:esgz"),
+    );
+    let pause_rootfs = scratch.join("pause-rootfs");
+    for dir in ["proc", "sys", "dev", "etc"] {
+        std::fs::create_dir_all(pause_rootfs.join(dir)).unwrap();
+    }
+    std::fs::copy(support::clockprobe(), pause_rootfs.join("clockprobe")).unwrap();
+    let pause = scratch.join("layout-pause");
+    support::build_image(
+        &pause,
+        "v1",
+        &[pause_rootfs],
+        &["/clockprobe", "pause", "0"],
+    )
+    .await;
+    push(
+        &format!("oci:{}:v1", pause.display()),
+        &format!("docker://{reg}/private/pause:v1"),
+    );
+
+    // Everything containerd and the agent fetch goes through the counting proxy.
+    let proxy = Proxy::start(registry.addr, Fault::None);
+    let host = proxy.host();
+    let (app, pause_image) = (
+        format!("{host}/private/app:esgz"),
+        format!("{host}/private/pause:v1"),
+    );
+    let socket = scratch.join("snapshotter.sock");
+    let containerd = Containerd::start_cri_with(
+        "private-images",
+        &host,
+        &pause_image,
+        &String::from_utf8(
+            support::imgstream(&["containerd-config", "--socket", socket.to_str().unwrap()]).stdout,
+        )
+        .unwrap()
+        .replace("version = 2\n", ""),
+    );
+    let agent_dir = scratch.join("agent");
+    std::fs::create_dir_all(&agent_dir).unwrap();
+    let image_socket = scratch.join("kubelet-image.sock");
+    let agent_args = [
+        "--cri-socket",
+        containerd.socket.to_str().unwrap(),
+        "--cri-image-proxy",
+        image_socket.to_str().unwrap(),
+        "--cri-upstream",
+        containerd.socket.to_str().unwrap(),
+        "--snapshotter-socket",
+        socket.to_str().unwrap(),
+        "--snapshotter-root",
+        &agent_dir.join("snapshotter").display().to_string(),
+        "--cache-dir",
+        &agent_dir.join("cache").display().to_string(),
+        // The node has no credentials of its own.
+        "--auth-file",
+        &scratch.join("no-docker-config.json").display().to_string(),
+        "--insecure-registry",
+        &host,
+        "--no-background",
+        "--read-around-bdps",
+        "0",
+    ]
+    .map(String::from);
+    let args: Vec<&str> = agent_args.iter().map(String::as_str).collect();
+    let agent = Agent::start(&agent_dir, &args);
+    // kubelet's view: the image service is the agent's socket.
+    let mut images = ImageServiceClient::new(imgstream::cri::channel(&image_socket).await.unwrap());
+    let auth = AuthConfig {
+        username: USER.into(),
+        password: SECRET.into(),
+        ..Default::default()
+    };
+
+    // Without credentials: the registry's refusal, passed through, and nothing mounted.
+    let refused = pull_with(&mut images, &app, None).await.unwrap_err();
+    let message = refused.message().to_ascii_lowercase();
+    assert!(
+        message.contains("401") || message.contains("unauthorized"),
+        "{refused:?}"
+    );
+    assert!(
+        !agent.log_text().contains("layer mounted lazily"),
+        "{}",
+        agent.log_text()
+    );
+
+    // With them, as an imagePullSecret gives them: both images pulled, the app's layer lazily.
+    pull_with(&mut images, &pause_image, Some(auth.clone()))
+        .await
+        .unwrap_or_else(|e| panic!("PullImage {pause_image}: {e}"));
+    let before = proxy.bytes();
+    pull_with(&mut images, &app, Some(auth))
+        .await
+        .unwrap_or_else(|e| panic!("PullImage {app}: {e}"));
+    let agent_log = agent.log_text();
+    assert!(agent_log.contains("layer mounted lazily"), "{agent_log}");
+    let listed = images
+        .list_images(ListImagesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .images;
+    assert!(
+        listed.iter().any(|i| i.repo_tags.contains(&app)),
+        "ListImages through the proxy: {listed:?}"
+    );
+
+    // The pod starts from the lazy layer, with a part of it fetched.
+    let truth = scratch.join("truth");
+    std::fs::create_dir_all(&truth).unwrap();
+    let command = ["/clockprobe", "log", "100", "/truth/private"].map(String::from);
+    let mounts = vec![k8s_cri::v1::Mount {
+        container_path: "/truth".into(),
+        host_path: truth.display().to_string(),
+        ..Default::default()
+    }];
+    let log = start_pod(
+        &containerd,
+        &app,
+        ("private", "private"),
+        command.to_vec(),
+        mounts,
+        &scratch.join("pod-logs"),
+    )
+    .await;
+    let line = wait_for_log(&log);
+    let fetched = proxy.bytes() - before;
+    eprintln!(
+        "private image: {fetched} bytes of a {layer_bytes}-byte layer by its first log line: {}",
+        line.trim()
+    );
+    assert!(
+        fetched < layer_bytes / 4,
+        "the start fetched {fetched} bytes of a {layer_bytes}-byte layer: not lazily"
+    );
+
+    // Removing the app's image drops its repository's credentials; the pause image's stay.
+    images
+        .remove_image(RemoveImageRequest {
+            image: Some(ImageSpec {
+                image: app.clone(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RemoveImage {app}: {e}"));
+    let agent_log = agent.log_text();
+    let dropped: Vec<&str> = agent_log
+        .lines()
+        .filter(|l| l.contains("its credentials are dropped"))
+        .collect();
+    assert!(
+        dropped.len() == 1 && dropped[0].contains("private/app"),
+        "{agent_log}"
+    );
+
+    // No file the agent wrote (its store, snapshotter metadata, cache, log) holds the
+    // secret, plainly or as docker's base64 `user:password`.
+    use base64::Engine as _;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{SECRET}"));
+    for needle in [SECRET, encoded.as_str()] {
+        let holding = files_holding(&agent_dir, needle.as_bytes());
+        assert!(holding.is_empty(), "{needle:?} found in {holding:?}");
+    }
+    agent.stop();
+    drop(containerd);
+    support::unmount_all_under(&scratch);
+}
