@@ -4,20 +4,22 @@
 //! plays kubelet: the credentials exist only in the `auth` of its PullImage calls (the node
 //! has no docker config), yet the image's layer is mounted lazily and the pod starts from
 //! it having fetched a part of it; without them the pull fails with the registry's refusal
-//! and nothing is mounted; no file the agent writes holds the secret; and removing the image
-//! drops its repository's credentials while another repository's stay.
+//! and nothing is mounted; no file the agent writes holds the secret; and removing the pod
+//! and the image unmounts the layer, deletes its cached chunks and drops its repository's
+//! credentials while another repository's stay.
 
 mod support;
 
 use std::path::Path;
 
 use k8s_cri::v1::{
-    AuthConfig, ImageSpec, ListImagesRequest, RemoveImageRequest,
-    image_service_client::ImageServiceClient,
+    AuthConfig, ImageSpec, ListImagesRequest, ListPodSandboxRequest, RemoveImageRequest,
+    RemovePodSandboxRequest, StopPodSandboxRequest, image_service_client::ImageServiceClient,
+    runtime_service_client::RuntimeServiceClient,
 };
 use support::{
-    Agent, Containerd, Fault, Proxy, Registry,
-    cri::{pull_with, start_pod, wait_for_log},
+    Agent, Fault, Proxy, Registry,
+    cri::{containerd_for_imgstream, pull_with, snapshotter_args, start_pod, wait_for_log},
 };
 
 const USER: &str = "puller";
@@ -25,17 +27,21 @@ const SECRET: &str = "pr1vate-Pull-S3cret";
 
 /// Pushes the image in layout `src` to `dst` with the registry's credentials.
 fn push(src: &str, dst: &str) {
-    let out = std::process::Command::new("skopeo")
-        .args(["copy", "--dest-tls-verify=false", "--quiet", "--dest-creds"])
-        .arg(format!("{USER}:{SECRET}"))
-        .args([src, dst])
-        .output()
-        .expect("skopeo is needed");
-    assert!(
-        out.status.success(),
-        "skopeo copy {src} {dst}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::skopeo_copy_as(src, dst, Some(&format!("{USER}:{SECRET}")));
+}
+
+/// How many files there are under `dir`.
+fn files_in(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .flatten()
+            .map(|e| match e.file_type() {
+                Ok(t) if t.is_dir() => files_in(&e.path()),
+                Ok(_) => 1,
+                Err(_) => 0,
+            })
+            .sum()
+    })
 }
 
 /// Every file under `dir` whose bytes contain `needle`.
@@ -104,11 +110,7 @@ async fn a_private_image_streams_with_the_credentials_kubelet_hands_its_pull() {
         &format!("oci:{}:esgz", esgz.display()),
         &format!("docker://{reg}/private/app:esgz"),
     );
-    let pause_rootfs = scratch.join("pause-rootfs");
-    for dir in ["proc", "sys", "dev", "etc"] {
-        std::fs::create_dir_all(pause_rootfs.join(dir)).unwrap();
-    }
-    std::fs::copy(support::clockprobe(), pause_rootfs.join("clockprobe")).unwrap();
+    let pause_rootfs = support::cri::pause_rootfs(&scratch);
     let pause = scratch.join("layout-pause");
     support::build_image(
         &pause,
@@ -130,42 +132,23 @@ async fn a_private_image_streams_with_the_credentials_kubelet_hands_its_pull() {
         format!("{host}/private/pause:v1"),
     );
     let socket = scratch.join("snapshotter.sock");
-    let containerd = Containerd::start_cri_with(
-        "private-images",
-        &host,
-        &pause_image,
-        &String::from_utf8(
-            support::imgstream(&["containerd-config", "--socket", socket.to_str().unwrap()]).stdout,
-        )
-        .unwrap()
-        .replace("version = 2\n", ""),
-    );
+    let containerd = containerd_for_imgstream("private-images", &host, &pause_image, &socket);
     let agent_dir = scratch.join("agent");
     std::fs::create_dir_all(&agent_dir).unwrap();
     let image_socket = scratch.join("kubelet-image.sock");
-    let agent_args = [
-        "--cri-socket",
-        containerd.socket.to_str().unwrap(),
-        "--cri-image-proxy",
-        image_socket.to_str().unwrap(),
-        "--cri-upstream",
-        containerd.socket.to_str().unwrap(),
-        "--snapshotter-socket",
-        socket.to_str().unwrap(),
-        "--snapshotter-root",
-        &agent_dir.join("snapshotter").display().to_string(),
-        "--cache-dir",
-        &agent_dir.join("cache").display().to_string(),
-        // The node has no credentials of its own.
-        "--auth-file",
-        &scratch.join("no-docker-config.json").display().to_string(),
-        "--insecure-registry",
-        &host,
-        "--no-background",
-        "--read-around-bdps",
-        "0",
-    ]
-    .map(String::from);
+    let mut agent_args = snapshotter_args(&containerd, &socket, &agent_dir, &host);
+    agent_args.extend(
+        [
+            "--cri-image-proxy",
+            image_socket.to_str().unwrap(),
+            "--cri-upstream",
+            containerd.socket.to_str().unwrap(),
+            // The node has no credentials of its own.
+            "--auth-file",
+            scratch.join("no-docker-config.json").to_str().unwrap(),
+        ]
+        .map(String::from),
+    );
     let args: Vec<&str> = agent_args.iter().map(String::as_str).collect();
     let agent = Agent::start(&agent_dir, &args);
     // kubelet's view: the image service is the agent's socket.
@@ -239,6 +222,31 @@ async fn a_private_image_streams_with_the_credentials_kubelet_hands_its_pull() {
         "the start fetched {fetched} bytes of a {layer_bytes}-byte layer: not lazily"
     );
 
+    // kubelet deletes the pod, then its image GC removes the image: containerd removes the
+    // layer's snapshot, the lazy mount goes, and the chunks it alone used are deleted then.
+    let mut runtime =
+        RuntimeServiceClient::new(imgstream::cri::channel(&containerd.socket).await.unwrap());
+    let sandboxes = runtime
+        .list_pod_sandbox(ListPodSandboxRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    for sandbox in sandboxes {
+        let pod_sandbox_id = sandbox.id;
+        runtime
+            .stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: pod_sandbox_id.clone(),
+            })
+            .await
+            .unwrap();
+        runtime
+            .remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id })
+            .await
+            .unwrap();
+    }
+    let chunks_dir = agent_dir.join("cache").join("chunks");
+    assert!(files_in(&chunks_dir) > 0, "the start's chunks are cached");
     // Removing the app's image drops its repository's credentials; the pause image's stay.
     images
         .remove_image(RemoveImageRequest {
@@ -257,6 +265,30 @@ async fn a_private_image_streams_with_the_credentials_kubelet_hands_its_pull() {
     assert!(
         dropped.len() == 1 && dropped[0].contains("private/app"),
         "{agent_log}"
+    );
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !agent
+        .log_text()
+        .contains("removed lazy layer's cached chunks freed")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the layer's snapshot was not removed: {}",
+            agent.log_text()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        files_in(&chunks_dir),
+        0,
+        "no chunk of the removed image is left"
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let snapshots = agent_dir.join("snapshotter").display().to_string();
+    assert!(
+        !mounts.lines().any(|l| l.contains(&snapshots)),
+        "the lazy layer is unmounted: {mounts}"
     );
 
     // No file the agent wrote (its store, snapshotter metadata, cache, log) holds the

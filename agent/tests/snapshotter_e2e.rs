@@ -18,7 +18,10 @@ use std::time::Duration;
 use k8s_cri::v1::{Mount, image_service_client::ImageServiceClient};
 use support::{
     Agent, Containerd, Fault, FuseKeeper, Proxy, Registry,
-    cri::{clockprobe_images, run_pod, run_pod_with, wait_for_line, wait_for_log},
+    cri::{
+        clockprobe_images, containerd_for_imgstream, run_pod, run_pod_with, snapshotter_args,
+        wait_for_line, wait_for_log,
+    },
 };
 
 /// Bytes the streamed start may fetch before its first log line: twice what it took when
@@ -103,40 +106,17 @@ async fn containerd_runs_a_streamed_image_through_the_imgstream_snapshotter() {
     let proxy = Proxy::start(registry.addr, Fault::None);
     let host = proxy.host();
     let socket = scratch.join("snapshotter.sock");
-    let containerd = Containerd::start_cri_with(
+    let containerd = containerd_for_imgstream(
         "snapshotter-e2e",
         &host,
         &format!("{host}/app:pause"),
-        // The drop-in `imgstream containerd-config` generates (deploy/ ships the same).
-        &String::from_utf8(
-            support::imgstream(&["containerd-config", "--socket", socket.to_str().unwrap()]).stdout,
-        )
-        .unwrap()
-        .replace("version = 2\n", ""),
+        &socket,
     );
     let agent_dir = scratch.join("agent");
     std::fs::create_dir_all(&agent_dir).unwrap();
     let keeper = FuseKeeper::start(&scratch.join("fuse-keeper.sock"));
-    let agent_args = [
-        "--fuse-keeper",
-        keeper.socket.to_str().unwrap(),
-        "--cri-socket",
-        containerd.socket.to_str().unwrap(),
-        "--snapshotter-socket",
-        socket.to_str().unwrap(),
-        "--snapshotter-root",
-        &agent_dir.join("snapshotter").display().to_string(),
-        "--cache-dir",
-        &agent_dir.join("cache").display().to_string(),
-        "--insecure-registry",
-        &host,
-        "--no-background",
-        // The bytes counted below are the start's own: read-around sizes its guesses by the
-        // link's measured round trip, which depends on this machine's timing.
-        "--read-around-bdps",
-        "0",
-    ]
-    .map(String::from);
+    let mut agent_args = snapshotter_args(&containerd, &socket, &agent_dir, &host);
+    agent_args.extend(["--fuse-keeper".into(), keeper.socket.display().to_string()]);
     let args: Vec<&str> = agent_args.iter().map(String::as_str).collect();
     let agent = Agent::start(&agent_dir, &args);
 

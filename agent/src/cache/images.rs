@@ -81,6 +81,25 @@ pub(super) fn records(cache_dir: &Path) -> Vec<Record> {
         .collect()
 }
 
+/// The lock of image `key`, held exclusively: `None` while any process has the image
+/// mounted (or it has no lock file). Holding it keeps new mounts of the image from pinning
+/// it until it is dropped.
+pub(super) fn claim(cache_dir: &Path, key: &Digest) -> Option<File> {
+    let file = File::options()
+        .write(true)
+        .open(dir(cache_dir).join(format!("{}.lock", key.hex())))
+        .ok()?;
+    // SAFETY: flock on an fd this function owns; the lock goes with the returned file.
+    (unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0).then_some(file)
+}
+
+/// Removes image `key`'s record and lock file (the caller holds the lock from [`claim`]).
+pub(super) fn forget(cache_dir: &Path, key: &Digest) {
+    for ext in ["chunks", "lock"] {
+        let _ = fs::remove_file(dir(cache_dir).join(format!("{}.{ext}", key.hex())));
+    }
+}
+
 /// Whether another holder has the image pinned (a shared lock we cannot upgrade past).
 fn is_locked(path: &Path) -> bool {
     let Ok(file) = File::options().write(true).open(path) else {

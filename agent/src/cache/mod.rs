@@ -224,15 +224,7 @@ impl ChunkCache {
                 if keep.contains(&raw) {
                     continue;
                 }
-                let digest = Digest::from_raw(raw);
-                for path in [
-                    self.path(&digest),
-                    self.meta_path(MetaKind::Toc, &digest),
-                    self.meta_path(MetaKind::Manifest, &digest),
-                    self.meta_path(MetaKind::SpanIndex, &digest),
-                ] {
-                    self.remove_entry(&path);
-                }
+                self.remove_everything_under(&Digest::from_raw(raw));
             }
             tracing::info!(image = %record.key, usage = self.usage(), "evicted an unmounted image's chunks");
             let _ = fs::remove_file(&record.path);
@@ -262,6 +254,46 @@ impl ChunkCache {
             self.remove_entry(&path);
         }
         self.usage() <= target
+    }
+
+    /// Gives back the space of image `key` (a layer's digest, for the snapshotter) once
+    /// nothing uses it: every chunk, TOC, manifest and span index its record lists that no
+    /// other image's record lists is deleted now, and its record goes; what other images
+    /// share stays, and is evicted with them. Nothing is deleted while any process has the
+    /// image mounted. Returns the bytes freed, or `None` when it is mounted or unknown here.
+    pub fn release_image(&self, key: &Digest) -> Option<u64> {
+        let _one_at_a_time = crate::sync::lock(&self.evicting);
+        let _claimed = images::claim(&self.dir, key)?;
+        let record = images::dir(&self.dir).join(format!("{}.chunks", key.hex()));
+        if !record.exists() {
+            return None;
+        }
+        let keep: std::collections::HashSet<[u8; 32]> = images::records(&self.dir)
+            .iter()
+            .filter(|r| r.key != key.hex())
+            .flat_map(|r| images::chunks_of(&r.path))
+            .collect();
+        let before = self.usage();
+        for raw in images::chunks_of(&record) {
+            if keep.contains(&raw) {
+                continue;
+            }
+            self.remove_everything_under(&Digest::from_raw(raw));
+        }
+        images::forget(&self.dir, key);
+        Some(before.saturating_sub(self.usage()))
+    }
+
+    /// Removes whatever is cached under `digest`: a chunk, or a TOC, manifest or span index.
+    fn remove_everything_under(&self, digest: &Digest) {
+        for path in [
+            self.path(digest),
+            self.meta_path(MetaKind::Toc, digest),
+            self.meta_path(MetaKind::Manifest, digest),
+            self.meta_path(MetaKind::SpanIndex, digest),
+        ] {
+            self.remove_entry(&path);
+        }
     }
 
     /// Removes one cached entry, counting its bytes off the usage.

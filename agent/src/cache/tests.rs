@@ -243,3 +243,61 @@ fn cached_tocs_and_manifests_are_evicted_like_chunks() {
     );
     fs::remove_dir_all(&cfg.dir).expect("cleaned up");
 }
+
+#[test]
+fn a_released_image_gives_back_what_it_alone_used_at_once() {
+    let cfg = config("release", None, false);
+    let cache = ChunkCache::open(&cfg).expect("a cache");
+    let per = (HEADER + 1000) as u64;
+    let chunk = |tag: u8| vec![tag; 1000];
+    let (own, shared, other, manifest) = (chunk(1), chunk(2), chunk(3), chunk(4));
+    let key = |n: u8| Digest::of(&[n]);
+    let released = cache
+        .pin_image(
+            &key(1),
+            &[Digest::of(&own), Digest::of(&shared), Digest::of(&manifest)],
+        )
+        .expect("a record");
+    // Another image shares a chunk; it is not mounted now, and keeps its record.
+    drop(
+        cache
+            .pin_image(&key(2), &[Digest::of(&other), Digest::of(&shared)])
+            .expect("a record"),
+    );
+    for c in [&own, &shared, &other] {
+        assert!(cache.put(&Digest::of(c), c).expect("written"));
+    }
+    assert!(
+        cache
+            .put_manifest(&Digest::of(&manifest), &manifest)
+            .expect("written")
+    );
+    // Mounted (pinned): nothing is given back.
+    assert_eq!(cache.release_image(&key(1)), None);
+    assert!(cache.contains(&Digest::of(&own)));
+    drop(released);
+    // Unmounted: its own chunk and manifest go at once, the shared chunk stays.
+    let freed = cache.release_image(&key(1)).expect("released");
+    assert!(!cache.contains(&Digest::of(&own)));
+    assert!(
+        cache
+            .get_manifest(&Digest::of(&manifest))
+            .expect("read")
+            .is_none()
+    );
+    assert!(cache.contains(&Digest::of(&shared)));
+    assert!(cache.contains(&Digest::of(&other)));
+    assert_eq!(cache.usage(), 2 * per);
+    assert!(freed >= per, "{freed} bytes freed");
+    // Its record is gone: a second release finds nothing, and so does eviction.
+    assert_eq!(cache.release_image(&key(1)), None);
+    assert!(
+        !images::dir(&cfg.dir)
+            .join(format!("{}.chunks", key(1).hex()))
+            .exists()
+    );
+    // The other image, released in turn, takes the shared chunk with it.
+    assert_eq!(cache.release_image(&key(2)), Some(2 * per));
+    assert_eq!(cache.usage(), 0);
+    fs::remove_dir_all(&cfg.dir).expect("cleaned up");
+}

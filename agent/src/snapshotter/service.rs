@@ -381,6 +381,22 @@ impl Snapshots for Service {
         if let Err(err) = std::fs::remove_dir_all(&dir) {
             tracing::warn!(%err, dir = %dir.display(), "snapshot directory left behind (Cleanup retries)");
         }
+        // Its background download ended with the mount; what it alone had cached goes now
+        // instead of waiting for eviction (another mount of the layer keeps it all).
+        if let Some(layer) = snap
+            .remote
+            .as_ref()
+            .and_then(|r| r.layer.parse::<crate::oci::digest::Digest>().ok())
+        {
+            let cache = self.0.cache.clone();
+            let released = tokio::task::spawn_blocking(move || cache.release_image(&layer))
+                .await
+                .ok()
+                .flatten();
+            if let Some(bytes) = released {
+                tracing::info!(snapshot = %key, layer = %layer, bytes, "removed lazy layer's cached chunks freed");
+            }
+        }
         Ok(Response::new(()))
     }
 

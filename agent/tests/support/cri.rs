@@ -194,6 +194,66 @@ pub fn sandbox_config(
     }
 }
 
+/// A containerd with its CRI plugin whose snapshotter is the agent at `socket` (through the
+/// drop-in `imgstream containerd-config` generates; deploy/ ships the same), pods getting
+/// `sandbox_image` and `registry` reached over plain HTTP.
+pub fn containerd_for_imgstream(
+    name: &str,
+    registry: &str,
+    sandbox_image: &str,
+    socket: &std::path::Path,
+) -> Containerd {
+    let dropin = super::imgstream(&["containerd-config", "--socket", socket.to_str().unwrap()]);
+    Containerd::start_cri_with(
+        name,
+        registry,
+        sandbox_image,
+        &String::from_utf8(dropin.stdout)
+            .unwrap()
+            .replace("version = 2\n", ""),
+    )
+}
+
+/// `imgstream agent` flags for containerd's snapshotter on `socket`, with its metadata and
+/// cache under `dir` and `registry` over plain HTTP. The bytes a start fetches are its own:
+/// no background download, and no read-around (it sizes its guesses by the link's measured
+/// round trip, which depends on this machine's timing).
+pub fn snapshotter_args(
+    containerd: &Containerd,
+    socket: &std::path::Path,
+    dir: &std::path::Path,
+    registry: &str,
+) -> Vec<String> {
+    [
+        "--cri-socket",
+        containerd.socket.to_str().unwrap(),
+        "--snapshotter-socket",
+        socket.to_str().unwrap(),
+        "--snapshotter-root",
+        &dir.join("snapshotter").display().to_string(),
+        "--cache-dir",
+        &dir.join("cache").display().to_string(),
+        "--insecure-registry",
+        registry,
+        "--no-background",
+        "--read-around-bdps",
+        "0",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// The root of a pod sandbox image under `scratch`: the clockprobe, to run as
+/// `/clockprobe pause 0`, and the directories a container needs.
+pub fn pause_rootfs(scratch: &std::path::Path) -> std::path::PathBuf {
+    let root = scratch.join("pause-rootfs");
+    for dir in ["proc", "sys", "dev", "etc"] {
+        std::fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    std::fs::copy(super::clockprobe(), root.join("clockprobe")).unwrap();
+    root
+}
+
 /// Pushes `REG/NAME:v1` (entrypoint `/clockprobe log 0` over `rootfs`, which must hold it)
 /// and `REG/NAME:pause` (the entrypoint alone, pausing: a pod sandbox image), then converts
 /// v1 to `REG/NAME:esgz` (1 MiB chunks, the entrypoint first). Returns the eStargz layer's
@@ -204,11 +264,7 @@ pub async fn clockprobe_images(
     name: &str,
     rootfs: &std::path::Path,
 ) -> u64 {
-    let pause_rootfs = scratch.join("pause-rootfs");
-    for dir in ["proc", "sys", "dev", "etc"] {
-        std::fs::create_dir_all(pause_rootfs.join(dir)).unwrap();
-    }
-    std::fs::copy(super::clockprobe(), pause_rootfs.join("clockprobe")).unwrap();
+    let pause_rootfs = pause_rootfs(scratch);
     for (tag, cmd, root) in [
         ("v1", ["/clockprobe", "log", "0"], rootfs),
         (

@@ -127,17 +127,22 @@ pub fn skopeo_raw(image: &str) -> Vec<u8> {
 }
 
 pub fn skopeo_copy(src: &str, dst: &str) {
-    let out = Command::new("skopeo")
-        .args([
-            "copy",
-            "--src-tls-verify=false",
-            "--dest-tls-verify=false",
-            "--quiet",
-            src,
-            dst,
-        ])
-        .output()
-        .expect("skopeo is needed");
+    skopeo_copy_as(src, dst, None);
+}
+
+/// [`skopeo_copy`] to a registry that wants `user:password` (`--dest-creds`).
+pub fn skopeo_copy_as(src: &str, dst: &str, dest_creds: Option<&str>) {
+    let mut skopeo = Command::new("skopeo");
+    skopeo.args([
+        "copy",
+        "--src-tls-verify=false",
+        "--dest-tls-verify=false",
+        "--quiet",
+    ]);
+    if let Some(creds) = dest_creds {
+        skopeo.args(["--dest-creds", creds]);
+    }
+    let out = skopeo.args([src, dst]).output().expect("skopeo is needed");
     assert!(
         out.status.success(),
         "skopeo copy {src} {dst}: {}",
