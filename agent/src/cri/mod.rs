@@ -63,44 +63,47 @@ impl Cri {
     }
 }
 
+/// The endpoint of the unix socket at `path`, with the connect timeout every channel here
+/// has. The URI is required by the API and unused: the connector dials the socket.
+fn endpoint(path: &Path) -> Result<Endpoint, CriError> {
+    Ok(Endpoint::try_from("http://cri.invalid")
+        .map_err(|e| CriError::Endpoint(path.to_path_buf(), e))?
+        .connect_timeout(Duration::from_secs(5)))
+}
+
+/// Dials the unix socket at `path`, once per connection the channel makes.
+fn dialer(
+    path: &Path,
+) -> impl tower::Service<
+    tonic::transport::Uri,
+    Response = TokioIo<tokio::net::UnixStream>,
+    Error = std::io::Error,
+    Future = impl Future<Output = std::io::Result<TokioIo<tokio::net::UnixStream>>> + Send,
+> + Clone
++ Send
++ 'static {
+    let socket = path.to_path_buf();
+    tower::service_fn(move |_| {
+        let socket = socket.clone();
+        async move { Ok(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
+    })
+}
+
 /// A gRPC channel to the CRI socket at `path` that connects at its first call and again
 /// after the runtime restarts: a call while the socket is gone fails at once (`Unavailable`)
 /// or within the connect timeout. Calls carry their callers' deadlines; the channel has none.
 pub fn lazy_channel(path: &Path) -> Result<Channel, CriError> {
-    let socket = path.to_path_buf();
-    Ok(Endpoint::try_from("http://cri.invalid")
-        .map_err(|e| CriError::Endpoint(path.to_path_buf(), e))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect_with_connector_lazy(tower::service_fn(move |_| {
-            let socket = socket.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(socket).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(stream))
-            }
-        })))
+    Ok(endpoint(path)?.connect_with_connector_lazy(dialer(path)))
 }
 
 /// A gRPC channel to the CRI (or any) unix socket at `path`.
 pub async fn channel(path: &Path) -> Result<Channel, CriError> {
-    {
-        let socket = path.to_path_buf();
-        // The URI is required by the API and unused: the connector dials the socket.
-        let channel = Endpoint::try_from("http://cri.invalid")
-            .map_err(|e| CriError::Endpoint(path.to_path_buf(), e))?
-            .connect_timeout(Duration::from_secs(5))
-            // Calls carry their own deadlines (a pull can take minutes).
-            .timeout(Duration::from_secs(600))
-            .connect_with_connector(tower::service_fn(move |_| {
-                let socket = socket.clone();
-                async move {
-                    let stream = tokio::net::UnixStream::connect(socket).await?;
-                    Ok::<_, std::io::Error>(TokioIo::new(stream))
-                }
-            }))
-            .await
-            .map_err(|e| CriError::Connect(path.to_path_buf(), e))?;
-        Ok(channel)
-    }
+    endpoint(path)?
+        // Calls carry their own deadlines (a pull can take minutes).
+        .timeout(Duration::from_secs(600))
+        .connect_with_connector(dialer(path))
+        .await
+        .map_err(|e| CriError::Connect(path.to_path_buf(), e))
 }
 
 impl Cri {
