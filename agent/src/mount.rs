@@ -277,6 +277,12 @@ pub struct LayersOpened {
     pub whole_not_gzip: AtomicU64,
     pub whole_no_index: AtomicU64,
     pub whole_index_refused: AtomicU64,
+    /// A layer the snapshotter meant to mount lazily and could not, so containerd unpacked
+    /// it: the registry refused the agent's credentials (or wanted some and it had none),
+    /// the opening passed its deadline, or anything else.
+    pub fallback_credentials: AtomicU64,
+    pub fallback_deadline: AtomicU64,
+    pub fallback_other: AtomicU64,
 }
 
 pub static LAYERS_OPENED: LayersOpened = LayersOpened {
@@ -286,6 +292,9 @@ pub static LAYERS_OPENED: LayersOpened = LayersOpened {
     whole_not_gzip: AtomicU64::new(0),
     whole_no_index: AtomicU64::new(0),
     whole_index_refused: AtomicU64::new(0),
+    fallback_credentials: AtomicU64::new(0),
+    fallback_deadline: AtomicU64::new(0),
+    fallback_other: AtomicU64::new(0),
 };
 
 impl LayersOpened {

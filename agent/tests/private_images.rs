@@ -2,7 +2,8 @@
 //! Debian's containerd (CRI plugin) with `imgstream agent` as its snapshotter, and the
 //! agent's CRI image proxy where kubelet's `--image-service-endpoint` would point. The test
 //! plays kubelet: the credentials exist only in the `auth` of its PullImage calls (the node
-//! has no docker config), yet the image's layer is mounted lazily and the pod starts from
+//! has no docker config), yet the image's layer is mounted lazily (pulled past the proxy, the
+//! lazy mount is refused and counted as such, and containerd unpacks the layer) and the pod starts from
 //! it having fetched a part of it; without them the pull fails with the registry's refusal
 //! and nothing is mounted; no file the agent writes holds the secret; and removing the pod
 //! and the image unmounts the layer, deletes its cached chunks and drops its repository's
@@ -158,6 +159,35 @@ async fn a_private_image_streams_with_the_credentials_kubelet_hands_its_pull() {
         password: SECRET.into(),
         ..Default::default()
     };
+
+    // kubelet pulling past the proxy (straight from containerd, with the credentials): the
+    // agent never saw them, so the registry refuses its lazy mount, containerd unpacks the
+    // layer, and the log and /metrics say why.
+    let mut direct =
+        ImageServiceClient::new(imgstream::cri::channel(&containerd.socket).await.unwrap());
+    pull_with(&mut direct, &app, Some(auth.clone()))
+        .await
+        .unwrap_or_else(|e| panic!("PullImage {app} from containerd itself: {e}"));
+    let agent_log = agent.log_text();
+    assert!(
+        agent_log.contains("lazy mount refused by the registry")
+            && !agent_log.contains("layer mounted lazily"),
+        "{agent_log}"
+    );
+    let (status, page) = support::http_get(agent.api, "/metrics");
+    assert_eq!(status, 200);
+    let series = r#"imgstream_layers_opened_total{how="whole",why="lazy_mount_credentials"}"#;
+    assert_eq!(support::metric(&page, series), 1, "{page}");
+    // Gone again, so that the pulls below prepare the layer afresh.
+    direct
+        .remove_image(RemoveImageRequest {
+            image: Some(ImageSpec {
+                image: app.clone(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RemoveImage {app}: {e}"));
 
     // Without credentials: the registry's refusal, passed through, and nothing mounted.
     let refused = pull_with(&mut images, &app, None).await.unwrap_err();

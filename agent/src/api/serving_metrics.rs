@@ -130,7 +130,7 @@ impl Serving {
             out,
             "imgstream_layers_opened_total",
             "counter",
-            "Layers opened to be served, by how: eStargz or zstd:chunked (its TOC), a plain gzip layer through a span index, or downloaded whole (by a mount; unpacked by containerd for the snapshotter) and why.",
+            "Layers opened to be served, by how: eStargz or zstd:chunked (its TOC), a plain gzip layer through a span index, or downloaded whole (by a mount; unpacked by containerd for the snapshotter) and why, a lazy mount that failed (refused credentials, its deadline, or else) included.",
             &[
                 ("{how=\"estargz\"}", load(&layers.estargz)),
                 ("{how=\"zstd_chunked\"}", load(&layers.zstd_chunked)),
@@ -146,6 +146,18 @@ impl Serving {
                 (
                     "{how=\"whole\",why=\"index_refused\"}",
                     load(&layers.whole_index_refused),
+                ),
+                (
+                    "{how=\"whole\",why=\"lazy_mount_credentials\"}",
+                    load(&layers.fallback_credentials),
+                ),
+                (
+                    "{how=\"whole\",why=\"lazy_mount_deadline\"}",
+                    load(&layers.fallback_deadline),
+                ),
+                (
+                    "{how=\"whole\",why=\"lazy_mount_failed\"}",
+                    load(&layers.fallback_other),
                 ),
             ],
         );

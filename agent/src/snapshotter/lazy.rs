@@ -43,6 +43,41 @@ pub(super) enum LazyError {
     Mount(#[source] MountError),
 }
 
+impl LazyError {
+    /// Counts this failure in `imgstream_layers_opened_total` by its reason: the layer is
+    /// unpacked by containerd instead.
+    pub(super) fn count_fallback(&self) {
+        let layers = &crate::mount::LAYERS_OPENED;
+        let counter = if self.refused_credentials() {
+            &layers.fallback_credentials
+        } else if matches!(self, Self::Deadline(_)) {
+            &layers.fallback_deadline
+        } else {
+            &layers.fallback_other
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a registry refused the agent's credentials, or wanted some it had none of.
+    pub(super) fn refused_credentials(&self) -> bool {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(err) = source {
+            // `MountError::Registry` is transparent: its source is the registry error's own.
+            let registry = err.downcast_ref::<RegistryError>().or_else(|| {
+                match err.downcast_ref::<MountError>() {
+                    Some(MountError::Registry(inner)) => Some(inner),
+                    _ => None,
+                }
+            });
+            if let Some(RegistryError::Unauthorized { .. }) = registry {
+                return true;
+            }
+            source = err.source();
+        }
+        false
+    }
+}
+
 impl Snapshotter {
     /// Mounts layer `remote` lazily at snapshot `id`'s directory, or serves it again on the
     /// connection `kept` (a keeper held it while the agent restarted). `Ok(false)`: not

@@ -229,8 +229,14 @@ impl Snapshotter {
                 Ok(())
             }
             Err(err) => {
+                err.count_fallback();
+                let credentials = err.refused_credentials();
                 let err = crate::error_chain(&err);
-                tracing::warn!(%layer, %err, "lazy mount failed; containerd unpacks the layer");
+                if credentials {
+                    tracing::warn!(%layer, %err, image = %remote.image_ref, "lazy mount refused by the registry: the agent has no credentials for this repository (a private image needs the CRI image proxy, --cri-image-proxy, or --auth-file); containerd unpacks the layer");
+                } else {
+                    tracing::warn!(%layer, %err, "lazy mount failed; containerd unpacks the layer");
+                }
                 let _ = std::fs::remove_dir_all(self.dir(id));
                 Ok(())
             }
