@@ -27,6 +27,10 @@ use crate::{
     shutdown::Shutdown,
 };
 
+/// Largest message either way: kubelet's own limit for CRI calls (a node with many images
+/// lists more than gRPC's default 4 MiB).
+const MAX_MESSAGE: usize = 16 << 20;
+
 /// Errors starting the proxy.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -50,7 +54,9 @@ impl ImageProxy {
     pub fn new(upstream: &Path, keyring: Arc<Keyring>) -> Result<Self, ProxyError> {
         let channel = super::lazy_channel(upstream).map_err(ProxyError::Upstream)?;
         Ok(Self {
-            upstream: ImageServiceClient::new(channel),
+            upstream: ImageServiceClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
             keyring,
         })
     }
@@ -85,7 +91,11 @@ impl ImageProxy {
         tracing::info!(socket = %socket.display(), "serving kubelet's image service");
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
         let result = tonic::transport::Server::builder()
-            .add_service(ImageServiceServer::new(self))
+            .add_service(
+                ImageServiceServer::new(self)
+                    .max_decoding_message_size(MAX_MESSAGE)
+                    .max_encoding_message_size(MAX_MESSAGE),
+            )
             .serve_with_incoming_shutdown(incoming, shutdown.triggered())
             .await;
         let _ = std::fs::remove_file(&socket);
@@ -355,6 +365,29 @@ mod tests {
             "the socket is removed when the proxy stops"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_forwarded_call_keeps_kubelets_deadline_and_nothing_else_it_sent() {
+        let mut request = Request::new(ListImagesRequest::default());
+        let metadata = request.metadata_mut();
+        metadata.insert("grpc-timeout", "2000m".parse().expect("ascii"));
+        metadata.insert("x-from-kubelet", "1".parse().expect("ascii"));
+        let passed = forwarded(request);
+        assert_eq!(
+            passed
+                .metadata()
+                .get("grpc-timeout")
+                .map(|v| v.to_str().expect("ascii")),
+            Some("2000m")
+        );
+        assert!(passed.metadata().get("x-from-kubelet").is_none());
+        assert!(
+            forwarded(Request::new(ListImagesRequest::default()))
+                .metadata()
+                .get("grpc-timeout")
+                .is_none()
+        );
     }
 
     #[test]
