@@ -31,6 +31,19 @@ fn push(src: &str, dst: &str) {
     support::skopeo_copy_as(src, dst, Some(&format!("{USER}:{SECRET}")));
 }
 
+/// RemoveImage `image`, as kubelet's image GC does it.
+async fn remove_image(images: &mut ImageServiceClient<tonic::transport::Channel>, image: &str) {
+    images
+        .remove_image(RemoveImageRequest {
+            image: Some(ImageSpec {
+                image: image.into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RemoveImage {image}: {e}"));
+}
+
 /// How many files there are under `dir`.
 fn files_in(dir: &Path) -> usize {
     std::fs::read_dir(dir).map_or(0, |entries| {
@@ -179,15 +192,7 @@ async fn a_private_image_streams_with_the_credentials_kubelet_hands_its_pull() {
     let series = r#"imgstream_layers_opened_total{how="whole",why="lazy_mount_credentials"}"#;
     assert_eq!(support::metric(&page, series), 1, "{page}");
     // Gone again, so that the pulls below prepare the layer afresh.
-    direct
-        .remove_image(RemoveImageRequest {
-            image: Some(ImageSpec {
-                image: app.clone(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("RemoveImage {app}: {e}"));
+    remove_image(&mut direct, &app).await;
 
     // Without credentials: the registry's refusal, passed through, and nothing mounted.
     let refused = pull_with(&mut images, &app, None).await.unwrap_err();
@@ -278,15 +283,7 @@ async fn a_private_image_streams_with_the_credentials_kubelet_hands_its_pull() {
     let chunks_dir = agent_dir.join("cache").join("chunks");
     assert!(files_in(&chunks_dir) > 0, "the start's chunks are cached");
     // Removing the app's image drops its repository's credentials; the pause image's stay.
-    images
-        .remove_image(RemoveImageRequest {
-            image: Some(ImageSpec {
-                image: app.clone(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("RemoveImage {app}: {e}"));
+    remove_image(&mut images, &app).await;
     let agent_log = agent.log_text();
     let dropped: Vec<&str> = agent_log
         .lines()
