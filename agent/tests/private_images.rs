@@ -14,9 +14,9 @@ mod support;
 use std::path::Path;
 
 use k8s_cri::v1::{
-    AuthConfig, ImageSpec, ListImagesRequest, ListPodSandboxRequest, RemoveImageRequest,
-    RemovePodSandboxRequest, StopPodSandboxRequest, image_service_client::ImageServiceClient,
-    runtime_service_client::RuntimeServiceClient,
+    AuthConfig, FilesystemUsage, ImageFsInfoRequest, ImageSpec, ListImagesRequest,
+    ListPodSandboxRequest, RemoveImageRequest, RemovePodSandboxRequest, StopPodSandboxRequest,
+    image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient,
 };
 use support::{
     Agent, Fault, Proxy, Registry,
@@ -227,6 +227,27 @@ async fn a_private_image_streams_with_the_credentials_kubelet_hands_its_pull() {
         listed.iter().any(|i| i.repo_tags.contains(&app)),
         "ListImages through the proxy: {listed:?}"
     );
+    // ImageFsInfo is containerd's own answer, passed through.
+    let mountpoints = |filesystems: Vec<FilesystemUsage>| -> Vec<String> {
+        filesystems
+            .into_iter()
+            .filter_map(|fs| fs.fs_id.map(|id| id.mountpoint))
+            .collect()
+    };
+    let proxied = images
+        .image_fs_info(ImageFsInfoRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    eprintln!("ImageFsInfo through the proxy: {proxied:?}");
+    let own = direct
+        .image_fs_info(ImageFsInfoRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let proxied = mountpoints(proxied.image_filesystems);
+    assert!(!proxied.is_empty());
+    assert_eq!(proxied, mountpoints(own.image_filesystems));
 
     // The pod starts from the lazy layer, with a part of it fetched.
     let truth = scratch.join("truth");
