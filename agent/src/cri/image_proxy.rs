@@ -8,6 +8,7 @@
 //! Nothing here writes a credential anywhere or logs one: the log names the repository.
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -46,6 +47,40 @@ pub enum ProxyError {
 pub struct ImageProxy {
     upstream: ImageServiceClient<Channel>,
     keyring: Arc<Keyring>,
+    /// Pulls under way, by repository: their credentials stay though no image of theirs is
+    /// listed yet (containerd lists an image once its pull is done).
+    pulling: std::sync::Mutex<BTreeMap<Repository, usize>>,
+}
+
+/// A registry and a repository in it.
+type Repository = (String, String);
+
+/// A pull of a repository under way, counted in [`ImageProxy::pulling`] while it lives
+/// (kubelet giving up on the call drops it too).
+struct Pulling<'a> {
+    proxy: &'a ImageProxy,
+    repository: Repository,
+}
+
+impl<'a> Pulling<'a> {
+    fn start(proxy: &'a ImageProxy, repository: Repository) -> Self {
+        *crate::sync::lock(&proxy.pulling)
+            .entry(repository.clone())
+            .or_default() += 1;
+        Self { proxy, repository }
+    }
+}
+
+impl Drop for Pulling<'_> {
+    fn drop(&mut self) {
+        let mut pulling = crate::sync::lock(&self.proxy.pulling);
+        if let Some(count) = pulling.get_mut(&self.repository) {
+            *count -= 1;
+            if *count == 0 {
+                pulling.remove(&self.repository);
+            }
+        }
+    }
 }
 
 impl ImageProxy {
@@ -58,6 +93,7 @@ impl ImageProxy {
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
             keyring,
+            pulling: Default::default(),
         })
     }
 
@@ -124,19 +160,31 @@ impl ImageProxy {
                 return;
             }
         };
-        let present: std::collections::BTreeSet<(String, String)> = listed
+        let present: BTreeSet<Repository> = listed
             .iter()
             .flat_map(|image| image.repo_tags.iter().chain(&image.repo_digests))
             .filter_map(|name| repository_of(name))
             .collect();
-        for (registry, repository) in kept {
-            if !present.contains(&(registry.clone(), repository.clone()))
-                && self.keyring.forget(&registry, &repository)
-            {
+        let pulling: BTreeSet<Repository> =
+            crate::sync::lock(&self.pulling).keys().cloned().collect();
+        for (registry, repository) in unused(kept, &present, &pulling) {
+            if self.keyring.forget(&registry, &repository) {
                 tracing::info!(%registry, %repository, "no image of the repository is left: its credentials are dropped");
             }
         }
     }
+}
+
+/// Of the repositories credentials are `kept` for, those with no image `present` and no
+/// pull under way.
+fn unused(
+    kept: Vec<Repository>,
+    present: &BTreeSet<Repository>,
+    pulling: &BTreeSet<Repository>,
+) -> Vec<Repository> {
+    kept.into_iter()
+        .filter(|r| !present.contains(r) && !pulling.contains(r))
+        .collect()
 }
 
 /// The registry and repository an image name of the runtime's belongs to.
@@ -217,11 +265,15 @@ impl ImageService for ImageProxy {
         request: Request<PullImageRequest>,
     ) -> Result<Response<PullImageResponse>, Status> {
         let message = request.get_ref();
-        let image = message.image.as_ref().map(|spec| spec.image.as_str());
+        let repository = message
+            .image
+            .as_ref()
+            .and_then(|spec| repository_of(&spec.image));
+        let _pulling = repository
+            .clone()
+            .map(|repository| Pulling::start(self, repository));
         // Kept before the pull: containerd prepares the lazy layers while it pulls.
-        if let (Some((registry, repository)), Some(auth)) =
-            (image.and_then(repository_of), message.auth.as_ref())
-        {
+        if let (Some((registry, repository)), Some(auth)) = (repository, message.auth.as_ref()) {
             match credentials(auth) {
                 Ok(Some(found)) => {
                     tracing::info!(%registry, %repository, "credentials kept for the image's lazy layers");
@@ -234,6 +286,7 @@ impl ImageService for ImageProxy {
             }
         }
         let pulled = self.upstream().pull_image(forwarded(request)).await;
+        drop(_pulling);
         if pulled.is_err() {
             // Nothing may need them now: kept only while an image of the repository is.
             self.forget_removed().await;
@@ -388,6 +441,33 @@ mod tests {
                 .get("grpc-timeout")
                 .is_none()
         );
+    }
+
+    #[test]
+    fn credentials_go_with_the_last_image_of_their_repository_but_not_mid_pull() {
+        let repo = |name: &str| ("reg".to_string(), name.to_string());
+        let kept = vec![repo("gone"), repo("listed"), repo("pulling")];
+        let present = BTreeSet::from([repo("listed"), repo("other")]);
+        // Another image's pull failed meanwhile: the one still pulling keeps its own.
+        let pulling = BTreeSet::from([repo("pulling")]);
+        assert_eq!(unused(kept.clone(), &present, &pulling), vec![repo("gone")]);
+        assert_eq!(
+            unused(kept, &present, &BTreeSet::new()),
+            vec![repo("gone"), repo("pulling")]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_pull_counts_while_it_lives_even_when_abandoned() {
+        let keyring = Arc::new(Keyring::new(crate::registry::keyring::DEFAULT_TTL));
+        let proxy = ImageProxy::new(Path::new("/nonexistent/cri.sock"), keyring).expect("lazy");
+        let repo = ("reg".to_string(), "app".to_string());
+        let first = Pulling::start(&proxy, repo.clone());
+        let second = Pulling::start(&proxy, repo.clone());
+        drop(first);
+        assert!(crate::sync::lock(&proxy.pulling).contains_key(&repo));
+        drop(second);
+        assert!(crate::sync::lock(&proxy.pulling).is_empty());
     }
 
     #[test]

@@ -94,7 +94,10 @@ impl Link {
             .samples
             .iter()
             .map(|&(_, asked, answered)| {
-                let first_byte = (asked + rtt).min(answered - Duration::from_millis(1));
+                let last_ms = answered
+                    .checked_sub(Duration::from_millis(1))
+                    .unwrap_or(answered);
+                let first_byte = (asked + rtt).min(last_ms);
                 (first_byte.max(asked), answered)
             })
             .collect();
