@@ -32,6 +32,11 @@ use crate::{
 /// lists more than gRPC's default 4 MiB).
 const MAX_MESSAGE: usize = 16 << 20;
 
+/// Longest credentials kept (all fields together): registry tokens are a few KiB, and
+/// the keyring's memory stays bounded by [`crate::registry::keyring::MAX_REPOSITORIES`]
+/// times this.
+const MAX_CREDENTIALS: usize = 64 << 10;
+
 /// Errors starting the proxy.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -204,6 +209,19 @@ fn repository_of(image: &str) -> Option<(String, String)> {
 /// (a bearer token to send as it is) has no place in the registry client yet.
 pub fn credentials(auth: &AuthConfig) -> Result<Option<Credentials>, &'static str> {
     use base64::Engine as _;
+    let length = [
+        &auth.username,
+        &auth.password,
+        &auth.auth,
+        &auth.identity_token,
+        &auth.registry_token,
+    ]
+    .iter()
+    .map(|field| field.len())
+    .sum::<usize>();
+    if length > MAX_CREDENTIALS {
+        return Err("credentials longer than 64 KiB are not kept");
+    }
     if !auth.identity_token.is_empty() {
         return Ok(Some(Credentials {
             username: "<token>".into(),
@@ -348,6 +366,12 @@ mod tests {
             };
             assert!(credentials(&auth).is_err(), "{bad}");
         }
+        let huge = AuthConfig {
+            username: "u".into(),
+            password: "p".repeat(MAX_CREDENTIALS),
+            ..Default::default()
+        };
+        assert!(credentials(&huge).is_err());
         let bearer = AuthConfig {
             registry_token: "t".into(),
             ..Default::default()
