@@ -101,25 +101,12 @@ async fn a_private_image_streams_with_the_credentials_kubelet_hands_its_pull() {
     let v1 = scratch.join("layout-v1");
     support::build_image(&v1, "v1", &[rootfs], &["/clockprobe", "log", "0"]).await;
     let esgz = scratch.join("layout-esgz");
-    let out = support::imgstream(&[
-        "convert",
+    let layer_bytes = support::cri::convert_clockprobe_image(
+        &scratch,
         &format!("oci:{}:v1", v1.display()),
         &format!("oci:{}:esgz", esgz.display()),
-        "--chunk-size",
-        "1M",
-        "--prioritize",
-        "clockprobe",
-        "--json",
-        "--scratch",
-        scratch.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        &[],
     );
-    let converted: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let layer_bytes = converted["layers"][0]["size"].as_u64().unwrap();
     push(
         &format!("oci:{}:esgz", esgz.display()),
         &format!("docker://{reg}/private/app:esgz"),

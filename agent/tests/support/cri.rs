@@ -280,12 +280,26 @@ pub async fn clockprobe_images(
             &format!("docker://{reg}/{name}:{tag}"),
         );
     }
-    let out = super::imgstream(&[
-        "convert",
+    convert_clockprobe_image(
+        scratch,
         &format!("{reg}/{name}:v1"),
         &format!("{reg}/{name}:esgz"),
-        "--insecure-registry",
-        reg,
+        &["--insecure-registry", reg],
+    )
+}
+
+/// `imgstream convert SRC DST` of a clockprobe image (1 MiB chunks, the entrypoint first),
+/// with `extra` flags; returns the eStargz layer's size.
+pub fn convert_clockprobe_image(
+    scratch: &std::path::Path,
+    src: &str,
+    dst: &str,
+    extra: &[&str],
+) -> u64 {
+    let mut args = vec![
+        "convert",
+        src,
+        dst,
         "--chunk-size",
         "1M",
         "--prioritize",
@@ -293,7 +307,14 @@ pub async fn clockprobe_images(
         "--json",
         "--scratch",
         scratch.to_str().unwrap(),
-    ]);
+    ];
+    args.extend(extra);
+    let out = super::imgstream(&args);
+    assert!(
+        out.status.success(),
+        "imgstream convert {src} {dst}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let converted: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     converted["layers"][0]["size"].as_u64().unwrap()
 }
