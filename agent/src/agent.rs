@@ -128,7 +128,10 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentErr
             let shutdown = shutdown.clone();
             health.running(SNAPSHOTTER);
             Some(tokio::spawn(async move {
-                service.serve(listener, shutdown).await
+                service
+                    .serve(listener, shutdown)
+                    .await
+                    .map_err(AgentError::from)
             }))
         }
         None => None,
@@ -146,7 +149,7 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentErr
                 if served.is_err() {
                     shutdown.trigger();
                 }
-                served
+                served.map_err(AgentError::from)
             }))
         }
         None => None,
@@ -295,29 +298,18 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentErr
             state.health.failed(part, &err, false);
         }
     }
-    if let Some(snapshotter) = snapshotter {
-        let err = match snapshotter.await {
-            Ok(Ok(())) => None,
-            Ok(Err(err)) => Some(AgentError::from(err)),
-            Err(_) => Some(AgentError::LoopPanicked),
+    // The parts kubelet waits on: a failure of one stops the agent.
+    let served = [(SNAPSHOTTER, snapshotter), (IMAGE_PROXY, image_proxy)];
+    for (part, handle) in served {
+        let Some(handle) = handle else { continue };
+        let err = match handle.await {
+            Ok(Ok(())) => continue,
+            Ok(Err(err)) => err,
+            Err(_) => AgentError::LoopPanicked,
         };
-        if let Some(err) = err {
-            state.health.failed(SNAPSHOTTER, &err, true);
-            shutdown.trigger();
-            failed.get_or_insert(err);
-        }
-    }
-    if let Some(image_proxy) = image_proxy {
-        let err = match image_proxy.await {
-            Ok(Ok(())) => None,
-            Ok(Err(err)) => Some(AgentError::from(err)),
-            Err(_) => Some(AgentError::LoopPanicked),
-        };
-        if let Some(err) = err {
-            state.health.failed(IMAGE_PROXY, &err, true);
-            shutdown.trigger();
-            failed.get_or_insert(err);
-        }
+        state.health.failed(part, &err, true);
+        shutdown.trigger();
+        failed.get_or_insert(err);
     }
     match failed {
         Some(err) => Err(err),
