@@ -31,6 +31,48 @@ fn push(src: &str, dst: &str) {
     support::skopeo_copy_as(src, dst, Some(&format!("{USER}:{SECRET}")));
 }
 
+/// Builds and pushes, with the registry's credentials, `private/app:esgz` (the entrypoint and
+/// 16 MB it does not read at start, in `data/blob0` and `data/blob1`, converted to eStargz)
+/// and `private/pause:v1`. Returns the app layer's size.
+async fn push_images(scratch: &Path, reg: &str) -> u64 {
+    let rootfs = support::clockprobe_rootfs(&scratch.join("rootfs"), &["data"]);
+    for i in 0..2u64 {
+        std::fs::write(rootfs.join(format!("data/blob{i}")), blob(i)).unwrap();
+    }
+    let v1 = scratch.join("layout-v1");
+    support::build_image(&v1, "v1", &[rootfs], &["/clockprobe", "log", "0"]).await;
+    let esgz = scratch.join("layout-esgz");
+    let layer_bytes = support::cri::convert_clockprobe_image(
+        scratch,
+        &format!("oci:{}:v1", v1.display()),
+        &format!("oci:{}:esgz", esgz.display()),
+        &[],
+    );
+    push(
+        &format!("oci:{}:esgz", esgz.display()),
+        &format!("docker://{reg}/private/app:esgz"),
+    );
+    let pause_rootfs = support::cri::pause_rootfs(scratch);
+    let pause = scratch.join("layout-pause");
+    support::build_image(
+        &pause,
+        "v1",
+        &[pause_rootfs],
+        &["/clockprobe", "pause", "0"],
+    )
+    .await;
+    push(
+        &format!("oci:{}:v1", pause.display()),
+        &format!("docker://{reg}/private/pause:v1"),
+    );
+    layer_bytes
+}
+
+/// The bytes of the app image's `data/blob{i}`.
+fn blob(i: u64) -> Vec<u8> {
+    support::noise(i + 1, 8 << 20)
+}
+
 /// RemoveImage `image`, as kubelet's image GC does it.
 async fn remove_image(images: &mut ImageServiceClient<tonic::transport::Channel>, image: &str) {
     images
@@ -88,42 +130,7 @@ async fn a_private_image_streams_with_the_credentials_kubelet_hands_its_pull() {
     let registry = Registry::start("private-images", Some((USER, SECRET)));
     let reg = registry.host();
 
-    // The image: the entrypoint and 16 MB it never reads, converted to eStargz in a layout
-    // and pushed with the credentials; a pause image in another repository.
-    let rootfs = support::clockprobe_rootfs(&scratch.join("rootfs"), &["data"]);
-    for i in 0..2u64 {
-        std::fs::write(
-            rootfs.join(format!("data/blob{i}")),
-            support::noise(i + 1, 8 << 20),
-        )
-        .unwrap();
-    }
-    let v1 = scratch.join("layout-v1");
-    support::build_image(&v1, "v1", &[rootfs], &["/clockprobe", "log", "0"]).await;
-    let esgz = scratch.join("layout-esgz");
-    let layer_bytes = support::cri::convert_clockprobe_image(
-        &scratch,
-        &format!("oci:{}:v1", v1.display()),
-        &format!("oci:{}:esgz", esgz.display()),
-        &[],
-    );
-    push(
-        &format!("oci:{}:esgz", esgz.display()),
-        &format!("docker://{reg}/private/app:esgz"),
-    );
-    let pause_rootfs = support::cri::pause_rootfs(&scratch);
-    let pause = scratch.join("layout-pause");
-    support::build_image(
-        &pause,
-        "v1",
-        &[pause_rootfs],
-        &["/clockprobe", "pause", "0"],
-    )
-    .await;
-    push(
-        &format!("oci:{}:v1", pause.display()),
-        &format!("docker://{reg}/private/pause:v1"),
-    );
+    let layer_bytes = push_images(&scratch, &reg).await;
 
     // Everything containerd and the agent fetch goes through the counting proxy.
     let proxy = Proxy::start(registry.addr, Fault::None);
@@ -333,6 +340,197 @@ async fn a_private_image_streams_with_the_credentials_kubelet_hands_its_pull() {
     for needle in [SECRET, encoded.as_str()] {
         let holding = files_holding(&agent_dir, needle.as_bytes());
         assert!(holding.is_empty(), "{needle:?} found in {holding:?}");
+    }
+    agent.stop();
+    drop(containerd);
+    support::unmount_all_under(&scratch);
+}
+
+/// The plugin written for the test, in kubelet's exec protocol: it checks the request on its
+/// stdin, asks the token server for a fresh short-lived password, as a cloud's credential
+/// helper asks its IAM, and answers it for the whole registry, cached for an hour.
+fn credential_helper(tokens: &support::TokenServer, registry: &str) -> String {
+    format!(
+        r#"#!/bin/bash
+request=$(cat)
+case "$request" in
+  *'"kind":"CredentialProviderRequest"'*) ;;
+  *) echo "not a CredentialProviderRequest: $request" >&2; exit 1 ;;
+esac
+exec 3<>/dev/tcp/{ip}/{port}
+printf 'GET /password HTTP/1.0\r\n\r\n' >&3
+password=$(sed '1,/^\r$/d' <&3)
+printf '{{"apiVersion":"credentialprovider.kubelet.k8s.io/v1","kind":"CredentialProviderResponse","cacheKeyType":"Registry","cacheDuration":"1h","auth":{{"{registry}":{{"username":"{USER}","password":"%s"}}}}}}' "$password"
+"#,
+        ip = tokens.addr.ip(),
+        port = tokens.addr.port(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_that_expire_mid_download_are_renewed_through_the_credential_provider_plugin() {
+    support::require_root();
+    let scratch = support::scratch("credential-renewal");
+    let tokens = support::TokenServer::start(&scratch, (USER, SECRET), 3600);
+    let registry = Registry::start_with_auth("credential-renewal", tokens.registry_auth());
+    push_images(&scratch, &registry.host()).await;
+
+    let proxy = Proxy::start(registry.addr, Fault::None);
+    let host = proxy.host();
+    let (app, pause_image) = (
+        format!("{host}/private/app:esgz"),
+        format!("{host}/private/pause:v1"),
+    );
+    // kubelet's credential provider set-up, given to the agent as it is to kubelet.
+    let bin = scratch.join("credential-providers");
+    std::fs::create_dir_all(&bin).unwrap();
+    let helper = bin.join("test-credential-helper");
+    std::fs::write(&helper, credential_helper(&tokens, &host)).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = scratch.join("credential-providers.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "apiVersion: kubelet.config.k8s.io/v1\nkind: CredentialProviderConfig\nproviders:\n  - name: test-credential-helper\n    matchImages: [\"{host}\"]\n    defaultCacheDuration: 1h\n    apiVersion: credentialprovider.kubelet.k8s.io/v1\n"
+        ),
+    )
+    .unwrap();
+
+    let socket = scratch.join("snapshotter.sock");
+    let containerd = containerd_for_imgstream("credential-renewal", &host, &pause_image, &socket);
+    let agent_dir = scratch.join("agent");
+    std::fs::create_dir_all(&agent_dir).unwrap();
+    let image_socket = scratch.join("kubelet-image.sock");
+    let mut agent_args: Vec<String> = snapshotter_args(&containerd, &socket, &agent_dir, &host)
+        .into_iter()
+        .filter(|a| a != "--no-background")
+        .collect();
+    agent_args.extend(
+        [
+            "--cri-image-proxy",
+            image_socket.to_str().unwrap(),
+            "--cri-upstream",
+            containerd.socket.to_str().unwrap(),
+            "--auth-file",
+            scratch.join("no-docker-config.json").to_str().unwrap(),
+            "--image-credential-provider-config",
+            config.to_str().unwrap(),
+            "--image-credential-provider-bin-dir",
+            bin.to_str().unwrap(),
+            // The whole image downloads in the background at 2 MB/s: about 8 s, over which
+            // the credentials below expire twice.
+            "--background-bandwidth",
+            "2M",
+            "--background-delay-secs",
+            "0",
+        ]
+        .map(String::from),
+    );
+    let args: Vec<&str> = agent_args.iter().map(String::as_str).collect();
+    let agent = Agent::start(&agent_dir, &args);
+    let mut images = ImageServiceClient::new(imgstream::cri::channel(&image_socket).await.unwrap());
+
+    // From here on every registry token lasts 2 s and every password 3 s. kubelet asked its
+    // plugin for one and hands it to the pulls.
+    tokens.expire_quickly(2, 3);
+    let auth = AuthConfig {
+        username: USER.into(),
+        password: tokens.issue_password(),
+        ..Default::default()
+    };
+    for image in [&pause_image, &app] {
+        pull_with(&mut images, image, Some(auth.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("PullImage {image}: {e}"));
+    }
+    assert!(agent.log_text().contains("layer mounted lazily"));
+
+    // A container that reads its two 8 MB files when told to, while the download runs: once
+    // the pull's password has expired, and again later.
+    let triggers = scratch.join("triggers");
+    std::fs::create_dir_all(&triggers).unwrap();
+    let mounts = vec![k8s_cri::v1::Mount {
+        container_path: "/triggers".into(),
+        host_path: triggers.display().to_string(),
+        ..Default::default()
+    }];
+    let command = [
+        "/clockprobe",
+        "readafter",
+        "0",
+        "/triggers/truth",
+        "/triggers/go0",
+        "/data/blob0",
+        "/triggers/go1",
+        "/data/blob1",
+    ]
+    .map(String::from);
+    let log = start_pod(
+        &containerd,
+        &app,
+        ("private", "renewal"),
+        command.to_vec(),
+        mounts,
+        &scratch.join("pod-logs"),
+    )
+    .await;
+    support::cri::wait_for_line(&log, "waiting");
+    for (i, trigger) in ["go0", "go1"].iter().enumerate() {
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        std::fs::write(triggers.join(trigger), b"").unwrap();
+        let path = format!("/data/blob{i}");
+        let data = blob(i as u64);
+        let line = support::cri::wait_for_line(&log, &path);
+        let expected = format!("{path} {} {:016x}", data.len(), support::fnv1a(&data));
+        assert!(line.contains(&expected), "{line:?}, expected {expected:?}");
+    }
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !agent
+        .log_text()
+        .contains("background download complete: the whole image is cached")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the background download did not finish: {}",
+            agent.log_text()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // The pull's password expired during the download, so the registry refused it, and the
+    // agent asked the plugin for new ones (kubelet's first one is the test's own).
+    let plugin_runs = tokens
+        .passwords
+        .handed_out
+        .load(std::sync::atomic::Ordering::SeqCst)
+        - 1;
+    let agent_log = agent.log_text();
+    let renewals = agent_log
+        .matches("credentials from the credential provider plugin")
+        .count();
+    eprintln!(
+        "{plugin_runs} plugin runs, {} tokens, for a download of about 8 s",
+        tokens.issued.load(std::sync::atomic::Ordering::SeqCst)
+    );
+    assert!(plugin_runs >= 1, "{agent_log}");
+    assert_eq!(renewals, plugin_runs, "{agent_log}");
+    let (status, page) = support::http_get(agent.api, "/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(
+        support::metric(&page, "imgstream_fetch_errors_total"),
+        0,
+        "{page}"
+    );
+    assert!(
+        !agent_log.contains("refused the credentials"),
+        "no request failed for want of credentials: {agent_log}"
+    );
+
+    // No password, the pull's or the plugin's, is in what the agent wrote.
+    for password in tokens.passwords.handed() {
+        let holding = files_holding(&agent_dir, password.as_bytes());
+        assert!(holding.is_empty(), "{password:?} found in {holding:?}");
     }
     agent.stop();
     drop(containerd);

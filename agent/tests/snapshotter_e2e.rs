@@ -72,16 +72,9 @@ async fn lazy_first_line(
     fetched
 }
 
-/// The checksum `clockprobe readafter` prints.
-fn fnv1a(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
 /// The line `clockprobe readafter` prints for a file it read whole.
 fn read_line(path: &str, data: &[u8]) -> String {
-    format!("{path} {} {:016x}", data.len(), fnv1a(data))
+    format!("{path} {} {:016x}", data.len(), support::fnv1a(data))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,6 +8,7 @@ pub mod attached;
 pub mod http;
 pub mod keyring;
 pub mod local;
+pub mod provider;
 
 use std::{ops::Range, path::Path};
 

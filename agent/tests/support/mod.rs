@@ -170,3 +170,10 @@ pub fn local_mount_options(
         fetch_totals: None,
     }
 }
+
+/// The checksum `clockprobe readafter` prints for a file it read (FNV-1a, 64 bits).
+pub fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}

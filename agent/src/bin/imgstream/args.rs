@@ -518,6 +518,21 @@ pub(crate) struct RegistryArgs {
     /// Docker config.json with credentials [default: ~/.docker/config.json].
     #[arg(long)]
     pub(crate) auth_file: Option<PathBuf>,
+    /// kubelet's CredentialProviderConfig: its plugins are run for credentials the agent
+    /// lacks and to renew ones a registry refuses (needs --image-credential-provider-bin-dir).
+    #[arg(
+        long = "image-credential-provider-config",
+        value_name = "FILE",
+        requires = "provider_bin_dir"
+    )]
+    pub(crate) provider_config: Option<PathBuf>,
+    /// Where the credential provider plugins are (kubelet's flag of the same name).
+    #[arg(
+        long = "image-credential-provider-bin-dir",
+        value_name = "DIR",
+        requires = "provider_config"
+    )]
+    pub(crate) provider_bin_dir: Option<PathBuf>,
     /// Per-request timeout in seconds.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub(crate) timeout_secs: u64,
@@ -555,6 +570,14 @@ impl TryFrom<RegistryArgs> for imgstream::registry::http::HttpConfig {
         });
         config.timeout = Duration::from_secs(args.timeout_secs);
         config.retries = args.retries;
+        if let (Some(file), Some(bin_dir)) = (args.provider_config, args.provider_bin_dir) {
+            let providers = imgstream::registry::provider::CredentialProviders::load(
+                &file,
+                &bin_dir,
+                config.timeout,
+            )?;
+            config.providers = Some(std::sync::Arc::new(providers));
+        }
         Ok(config)
     }
 }

@@ -3,7 +3,9 @@
 //! One [`RegistryClient`] serves one repository. Every request has a deadline; connection
 //! errors, timeouts, 5xx and 429 answers are retried a bounded number of times with
 //! exponential backoff; a 401 is answered once per request with credentials (Basic) or a
-//! token fetched from the challenge's realm (Bearer). Reads try the configured mirrors in
+//! token fetched from the challenge's realm (Bearer), and credentials the registry or its
+//! realm refuse are renewed once (kubelet's newer ones, or a credential provider plugin's:
+//! [`super::provider`]) before the refusal stands. Reads try the configured mirrors in
 //! order and fall back to the origin; writes go to the origin only. Every whole blob and every
 //! manifest fetched by digest is checked against its digest and size.
 //!
@@ -55,6 +57,9 @@ pub struct HttpConfig {
     /// Credentials kubelet handed over for a repository (the CRI image proxy's), asked
     /// before `auth_file`.
     pub keyring: Option<std::sync::Arc<super::keyring::Keyring>>,
+    /// kubelet's credential provider plugins, asked when there are no credentials and again
+    /// when the registry refuses the ones in use.
+    pub providers: Option<std::sync::Arc<super::provider::CredentialProviders>>,
     /// Deadline of one request, including reading a small body; for large bodies, the longest
     /// wait for the next piece.
     pub timeout: Duration,
@@ -74,6 +79,7 @@ impl Default for HttpConfig {
             mirrors: BTreeMap::new(),
             auth_file: None,
             keyring: None,
+            providers: None,
             timeout: Duration::from_secs(30),
             retries: 3,
             backoff: Duration::from_millis(200),
@@ -90,7 +96,9 @@ pub struct RegistryClient {
     repository: String,
     /// Base URLs: mirrors first, origin last.
     endpoints: Vec<String>,
-    credentials: Option<Credentials>,
+    /// What answers challenges: kept credentials, a plugin's, or the docker config's; renewed
+    /// when refused (see [`RegistryClient::renew_credentials`]).
+    credentials: Mutex<Option<Credentials>>,
     /// `Authorization` values learnt from challenges, by endpoint (scheme, host, port) and
     /// then by scope for bearer tokens, under [`ANY_SCOPE`] for Basic.
     auth: Mutex<BTreeMap<String, String>>,
@@ -203,7 +211,7 @@ impl RegistryClient {
             registry: registry.to_string(),
             repository: repository.to_string(),
             endpoints,
-            credentials,
+            credentials: Mutex::new(credentials),
             auth: Mutex::new(BTreeMap::new()),
             config,
             round_trips: super::RoundTrips::default(),
@@ -211,9 +219,48 @@ impl RegistryClient {
     }
 
     /// Uses these credentials instead of any from the config file.
-    pub fn with_credentials(mut self, credentials: Credentials) -> Self {
-        self.credentials = Some(credentials);
+    pub fn with_credentials(self, credentials: Credentials) -> Self {
+        *crate::sync::lock(&self.credentials) = Some(credentials);
         self
+    }
+
+    /// The credentials challenges are answered with now.
+    fn credentials(&self) -> Option<Credentials> {
+        crate::sync::lock(&self.credentials).clone()
+    }
+
+    /// Replaces the credentials in use (none, or ones just refused) with fresher ones: what
+    /// kubelet handed over since, else what a credential provider plugin answers. Returns
+    /// whether there are new ones to try.
+    async fn renew_credentials(&self) -> bool {
+        let refused = self.credentials();
+        let kept = self
+            .config
+            .keyring
+            .as_ref()
+            .and_then(|keyring| keyring.get(&self.registry, &self.repository));
+        let fresh = match kept {
+            Some(kept) if Some(&kept) != refused.as_ref() => Some(kept),
+            _ => match &self.config.providers {
+                Some(providers) => {
+                    let image = format!("{}/{}", self.registry, self.repository);
+                    match providers.credentials(&image, refused.as_ref()).await {
+                        Ok(fresh) => fresh,
+                        Err(e) => {
+                            let error = crate::error_chain(&e);
+                            tracing::warn!(%image, %error, "no fresh credentials from the credential provider plugins");
+                            None
+                        }
+                    }
+                }
+                None => None,
+            },
+        };
+        let Some(fresh) = fresh else {
+            return false;
+        };
+        *crate::sync::lock(&self.credentials) = Some(fresh);
+        true
     }
 
     fn origin(&self) -> &str {

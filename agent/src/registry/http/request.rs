@@ -69,6 +69,24 @@ impl RegistryClient {
             .get(header::WWW_AUTHENTICATE)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_challenge);
+        if self.credentials().is_none() {
+            // First use: what kubelet handed over since, or a plugin's.
+            self.renew_credentials().await;
+        }
+        match self.authenticate(challenge.clone(), scope, url).await {
+            // The token realm refused the credentials: expired, most likely.
+            Err(RegistryError::Unauthorized { .. }) if self.renew_credentials().await => {
+                self.authenticate(challenge.clone(), scope, url).await?
+            }
+            other => other?,
+        }
+        let resp = self
+            .send_once(method.clone(), url, headers, body.clone(), scope)
+            .await?;
+        if resp.status() != StatusCode::UNAUTHORIZED || !self.renew_credentials().await {
+            return Ok(resp);
+        }
+        // The registry itself refused them (Basic): once more with the renewed ones.
         self.authenticate(challenge, scope, url).await?;
         self.send_once(method.clone(), url, headers, body.clone(), scope)
             .await
@@ -184,7 +202,7 @@ impl RegistryClient {
                         "a mirror asks for credentials: the configured ones are the origin's and go nowhere else",
                     ));
                 }
-                let creds = self.credentials.as_ref().ok_or_else(|| {
+                let creds = self.credentials().ok_or_else(|| {
                     unauthorized("the registry wants credentials and none are configured")
                 })?;
                 crate::sync::lock(&self.auth)
@@ -201,7 +219,7 @@ impl RegistryClient {
                 }
                 token_url.pop();
                 let mut headers = HeaderMap::new();
-                if let Some(creds) = &self.credentials {
+                if let Some(creds) = self.credentials() {
                     if !self.is_origin(url) {
                         tracing::debug!(%url, "a mirror's token realm gets no credentials: an anonymous token is asked for");
                     } else if !self.realm_trusted(&realm) {
