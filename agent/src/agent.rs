@@ -119,11 +119,14 @@ impl Shared {
 pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentError> {
     let metrics = Arc::new(Metrics::default());
     let health = crate::api::Health::default();
+    let mut disk_usage: Option<crate::cri::image_proxy::DiskUsage> = None;
     let snapshotter = match config.snapshotter.clone() {
         Some(mut snapshotter) => {
             snapshotter.mount.fetch_totals = Some(metrics.fetch_totals());
             let service = crate::snapshotter::Snapshotter::open(snapshotter).await?;
             metrics.watch_cache(service.cache().clone());
+            let measured = service.clone();
+            disk_usage = Some(Arc::new(move || measured.disk_usage()));
             let listener = service.listen()?;
             let shutdown = shutdown.clone();
             health.running(SNAPSHOTTER);
@@ -139,7 +142,10 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentErr
     // Like the snapshotter, kubelet waits on the image proxy: it stands alone too.
     let image_proxy = match config.image_proxy.clone() {
         Some(proxy) => {
-            let server = ImageProxy::new(&proxy.upstream, proxy.keyring)?;
+            let mut server = ImageProxy::new(&proxy.upstream, proxy.keyring)?;
+            if let Some(usage) = disk_usage.take() {
+                server = server.with_disk_usage(usage);
+            }
             let listener = ImageProxy::listen(&proxy.socket)?;
             let shutdown = shutdown.clone();
             health.running(IMAGE_PROXY);

@@ -504,7 +504,9 @@ async fn whole_layer(
             // layer is only rewritten again at the next mount.
             if let Ok(bytes) = serde_json::to_vec(&record) {
                 crate::private::write(&meta, &bytes).map_err(io_err)?;
+                cache.count_file(&meta);
             }
+            cache.count_file(&out);
             record
         }
     };

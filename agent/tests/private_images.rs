@@ -527,6 +527,87 @@ async fn credentials_that_expire_mid_download_are_renewed_through_the_credential
         "no request failed for want of credentials: {agent_log}"
     );
 
+    // Disk figures kubelet can trust, after the reads and the whole download: the cache's
+    // own count and each lazy layer's statfs agree with `du` of the cache; the snapshotter's
+    // Usage summed over its snapshots (containerd's figure) and ImageFsInfo through the
+    // proxy (kubelet's) with `du` of the cache and of the other snapshots' directories.
+    let cache_dir = agent_dir.join("cache");
+    let snapshots_dir = agent_dir.join("snapshotter").join("snapshots");
+    let cache_count = || {
+        let (_, page) = support::http_get(agent.api, "/metrics");
+        support::metric(&page, "imgstream_cache_size_bytes")
+    };
+    // The last chunks are written behind the reads: wait until the count stands still.
+    let mut last = cache_count();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let now = cache_count();
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let cache_on_disk = du(&cache_dir, false);
+    let images_on_disk = cache_on_disk + du(&snapshots_dir, true);
+    within("the cache's own count", cache_count(), cache_on_disk);
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let lazy: Vec<&str> = mountinfo
+        .lines()
+        .filter(|l| l.contains(" - fuse") && l.contains(snapshots_dir.to_str().unwrap()))
+        .filter_map(|l| l.split(' ').nth(4))
+        .collect();
+    assert!(!lazy.is_empty(), "the app's layer is mounted lazily");
+    let cache_fs = statvfs(&cache_dir);
+    for mount in &lazy {
+        let st = statvfs(Path::new(mount));
+        let unit = st.f_frsize;
+        within(
+            "statfs used",
+            (st.f_blocks - st.f_bfree) * unit,
+            cache_on_disk,
+        );
+        within(
+            "statfs available",
+            st.f_bavail * unit,
+            cache_fs.f_bavail * cache_fs.f_frsize,
+        );
+    }
+    let (ok, usage, err) = containerd.ctr_ns(
+        "k8s.io",
+        &["snapshots", "--snapshotter", "imgstream", "usage", "-b"],
+    );
+    assert!(ok, "{err}");
+    let summed: u64 = usage
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum();
+    within("Usage summed over the snapshots", summed, images_on_disk);
+    let info = images
+        .image_fs_info(ImageFsInfoRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let ours = info
+        .image_filesystems
+        .iter()
+        .find(|fs| {
+            fs.fs_id.as_ref().is_some_and(|id| {
+                id.mountpoint
+                    .ends_with(imgstream::cri::image_proxy::IMAGE_FS)
+            })
+        })
+        .unwrap_or_else(|| panic!("no imgstream filesystem in {info:?}"));
+    within(
+        "ImageFsInfo's used bytes",
+        ours.used_bytes.as_ref().map_or(0, |v| v.value),
+        images_on_disk,
+    );
+    eprintln!(
+        "on disk: cache {cache_on_disk}, with the other snapshots {images_on_disk}; Usage summed {summed}; ImageFsInfo {:?}",
+        ours.used_bytes
+    );
+
     // No password, the pull's or the plugin's, is in what the agent wrote.
     for password in tokens.passwords.handed() {
         let holding = files_holding(&agent_dir, password.as_bytes());
@@ -535,4 +616,44 @@ async fn credentials_that_expire_mid_download_are_renewed_through_the_credential
     agent.stop();
     drop(containerd);
     support::unmount_all_under(&scratch);
+}
+
+/// `du -s` of `path` in bytes; with `one_filesystem`, lazy layers' mounts are not entered.
+fn du(path: &Path, one_filesystem: bool) -> u64 {
+    let mut command = std::process::Command::new("du");
+    command.args(["-s", "--block-size=1"]);
+    if one_filesystem {
+        command.arg("-x");
+    }
+    let out = command.arg(path).output().expect("du runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("du prints a size")
+}
+
+/// Asserts that `figure` is within 1 % of `truth`.
+fn within(what: &str, figure: u64, truth: u64) {
+    eprintln!("{what}: {figure} against {truth}");
+    assert!(
+        figure.abs_diff(truth) * 100 <= truth,
+        "{what}: {figure} bytes, {truth} on disk"
+    );
+}
+
+fn statvfs(path: &Path) -> libc::statvfs {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: statvfs is plain integers; all-zero is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a valid out pointer.
+    let status = unsafe { libc::statvfs(c_path.as_ptr(), &mut st) };
+    assert_eq!(status, 0, "statvfs {}", path.display());
+    st
 }

@@ -184,7 +184,7 @@ impl Serving {
                 out,
                 "imgstream_cache_size_bytes",
                 "gauge",
-                "Bytes the chunk cache holds.",
+                "Bytes the chunk cache directory takes on disk (allocated blocks, as du counts them).",
                 &[("", cache.usage())],
             );
             if let Some(limit) = cache.limit() {
@@ -192,7 +192,7 @@ impl Serving {
                     out,
                     "imgstream_cache_limit_bytes",
                     "gauge",
-                    "Most bytes the chunk cache may hold.",
+                    "Most bytes the chunk cache directory may take on disk.",
                     &[("", limit)],
                 );
             }

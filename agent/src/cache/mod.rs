@@ -1,7 +1,9 @@
 //! The local chunk cache: every verified chunk of every image, stored once by its digest (so
 //! images share what they have in common), each with a crc32 checked on every read.
 //!
-//! A chunk lives in `chunks/<2 hex>/<64 hex>`: a 16-byte header (magic, crc32 of the data,
+//! A chunk lives in `chunks/<64 hex>` (one flat directory, as containerd's content store
+//! keeps blobs: a directory per two hex digits would cost a filesystem block each for a few
+//! chunks, the most a small cache has): a 16-byte header (magic, crc32 of the data,
 //! data length) and the decompressed data. Files are written to a temporary name through the
 //! chosen [`engine`] (io_uring or synchronous, data synced) and renamed into place, so a crash
 //! leaves either no chunk or a whole one. A chunk whose header or crc32 is wrong is moved to
@@ -15,6 +17,11 @@
 //!
 //! Next to the store: [`MemoryCache`], the recently verified chunks kept in memory, and
 //! [`WriteBehind`], the thread that writes readers' chunks off the read path.
+//!
+//! The usage the cache counts, and holds to its limit, is what its directory takes on disk as
+//! `du` counts it (allocated blocks of every file and directory in it), measured when the
+//! cache opens and kept up to date by every write and removal, so that the snapshotter's
+//! `Usage` and a lazy mount's `statfs` tell kubelet the truth.
 //!
 //! This module knows nothing of registries or filesystems: it maps digests to bytes.
 
@@ -44,6 +51,8 @@ use crate::oci::digest::Digest;
 
 const MAGIC: &[u8; 4] = b"ISC1";
 const HEADER: usize = 16;
+/// Corrupt entries kept for inspection; older ones are deleted.
+pub const QUARANTINE_KEPT: usize = 16;
 
 /// Errors of the cache.
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +71,7 @@ pub enum CacheError {
 #[derive(Clone, Debug)]
 pub struct CacheConfig {
     pub dir: PathBuf,
-    /// Upper bound of the chunk bytes kept; `None` for no limit.
+    /// Upper bound of the bytes the cache directory takes on disk; `None` for no limit.
     pub limit_bytes: Option<u64>,
     /// Use io_uring when the kernel allows it.
     pub prefer_uring: bool,
@@ -89,7 +98,10 @@ pub struct ChunkCache {
     dir: PathBuf,
     engine: Box<dyn CacheEngine>,
     limit: Option<u64>,
+    /// Bytes on disk under `dir` (allocated blocks), reservations of writes under way included.
     usage: AtomicU64,
+    /// The filesystem's allocation unit, to estimate a write's blocks before it is made.
+    block: u64,
     evicting: std::sync::Mutex<()>,
     pub stats: CacheStats,
 }
@@ -113,6 +125,8 @@ impl ChunkCache {
             "meta/span-index",
             "quarantine",
             "tmp",
+            "layers",
+            "images",
         ] {
             let dir = config.dir.join(sub);
             crate::private::own_dir(&dir).map_err(|e| CacheError::Prepare(dir.clone(), e))?;
@@ -123,7 +137,9 @@ impl ChunkCache {
                 let _ = fs::remove_file(entry.path());
             }
         }
-        let usage = disk_usage(&config.dir.join("chunks")) + disk_usage(&config.dir.join("meta"));
+        flatten_chunks(&config.dir.join("chunks"));
+        let usage = disk_usage(&config.dir);
+        let block = space(&config.dir).map_or(4096, |s| s.block.max(512));
         let engine = engine::probe(config.prefer_uring);
         tracing::info!(dir = %config.dir.display(), engine = engine.name(), usage, "chunk cache opened");
         Ok(Self {
@@ -131,6 +147,7 @@ impl ChunkCache {
             engine,
             limit: config.limit_bytes,
             usage: AtomicU64::new(usage),
+            block,
             evicting: std::sync::Mutex::new(()),
             stats: CacheStats::default(),
         })
@@ -151,14 +168,90 @@ impl ChunkCache {
         self.limit
     }
 
-    /// Chunk bytes held now.
+    /// Bytes the cache directory takes on disk now (as `du` counts them).
     pub fn usage(&self) -> u64 {
         self.usage.load(Ordering::Relaxed)
     }
 
+    /// The filesystem the cache is on, and the room the cache has left on it: the free space
+    /// any user may take, less what the size limit forbids.
+    pub fn space(&self) -> io::Result<CacheSpace> {
+        let fs = space(&self.dir)?;
+        let room = match self.limit {
+            Some(limit) => fs.available.min(limit.saturating_sub(self.usage())),
+            None => fs.available,
+        };
+        Ok(CacheSpace {
+            used: self.usage(),
+            room,
+            filesystem: fs,
+        })
+    }
+
+    /// Bytes on disk of what image `key` has cached (every chunk, TOC, manifest and span
+    /// index its record lists, and the record), and how many files that is. What other
+    /// images share is counted for each; the cache's directories for none.
+    pub fn image_usage(&self, key: &Digest) -> (u64, u64) {
+        let record = images::dir(&self.dir).join(format!("{}.chunks", key.hex()));
+        let Ok(meta) = fs::symlink_metadata(&record) else {
+            return (0, 0);
+        };
+        let (mut bytes, mut files) = (on_disk(&meta), 1);
+        for raw in images::chunks_of(&record) {
+            let digest = Digest::from_raw(raw);
+            for path in self.paths_under(&digest) {
+                if let Ok(meta) = fs::symlink_metadata(&path) {
+                    bytes += on_disk(&meta);
+                    files += 1;
+                }
+            }
+        }
+        (bytes, files)
+    }
+
+    /// Counts a file another part wrote under the cache directory (a whole layer's rewrite).
+    pub fn count_file(&self, path: &Path) {
+        if let Ok(meta) = fs::symlink_metadata(path) {
+            self.usage.fetch_add(on_disk(&meta), Ordering::Relaxed);
+        }
+    }
+
+    /// The blocks a file of `len` bytes is expected to take, before it is written.
+    fn estimate(&self, len: u64) -> u64 {
+        len.div_ceil(self.block) * self.block
+    }
+
+    /// Replaces the estimate a write reserved with the blocks its file took.
+    fn settle(&self, estimate: u64, path: &Path) {
+        let actual = fs::symlink_metadata(path).map_or(estimate, |m| on_disk(&m));
+        if actual >= estimate {
+            self.usage.fetch_add(actual - estimate, Ordering::Relaxed);
+        } else {
+            self.unaccount(estimate - actual);
+        }
+    }
+
+    /// Takes `bytes` off the usage, never below zero.
+    fn unaccount(&self, bytes: u64) {
+        let _ = self
+            .usage
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                Some(used.saturating_sub(bytes))
+            });
+    }
+
     fn path(&self, digest: &Digest) -> PathBuf {
-        let hex = digest.hex();
-        self.dir.join("chunks").join(&hex[..2]).join(hex)
+        self.dir.join("chunks").join(digest.hex())
+    }
+
+    /// Every place something may be cached under `digest`.
+    fn paths_under(&self, digest: &Digest) -> [PathBuf; 4] {
+        [
+            self.path(digest),
+            self.meta_path(MetaKind::Toc, digest),
+            self.meta_path(MetaKind::Manifest, digest),
+            self.meta_path(MetaKind::SpanIndex, digest),
+        ]
     }
 
     fn meta_path(&self, kind: MetaKind, digest: &Digest) -> PathBuf {
@@ -197,8 +290,22 @@ impl ChunkCache {
     /// manifests cached under the digests listed with them) and pins it against eviction
     /// while the returned [`Pin`] lives, across processes sharing the cache.
     pub fn pin_image(&self, key: &Digest, chunks: &[Digest]) -> Result<Pin, CacheError> {
-        images::pin(&self.dir, key, chunks)
-            .map_err(|e| CacheError::Prepare(images::dir(&self.dir), e))
+        let record = images::dir(&self.dir).join(format!("{}.chunks", key.hex()));
+        let before = fs::symlink_metadata(&record).map_or(0, |m| on_disk(&m));
+        let pin = images::pin(&self.dir, key, chunks)
+            .map_err(|e| CacheError::Prepare(images::dir(&self.dir), e))?;
+        self.unaccount(before);
+        self.count_file(&record);
+        Ok(pin)
+    }
+
+    /// Deletes an image's record (and lock file), counting its blocks off the usage.
+    fn forget_image(&self, key: &Digest) {
+        let record = images::dir(&self.dir).join(format!("{}.chunks", key.hex()));
+        if let Ok(meta) = fs::symlink_metadata(&record) {
+            self.unaccount(on_disk(&meta));
+        }
+        images::forget(&self.dir, key);
     }
 
     /// Frees space down to `target` bytes: first everything cached under the digests of the
@@ -227,7 +334,11 @@ impl ChunkCache {
                 self.remove_everything_under(&Digest::from_raw(raw));
             }
             tracing::info!(image = %record.key, usage = self.usage(), "evicted an unmounted image's chunks");
-            let _ = fs::remove_file(&record.path);
+            if let Ok(meta) = fs::symlink_metadata(&record.path)
+                && fs::remove_file(&record.path).is_ok()
+            {
+                self.unaccount(on_disk(&meta));
+            }
             if self.usage() <= target {
                 return true;
             }
@@ -280,29 +391,23 @@ impl ChunkCache {
             }
             self.remove_everything_under(&Digest::from_raw(raw));
         }
-        images::forget(&self.dir, key);
+        self.forget_image(key);
         Some(before.saturating_sub(self.usage()))
     }
 
     /// Removes whatever is cached under `digest`: a chunk, or a TOC, manifest or span index.
     fn remove_everything_under(&self, digest: &Digest) {
-        for path in [
-            self.path(digest),
-            self.meta_path(MetaKind::Toc, digest),
-            self.meta_path(MetaKind::Manifest, digest),
-            self.meta_path(MetaKind::SpanIndex, digest),
-        ] {
+        for path in self.paths_under(digest) {
             self.remove_entry(&path);
         }
     }
 
     /// Removes one cached entry, counting its bytes off the usage.
     fn remove_entry(&self, path: &Path) {
-        if let Ok(meta) = fs::metadata(path)
+        if let Ok(meta) = fs::symlink_metadata(path)
             && fs::remove_file(path).is_ok()
         {
-            self.usage
-                .fetch_sub(meta.len().min(self.usage()), Ordering::Relaxed);
+            self.unaccount(on_disk(&meta));
             self.stats.evicted.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -411,13 +516,15 @@ impl ChunkCache {
                 Ok(Some(bytes))
             }
             None => {
-                self.quarantine(digest, path, bytes.len() as u64);
+                self.quarantine(digest, path);
                 Ok(None)
             }
         }
     }
 
-    fn quarantine(&self, digest: &Digest, path: &Path, size: u64) {
+    /// Moves a corrupt entry aside for inspection. It still takes its blocks, so it stays
+    /// counted; the quarantine keeps the [`QUARANTINE_KEPT`] newest and deletes the rest.
+    fn quarantine(&self, digest: &Digest, path: &Path) {
         self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -428,10 +535,22 @@ impl ChunkCache {
             .join(format!("{}.{stamp}", digest.hex()));
         tracing::warn!(chunk = %digest, to = %to.display(), "cached chunk failed its crc32 check; quarantined, it will be fetched again");
         if fs::rename(path, &to).is_err() {
-            let _ = fs::remove_file(path);
+            self.remove_entry(path);
         }
-        self.usage
-            .fetch_sub(size.min(self.usage()), Ordering::Relaxed);
+        let mut kept: Vec<(SystemTime, PathBuf)> = fs::read_dir(self.dir.join("quarantine"))
+            .into_iter()
+            .flat_map(|entries| entries.flatten())
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .collect();
+        kept.sort();
+        let excess = kept.len().saturating_sub(QUARANTINE_KEPT);
+        for (_, old) in kept.into_iter().take(excess) {
+            if let Ok(meta) = fs::symlink_metadata(&old)
+                && fs::remove_file(&old).is_ok()
+            {
+                self.unaccount(on_disk(&meta));
+            }
+        }
     }
 
     /// Stores a chunk (already verified against its digest by the caller). Returns `false`
@@ -452,7 +571,7 @@ impl ChunkCache {
         if path.exists() {
             return Ok(true);
         }
-        let size = (HEADER + data.len()) as u64;
+        let size = self.estimate((HEADER + data.len()) as u64);
         if !self.reserve(size) {
             return Ok(false);
         }
@@ -472,6 +591,7 @@ impl ChunkCache {
         })();
         match result {
             Ok(()) => {
+                self.settle(size, path);
                 self.stats.writes.fetch_add(1, Ordering::Relaxed);
                 self.stats
                     .bytes_written
@@ -480,7 +600,7 @@ impl ChunkCache {
             }
             Err(e) => {
                 let _ = fs::remove_file(&tmp);
-                self.usage.fetch_sub(size, Ordering::Relaxed);
+                self.unaccount(size);
                 self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
                 let path = path.to_path_buf();
                 if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT)
@@ -544,22 +664,95 @@ fn check(bytes: &[u8]) -> Option<()> {
     (head[..4] == *MAGIC && len == data.len() as u64 && crc32fast::hash(data) == crc).then_some(())
 }
 
+/// Bytes `meta`'s file takes on disk: its allocated blocks, as `du` counts them.
+fn on_disk(meta: &fs::Metadata) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    meta.blocks() * 512
+}
+
+/// What `du` counts for `dir`: the blocks of the directory and of everything in it, symlinks
+/// not followed.
 fn disk_usage(dir: &Path) -> u64 {
-    let mut total = 0;
+    let mut total = fs::symlink_metadata(dir).map_or(0, |m| on_disk(&m));
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         let Ok(entries) = fs::read_dir(&d) else {
             continue;
         };
         for entry in entries.flatten() {
-            match entry.metadata() {
-                Ok(m) if m.is_dir() => stack.push(entry.path()),
-                Ok(m) => total += m.len(),
-                Err(_) => {}
+            let Ok(meta) = entry.metadata() else { continue };
+            total += on_disk(&meta);
+            if meta.is_dir() {
+                stack.push(entry.path());
             }
         }
     }
     total
+}
+
+/// Moves chunks kept under the earlier layout, `chunks/<2 hex>/<64 hex>`, up into the flat
+/// directory, and removes the emptied subdirectories.
+fn flatten_chunks(chunks: &Path) {
+    let Ok(entries) = fs::read_dir(chunks) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        if let Ok(inner) = fs::read_dir(entry.path()) {
+            for chunk in inner.flatten() {
+                let _ = fs::rename(chunk.path(), chunks.join(chunk.file_name()));
+            }
+        }
+        let _ = fs::remove_dir(entry.path());
+    }
+}
+
+/// A filesystem's size and free space, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct FilesystemSpace {
+    /// The allocation unit.
+    pub block: u64,
+    pub total: u64,
+    /// Free for root.
+    pub free: u64,
+    /// Free for anyone.
+    pub available: u64,
+    pub files: u64,
+    pub files_free: u64,
+}
+
+/// The cache's share of its filesystem.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CacheSpace {
+    /// What the cache takes on disk.
+    pub used: u64,
+    /// What it may still take: the filesystem's available space, within the size limit.
+    pub room: u64,
+    pub filesystem: FilesystemSpace,
+}
+
+/// `statvfs` of the filesystem holding `path`.
+fn space(path: &Path) -> io::Result<FilesystemSpace> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: statvfs is plain integers; all-zero is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a valid out pointer.
+    if unsafe { libc::statvfs(c_path.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let unit = st.f_frsize as u64;
+    Ok(FilesystemSpace {
+        block: st.f_bsize as u64,
+        total: st.f_blocks as u64 * unit,
+        free: st.f_bfree as u64 * unit,
+        available: st.f_bavail as u64 * unit,
+        files: st.f_files as u64,
+        files_free: st.f_ffree as u64,
+    })
 }
 
 #[cfg(test)]

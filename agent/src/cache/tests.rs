@@ -13,6 +13,18 @@ fn config(name: &str, limit: Option<u64>, uring: bool) -> CacheConfig {
     }
 }
 
+/// What an empty cache's directories take on disk here, and the blocks of a small entry.
+fn empty_cache() -> (u64, u64) {
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let n = CALLS.fetch_add(1, Ordering::Relaxed);
+    let cfg = config(&format!("empty-{n}"), None, false);
+    let cache = ChunkCache::open(&cfg).unwrap();
+    let sizes = (cache.usage(), cache.estimate(1));
+    drop(cache);
+    fs::remove_dir_all(&cfg.dir).unwrap();
+    sizes
+}
+
 #[test]
 fn stores_reads_and_survives_reopening() {
     for uring in [true, false] {
@@ -24,7 +36,9 @@ fn stores_reads_and_survives_reopening() {
         assert_eq!(cache.get(&d).unwrap(), None);
         assert!(cache.put(&d, &data).unwrap());
         assert_eq!(cache.get(&d).unwrap().as_deref(), Some(&data[..]));
-        assert_eq!(cache.usage(), 100_016);
+        // Usage is what the directory takes on disk, as `du` counts it.
+        assert_eq!(cache.usage(), disk_usage(&cfg.dir));
+        assert!(cache.usage() >= 100_016);
         // Private image data: directories 0700, chunk files 0600.
         let mode = |p: &std::path::Path| {
             use std::os::unix::fs::PermissionsExt;
@@ -35,7 +49,11 @@ fn stores_reads_and_survives_reopening() {
         assert_eq!(mode(&cache.path(&d)), 0o600);
         drop(cache);
         let again = ChunkCache::open(&cfg).unwrap();
-        assert_eq!(again.usage(), 100_016, "usage is measured from disk");
+        assert_eq!(
+            again.usage(),
+            disk_usage(&cfg.dir),
+            "usage is measured from disk"
+        );
         assert_eq!(again.get(&d).unwrap().as_deref(), Some(&data[..]));
         fs::remove_dir_all(&cfg.dir).unwrap();
     }
@@ -66,6 +84,19 @@ fn a_flipped_byte_is_caught_and_quarantined() {
     // A truncated file and a foreign file are caught too.
     fs::write(&path, b"ISC1").unwrap();
     assert_eq!(cache.get(&d).unwrap(), None);
+    // Quarantined entries still take their blocks, and are counted; the oldest go beyond
+    // what the quarantine keeps.
+    assert_eq!(cache.usage(), disk_usage(&cfg.dir));
+    for _ in 0..QUARANTINE_KEPT + 3 {
+        cache.put(&d, &data).unwrap();
+        fs::write(&path, b"ISC1 torn").unwrap();
+        assert_eq!(cache.get(&d).unwrap(), None);
+    }
+    assert_eq!(
+        fs::read_dir(cfg.dir.join("quarantine")).unwrap().count(),
+        QUARANTINE_KEPT
+    );
+    assert_eq!(cache.usage(), disk_usage(&cfg.dir));
     fs::remove_dir_all(&cfg.dir).unwrap();
 }
 
@@ -93,15 +124,17 @@ fn metadata_and_chunks_never_share_a_key() {
     let again = ChunkCache::open(&cfg).unwrap();
     assert_eq!(
         again.usage(),
-        3 * HEADER as u64 + chunk.len() as u64 + 8 + 10 + 2,
+        disk_usage(&cfg.dir),
         "metadata counts against the limit, measured from disk"
     );
+    assert_eq!(again.usage(), empty_cache().0 + 3 * again.estimate(1));
     fs::remove_dir_all(&cfg.dir).unwrap();
 }
 
 #[test]
 fn the_limit_is_never_exceeded() {
-    let cfg = config("limit", Some(3 * (HEADER as u64 + 1000)), false);
+    let (base, block) = empty_cache();
+    let cfg = config("limit", Some(base + 3 * block), false);
     let cache = ChunkCache::open(&cfg).unwrap();
     let chunks: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 1000]).collect();
     let stored: Vec<bool> = chunks
@@ -109,7 +142,8 @@ fn the_limit_is_never_exceeded() {
         .map(|c| cache.put(&Digest::of(c), c).unwrap())
         .collect();
     assert_eq!(stored, [true, true, true, false, false]);
-    assert!(cache.usage() <= 3 * (HEADER as u64 + 1000));
+    assert!(cache.usage() <= base + 3 * block);
+    assert_eq!(cache.usage(), disk_usage(&cfg.dir));
     fs::remove_dir_all(&cfg.dir).unwrap();
 }
 
@@ -118,10 +152,12 @@ fn least_recently_used_unmounted_images_make_room_and_mounted_ones_keep_theirs()
     let dir = std::env::temp_dir().join(format!("imgstream-evict-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     let chunk = |tag: u8| vec![tag; 1000];
-    let per = (HEADER + 1000) as u64;
+    // Each chunk, and each image's record, takes one block.
+    let (base, per) = empty_cache();
+    let limit = base + 6 * per;
     let cfg = CacheConfig {
         dir: dir.clone(),
-        limit_bytes: Some(4 * per),
+        limit_bytes: Some(limit),
         prefer_uring: false,
     };
     let cache = ChunkCache::open(&cfg).unwrap();
@@ -140,7 +176,7 @@ fn least_recently_used_unmounted_images_make_room_and_mounted_ones_keep_theirs()
     for c in [&old, &mounted, &shared] {
         assert!(cache.put(&Digest::of(c), c).unwrap());
     }
-    assert_eq!(cache.usage(), 3 * per);
+    assert_eq!(cache.usage(), base + 5 * per);
     // Two more chunks do not fit: the old image's own chunk goes, the shared one stays.
     assert!(cache.put(&Digest::of(&chunk(3)), &chunk(3)).unwrap());
     assert!(cache.put(&Digest::of(&chunk(4)), &chunk(4)).unwrap());
@@ -153,20 +189,25 @@ fn least_recently_used_unmounted_images_make_room_and_mounted_ones_keep_theirs()
         "a chunk of a mounted image stays"
     );
     assert!(cache.contains(&Digest::of(&mounted)));
-    assert!(cache.usage() <= 4 * per);
+    assert!(cache.usage() <= limit);
     assert_eq!(cache.stats.evicted.load(Ordering::Relaxed), 1);
-    // Nothing left to evict: the next chunk is refused, the limit holds.
-    assert!(!cache.put(&Digest::of(&chunk(5)), &chunk(5)).unwrap());
-    assert!(cache.usage() <= 4 * per);
+    // The old image's record went with it: one more chunk takes its block. Then nothing is
+    // left to evict: the next chunk is refused, the limit holds.
+    assert!(cache.put(&Digest::of(&chunk(5)), &chunk(5)).unwrap());
+    assert!(!cache.put(&Digest::of(&chunk(6)), &chunk(6)).unwrap());
+    assert!(cache.usage() <= limit);
+    assert_eq!(cache.usage(), disk_usage(&dir));
     fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn cached_tocs_and_manifests_are_evicted_like_chunks() {
     let cfg = config("evict-meta", None, false);
-    let per = (HEADER + 1000) as u64;
+    // Each entry, and each image's record, takes one block.
+    let (base, per) = empty_cache();
+    let limit = base + 6 * per;
     let cfg = CacheConfig {
-        limit_bytes: Some(4 * per),
+        limit_bytes: Some(limit),
         ..cfg
     };
     let cache = ChunkCache::open(&cfg).expect("a cache");
@@ -203,11 +244,11 @@ fn cached_tocs_and_manifests_are_evicted_like_chunks() {
             .put_toc(&digest(&mounted_toc), 0, &mounted_toc[8..])
             .expect("written")
     );
-    assert_eq!(cache.usage(), 4 * per);
+    assert_eq!(cache.usage(), limit);
 
-    // Three chunks need the room of three entries: the unmounted image's TOC and manifest
-    // go first, then the orphan; the mounted image's TOC stays.
-    for tag in [11, 12, 13] {
+    // Four chunks need the room of four entries: the unmounted image's TOC, manifest and
+    // record go first, then the orphan; the mounted image's TOC stays.
+    for tag in [11, 12, 13, 14] {
         assert!(
             cache
                 .put(&digest(&bytes(tag)), &bytes(tag))
@@ -234,13 +275,14 @@ fn cached_tocs_and_manifests_are_evicted_like_chunks() {
         "a mounted image's TOC stays"
     );
     assert_eq!(cache.stats.evicted.load(Ordering::Relaxed), 3);
-    assert!(cache.usage() <= 4 * per);
+    assert!(cache.usage() <= limit);
     // Nothing else may go: the limit holds.
     assert!(
         !cache
-            .put(&digest(&bytes(14)), &bytes(14))
+            .put(&digest(&bytes(15)), &bytes(15))
             .expect("no error")
     );
+    assert_eq!(cache.usage(), disk_usage(&cfg.dir));
     fs::remove_dir_all(&cfg.dir).expect("cleaned up");
 }
 
@@ -248,7 +290,8 @@ fn cached_tocs_and_manifests_are_evicted_like_chunks() {
 fn a_released_image_gives_back_what_it_alone_used_at_once() {
     let cfg = config("release", None, false);
     let cache = ChunkCache::open(&cfg).expect("a cache");
-    let per = (HEADER + 1000) as u64;
+    // Each entry, and each image's record, takes one block.
+    let (base, per) = empty_cache();
     let chunk = |tag: u8| vec![tag; 1000];
     let (own, shared, other, manifest) = (chunk(1), chunk(2), chunk(3), chunk(4));
     let key = |n: u8| Digest::of(&[n]);
@@ -287,8 +330,12 @@ fn a_released_image_gives_back_what_it_alone_used_at_once() {
     );
     assert!(cache.contains(&Digest::of(&shared)));
     assert!(cache.contains(&Digest::of(&other)));
-    assert_eq!(cache.usage(), 2 * per);
-    assert!(freed >= per, "{freed} bytes freed");
+    assert_eq!(
+        cache.usage(),
+        base + 3 * per,
+        "shared, other, the other's record"
+    );
+    assert_eq!(freed, 3 * per, "own, manifest, record");
     // Its record is gone: a second release finds nothing, and so does eviction.
     assert_eq!(cache.release_image(&key(1)), None);
     assert!(
@@ -297,7 +344,53 @@ fn a_released_image_gives_back_what_it_alone_used_at_once() {
             .exists()
     );
     // The other image, released in turn, takes the shared chunk with it.
-    assert_eq!(cache.release_image(&key(2)), Some(2 * per));
-    assert_eq!(cache.usage(), 0);
+    assert_eq!(cache.release_image(&key(2)), Some(3 * per));
+    assert_eq!(cache.usage(), base);
+    assert_eq!(cache.usage(), disk_usage(&cfg.dir));
     fs::remove_dir_all(&cfg.dir).expect("cleaned up");
+}
+
+#[test]
+fn chunks_of_the_sharded_layout_are_moved_into_the_flat_one() {
+    let cfg = config("flatten", None, false);
+    let cache = ChunkCache::open(&cfg).unwrap();
+    let data = b"an older chunk".to_vec();
+    let d = Digest::of(&data);
+    cache.put(&d, &data).unwrap();
+    drop(cache);
+    let shard = cfg.dir.join("chunks").join(&d.hex()[..2]);
+    fs::create_dir_all(&shard).unwrap();
+    fs::rename(cfg.dir.join("chunks").join(d.hex()), shard.join(d.hex())).unwrap();
+    let cache = ChunkCache::open(&cfg).unwrap();
+    assert_eq!(cache.get(&d).unwrap().as_deref(), Some(&data[..]));
+    assert!(!shard.exists());
+    assert_eq!(cache.usage(), disk_usage(&cfg.dir));
+    fs::remove_dir_all(&cfg.dir).unwrap();
+}
+
+#[test]
+fn an_images_usage_is_what_it_has_cached_and_space_reports_the_room_left() {
+    let (base, per) = empty_cache();
+    let cfg = config("image-usage", Some(base + 10 * per), false);
+    let cache = ChunkCache::open(&cfg).unwrap();
+    let (a, b, c) = (vec![1u8; 1000], vec![2u8; 5000], vec![3u8; 1000]);
+    let key = Digest::of(b"image");
+    drop(
+        cache
+            .pin_image(&key, &[Digest::of(&a), Digest::of(&b), Digest::of(&c)])
+            .unwrap(),
+    );
+    assert_eq!(cache.image_usage(&key), (per, 1), "the record alone");
+    cache.put(&Digest::of(&a), &a).unwrap();
+    cache.put(&Digest::of(&b), &b).unwrap();
+    // c is not cached (yet): it takes nothing.
+    let expected = per + cache.estimate(1016) + cache.estimate(5016);
+    assert_eq!(cache.image_usage(&key), (expected, 3));
+    assert_eq!(cache.image_usage(&Digest::of(b"unknown")), (0, 0));
+    let space = cache.space().unwrap();
+    assert_eq!(space.used, cache.usage());
+    assert_eq!(space.used, disk_usage(&cfg.dir));
+    assert!(space.room <= base + 10 * per - space.used);
+    assert!(space.room <= space.filesystem.available);
+    fs::remove_dir_all(&cfg.dir).unwrap();
 }

@@ -14,9 +14,9 @@ use std::{
 };
 
 use k8s_cri::v1::{
-    AuthConfig, ImageFsInfoRequest, ImageFsInfoResponse, ImageStatusRequest, ImageStatusResponse,
-    ListImagesRequest, ListImagesResponse, PullImageRequest, PullImageResponse, RemoveImageRequest,
-    RemoveImageResponse,
+    AuthConfig, FilesystemUsage, ImageFsInfoRequest, ImageFsInfoResponse, ImageStatusRequest,
+    ImageStatusResponse, ListImagesRequest, ListImagesResponse, PullImageRequest,
+    PullImageResponse, RemoveImageRequest, RemoveImageResponse, UInt64Value,
     image_service_client::ImageServiceClient,
     image_service_server::{ImageService, ImageServiceServer},
 };
@@ -55,7 +55,17 @@ pub struct ImageProxy {
     /// Pulls under way, by repository: their credentials stay though no image of theirs is
     /// listed yet (containerd lists an image once its pull is done).
     pulling: std::sync::Mutex<BTreeMap<Repository, usize>>,
+    /// The snapshotter's bytes and inodes on disk, for ImageFsInfo's figure of its
+    /// filesystem ([`ImageProxy::with_disk_usage`]).
+    disk_usage: Option<DiskUsage>,
 }
+
+/// Measures a snapshotter's bytes and inodes on disk (blocking).
+pub type DiskUsage = Arc<dyn Fn() -> (u64, u64) + Send + Sync>;
+
+/// The last component of the image filesystem containerd reports for imgstream (named as
+/// `imgstream containerd-config` names it).
+pub const IMAGE_FS: &str = "io.containerd.snapshotter.v1.imgstream";
 
 /// A registry and a repository in it.
 type Repository = (String, String);
@@ -99,7 +109,15 @@ impl ImageProxy {
                 .max_encoding_message_size(MAX_MESSAGE),
             keyring,
             pulling: Default::default(),
+            disk_usage: None,
         })
+    }
+
+    /// ImageFsInfo's figures for imgstream's filesystem come from `usage` (measured at each
+    /// call) instead of containerd's, which counts a lazy layer as it was when committed.
+    pub fn with_disk_usage(mut self, usage: DiskUsage) -> Self {
+        self.disk_usage = Some(usage);
+        self
     }
 
     /// Binds the unix socket kubelet is pointed at (a stale socket file is replaced),
@@ -325,7 +343,30 @@ impl ImageService for ImageProxy {
         &self,
         request: Request<ImageFsInfoRequest>,
     ) -> Result<Response<ImageFsInfoResponse>, Status> {
-        self.upstream().image_fs_info(forwarded(request)).await
+        let mut answer = self.upstream().image_fs_info(forwarded(request)).await?;
+        let Some(usage) = self.disk_usage.clone() else {
+            return Ok(answer);
+        };
+        let ours = |fs: &FilesystemUsage| {
+            fs.fs_id.as_ref().is_some_and(|id| {
+                Path::new(&id.mountpoint).file_name() == Some(std::ffi::OsStr::new(IMAGE_FS))
+            })
+        };
+        if !answer.get_ref().image_filesystems.iter().any(ours) {
+            return Ok(answer);
+        }
+        let (bytes, inodes) = tokio::task::spawn_blocking(move || usage())
+            .await
+            .map_err(|e| {
+                Status::internal(format!("measuring the snapshotter's disk usage: {e}"))
+            })?;
+        for fs in &mut answer.get_mut().image_filesystems {
+            if ours(fs) {
+                fs.used_bytes = Some(UInt64Value { value: bytes });
+                fs.inodes_used = Some(UInt64Value { value: inodes });
+            }
+        }
+        Ok(answer)
     }
 }
 

@@ -495,13 +495,20 @@ impl FileSystem for ImageFs {
         })
     }
 
+    /// The disk behind the mount: what the chunk cache takes on it (used) and the room it
+    /// has left there (free), so `df` on a lazy layer, and kubelet through it, see the space
+    /// streaming really uses; inodes are the image's own, none free (it is read-only).
     fn statfs(&self, _ctx: &Context, _ino: u64) -> io::Result<statvfs64> {
+        const UNIT: u64 = 4096;
         // SAFETY: statvfs64 is plain integers; all-zero is a valid value.
         let mut st: statvfs64 = unsafe { std::mem::zeroed() };
-        let bytes: u64 = self.tree.iter().map(|i| i.size).sum();
-        st.f_bsize = 4096;
-        st.f_frsize = 4096;
-        st.f_blocks = bytes.div_ceil(4096);
+        let space = self.fetcher.cache().space().unwrap_or_default();
+        let (used, room) = (space.used.div_ceil(UNIT), space.room / UNIT);
+        st.f_bsize = UNIT;
+        st.f_frsize = UNIT;
+        st.f_blocks = used + room;
+        st.f_bfree = room;
+        st.f_bavail = room;
         st.f_files = self.tree.iter().count() as u64;
         st.f_namemax = 255;
         Ok(st)

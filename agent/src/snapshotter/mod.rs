@@ -120,6 +120,35 @@ impl Snapshotter {
         &self.cache
     }
 
+    /// What this snapshotter takes on disk, and its inodes: the chunk cache (the lazy
+    /// layers' bytes, as `du` counts them) and every other snapshot's directory (unpacked
+    /// layers, containers' writable layers). kubelet's figure, through the image proxy:
+    /// containerd measures a committed snapshot once, when a lazy layer has hardly anything
+    /// cached yet.
+    pub fn disk_usage(&self) -> (u64, u64) {
+        let mut bytes = self.cache.usage();
+        let mut inodes = 0;
+        let snapshots = self.meta.all().unwrap_or_else(|err| {
+            tracing::warn!(%err, "snapshot metadata unreadable: disk usage counts the cache alone");
+            Vec::new()
+        });
+        for (_, snap) in snapshots {
+            let layer = snap
+                .remote
+                .as_ref()
+                .and_then(|r| r.layer.parse::<crate::oci::digest::Digest>().ok());
+            match layer {
+                Some(layer) => inodes += self.cache.image_usage(&layer).1,
+                None => {
+                    let (b, i) = mounts::disk_usage(&self.dir(snap.id).join("fs"));
+                    bytes += u64::try_from(b).unwrap_or(0);
+                    inodes += u64::try_from(i).unwrap_or(0);
+                }
+            }
+        }
+        (bytes, inodes)
+    }
+
     /// Opens the root (metadata and snapshot directories) and mounts the lazy layers again.
     pub async fn open(config: SnapshotterConfig) -> Result<Arc<Self>, SnapshotterError> {
         let root = config.root.clone();

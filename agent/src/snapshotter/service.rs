@@ -493,10 +493,30 @@ impl Snapshots for Service {
             .meta
             .get(&key)?
             .ok_or_else(|| Status::not_found(format!("snapshot {key} does not exist")))?;
-        let fs = self.0.dir(snap.id).join("fs");
-        let (size, inodes) = tokio::task::spawn_blocking(move || mounts::disk_usage(&fs))
-            .await
-            .map_err(internal)?;
+        // A lazy layer's bytes are in the chunk cache: what it has cached so far there (a
+        // walk of its mount would count the whole image, cached or not, and fetch for it).
+        let layer = snap
+            .remote
+            .as_ref()
+            .map(|r| r.layer.parse::<crate::oci::digest::Digest>());
+        let (size, inodes) = match layer {
+            Some(Ok(layer)) => {
+                let cache = self.0.cache.clone();
+                let (bytes, files) = tokio::task::spawn_blocking(move || cache.image_usage(&layer))
+                    .await
+                    .map_err(internal)?;
+                (
+                    i64::try_from(bytes).unwrap_or(i64::MAX),
+                    i64::try_from(files).unwrap_or(i64::MAX),
+                )
+            }
+            Some(Err(_)) | None => {
+                let fs = self.0.dir(snap.id).join("fs");
+                tokio::task::spawn_blocking(move || mounts::disk_usage(&fs))
+                    .await
+                    .map_err(internal)?
+            }
+        };
         Ok(Response::new(UsageResponse { size, inodes }))
     }
 

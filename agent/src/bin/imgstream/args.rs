@@ -372,7 +372,8 @@ pub(crate) struct ServingArgs {
     /// The chunk cache directory, shared by every image and every transport.
     #[arg(long, default_value = "/var/lib/imgstream/cache")]
     pub(crate) cache_dir: PathBuf,
-    /// Most bytes the cache may hold (K/M/G suffixes); no limit by default.
+    /// Most bytes the cache directory may take on disk, as `du` counts them (K/M/G
+    /// suffixes); no limit by default.
     #[arg(long)]
     pub(crate) cache_limit: Option<ByteSize>,
     /// Write the cache with plain syscalls instead of io_uring.
