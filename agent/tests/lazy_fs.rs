@@ -332,7 +332,7 @@ fn a_flipped_byte_in_the_cache_is_caught_and_fetched_again() {
     // Flip one byte in the cached chunk holding the file's first 256 KiB.
     let first = Digest::of(&content[..256 * 1024]);
     let hex = first.hex();
-    let chunk_file = cache.join("chunks").join(&hex[..2]).join(&hex);
+    let chunk_file = cache.join("chunks").join(&hex);
     let mut bytes = std::fs::read(&chunk_file).unwrap();
     bytes[1000] ^= 0x40;
     std::fs::write(&chunk_file, bytes).unwrap();

@@ -144,7 +144,12 @@ async fn a_private_image_streams_with_the_credentials_kubelet_hands_its_pull() {
     let agent_dir = scratch.join("agent");
     std::fs::create_dir_all(&agent_dir).unwrap();
     let image_socket = scratch.join("kubelet-image.sock");
-    let mut agent_args = snapshotter_args(&containerd, &socket, &agent_dir, &host);
+    // The background download runs, slowly (16 MB at 256 KB/s): it is still under way when
+    // the image is removed.
+    let mut agent_args: Vec<String> = snapshotter_args(&containerd, &socket, &agent_dir, &host)
+        .into_iter()
+        .filter(|a| a != "--no-background")
+        .collect();
     agent_args.extend(
         [
             "--cri-image-proxy",
@@ -154,6 +159,10 @@ async fn a_private_image_streams_with_the_credentials_kubelet_hands_its_pull() {
             // The node has no credentials of its own.
             "--auth-file",
             scratch.join("no-docker-config.json").to_str().unwrap(),
+            "--background-bandwidth",
+            "256K",
+            "--background-delay-secs",
+            "0",
         ]
         .map(String::from),
     );
@@ -325,6 +334,19 @@ async fn a_private_image_streams_with_the_credentials_kubelet_hands_its_pull() {
         files_in(&chunks_dir),
         0,
         "no chunk of the removed image is left"
+    );
+    // Its background download stopped with it: not finished, and nothing fetched since.
+    let fetched = proxy.bytes();
+    assert!(
+        !agent.log_text().contains("background download complete"),
+        "{}",
+        agent.log_text()
+    );
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(
+        proxy.bytes(),
+        fetched,
+        "nothing is fetched once the image is removed"
     );
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let snapshots = agent_dir.join("snapshotter").display().to_string();

@@ -395,6 +395,55 @@ impl ChunkCache {
         Some(before.saturating_sub(self.usage()))
     }
 
+    /// Forgets images long gone: every image no process has mounted, not in `keep`, and not
+    /// used for `unused` is released ([`ChunkCache::release_image`]), then TOCs, manifests and
+    /// span indexes no image names and untouched as long are deleted. The cache stays within
+    /// what the node still runs even with no size limit. Returns the images released and the
+    /// bytes freed.
+    pub fn prune(
+        &self,
+        keep: &std::collections::HashSet<Digest>,
+        unused: std::time::Duration,
+    ) -> (usize, u64) {
+        let before = self.usage();
+        let now = SystemTime::now();
+        let old = |t: SystemTime| now.duration_since(t).is_ok_and(|age| age >= unused);
+        let mut released = 0;
+        for record in images::records(&self.dir) {
+            let Ok(key) = format!("sha256:{}", record.key).parse::<Digest>() else {
+                continue;
+            };
+            if record.mounted || keep.contains(&key) || !old(record.last_used) {
+                continue;
+            }
+            if self.release_image(&key).is_some() {
+                released += 1;
+            }
+        }
+        let named: std::collections::HashSet<[u8; 32]> = images::records(&self.dir)
+            .iter()
+            .flat_map(|r| images::chunks_of(&r.path))
+            .collect();
+        let _one_at_a_time = crate::sync::lock(&self.evicting);
+        for kind in [MetaKind::Toc, MetaKind::Manifest, MetaKind::SpanIndex] {
+            let Ok(entries) = fs::read_dir(self.dir.join("meta").join(kind.dir())) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let digest = name
+                    .to_str()
+                    .and_then(|hex| format!("sha256:{hex}").parse::<Digest>().ok());
+                let in_use = digest.is_some_and(|d| named.contains(&d.raw()) || keep.contains(&d));
+                let modified = entry.metadata().and_then(|m| m.modified());
+                if !in_use && modified.is_ok_and(old) {
+                    self.remove_entry(&entry.path());
+                }
+            }
+        }
+        (released, before.saturating_sub(self.usage()))
+    }
+
     /// Removes whatever is cached under `digest`: a chunk, or a TOC, manifest or span index.
     fn remove_everything_under(&self, digest: &Digest) {
         for path in self.paths_under(digest) {

@@ -394,3 +394,51 @@ fn an_images_usage_is_what_it_has_cached_and_space_reports_the_room_left() {
     assert!(space.room <= space.filesystem.available);
     fs::remove_dir_all(&cfg.dir).unwrap();
 }
+
+#[test]
+fn images_long_unused_and_their_orphaned_metadata_are_pruned() {
+    let cfg = config("prune", None, false);
+    let cache = ChunkCache::open(&cfg).unwrap();
+    let day = std::time::Duration::from_secs(86_400);
+    let age = |path: &std::path::Path, by: std::time::Duration| {
+        let file = File::options().write(true).open(path).unwrap();
+        file.set_modified(SystemTime::now() - by).unwrap();
+    };
+    let bytes = |tag: u8| vec![tag; 1000];
+    let key = |n: u8| Digest::of(&[n]);
+    let record = |n: u8| images::dir(&cfg.dir).join(format!("{}.chunks", key(n).hex()));
+    // Gone (unused for two days), recent, kept (a current snapshot's layer), and mounted.
+    for n in 1..=4u8 {
+        drop(cache.pin_image(&key(n), &[Digest::of(&bytes(n))]).unwrap());
+        cache.put(&Digest::of(&bytes(n)), &bytes(n)).unwrap();
+    }
+    let _mounted = cache.pin_image(&key(4), &[Digest::of(&bytes(4))]).unwrap();
+    for n in [1, 3, 4] {
+        age(&record(n), 2 * day);
+    }
+    // A manifest no image names, old; and a TOC no image names, new.
+    let (orphan, fresh) = (bytes(8), bytes(9));
+    cache.put_manifest(&Digest::of(&orphan), &orphan).unwrap();
+    cache.put_toc(&Digest::of(&fresh), 0, &fresh).unwrap();
+    age(
+        &cache.meta_path(MetaKind::Manifest, &Digest::of(&orphan)),
+        2 * day,
+    );
+
+    let keep = std::collections::HashSet::from([key(3)]);
+    let (released, freed) = cache.prune(&keep, day);
+    assert_eq!(released, 1);
+    assert!(freed > 0);
+    assert!(
+        !cache.contains(&Digest::of(&bytes(1))),
+        "the image long gone"
+    );
+    assert!(!record(1).exists());
+    for n in 2..=4 {
+        assert!(cache.contains(&Digest::of(&bytes(n))), "image {n} stays");
+    }
+    assert_eq!(cache.get_manifest(&Digest::of(&orphan)).unwrap(), None);
+    assert!(cache.get_toc(&Digest::of(&fresh)).unwrap().is_some());
+    assert_eq!(cache.usage(), disk_usage(&cfg.dir));
+    fs::remove_dir_all(&cfg.dir).unwrap();
+}
