@@ -120,6 +120,7 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentErr
     let metrics = Arc::new(Metrics::default());
     let health = crate::api::Health::default();
     let mut disk_usage: Option<crate::cri::image_proxy::DiskUsage> = None;
+    let mut served: Option<crate::cri::image_proxy::Served> = None;
     let snapshotter = match config.snapshotter.clone() {
         Some(mut snapshotter) => {
             snapshotter.mount.fetch_totals = Some(metrics.fetch_totals());
@@ -127,6 +128,8 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentErr
             metrics.watch_cache(service.cache().clone());
             let measured = service.clone();
             disk_usage = Some(Arc::new(move || measured.disk_usage()));
+            let asked = service.clone();
+            served = Some(Arc::new(move |image: &str| asked.take_served(image)));
             let listener = service.listen()?;
             let shutdown = shutdown.clone();
             health.running(SNAPSHOTTER);
@@ -145,6 +148,19 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentErr
             let mut server = ImageProxy::new(&proxy.upstream, proxy.keyring)?;
             if let Some(usage) = disk_usage.take() {
                 server = server.with_disk_usage(usage);
+            }
+            if let Some(served) = served.take() {
+                let events = match &config.kubernetes {
+                    Some(kube) => match crate::flag::PodEvents::new(kube) {
+                        Ok(events) => Some(events),
+                        Err(err) => {
+                            tracing::warn!(%err, "no ImageStreaming Events: the Kubernetes client cannot be set up");
+                            None
+                        }
+                    },
+                    None => None,
+                };
+                server = server.with_served(served, events);
             }
             let listener = ImageProxy::listen(&proxy.socket)?;
             let shutdown = shutdown.clone();

@@ -1,6 +1,7 @@
 //! Flagging pods hit by the rename-ENXIO regression in the Kubernetes API (kube-rs, with the
 //! pod's in-cluster service account): a Warning Event on the pod (reason
-//! `RenameSymlinkENXIO`), an annotation on the pod, and a condition on the node.
+//! `RenameSymlinkENXIO`), an annotation on the pod, and a condition on the node. And
+//! [`PodEvents`]: the Normal Event `ImageStreaming` on a pod whose image imgstream streams.
 //!
 //! Deduplicated (one flag per pod and path) and rate-limited (at most one Event per pod per
 //! `min_interval`); the node condition is set once. The API is never asked more than that,
@@ -48,7 +49,7 @@ pub enum FlagError {
     Api {
         what: String,
         #[source]
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
 }
 
@@ -85,17 +86,111 @@ impl std::fmt::Debug for Flagger {
 /// Most (pod, path) pairs remembered; past it, the memory starts over.
 const SEEN_CAP: usize = 65_536;
 
+/// A client for the API `config` names (in-cluster when it names none).
+fn client(config: &KubeConfig) -> Result<Client, FlagError> {
+    let client_config = match &config.api_url {
+        Some(url) => kube::Config::new(
+            url.parse()
+                .map_err(|e| FlagError::Config(format!("{url}: {e}")))?,
+        ),
+        None => kube::Config::incluster().map_err(|e| FlagError::Config(e.to_string()))?,
+    };
+    Client::try_from(client_config).map_err(|e| FlagError::Config(e.to_string()))
+}
+
+/// The Event reason on a pod whose image is streamed, as GKE's image streaming names it.
+pub const STREAMING_REASON: &str = "ImageStreaming";
+
+/// A pod as the runtime's PullImage names it (its sandbox's metadata).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodName {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+/// Normal Events on pods, for what imgstream did for them.
+#[derive(Clone)]
+pub struct PodEvents {
+    client: Client,
+    node_name: String,
+}
+
+impl std::fmt::Debug for PodEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodEvents")
+            .field("node_name", &self.node_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PodEvents {
+    pub fn new(config: &KubeConfig) -> Result<Self, FlagError> {
+        Ok(Self {
+            client: client(config)?,
+            node_name: config.node_name.clone(),
+        })
+    }
+
+    /// Tells `pod` that `image` is backed by imgstream: `lazy` of the `layers` its pull
+    /// brought are streamed.
+    pub async fn image_streaming(
+        &self,
+        pod: &PodName,
+        image: &str,
+        lazy: u32,
+        layers: u32,
+    ) -> Result<(), FlagError> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+        let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::chrono::DateTime::from_timestamp_nanos(nanos),
+        );
+        let event = Event {
+            metadata: ObjectMeta {
+                generate_name: Some(format!("{}.imgstream-", pod.name)),
+                namespace: Some(pod.namespace.clone()),
+                ..Default::default()
+            },
+            involved_object: ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: Some(pod.name.clone()),
+                namespace: Some(pod.namespace.clone()),
+                uid: (!pod.uid.is_empty()).then(|| pod.uid.clone()),
+                ..Default::default()
+            },
+            reason: Some(STREAMING_REASON.into()),
+            message: Some(format!(
+                "image {image} is backed by imgstream: {lazy} of {layers} layers lazy"
+            )),
+            type_: Some("Normal".into()),
+            source: Some(EventSource {
+                component: Some("imgstream".into()),
+                host: Some(self.node_name.clone()),
+            }),
+            reporting_component: Some("imgstream".into()),
+            reporting_instance: Some(self.node_name.clone()),
+            first_timestamp: Some(now.clone()),
+            last_timestamp: Some(now),
+            count: Some(1),
+            ..Default::default()
+        };
+        Api::<Event>::namespaced(self.client.clone(), &pod.namespace)
+            .create(&PostParams::default(), &event)
+            .await
+            .map(|_| ())
+            .map_err(|source| FlagError::Api {
+                what: format!("creating an Event for pod {}/{}", pod.namespace, pod.name),
+                source: Box::new(source),
+            })
+    }
+}
+
 impl Flagger {
     pub async fn new(config: KubeConfig) -> Result<Self, FlagError> {
-        let client_config = match &config.api_url {
-            Some(url) => kube::Config::new(
-                url.parse()
-                    .map_err(|e| FlagError::Config(format!("{url}: {e}")))?,
-            ),
-            None => kube::Config::incluster().map_err(|e| FlagError::Config(e.to_string()))?,
-        };
-        let client =
-            Client::try_from(client_config).map_err(|e| FlagError::Config(e.to_string()))?;
+        let client = client(&config)?;
         Ok(Self {
             client,
             config,
@@ -135,7 +230,12 @@ impl Flagger {
             flag.new_path,
             flag.pod.container.as_deref().unwrap_or("?")
         );
-        let api_err = |what: String| move |source| FlagError::Api { what, source };
+        let api_err = |what: String| {
+            move |source| FlagError::Api {
+                what,
+                source: Box::new(source),
+            }
+        };
 
         let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
             k8s_openapi::chrono::DateTime::from_timestamp_nanos(flag.time_ns as i64),

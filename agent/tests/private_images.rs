@@ -146,6 +146,7 @@ async fn a_private_image_streams_with_the_credentials_kubelet_hands_its_pull() {
     let image_socket = scratch.join("kubelet-image.sock");
     // The background download runs, slowly (16 MB at 256 KB/s): it is still under way when
     // the image is removed.
+    let (kube_api, api_seen) = support::kube::mock_api().await;
     let mut agent_args: Vec<String> = snapshotter_args(&containerd, &socket, &agent_dir, &host)
         .into_iter()
         .filter(|a| a != "--no-background")
@@ -163,6 +164,11 @@ async fn a_private_image_streams_with_the_credentials_kubelet_hands_its_pull() {
             "256K",
             "--background-delay-secs",
             "0",
+            // Events go to the stand-in API server.
+            "--flag-pods-as",
+            "node-1",
+            "--kube-api",
+            &kube_api,
         ]
         .map(String::from),
     );
@@ -215,11 +221,64 @@ async fn a_private_image_streams_with_the_credentials_kubelet_hands_its_pull() {
         .await
         .unwrap_or_else(|e| panic!("PullImage {pause_image}: {e}"));
     let before = proxy.bytes();
-    pull_with(&mut images, &app, Some(auth))
+    // kubelet's pull for a pod carries the pod's sandbox config.
+    let pod_uid = "6e0d2c1a-8f43-4b6e-9b1e-0c7a4d5e2f11";
+    let sandbox = support::cri::sandbox_config("private", "private", pod_uid, &scratch);
+    support::cri::pull_for(&mut images, &app, Some(auth), Some(sandbox))
         .await
         .unwrap_or_else(|e| panic!("PullImage {app}: {e}"));
     let agent_log = agent.log_text();
     assert!(agent_log.contains("layer mounted lazily"), "{agent_log}");
+
+    // GKE's signals: the pod is told its image streams, and /metrics counts the images
+    // pulled through the proxy by how their layers were served (the pause image's layer is
+    // not eStargz: unpacked).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let event = loop {
+        let found = api_seen
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|seen| seen.body["reason"] == "ImageStreaming")
+            .cloned();
+        if let Some(event) = found {
+            break event;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no ImageStreaming Event: {}",
+            agent.log_text()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        (event.method.as_str(), event.path.as_str()),
+        ("POST", "/api/v1/namespaces/private/events")
+    );
+    assert_eq!(
+        event.body["message"],
+        format!("image {app} is backed by imgstream: 1 of 1 layers lazy")
+    );
+    assert_eq!(event.body["type"], "Normal");
+    assert_eq!(
+        event.body["involvedObject"],
+        serde_json::json!({"apiVersion": "v1", "kind": "Pod", "name": "private", "namespace": "private", "uid": pod_uid})
+    );
+    assert_eq!(
+        api_seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|seen| seen.body["reason"] == "ImageStreaming")
+            .count(),
+        1,
+        "one Event, for the streamed image only"
+    );
+    let (_, page) = support::http_get(agent.api, "/metrics");
+    for (how, count) in [("streamed", 1), ("partly_streamed", 0), ("unpacked", 1)] {
+        let series = format!("imgstream_images_pulled_total{{how=\"{how}\"}}");
+        assert_eq!(support::metric(&page, &series), count, "{series}");
+    }
     let listed = images
         .list_images(ListImagesRequest::default())
         .await

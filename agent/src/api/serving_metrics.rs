@@ -125,6 +125,18 @@ impl Serving {
         ] {
             family(out, name, "counter", help, &[("", load(counter))]);
         }
+        let images = &crate::cri::image_proxy::IMAGES_PULLED;
+        family(
+            out,
+            "imgstream_images_pulled_total",
+            "counter",
+            "Images pulled through the CRI image proxy whose layers the snapshotter prepared, by how those layers were served: all lazily, some, or none (unpacked by containerd).",
+            &[
+                ("{how=\"streamed\"}", load(&images.streamed)),
+                ("{how=\"partly_streamed\"}", load(&images.partly_streamed)),
+                ("{how=\"unpacked\"}", load(&images.unpacked)),
+            ],
+        );
         let layers = &crate::mount::LAYERS_OPENED;
         family(
             out,

@@ -58,6 +58,42 @@ pub struct ImageProxy {
     /// The snapshotter's bytes and inodes on disk, for ImageFsInfo's figure of its
     /// filesystem ([`ImageProxy::with_disk_usage`]).
     disk_usage: Option<DiskUsage>,
+    /// How the snapshotter served the layers of a pull ([`ImageProxy::with_served`]).
+    served: Option<Served>,
+    /// Where the `ImageStreaming` Event of a streamed pull goes.
+    events: Option<crate::flag::PodEvents>,
+}
+
+/// Takes how the snapshotter served the layers brought for an image since it was last asked.
+pub type Served = Arc<dyn Fn(&str) -> Option<crate::snapshotter::LayersServed> + Send + Sync>;
+
+/// Images pulled through the proxy whose layers imgstream's snapshotter prepared, by how
+/// they were served; exported as `imgstream_images_pulled_total`.
+#[derive(Debug)]
+pub struct ImagesPulled {
+    /// Every layer the pull brought is lazy.
+    pub streamed: std::sync::atomic::AtomicU64,
+    /// Some are lazy, some unpacked.
+    pub partly_streamed: std::sync::atomic::AtomicU64,
+    /// None is lazy: all unpacked by containerd.
+    pub unpacked: std::sync::atomic::AtomicU64,
+}
+
+pub static IMAGES_PULLED: ImagesPulled = ImagesPulled {
+    streamed: std::sync::atomic::AtomicU64::new(0),
+    partly_streamed: std::sync::atomic::AtomicU64::new(0),
+    unpacked: std::sync::atomic::AtomicU64::new(0),
+};
+
+impl ImagesPulled {
+    fn count(&self, served: crate::snapshotter::LayersServed) {
+        let counter = match (served.lazy, served.unpacked) {
+            (0, _) => &self.unpacked,
+            (_, 0) => &self.streamed,
+            _ => &self.partly_streamed,
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Measures a snapshotter's bytes and inodes on disk (blocking).
@@ -110,7 +146,44 @@ impl ImageProxy {
             keyring,
             pulling: Default::default(),
             disk_usage: None,
+            served: None,
+            events: None,
         })
+    }
+
+    /// After each pull, counts the image by how `served` says its layers were served, and
+    /// with `events`, tells the pod whose pull it was when its image streams.
+    pub fn with_served(mut self, served: Served, events: Option<crate::flag::PodEvents>) -> Self {
+        self.served = Some(served);
+        self.events = events;
+        self
+    }
+
+    /// Counts a pull of `image` that containerd finished, by how its layers were served, and
+    /// tells its pod when any streams. The Event is sent off the pull's path: kubelet does not
+    /// wait for it, and an API that refuses it costs a log line.
+    fn pulled(&self, image: &str, pod: Option<crate::flag::PodName>) {
+        let Some(served) = self.served.as_ref().and_then(|take| take(image)) else {
+            return;
+        };
+        IMAGES_PULLED.count(served);
+        let (Some(events), Some(pod)) = (self.events.clone(), pod) else {
+            return;
+        };
+        if served.lazy == 0 {
+            return;
+        }
+        let image = image.to_string();
+        tokio::spawn(async move {
+            let layers = served.lazy + served.unpacked;
+            if let Err(err) = events
+                .image_streaming(&pod, &image, served.lazy, layers)
+                .await
+            {
+                let error = crate::error_chain(&err);
+                tracing::warn!(%error, "ImageStreaming Event not sent");
+            }
+        });
     }
 
     /// ImageFsInfo's figures for imgstream's filesystem come from `usage` (measured at each
@@ -321,11 +394,28 @@ impl ImageService for ImageProxy {
                 }
             }
         }
+        let image = message.image.as_ref().map(|spec| spec.image.clone());
+        let pod = message
+            .sandbox_config
+            .as_ref()
+            .and_then(|config| config.metadata.as_ref())
+            .filter(|meta| !meta.name.is_empty() && !meta.namespace.is_empty())
+            .map(|meta| crate::flag::PodName {
+                namespace: meta.namespace.clone(),
+                name: meta.name.clone(),
+                uid: meta.uid.clone(),
+            });
+        if let (Some(image), Some(take)) = (&image, &self.served) {
+            // What an earlier pull of the repository left untaken is not this pull's.
+            take(image);
+        }
         let pulled = self.upstream().pull_image(forwarded(request)).await;
         drop(_pulling);
-        if pulled.is_err() {
+        match (&pulled, image) {
+            (Ok(_), Some(image)) => self.pulled(&image, pod),
+            (Ok(_), None) => {}
             // Nothing may need them now: kept only while an image of the repository is.
-            self.forget_removed().await;
+            (Err(_), _) => self.forget_removed().await,
         }
         pulled
     }

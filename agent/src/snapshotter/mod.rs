@@ -61,6 +61,12 @@ pub const REMOTE_LABEL: &str = "containerd.io/snapshot/remote";
 
 /// How often the agent checks that its FUSE keeper holds every lazy layer's connection.
 const KEEPER_RESYNC: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often the cache is pruned of images long gone, and how long unused they must be: a
+/// layer whose snapshot containerd removed is released at once; this catches the rest (a
+/// Remove the agent missed while it was down, images `imgstream mount` left in a shared
+/// cache, metadata no image names).
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+const PRUNE_UNUSED: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// Errors starting or serving the snapshotter.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +110,38 @@ pub struct Snapshotter {
     write: tokio::sync::Mutex<()>,
     /// Per target snapshot, the lock its lazy mount holds while it talks to the registry.
     targets: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// How the layers containerd brought lately were served, by image repository, until the
+    /// image proxy takes the figure of its pull ([`Snapshotter::take_served`]).
+    served: Mutex<std::collections::VecDeque<(Repository, LayersServed)>>,
+}
+
+/// A registry and a repository in it.
+type Repository = (String, String);
+
+/// Images whose layers' serving is remembered at most, the oldest forgotten first (a pull
+/// nobody takes the figure of, through no proxy).
+const SERVED_IMAGES: usize = 1024;
+
+/// How the layers one pull brought were served (those already on the node are not
+/// prepared again, and not counted).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LayersServed {
+    /// Mounted lazily.
+    pub lazy: u32,
+    /// Unpacked by containerd: not streamable, or a lazy mount that failed.
+    pub unpacked: u32,
+}
+
+/// The registry and repository of `image`, a reference as containerd or kubelet write it.
+fn repository(image: &str) -> Option<Repository> {
+    match crate::oci::reference::ImageRef::parse(image).ok()? {
+        crate::oci::reference::ImageRef::Registry {
+            registry,
+            repository,
+            ..
+        } => Some((registry, repository)),
+        crate::oci::reference::ImageRef::Layout { .. } => None,
+    }
 }
 
 impl std::fmt::Debug for Snapshotter {
@@ -149,6 +187,55 @@ impl Snapshotter {
         (bytes, inodes)
     }
 
+    /// Notes that a layer of `image` was mounted lazily (`lazy`) or left to containerd.
+    fn note_served(&self, image: &str, lazy: bool) {
+        let Some(key) = repository(image) else {
+            return;
+        };
+        let mut served = crate::sync::lock(&self.served);
+        let at = match served.iter().position(|(k, _)| *k == key) {
+            Some(at) => at,
+            None => {
+                if served.len() == SERVED_IMAGES {
+                    served.pop_front();
+                }
+                served.push_back((key, LayersServed::default()));
+                served.len() - 1
+            }
+        };
+        let counts = &mut served[at].1;
+        if lazy {
+            counts.lazy += 1;
+        } else {
+            counts.unpacked += 1;
+        }
+    }
+
+    /// How the layers brought for `image` (its repository) since the last call were served,
+    /// if any were prepared; forgotten once taken.
+    pub fn take_served(&self, image: &str) -> Option<LayersServed> {
+        let key = repository(image)?;
+        let mut served = crate::sync::lock(&self.served);
+        let at = served.iter().position(|(k, _)| *k == key)?;
+        served.remove(at).map(|(_, counts)| counts)
+    }
+
+    /// Prunes the cache of images long gone: layers no snapshot of this snapshotter serves,
+    /// unused for [`PRUNE_UNUSED`].
+    fn prune_cache(&self) {
+        let Ok(snapshots) = self.meta.all() else {
+            return;
+        };
+        let keep: std::collections::HashSet<crate::oci::digest::Digest> = snapshots
+            .iter()
+            .filter_map(|(_, s)| s.remote.as_ref()?.layer.parse().ok())
+            .collect();
+        let (images, bytes) = self.cache.prune(&keep, PRUNE_UNUSED);
+        if images > 0 || bytes > 0 {
+            tracing::info!(images, bytes, "cache pruned of images long gone");
+        }
+    }
+
     /// Opens the root (metadata and snapshot directories) and mounts the lazy layers again.
     pub async fn open(config: SnapshotterConfig) -> Result<Arc<Self>, SnapshotterError> {
         let root = config.root.clone();
@@ -170,6 +257,7 @@ impl Snapshotter {
             keeper_ok: std::sync::atomic::AtomicBool::new(true),
             write: tokio::sync::Mutex::new(()),
             targets: Mutex::new(HashMap::new()),
+            served: Mutex::new(std::collections::VecDeque::new()),
             config,
         });
         this.remount_all()
@@ -219,6 +307,20 @@ impl Snapshotter {
                 }
             })
         });
+        let prune = {
+            let (this, stop) = (self.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(PRUNE_EVERY);
+                while !stop.is_triggered() {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = stop.triggered() => break,
+                    }
+                    let this = this.clone();
+                    let _ = tokio::task::spawn_blocking(move || this.prune_cache()).await;
+                }
+            })
+        };
         let result = tonic::transport::Server::builder()
             .add_service(SnapshotsServer::new(service))
             .serve_with_incoming_shutdown(incoming, shutdown.triggered())
@@ -226,6 +328,7 @@ impl Snapshotter {
         if let Some(task) = resync {
             let _ = task.await;
         }
+        let _ = prune.await;
         let _ = std::fs::remove_file(&socket);
         let mounts = std::mem::take(&mut *crate::sync::lock(&self.lazy));
         if self.keeper.is_some() {

@@ -214,6 +214,7 @@ impl Snapshotter {
                 match stored {
                     Ok(()) => {
                         tracing::info!(%target, %layer, image = %remote.image_ref, "layer mounted lazily");
+                        self.note_served(&remote.image_ref, true);
                         // containerd takes AlreadyExists on the target as "this layer is there".
                         Err(exists())
                     }
@@ -225,11 +226,13 @@ impl Snapshotter {
             }
             Ok(false) => {
                 tracing::debug!(%layer, "not eStargz: unpacked by containerd");
+                self.note_served(&remote.image_ref, false);
                 let _ = std::fs::remove_dir_all(self.dir(id));
                 Ok(())
             }
             Err(err) => {
                 err.count_fallback();
+                self.note_served(&remote.image_ref, false);
                 let credentials = err.refused_credentials();
                 let err = crate::error_chain(&err);
                 if credentials {

@@ -55,6 +55,17 @@ pub async fn pull_with(
     image: &str,
     auth: Option<AuthConfig>,
 ) -> Result<(), tonic::Status> {
+    pull_for(images, image, auth, None).await
+}
+
+/// [`pull_with`] for the pod of `sandbox`, as kubelet pulls a pod's image (PullImage carries
+/// the pod's sandbox config).
+pub async fn pull_for(
+    images: &mut ImageServiceClient<tonic::transport::Channel>,
+    image: &str,
+    auth: Option<AuthConfig>,
+    sandbox: Option<PodSandboxConfig>,
+) -> Result<(), tonic::Status> {
     let deadline = std::time::Instant::now() + PULL_UNAVAILABLE_FOR;
     loop {
         let request = PullImageRequest {
@@ -63,7 +74,7 @@ pub async fn pull_with(
                 ..Default::default()
             }),
             auth: auth.clone(),
-            ..Default::default()
+            sandbox_config: sandbox.clone(),
         };
         match images.pull_image(request).await {
             Ok(_) => return Ok(()),

@@ -24,6 +24,7 @@ pub mod containerd;
 pub mod cri;
 pub mod image_tree;
 pub mod images;
+pub mod kube;
 pub mod network;
 pub mod processes;
 pub mod proxy;

@@ -39,6 +39,8 @@ use super::{BlobSource as _, RegistryError};
 const UPLOAD_CHUNK: u64 = 16 << 20;
 /// Redirects followed per request (registries send blob GETs to object storage).
 const MAX_REDIRECTS: usize = 5;
+/// Refused credentials a client remembers, not to take them from the keyring again.
+const REFUSED_KEPT: usize = 4;
 /// Key of a Basic `Authorization` value, which serves every scope.
 const ANY_SCOPE: &str = "*";
 
@@ -99,6 +101,9 @@ pub struct RegistryClient {
     /// What answers challenges: kept credentials, a plugin's, or the docker config's; renewed
     /// when refused (see [`RegistryClient::renew_credentials`]).
     credentials: Mutex<Option<Credentials>>,
+    /// Credentials refused lately (the last [`REFUSED_KEPT`]), never taken from the keyring
+    /// again: kubelet's stay there after they expire.
+    refused: Mutex<std::collections::VecDeque<Credentials>>,
     /// `Authorization` values learnt from challenges, by endpoint (scheme, host, port) and
     /// then by scope for bearer tokens, under [`ANY_SCOPE`] for Basic.
     auth: Mutex<BTreeMap<String, String>>,
@@ -212,6 +217,7 @@ impl RegistryClient {
             repository: repository.to_string(),
             endpoints,
             credentials: Mutex::new(credentials),
+            refused: Mutex::new(std::collections::VecDeque::new()),
             auth: Mutex::new(BTreeMap::new()),
             config,
             round_trips: super::RoundTrips::default(),
@@ -229,22 +235,36 @@ impl RegistryClient {
         crate::sync::lock(&self.credentials).clone()
     }
 
-    /// Replaces the credentials in use (none, or ones just refused) with fresher ones: what
-    /// kubelet handed over since, else what a credential provider plugin answers. Returns
-    /// whether there are new ones to try.
-    async fn renew_credentials(&self) -> bool {
-        let refused = self.credentials();
+    /// Replaces `refused`, the credentials a request just used (or none), with fresher ones:
+    /// what kubelet handed over since, else what a credential provider plugin answers.
+    /// Returns whether there are other ones to try (a concurrent request may have renewed
+    /// them already).
+    async fn renew_credentials(&self, refused: Option<&Credentials>) -> bool {
+        let current = self.credentials();
+        if current.as_ref() != refused {
+            return current.is_some();
+        }
+        if let Some(refused) = refused {
+            let mut list = crate::sync::lock(&self.refused);
+            if !list.contains(refused) {
+                if list.len() == REFUSED_KEPT {
+                    list.pop_front();
+                }
+                list.push_back(refused.clone());
+            }
+        }
         let kept = self
             .config
             .keyring
             .as_ref()
-            .and_then(|keyring| keyring.get(&self.registry, &self.repository));
+            .and_then(|keyring| keyring.get(&self.registry, &self.repository))
+            .filter(|kept| !crate::sync::lock(&self.refused).contains(kept));
         let fresh = match kept {
-            Some(kept) if Some(&kept) != refused.as_ref() => Some(kept),
+            Some(kept) => Some(kept),
             _ => match &self.config.providers {
                 Some(providers) => {
                     let image = format!("{}/{}", self.registry, self.repository);
-                    match providers.credentials(&image, refused.as_ref()).await {
+                    match providers.credentials(&image, refused).await {
                         Ok(fresh) => fresh,
                         Err(e) => {
                             let error = crate::error_chain(&e);

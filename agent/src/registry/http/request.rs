@@ -71,19 +71,24 @@ impl RegistryClient {
             .and_then(parse_challenge);
         if self.credentials().is_none() {
             // First use: what kubelet handed over since, or a plugin's.
-            self.renew_credentials().await;
+            self.renew_credentials(None).await;
         }
+        let used = self.credentials();
         match self.authenticate(challenge.clone(), scope, url).await {
             // The token realm refused the credentials: expired, most likely.
-            Err(RegistryError::Unauthorized { .. }) if self.renew_credentials().await => {
+            Err(RegistryError::Unauthorized { .. })
+                if self.renew_credentials(used.as_ref()).await =>
+            {
                 self.authenticate(challenge.clone(), scope, url).await?
             }
             other => other?,
         }
+        let used = self.credentials();
         let resp = self
             .send_once(method.clone(), url, headers, body.clone(), scope)
             .await?;
-        if resp.status() != StatusCode::UNAUTHORIZED || !self.renew_credentials().await {
+        if resp.status() != StatusCode::UNAUTHORIZED || !self.renew_credentials(used.as_ref()).await
+        {
             return Ok(resp);
         }
         // The registry itself refused them (Basic): once more with the renewed ones.
