@@ -68,6 +68,41 @@ async fn push_images(scratch: &Path, reg: &str) -> u64 {
     layer_bytes
 }
 
+/// The agent's flags in these tests: containerd's snapshotter with its state under
+/// `agent_dir`, the image proxy on `image_socket` where kubelet's `--image-service-endpoint`
+/// would point, the background download on from the mount, no credentials of the node's
+/// own; then `extra`.
+fn agent_args(
+    containerd: &support::Containerd,
+    socket: &Path,
+    agent_dir: &Path,
+    registry: &str,
+    image_socket: &Path,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args: Vec<String> = snapshotter_args(containerd, socket, agent_dir, registry)
+        .into_iter()
+        .filter(|a| a != "--no-background")
+        .collect();
+    let no_docker_config = agent_dir.join("no-docker-config.json");
+    args.extend(
+        [
+            "--cri-image-proxy",
+            image_socket.to_str().unwrap(),
+            "--cri-upstream",
+            containerd.socket.to_str().unwrap(),
+            "--auth-file",
+            no_docker_config.to_str().unwrap(),
+            "--background-delay-secs",
+            "0",
+        ]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .map(String::from),
+    );
+    args
+}
+
 /// The bytes of the app image's `data/blob{i}`.
 fn blob(i: u64) -> Vec<u8> {
     support::noise(i + 1, 8 << 20)
@@ -147,30 +182,21 @@ async fn a_private_image_streams_with_the_credentials_kubelet_hands_its_pull() {
     // The background download runs, slowly (16 MB at 256 KB/s): it is still under way when
     // the image is removed.
     let (kube_api, api_seen) = support::kube::mock_api().await;
-    let mut agent_args: Vec<String> = snapshotter_args(&containerd, &socket, &agent_dir, &host)
-        .into_iter()
-        .filter(|a| a != "--no-background")
-        .collect();
-    agent_args.extend(
-        [
-            "--cri-image-proxy",
-            image_socket.to_str().unwrap(),
-            "--cri-upstream",
-            containerd.socket.to_str().unwrap(),
-            // The node has no credentials of its own.
-            "--auth-file",
-            scratch.join("no-docker-config.json").to_str().unwrap(),
+    let agent_args = agent_args(
+        &containerd,
+        &socket,
+        &agent_dir,
+        &host,
+        &image_socket,
+        &[
             "--background-bandwidth",
             "256K",
-            "--background-delay-secs",
-            "0",
             // Events go to the stand-in API server.
             "--flag-pods-as",
             "node-1",
             "--kube-api",
             &kube_api,
-        ]
-        .map(String::from),
+        ],
     );
     let args: Vec<&str> = agent_args.iter().map(String::as_str).collect();
     let agent = Agent::start(&agent_dir, &args);
@@ -377,18 +403,12 @@ async fn a_private_image_streams_with_the_credentials_kubelet_hands_its_pull() {
         "{agent_log}"
     );
 
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !agent
-        .log_text()
-        .contains("removed lazy layer's cached chunks freed")
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the layer's snapshot was not removed: {}",
-            agent.log_text()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    agent
+        .wait_for_log(
+            "removed lazy layer's cached chunks freed",
+            std::time::Duration::from_secs(30),
+        )
+        .await;
     assert_eq!(
         files_in(&chunks_dir),
         0,
@@ -483,18 +503,13 @@ async fn credentials_that_expire_mid_download_are_renewed_through_the_credential
     let agent_dir = scratch.join("agent");
     std::fs::create_dir_all(&agent_dir).unwrap();
     let image_socket = scratch.join("kubelet-image.sock");
-    let mut agent_args: Vec<String> = snapshotter_args(&containerd, &socket, &agent_dir, &host)
-        .into_iter()
-        .filter(|a| a != "--no-background")
-        .collect();
-    agent_args.extend(
-        [
-            "--cri-image-proxy",
-            image_socket.to_str().unwrap(),
-            "--cri-upstream",
-            containerd.socket.to_str().unwrap(),
-            "--auth-file",
-            scratch.join("no-docker-config.json").to_str().unwrap(),
+    let agent_args = agent_args(
+        &containerd,
+        &socket,
+        &agent_dir,
+        &host,
+        &image_socket,
+        &[
             "--image-credential-provider-config",
             config.to_str().unwrap(),
             "--image-credential-provider-bin-dir",
@@ -503,10 +518,7 @@ async fn credentials_that_expire_mid_download_are_renewed_through_the_credential
             // the credentials below expire twice.
             "--background-bandwidth",
             "2M",
-            "--background-delay-secs",
-            "0",
-        ]
-        .map(String::from),
+        ],
     );
     let args: Vec<&str> = agent_args.iter().map(String::as_str).collect();
     let agent = Agent::start(&agent_dir, &args);
@@ -567,18 +579,12 @@ async fn credentials_that_expire_mid_download_are_renewed_through_the_credential
         assert!(line.contains(&expected), "{line:?}, expected {expected:?}");
     }
 
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while !agent
-        .log_text()
-        .contains("background download complete: the whole image is cached")
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the background download did not finish: {}",
-            agent.log_text()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    agent
+        .wait_for_log(
+            "background download complete: the whole image is cached",
+            std::time::Duration::from_secs(120),
+        )
+        .await;
     // The pull's password expired during the download, so the registry refused it, and the
     // agent asked the plugin for new ones (kubelet's first one is the test's own).
     let plugin_runs = tokens
