@@ -795,7 +795,7 @@ pub fn mount(
         options.threads,
         readahead_kb,
     )?;
-    restore_readahead_when_cached(&mount, &served);
+    raise_readahead_when_cached(&mount, &served);
     tracing::info!(mountpoint = %mountpoint.display(), files, view = ?options.view, "image mounted");
     Ok(MountedImage {
         mount: Some(mount),
@@ -834,7 +834,7 @@ pub fn adopt(
         file,
         options.threads,
     )?;
-    restore_readahead_when_cached(&mount, &served);
+    raise_readahead_when_cached(&mount, &served);
     tracing::info!(mountpoint = %mountpoint.display(), "image served again on the mount a previous agent left");
     Ok(MountedImage {
         mount: Some(mount),
@@ -843,10 +843,10 @@ pub fn adopt(
 }
 
 /// Once the background download has cached the whole image, readahead costs no network:
-/// give the mount the kernel's default back.
-fn restore_readahead_when_cached(mount: &FuseMount, served: &ServedImage) {
+/// give the mount the large window cached reads want.
+fn raise_readahead_when_cached(mount: &FuseMount, served: &ServedImage) {
     if let (Some(readahead), Some(progress)) = (mount.readahead(), &served.progress) {
         let readahead = readahead.clone();
-        progress.when_finished(move || readahead.restore());
+        progress.when_finished(move || readahead.cached());
     }
 }

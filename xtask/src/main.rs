@@ -7,6 +7,7 @@
 //! - `demo`       setup, then the main job on its built-in default
 //! - `fuzz`       the cargo-fuzz targets of agent/fuzz, for a while each
 //! - `bench fs`   the lazy filesystem's benchmarks, as ratios against baselines
+//! - `bench fuse` cached reads through FUSE vs local disk, each FUSE option on its own
 //! - `bench virtiofs` a guest's virtio-fs reads against the host's FUSE reads, as a ratio
 //! - `bench probes` the eBPF probes' overhead on write- and exec-heavy workloads
 //! - `bench e2e`  PullImage -> first log line of a ~340 MB image at 0/20/50 ms round trip:
@@ -52,12 +53,13 @@ enum Command {
     Ci,
     /// Set up, then show the rename-ENXIO detector catching a container's failing `mv`.
     Demo,
-    /// Run a benchmark: `fs` (the lazy filesystem against its baselines), `virtiofs` (a
+    /// Run a benchmark: `fs` (the lazy filesystem against its baselines), `fuse` (cached
+    /// reads through FUSE against local disk, each FUSE option on its own), `virtiofs` (a
     /// guest's reads through virtio-fs against the host's through FUSE), `probes` (the eBPF
     /// probes' overhead on write- and exec-heavy work), `e2e` (PullImage to first log line,
     /// streamed against pulled, behind a 100 Mbit/s link). Needs root.
     Bench {
-        #[arg(value_parser = ["fs", "virtiofs", "probes", "e2e"])]
+        #[arg(value_parser = ["fs", "fuse", "virtiofs", "probes", "e2e"])]
         suite: String,
     },
     /// Run the fuzz targets (eStargz footer+TOC and blobs, tar streams, manifests, gzip and

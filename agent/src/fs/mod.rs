@@ -9,6 +9,7 @@
 pub mod fusedev;
 pub mod keeper;
 mod loader;
+pub mod options;
 
 pub mod tree;
 pub mod virtiofs;
@@ -49,6 +50,8 @@ pub struct FsConfig {
     /// Fetch the libraries a program needs when a reader reads its ELF headers
     /// ([`loader`]).
     pub loader_prefetch: bool,
+    /// What INIT asks the kernel for ([`options`]).
+    pub fuse_options: options::FuseOptions,
 }
 
 impl Default for FsConfig {
@@ -58,8 +61,23 @@ impl Default for FsConfig {
             record_reads: false,
             read_around: ReadAroundConfig::default(),
             loader_prefetch: true,
+            fuse_options: options::FuseOptions::default(),
         }
     }
+}
+
+/// Requests counted by kind: what shows which FUSE options the kernel took.
+#[derive(Debug, Default)]
+pub(crate) struct Asked {
+    pub(crate) open: std::sync::atomic::AtomicU64,
+    pub(crate) opendir: std::sync::atomic::AtomicU64,
+    pub(crate) readdir: std::sync::atomic::AtomicU64,
+    pub(crate) readdirplus: std::sync::atomic::AtomicU64,
+}
+
+/// Counts one request in `counter`.
+fn asked(counter: &std::sync::atomic::AtomicU64) {
+    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// A read, as recorded: layer, node in that layer's index, offset, size.
@@ -103,6 +121,12 @@ pub struct ImageFs {
     recorded: Option<Mutex<Vec<Read>>>,
     /// Fetches the libraries of programs readers start.
     loader: Option<loader::Loader>,
+    /// Whether the kernel takes ENOSYS to OPEN (OPENDIR) as "never ask again": set at INIT
+    /// when it offers that and the config asks for it.
+    no_open: std::sync::atomic::AtomicBool,
+    no_opendir: std::sync::atomic::AtomicBool,
+    /// Requests of the kinds the FUSE options spare, as the kernel sent them.
+    pub(crate) asked: Asked,
     /// Tests: the next read panics (to show a panicking request is answered).
     #[cfg(test)]
     pub(crate) panic_next_read: std::sync::atomic::AtomicBool,
@@ -145,6 +169,9 @@ impl ImageFs {
             loader,
             recorded: config.record_reads.then(Default::default),
             config,
+            no_open: Default::default(),
+            no_opendir: Default::default(),
+            asked: Asked::default(),
             #[cfg(test)]
             panic_next_read: Default::default(),
         }
@@ -340,8 +367,17 @@ impl FileSystem for ImageFs {
     type Inode = u64;
     type Handle = u64;
 
-    fn init(&self, _capable: FsOptions) -> io::Result<FsOptions> {
-        Ok(FsOptions::empty())
+    fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
+        let want = self.config.fuse_options.flags();
+        let enabled = capable & want;
+        use std::sync::atomic::Ordering::Relaxed;
+        self.no_open
+            .store(enabled.contains(FsOptions::ZERO_MESSAGE_OPEN), Relaxed);
+        self.no_opendir
+            .store(enabled.contains(FsOptions::ZERO_MESSAGE_OPENDIR), Relaxed);
+        let names = options::FuseOptions::from_flags(enabled).names();
+        tracing::debug!(options = ?names, "FUSE options negotiated");
+        Ok(want)
     }
 
     fn lookup(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
@@ -377,6 +413,7 @@ impl FileSystem for ImageFs {
         flags: u32,
         _fuse_flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
+        asked(&self.asked.open);
         guarded("open", ino, 0, || {
             let inode = self.inode(ino)?;
             if (flags as i32 & libc::O_ACCMODE) != libc::O_RDONLY
@@ -386,6 +423,11 @@ impl FileSystem for ImageFs {
             }
             if inode.kind == Kind::Directory {
                 return Err(errno(libc::EISDIR));
+            }
+            if self.no_open.load(std::sync::atomic::Ordering::Relaxed) {
+                // The kernel opens every file from now on without asking, keeping its page
+                // cache (a write open of the read-only mount never gets this far).
+                return Err(errno(libc::ENOSYS));
             }
             // The content never changes: let the kernel keep its page cache across opens.
             Ok((None, OpenOptions::KEEP_CACHE, None))
@@ -434,7 +476,12 @@ impl FileSystem for ImageFs {
         ino: u64,
         _flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
+        asked(&self.asked.opendir);
         guarded("opendir", ino, 0, || match self.inode(ino)?.kind {
+            // From now on the kernel opens directories without asking, caching listings.
+            Kind::Directory if self.no_opendir.load(std::sync::atomic::Ordering::Relaxed) => {
+                Err(errno(libc::ENOSYS))
+            }
             Kind::Directory => Ok((None, OpenOptions::CACHE_DIR)),
             _ => Err(errno(libc::ENOTDIR)),
         })
@@ -449,7 +496,35 @@ impl FileSystem for ImageFs {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
+        asked(&self.asked.readdir);
         guarded("readdir", ino, offset, || self.list(ino, offset, add_entry))
+    }
+
+    /// Entries with their attributes: the kernel needs no LOOKUP for what it listed.
+    fn readdirplus(
+        &self,
+        _ctx: &Context,
+        ino: u64,
+        _handle: u64,
+        _size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        asked(&self.asked.readdirplus);
+        guarded("readdirplus", ino, offset, || {
+            self.list(ino, offset, &mut |entry| {
+                // `.` and `..` are not looked up by the kernel from a listing: an entry
+                // with inode 0 is what it skips.
+                let plus = match (entry.name, self.tree.get(entry.ino)) {
+                    ([b'.'] | [b'.', b'.'], _) | (_, None) => Entry {
+                        inode: 0,
+                        ..self.entry(self.inode(ino)?)
+                    },
+                    (_, Some(child)) => self.entry(child),
+                };
+                add_entry(entry, plus)
+            })
+        })
     }
 
     fn releasedir(&self, _ctx: &Context, _ino: u64, _flags: u32, _handle: u64) -> io::Result<()> {

@@ -436,8 +436,8 @@ pub(crate) struct ServingArgs {
     /// --prefetch-from`, or eStargz's prioritised files) as soon as it is mounted.
     #[arg(long)]
     pub(crate) no_prefetch: bool,
-    /// The kernel's readahead on FUSE mounts, KiB, until the whole image is cached (then the
-    /// kernel's default comes back). By default 0 for images with a prefetch list (the list
+    /// The kernel's readahead on FUSE mounts, KiB, until the whole image is cached (then
+    /// 4096, what cached reads want). By default 0 for images with a prefetch list (the list
     /// brings what the start reads; readahead would fetch pages it does not), and the
     /// kernel's default for the others (fewer, larger requests).
     #[arg(long, value_parser = clap::value_parser!(u32).range(0..=16384))]
@@ -445,6 +445,10 @@ pub(crate) struct ServingArgs {
     /// Threads serving requests.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
     pub(crate) threads: u64,
+    /// What the kernel is asked for at FUSE INIT: all, none, or some of no-open,
+    /// no-opendir, readdirplus, max-pages, async-read, cache-symlinks, parallel-dirops.
+    #[arg(long, default_value = "all", value_name = "LIST")]
+    pub(crate) fuse_options: imgstream::fs::options::FuseOptions,
     /// Platform to pick from an image index.
     #[arg(long, default_value = "linux/amd64")]
     pub(crate) platform: imgstream::oci::manifest::Platform,
@@ -482,6 +486,7 @@ impl ServingArgs {
                     max_window: self.read_around_max.0,
                 },
                 loader_prefetch: !self.no_loader_prefetch,
+                fuse_options: self.fuse_options,
             },
             background: (!self.no_background).then_some(
                 imgstream::fetch::background::BackgroundConfig {
