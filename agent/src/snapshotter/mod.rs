@@ -293,34 +293,11 @@ impl Snapshotter {
         let socket = self.config.socket.clone();
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
         let service = service::Service(self.clone());
-        let resync = self.keeper.is_some().then(|| {
-            let (this, stop) = (self.clone(), shutdown.clone());
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(KEEPER_RESYNC);
-                while !stop.is_triggered() {
-                    tokio::select! {
-                        _ = tick.tick() => {}
-                        _ = stop.triggered() => break,
-                    }
-                    let this = this.clone();
-                    let _ = tokio::task::spawn_blocking(move || this.resync_keeper()).await;
-                }
-            })
-        });
-        let prune = {
-            let (this, stop) = (self.clone(), shutdown.clone());
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(PRUNE_EVERY);
-                while !stop.is_triggered() {
-                    tokio::select! {
-                        _ = tick.tick() => {}
-                        _ = stop.triggered() => break,
-                    }
-                    let this = this.clone();
-                    let _ = tokio::task::spawn_blocking(move || this.prune_cache()).await;
-                }
-            })
-        };
+        let resync = self
+            .keeper
+            .is_some()
+            .then(|| self.every(KEEPER_RESYNC, &shutdown, Self::resync_keeper));
+        let prune = self.every(PRUNE_EVERY, &shutdown, Self::prune_cache);
         let result = tonic::transport::Server::builder()
             .add_service(SnapshotsServer::new(service))
             .serve_with_incoming_shutdown(incoming, shutdown.triggered())
@@ -351,6 +328,30 @@ impl Snapshotter {
             drop_mounts(mounts.into_values().collect()).await;
         }
         result.map_err(|e| SnapshotterError::Serve(socket, e))
+    }
+}
+
+impl Snapshotter {
+    /// Runs `work` on this snapshotter every `period`, the first time at once, off the async
+    /// workers, until `stop`.
+    fn every(
+        self: &Arc<Self>,
+        period: std::time::Duration,
+        stop: &Shutdown,
+        work: fn(&Self),
+    ) -> tokio::task::JoinHandle<()> {
+        let (this, stop) = (self.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            while !stop.is_triggered() {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.triggered() => break,
+                }
+                let this = this.clone();
+                let _ = tokio::task::spawn_blocking(move || work(&this)).await;
+            }
+        })
     }
 }
 
