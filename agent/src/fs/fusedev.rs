@@ -203,8 +203,8 @@ impl FuseMount {
 /// The readahead of a FUSE connection once everything it serves is in the local cache: a
 /// read then costs a local read, and a large window lets the kernel keep several requests in
 /// flight (with `max-pages` and `async-read`). Measured (`cargo xtask bench fuse`, README):
-/// a cached 128 MB file read at 39 % of local disk with the kernel's 128 KiB, 58 % with
-/// 1 MiB and 76 % with 4 MiB; 16 MiB gained nothing more.
+/// a cached 128 MB file read at 39-60 % of local disk with the kernel's 128 KiB, 58-82 %
+/// with 1 MiB and 76-101 % with 4 MiB (two runs); 16 MiB gained nothing more.
 pub const CACHED_READAHEAD_KB: u32 = 4096;
 
 /// The readahead knob of a FUSE connection: its backing device is named after the mount's
