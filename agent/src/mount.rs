@@ -644,6 +644,11 @@ impl MountedImage {
         self.mount.as_ref()?.fuse_fd()
     }
 
+    /// Whether opens of cached files are handed to backing files (FUSE passthrough).
+    pub fn passthrough_enabled(&self) -> bool {
+        self.served.fs.passthrough_enabled()
+    }
+
     /// The inode layout the mount serves, kept with its descriptor.
     pub fn layout(&self) -> Digest {
         self.served.fs.tree().layout()
@@ -654,7 +659,14 @@ impl MountedImage {
     pub fn leave_mounted(mut self) {
         self.served.stop.trigger();
         if let Some(mount) = self.mount.take() {
+            let handover = handover_path(mount.mountpoint());
             mount.leave_mounted();
+            // Taken once no request is served: the open counts the next agent goes on from.
+            if let Some(table) = self.served.fs.hand_over_passthrough()
+                && let Err(err) = crate::private::write(&handover, table.as_bytes())
+            {
+                tracing::warn!(%err, file = %handover.display(), "the passthrough state was not handed over; the next agent serves every open through itself");
+            }
         }
     }
 }
@@ -707,6 +719,7 @@ pub fn serve(
                 .nodes
                 .iter()
                 .flat_map(|n| n.chunks.iter().map(|c| c.digest))
+                .chain(crate::fs::passthrough::backing_keys(l.index.nodes.iter()))
                 .chain([l.toc_digest])
         })
         .chain([manifest_digest])
@@ -795,6 +808,9 @@ pub fn mount(
         options.threads,
         readahead_kb,
     )?;
+    if let Some(device) = mount.fuse_fd().and_then(|fd| fd.try_clone_to_owned().ok()) {
+        served.fs.attach_fuse_device(device);
+    }
     raise_readahead_when_cached(&mount, &served);
     tracing::info!(mountpoint = %mountpoint.display(), files, view = ?options.view, "image mounted");
     Ok(MountedImage {
@@ -827,6 +843,18 @@ pub fn adopt(
         });
     }
     let file = std::fs::File::from(kept.fd);
+    // Passthrough goes on only from the previous agent's table (it left the mount on purpose
+    // and said which files are open in which mode); after a crash, nothing is known of them
+    // and every open is served here.
+    let handover = handover_path(mountpoint);
+    let table = std::fs::read_to_string(&handover).ok();
+    let _ = std::fs::remove_file(&handover);
+    let device = file.try_clone().ok().map(std::os::fd::OwnedFd::from);
+    let passing = match (table, device) {
+        (Some(table), Some(device)) => served.fs.take_over_passthrough(&table, device),
+        _ => false,
+    };
+    tracing::info!(mountpoint = %mountpoint.display(), passthrough = passing, "passthrough on the adopted connection");
     let mount = FuseMount::adopt(
         served.fs.clone(),
         mountpoint,
@@ -840,6 +868,13 @@ pub fn adopt(
         mount: Some(mount),
         served,
     })
+}
+
+/// Where an agent leaving a mount for the next one writes its passthrough state.
+fn handover_path(mountpoint: &Path) -> std::path::PathBuf {
+    let mut path = mountpoint.as_os_str().to_owned();
+    path.push(".passthrough");
+    path.into()
 }
 
 /// Once the background download has cached the whole image, readahead costs no network:

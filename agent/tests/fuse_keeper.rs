@@ -1,6 +1,7 @@
 //! `imgstream fuse-keeper` as a process: it stops on SIGTERM (it used to be SIGKILLed every
 //! time: its signal task sat on a runtime nothing drove) and removes its socket; and a
-//! connection it kept is served again only by a tree with the inode layout it was serving.
+//! connection it kept is served again only by a tree with the inode layout it was serving;
+//! and a file a reader holds open in passthrough mode opens again after a graceful restart.
 
 mod support;
 
@@ -185,6 +186,113 @@ fn a_kept_connection_is_served_again_only_by_a_tree_of_the_same_inode_layout() {
         std::fs::read_to_string(mountpoint.join("etc/hello")).expect("a file of a, again"),
         "hello\n"
     );
+    keeper.del(&key).expect("the keeper lets go");
+    drop(again);
+    drop(keeper_process);
+    support::umount_below(&scratch);
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
+/// Opens `path`, reads it whole and keeps it open; returns the file, its bytes, and whether
+/// the open was handed to a backing file.
+fn open_counting(path: &Path) -> (std::fs::File, Vec<u8>, bool) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let passed = imgstream::fs::passthrough::TOTALS.opens.load(SeqCst);
+    let mut file = std::fs::File::open(path).expect("it opens");
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut file, &mut bytes).expect("it reads");
+    let through = imgstream::fs::passthrough::TOTALS.opens.load(SeqCst) > passed;
+    (file, bytes, through)
+}
+
+#[test]
+fn a_file_held_open_in_passthrough_mode_opens_again_after_a_graceful_restart() {
+    support::require_root();
+    let scratch = support::scratch("fuse-keeper-passthrough");
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let tree = scratch.join("tree");
+    std::fs::create_dir_all(tree.join("bin")).expect("a scratch directory");
+    let content = support::noise(3, 300_000);
+    std::fs::write(tree.join("bin/app"), &content).expect("a scratch file");
+    let layout = scratch.join("layout");
+    runtime.block_on(support::build_image(&layout, "v1", &[tree], &["/bin/true"]));
+    let options =
+        support::local_mount_options(&scratch.join("cache"), std::time::Duration::from_secs(30));
+    let cache = Arc::new(ChunkCache::open(&options.cache).expect("a cache"));
+    let mountpoint = scratch.join("mnt");
+    std::fs::create_dir_all(&mountpoint).expect("a mount point");
+    let key = mountpoint.display().to_string();
+    let keeper_process = FuseKeeper::start(&scratch.join("keeper.sock"));
+    let keeper = Keeper::new(&keeper_process.socket);
+    let mounted = mount::mount(
+        runtime.handle().clone(),
+        open(&runtime, &layout, "v1", &cache),
+        cache.clone(),
+        &mountpoint,
+        &options,
+    )
+    .expect("it mounts");
+    let app = mountpoint.join("bin/app");
+    if !mounted.passthrough_enabled() {
+        // Linux before 6.9, or built without CONFIG_FUSE_PASSTHROUGH: the agent's own path.
+        let (_, bytes, through) = open_counting(&app);
+        assert!(bytes == content && !through);
+        eprintln!("this kernel has no FUSE passthrough: the restart with it is not tested here");
+        drop(mounted);
+        support::umount_below(&scratch);
+        let _ = std::fs::remove_dir_all(&scratch);
+        return;
+    }
+    // Read until the file is cached and its backing file written; then held open by a reader
+    // (as a running program holds its binary), in passthrough mode.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let held = loop {
+        let (file, bytes, through) = open_counting(&app);
+        assert!(bytes == content, "the same bytes");
+        if through {
+            break file;
+        }
+        drop(file);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cached file was never handed to a backing file"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    keeper
+        .put(
+            &key,
+            &mounted.layout(),
+            mounted.fuse_fd().expect("a FUSE descriptor"),
+        )
+        .expect("the keeper takes it");
+    mounted.leave_mounted();
+
+    // The next agent goes on from the table the last one left: the file opens again (an open
+    // answered outside passthrough would fail with EIO while the reader holds it), and the
+    // reader's descriptor still reads it.
+    let kept = keeper
+        .get()
+        .expect("the keeper answers")
+        .remove(&key)
+        .expect("kept");
+    let again = mount::adopt(
+        runtime.handle().clone(),
+        open(&runtime, &layout, "v1", &cache),
+        cache.clone(),
+        &mountpoint,
+        kept,
+        &options,
+    )
+    .expect("served again");
+    assert!(again.passthrough_enabled(), "passthrough goes on");
+    let (second, bytes, through) = open_counting(&app);
+    assert!(bytes == content && through, "opened again, in passthrough");
+    let mut from_held = vec![0; 1000];
+    std::os::unix::fs::FileExt::read_exact_at(&held, &mut from_held, 5000)
+        .expect("the held descriptor reads");
+    assert!(from_held == content[5000..6000]);
+    drop((held, second));
     keeper.del(&key).expect("the keeper lets go");
     drop(again);
     drop(keeper_process);

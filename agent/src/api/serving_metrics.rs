@@ -183,6 +183,27 @@ impl Serving {
                 ("{result=\"quarantined\"}", load(&f.layers_quarantined)),
             ],
         );
+        let opens = &crate::fs::passthrough::TOTALS;
+        family(
+            out,
+            "imgstream_fuse_opens_total",
+            "counter",
+            "Opens of image files on FUSE mounts, by the path their reads take: handed to a backing file (FUSE passthrough; the reads never reach the agent), or served by the agent.",
+            &[
+                ("{path=\"passthrough\"}", load(&opens.opens)),
+                ("{path=\"agent\"}", load(&opens.cached_opens)),
+            ],
+        );
+        family(
+            out,
+            "imgstream_backing_files_total",
+            "counter",
+            "Backing files for FUSE passthrough written from verified cached chunks, and those that could not be written or registered.",
+            &[
+                ("{result=\"written\"}", load(&opens.written)),
+                ("{result=\"failed\"}", load(&opens.failed)),
+            ],
+        );
         family(
             out,
             "imgstream_fs_request_panics_total",

@@ -120,6 +120,7 @@ impl ChunkCache {
     pub fn open(config: &CacheConfig) -> Result<Self, CacheError> {
         for sub in [
             "chunks",
+            "files",
             "meta/toc",
             "meta/manifest",
             "meta/span-index",
@@ -245,13 +246,90 @@ impl ChunkCache {
     }
 
     /// Every place something may be cached under `digest`.
-    fn paths_under(&self, digest: &Digest) -> [PathBuf; 4] {
+    fn paths_under(&self, digest: &Digest) -> [PathBuf; 5] {
         [
             self.path(digest),
+            self.backing_path(digest),
             self.meta_path(MetaKind::Toc, digest),
             self.meta_path(MetaKind::Manifest, digest),
             self.meta_path(MetaKind::SpanIndex, digest),
         ]
+    }
+
+    fn backing_path(&self, key: &Digest) -> PathBuf {
+        self.dir.join("files").join(key.hex())
+    }
+
+    /// The backing file kept under `key` ([`ChunkCache::write_backing`]), if there is one.
+    pub fn backing(&self, key: &Digest) -> Option<PathBuf> {
+        let path = self.backing_path(key);
+        path.exists().then_some(path)
+    }
+
+    /// Writes the backing file of a whole file under `key`: the bytes `range` of each chunk
+    /// in `parts`, in order, each chunk read as [`ChunkCache::get`] reads it (header and crc32
+    /// checked; chunks were checked against their digests before they were stored). The
+    /// file is synced before it is renamed into place: the kernel reads it with no check of
+    /// ours, so a torn one must never appear. Returns `false`, writing nothing, when a chunk
+    /// is missing or corrupt, or the size limit leaves no room.
+    pub fn write_backing(
+        &self,
+        key: &Digest,
+        parts: &[(Digest, std::ops::Range<usize>)],
+    ) -> Result<bool, CacheError> {
+        let path = self.backing_path(key);
+        if path.exists() {
+            return Ok(true);
+        }
+        let len: usize = parts.iter().map(|(_, r)| r.len()).sum();
+        let size = self.estimate(len as u64);
+        if !self.reserve(size) {
+            self.stats
+                .skipped_over_limit
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(false);
+        }
+        let tmp = unique(self.dir.join("tmp").join(key.hex()));
+        let result = (|| -> io::Result<bool> {
+            let mut file = crate::private::file_options()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)?;
+            for (digest, range) in parts {
+                let Ok(Some(unit)) = self.get(digest) else {
+                    return Ok(false);
+                };
+                let Some(bytes) = unit.get(range.clone()) else {
+                    return Ok(false);
+                };
+                io::Write::write_all(&mut file, bytes)?;
+            }
+            file.sync_data()?;
+            fs::rename(&tmp, &path)?;
+            Ok(true)
+        })();
+        match result {
+            Ok(true) => {
+                self.settle(size, &path);
+                Ok(true)
+            }
+            Ok(false) => {
+                let _ = fs::remove_file(&tmp);
+                self.unaccount(size);
+                Ok(false)
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                self.unaccount(size);
+                self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT)
+                {
+                    Err(CacheError::Full(path))
+                } else {
+                    Err(CacheError::Write(path, e))
+                }
+            }
+        }
     }
 
     fn meta_path(&self, kind: MetaKind, digest: &Digest) -> PathBuf {

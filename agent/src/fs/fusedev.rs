@@ -483,7 +483,10 @@ mod tests {
                     let target = std::fs::read_link(&path).expect("a target");
                     ("symlink", target.into_os_string().into_encoded_bytes())
                 } else if meta.is_file() {
-                    ("file", std::fs::read(&path).expect("it reads"))
+                    (
+                        "file",
+                        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+                    )
                 } else {
                     ("other", Vec::new())
                 };
@@ -498,8 +501,34 @@ mod tests {
         seen
     }
 
+    /// Whether this kernel can do FUSE passthrough: Linux 6.9 or later built with
+    /// `CONFIG_FUSE_PASSTHROUGH` (as its `/proc/config.gz` says, when it has one).
+    fn kernel_has_passthrough() -> bool {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let mut numbers = release
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|n| n.parse::<u32>().ok());
+        let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+        let config = std::fs::read("/proc/config.gz").ok().map(|gz| {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(
+                &mut flate2::read::GzDecoder::new(gz.as_slice()),
+                &mut text,
+            );
+            text
+        });
+        version >= (6, 9)
+            && config.is_none_or(|c| c.lines().any(|l| l == "CONFIG_FUSE_PASSTHROUGH=y"))
+    }
+
+    /// Drops the kernel's clean page cache (every file's), so the next reads come from
+    /// wherever the file's data lives.
+    fn drop_page_cache() {
+        std::fs::write("/proc/sys/vm/drop_caches", "1").expect("dropping caches needs root");
+    }
+
     #[test]
-    fn the_tree_is_the_same_with_every_fuse_option_and_without_and_the_kernel_takes_them() {
+    fn the_tree_is_the_same_with_every_fuse_option_and_passthrough_and_the_kernel_takes_them() {
         use std::sync::atomic::Ordering::SeqCst;
 
         use crate::{
@@ -524,13 +553,19 @@ mod tests {
             let len = [0, 1, 4096, 70_000, 300_000, 1 << 20][i % 6] + i;
             entries.push((header, bytes(i as u64 + 1, len, i % 2 == 0)));
         }
+        let with_data = files - 1; // file-0 is empty
         let mut link = Header::new("lib", Kind::Symlink);
         link.link_name = "usr/lib".into();
         entries.push((link, Vec::new()));
         let (layer_blob, summary) = estargz_layer(&entries, 64 * 1024, false);
         let desc = layer_descriptor(&summary);
+        let passthrough_here = kernel_has_passthrough();
         let mut trees = Vec::new();
-        for options in [FuseOptions::none(), FuseOptions::all()] {
+        for (options, passthrough) in [
+            (FuseOptions::none(), false),
+            (FuseOptions::all(), false),
+            (FuseOptions::all(), true),
+        ] {
             let opened = runtime
                 .block_on(layer::open_cached(
                     &MemoryBlobs::default().with(layer_blob.clone()),
@@ -538,16 +573,34 @@ mod tests {
                     None,
                 ))
                 .expect("it opens");
+            // A one-chunk file whose cached chunk is damaged before its backing file is
+            // written: it must never pass through.
+            let damaged = opened
+                .index
+                .nodes
+                .iter()
+                .find(|n| n.path == "etc/file-2")
+                .and_then(|n| n.chunks.first())
+                .map(|c| c.digest)
+                .expect("etc/file-2 has a chunk");
             let source: Arc<dyn BlobSource> =
                 Arc::new(MemoryBlobs::default().with(layer_blob.clone()));
-            let (dir, cache) = scratch_cache(&format!("fuse-options-{}", options.names().len()));
-            let fetcher = Arc::new(Fetcher::new(runtime.handle().clone(), source, cache));
+            let (dir, cache) = scratch_cache(&format!(
+                "fuse-options-{}-{passthrough}",
+                options.names().len()
+            ));
+            let fetcher = Arc::new(Fetcher::new(
+                runtime.handle().clone(),
+                source,
+                cache.clone(),
+            ));
             let fs = Arc::new(ImageFs::new(
                 Arc::from(vec![opened]),
                 View::Merged,
                 fetcher.clone(),
                 FsConfig {
                     fuse_options: options,
+                    passthrough,
                     ..FsConfig::default()
                 },
             ));
@@ -555,23 +608,104 @@ mod tests {
             std::fs::create_dir_all(&mnt).expect("a mount point");
             let mount = FuseMount::mount(fs.clone(), &mnt, "imgstream-test", true, 2, None)
                 .expect("mounting needs root and /dev/fuse");
+            if let Some(device) = mount.fuse_fd().and_then(|fd| fd.try_clone_to_owned().ok()) {
+                fs.attach_fuse_device(device);
+            }
             // Twice: the second pass is where the kernel asks no more.
             let tree = snapshot(&mnt);
-            assert_eq!(snapshot(&mnt), tree);
+            fetcher.flush_cache_writes();
+            if passthrough {
+                // Before the second pass finds the file complete and queues its backing
+                // file.
+                let chunk = dir.join("cache/chunks").join(damaged.hex());
+                let mut raw = std::fs::read(&chunk).expect("the chunk is cached");
+                let last = raw.len() - 1;
+                raw[last] ^= 0xff;
+                std::fs::write(&chunk, raw).expect("damaged");
+            }
+            assert!(snapshot(&mnt) == tree, "the same tree the second time");
             let asked = |counter: &std::sync::atomic::AtomicU64| counter.load(SeqCst);
             let (opens, opendirs, plus) = (
                 asked(&fs.asked.open),
                 asked(&fs.asked.opendir),
                 asked(&fs.asked.readdirplus),
             );
+            assert_eq!(fs.passthrough_enabled(), passthrough && passthrough_here);
             if options == FuseOptions::none() {
                 assert!(opens as usize >= 2 * files, "every open asked: {opens}");
                 assert!(opendirs >= 2, "every listing asked: {opendirs}");
                 assert_eq!(plus, 0, "no READDIRPLUS unless asked for");
-            } else {
+            } else if !fs.passthrough_enabled() {
                 assert_eq!(opens, 1, "OPEN asked once, answered ENOSYS, never again");
                 assert_eq!(opendirs, 1, "OPENDIR likewise");
                 assert!(plus > 0, "listings came with attributes");
+            } else {
+                // Passthrough is decided at OPEN: every open is asked.
+                assert!(opens as usize >= 2 * files, "every open asked: {opens}");
+                assert_eq!(opendirs, 1, "OPENDIR asked once, never again");
+            }
+            if passthrough {
+                // The second pass found every file complete and queued its backing file.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+                while fs.passthrough_pending() > 0 {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "backing files written"
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                let stats = fs.passthrough_stats();
+                let (before_reads, before_opens) =
+                    (asked(&fs.asked.read), stats.opens.load(SeqCst));
+                drop_page_cache();
+                assert!(
+                    snapshot(&mnt) == tree,
+                    "the same tree through backing files"
+                );
+                let (reads, passed) = (
+                    asked(&fs.asked.read) - before_reads,
+                    stats.opens.load(SeqCst) - before_opens,
+                );
+                if passthrough_here {
+                    // Every file with data but the damaged one: its chunk failed its crc32
+                    // check, so it has no backing file and its reads still come here (and
+                    // fetch it again).
+                    assert_eq!(passed as usize, with_data - 1, "opens passed through");
+                    assert!(stats.written.load(SeqCst) as usize >= with_data - 1);
+                    assert!(
+                        stats.failed.load(SeqCst) >= 1,
+                        "the damaged chunk wrote no file"
+                    );
+                    assert!(
+                        reads > 0 && reads < 8,
+                        "only the damaged file was read here: {reads}"
+                    );
+                    assert!(!dir.join("cache/files").join(damaged.hex()).exists());
+                    // mmap and overlayfs on top (as containerd mounts it) pass through too.
+                    let big = mnt.join("usr/lib/file-5");
+                    let expected = std::fs::read(&big).expect("it reads");
+                    drop_page_cache();
+                    let before = asked(&fs.asked.read);
+                    assert!(mapped(&big) == expected, "mmap reads the same bytes");
+                    let overlay = dir.join("overlay");
+                    for sub in ["upper", "work", "merged"] {
+                        std::fs::create_dir_all(overlay.join(sub)).expect("a directory");
+                    }
+                    let options = format!(
+                        "lowerdir={},upperdir={},workdir={}",
+                        mnt.display(),
+                        overlay.join("upper").display(),
+                        overlay.join("work").display()
+                    );
+                    mount_overlay(&overlay.join("merged"), &options);
+                    let through = std::fs::read(overlay.join("merged/usr/lib/file-5"));
+                    unmount(&overlay.join("merged"));
+                    assert!(through.expect("reads through overlayfs") == expected);
+                    assert_eq!(asked(&fs.asked.read), before, "no READ reached the agent");
+                } else {
+                    assert_eq!(passed, 0, "no passthrough on this kernel");
+                    assert!(reads > 0, "reads come to the agent");
+                }
             }
             trees.push(tree);
             fetcher.flush_cache_writes();
@@ -579,7 +713,63 @@ mod tests {
             let _ = std::fs::remove_dir_all(&dir);
         }
         assert!(!trees[0].is_empty());
-        assert_eq!(trees[0], trees[1], "the same tree either way");
+        assert!(trees[0] == trees[1], "the same tree either way");
+        assert!(trees[0] == trees[2], "the same tree with passthrough");
         drop(runtime);
+    }
+
+    /// `path`'s bytes read through a shared mapping.
+    fn mapped(path: &Path) -> Vec<u8> {
+        use std::os::fd::AsRawFd as _;
+        let file = std::fs::File::open(path).expect("it opens");
+        let len = file.metadata().expect("attributes").len() as usize;
+        // SAFETY: a fresh read-only mapping of an open file, unmapped below before the file
+        // is closed; nothing else maps it.
+        unsafe {
+            let at = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            );
+            assert_ne!(at, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+            let bytes = std::slice::from_raw_parts(at.cast::<u8>(), len).to_vec();
+            libc::munmap(at, len);
+            bytes
+        }
+    }
+
+    fn mount_overlay(at: &Path, options: &str) {
+        let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+        let (source, target, kind, data) = (
+            c("overlay"),
+            c(at.to_str().expect("UTF-8")),
+            c("overlay"),
+            c(options),
+        );
+        // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+        let rc = unsafe {
+            libc::mount(
+                source.as_ptr(),
+                target.as_ptr(),
+                kind.as_ptr(),
+                0,
+                data.as_ptr().cast(),
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "overlayfs mounts: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    fn unmount(at: &Path) {
+        let target = std::ffi::CString::new(at.to_str().expect("UTF-8")).expect("no NUL");
+        // SAFETY: a NUL-terminated path that outlives the call.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
     }
 }

@@ -10,6 +10,7 @@ pub mod fusedev;
 pub mod keeper;
 mod loader;
 pub mod options;
+pub mod passthrough;
 
 pub mod tree;
 pub mod virtiofs;
@@ -52,6 +53,9 @@ pub struct FsConfig {
     pub loader_prefetch: bool,
     /// What INIT asks the kernel for ([`options`]).
     pub fuse_options: options::FuseOptions,
+    /// Ask for FUSE passthrough (Linux 6.9): opens of cached files handed to backing files
+    /// ([`passthrough`]). Only the FUSE transport can; it costs the no-open option.
+    pub passthrough: bool,
 }
 
 impl Default for FsConfig {
@@ -62,6 +66,7 @@ impl Default for FsConfig {
             read_around: ReadAroundConfig::default(),
             loader_prefetch: true,
             fuse_options: options::FuseOptions::default(),
+            passthrough: true,
         }
     }
 }
@@ -70,6 +75,8 @@ impl Default for FsConfig {
 #[derive(Debug, Default)]
 pub(crate) struct Asked {
     pub(crate) open: std::sync::atomic::AtomicU64,
+    /// READs: none for a file opened in passthrough mode.
+    pub(crate) read: std::sync::atomic::AtomicU64,
     pub(crate) opendir: std::sync::atomic::AtomicU64,
     pub(crate) readdir: std::sync::atomic::AtomicU64,
     pub(crate) readdirplus: std::sync::atomic::AtomicU64,
@@ -127,6 +134,8 @@ pub struct ImageFs {
     no_opendir: std::sync::atomic::AtomicBool,
     /// Requests of the kinds the FUSE options spare, as the kernel sent them.
     pub(crate) asked: Asked,
+    /// Opens of complete files handed to backing files.
+    passthrough: passthrough::Passthrough,
     /// Tests: the next read panics (to show a panicking request is answered).
     #[cfg(test)]
     pub(crate) panic_next_read: std::sync::atomic::AtomicBool,
@@ -162,6 +171,7 @@ impl ImageFs {
                 config.read_deadline,
             )
         });
+        let passthrough = passthrough::Passthrough::new(fetcher.cache().clone());
         Self {
             tree,
             layers,
@@ -172,6 +182,7 @@ impl ImageFs {
             no_open: Default::default(),
             no_opendir: Default::default(),
             asked: Asked::default(),
+            passthrough,
             #[cfg(test)]
             panic_next_read: Default::default(),
         }
@@ -197,6 +208,54 @@ impl ImageFs {
 
     pub fn tree(&self) -> &Tree {
         &self.tree
+    }
+
+    /// Gives the mount's FUSE connection to passthrough, which registers backing files on
+    /// it. Until then (and without it) every open is served through the agent.
+    pub fn attach_fuse_device(&self, device: std::os::fd::OwnedFd) {
+        self.passthrough.attach(device);
+    }
+
+    /// Whether INIT enabled FUSE passthrough and it still works.
+    pub fn passthrough_enabled(&self) -> bool {
+        self.passthrough.enabled()
+    }
+
+    /// Which path opens took, and the backing files written.
+    pub fn passthrough_stats(&self) -> &passthrough::PassthroughStats {
+        &self.passthrough.stats
+    }
+
+    /// Backing files queued and not written yet.
+    pub fn passthrough_pending(&self) -> usize {
+        self.passthrough.pending()
+    }
+
+    /// What the next agent needs to go on with passthrough on this connection
+    /// ([`ImageFs::take_over_passthrough`]); `None` when passthrough is off.
+    pub fn hand_over_passthrough(&self) -> Option<String> {
+        self.passthrough
+            .enabled()
+            .then(|| self.passthrough.hand_over())
+    }
+
+    /// Goes on with passthrough on an adopted connection, on `device`, from what the
+    /// previous agent handed over. Returns whether it did: without a valid table, every open
+    /// is served through the agent (the modes the kernel has open files in are unknown).
+    pub fn take_over_passthrough(&self, table: &str, device: std::os::fd::OwnedFd) -> bool {
+        let taken = self
+            .passthrough
+            .take_over(table, |ino| {
+                self.tree
+                    .get(ino)
+                    .is_some_and(|inode| inode.kind == Kind::Regular)
+            })
+            .is_some();
+        if taken {
+            self.passthrough.set_enabled(true);
+            self.passthrough.attach(device);
+        }
+        taken
     }
 
     fn inode(&self, ino: u64) -> io::Result<&tree::Inode> {
@@ -368,15 +427,30 @@ impl FileSystem for ImageFs {
     type Handle = u64;
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
-        let want = self.config.fuse_options.flags();
+        let mut want = self.config.fuse_options.flags();
+        let passthrough = self.config.passthrough && capable.contains(FsOptions::PASSTHROUGH);
+        if passthrough {
+            // Passthrough is decided at OPEN, which no-open would never send; the flag
+            // lives in INIT's second word.
+            want.remove(FsOptions::ZERO_MESSAGE_OPEN);
+            want |= FsOptions::PASSTHROUGH | FsOptions::INIT_EXT;
+        }
         let enabled = capable & want;
         use std::sync::atomic::Ordering::Relaxed;
         self.no_open
             .store(enabled.contains(FsOptions::ZERO_MESSAGE_OPEN), Relaxed);
         self.no_opendir
             .store(enabled.contains(FsOptions::ZERO_MESSAGE_OPENDIR), Relaxed);
+        self.passthrough.set_enabled(passthrough);
         let names = options::FuseOptions::from_flags(enabled).names();
-        tracing::debug!(options = ?names, "FUSE options negotiated");
+        let why = match (self.config.passthrough, passthrough) {
+            (_, true) => "cached files are read by the kernel from backing files",
+            (false, _) => "turned off",
+            (true, false) => {
+                "the kernel does not offer it (Linux 6.9+ with CONFIG_FUSE_PASSTHROUGH)"
+            }
+        };
+        tracing::info!(options = ?names, passthrough, why, "FUSE options negotiated");
         Ok(want)
     }
 
@@ -429,6 +503,17 @@ impl FileSystem for ImageFs {
                 // cache (a write open of the read-only mount never gets this far).
                 return Err(errno(libc::ENOSYS));
             }
+            if let Some((layer, node)) = inode.data {
+                let node = &self.layers[layer].index.nodes[node];
+                if let passthrough::Open::Backing(id) = self.passthrough.open(ino, node) {
+                    // Alone: the kernel refuses passthrough opens with page cache flags.
+                    return Ok((
+                        Some(passthrough::PASSTHROUGH_HANDLE),
+                        OpenOptions::PASSTHROUGH,
+                        Some(id),
+                    ));
+                }
+            }
             // The content never changes: let the kernel keep its page cache across opens.
             Ok((None, OpenOptions::KEEP_CACHE, None))
         })
@@ -444,6 +529,7 @@ impl FileSystem for ImageFs {
         _lock_owner: Option<u64>,
         _flags: u32,
     ) -> io::Result<usize> {
+        asked(&self.asked.read);
         guarded("read", ino, offset, || {
             #[cfg(test)]
             if self
@@ -460,14 +546,17 @@ impl FileSystem for ImageFs {
     fn release(
         &self,
         _ctx: &Context,
-        _ino: u64,
+        ino: u64,
         _flags: u32,
-        _handle: u64,
+        handle: u64,
         _flush: bool,
         _flock_release: bool,
         _lock_owner: Option<u64>,
     ) -> io::Result<()> {
-        Ok(())
+        guarded("release", ino, 0, || {
+            self.passthrough.release(ino, handle);
+            Ok(())
+        })
     }
 
     fn opendir(

@@ -449,6 +449,11 @@ pub(crate) struct ServingArgs {
     /// no-opendir, readdirplus, max-pages, async-read, cache-symlinks, parallel-dirops.
     #[arg(long, default_value = "all", value_name = "LIST")]
     pub(crate) fuse_options: imgstream::fs::options::FuseOptions,
+    /// Do not ask for FUSE passthrough (Linux 6.9+): by default, once a file's chunks are
+    /// all cached, the kernel reads it from a backing file in the cache (`files/`) without
+    /// asking the agent. Passthrough needs OPEN, so it replaces the no-open option.
+    #[arg(long)]
+    pub(crate) no_passthrough: bool,
     /// Platform to pick from an image index.
     #[arg(long, default_value = "linux/amd64")]
     pub(crate) platform: imgstream::oci::manifest::Platform,
@@ -487,6 +492,7 @@ impl ServingArgs {
                 },
                 loader_prefetch: !self.no_loader_prefetch,
                 fuse_options: self.fuse_options,
+                passthrough: !self.no_passthrough,
             },
             background: (!self.no_background).then_some(
                 imgstream::fetch::background::BackgroundConfig {

@@ -133,7 +133,9 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             metrics_addr,
             serving,
         }) => {
-            let job = serving.job(&image, View::Merged, metrics_addr)?;
+            let mut job = serving.job(&image, View::Merged, metrics_addr)?;
+            // Backing files are a /dev/fuse connection's; a guest's kernel has none of ours.
+            job.options.fs.passthrough = false;
             let config = imgstream::fs::virtiofs::VirtioFsConfig {
                 request_queues: request_queues as usize,
                 queue_size,

@@ -1,0 +1,531 @@
+//! FUSE passthrough (Linux 6.9): once every chunk of a file is cached, its opens are handed to
+//! a backing file, so the kernel serves reads and mmaps of it from that file and never asks
+//! the agent.
+//!
+//! A file's backing file is written once, off the read path: its first open after it is
+//! complete is served as before (through the agent) and queues the file; a thread writes it
+//! from the verified chunks into the cache's `files/` ([`ChunkCache::write_backing`]) and the
+//! opens that come after it pass through. Backing files live under a key in the image's cache
+//! record, so they count towards the cache's limit and go with the image's chunks.
+//!
+//! The kernel's rule is that one inode is either in cached mode (opens served through the
+//! agent, sharing the page cache) or in passthrough mode on one backing file, never both at
+//! once: an open in the other mode fails with EIO. So each inode's opens are counted here:
+//! while any open of an inode is in cached mode, its new opens are too; while it has a
+//! backing file registered, all of its opens use that one; the backing id is given back to
+//! the kernel when its last open is released.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fs::File,
+    io,
+    ops::Range,
+    os::fd::{AsRawFd, OwnedFd},
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc,
+    },
+};
+
+use crate::{
+    cache::ChunkCache,
+    image::estargz::{Chunk, Node, Unit},
+    oci::digest::Digest,
+};
+
+/// The handle of an open served in passthrough mode (cached opens have 0).
+pub(crate) const PASSTHROUGH_HANDLE: u64 = 1;
+
+/// Files waiting to be written as backing files, at most: a reader opening more than this
+/// many complete files at once gets the rest at its next opens.
+const QUEUED: usize = 4096;
+
+/// `FUSE_DEV_IOC_BACKING_OPEN`: `_IOW(229, 1, struct fuse_backing_map)`.
+const BACKING_OPEN: libc::c_ulong = ioc_write(1, std::mem::size_of::<BackingMap>());
+/// `FUSE_DEV_IOC_BACKING_CLOSE`: `_IOW(229, 2, uint32_t)`.
+const BACKING_CLOSE: libc::c_ulong = ioc_write(2, std::mem::size_of::<u32>());
+
+/// The kernel's `struct fuse_backing_map`.
+#[repr(C)]
+struct BackingMap {
+    fd: i32,
+    flags: u32,
+    padding: u64,
+}
+
+/// `_IOW(FUSE_DEV_IOC_MAGIC, nr, size)` on Linux's generic ioctl layout.
+const fn ioc_write(nr: u64, size: usize) -> libc::c_ulong {
+    const WRITE: u64 = 1;
+    const MAGIC: u64 = 229;
+    ((WRITE << 30) | ((size as u64) << 16) | (MAGIC << 8) | nr) as libc::c_ulong
+}
+
+/// The key a file's backing file is kept under: for a file that is one whole eStargz or
+/// zstd:chunked chunk, that chunk's digest (its content's); otherwise a digest of where its
+/// bytes are (each chunk's digest, offset and size), which [`backing_keys`] adds to the
+/// image's cache record.
+pub fn backing_key(node: &Node) -> Digest {
+    match node.chunks.as_slice() {
+        [only] if whole(node, only) => only.digest,
+        chunks => {
+            let mut what = b"imgstream backing file v1\0".to_vec();
+            for chunk in chunks {
+                what.extend_from_slice(&chunk.digest.raw());
+                what.extend_from_slice(&chunk.unit_offset().to_le_bytes());
+                what.extend_from_slice(&chunk.size.to_le_bytes());
+            }
+            Digest::of(&what)
+        }
+    }
+}
+
+fn whole(node: &Node, chunk: &Chunk) -> bool {
+    !matches!(chunk.unit, Unit::Span { .. }) && chunk.file_offset == 0 && chunk.size == node.size
+}
+
+/// The backing keys of `nodes` that are not already chunk digests: what an image's cache
+/// record must list besides its chunks for its backing files to go with it.
+pub fn backing_keys<'a>(nodes: impl Iterator<Item = &'a Node>) -> impl Iterator<Item = Digest> {
+    nodes
+        .filter(|n| n.size > 0 && !matches!(n.chunks.as_slice(), [only] if whole(n, only)))
+        .map(backing_key)
+}
+
+/// Counters: which path opens took, and the backing files written.
+#[derive(Debug)]
+pub struct PassthroughStats {
+    /// Opens handed to a backing file.
+    pub opens: AtomicU64,
+    /// Opens served through the agent (the file is not complete, has no backing file yet,
+    /// or another open of it is in cached mode).
+    pub cached_opens: AtomicU64,
+    /// Backing files written by this mount.
+    pub written: AtomicU64,
+    /// Backing files that could not be written or registered.
+    pub failed: AtomicU64,
+}
+
+impl Default for PassthroughStats {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PassthroughStats {
+    const fn new() -> Self {
+        Self {
+            opens: AtomicU64::new(0),
+            cached_opens: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        }
+    }
+}
+
+/// The same counters for every mount of this process, for `/metrics`.
+pub static TOTALS: PassthroughStats = PassthroughStats::new();
+
+/// Counts one in a mount's `counter` and in the process's.
+fn count(stats: &PassthroughStats, counter: fn(&PassthroughStats) -> &AtomicU64) {
+    counter(stats).fetch_add(1, Ordering::Relaxed);
+    counter(&TOTALS).fetch_add(1, Ordering::Relaxed);
+}
+
+/// Opens of one inode, by mode.
+#[derive(Debug, Default, Clone, Copy)]
+struct Opens {
+    cached: u32,
+    /// The registered backing id and how many passthrough opens use it.
+    backing: Option<(u32, u32)>,
+}
+
+/// A file to write as a backing file: its key and each chunk's part.
+type Job = (Digest, Vec<(Digest, Range<usize>)>);
+
+/// Passthrough for one mount.
+pub(crate) struct Passthrough {
+    /// The connection's /dev/fuse, for the ioctls; set once mounted.
+    device: OnceLock<OwnedFd>,
+    /// Negotiated at INIT, and still working (a refused registration turns it off).
+    enabled: AtomicBool,
+    opens: Mutex<HashMap<u64, Opens>>,
+    cache: Arc<ChunkCache>,
+    queue: Mutex<Option<mpsc::SyncSender<Job>>>,
+    queued: Arc<Mutex<HashSet<Digest>>>,
+    /// Set when the mount goes: the writer drops what is still queued.
+    stopped: Arc<AtomicBool>,
+    pub(crate) stats: Arc<PassthroughStats>,
+}
+
+impl Drop for Passthrough {
+    fn drop(&mut self) {
+        self.stopped.store(true, Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Debug for Passthrough {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Passthrough")
+            .field("enabled", &self.enabled)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How an open is to be answered.
+pub(crate) enum Open {
+    /// Through the agent (`handle` 0).
+    Cached,
+    /// On the backing file registered as this id.
+    Backing(u32),
+}
+
+impl Passthrough {
+    pub(crate) fn new(cache: Arc<ChunkCache>) -> Self {
+        Self {
+            device: OnceLock::new(),
+            enabled: AtomicBool::new(false),
+            opens: Mutex::new(HashMap::new()),
+            cache,
+            queue: Mutex::new(None),
+            queued: Arc::new(Mutex::new(HashSet::new())),
+            stopped: Arc::default(),
+            stats: Arc::default(),
+        }
+    }
+
+    /// Whether INIT enabled it (and nothing turned it off since).
+    pub(crate) fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_enabled(&self, on: bool) {
+        self.enabled.store(on, Ordering::Relaxed);
+    }
+
+    /// Gives it the connection to register backing files on.
+    pub(crate) fn attach(&self, device: OwnedFd) {
+        let _ = self.device.set(device);
+    }
+
+    /// Decides how to answer an open of inode `ino`, file `node`.
+    pub(crate) fn open(&self, ino: u64, node: &Node) -> Open {
+        if !self.enabled() || node.size == 0 {
+            return Open::Cached;
+        }
+        let Some(device) = self.device.get() else {
+            return self.cached(ino);
+        };
+        {
+            let mut opens = crate::sync::lock(&self.opens);
+            let entry = opens.entry(ino).or_default();
+            if entry.cached > 0 {
+                entry.cached += 1;
+                count(&self.stats, |s| &s.cached_opens);
+                return Open::Cached;
+            }
+            if let Some((id, n)) = &mut entry.backing {
+                *n += 1;
+                count(&self.stats, |s| &s.opens);
+                return Open::Backing(*id);
+            }
+        }
+        let key = backing_key(node);
+        let Some(path) = self.cache.backing(&key) else {
+            if node.chunks.iter().all(|c| self.cache.contains(&c.digest)) {
+                self.queue(key, node);
+            }
+            return self.cached(ino);
+        };
+        let id = match File::open(&path).and_then(|file| backing_open(device, &file)) {
+            Ok(id) => id,
+            Err(err) => {
+                count(&self.stats, |s| &s.failed);
+                // EPERM (no CAP_SYS_ADMIN), EOPNOTSUPP (not negotiated after all), ELOOP
+                // (the cache is on a stacked filesystem): none gets better with retrying.
+                if matches!(
+                    err.raw_os_error(),
+                    Some(libc::EPERM | libc::EOPNOTSUPP | libc::ELOOP | libc::ENOTTY)
+                ) {
+                    tracing::warn!(%err, cache = %self.cache.dir().display(), "FUSE passthrough turned off for this mount: the kernel refused a backing file; reads go through the agent");
+                    self.set_enabled(false);
+                } else {
+                    tracing::warn!(%err, file = %path.display(), "a backing file could not be registered; this open goes through the agent");
+                }
+                return self.cached(ino);
+            }
+        };
+        let mut opens = crate::sync::lock(&self.opens);
+        let entry = opens.entry(ino).or_default();
+        match &mut entry.backing {
+            // Another open registered one meanwhile: use it, give ours back.
+            Some((theirs, n)) => {
+                *n += 1;
+                let theirs = *theirs;
+                drop(opens);
+                backing_close(device, id);
+                count(&self.stats, |s| &s.opens);
+                Open::Backing(theirs)
+            }
+            None if entry.cached > 0 => {
+                entry.cached += 1;
+                drop(opens);
+                backing_close(device, id);
+                count(&self.stats, |s| &s.cached_opens);
+                Open::Cached
+            }
+            None => {
+                entry.backing = Some((id, 1));
+                count(&self.stats, |s| &s.opens);
+                Open::Backing(id)
+            }
+        }
+    }
+
+    /// Counts a cached-mode open of `ino`.
+    fn cached(&self, ino: u64) -> Open {
+        crate::sync::lock(&self.opens)
+            .entry(ino)
+            .or_default()
+            .cached += 1;
+        count(&self.stats, |s| &s.cached_opens);
+        Open::Cached
+    }
+
+    /// An open of `ino` answered with `handle` was released.
+    pub(crate) fn release(&self, ino: u64, handle: u64) {
+        let mut opens = crate::sync::lock(&self.opens);
+        let Some(entry) = opens.get_mut(&ino) else {
+            return;
+        };
+        let mut closed = None;
+        if handle == PASSTHROUGH_HANDLE {
+            if let Some((id, n)) = &mut entry.backing {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    closed = Some(*id);
+                    entry.backing = None;
+                }
+            }
+        } else {
+            entry.cached = entry.cached.saturating_sub(1);
+        }
+        if entry.cached == 0 && entry.backing.is_none() {
+            opens.remove(&ino);
+        }
+        drop(opens);
+        if let (Some(id), Some(device)) = (closed, self.device.get()) {
+            backing_close(device, id);
+        }
+    }
+
+    /// Queues `node`'s backing file to be written under `key`.
+    fn queue(&self, key: Digest, node: &Node) {
+        if !crate::sync::lock(&self.queued).insert(key) {
+            return;
+        }
+        let parts = node
+            .chunks
+            .iter()
+            .map(|c| {
+                let start = c.unit_offset() as usize;
+                (c.digest, start..start + c.size as usize)
+            })
+            .collect();
+        let mut queue = crate::sync::lock(&self.queue);
+        if queue.is_none() {
+            *queue = self.spawn_writer();
+        }
+        let sent = queue
+            .as_ref()
+            .is_some_and(|q| q.try_send((key, parts)).is_ok());
+        if !sent {
+            crate::sync::lock(&self.queued).remove(&key);
+        }
+    }
+
+    /// The thread that writes backing files, until this mount is dropped.
+    fn spawn_writer(&self) -> Option<mpsc::SyncSender<Job>> {
+        let (tx, rx) = mpsc::sync_channel::<Job>(QUEUED);
+        let (cache, queued, stats, stopped) = (
+            self.cache.clone(),
+            self.queued.clone(),
+            self.stats.clone(),
+            self.stopped.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("backing-files".into())
+            .spawn(move || {
+                for (key, parts) in rx {
+                    // An image unmounted may be released next: write nothing for it.
+                    if stopped.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    match cache.write_backing(&key, &parts) {
+                        Ok(true) => {
+                            count(&stats, |s| &s.written);
+                        }
+                        Ok(false) => {
+                            count(&stats, |s| &s.failed);
+                        }
+                        Err(err) => {
+                            count(&stats, |s| &s.failed);
+                            let err = crate::error_chain(&err);
+                            tracing::warn!(%err, "a backing file for passthrough was not written");
+                        }
+                    }
+                    crate::sync::lock(&queued).remove(&key);
+                }
+            });
+        match spawned {
+            Ok(_) => Some(tx),
+            Err(err) => {
+                tracing::warn!(%err, "no thread to write backing files; passthrough stays off");
+                self.set_enabled(false);
+                None
+            }
+        }
+    }
+
+    /// The open counts and backing ids, for the next agent to serve the connection with
+    /// ([`Passthrough::take_over`]): a line `ino backing-id passthrough-opens cached-opens`
+    /// per open inode. Taken once no request is being served.
+    pub(crate) fn hand_over(&self) -> String {
+        let opens = crate::sync::lock(&self.opens);
+        let mut text = String::new();
+        for (ino, o) in opens.iter() {
+            let (id, n) = o.backing.unwrap_or((0, 0));
+            text.push_str(&format!("{ino} {id} {n} {}\n", o.cached));
+        }
+        text
+    }
+
+    /// Takes over what a previous agent serving this connection handed over, so that opens
+    /// of files its readers still hold keep the mode the kernel has them in (an open in the
+    /// other mode would fail with EIO). `None` when `text` is not such a table, or names an
+    /// inode that is not a file of `tree`.
+    pub(crate) fn take_over(&self, text: &str, is_file: impl Fn(u64) -> bool) -> Option<()> {
+        let mut table = HashMap::new();
+        for line in text.lines() {
+            let mut fields = line.split(' ').map(str::parse::<u64>);
+            let (Some(Ok(ino)), Some(Ok(id)), Some(Ok(n)), Some(Ok(cached)), None) = (
+                fields.next(),
+                fields.next(),
+                fields.next(),
+                fields.next(),
+                fields.next(),
+            ) else {
+                return None;
+            };
+            if !is_file(ino) {
+                return None;
+            }
+            let (id, n, cached) = (
+                u32::try_from(id).ok()?,
+                u32::try_from(n).ok()?,
+                u32::try_from(cached).ok()?,
+            );
+            let backing = (id > 0 && n > 0).then_some((id, n));
+            table.insert(ino, Opens { cached, backing });
+        }
+        *crate::sync::lock(&self.opens) = table;
+        Some(())
+    }
+
+    /// Backing files queued and not written yet.
+    pub(crate) fn pending(&self) -> usize {
+        crate::sync::lock(&self.queued).len()
+    }
+}
+
+/// Registers `file` with the FUSE connection `device`; returns its backing id.
+fn backing_open(device: &OwnedFd, file: &File) -> io::Result<u32> {
+    let map = BackingMap {
+        fd: file.as_raw_fd(),
+        flags: 0,
+        padding: 0,
+    };
+    // SAFETY: the ioctl reads a `fuse_backing_map` from `&map`, which lives across the call;
+    // both descriptors are open.
+    let id = unsafe { libc::ioctl(device.as_raw_fd(), BACKING_OPEN, &map) };
+    if id < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(id as u32)
+}
+
+/// Gives backing id `id` back to the connection (open files keep their backing file).
+fn backing_close(device: &OwnedFd, id: u32) {
+    // SAFETY: the ioctl reads a u32 from `&id`, which lives across the call.
+    let rc = unsafe { libc::ioctl(device.as_raw_fd(), BACKING_CLOSE, &id) };
+    if rc < 0 {
+        let err = io::Error::last_os_error();
+        tracing::debug!(%err, id, "closing a backing id");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioctl_numbers_are_the_kernels() {
+        // From <linux/fuse.h>: _IOW(229, 1, struct fuse_backing_map) and _IOW(229, 2, uint32_t).
+        assert_eq!(BACKING_OPEN, 0x4010_e501);
+        assert_eq!(BACKING_CLOSE, 0x4004_e502);
+    }
+
+    #[test]
+    fn the_open_counts_are_handed_over_and_garbage_is_refused() {
+        let (dir, cache) = crate::testing::scratch_cache("passthrough-handover");
+        let before = Passthrough::new(cache.clone());
+        {
+            let mut opens = crate::sync::lock(&before.opens);
+            opens.insert(
+                7,
+                Opens {
+                    cached: 0,
+                    backing: Some((3, 2)),
+                },
+            );
+            opens.insert(
+                9,
+                Opens {
+                    cached: 1,
+                    backing: None,
+                },
+            );
+        }
+        let table = before.hand_over();
+        let after = Passthrough::new(cache.clone());
+        assert!(
+            after
+                .take_over(&table, |ino| ino == 7 || ino == 9)
+                .is_some()
+        );
+        // The old opens' releases come to the new agent and count down what it took over.
+        after.release(7, PASSTHROUGH_HANDLE);
+        after.release(9, 0);
+        {
+            let opens = crate::sync::lock(&after.opens);
+            assert_eq!(opens.get(&7).and_then(|o| o.backing), Some((3, 1)));
+            assert!(!opens.contains_key(&9), "its last cached open was released");
+        }
+        let fresh = Passthrough::new(cache);
+        for garbage in [
+            "7 3 2",
+            "7 3 2 0 1",
+            "x 3 2 0",
+            "7 3 2 -1",
+            "8 3 2 0",
+            "7 99999999999 1 0",
+        ] {
+            assert!(
+                fresh.take_over(garbage, |ino| ino == 7).is_none(),
+                "{garbage:?} refused"
+            );
+        }
+        assert!(crate::sync::lock(&fresh.opens).is_empty());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
