@@ -643,7 +643,14 @@ impl ChunkCache {
                 Ok(Some(bytes))
             }
             None => {
-                self.quarantine(digest, path);
+                // Another reader of the same entry may have quarantined it, and a fetch put a
+                // good one in its place, since this one opened it: move only what was read.
+                use std::os::unix::fs::MetadataExt as _;
+                let read = file.metadata().map(|m| (m.dev(), m.ino())).ok();
+                let there = fs::symlink_metadata(path).map(|m| (m.dev(), m.ino())).ok();
+                if read.is_some() && read == there {
+                    self.quarantine(digest, path);
+                }
                 Ok(None)
             }
         }
@@ -652,7 +659,6 @@ impl ChunkCache {
     /// Moves a corrupt entry aside for inspection. It still takes its blocks, so it stays
     /// counted; the quarantine keeps the [`QUARANTINE_KEPT`] newest and deletes the rest.
     fn quarantine(&self, digest: &Digest, path: &Path) {
-        self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
@@ -660,10 +666,14 @@ impl ChunkCache {
             .dir
             .join("quarantine")
             .join(format!("{}.{stamp}", digest.hex()));
-        tracing::warn!(chunk = %digest, to = %to.display(), "cached chunk failed its crc32 check; quarantined, it will be fetched again");
-        if fs::rename(path, &to).is_err() {
-            self.remove_entry(path);
+        match fs::rename(path, &to) {
+            Ok(()) => {}
+            // Moved by another reader that found it corrupt too: counted once, by that one.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+            Err(_) => self.remove_entry(path),
         }
+        self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(chunk = %digest, to = %to.display(), "cached chunk failed its crc32 check; quarantined, it will be fetched again");
         let mut kept: Vec<(SystemTime, PathBuf)> = fs::read_dir(self.dir.join("quarantine"))
             .into_iter()
             .flat_map(|entries| entries.flatten())
