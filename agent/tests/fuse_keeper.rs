@@ -89,6 +89,28 @@ fn the_keeper_runs_without_any_capability_in_a_private_directory() {
     let _ = std::fs::remove_dir_all(&scratch);
 }
 
+/// Hands `mounted`'s connection to the keeper under `key` and leaves the mount, as an agent
+/// stopping on SIGTERM does.
+fn leave_to_keeper(keeper: &Keeper, key: &str, mounted: mount::MountedImage) {
+    keeper
+        .put(
+            key,
+            &mounted.layout(),
+            mounted.fuse_fd().expect("a FUSE descriptor"),
+        )
+        .expect("the keeper takes it");
+    mounted.leave_mounted();
+}
+
+/// What the keeper holds under `key`, as the next agent takes it.
+fn kept_by(keeper: &Keeper, key: &str) -> imgstream::fs::keeper::Kept {
+    keeper
+        .get()
+        .expect("the keeper answers")
+        .remove(key)
+        .expect("kept")
+}
+
 fn open(
     runtime: &tokio::runtime::Runtime,
     layout: &Path,
@@ -148,39 +170,20 @@ fn a_kept_connection_is_served_again_only_by_a_tree_of_the_same_inode_layout() {
         std::fs::read_to_string(mountpoint.join("etc/hello")).expect("a file of a"),
         "hello\n"
     );
-    keeper
-        .put(
-            &key,
-            &mounted.layout(),
-            mounted.fuse_fd().expect("a FUSE descriptor"),
-        )
-        .expect("the keeper takes it");
-    mounted.leave_mounted();
+    leave_to_keeper(&keeper, &key, mounted);
 
     // The next agent would serve image b's tree on it: refused, before anything is served.
-    let kept = keeper
-        .get()
-        .expect("the keeper answers")
-        .remove(&key)
-        .expect("kept");
+    let kept = kept_by(&keeper, &key);
     let err = adopt("b", kept).expect_err("another layout is refused");
     assert!(matches!(err, MountError::LayoutChanged { .. }), "{err}");
     // A connection kept without a layout (an agent that did not say) is refused too.
-    let mut unknown = keeper
-        .get()
-        .expect("the keeper answers")
-        .remove(&key)
-        .expect("kept");
+    let mut unknown = kept_by(&keeper, &key);
     unknown.layout = None;
     let err = adopt("a", unknown).expect_err("an unknown layout is refused");
     assert!(matches!(err, MountError::LayoutChanged { .. }), "{err}");
 
     // Image a's tree has the kept layout: served again, the same file through the same mount.
-    let kept = keeper
-        .get()
-        .expect("the keeper answers")
-        .remove(&key)
-        .expect("kept");
+    let kept = kept_by(&keeper, &key);
     let again = adopt("a", kept).expect("the same layout is served again");
     assert_eq!(
         std::fs::read_to_string(mountpoint.join("etc/hello")).expect("a file of a, again"),
@@ -259,23 +262,12 @@ fn a_file_held_open_in_passthrough_mode_opens_again_after_a_graceful_restart() {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
-    keeper
-        .put(
-            &key,
-            &mounted.layout(),
-            mounted.fuse_fd().expect("a FUSE descriptor"),
-        )
-        .expect("the keeper takes it");
-    mounted.leave_mounted();
+    leave_to_keeper(&keeper, &key, mounted);
 
     // The next agent goes on from the table the last one left: the file opens again (an open
     // answered outside passthrough would fail with EIO while the reader holds it), and the
     // reader's descriptor still reads it.
-    let kept = keeper
-        .get()
-        .expect("the keeper answers")
-        .remove(&key)
-        .expect("kept");
+    let kept = kept_by(&keeper, &key);
     let again = mount::adopt(
         runtime.handle().clone(),
         open(&runtime, &layout, "v1", &cache),
