@@ -42,9 +42,9 @@ pub(crate) const PASSTHROUGH_HANDLE: u64 = 1;
 const QUEUED: usize = 4096;
 
 /// `FUSE_DEV_IOC_BACKING_OPEN`: `_IOW(229, 1, struct fuse_backing_map)`.
-const BACKING_OPEN: libc::c_ulong = ioc_write(1, std::mem::size_of::<BackingMap>());
+const BACKING_OPEN: u32 = ioc_write(1, std::mem::size_of::<BackingMap>());
 /// `FUSE_DEV_IOC_BACKING_CLOSE`: `_IOW(229, 2, uint32_t)`.
-const BACKING_CLOSE: libc::c_ulong = ioc_write(2, std::mem::size_of::<u32>());
+const BACKING_CLOSE: u32 = ioc_write(2, std::mem::size_of::<u32>());
 
 /// The kernel's `struct fuse_backing_map`.
 #[repr(C)]
@@ -54,11 +54,12 @@ struct BackingMap {
     padding: u64,
 }
 
-/// `_IOW(FUSE_DEV_IOC_MAGIC, nr, size)` on Linux's generic ioctl layout.
-const fn ioc_write(nr: u64, size: usize) -> libc::c_ulong {
-    const WRITE: u64 = 1;
-    const MAGIC: u64 = 229;
-    ((WRITE << 30) | ((size as u64) << 16) | (MAGIC << 8) | nr) as libc::c_ulong
+/// `_IOW(FUSE_DEV_IOC_MAGIC, nr, size)` on Linux's generic ioctl layout. (The request is a
+/// `c_ulong` to glibc and a `c_int` to musl: [`libc::Ioctl`] at the call.)
+const fn ioc_write(nr: u32, size: usize) -> u32 {
+    const WRITE: u32 = 1;
+    const MAGIC: u32 = 229;
+    (WRITE << 30) | ((size as u32) << 16) | (MAGIC << 8) | nr
 }
 
 /// The key a file's backing file is kept under: for a file that is one whole eStargz or
@@ -447,7 +448,7 @@ fn backing_open(device: &OwnedFd, file: &File) -> io::Result<u32> {
     };
     // SAFETY: the ioctl reads a `fuse_backing_map` from `&map`, which lives across the call;
     // both descriptors are open.
-    let id = unsafe { libc::ioctl(device.as_raw_fd(), BACKING_OPEN, &map) };
+    let id = unsafe { libc::ioctl(device.as_raw_fd(), BACKING_OPEN as libc::Ioctl, &map) };
     if id < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -457,7 +458,7 @@ fn backing_open(device: &OwnedFd, file: &File) -> io::Result<u32> {
 /// Gives backing id `id` back to the connection (open files keep their backing file).
 fn backing_close(device: &OwnedFd, id: u32) {
     // SAFETY: the ioctl reads a u32 from `&id`, which lives across the call.
-    let rc = unsafe { libc::ioctl(device.as_raw_fd(), BACKING_CLOSE, &id) };
+    let rc = unsafe { libc::ioctl(device.as_raw_fd(), BACKING_CLOSE as libc::Ioctl, &id) };
     if rc < 0 {
         let err = io::Error::last_os_error();
         tracing::debug!(%err, id, "closing a backing id");
