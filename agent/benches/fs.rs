@@ -487,27 +487,9 @@ fn peak_rss(
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let (done_tx, done_rx) = std::sync::mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if line.contains("background download complete") {
-                let _ = done_tx.send(());
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !std::fs::read_to_string("/proc/self/mounts")
-        .unwrap()
-        .contains(mnt.to_str().unwrap())
-    {
-        assert!(Instant::now() < deadline, "the mount did not appear");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let done_rx =
+        support::processes::on_line(child.stderr.take().unwrap(), "background download complete");
+    support::processes::wait_until_mounted(&mnt, Duration::from_secs(120));
     let mut read = 0;
     for d in 0..500 {
         for entry in std::fs::read_dir(mnt.join(format!("d{d:03}")))

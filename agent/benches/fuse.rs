@@ -91,27 +91,11 @@ fn mount(image: &str, mnt: &Path, cache: &Path, extra: &[&str]) -> Child {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("imgstream runs");
-    let (cached_tx, cached_rx) = std::sync::mpsc::channel();
-    let stderr = child.stderr.take().expect("piped");
-    std::thread::spawn(move || {
-        use std::io::BufRead as _;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if line.contains("background download complete") {
-                let _ = cached_tx.send(());
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string("/proc/self/mounts")
-        .expect("mounts")
-        .contains(mnt.to_str().expect("a UTF-8 path"))
-    {
-        assert!(Instant::now() < deadline, "the mount did not appear");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let cached_rx = support::processes::on_line(
+        child.stderr.take().expect("piped"),
+        "background download complete",
+    );
+    support::processes::wait_until_mounted(mnt, Duration::from_secs(60));
     if !extra.contains(&"--no-background") {
         cached_rx
             .recv_timeout(Duration::from_secs(60))

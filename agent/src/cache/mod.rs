@@ -260,10 +260,10 @@ impl ChunkCache {
         self.dir.join("files").join(key.hex())
     }
 
-    /// The backing file kept under `key` ([`ChunkCache::write_backing`]), if there is one.
-    pub fn backing(&self, key: &Digest) -> Option<PathBuf> {
-        let path = self.backing_path(key);
-        path.exists().then_some(path)
+    /// The backing file kept under `key` ([`ChunkCache::write_backing`]), opened for reading;
+    /// `None` if there is none (or it cannot be opened).
+    pub fn open_backing(&self, key: &Digest) -> Option<File> {
+        File::open(self.backing_path(key)).ok()
     }
 
     /// Writes the backing file of a whole file under `key`: the bytes `range` of each chunk

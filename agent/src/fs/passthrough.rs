@@ -134,7 +134,7 @@ fn count(stats: &PassthroughStats, counter: fn(&PassthroughStats) -> &AtomicU64)
 }
 
 /// Opens of one inode, by mode.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default)]
 struct Opens {
     cached: u32,
     /// The registered backing id and how many passthrough opens use it.
@@ -232,13 +232,15 @@ impl Passthrough {
             }
         }
         let key = backing_key(node);
-        let Some(path) = self.cache.backing(&key) else {
+        // One open when the backing file is there; when it is not, a stat per chunk until
+        // the first one missing.
+        let Some(file) = self.cache.open_backing(&key) else {
             if node.chunks.iter().all(|c| self.cache.contains(&c.digest)) {
                 self.queue(key, node);
             }
             return self.cached(ino);
         };
-        let id = match File::open(&path).and_then(|file| backing_open(device, &file)) {
+        let id = match backing_open(device, &file) {
             Ok(id) => id,
             Err(err) => {
                 count(&self.stats, |s| &s.failed);
@@ -251,7 +253,7 @@ impl Passthrough {
                     tracing::warn!(%err, cache = %self.cache.dir().display(), "FUSE passthrough turned off for this mount: the kernel refused a backing file; reads go through the agent");
                     self.set_enabled(false);
                 } else {
-                    tracing::warn!(%err, file = %path.display(), "a backing file could not be registered; this open goes through the agent");
+                    tracing::warn!(%err, %key, "a backing file could not be registered; this open goes through the agent");
                 }
                 return self.cached(ino);
             }

@@ -48,12 +48,7 @@ impl Mounted {
             cmd.stderr(std::fs::File::create(log).unwrap());
         }
         let child = cmd.spawn().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mounts = || std::fs::read_to_string("/proc/self/mounts").unwrap();
-        while !mounts().contains(mountpoint.to_str().unwrap()) {
-            assert!(Instant::now() < deadline, "the mount did not appear");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until_mounted(mountpoint, Duration::from_secs(20));
         Self {
             child,
             mountpoint: mountpoint.to_path_buf(),
@@ -331,4 +326,38 @@ pub fn imgstream_bin() -> PathBuf {
             .and_then(|exe| Some(exe.parent()?.parent()?.join("imgstream")))
             .unwrap_or_else(|| PathBuf::from("imgstream")),
     }
+}
+
+/// Waits until `mountpoint` shows in /proc/self/mounts; fails the caller after `within`.
+pub fn wait_until_mounted(mountpoint: &Path, within: Duration) {
+    let deadline = Instant::now() + within;
+    let path = mountpoint.to_str().expect("a UTF-8 mount point");
+    while !std::fs::read_to_string("/proc/self/mounts")
+        .expect("mounts")
+        .contains(path)
+    {
+        assert!(Instant::now() < deadline, "{path} was not mounted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Reads `stderr` to its end on a thread of its own (so the child never blocks on a full
+/// pipe); the receiver gets a message for every line that contains `needle`.
+pub fn on_line(
+    stderr: std::process::ChildStderr,
+    needle: &'static str,
+) -> std::sync::mpsc::Receiver<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains(needle) {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx
 }
