@@ -299,8 +299,14 @@ impl FuseChannel {
         // mio default add EPOLLET to event flags, so epoll will use edge-triggered mode.
         // It may let poll miss some event, so manually register the fd with only EPOLLIN flag
         // to use level-triggered mode.
+        //
+        // imgstream: EPOLLEXCLUSIVE, so that a request wakes one idle channel rather than all
+        // of them (every channel polls the same queue; the others woke only to find it empty).
         let epoll = poll.as_raw_fd();
-        let mut event = EpollEvent::new(EpollFlags::EPOLLIN, usize::from(FUSE_DEV_EVENT) as u64);
+        let mut event = EpollEvent::new(
+            EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE,
+            usize::from(FUSE_DEV_EVENT) as u64,
+        );
         epoll_ctl(
             epoll,
             EpollOp::EpollCtlAdd,
