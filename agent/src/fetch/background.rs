@@ -1,6 +1,7 @@
 //! The background download: every chunk of every layer into the cache, started at mount,
 //! yielding to on-demand reads, with a concurrency and an optional bandwidth cap. It is
-//! resumable for free: chunks already cached are cache hits and cost nothing. When it has
+//! resumable for free: chunks already in the cache are looked for (a stat each), never read
+//! or fetched again. When it has
 //! finished, no read touches the network.
 
 use std::{
@@ -358,22 +359,30 @@ fn run_batch(
     shutdown: &Shutdown,
     progress: &Progress,
 ) {
-    let bytes: u64 = batch
-        .chunks
-        .iter()
-        .map(|c| c.blob_end - c.blob_offset)
-        .sum();
-    if !pace(bytes) {
-        return;
-    }
+    let size = |c: &Chunk| c.blob_end - c.blob_offset;
+    let bytes: u64 = batch.chunks.iter().map(size).sum();
+    // A chunk already on disk is not read again, only looked for: on an image that is
+    // cached the download costs a stat per chunk, not a second read of the whole image
+    // competing with the containers reading it.
     let refs: Vec<ChunkRef<'_>> = batch
         .chunks
         .iter()
+        .filter(|c| !fetcher.cache().contains(&c.digest))
         .map(|chunk| ChunkRef {
             blob: batch.blob,
             chunk,
         })
         .collect();
+    if refs.is_empty() {
+        progress
+            .chunks_done
+            .fetch_add(batch.chunks.len(), Ordering::Relaxed);
+        progress.bytes_done.fetch_add(bytes, Ordering::Relaxed);
+        return;
+    }
+    if !pace(refs.iter().map(|r| size(r.chunk)).sum()) {
+        return;
+    }
     let deadline = Instant::now() + Duration::from_secs(300);
     if !config.quiet.is_zero() {
         fetcher.wait_quiet(config.quiet, deadline, shutdown);
