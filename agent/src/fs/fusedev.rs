@@ -681,6 +681,19 @@ mod tests {
                         "only the damaged file was read here: {reads}"
                     );
                     assert!(!dir.join("cache/files").join(damaged.hex()).exists());
+                    // Opened again and again: the backing id registered at its first open,
+                    // idle since, is used again; no open of the backing file, no ioctl.
+                    let (registered, opened) =
+                        (stats.registered.load(SeqCst), stats.opens.load(SeqCst));
+                    for _ in 0..3 {
+                        drop(std::fs::read(mnt.join("etc/file-4")).expect("it reads"));
+                    }
+                    assert_eq!(stats.opens.load(SeqCst), opened + 3);
+                    assert_eq!(
+                        stats.registered.load(SeqCst),
+                        registered,
+                        "no new backing id"
+                    );
                     // mmap and overlayfs on top (as containerd mounts it) pass through too.
                     let big = mnt.join("usr/lib/file-5");
                     let expected = std::fs::read(&big).expect("it reads");

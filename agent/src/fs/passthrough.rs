@@ -12,11 +12,15 @@
 //! agent, sharing the page cache) or in passthrough mode on one backing file, never both at
 //! once: an open in the other mode fails with EIO. So each inode's opens are counted here:
 //! while any open of an inode is in cached mode, its new opens are too; while it has a
-//! backing file registered, all of its opens use that one; the backing id is given back to
-//! the kernel when its last open is released.
+//! backing file registered, all of its opens use that one.
+//!
+//! A backing id stays registered when the last open of its file is released, so that the
+//! next open of the file (a program started again, a script included on every request) costs
+//! the round trip and nothing more: no open of the backing file, no registration. At most
+//! [`IDLE`] such ids per mount are kept, the least recently released given back first.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     fs::File,
     io,
     ops::Range,
@@ -40,6 +44,10 @@ pub(crate) const PASSTHROUGH_HANDLE: u64 = 1;
 /// Files waiting to be written as backing files, at most: a reader opening more than this
 /// many complete files at once gets the rest at its next opens.
 const QUEUED: usize = 4096;
+
+/// Backing ids kept registered with no open using them, at most, per mount. Each pins an open
+/// file (and its inode) in the kernel: about a kilobyte.
+const IDLE: usize = 1024;
 
 /// `FUSE_DEV_IOC_BACKING_OPEN`: `_IOW(229, 1, struct fuse_backing_map)`.
 const BACKING_OPEN: u32 = ioc_write(1, std::mem::size_of::<BackingMap>());
@@ -101,6 +109,8 @@ pub struct PassthroughStats {
     /// Opens served through the agent (the file is not complete, has no backing file yet,
     /// or another open of it is in cached mode).
     pub cached_opens: AtomicU64,
+    /// Backing ids registered with the kernel (an idle one is used again without this).
+    pub registered: AtomicU64,
     /// Backing files written by this mount.
     pub written: AtomicU64,
     /// Backing files that could not be written or registered.
@@ -118,6 +128,7 @@ impl PassthroughStats {
         Self {
             opens: AtomicU64::new(0),
             cached_opens: AtomicU64::new(0),
+            registered: AtomicU64::new(0),
             written: AtomicU64::new(0),
             failed: AtomicU64::new(0),
         }
@@ -137,8 +148,65 @@ fn count(stats: &PassthroughStats, counter: fn(&PassthroughStats) -> &AtomicU64)
 #[derive(Debug, Default)]
 struct Opens {
     cached: u32,
-    /// The registered backing id and how many passthrough opens use it.
+    /// The registered backing id and how many passthrough opens use it (none: it is idle).
     backing: Option<(u32, u32)>,
+    /// When its backing id last went idle, in [`Table::released`]'s count.
+    idle_since: u64,
+}
+
+/// Every inode with opens or an idle backing id.
+#[derive(Debug, Default)]
+struct Table {
+    opens: HashMap<u64, Opens>,
+    /// Inodes whose backing id went idle, oldest first, with when; an inode opened again
+    /// since is skipped when its turn comes (its `idle_since` no longer matches).
+    idle: VecDeque<(u64, u64)>,
+    /// Backing ids that went idle so far.
+    released: u64,
+}
+
+impl Table {
+    /// Counts down one open of `ino` (`passthrough`: in that mode); returns the backing ids
+    /// to give back to the kernel: the least recently used idle ones beyond [`IDLE`].
+    fn release(&mut self, ino: u64, passthrough: bool) -> Vec<u32> {
+        let Some(entry) = self.opens.get_mut(&ino) else {
+            return Vec::new();
+        };
+        match &mut entry.backing {
+            Some((_, n)) if passthrough && *n > 0 => {
+                *n -= 1;
+                if *n == 0 {
+                    self.released += 1;
+                    entry.idle_since = self.released;
+                    self.idle.push_back((ino, self.released));
+                }
+            }
+            _ if !passthrough => entry.cached = entry.cached.saturating_sub(1),
+            _ => {}
+        }
+        if entry.cached == 0 && entry.backing.is_none() {
+            self.opens.remove(&ino);
+        }
+        let mut closed = Vec::new();
+        while self.idle.len() > IDLE {
+            let Some((ino, since)) = self.idle.pop_front() else {
+                break;
+            };
+            let Some(entry) = self.opens.get_mut(&ino) else {
+                continue;
+            };
+            if let Some((id, 0)) = entry.backing
+                && entry.idle_since == since
+            {
+                closed.push(id);
+                entry.backing = None;
+                if entry.cached == 0 {
+                    self.opens.remove(&ino);
+                }
+            }
+        }
+        closed
+    }
 }
 
 /// A file to write as a backing file: its key and each chunk's part.
@@ -150,7 +218,7 @@ pub(crate) struct Passthrough {
     device: OnceLock<OwnedFd>,
     /// Negotiated at INIT, and still working (a refused registration turns it off).
     enabled: AtomicBool,
-    opens: Mutex<HashMap<u64, Opens>>,
+    opens: Mutex<Table>,
     cache: Arc<ChunkCache>,
     queue: Mutex<Option<mpsc::SyncSender<Job>>>,
     queued: Arc<Mutex<HashSet<Digest>>>,
@@ -186,7 +254,7 @@ impl Passthrough {
         Self {
             device: OnceLock::new(),
             enabled: AtomicBool::new(false),
-            opens: Mutex::new(HashMap::new()),
+            opens: Mutex::default(),
             cache,
             queue: Mutex::new(None),
             queued: Arc::new(Mutex::new(HashSet::new())),
@@ -219,7 +287,7 @@ impl Passthrough {
         };
         {
             let mut opens = crate::sync::lock(&self.opens);
-            let entry = opens.entry(ino).or_default();
+            let entry = opens.opens.entry(ino).or_default();
             if entry.cached > 0 {
                 entry.cached += 1;
                 count(&self.stats, |s| &s.cached_opens);
@@ -241,7 +309,10 @@ impl Passthrough {
             return self.cached(ino);
         };
         let id = match backing_open(device, &file) {
-            Ok(id) => id,
+            Ok(id) => {
+                count(&self.stats, |s| &s.registered);
+                id
+            }
             Err(err) => {
                 count(&self.stats, |s| &s.failed);
                 // EPERM (no CAP_SYS_ADMIN), EOPNOTSUPP (not negotiated after all), ELOOP
@@ -259,7 +330,7 @@ impl Passthrough {
             }
         };
         let mut opens = crate::sync::lock(&self.opens);
-        let entry = opens.entry(ino).or_default();
+        let entry = opens.opens.entry(ino).or_default();
         match &mut entry.backing {
             // Another open registered one meanwhile: use it, give ours back.
             Some((theirs, n)) => {
@@ -288,6 +359,7 @@ impl Passthrough {
     /// Counts a cached-mode open of `ino`.
     fn cached(&self, ino: u64) -> Open {
         crate::sync::lock(&self.opens)
+            .opens
             .entry(ino)
             .or_default()
             .cached += 1;
@@ -297,28 +369,11 @@ impl Passthrough {
 
     /// An open of `ino` answered with `handle` was released.
     pub(crate) fn release(&self, ino: u64, handle: u64) {
-        let mut opens = crate::sync::lock(&self.opens);
-        let Some(entry) = opens.get_mut(&ino) else {
-            return;
-        };
-        let mut closed = None;
-        if handle == PASSTHROUGH_HANDLE {
-            if let Some((id, n)) = &mut entry.backing {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    closed = Some(*id);
-                    entry.backing = None;
-                }
+        let closed = crate::sync::lock(&self.opens).release(ino, handle == PASSTHROUGH_HANDLE);
+        if let Some(device) = self.device.get() {
+            for id in closed {
+                backing_close(device, id);
             }
-        } else {
-            entry.cached = entry.cached.saturating_sub(1);
-        }
-        if entry.cached == 0 && entry.backing.is_none() {
-            opens.remove(&ino);
-        }
-        drop(opens);
-        if let (Some(id), Some(device)) = (closed, self.device.get()) {
-            backing_close(device, id);
         }
     }
 
@@ -392,11 +447,26 @@ impl Passthrough {
 
     /// The open counts and backing ids, for the next agent to serve the connection with
     /// ([`Passthrough::take_over`]): a line `ino backing-id passthrough-opens cached-opens`
-    /// per open inode. Taken once no request is being served.
+    /// per inode with opens or an idle backing id (0 opens). Taken once no request is being
+    /// served.
     pub(crate) fn hand_over(&self) -> String {
-        let opens = crate::sync::lock(&self.opens);
+        let table = crate::sync::lock(&self.opens);
         let mut text = String::new();
-        for (ino, o) in opens.iter() {
+        // Idle ones oldest first, so that the next agent gives them back in the same order.
+        let idle = table
+            .idle
+            .iter()
+            .filter(|(ino, since)| table.opens.get(ino).is_some_and(|o| o.idle_since == *since))
+            .map(|(ino, _)| *ino);
+        let busy = table
+            .opens
+            .iter()
+            .filter(|(_, o)| o.backing.is_none_or(|(_, n)| n > 0))
+            .map(|(ino, _)| *ino);
+        for ino in idle.chain(busy) {
+            let Some(o) = table.opens.get(&ino) else {
+                continue;
+            };
             let (id, n) = o.backing.unwrap_or((0, 0));
             text.push_str(&format!("{ino} {id} {n} {}\n", o.cached));
         }
@@ -408,7 +478,7 @@ impl Passthrough {
     /// other mode would fail with EIO). `None` when `text` is not such a table, or names an
     /// inode that is not a file of `tree`.
     pub(crate) fn take_over(&self, text: &str, is_file: impl Fn(u64) -> bool) -> Option<()> {
-        let mut table = HashMap::new();
+        let mut table = Table::default();
         for line in text.lines() {
             let mut fields = line.split(' ').map(str::parse::<u64>);
             let (Some(Ok(ino)), Some(Ok(id)), Some(Ok(n)), Some(Ok(cached)), None) = (
@@ -428,8 +498,21 @@ impl Passthrough {
                 u32::try_from(n).ok()?,
                 u32::try_from(cached).ok()?,
             );
-            let backing = (id > 0 && n > 0).then_some((id, n));
-            table.insert(ino, Opens { cached, backing });
+            let backing = (id > 0).then_some((id, n));
+            if table.opens.contains_key(&ino) {
+                return None;
+            }
+            let mut opens = Opens {
+                cached,
+                backing,
+                idle_since: 0,
+            };
+            if backing.is_some() && n == 0 {
+                table.released += 1;
+                opens.idle_since = table.released;
+                table.idle.push_back((ino, table.released));
+            }
+            table.opens.insert(ino, opens);
         }
         *crate::sync::lock(&self.opens) = table;
         Some(())
@@ -479,40 +562,99 @@ mod tests {
     }
 
     #[test]
+    fn idle_backing_ids_are_kept_up_to_the_bound_and_the_oldest_given_back() {
+        let mut table = Table::default();
+        let open = |table: &mut Table, ino: u64, id: u32| {
+            let entry = table.opens.entry(ino).or_default();
+            match &mut entry.backing {
+                Some((_, n)) => *n += 1,
+                None => entry.backing = Some((id, 1)),
+            }
+        };
+        for ino in 0..IDLE as u64 {
+            open(&mut table, ino, ino as u32 + 1);
+            assert!(table.release(ino, true).is_empty());
+        }
+        // Inode 0 is used again: inode 1 is now the least recently released.
+        open(&mut table, 0, 0);
+        assert!(table.release(0, true).is_empty());
+        assert_eq!(table.opens.len(), IDLE);
+        open(&mut table, 5000, 5001);
+        assert_eq!(
+            table.release(5000, true),
+            vec![2],
+            "inode 1's id given back"
+        );
+        assert!(!table.opens.contains_key(&1));
+        assert_eq!(table.opens.get(&0).and_then(|o| o.backing), Some((1, 0)));
+        // One open still held is never given back, however long ago it was opened.
+        open(&mut table, 2, 0);
+        for ino in 6000..6000 + 2 * IDLE as u64 {
+            open(&mut table, ino, 9);
+            let _ = table.release(ino, true);
+        }
+        assert_eq!(table.opens.get(&2).and_then(|o| o.backing), Some((3, 1)));
+        assert!(table.idle.len() <= IDLE, "the queue is bounded too");
+        let idle = table
+            .opens
+            .values()
+            .filter(|o| matches!(o.backing, Some((_, 0))))
+            .count();
+        assert_eq!(idle, IDLE);
+    }
+
+    #[test]
     fn the_open_counts_are_handed_over_and_garbage_is_refused() {
         let (dir, cache) = crate::testing::scratch_cache("passthrough-handover");
         let before = Passthrough::new(cache.clone());
         {
-            let mut opens = crate::sync::lock(&before.opens);
-            opens.insert(
+            let mut table = crate::sync::lock(&before.opens);
+            table.opens.insert(
                 7,
                 Opens {
-                    cached: 0,
                     backing: Some((3, 2)),
+                    ..Opens::default()
                 },
             );
-            opens.insert(
+            table.opens.insert(
                 9,
                 Opens {
                     cached: 1,
-                    backing: None,
+                    ..Opens::default()
                 },
             );
+            table.opens.insert(
+                11,
+                Opens {
+                    backing: Some((5, 1)),
+                    ..Opens::default()
+                },
+            );
+            assert!(table.release(11, true).is_empty(), "kept registered, idle");
         }
         let table = before.hand_over();
         let after = Passthrough::new(cache.clone());
         assert!(
             after
-                .take_over(&table, |ino| ino == 7 || ino == 9)
+                .take_over(&table, |ino| [7, 9, 11].contains(&ino))
                 .is_some()
         );
         // The old opens' releases come to the new agent and count down what it took over.
         after.release(7, PASSTHROUGH_HANDLE);
         after.release(9, 0);
         {
-            let opens = crate::sync::lock(&after.opens);
-            assert_eq!(opens.get(&7).and_then(|o| o.backing), Some((3, 1)));
-            assert!(!opens.contains_key(&9), "its last cached open was released");
+            let table = crate::sync::lock(&after.opens);
+            assert_eq!(table.opens.get(&7).and_then(|o| o.backing), Some((3, 1)));
+            assert!(
+                !table.opens.contains_key(&9),
+                "its last cached open was released"
+            );
+            assert_eq!(table.opens.get(&11).and_then(|o| o.backing), Some((5, 0)));
+            assert_eq!(
+                table.idle.len(),
+                1,
+                "idle, and given back first when it comes to that"
+            );
         }
         let fresh = Passthrough::new(cache);
         for garbage in [
@@ -522,13 +664,14 @@ mod tests {
             "7 3 2 -1",
             "8 3 2 0",
             "7 99999999999 1 0",
+            "7 3 1 0\n7 3 1 0",
         ] {
             assert!(
                 fresh.take_over(garbage, |ino| ino == 7).is_none(),
                 "{garbage:?} refused"
             );
         }
-        assert!(crate::sync::lock(&fresh.opens).is_empty());
+        assert!(crate::sync::lock(&fresh.opens).opens.is_empty());
         let _ = std::fs::remove_dir_all(dir);
     }
 }
