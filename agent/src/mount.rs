@@ -656,17 +656,11 @@ impl MountedImage {
 
     /// Stops serving (after the requests being served are answered) and the background
     /// download, and leaves the mount for the next agent, whose keeper holds the connection.
+    /// (The passthrough ledger stays for it: see [`crate::fs::passthrough::ledger`].)
     pub fn leave_mounted(mut self) {
         self.served.stop.trigger();
         if let Some(mount) = self.mount.take() {
-            let handover = handover_path(mount.mountpoint());
             mount.leave_mounted();
-            // Taken once no request is served: the open counts the next agent goes on from.
-            if let Some(table) = self.served.fs.hand_over_passthrough()
-                && let Err(err) = crate::private::write(&handover, table.as_bytes())
-            {
-                tracing::warn!(%err, file = %handover.display(), "the passthrough state was not handed over; the next agent serves every open through itself");
-            }
         }
     }
 }
@@ -674,7 +668,11 @@ impl MountedImage {
 impl Drop for MountedImage {
     fn drop(&mut self) {
         self.served.stop.trigger();
-        self.mount.take();
+        if let Some(mount) = self.mount.take() {
+            let ledger = ledger_path(mount.mountpoint());
+            drop(mount);
+            let _ = std::fs::remove_file(ledger);
+        }
     }
 }
 
@@ -811,6 +809,12 @@ pub fn mount(
     if let Some(device) = mount.fuse_fd().and_then(|fd| fd.try_clone_to_owned().ok()) {
         served.fs.attach_fuse_device(device);
     }
+    let ledger = ledger_path(mountpoint);
+    let kept = connection_at(mountpoint)
+        .and_then(|connection| served.fs.keep_passthrough_ledger(&ledger, connection));
+    if let Err(err) = kept {
+        tracing::warn!(%err, path = %ledger.display(), "no passthrough ledger: if this agent is killed, files held open in passthrough mode fail to open until closed");
+    }
     raise_readahead_when_cached(&mount, &served);
     tracing::info!(mountpoint = %mountpoint.display(), files, view = ?options.view, "image mounted");
     Ok(MountedImage {
@@ -843,15 +847,16 @@ pub fn adopt(
         });
     }
     let file = std::fs::File::from(kept.fd);
-    // Passthrough goes on only from the previous agent's table (it left the mount on purpose
-    // and said which files are open in which mode); after a crash, nothing is known of them
-    // and every open is served here.
-    let handover = handover_path(mountpoint);
-    let table = std::fs::read_to_string(&handover).ok();
-    let _ = std::fs::remove_file(&handover);
+    // Passthrough goes on from the ledger of the agents before this one on the connection,
+    // which says which files are open in which mode, whether the last one left or was
+    // killed; without it every open is served here.
     let device = file.try_clone().ok().map(std::os::fd::OwnedFd::from);
-    let passing = match (table, device) {
-        (Some(table), Some(device)) => served.fs.take_over_passthrough(&table, device),
+    let passing = match (connection_at(mountpoint), device) {
+        (Ok(connection), Some(device)) => {
+            served
+                .fs
+                .take_over_passthrough(&ledger_path(mountpoint), connection, device)
+        }
         _ => false,
     };
     tracing::info!(mountpoint = %mountpoint.display(), passthrough = passing, "passthrough on the adopted connection");
@@ -870,11 +875,23 @@ pub fn adopt(
     })
 }
 
-/// Where an agent leaving a mount for the next one writes its passthrough state.
-fn handover_path(mountpoint: &Path) -> std::path::PathBuf {
+/// Where the agents serving a mount keep its passthrough ledger.
+fn ledger_path(mountpoint: &Path) -> std::path::PathBuf {
     let mut path = mountpoint.as_os_str().to_owned();
     path.push(".passthrough");
     path.into()
+}
+
+/// The FUSE connection mounted at `mountpoint`, by its device number, found in mountinfo
+/// (a stat of the mount point would ask the filesystem, which may not be served yet).
+fn connection_at(mountpoint: &Path) -> std::io::Result<u64> {
+    let absolute = std::path::absolute(mountpoint)?;
+    crate::mountinfo::device(&crate::mountinfo::read()?, &absolute).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{} is not in mountinfo", absolute.display()),
+        )
+    })
 }
 
 /// Once the background download has cached the whole image, readahead costs no network:

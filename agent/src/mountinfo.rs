@@ -15,6 +15,26 @@ pub fn mounts(mountinfo: &str) -> impl Iterator<Item = (PathBuf, &str)> {
     })
 }
 
+/// The device number (`makedev(major, minor)`) of what is mounted at `mount_point` in
+/// `mountinfo` text (the last mount there: the one on top). For a FUSE mount it names the
+/// connection.
+pub fn device(mountinfo: &str, mount_point: &std::path::Path) -> Option<u64> {
+    mountinfo
+        .lines()
+        .rev()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let device = fields.nth(2)?;
+            let at = fields.nth(1)?;
+            (std::path::Path::new(&unescape_octal(at)) == mount_point).then_some(device)
+        })
+        .next()
+        .and_then(|device| {
+            let (major, minor) = device.split_once(':')?;
+            Some(libc::makedev(major.parse().ok()?, minor.parse().ok()?))
+        })
+}
+
 /// The mounts of this process's namespace, as [`mounts`] gives them.
 pub fn read() -> std::io::Result<String> {
     std::fs::read_to_string("/proc/self/mountinfo")
@@ -61,5 +81,18 @@ garbage
                 (PathBuf::from("/tail\\04"), "tmpfs"),
             ]
         );
+    }
+
+    #[test]
+    fn the_device_is_the_top_mounts_at_that_point() {
+        let info = "\
+36 35 0:30 / /var/lib/a\\040b rw - fuse.imgstream imgstream ro
+40 36 0:77 / /var/lib/a\\040b rw - fuse.imgstream imgstream ro
+garbage
+37 35 259:1 / /tail rw shared:1 - ext4 /dev/x rw";
+        let at = |p: &str| device(info, std::path::Path::new(p));
+        assert_eq!(at("/var/lib/a b"), Some(libc::makedev(0, 77)));
+        assert_eq!(at("/tail"), Some(libc::makedev(259, 1)));
+        assert_eq!(at("/nowhere"), None);
     }
 }

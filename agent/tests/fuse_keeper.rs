@@ -1,7 +1,8 @@
 //! `imgstream fuse-keeper` as a process: it stops on SIGTERM (it used to be SIGKILLed every
 //! time: its signal task sat on a runtime nothing drove) and removes its socket; and a
 //! connection it kept is served again only by a tree with the inode layout it was serving;
-//! and a file a reader holds open in passthrough mode opens again after a graceful restart.
+//! and a file a reader holds open in passthrough mode opens again after a graceful restart
+//! and after the agent was killed.
 
 mod support;
 
@@ -286,6 +287,171 @@ fn a_file_held_open_in_passthrough_mode_opens_again_after_a_graceful_restart() {
     assert!(from_held == content[5000..6000]);
     drop((held, second));
     keeper.del(&key).expect("the keeper lets go");
+    drop(again);
+    drop(keeper_process);
+    support::umount_below(&scratch);
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
+/// The image and the places the passthrough restart tests share with their killed agent.
+struct PassthroughScene {
+    scratch: std::path::PathBuf,
+    layout: std::path::PathBuf,
+    options: mount::MountOptions,
+    mountpoint: std::path::PathBuf,
+    socket: std::path::PathBuf,
+    content: Vec<u8>,
+}
+
+impl PassthroughScene {
+    /// In `scratch`, made by the caller (the test) or found (its agent process).
+    fn at(scratch: &Path) -> Self {
+        Self {
+            scratch: scratch.to_path_buf(),
+            layout: scratch.join("layout"),
+            options: support::local_mount_options(
+                &scratch.join("cache"),
+                std::time::Duration::from_secs(30),
+            ),
+            mountpoint: scratch.join("mnt"),
+            socket: scratch.join("keeper.sock"),
+            content: support::noise(3, 300_000),
+        }
+    }
+
+    fn make(&self, runtime: &tokio::runtime::Runtime) {
+        let tree = self.scratch.join("tree");
+        std::fs::create_dir_all(tree.join("bin")).expect("a scratch directory");
+        std::fs::write(tree.join("bin/app"), &self.content).expect("a scratch file");
+        runtime.block_on(support::build_image(
+            &self.layout,
+            "v1",
+            &[tree],
+            &["/bin/true"],
+        ));
+        std::fs::create_dir_all(&self.mountpoint).expect("a mount point");
+    }
+
+    fn key(&self) -> String {
+        self.mountpoint.display().to_string()
+    }
+}
+
+/// The agent the next test kills: run by it as a process of its own (this test binary, with
+/// `IMGSTREAM_TEST_AGENT_DIR` set), never on its own. Mounts the scene's image, hands the
+/// connection to the keeper as the snapshotter does at mount time, reads `bin/app` until its
+/// opens pass through, says `READY` and waits.
+#[test]
+#[ignore = "run by a_file_held_open_in_passthrough_mode_opens_again_after_the_agent_is_killed"]
+fn passthrough_agent_to_be_killed() {
+    let Some(dir) = std::env::var_os("IMGSTREAM_TEST_AGENT_DIR") else {
+        return;
+    };
+    let scene = PassthroughScene::at(Path::new(&dir));
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let cache = Arc::new(ChunkCache::open(&scene.options.cache).expect("a cache"));
+    let mounted = mount::mount(
+        runtime.handle().clone(),
+        open(&runtime, &scene.layout, "v1", &cache),
+        cache.clone(),
+        &scene.mountpoint,
+        &scene.options,
+    )
+    .expect("it mounts");
+    Keeper::new(&scene.socket)
+        .put(
+            &scene.key(),
+            &mounted.layout(),
+            mounted.fuse_fd().expect("a FUSE descriptor"),
+        )
+        .expect("the keeper takes it");
+    if !mounted.passthrough_enabled() {
+        println!("NO-PASSTHROUGH");
+    } else {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !open_counting(&scene.mountpoint.join("bin/app")).2 {
+            assert!(std::time::Instant::now() < deadline, "never passed through");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        println!("READY");
+    }
+    std::io::Write::flush(&mut std::io::stdout()).expect("said");
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(60));
+    }
+}
+
+#[test]
+fn a_file_held_open_in_passthrough_mode_opens_again_after_the_agent_is_killed() {
+    use std::io::BufRead as _;
+    support::require_root();
+    let scratch = support::scratch("fuse-keeper-killed");
+    let scene = PassthroughScene::at(&scratch);
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    scene.make(&runtime);
+    let keeper_process = FuseKeeper::start(&scene.socket);
+    let keeper = Keeper::new(&keeper_process.socket);
+    let mut agent = std::process::Command::new(std::env::current_exe().expect("this test"))
+        .args([
+            "--exact",
+            "passthrough_agent_to_be_killed",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("IMGSTREAM_TEST_AGENT_DIR", &scratch)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("the agent runs");
+    let said = std::io::BufReader::new(agent.stdout.take().expect("piped"))
+        .lines()
+        .map_while(Result::ok)
+        .find(|line| line == "READY" || line == "NO-PASSTHROUGH");
+    let app = scene.mountpoint.join("bin/app");
+    if said.as_deref() != Some("READY") {
+        let _ = agent.kill();
+        let _ = agent.wait();
+        assert_eq!(
+            said.as_deref(),
+            Some("NO-PASSTHROUGH"),
+            "the agent got ready"
+        );
+        eprintln!(
+            "this kernel has no FUSE passthrough: a killed agent's successor is not tested with it"
+        );
+        support::umount_below(&scratch);
+        let _ = std::fs::remove_dir_all(&scratch);
+        return;
+    }
+    // Held open, in passthrough mode (the agent has the file's backing id idle), as a running
+    // program holds its binary; then the agent is killed with no chance to say anything.
+    let held = std::fs::File::open(&app).expect("it opens");
+    agent.kill().expect("killed");
+    agent.wait().expect("reaped");
+
+    // The next agent goes on from the ledger the killed one kept: the file opens again (an
+    // open answered outside passthrough would fail with EIO while the reader holds it).
+    let cache = Arc::new(ChunkCache::open(&scene.options.cache).expect("a cache"));
+    let again = mount::adopt(
+        runtime.handle().clone(),
+        open(&runtime, &scene.layout, "v1", &cache),
+        cache.clone(),
+        &scene.mountpoint,
+        kept_by(&keeper, &scene.key()),
+        &scene.options,
+    )
+    .expect("served again");
+    assert!(again.passthrough_enabled(), "passthrough goes on");
+    let (second, bytes, through) = open_counting(&app);
+    assert!(
+        bytes == scene.content && through,
+        "opened again, in passthrough"
+    );
+    let mut from_held = vec![0; 1000];
+    std::os::unix::fs::FileExt::read_exact_at(&held, &mut from_held, 5000)
+        .expect("the held descriptor reads");
+    assert!(from_held == scene.content[5000..6000]);
+    drop((held, second));
+    keeper.del(&scene.key()).expect("the keeper lets go");
     drop(again);
     drop(keeper_process);
     support::umount_below(&scratch);

@@ -6,8 +6,9 @@
 //! holds a duplicate of each lazy layer's descriptor, handed over on a unix socket
 //! (SCM_RIGHTS) and keyed by mount point. A restarted agent takes the descriptors back and
 //! serves the same mounts again: inode numbers come from the layer's TOC, so they name the
-//! same files, and the only state of opens (which are in passthrough mode) is handed over by
-//! the agent that leaves ([`crate::mount::MountedImage::leave_mounted`]). It then asks the
+//! same files, and the only state of opens (which are in passthrough mode) is in a ledger the
+//! agents keep next to the mount point, current however the last one ended
+//! ([`crate::fs::passthrough::ledger`]). It then asks the
 //! kernel to queue again the requests the old agent had read but not answered
 //! (`FUSE_NOTIFY_RESEND`, Linux 6.9), so a read that was in flight when the agent died is
 //! answered by the new one instead of hanging. Requests made while no agent runs wait in the

@@ -18,6 +18,7 @@ pub mod virtiofs;
 use std::{
     ffi::CStr,
     io,
+    path::Path,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -231,31 +232,81 @@ impl ImageFs {
         self.passthrough.pending()
     }
 
-    /// What the next agent needs to go on with passthrough on this connection
-    /// ([`ImageFs::take_over_passthrough`]); `None` when passthrough is off.
-    pub fn hand_over_passthrough(&self) -> Option<String> {
-        self.passthrough
-            .enabled()
-            .then(|| self.passthrough.hand_over())
+    /// Keeps the passthrough open counts in a ledger file at `path` for FUSE connection
+    /// `connection` (see [`passthrough::ledger`]), so that the next agent on the connection
+    /// goes on from them even if this one is killed. Nothing when passthrough is not asked
+    /// for.
+    pub fn keep_passthrough_ledger(&self, path: &Path, connection: u64) -> io::Result<()> {
+        if !self.config.passthrough {
+            return Ok(());
+        }
+        let ledger = passthrough::ledger::Ledger::create(path, connection, self.inode_slots())?;
+        self.passthrough.keep_ledger(ledger);
+        Ok(())
     }
 
-    /// Goes on with passthrough on an adopted connection, on `device`, from what the
-    /// previous agent handed over. Returns whether it did: without a valid table, every open
-    /// is served through the agent (the modes the kernel has open files in are unknown).
-    pub fn take_over_passthrough(&self, table: &str, device: std::os::fd::OwnedFd) -> bool {
-        let taken = self
-            .passthrough
-            .take_over(table, |ino| {
-                self.tree
-                    .get(ino)
-                    .is_some_and(|inode| inode.kind == Kind::Regular)
-            })
-            .is_some();
-        if taken {
-            self.passthrough.set_enabled(true);
-            self.passthrough.attach(device);
+    /// Goes on with passthrough on an adopted connection `connection`, on `device`, from the
+    /// ledger at `path` the previous agent kept (or the table an agent before the ledger
+    /// wrote there), and keeps the ledger from here on. Returns whether it did: without
+    /// either, every open is served through the agent (the modes the kernel has open files
+    /// in are unknown).
+    pub fn take_over_passthrough(
+        &self,
+        path: &Path,
+        connection: u64,
+        device: std::os::fd::OwnedFd,
+    ) -> bool {
+        use passthrough::ledger::Ledger;
+        if !self.config.passthrough {
+            return false;
         }
-        taken
+        let is_file = |ino| {
+            self.tree
+                .get(ino)
+                .is_some_and(|inode| inode.kind == Kind::Regular)
+        };
+        let slots = self.inode_slots();
+        let ledger = match Ledger::open(path, connection, slots) {
+            Ok(Some(ledger)) => {
+                let lines: Vec<_> = ledger.lines().collect();
+                if self
+                    .passthrough
+                    .take_over(lines.into_iter(), is_file)
+                    .is_none()
+                {
+                    return false;
+                }
+                Some(ledger)
+            }
+            Ok(None) => {
+                let taken = std::fs::read_to_string(path)
+                    .ok()
+                    .as_deref()
+                    .and_then(passthrough::parse_table)
+                    .and_then(|lines| self.passthrough.take_over(lines.into_iter(), is_file));
+                if taken.is_none() {
+                    return false;
+                }
+                Ledger::create(path, connection, slots)
+                    .inspect_err(|err| tracing::warn!(%err, path = %path.display(), "no passthrough ledger: a crash of this agent will leave files held open in passthrough mode failing to open"))
+                    .ok()
+            }
+            Err(err) => {
+                tracing::warn!(%err, path = %path.display(), "no passthrough ledger to go on from");
+                return false;
+            }
+        };
+        if let Some(ledger) = ledger {
+            self.passthrough.keep_ledger(ledger);
+        }
+        self.passthrough.set_enabled(true);
+        self.passthrough.attach(device);
+        true
+    }
+
+    /// Inode numbers the tree uses are below this.
+    fn inode_slots(&self) -> u64 {
+        self.tree.iter().map(|inode| inode.ino).max().unwrap_or(0) + 1
     }
 
     fn inode(&self, ino: u64) -> io::Result<&tree::Inode> {

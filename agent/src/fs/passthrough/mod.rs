@@ -32,6 +32,9 @@ use std::{
     },
 };
 
+pub(crate) mod ledger;
+
+use self::ledger::{Ledger, Line};
 use crate::{
     cache::ChunkCache,
     image::estargz::{Chunk, Node, Unit},
@@ -163,9 +166,47 @@ struct Table {
     idle: VecDeque<(u64, u64)>,
     /// Backing ids that went idle so far.
     released: u64,
+    /// Where each change is written for the next agent, when one is kept.
+    ledger: Option<Ledger>,
 }
 
 impl Table {
+    /// Writes inode `ino`'s counts to the ledger: call after every change to them.
+    fn note(&self, ino: u64) {
+        if let Some(ledger) = &self.ledger {
+            let line = self.opens.get(&ino).map(|o| Line {
+                cached: o.cached,
+                backing: o.backing,
+            });
+            ledger.record(ino, line);
+        }
+    }
+
+    /// A table from the lines a previous agent left, if each names a file (`is_file`).
+    fn from_lines(
+        lines: impl Iterator<Item = (u64, Line)>,
+        is_file: impl Fn(u64) -> bool,
+    ) -> Option<Self> {
+        let mut table = Table::default();
+        for (ino, line) in lines {
+            if !is_file(ino) || table.opens.contains_key(&ino) {
+                return None;
+            }
+            let mut opens = Opens {
+                cached: line.cached,
+                backing: line.backing,
+                idle_since: 0,
+            };
+            if matches!(line.backing, Some((_, 0))) {
+                table.released += 1;
+                opens.idle_since = table.released;
+                table.idle.push_back((ino, table.released));
+            }
+            table.opens.insert(ino, opens);
+        }
+        Some(table)
+    }
+
     /// Counts down one open of `ino` (`passthrough`: in that mode); returns the backing ids
     /// to give back to the kernel: the least recently used idle ones beyond [`IDLE`].
     fn release(&mut self, ino: u64, passthrough: bool) -> Vec<u32> {
@@ -187,6 +228,7 @@ impl Table {
         if entry.cached == 0 && entry.backing.is_none() {
             self.opens.remove(&ino);
         }
+        self.note(ino);
         let mut closed = Vec::new();
         while self.idle.len() > IDLE {
             let Some((ino, since)) = self.idle.pop_front() else {
@@ -203,6 +245,7 @@ impl Table {
                 if entry.cached == 0 {
                     self.opens.remove(&ino);
                 }
+                self.note(ino);
             }
         }
         closed
@@ -286,17 +329,20 @@ impl Passthrough {
             return self.cached(ino);
         };
         {
-            let mut opens = crate::sync::lock(&self.opens);
-            let entry = opens.opens.entry(ino).or_default();
+            let mut table = crate::sync::lock(&self.opens);
+            let entry = table.opens.entry(ino).or_default();
             if entry.cached > 0 {
                 entry.cached += 1;
+                table.note(ino);
                 count(&self.stats, |s| &s.cached_opens);
                 return Open::Cached;
             }
             if let Some((id, n)) = &mut entry.backing {
                 *n += 1;
+                let id = *id;
+                table.note(ino);
                 count(&self.stats, |s| &s.opens);
-                return Open::Backing(*id);
+                return Open::Backing(id);
             }
         }
         let key = backing_key(node);
@@ -309,6 +355,12 @@ impl Passthrough {
             return self.cached(ino);
         };
         let id = match backing_open(device, &file) {
+            Ok(id) if id > ledger::ID_MAX => {
+                // Never seen (the kernel numbers them from 1, lowest free first), but the
+                // ledger could not hold it.
+                backing_close(device, id);
+                return self.cached(ino);
+            }
             Ok(id) => {
                 count(&self.stats, |s| &s.registered);
                 id
@@ -329,40 +381,39 @@ impl Passthrough {
                 return self.cached(ino);
             }
         };
-        let mut opens = crate::sync::lock(&self.opens);
-        let entry = opens.opens.entry(ino).or_default();
-        match &mut entry.backing {
+        let mut table = crate::sync::lock(&self.opens);
+        let entry = table.opens.entry(ino).or_default();
+        let (answer, spare) = match &mut entry.backing {
             // Another open registered one meanwhile: use it, give ours back.
             Some((theirs, n)) => {
                 *n += 1;
-                let theirs = *theirs;
-                drop(opens);
-                backing_close(device, id);
                 count(&self.stats, |s| &s.opens);
-                Open::Backing(theirs)
+                (Open::Backing(*theirs), Some(id))
             }
             None if entry.cached > 0 => {
                 entry.cached += 1;
-                drop(opens);
-                backing_close(device, id);
                 count(&self.stats, |s| &s.cached_opens);
-                Open::Cached
+                (Open::Cached, Some(id))
             }
             None => {
                 entry.backing = Some((id, 1));
                 count(&self.stats, |s| &s.opens);
-                Open::Backing(id)
+                (Open::Backing(id), None)
             }
+        };
+        table.note(ino);
+        drop(table);
+        if let Some(spare) = spare {
+            backing_close(device, spare);
         }
+        answer
     }
 
     /// Counts a cached-mode open of `ino`.
     fn cached(&self, ino: u64) -> Open {
-        crate::sync::lock(&self.opens)
-            .opens
-            .entry(ino)
-            .or_default()
-            .cached += 1;
+        let mut table = crate::sync::lock(&self.opens);
+        table.opens.entry(ino).or_default().cached += 1;
+        table.note(ino);
         count(&self.stats, |s| &s.cached_opens);
         Open::Cached
     }
@@ -445,41 +496,47 @@ impl Passthrough {
         }
     }
 
-    /// The open counts and backing ids, for the next agent to serve the connection with
-    /// ([`Passthrough::take_over`]): a line `ino backing-id passthrough-opens cached-opens`
-    /// per inode with opens or an idle backing id (0 opens). Taken once no request is being
-    /// served.
-    pub(crate) fn hand_over(&self) -> String {
-        let table = crate::sync::lock(&self.opens);
-        let mut text = String::new();
-        // Idle ones oldest first, so that the next agent gives them back in the same order.
-        let idle = table
-            .idle
-            .iter()
-            .filter(|(ino, since)| table.opens.get(ino).is_some_and(|o| o.idle_since == *since))
-            .map(|(ino, _)| *ino);
-        let busy = table
-            .opens
-            .iter()
-            .filter(|(_, o)| o.backing.is_none_or(|(_, n)| n > 0))
-            .map(|(ino, _)| *ino);
-        for ino in idle.chain(busy) {
-            let Some(o) = table.opens.get(&ino) else {
-                continue;
-            };
-            let (id, n) = o.backing.unwrap_or((0, 0));
-            text.push_str(&format!("{ino} {id} {n} {}\n", o.cached));
+    /// Writes every change to the open counts to `ledger` from now on (and what they are
+    /// now), so that the next agent on this connection can go on from them, however this
+    /// one ends ([`ledger`]).
+    pub(crate) fn keep_ledger(&self, ledger: Ledger) {
+        let mut table = crate::sync::lock(&self.opens);
+        ledger.clear();
+        table.ledger = Some(ledger);
+        let inos: Vec<u64> = table.opens.keys().copied().collect();
+        for ino in inos {
+            table.note(ino);
         }
-        text
     }
 
-    /// Takes over what a previous agent serving this connection handed over, so that opens
-    /// of files its readers still hold keep the mode the kernel has them in (an open in the
-    /// other mode would fail with EIO). `None` when `text` is not such a table, or names an
-    /// inode that is not a file of `tree`.
-    pub(crate) fn take_over(&self, text: &str, is_file: impl Fn(u64) -> bool) -> Option<()> {
-        let mut table = Table::default();
-        for line in text.lines() {
+    /// Takes over the open counts and backing ids a previous agent serving this connection
+    /// left, so that opens of files its readers still hold keep the mode the kernel has them
+    /// in (an open in the other mode would fail with EIO). `None` when a line names an inode
+    /// that is not a file of the tree (`is_file`), or one inode twice.
+    pub(crate) fn take_over(
+        &self,
+        lines: impl Iterator<Item = (u64, Line)>,
+        is_file: impl Fn(u64) -> bool,
+    ) -> Option<()> {
+        let taken = Table::from_lines(lines, is_file)?;
+        let mut table = crate::sync::lock(&self.opens);
+        let ledger = table.ledger.take();
+        *table = taken;
+        table.ledger = ledger;
+        Some(())
+    }
+
+    /// Backing files queued and not written yet.
+    pub(crate) fn pending(&self) -> usize {
+        crate::sync::lock(&self.queued).len()
+    }
+}
+
+/// The lines of the table an agent before the ledger wrote when it left a mount: `ino
+/// backing-id passthrough-opens cached-opens` per inode. `None` when `text` is not one.
+pub(crate) fn parse_table(text: &str) -> Option<Vec<(u64, Line)>> {
+    text.lines()
+        .map(|line| {
             let mut fields = line.split(' ').map(str::parse::<u64>);
             let (Some(Ok(ino)), Some(Ok(id)), Some(Ok(n)), Some(Ok(cached)), None) = (
                 fields.next(),
@@ -490,38 +547,20 @@ impl Passthrough {
             ) else {
                 return None;
             };
-            if !is_file(ino) {
-                return None;
-            }
             let (id, n, cached) = (
-                u32::try_from(id).ok()?,
+                u32::try_from(id).ok().filter(|id| *id <= ledger::ID_MAX)?,
                 u32::try_from(n).ok()?,
                 u32::try_from(cached).ok()?,
             );
-            let backing = (id > 0).then_some((id, n));
-            if table.opens.contains_key(&ino) {
-                return None;
-            }
-            let mut opens = Opens {
-                cached,
-                backing,
-                idle_since: 0,
-            };
-            if backing.is_some() && n == 0 {
-                table.released += 1;
-                opens.idle_since = table.released;
-                table.idle.push_back((ino, table.released));
-            }
-            table.opens.insert(ino, opens);
-        }
-        *crate::sync::lock(&self.opens) = table;
-        Some(())
-    }
-
-    /// Backing files queued and not written yet.
-    pub(crate) fn pending(&self) -> usize {
-        crate::sync::lock(&self.queued).len()
-    }
+            Some((
+                ino,
+                Line {
+                    cached,
+                    backing: (id > 0).then_some((id, n)),
+                },
+            ))
+        })
+        .collect()
 }
 
 /// Registers `file` with the FUSE connection `device`; returns its backing id.
@@ -604,8 +643,9 @@ mod tests {
     }
 
     #[test]
-    fn the_open_counts_are_handed_over_and_garbage_is_refused() {
+    fn the_open_counts_go_through_the_ledger_to_the_next_agent_and_garbage_is_refused() {
         let (dir, cache) = crate::testing::scratch_cache("passthrough-handover");
+        let path = dir.join("mnt.passthrough");
         let before = Passthrough::new(cache.clone());
         {
             let mut table = crate::sync::lock(&before.opens);
@@ -616,13 +656,12 @@ mod tests {
                     ..Opens::default()
                 },
             );
-            table.opens.insert(
-                9,
-                Opens {
-                    cached: 1,
-                    ..Opens::default()
-                },
-            );
+        }
+        // Kept from here on: what was there is written, and every change after it.
+        before.keep_ledger(Ledger::create(&path, 1, 20).expect("a ledger"));
+        assert!(matches!(before.cached(9), Open::Cached));
+        {
+            let mut table = crate::sync::lock(&before.opens);
             table.opens.insert(
                 11,
                 Opens {
@@ -632,13 +671,19 @@ mod tests {
             );
             assert!(table.release(11, true).is_empty(), "kept registered, idle");
         }
-        let table = before.hand_over();
+        // The agent is gone without a word: its successor reads the ledger.
+        drop(before);
+        let ledger = Ledger::open(&path, 1, 20)
+            .expect("it opens")
+            .expect("this connection's");
         let after = Passthrough::new(cache.clone());
+        let lines: Vec<_> = ledger.lines().collect();
         assert!(
             after
-                .take_over(&table, |ino| [7, 9, 11].contains(&ino))
+                .take_over(lines.into_iter(), |ino| [7, 9, 11].contains(&ino))
                 .is_some()
         );
+        after.keep_ledger(ledger);
         // The old opens' releases come to the new agent and count down what it took over.
         after.release(7, PASSTHROUGH_HANDLE);
         after.release(9, 0);
@@ -655,23 +700,53 @@ mod tests {
                 1,
                 "idle, and given back first when it comes to that"
             );
+            let written: Vec<_> = table.ledger.as_ref().expect("kept").lines().collect();
+            assert_eq!(
+                written,
+                [
+                    (
+                        7,
+                        Line {
+                            cached: 0,
+                            backing: Some((3, 1))
+                        }
+                    ),
+                    (
+                        11,
+                        Line {
+                            cached: 0,
+                            backing: Some((5, 0))
+                        }
+                    ),
+                ],
+                "the releases are in the ledger too"
+            );
         }
+        // An agent before the ledger left a text table.
         let fresh = Passthrough::new(cache);
+        let lines = parse_table("7 3 2 0\n9 0 0 1\n").expect("a table");
+        assert!(
+            fresh
+                .take_over(lines.into_iter(), |ino| ino == 7 || ino == 9)
+                .is_some()
+        );
         for garbage in [
             "7 3 2",
             "7 3 2 0 1",
             "x 3 2 0",
             "7 3 2 -1",
-            "8 3 2 0",
             "7 99999999999 1 0",
-            "7 3 1 0\n7 3 1 0",
+            "7 8388608 1 0",
         ] {
+            assert!(parse_table(garbage).is_none(), "{garbage:?} refused");
+        }
+        for refused in ["8 3 2 0", "7 3 1 0\n7 3 1 0"] {
+            let lines = parse_table(refused).expect("well formed");
             assert!(
-                fresh.take_over(garbage, |ino| ino == 7).is_none(),
-                "{garbage:?} refused"
+                fresh.take_over(lines.into_iter(), |ino| ino == 7).is_none(),
+                "{refused:?} refused"
             );
         }
-        assert!(crate::sync::lock(&fresh.opens).opens.is_empty());
         let _ = std::fs::remove_dir_all(dir);
     }
 }
