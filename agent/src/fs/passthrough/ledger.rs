@@ -181,13 +181,6 @@ impl Ledger {
             Some(((i - HEADER) as u64, line))
         })
     }
-
-    /// Forgets every line (the table it mirrors starts afresh).
-    pub(crate) fn clear(&self) {
-        for i in HEADER..self.len {
-            self.word(i).store(0, Ordering::Relaxed);
-        }
-    }
 }
 
 impl Drop for Ledger {
@@ -275,8 +268,9 @@ mod tests {
             Ledger::open(&path, 42, 11).expect("it opens").is_none(),
             "another tree"
         );
-        again.clear();
-        assert_eq!(again.lines().count(), 0);
+        drop(again);
+        let fresh = Ledger::create(&path, 42, 10).expect("made again");
+        assert_eq!(fresh.lines().count(), 0, "a new connection's starts empty");
         std::fs::write(&path, "7 3 1 0\n").expect("an older agent's table");
         assert!(Ledger::open(&path, 42, 10).expect("it opens").is_none());
         let _ = std::fs::remove_dir_all(dir);

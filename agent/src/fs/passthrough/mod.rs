@@ -498,10 +498,10 @@ impl Passthrough {
 
     /// Writes every change to the open counts to `ledger` from now on (and what they are
     /// now), so that the next agent on this connection can go on from them, however this
-    /// one ends ([`ledger`]).
+    /// one ends ([`ledger`]). `ledger` is a new one, or the one the counts were taken over
+    /// from: it has no line the table lacks.
     pub(crate) fn keep_ledger(&self, ledger: Ledger) {
         let mut table = crate::sync::lock(&self.opens);
-        ledger.clear();
         table.ledger = Some(ledger);
         let inos: Vec<u64> = table.opens.keys().copied().collect();
         for ino in inos {
