@@ -267,6 +267,9 @@ impl ImageFs {
         };
         let slots = self.inode_slots();
         let ledger = match Ledger::open(path, connection, slots) {
+            // INIT never enabled it on this connection: the kernel would refuse every
+            // backing file.
+            Ok(Some(ledger)) if !ledger.negotiated() => return false,
             Ok(Some(ledger)) => {
                 let lines: Vec<_> = ledger.lines().collect();
                 if self
@@ -296,10 +299,10 @@ impl ImageFs {
                 return false;
             }
         };
+        self.passthrough.set_negotiated(true);
         if let Some(ledger) = ledger {
             self.passthrough.keep_ledger(ledger);
         }
-        self.passthrough.set_enabled(true);
         self.passthrough.attach(device);
         true
     }
@@ -492,7 +495,7 @@ impl FileSystem for ImageFs {
             .store(enabled.contains(FsOptions::ZERO_MESSAGE_OPEN), Relaxed);
         self.no_opendir
             .store(enabled.contains(FsOptions::ZERO_MESSAGE_OPENDIR), Relaxed);
-        self.passthrough.set_enabled(passthrough);
+        self.passthrough.set_negotiated(passthrough);
         let names = options::FuseOptions::from_flags(enabled).names();
         let why = match (self.config.passthrough, passthrough) {
             (_, true) => "cached files are read by the kernel from backing files",

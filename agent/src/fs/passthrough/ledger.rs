@@ -10,8 +10,9 @@
 //! which the kernel keeps whatever happens to the process. A killed agent's successor, handed
 //! the connection by the keeper, reads the counts here and goes on from them.
 //!
-//! The file: a header of three words (magic, the connection's device number, the number of
-//! inode slots), then one word per inode number: 0 for an inode nothing holds, else bit 63
+//! The file: a header of four words (magic, the connection's device number, the number of
+//! inode slots, 1 once INIT enabled passthrough on the connection), then one word per inode
+//! number: 0 for an inode nothing holds, else bit 63
 //! set, the backing id in bits 40-62, passthrough opens in bits 20-39 and cached opens in bits
 //! 0-19 (counts beyond 2^20 - 1 are recorded as that).
 
@@ -25,7 +26,9 @@ use std::{
 };
 
 const MAGIC: u64 = u64::from_le_bytes(*b"imgspt01");
-const HEADER: usize = 3;
+const HEADER: usize = 4;
+/// The header word that says whether INIT enabled passthrough.
+const NEGOTIATED: usize = 3;
 const PRESENT: u64 = 1 << 63;
 const COUNT_MAX: u32 = (1 << 20) - 1;
 /// The largest backing id a line holds: a larger one is not used for passthrough.
@@ -174,6 +177,17 @@ impl Ledger {
             .store(line.map_or(0, Line::encode), Ordering::Relaxed);
     }
 
+    /// Records whether INIT enabled passthrough on the connection (a successor must not ask
+    /// for backing files on a connection that never negotiated them).
+    pub(crate) fn set_negotiated(&self, on: bool) {
+        self.word(NEGOTIATED)
+            .store(u64::from(on), Ordering::Relaxed);
+    }
+
+    pub(crate) fn negotiated(&self) -> bool {
+        self.word(NEGOTIATED).load(Ordering::Relaxed) == 1
+    }
+
     /// Every inode with a line, in inode order.
     pub(crate) fn lines(&self) -> impl Iterator<Item = (u64, Line)> + '_ {
         (HEADER..self.len).filter_map(|i| {
@@ -259,6 +273,9 @@ mod tests {
         let again = Ledger::open(&path, 42, 10)
             .expect("it opens")
             .expect("the same connection's");
+        assert!(!again.negotiated(), "not until INIT said so");
+        again.set_negotiated(true);
+        assert!(again.negotiated());
         assert_eq!(again.lines().collect::<Vec<_>>(), lines);
         assert!(
             Ledger::open(&path, 43, 10).expect("it opens").is_none(),

@@ -261,6 +261,8 @@ pub(crate) struct Passthrough {
     device: OnceLock<OwnedFd>,
     /// Negotiated at INIT, and still working (a refused registration turns it off).
     enabled: AtomicBool,
+    /// Negotiated at INIT (on this connection, by this agent or the one before it).
+    negotiated: AtomicBool,
     opens: Mutex<Table>,
     cache: Arc<ChunkCache>,
     queue: Mutex<Option<mpsc::SyncSender<Job>>>,
@@ -297,6 +299,7 @@ impl Passthrough {
         Self {
             device: OnceLock::new(),
             enabled: AtomicBool::new(false),
+            negotiated: AtomicBool::new(false),
             opens: Mutex::default(),
             cache,
             queue: Mutex::new(None),
@@ -313,6 +316,15 @@ impl Passthrough {
 
     pub(crate) fn set_enabled(&self, on: bool) {
         self.enabled.store(on, Ordering::Relaxed);
+    }
+
+    /// What INIT decided: on or off for the connection's life, kept in the ledger too.
+    pub(crate) fn set_negotiated(&self, on: bool) {
+        self.negotiated.store(on, Ordering::Relaxed);
+        self.set_enabled(on);
+        if let Some(ledger) = &crate::sync::lock(&self.opens).ledger {
+            ledger.set_negotiated(on);
+        }
     }
 
     /// Gives it the connection to register backing files on.
@@ -502,6 +514,9 @@ impl Passthrough {
     /// from: it has no line the table lacks.
     pub(crate) fn keep_ledger(&self, ledger: Ledger) {
         let mut table = crate::sync::lock(&self.opens);
+        if self.negotiated.load(Ordering::Relaxed) {
+            ledger.set_negotiated(true);
+        }
         table.ledger = Some(ledger);
         let inos: Vec<u64> = table.opens.keys().copied().collect();
         for ino in inos {
@@ -658,6 +673,7 @@ mod tests {
             );
         }
         // Kept from here on: what was there is written, and every change after it.
+        before.set_negotiated(true);
         before.keep_ledger(Ledger::create(&path, 1, 20).expect("a ledger"));
         assert!(matches!(before.cached(9), Open::Cached));
         {
@@ -676,6 +692,7 @@ mod tests {
         let ledger = Ledger::open(&path, 1, 20)
             .expect("it opens")
             .expect("this connection's");
+        assert!(ledger.negotiated(), "INIT's answer is kept too");
         let after = Passthrough::new(cache.clone());
         let lines: Vec<_> = ledger.lines().collect();
         assert!(
@@ -747,6 +764,27 @@ mod tests {
                 "{refused:?} refused"
             );
         }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_successor_asks_for_backing_files_only_where_init_enabled_passthrough() {
+        let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+        let (dir, _) = crate::testing::scratch_cache("passthrough-negotiated");
+        let dev_null = || OwnedFd::from(File::open("/dev/null").expect("/dev/null"));
+        let zero = std::time::Duration::ZERO;
+        let first = crate::testing::hello_image_fs(&runtime, &dir.join("first"), zero);
+        let path = dir.join("mnt.passthrough");
+        first.keep_passthrough_ledger(&path, 7).expect("kept");
+        // The kernel did not offer passthrough at INIT (Linux before 6.9, say).
+        first.passthrough.set_negotiated(false);
+        let second = crate::testing::hello_image_fs(&runtime, &dir.join("second"), zero);
+        assert!(!second.take_over_passthrough(&path, 7, dev_null()));
+        assert!(!second.passthrough_enabled());
+        // It did: the successor goes on with it.
+        first.passthrough.set_negotiated(true);
+        assert!(second.take_over_passthrough(&path, 7, dev_null()));
+        assert!(second.passthrough_enabled());
         let _ = std::fs::remove_dir_all(dir);
     }
 }
