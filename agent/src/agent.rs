@@ -4,7 +4,8 @@
 //!   detection, a flag in the store, and (in a cluster) an Event, annotation and node
 //!   condition.
 //! - Start latency: lifecycle probes -> tracker -> start records (with pod metadata from CRI)
-//!   in the store and in the metrics.
+//!   and pod records (the pod cgroup, the sandbox) in the store and in the metrics; with the
+//!   CRI image proxy's pull records, a pod's whole startup (`starts::pods`).
 //! - The HTTP API over both.
 //!
 //! Each probe loop runs on its own blocking thread; CRI and Kubernetes calls go through the
@@ -27,7 +28,7 @@ use crate::{
     probes::{DropCounters, LifecycleDrops, ProbeError, RenameProbes, StartProbes},
     shutdown::Shutdown,
     starts::{
-        StartRecord, Tracker, Update,
+        PodRecord, PullLog, StartRecord, Tracker, Update,
         store::{FlagRecord, Store, StoreError},
     },
 };
@@ -39,8 +40,8 @@ const DISARM_GRACE: Duration = Duration::from_secs(2);
 /// `probes::sweep`).
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
-/// Applies a late CRI answer: a sandbox is dropped (and removed from the store), a
-/// container named.
+/// Applies a late CRI answer: a sandbox goes to its pod's record (and its start record
+/// from the store), a container is named.
 fn settle(
     cgroup_id: u64,
     answer: Lookup,
@@ -55,8 +56,7 @@ fn settle(
             {
                 tracing::warn!(%err, "sandbox record not removed from the store");
             }
-            tracker.forget(cgroup_id);
-            probes.unwatch(cgroup_id);
+            shared.pod_update(tracker.sandbox_found(cgroup_id), probes);
         }
         Lookup::Container(meta) => {
             if let Some(record) = tracker.annotate(cgroup_id, |r| r.apply_cri(meta)) {
@@ -93,9 +93,48 @@ struct Shared {
     state: Arc<ApiState>,
     pods: PodDirectory,
     flags: Option<tokio::sync::mpsc::Sender<FlagRecord>>,
+    /// The pulls the image proxy saw.
+    pulls: Arc<PullLog>,
 }
 
 impl Shared {
+    fn store_pod(&self, pod: &PodRecord) {
+        if let Some(store) = &self.state.store
+            && let Err(err) = store.put_pod(pod)
+        {
+            self.state
+                .metrics
+                .store_errors
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%err, "pod record not stored");
+        }
+    }
+
+    /// Applies what the tracker made of a pod's cgroup or sandbox.
+    fn pod_update(&self, update: Update, probes: &mut StartProbes) {
+        let Update::Pod {
+            pod,
+            unwatch,
+            sandbox,
+        } = update
+        else {
+            if let Update::Unwatch(cgroup) = update {
+                probes.unwatch(cgroup);
+            }
+            return;
+        };
+        if unwatch != 0 {
+            probes.unwatch(unwatch);
+        }
+        if let (Some(sandbox), Some(store)) = (sandbox, &self.state.store)
+            && let Err(err) = store.remove_start(&sandbox)
+        {
+            tracing::warn!(%err, "sandbox record not removed from the store");
+        }
+        tracing::debug!(uid = %pod.uid, sandbox = ?pod.sandbox_id, "pod record");
+        self.store_pod(&pod);
+    }
+
     fn store_start(&self, record: &StartRecord) {
         if let Some(store) = &self.state.store
             && let Err(err) = store.put_start(record)
@@ -119,6 +158,7 @@ impl Shared {
 pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentError> {
     let metrics = Arc::new(Metrics::default());
     let health = crate::api::Health::default();
+    let pulls = Arc::new(PullLog::default());
     let mut disk_usage: Option<crate::cri::image_proxy::DiskUsage> = None;
     let mut served: Option<crate::cri::image_proxy::Served> = None;
     let snapshotter = match config.snapshotter.clone() {
@@ -145,7 +185,8 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentErr
     // Like the snapshotter, kubelet waits on the image proxy: it stands alone too.
     let image_proxy = match config.image_proxy.clone() {
         Some(proxy) => {
-            let mut server = ImageProxy::new(&proxy.upstream, proxy.keyring)?;
+            let mut server =
+                ImageProxy::new(&proxy.upstream, proxy.keyring)?.with_pull_log(pulls.clone());
             if let Some(usage) = disk_usage.take() {
                 server = server.with_disk_usage(usage);
             }
@@ -266,10 +307,14 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentErr
     if let Some(addr) = config.api_addr {
         api::serve(addr, state.clone(), shutdown.clone()).await?;
     }
+    if let Some(store) = &state.store {
+        pulls.keep_in(store.clone());
+    }
     let shared = Arc::new(Shared {
         state: state.clone(),
         pods: PodDirectory::new(cri, tokio::runtime::Handle::current()),
         flags,
+        pulls,
     });
 
     let cgroups = match CgroupResolver::discover() {
@@ -484,12 +529,12 @@ fn start_loop(
         for event in decoded(batch, "lifecycle") {
             metrics.lifecycle_events.fetch_add(1, Ordering::Relaxed);
             let record = match tracker.apply(&event) {
-                Update::Unwatch(cgroup) => {
-                    probes.unwatch(cgroup);
+                Update::Record(record) => *record,
+                Update::None => continue,
+                update => {
+                    shared.pod_update(update, &mut probes);
                     continue;
                 }
-                Update::None => continue,
-                Update::Record(record) => *record,
             };
             use crate::events::LifecycleKind as K;
             if matches!(event.kind, K::Created { .. }) && !probes.writes_armed() {
@@ -502,8 +547,7 @@ fn start_loop(
             let record = match &event.kind {
                 K::Created { .. } => match shared.pods.lookup(&record.container_id) {
                     Some(Lookup::Sandbox) => {
-                        tracker.forget(event.cgroup_id);
-                        probes.unwatch(event.cgroup_id);
+                        shared.pod_update(tracker.sandbox_found(event.cgroup_id), &mut probes);
                         continue;
                     }
                     Some(Lookup::Container(meta)) => tracker
@@ -528,6 +572,17 @@ fn start_loop(
                 }
                 K::FirstLog { fd, .. } => {
                     metrics.first_log(&record);
+                    if let Some(pod) = record.pod.uid.as_deref().and_then(|uid| tracker.pod(uid)) {
+                        let pulls = shared.pulls.for_pod(&pod.uid);
+                        let timeline = crate::starts::pods::assemble(
+                            pod,
+                            std::slice::from_ref(&record),
+                            &pulls,
+                        );
+                        if let Some(container) = timeline.containers.first() {
+                            metrics.pod_phases(container, timeline.namespace.as_deref());
+                        }
+                    }
                     tracing::info!(container = %record.container_id, pod = ?record.pod.name, fd, start_to_first_log = ?record.start_to_first_log(), "container's first log line");
                 }
                 K::Exited => {

@@ -57,6 +57,9 @@ pub struct Metrics {
     started: Instant,
     start_to_first_log: Mutex<BTreeMap<String, Histogram>>,
     create_to_start: Mutex<BTreeMap<String, Histogram>>,
+    /// A pod's startup phases, by (phase, namespace), observed at each container's first
+    /// log line.
+    pod_phases: Mutex<BTreeMap<(&'static str, String), Histogram>>,
     enxio: Mutex<BTreeMap<String, u64>>,
     pub lifecycle_events: AtomicU64,
     pub start_records: AtomicU64,
@@ -76,6 +79,7 @@ impl Default for Metrics {
             started: Instant::now(),
             start_to_first_log: Mutex::default(),
             create_to_start: Mutex::default(),
+            pod_phases: Mutex::default(),
             enxio: Mutex::default(),
             lifecycle_events: AtomicU64::new(0),
             start_records: AtomicU64::new(0),
@@ -111,6 +115,23 @@ impl Metrics {
                 .entry(namespace_of(record.pod.namespace.as_deref()))
                 .or_default()
                 .observe(v);
+        }
+    }
+
+    /// A container of a pod wrote its first log line: its startup phases.
+    pub fn pod_phases(
+        &self,
+        container: &crate::starts::pods::ContainerTimeline,
+        namespace: Option<&str>,
+    ) {
+        let mut phases = lock(&self.pod_phases);
+        for (phase, value) in container.phases.named() {
+            if let Some(value) = value {
+                phases
+                    .entry((phase, namespace_of(namespace)))
+                    .or_default()
+                    .observe(value);
+            }
         }
     }
 
@@ -178,6 +199,20 @@ impl Metrics {
                 let _ = writeln!(out, "{name}_sum{{namespace=\"{ns}\"}} {}", h.sum);
                 let _ = writeln!(out, "{name}_count{{namespace=\"{ns}\"}} {}", h.count);
             }
+        }
+        let name = "imgstream_pod_startup_phase_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} A pod's startup by phase, per container at its first log line: sandbox (pod cgroup to sandbox exec), pull (PullImage, or the gap before the container when no pull was seen), create, start (cgroup to exec), first_log (exec to first log line), total (pod cgroup to first log line).\n# TYPE {name} histogram"
+        );
+        for ((phase, ns), h) in lock(&self.pod_phases).iter() {
+            let labels = format!("phase=\"{phase}\",namespace=\"{}\"", escape(ns));
+            for (bound, count) in BUCKETS.iter().zip(h.counts) {
+                let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {count}");
+            }
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
+            let _ = writeln!(out, "{name}_sum{{{labels}}} {}", h.sum);
+            let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count);
         }
         let name = "imgstream_rename_enxio_total";
         let _ = writeln!(

@@ -3,9 +3,10 @@
 //! - `/healthz`: each part of the agent and how it is doing, as JSON; 503 when one the node
 //!   cannot do without (the snapshotter) has failed, else 200 ([`Health`]);
 //! - `/metrics`: Prometheus text format ([`metrics`]);
-//! - `/v1/starts`, `/v1/flags`: start records and rename-ENXIO flags from the store, as JSON
-//!   arrays, filtered by `since` (Unix seconds, or an age such as `90s`, `15m`, `2h`, `7d`),
-//!   `namespace`, `pod` and `image` (a substring of the reference).
+//! - `/v1/starts`, `/v1/flags`, `/v1/pods`: start records, rename-ENXIO flags and pods'
+//!   startup timelines (`starts::pods`) from the store, as JSON arrays, filtered by `since`
+//!   (Unix seconds, or an age such as `90s`, `15m`, `2h`, `7d`), `namespace`, `pod` and
+//!   `image` (a substring of the reference; for pods, of any of their containers').
 //!
 //! It listens on loopback by default: the records name pods and images.
 
@@ -172,7 +173,7 @@ fn route(state: &ApiState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             "text/plain; version=0.0.4",
             state.metrics.render(),
         ),
-        path @ ("/v1/starts" | "/v1/flags") => {
+        path @ ("/v1/starts" | "/v1/flags" | "/v1/pods") => {
             let filter = match parse_filter(req.uri().query().unwrap_or("")) {
                 Ok(filter) => filter,
                 Err(why) => {
@@ -186,10 +187,10 @@ fn route(state: &ApiState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                     "this agent keeps no store\n",
                 );
             };
-            let body = if path == "/v1/starts" {
-                store.starts(&filter).map(|r| serde_json::to_vec(&r))
-            } else {
-                store.flags(&filter).map(|r| serde_json::to_vec(&r))
+            let body = match path {
+                "/v1/starts" => store.starts(&filter).map(|r| serde_json::to_vec(&r)),
+                "/v1/pods" => store.timelines(&filter).map(|r| serde_json::to_vec(&r)),
+                _ => store.flags(&filter).map(|r| serde_json::to_vec(&r)),
             };
             match body {
                 Ok(Ok(bytes)) => respond(StatusCode::OK, json, bytes),

@@ -12,7 +12,9 @@ mod pod;
 mod pods;
 mod resolver;
 
-pub use naming::{CgroupDriver, ContainerRef, Runtime, parse_cgroup_path};
+pub use naming::{
+    CgroupDriver, ContainerRef, PodCgroup, Runtime, parse_cgroup_path, parse_pod_cgroup,
+};
 pub use pod::PodRef;
 pub use pods::{PodDirectory, Retries};
 pub use resolver::{CgroupResolver, ResolveError, find_cgroup2_mount};

@@ -91,6 +91,27 @@ pub fn parse_cgroup_path(path: &str) -> Option<ContainerRef> {
     plain_containerd(&parts)
 }
 
+/// A pod's own cgroup, as kubelet creates it before the pod's sandbox: the parent of the
+/// pod's containers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PodCgroup {
+    pub uid: String,
+    pub driver: CgroupDriver,
+}
+
+/// The pod a cgroup path is the cgroup of: its last component is `pod<uid>` (cgroupfs) or
+/// `kubepods[-qos]-pod<uid>.slice` (systemd). A container's cgroup under it is not.
+pub fn parse_pod_cgroup(path: &str) -> Option<PodCgroup> {
+    let last = path.rsplit('/').find(|p| !p.is_empty())?;
+    let uid = pod_uid_of(last)?;
+    let driver = if last.ends_with(".slice") {
+        CgroupDriver::Systemd
+    } else {
+        CgroupDriver::Cgroupfs
+    };
+    Some(PodCgroup { uid, driver })
+}
+
 /// `pod<uid>` (cgroupfs) or `kubepods[-qos]-pod<uid_with_underscores>.slice` (systemd).
 fn pod_uid_of(part: &str) -> Option<String> {
     if let Some(slice) = part.strip_suffix(".slice") {
@@ -251,6 +272,37 @@ mod tests {
             &format!("/some/where/{}", &ID[..63]),
         ] {
             assert_eq!(parse_cgroup_path(path), None, "{path}");
+        }
+    }
+
+    #[test]
+    fn pod_cgroups_of_both_drivers_are_told_from_their_containers() {
+        let uid_ = UID.replace('-', "_");
+        for (path, driver) in [
+            (
+                format!("/kubepods/burstable/pod{UID}"),
+                CgroupDriver::Cgroupfs,
+            ),
+            (format!("/kubepods/pod{UID}/"), CgroupDriver::Cgroupfs),
+            (
+                format!(
+                    "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{uid_}.slice"
+                ),
+                CgroupDriver::Systemd,
+            ),
+        ] {
+            let pod = parse_pod_cgroup(&path).unwrap_or_else(|| panic!("{path}"));
+            assert_eq!((pod.uid.as_str(), pod.driver), (UID, driver), "{path}");
+            assert_eq!(parse_cgroup_path(&path), None, "{path} is no container");
+        }
+        for path in [
+            format!("/kubepods/burstable/pod{UID}/{ID}"),
+            "/kubepods/burstable".into(),
+            "/kubepods/podnot-a-uid".into(),
+            "/".into(),
+            String::new(),
+        ] {
+            assert_eq!(parse_pod_cgroup(&path), None, "{path}");
         }
     }
 

@@ -62,6 +62,8 @@ pub struct ImageProxy {
     served: Option<Served>,
     /// Where the `ImageStreaming` Event of a streamed pull goes.
     events: Option<crate::flag::PodEvents>,
+    /// Where each pull's times go, for its pod's timeline ([`ImageProxy::with_pull_log`]).
+    pull_log: Option<Arc<crate::starts::PullLog>>,
 }
 
 /// Takes how the snapshotter served the layers brought for an image since it was last asked.
@@ -87,12 +89,25 @@ pub static IMAGES_PULLED: ImagesPulled = ImagesPulled {
 
 impl ImagesPulled {
     fn count(&self, served: crate::snapshotter::LayersServed) {
-        let counter = match (served.lazy, served.unpacked) {
-            (0, _) => &self.unpacked,
-            (_, 0) => &self.streamed,
+        let counter = match served_kind(served) {
+            UNPACKED => &self.unpacked,
+            STREAMED => &self.streamed,
             _ => &self.partly_streamed,
         };
         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+const STREAMED: &str = "streamed";
+const PARTLY_STREAMED: &str = "partly-streamed";
+const UNPACKED: &str = "unpacked";
+
+/// How a pull's layers were served, in a word.
+fn served_kind(served: crate::snapshotter::LayersServed) -> &'static str {
+    match (served.lazy, served.unpacked) {
+        (0, _) => UNPACKED,
+        (_, 0) => STREAMED,
+        _ => PARTLY_STREAMED,
     }
 }
 
@@ -148,6 +163,7 @@ impl ImageProxy {
             disk_usage: None,
             served: None,
             events: None,
+            pull_log: None,
         })
     }
 
@@ -162,16 +178,18 @@ impl ImageProxy {
     /// Counts a pull of `image` that containerd finished, by how its layers were served, and
     /// tells its pod when any streams. The Event is sent off the pull's path: kubelet does not
     /// wait for it, and an API that refuses it costs a log line.
-    fn pulled(&self, image: &str, pod: Option<crate::flag::PodName>) {
-        let Some(served) = self.served.as_ref().and_then(|take| take(image)) else {
-            return;
-        };
+    fn pulled(
+        &self,
+        image: &str,
+        pod: Option<crate::flag::PodName>,
+    ) -> Option<crate::snapshotter::LayersServed> {
+        let served = self.served.as_ref().and_then(|take| take(image))?;
         IMAGES_PULLED.count(served);
         let (Some(events), Some(pod)) = (self.events.clone(), pod) else {
-            return;
+            return Some(served);
         };
         if served.lazy == 0 {
-            return;
+            return Some(served);
         }
         let image = image.to_string();
         tokio::spawn(async move {
@@ -184,6 +202,13 @@ impl ImageProxy {
                 tracing::warn!(%error, "ImageStreaming Event not sent");
             }
         });
+        Some(served)
+    }
+
+    /// Records each pull's start and end, with its pod, in `log`.
+    pub fn with_pull_log(mut self, log: Arc<crate::starts::PullLog>) -> Self {
+        self.pull_log = Some(log);
+        self
     }
 
     /// ImageFsInfo's figures for imgstream's filesystem come from `usage` (measured at each
@@ -394,7 +419,19 @@ impl ImageService for ImageProxy {
                 }
             }
         }
+        let started = std::time::SystemTime::now();
         let image = message.image.as_ref().map(|spec| spec.image.clone());
+        let uid = message
+            .sandbox_config
+            .as_ref()
+            .and_then(|config| config.metadata.as_ref())
+            .map(|meta| crate::attribution::PodRef {
+                uid: Some(meta.uid.clone()).filter(|u| !u.is_empty()),
+                namespace: Some(meta.namespace.clone()).filter(|n| !n.is_empty()),
+                name: Some(meta.name.clone()).filter(|n| !n.is_empty()),
+                container: None,
+            })
+            .unwrap_or_default();
         let pod = message
             .sandbox_config
             .as_ref()
@@ -411,11 +448,25 @@ impl ImageService for ImageProxy {
         }
         let pulled = self.upstream().pull_image(forwarded(request)).await;
         drop(_pulling);
-        match (&pulled, image) {
-            (Ok(_), Some(image)) => self.pulled(&image, pod),
-            (Ok(_), None) => {}
+        let ended = std::time::SystemTime::now();
+        let served = match (&pulled, &image) {
+            (Ok(_), Some(image)) => self.pulled(image, pod),
+            (Ok(_), None) => None,
             // Nothing may need them now: kept only while an image of the repository is.
-            (Err(_), _) => self.forget_removed().await,
+            (Err(_), _) => {
+                self.forget_removed().await;
+                None
+            }
+        };
+        if let (Some(log), Some(image)) = (&self.pull_log, image) {
+            log.record(crate::starts::PullRecord {
+                start_ns: crate::time::unix_ns(started),
+                end_ns: crate::time::unix_ns(ended),
+                image,
+                pod: uid,
+                ok: pulled.is_ok(),
+                served: served.map(|s| served_kind(s).to_string()),
+            });
         }
         pulled
     }

@@ -3,6 +3,7 @@
 //! never logged, pods flagged for rename-ENXIO, and a comparison of groups (streamed against
 //! fully pulled images, say), as a table, as JSON, or as a CDF chart in SVG.
 
+pub mod pods;
 pub mod svg;
 
 use std::collections::BTreeMap;
@@ -20,6 +21,9 @@ pub enum GroupBy {
     Label(String),
     /// Images whose reference contains the pattern, against the rest.
     ImageMatch(String),
+    /// How the pull before the container was served (`streamed`, `partly-streamed`,
+    /// `unpacked`), from the CRI image proxy: for pods' timelines.
+    Served,
 }
 
 impl std::str::FromStr for GroupBy {
@@ -28,10 +32,11 @@ impl std::str::FromStr for GroupBy {
         match s.split_once(':') {
             None if s == "namespace" => Ok(Self::Namespace),
             None if s == "image" => Ok(Self::Image),
+            None if s == "served" => Ok(Self::Served),
             Some(("label", key)) if !key.is_empty() => Ok(Self::Label(key.into())),
             Some(("image", pattern)) if !pattern.is_empty() => Ok(Self::ImageMatch(pattern.into())),
             _ => Err(format!(
-                "{s:?}: one of namespace, image, label:KEY, image:PATTERN"
+                "{s:?}: one of namespace, image, served, label:KEY, image:PATTERN"
             )),
         }
     }
@@ -44,6 +49,7 @@ impl std::fmt::Display for GroupBy {
             Self::Image => write!(f, "image"),
             Self::Label(key) => write!(f, "label {key}"),
             Self::ImageMatch(pattern) => write!(f, "images matching {pattern:?} or not"),
+            Self::Served => write!(f, "how the pull was served"),
         }
     }
 }
@@ -66,6 +72,8 @@ impl GroupBy {
                     format!("image !~ {pattern}")
                 }
             }
+            // A start record does not know its pull: see `report --pods`.
+            Self::Served => "(unknown)".into(),
         }
     }
 }
@@ -236,7 +244,7 @@ impl Report {
     }
 }
 
-fn ms(v: f64) -> String {
+pub(crate) fn ms(v: f64) -> String {
     if v >= 10.0 {
         format!("{v:.1}s")
     } else {
@@ -321,8 +329,11 @@ pub struct ReportJob {
     pub compare: Option<GroupBy>,
     /// JSON on standard output instead of tables.
     pub json: bool,
-    /// Also write a CDF chart of start -> first log line to this file.
+    /// Also write a CDF chart of start -> first log line to this file (with `pods`, each
+    /// pod's waterfall and a CDF of its phases).
     pub svg: Option<std::path::PathBuf>,
+    /// Pods' whole startup timelines instead of container starts.
+    pub pods: bool,
 }
 
 /// Errors of `imgstream report`.
@@ -339,6 +350,9 @@ pub enum ReportError {
 impl ReportJob {
     /// Loads the records, prints the report, and writes the chart if asked.
     pub async fn run(self) -> Result<(), ReportError> {
+        if self.pods {
+            return self.run_pods().await;
+        }
         let (starts, flags) = load(&self.source, &self.filter).await?;
         let report = Report::build(&starts, flags, self.compare.as_ref());
         if self.json {
@@ -356,6 +370,44 @@ impl ReportJob {
             eprintln!("wrote {}", path.display());
         }
         Ok(())
+    }
+}
+
+impl ReportJob {
+    async fn run_pods(self) -> Result<(), ReportError> {
+        let timelines = load_pods(&self.source, &self.filter).await?;
+        let report = pods::PodReport::build(timelines, self.compare.as_ref());
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            print!("{}", report.render_text());
+        }
+        if let Some(path) = &self.svg {
+            let chart = report.render_svg(self.compare.as_ref());
+            std::fs::write(path, chart).map_err(|e| ReportError::Write(path.clone(), e))?;
+            eprintln!("wrote {}", path.display());
+        }
+        Ok(())
+    }
+}
+
+/// The pods' timelines that `filter` selects, from `source`.
+pub async fn load_pods(
+    source: &RecordSource,
+    filter: &crate::starts::store::Filter,
+) -> Result<Vec<crate::starts::pods::PodTimeline>, SourceError> {
+    match source {
+        RecordSource::Store(path) => {
+            let store = crate::starts::store::Store::open(path, u64::MAX)?;
+            Ok(store.timelines(filter)?)
+        }
+        RecordSource::Api(base) => {
+            let (body, url) = api_get(base, "/v1/pods", &crate::api::filter_query(filter)).await?;
+            serde_json::from_slice(&body).map_err(|e| SourceError::Api {
+                url,
+                why: e.to_string(),
+            })
+        }
     }
 }
 
@@ -393,53 +445,55 @@ pub async fn from_api(
     base: &str,
     query: &str,
 ) -> Result<(Vec<StartRecord>, Vec<FlagRecord>), SourceError> {
-    use http_body_util::{BodyExt, Empty};
-    use hyper_util::{client::legacy::Client, rt::TokioExecutor};
-    let client: Client<_, Empty<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let get = |path: &str| {
-        let sep = if query.is_empty() { "" } else { "?" };
-        let url = format!("{}{path}{sep}{query}", base.trim_end_matches('/'));
-        let client = client.clone();
-        async move {
-            let err = |why: String| SourceError::Api {
-                url: url.clone(),
-                why,
-            };
-            let uri: hyper::Uri = url
-                .parse()
-                .map_err(|e: hyper::http::uri::InvalidUri| err(e.to_string()))?;
-            let response =
-                tokio::time::timeout(std::time::Duration::from_secs(30), client.get(uri))
-                    .await
-                    .map_err(|_| err("no answer within 30 s".into()))?
-                    .map_err(|e| err(e.to_string()))?;
-            let status = response.status();
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| err(e.to_string()))?
-                .to_bytes();
-            if !status.is_success() {
-                return Err(err(format!(
-                    "{status}: {}",
-                    String::from_utf8_lossy(&body).trim()
-                )));
-            }
-            Ok::<_, SourceError>((body, url))
-        }
-    };
-    let (starts, url) = get("/v1/starts").await?;
+    let (starts, url) = api_get(base, "/v1/starts", query).await?;
     let starts = serde_json::from_slice(&starts).map_err(|e| SourceError::Api {
         url,
         why: e.to_string(),
     })?;
-    let (flags, url) = get("/v1/flags").await?;
+    let (flags, url) = api_get(base, "/v1/flags", query).await?;
     let flags = serde_json::from_slice(&flags).map_err(|e| SourceError::Api {
         url,
         why: e.to_string(),
     })?;
     Ok((starts, flags))
+}
+
+/// GET `path?query` from an agent's HTTP API at `base`: the body and the URL asked.
+async fn api_get(
+    base: &str,
+    path: &str,
+    query: &str,
+) -> Result<(bytes::Bytes, String), SourceError> {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+    let client: Client<_, Empty<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let sep = if query.is_empty() { "" } else { "?" };
+    let url = format!("{}{path}{sep}{query}", base.trim_end_matches('/'));
+    let err = |why: String| SourceError::Api {
+        url: url.clone(),
+        why,
+    };
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|e: hyper::http::uri::InvalidUri| err(e.to_string()))?;
+    let response = tokio::time::timeout(std::time::Duration::from_secs(30), client.get(uri))
+        .await
+        .map_err(|_| err("no answer within 30 s".into()))?
+        .map_err(|e| err(e.to_string()))?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| err(e.to_string()))?
+        .to_bytes();
+    if !status.is_success() {
+        return Err(err(format!(
+            "{status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        )));
+    }
+    Ok((body, url))
 }
 
 #[cfg(test)]

@@ -164,6 +164,104 @@ pub fn cdf(title: &str, series: &[Series]) -> String {
     out
 }
 
+/// One bar of a waterfall: a label and its segments (phase, start and end in seconds since
+/// the pod's start).
+#[derive(Clone, Debug)]
+pub struct Bar {
+    pub label: String,
+    pub segments: Vec<(&'static str, f64, f64)>,
+}
+
+/// Colours of the waterfall's phases.
+const PHASE_COLORS: [(&str, &str); 6] = [
+    ("sandbox", "#9467bd"),
+    ("pull", "#d62728"),
+    ("gap", "#bbbbbb"),
+    ("create", "#ff7f0e"),
+    ("start", "#2ca02c"),
+    ("first_log", "#1f77b4"),
+];
+
+/// Renders a waterfall: one bar per row, time since the pod's start on x, then `below` (a
+/// whole chart, [`cdf`]'s) under it.
+pub fn waterfall(title: &str, bars: &[Bar], below: Option<&str>) -> String {
+    let row = 18.0;
+    let plot_h = (bars.len().max(1) as f64) * row;
+    let left = 260.0;
+    let plot_w = WIDTH - left - 40.0;
+    let height = TOP + plot_h + 70.0;
+    let end = bars
+        .iter()
+        .flat_map(|b| b.segments.iter().map(|s| s.2))
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, f64::max)
+        .max(1e-3)
+        * 1.05;
+    let x = |v: f64| left + v.max(0.0) / end * plot_w;
+    let total_h = height + if below.is_some() { HEIGHT } else { 0.0 };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{total_h}" viewBox="0 0 {WIDTH} {total_h}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>"#,
+        WIDTH / 2.0,
+        escape(title)
+    );
+    for i in 0..=5 {
+        let t = end * f64::from(i) / 5.0;
+        let _ = writeln!(
+            out,
+            r##"<line x1="{xt}" x2="{xt}" y1="{TOP}" y2="{}" stroke="#eee"/><text x="{xt}" y="{}" text-anchor="middle">{}</text>"##,
+            TOP + plot_h,
+            TOP + plot_h + 16.0,
+            label(t),
+            xt = x(t),
+        );
+    }
+    for (i, bar) in bars.iter().enumerate() {
+        let y = TOP + i as f64 * row;
+        let _ = writeln!(
+            out,
+            r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#,
+            left - 6.0,
+            y + row * 0.7,
+            escape(&bar.label)
+        );
+        for (phase, from, to) in &bar.segments {
+            let color = PHASE_COLORS
+                .iter()
+                .find(|(p, _)| p == phase)
+                .map_or("#333", |(_, c)| c);
+            let _ = writeln!(
+                out,
+                r#"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{color}"><title>{phase} {}</title></rect>"#,
+                x(*from),
+                y + 2.0,
+                (x(*to) - x(*from)).max(1.0),
+                row - 4.0,
+                label(to - from)
+            );
+        }
+    }
+    for (i, (phase, color)) in PHASE_COLORS.iter().enumerate() {
+        let lx = left + i as f64 * 80.0;
+        let ly = TOP + plot_h + 40.0;
+        let _ = writeln!(
+            out,
+            r#"<rect x="{lx}" y="{}" width="14" height="10" fill="{color}"/><text x="{}" y="{ly}">{}</text>"#,
+            ly - 9.0,
+            lx + 18.0,
+            phase.replace('_', " ")
+        );
+    }
+    if let Some(chart) = below {
+        let _ = writeln!(out, r#"<g transform="translate(0 {height})">{chart}</g>"#);
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,14 +7,17 @@
 //! restarted container gets a new cgroup, so a new record; init containers are containers.
 //! Pod sandboxes (pause containers) are left out.
 
+pub mod pods;
 pub mod store;
 
 use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use pods::{PodRecord, PullLog, PullRecord};
+
 use crate::{
-    attribution::{PodRef, Runtime, parse_cgroup_path},
+    attribution::{PodRef, Runtime, parse_cgroup_path, parse_pod_cgroup},
     events::{BootClock, Lifecycle, LifecycleKind},
     time::unix_ns,
 };
@@ -54,6 +57,24 @@ pub struct StartRecord {
     /// Exit of the started process.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exited_ns: Option<u64>,
+    /// What imgstream fetched for the container's image between its pod's start and its
+    /// first log line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub critical_path: Option<CriticalPath>,
+    /// CRI says this is a pod sandbox: its first exec goes to its pod's record, and the
+    /// record itself is dropped then.
+    #[serde(skip)]
+    pub sandbox: bool,
+}
+
+/// Bytes and range requests fetched for a container's image between its pod's start (the
+/// pod cgroup's creation) and its first log line: what the start waited on, at most.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CriticalPath {
+    pub bytes: u64,
+    pub requests: u64,
+    /// Every chunk of the image was in the local cache at the first log line.
+    pub fully_cached: bool,
 }
 
 impl StartRecord {
@@ -97,6 +118,13 @@ pub enum Update {
     Record(Box<StartRecord>),
     /// Not a container, or a pod sandbox: stop watching this cgroup.
     Unwatch(u64),
+    /// A pod's record changed: store it. The cgroup (the pod's own, or its sandbox's once
+    /// started) is not watched any more; a sandbox's start record, if stored, goes.
+    Pod {
+        pod: Box<PodRecord>,
+        unwatch: u64,
+        sandbox: Option<Box<StartRecord>>,
+    },
     /// Nothing to do (an event of a cgroup the tracker no longer holds).
     None,
 }
@@ -107,6 +135,9 @@ pub struct Tracker {
     clock: BootClock,
     records: HashMap<u64, StartRecord>,
     order: std::collections::VecDeque<u64>,
+    /// Pods by UID, and their order of arrival (the oldest are dropped first).
+    pods: HashMap<String, PodRecord>,
+    pod_order: std::collections::VecDeque<String>,
 }
 
 impl Tracker {
@@ -120,7 +151,24 @@ impl Tracker {
         match &event.kind {
             LifecycleKind::Created { path } => {
                 let Some(container) = parse_cgroup_path(path) else {
-                    return Update::Unwatch(event.cgroup_id);
+                    let Some(pod) = parse_pod_cgroup(path) else {
+                        return Update::Unwatch(event.cgroup_id);
+                    };
+                    let record = self.pod_mut(&pod.uid, at);
+                    record.cgroup_path = Some(path.clone());
+                    record.created_ns = Some(at);
+                    record.driver = Some(
+                        match pod.driver {
+                            crate::attribution::CgroupDriver::Cgroupfs => "cgroupfs",
+                            crate::attribution::CgroupDriver::Systemd => "systemd",
+                        }
+                        .into(),
+                    );
+                    return Update::Pod {
+                        pod: Box::new(record.clone()),
+                        unwatch: event.cgroup_id,
+                        sandbox: None,
+                    };
                 };
                 let pod = container.pod_ref();
                 let record = StartRecord {
@@ -141,9 +189,9 @@ impl Tracker {
                 };
                 match kind {
                     LifecycleKind::Started { program } => {
-                        if is_sandbox(program) {
-                            self.records.remove(&event.cgroup_id);
-                            return Update::Unwatch(event.cgroup_id);
+                        if record.sandbox || is_sandbox(program) {
+                            record.started_ns = Some(at);
+                            return self.sandbox_started(event.cgroup_id);
                         }
                         record.started_ns = Some(at);
                         record.program = Some(program.clone());
@@ -182,9 +230,76 @@ impl Tracker {
             .find(|r| r.container_id == container_id)
     }
 
-    /// Forgets a record (a pod sandbox found out later, through CRI).
+    /// Forgets a record.
     pub fn forget(&mut self, cgroup_id: u64) {
         self.records.remove(&cgroup_id);
+    }
+
+    /// CRI says the cgroup is a pod sandbox's. Until its first exec, it is watched for that
+    /// (then [`Update::Pod`]); after it, its pod takes what was seen at once.
+    pub fn sandbox_found(&mut self, cgroup_id: u64) -> Update {
+        let Some(record) = self.records.get_mut(&cgroup_id) else {
+            return Update::Unwatch(cgroup_id);
+        };
+        record.sandbox = true;
+        if record.started_ns.is_some() {
+            return self.sandbox_started(cgroup_id);
+        }
+        let record = record.clone();
+        let Some(uid) = record.pod.uid.clone() else {
+            return Update::None;
+        };
+        let pod = self.pod_mut(&uid, record.created_ns);
+        pod.sandbox_id = Some(record.container_id.clone());
+        pod.sandbox_created_ns = Some(record.created_ns);
+        Update::Pod {
+            pod: Box::new(pod.clone()),
+            unwatch: 0,
+            sandbox: Some(Box::new(record)),
+        }
+    }
+
+    /// A sandbox's first exec: its times go to its pod, its own record goes.
+    fn sandbox_started(&mut self, cgroup_id: u64) -> Update {
+        let Some(record) = self.records.remove(&cgroup_id) else {
+            return Update::None;
+        };
+        let Some(uid) = record.pod.uid.clone() else {
+            return Update::Unwatch(cgroup_id);
+        };
+        let pod = self.pod_mut(&uid, record.created_ns);
+        pod.sandbox_id = Some(record.container_id.clone());
+        pod.sandbox_created_ns = Some(record.created_ns);
+        pod.sandbox_started_ns = record.started_ns;
+        Update::Pod {
+            pod: Box::new(pod.clone()),
+            unwatch: cgroup_id,
+            sandbox: Some(Box::new(record)),
+        }
+    }
+
+    /// The record of pod `uid`, opened at `at` if new.
+    fn pod_mut(&mut self, uid: &str, at: u64) -> &mut PodRecord {
+        if !self.pods.contains_key(uid) {
+            if self.pods.len() >= TRACKED
+                && let Some(oldest) = self.pod_order.pop_front()
+            {
+                self.pods.remove(&oldest);
+            }
+            self.pod_order.push_back(uid.to_string());
+        }
+        self.pods
+            .entry(uid.to_string())
+            .or_insert_with(|| PodRecord {
+                uid: uid.to_string(),
+                first_ns: at,
+                ..Default::default()
+            })
+    }
+
+    /// The record of pod `uid`, if held.
+    pub fn pod(&self, uid: &str) -> Option<&PodRecord> {
+        self.pods.get(uid)
     }
 
     /// Updates a held record in place (metadata from CRI) and returns it.
@@ -276,17 +391,47 @@ mod tests {
             tracker.apply(&event(6, 1, other)),
             Update::Unwatch(6)
         ));
+        let pod_cgroup = LifecycleKind::Created {
+            path: "/kubepods/besteffort/pod12345678-1234-1234-1234-123456789abc".into(),
+        };
+        let Update::Pod {
+            pod, unwatch: 7, ..
+        } = tracker.apply(&event(7, 500_000_000, pod_cgroup))
+        else {
+            panic!("a pod cgroup opens a pod record and is not watched");
+        };
+        assert_eq!(pod.driver.as_deref(), Some("cgroupfs"));
         let sandbox = LifecycleKind::Created {
             path: format!("/kubepods/besteffort/pod12345678-1234-1234-1234-123456789abc/{ID}"),
         };
-        tracker.apply(&event(8, 1, sandbox));
+        tracker.apply(&event(8, 1_000_000_000, sandbox));
         let pause = LifecycleKind::Started {
             program: "/pause".into(),
         };
-        assert!(matches!(
-            tracker.apply(&event(8, 2, pause)),
-            Update::Unwatch(8)
-        ));
+        let Update::Pod {
+            pod,
+            unwatch: 8,
+            sandbox: Some(_),
+        } = tracker.apply(&event(8, 2_000_000_000, pause))
+        else {
+            panic!("the sandbox's first exec goes to its pod");
+        };
+        assert_eq!(
+            pod.created_ns,
+            Some(pod.first_ns),
+            "the pod cgroup came first"
+        );
+        assert_eq!(pod.sandbox_id.as_deref(), Some(ID));
+        let (created, started) = (
+            pod.sandbox_created_ns.unwrap(),
+            pod.sandbox_started_ns.unwrap(),
+        );
+        assert_eq!(started - pod.first_ns, 1_500_000_000);
+        assert!(created > pod.first_ns && created < started);
+        assert!(
+            tracker.get(8).is_none(),
+            "the sandbox's own record is dropped"
+        );
         assert!(matches!(
             tracker.apply(&event(99, 2, LifecycleKind::Exited)),
             Update::None

@@ -12,11 +12,15 @@ use std::path::Path;
 use redb::{Database, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::StartRecord;
+use super::{PodRecord, PullRecord, StartRecord};
 use crate::attribution::PodRef;
 
 const STARTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("starts");
 const FLAGS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("flags");
+/// Pod records, keyed by their first time and a hash of the pod UID.
+const PODS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("pods");
+/// Pulls seen by the CRI image proxy, keyed by their start and a sequence number.
+const PULLS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("pulls");
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +118,8 @@ impl Store {
         let txn = db.begin_write().map_err(db_err)?;
         txn.open_table(STARTS).map_err(db_err)?;
         txn.open_table(FLAGS).map_err(db_err)?;
+        txn.open_table(PODS).map_err(db_err)?;
+        txn.open_table(PULLS).map_err(db_err)?;
         txn.commit().map_err(db_err)?;
         Ok(Self {
             db,
@@ -136,6 +142,56 @@ impl Store {
                 .map_err(db)?;
         }
         txn.commit().map_err(db)
+    }
+
+    /// Inserts or replaces a pod record.
+    pub fn put_pod(&self, pod: &PodRecord) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(pod)?;
+        self.put(PODS, (pod.first_ns, uid_key(&pod.uid)), &value)
+    }
+
+    /// Appends a pull.
+    pub fn put_pull(&self, pull: &PullRecord) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(pull)?;
+        let id = self.len(PULLS)?;
+        self.put(PULLS, (pull.start_ns, id), &value)
+    }
+
+    /// Pod records that began at or after `since_ns`, oldest first.
+    pub fn pods(&self, since_ns: Option<u64>) -> Result<Vec<PodRecord>, StoreError> {
+        self.scan(PODS, since_ns, |_: &PodRecord| true)
+    }
+
+    /// Pulls that began at or after `since_ns`, oldest first.
+    pub fn pulls(&self, since_ns: Option<u64>) -> Result<Vec<PullRecord>, StoreError> {
+        self.scan(PULLS, since_ns, |_: &PullRecord| true)
+    }
+
+    /// The timelines of the pods that began at or after the filter's `since`, with the
+    /// filter's namespace, pod and image (a container's) applied to them.
+    pub fn timelines(&self, filter: &Filter) -> Result<Vec<super::pods::PodTimeline>, StoreError> {
+        let pods = self.pods(filter.since_ns)?;
+        let Some(first) = pods.iter().map(|p| p.first_ns).min() else {
+            return Ok(Vec::new());
+        };
+        let starts = self.starts(&Filter {
+            since_ns: Some(first),
+            ..Default::default()
+        })?;
+        let pulls = self.pulls(Some(first))?;
+        Ok(pods
+            .iter()
+            .map(|pod| super::pods::assemble(pod, &starts, &pulls))
+            .filter(|t| {
+                if t.containers.is_empty() {
+                    filter.image.is_none() && filter.keeps(&t.namespace, &t.pod, &None)
+                } else {
+                    t.containers
+                        .iter()
+                        .any(|c| filter.keeps(&t.namespace, &t.pod, &c.image))
+                }
+            })
+            .collect())
     }
 
     /// Appends a flag.
@@ -202,6 +258,13 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// A pod UID's half of its record's key (FNV-1a: stable across builds and machines).
+fn uid_key(uid: &str) -> u64 {
+    uid.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 fn db_err<E: Into<redb::Error>>(e: E) -> StoreError {

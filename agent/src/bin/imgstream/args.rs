@@ -335,17 +335,23 @@ pub(crate) struct ReportArgs {
     /// Only images whose reference contains this.
     #[arg(long)]
     pub(crate) image: Option<String>,
-    /// Compare groups: `namespace`, `image`, `label:KEY`, or `image:PATTERN` (images
-    /// matching PATTERN against the rest, e.g. streamed against fully pulled).
+    /// Compare groups: `namespace`, `image`, `label:KEY`, `image:PATTERN` (images
+    /// matching PATTERN against the rest, e.g. streamed against fully pulled), or, with
+    /// --pods, `served` (how each pull was served: streamed against unpacked).
     #[arg(long, value_name = "BY")]
     pub(crate) compare: Option<imgstream::report::GroupBy>,
     /// Print JSON instead of tables.
     #[arg(long)]
     pub(crate) json: bool,
     /// Also write a CDF chart of start -> first log line latencies (one line per compared
-    /// group, else per namespace) to FILE.
+    /// group, else per namespace) to FILE; with --pods, each pod's waterfall and a CDF of
+    /// its phases.
     #[arg(long, value_name = "FILE")]
     pub(crate) svg: Option<PathBuf>,
+    /// Pods' whole startup instead of container starts: the pod cgroup, the sandbox, each
+    /// container's pull (from the CRI image proxy), create, start and first log line.
+    #[arg(long)]
+    pub(crate) pods: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -756,6 +762,7 @@ impl TryFrom<ReportArgs> for ReportJob {
             compare: args.compare,
             json: args.json,
             svg: args.svg,
+            pods: args.pods,
         })
     }
 }
