@@ -107,6 +107,8 @@ fn mount_image(
         share_learned: Default::default(),
         platform: Platform::host(),
         fetch_totals: None,
+        fetch_journal: None,
+        image_name: None,
     };
     let cache = Arc::new(ChunkCache::open(&opts.cache).unwrap());
     let opened = rt

@@ -40,6 +40,25 @@ const DISARM_GRACE: Duration = Duration::from_secs(2);
 /// `probes::sweep`).
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
+/// What a container's image fetched for readers from its pod's start to its first log
+/// line, when imgstream serves the image.
+fn critical_path(
+    pod: &PodRecord,
+    record: &StartRecord,
+    journal: &crate::fetch::journal::FetchJournal,
+) -> Option<crate::starts::CriticalPath> {
+    let fetched = journal.window(
+        record.image.as_deref()?,
+        pod.created_ns.unwrap_or(pod.first_ns),
+        record.first_log_ns?,
+    )?;
+    Some(crate::starts::CriticalPath {
+        bytes: fetched.bytes,
+        requests: fetched.requests,
+        fully_cached: fetched.fully_cached,
+    })
+}
+
 /// Applies a late CRI answer: a sandbox goes to its pod's record (and its start record
 /// from the store), a container is named.
 fn settle(
@@ -95,6 +114,8 @@ struct Shared {
     flags: Option<tokio::sync::mpsc::Sender<FlagRecord>>,
     /// The pulls the image proxy saw.
     pulls: Arc<PullLog>,
+    /// What each lazily served image fetched when.
+    journal: Arc<crate::fetch::journal::FetchJournal>,
 }
 
 impl Shared {
@@ -159,11 +180,13 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentErr
     let metrics = Arc::new(Metrics::default());
     let health = crate::api::Health::default();
     let pulls = Arc::new(PullLog::default());
+    let journal = Arc::new(crate::fetch::journal::FetchJournal::default());
     let mut disk_usage: Option<crate::cri::image_proxy::DiskUsage> = None;
     let mut served: Option<crate::cri::image_proxy::Served> = None;
     let snapshotter = match config.snapshotter.clone() {
         Some(mut snapshotter) => {
             snapshotter.mount.fetch_totals = Some(metrics.fetch_totals());
+            snapshotter.mount.fetch_journal = Some(journal.clone());
             let service = crate::snapshotter::Snapshotter::open(snapshotter).await?;
             metrics.watch_cache(service.cache().clone());
             let measured = service.clone();
@@ -315,6 +338,7 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentErr
         pods: PodDirectory::new(cri, tokio::runtime::Handle::current()),
         flags,
         pulls,
+        journal,
     });
 
     let cgroups = match CgroupResolver::discover() {
@@ -544,7 +568,7 @@ fn start_loop(
                     Err(err) => tracing::warn!(%err, "arming the write probes failed"),
                 }
             }
-            let record = match &event.kind {
+            let mut record = match &event.kind {
                 K::Created { .. } => match shared.pods.lookup(&record.container_id) {
                     Some(Lookup::Sandbox) => {
                         shared.pod_update(tracker.sandbox_found(event.cgroup_id), &mut probes);
@@ -572,10 +596,19 @@ fn start_loop(
                 }
                 K::FirstLog { fd, .. } => {
                     metrics.first_log(&record);
-                    if let Some(pod) = record.pod.uid.as_deref().and_then(|uid| tracker.pod(uid)) {
+                    let pod = record
+                        .pod
+                        .uid
+                        .as_deref()
+                        .and_then(|uid| tracker.pod(uid))
+                        .cloned();
+                    if let Some(pod) = pod {
+                        record.critical_path = critical_path(&pod, &record, &shared.journal);
+                        let critical = record.critical_path;
+                        tracker.annotate(event.cgroup_id, |r| r.critical_path = critical);
                         let pulls = shared.pulls.for_pod(&pod.uid);
                         let timeline = crate::starts::pods::assemble(
-                            pod,
+                            &pod,
                             std::slice::from_ref(&record),
                             &pulls,
                         );

@@ -132,6 +132,8 @@ impl ImageJob {
         metrics.watch_cache(cache.clone());
         let options = MountOptions {
             fetch_totals: Some(metrics.fetch_totals()),
+            fetch_journal: None,
+            image_name: None,
             ..self.options.clone()
         };
         if let Some(addr) = self.metrics_addr {

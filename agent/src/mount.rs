@@ -96,6 +96,10 @@ pub struct MountOptions {
     pub platform: Platform,
     /// The agent's fetch counters, which this image's fetcher adds to (for `/metrics`).
     pub fetch_totals: Option<Arc<crate::fetch::FetchStats>>,
+    /// The agent's journal of requests by image (for pods' timelines), and the name of the
+    /// image this mount serves in it.
+    pub fetch_journal: Option<Arc<crate::fetch::journal::FetchJournal>>,
+    pub image_name: Option<String>,
     /// Where layers' learned prefetch lists are kept ([`crate::fetch::learn`]); `None`:
     /// nothing is learned or used.
     pub learned: Option<PathBuf>,
@@ -726,6 +730,9 @@ pub fn serve(
     let mut fetcher = Fetcher::new(runtime, source, cache).with_read_around(options.fs.read_around);
     if let Some(totals) = &options.fetch_totals {
         fetcher = fetcher.with_totals(totals.clone());
+    }
+    if let (Some(journal), Some(image)) = (&options.fetch_journal, &options.image_name) {
+        fetcher = fetcher.with_journal(journal.clone(), image);
     }
     let fetcher = Arc::new(fetcher);
     let layers: Arc<[RemoteLayer]> = layers.into();

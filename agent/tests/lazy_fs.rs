@@ -167,6 +167,8 @@ fn mount_learning(
         share_learned: learned.as_ref().map_or(Sharing::Off, |(_, s)| *s),
         platform: Platform::host(),
         fetch_totals: totals,
+        fetch_journal: None,
+        image_name: None,
     };
     let chunk_cache = Arc::new(ChunkCache::open(&options.cache).unwrap());
     let mut opened = runtime

@@ -341,6 +341,7 @@ fn run(
             return;
         }
         progress.finish();
+        fetcher.layer_cached();
         tracing::info!(
             chunks = progress.chunks_done.load(Ordering::Relaxed),
             bytes = progress.bytes_done.load(Ordering::Relaxed),

@@ -21,6 +21,7 @@ use std::{
 
 pub mod background;
 mod inflight;
+pub mod journal;
 pub mod layer;
 pub mod learn;
 pub mod prefetch;
@@ -149,6 +150,8 @@ pub struct Fetcher {
     pub stats: FetchStats,
     /// The agent's totals, which every fetcher adds to as well.
     totals: Option<Arc<FetchStats>>,
+    /// The agent's journal of requests by image, and this fetcher's image's name in it.
+    journal: Option<(Arc<journal::FetchJournal>, Arc<str>)>,
     read_around: ReadAround,
     /// Compressed bytes of the image this fetcher serves, once known ([`Fetcher::serving`]).
     image_bytes: AtomicU64,
@@ -204,6 +207,7 @@ impl Fetcher {
             readers: ReaderGate::new(),
             stats: FetchStats::default(),
             totals: None,
+            journal: None,
             read_around: ReadAround::new(ReadAroundConfig::default()),
             image_bytes: AtomicU64::new(0),
             learning: Mutex::new(None),
@@ -221,6 +225,20 @@ impl Fetcher {
     pub fn with_totals(mut self, totals: Arc<FetchStats>) -> Self {
         self.totals = Some(totals);
         self
+    }
+
+    /// Also journals each request as one of `image`'s (for pods' timelines).
+    pub fn with_journal(mut self, journal: Arc<journal::FetchJournal>, image: &str) -> Self {
+        let name = journal.layer_mounted(image);
+        self.journal = Some((journal, name));
+        self
+    }
+
+    /// The layer is all cached: journaled for its image.
+    pub fn layer_cached(&self) {
+        if let Some((journal, image)) = &self.journal {
+            journal.layer_cached(image, crate::time::unix_ns(std::time::SystemTime::now()));
+        }
     }
 
     /// Adds `n` to one counter of this fetcher's stats and of the agent's totals.
@@ -621,6 +639,14 @@ impl Fetcher {
                         .observe(bytes.len() as u64, asked, answered);
                     self.count(|s| &s.requests, 1);
                     self.count(|s| &s.bytes, bytes.len() as u64);
+                    if let Some((journal, image)) = &self.journal {
+                        journal.request(
+                            image,
+                            crate::time::unix_ns(std::time::SystemTime::now()),
+                            bytes.len() as u64,
+                            priority == Priority::Background,
+                        );
+                    }
                     match priority {
                         Priority::Background => {
                             self.count(|s| &s.background_requests, 1);

@@ -208,6 +208,10 @@ impl Ranges<'_> {
                     f.count(|s| &s.bytes, bytes.len() as u64);
                     f.count(|s| &s.background_requests, 1);
                     f.count(|s| &s.background_bytes, bytes.len() as u64);
+                    if let Some((journal, image)) = &f.journal {
+                        let now = crate::time::unix_ns(std::time::SystemTime::now());
+                        journal.request(image, now, bytes.len() as u64, true);
+                    }
                     self.progress
                         .bytes_done
                         .fetch_add(bytes.len() as u64, Ordering::Relaxed);

@@ -128,6 +128,7 @@ impl Snapshotter {
         }
         let options = MountOptions {
             view: crate::fs::View::Layer(0),
+            image_name: Some(remote.image_ref.clone()),
             ..self.config.mount.clone()
         };
         let (runtime, cache) = (self.runtime.clone(), self.cache.clone());

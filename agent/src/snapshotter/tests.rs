@@ -73,6 +73,8 @@ async fn serving(
             share_learned: Default::default(),
             platform: crate::oci::manifest::Platform::host(),
             fetch_totals: None,
+            fetch_journal: None,
+            image_name: None,
         },
         keeper: None,
     };

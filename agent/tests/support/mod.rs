@@ -169,6 +169,8 @@ pub fn local_mount_options(
         share_learned: Default::default(),
         platform: imgstream::oci::manifest::Platform::host(),
         fetch_totals: None,
+        fetch_journal: None,
+        image_name: None,
     }
 }
 

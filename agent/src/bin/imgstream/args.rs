@@ -515,6 +515,8 @@ impl ServingArgs {
             readahead_kb: self.fuse_readahead_kb,
             platform: self.platform,
             fetch_totals: None,
+            fetch_journal: None,
+            image_name: None,
         };
         let http = imgstream::registry::http::HttpConfig::try_from(self.registry)?;
         Ok((options, http))
