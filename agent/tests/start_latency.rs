@@ -405,3 +405,249 @@ async fn cri_pods_are_named_and_their_sandboxes_left_out() {
     drop(registry);
     std::fs::remove_dir_all(&scratch).unwrap();
 }
+
+/// How far a phase's end may lie outside the times the test took around the call that
+/// caused it: the agent's clocks are read a few microseconds from the event, and a call's
+/// handler starts after the test's clock reading and answers before the test's next.
+const CALL_SLACK_NS: u64 = 3_000_000;
+
+/// `t` lies within `(before, after)`, give or take [`CALL_SLACK_NS`].
+fn within(what: &str, t: Option<u64>, (before, after): (u64, u64)) -> u64 {
+    let t = t.unwrap_or_else(|| panic!("{what}: not seen"));
+    assert!(
+        t + CALL_SLACK_NS >= before && t <= after + CALL_SLACK_NS,
+        "{what} at {t}, outside the call's {before}..{after} ({} ms before, {} ms after)",
+        (before as f64 - t as f64) / 1e6,
+        (t as f64 - after as f64) / 1e6,
+    );
+    t
+}
+
+/// kubelet's part in kubelet's order (the pod cgroup, RunPodSandbox, PullImage through the
+/// agent's CRI image proxy, CreateContainer, StartContainer) for a pod of a streamed image
+/// under a cgroupfs-style pod cgroup and one of a pulled image under a systemd-style slice:
+/// every mark of each pod's timeline lies within the times the test took around the call
+/// that caused it, start -> first log line agrees with the container's own clock, and the
+/// bytes on the streamed start's critical path are what the counting proxy carried for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_are_timed_in_kubelets_order() {
+    use imgstream::starts::pods::{FROM_PROXY, PodTimeline};
+    use support::{
+        Fault, Proxy,
+        cri::{CgroupLayout, Kubelet, clockprobe_images, snapshotter_args, wait_for_log},
+    };
+    let _serial = SERIAL.lock().await;
+    support::require_root();
+    let scratch = support::scratch("start-latency-pods");
+    let registry = Registry::start("start-latency-pods", None);
+    let reg = registry.host();
+    let rootfs = support::clockprobe_rootfs(&scratch.join("rootfs"), &[]);
+    clockprobe_images(&scratch, &reg, "app", &rootfs).await;
+    // The agent reaches the registry through the counting proxy; containerd, told the
+    // proxy's name is a mirror of the registry, goes straight to it: what the proxy carries
+    // is the agent's alone.
+    let proxy = Proxy::start(registry.addr, Fault::None);
+    let host = proxy.host();
+    let socket = scratch.join("snapshotter.sock");
+    let dropin = String::from_utf8(
+        support::imgstream(&["containerd-config", "--socket", socket.to_str().unwrap()]).stdout,
+    )
+    .unwrap()
+    .replace("version = 2\n", "");
+    let mirror = format!(
+        "[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{host}\"]\n  endpoint = [\"http://{reg}\"]\n"
+    );
+    let containerd = Containerd::start_cri_with(
+        "start-latency-pods",
+        &reg,
+        &format!("{reg}/app:pause"),
+        &format!("{dropin}{mirror}"),
+    );
+    let agent_dir = scratch.join("agent");
+    std::fs::create_dir_all(&agent_dir).unwrap();
+    let image_socket = scratch.join("image.sock");
+    let mut args = snapshotter_args(&containerd, &socket, &agent_dir, &host);
+    args.extend(
+        [
+            "--cri-image-proxy",
+            image_socket.to_str().unwrap(),
+            "--cri-upstream",
+            containerd.socket.to_str().unwrap(),
+        ]
+        .map(String::from),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let agent = Agent::start(&agent_dir, &args);
+    // The sandbox image first, as a node has it: containerd's channel to the snapshotter
+    // is up before the timed pulls.
+    let mut images = k8s_cri::v1::image_service_client::ImageServiceClient::new(
+        imgstream::cri::channel(&containerd.socket).await.unwrap(),
+    );
+    support::cri::pull(&mut images, &format!("{reg}/app:pause"))
+        .await
+        .unwrap();
+
+    let truth_dir = scratch.join("truth");
+    std::fs::create_dir_all(&truth_dir).unwrap();
+    let mut runs = Vec::new();
+    let mut carried = 0;
+    for (pod, tag, layout) in [
+        ("streamed", "esgz", CgroupLayout::Cgroupfs),
+        ("pulled", "v1", CgroupLayout::SystemdSlices),
+    ] {
+        let kubelet = Kubelet {
+            image_service: image_socket.clone(),
+            layout,
+            ..Kubelet::new(&containerd)
+        };
+        let before = proxy.bytes();
+        let run = kubelet
+            .run_pod(
+                &format!("{host}/app:{tag}"),
+                ("kubelet-order", pod),
+                vec![
+                    "/clockprobe".into(),
+                    "log".into(),
+                    "150".into(),
+                    format!("/truth/{pod}"),
+                ],
+                vec![k8s_cri::v1::Mount {
+                    container_path: "/truth".into(),
+                    host_path: truth_dir.display().to_string(),
+                    ..Default::default()
+                }],
+                &scratch.join(format!("logs-{pod}")),
+            )
+            .await;
+        wait_for_log(&run.log);
+        // The clockprobe exits after its line; the agent handles events within a poll.
+        std::thread::sleep(std::time::Duration::from_millis(800));
+        if pod == "streamed" {
+            carried = proxy.bytes() - before;
+        }
+        runs.push((pod, layout, run));
+    }
+
+    let (status, body) = agent.get("/v1/pods?namespace=kubelet-order");
+    assert_eq!(status, 200, "{body}");
+    let timelines: Vec<PodTimeline> = serde_json::from_str(&body).unwrap();
+    let (_, body) = agent.get("/v1/starts?namespace=kubelet-order");
+    let starts: Vec<StartRecord> = serde_json::from_str(&body).unwrap();
+    assert_eq!(timelines.len(), 2, "{timelines:#?}");
+    for (pod, layout, run) in &runs {
+        let t = timelines
+            .iter()
+            .find(|t| t.uid == run.uid)
+            .unwrap_or_else(|| panic!("no timeline of {pod}: {timelines:#?}"));
+        let times = run.times;
+        eprintln!("{pod}: {t:#?}\n{times:?}");
+        assert_eq!(t.pod.as_deref(), Some(*pod));
+        assert_eq!(t.cgroup_path.as_deref(), Some(run.cgroup.as_str()));
+        let driver = match layout {
+            CgroupLayout::Cgroupfs => "cgroupfs",
+            CgroupLayout::SystemdSlices => "systemd",
+        };
+        assert_eq!(t.driver.as_deref(), Some(driver));
+        within("pod cgroup", t.created_ns, times.pod_cgroup);
+        within("sandbox cgroup", t.sandbox_created_ns, times.run_sandbox);
+        within("sandbox exec", t.sandbox_started_ns, times.run_sandbox);
+        let [c] = &t.containers[..] else {
+            panic!("{pod}: one container, the sandbox left out: {t:#?}")
+        };
+        assert_eq!(c.container_id, run.container_id);
+        let pull = c.pull.as_ref().unwrap();
+        assert_eq!(pull.source, FROM_PROXY, "{pod}");
+        within(
+            "pull start",
+            Some(pull.start_ns),
+            (times.pull.0, times.pull.0),
+        );
+        within("pull end", Some(pull.end_ns), (times.pull.1, times.pull.1));
+        let served = if *pod == "streamed" {
+            "streamed"
+        } else {
+            "unpacked"
+        };
+        assert_eq!(pull.served.as_deref(), Some(served));
+        within(
+            "container cgroup",
+            Some(c.created_ns),
+            (times.create.0, times.start.1),
+        );
+        // The exec follows StartContainer's runc start, and may land after its answer.
+        assert!(
+            c.started_ns.unwrap() + CALL_SLACK_NS >= times.start.0,
+            "{pod}: exec before StartContainer"
+        );
+        let record = starts
+            .iter()
+            .find(|s| s.container_id == run.container_id)
+            .unwrap();
+        assert_eq!(
+            (record.started_ns, record.first_log_ns),
+            (c.started_ns, c.first_log_ns)
+        );
+        check_latency(record, &truth(&truth_dir.join(pod)), pod);
+        let phases = c.phases;
+        let secs = |a: u64, b: Option<u64>| (b.unwrap() - a) as f64 / 1e9;
+        let close = |got: Option<f64>, want: f64| (got.unwrap() - want).abs() < 1e-6;
+        let created = t.created_ns.unwrap();
+        assert!(close(phases.sandbox, secs(created, t.sandbox_started_ns)));
+        assert!(close(phases.pull, secs(pull.start_ns, Some(pull.end_ns))));
+        assert!(close(phases.total, secs(created, c.first_log_ns)));
+        match (*pod, c.critical_path) {
+            ("streamed", Some(critical)) => {
+                // The proxy carried the same bodies, with each response's headers.
+                eprintln!("critical path: {critical:?}; the proxy carried {carried} bytes");
+                assert!(critical.requests >= 3, "manifest, footer and TOC at least");
+                assert!(!critical.fully_cached, "no background download here");
+                assert!(
+                    critical.bytes <= carried
+                        && carried <= critical.bytes + 1024 * (critical.requests + 8),
+                    "{critical:?} against the proxy's {carried} bytes"
+                );
+            }
+            ("pulled", None) => {}
+            (pod, critical) => panic!("{pod}: critical path {critical:?}"),
+        }
+    }
+
+    let (_, metrics) = agent.get("/metrics");
+    assert!(
+        metrics.contains(
+            "imgstream_pod_startup_phase_seconds_count{phase=\"pull\",namespace=\"kubelet-order\"} 2"
+        ),
+        "{metrics}"
+    );
+    let out = support::imgstream(&[
+        "report",
+        "--api",
+        &format!("http://{}", agent.api),
+        "--pods",
+        "--namespace",
+        "kubelet-order",
+        "--compare",
+        "served",
+        "--svg",
+        scratch.join("pods.svg").to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("2 pods, 2 container starts"), "{text}");
+    assert!(text.contains("unpacked against streamed: median"), "{text}");
+    let svg = std::fs::read_to_string(scratch.join("pods.svg")).unwrap();
+    assert!(
+        svg.contains("kubelet-order/streamed app") && svg.contains("<polyline"),
+        "{svg}"
+    );
+    agent.stop();
+    drop(containerd);
+    drop(proxy);
+    drop(registry);
+    std::fs::remove_dir_all(&scratch).unwrap();
+}

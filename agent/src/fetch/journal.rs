@@ -13,7 +13,11 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use crate::sync::lock;
+use crate::{
+    oci::{digest::Digest, manifest::Descriptor},
+    registry::{BlobSource, FetchedManifest, RegistryError},
+    sync::lock,
+};
 
 /// Requests kept at most: about 2.5 MB.
 pub const ENTRIES: usize = 65_536;
@@ -146,6 +150,92 @@ impl FetchJournal {
             }
         }
         Some(fetched)
+    }
+}
+
+/// A source whose answers are journaled as its image's while a layer is being opened (the
+/// manifest, the footer and the TOC: requests the pull waits on). Once the layer is open,
+/// [`Journaled::opened`] stops it: the fetcher journals its own requests from then on, by
+/// whom they were for.
+pub struct Journaled {
+    inner: Arc<dyn BlobSource>,
+    journal: Arc<FetchJournal>,
+    image: Arc<str>,
+    opening: std::sync::atomic::AtomicBool,
+}
+
+impl Journaled {
+    pub fn new(inner: Arc<dyn BlobSource>, journal: Arc<FetchJournal>, image: &str) -> Self {
+        Self {
+            inner,
+            journal,
+            image: Arc::from(image),
+            opening: std::sync::atomic::AtomicBool::new(true),
+        }
+    }
+
+    /// The layer is open: later requests are the fetcher's to journal.
+    pub fn opened(&self) {
+        self.opening
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn note(&self, bytes: u64) {
+        if self.opening.load(std::sync::atomic::Ordering::Relaxed) {
+            let now = crate::time::unix_ns(std::time::SystemTime::now());
+            self.journal.request(&self.image, now, bytes, false);
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl BlobSource for Journaled {
+    async fn manifest(&self, reference: &str) -> Result<FetchedManifest, RegistryError> {
+        let fetched = self.inner.manifest(reference).await?;
+        self.note(fetched.bytes.len() as u64);
+        Ok(fetched)
+    }
+
+    async fn blob(&self, desc: &Descriptor) -> Result<bytes::Bytes, RegistryError> {
+        let blob = self.inner.blob(desc).await?;
+        self.note(blob.len() as u64);
+        Ok(blob)
+    }
+
+    async fn blob_to_file(
+        &self,
+        desc: &Descriptor,
+        path: &std::path::Path,
+    ) -> Result<(), RegistryError> {
+        self.inner.blob_to_file(desc, path).await?;
+        self.note(desc.size);
+        Ok(())
+    }
+
+    async fn read_range(
+        &self,
+        digest: &Digest,
+        range: std::ops::Range<u64>,
+    ) -> Result<bytes::Bytes, RegistryError> {
+        let bytes = self.inner.read_range(digest, range).await?;
+        self.note(bytes.len() as u64);
+        Ok(bytes)
+    }
+
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+
+    fn round_trip(&self) -> Option<std::time::Duration> {
+        self.inner.round_trip()
+    }
+
+    async fn referrers(
+        &self,
+        subject: &Digest,
+        artifact_type: &str,
+    ) -> Result<Option<bytes::Bytes>, RegistryError> {
+        self.inner.referrers(subject, artifact_type).await
     }
 }
 

@@ -3,7 +3,10 @@
 //! snapshotter starts, or served again on the FUSE connection a keeper held across the
 //! restart; and the keeper kept holding every lazy layer's connection.
 
-use std::os::fd::{AsFd as _, OwnedFd};
+use std::{
+    os::fd::{AsFd as _, OwnedFd},
+    sync::Arc,
+};
 
 use crate::fs::keeper::Kept;
 
@@ -90,6 +93,18 @@ impl Snapshotter {
     ) -> Result<bool, LazyError> {
         let image = ImageRef::parse(&remote.image_ref)?;
         let source = open_source(&image, &self.config.http).map_err(LazyError::Source)?;
+        // The opening's requests (manifest, footer, TOC) are on the pull's path: journaled.
+        let journaled = self.config.mount.fetch_journal.as_ref().map(|journal| {
+            Arc::new(crate::fetch::journal::Journaled::new(
+                source.clone(),
+                journal.clone(),
+                &remote.image_ref,
+            ))
+        });
+        let source: Arc<dyn crate::registry::BlobSource> = match &journaled {
+            Some(journaled) => journaled.clone(),
+            None => source,
+        };
         let reference = remote
             .manifest
             .clone()
@@ -111,6 +126,9 @@ impl Snapshotter {
         .await
         .map_err(|_| LazyError::Deadline(OPEN_DEADLINE.as_secs()))?
         .map_err(LazyError::Open)?;
+        if let Some(journaled) = &journaled {
+            journaled.opened();
+        }
         let Some(mut opened) = opened else {
             return Ok(false);
         };

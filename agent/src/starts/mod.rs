@@ -132,7 +132,6 @@ pub enum Update {
 /// Builds start records from lifecycle events.
 #[derive(Debug, Default)]
 pub struct Tracker {
-    clock: BootClock,
     records: HashMap<u64, StartRecord>,
     order: std::collections::VecDeque<u64>,
     /// Pods by UID, and their order of arrival (the oldest are dropped first).
@@ -147,7 +146,10 @@ impl Tracker {
 
     /// Applies one event.
     pub fn apply(&mut self, event: &Lifecycle) -> Update {
-        let at = unix_ns(self.clock.to_wall(event.boot_ns));
+        // Both clocks sampled again for each event: a wall clock stepped or slewed since
+        // the agent started moves the records with it, as it moves every other timestamp
+        // they are compared with.
+        let at = unix_ns(BootClock::new().to_wall(event.boot_ns));
         match &event.kind {
             LifecycleKind::Created { path } => {
                 let Some(container) = parse_cgroup_path(path) else {

@@ -8,6 +8,8 @@ pub struct Containerd {
     pub socket: PathBuf,
     child: Child,
     dir: PathBuf,
+    /// Pod cgroups made for this containerd's pods (as kubelet does), removed with it.
+    pod_cgroups: std::sync::Mutex<Vec<PathBuf>>,
 }
 
 impl Containerd {
@@ -67,7 +69,21 @@ impl Containerd {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        Self { socket, child, dir }
+        Self {
+            socket,
+            child,
+            dir,
+            pod_cgroups: Default::default(),
+        }
+    }
+
+    /// Removes the pod cgroup `dir` when this containerd goes (its containers' cgroups
+    /// are gone then).
+    pub fn remove_with(&self, dir: PathBuf) {
+        self.pod_cgroups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(dir);
     }
 
     /// Runs `ctr -a SOCK -n imgstream-test ARGS`, returning (success, stdout, stderr).
@@ -120,6 +136,17 @@ impl Drop for Containerd {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // The sandboxes' and containers' cgroups went with their tasks; their pods' go now.
+        for dir in self
+            .pod_cgroups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            if let Err(err) = std::fs::remove_dir(&dir) {
+                eprintln!("pod cgroup {} not removed: {err}", dir.display());
+            }
+        }
         // Overlay mounts of snapshots may linger: detach them before removing the tree.
         umount_below(&self.dir);
         let _ = std::fs::remove_dir_all(&self.dir);

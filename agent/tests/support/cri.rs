@@ -98,16 +98,15 @@ pub async fn run_pod_with(
     mounts: Vec<Mount>,
     logs: &std::path::Path,
 ) -> std::path::PathBuf {
-    let channel = imgstream::cri::channel(&containerd.socket).await.unwrap();
-    let mut images = ImageServiceClient::new(channel);
-    pull(&mut images, image)
-        .await
-        .unwrap_or_else(|e| panic!("PullImage {image}: {e}"));
-    start_pod(containerd, image, (namespace, pod), command, mounts, logs).await
+    let run = Kubelet::new(containerd)
+        .run_pod(image, (namespace, pod), command, mounts, logs)
+        .await;
+    run.log
 }
 
-/// [`run_pod_with`] of an image already pulled: the sandbox and the container are created
-/// and started, and the container's log file is returned.
+/// [`run_pod_with`] of an image already pulled (kubelet skips the pull of an image the
+/// node has): the pod cgroup, the sandbox and the container are created and started, and
+/// the container's log file is returned.
 pub async fn start_pod(
     containerd: &Containerd,
     image: &str,
@@ -116,61 +115,219 @@ pub async fn start_pod(
     mounts: Vec<Mount>,
     logs: &std::path::Path,
 ) -> std::path::PathBuf {
-    let channel = imgstream::cri::channel(&containerd.socket).await.unwrap();
-    let mut runtime = RuntimeServiceClient::new(channel);
-    std::fs::create_dir_all(logs).unwrap();
-    let uid = format!(
-        "00000000-0000-4000-8000-{:012x}",
-        pod.bytes()
-            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)))
-            & 0xffff_ffff_ffff
-    );
-    let sandbox_config = sandbox_config(namespace, pod, &uid, logs);
-    let sandbox = runtime
-        .run_pod_sandbox(RunPodSandboxRequest {
+    let mut kubelet = Kubelet::new(containerd);
+    kubelet.pull = false;
+    kubelet
+        .run_pod(image, (namespace, pod), command, mounts, logs)
+        .await
+        .log
+}
+
+/// How kubelet's cgroup driver names a pod's cgroup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CgroupLayout {
+    /// `/kubepods/besteffort/pod<uid>`.
+    Cgroupfs,
+    /// `/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid_>.slice`, with
+    /// the containers' cgroups made by the cgroupfs driver under it.
+    SystemdSlices,
+}
+
+/// kubelet's part for one pod, in kubelet's order: it creates the pod's cgroup, then calls
+/// RunPodSandbox, PullImage (with the pod's sandbox config), CreateContainer and
+/// StartContainer.
+pub struct Kubelet<'a> {
+    pub containerd: &'a Containerd,
+    /// Where PullImage goes: containerd's own socket, or the agent's CRI image proxy.
+    pub image_service: std::path::PathBuf,
+    pub layout: CgroupLayout,
+    /// Whether to pull (kubelet does unless the node has the image).
+    pub pull: bool,
+}
+
+/// The times of kubelet's calls for one pod, as the harness took them: (before, after),
+/// in ns since the epoch.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KubeletTimes {
+    pub pod_cgroup: (u64, u64),
+    pub run_sandbox: (u64, u64),
+    pub pull: (u64, u64),
+    pub create: (u64, u64),
+    pub start: (u64, u64),
+}
+
+/// One pod kubelet ran.
+pub struct PodRun {
+    pub log: std::path::PathBuf,
+    pub uid: String,
+    pub sandbox_id: String,
+    pub container_id: String,
+    /// The pod cgroup's path under the cgroup2 root, as kubelet made it.
+    pub cgroup: String,
+    pub times: KubeletTimes,
+    /// When PullImage was called (the bench times from there).
+    pub pull_called: std::time::Instant,
+}
+
+fn now_ns() -> u64 {
+    imgstream::time::unix_ns(std::time::SystemTime::now())
+}
+
+/// `f`'s result and the times just before and after it.
+async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, (u64, u64)) {
+    let before = now_ns();
+    let out = f.await;
+    (out, (before, now_ns()))
+}
+
+impl<'a> Kubelet<'a> {
+    /// Pulls through containerd's own image service, into a cgroupfs-style pod cgroup.
+    pub fn new(containerd: &'a Containerd) -> Self {
+        Self {
+            containerd,
+            image_service: containerd.socket.clone(),
+            layout: CgroupLayout::Cgroupfs,
+            pull: true,
+        }
+    }
+
+    /// Runs a pod with one container, `app`, of `image`.
+    pub async fn run_pod(
+        &self,
+        image: &str,
+        (namespace, pod): (&str, &str),
+        command: Vec<String>,
+        mounts: Vec<Mount>,
+        logs: &std::path::Path,
+    ) -> PodRun {
+        std::fs::create_dir_all(logs).unwrap();
+        // A fresh UID per run: a pod cgroup left by an earlier run would not be created
+        // again, and kubelet never reuses one.
+        let seed = format!("{pod}/{}/{}", std::process::id(), now_ns());
+        let hash = seed.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        let uid = format!(
+            "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+            hash >> 32,
+            (hash >> 16) & 0xffff,
+            hash & 0xfff,
+            (hash >> 20) & 0xfff,
+            hash.rotate_left(17) & 0xffff_ffff_ffff
+        );
+        let cgroup = match self.layout {
+            CgroupLayout::Cgroupfs => format!("/kubepods/besteffort/pod{uid}"),
+            CgroupLayout::SystemdSlices => format!(
+                "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+                uid.replace('-', "_")
+            ),
+        };
+        let root = imgstream::attribution::find_cgroup2_mount().expect("a cgroup2 mount");
+        let dir = root.join(cgroup.trim_start_matches('/'));
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent).unwrap();
+        }
+        let ((), pod_cgroup) = timed(async {
+            std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        })
+        .await;
+        self.containerd.remove_with(dir);
+
+        let channel = imgstream::cri::channel(&self.containerd.socket)
+            .await
+            .unwrap();
+        let mut runtime = RuntimeServiceClient::new(channel);
+        let mut sandbox_config = sandbox_config(namespace, pod, &uid, logs);
+        if let Some(linux) = sandbox_config.linux.as_mut() {
+            linux.cgroup_parent = match self.layout {
+                CgroupLayout::Cgroupfs => cgroup.clone(),
+                // containerd hands a parent whose last component ends in `.slice` to
+                // systemd (as `slice:cri-containerd:id`), which needs systemd as PID 1;
+                // the trailing `/.` keeps it a plain path: runc's cgroupfs driver makes the
+                // containers' cgroups right under the slice directory.
+                CgroupLayout::SystemdSlices => format!("{cgroup}/."),
+            };
+        }
+        let (sandbox, run_sandbox) = timed(runtime.run_pod_sandbox(RunPodSandboxRequest {
             config: Some(sandbox_config.clone()),
             runtime_handler: String::new(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}"))
-        .into_inner()
-        .pod_sandbox_id;
-    let id = runtime
-        .create_container(CreateContainerRequest {
-            pod_sandbox_id: sandbox,
-            config: Some(ContainerConfig {
-                metadata: Some(ContainerMetadata {
-                    name: "app".into(),
-                    attempt: 0,
-                }),
-                image: Some(ImageSpec {
-                    image: image.into(),
+        }))
+        .await;
+        let sandbox_id = sandbox
+            .unwrap_or_else(|e| panic!("RunPodSandbox: {e}"))
+            .into_inner()
+            .pod_sandbox_id;
+        let images_channel = imgstream::cri::channel(&self.image_service).await.unwrap();
+        let mut images = ImageServiceClient::new(images_channel);
+        let pull_called = std::time::Instant::now();
+        let pull = if self.pull {
+            let (pulled, pull) = timed(pull_for(
+                &mut images,
+                image,
+                None,
+                Some(sandbox_config.clone()),
+            ))
+            .await;
+            pulled.unwrap_or_else(|e| panic!("PullImage {image}: {e}"));
+            pull
+        } else {
+            (now_ns(), now_ns())
+        };
+        let (created, create) = timed(
+            runtime.create_container(CreateContainerRequest {
+                pod_sandbox_id: sandbox_id.clone(),
+                config: Some(ContainerConfig {
+                    metadata: Some(ContainerMetadata {
+                        name: "app".into(),
+                        attempt: 0,
+                    }),
+                    image: Some(ImageSpec {
+                        image: image.into(),
+                        ..Default::default()
+                    }),
+                    command,
+                    log_path: "app.log".into(),
+                    mounts,
+                    labels: [
+                        ("io.kubernetes.pod.name", pod),
+                        ("io.kubernetes.pod.namespace", namespace),
+                        ("io.kubernetes.pod.uid", uid.as_str()),
+                        ("io.kubernetes.container.name", "app"),
+                    ]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
                     ..Default::default()
                 }),
-                command,
-                log_path: "app.log".into(),
-                mounts,
-                labels: [
-                    ("io.kubernetes.pod.name", pod),
-                    ("io.kubernetes.pod.namespace", namespace),
-                    ("io.kubernetes.container.name", "app"),
-                ]
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-                ..Default::default()
+                sandbox_config: Some(sandbox_config),
             }),
-            sandbox_config: Some(sandbox_config),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("CreateContainer: {e}"))
-        .into_inner()
-        .container_id;
-    runtime
-        .start_container(StartContainerRequest { container_id: id })
-        .await
-        .unwrap_or_else(|e| panic!("StartContainer: {e}"));
-    logs.join("app.log")
+        )
+        .await;
+        let container_id = created
+            .unwrap_or_else(|e| panic!("CreateContainer: {e}"))
+            .into_inner()
+            .container_id;
+        let (started, start) = timed(runtime.start_container(StartContainerRequest {
+            container_id: container_id.clone(),
+        }))
+        .await;
+        started.unwrap_or_else(|e| panic!("StartContainer: {e}"));
+        PodRun {
+            log: logs.join("app.log"),
+            uid,
+            sandbox_id,
+            container_id,
+            cgroup,
+            times: KubeletTimes {
+                pod_cgroup,
+                run_sandbox,
+                pull,
+                create,
+                start,
+            },
+            pull_called,
+        }
+    }
 }
 
 /// A host-network pod sandbox as kubelet describes one (no hostname: a host-network sandbox
