@@ -187,15 +187,13 @@ impl PodReport {
                 .zip(&c.total_p50_ratio)
                 .skip(1)
             {
-                let moved: Vec<String> = change
+                let moved: Vec<String> = PHASES
                     .iter()
-                    .filter(|(phase, _)| phase.as_str() != "total")
-                    .map(|(phase, d)| {
-                        format!(
-                            "{phase} {}{}",
-                            if *d < 0.0 { "-" } else { "+" },
-                            ms(d.abs())
-                        )
+                    .filter(|phase| **phase != "total")
+                    .filter_map(|phase| {
+                        let d = change.get(*phase)?;
+                        let sign = if *d < 0.0 { "-" } else { "+" };
+                        Some(format!("{} {sign}{}", phase.replace('_', " "), ms(d.abs())))
                     })
                     .collect();
                 out.push_str(&format!(
