@@ -187,6 +187,7 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentErr
         Some(mut snapshotter) => {
             snapshotter.mount.fetch_totals = Some(metrics.fetch_totals());
             snapshotter.mount.fetch_journal = Some(journal.clone());
+            snapshotter.pull_log = Some(pulls.clone());
             let service = crate::snapshotter::Snapshotter::open(snapshotter).await?;
             metrics.watch_cache(service.cache().clone());
             let measured = service.clone();
@@ -606,7 +607,9 @@ fn start_loop(
                         record.critical_path = critical_path(&pod, &record, &shared.journal);
                         let critical = record.critical_path;
                         tracker.annotate(event.cgroup_id, |r| r.critical_path = critical);
-                        let pulls = shared.pulls.for_pod(&pod.uid);
+                        let pulls = shared
+                            .pulls
+                            .for_container(&pod.uid, record.image.as_deref());
                         let timeline = crate::starts::pods::assemble(
                             &pod,
                             std::slice::from_ref(&record),

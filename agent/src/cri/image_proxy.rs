@@ -89,25 +89,12 @@ pub static IMAGES_PULLED: ImagesPulled = ImagesPulled {
 
 impl ImagesPulled {
     fn count(&self, served: crate::snapshotter::LayersServed) {
-        let counter = match served_kind(served) {
-            UNPACKED => &self.unpacked,
-            STREAMED => &self.streamed,
+        let counter = match (served.lazy, served.unpacked) {
+            (0, _) => &self.unpacked,
+            (_, 0) => &self.streamed,
             _ => &self.partly_streamed,
         };
         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-const STREAMED: &str = "streamed";
-const PARTLY_STREAMED: &str = "partly-streamed";
-const UNPACKED: &str = "unpacked";
-
-/// How a pull's layers were served, in a word.
-fn served_kind(served: crate::snapshotter::LayersServed) -> &'static str {
-    match (served.lazy, served.unpacked) {
-        (0, _) => UNPACKED,
-        (_, 0) => STREAMED,
-        _ => PARTLY_STREAMED,
     }
 }
 
@@ -465,7 +452,8 @@ impl ImageService for ImageProxy {
                 image,
                 pod: uid,
                 ok: pulled.is_ok(),
-                served: served.map(|s| served_kind(s).to_string()),
+                served: served.map(|s| s.kind().to_string()),
+                source: None,
             });
         }
         pulled

@@ -23,6 +23,7 @@ mod containerd;
 mod filter;
 mod lazy;
 mod mounts;
+mod pulls;
 mod service;
 mod store;
 
@@ -93,6 +94,8 @@ pub struct SnapshotterConfig {
     /// A FUSE keeper's socket ([`crate::fs::keeper`]): lazy layers then keep serving
     /// running containers across agent restarts.
     pub keeper: Option<PathBuf>,
+    /// Where the layers' part of each pull is recorded, for pods' timelines.
+    pub pull_log: Option<Arc<crate::starts::PullLog>>,
 }
 
 /// The service.
@@ -113,6 +116,8 @@ pub struct Snapshotter {
     /// How the layers containerd brought lately were served, by image repository, until the
     /// image proxy takes the figure of its pull ([`Snapshotter::take_served`]).
     served: Mutex<std::collections::VecDeque<(Repository, LayersServed)>>,
+    /// The layers' part of each pull, for pods' timelines.
+    spans: pulls::LayerSpans,
 }
 
 /// A registry and a repository in it.
@@ -130,6 +135,17 @@ pub struct LayersServed {
     pub lazy: u32,
     /// Unpacked by containerd: not streamable, or a lazy mount that failed.
     pub unpacked: u32,
+}
+
+impl LayersServed {
+    /// In a word: `streamed` (every layer lazy), `unpacked` (none), or `partly-streamed`.
+    pub fn kind(self) -> &'static str {
+        match (self.lazy, self.unpacked) {
+            (0, _) => "unpacked",
+            (_, 0) => "streamed",
+            _ => "partly-streamed",
+        }
+    }
 }
 
 /// The registry and repository of `image`, a reference as containerd or kubelet write it.
@@ -189,6 +205,12 @@ impl Snapshotter {
 
     /// Notes that a layer of `image` was mounted lazily (`lazy`) or left to containerd.
     fn note_served(&self, image: &str, lazy: bool) {
+        let event = if lazy {
+            pulls::LayerEvent::Mounted
+        } else {
+            pulls::LayerEvent::Unpacking
+        };
+        self.layer_span(image, event);
         let Some(key) = repository(image) else {
             return;
         };
@@ -213,6 +235,15 @@ impl Snapshotter {
 
     /// How the layers brought for `image` (its repository) since the last call were served,
     /// if any were prepared; forgotten once taken.
+    /// Notes a layer of `image` in its pull's span, and records the span in the pull log.
+    fn layer_span(&self, image: &str, event: pulls::LayerEvent) {
+        let now = crate::time::unix_ns(std::time::SystemTime::now());
+        let span = self.spans.touch(image, event, now);
+        if let Some(log) = &self.config.pull_log {
+            log.record(span);
+        }
+    }
+
     pub fn take_served(&self, image: &str) -> Option<LayersServed> {
         let key = repository(image)?;
         let mut served = crate::sync::lock(&self.served);
@@ -258,6 +289,7 @@ impl Snapshotter {
             write: tokio::sync::Mutex::new(()),
             targets: Mutex::new(HashMap::new()),
             served: Mutex::new(std::collections::VecDeque::new()),
+            spans: Default::default(),
             config,
         });
         this.remount_all()

@@ -185,6 +185,7 @@ impl Snapshotter {
     ) -> Result<(), Status> {
         let exists =
             || Status::already_exists(format!("target snapshot {target} exists (mounted lazily)"));
+        self.layer_span(&remote.image_ref, super::pulls::LayerEvent::Preparing);
         // One lazy mount of a target at a time: a second Prepare of it waits for the first.
         let serial = self.target_lock(target);
         let _target = serial.lock().await;
@@ -348,6 +349,11 @@ impl Snapshots for Service {
                 "snapshot {} exists",
                 r.name
             )));
+        }
+        if let Some(image) = snap.labels.get(CRI_IMAGE_REF) {
+            // A layer containerd unpacked: its pull's span runs to here.
+            self.0
+                .layer_span(image, super::pulls::LayerEvent::Committed);
         }
         snap.kind = Kind::Committed as i32;
         snap.labels.extend(r.labels);

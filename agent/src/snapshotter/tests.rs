@@ -77,6 +77,7 @@ async fn serving(
             image_name: None,
         },
         keeper: None,
+        pull_log: None,
     };
     let stop = Shutdown::new();
     let service = Snapshotter::open(config.clone()).await.unwrap();

@@ -57,6 +57,22 @@ pub struct PullRecord {
     /// `partly-streamed` or `unpacked`; none when it served none of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub served: Option<String>,
+    /// Who saw it: the image proxy (none) or the snapshotter ([`FROM_SNAPSHOTTER`]: the
+    /// layers' part of the pull, from the first layer's Prepare to the last layer's mount or
+    /// commit, for no pod in particular).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+impl PullRecord {
+    /// Whether `other` is this same pull, seen again (a snapshotter span that grew).
+    fn same(&self, other: &PullRecord) -> bool {
+        self.start_ns == other.start_ns && self.image == other.image && self.source == other.source
+    }
+
+    fn from_snapshotter(&self) -> bool {
+        self.source.as_deref() == Some(FROM_SNAPSHOTTER)
+    }
 }
 
 /// Pulls kept in memory for the start loop's phase histograms.
@@ -83,18 +99,26 @@ impl PullLog {
             tracing::warn!(%err, "pull record not stored");
         }
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(seen) = recent.iter_mut().rev().find(|p| p.same(&pull)) {
+            *seen = pull;
+            return;
+        }
         if recent.len() >= RECENT_PULLS {
             recent.pop_front();
         }
         recent.push_back(pull);
     }
 
-    /// The recent pulls made for pod `uid`.
-    pub fn for_pod(&self, uid: &str) -> Vec<PullRecord> {
+    /// The recent pulls that may be a container's: those made for its pod `uid`, and the
+    /// snapshotter's of its `image`.
+    pub fn for_container(&self, uid: &str, image: Option<&str>) -> Vec<PullRecord> {
         let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         recent
             .iter()
-            .filter(|p| p.pod.uid.as_deref() == Some(uid))
+            .filter(|p| {
+                p.pod.uid.as_deref() == Some(uid)
+                    || (p.from_snapshotter() && image == Some(p.image.as_str()))
+            })
             .cloned()
             .collect()
     }
@@ -153,9 +177,11 @@ pub struct ContainerTimeline {
 pub struct Pull {
     pub start_ns: u64,
     pub end_ns: u64,
-    /// `image-proxy`: the PullImage call itself. `gap`: no pull was seen; this is the time
-    /// from the sandbox's (or the previous container's) start to this container's cgroup,
-    /// which holds the pull, if there was one, and the create.
+    /// `image-proxy`: the PullImage call itself. `snapshotter`: the layers' part of the
+    /// pull (from the first layer's Prepare to the last one's mount or commit; the manifest
+    /// and config fetched before it are not in it). `gap`: no pull was seen; this is the
+    /// time from the sandbox's (or the previous container's) start to this container's
+    /// cgroup, which holds the pull, if there was one, and the create.
     pub source: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub served: Option<String>,
@@ -165,6 +191,8 @@ pub struct Pull {
 pub const FROM_PROXY: &str = "image-proxy";
 /// Pull source: no pull seen; the gap before the container's cgroup.
 pub const GAP: &str = "gap";
+/// Pull source: the layers' part of the pull, as the snapshotter saw it.
+pub const FROM_SNAPSHOTTER: &str = "snapshotter";
 
 /// A container's startup in phases, in seconds; each is missing when an end of it was not
 /// seen.
@@ -216,6 +244,7 @@ pub fn assemble(pod: &PodRecord, starts: &[StartRecord], pulls: &[PullRecord]) -
         .filter(|s| s.pod.uid.as_deref() == Some(pod.uid.as_str()))
         .collect();
     containers.sort_by_key(|s| (s.created_ns, s.cgroup_id));
+    let spans: Vec<&PullRecord> = pulls.iter().filter(|p| p.from_snapshotter()).collect();
     let mut pulls: Vec<&PullRecord> = pulls
         .iter()
         .filter(|p| p.pod.uid.as_deref() == Some(pod.uid.as_str()))
@@ -250,6 +279,27 @@ pub fn assemble(pod: &PodRecord, starts: &[StartRecord], pulls: &[PullRecord]) -
                     && (!same_image || start.image.as_deref() == Some(pulls[i].image.as_str()))
             })
         };
+        // Where this container's pull may begin: after the sandbox, or the container
+        // before it, started (or exited).
+        let marks = [
+            pod.sandbox_started_ns,
+            before.and_then(|b| b.started_ns),
+            before.and_then(|b| b.exited_ns),
+        ];
+        let from = marks
+            .into_iter()
+            .flatten()
+            .filter(|&t| t <= start.created_ns)
+            .max();
+        // Without the proxy's, the snapshotter's span of the image's layers, if one began
+        // there.
+        let layers_span = || {
+            spans.iter().rev().find(|s| {
+                start.image.as_deref() == Some(s.image.as_str())
+                    && from.is_none_or(|f| s.start_ns >= f)
+                    && s.start_ns <= start.created_ns
+            })
+        };
         let pull = match pick(true).or_else(|| pick(false)) {
             Some(i) => {
                 used[i] = true;
@@ -260,27 +310,22 @@ pub fn assemble(pod: &PodRecord, starts: &[StartRecord], pulls: &[PullRecord]) -
                     served: pulls[i].served.clone(),
                 }
             }
-            None => {
-                let marks = [
-                    pod.sandbox_started_ns,
-                    before.and_then(|b| b.started_ns),
-                    before.and_then(|b| b.exited_ns),
-                ];
-                let from = marks
-                    .into_iter()
-                    .flatten()
-                    .filter(|&t| t <= start.created_ns)
-                    .max()
-                    .unwrap_or(start.created_ns);
-                Pull {
-                    start_ns: from,
+            None => match layers_span() {
+                Some(s) => Pull {
+                    start_ns: s.start_ns,
+                    end_ns: s.end_ns.min(start.created_ns),
+                    source: FROM_SNAPSHOTTER.into(),
+                    served: s.served.clone(),
+                },
+                None => Pull {
+                    start_ns: from.unwrap_or(start.created_ns),
                     end_ns: start.created_ns,
                     source: GAP.into(),
                     served: None,
-                }
-            }
+                },
+            },
         };
-        let from_proxy = pull.source == FROM_PROXY;
+        let from_proxy = pull.source != GAP;
         let phases = Phases {
             sandbox: span(pod.created_ns, pod.sandbox_started_ns),
             pull: span(Some(pull.start_ns), Some(pull.end_ns)),
@@ -346,6 +391,7 @@ mod tests {
             },
             ok: true,
             served: Some("streamed".into()),
+            source: None,
         }
     }
 
@@ -422,5 +468,27 @@ mod tests {
         let gap = app.pull.as_ref().unwrap();
         assert_eq!(gap.start_ns, 1500 * MS, "from the init container's exit");
         assert_eq!(app.phases.create, None, "the gap holds the create");
+    }
+
+    #[test]
+    fn without_the_proxy_the_snapshotters_span_of_the_image_is_the_pull() {
+        let starts = [start("app", "app", "reg/app:1", [1900, 1910, 2400, 0])];
+        let span = |image: &str, from: u64, to: u64| PullRecord {
+            pod: PodRef::default(),
+            source: Some(FROM_SNAPSHOTTER.into()),
+            ..pull(image, from, to)
+        };
+        let spans = [
+            span("reg/app:1", 900, 990), // before the pod's sandbox: another pod's
+            span("reg/other:1", 1100, 1200),
+            span("reg/app:1", 1200, 1850),
+        ];
+        let t = assemble(&pod(), &starts, &spans);
+        let pull = t.containers[0].pull.as_ref().unwrap();
+        assert_eq!(
+            (pull.source.as_str(), pull.start_ns, pull.end_ns),
+            (FROM_SNAPSHOTTER, 1200 * MS, 1850 * MS)
+        );
+        assert!((t.containers[0].phases.create.unwrap() - 0.050).abs() < 1e-9);
     }
 }

@@ -150,10 +150,15 @@ impl Store {
         self.put(PODS, (pod.first_ns, uid_key(&pod.uid)), &value)
     }
 
-    /// Appends a pull.
+    /// Inserts a pull, or replaces what was stored of it.
     pub fn put_pull(&self, pull: &PullRecord) -> Result<(), StoreError> {
         let value = serde_json::to_vec(pull)?;
-        let id = self.len(PULLS)?;
+        // One key per pull: a snapshotter span that grew replaces what was stored of it.
+        let id = uid_key(&format!(
+            "{}\0{}",
+            pull.source.as_deref().unwrap_or(""),
+            pull.image
+        ));
         self.put(PULLS, (pull.start_ns, id), &value)
     }
 

@@ -638,6 +638,7 @@ impl TryFrom<AgentArgs> for AgentConfig {
                     http,
                     mount,
                     keeper: args.fuse_keeper,
+                    pull_log: None,
                 });
         Ok(AgentConfig {
             detections_out: args.detections,
