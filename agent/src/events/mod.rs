@@ -234,13 +234,27 @@ pub struct BootClock {
 }
 
 impl BootClock {
-    /// Samples both clocks now.
+    /// Samples both clocks now: the boot clock between two wall-clock readings, the closest
+    /// of three tries (a thread preempted between two readings would skew the pair by as
+    /// long as it waited).
     pub fn new() -> Self {
-        let since_boot = Duration::from_nanos(boot_ns_now());
-        let boot_wall = SystemTime::now()
-            .checked_sub(since_boot)
-            .unwrap_or(SystemTime::UNIX_EPOCH);
-        Self { boot_wall }
+        let mut best: Option<(Duration, SystemTime)> = None;
+        for _ in 0..3 {
+            let before = SystemTime::now();
+            let since_boot = Duration::from_nanos(boot_ns_now());
+            let after = SystemTime::now();
+            let spread = after.duration_since(before).unwrap_or_default();
+            let wall = before + spread / 2;
+            let Some(boot_wall) = wall.checked_sub(since_boot) else {
+                continue;
+            };
+            if best.is_none_or(|(s, _)| spread < s) {
+                best = Some((spread, boot_wall));
+            }
+        }
+        Self {
+            boot_wall: best.map_or(SystemTime::UNIX_EPOCH, |(_, b)| b),
+        }
     }
 
     /// Wall time of a boot-clock reading.

@@ -130,13 +130,27 @@ pub enum Update {
 }
 
 /// Builds start records from lifecycle events.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Tracker {
+    /// The boot clock's offset to the wall clock, and when it was sampled.
+    clock: (BootClock, std::time::Instant),
     records: HashMap<u64, StartRecord>,
     order: std::collections::VecDeque<u64>,
     /// Pods by UID, and their order of arrival (the oldest are dropped first).
     pods: HashMap<String, PodRecord>,
     pod_order: std::collections::VecDeque<String>,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Self {
+            clock: (BootClock::new(), std::time::Instant::now()),
+            records: HashMap::new(),
+            order: Default::default(),
+            pods: HashMap::new(),
+            pod_order: Default::default(),
+        }
+    }
 }
 
 impl Tracker {
@@ -146,10 +160,13 @@ impl Tracker {
 
     /// Applies one event.
     pub fn apply(&mut self, event: &Lifecycle) -> Update {
-        // Both clocks sampled again for each event: a wall clock stepped or slewed since
-        // the agent started moves the records with it, as it moves every other timestamp
-        // they are compared with.
-        let at = unix_ns(BootClock::new().to_wall(event.boot_ns));
+        // Both clocks sampled again each second: a wall clock stepped or slewed since the
+        // agent started moves the records with it, as it moves every other timestamp they
+        // are compared with.
+        if self.clock.1.elapsed() >= std::time::Duration::from_secs(1) {
+            self.clock = (BootClock::new(), std::time::Instant::now());
+        }
+        let at = unix_ns(self.clock.0.to_wall(event.boot_ns));
         match &event.kind {
             LifecycleKind::Created { path } => {
                 let Some(container) = parse_cgroup_path(path) else {
