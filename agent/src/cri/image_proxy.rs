@@ -98,6 +98,9 @@ impl ImagesPulled {
     }
 }
 
+/// Longest image reference a pull record keeps.
+const MAX_RECORDED_REFERENCE: usize = 4096;
+
 /// Measures a snapshotter's bytes and inodes on disk (blocking).
 pub type DiskUsage = Arc<dyn Fn() -> (u64, u64) + Send + Sync>;
 
@@ -445,6 +448,9 @@ impl ImageService for ImageProxy {
                 None
             }
         };
+        // Image references are short (the distribution spec caps a repository name at 255
+        // bytes); a longer one is not worth keeping in the pods' timelines.
+        let image = image.filter(|i| i.len() <= MAX_RECORDED_REFERENCE);
         if let (Some(log), Some(image)) = (&self.pull_log, image) {
             log.record(crate::starts::PullRecord {
                 start_ns: crate::time::unix_ns(started),

@@ -70,7 +70,7 @@ impl PullRecord {
         self.start_ns == other.start_ns && self.image == other.image && self.source == other.source
     }
 
-    fn from_snapshotter(&self) -> bool {
+    fn seen_by_snapshotter(&self) -> bool {
         self.source.as_deref() == Some(FROM_SNAPSHOTTER)
     }
 }
@@ -117,7 +117,7 @@ impl PullLog {
             .iter()
             .filter(|p| {
                 p.pod.uid.as_deref() == Some(uid)
-                    || (p.from_snapshotter() && image == Some(p.image.as_str()))
+                    || (p.seen_by_snapshotter() && image == Some(p.image.as_str()))
             })
             .cloned()
             .collect()
@@ -244,7 +244,7 @@ pub fn assemble(pod: &PodRecord, starts: &[StartRecord], pulls: &[PullRecord]) -
         .filter(|s| s.pod.uid.as_deref() == Some(pod.uid.as_str()))
         .collect();
     containers.sort_by_key(|s| (s.created_ns, s.cgroup_id));
-    let spans: Vec<&PullRecord> = pulls.iter().filter(|p| p.from_snapshotter()).collect();
+    let spans: Vec<&PullRecord> = pulls.iter().filter(|p| p.seen_by_snapshotter()).collect();
     let mut pulls: Vec<&PullRecord> = pulls
         .iter()
         .filter(|p| p.pod.uid.as_deref() == Some(pod.uid.as_str()))

@@ -184,9 +184,40 @@ impl Store {
             ..Default::default()
         })?;
         let pulls = self.pulls(Some(first))?;
+        // By pod and by image, so that each pod is joined with its own records only.
+        let mut starts_of: std::collections::HashMap<&str, Vec<StartRecord>> = Default::default();
+        for start in &starts {
+            if let Some(uid) = start.pod.uid.as_deref() {
+                starts_of.entry(uid).or_default().push(start.clone());
+            }
+        }
+        let mut pulls_of: std::collections::HashMap<&str, Vec<&PullRecord>> = Default::default();
+        let mut spans_of: std::collections::HashMap<&str, Vec<&PullRecord>> = Default::default();
+        for pull in &pulls {
+            match pull.pod.uid.as_deref() {
+                Some(uid) => pulls_of.entry(uid).or_default().push(pull),
+                None => spans_of.entry(pull.image.as_str()).or_default().push(pull),
+            }
+        }
         Ok(pods
             .iter()
-            .map(|pod| super::pods::assemble(pod, &starts, &pulls))
+            .map(|pod| {
+                let starts = starts_of
+                    .get(pod.uid.as_str())
+                    .map_or(&[][..], Vec::as_slice);
+                let mut images: Vec<&str> =
+                    starts.iter().filter_map(|s| s.image.as_deref()).collect();
+                images.sort_unstable();
+                images.dedup();
+                let pulls: Vec<PullRecord> = pulls_of
+                    .get(pod.uid.as_str())
+                    .into_iter()
+                    .flatten()
+                    .chain(images.iter().filter_map(|i| spans_of.get(i)).flatten())
+                    .map(|p| (*p).clone())
+                    .collect();
+                super::pods::assemble(pod, starts, &pulls)
+            })
             .filter(|t| {
                 if t.containers.is_empty() {
                     filter.image.is_none() && filter.keeps(&t.namespace, &t.pod, &None)
@@ -345,6 +376,71 @@ mod tests {
         store.put_flag(&flag).unwrap();
         store.put_flag(&flag).unwrap();
         assert_eq!(store.flags(&Filter::default()).unwrap().len(), 2);
+        drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn pods_timelines_join_their_own_records_and_filter_by_any_containers_image() {
+        let dir = std::env::temp_dir().join(format!("imgstream-store3-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir.join("agent.redb"), 100).unwrap();
+        for (i, uid) in ["u-1", "u-2"].into_iter().enumerate() {
+            let at = (i as u64 + 1) * 1000;
+            store
+                .put_pod(&PodRecord {
+                    uid: uid.into(),
+                    first_ns: at,
+                    created_ns: Some(at),
+                    ..Default::default()
+                })
+                .unwrap();
+            let mut r = record(at + 100, at, "shop");
+            r.pod.uid = Some(uid.into());
+            store.put_start(&r).unwrap();
+            let pull = PullRecord {
+                start_ns: at + 10,
+                end_ns: at + 90,
+                image: r.image.clone().unwrap(),
+                pod: PodRef {
+                    uid: Some(uid.into()),
+                    ..Default::default()
+                },
+                ok: true,
+                ..Default::default()
+            };
+            store.put_pull(&pull).unwrap();
+        }
+        // A snapshotter span that grew replaces what was stored of it.
+        let mut span = PullRecord {
+            start_ns: 1500,
+            end_ns: 1600,
+            image: "registry/app:1000".into(),
+            source: Some("snapshotter".into()),
+            ..Default::default()
+        };
+        store.put_pull(&span).unwrap();
+        span.end_ns = 1700;
+        store.put_pull(&span).unwrap();
+        assert_eq!(store.pulls(None).unwrap().len(), 3);
+        let all = store.timelines(&Filter::default()).unwrap();
+        assert_eq!(all.len(), 2);
+        for t in &all {
+            let [c] = &t.containers[..] else {
+                panic!("{t:?}")
+            };
+            assert_eq!(
+                c.pull.as_ref().unwrap().start_ns,
+                t.created_ns.unwrap() + 10
+            );
+        }
+        let only = Filter {
+            image: Some("app:2000".into()),
+            ..Default::default()
+        };
+        let found = store.timelines(&only).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].uid, "u-2");
         drop(store);
         std::fs::remove_dir_all(&dir).unwrap();
     }
