@@ -470,6 +470,12 @@ async fn cold_start(
             bail!("stargz-snapshotter did not mount the image lazily: its log says {line:?}");
         }
     }
+    // Each cold start's snapshots and cache (a few hundred MB) go now, not at the end: a
+    // whole run holds dozens of them.
+    support::umount_below(&dir);
+    if let Err(err) = std::fs::remove_dir_all(&dir) {
+        eprintln!("   {} not removed: {err}", dir.display());
+    }
     Ok(Run {
         took,
         fetched,
