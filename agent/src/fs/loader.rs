@@ -641,7 +641,15 @@ mod tests {
             .block_on(layer::open_cached(source.as_ref(), &desc, None))
             .expect("the layer opens");
         source.ranges.store(0, Ordering::SeqCst);
-        let (_, cache) = testing::scratch_cache(&dir.display().to_string().replace('/', "-"));
+        // Inside `dir`, which each test removes: a scratch cache of its own would be left.
+        let cache = Arc::new(
+            crate::cache::ChunkCache::open(&crate::cache::CacheConfig {
+                dir: dir.join("chunk-cache"),
+                limit_bytes: None,
+                prefer_uring: false,
+            })
+            .expect("a cache in the test's directory"),
+        );
         let blobs: Arc<dyn BlobSource> = source.clone();
         let fetcher = Arc::new(
             Fetcher::new(runtime.handle().clone(), blobs, cache).with_read_around(

@@ -254,49 +254,63 @@ pub(crate) fn ms(v: f64) -> String {
 
 fn table(title: &str, groups: &[GroupStats]) -> String {
     let head = [
-        title.to_string(),
-        "n".into(),
-        "no log".into(),
-        "create->start p50/p90/p99/max".into(),
-        "start->first log p50/p90/p99/max".into(),
-        "total p50/p90/p99/max".into(),
-    ];
-    let q = |q: &Quantiles| {
-        if q.count == 0 {
+        title,
+        "n",
+        "no log",
+        "create->start p50/p90/p99/max",
+        "start->first log p50/p90/p99/max",
+        "total p50/p90/p99/max",
+    ]
+    .map(String::from)
+    .to_vec();
+    let rows = groups.iter().map(|g| {
+        vec![
+            g.group.clone(),
+            g.containers.to_string(),
+            g.never_logged.to_string(),
+            g.create_to_start.cell(),
+            g.start_to_first_log.cell(),
+            g.total.cell(),
+        ]
+    });
+    aligned(std::iter::once(head).chain(rows))
+}
+
+impl Quantiles {
+    /// `p50 p90 p99 max` as a table cell, `-` when nothing was measured.
+    pub(crate) fn cell(&self) -> String {
+        if self.count == 0 {
             "-".to_string()
         } else {
-            format!("{} {} {} {}", ms(q.p50), ms(q.p90), ms(q.p99), ms(q.max))
+            format!(
+                "{} {} {} {}",
+                ms(self.p50),
+                ms(self.p90),
+                ms(self.p99),
+                ms(self.max)
+            )
         }
-    };
-    let rows: Vec<[String; 6]> = groups
-        .iter()
-        .map(|g| {
-            [
-                g.group.clone(),
-                g.containers.to_string(),
-                g.never_logged.to_string(),
-                q(&g.create_to_start),
-                q(&g.start_to_first_log),
-                q(&g.total),
-            ]
-        })
-        .collect();
-    let mut widths = head.clone().map(|h| h.len());
+    }
+}
+
+/// Rows (the head first) as left-aligned columns.
+pub(crate) fn aligned(rows: impl IntoIterator<Item = Vec<String>>) -> String {
+    let rows: Vec<Vec<String>> = rows.into_iter().collect();
+    let mut widths: Vec<usize> = Vec::new();
     for row in &rows {
+        widths.resize(widths.len().max(row.len()), 0);
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.len());
         }
     }
-    let line = |cells: &[String; 6]| {
-        let mut s = String::from(" ");
-        for (cell, w) in cells.iter().zip(widths) {
-            s.push_str(&format!(" {cell:<w$} "));
-        }
-        s.trim_end().to_string() + "\n"
-    };
-    let mut out = line(&head);
+    let mut out = String::new();
     for row in &rows {
-        out.push_str(&line(row));
+        let mut line = String::from(" ");
+        for (cell, w) in row.iter().zip(&widths) {
+            line.push_str(&format!(" {cell:<w$} "));
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
     }
     out
 }

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::{GroupBy, Quantiles, ms};
+use super::{GroupBy, Quantiles, aligned, ms};
 use crate::starts::pods::{ContainerTimeline, PodTimeline};
 
 /// The phases, in order (see [`crate::starts::pods::Phases`]).
@@ -295,39 +295,16 @@ impl PodReport {
 fn table(title: &str, groups: &[PhaseStats]) -> String {
     let mut head = vec![title.to_string(), "n".into()];
     head.extend(PHASES.iter().map(|p| p.replace('_', " ")));
-    let rows: Vec<Vec<String>> = groups
-        .iter()
-        .map(|g| {
-            let mut row = vec![g.group.clone(), g.containers.to_string()];
-            for phase in PHASES {
-                row.push(match g.phases.get(phase) {
-                    Some(q) if q.count > 0 => {
-                        format!("{} {} {} {}", ms(q.p50), ms(q.p90), ms(q.p99), ms(q.max))
-                    }
-                    _ => "-".into(),
-                });
-            }
-            row
-        })
-        .collect();
-    let mut widths: Vec<usize> = head.iter().map(String::len).collect();
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let line = |cells: &[String]| {
-        let mut s = String::from(" ");
-        for (cell, w) in cells.iter().zip(&widths) {
-            s.push_str(&format!(" {cell:<w$} "));
-        }
-        s.trim_end().to_string() + "\n"
-    };
-    let mut out = line(&head);
-    for row in &rows {
-        out.push_str(&line(row));
-    }
-    out
+    let rows = groups.iter().map(|g| {
+        let mut row = vec![g.group.clone(), g.containers.to_string()];
+        row.extend(
+            PHASES
+                .iter()
+                .map(|phase| g.phases.get(*phase).map_or("-".into(), Quantiles::cell)),
+        );
+        row
+    });
+    aligned(std::iter::once(head).chain(rows))
 }
 
 /// One pod's timeline, each mark as the time since the pod cgroup's creation.
