@@ -277,58 +277,108 @@ impl ChunkCache {
         key: &Digest,
         parts: &[(Digest, std::ops::Range<usize>)],
     ) -> Result<bool, CacheError> {
-        let path = self.backing_path(key);
-        if path.exists() {
-            return Ok(true);
-        }
-        let len: usize = parts.iter().map(|(_, r)| r.len()).sum();
-        let size = self.estimate(len as u64);
-        if !self.reserve(size) {
-            self.stats
-                .skipped_over_limit
-                .fetch_add(1, Ordering::Relaxed);
-            return Ok(false);
-        }
-        let tmp = unique(self.dir.join("tmp").join(key.hex()));
-        let result = (|| -> io::Result<bool> {
-            let mut file = crate::private::file_options()
-                .write(true)
-                .create_new(true)
-                .open(&tmp)?;
-            for (digest, range) in parts {
-                let Ok(Some(unit)) = self.get(digest) else {
-                    return Ok(false);
-                };
-                let Some(bytes) = unit.get(range.clone()) else {
-                    return Ok(false);
-                };
-                io::Write::write_all(&mut file, bytes)?;
+        let mut results = self.write_backings(&[(*key, parts.to_vec())]);
+        results.pop().unwrap_or(Ok(false))
+    }
+
+    /// [`ChunkCache::write_backing`] of several files at once, with one sync of the cache's
+    /// filesystem for all of them before any is renamed into place: a small file's backing
+    /// file costs its writes, not a flush of its own (10,000 flushes of small files held a
+    /// reader of the same disk to half its speed). One result per job, in order.
+    pub fn write_backings(&self, jobs: &[BackingJob]) -> Vec<Result<bool, CacheError>> {
+        let mut results: Vec<Option<Result<bool, CacheError>>> = Vec::with_capacity(jobs.len());
+        // (job, temporary file, reserved size) of each file written, not yet in place.
+        let mut written: Vec<(usize, PathBuf, u64)> = Vec::new();
+        for (n, (key, parts)) in jobs.iter().enumerate() {
+            if self.backing_path(key).exists() {
+                results.push(Some(Ok(true)));
+                continue;
             }
-            file.sync_data()?;
-            fs::rename(&tmp, &path)?;
-            Ok(true)
-        })();
-        match result {
-            Ok(true) => {
-                self.settle(size, &path);
-                Ok(true)
+            let len: usize = parts.iter().map(|(_, r)| r.len()).sum();
+            let size = self.estimate(len as u64);
+            if !self.reserve(size) {
+                self.stats
+                    .skipped_over_limit
+                    .fetch_add(1, Ordering::Relaxed);
+                results.push(Some(Ok(false)));
+                continue;
             }
-            Ok(false) => {
-                let _ = fs::remove_file(&tmp);
-                self.unaccount(size);
-                Ok(false)
-            }
-            Err(e) => {
-                let _ = fs::remove_file(&tmp);
-                self.unaccount(size);
-                self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT)
-                {
-                    Err(CacheError::Full(path))
-                } else {
-                    Err(CacheError::Write(path, e))
+            let tmp = unique(self.dir.join("tmp").join(key.hex()));
+            match self.write_backing_tmp(&tmp, parts) {
+                Ok(true) => {
+                    written.push((n, tmp, size));
+                    results.push(None);
+                }
+                Ok(false) => {
+                    let _ = fs::remove_file(&tmp);
+                    self.unaccount(size);
+                    results.push(Some(Ok(false)));
+                }
+                Err(e) => {
+                    let _ = fs::remove_file(&tmp);
+                    self.unaccount(size);
+                    results.push(Some(Err(self.write_error(self.backing_path(key), e))));
                 }
             }
+        }
+        let synced = if written.is_empty() {
+            Ok(())
+        } else {
+            sync_filesystem(&self.dir.join("tmp"))
+        };
+        for (n, tmp, size) in written {
+            let path = self.backing_path(&jobs[n].0);
+            let placed = synced
+                .as_ref()
+                .map_err(|e| io::Error::new(e.kind(), e.to_string()))
+                .and_then(|()| fs::rename(&tmp, &path));
+            results[n] = Some(match placed {
+                Ok(()) => {
+                    self.settle(size, &path);
+                    Ok(true)
+                }
+                Err(e) => {
+                    let _ = fs::remove_file(&tmp);
+                    self.unaccount(size);
+                    Err(self.write_error(path, e))
+                }
+            });
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or(Ok(false)))
+            .collect()
+    }
+
+    /// Writes a backing file's bytes to `tmp`; `Ok(false)` when a chunk is missing or corrupt.
+    fn write_backing_tmp(
+        &self,
+        tmp: &Path,
+        parts: &[(Digest, std::ops::Range<usize>)],
+    ) -> io::Result<bool> {
+        let mut file = crate::private::file_options()
+            .write(true)
+            .create_new(true)
+            .open(tmp)?;
+        for (digest, range) in parts {
+            let Ok(Some(unit)) = self.get(digest) else {
+                return Ok(false);
+            };
+            let Some(bytes) = unit.get(range.clone()) else {
+                return Ok(false);
+            };
+            io::Write::write_all(&mut file, bytes)?;
+        }
+        Ok(true)
+    }
+
+    /// A write error, counted; a full disk told apart.
+    fn write_error(&self, path: PathBuf, e: io::Error) -> CacheError {
+        self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+        if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) {
+            CacheError::Full(path)
+        } else {
+            CacheError::Write(path, e)
         }
     }
 
@@ -778,6 +828,21 @@ pub struct CachedToc {
 }
 
 /// A temporary name no other writer uses at the same time.
+/// A backing file to write: its key, and the bytes of each chunk it is made of.
+pub type BackingJob = (Digest, Vec<(Digest, std::ops::Range<usize>)>);
+
+/// Flushes the filesystem `dir` is on (`syncfs(2)`): every file written to it so far is
+/// on disk when it returns.
+fn sync_filesystem(dir: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let dir = File::open(dir)?;
+    // SAFETY: syncfs on a descriptor this function owns for the call's duration.
+    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn unique(base: PathBuf) -> PathBuf {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);

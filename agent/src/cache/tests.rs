@@ -442,3 +442,51 @@ fn images_long_unused_and_their_orphaned_metadata_are_pruned() {
     assert_eq!(cache.usage(), disk_usage(&cfg.dir));
     fs::remove_dir_all(&cfg.dir).unwrap();
 }
+
+#[test]
+fn backing_files_written_together_are_each_whole_and_a_missing_chunk_spoils_only_its_own() {
+    let cfg = config("backings", None, false);
+    let cache = ChunkCache::open(&cfg).unwrap();
+    let a = vec![1u8; 5000];
+    let b = vec![2u8; 3000];
+    let (da, db) = (Digest::of(&a), Digest::of(&b));
+    assert!(cache.put(&da, &a).unwrap() && cache.put(&db, &b).unwrap());
+    let missing = Digest::of(b"never stored");
+    let key = |n: &[u8]| Digest::of(n);
+    let jobs: Vec<BackingJob> = vec![
+        (key(b"ab"), vec![(da, 100..5000), (db, 0..3000)]),
+        (key(b"gap"), vec![(da, 0..10), (missing, 0..10)]),
+        (key(b"b"), vec![(db, 10..20)]),
+    ];
+    let results: Vec<bool> = cache
+        .write_backings(&jobs)
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(results, [true, false, true]);
+    let read = |k: &Digest| {
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut cache.open_backing(k).unwrap(), &mut out).unwrap();
+        out
+    };
+    assert_eq!(read(&key(b"ab")), [&a[100..], &b[..]].concat());
+    assert_eq!(read(&key(b"b")), b[10..20].to_vec());
+    assert!(
+        cache.open_backing(&key(b"gap")).is_none(),
+        "nothing torn in place"
+    );
+    assert_eq!(
+        fs::read_dir(cfg.dir.join("tmp")).unwrap().count(),
+        0,
+        "no temporary file left"
+    );
+    // Written again: already there.
+    assert!(cache.write_backing(&key(b"b"), &[(db, 10..20)]).unwrap());
+    assert_eq!(
+        cache.usage(),
+        disk_usage(&cfg.dir),
+        "backing files are counted"
+    );
+    drop(cache);
+    fs::remove_dir_all(&cfg.dir).unwrap();
+}

@@ -48,6 +48,9 @@ pub(crate) const PASSTHROUGH_HANDLE: u64 = 1;
 /// many complete files at once gets the rest at its next opens.
 const QUEUED: usize = 4096;
 
+/// Backing files written together, with one flush of the disk for all of them.
+const WRITE_BATCH: usize = 256;
+
 /// Backing ids kept registered with no open using them, at most, per mount. Each pins an open
 /// file (and its inode) in the kernel: about a kilobyte.
 const IDLE: usize = 1024;
@@ -477,25 +480,32 @@ impl Passthrough {
         let spawned = std::thread::Builder::new()
             .name("backing-files".into())
             .spawn(move || {
-                for (key, parts) in rx {
+                // What is queued is written in batches, with one flush of the disk each.
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    while batch.len() < WRITE_BATCH {
+                        match rx.try_recv() {
+                            Ok(job) => batch.push(job),
+                            Err(_) => break,
+                        }
+                    }
                     // An image unmounted may be released next: write nothing for it.
                     if stopped.load(Ordering::Relaxed) {
                         break;
                     }
-                    match cache.write_backing(&key, &parts) {
-                        Ok(true) => {
-                            count(&stats, |s| &s.written);
+                    let results = cache.write_backings(&batch);
+                    for ((key, _), result) in batch.iter().zip(results) {
+                        match result {
+                            Ok(true) => count(&stats, |s| &s.written),
+                            Ok(false) => count(&stats, |s| &s.failed),
+                            Err(err) => {
+                                count(&stats, |s| &s.failed);
+                                let err = crate::error_chain(&err);
+                                tracing::warn!(%err, "a backing file for passthrough was not written");
+                            }
                         }
-                        Ok(false) => {
-                            count(&stats, |s| &s.failed);
-                        }
-                        Err(err) => {
-                            count(&stats, |s| &s.failed);
-                            let err = crate::error_chain(&err);
-                            tracing::warn!(%err, "a backing file for passthrough was not written");
-                        }
+                        crate::sync::lock(&queued).remove(key);
                     }
-                    crate::sync::lock(&queued).remove(&key);
                 }
             });
         match spawned {
