@@ -284,11 +284,13 @@ impl ChunkCache {
     /// [`ChunkCache::write_backing`] of several files at once, with one sync of the cache's
     /// filesystem for all of them before any is renamed into place: a small file's backing
     /// file costs its writes, not a flush of its own (10,000 flushes of small files held a
-    /// reader of the same disk to half its speed). One result per job, in order.
+    /// reader of the same disk to half its speed). A lone file is flushed on its own. One
+    /// result per job, in order.
     pub fn write_backings(&self, jobs: &[BackingJob]) -> Vec<Result<bool, CacheError>> {
         let mut results: Vec<Option<Result<bool, CacheError>>> = Vec::with_capacity(jobs.len());
-        // (job, temporary file, reserved size) of each file written, not yet in place.
-        let mut written: Vec<(usize, PathBuf, u64)> = Vec::new();
+        // (job, temporary file, reserved size, the file) of each file written, not yet in
+        // place.
+        let mut written: Vec<(usize, PathBuf, u64, File)> = Vec::new();
         for (n, (key, parts)) in jobs.iter().enumerate() {
             if self.backing_path(key).exists() {
                 results.push(Some(Ok(true)));
@@ -305,11 +307,11 @@ impl ChunkCache {
             }
             let tmp = unique(self.dir.join("tmp").join(key.hex()));
             match self.write_backing_tmp(&tmp, parts) {
-                Ok(true) => {
-                    written.push((n, tmp, size));
+                Ok(Some(file)) => {
+                    written.push((n, tmp, size, file));
                     results.push(None);
                 }
-                Ok(false) => {
+                Ok(None) => {
                     let _ = fs::remove_file(&tmp);
                     self.unaccount(size);
                     results.push(Some(Ok(false)));
@@ -321,12 +323,14 @@ impl ChunkCache {
                 }
             }
         }
-        let synced = if written.is_empty() {
-            Ok(())
-        } else {
-            sync_filesystem(&self.dir.join("tmp"))
+        // One file: its own flush, as cheap as it gets; more: one flush of the filesystem.
+        let synced = match &written[..] {
+            [] => Ok(()),
+            [(.., file)] => file.sync_data(),
+            _ => sync_filesystem(&self.dir.join("tmp")),
         };
-        for (n, tmp, size) in written {
+        for (n, tmp, size, file) in written {
+            drop(file);
             let path = self.backing_path(&jobs[n].0);
             let placed = synced
                 .as_ref()
@@ -350,26 +354,27 @@ impl ChunkCache {
             .collect()
     }
 
-    /// Writes a backing file's bytes to `tmp`; `Ok(false)` when a chunk is missing or corrupt.
+    /// Writes a backing file's bytes to `tmp`, and returns it; `Ok(None)` when a chunk is
+    /// missing or corrupt.
     fn write_backing_tmp(
         &self,
         tmp: &Path,
         parts: &[(Digest, std::ops::Range<usize>)],
-    ) -> io::Result<bool> {
+    ) -> io::Result<Option<File>> {
         let mut file = crate::private::file_options()
             .write(true)
             .create_new(true)
             .open(tmp)?;
         for (digest, range) in parts {
             let Ok(Some(unit)) = self.get(digest) else {
-                return Ok(false);
+                return Ok(None);
             };
             let Some(bytes) = unit.get(range.clone()) else {
-                return Ok(false);
+                return Ok(None);
             };
             io::Write::write_all(&mut file, bytes)?;
         }
-        Ok(true)
+        Ok(Some(file))
     }
 
     /// A write error, counted; a full disk told apart.

@@ -480,8 +480,10 @@ fn backing_files_written_together_are_each_whole_and_a_missing_chunk_spoils_only
         0,
         "no temporary file left"
     );
-    // Written again: already there.
+    // Written again: already there. A lone one: flushed on its own.
     assert!(cache.write_backing(&key(b"b"), &[(db, 10..20)]).unwrap());
+    assert!(cache.write_backing(&key(b"a"), &[(da, 0..10)]).unwrap());
+    assert_eq!(read(&key(b"a")), a[..10].to_vec());
     assert_eq!(
         cache.usage(),
         disk_usage(&cfg.dir),
