@@ -446,11 +446,14 @@ fn images_long_unused_and_their_orphaned_metadata_are_pruned() {
 #[test]
 fn backing_files_written_together_are_each_whole_and_a_missing_chunk_spoils_only_its_own() {
     let cfg = config("backings", None, false);
-    let cache = ChunkCache::open(&cfg).unwrap();
+    let cache = ChunkCache::open(&cfg).expect("the test's own setup");
     let a = vec![1u8; 5000];
     let b = vec![2u8; 3000];
     let (da, db) = (Digest::of(&a), Digest::of(&b));
-    assert!(cache.put(&da, &a).unwrap() && cache.put(&db, &b).unwrap());
+    assert!(
+        cache.put(&da, &a).expect("the test's own setup")
+            && cache.put(&db, &b).expect("the test's own setup")
+    );
     let missing = Digest::of(b"never stored");
     let key = |n: &[u8]| Digest::of(n);
     let jobs: Vec<BackingJob> = vec![
@@ -466,7 +469,11 @@ fn backing_files_written_together_are_each_whole_and_a_missing_chunk_spoils_only
     assert_eq!(results, [true, false, true]);
     let read = |k: &Digest| {
         let mut out = Vec::new();
-        std::io::Read::read_to_end(&mut cache.open_backing(k).unwrap(), &mut out).unwrap();
+        std::io::Read::read_to_end(
+            &mut cache.open_backing(k).expect("the test's own setup"),
+            &mut out,
+        )
+        .expect("the test's own setup");
         out
     };
     assert_eq!(read(&key(b"ab")), [&a[100..], &b[..]].concat());
@@ -476,13 +483,23 @@ fn backing_files_written_together_are_each_whole_and_a_missing_chunk_spoils_only
         "nothing torn in place"
     );
     assert_eq!(
-        fs::read_dir(cfg.dir.join("tmp")).unwrap().count(),
+        fs::read_dir(cfg.dir.join("tmp"))
+            .expect("the test's own setup")
+            .count(),
         0,
         "no temporary file left"
     );
     // Written again: already there. A lone one: flushed on its own.
-    assert!(cache.write_backing(&key(b"b"), &[(db, 10..20)]).unwrap());
-    assert!(cache.write_backing(&key(b"a"), &[(da, 0..10)]).unwrap());
+    assert!(
+        cache
+            .write_backing(&key(b"b"), &[(db, 10..20)])
+            .expect("the test's own setup")
+    );
+    assert!(
+        cache
+            .write_backing(&key(b"a"), &[(da, 0..10)])
+            .expect("the test's own setup")
+    );
     assert_eq!(read(&key(b"a")), a[..10].to_vec());
     assert_eq!(
         cache.usage(),
@@ -490,5 +507,5 @@ fn backing_files_written_together_are_each_whole_and_a_missing_chunk_spoils_only
         "backing files are counted"
     );
     drop(cache);
-    fs::remove_dir_all(&cfg.dir).unwrap();
+    fs::remove_dir_all(&cfg.dir).expect("the test's own setup");
 }

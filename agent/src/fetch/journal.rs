@@ -253,7 +253,9 @@ mod tests {
         journal.request(&other, 25, 7, false);
         journal.request(&app, 30, 10, false);
         journal.request(&app, 50, 1, false);
-        let w = journal.window("reg/app:1", 10, 40).unwrap();
+        let w = journal
+            .window("reg/app:1", 10, 40)
+            .expect("the test's own setup");
         assert_eq!(
             (
                 w.bytes,
@@ -270,9 +272,17 @@ mod tests {
             "not served by imgstream"
         );
         journal.layer_cached("reg/app:1", 45);
-        assert!(journal.window("reg/app:1", 0, 50).unwrap().fully_cached);
         assert!(
-            !journal.window("reg/app:1", 0, 44).unwrap().fully_cached,
+            journal
+                .window("reg/app:1", 0, 50)
+                .expect("the test's own setup")
+                .fully_cached
+        );
+        assert!(
+            !journal
+                .window("reg/app:1", 0, 44)
+                .expect("the test's own setup")
+                .fully_cached,
             "cached later"
         );
         for i in 0..ENTRIES as u64 {

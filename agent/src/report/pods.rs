@@ -421,14 +421,14 @@ mod tests {
             pod("a", "unpacked", 9.9, 0.1),
             pod("a", "streamed", 0.9, 1.1),
         ];
-        let by: GroupBy = "served".parse().unwrap();
+        let by: GroupBy = "served".parse().expect("the test's own setup");
         let report = PodReport::build(timelines, Some(&by));
-        let c = report.comparison.as_ref().unwrap();
+        let c = report.comparison.as_ref().expect("the test's own setup");
         assert_eq!(c.groups[0].group, "streamed");
         assert_eq!(c.groups[1].group, "unpacked");
         assert!((c.p50_change[1]["pull"] - 9.0).abs() < 1e-9);
         assert!((c.p50_change[1]["first_log"] + 1.0).abs() < 1e-9);
-        let ratio = c.total_p50_ratio[1].unwrap();
+        let ratio = c.total_p50_ratio[1].expect("the test's own setup");
         assert!((ratio - 10.1 / 2.1).abs() < 1e-9, "{ratio}");
         let text = report.render_text();
         assert!(text.contains("3 pods, 3 container starts"), "{text}");

@@ -442,8 +442,8 @@ mod tests {
         );
         assert_eq!(pod.sandbox_id.as_deref(), Some(ID));
         let (created, started) = (
-            pod.sandbox_created_ns.unwrap(),
-            pod.sandbox_started_ns.unwrap(),
+            pod.sandbox_created_ns.expect("the sandbox cgroup was seen"),
+            pod.sandbox_started_ns.expect("the sandbox exec was seen"),
         );
         assert_eq!(started - pod.first_ns, 1_500_000_000);
         assert!(created > pod.first_ns && created < started);

@@ -437,16 +437,22 @@ mod tests {
             "init containers first, in their order"
         );
         let app = &t.containers[1];
-        let close = |a: Option<f64>, b: f64| (a.unwrap() - b).abs() < 1e-9;
+        let close = |a: Option<f64>, b: f64| (a.expect("the test's own setup") - b).abs() < 1e-9;
         assert!(close(app.phases.sandbox, 0.050));
         assert!(close(app.phases.pull, 0.370));
         assert!(close(app.phases.create, 0.020));
         assert!(close(app.phases.start, 0.010));
         assert!(close(app.phases.first_log, 0.490));
         assert!(close(app.phases.total, 1.400));
-        assert_eq!(app.pull.as_ref().unwrap().source, FROM_PROXY);
+        assert_eq!(
+            app.pull.as_ref().expect("the test's own setup").source,
+            FROM_PROXY
+        );
         let init = &t.containers[0];
-        assert_eq!(init.pull.as_ref().unwrap().start_ns, 1060 * MS);
+        assert_eq!(
+            init.pull.as_ref().expect("the test's own setup").start_ns,
+            1060 * MS
+        );
         assert_eq!(init.phases.first_log, None, "never logged");
     }
 
@@ -460,12 +466,12 @@ mod tests {
         let [init, app] = &t.containers[..] else {
             panic!("two containers")
         };
-        let gap = init.pull.as_ref().unwrap();
+        let gap = init.pull.as_ref().expect("the test's own setup");
         assert_eq!(
             (gap.source.as_str(), gap.start_ns, gap.end_ns),
             (GAP, 1050 * MS, 1300 * MS)
         );
-        let gap = app.pull.as_ref().unwrap();
+        let gap = app.pull.as_ref().expect("the test's own setup");
         assert_eq!(gap.start_ns, 1500 * MS, "from the init container's exit");
         assert_eq!(app.phases.create, None, "the gap holds the create");
     }
@@ -484,11 +490,13 @@ mod tests {
             span("reg/app:1", 1200, 1850),
         ];
         let t = assemble(&pod(), &starts, &spans);
-        let pull = t.containers[0].pull.as_ref().unwrap();
+        let pull = t.containers[0].pull.as_ref().expect("the test's own setup");
         assert_eq!(
             (pull.source.as_str(), pull.start_ns, pull.end_ns),
             (FROM_SNAPSHOTTER, 1200 * MS, 1850 * MS)
         );
-        assert!((t.containers[0].phases.create.unwrap() - 0.050).abs() < 1e-9);
+        assert!(
+            (t.containers[0].phases.create.expect("the test's own setup") - 0.050).abs() < 1e-9
+        );
     }
 }

@@ -384,7 +384,7 @@ mod tests {
     fn pods_timelines_join_their_own_records_and_filter_by_any_containers_image() {
         let dir = std::env::temp_dir().join(format!("imgstream-store3-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let store = Store::open(&dir.join("agent.redb"), 100).unwrap();
+        let store = Store::open(&dir.join("agent.redb"), 100).expect("the test's own setup");
         for (i, uid) in ["u-1", "u-2"].into_iter().enumerate() {
             let at = (i as u64 + 1) * 1000;
             store
@@ -394,14 +394,14 @@ mod tests {
                     created_ns: Some(at),
                     ..Default::default()
                 })
-                .unwrap();
+                .expect("the test's own setup");
             let mut r = record(at + 100, at, "shop");
             r.pod.uid = Some(uid.into());
-            store.put_start(&r).unwrap();
+            store.put_start(&r).expect("the test's own setup");
             let pull = PullRecord {
                 start_ns: at + 10,
                 end_ns: at + 90,
-                image: r.image.clone().unwrap(),
+                image: r.image.clone().expect("the test's own setup"),
                 pod: PodRef {
                     uid: Some(uid.into()),
                     ..Default::default()
@@ -409,7 +409,7 @@ mod tests {
                 ok: true,
                 ..Default::default()
             };
-            store.put_pull(&pull).unwrap();
+            store.put_pull(&pull).expect("the test's own setup");
         }
         // A snapshotter span that grew replaces what was stored of it.
         let mut span = PullRecord {
@@ -419,30 +419,32 @@ mod tests {
             source: Some("snapshotter".into()),
             ..Default::default()
         };
-        store.put_pull(&span).unwrap();
+        store.put_pull(&span).expect("the test's own setup");
         span.end_ns = 1700;
-        store.put_pull(&span).unwrap();
-        assert_eq!(store.pulls(None).unwrap().len(), 3);
-        let all = store.timelines(&Filter::default()).unwrap();
+        store.put_pull(&span).expect("the test's own setup");
+        assert_eq!(store.pulls(None).expect("the test's own setup").len(), 3);
+        let all = store
+            .timelines(&Filter::default())
+            .expect("the test's own setup");
         assert_eq!(all.len(), 2);
         for t in &all {
             let [c] = &t.containers[..] else {
                 panic!("{t:?}")
             };
             assert_eq!(
-                c.pull.as_ref().unwrap().start_ns,
-                t.created_ns.unwrap() + 10
+                c.pull.as_ref().expect("the test's own setup").start_ns,
+                t.created_ns.expect("the test's own setup") + 10
             );
         }
         let only = Filter {
             image: Some("app:2000".into()),
             ..Default::default()
         };
-        let found = store.timelines(&only).unwrap();
+        let found = store.timelines(&only).expect("the test's own setup");
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].uid, "u-2");
         drop(store);
-        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).expect("the test's own setup");
     }
 
     #[test]
