@@ -57,6 +57,9 @@ pub struct Object {
     /// or a module a program opens, not a program (position-independent programs are
     /// `ET_DYN` too, but name their loader).
     pub library: bool,
+    /// Where the interpreter's path (`PT_INTERP`, the dynamic loader the kernel starts) is in
+    /// the file, when it is within the bytes parsed.
+    pub interpreter: Option<Range<u64>>,
 }
 
 impl Object {
@@ -78,6 +81,7 @@ impl Object {
         let mut loads = Vec::new();
         let mut dynamic = None;
         let mut interpreter = false;
+        let mut interpreter_at = None;
         for i in 0..phnum as u64 {
             let at = usize::try_from(phoff.checked_add(i.checked_mul(phentsize)?)?).ok()?;
             let kind = u32_at(head, at)?;
@@ -99,7 +103,11 @@ impl Object {
                     executable: flags & PF_X != 0,
                 }),
                 PT_DYNAMIC if file_size > 0 => dynamic = Some(offset..end),
-                PT_INTERP => interpreter = true,
+                PT_INTERP => {
+                    interpreter = true;
+                    interpreter_at =
+                        (end <= head.len() as u64 && file_size > 1).then_some(offset..end);
+                }
                 _ => {}
             }
         }
@@ -108,7 +116,17 @@ impl Object {
             loads,
             dynamic,
             library: kind == ET_DYN && !interpreter,
+            interpreter: interpreter_at,
         })
+    }
+
+    /// The interpreter's path, from `head`, the bytes [`Object::parse`] read.
+    pub fn interpreter_path<'h>(&self, head: &'h [u8]) -> Option<&'h str> {
+        let range = self.interpreter.clone()?;
+        let bytes =
+            head.get(usize::try_from(range.start).ok()?..usize::try_from(range.end).ok()?)?;
+        let path = bytes.split(|&b| b == 0).next()?;
+        std::str::from_utf8(path).ok().filter(|p| !p.is_empty())
     }
 
     /// Where in the file the byte loaded at `vaddr` comes from.
@@ -281,7 +299,34 @@ mod tests {
                 .collect();
             assert_eq!(got, expected, "{path}");
             assert!(got.iter().any(|&(_, _, code)| code), "{path} has code");
+            // `[Requesting program interpreter: /lib64/ld-linux-x86-64.so.2]`
+            let interpreter = String::from_utf8_lossy(&readelf.stdout)
+                .lines()
+                .find_map(|l| {
+                    let (_, path) = l.split_once("program interpreter: ")?;
+                    Some(path.trim_end_matches(']').to_string())
+                });
+            assert_eq!(
+                object.interpreter_path(&bytes[..4096]).map(str::to_string),
+                interpreter,
+                "{path}"
+            );
+            assert_eq!(interpreter.is_none(), library, "{path}");
         }
+    }
+
+    #[test]
+    fn an_interpreter_path_out_of_the_head_or_unterminated_junk_is_none_or_bounded() {
+        let mut head = std::fs::read("/usr/bin/ls").expect("this machine's ls")[..4096].to_vec();
+        let object = Object::parse(&head, 1 << 20).expect("ELF");
+        let range = object.interpreter.clone().expect("ls names its loader");
+        // Not valid UTF-8: no path.
+        head[range.start as usize] = 0xff;
+        assert_eq!(object.interpreter_path(&head), None);
+        // Parsed from fewer bytes than the path's end: not known.
+        let short = &head[..range.start as usize + 2];
+        let object = Object::parse(short, 1 << 20);
+        assert!(object.is_none_or(|o| o.interpreter.is_none()));
     }
 
     #[test]
