@@ -3,7 +3,10 @@
 //! deadline. Every flight opened is completed, success or failure.
 
 use std::{
-    sync::{Arc, Condvar, Mutex},
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Instant,
 };
 
@@ -17,6 +20,8 @@ pub(super) struct Inflight {
     ready: Condvar,
     /// Fetched because read-around guessed it would be read, not because a reader asked.
     guessed: bool,
+    /// The guess's place in line for the link (0: none), for a reader to promote it.
+    ticket: AtomicU64,
 }
 
 impl Inflight {
@@ -32,6 +37,16 @@ impl Inflight {
     /// fetches the chunk itself.
     pub(super) fn guessed(&self) -> bool {
         self.guessed
+    }
+
+    /// Names the guess in line for the link that fetches this chunk.
+    pub(super) fn set_ticket(&self, ticket: u64) {
+        self.ticket.store(ticket, Ordering::Release);
+    }
+
+    /// The guess in line for the link that fetches this chunk, if any.
+    pub(super) fn ticket(&self) -> Option<u64> {
+        Some(self.ticket.load(Ordering::Acquire)).filter(|&t| t != 0)
     }
 
     /// Sets the result and wakes every waiter.

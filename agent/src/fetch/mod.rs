@@ -12,6 +12,7 @@
 
 use std::{
     collections::HashMap,
+    ops::Range,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -24,6 +25,7 @@ mod inflight;
 pub mod journal;
 pub mod layer;
 pub mod learn;
+mod link;
 pub mod prefetch;
 mod priority;
 pub mod readaround;
@@ -132,6 +134,26 @@ pub struct FetchStats {
 /// start: 21 %, 27 % with its read-around 50 ms away).
 pub const GREEDY_SHARE: f64 = 0.4;
 
+/// A range request's answer (or its deadline passing), when it was asked and answered.
+type Answer = (
+    Result<Result<bytes::Bytes, RegistryError>, tokio::time::error::Elapsed>,
+    Instant,
+    Instant,
+);
+
+/// How a range request gets on the link ([`link`]).
+enum Admission {
+    /// The background download's: it yields to readers on its own.
+    Free,
+    /// A reader's, or one a walk waits on: now, counted.
+    Now(link::Turn),
+    /// A guess's: in line.
+    Queued(link::Queued),
+}
+
+/// Bytes (compressed and decompressed, as the budget counts) one fetch of guesses holds at
+/// most.
+const GUESS_BATCH: u64 = 24 << 20;
 /// Bytes of verified chunks the fetcher keeps in memory at most (within the agent's budget,
 /// which all fetchers share).
 const RECENT_BYTES: usize = 16 << 20;
@@ -144,6 +166,8 @@ pub struct Fetcher {
     cache: Arc<ChunkCache>,
     inflight: Mutex<HashMap<Digest, Arc<Inflight>>>,
     readers: ReaderGate,
+    /// Guessed requests' turns on the link.
+    link: Arc<link::LinkGate>,
     /// Chunks fetched for readers, on their way to the cache: a reader gets its data before
     /// its chunk is written.
     writes: WriteBehind,
@@ -205,6 +229,7 @@ impl Fetcher {
             cache,
             inflight: Mutex::new(HashMap::new()),
             readers: ReaderGate::new(),
+            link: Arc::new(link::LinkGate::new()),
             stats: FetchStats::default(),
             totals: None,
             journal: None,
@@ -264,7 +289,21 @@ impl Fetcher {
         priority: Priority,
         deadline: Instant,
     ) -> Result<Vec<Arc<Vec<u8>>>, FetchError> {
-        let result = self.get_by(chunks, priority, deadline, None);
+        let result = self.get_by(chunks, priority, deadline, None, false);
+        if let Err(FetchError::Deadline(_)) = &result {
+            self.count(|s| &s.deadline_exceeded, 1);
+        }
+        result
+    }
+
+    /// [`Fetcher::get`] for guesses the caller waits for (read-around priority): they take
+    /// their turn on the link behind the requests readers and narrower guesses wait for.
+    pub fn get_guessed(
+        &self,
+        chunks: &[ChunkRef<'_>],
+        deadline: Instant,
+    ) -> Result<Vec<Arc<Vec<u8>>>, FetchError> {
+        let result = self.get_by(chunks, Priority::ReadAround, deadline, None, true);
         if let Err(FetchError::Deadline(_)) = &result {
             self.count(|s| &s.deadline_exceeded, 1);
         }
@@ -284,6 +323,7 @@ impl Fetcher {
             Priority::OnDemand,
             deadline,
             Some((self, layer, file)),
+            false,
         );
         if let Err(FetchError::Deadline(_)) = &result {
             self.count(|s| &s.deadline_exceeded, 1);
@@ -318,6 +358,7 @@ impl Fetcher {
         priority: Priority,
         deadline: Instant,
         around: Option<(&Arc<Self>, &RemoteLayer, usize)>,
+        guesses: bool,
     ) -> Result<Vec<Arc<Vec<u8>>>, FetchError> {
         if let Some(blob) = self.quarantined_among(chunks) {
             return Err(FetchError::Quarantined { blob });
@@ -361,6 +402,12 @@ impl Fetcher {
                 }
             }
         }
+        // A reader waiting for a guess still in line for the link has it go now.
+        for (_, flight) in &waits {
+            if let Some(ticket) = flight.ticket() {
+                self.link.promote(ticket);
+            }
+        }
         if let (Some((this, layer, file)), Some(last)) = (around, mine.last()) {
             let last = chunks[last.0].chunk;
             let first = chunks[mine[0].0].chunk;
@@ -368,12 +415,8 @@ impl Fetcher {
         }
         if !mine.is_empty() {
             let wanted: Vec<&ChunkRef<'_>> = mine.iter().map(|(i, _)| &chunks[*i]).collect();
-            let results = self.fetch_runs(&wanted, deadline, priority);
-            self.complete(
-                mine.iter().map(|(i, f)| (&chunks[*i], f)),
-                &results,
-                priority,
-            );
+            let flights: Vec<&Arc<Inflight>> = mine.iter().map(|(_, f)| f).collect();
+            let results = self.fetch_runs(&wanted, &flights, deadline, priority, guesses);
             for ((i, _), result) in mine.iter().zip(results) {
                 out[*i] = Some(result?);
             }
@@ -387,7 +430,7 @@ impl Fetcher {
                 // Read-around guessed, and its request failed: this reader still needs the
                 // chunk, and asks for it itself.
                 Err(_) if flight.guessed() && Instant::now() < deadline => self
-                    .get_by(&chunks[i..=i], priority, deadline, None)?
+                    .get_by(&chunks[i..=i], priority, deadline, None, false)?
                     .remove(0),
                 Err(e) => return Err(e),
             });
@@ -434,6 +477,12 @@ impl Fetcher {
         }
     }
 
+    /// Whether no chunk is in flight (tests wait for guesses to land).
+    #[cfg(test)]
+    pub(crate) fn nothing_in_flight(&self) -> bool {
+        crate::sync::lock(&self.inflight).is_empty()
+    }
+
     /// The link's bandwidth-delay product as this fetcher's requests measured it so far;
     /// `None` for a source with no network in between.
     pub(crate) fn link_bdp(&self) -> Option<u64> {
@@ -473,45 +522,76 @@ impl Fetcher {
         if let Some(last) = around.last() {
             self.read_around.covered(blob, last.blob_end);
         }
-        let candidates: Vec<Chunk> = around
+        self.guess(
+            around.into_iter().map(|c| (blob, c.clone())).collect(),
+            deadline,
+            true,
+        );
+    }
+
+    /// Fetches `chunks` into the cache on a thread of their own, as guesses (read-around
+    /// priority): readers that want them meanwhile wait for these flights, and fetch for
+    /// themselves what fails. Chunks cached or in flight are left out; the rest go in
+    /// batches of at most [`GUESS_BATCH`] bytes, so that no fetch holds the memory budget
+    /// readers need. `in_line`: they wait for their turn on the link ([`link`]).
+    pub(crate) fn guess(
+        self: &Arc<Self>,
+        chunks: Vec<(Digest, Chunk)>,
+        deadline: Instant,
+        in_line: bool,
+    ) {
+        let candidates: Vec<(Digest, Chunk)> = chunks
             .into_iter()
-            .filter(|c| {
+            .filter(|(_, c)| {
                 !crate::sync::lock(&self.recent).contains(&c.digest)
                     && !self.cache.contains(&c.digest)
             })
-            .cloned()
             .collect();
         let mut guessed = Vec::with_capacity(candidates.len());
         {
             let mut map = crate::sync::lock(&self.inflight);
-            for chunk in candidates {
+            for (blob, chunk) in candidates {
                 if let std::collections::hash_map::Entry::Vacant(slot) = map.entry(chunk.digest) {
                     let flight = Arc::new(Inflight::guess());
                     slot.insert(flight.clone());
-                    guessed.push((chunk, flight));
+                    guessed.push((blob, chunk, flight));
                 }
             }
         }
         if guessed.is_empty() {
             return;
         }
-        let opened: Vec<(Digest, Arc<Inflight>)> =
-            guessed.iter().map(|(c, f)| (c.digest, f.clone())).collect();
+        // Runs are made of chunks adjacent in a blob.
+        guessed.sort_by_key(|(blob, chunk, _)| (*blob, chunk.blob_offset));
+        let opened: Vec<(Digest, Arc<Inflight>)> = guessed
+            .iter()
+            .map(|(_, c, f)| (c.digest, f.clone()))
+            .collect();
         let this = self.clone();
         let spawned = std::thread::Builder::new()
             .name("read-around".into())
             .spawn(move || {
                 let refs: Vec<ChunkRef<'_>> = guessed
                     .iter()
-                    .map(|(chunk, _)| ChunkRef { blob, chunk })
+                    .map(|(blob, chunk, _)| ChunkRef { blob: *blob, chunk })
                     .collect();
-                let wanted: Vec<&ChunkRef<'_>> = refs.iter().collect();
-                let results = this.fetch_runs(&wanted, deadline, Priority::ReadAround);
-                this.complete(
-                    refs.iter().zip(guessed.iter().map(|(_, f)| f)),
-                    &results,
-                    Priority::ReadAround,
-                );
+                let mut start = 0;
+                while start < refs.len() {
+                    let mut end = start;
+                    let mut bytes = 0u64;
+                    while end < refs.len() && (end == start || bytes < GUESS_BATCH) {
+                        let c = refs[end].chunk;
+                        bytes = bytes
+                            .saturating_add(c.unit_len())
+                            .saturating_add(c.blob_end - c.blob_offset);
+                        end += 1;
+                    }
+                    let wanted: Vec<&ChunkRef<'_>> = refs[start..end].iter().collect();
+                    let flights: Vec<&Arc<Inflight>> =
+                        guessed[start..end].iter().map(|(_, _, f)| f).collect();
+                    this.fetch_runs(&wanted, &flights, deadline, Priority::ReadAround, in_line);
+                    start = end;
+                }
             });
         if let Err(err) = spawned {
             tracing::warn!(%err, "no read-around thread; readers fetch for themselves");
@@ -525,13 +605,18 @@ impl Fetcher {
     }
 
     /// Fetches the given chunks, one range request per run of members adjacent in a blob,
-    /// the runs in parallel.
+    /// the runs in parallel, and completes each chunk's flight (`flights`, one per chunk of
+    /// `wanted`) as soon as its run's answer is in: a reader waiting on one chunk of a large
+    /// batch waits for its own request, not for the batch's slowest.
     fn fetch_runs(
         &self,
         wanted: &[&ChunkRef<'_>],
+        flights: &[&Arc<Inflight>],
         deadline: Instant,
         priority: Priority,
+        guesses: bool,
     ) -> Vec<Result<Arc<Vec<u8>>, FetchError>> {
+        debug_assert_eq!(wanted.len(), flights.len());
         // One lease for everything this fetch holds at once, compressed and decompressed;
         // taken whole, so that no fetch holds part of the budget while it waits for more.
         let bytes = wanted
@@ -547,12 +632,19 @@ impl Fetcher {
             Priority::OnDemand | Priority::ReadAround => self.budget.limit(),
         };
         let Some(_lease) = self.budget.acquire_below(bytes, ceiling, deadline) else {
-            return wanted
+            let results: Vec<_> = wanted
                 .iter()
                 .map(|c| Err(FetchError::Deadline(c.chunk.digest)))
                 .collect();
+            self.complete(
+                wanted.iter().copied().zip(flights.iter().copied()),
+                &results,
+                priority,
+            );
+            return results;
         };
-        let mut runs: Vec<&[&ChunkRef<'_>]> = Vec::new();
+        // Runs, as ranges of `wanted`.
+        let mut runs: Vec<Range<usize>> = Vec::new();
         let mut i = 0;
         while i < wanted.len() {
             let mut j = i;
@@ -562,7 +654,7 @@ impl Fetcher {
             {
                 j += 1;
             }
-            runs.push(&wanted[i..=j]);
+            runs.push(i..j + 1);
             i = j + 1;
         }
         let left = deadline
@@ -572,9 +664,9 @@ impl Fetcher {
             .iter()
             .map(|run| {
                 let (blob, start, end) = (
-                    run[0].blob,
-                    run[0].chunk.blob_offset,
-                    run[run.len() - 1].chunk.blob_end,
+                    wanted[run.start].blob,
+                    wanted[run.start].chunk.blob_offset,
+                    wanted[run.end - 1].chunk.blob_end,
                 );
                 tracing::trace!(
                     target: "imgstream::reads",
@@ -588,81 +680,167 @@ impl Fetcher {
                 (blob, start, end)
             })
             .collect();
+        // Guesses take their turn on the link; readers' requests, and those a walk waits on,
+        // go at once and count, so that guesses wait for them (the background download
+        // yields to readers on its own).
+        if guesses {
+            self.link.set_window(self.link_bdp());
+        }
+        let admissions: Vec<Admission> = runs
+            .iter()
+            .zip(&requests)
+            .map(|(run, &(_, start, end))| match priority {
+                Priority::Background => Admission::Free,
+                _ if guesses => {
+                    let queued = self.link.queue(end - start);
+                    for flight in &flights[run.clone()] {
+                        flight.set_ticket(queued.ticket());
+                    }
+                    Admission::Queued(queued)
+                }
+                _ => Admission::Now(self.link.enter(end - start)),
+            })
+            .collect();
         let source = self.source.clone();
-        let fetch = move |(blob, start, end): (Digest, u64, u64)| {
+        let fetch = move |(blob, start, end): (Digest, u64, u64), admission: Admission| {
             let source = source.clone();
             async move {
+                let _turn = match admission {
+                    Admission::Free => None,
+                    Admission::Now(turn) => Some(turn),
+                    Admission::Queued(queued) => {
+                        match tokio::time::timeout(left, queued.turn()).await {
+                            Ok(turn) => Some(turn),
+                            Err(elapsed) => return (Err(elapsed), Instant::now(), Instant::now()),
+                        }
+                    }
+                };
                 let asked = Instant::now();
                 let result = tokio::time::timeout(left, source.read_range(&blob, start..end)).await;
                 (result, asked, Instant::now())
             }
         };
-        let fetched: Vec<Option<_>> = self.runtime.block_on(async move {
+        let mut results: Vec<Option<Result<Arc<Vec<u8>>, FetchError>>> = vec![None; wanted.len()];
+        let mut finish = |r: usize, fetched: Option<_>| {
+            let run = runs[r].clone();
+            let done = self.decode_run(&wanted[run.clone()], fetched, priority);
+            self.complete(
+                wanted[run.clone()]
+                    .iter()
+                    .copied()
+                    .zip(flights[run.clone()].iter().copied()),
+                &done,
+                priority,
+            );
+            for (slot, result) in results[run].iter_mut().zip(done) {
+                *slot = Some(result);
+            }
+        };
+        let mut admissions = admissions;
+        self.runtime.block_on(async {
             if requests.len() == 1 {
                 // One request (the usual case, and every background batch): polled right here,
                 // on the calling thread, not handed to the runtime's workers.
-                let mut requests = requests;
-                return vec![Some(fetch(requests.remove(0)).await)];
+                let (request, admission) = (requests[0], admissions.remove(0));
+                finish(0, Some(fetch(request, admission).await));
+                return;
             }
-            let tasks: Vec<_> = requests
-                .into_iter()
-                .map(|r| tokio::spawn(fetch(r)))
-                .collect();
-            let mut out = Vec::with_capacity(tasks.len());
-            for task in tasks {
-                out.push(task.await.ok());
+            let mut tasks = tokio::task::JoinSet::new();
+            let mut runs_of = HashMap::new();
+            for (r, (request, admission)) in requests.into_iter().zip(admissions).enumerate() {
+                let id = tasks.spawn(fetch(request, admission)).id();
+                runs_of.insert(id, r);
             }
-            out
-        });
-        let mut results = Vec::with_capacity(wanted.len());
-        for (run, fetched) in runs.iter().zip(fetched) {
-            match fetched {
-                None | Some((Err(_), ..)) => {
-                    self.count(|s| &s.errors, 1);
-                    results.extend(
-                        run.iter()
-                            .map(|c| Err(FetchError::Deadline(c.chunk.digest))),
-                    );
+            let mut finished = vec![false; runs_of.len()];
+            while let Some(joined) = tasks.join_next_with_id().await {
+                let (id, fetched) = match joined {
+                    Ok((id, fetched)) => (id, Some(fetched)),
+                    Err(err) => (err.id(), None),
+                };
+                if let Some(&r) = runs_of.get(&id) {
+                    finished[r] = true;
+                    finish(r, fetched);
                 }
-                Some((Ok(Err(e)), ..)) => {
-                    self.count(|s| &s.errors, 1);
-                    let source = Arc::new(e);
-                    results.extend(run.iter().map(|c| {
+            }
+            // Every task ends in the loop above; a run it could not name still completes.
+            for (r, done) in finished.into_iter().enumerate() {
+                if !done {
+                    finish(r, None);
+                }
+            }
+        });
+        results
+            .into_iter()
+            .zip(wanted)
+            .map(|(result, c)| result.unwrap_or(Err(FetchError::Deadline(c.chunk.digest))))
+            .collect()
+    }
+
+    /// One run's chunks from its range request's answer (`None`: the request's task failed),
+    /// each checked, decoded and cached, and the request counted.
+    fn decode_run(
+        &self,
+        run: &[&ChunkRef<'_>],
+        fetched: Option<Answer>,
+        priority: Priority,
+    ) -> Vec<Result<Arc<Vec<u8>>, FetchError>> {
+        match fetched {
+            None | Some((Err(_), ..)) => {
+                self.count(|s| &s.errors, 1);
+                run.iter()
+                    .map(|c| Err(FetchError::Deadline(c.chunk.digest)))
+                    .collect()
+            }
+            Some((Ok(Err(e)), ..)) => {
+                self.count(|s| &s.errors, 1);
+                let source = Arc::new(e);
+                run.iter()
+                    .map(|c| {
                         Err(FetchError::Source {
                             digest: c.chunk.digest,
                             source: source.clone(),
                         })
-                    }));
+                    })
+                    .collect()
+            }
+            Some((Ok(Ok(bytes)), asked, answered)) => {
+                tracing::trace!(
+                    target: "imgstream::reads",
+                    start = run[0].chunk.blob_offset,
+                    bytes = bytes.len(),
+                    secs = answered.duration_since(asked).as_secs_f64(),
+                    ?priority,
+                    "range answered"
+                );
+                self.read_around
+                    .observe(bytes.len() as u64, asked, answered);
+                self.count(|s| &s.requests, 1);
+                self.count(|s| &s.bytes, bytes.len() as u64);
+                if let Some((journal, image)) = &self.journal {
+                    journal.request(
+                        image,
+                        crate::time::unix_ns(std::time::SystemTime::now()),
+                        bytes.len() as u64,
+                        priority == Priority::Background,
+                    );
                 }
-                Some((Ok(Ok(bytes)), asked, answered)) => {
-                    self.read_around
-                        .observe(bytes.len() as u64, asked, answered);
-                    self.count(|s| &s.requests, 1);
-                    self.count(|s| &s.bytes, bytes.len() as u64);
-                    if let Some((journal, image)) = &self.journal {
-                        journal.request(
-                            image,
-                            crate::time::unix_ns(std::time::SystemTime::now()),
-                            bytes.len() as u64,
-                            priority == Priority::Background,
-                        );
+                match priority {
+                    Priority::Background => {
+                        self.count(|s| &s.background_requests, 1);
+                        self.count(|s| &s.background_bytes, bytes.len() as u64);
                     }
-                    match priority {
-                        Priority::Background => {
-                            self.count(|s| &s.background_requests, 1);
-                            self.count(|s| &s.background_bytes, bytes.len() as u64);
-                        }
-                        Priority::ReadAround => {
-                            self.count(|s| &s.read_around_requests, 1);
-                            self.count(|s| &s.read_around_bytes, bytes.len() as u64);
-                        }
-                        Priority::OnDemand => {}
+                    Priority::ReadAround => {
+                        self.count(|s| &s.read_around_requests, 1);
+                        self.count(|s| &s.read_around_bytes, bytes.len() as u64);
                     }
-                    let start = run[0].chunk.blob_offset;
-                    for c in run.iter() {
+                    Priority::OnDemand => {}
+                }
+                let start = run[0].chunk.blob_offset;
+                run.iter()
+                    .map(|c| {
                         let member = &bytes[(c.chunk.blob_offset - start) as usize
                             ..(c.chunk.blob_end - start) as usize];
-                        results.push(match estargz::decode_chunk(member, c.chunk) {
+                        match estargz::decode_chunk(member, c.chunk) {
                             Ok(data) => {
                                 self.count(|s| &s.chunks_fetched, 1);
                                 let data = Arc::new(data);
@@ -676,12 +854,11 @@ impl Fetcher {
                                     source: Arc::new(e),
                                 })
                             }
-                        });
-                    }
-                }
+                        }
+                    })
+                    .collect()
             }
         }
-        results
     }
 
     /// Caches a fetched chunk: for a reader or around one, through the writer thread (written

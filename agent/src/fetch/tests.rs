@@ -823,6 +823,8 @@ fn a_layer_that_is_not_what_its_descriptor_names_is_quarantined_and_its_reads_fa
         read != files[5].1,
         "the other bytes, as the index describes them"
     );
+    // Chunks fetched for a reader are written behind it.
+    t.fetcher.flush_cache_writes();
     assert!(t.spans().iter().any(|s| t.fetcher.cache().contains(s)));
 
     let progress = t.background();

@@ -39,6 +39,8 @@ use crate::{
 
 /// How long the kernel may cache names and attributes: the image never changes.
 const TTL: Duration = Duration::from_secs(3600);
+/// A read that waited longer than this for its chunks is traced (target `imgstream::reads`).
+const SLOW_READ: Duration = Duration::from_millis(2);
 
 /// Filesystem options.
 #[derive(Clone, Copy, Debug)]
@@ -444,7 +446,8 @@ impl ImageFs {
                 recorded.push((layer, node_index, offset, size));
             }
         }
-        let deadline = Instant::now() + self.config.read_deadline;
+        let asked = Instant::now();
+        let deadline = asked + self.config.read_deadline;
         let data = self
             .fetcher
             .read(&refs, (remote, node_index), deadline)
@@ -453,6 +456,17 @@ impl ImageFs {
                 tracing::warn!(%err, ino = inode.ino, offset, "read failed");
                 errno(libc::EIO)
             })?;
+        let waited = asked.elapsed();
+        if waited > SLOW_READ {
+            tracing::trace!(
+                target: "imgstream::reads",
+                path = node.path,
+                offset,
+                size,
+                secs = waited.as_secs_f64(),
+                "read waited"
+            );
+        }
         let mut written = 0;
         for (i, (chunk, bytes)) in node.chunks[first..last].iter().zip(&data).enumerate() {
             let from = offset.max(chunk.file_offset) - chunk.file_offset;

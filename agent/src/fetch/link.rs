@@ -1,0 +1,353 @@
+//! Guesses take turns on the link: on a link with a round trip to speak of, the bytes in
+//! flight are bounded to a few bandwidth-delay products for guesses (read-around windows,
+//! libraries' segments and code the loader prefetch warms, a wide walk's requests), which
+//! wait in line for room, while readers' own misses, and the requests a narrow loader walk
+//! is waiting on, go at once and count.
+//!
+//! A request shares the link with every answer still arriving, so its wait grows with the
+//! bytes in flight ahead of it. A starting program 50 ms from its registry had, unbounded,
+//! megabytes of guesses in flight (whole code segments, the first segments of a level of
+//! libraries) while the walk's next step waited for a library's 100 KB head and readers'
+//! own misses for theirs: 0.1-0.3 s each where the round trip is 0.05 s. A window of a few
+//! bandwidth-delay products still keeps the link full. Guesses go in the order they were
+//! made (a level's segments before its code, as the loader touches them); a reader that
+//! comes to wait for a guess still in line promotes it ([`LinkGate::promote`]). On a near
+//! link (loopback, a registry next door) nothing waits: an answer's wait there is its own
+//! transfer, and holding a reader's read-around back only slows it. The background download
+//! is not counted: it yields to readers on its own.
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use tokio::sync::oneshot;
+
+/// The window, in bandwidth-delay products of the link.
+pub(super) const WINDOW_BDPS: u64 = 2;
+/// The smallest window.
+pub(super) const MIN_WINDOW: u64 = 512 << 10;
+/// A link whose bandwidth-delay product is below this has no round trip to speak of (5 ms
+/// at 100 Mbit/s): guesses are not held back there.
+pub(super) const NEAR: u64 = 64 << 10;
+
+/// Bytes in flight, and the guesses waiting for their turn.
+#[derive(Debug)]
+pub(super) struct LinkGate {
+    state: Mutex<State>,
+    /// Bytes allowed in flight at once (`u64::MAX`: no bound, for a source with no network).
+    window: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    in_flight: u64,
+    waiting: VecDeque<Waiter>,
+    tickets: u64,
+}
+
+impl State {
+    /// Whether `bytes` more may go now: a request larger than the window goes alone.
+    fn fits(&self, bytes: u64, window: u64) -> bool {
+        self.in_flight == 0 || self.in_flight.saturating_add(bytes) <= window
+    }
+}
+
+#[derive(Debug)]
+struct Waiter {
+    ticket: u64,
+    bytes: u64,
+    wake: oneshot::Sender<()>,
+}
+
+/// A request's turn: its bytes count as in flight until it is dropped.
+#[derive(Debug)]
+pub(super) struct Turn {
+    gate: Arc<LinkGate>,
+    bytes: u64,
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        self.gate.release(self.bytes);
+    }
+}
+
+/// A guess in line for its turn ([`Queued::ticket`] names it to [`LinkGate::promote`]).
+pub(super) struct Queued {
+    ticket: u64,
+    state: Queue,
+}
+
+enum Queue {
+    Now(Turn),
+    Waiting(Pending),
+}
+
+/// A request waiting for its turn; a wait given up (its deadline passed) after the turn was
+/// granted hands the turn back.
+struct Pending {
+    gate: Arc<LinkGate>,
+    bytes: u64,
+    wake: Option<oneshot::Receiver<()>>,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(mut wake) = self.wake.take() {
+            wake.close();
+            if wake.try_recv().is_ok() {
+                self.gate.release(self.bytes);
+            }
+        }
+    }
+}
+
+impl Queued {
+    pub(super) fn ticket(&self) -> u64 {
+        self.ticket
+    }
+
+    /// Waits for the turn.
+    pub(super) async fn turn(self) -> Turn {
+        match self.state {
+            Queue::Now(turn) => turn,
+            Queue::Waiting(mut pending) => {
+                if let Some(wake) = pending.wake.as_mut() {
+                    // The gate never drops a waiter unanswered: an error cannot happen here,
+                    // and would only mean going without a turn.
+                    let _ = wake.await;
+                }
+                pending.wake = None;
+                Turn {
+                    gate: pending.gate.clone(),
+                    bytes: pending.bytes,
+                }
+            }
+        }
+    }
+}
+
+impl LinkGate {
+    pub(super) fn new() -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            window: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// Sets the window from the link's bandwidth-delay product: no bound for a source with
+    /// no network (`None`) or a link with no round trip to speak of (below [`NEAR`]), where
+    /// an answer's wait is its own transfer and nothing is gained by holding guesses back.
+    pub(super) fn set_window(&self, bdp: Option<u64>) {
+        let window = bdp.filter(|&bdp| bdp >= NEAR).map_or(u64::MAX, |bdp| {
+            bdp.saturating_mul(WINDOW_BDPS).max(MIN_WINDOW)
+        });
+        self.window.store(window, Ordering::Release);
+    }
+
+    /// A request that does not wait (a reader's, or one a walk is waiting on): it goes now,
+    /// and its bytes count, so that guesses wait for it.
+    pub(super) fn enter(self: &Arc<Self>, bytes: u64) -> Turn {
+        crate::sync::lock(&self.state).in_flight += bytes;
+        Turn {
+            gate: self.clone(),
+            bytes,
+        }
+    }
+
+    /// Puts a guess of `bytes` in line: it goes at once while the window has room and no
+    /// guess is waiting, else after those before it.
+    pub(super) fn queue(self: &Arc<Self>, bytes: u64) -> Queued {
+        let window = self.window.load(Ordering::Acquire);
+        let mut state = crate::sync::lock(&self.state);
+        state.tickets += 1;
+        let ticket = state.tickets;
+        if state.waiting.is_empty() && state.fits(bytes, window) {
+            state.in_flight += bytes;
+            return Queued {
+                ticket,
+                state: Queue::Now(Turn {
+                    gate: self.clone(),
+                    bytes,
+                }),
+            };
+        }
+        let (tx, rx) = oneshot::channel();
+        state.waiting.push_back(Waiter {
+            ticket,
+            bytes,
+            wake: tx,
+        });
+        Queued {
+            ticket,
+            state: Queue::Waiting(Pending {
+                gate: self.clone(),
+                bytes,
+                wake: Some(rx),
+            }),
+        }
+    }
+
+    /// A reader waits for what guess `ticket` fetches: it goes now, if it still waits.
+    pub(super) fn promote(&self, ticket: u64) {
+        let mut state = crate::sync::lock(&self.state);
+        let Some(at) = state.waiting.iter().position(|w| w.ticket == ticket) else {
+            return;
+        };
+        if let Some(waiter) = state.waiting.remove(at)
+            && waiter.wake.send(()).is_ok()
+        {
+            state.in_flight += waiter.bytes;
+        }
+    }
+
+    /// Bytes in flight now.
+    #[cfg(test)]
+    pub(super) fn in_flight(&self) -> u64 {
+        crate::sync::lock(&self.state).in_flight
+    }
+
+    fn release(&self, bytes: u64) {
+        let window = self.window.load(Ordering::Acquire);
+        let mut state = crate::sync::lock(&self.state);
+        state.in_flight = state.in_flight.saturating_sub(bytes);
+        while let Some(next) = state.waiting.front() {
+            if !state.fits(next.bytes, window) {
+                break;
+            }
+            let Some(next) = state.waiting.pop_front() else {
+                break;
+            };
+            // A waiter that gave up is skipped; one that is still there has its turn.
+            if next.wake.send(()).is_ok() {
+                state.in_flight += next.bytes;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("a runtime for the test")
+    }
+
+    #[test]
+    fn guesses_wait_for_room_in_the_window_in_their_order_and_others_never_wait() {
+        runtime().block_on(async {
+            let gate = Arc::new(LinkGate::new());
+            gate.set_window(Some(NEAR)); // window: MIN_WINDOW
+            let reader = gate.enter(MIN_WINDOW);
+            // A reader's request counts, and nothing else fits beside it...
+            let (order_tx, mut order) = tokio::sync::mpsc::unbounded_channel();
+            let spawn = |bytes: u64, name: &'static str| {
+                let queued = gate.queue(bytes);
+                let order_tx = order_tx.clone();
+                tokio::spawn(async move {
+                    let turn = queued.turn().await;
+                    order_tx.send(name).expect("the test listens");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    drop(turn);
+                })
+            };
+            let first = spawn(450 << 10, "first");
+            let second = spawn(100 << 10, "second");
+            let third = spawn(100 << 10, "third");
+            tokio::task::yield_now().await;
+            assert_eq!(gate.in_flight(), MIN_WINDOW, "both guesses wait");
+            // ...but another reader's request goes at once.
+            let other = gate.enter(1 << 20);
+            assert_eq!(gate.in_flight(), MIN_WINDOW + (1 << 20));
+            drop((reader, other));
+            // In their order, though the second is smaller, and one at a time: they do not
+            // fit beside each other.
+            assert_eq!(order.recv().await, Some("first"));
+            assert_eq!(gate.in_flight(), 450 << 10);
+            assert_eq!(order.recv().await, Some("second"));
+            // The third fits beside the second.
+            assert_eq!(order.recv().await, Some("third"));
+            first.await.expect("no panic");
+            second.await.expect("no panic");
+            third.await.expect("no panic");
+            assert_eq!(gate.in_flight(), 0, "every turn was handed back");
+        });
+    }
+
+    #[test]
+    fn a_promoted_guess_goes_at_once() {
+        runtime().block_on(async {
+            let gate = Arc::new(LinkGate::new());
+            gate.set_window(Some(NEAR));
+            let ahead = gate.queue(MIN_WINDOW).turn().await;
+            let behind = gate.queue(MIN_WINDOW);
+            let promoted = gate.queue(MIN_WINDOW);
+            gate.promote(promoted.ticket());
+            let turn = tokio::time::timeout(Duration::from_secs(5), promoted.turn())
+                .await
+                .expect("a promoted guess does not wait for room");
+            assert_eq!(gate.in_flight(), 2 * MIN_WINDOW);
+            gate.promote(behind.ticket() + 100); // no such ticket: nothing happens
+            drop((ahead, turn));
+            let behind = tokio::time::timeout(Duration::from_secs(5), behind.turn())
+                .await
+                .expect("the one behind goes once there is room");
+            assert_eq!(gate.in_flight(), MIN_WINDOW);
+            drop(behind);
+            assert_eq!(gate.in_flight(), 0);
+        });
+    }
+
+    #[test]
+    fn a_request_larger_than_the_window_goes_and_a_near_link_or_none_means_no_bound() {
+        runtime().block_on(async {
+            let gate = Arc::new(LinkGate::new());
+            gate.set_window(Some(1 << 20)); // window: 2 MiB
+            let huge = gate.queue(8 << 20).turn().await;
+            assert_eq!(gate.in_flight(), 8 << 20);
+            drop(huge);
+            gate.set_window(Some(NEAR - 1));
+            let a = gate.queue(64 << 20).turn().await;
+            let b = gate.queue(64 << 20).turn().await;
+            drop((a, b));
+            gate.set_window(None);
+            let a = gate.queue(64 << 20).turn().await;
+            let b = gate.queue(64 << 20).turn().await;
+            assert_eq!(gate.in_flight(), 128 << 20);
+            drop((a, b));
+            assert_eq!(gate.in_flight(), 0);
+        });
+    }
+
+    #[test]
+    fn a_wait_given_up_hands_its_turn_back() {
+        runtime().block_on(async {
+            let gate = Arc::new(LinkGate::new());
+            gate.set_window(Some(NEAR));
+            let first = gate.queue(MIN_WINDOW).turn().await;
+            let gave_up =
+                tokio::time::timeout(Duration::from_millis(10), gate.queue(MIN_WINDOW).turn())
+                    .await;
+            assert!(
+                gave_up.is_err(),
+                "no room: the second waits out its deadline"
+            );
+            drop(first);
+            assert_eq!(
+                gate.in_flight(),
+                0,
+                "the waiter that gave up was skipped, not handed a turn it keeps"
+            );
+        });
+    }
+}
