@@ -7,22 +7,32 @@
 //! that waits for the one before (PHP loading its extensions measured 56 such first reads,
 //! scattered over the layer, at 20 ms each). The names of those libraries are in the files
 //! themselves. So when a reader's read of a file's first bytes shows ELF headers, this
-//! module reads the program's dynamic section, finds each `DT_NEEDED` library the way the
-//! loader does (the object's `DT_RUNPATH` or `DT_RPATH`, `$ORIGIN` expanded, then the
-//! multiarch and default directories, symlinks followed within the image), and fetches, for
-//! the whole set at once, each library's headers, its first segment (symbols, relocations)
-//! and its writable segment (what relocation writes), then does the same with their
-//! libraries: a few round trips per level of the dependency tree instead of a few per
-//! library. The fetches are read-around fetches: readers that want those chunks meanwhile
-//! wait for them, a failed one is fetched again by the reader, and they count as read-around
-//! bytes.
+//! module first fetches the program's interpreter (`PT_INTERP`, which the kernel starts
+//! before anything else), then reads the program's dynamic section, finds each `DT_NEEDED`
+//! library the way the loader does (the object's `DT_RUNPATH` or `DT_RPATH`, `$ORIGIN`
+//! expanded, then the multiarch and default directories, symlinks followed within the
+//! image), and fetches, for the whole set at once, each library's headers and end (where
+//! the dynamic section and the names are), then does the same with their libraries: a round
+//! trip or two per level of the dependency tree instead of a few per library. Each level's
+//! first segments (symbols, relocations) and writable segments (what relocation writes) are
+//! only warmed: fetched as guesses that wait in line for the link
+//! ([`crate::fetch`]'s link gate) while the walk goes on to the next level.
+//!
+//! Every program or library a reader starts roots a walk of its own, on a thread of its own
+//! ([`MAX_WALKS`] at once), even when another walk found it before: the dynamic loader maps
+//! a module's libraries breadth first, one after another, so the walk rooted where the
+//! program is stays a level ahead of it, whatever wider walk is still behind. Two walks
+//! wanting the same chunk fetch it once. The fetches are read-around fetches: readers that
+//! want those chunks meanwhile wait for them, a failed one is fetched again by the reader,
+//! and they count as read-around bytes.
 //!
 //! Two guesses go with it. A module a program opens itself (`dlopen`: PHP's extensions,
 //! Apache's modules), read from a directory that is not one the loader searches, is rarely
 //! alone: the program opens the others of its directory one after another, each with its
 //! own libraries. So the first one read brings its directory's other modules (up to
-//! [`MAX_SIBLINGS`]) into the same walk, and their libraries are fetched level by level
-//! together instead of module after module; when a round trip is worth more link time
+//! [`MAX_SIBLINGS`]) into a wide walk of their own, whose requests are all guesses in line
+//! (the program promotes those it comes to wait for), and their libraries are fetched level
+//! by level together instead of module after module; when a round trip is worth more link time
 //! than a module's head and end (a bandwidth-delay product of at least [`HEAD`] +
 //! [`TAIL`]: 5 ms at 100 Mbit/s), since nearer than that the walk's bytes only crowd out
 //! what the program reads meanwhile (measured at 0 ms: 2.63 s against 2.20 s before it). And the code an object's constructors and
@@ -31,7 +41,7 @@
 //! libraries whose headers had been fetched): a read-only segment no larger than
 //! [`CODE_BDPS`] bandwidth-delay products of the link costs less link time to fetch whole
 //! than the round trips its misses would wait, so it is fetched, on a thread of its own
-//! that the walk does not wait for. On a link with no round trip to speak of (loopback, a
+//! that the walk does not wait for, as guesses in line. On a link with no round trip to speak of (loopback, a
 //! local layout) none is, and larger ones are left to their readers.
 //!
 //! Libraries are looked up in the mount's own view: the whole image for `imgstream mount`,
@@ -45,7 +55,7 @@ use std::{
     sync::{
         Arc, Mutex, OnceLock,
         atomic::{AtomicUsize, Ordering},
-        mpsc::{Receiver, SyncSender, TrySendError},
+        mpsc::{Receiver, SyncSender},
     },
     time::{Duration, Instant},
 };
@@ -59,8 +69,8 @@ use crate::{
 
 /// Files of one mount whose libraries are looked for at most.
 const MAX_FILES: usize = 4096;
-/// Programs waiting for their libraries to be looked for; more are left to their readers.
-const QUEUE: usize = 64;
+/// Walks running at once; a program read while this many run is left to the others.
+const MAX_WALKS: usize = 4;
 /// Bytes read for an object's headers.
 const HEAD: u64 = 4096;
 /// Bytes at a file's end fetched with its headers.
@@ -90,8 +100,9 @@ const LIBRARY_DIRS: [&str; 6] = ["lib", "usr/lib", "lib64", "usr/lib64", "usr/lo
 /// Looks for the libraries of the programs its mount's readers start.
 pub(super) struct Loader {
     shared: Arc<Shared>,
-    /// Started at the first program, so a mount with none has no thread.
-    queue: OnceLock<Option<SyncSender<u64>>>,
+    /// The code thread's queue; the thread starts at the first program, so a mount with none
+    /// has no thread, and ends when the mount drops this loader and the walks end.
+    code: OnceLock<CodeQueue>,
 }
 
 struct Shared {
@@ -99,9 +110,16 @@ struct Shared {
     layers: Arc<[RemoteLayer]>,
     fetcher: Arc<Fetcher>,
     deadline: Duration,
-    /// Inodes whose libraries were looked for, or are being.
+    /// Inodes a reader read the start of: each is the root of one walk at most.
     seen: Mutex<HashSet<u64>>,
-    /// Programs and code fetches queued or being worked on (tests wait for 0).
+    /// Directories whose modules a walk took along.
+    module_dirs: Mutex<HashSet<u64>>,
+    /// Files whose libraries a walk looked for, or is looking for: each file's once, by the
+    /// first walk to get to it.
+    expanded: Mutex<HashSet<(usize, usize)>>,
+    /// Walks running now.
+    walking: AtomicUsize,
+    /// Walks and code fetches queued or being worked on (tests wait for 0).
     pending: AtomicUsize,
 }
 
@@ -119,50 +137,68 @@ impl Loader {
                 fetcher,
                 deadline,
                 seen: Mutex::new(HashSet::new()),
+                module_dirs: Mutex::new(HashSet::new()),
+                expanded: Mutex::new(HashSet::new()),
+                walking: AtomicUsize::new(0),
                 pending: AtomicUsize::new(0),
             }),
-            queue: OnceLock::new(),
+            code: OnceLock::new(),
         }
     }
 
     /// A reader read the first bytes of `ino`, which are `head`: when they are ELF headers,
-    /// its libraries are looked for, once per file, on the loader thread.
+    /// its libraries are looked for, once per file, on a thread of its own.
+    ///
+    /// Every program or library a reader starts roots a walk of its own, even when another
+    /// walk already found it: a walk goes level by level, and the program does not wait for
+    /// it. The dynamic loader maps a module's libraries breadth first, one after another
+    /// (PHP's curl module: libcurl, then libcurl's fifteen libraries), so a walk rooted
+    /// where the program is fetches, one level ahead of it, what it opens next, while a wide
+    /// walk (a directory of modules) is still a level or two behind. What two walks both
+    /// want is fetched once: the fetcher merges them.
     pub(super) fn read_start(&self, ino: u64, head: &[u8]) {
         if !head.starts_with(elf::MAGIC) || !self.shared.first_time(ino) {
             return;
         }
-        let queue = self.queue.get_or_init(|| {
-            let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
-            // The code thread's queue is held by the walking thread: when the mount drops
-            // this loader, both end.
-            let (code_tx, code_rx) = std::sync::mpsc::sync_channel(CODE_QUEUE);
-            let shared = self.shared.clone();
-            let code = std::thread::Builder::new()
-                .name("loader-code".into())
-                .spawn(move || shared.fetch_code(code_rx))
-                .map_err(|err| tracing::warn!(%err, "no thread to fetch libraries' code"))
-                .ok()
-                .map(|_| code_tx);
-            let shared = self.shared.clone();
-            std::thread::Builder::new()
-                .name("loader-prefetch".into())
-                .spawn(move || shared.run(rx, code))
-                .map_err(|err| tracing::warn!(%err, "no loader prefetch thread"))
-                .ok()
-                .map(|_| tx)
-        });
-        let Some(queue) = queue else { return };
-        self.shared.pending.fetch_add(1, Ordering::AcqRel);
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = queue.try_send(ino) {
-            self.shared.pending.fetch_sub(1, Ordering::AcqRel);
+        let shared = &self.shared;
+        if shared.walking.fetch_add(1, Ordering::AcqRel) >= MAX_WALKS {
+            shared.walking.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        let code = self
+            .code
+            .get_or_init(|| {
+                let (code_tx, code_rx) = std::sync::mpsc::sync_channel(CODE_QUEUE);
+                let shared = self.shared.clone();
+                std::thread::Builder::new()
+                    .name("loader-code".into())
+                    .spawn(move || shared.fetch_code(code_rx))
+                    .map_err(|err| tracing::warn!(%err, "no thread to fetch libraries' code"))
+                    .ok()
+                    .map(|_| code_tx)
+            })
+            .clone();
+        shared.pending.fetch_add(1, Ordering::AcqRel);
+        let walker = self.shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("loader-prefetch".into())
+            .spawn(move || walker.walk(ino, code));
+        if let Err(err) = spawned {
+            tracing::warn!(%err, "no loader prefetch thread");
+            shared.walking.fetch_sub(1, Ordering::AcqRel);
+            shared.pending.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
-    /// Waits until every program queued so far was worked through, or `timeout` passes.
+    /// Waits until every walk started so far ended and what it fetched landed, or `timeout`
+    /// passes.
     #[cfg(test)]
     pub(super) fn wait_idle(&self, timeout: Duration) -> bool {
         let until = Instant::now() + timeout;
-        while self.shared.pending.load(Ordering::Acquire) > 0 {
+        // The walks and the code thread, then the guesses they left in flight.
+        while self.shared.pending.load(Ordering::Acquire) > 0
+            || !self.shared.fetcher.nothing_in_flight()
+        {
             if Instant::now() >= until {
                 return false;
             }
@@ -186,6 +222,13 @@ struct File {
     size: u64,
 }
 
+impl File {
+    /// The file's place in the view: its layer and node.
+    fn key(&self) -> (usize, usize) {
+        (self.layer, self.node)
+    }
+}
+
 impl Shared {
     /// Marks `ino` as looked at; false when it was, or when the mount's bound is reached.
     fn first_time(&self, ino: u64) -> bool {
@@ -193,17 +236,24 @@ impl Shared {
         seen.len() < MAX_FILES && seen.insert(ino)
     }
 
-    fn run(&self, queue: Receiver<u64>, code: CodeQueue) {
-        while let Ok(ino) = queue.recv() {
-            // A panic here would end prefetching for the mount, never a read.
-            let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                self.closure(ino, &code);
-            }));
-            if done.is_err() {
-                tracing::error!(ino, "looking for a program's libraries panicked");
-            }
-            self.pending.fetch_sub(1, Ordering::AcqRel);
+    /// Claims `file`'s libraries for the calling walk; false when another walk did, or
+    /// when the mount's bound is reached.
+    fn first_expansion(&self, file: &File) -> bool {
+        let mut expanded = crate::sync::lock(&self.expanded);
+        expanded.len() < MAX_FILES && expanded.insert(file.key())
+    }
+
+    /// The walk rooted at `ino`, on its thread.
+    fn walk(self: &Arc<Self>, ino: u64, code: CodeQueue) {
+        // A panic here would end this walk, never a read.
+        let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.closure(ino, &code);
+        }));
+        if done.is_err() {
+            tracing::error!(ino, "looking for a program's libraries panicked");
         }
+        self.walking.fetch_sub(1, Ordering::AcqRel);
+        self.pending.fetch_sub(1, Ordering::AcqRel);
     }
 
     fn file(&self, ino: u64) -> Option<File> {
@@ -226,7 +276,7 @@ impl Shared {
         while let Ok(code) = queue.recv() {
             let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let wants: Vec<Want<'_>> = code.iter().map(|(f, r)| (f, r.clone())).collect();
-                self.bytes(&[], &wants);
+                self.bytes(&[], &wants, true);
             }));
             if done.is_err() {
                 tracing::error!("fetching libraries' code panicked");
@@ -253,6 +303,10 @@ impl Shared {
         let Some(parent) = self.tree.get(ino).and_then(|i| self.tree.get(i.parent)) else {
             return Vec::new();
         };
+        // One walk per directory takes its modules along.
+        if !crate::sync::lock(&self.module_dirs).insert(parent.ino) {
+            return Vec::new();
+        }
         let named_like_a_module =
             |name: &[u8]| name.ends_with(b".so") || name.windows(4).any(|w| w == b".so.");
         parent
@@ -264,24 +318,35 @@ impl Shared {
                 (inode.kind == Kind::Regular).then_some(child)
             })
             .take(MAX_SIBLINGS)
-            .filter(|&child| self.first_time(child))
             .filter_map(|child| self.file(child))
             .collect()
     }
 
-    /// Fetches the libraries of `ino` (and, for a module, of the other modules of its
-    /// directory), then of those, level by level.
-    fn closure(&self, ino: u64, code: &CodeQueue) {
+    /// Fetches the libraries of `ino`, then of those, level by level; for a module, the other
+    /// modules of its directory are walked too, by a wide walk of their own.
+    fn closure(self: &Arc<Self>, ino: u64, code: &CodeQueue) {
         let Some(root) = self.file(ino) else { return };
         // The reader just read the headers (cached now): a static program needs nothing,
         // and its end is not fetched.
-        let head = self.bytes(&[(&root, 0..HEAD)], &[]).pop().flatten();
-        let Some(object) = head
-            .and_then(|head| Object::parse(&head, root.size))
-            .filter(|object| object.dynamic.is_some())
+        let Some(head) = self.bytes(&[(&root, 0..HEAD)], &[], false).pop().flatten() else {
+            return;
+        };
+        let Some(object) =
+            Object::parse(&head, root.size).filter(|object| object.dynamic.is_some())
         else {
             return;
         };
+        // The kernel starts a program's interpreter (the dynamic loader) before anything
+        // else: its headers go first, alone.
+        if let Some(loader) = object
+            .interpreter_path(&head)
+            .and_then(|path| self.tree.resolve(path.as_bytes()))
+            .filter(|inode| inode.kind == Kind::Regular)
+            .and_then(|inode| self.file(inode.ino))
+        {
+            let tail = loader.size.saturating_sub(TAIL)..loader.size;
+            self.bytes(&[(&loader, 0..HEAD)], &[(&loader, tail)], false);
+        }
         let far = self
             .fetcher
             .link_bdp()
@@ -297,21 +362,63 @@ impl Shared {
                 others = siblings.len(),
                 "a program opened a module: the other modules of its directory are walked with it"
             );
+            self.walk_wide(siblings, code.clone());
         }
-        let mut level = vec![root];
-        level.extend(siblings);
+        self.levels(vec![root], code, false);
+    }
+
+    /// Walks the other modules of a directory on a thread of its own. Its requests are
+    /// guesses: they wait in line for the link behind what the program waits for (the walk
+    /// rooted where it is), and the program promotes those it comes to wait for.
+    fn walk_wide(self: &Arc<Self>, modules: Vec<File>, code: CodeQueue) {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        let walker = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("loader-prefetch".into())
+            .spawn(move || {
+                let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    walker.levels(modules, &code, true);
+                }));
+                if done.is_err() {
+                    tracing::error!("looking for modules' libraries panicked");
+                }
+                walker.pending.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(err) = spawned {
+            tracing::warn!(%err, "no thread to walk a directory's modules");
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// The walk from `level`, level by level (`wide`: its requests are guesses in line).
+    fn levels(&self, mut level: Vec<File>, code: &CodeQueue, wide: bool) {
+        // What this walk looked at: each file once (another walk may look at it too).
+        let mut visited: HashSet<(usize, usize)> = level.iter().map(File::key).collect();
         for _ in 0..MAX_DEPTH {
             if level.is_empty() {
                 return;
             }
-            level = self.next_level(&level, code);
+            level = self.next_level(&level, code, &mut visited, wide);
         }
     }
 
     /// For each of `files`: its headers (and its end), then its dynamic section with its
     /// first and writable segments, then the names of its libraries, each step one fetch for
     /// all of them. The libraries found, not looked at before.
-    fn next_level(&self, files: &[File], code: &CodeQueue) -> Vec<File> {
+    fn next_level(
+        &self,
+        files: &[File],
+        code: &CodeQueue,
+        visited: &mut HashSet<(usize, usize)>,
+        wide: bool,
+    ) -> Vec<File> {
+        // A file whose libraries a walk looked for already is left to that walk.
+        let files: Vec<File> = files
+            .iter()
+            .filter(|f| self.first_expansion(f))
+            .cloned()
+            .collect();
+        let files = &files[..];
         let heads: Vec<Want<'_>> = files.iter().map(|f| (f, 0..HEAD)).collect();
         // The dynamic section is in the writable segment, which linkers put last: fetched
         // with the headers, the next step usually finds it cached and costs no round trip.
@@ -319,7 +426,7 @@ impl Shared {
             .iter()
             .map(|f| (f, f.size.saturating_sub(TAIL)..f.size))
             .collect();
-        let heads = self.bytes(&heads, &tails);
+        let heads = self.bytes(&heads, &tails, wide);
         let objects: Vec<(&File, Object)> = files
             .iter()
             .zip(heads)
@@ -343,9 +450,7 @@ impl Shared {
                     .map(|s| (*f, s.offset..s.offset + s.file_size.min(SEGMENT))),
             );
         }
-        let fetched = self.bytes(&dynamics, &segments);
-        // The walk's own bytes first: the code goes beside the next steps.
-        self.hand_over_code(&objects, code);
+        let fetched = self.bytes(&dynamics, &[], wide);
         let parsed: Vec<(&File, &Object, Dynamic)> = objects
             .iter()
             .filter(|(_, o)| o.dynamic.is_some())
@@ -363,7 +468,12 @@ impl Shared {
             })
             .collect();
         let wanted: Vec<Want<'_>> = tables.iter().flatten().map(|(w, _)| w.clone()).collect();
-        let mut fetched = self.bytes(&wanted, &[]).into_iter();
+        let mut fetched = self.bytes(&wanted, &[], wide).into_iter();
+        // The walk's own bytes first. The segments and the code are only warmed, not waited
+        // for: the walk goes on to the next level, whose headers, smaller, take their turn on
+        // the link before them.
+        self.warm(&segments);
+        self.hand_over_code(&objects, code);
         let mut next = Vec::new();
         for ((f, object, dynamic), table) in parsed.iter().zip(&tables) {
             let Some((_, first)) = table else { continue };
@@ -381,8 +491,8 @@ impl Shared {
                     (inode.kind == Kind::Regular).then_some(inode.ino)
                 });
                 if let Some(file) = found
-                    .filter(|&ino| self.first_time(ino))
                     .and_then(|ino| self.file(ino))
+                    .filter(|f| visited.len() < MAX_FILES && visited.insert(f.key()))
                 {
                     next.push(file);
                 }
@@ -463,11 +573,26 @@ impl Shared {
         })
     }
 
+    /// Starts fetching the chunks of `wants` into the cache (guesses, on a thread of their
+    /// own) and returns at once.
+    fn warm(&self, wants: &[Want<'_>]) {
+        let mut unique = HashSet::new();
+        let chunks: Vec<(Digest, crate::image::estargz::Chunk)> = wants
+            .iter()
+            .flat_map(|w| self.chunks_of(w))
+            .filter(|c| unique.insert((c.blob, c.chunk.blob_offset)))
+            .map(|c| (c.blob, c.chunk.clone()))
+            .collect();
+        self.fetcher
+            .guess(chunks, Instant::now() + self.deadline, true);
+    }
+
     /// Fetches the chunks of `wants` and of `warm` together (read-around fetches, beside
     /// any reader's, in batches of at most [`BATCH`] bytes so that no fetch holds the
-    /// memory budget readers need), then returns the bytes of each of `wants`; `None` for
-    /// one that could not be fetched.
-    fn bytes(&self, wants: &[Want<'_>], warm: &[Want<'_>]) -> Vec<Option<Vec<u8>>> {
+    /// memory budget readers need; `guesses`: in line for the link, as a wide walk's and
+    /// the code thread's are), then returns the bytes of each of `wants`; `None` for one
+    /// that could not be fetched.
+    fn bytes(&self, wants: &[Want<'_>], warm: &[Want<'_>], guesses: bool) -> Vec<Option<Vec<u8>>> {
         type Key = (Digest, u64);
         let key = |c: &ChunkRef<'_>| (c.blob, c.chunk.blob_offset);
         let wanted: HashSet<Key> = wants
@@ -487,7 +612,12 @@ impl Shared {
         let mut got: HashMap<Key, Arc<Vec<u8>>> = HashMap::new();
         let mut fetch = |batch: &[ChunkRef<'_>]| {
             // A failed batch costs only its chunks: readers fetch them.
-            if let Ok(data) = self.fetcher.get(batch, Priority::ReadAround, deadline) {
+            let data = if guesses {
+                self.fetcher.get_guessed(batch, deadline)
+            } else {
+                self.fetcher.get(batch, Priority::ReadAround, deadline)
+            };
+            if let Ok(data) = data {
                 for (c, unit) in batch.iter().zip(data) {
                     if wanted.contains(&key(c)) {
                         got.insert(key(c), unit);
@@ -740,16 +870,15 @@ mod tests {
             read_head(&fs, &format!("/lib/x86_64-linux-gnu/{lib}"));
         }
         assert_eq!(source.ranges.load(Ordering::SeqCst), requests);
-        // Each library is looked at once: reading them again queues nothing.
-        assert_eq!(
+        // Each library's libraries are looked for once: the walks those reads root find every
+        // file claimed by the first walk and fetch nothing.
+        assert!(
             fs.loader
                 .as_ref()
                 .expect("the loader prefetch is on")
-                .shared
-                .pending
-                .load(Ordering::SeqCst),
-            0
+                .wait_idle(Duration::from_secs(30))
         );
+        assert_eq!(source.ranges.load(Ordering::SeqCst), requests);
         let _ = std::fs::remove_dir_all(dir);
     }
 
@@ -797,10 +926,16 @@ mod tests {
             assert!(fetched(&fs, &format!("/{LIBS}/{lib}"), 0..4096), "{lib}");
         }
         assert!(!fetched(&fs, &format!("/{MODULES}notes.txt"), 0..12));
-        // The program then opens b: nothing more to look at.
+        // The program then opens b: the wide walk looked for its libraries already, so the
+        // walk rooted at it has nothing to fetch.
+        let requests = fs.fetcher.stats.requests.load(Ordering::SeqCst);
         read_head(&fs, &format!("/{MODULES}b.so"));
         let loader = fs.loader.as_ref().expect("the loader prefetch is on");
-        assert_eq!(loader.shared.pending.load(Ordering::SeqCst), 0);
+        assert!(
+            loader.wait_idle(Duration::from_secs(60)),
+            "the prefetch went idle"
+        );
+        assert_eq!(fs.fetcher.stats.requests.load(Ordering::SeqCst), requests);
         let _ = std::fs::remove_dir_all(&dir);
 
         // A library read from a directory the loader searches brings no neighbours: libz,
