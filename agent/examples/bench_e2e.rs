@@ -455,6 +455,10 @@ async fn cold_start(
     if let Some(agent) = agent {
         let text = agent.log_text();
         agent.stop();
+        if std::env::var_os("IMGSTREAM_BENCH_KEEP").is_some() {
+            let kept = dir.with_extension("log");
+            std::fs::write(&kept, &text).with_context(|| format!("keeping {}", kept.display()))?;
+        }
         if setup.tag == "plain" && !text.contains("streamed through its span index") {
             bail!("imgstream did not stream the unconverted image through its span index");
         }
