@@ -756,6 +756,17 @@ mod tests {
                 std::fs::read(&seed).expect("a committed seed"),
             ));
         }
+        image_of(runtime, dir, entries, loader_prefetch, link)
+    }
+
+    /// An image of `entries` (their sizes set here) behind `link`.
+    fn image_of(
+        runtime: &tokio::runtime::Runtime,
+        dir: &std::path::Path,
+        mut entries: Vec<(Header, Vec<u8>)>,
+        loader_prefetch: bool,
+        link: Link,
+    ) -> (ImageFs, Arc<MemoryBlobs>) {
         for (h, data) in &mut entries {
             h.size = data.len() as u64;
         }
@@ -799,6 +810,58 @@ mod tests {
             },
         );
         (fs, source)
+    }
+
+    #[test]
+    fn a_programs_interpreter_is_fetched_before_its_loader_asks() {
+        let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+        let interpreter =
+            std::fs::read("/lib64/ld-linux-x86-64.so.2").expect("this machine's dynamic loader");
+        let entries = || {
+            vec![
+                (Header::new("usr/", TarKind::Directory), Vec::new()),
+                (Header::new("usr/bin/", TarKind::Directory), Vec::new()),
+                file(
+                    "usr/bin/ls",
+                    std::fs::read("/usr/bin/ls").expect("this machine's ls"),
+                ),
+                (Header::new("usr/lib/", TarKind::Directory), Vec::new()),
+                (
+                    Header::new(&format!("{LIBS}/"), TarKind::Directory),
+                    Vec::new(),
+                ),
+                file(&format!("{LIBS}/ld-linux-x86-64.so.2"), interpreter.clone()),
+                // ls names `/lib64/ld-linux-x86-64.so.2`, a symlink as on Debian.
+                (Header::new("lib64/", TarKind::Directory), Vec::new()),
+                symlink(
+                    "lib64/ld-linux-x86-64.so.2",
+                    &format!("/{LIBS}/ld-linux-x86-64.so.2"),
+                ),
+            ]
+        };
+        let interp = format!("/{LIBS}/ld-linux-x86-64.so.2");
+        for on in [true, false] {
+            let dir = std::env::temp_dir().join(format!(
+                "imgstream-loader-interp-{on}-{}",
+                std::process::id()
+            ));
+            let (fs, source) = image_of(&runtime, &dir, entries(), on, Link::Local);
+            read_head(&fs, "/usr/bin/ls");
+            if let Some(loader) = fs.loader.as_ref() {
+                assert!(loader.wait_idle(Duration::from_secs(30)));
+            }
+            fs.fetcher.flush_cache_writes();
+            // ls needs no library of this image: the interpreter is all the walk fetches.
+            assert_eq!(fetched(&fs, &interp, 0..4096), on, "loader prefetch {on}");
+            let requests = source.ranges.load(Ordering::SeqCst);
+            read_head(&fs, "/lib64/ld-linux-x86-64.so.2");
+            assert_eq!(
+                source.ranges.load(Ordering::SeqCst) - requests,
+                usize::from(!on),
+                "the kernel's read of the interpreter"
+            );
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 
     /// Whether every chunk of `path` from `range` is cached (in memory or on disk).
