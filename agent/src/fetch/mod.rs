@@ -153,7 +153,7 @@ enum Admission {
 
 /// Bytes (compressed and decompressed, as the budget counts) one fetch of guesses holds at
 /// most.
-const GUESS_BATCH: u64 = 24 << 20;
+pub(crate) const GUESS_BATCH: u64 = 24 << 20;
 /// Bytes of verified chunks the fetcher keeps in memory at most (within the agent's budget,
 /// which all fetchers share).
 const RECENT_BYTES: usize = 16 << 20;

@@ -77,8 +77,6 @@ const HEAD: u64 = 4096;
 const TAIL: u64 = 64 << 10;
 /// Bytes of an object's first and writable segments fetched at most.
 const SEGMENT: u64 = 1 << 20;
-/// Bytes one fetch holds at most (compressed and decompressed, as the budget counts).
-const BATCH: u64 = 24 << 20;
 /// Levels of libraries of libraries followed at most.
 const MAX_DEPTH: usize = 16;
 /// Directories of one `DT_RUNPATH` taken at most.
@@ -588,10 +586,10 @@ impl Shared {
     }
 
     /// Fetches the chunks of `wants` and of `warm` together (read-around fetches, beside
-    /// any reader's, in batches of at most [`BATCH`] bytes so that no fetch holds the
-    /// memory budget readers need; `guesses`: in line for the link, as a wide walk's and
-    /// the code thread's are), then returns the bytes of each of `wants`; `None` for one
-    /// that could not be fetched.
+    /// any reader's, in batches of at most [`crate::fetch::GUESS_BATCH`] bytes so that no
+    /// fetch holds the memory budget readers need; `guesses`: in line for the link, as a
+    /// wide walk's and the code thread's are), then returns the bytes of each of `wants`;
+    /// `None` for one that could not be fetched.
     fn bytes(&self, wants: &[Want<'_>], warm: &[Want<'_>], guesses: bool) -> Vec<Option<Vec<u8>>> {
         type Key = (Digest, u64);
         let key = |c: &ChunkRef<'_>| (c.blob, c.chunk.blob_offset);
@@ -629,7 +627,7 @@ impl Shared {
         let mut batch_bytes = 0;
         for c in all {
             let bytes = c.chunk.unit_len() + (c.chunk.blob_end - c.chunk.blob_offset);
-            if !batch.is_empty() && batch_bytes + bytes > BATCH {
+            if !batch.is_empty() && batch_bytes + bytes > crate::fetch::GUESS_BATCH {
                 fetch(&batch);
                 batch.clear();
                 batch_bytes = 0;
