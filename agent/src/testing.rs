@@ -9,7 +9,7 @@ use std::{
     path::Path,
     sync::{
         Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -219,6 +219,8 @@ pub(crate) fn plain_descriptor(blob: &[u8]) -> Descriptor {
 pub(crate) struct MemoryBlobs {
     blobs: HashMap<Digest, Vec<u8>>,
     pub ranges: AtomicUsize,
+    /// The most bytes one range request asked for.
+    pub largest: AtomicU64,
     pub delay: Duration,
     /// Bytes per second of the link all answers share, one after another (none: no limit),
     /// and when it is next free.
@@ -293,6 +295,8 @@ impl BlobSource for MemoryBlobs {
 
     async fn read_range(&self, digest: &Digest, range: Range<u64>) -> Result<Bytes, RegistryError> {
         self.ranges.fetch_add(1, Ordering::SeqCst);
+        self.largest
+            .fetch_max(range.end.saturating_sub(range.start), Ordering::SeqCst);
         tokio::time::sleep(self.delay).await;
         if let Some((rate, free)) = &self.link {
             let sent = {

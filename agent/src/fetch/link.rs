@@ -10,7 +10,11 @@
 //! libraries) while the walk's next step waited for a library's 100 KB head and readers'
 //! own misses for theirs: 0.1-0.3 s each where the round trip is 0.05 s. A window of a few
 //! bandwidth-delay products still keeps the link full. Guesses go in the order they were
-//! made (a level's segments before its code, as the loader touches them); a reader that
+//! made (a level's segments before its code, as the loader touches them), except that the
+//! small requests a wide walk waits on before it can look further (a module's headers, its
+//! dynamic section, its libraries' names) go ahead of every bulk guess ([`Line::Front`]): a
+//! 50 ms trace had PHP's module walk behind megabytes of code in line, and the program
+//! reaching libraries (abseil's, one after another) that no walk had found yet. A reader that
 //! comes to wait for a guess still in line promotes it ([`LinkGate::promote`]). On a near
 //! link (loopback, a registry next door) nothing waits: an answer's wait there is its own
 //! transfer, and holding a reader's read-around back only slows it. The background download
@@ -33,6 +37,16 @@ pub(super) const MIN_WINDOW: u64 = 512 << 10;
 /// A link whose bandwidth-delay product is below this has no round trip to speak of (5 ms
 /// at 100 Mbit/s): guesses are not held back there.
 pub(super) const NEAR: u64 = 64 << 10;
+
+/// Where a guess waits in line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Line {
+    /// Small requests a walk waits on before it can look further: ahead of every bulk guess,
+    /// in their order.
+    Front,
+    /// Bulk guesses (read-around windows, warmed segments, code), in their order.
+    Back,
+}
 
 /// Bytes in flight, and the guesses waiting for their turn.
 #[derive(Debug)]
@@ -60,6 +74,7 @@ impl State {
 struct Waiter {
     ticket: u64,
     bytes: u64,
+    line: Line,
     wake: oneshot::Sender<()>,
 }
 
@@ -149,6 +164,15 @@ impl LinkGate {
         self.window.store(window, Ordering::Release);
     }
 
+    /// The largest guess asked for in one request: half the window (no bound where the
+    /// window has none).
+    pub(super) fn largest_guess(&self) -> u64 {
+        match self.window.load(Ordering::Acquire) {
+            u64::MAX => u64::MAX,
+            window => window / 2,
+        }
+    }
+
     /// A request that does not wait (a reader's, or one a walk is waiting on): it goes now,
     /// and its bytes count, so that guesses wait for it.
     pub(super) fn enter(self: &Arc<Self>, bytes: u64) -> Turn {
@@ -159,14 +183,20 @@ impl LinkGate {
         }
     }
 
-    /// Puts a guess of `bytes` in line: it goes at once while the window has room and no
-    /// guess is waiting, else after those before it.
-    pub(super) fn queue(self: &Arc<Self>, bytes: u64) -> Queued {
+    /// Puts a guess of `bytes` in `line`: it goes at once while the window has room and no
+    /// guess it would pass is waiting, else after those before it (a [`Line::Front`] guess
+    /// after the other front ones only).
+    pub(super) fn queue(self: &Arc<Self>, bytes: u64, line: Line) -> Queued {
         let window = self.window.load(Ordering::Acquire);
         let mut state = crate::sync::lock(&self.state);
         state.tickets += 1;
         let ticket = state.tickets;
-        if state.waiting.is_empty() && state.fits(bytes, window) {
+        // Where it waits: behind every guess of its line or before it.
+        let place = match line {
+            Line::Front => state.waiting.partition_point(|w| w.line == Line::Front),
+            Line::Back => state.waiting.len(),
+        };
+        if place == 0 && state.fits(bytes, window) {
             state.in_flight += bytes;
             return Queued {
                 ticket,
@@ -177,11 +207,15 @@ impl LinkGate {
             };
         }
         let (tx, rx) = oneshot::channel();
-        state.waiting.push_back(Waiter {
-            ticket,
-            bytes,
-            wake: tx,
-        });
+        state.waiting.insert(
+            place,
+            Waiter {
+                ticket,
+                bytes,
+                line,
+                wake: tx,
+            },
+        );
         Queued {
             ticket,
             state: Queue::Waiting(Pending {
@@ -252,7 +286,7 @@ mod tests {
             // A reader's request counts, and nothing else fits beside it...
             let (order_tx, mut order) = tokio::sync::mpsc::unbounded_channel();
             let spawn = |bytes: u64, name: &'static str| {
-                let queued = gate.queue(bytes);
+                let queued = gate.queue(bytes, Line::Back);
                 let order_tx = order_tx.clone();
                 tokio::spawn(async move {
                     let turn = queued.turn().await;
@@ -285,13 +319,61 @@ mod tests {
     }
 
     #[test]
+    fn a_walks_requests_go_ahead_of_bulk_guesses_in_their_own_order() {
+        runtime().block_on(async {
+            let gate = Arc::new(LinkGate::new());
+            gate.set_window(Some(NEAR)); // window: MIN_WINDOW
+            let reader = gate.enter(MIN_WINDOW);
+            let (order_tx, mut order) = tokio::sync::mpsc::unbounded_channel();
+            // Each fills more than half the window: they go one at a time.
+            let spawn = |line: Line, name: &'static str| {
+                let queued = gate.queue(300 << 10, line);
+                let order_tx = order_tx.clone();
+                tokio::spawn(async move {
+                    let turn = queued.turn().await;
+                    order_tx.send(name).expect("the test listens");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    drop(turn);
+                })
+            };
+            let tasks = [
+                spawn(Line::Back, "code"),
+                spawn(Line::Front, "first head"),
+                spawn(Line::Back, "segment"),
+                spawn(Line::Front, "second head"),
+            ];
+            tokio::task::yield_now().await;
+            drop(reader);
+            for expected in ["first head", "second head", "code", "segment"] {
+                assert_eq!(order.recv().await, Some(expected));
+            }
+            for task in tasks {
+                task.await.expect("no panic");
+            }
+            // A front request that fits goes at once, even past a bulk guess that does not.
+            let ahead = gate.queue(300 << 10, Line::Back).turn().await;
+            let bulk = gate.queue(300 << 10, Line::Back);
+            assert!(matches!(bulk.state, Queue::Waiting(_)), "no room for it");
+            let head = gate.queue(100 << 10, Line::Front);
+            assert!(matches!(head.state, Queue::Now(_)), "room for this one");
+            // Nothing passes a front request waiting, however small.
+            let second = gate.queue(200 << 10, Line::Front);
+            assert!(matches!(second.state, Queue::Waiting(_)));
+            let small = gate.queue(1, Line::Back);
+            assert!(matches!(small.state, Queue::Waiting(_)));
+            drop((ahead, bulk, head, second, small));
+            assert_eq!(gate.in_flight(), 0);
+        });
+    }
+
+    #[test]
     fn a_promoted_guess_goes_at_once() {
         runtime().block_on(async {
             let gate = Arc::new(LinkGate::new());
             gate.set_window(Some(NEAR));
-            let ahead = gate.queue(MIN_WINDOW).turn().await;
-            let behind = gate.queue(MIN_WINDOW);
-            let promoted = gate.queue(MIN_WINDOW);
+            let ahead = gate.queue(MIN_WINDOW, Line::Back).turn().await;
+            let behind = gate.queue(MIN_WINDOW, Line::Back);
+            let promoted = gate.queue(MIN_WINDOW, Line::Back);
             gate.promote(promoted.ticket());
             let turn = tokio::time::timeout(Duration::from_secs(5), promoted.turn())
                 .await
@@ -313,16 +395,16 @@ mod tests {
         runtime().block_on(async {
             let gate = Arc::new(LinkGate::new());
             gate.set_window(Some(1 << 20)); // window: 2 MiB
-            let huge = gate.queue(8 << 20).turn().await;
+            let huge = gate.queue(8 << 20, Line::Back).turn().await;
             assert_eq!(gate.in_flight(), 8 << 20);
             drop(huge);
             gate.set_window(Some(NEAR - 1));
-            let a = gate.queue(64 << 20).turn().await;
-            let b = gate.queue(64 << 20).turn().await;
+            let a = gate.queue(64 << 20, Line::Back).turn().await;
+            let b = gate.queue(64 << 20, Line::Back).turn().await;
             drop((a, b));
             gate.set_window(None);
-            let a = gate.queue(64 << 20).turn().await;
-            let b = gate.queue(64 << 20).turn().await;
+            let a = gate.queue(64 << 20, Line::Back).turn().await;
+            let b = gate.queue(64 << 20, Line::Back).turn().await;
             assert_eq!(gate.in_flight(), 128 << 20);
             drop((a, b));
             assert_eq!(gate.in_flight(), 0);
@@ -334,10 +416,12 @@ mod tests {
         runtime().block_on(async {
             let gate = Arc::new(LinkGate::new());
             gate.set_window(Some(NEAR));
-            let first = gate.queue(MIN_WINDOW).turn().await;
-            let gave_up =
-                tokio::time::timeout(Duration::from_millis(10), gate.queue(MIN_WINDOW).turn())
-                    .await;
+            let first = gate.queue(MIN_WINDOW, Line::Back).turn().await;
+            let gave_up = tokio::time::timeout(
+                Duration::from_millis(10),
+                gate.queue(MIN_WINDOW, Line::Back).turn(),
+            )
+            .await;
             assert!(
                 gave_up.is_err(),
                 "no room: the second waits out its deadline"

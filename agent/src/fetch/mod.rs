@@ -26,6 +26,7 @@ pub mod journal;
 pub mod layer;
 pub mod learn;
 mod link;
+pub use link::Line;
 pub mod prefetch;
 mod priority;
 pub mod readaround;
@@ -289,7 +290,7 @@ impl Fetcher {
         priority: Priority,
         deadline: Instant,
     ) -> Result<Vec<Arc<Vec<u8>>>, FetchError> {
-        let result = self.get_by(chunks, priority, deadline, None, false);
+        let result = self.get_by(chunks, priority, deadline, None, None);
         if let Err(FetchError::Deadline(_)) = &result {
             self.count(|s| &s.deadline_exceeded, 1);
         }
@@ -297,13 +298,15 @@ impl Fetcher {
     }
 
     /// [`Fetcher::get`] for guesses the caller waits for (read-around priority): they take
-    /// their turn on the link behind the requests readers and narrower guesses wait for.
+    /// their turn on the link, in `line`, behind the requests readers and narrower guesses
+    /// wait for.
     pub fn get_guessed(
         &self,
         chunks: &[ChunkRef<'_>],
         deadline: Instant,
+        line: Line,
     ) -> Result<Vec<Arc<Vec<u8>>>, FetchError> {
-        let result = self.get_by(chunks, Priority::ReadAround, deadline, None, true);
+        let result = self.get_by(chunks, Priority::ReadAround, deadline, None, Some(line));
         if let Err(FetchError::Deadline(_)) = &result {
             self.count(|s| &s.deadline_exceeded, 1);
         }
@@ -323,7 +326,7 @@ impl Fetcher {
             Priority::OnDemand,
             deadline,
             Some((self, layer, file)),
-            false,
+            None,
         );
         if let Err(FetchError::Deadline(_)) = &result {
             self.count(|s| &s.deadline_exceeded, 1);
@@ -358,7 +361,7 @@ impl Fetcher {
         priority: Priority,
         deadline: Instant,
         around: Option<(&Arc<Self>, &RemoteLayer, usize)>,
-        guesses: bool,
+        line: Option<Line>,
     ) -> Result<Vec<Arc<Vec<u8>>>, FetchError> {
         if let Some(blob) = self.quarantined_among(chunks) {
             return Err(FetchError::Quarantined { blob });
@@ -416,7 +419,7 @@ impl Fetcher {
         if !mine.is_empty() {
             let wanted: Vec<&ChunkRef<'_>> = mine.iter().map(|(i, _)| &chunks[*i]).collect();
             let flights: Vec<&Arc<Inflight>> = mine.iter().map(|(_, f)| f).collect();
-            let results = self.fetch_runs(&wanted, &flights, deadline, priority, guesses);
+            let results = self.fetch_runs(&wanted, &flights, deadline, priority, line);
             for ((i, _), result) in mine.iter().zip(results) {
                 out[*i] = Some(result?);
             }
@@ -430,7 +433,7 @@ impl Fetcher {
                 // Read-around guessed, and its request failed: this reader still needs the
                 // chunk, and asks for it itself.
                 Err(_) if flight.guessed() && Instant::now() < deadline => self
-                    .get_by(&chunks[i..=i], priority, deadline, None, false)?
+                    .get_by(&chunks[i..=i], priority, deadline, None, None)?
                     .remove(0),
                 Err(e) => return Err(e),
             });
@@ -525,7 +528,6 @@ impl Fetcher {
         self.guess(
             around.into_iter().map(|c| (blob, c.clone())).collect(),
             deadline,
-            true,
         );
     }
 
@@ -533,13 +535,9 @@ impl Fetcher {
     /// priority): readers that want them meanwhile wait for these flights, and fetch for
     /// themselves what fails. Chunks cached or in flight are left out; the rest go in
     /// batches of at most [`GUESS_BATCH`] bytes, so that no fetch holds the memory budget
-    /// readers need. `in_line`: they wait for their turn on the link ([`link`]).
-    pub(crate) fn guess(
-        self: &Arc<Self>,
-        chunks: Vec<(Digest, Chunk)>,
-        deadline: Instant,
-        in_line: bool,
-    ) {
+    /// readers need. They wait for their turn on the link at the back of the line
+    /// ([`link`]).
+    pub(crate) fn guess(self: &Arc<Self>, chunks: Vec<(Digest, Chunk)>, deadline: Instant) {
         let candidates: Vec<(Digest, Chunk)> = chunks
             .into_iter()
             .filter(|(_, c)| {
@@ -589,7 +587,13 @@ impl Fetcher {
                     let wanted: Vec<&ChunkRef<'_>> = refs[start..end].iter().collect();
                     let flights: Vec<&Arc<Inflight>> =
                         guessed[start..end].iter().map(|(_, _, f)| f).collect();
-                    this.fetch_runs(&wanted, &flights, deadline, Priority::ReadAround, in_line);
+                    this.fetch_runs(
+                        &wanted,
+                        &flights,
+                        deadline,
+                        Priority::ReadAround,
+                        Some(Line::Back),
+                    );
                     start = end;
                 }
             });
@@ -614,7 +618,7 @@ impl Fetcher {
         flights: &[&Arc<Inflight>],
         deadline: Instant,
         priority: Priority,
-        guesses: bool,
+        line: Option<Line>,
     ) -> Vec<Result<Arc<Vec<u8>>, FetchError>> {
         debug_assert_eq!(wanted.len(), flights.len());
         // One lease for everything this fetch holds at once, compressed and decompressed;
@@ -643,6 +647,14 @@ impl Fetcher {
             );
             return results;
         };
+        if line.is_some() {
+            self.link.set_window(self.link_bdp());
+        }
+        // A guess in line is asked for in pieces of at most half the window, so that one
+        // large guess (a library's code, a long read-around) does not hold the link for
+        // everything in line behind it: a walk's next request gets the room the first piece
+        // leaves.
+        let largest = line.map_or(u64::MAX, |_| self.link.largest_guess());
         // Runs, as ranges of `wanted`.
         let mut runs: Vec<Range<usize>> = Vec::new();
         let mut i = 0;
@@ -651,6 +663,11 @@ impl Fetcher {
             while j + 1 < wanted.len()
                 && wanted[j + 1].blob == wanted[j].blob
                 && wanted[j + 1].chunk.follows(wanted[j].chunk)
+                && wanted[j + 1]
+                    .chunk
+                    .blob_end
+                    .saturating_sub(wanted[i].chunk.blob_offset)
+                    <= largest
             {
                 j += 1;
             }
@@ -683,16 +700,13 @@ impl Fetcher {
         // Guesses take their turn on the link; readers' requests, and those a walk waits on,
         // go at once and count, so that guesses wait for them (the background download
         // yields to readers on its own).
-        if guesses {
-            self.link.set_window(self.link_bdp());
-        }
         let admissions: Vec<Admission> = runs
             .iter()
             .zip(&requests)
-            .map(|(run, &(_, start, end))| match priority {
-                Priority::Background => Admission::Free,
-                _ if guesses => {
-                    let queued = self.link.queue(end - start);
+            .map(|(run, &(_, start, end))| match (priority, line) {
+                (Priority::Background, _) => Admission::Free,
+                (_, Some(line)) => {
+                    let queued = self.link.queue(end - start, line);
                     for flight in &flights[run.clone()] {
                         flight.set_ticket(queued.ticket());
                     }

@@ -313,6 +313,66 @@ fn a_miss_over_a_distant_link_fetches_the_files_after_it_beside_it() {
 }
 
 #[test]
+fn a_large_guess_in_line_is_asked_for_in_pieces_of_half_the_window() {
+    // 50 ms away at the assumed 100 Mbit/s: a bandwidth-delay product of 625 KB, a window
+    // of two, pieces of one. A file of 3 MiB that does not compress, in 24 chunks adjacent
+    // in the blob.
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let data: Vec<u8> = (0..3 << 20)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    let entries = [(Header::new("big", Kind::Regular), data)];
+    let (blob, _) = estargz_layer(&entries, 128 << 10, false);
+    let (index, _) = layer_index(&blob, None).expect("an index");
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let source = Arc::new(
+        MemoryBlobs::default()
+            .with_digest(the_blob(), blob)
+            .far(Duration::from_millis(50)),
+    );
+    let (dir, cache) = scratch_cache("fetch-guess-pieces");
+    let fetcher = Arc::new(Fetcher::new(
+        runtime.handle().clone(),
+        source.clone(),
+        cache,
+    ));
+    let chunks: Vec<(Digest, Chunk)> = index
+        .nodes
+        .iter()
+        .flat_map(|n| n.chunks.iter().map(|c| (the_blob(), c.clone())))
+        .collect();
+    let compressed: u64 = chunks.iter().map(|(_, c)| c.blob_end - c.blob_offset).sum();
+    assert!(compressed > 3_000_000, "the data does not compress");
+    fetcher.guess(chunks.clone(), Instant::now() + Duration::from_secs(10));
+    let until = Instant::now() + Duration::from_secs(10);
+    while !fetcher.nothing_in_flight() {
+        assert!(Instant::now() < until, "the guesses landed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let largest = source.largest.load(Ordering::SeqCst);
+    assert!(largest <= 625_000, "one request asked for {largest} bytes");
+    assert!(source.ranges.load(Ordering::SeqCst) >= 5);
+    // All of it was fetched: reading it back asks for nothing more.
+    let asked = source.ranges.load(Ordering::SeqCst);
+    let refs: Vec<ChunkRef<'_>> = chunks
+        .iter()
+        .map(|(blob, chunk)| ChunkRef { blob: *blob, chunk })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    fetcher
+        .get(&refs, Priority::OnDemand, deadline)
+        .expect("all of it, from the cache");
+    assert_eq!(source.ranges.load(Ordering::SeqCst), asked);
+    drop(fetcher);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn without_a_network_in_between_a_miss_fetches_only_its_own_chunks() {
     let t = TenFiles::new("fetch-no-read-around", None);
     for i in 0..3u8 {

@@ -62,7 +62,7 @@ use std::{
 
 use super::tree::{Kind, Tree};
 use crate::{
-    fetch::{ChunkRef, Fetcher, Priority, layer::RemoteLayer},
+    fetch::{ChunkRef, Fetcher, Line, Priority, layer::RemoteLayer},
     image::elf::{self, Dynamic, Object},
     oci::digest::Digest,
 };
@@ -417,6 +417,11 @@ impl Shared {
             .cloned()
             .collect();
         let files = &files[..];
+        if tracing::enabled!(target: "imgstream::reads", tracing::Level::TRACE) {
+            for f in files {
+                tracing::trace!(target: "imgstream::reads", path = self.path(f), wide, "walk looks at");
+            }
+        }
         let heads: Vec<Want<'_>> = files.iter().map(|f| (f, 0..HEAD)).collect();
         // The dynamic section is in the writable segment, which linkers put last: fetched
         // with the headers, the next step usually finds it cached and costs no round trip.
@@ -581,8 +586,7 @@ impl Shared {
             .filter(|c| unique.insert((c.blob, c.chunk.blob_offset)))
             .map(|c| (c.blob, c.chunk.clone()))
             .collect();
-        self.fetcher
-            .guess(chunks, Instant::now() + self.deadline, true);
+        self.fetcher.guess(chunks, Instant::now() + self.deadline);
     }
 
     /// Fetches the chunks of `wants` and of `warm` together (read-around fetches, beside
@@ -611,7 +615,14 @@ impl Shared {
         let mut fetch = |batch: &[ChunkRef<'_>]| {
             // A failed batch costs only its chunks: readers fetch them.
             let data = if guesses {
-                self.fetcher.get_guessed(batch, deadline)
+                // A walk waits on what it wants to look further: ahead of the bulk; the
+                // code thread's (nothing wanted) behind it.
+                let line = if wanted.is_empty() {
+                    Line::Back
+                } else {
+                    Line::Front
+                };
+                self.fetcher.get_guessed(batch, deadline, line)
             } else {
                 self.fetcher.get(batch, Priority::ReadAround, deadline)
             };
