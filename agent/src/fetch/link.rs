@@ -277,6 +277,24 @@ mod tests {
             .expect("a runtime for the test")
     }
 
+    /// Queues a guess of `bytes` in `line` and a task that, once it has its turn, says
+    /// `name` on `order` and holds the turn for 10 ms.
+    fn in_line(
+        gate: &Arc<LinkGate>,
+        (bytes, line): (u64, Line),
+        name: &'static str,
+        order: &tokio::sync::mpsc::UnboundedSender<&'static str>,
+    ) -> tokio::task::JoinHandle<()> {
+        let queued = gate.queue(bytes, line);
+        let order = order.clone();
+        tokio::spawn(async move {
+            let turn = queued.turn().await;
+            order.send(name).expect("the test listens");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            drop(turn);
+        })
+    }
+
     #[test]
     fn guesses_wait_for_room_in_the_window_in_their_order_and_others_never_wait() {
         runtime().block_on(async {
@@ -285,16 +303,7 @@ mod tests {
             let reader = gate.enter(MIN_WINDOW);
             // A reader's request counts, and nothing else fits beside it...
             let (order_tx, mut order) = tokio::sync::mpsc::unbounded_channel();
-            let spawn = |bytes: u64, name: &'static str| {
-                let queued = gate.queue(bytes, Line::Back);
-                let order_tx = order_tx.clone();
-                tokio::spawn(async move {
-                    let turn = queued.turn().await;
-                    order_tx.send(name).expect("the test listens");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    drop(turn);
-                })
-            };
+            let spawn = |bytes, name| in_line(&gate, (bytes, Line::Back), name, &order_tx);
             let first = spawn(450 << 10, "first");
             let second = spawn(100 << 10, "second");
             let third = spawn(100 << 10, "third");
@@ -326,16 +335,7 @@ mod tests {
             let reader = gate.enter(MIN_WINDOW);
             let (order_tx, mut order) = tokio::sync::mpsc::unbounded_channel();
             // Each fills more than half the window: they go one at a time.
-            let spawn = |line: Line, name: &'static str| {
-                let queued = gate.queue(300 << 10, line);
-                let order_tx = order_tx.clone();
-                tokio::spawn(async move {
-                    let turn = queued.turn().await;
-                    order_tx.send(name).expect("the test listens");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    drop(turn);
-                })
-            };
+            let spawn = |line, name| in_line(&gate, (300 << 10, line), name, &order_tx);
             let tasks = [
                 spawn(Line::Back, "code"),
                 spawn(Line::Front, "first head"),
