@@ -290,11 +290,7 @@ impl Fetcher {
         priority: Priority,
         deadline: Instant,
     ) -> Result<Vec<Arc<Vec<u8>>>, FetchError> {
-        let result = self.get_by(chunks, priority, deadline, None, None);
-        if let Err(FetchError::Deadline(_)) = &result {
-            self.count(|s| &s.deadline_exceeded, 1);
-        }
-        result
+        self.counting_deadlines(self.get_by(chunks, priority, deadline, None, None))
     }
 
     /// [`Fetcher::get`] for guesses the caller waits for (read-around priority): they take
@@ -306,11 +302,13 @@ impl Fetcher {
         deadline: Instant,
         line: Line,
     ) -> Result<Vec<Arc<Vec<u8>>>, FetchError> {
-        let result = self.get_by(chunks, Priority::ReadAround, deadline, None, Some(line));
-        if let Err(FetchError::Deadline(_)) = &result {
-            self.count(|s| &s.deadline_exceeded, 1);
-        }
-        result
+        self.counting_deadlines(self.get_by(
+            chunks,
+            Priority::ReadAround,
+            deadline,
+            None,
+            Some(line),
+        ))
     }
 
     /// [`Fetcher::get`] for a reader of file `file` (its index in the layer) of `layer`: when
@@ -328,6 +326,11 @@ impl Fetcher {
             Some((self, layer, file)),
             None,
         );
+        self.counting_deadlines(result)
+    }
+
+    /// `result`, a deadline it missed counted.
+    fn counting_deadlines<T>(&self, result: Result<T, FetchError>) -> Result<T, FetchError> {
         if let Err(FetchError::Deadline(_)) = &result {
             self.count(|s| &s.deadline_exceeded, 1);
         }

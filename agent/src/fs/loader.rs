@@ -275,7 +275,7 @@ impl Shared {
         while let Ok(code) = queue.recv() {
             let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let wants: Vec<Want<'_>> = code.iter().map(|(f, r)| (f, r.clone())).collect();
-                self.bytes(&[], &wants, true);
+                self.bytes(&[], &wants, Some(Line::Back));
             }));
             if done.is_err() {
                 tracing::error!("fetching libraries' code panicked");
@@ -327,7 +327,7 @@ impl Shared {
         let Some(root) = self.file(ino) else { return };
         // The reader just read the headers (cached now): a static program needs nothing,
         // and its end is not fetched.
-        let Some(head) = self.bytes(&[(&root, 0..HEAD)], &[], false).pop().flatten() else {
+        let Some(head) = self.bytes(&[(&root, 0..HEAD)], &[], None).pop().flatten() else {
             return;
         };
         let Some(object) =
@@ -344,7 +344,7 @@ impl Shared {
             .and_then(|inode| self.file(inode.ino))
         {
             let tail = loader.size.saturating_sub(TAIL)..loader.size;
-            self.bytes(&[(&loader, 0..HEAD)], &[(&loader, tail)], false);
+            self.bytes(&[(&loader, 0..HEAD)], &[(&loader, tail)], None);
         }
         let far = self
             .fetcher
@@ -411,6 +411,9 @@ impl Shared {
         visited: &mut HashSet<(usize, usize)>,
         wide: bool,
     ) -> Vec<File> {
+        // A wide walk's requests wait in line, ahead of the bulk: the walk waits on them to
+        // look further.
+        let line = wide.then_some(Line::Front);
         // A file whose libraries a walk looked for already is left to that walk.
         let files: Vec<File> = files
             .iter()
@@ -430,7 +433,7 @@ impl Shared {
             .iter()
             .map(|f| (f, f.size.saturating_sub(TAIL)..f.size))
             .collect();
-        let heads = self.bytes(&heads, &tails, wide);
+        let heads = self.bytes(&heads, &tails, line);
         let objects: Vec<(&File, Object)> = files
             .iter()
             .zip(heads)
@@ -454,7 +457,7 @@ impl Shared {
                     .map(|s| (*f, s.offset..s.offset + s.file_size.min(SEGMENT))),
             );
         }
-        let fetched = self.bytes(&dynamics, &[], wide);
+        let fetched = self.bytes(&dynamics, &[], line);
         let parsed: Vec<(&File, &Object, Dynamic)> = objects
             .iter()
             .filter(|(_, o)| o.dynamic.is_some())
@@ -472,7 +475,7 @@ impl Shared {
             })
             .collect();
         let wanted: Vec<Want<'_>> = tables.iter().flatten().map(|(w, _)| w.clone()).collect();
-        let mut fetched = self.bytes(&wanted, &[], wide).into_iter();
+        let mut fetched = self.bytes(&wanted, &[], line).into_iter();
         // The walk's own bytes first. The segments and the code are only warmed, not waited
         // for: the walk goes on to the next level, whose headers, smaller, take their turn on
         // the link before them.
@@ -592,10 +595,15 @@ impl Shared {
 
     /// Fetches the chunks of `wants` and of `warm` together (read-around fetches, beside
     /// any reader's, in batches of at most [`crate::fetch::GUESS_BATCH`] bytes so that no
-    /// fetch holds the memory budget readers need; `guesses`: in line for the link, as a
-    /// wide walk's and the code thread's are), then returns the bytes of each of `wants`;
-    /// `None` for one that could not be fetched.
-    fn bytes(&self, wants: &[Want<'_>], warm: &[Want<'_>], guesses: bool) -> Vec<Option<Vec<u8>>> {
+    /// fetch holds the memory budget readers need; `line`: where they wait in line for the
+    /// link, as a wide walk's and the code thread's do; `None`: they go at once), then
+    /// returns the bytes of each of `wants`; `None` for one that could not be fetched.
+    fn bytes(
+        &self,
+        wants: &[Want<'_>],
+        warm: &[Want<'_>],
+        line: Option<Line>,
+    ) -> Vec<Option<Vec<u8>>> {
         type Key = (Digest, u64);
         let key = |c: &ChunkRef<'_>| (c.blob, c.chunk.blob_offset);
         let wanted: HashSet<Key> = wants
@@ -615,17 +623,9 @@ impl Shared {
         let mut got: HashMap<Key, Arc<Vec<u8>>> = HashMap::new();
         let mut fetch = |batch: &[ChunkRef<'_>]| {
             // A failed batch costs only its chunks: readers fetch them.
-            let data = if guesses {
-                // A walk waits on what it wants to look further: ahead of the bulk; the
-                // code thread's (nothing wanted) behind it.
-                let line = if wanted.is_empty() {
-                    Line::Back
-                } else {
-                    Line::Front
-                };
-                self.fetcher.get_guessed(batch, deadline, line)
-            } else {
-                self.fetcher.get(batch, Priority::ReadAround, deadline)
+            let data = match line {
+                Some(line) => self.fetcher.get_guessed(batch, deadline, line),
+                None => self.fetcher.get(batch, Priority::ReadAround, deadline),
             };
             if let Ok(data) = data {
                 for (c, unit) in batch.iter().zip(data) {
