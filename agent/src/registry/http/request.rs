@@ -127,6 +127,7 @@ impl RegistryClient {
                         source,
                     })?;
             let secs = self.config.timeout.as_secs();
+            let asked = std::time::Instant::now();
             let resp = match tokio::time::timeout(self.config.timeout, self.http.request(req)).await
             {
                 Err(_) => return Err(RegistryError::Timeout { url, secs }),
@@ -138,6 +139,15 @@ impl RegistryClient {
                 }
                 Ok(Ok(resp)) => resp,
             };
+            tracing::trace!(
+                target: "imgstream::http",
+                %method,
+                url,
+                range = ?headers.get(header::RANGE),
+                status = resp.status().as_u16(),
+                secs = asked.elapsed().as_secs_f64(),
+                "registry answered"
+            );
             if resp.status().is_redirection()
                 && let Some(location) = resp
                     .headers()
