@@ -427,6 +427,28 @@ async fn missing_blobs_and_corrupt_content_are_typed_errors() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_made_from_one_configuration_share_their_connections() {
+    let (registry, scratch, layer, _) = small_image("shared-connections").await;
+    let proxy = Proxy::start(registry.addr, Fault::None);
+    let connections = || proxy.connections.load(std::sync::atomic::Ordering::SeqCst);
+    // The snapshotter makes a client per layer from the agent's configuration: the second
+    // layer, and the third, go on the connection the first one opened.
+    let config = http(&[&proxy.host()]);
+    for _ in 0..3 {
+        let client = RegistryClient::new(&proxy.host(), "f/app", config.clone()).unwrap();
+        let bytes = client.read_range(&layer.digest, 0..100).await.unwrap();
+        assert_eq!(bytes.len(), 100);
+    }
+    assert_eq!(connections(), 1, "one connection for the three clients");
+    // Another configuration opens its own.
+    let other = RegistryClient::new(&proxy.host(), "f/app", http(&[&proxy.host()])).unwrap();
+    other.read_range(&layer.digest, 0..100).await.unwrap();
+    assert_eq!(connections(), 2);
+    drop(registry);
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resets_and_truncation_are_retried_and_bounded() {
     let (registry, scratch, layer, _) = small_image("faults").await;
     // Two connection resets, then service: the retries absorb them.

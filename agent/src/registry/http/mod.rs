@@ -7,7 +7,8 @@
 //! realm refuse are renewed once (kubelet's newer ones, or a credential provider plugin's:
 //! [`super::provider`]) before the refusal stands. Reads try the configured mirrors in
 //! order and fall back to the origin; writes go to the origin only. Every whole blob and every
-//! manifest fetched by digest is checked against its digest and size.
+//! manifest fetched by digest is checked against its digest and size. Clients made from one
+//! [`HttpConfig`] share their open connections ([`Connections`]).
 //!
 //! Rooms: this file (configuration, the client, the endpoint-fallback and retry helpers),
 //! `request` (one request: authentication, redirects, deadlines, bodies), `pull`
@@ -20,7 +21,7 @@ mod url;
 use std::{
     collections::BTreeMap,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     time::Duration,
 };
 
@@ -69,6 +70,40 @@ pub struct HttpConfig {
     pub retries: u32,
     /// First backoff; doubles per attempt.
     pub backoff: Duration,
+    /// Open connections, shared by every client made from this configuration or a clone.
+    pub connections: Connections,
+}
+
+/// Connections kept open between requests, shared by the clients made from one
+/// [`HttpConfig`] and its clones: the snapshotter opens a client per layer, and each of an
+/// image's layers, and the next image from the same registry, then goes on an open connection
+/// instead of paying a connection (and a TLS handshake) of its own, round trips before its
+/// first byte. A new configuration starts with none.
+#[derive(Clone, Default)]
+pub struct Connections(Arc<OnceLock<(Vec<PathBuf>, HyperClient)>>);
+
+impl std::fmt::Debug for Connections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connections")
+            .field("opened", &self.0.get().is_some())
+            .finish()
+    }
+}
+
+impl Connections {
+    /// The HTTP client of `config`: the shared one when it trusts the same certificates,
+    /// else one of its own.
+    fn client(&self, config: &HttpConfig) -> Result<HyperClient, RegistryError> {
+        if let Some((ca_files, http)) = self.0.get()
+            && *ca_files == config.ca_files
+        {
+            return Ok(http.clone());
+        }
+        let http = build_http(config)?;
+        // Two clients made at once: the first one set is shared, the other stays private.
+        let _ = self.0.set((config.ca_files.clone(), http.clone()));
+        Ok(http)
+    }
 }
 
 impl Default for HttpConfig {
@@ -85,6 +120,7 @@ impl Default for HttpConfig {
             timeout: Duration::from_secs(30),
             retries: 3,
             backoff: Duration::from_millis(200),
+            connections: Connections::default(),
         }
     }
 }
@@ -138,7 +174,7 @@ impl<T> Attempt<Result<T, RegistryError>> {
     }
 }
 
-/// Builds the TLS-capable HTTP client shared by every request of a registry client.
+/// Builds a TLS-capable HTTP client (see [`Connections`] for who shares it).
 fn build_http(config: &HttpConfig) -> Result<HyperClient, RegistryError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
@@ -212,7 +248,7 @@ impl RegistryClient {
             (None, None) => None,
         };
         Ok(Self {
-            http: build_http(&config)?,
+            http: config.connections.client(&config)?,
             registry: registry.to_string(),
             repository: repository.to_string(),
             endpoints,
