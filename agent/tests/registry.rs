@@ -426,6 +426,129 @@ async fn missing_blobs_and_corrupt_content_are_typed_errors() {
     std::fs::remove_dir_all(&scratch).unwrap();
 }
 
+/// A source that notes, in order, when each read of a layer's opening is asked and answered.
+struct Noting {
+    inner: RegistryClient,
+    notes: std::sync::Mutex<Vec<String>>,
+}
+
+impl Noting {
+    fn note(&self, what: String) {
+        self.notes.lock().unwrap().push(what);
+    }
+}
+
+#[async_trait::async_trait]
+impl BlobSource for Noting {
+    async fn manifest(
+        &self,
+        reference: &str,
+    ) -> Result<imgstream::registry::FetchedManifest, RegistryError> {
+        self.note("manifest asked".into());
+        let fetched = self.inner.manifest(reference).await;
+        self.note("manifest answered".into());
+        fetched
+    }
+
+    async fn blob(&self, desc: &Descriptor) -> Result<bytes::Bytes, RegistryError> {
+        self.note(format!("blob {}", desc.digest));
+        self.inner.blob(desc).await
+    }
+
+    async fn blob_to_file(&self, desc: &Descriptor, path: &Path) -> Result<(), RegistryError> {
+        self.note(format!("blob {}", desc.digest));
+        self.inner.blob_to_file(desc, path).await
+    }
+
+    async fn read_range(
+        &self,
+        digest: &Digest,
+        range: std::ops::Range<u64>,
+    ) -> Result<bytes::Bytes, RegistryError> {
+        self.note(format!("range {range:?}"));
+        self.inner.read_range(digest, range).await
+    }
+
+    async fn read_tail(
+        &self,
+        digest: &Digest,
+        len: u64,
+    ) -> Result<Option<(bytes::Bytes, u64)>, RegistryError> {
+        self.note(format!("last {len} bytes asked"));
+        self.inner.read_tail(digest, len).await
+    }
+
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_estargz_layers_footer_is_asked_for_beside_its_manifest() {
+    let (registry, scratch, _, _) = small_image("tail").await;
+    let reg = registry.host();
+    support::imgstream(&[
+        "convert",
+        &format!("{reg}/f/app:v1"),
+        &format!("{reg}/esgz/app:v1"),
+        "--insecure-registry",
+        &reg,
+    ]);
+    let client = RegistryClient::new(&reg, "esgz/app", http(&[&reg])).unwrap();
+    let converted = manifest_of(&client, "v1").await;
+    let layer = converted.layers[0].clone();
+    // A suffix range: the blob's last bytes and its size, which the caller did not know.
+    let (tail, size) = client.read_tail(&layer.digest, 51).await.unwrap().unwrap();
+    assert_eq!(size, layer.size);
+    let footer = client
+        .read_range(&layer.digest, size - 51..size)
+        .await
+        .unwrap();
+    assert_eq!(tail, footer);
+    // Asked for more than there is: all of it.
+    let config = &converted.config;
+    let (whole, size) = client
+        .read_tail(&config.digest, config.size + 100)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((Digest::of(&whole), size), (config.digest, config.size));
+
+    // The snapshotter's opening of the layer: the footer is asked for before the manifest
+    // is in, and the one range request left is the TOC's.
+    let noting = std::sync::Arc::new(Noting {
+        inner: client,
+        notes: std::sync::Mutex::new(Vec::new()),
+    });
+    let cache = imgstream::cache::ChunkCache::open(&imgstream::cache::CacheConfig {
+        dir: scratch.join("cache"),
+        limit_bytes: None,
+        prefer_uring: false,
+    })
+    .unwrap();
+    let opened = imgstream::mount::open_one_layer(
+        noting.clone(),
+        "v1",
+        &manifest::Platform::host(),
+        &cache,
+        &layer.digest,
+    )
+    .await
+    .unwrap()
+    .expect("an eStargz layer");
+    assert_eq!(opened.layers[0].desc.digest, layer.digest);
+    let notes = noting.notes.lock().unwrap().clone();
+    let at = |what: &str| notes.iter().position(|n| n == what);
+    assert!(
+        at("last 51 bytes asked") < at("manifest answered"),
+        "{notes:?}"
+    );
+    let ranges: Vec<&String> = notes.iter().filter(|n| n.starts_with("range")).collect();
+    assert_eq!(ranges.len(), 1, "the TOC's range alone: {notes:?}");
+    drop(registry);
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_made_from_one_configuration_share_their_connections() {
     let (registry, scratch, layer, _) = small_image("shared-connections").await;

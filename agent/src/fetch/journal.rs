@@ -222,6 +222,18 @@ impl BlobSource for Journaled {
         Ok(bytes)
     }
 
+    async fn read_tail(
+        &self,
+        digest: &Digest,
+        len: u64,
+    ) -> Result<Option<(bytes::Bytes, u64)>, RegistryError> {
+        let tail = self.inner.read_tail(digest, len).await?;
+        if let Some((bytes, _)) = &tail {
+            self.note(bytes.len() as u64);
+        }
+        Ok(tail)
+    }
+
     fn name(&self) -> String {
         self.inner.name()
     }

@@ -79,6 +79,18 @@ pub async fn open_cached(
     desc: &Descriptor,
     cache: Option<&ChunkCache>,
 ) -> Result<RemoteLayer, LayerError> {
+    open_cached_with_tail(source, desc, cache, None).await
+}
+
+/// [`open_cached`] with the blob's last bytes and its size already fetched (`tail`, from
+/// [`BlobSource::read_tail`], asked beside the manifest): an eStargz footer found there
+/// saves its round trip. A tail of another size than the descriptor's blob is not used.
+pub async fn open_cached_with_tail(
+    source: &dyn BlobSource,
+    desc: &Descriptor,
+    cache: Option<&ChunkCache>,
+    tail: Option<(bytes::Bytes, u64)>,
+) -> Result<RemoteLayer, LayerError> {
     let fetch = |source_err| LayerError::Fetch {
         source_name: source.name(),
         source: source_err,
@@ -109,10 +121,15 @@ pub async fn open_cached(
     {
         return Ok(RemoteLayer::new(desc.clone(), index, toc_digest));
     }
-    let footer = source
-        .read_range(&desc.digest, desc.size - FOOTER_SIZE..desc.size)
-        .await
-        .map_err(fetch)?;
+    let footer = match tail {
+        Some((tail, size)) if size == desc.size && tail.len() as u64 >= FOOTER_SIZE => {
+            tail.slice(tail.len() - FOOTER_SIZE as usize..)
+        }
+        _ => source
+            .read_range(&desc.digest, desc.size - FOOTER_SIZE..desc.size)
+            .await
+            .map_err(fetch)?,
+    };
     let toc_offset = estargz::parse_footer(&footer)?;
     if toc_offset >= desc.size - FOOTER_SIZE {
         return Err(

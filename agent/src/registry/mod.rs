@@ -97,6 +97,12 @@ pub enum RegistryError {
         asked: u64,
         answered: Option<u64>,
     },
+    #[error("{url} answered a request for a blob's last {asked} bytes with range {answered:?}")]
+    WrongTail {
+        url: String,
+        asked: u64,
+        answered: Option<String>,
+    },
     #[error("empty range {start}..{end} of {what}")]
     EmptyRange { what: String, start: u64, end: u64 },
     #[error("{0} is not an image index")]
@@ -167,6 +173,19 @@ pub trait BlobSource: Send + Sync {
 
     /// Bytes `range` of a blob. Returns exactly `range.end - range.start` bytes or an error.
     async fn read_range(&self, digest: &Digest, range: Range<u64>) -> Result<Bytes, RegistryError>;
+
+    /// The last `len` bytes of a blob (all of it when shorter) and the blob's size, for a
+    /// caller that does not know the size yet: one request (a suffix range) where it would
+    /// otherwise wait for the manifest first. `None` when the source cannot answer one;
+    /// the caller then asks by [`BlobSource::read_range`].
+    async fn read_tail(
+        &self,
+        digest: &Digest,
+        len: u64,
+    ) -> Result<Option<(Bytes, u64)>, RegistryError> {
+        let _ = (digest, len);
+        Ok(None)
+    }
 
     /// A human-readable name for logs and errors.
     fn name(&self) -> String;

@@ -16,6 +16,9 @@ use crate::{
     registry::{BlobSource, FetchedManifest, MAX_IN_MEMORY_BLOB, RegistryError, check_content},
 };
 
+/// The longest suffix [`BlobSource::read_tail`] asks for.
+const MAX_TAIL: u64 = 1 << 20;
+
 impl RegistryClient {
     /// A whole blob, streamed through `sink` and checked against `desc`; retried from the
     /// start (via `restart`) when the transfer breaks off.
@@ -163,6 +166,71 @@ impl RegistryClient {
                 });
             }
             Ok(Bytes::from(out))
+        }))
+    }
+
+    /// One try of [`BlobSource::read_tail`] at `url`: `None` when the server answers
+    /// with the whole blob (it ignored the suffix range).
+    async fn read_tail_once(
+        &self,
+        url: &str,
+        headers: &HeaderMap,
+        len: u64,
+        what: &str,
+    ) -> Attempt<Result<Option<(Bytes, u64)>, RegistryError>> {
+        let scope = self.scope(false);
+        let resp = match self
+            .send(Method::GET, url, headers, Bytes::new(), &scope)
+            .await
+        {
+            Ok(resp) => resp,
+            Err(e) => return Attempt::Done(Err(e)),
+        };
+        match resp.status() {
+            StatusCode::PARTIAL_CONTENT => {}
+            // Not read: the body is the whole blob.
+            StatusCode::OK => return Attempt::Done(Ok(None)),
+            _ => return Attempt::Done(Err(self.error_for(resp, url, what).await)),
+        }
+        let answered = resp
+            .headers()
+            .get(header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        // The blob's last `len` bytes (all of it when shorter), and nothing else.
+        let range =
+            answered
+                .as_deref()
+                .and_then(url::content_range)
+                .filter(|&(start, end, total)| {
+                    total > 0
+                        && end.checked_add(1) == Some(total)
+                        && end.checked_sub(start) == Some(len.min(total) - 1)
+                });
+        let Some((start, end, total)) = range else {
+            return Attempt::Done(Err(RegistryError::WrongTail {
+                url: url.into(),
+                asked: len,
+                answered,
+            }));
+        };
+        let expected = end - start + 1;
+        let mut out = Vec::with_capacity(expected as usize);
+        let streamed = self
+            .stream_body(resp, url, expected, |d| {
+                out.extend_from_slice(d);
+                Ok(())
+            })
+            .await;
+        Attempt::of(streamed.and_then(|_| {
+            if out.len() as u64 != expected {
+                return Err(RegistryError::SizeMismatch {
+                    what: format!("{what}'s last {len} bytes"),
+                    expected,
+                    actual: out.len() as u64,
+                });
+            }
+            Ok(Some((Bytes::from(out), total)))
         }))
     }
 
@@ -326,6 +394,25 @@ impl BlobSource for RegistryClient {
         self.read_small(resp, MAX_MANIFEST as u64, &url)
             .await
             .map(Some)
+    }
+
+    async fn read_tail(
+        &self,
+        digest: &Digest,
+        len: u64,
+    ) -> Result<Option<(Bytes, u64)>, RegistryError> {
+        if len == 0 || len > MAX_TAIL {
+            return Ok(None);
+        }
+        let what = format!("blob {digest}");
+        let mut headers = HeaderMap::new();
+        headers.insert(header::RANGE, url::header_value(&format!("bytes=-{len}"))?);
+        on_endpoints!(self, |endpoint| {
+            let url = self.url(endpoint, &format!("blobs/{digest}"));
+            retrying!(self, &url, {
+                self.read_tail_once(&url, &headers, len, &what).await
+            })
+        })
     }
 
     async fn read_range(&self, digest: &Digest, range: Range<u64>) -> Result<Bytes, RegistryError> {

@@ -90,6 +90,17 @@ pub(super) fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
+/// `START`, `END` and `TOTAL` of `bytes START-END/TOTAL` (`END` inclusive).
+pub(super) fn content_range(v: &str) -> Option<(u64, u64, u64)> {
+    let (span, total) = v.strip_prefix("bytes ")?.split_once('/')?;
+    let (start, end) = span.split_once('-')?;
+    Some((
+        start.trim().parse().ok()?,
+        end.trim().parse().ok()?,
+        total.trim().parse().ok()?,
+    ))
+}
+
 /// The first byte of `bytes START-END/TOTAL`.
 pub(super) fn content_range_start(v: &str) -> Option<u64> {
     v.strip_prefix("bytes ")?
@@ -135,6 +146,10 @@ mod tests {
         assert_eq!(authority("/relative"), "");
         assert_eq!(content_range_start("bytes 100-199/1000"), Some(100));
         assert_eq!(content_range_start("items 1-2"), None);
+        assert_eq!(content_range("bytes 949-999/1000"), Some((949, 999, 1000)));
+        // A total the server does not know, or no span: nothing a suffix read can check.
+        assert_eq!(content_range("bytes 949-999/*"), None);
+        assert_eq!(content_range("bytes */1000"), None);
         assert!(header_value("bad\nvalue").is_err());
     }
 }
