@@ -212,22 +212,13 @@ pub async fn open_one_layer(
     layer: &Digest,
 ) -> Result<Option<OpenedImage>, MountError> {
     // An eStargz layer's footer is asked for beside the manifest (its size comes with the
-    // answer and is checked against the manifest's): a round trip less before the TOC.
-    // Failing or slow, it costs little: once the manifest is in, the footer gets as long
-    // again as the manifest took, then it is asked for the usual way.
-    let (manifest, tail) = {
-        let asked = std::time::Instant::now();
-        let tail = source.read_tail(layer, crate::image::estargz::FOOTER_SIZE);
-        let manifest = image_manifest(source.as_ref(), reference, platform, Some(cache));
-        tokio::pin!(tail, manifest);
-        tokio::select! {
-            manifest = &mut manifest => {
-                let tail = tokio::time::timeout(asked.elapsed(), &mut tail).await;
-                (manifest, tail.ok())
-            }
-            tail = &mut tail => ((&mut manifest).await, Some(tail)),
-        }
-    };
+    // answer and is checked against the manifest's): a round trip less before the TOC. A
+    // source without suffix ranges, or a failed or wrong answer, costs the round trip saved:
+    // the footer is then asked for once the size is known.
+    let (manifest, tail) = tokio::join!(
+        image_manifest(source.as_ref(), reference, platform, Some(cache)),
+        source.read_tail(layer, crate::image::estargz::FOOTER_SIZE),
+    );
     let (fetched, manifest) = manifest?;
     let Some((index, desc)) = manifest
         .layers
@@ -237,7 +228,7 @@ pub async fn open_one_layer(
     else {
         return Ok(None);
     };
-    let tail = tail.and_then(Result::ok).flatten();
+    let tail = tail.ok().flatten();
     match layer::open_cached_with_tail(source.as_ref(), desc, Some(cache), tail).await {
         Ok(opened) => {
             LAYERS_OPENED.count_lazy(&opened);
