@@ -19,6 +19,22 @@ use crate::{
 /// The longest suffix [`BlobSource::read_tail`] asks for.
 const MAX_TAIL: u64 = 1 << 20;
 
+/// `out` as an answer when it holds exactly the `expected` bytes of `what`.
+fn exactly(
+    out: Vec<u8>,
+    expected: u64,
+    what: impl FnOnce() -> String,
+) -> Result<Bytes, RegistryError> {
+    if out.len() as u64 != expected {
+        return Err(RegistryError::SizeMismatch {
+            what: what(),
+            expected,
+            actual: out.len() as u64,
+        });
+    }
+    Ok(Bytes::from(out))
+}
+
 impl RegistryClient {
     /// A whole blob, streamed through `sink` and checked against `desc`; retried from the
     /// start (via `restart`) when the transfer breaks off.
@@ -109,16 +125,10 @@ impl RegistryClient {
         what: &str,
     ) -> Attempt<Result<Bytes, RegistryError>> {
         let len = range.end - range.start;
-        let scope = self.scope(false);
-        let asked = std::time::Instant::now();
-        let resp = match self
-            .send(Method::GET, url, headers, Bytes::new(), &scope)
-            .await
-        {
+        let resp = match self.get_ranged(url, headers).await {
             Ok(resp) => resp,
             Err(e) => return Attempt::Done(Err(e)),
         };
-        self.round_trips.observe(asked.elapsed());
         let mut out = Vec::with_capacity(len as usize);
         let streamed = match resp.status() {
             StatusCode::PARTIAL_CONTENT => {
@@ -157,16 +167,22 @@ impl RegistryClient {
             }
             _ => return Attempt::Done(Err(self.error_for(resp, url, what).await)),
         };
-        Attempt::of(streamed.and_then(|_| {
-            if out.len() as u64 != len {
-                return Err(RegistryError::SizeMismatch {
-                    what: format!("{what} range {range:?}"),
-                    expected: len,
-                    actual: out.len() as u64,
-                });
-            }
-            Ok(Bytes::from(out))
-        }))
+        Attempt::of(streamed.and_then(|_| exactly(out, len, || format!("{what} range {range:?}"))))
+    }
+
+    /// A pull-scoped GET of `url` with the range in `headers`; its time to the headers counts
+    /// as a round trip.
+    async fn get_ranged(
+        &self,
+        url: &str,
+        headers: &HeaderMap,
+    ) -> Result<http::Response<hyper::body::Incoming>, RegistryError> {
+        let asked = std::time::Instant::now();
+        let resp = self
+            .send(Method::GET, url, headers, Bytes::new(), &self.scope(false))
+            .await?;
+        self.round_trips.observe(asked.elapsed());
+        Ok(resp)
     }
 
     /// One try of [`BlobSource::read_tail`] at `url`: `None` when the server answers
@@ -178,11 +194,7 @@ impl RegistryClient {
         len: u64,
         what: &str,
     ) -> Attempt<Result<Option<(Bytes, u64)>, RegistryError>> {
-        let scope = self.scope(false);
-        let resp = match self
-            .send(Method::GET, url, headers, Bytes::new(), &scope)
-            .await
-        {
+        let resp = match self.get_ranged(url, headers).await {
             Ok(resp) => resp,
             Err(e) => return Attempt::Done(Err(e)),
         };
@@ -223,14 +235,8 @@ impl RegistryClient {
             })
             .await;
         Attempt::of(streamed.and_then(|_| {
-            if out.len() as u64 != expected {
-                return Err(RegistryError::SizeMismatch {
-                    what: format!("{what}'s last {len} bytes"),
-                    expected,
-                    actual: out.len() as u64,
-                });
-            }
-            Ok(Some((Bytes::from(out), total)))
+            let tail = exactly(out, expected, || format!("{what}'s last {len} bytes"))?;
+            Ok(Some((tail, total)))
         }))
     }
 
