@@ -228,6 +228,8 @@ pub(crate) struct MemoryBlobs {
     pub failures: AtomicUsize,
     /// What [`BlobSource::round_trip`] says (`None`, as for local files, by default).
     pub round_trip: Option<Duration>,
+    /// Bytes of any blob whose range requests are not answered until released.
+    held: Mutex<Option<Range<u64>>>,
 }
 
 impl MemoryBlobs {
@@ -259,6 +261,16 @@ impl MemoryBlobs {
     pub(crate) fn far(mut self, rtt: Duration) -> Self {
         self.round_trip = Some(rtt);
         self
+    }
+
+    /// Answers no range request that asks for any of `bytes` until [`Self::release`].
+    pub(crate) fn hold(&self, bytes: Range<u64>) {
+        *crate::sync::lock(&self.held) = Some(bytes);
+    }
+
+    /// Answers the requests [`Self::hold`] held.
+    pub(crate) fn release(&self) {
+        *crate::sync::lock(&self.held) = None;
     }
 
     pub(crate) fn failing_first(self, failures: usize) -> Self {
@@ -298,6 +310,14 @@ impl BlobSource for MemoryBlobs {
         self.largest
             .fetch_max(range.end.saturating_sub(range.start), Ordering::SeqCst);
         tokio::time::sleep(self.delay).await;
+        let held = || {
+            crate::sync::lock(&self.held)
+                .as_ref()
+                .is_some_and(|held| held.start < range.end && range.start < held.end)
+        };
+        while held() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         if let Some((rate, free)) = &self.link {
             let sent = {
                 let mut free = crate::sync::lock(free);

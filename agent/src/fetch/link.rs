@@ -10,7 +10,7 @@
 //! libraries) while the walk's next step waited for a library's 100 KB head and readers'
 //! own misses for theirs: 0.1-0.3 s each where the round trip is 0.05 s. A window of a few
 //! bandwidth-delay products still keeps the link full. Guesses go in the order they were
-//! made (a level's segments before its code, as the loader touches them), except that the
+//! made (a file's segments before its code, as the loader touches them), except that the
 //! small requests a wide walk waits on before it can look further (a module's headers, its
 //! dynamic section, its libraries' names) go ahead of every bulk guess ([`Line::Front`]): a
 //! 50 ms trace had PHP's module walk behind megabytes of code in line, and the program
