@@ -427,9 +427,13 @@ async fn missing_blobs_and_corrupt_content_are_typed_errors() {
 }
 
 /// A source that notes, in order, when each read of a layer's opening is asked and answered.
+/// Its manifest answers only once the blob's last bytes were asked for (or after 10 s): an
+/// opening that asks for them beside the manifest has them asked first whatever the
+/// scheduling; one that waits for the manifest does not.
 struct Noting {
     inner: RegistryClient,
     notes: std::sync::Mutex<Vec<String>>,
+    tail_asked: std::sync::atomic::AtomicBool,
 }
 
 impl Noting {
@@ -445,6 +449,12 @@ impl BlobSource for Noting {
         reference: &str,
     ) -> Result<imgstream::registry::FetchedManifest, RegistryError> {
         self.note("manifest asked".into());
+        let asked = Instant::now();
+        while !self.tail_asked.load(std::sync::atomic::Ordering::SeqCst)
+            && asked.elapsed() < Duration::from_secs(10)
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         let fetched = self.inner.manifest(reference).await;
         self.note("manifest answered".into());
         fetched
@@ -475,6 +485,8 @@ impl BlobSource for Noting {
         len: u64,
     ) -> Result<Option<(bytes::Bytes, u64)>, RegistryError> {
         self.note(format!("last {len} bytes asked"));
+        self.tail_asked
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.inner.read_tail(digest, len).await
     }
 
@@ -519,6 +531,7 @@ async fn an_estargz_layers_footer_is_asked_for_beside_its_manifest() {
     let noting = std::sync::Arc::new(Noting {
         inner: client,
         notes: std::sync::Mutex::new(Vec::new()),
+        tail_asked: false.into(),
     });
     let cache = imgstream::cache::ChunkCache::open(&imgstream::cache::CacheConfig {
         dir: scratch.join("cache"),
@@ -555,18 +568,25 @@ async fn clients_made_from_one_configuration_share_their_connections() {
     let proxy = Proxy::start(registry.addr, Fault::None);
     let connections = || proxy.connections.load(std::sync::atomic::Ordering::SeqCst);
     // The snapshotter makes a client per layer from the agent's configuration: the second
-    // layer, and the third, go on the connection the first one opened.
+    // layer, and the third, go on the connection the first one opened. (A client of its own
+    // pool opens one each: three.)
     let config = http(&[&proxy.host()]);
     for _ in 0..3 {
         let client = RegistryClient::new(&proxy.host(), "f/app", config.clone()).unwrap();
         let bytes = client.read_range(&layer.digest, 0..100).await.unwrap();
         assert_eq!(bytes.len(), 100);
+        // hyper hands a connection back to its pool from a task of its own once the answer
+        // is read; a request that comes before that task ran opens another connection
+        // (CI saw two once), so the next client comes a little later, and the count
+        // below allows for one such race.
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(connections(), 1, "one connection for the three clients");
+    let shared = connections();
+    assert!(shared < 3, "{shared} connections for the three clients");
     // Another configuration opens its own.
     let other = RegistryClient::new(&proxy.host(), "f/app", http(&[&proxy.host()])).unwrap();
     other.read_range(&layer.digest, 0..100).await.unwrap();
-    assert_eq!(connections(), 2);
+    assert_eq!(connections(), shared + 1);
     drop(registry);
     std::fs::remove_dir_all(&scratch).unwrap();
 }
