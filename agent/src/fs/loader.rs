@@ -83,8 +83,9 @@ const SEGMENT: u64 = 1 << 20;
 /// Levels of libraries of libraries followed at most.
 const MAX_DEPTH: usize = 16;
 /// Threads of one walk looking at the files it found at once, each taking its share of
-/// those waiting (`bench e2e`, PHP's start 50 ms away, 3 cold starts each, medians: 8 threads
-/// 3.50 s, 16 threads 3.67 s, 8 threads taking one file at a time 3.60 s).
+/// those waiting (`bench e2e`, PHP's start 50 ms away, 3 cold starts each, medians, one
+/// bench run per setting: 8 threads 3.50 s, 16 threads 3.67 s, 8 threads taking one file at
+/// a time 3.60 s; two runs of one build differed by 0.3 s, so 8 is a pick, not a proven best).
 const WALKERS: usize = 8;
 /// Directories of one `DT_RUNPATH` taken at most.
 const MAX_SEARCH: usize = 16;
