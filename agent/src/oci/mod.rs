@@ -3,6 +3,7 @@
 //! `image`, `fetch` and everything above them use these types, and this module uses none of
 //! theirs.
 
+pub mod config;
 pub mod digest;
 pub mod manifest;
 pub mod reference;
