@@ -142,6 +142,12 @@ async fn containerd_runs_a_streamed_image_through_the_imgstream_snapshotter() {
     );
     let agent_log = agent.log_text();
     assert!(agent_log.contains("layer mounted lazily"), "{agent_log}");
+    // The image's configuration named its program, found in the layer when it was mounted.
+    assert!(
+        agent_log.contains("the loader prefetch starts from it")
+            && agent_log.contains("program=/clockprobe"),
+        "{agent_log}"
+    );
     // The agent's /metrics sees the lazy layer's reads: fetched on demand, no more than
     // crossed the link, and written to its cache.
     let (status, page) = support::http_get(agent.api, "/metrics");

@@ -9,12 +9,15 @@
 //! megabytes of guesses in flight (whole code segments, the first segments of a level of
 //! libraries) while the walk's next step waited for a library's 100 KB head and readers'
 //! own misses for theirs: 0.1-0.3 s each where the round trip is 0.05 s. A window of a few
-//! bandwidth-delay products still keeps the link full. Guesses go in the order they were
-//! made (a file's segments before its code, as the loader touches them), except that the
-//! small requests a wide walk waits on before it can look further (a module's headers, its
-//! dynamic section, its libraries' names) go ahead of every bulk guess ([`Line::Front`]): a
-//! 50 ms trace had PHP's module walk behind megabytes of code in line, and the program
-//! reaching libraries (abseil's, one after another) that no walk had found yet. A reader that
+//! bandwidth-delay products still keeps the link full. Guesses go in three lines, each in
+//! the order its guesses were made: the small requests a wide walk waits on before it can
+//! look further (a module's headers, its dynamic section, its libraries' names) ahead of
+//! everything ([`Line::Front`]: a 50 ms trace had PHP's module walk behind megabytes of code
+//! in line, and the program reaching libraries, abseil's one after another, that no walk had
+//! found yet); then what the dynamic loader touches for certain in each library a walk found
+//! ([`Line::Middle`]: its first and writable segments, the start of its code, which a 50 ms
+//! trace saw faulted at while the library's whole code still waited in line); then the bulk
+//! that may never be read ([`Line::Back`]: code fetched whole, read-around windows). A reader that
 //! comes to wait for a guess still in line promotes it ([`LinkGate::promote`]). On a near
 //! link (loopback, a registry next door) nothing waits: an answer's wait there is its own
 //! transfer, and holding a reader's read-around back only slows it. The background download
@@ -38,13 +41,19 @@ pub(super) const MIN_WINDOW: u64 = 512 << 10;
 /// at 100 Mbit/s): guesses are not held back there.
 pub(super) const NEAR: u64 = 64 << 10;
 
-/// Where a guess waits in line.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Where a guess waits in line: each line behind the ones declared before it, a guess
+/// behind the others of its line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Line {
     /// Small requests a walk waits on before it can look further: ahead of every bulk guess,
     /// in their order.
     Front,
-    /// Bulk guesses (read-around windows, warmed segments, code), in their order.
+    /// What the dynamic loader touches for certain once it opens a library the walk found:
+    /// the first segment (symbols, relocations), the writable ones (what relocation writes),
+    /// the start of the code (where the constructors it runs are). Ahead of the bulk guesses
+    /// that may never be read.
+    Middle,
+    /// Bulk guesses (read-around windows, code fetched whole), in their order.
     Back,
 }
 
@@ -184,18 +193,15 @@ impl LinkGate {
     }
 
     /// Puts a guess of `bytes` in `line`: it goes at once while the window has room and no
-    /// guess it would pass is waiting, else after those before it (a [`Line::Front`] guess
-    /// after the other front ones only).
+    /// guess it would pass is waiting, else after those before it (after the guesses of its
+    /// own line and of the lines ahead of it only).
     pub(super) fn queue(self: &Arc<Self>, bytes: u64, line: Line) -> Queued {
         let window = self.window.load(Ordering::Acquire);
         let mut state = crate::sync::lock(&self.state);
         state.tickets += 1;
         let ticket = state.tickets;
         // Where it waits: behind every guess of its line or before it.
-        let place = match line {
-            Line::Front => state.waiting.partition_point(|w| w.line == Line::Front),
-            Line::Back => state.waiting.len(),
-        };
+        let place = state.waiting.partition_point(|w| w.line <= line);
         if place == 0 && state.fits(bytes, window) {
             state.in_flight += bytes;
             return Queued {
@@ -328,7 +334,7 @@ mod tests {
     }
 
     #[test]
-    fn a_walks_requests_go_ahead_of_bulk_guesses_in_their_own_order() {
+    fn a_walks_requests_then_segments_go_ahead_of_bulk_guesses_each_in_their_order() {
         runtime().block_on(async {
             let gate = Arc::new(LinkGate::new());
             gate.set_window(Some(NEAR)); // window: MIN_WINDOW
@@ -338,13 +344,22 @@ mod tests {
             let spawn = |line, name| in_line(&gate, (300 << 10, line), name, &order_tx);
             let tasks = [
                 spawn(Line::Back, "code"),
+                spawn(Line::Middle, "first segment"),
                 spawn(Line::Front, "first head"),
-                spawn(Line::Back, "segment"),
+                spawn(Line::Back, "read-around"),
+                spawn(Line::Middle, "second segment"),
                 spawn(Line::Front, "second head"),
             ];
             tokio::task::yield_now().await;
             drop(reader);
-            for expected in ["first head", "second head", "code", "segment"] {
+            for expected in [
+                "first head",
+                "second head",
+                "first segment",
+                "second segment",
+                "code",
+                "read-around",
+            ] {
                 assert_eq!(order.recv().await, Some(expected));
             }
             for task in tasks {

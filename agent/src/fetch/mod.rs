@@ -531,6 +531,7 @@ impl Fetcher {
         self.guess(
             around.into_iter().map(|c| (blob, c.clone())).collect(),
             deadline,
+            Line::Back,
         );
     }
 
@@ -538,9 +539,13 @@ impl Fetcher {
     /// priority): readers that want them meanwhile wait for these flights, and fetch for
     /// themselves what fails. Chunks cached or in flight are left out; the rest go in
     /// batches of at most [`GUESS_BATCH`] bytes, so that no fetch holds the memory budget
-    /// readers need. They wait for their turn on the link at the back of the line
-    /// ([`link`]).
-    pub(crate) fn guess(self: &Arc<Self>, chunks: Vec<(Digest, Chunk)>, deadline: Instant) {
+    /// readers need. They wait for their turn on the link in `line` ([`link`]).
+    pub(crate) fn guess(
+        self: &Arc<Self>,
+        chunks: Vec<(Digest, Chunk)>,
+        deadline: Instant,
+        line: Line,
+    ) {
         let candidates: Vec<(Digest, Chunk)> = chunks
             .into_iter()
             .filter(|(_, c)| {
@@ -595,7 +600,7 @@ impl Fetcher {
                         &flights,
                         deadline,
                         Priority::ReadAround,
-                        Some(Line::Back),
+                        Some(line),
                     );
                     start = end;
                 }

@@ -348,7 +348,11 @@ fn a_large_guess_in_line_is_asked_for_in_pieces_of_half_the_window() {
         .collect();
     let compressed: u64 = chunks.iter().map(|(_, c)| c.blob_end - c.blob_offset).sum();
     assert!(compressed > 3_000_000, "the data does not compress");
-    fetcher.guess(chunks.clone(), Instant::now() + Duration::from_secs(10));
+    fetcher.guess(
+        chunks.clone(),
+        Instant::now() + Duration::from_secs(10),
+        Line::Back,
+    );
     let until = Instant::now() + Duration::from_secs(10);
     while !fetcher.nothing_in_flight() {
         assert!(Instant::now() < until, "the guesses landed");

@@ -191,6 +191,20 @@ impl ImageFs {
         }
     }
 
+    /// Starts the loader prefetch's walk from the image's program before any reader starts
+    /// it: the first of `candidates` (absolute paths, as [`crate::oci::config::Run`] lists
+    /// them) that is a regular file of this view. Returns its path; `None` when none is, or
+    /// the prefetch is off.
+    pub fn walk_from_program(&self, candidates: &[String]) -> Option<String> {
+        let loader = self.loader.as_ref()?;
+        let (path, inode) = candidates.iter().find_map(|path| {
+            let inode = self.tree.resolve(path.as_bytes())?;
+            (inode.kind == tree::Kind::Regular && inode.data.is_some()).then_some((path, inode))
+        })?;
+        loader.walk_from_program(inode.ino);
+        Some(path.clone())
+    }
+
     /// The reads recorded so far (with [`FsConfig::record_reads`]), in the order they came,
     /// each with its layer's index in the image and the file's path in that layer.
     pub fn recorded_reads(&self) -> Vec<RecordedRead> {

@@ -81,6 +81,41 @@ impl LazyError {
     }
 }
 
+/// What image `reference` runs, from its configuration; `None` (logged) when it cannot be
+/// had: it is only a guess at what starts first.
+async fn image_run(
+    source: Arc<dyn crate::registry::BlobSource>,
+    reference: &str,
+    platform: &crate::oci::manifest::Platform,
+    cache: &crate::cache::ChunkCache,
+) -> Option<crate::oci::config::Run> {
+    let config = async {
+        // The manifest was fetched to open the layer: the cache has it.
+        let (_, manifest) =
+            mount::image_manifest(source.as_ref(), reference, platform, Some(cache))
+                .await
+                .map_err(|err| crate::error_chain(&err))?;
+        if manifest.config.size > crate::oci::config::MAX_CONFIG_BYTES {
+            return Err(format!("{} bytes", manifest.config.size));
+        }
+        let bytes = source
+            .blob(&manifest.config)
+            .await
+            .map_err(|err| crate::error_chain(&err))?;
+        crate::oci::config::Run::parse(&bytes).map_err(|err| err.to_string())
+    };
+    config
+        .await
+        .inspect_err(|err| {
+            tracing::debug!(
+                err,
+                reference,
+                "no image configuration: its program is left to the readers"
+            )
+        })
+        .ok()
+}
+
 impl Snapshotter {
     /// Mounts layer `remote` lazily at snapshot `id`'s directory, or serves it again on the
     /// connection `kept` (a keeper held it while the agent restarted). `Ok(false)`: not
@@ -135,6 +170,13 @@ impl Snapshotter {
         if self.config.mount.share_learned == crate::fetch::learn::share::Sharing::Publish {
             opened.sink = Some(open_sink(&image, &self.config.http).map_err(LazyError::Source)?);
         }
+        // What the image runs, asked for while the layer is mounted: a container of it is
+        // about to start.
+        let run = (kept.is_none() && self.config.mount.fs.loader_prefetch).then(|| {
+            let (source, cache) = (opened.source.clone(), self.cache.clone());
+            let platform = self.config.mount.platform.clone();
+            tokio::spawn(async move { image_run(source, &reference, &platform, &cache).await })
+        });
         let fs = self.dir(id).join("fs");
         if kept.is_none() {
             // A mount left by a snapshotter that died: its FUSE connection is gone.
@@ -162,6 +204,17 @@ impl Snapshotter {
             && let Err(err) = keeper.put(&mountpoint.display().to_string(), &mounted.layout(), fd)
         {
             tracing::warn!(%err, keeper = %keeper.socket().display(), mountpoint = %mountpoint.display(), "FUSE keeper unreachable: this layer's containers will lose it if the agent restarts");
+        }
+        if let Some(run) = run {
+            let fs = mounted.fs.clone();
+            let layer = remote.layer.clone();
+            tokio::spawn(async move {
+                let Ok(Some(run)) = run.await else { return };
+                let candidates = run.program_candidates();
+                if let Some(program) = fs.walk_from_program(&candidates) {
+                    tracing::info!(%layer, program, "the image's program is in this layer: the loader prefetch starts from it before a container does");
+                }
+            });
         }
         crate::sync::lock(&self.lazy).insert(id, mounted);
         Ok(true)
