@@ -187,6 +187,10 @@ pub struct Fetcher {
     budget: Arc<MemoryBudget>,
     /// Layers found not to be what their descriptors name: their reads fail.
     quarantined: Mutex<Vec<Digest>>,
+    /// Run between a reader's first look for a chunk and its look at the flights (tests
+    /// put the end of a flight there).
+    #[cfg(test)]
+    pub(crate) between_looks: Mutex<Option<Box<dyn Fn() + Send>>>,
 }
 
 impl std::fmt::Debug for Fetcher {
@@ -238,6 +242,8 @@ impl Fetcher {
             image_bytes: AtomicU64::new(0),
             learning: Mutex::new(None),
             quarantined: Mutex::new(Vec::new()),
+            #[cfg(test)]
+            between_looks: Mutex::new(None),
         }
     }
 
@@ -358,6 +364,17 @@ impl Fetcher {
         Some(data)
     }
 
+    /// [`Self::cached`] again, for the few chunks whose flight ended between the first look
+    /// and the flight map's lock; the disk is read only where the chunk is there.
+    fn landed(&self, chunk: &Chunk, keep_in_memory: bool) -> Option<Arc<Vec<u8>>> {
+        let in_memory = crate::sync::lock(&self.recent).contains(&chunk.digest);
+        if in_memory || self.cache.contains(&chunk.digest) {
+            self.cached(chunk, keep_in_memory)
+        } else {
+            None
+        }
+    }
+
     fn get_by(
         &self,
         chunks: &[ChunkRef<'_>],
@@ -390,23 +407,31 @@ impl Fetcher {
                 out[i] = Some(data);
                 continue;
             }
-            let mut map = crate::sync::lock(&self.inflight);
-            match map.get(&c.chunk.digest) {
-                Some(flight) => {
-                    self.count(|s| &s.merged, 1);
-                    waits.push((i, flight.clone()));
-                }
-                None => {
-                    // A read-around fetch is a guess: when it fails, its waiters fetch.
-                    let flight = Arc::new(if priority == Priority::ReadAround {
-                        Inflight::guess()
-                    } else {
-                        Inflight::default()
-                    });
-                    map.insert(c.chunk.digest, flight.clone());
-                    mine.push((i, flight));
-                }
+            #[cfg(test)]
+            if let Some(hook) = crate::sync::lock(&self.between_looks).take() {
+                hook();
             }
+            let mut map = crate::sync::lock(&self.inflight);
+            if let Some(flight) = map.get(&c.chunk.digest) {
+                self.count(|s| &s.merged, 1);
+                waits.push((i, flight.clone()));
+                continue;
+            }
+            // A flight that ended since the look above published its chunk before it left
+            // the map (`complete`): look again rather than fetch the chunk twice.
+            if let Some(data) = self.landed(c.chunk, priority == Priority::OnDemand) {
+                self.count(|s| &s.cache_hits, 1);
+                out[i] = Some(data);
+                continue;
+            }
+            // A read-around fetch is a guess: when it fails, its waiters fetch.
+            let flight = Arc::new(if priority == Priority::ReadAround {
+                Inflight::guess()
+            } else {
+                Inflight::default()
+            });
+            map.insert(c.chunk.digest, flight.clone());
+            mine.push((i, flight));
         }
         // A reader waiting for a guess still in line for the link has it go now.
         for (_, flight) in &waits {

@@ -313,6 +313,38 @@ fn a_miss_over_a_distant_link_fetches_the_files_after_it_beside_it() {
 }
 
 #[test]
+fn a_guess_that_lands_while_a_reader_looks_is_not_fetched_again() {
+    // f1's reader finds it neither in memory nor on disk; before it looks at the flights, a
+    // guess of f1 is sent and lands, and leaves them.
+    let t = TenFiles::new("fetch-guess-lands-between", None);
+    let node = t.layer.index.get("f1").expect("f1");
+    let f1: Vec<(Digest, Chunk)> = node
+        .chunks
+        .iter()
+        .map(|c| (t.layer.desc.digest, c.clone()))
+        .collect();
+    let fetcher = Arc::downgrade(&t.fetcher);
+    *crate::sync::lock(&t.fetcher.between_looks) = Some(Box::new(move || {
+        let Some(fetcher) = fetcher.upgrade() else {
+            return;
+        };
+        fetcher.guess(
+            f1.clone(),
+            Instant::now() + Duration::from_secs(10),
+            Line::Back,
+        );
+        let until = Instant::now() + Duration::from_secs(10);
+        while !fetcher.nothing_in_flight() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }));
+    assert_eq!(t.read("f1"), vec![1; 4096]);
+    assert!(crate::sync::lock(&t.fetcher.between_looks).is_none());
+    assert_eq!(t.source.ranges.load(Ordering::SeqCst), 1);
+    assert_eq!(t.fetcher.stats.chunks_fetched.load(Ordering::SeqCst), 1);
+}
+
+#[test]
 fn a_large_guess_in_line_is_asked_for_in_pieces_of_half_the_window() {
     // 50 ms away at the assumed 100 Mbit/s: a bandwidth-delay product of 625 KB, a window
     // of two, pieces of one. A file of 3 MiB that does not compress, in 24 chunks adjacent
