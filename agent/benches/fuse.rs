@@ -1,6 +1,7 @@
 //! `cargo xtask bench fuse`: cached reads through the FUSE mount against the same files on
 //! local disk: with each FUSE option on its own, none, all, and the default (all, with
-//! passthrough of cached files to backing files); the default again through overlayfs on top
+//! passthrough of cached files to backing files), the last two also without the directory
+//! read-ahead (on in every other row); the default again through overlayfs on top
 //! (as containerd mounts a layer); and the miss path, reading from an empty cache. Needs
 //! root.
 //!
@@ -254,7 +255,14 @@ fn main() {
         sets.push(Set::new(option.name, flags(option.name, None)));
     }
     sets.push(Set::new("all", flags("all", None)));
+    let mut without_ahead = flags("all", None);
+    without_ahead.push("--no-dir-readahead".into());
+    sets.push(Set::new("all, no directory read-ahead", without_ahead));
     sets.push(Set::new("all + passthrough (default)", vec![]));
+    sets.push(Set::new(
+        "all + passthrough, no directory read-ahead",
+        vec!["--no-dir-readahead".into()],
+    ));
     sets.push(Set {
         overlay: true,
         ..Set::new("default, through overlayfs on the mount", vec![])
@@ -277,9 +285,14 @@ fn main() {
         cold: true,
         ..Set::new("miss path: default, empty cache", vec![])
     });
-    // `IMGSTREAM_BENCH_SETS=a,b`: only the rows whose names contain one of these.
+    // `IMGSTREAM_BENCH_SETS=a,=b`: only the rows whose names contain `a` or are `b`.
     if let Ok(only) = std::env::var("IMGSTREAM_BENCH_SETS") {
-        sets.retain(|set| only.split(',').any(|part| set.name.contains(part)));
+        sets.retain(|set| {
+            only.split(',').any(|part| match part.strip_prefix('=') {
+                Some(name) => set.name == name,
+                None => set.name.contains(part),
+            })
+        });
     }
     let mut local_small = Vec::new();
     let mut local_large = Vec::new();

@@ -206,6 +206,13 @@ impl Serving {
         );
         family(
             out,
+            "imgstream_dir_readahead_files_total",
+            "counter",
+            "Cached files asked into the page cache ahead of a reader going through their directory in listing order.",
+            &[("", load(&crate::fs::ahead::FILES_TOTAL))],
+        );
+        family(
+            out,
             "imgstream_fs_request_panics_total",
             "counter",
             "Filesystem requests (FUSE or virtio-fs) whose handling panicked; each was answered with EIO and its worker kept serving.",

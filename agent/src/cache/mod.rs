@@ -260,6 +260,25 @@ impl ChunkCache {
         self.dir.join("files").join(key.hex())
     }
 
+    /// Starts reading what is cached under `digest` (a backing file with `backing`, else a
+    /// chunk) into the page cache and returns without waiting for the disk; `false` when
+    /// nothing is there. Opening it brings its inode in too, so the open that comes after
+    /// costs no disk read. Nothing is checked here: the reader that comes after checks.
+    pub fn warm(&self, digest: &Digest, backing: bool) -> bool {
+        use std::os::fd::AsRawFd as _;
+        let path = if backing {
+            self.backing_path(digest)
+        } else {
+            self.path(digest)
+        };
+        let Ok(file) = File::open(path) else {
+            return false;
+        };
+        // SAFETY: advice on an open descriptor of ours; it reads nothing into our memory.
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
+        true
+    }
+
     /// The backing file kept under `key` ([`ChunkCache::write_backing`]), opened for reading;
     /// `None` if there is none (or it cannot be opened).
     pub fn open_backing(&self, key: &Digest) -> Option<File> {

@@ -623,7 +623,21 @@ mod tests {
                 raw[last] ^= 0xff;
                 std::fs::write(&chunk, raw).expect("damaged");
             }
+            let ahead = fs.dir_ahead_files();
             assert!(snapshot(&mnt) == tree, "the same tree the second time");
+            // The second pass went through each directory in listing order with every file
+            // cached: where the kernel asked for its opens (with no-open and no passthrough
+            // it reads from its page cache and asks nothing), files ahead of it were asked
+            // from the disk before it got to them.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            let opens_asked = options == FuseOptions::none() || fs.passthrough_enabled();
+            while opens_asked && fs.dir_ahead_files() == ahead {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "files read ahead of the second pass"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
             let asked = |counter: &std::sync::atomic::AtomicU64| counter.load(SeqCst);
             let (opens, opendirs, plus) = (
                 asked(&fs.asked.open),

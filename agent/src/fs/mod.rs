@@ -6,6 +6,7 @@
 //! Transports ([`fusedev`] for host mounts, [`virtiofs`] for VMs) only move messages to and
 //! from this type.
 
+pub(crate) mod ahead;
 pub mod fusedev;
 pub mod keeper;
 mod loader;
@@ -59,6 +60,8 @@ pub struct FsConfig {
     /// Ask for FUSE passthrough (Linux 6.9): opens of cached files handed to backing files
     /// ([`passthrough`]). Only the FUSE transport can; it costs the no-open option.
     pub passthrough: bool,
+    /// Read cached files ahead of a reader going through a directory ([`ahead`]).
+    pub dir_readahead: bool,
 }
 
 impl Default for FsConfig {
@@ -70,6 +73,7 @@ impl Default for FsConfig {
             loader_prefetch: true,
             fuse_options: options::FuseOptions::default(),
             passthrough: true,
+            dir_readahead: true,
         }
     }
 }
@@ -139,6 +143,8 @@ pub struct ImageFs {
     pub(crate) asked: Asked,
     /// Opens of complete files handed to backing files.
     passthrough: passthrough::Passthrough,
+    /// Reads cached files ahead of readers going through directories.
+    ahead: Option<ahead::DirAhead>,
     /// Tests: the next read panics (to show a panicking request is answered).
     #[cfg(test)]
     pub(crate) panic_next_read: std::sync::atomic::AtomicBool,
@@ -175,7 +181,11 @@ impl ImageFs {
             )
         });
         let passthrough = passthrough::Passthrough::new(fetcher.cache().clone());
+        let ahead = config
+            .dir_readahead
+            .then(|| ahead::DirAhead::new(tree.clone(), layers.clone(), fetcher.cache().clone()));
         Self {
+            ahead,
             tree,
             layers,
             fetcher,
@@ -231,6 +241,14 @@ impl ImageFs {
     /// it. Until then (and without it) every open is served through the agent.
     pub fn attach_fuse_device(&self, device: std::os::fd::OwnedFd) {
         self.passthrough.attach(device);
+    }
+
+    /// Files whose cached bytes the directory read-ahead asked into the page cache.
+    #[cfg(test)]
+    pub(crate) fn dir_ahead_files(&self) -> u64 {
+        self.ahead.as_ref().map_or(0, |a| {
+            a.stats.files.load(std::sync::atomic::Ordering::Relaxed)
+        })
     }
 
     /// Whether INIT enabled FUSE passthrough and it still works.
@@ -585,6 +603,9 @@ impl FileSystem for ImageFs {
                 // cache (a write open of the read-only mount never gets this far).
                 return Err(errno(libc::ENOSYS));
             }
+            if let Some(ahead) = &self.ahead {
+                ahead.opened(ino, self.passthrough.enabled());
+            }
             if let Some((layer, node)) = inode.data {
                 let node = &self.layers[layer].index.nodes[node];
                 if let passthrough::Open::Backing(id) = self.passthrough.open(ino, node) {
@@ -621,6 +642,13 @@ impl FileSystem for ImageFs {
                 panic!("injected by a test");
             }
             let inode = self.inode(ino)?;
+            // With no OPEN sent, a file's first read is the sign that a reader opened it.
+            if offset == 0
+                && let Some(ahead) = &self.ahead
+                && self.no_open.load(std::sync::atomic::Ordering::Relaxed)
+            {
+                ahead.opened(ino, false);
+            }
             self.read_into(inode, w, size, offset)
         })
     }

@@ -460,6 +460,10 @@ pub(crate) struct ServingArgs {
     /// asking the agent. Passthrough needs OPEN, so it replaces the no-open option.
     #[arg(long)]
     pub(crate) no_passthrough: bool,
+    /// Do not read cached files ahead of a reader going through a directory in listing
+    /// order (by default the next 16 files of at most 1 MiB are asked into the page cache).
+    #[arg(long)]
+    pub(crate) no_dir_readahead: bool,
     /// Platform to pick from an image index.
     #[arg(long, default_value = "linux/amd64")]
     pub(crate) platform: imgstream::oci::manifest::Platform,
@@ -499,6 +503,7 @@ impl ServingArgs {
                 loader_prefetch: !self.no_loader_prefetch,
                 fuse_options: self.fuse_options,
                 passthrough: !self.no_passthrough,
+                dir_readahead: !self.no_dir_readahead,
             },
             background: (!self.no_background).then_some(
                 imgstream::fetch::background::BackgroundConfig {
