@@ -269,6 +269,8 @@ pub(crate) struct Passthrough {
     opens: Mutex<Table>,
     cache: Arc<ChunkCache>,
     queue: Mutex<Option<mpsc::SyncSender<Job>>>,
+    /// The writer of backing files, joined when the mount goes.
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     queued: Arc<Mutex<HashSet<Digest>>>,
     /// Set when the mount goes: the writer drops what is still queued.
     stopped: Arc<AtomicBool>,
@@ -276,8 +278,14 @@ pub(crate) struct Passthrough {
 }
 
 impl Drop for Passthrough {
+    /// Stops the writer and waits for the batch it is on: once a mount is gone nothing
+    /// writes into the cache for it (its image may be released, its directory removed).
     fn drop(&mut self) {
         self.stopped.store(true, Ordering::Relaxed);
+        drop(crate::sync::lock(&self.queue).take());
+        if let Some(writer) = crate::sync::lock(&self.writer).take() {
+            let _ = writer.join();
+        }
     }
 }
 
@@ -306,6 +314,7 @@ impl Passthrough {
             opens: Mutex::default(),
             cache,
             queue: Mutex::new(None),
+            writer: Mutex::new(None),
             queued: Arc::new(Mutex::new(HashSet::new())),
             stopped: Arc::default(),
             stats: Arc::default(),
@@ -509,7 +518,10 @@ impl Passthrough {
                 }
             });
         match spawned {
-            Ok(_) => Some(tx),
+            Ok(writer) => {
+                *crate::sync::lock(&self.writer) = Some(writer);
+                Some(tx)
+            }
             Err(err) => {
                 tracing::warn!(%err, "no thread to write backing files; passthrough stays off");
                 self.set_enabled(false);
@@ -795,6 +807,42 @@ mod tests {
         first.passthrough.set_negotiated(true);
         assert!(second.take_over_passthrough(&path, 7, dev_null()));
         assert!(second.passthrough_enabled());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_dropped_mount_waits_for_its_backing_file_writer() {
+        let (dir, cache) = crate::testing::scratch_cache("pt-writer-join");
+        let passthrough = Passthrough::new(cache.clone());
+        // Many files of one cached chunk each: the writer is still at them when the mount goes.
+        for i in 0..2000u32 {
+            let data = i.to_le_bytes().repeat(1024);
+            let digest = Digest::of(&data);
+            assert!(cache.put(&digest, &data).expect("a cache write"));
+            let node = Node {
+                path: format!("f{i}"),
+                kind: crate::image::estargz::NodeKind::Regular,
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                size: data.len() as u64,
+                mtime: (0, 0),
+                xattrs: Default::default(),
+                digest: None,
+                chunks: vec![Chunk {
+                    file_offset: 0,
+                    size: data.len() as u64,
+                    blob_offset: 0,
+                    blob_end: 1,
+                    digest,
+                    unit: Unit::Member,
+                }],
+            };
+            passthrough.queue(backing_key(&node), &node);
+        }
+        drop(passthrough);
+        // The writer's hold on the cache is gone with it: nothing writes for this mount now.
+        assert_eq!(Arc::strong_count(&cache), 1);
         let _ = std::fs::remove_dir_all(dir);
     }
 }
