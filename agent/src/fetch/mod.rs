@@ -367,12 +367,16 @@ impl Fetcher {
     /// [`Self::cached`] again, for the few chunks whose flight ended between the first look
     /// and the flight map's lock; the disk is read only where the chunk is there.
     fn landed(&self, chunk: &Chunk, keep_in_memory: bool) -> Option<Arc<Vec<u8>>> {
-        let in_memory = crate::sync::lock(&self.recent).contains(&chunk.digest);
-        if in_memory || self.cache.contains(&chunk.digest) {
+        if self.present(&chunk.digest) {
             self.cached(chunk, keep_in_memory)
         } else {
             None
         }
+    }
+
+    /// Whether the chunk `digest` is in memory or in the cache, looked up without reading it.
+    pub(crate) fn present(&self, digest: &Digest) -> bool {
+        crate::sync::lock(&self.recent).contains(digest) || self.cache.contains(digest)
     }
 
     fn get_by(
@@ -573,10 +577,7 @@ impl Fetcher {
     ) {
         let candidates: Vec<(Digest, Chunk)> = chunks
             .into_iter()
-            .filter(|(_, c)| {
-                !crate::sync::lock(&self.recent).contains(&c.digest)
-                    && !self.cache.contains(&c.digest)
-            })
+            .filter(|(_, c)| !self.present(&c.digest))
             .collect();
         let mut guessed = Vec::with_capacity(candidates.len());
         {

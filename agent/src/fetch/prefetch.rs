@@ -270,18 +270,26 @@ fn run(
                     let Some(batch) = batches.get(next.fetch_add(1, Ordering::Relaxed)) else {
                         return;
                     };
+                    // What is cached already is looked up, not read: on an image cached
+                    // whole, reading it back would only keep the disk from its readers.
                     let refs: Vec<ChunkRef<'_>> = batch
                         .chunks
                         .iter()
+                        .filter(|chunk| !fetcher.present(&chunk.digest))
                         .map(|chunk| ChunkRef {
                             blob: batch.blob,
                             chunk,
                         })
                         .collect();
+                    if refs.is_empty() {
+                        continue;
+                    }
                     match fetcher.get(&refs, Priority::OnDemand, Instant::now() + deadline) {
                         Ok(_) => {
+                            let fetched: u64 =
+                                refs.iter().map(|c| c.chunk.blob_end - c.chunk.blob_offset).sum();
                             chunks.fetch_add(refs.len(), Ordering::Relaxed);
-                            bytes.fetch_add(batch.bytes(), Ordering::Relaxed);
+                            bytes.fetch_add(fetched, Ordering::Relaxed);
                         }
                         Err(err) => {
                             failed.fetch_add(1, Ordering::Relaxed);

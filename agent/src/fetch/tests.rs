@@ -942,3 +942,50 @@ fn a_layer_that_is_not_what_its_descriptor_names_is_quarantined_and_its_reads_fa
         assert!(matches!(err, FetchError::Quarantined { .. }), "{err}");
     }
 }
+
+#[test]
+fn a_prefetch_on_a_cached_layer_reads_nothing_back() {
+    let t = TenFiles::new("fetch-prefetch-cached", None);
+    let mut layer = t.layer.clone();
+    layer.index.prefetch = (0..layer.index.nodes.len())
+        .flat_map(|node| (0..layer.index.nodes[node].chunks.len()).map(move |c| (node, c)))
+        .collect();
+    assert!(!layer.index.prefetch.is_empty());
+    let layers: Arc<[RemoteLayer]> = Arc::from(vec![layer]);
+    let prefetch = |fetcher: &Arc<Fetcher>| {
+        let stop = crate::shutdown::Shutdown::new();
+        prefetch::spawn(
+            fetcher.clone(),
+            layers.clone(),
+            Duration::from_secs(10),
+            None,
+            stop,
+        )
+        .expect("a layer with a list is prefetched")
+        .join()
+        .expect("the prefetch ends without a panic");
+    };
+    prefetch(&t.fetcher);
+    t.fetcher.flush_cache_writes();
+    let fetched = t.fetcher.stats.chunks_fetched.load(Ordering::SeqCst);
+    assert_eq!(fetched, 10, "the first mount fetches the list");
+
+    // The next mount of the image (nothing in memory) finds every chunk on disk.
+    let cache = t.fetcher.cache().clone();
+    let hits = cache.stats.hits.load(Ordering::SeqCst);
+    let again = Arc::new(Fetcher::new(
+        t._runtime.handle().clone(),
+        t.source.clone(),
+        cache.clone(),
+    ));
+    prefetch(&again);
+    assert_eq!(again.stats.requests.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        cache.stats.hits.load(Ordering::SeqCst),
+        hits,
+        "cached chunks are looked up, not read"
+    );
+    // Readers still get every file, from the cache.
+    assert_eq!(read_file(&again, &layers[0], "f3"), t.read("f3"));
+    assert_eq!(again.stats.requests.load(Ordering::SeqCst), 0);
+}
