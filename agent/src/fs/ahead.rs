@@ -9,16 +9,14 @@
 //! directory (a walk of a tree going on), the next [`FILES`] files of that listing are looked
 //! up in the cache and their backing files (with passthrough) or chunks asked into the page
 //! cache (`POSIX_FADV_WILLNEED`) by a thread of the mount's own. An open of one file alone, or
-//! opens out of listing order, read nothing ahead. What is read ahead is only ever what is
-//! cached: a missing chunk is never fetched from here.
+//! opens out of listing order, read nothing ahead; a lone open copies no listing, and a
+//! directory of more than [`LISTING`] entries is not followed. What is read ahead is only
+//! ever what is cached: a missing chunk is never fetched from here.
 
-use std::{
-    collections::HashMap,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-        mpsc,
-    },
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicU64, Ordering},
+    mpsc,
 };
 
 use super::{passthrough, tree::Tree};
@@ -33,8 +31,9 @@ const LARGEST: u64 = 1 << 20;
 const STRIDE: usize = 4;
 /// Directories followed at once (readers going through several in parallel).
 const DIRS: usize = 8;
-/// A directory with more entries than this is indexed by inode rather than scanned.
-const SCANNED: usize = 64;
+/// A directory with more entries than this is not followed (following one copies its
+/// listing).
+const LISTING: usize = 4096;
 /// Files waiting for the thread; more are not read ahead.
 const QUEUED: usize = 256;
 
@@ -48,12 +47,11 @@ struct Job {
 #[derive(Debug)]
 struct Walk {
     dir: u64,
-    /// Its entries, in listing order.
+    /// Its entries, in listing order: copied when a second file of it is opened (or the
+    /// first, when a walk of the tree goes on into it), empty until then.
     order: Vec<u64>,
-    /// Where each entry is in `order`, for large directories.
-    at: HashMap<u64, usize>,
-    /// Position of the last file opened.
-    last: usize,
+    /// The last file opened, and its position in `order` once there is one.
+    last: (u64, usize),
     /// Entries before this were read ahead (or passed).
     ahead: usize,
     /// When it was last used, for dropping the least recently used.
@@ -61,11 +59,16 @@ struct Walk {
 }
 
 impl Walk {
+    /// Where `ino` is in the listing: looked for from the last open on, where a reader
+    /// going in order is, then before it.
     fn position(&self, ino: u64) -> Option<usize> {
-        if self.order.len() > SCANNED {
-            return self.at.get(&ino).copied();
-        }
-        self.order.iter().position(|&i| i == ino)
+        let from = self.last.1.min(self.order.len());
+        let (before, after) = self.order.split_at(from);
+        after
+            .iter()
+            .position(|&i| i == ino)
+            .map(|i| from + i)
+            .or_else(|| before.iter().position(|&i| i == ino))
     }
 }
 
@@ -149,35 +152,59 @@ impl DirAhead {
         let (walks, clock, in_order_before) = &mut *walks;
         *clock += 1;
         let now = *clock;
-        let walk = match walks.iter().position(|w| w.dir == dir) {
-            Some(i) => &mut walks[i],
-            None => {
-                let Some(walk) = self.walk(dir, ino, now) else {
-                    return Vec::new();
-                };
-                if walks.len() >= DIRS
-                    && let Some(oldest) = (0..walks.len()).min_by_key(|&i| walks[i].used)
-                {
-                    walks.swap_remove(oldest);
-                }
-                walks.push(walk);
-                let last = walks.len() - 1;
-                &mut walks[last]
+        let Some(i) = walks.iter().position(|w| w.dir == dir) else {
+            // A directory's first open: in order when it is one of the listing's first
+            // entries and the reader was going through a directory in order just before (a
+            // walk of a tree goes from one directory's files to the next's). Otherwise it is
+            // only noted: its listing is copied if another of its files is opened.
+            let head = self
+                .tree
+                .get(dir)
+                .and_then(|d| d.children.values().take(STRIDE + 1).position(|&i| i == ino));
+            let order = match head {
+                Some(_) if *in_order_before => self.listing(dir),
+                _ => None,
+            };
+            *in_order_before = order.is_some();
+            if walks.len() >= DIRS
+                && let Some(oldest) = (0..walks.len()).min_by_key(|&i| walks[i].used)
+            {
+                walks.swap_remove(oldest);
             }
+            let at = head.unwrap_or(0);
+            let mut walk = Walk {
+                dir,
+                order: order.unwrap_or_default(),
+                last: (ino, at),
+                ahead: at + 1,
+                used: now,
+            };
+            let next = self.ahead_of(&mut walk, at);
+            walks.push(walk);
+            return next;
         };
+        let walk = &mut walks[i];
+        walk.used = now;
+        if walk.order.is_empty() {
+            // The directory's second open: follow it from here on.
+            let first = walk.last.0;
+            walk.order = self.listing(dir).unwrap_or_default();
+            walk.last = (first, 0);
+            let Some(at) = walk.position(first) else {
+                walk.last = (ino, 0);
+                *in_order_before = false;
+                return Vec::new();
+            };
+            walk.last.1 = at;
+            walk.ahead = at + 1;
+        }
         let Some(at) = walk.position(ino) else {
+            walk.last.0 = ino;
+            *in_order_before = false;
             return Vec::new();
         };
-        let in_order = if walk.used == now {
-            // A directory's first open: in order when it is one of the listing's first
-            // entries and the reader was going through a directory in order just before
-            // (a walk of a tree goes from one directory's files to the next's).
-            at <= STRIDE && *in_order_before
-        } else {
-            at > walk.last && at - walk.last <= STRIDE
-        };
-        walk.used = now;
-        walk.last = at;
+        let in_order = at > walk.last.1 && at - walk.last.1 <= STRIDE;
+        walk.last = (ino, at);
         *in_order_before = in_order;
         if !in_order {
             // A reader that starts over (or jumps) hands over again from here when it goes
@@ -186,6 +213,11 @@ impl DirAhead {
             walk.ahead = at + 1;
             return Vec::new();
         }
+        self.ahead_of(walk, at)
+    }
+
+    /// The files of `walk` to read ahead of its entry `at`, that were not handed over before.
+    fn ahead_of(&self, walk: &mut Walk, at: usize) -> Vec<u64> {
         let from = walk.ahead.max(at + 1);
         let to = (at + 1 + FILES).min(walk.order.len());
         if from >= to {
@@ -203,25 +235,11 @@ impl DirAhead {
             .collect()
     }
 
-    /// A new walk of directory `dir` from its entry `ino`.
-    fn walk(&self, dir: u64, ino: u64, now: u64) -> Option<Walk> {
-        let order: Vec<u64> = self.tree.get(dir)?.children.values().copied().collect();
-        let at = if order.len() > SCANNED {
-            order.iter().enumerate().map(|(i, &n)| (n, i)).collect()
-        } else {
-            HashMap::new()
-        };
-        let mut walk = Walk {
-            dir,
-            order,
-            at,
-            last: 0,
-            ahead: 0,
-            used: now,
-        };
-        walk.last = walk.position(ino)?;
-        walk.ahead = walk.last + 1;
-        Some(walk)
+    /// The entries of directory `dir` in listing order, unless there are more than
+    /// [`LISTING`].
+    fn listing(&self, dir: u64) -> Option<Vec<u64>> {
+        let children = &self.tree.get(dir)?.children;
+        (children.len() <= LISTING).then(|| children.values().copied().collect())
     }
 
     /// The thread that asks the disk; it ends with the mount (the sender's drop).
@@ -283,6 +301,9 @@ mod tests {
         }
         for name in ["e/a", "e/b", "e/c"] {
             entries.push((Header::new(name, Kind::Regular), name.as_bytes().to_vec()));
+        }
+        for i in 0..=LISTING {
+            entries.push((Header::new(&format!("big/{i:05}"), Kind::Regular), vec![1]));
         }
         let (blob, summary) = estargz_layer(&entries, 1 << 20, false);
         let (index, toc) = layer_index(&blob, None).expect("an index");
@@ -380,6 +401,27 @@ mod tests {
         // Directories and unknown inodes are nothing.
         assert!(f.ahead.next(f.ino("/d")).is_empty());
         assert!(f.ahead.next(u64::MAX).is_empty());
+    }
+
+    #[test]
+    fn a_lone_open_copies_no_listing_and_a_huge_directory_is_never_followed() {
+        let f = Fixture::new("ahead-bounds");
+        let listed = |dir: &str| {
+            let dir = f.ino(dir);
+            let walks = crate::sync::lock(&f.ahead.walks);
+            walks.0.iter().find(|w| w.dir == dir).map(|w| w.order.len())
+        };
+        // One open in a directory is noted; its listing is not copied.
+        assert!(f.next("/d/f00").is_empty());
+        assert_eq!(listed("/d"), Some(0));
+        // The second open in it copies the listing (42 entries) and reads ahead.
+        assert!(!f.next("/d/f01").is_empty());
+        assert_eq!(listed("/d"), Some(42));
+        // A directory of more entries than a walk copies: nothing, however it is read.
+        for i in 0..8 {
+            assert!(f.next(&format!("/big/{i:05}")).is_empty());
+        }
+        assert_eq!(listed("/big"), Some(0));
     }
 
     #[test]
