@@ -180,7 +180,12 @@ impl ImageJob {
             self.image,
             mountpoint.display()
         );
-        wait_with_progress(&opened.shutdown, mounted.progress.as_deref());
+        wait_with_progress(&opened.shutdown, mounted.progress.as_deref(), || {
+            mounted.ended()
+        });
+        if mounted.ended() {
+            tracing::info!(mountpoint = %mountpoint.display(), "unmounted from outside: exiting");
+        }
         mounted.wait_background_stop();
         let reads = mounted.fs.recorded_reads();
         drop(mounted);
@@ -242,8 +247,9 @@ impl ImageJob {
     }
 }
 
-/// Waits for `shutdown`, showing the background download's progress meanwhile.
-fn wait_with_progress(shutdown: &Shutdown, progress: Option<&Progress>) {
+/// Waits for `shutdown`, or for `ended` (the mount gone from outside), showing the
+/// background download's progress meanwhile.
+fn wait_with_progress(shutdown: &Shutdown, progress: Option<&Progress>, ended: impl Fn() -> bool) {
     let bar = (std::io::stderr().is_terminal() && progress.is_some()).then(|| {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
@@ -256,7 +262,7 @@ fn wait_with_progress(shutdown: &Shutdown, progress: Option<&Progress>) {
         bar
     });
     let mut last_log = Instant::now();
-    while !shutdown.is_triggered() {
+    while !shutdown.is_triggered() && !ended() {
         std::thread::sleep(TICK);
         let Some(progress) = progress else {
             continue;

@@ -651,6 +651,11 @@ impl std::ops::DerefMut for MountedImage {
 }
 
 impl MountedImage {
+    /// Whether the mount is gone from under this process (unmounted from outside).
+    pub fn ended(&self) -> bool {
+        self.mount.as_ref().is_some_and(FuseMount::ended)
+    }
+
     /// The FUSE connection's descriptor, to hand to a keeper.
     pub fn fuse_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         self.mount.as_ref()?.fuse_fd()

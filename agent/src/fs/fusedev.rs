@@ -173,6 +173,12 @@ impl FuseMount {
         &self.mountpoint
     }
 
+    /// Whether the kernel ended the session: every worker returned, as they do once the
+    /// mount point is unmounted from outside (`umount`) or the connection is aborted.
+    pub fn ended(&self) -> bool {
+        !self.workers.is_empty() && self.workers.iter().all(thread::JoinHandle::is_finished)
+    }
+
     /// The readahead this mount set, if it set one.
     pub fn readahead(&self) -> Option<&Readahead> {
         self.readahead.as_ref()
@@ -272,14 +278,21 @@ fn serve<F: FileSystem + Send + Sync>(mut channel: FuseChannel, server: &Server<
 
 impl Drop for FuseMount {
     fn drop(&mut self) {
+        // Unmounted from outside already: nothing to unmount, nothing to warn about.
+        let gone = self.ended();
         let Some(mut session) = self.session.take() else {
             return;
         };
         let unmounted = match &self.placeholder {
+            None if gone => Ok(()),
             None => session.umount().map_err(|e| e.to_string()),
             Some(placeholder) => {
                 // The session knows only its placeholder: unmount the real mount point here.
-                let result = umount_lazy(&self.mountpoint).map_err(|e| e.to_string());
+                let result = if gone {
+                    Ok(())
+                } else {
+                    umount_lazy(&self.mountpoint).map_err(|e| e.to_string())
+                };
                 let _ = session.umount();
                 let _ = std::fs::remove_dir(placeholder);
                 result

@@ -76,6 +76,30 @@ impl Mounted {
     }
 }
 
+impl Mounted {
+    /// Unmounts the mount point from outside, as `umount` does, and waits for the process
+    /// to notice and exit cleanly on its own.
+    pub fn unmount_from_outside(mut self) {
+        let status = Command::new("umount")
+            .arg(&self.mountpoint)
+            .status()
+            .unwrap();
+        assert!(status.success(), "umount {}", self.mountpoint.display());
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "imgstream mount still runs 20 s after its mount point was unmounted"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success(), "imgstream mount exited with {status}");
+    }
+}
+
 impl Drop for Mounted {
     fn drop(&mut self) {
         // After a failed assertion: no orphan process, no stale mount.

@@ -55,7 +55,8 @@ pub(crate) enum Command {
     Index(IndexArgs),
     /// Mount an image lazily (FUSE): files are fetched as they are read, the whole image is
     /// cached in the background. IMAGE is a registry reference or `oci:DIR[:TAG]`. Unmounts on
-    /// Ctrl-C or SIGTERM; after a crash, `umount -l MOUNTPOINT` removes the stale mount.
+    /// Ctrl-C or SIGTERM, exits when MOUNTPOINT is unmounted from outside; after a crash,
+    /// `umount -l MOUNTPOINT` removes the stale mount.
     Mount(MountArgs),
     /// Serve an image to a virtual machine as a vhost-user virtio-fs device: the VMM connects
     /// to SOCKET (QEMU: `-chardev socket,id=fs0,path=SOCKET -device
