@@ -13,7 +13,11 @@
 //!   whiteouts, and symlink renames that must not fail with ENXIO on these kernels;
 //! - EIO within the deadline from the share whose registry is stopped, and a share that
 //!   still lists afterwards;
-//! - the rename-ENXIO detector's selftest (the failure emulated by a FUSE filesystem).
+//! - the rename-ENXIO detector's selftest (the failure emulated by a FUSE filesystem);
+//! - the agent's own FUSE filesystem on the guest's kernel: `imgstream mount` of the image as
+//!   an eStargz OCI layout in the initramfs, the tree checked twice, FUSE passthrough
+//!   negotiated where the kernel has it (6.12) and not where it does not (6.1), and the agent
+//!   exiting cleanly once its mount point is unmounted.
 //!
 //! The host read the whole image through FUSE first; the guests then transfer nothing from the
 //! registry (one cache). Between the kernels, a guest is killed in the middle of a read; both
@@ -154,6 +158,29 @@ fn time_read(path: &Path) -> (u64, f64) {
 }
 
 /// The guest's `key=value` result fields.
+/// Every regular file under `dir`: its path relative to `dir`, and its bytes.
+fn walk_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(at) = dirs.pop() {
+        for entry in std::fs::read_dir(&at).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                let rel = path
+                    .strip_prefix(dir)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                files.push((rel, std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
 fn result_field(lines: &[String], key: &str) -> Option<f64> {
     lines
         .iter()
@@ -235,6 +262,22 @@ fn guests_stream_the_image_over_virtio_fs_from_the_hosts_cache() {
         &tarballs,
         &["/bin/sh"],
     ));
+    // The same image as eStargz in an OCI layout, for the guests to mount with the agent's
+    // own FUSE filesystem on their kernels (one with FUSE passthrough, one without).
+    let esgz_layout = scratch.join("esgz-layout");
+    support::imgstream(&[
+        "convert",
+        &format!("oci:{}:v1", layout.display()),
+        &format!("oci:{}:v1", esgz_layout.display()),
+        "--chunk-size",
+        "1M",
+        "--scratch",
+        scratch.to_str().unwrap(),
+    ]);
+    let layout_files: Vec<(String, Vec<u8>)> = walk_files(&esgz_layout)
+        .into_iter()
+        .map(|(rel, data)| (format!("/image/layout/{rel}"), data))
+        .collect();
     let expected = scratch.join("expected");
     expected_merged(&tarballs, &expected);
     let expected_tree = tree::describe(&expected).unwrap();
@@ -321,10 +364,17 @@ overlay: /init overlay-ops /mnt/image etc/motd etc/hostname usr/big-symlink
 mount-faulty: /init mount virtiofs faulty /mnt/faulty
 stopped-registry-eio: /init expect-eio /mnt/faulty/usr/lib/big.bin {EIO_LIMIT_SECS}
 detector-selftest: /bin/imgstream selftest --workdir /tmp
+fuse-image: /init fuse-image /image/layout /mnt/fuse /etc/imgstream/expected-tree
 "
     );
     let expected_text = tree::to_text(&expected_tree);
-    let files: [(&str, &[u8]); 1] = [("/etc/imgstream/expected-tree", expected_text.as_bytes())];
+    let mut files: Vec<(&str, &[u8])> =
+        vec![("/etc/imgstream/expected-tree", expected_text.as_bytes())];
+    files.extend(
+        layout_files
+            .iter()
+            .map(|(path, data)| (path.as_str(), data.as_slice())),
+    );
     let devices = vec![
         VirtioFsDevice {
             socket: main.socket.clone(),
@@ -386,6 +436,19 @@ detector-selftest: /bin/imgstream selftest --workdir /tmp
             let series = format!("imgstream_fetch_bytes_total{{priority=\"{priority}\"}}");
             assert_eq!(support::metric(&page, &series), 0, "{series}");
         }
+        // The agent's FUSE mount in the guest took the path its kernel allows.
+        let passthrough = result_field(&run.lines, "fuse-passthrough").expect("fuse-image line");
+        assert_eq!(
+            passthrough == 1.0,
+            kernel.has_fuse_passthrough().unwrap(),
+            "{}: FUSE passthrough negotiated iff the kernel has it",
+            kernel.release
+        );
+        eprintln!(
+            "{}: the agent's FUSE mount, passthrough {}",
+            kernel.release,
+            if passthrough == 1.0 { "on" } else { "off" }
+        );
         let guest_rate = result_field(&run.lines, "guest-read-mb-per-s").expect("throughput line");
         rates.push((kernel.release.clone(), guest_rate));
         assert!(

@@ -10,6 +10,11 @@
 //!   FILE's directory still lists (the backend survived).
 //! - `hang-read FILE MARKER`: prints MARKER, then reads FILE (the host kills the VM on it).
 //! - `read-throughput FILE`: reads FILE sequentially and reports bytes and seconds.
+//! - `fuse-image LAYOUT MOUNTPOINT EXPECTED`: `imgstream mount oci:LAYOUT:v1 MOUNTPOINT` (the
+//!   agent's own FUSE filesystem, on this kernel), its tree checked against file EXPECTED
+//!   twice (the second pass opens cached files, passthrough's case), then the mount point
+//!   unmounted with umount(2) and the agent's clean exit awaited; reports whether INIT
+//!   negotiated FUSE passthrough (`fuse-passthrough=1` or `0`).
 //! - `sleep SECS`: waits (while the host does something to the backends).
 
 use std::{
@@ -38,6 +43,9 @@ pub(crate) fn main(args: Vec<String>) -> i32 {
         },
         ["hang-read", file, marker] => hang_read(Path::new(file), marker),
         ["read-throughput", file] => read_throughput(Path::new(file)),
+        ["fuse-image", layout, mountpoint, expected] => {
+            fuse_image(layout, Path::new(mountpoint), Path::new(expected))
+        }
         ["sleep", secs] => match secs.parse() {
             Ok(secs) => {
                 std::thread::sleep(Duration::from_secs(secs));
@@ -334,4 +342,102 @@ fn read_throughput(file: &Path) -> Result<(), String> {
         bytes as f64 / secs / 1e6
     );
     Ok(())
+}
+
+/// The longest the agent may take to mount, or to exit once unmounted (TCG is slow).
+const FUSE_WAIT: Duration = Duration::from_secs(120);
+
+fn fuse_image(layout: &str, mountpoint: &Path, expected: &Path) -> Result<(), String> {
+    use std::process::{Command, Stdio};
+    fs::create_dir_all(mountpoint).map_err(io_err(mountpoint.display()))?;
+    let log_path = Path::new("/tmp/fuse-image.log");
+    let log = fs::File::create(log_path).map_err(io_err(log_path.display()))?;
+    let mut agent = Command::new("/bin/imgstream")
+        .args(["mount", &format!("oci:{layout}:v1")])
+        .arg(mountpoint)
+        .args(["--cache-dir", "/tmp/fuse-cache", "--no-background"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(io_err("/bin/imgstream mount"))?;
+    let result = serve_and_check(&mut agent, mountpoint, expected);
+    if result.is_err() {
+        let _ = agent.kill();
+        let _ = agent.wait();
+        // A lazy unmount of what may be left.
+        if let Ok(path) = cstring(mountpoint) {
+            // SAFETY: a NUL-terminated path that outlives the call.
+            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+    let text = fs::read_to_string(log_path).unwrap_or_default();
+    let negotiated = text.lines().find(|l| l.contains("FUSE options negotiated"));
+    println!("agent: {}", negotiated.unwrap_or("(no FUSE INIT line)"));
+    if result.is_err() {
+        for line in text.lines().rev().take(20) {
+            println!("  agent: {line}");
+        }
+    }
+    result?;
+    let passthrough = match negotiated {
+        Some(line) if line.contains("passthrough=true") => 1,
+        Some(line) if line.contains("passthrough=false") => 0,
+        _ => return Err("the agent's log does not say what INIT negotiated".into()),
+    };
+    println!("{RESULT} fuse-passthrough={passthrough}");
+    Ok(())
+}
+
+/// Waits for the agent's mount, checks the tree twice, unmounts it from outside and waits for
+/// the agent to exit 0.
+fn serve_and_check(
+    agent: &mut std::process::Child,
+    mountpoint: &Path,
+    expected: &Path,
+) -> Result<(), String> {
+    let started = Instant::now();
+    let wanted = format!(" {} fuse", mountpoint.display());
+    loop {
+        if let Some(status) = agent.try_wait().map_err(io_err("waiting for the agent"))? {
+            return Err(format!("the agent exited before mounting: {status}"));
+        }
+        let mounts =
+            fs::read_to_string("/proc/self/mounts").map_err(io_err("/proc/self/mounts"))?;
+        if mounts.contains(&wanted) {
+            break;
+        }
+        if started.elapsed() > FUSE_WAIT {
+            return Err(format!("not mounted within {FUSE_WAIT:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "mounted by the agent in {:.1} s",
+        started.elapsed().as_secs_f32()
+    );
+    check_tree(mountpoint, expected)?;
+    check_tree(mountpoint, expected)?;
+    let path = cstring(mountpoint)?;
+    // SAFETY: a NUL-terminated path that outlives the call.
+    if unsafe { libc::umount2(path.as_ptr(), 0) } != 0 {
+        return Err(format!("umount: {}", io::Error::last_os_error()));
+    }
+    let unmounted = Instant::now();
+    loop {
+        if let Some(status) = agent.try_wait().map_err(io_err("waiting for the agent"))? {
+            return if status.success() {
+                println!("the agent exited once unmounted");
+                Ok(())
+            } else {
+                Err(format!("the agent exited with {status} once unmounted"))
+            };
+        }
+        if unmounted.elapsed() > FUSE_WAIT {
+            return Err(format!(
+                "the agent still runs {FUSE_WAIT:?} after the unmount"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

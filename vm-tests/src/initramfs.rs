@@ -99,8 +99,8 @@ impl GuestBinaries {
 
 /// A test initramfs for `kernel`: `/init`, `/bin/imgstream`, that kernel's modules the tests
 /// need (in load order, listed in /etc/imgstream/modules), the test list (`name: argv` lines,
-/// in /etc/imgstream/tests) and any `extra` files (absolute paths; parents must exist or be
-/// among /etc/imgstream).
+/// in /etc/imgstream/tests) and any `extra` files (absolute paths; their parent directories
+/// are made).
 pub fn test_image(
     kernel: &crate::kernels::GuestKernel,
     bins: &GuestBinaries,
@@ -117,6 +117,7 @@ pub fn test_image(
         })
     };
     let mut image = Initramfs::new();
+    let mut made = std::collections::HashSet::new();
     for dir in [
         "/bin",
         "/dev",
@@ -130,6 +131,7 @@ pub fn test_image(
         "/tmp",
     ] {
         image.dir(dir);
+        made.insert(dir.to_string());
     }
     // The kernel opens /dev/console as init's stdin, stdout and stderr.
     image.char_dev("/dev/console", 5, 1);
@@ -150,6 +152,18 @@ pub fn test_image(
     image.file("/etc/imgstream/modules", 0o644, load_order.as_bytes());
     image.file("/etc/imgstream/tests", 0o644, tests.as_bytes());
     for (path, data) in extra {
+        let mut parents: Vec<&str> = std::path::Path::new(path)
+            .ancestors()
+            .skip(1)
+            .filter_map(|p| p.to_str())
+            .filter(|p| p.len() > 1)
+            .collect();
+        parents.reverse();
+        for parent in parents {
+            if made.insert(parent.to_string()) {
+                image.dir(parent);
+            }
+        }
         image.file(path, 0o644, data);
     }
     let mut out = Vec::new();

@@ -97,6 +97,15 @@ impl GuestKernel {
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
     }
 
+    /// Whether the kernel was built with FUSE passthrough (`CONFIG_FUSE_PASSTHROUGH=y`, Linux
+    /// 6.9 and later).
+    pub fn has_fuse_passthrough(&self) -> anyhow::Result<bool> {
+        Ok(self
+            .config()?
+            .lines()
+            .any(|l| l == "CONFIG_FUSE_PASSTHROUGH=y"))
+    }
+
     /// Module files to load for `wanted`, skipping built-ins; `.ko`, `.ko.xz` or `.ko.zst`.
     pub fn modules(&self, wanted: &[&str]) -> anyhow::Result<Vec<PathBuf>> {
         let config = self.config()?;

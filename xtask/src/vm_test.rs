@@ -7,7 +7,8 @@
 //!    backends and a host FUSE mount on this side; on the other, each guest kernel booted
 //!    with `-accel tcg` (KVM hangs on this machine), mounting the image over
 //!    vhost-user-fs-pci, checking it, using it as an overlayfs lower layer, running the
-//!    rename-ENXIO detector's selftest, and printing a verdict line the host reads.
+//!    rename-ENXIO detector's selftest, mounting the image with the agent's own FUSE
+//!    filesystem on that kernel, and printing a verdict line the host reads.
 //!
 //! A FAIL verdict, a kernel panic, a guest that exits without a verdict and one that outlives
 //! the timeout all fail the run. Console logs stay in `target/vm-tests/`.
