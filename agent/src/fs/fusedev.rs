@@ -278,20 +278,20 @@ fn serve<F: FileSystem + Send + Sync>(mut channel: FuseChannel, server: &Server<
 
 impl Drop for FuseMount {
     fn drop(&mut self) {
-        // Unmounted from outside already: nothing to unmount, nothing to warn about.
+        // Unmounted from outside already (the workers saw the kernel end the session): a
+        // mount point that is no mount then is no failure. The session's own unmount sees that
+        // on its descriptor.
         let gone = self.ended();
         let Some(mut session) = self.session.take() else {
             return;
         };
         let unmounted = match &self.placeholder {
-            None if gone => Ok(()),
             None => session.umount().map_err(|e| e.to_string()),
             Some(placeholder) => {
                 // The session knows only its placeholder: unmount the real mount point here.
-                let result = if gone {
-                    Ok(())
-                } else {
-                    umount_lazy(&self.mountpoint).map_err(|e| e.to_string())
+                let result = match umount_lazy(&self.mountpoint) {
+                    Err(err) if gone && err.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+                    other => other.map_err(|e| e.to_string()),
                 };
                 let _ = session.umount();
                 let _ = std::fs::remove_dir(placeholder);
