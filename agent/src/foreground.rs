@@ -163,6 +163,13 @@ impl ImageJob {
         mountpoint: &Path,
         record_reads: Option<&Path>,
     ) -> Result<(), ForegroundError> {
+        // Before the image is fetched: a mistyped mount point fails at once.
+        crate::fs::fusedev::check_mountpoint(mountpoint).map_err(|source| {
+            ForegroundError::Serve {
+                image: self.image.to_string(),
+                source: source.into(),
+            }
+        })?;
         let opened = self.open()?;
         let mut mounted = mount::mount(
             opened.runtime.handle().clone(),

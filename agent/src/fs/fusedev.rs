@@ -30,6 +30,23 @@ pub enum MountError {
     /// A descriptor handed over to adopt is not a FUSE connection.
     #[error("the descriptor kept for {0} is not /dev/fuse")]
     NotFuse(String),
+    /// The mount point is missing or not a directory.
+    #[error("mount point {0}: {1}")]
+    MountPoint(PathBuf, &'static str),
+}
+
+/// Checks that `mountpoint` is a directory one can mount on: a clear error now rather than
+/// the kernel's or the session's later (after an image's manifest and TOCs were fetched).
+pub fn check_mountpoint(mountpoint: &Path) -> Result<(), MountError> {
+    let why = match std::fs::metadata(mountpoint) {
+        Ok(meta) if meta.is_dir() => return Ok(()),
+        Ok(_) => "not a directory",
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            "no such directory (create it first)"
+        }
+        Err(_) => "cannot be looked at",
+    };
+    Err(MountError::MountPoint(mountpoint.to_path_buf(), why))
 }
 
 /// Whether `file` is a FUSE connection: the character device 10:229, /dev/fuse.
@@ -80,6 +97,7 @@ impl FuseMount {
     where
         F: FileSystem + Send + Sync + 'static,
     {
+        check_mountpoint(mountpoint)?;
         let where_ = mountpoint.display().to_string();
         let mut session = FuseSession::new(mountpoint, fsname, "", readonly)
             .map_err(|e| MountError::Mount(where_.clone(), e))?;
@@ -323,6 +341,28 @@ pub fn umount_lazy(path: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_or_non_directory_mount_point_is_a_clear_error() {
+        let dir = std::env::temp_dir().join(format!("imgstream-mountpoint-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let missing = dir.join("missing");
+        let err = check_mountpoint(&missing).expect_err("a missing directory");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "mount point {}: no such directory (create it first)",
+                missing.display()
+            )
+        );
+        std::fs::create_dir_all(&dir).expect("a scratch directory");
+        let file = dir.join("file");
+        std::fs::write(&file, b"").expect("a file");
+        let err = check_mountpoint(&file).expect_err("a file");
+        assert!(err.to_string().ends_with(": not a directory"), "{err}");
+        assert!(check_mountpoint(&dir).is_ok());
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     #[test]
     fn only_dev_fuse_is_a_fuse_connection() {
