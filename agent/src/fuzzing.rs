@@ -192,7 +192,8 @@ pub fn gzip_layer(data: &[u8]) {
             panic!("span {i} of an index just built does not inflate: {err}");
         }
     }
-    let back = SpanIndex::decode(&index.encode()).expect("an index reads back");
+    let back =
+        SpanIndex::decode(&index.encode().expect("an index encodes")).expect("an index reads back");
     assert!(
         back == index,
         "the index changed on its way through the format"

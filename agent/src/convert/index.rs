@@ -258,7 +258,10 @@ impl IndexJob {
             source,
         })?;
         let _ = std::fs::remove_file(&file);
-        let encoded = index.encode();
+        let encoded = index.encode().map_err(|source| IndexError::Layer {
+            digest: desc.digest,
+            source,
+        })?;
         report.index_bytes = encoded.len() as u64;
         match destination {
             Destination::Cache(cache) => {

@@ -702,7 +702,7 @@ fn a_plain_gzip_layer_reads_through_its_span_index_one_span_per_request() {
     let desc = crate::testing::plain_descriptor(&blob);
     let index = SpanIndex::build(blob.as_slice(), BuildOptions { span: MIN_SPAN })
         .expect("the layer indexes");
-    let encoded = index.encode();
+    let encoded = index.encode().expect("an index encodes");
     let layer = layer::open_indexed(&desc, &index, Digest::of(&encoded)).expect("it opens");
     let source = MemoryBlobs::default().with(blob.clone());
     // A small file in one span: one request, of that span's bytes only.
@@ -785,7 +785,7 @@ fn indexed(name: &str, named: &[u8], served: Vec<u8>) -> Indexed {
     let mut desc = crate::testing::plain_descriptor(named);
     desc.size = served.len() as u64;
     index.layer = desc.digest;
-    let encoded = index.encode();
+    let encoded = index.encode().expect("an index encodes");
     let layer = layer::open_indexed(&desc, &index, Digest::of(&encoded)).expect("it opens");
     let source = Arc::new(MemoryBlobs::default().with_digest(desc.digest, served));
     let (dir, cache) = scratch_cache(name);

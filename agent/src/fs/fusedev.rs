@@ -481,8 +481,12 @@ mod tests {
         let desc = plain_descriptor(&blob);
         let index = SpanIndex::build(blob.as_slice(), BuildOptions { span: MIN_SPAN })
             .expect("the layer indexes");
-        let opened =
-            layer::open_indexed(&desc, &index, Digest::of(&index.encode())).expect("it opens");
+        let opened = layer::open_indexed(
+            &desc,
+            &index,
+            Digest::of(&index.encode().expect("an index encodes")),
+        )
+        .expect("it opens");
         let source = Arc::new(MemoryBlobs::default().with(blob.clone()));
         let (dir, cache) = scratch_cache("fuse-span");
         let dyn_source: Arc<dyn BlobSource> = source.clone();

@@ -4,8 +4,9 @@
 use std::io::{self, Read};
 
 use super::{
-    Checkpoint, Entry, GzipError, MAX_ENTRIES, MAX_SPAN, MIN_SPAN, Span, SpanIndex, WINDOW,
+    Checkpoint, Entry, GzipError, MAX_ENTRIES, MAX_SPAN, MIN_SPAN, Span, SpanIndex, WINDOW, Window,
     inflate::{self, RawInflate, Stop},
+    refs,
 };
 use crate::{
     image::tar::TarReader,
@@ -21,12 +22,15 @@ pub struct BuildOptions {
 }
 
 impl Default for BuildOptions {
-    /// 2 MiB spans: on a 254 MB gzip layer of shared libraries and Python (784 MB, 4,784
-    /// files) the index took 11.4 % of the layer at 256 KiB, 3.3 % at 1 MiB, 1.7 % at 2 MiB
-    /// and 0.9 % at 4 MiB, a miss fetching 0.10, 0.36, 0.71 and 1.38 MB on average: 2 MiB
-    /// is the smallest span that keeps the index well under 3 %.
+    /// 1 MiB spans, chosen by measurement on the e2e bench's image (Apache and PHP, one
+    /// 144 MB gzip layer; PHP's start through the snapshotter, 100 Mbit/s, 2 cold starts a
+    /// size, one session): the index is 0.8 % of the layer at 2 MiB, 1.5 % at 1 MiB and
+    /// 2.7 % at 512 KiB, and the start took 4.03 s, 3.30 s and 3.24 s (5.20, 4.60 and
+    /// 4.56 s 50 ms from the registry): smaller spans fetch fewer bytes around each miss,
+    /// until the index (fetched before the mount) and its windows cost as much as that
+    /// saves. 1 MiB is as fast as 512 KiB at half the index.
     fn default() -> Self {
-        Self { span: 2 << 20 }
+        Self { span: 1 << 20 }
     }
 }
 
@@ -190,8 +194,25 @@ struct Inflating<R> {
     spans: Vec<Span>,
     /// The span being read: its checkpoint and its bytes' digest so far.
     current: Option<(Checkpoint, Hasher)>,
+    /// The start of the current span, kept until its window can be made sparse.
+    start_of_span: Option<StartOfSpan>,
+    /// The last compressed byte inflate consumed (a checkpoint inside it needs it).
+    last_in: u8,
     failed: Option<GzipError>,
 }
+
+/// The compressed and inflated bytes after a checkpoint, up to where no back-reference can
+/// reach its window any more ([`refs::sparse_window`]).
+struct StartOfSpan {
+    /// The checkpoint's whole window.
+    window: Vec<u8>,
+    compressed: Vec<u8>,
+    inflated: Vec<u8>,
+}
+
+/// Compressed bytes kept for one span's start at most: 32 KiB of output take a few KiB to
+/// a few tens of KiB; a stream that needs more keeps its whole window.
+const MAX_START_OF_SPAN: usize = 256 * 1024;
 
 /// Compressed bytes read at a time.
 const READ: usize = 256 * 1024;
@@ -215,6 +236,8 @@ impl<R: Read> Inflating<R> {
             total_out: 0,
             spans: Vec::new(),
             current: None,
+            start_of_span: None,
+            last_in: 0,
             failed: None,
         })
     }
@@ -260,13 +283,26 @@ impl<R: Read> Inflating<R> {
         Ok(n > 0)
     }
 
-    /// Closes the current span (if any) and opens one at `checkpoint`.
-    fn checkpoint(&mut self, checkpoint: Checkpoint) {
+    /// Closes the current span (if any) and opens one at `checkpoint`, whose window is
+    /// `window` (until the span's start shows what of it is referred to).
+    fn checkpoint(&mut self, mut checkpoint: Checkpoint, window: Vec<u8>) {
         self.close_span();
+        checkpoint.window = Window::new(&window);
+        self.start_of_span = (!window.is_empty()).then(|| StartOfSpan {
+            window,
+            compressed: if checkpoint.bits > 0 {
+                vec![self.last_in]
+            } else {
+                Vec::new()
+            },
+            inflated: Vec::new(),
+        });
         self.current = Some((checkpoint, Hasher::new()));
     }
 
     fn close_span(&mut self) {
+        // A span too short to take its window out of reach keeps all of it.
+        self.start_of_span = None;
         if let Some((start, hasher)) = self.current.take() {
             let len = self.total_out - start.uncompressed;
             self.spans.push(Span {
@@ -301,13 +337,16 @@ impl<R: Read> Inflating<R> {
                 State::Header => match inflate::header_len(self.pending()) {
                     Ok(Some(n)) => {
                         if self.span_full() {
-                            self.checkpoint(Checkpoint {
-                                compressed: self.offset,
-                                bits: 0,
-                                uncompressed: self.total_out,
-                                member: true,
-                                window: Vec::new(),
-                            });
+                            self.checkpoint(
+                                Checkpoint {
+                                    compressed: self.offset,
+                                    bits: 0,
+                                    uncompressed: self.total_out,
+                                    member: true,
+                                    window: Window::default(),
+                                },
+                                Vec::new(),
+                            );
                         }
                         self.consume(n);
                         self.inflate.reset()?;
@@ -338,6 +377,16 @@ impl<R: Read> Inflating<R> {
                     }
                     let (start, end) = (self.start, self.end);
                     let step = self.inflate.inflate(&self.buf[start..end], out, true)?;
+                    if step.consumed > 0 {
+                        self.last_in = self.buf[start + step.consumed - 1];
+                    }
+                    follow_start_of_span(
+                        &mut self.start_of_span,
+                        &mut self.current,
+                        &self.buf[start..start + step.consumed],
+                        &out[..step.produced],
+                        step.stop == Stop::End,
+                    );
                     self.consume(step.consumed);
                     let produced = &out[..step.produced];
                     self.total_out += produced.len() as u64;
@@ -354,13 +403,16 @@ impl<R: Read> Inflating<R> {
                         Stop::Block { bits } if self.span_full() => {
                             let window =
                                 self.window[self.window.len().saturating_sub(WINDOW)..].to_vec();
-                            self.checkpoint(Checkpoint {
-                                compressed: self.offset,
-                                bits,
-                                uncompressed: self.total_out,
-                                member: false,
+                            self.checkpoint(
+                                Checkpoint {
+                                    compressed: self.offset,
+                                    bits,
+                                    uncompressed: self.total_out,
+                                    member: false,
+                                    window: Window::default(),
+                                },
                                 window,
-                            });
+                            );
                         }
                         Stop::End => self.state = State::Trailer,
                         _ => {}
@@ -444,6 +496,81 @@ impl<R: Read> Inflating<R> {
             }
         }
     }
+}
+
+/// Follows the start of the current span with what one inflate call consumed and produced;
+/// once the window is out of reach (or the member ended), keeps only the window bytes the
+/// span refers to.
+fn follow_start_of_span(
+    start_of_span: &mut Option<StartOfSpan>,
+    current: &mut Option<(Checkpoint, Hasher)>,
+    consumed: &[u8],
+    produced: &[u8],
+    ended: bool,
+) {
+    let Some(start) = start_of_span.as_mut() else {
+        return;
+    };
+    start.compressed.extend_from_slice(consumed);
+    start.inflated.extend_from_slice(produced);
+    if start.compressed.len() > MAX_START_OF_SPAN {
+        *start_of_span = None;
+        return;
+    }
+    if !ended && start.inflated.len() < WINDOW {
+        return;
+    }
+    let Some(start) = start_of_span.take() else {
+        return;
+    };
+    if let Some((checkpoint, _)) = current.as_mut()
+        && let Some(sparse) = refs::sparse_window(
+            &start.window,
+            &start.compressed,
+            checkpoint.bits,
+            &start.inflated,
+        )
+        && inflates_alike(&sparse, &start, checkpoint.bits)
+    {
+        checkpoint.window = Window::new(&sparse);
+    }
+}
+
+/// Whether zlib, given `window` as its dictionary, inflates the start of a span to what it
+/// did with the whole window: the sparse window is checked by the inflater that will use
+/// it, not only by the decoder that found it.
+fn inflates_alike(window: &[u8], start: &StartOfSpan, bits: u8) -> bool {
+    let Ok(mut inflate) = RawInflate::new() else {
+        return false;
+    };
+    let mut input = &start.compressed[..];
+    if bits > 0 {
+        let Some((&byte, rest)) = input.split_first() else {
+            return false;
+        };
+        if inflate.prime(bits, byte).is_err() {
+            return false;
+        }
+        input = rest;
+    }
+    if inflate.set_dictionary(window).is_err() {
+        return false;
+    }
+    let want = start.inflated.len().min(WINDOW);
+    let mut out = vec![0u8; want];
+    let mut produced = 0;
+    while produced < want {
+        let Ok(step) = inflate.inflate(input, &mut out[produced..], false) else {
+            return false;
+        };
+        input = &input[step.consumed..];
+        produced += step.produced;
+        if step.stop == Stop::End || (step.consumed == 0 && step.produced == 0) {
+            break;
+        }
+    }
+    out[..produced] == start.inflated[..produced]
+        && (produced == want || start.inflated.len() == produced)
 }
 
 impl<R: Read> Read for Inflating<R> {

@@ -18,7 +18,7 @@
 
 use std::io::{Read, Write};
 
-use super::{Checkpoint, Entry, MAX_ENTRIES, MAX_SPAN, Span, SpanIndex, WINDOW};
+use super::{Checkpoint, Entry, MAX_ENTRIES, MAX_SPAN, Span, SpanIndex, WINDOW, Window};
 use crate::{
     image::tar::{Header, Kind},
     oci::digest::Digest,
@@ -54,8 +54,9 @@ pub enum FormatError {
 }
 
 impl SpanIndex {
-    /// The index as published: the format above, gzip-compressed.
-    pub fn encode(&self) -> Vec<u8> {
+    /// The index as published: the format above, gzip-compressed. Fails only if a window
+    /// held in memory does not inflate back (or memory cannot be written).
+    pub fn encode(&self) -> Result<Vec<u8>, super::GzipError> {
         let mut out = Vec::new();
         out.extend_from_slice(MAGIC);
         put_u32(&mut out, VERSION);
@@ -70,7 +71,7 @@ impl SpanIndex {
             put_u64(&mut out, c.uncompressed);
             put_u64(&mut out, span.len);
             out.extend_from_slice(&span.digest.raw());
-            put_bytes(&mut out, &c.window);
+            put_bytes(&mut out, &c.window.bytes()?);
         }
         put_u32(&mut out, self.entries.len() as u32);
         for entry in &self.entries {
@@ -95,8 +96,8 @@ impl SpanIndex {
             put_u64(&mut out, entry.data_offset);
         }
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
-        gz.write_all(&out).expect("writing to memory");
-        gz.finish().expect("writing to memory")
+        gz.write_all(&out).map_err(super::GzipError::Io)?;
+        gz.finish().map_err(super::GzipError::Io)
     }
 
     /// An index read back from `bytes`, checked for being well-formed and consistent: spans
@@ -135,7 +136,7 @@ impl SpanIndex {
             let uncompressed = r.u64("span")?;
             let len = r.u64("span")?;
             let digest = Digest::from_raw(r.array("span digest")?);
-            let window = r.bytes("window", WINDOW)?.to_vec();
+            let window = r.bytes("window", WINDOW)?;
             let member = flags & MEMBER != 0;
             let bits = flags & !MEMBER;
             let invalid = |what: &str| FormatError::Invalid(format!("span {i}: {what}"));
@@ -171,7 +172,7 @@ impl SpanIndex {
                     bits,
                     uncompressed,
                     member,
-                    window,
+                    window: Window::new(window),
                 },
                 len,
                 digest,

@@ -18,6 +18,7 @@ mod build;
 mod format;
 mod inflate;
 mod layer;
+mod refs;
 #[cfg(test)]
 mod tests;
 
@@ -99,8 +100,93 @@ pub struct Checkpoint {
     pub uncompressed: u64,
     /// A gzip member header starts at `compressed` (then `bits` is 0 and `window` empty).
     pub member: bool,
-    /// The (up to) [`WINDOW`] uncompressed bytes of this member before the resume point.
-    pub window: Vec<u8>,
+    /// The (up to) [`WINDOW`] uncompressed bytes of this member before the resume point
+    /// that the span refers back to: the end of them, from the first byte referred to, the
+    /// others zeroed ([`refs`]).
+    pub window: Window,
+}
+
+/// A checkpoint's window as held in memory, deflated: a mounted layer keeps one per span,
+/// and a sparse window, mostly zeros, takes a few KiB this way instead of up to 32.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Window {
+    kept: Kept,
+    len: usize,
+}
+
+#[derive(Clone, Default, PartialEq, Eq)]
+enum Kept {
+    #[default]
+    Empty,
+    Deflated(Box<[u8]>),
+    /// If deflating failed (it does not, into memory): the bytes as they are.
+    Raw(Box<[u8]>),
+}
+
+impl Window {
+    pub fn new(bytes: &[u8]) -> Self {
+        use std::io::Write as _;
+        if bytes.is_empty() {
+            return Self::default();
+        }
+        let mut encoder =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+        let kept = match encoder.write_all(bytes).and_then(|()| encoder.finish()) {
+            Ok(deflated) => Kept::Deflated(deflated.into_boxed_slice()),
+            Err(_) => Kept::Raw(bytes.into()),
+        };
+        Self {
+            kept,
+            len: bytes.len(),
+        }
+    }
+
+    /// Uncompressed length.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes of memory it holds.
+    pub fn held(&self) -> usize {
+        match &self.kept {
+            Kept::Empty => 0,
+            Kept::Deflated(b) | Kept::Raw(b) => b.len(),
+        }
+    }
+
+    /// The window's bytes.
+    pub fn bytes(&self) -> Result<Vec<u8>, GzipError> {
+        use std::io::Read as _;
+        let deflated = match &self.kept {
+            Kept::Empty => return Ok(Vec::new()),
+            Kept::Raw(bytes) => return Ok(bytes.to_vec()),
+            Kept::Deflated(deflated) => deflated,
+        };
+        let mut out = Vec::with_capacity(self.len);
+        flate2::read::DeflateDecoder::new(&deflated[..])
+            .take(self.len as u64 + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| GzipError::Inflate(format!("a window held in memory: {e}")))?;
+        if out.len() != self.len {
+            return Err(GzipError::Inflate(
+                "a window held in memory is not its length".into(),
+            ));
+        }
+        Ok(out)
+    }
+}
+
+impl std::fmt::Debug for Window {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Window")
+            .field("len", &self.len)
+            .field("held", &self.held())
+            .finish()
+    }
 }
 
 /// The uncompressed bytes from one checkpoint to the next.
@@ -208,7 +294,7 @@ pub fn inflate_span(
             inflate.prime(start.bits, byte)?;
             input = rest;
         }
-        inflate.set_dictionary(&start.window)?;
+        inflate.set_dictionary(&start.window.bytes()?)?;
     }
     let mut produced = 0;
     while produced < out.len() {

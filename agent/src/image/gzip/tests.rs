@@ -96,6 +96,57 @@ fn every_span_of_a_gnu_gzip_layer_inflates_on_its_own() {
     check_entries(&index, &tar, &files);
 }
 
+/// The share of the real windows' non-zero bytes that `index` keeps; each kept byte is the
+/// real one (a window is the end of the real one with some bytes zeroed, never other bytes).
+fn kept_window_share(index: &SpanIndex, whole: &[u8]) -> f64 {
+    let (mut kept, mut real) = (0usize, 0usize);
+    for span in &index.spans {
+        let at = span.start.uncompressed as usize;
+        if span.start.member {
+            continue;
+        }
+        let window = span.start.window.bytes().expect("a window");
+        let truth = &whole[at.saturating_sub(WINDOW)..at];
+        real += truth.iter().filter(|&&b| b != 0).count();
+        let tail = &truth[truth.len() - window.len()..];
+        for (&got, &want) in window.iter().zip(tail) {
+            assert!(
+                got == want || got == 0,
+                "a window byte is neither the real one nor 0"
+            );
+            kept += usize::from(want != 0 && got == want);
+        }
+    }
+    kept as f64 / real.max(1) as f64
+}
+
+#[test]
+fn windows_keep_only_the_bytes_their_spans_refer_to() {
+    let (tar, _) = layer_tar();
+    for (layer, name) in [(gzip(&tar, 6), "flate2"), (gnu_gzip(&tar), "GNU gzip")] {
+        let index = build(&layer, MIN_SPAN);
+        let share = kept_window_share(&index, &tar);
+        assert!(
+            share < 0.8,
+            "{name}: {:.0} % of the window bytes kept",
+            share * 100.0
+        );
+        // In memory, deflated: a fraction of 32 KiB a span.
+        let held: usize = index.spans.iter().map(|s| s.start.window.held()).sum();
+        let whole = index.spans.iter().filter(|s| !s.start.member).count() * WINDOW;
+        eprintln!(
+            "{name}: {:.1} % kept, {held} of {whole} held",
+            share * 100.0
+        );
+        assert!(
+            held * 10 < whole * 7,
+            "{name}: windows hold {held} bytes of {whole}"
+        );
+        // And with what is left, every span still inflates to its own bytes.
+        check_every_span(&layer, &index, &tar);
+    }
+}
+
 #[test]
 fn spans_cross_member_boundaries_and_zero_padding_ends_the_layer() {
     let (tar, files) = layer_tar();
@@ -236,11 +287,13 @@ fn an_index_reads_back_as_it_was_written_and_costs_little() {
         .header
         .xattrs
         .insert("user.note".into(), b"\x00\xff".to_vec());
-    let encoded = index.encode();
+    let encoded = index.encode().expect("an index encodes");
     let back = SpanIndex::decode(&encoded).expect("it decodes");
     assert_eq!(back, index);
     // 64 KiB spans are the smallest allowed; at the default span the index is a sliver.
-    let default = build(&layer, BuildOptions::default().span).encode();
+    let default = build(&layer, BuildOptions::default().span)
+        .encode()
+        .expect("an index encodes");
     assert!(
         default.len() * 100 < layer.len() * 3,
         "{} bytes of index for a {}-byte layer",
@@ -253,7 +306,7 @@ fn an_index_reads_back_as_it_was_written_and_costs_little() {
 fn hostile_encoded_indexes_are_refused_without_panic() {
     let (tar, _) = layer_tar();
     let layer = gzip(&tar, 6);
-    let raw = unpack(&build(&layer, MIN_SPAN).encode());
+    let raw = unpack(&build(&layer, MIN_SPAN).encode().expect("an index encodes"));
     // Truncations: every one in the header and the first span, then some 150 more.
     let step = raw.len() / 150;
     for cut in (0..300).chain((300..raw.len()).step_by(step)) {
