@@ -400,17 +400,19 @@ impl<'a> SpanIndexes<'a> {
         let opened = SpanIndex::decode(&encoded)
             .map_err(|e| crate::error_chain(&e))
             .and_then(|span_index| {
+                let held: usize = span_index.spans.iter().map(|s| s.start.window.held()).sum();
                 layer::open_indexed(desc, &span_index, desc.digest)
+                    .map(|opened| (opened, span_index.spans.len(), held))
                     .map_err(|e| crate::error_chain(&e))
             });
         match opened {
-            Ok(opened) => {
+            Ok((opened, spans, windows_held)) => {
                 if from == "the registry"
                     && let Err(err) = self.cache.put_span_index(&desc.digest, &encoded)
                 {
                     tracing::warn!(layer = index, err = %crate::error_chain(&err), "span index not cached");
                 }
-                tracing::info!(layer = index, digest = %desc.digest, from, "plain gzip layer: streamed through its span index");
+                tracing::info!(layer = index, digest = %desc.digest, from, spans, windows_held, "plain gzip layer: streamed through its span index");
                 counts.span_index.fetch_add(1, Ordering::Relaxed);
                 Some(opened)
             }
