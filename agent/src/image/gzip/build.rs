@@ -284,10 +284,10 @@ impl<R: Read> Inflating<R> {
     }
 
     /// Closes the current span (if any) and opens one at `checkpoint`, whose window is
-    /// `window` (until the span's start shows what of it is referred to).
-    fn checkpoint(&mut self, mut checkpoint: Checkpoint, window: Vec<u8>) {
+    /// `window`: set once the span's start shows what of it is referred to (or, failing
+    /// that, whole).
+    fn checkpoint(&mut self, checkpoint: Checkpoint, window: Vec<u8>) {
         self.close_span();
-        checkpoint.window = Window::new(&window);
         self.start_of_span = (!window.is_empty()).then(|| StartOfSpan {
             window,
             compressed: if checkpoint.bits > 0 {
@@ -302,7 +302,11 @@ impl<R: Read> Inflating<R> {
 
     fn close_span(&mut self) {
         // A span too short to take its window out of reach keeps all of it.
-        self.start_of_span = None;
+        if let Some(start) = self.start_of_span.take()
+            && let Some((checkpoint, _)) = self.current.as_mut()
+        {
+            checkpoint.window = Window::new(&start.window);
+        }
         if let Some((start, hasher)) = self.current.take() {
             let len = self.total_out - start.uncompressed;
             self.spans.push(Span {
@@ -513,49 +517,35 @@ fn follow_start_of_span(
     };
     start.compressed.extend_from_slice(consumed);
     start.inflated.extend_from_slice(produced);
-    if start.compressed.len() > MAX_START_OF_SPAN {
-        *start_of_span = None;
+    let too_long = start.compressed.len() > MAX_START_OF_SPAN;
+    if !too_long && !ended && start.inflated.len() < WINDOW {
         return;
     }
-    if !ended && start.inflated.len() < WINDOW {
-        return;
-    }
-    let Some(start) = start_of_span.take() else {
+    let (Some(start), Some((checkpoint, _))) = (start_of_span.take(), current.as_mut()) else {
         return;
     };
-    if let Some((checkpoint, _)) = current.as_mut()
-        && let Some(sparse) = refs::sparse_window(
-            &start.window,
-            &start.compressed,
-            checkpoint.bits,
-            &start.inflated,
-        )
-        && inflates_alike(&sparse, &start, checkpoint.bits)
-    {
-        checkpoint.window = Window::new(&sparse);
-    }
+    let sparse = (!too_long)
+        .then(|| {
+            refs::sparse_window(
+                &start.window,
+                &start.compressed,
+                checkpoint.bits,
+                &start.inflated,
+            )
+        })
+        .flatten()
+        .filter(|sparse| inflates_alike(sparse, &start, checkpoint.bits));
+    checkpoint.window = Window::new(sparse.as_deref().unwrap_or(&start.window));
 }
 
 /// Whether zlib, given `window` as its dictionary, inflates the start of a span to what it
 /// did with the whole window: the sparse window is checked by the inflater that will use
 /// it, not only by the decoder that found it.
 fn inflates_alike(window: &[u8], start: &StartOfSpan, bits: u8) -> bool {
-    let Ok(mut inflate) = RawInflate::new() else {
+    let Ok(Some((mut inflate, mut input))) = RawInflate::resume(bits, window, &start.compressed)
+    else {
         return false;
     };
-    let mut input = &start.compressed[..];
-    if bits > 0 {
-        let Some((&byte, rest)) = input.split_first() else {
-            return false;
-        };
-        if inflate.prime(bits, byte).is_err() {
-            return false;
-        }
-        input = rest;
-    }
-    if inflate.set_dictionary(window).is_err() {
-        return false;
-    }
     let want = start.inflated.len().min(WINDOW);
     let mut out = vec![0u8; want];
     let mut produced = 0;

@@ -58,6 +58,29 @@ impl RawInflate {
         Ok(Self { stream })
     }
 
+    /// An inflater resumed at a checkpoint inside a member: `bytes` starts with the byte
+    /// holding the first bits after it (`bits` of them, its high ones; 0: the checkpoint is
+    /// at a byte boundary) and `window` is the history back-references may reach. Returns
+    /// it with the input that follows the primed byte, or `None` if `bytes` is empty where
+    /// a byte is needed.
+    pub(super) fn resume<'a>(
+        bits: u8,
+        window: &[u8],
+        bytes: &'a [u8],
+    ) -> Result<Option<(Self, &'a [u8])>, GzipError> {
+        let mut inflate = Self::new()?;
+        let mut input = bytes;
+        if bits > 0 {
+            let Some((&byte, rest)) = input.split_first() else {
+                return Ok(None);
+            };
+            inflate.prime(bits, byte)?;
+            input = rest;
+        }
+        inflate.set_dictionary(window)?;
+        Ok(Some((inflate, input)))
+    }
+
     /// Starts a new deflate stream (the next gzip member).
     pub(super) fn reset(&mut self) -> Result<(), GzipError> {
         // SAFETY: the stream was initialised in `new` and is not borrowed.

@@ -284,18 +284,14 @@ pub fn inflate_span(
     }
     let short = || GzipError::SpanShort { at, len };
     let mut out = vec![0u8; len as usize];
-    let mut inflate = inflate::RawInflate::new()?;
-    let mut input = bytes;
-    if start.member {
-        input = skip_header(input).ok_or_else(short)?;
+    let (mut inflate, mut input) = if start.member {
+        (
+            inflate::RawInflate::new()?,
+            skip_header(bytes).ok_or_else(short)?,
+        )
     } else {
-        if start.bits > 0 {
-            let (&byte, rest) = input.split_first().ok_or_else(short)?;
-            inflate.prime(start.bits, byte)?;
-            input = rest;
-        }
-        inflate.set_dictionary(&start.window.bytes()?)?;
-    }
+        inflate::RawInflate::resume(start.bits, &start.window.bytes()?, bytes)?.ok_or_else(short)?
+    };
     let mut produced = 0;
     while produced < out.len() {
         let step = inflate.inflate(input, &mut out[produced..], false)?;

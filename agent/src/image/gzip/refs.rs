@@ -356,19 +356,23 @@ mod tests {
 
     fn deflate(data: &[u8], level: u32) -> Vec<u8> {
         let mut encoder = DeflateEncoder::new(Vec::new(), Compression::new(level));
-        encoder.write_all(data).unwrap();
-        encoder.finish().unwrap()
+        encoder.write_all(data).expect("deflating into memory");
+        encoder.finish().expect("deflating into memory")
     }
 
     /// Inflates `stream` with zlib, `window` as its dictionary.
     fn zlib(window: &[u8], stream: &[u8], len: usize) -> Vec<u8> {
-        let mut inflate = super::super::inflate::RawInflate::new().unwrap();
-        inflate.set_dictionary(window).unwrap();
+        let mut inflate = super::super::inflate::RawInflate::new().expect("an inflater");
+        inflate
+            .set_dictionary(window)
+            .expect("a dictionary zlib takes");
         let mut out = vec![0; len];
         let mut done = 0;
         let mut input = stream;
         while done < len {
-            let step = inflate.inflate(input, &mut out[done..], false).unwrap();
+            let step = inflate
+                .inflate(input, &mut out[done..], false)
+                .expect("zlib inflates the stream");
             assert!(step.consumed > 0 || step.produced > 0, "zlib stalled");
             input = &input[step.consumed..];
             done += step.produced;
@@ -379,11 +383,13 @@ mod tests {
     /// A stream compressed with a dictionary: what a span after a checkpoint looks like.
     fn with_dictionary(window: &[u8], data: &[u8], level: u32) -> Vec<u8> {
         let mut compress = flate2::Compress::new(Compression::new(level), false);
-        compress.set_dictionary(window).unwrap();
+        compress
+            .set_dictionary(window)
+            .expect("a dictionary zlib takes");
         let mut out = Vec::with_capacity(data.len() + 1024);
         compress
             .compress_vec(data, &mut out, flate2::FlushCompress::Finish)
-            .unwrap();
+            .expect("deflating into memory");
         out
     }
 
@@ -410,7 +416,7 @@ mod tests {
             );
             // Zeroing one byte that is kept changes what zlib makes of the span: the kept
             // bytes are really referred to.
-            let at = sparse.iter().position(|&b| b != 0).unwrap();
+            let at = sparse.iter().position(|&b| b != 0).expect("a byte is kept");
             let mut broken = sparse.clone();
             broken[at] ^= 0xff;
             assert_ne!(zlib(&broken, &stream, data.len()), data);
@@ -440,12 +446,12 @@ mod tests {
         let (window, data) = all.split_at(WINDOW);
         // Level 0: stored blocks, nothing refers back.
         let stream = with_dictionary(window, data, 0);
-        let sparse = sparse_window(window, &stream, 0, data).unwrap();
+        let sparse = sparse_window(window, &stream, 0, data).expect("stored blocks decode");
         assert!(sparse.is_empty(), "nothing refers back: no window at all");
         // A member that ends before the window is out of reach.
         let short = &data[..5000];
         let stream = with_dictionary(window, short, 6);
-        let sparse = sparse_window(window, &stream, 0, short).unwrap();
+        let sparse = sparse_window(window, &stream, 0, short).expect("a short member decodes");
         assert_eq!(zlib(&sparse, &stream, short.len()), short);
         // Fixed codes: a tiny stream deflate encodes without a table of its own.
         let stream = deflate(b"abcabcabcabcabc", 6);
