@@ -123,19 +123,23 @@ pub struct OpenedImage {
     pub sink: Option<Arc<dyn BlobSink>>,
 }
 
-/// The layers of image `reference` (bottom first), opened for random access. eStargz layers
-/// cost two range requests each (none with a warm cache); any other layer is downloaded
-/// whole and rewritten as eStargz under `<cache>/layers` before the mount is ready (kept for
-/// the next mount), and then read the same way.
+/// The layers of image `reference` (bottom first), opened for random access. eStargz and
+/// zstd:chunked layers cost two range requests each (none with a warm cache), all layers'
+/// side by side; any other layer is downloaded whole and rewritten as eStargz under
+/// `<cache>/layers` before the mount is ready (kept for the next mount), and then read the
+/// same way.
 pub async fn open_layers(
     base: Arc<dyn BlobSource>,
     reference: &str,
     platform: &Platform,
-    cache: &ChunkCache,
+    cache: &Arc<ChunkCache>,
 ) -> Result<OpenedImage, MountError> {
     let source = base.as_ref();
-    let cache_opt = Some(cache);
+    let cache_opt = Some(cache.as_ref());
     let (fetched, manifest) = image_manifest(source, reference, platform, cache_opt).await?;
+    // Every layer's TOC is asked for at once, not one layer's after another's.
+    let openings = LayerOpenings::default();
+    openings.start(&base, &manifest, None, cache);
     let mut span_indexes = SpanIndexes::new(
         cache,
         base.clone(),
@@ -144,6 +148,7 @@ pub async fn open_layers(
     let mut layers = Vec::with_capacity(manifest.layers.len());
     let mut local = std::collections::HashMap::new();
     for (index, desc) in manifest.layers.iter().enumerate() {
+        openings.wait(&desc.digest).await;
         match layer::open_cached(source, desc, cache_opt).await {
             Ok(opened) => {
                 LAYERS_OPENED.count_lazy(&opened);
@@ -201,24 +206,191 @@ pub async fn image_manifest(
     }
 }
 
+/// The layers of an image whose TOCs are being fetched ahead of their own opening.
+///
+/// containerd prepares an image's snapshots one after another, each once the one below it is
+/// ready, and each lazy layer's footer and TOC cost two round trips to the registry: an image
+/// of ten layers 50 ms away spent a second of its pull on them, one layer after another.
+/// So once the first layer's opening has the manifest, the TOCs of the image's other layers
+/// are fetched side by side ([`LAYERS_AHEAD`] at a time) into the cache, where the later
+/// openings find them (with the manifest cached too, they ask nothing); an opening whose TOC
+/// is still on its way waits for that fetch rather than making its own. A fetch ahead that
+/// fails costs nothing but its requests: the layer's own opening asks again.
+#[derive(Clone, Debug)]
+pub struct LayerOpenings {
+    /// Layers whose TOC is being fetched; the sender is dropped when the fetch ends.
+    underway:
+        Arc<std::sync::Mutex<std::collections::HashMap<Digest, tokio::sync::watch::Receiver<()>>>>,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+/// TOCs fetched ahead at once.
+const LAYERS_AHEAD: usize = 4;
+/// Layers of one image whose TOCs are fetched ahead at most (manifests may list more).
+const MAX_LAYERS_AHEAD: usize = 256;
+/// How long a TOC fetched ahead may take; an opening waits for it at most this long.
+const AHEAD_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Default for LayerOpenings {
+    fn default() -> Self {
+        Self {
+            underway: Arc::default(),
+            permits: Arc::new(tokio::sync::Semaphore::new(LAYERS_AHEAD)),
+        }
+    }
+}
+
+impl LayerOpenings {
+    /// Waits until the TOC of `layer` fetched ahead, if one is on its way, has landed or
+    /// failed.
+    async fn wait(&self, layer: &Digest) {
+        let underway = crate::sync::lock(&self.underway).get(layer).cloned();
+        if let Some(mut done) = underway {
+            // Ends when the fetch drops its sender.
+            let _ = tokio::time::timeout(AHEAD_DEADLINE, done.changed()).await;
+        }
+    }
+
+    /// Starts fetching the TOCs of `manifest`'s layers (but `opening`, which its caller
+    /// opens) that have one and are neither cached nor on their way.
+    fn start(
+        &self,
+        source: &Arc<dyn BlobSource>,
+        manifest: &manifest::Manifest,
+        opening: Option<&Digest>,
+        cache: &Arc<ChunkCache>,
+    ) {
+        let others = manifest
+            .layers
+            .iter()
+            .filter(|desc| Some(&desc.digest) != opening)
+            .take(MAX_LAYERS_AHEAD);
+        for desc in others {
+            let Some(key) = layer::toc_key(desc) else {
+                continue;
+            };
+            if cache.get_toc(&key).ok().flatten().is_some() {
+                continue;
+            }
+            let (done, waiting) = tokio::sync::watch::channel(());
+            {
+                let mut underway = crate::sync::lock(&self.underway);
+                if underway.contains_key(&desc.digest) {
+                    continue;
+                }
+                underway.insert(desc.digest, waiting);
+            }
+            let (openings, source, cache, desc) =
+                (self.clone(), source.clone(), cache.clone(), desc.clone());
+            tokio::spawn(async move {
+                // Off the list when the fetch ends, however it ends (a panic too), and
+                // then its waiters go on.
+                let _underway = Underway {
+                    openings: &openings,
+                    layer: desc.digest,
+                    _done: done,
+                };
+                let opened = match openings.permits.acquire().await {
+                    Ok(_permit) => tokio::time::timeout(
+                        AHEAD_DEADLINE,
+                        layer::open_cached(source.as_ref(), &desc, Some(&cache)),
+                    )
+                    .await
+                    .map_err(|_| "it took too long".to_string())
+                    .and_then(|opened| opened.map_err(|err| crate::error_chain(&err))),
+                    Err(_) => Err("no permit".to_string()),
+                };
+                match opened {
+                    Ok(_) => {
+                        tracing::debug!(layer = %desc.digest, "TOC fetched ahead of the layer's opening")
+                    }
+                    Err(err) => {
+                        tracing::debug!(layer = %desc.digest, err, "TOC not fetched ahead: the layer's opening asks for it")
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// A TOC fetch ahead under way: taken off the list, and its waiters woken, when dropped.
+struct Underway<'a> {
+    openings: &'a LayerOpenings,
+    layer: Digest,
+    /// Dropped after [`Drop::drop`] ran: a waiter it wakes finds the layer off the list.
+    _done: tokio::sync::watch::Sender<()>,
+}
+
+impl Drop for Underway<'_> {
+    fn drop(&mut self) {
+        crate::sync::lock(&self.openings.underway).remove(&self.layer);
+    }
+}
+
+/// Image manifest `reference` for `platform` from `cache` alone (`None` unless `reference`
+/// is a digest and every manifest on the way is cached).
+fn cached_manifest(
+    reference: &str,
+    platform: &Platform,
+    cache: &ChunkCache,
+) -> Option<(FetchedManifest, manifest::Manifest)> {
+    let mut digest: Digest = reference.parse().ok()?;
+    // An index, then its manifest for the platform: two at most.
+    for _ in 0..2 {
+        let bytes = cache.get_manifest(&digest).ok().flatten()?;
+        if Digest::of(&bytes) != digest {
+            return None;
+        }
+        let fetched = FetchedManifest {
+            bytes: bytes.into(),
+            media_type: String::new(),
+            digest,
+        };
+        match manifest::parse(&fetched.bytes, &fetched.media_type).ok()? {
+            Document::Manifest(m) => return Some((fetched, *m)),
+            Document::Index(index) => digest = index.select(platform).ok()?.digest,
+        }
+    }
+    None
+}
+
 /// One layer of image `reference` (the one with digest `layer`), opened for random access,
 /// as a one-layer image: what a remote snapshot mounts. `None` when the layer is not eStargz
-/// (the caller unpacks it the ordinary way) or not in the image.
+/// (the caller unpacks it the ordinary way) or not in the image. The TOCs of the image's
+/// other layers are fetched meanwhile, through `openings` (see [`LayerOpenings`]).
 pub async fn open_one_layer(
     source: Arc<dyn BlobSource>,
     reference: &str,
     platform: &Platform,
-    cache: &ChunkCache,
+    cache: &Arc<ChunkCache>,
     layer: &Digest,
+    openings: &LayerOpenings,
 ) -> Result<Option<OpenedImage>, MountError> {
-    // An eStargz layer's footer is asked for beside the manifest (its size comes with the
-    // answer and is checked against the manifest's): a round trip less before the TOC. A
-    // source without suffix ranges, or a failed or wrong answer, costs the round trip saved:
-    // the footer is then asked for once the size is known.
-    let (manifest, tail) = tokio::join!(
-        image_manifest(source.as_ref(), reference, platform, Some(cache)),
-        source.read_tail(layer, crate::image::estargz::FOOTER_SIZE),
-    );
+    openings.wait(layer).await;
+    // With the manifest and this layer's TOC cached (an earlier layer's opening fetched it
+    // ahead), nothing is asked of the registry.
+    let known = cached_manifest(reference, platform, cache).filter(|(_, manifest)| {
+        manifest
+            .layers
+            .iter()
+            .find(|d| d.digest == *layer)
+            .and_then(layer::toc_key)
+            .is_some_and(|key| cache.get_toc(&key).ok().flatten().is_some())
+    });
+    let (manifest, tail) = match known {
+        Some(known) => (Ok(known), None),
+        // An eStargz layer's footer is asked for beside the manifest (its size comes with
+        // the answer and is checked against the manifest's): a round trip less before the
+        // TOC. A source without suffix ranges, or a failed or wrong answer, costs the round
+        // trip saved: the footer is then asked for once the size is known.
+        None => {
+            let (manifest, tail) = tokio::join!(
+                image_manifest(source.as_ref(), reference, platform, Some(cache)),
+                source.read_tail(layer, crate::image::estargz::FOOTER_SIZE),
+            );
+            (manifest, tail.ok().flatten())
+        }
+    };
     let (fetched, manifest) = manifest?;
     let Some((index, desc)) = manifest
         .layers
@@ -228,7 +400,7 @@ pub async fn open_one_layer(
     else {
         return Ok(None);
     };
-    let tail = tail.ok().flatten();
+    openings.start(&source, &manifest, Some(layer), cache);
     match layer::open_cached_with_tail(source.as_ref(), desc, Some(cache), tail).await {
         Ok(opened) => {
             LAYERS_OPENED.count_lazy(&opened);

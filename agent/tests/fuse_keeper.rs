@@ -116,7 +116,7 @@ fn open(
     runtime: &tokio::runtime::Runtime,
     layout: &Path,
     tag: &str,
-    cache: &ChunkCache,
+    cache: &Arc<ChunkCache>,
 ) -> OpenedImage {
     let source: Arc<dyn BlobSource> =
         Arc::new(LocalLayout::open(layout).expect("the test layout opens"));

@@ -533,18 +533,21 @@ async fn an_estargz_layers_footer_is_asked_for_beside_its_manifest() {
         notes: std::sync::Mutex::new(Vec::new()),
         tail_asked: false.into(),
     });
-    let cache = imgstream::cache::ChunkCache::open(&imgstream::cache::CacheConfig {
-        dir: scratch.join("cache"),
-        limit_bytes: None,
-        prefer_uring: false,
-    })
-    .unwrap();
+    let cache = std::sync::Arc::new(
+        imgstream::cache::ChunkCache::open(&imgstream::cache::CacheConfig {
+            dir: scratch.join("cache"),
+            limit_bytes: None,
+            prefer_uring: false,
+        })
+        .unwrap(),
+    );
     let opened = imgstream::mount::open_one_layer(
         noting.clone(),
         "v1",
         &manifest::Platform::host(),
         &cache,
         &layer.digest,
+        &imgstream::mount::LayerOpenings::default(),
     )
     .await
     .unwrap()
@@ -560,6 +563,104 @@ async fn an_estargz_layers_footer_is_asked_for_beside_its_manifest() {
     assert_eq!(ranges.len(), 1, "the TOC's range alone: {notes:?}");
     drop(registry);
     std::fs::remove_dir_all(&scratch).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opening_one_layer_fetches_the_other_layers_tocs_ahead() {
+    // Three layers, as containerd prepares them: bottom first, each once the one below is
+    // ready, the manifest named by digest (CRI's label).
+    let scratch = support::scratch("tocs-ahead");
+    let registry = Registry::start("tocs-ahead", None);
+    let reg = registry.host();
+    let mut dirs = vec![scratch.join("root")];
+    support::busybox_rootfs(&dirs[0]);
+    for i in 1..3u64 {
+        let dir = scratch.join(format!("layer{i}"));
+        std::fs::create_dir_all(dir.join("data")).expect("a layer directory");
+        std::fs::write(
+            dir.join(format!("data/file{i}")),
+            support::noise(i, 300 << 10),
+        )
+        .expect("a layer's file");
+        dirs.push(dir);
+    }
+    let layout = scratch.join("layout");
+    support::build_image(&layout, "v1", &dirs, &["/bin/true"]).await;
+    support::skopeo_copy(
+        &format!("oci:{}:v1", layout.display()),
+        &format!("docker://{reg}/f/app:v1"),
+    );
+    support::imgstream(&[
+        "convert",
+        &format!("{reg}/f/app:v1"),
+        &format!("{reg}/esgz/app:v1"),
+        "--insecure-registry",
+        &reg,
+    ]);
+    let client = || RegistryClient::new(&reg, "esgz/app", http(&[&reg])).expect("a client");
+    let noting = |inner| {
+        std::sync::Arc::new(Noting {
+            inner,
+            notes: std::sync::Mutex::new(Vec::new()),
+            // Nothing waits for a tail request: the manifest is answered at once.
+            tail_asked: true.into(),
+        })
+    };
+    let reference = client()
+        .manifest("v1")
+        .await
+        .expect("the converted manifest")
+        .digest
+        .to_string();
+    let layers = manifest_of(&client(), "v1").await.layers;
+    assert_eq!(layers.len(), 3);
+    let cache = std::sync::Arc::new(
+        imgstream::cache::ChunkCache::open(&imgstream::cache::CacheConfig {
+            dir: scratch.join("cache"),
+            limit_bytes: None,
+            prefer_uring: false,
+        })
+        .expect("a cache"),
+    );
+    let openings = imgstream::mount::LayerOpenings::default();
+    let open = |source, layer: Digest| {
+        let (cache, openings, reference) = (cache.clone(), openings.clone(), reference.clone());
+        async move {
+            imgstream::mount::open_one_layer(
+                source,
+                &reference,
+                &manifest::Platform::host(),
+                &cache,
+                &layer,
+                &openings,
+            )
+            .await
+            .expect("the layer opens")
+            .expect("an eStargz layer")
+        }
+    };
+    let first = noting(client());
+    open(first.clone(), layers[0].digest).await;
+    // The next layers come at once, while their TOCs may still be on their way: they wait
+    // for those fetches and ask the registry nothing themselves.
+    let later = noting(client());
+    for desc in &layers[1..] {
+        let opened = open(later.clone(), desc.digest).await;
+        assert_eq!(opened.layers[0].desc.digest, desc.digest);
+        assert!(opened.layers[0].index.nodes.len() > 1);
+    }
+    let asked_later = later.notes.lock().expect("notes").clone();
+    assert!(asked_later.is_empty(), "{asked_later:?}");
+    // The first opening asked for its own footer (beside the manifest) and TOC, and for the
+    // other two layers' footers and TOCs.
+    let asked_first = first.notes.lock().expect("notes").clone();
+    let ranges = asked_first
+        .iter()
+        .filter(|n| n.starts_with("range"))
+        .count();
+    assert_eq!(ranges, 5, "{asked_first:?}");
+    drop(registry);
+    std::fs::remove_dir_all(&scratch).expect("scratch removed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -154,6 +154,19 @@ pub async fn open_cached_with_tail(
     Ok(RemoteLayer::new(desc.clone(), index, toc_digest))
 }
 
+/// The digest `desc`'s TOC is cached under once opened: zstd:chunked's TOC checksum, or
+/// eStargz's TOC digest annotation. `None` for a layer with neither (or a malformed one),
+/// which [`open_cached`] does not open through a TOC.
+pub fn toc_key(desc: &Descriptor) -> Option<Digest> {
+    if let Some(toc) = zstd::toc_of(desc) {
+        return toc.ok().map(|(_, checksum)| checksum);
+    }
+    if !is_gzip_layer(&desc.media_type) {
+        return None;
+    }
+    desc.annotations.get(TOC_DIGEST_ANNOTATION)?.parse().ok()
+}
+
 /// Opens a zstd:chunked layer whose TOC is at `position` and hashes to `checksum` (both
 /// from the descriptor's annotations): one range request, none when the TOC is cached.
 async fn open_zstd_chunked(

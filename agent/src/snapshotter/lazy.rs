@@ -156,6 +156,7 @@ impl Snapshotter {
                 &self.config.mount.platform,
                 &self.cache,
                 &layer,
+                &self.openings,
             ),
         )
         .await

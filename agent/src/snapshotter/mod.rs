@@ -118,6 +118,8 @@ pub struct Snapshotter {
     served: Mutex<std::collections::VecDeque<(Repository, LayersServed)>>,
     /// The layers' part of each pull, for pods' timelines.
     spans: pulls::LayerSpans,
+    /// TOCs of an image's layers fetched ahead of their own Prepare.
+    openings: crate::mount::LayerOpenings,
 }
 
 /// A registry and a repository in it.
@@ -290,6 +292,7 @@ impl Snapshotter {
             targets: Mutex::new(HashMap::new()),
             served: Mutex::new(std::collections::VecDeque::new()),
             spans: Default::default(),
+            openings: Default::default(),
             config,
         });
         this.remount_all()
