@@ -129,6 +129,43 @@ pub struct FetchStats {
     pub layers_quarantined: AtomicU64,
 }
 
+/// The readers of one image, for fetchers that each serve one of its layers (the
+/// snapshotter mounts each layer on its own, with a fetcher of its own).
+///
+/// The background download yields to readers, and goes to full speed once readers fetched
+/// most of the image ([`GREEDY_SHARE`]). Layer by layer, neither holds: the background
+/// download of a layer nobody reads yet saw no reader and took the link from a container
+/// starting on the image's other layers, and a start that read 40 % of the layer holding
+/// the libraries (not of the image) turned that layer's download greedy in the middle of
+/// the start. Sharing one gate, the fetchers of an image's layers yield to any reader of
+/// the image, and count its share against the whole image.
+#[derive(Clone, Debug)]
+pub struct ImageReaders(Arc<ReaderGate>);
+
+impl ImageReaders {
+    /// The readers of an image of `image_bytes` compressed bytes (all its layers).
+    pub fn new(image_bytes: u64) -> Self {
+        let gate = ReaderGate::new();
+        gate.image_bytes.store(image_bytes, Ordering::Relaxed);
+        Self(Arc::new(gate))
+    }
+
+    /// A handle that does not keep them: they live as long as a fetcher shares them.
+    pub fn downgrade(&self) -> WeakImageReaders {
+        WeakImageReaders(Arc::downgrade(&self.0))
+    }
+}
+
+/// [`ImageReaders`] while a fetcher still shares them.
+#[derive(Clone, Debug)]
+pub struct WeakImageReaders(std::sync::Weak<ReaderGate>);
+
+impl WeakImageReaders {
+    pub fn upgrade(&self) -> Option<ImageReaders> {
+        self.0.upgrade().map(ImageReaders)
+    }
+}
+
 /// The share of an image fetched for readers (their own misses, the prefetch and the
 /// read-around beside them) before the background download stops yielding to them
 /// ([`Fetcher::serving`]). A start reads a few tens of percent at most (the e2e bench's PHP
@@ -166,7 +203,9 @@ pub struct Fetcher {
     source: Arc<dyn BlobSource>,
     cache: Arc<ChunkCache>,
     inflight: Mutex<HashMap<Digest, Arc<Inflight>>>,
-    readers: ReaderGate,
+    /// Readers of the image, shared with the fetchers of its other layers when each layer
+    /// has a fetcher of its own ([`ImageReaders`]).
+    readers: Arc<ReaderGate>,
     /// Guessed requests' turns on the link.
     link: Arc<link::LinkGate>,
     /// Chunks fetched for readers, on their way to the cache: a reader gets its data before
@@ -178,8 +217,6 @@ pub struct Fetcher {
     /// The agent's journal of requests by image, and this fetcher's image's name in it.
     journal: Option<(Arc<journal::FetchJournal>, Arc<str>)>,
     read_around: ReadAround,
-    /// Compressed bytes of the image this fetcher serves, once known ([`Fetcher::serving`]).
-    image_bytes: AtomicU64,
     /// While a start is watched ([`learn`]): the chunks readers ask for.
     learning: Mutex<Option<Arc<Mutex<learn::Notes>>>>,
     /// Where the bytes of every fetch are leased from (kept chunks and queued writes lease
@@ -233,13 +270,12 @@ impl Fetcher {
             budget: memory.fetches.clone(),
             cache,
             inflight: Mutex::new(HashMap::new()),
-            readers: ReaderGate::new(),
+            readers: Arc::new(ReaderGate::new()),
             link: Arc::new(link::LinkGate::new()),
             stats: FetchStats::default(),
             totals: None,
             journal: None,
             read_around: ReadAround::new(ReadAroundConfig::default()),
-            image_bytes: AtomicU64::new(0),
             learning: Mutex::new(None),
             quarantined: Mutex::new(Vec::new()),
             #[cfg(test)]
@@ -872,6 +908,11 @@ impl Fetcher {
                         priority == Priority::Background,
                     );
                 }
+                if priority != Priority::Background {
+                    self.readers
+                        .reader_bytes
+                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                }
                 match priority {
                     Priority::Background => {
                         self.count(|s| &s.background_requests, 1);
@@ -972,9 +1013,21 @@ impl Fetcher {
     }
 
     /// Tells the fetcher the compressed size of the image it serves (the background download
-    /// does), so that it can tell when readers read most of it.
+    /// does), so that it can tell when readers read most of it. A size already known (the
+    /// whole image's, for fetchers that share [`ImageReaders`]) stays.
     pub fn serving(&self, image_bytes: u64) {
-        self.image_bytes.store(image_bytes, Ordering::Relaxed);
+        let _ = self.readers.image_bytes.compare_exchange(
+            0,
+            image_bytes,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
+    /// Shares `readers` with the other fetchers of the image (see [`ImageReaders`]).
+    pub fn with_image_readers(mut self, readers: &ImageReaders) -> Self {
+        self.readers = readers.0.clone();
+        self
     }
 
     /// Once [`GREEDY_SHARE`] of the image was fetched for readers, they read most of it (a
@@ -983,12 +1036,8 @@ impl Fetcher {
     /// large parallel requests serve them faster than misses that each wait a round trip.
     /// Read-around counts: far from the registry it brings most of what a tree walk reads.
     fn check_share(&self) {
-        let total = self.image_bytes.load(Ordering::Relaxed);
-        let s = &self.stats;
-        let fetched = s
-            .bytes
-            .load(Ordering::Relaxed)
-            .saturating_sub(s.background_bytes.load(Ordering::Relaxed));
+        let total = self.readers.image_bytes.load(Ordering::Relaxed);
+        let fetched = self.readers.reader_bytes.load(Ordering::Relaxed);
         if total > 0 && fetched as f64 >= total as f64 * GREEDY_SHARE && self.readers.open() {
             tracing::info!(
                 fetched,

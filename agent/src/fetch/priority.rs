@@ -26,6 +26,11 @@ pub(super) struct ReaderGate {
     born: Instant,
     /// Set when readers read so much that the background should not yield to them.
     off: std::sync::atomic::AtomicBool,
+    /// Bytes fetched for readers (their misses, read-around, prefetch: all but the
+    /// background download's), by every fetcher sharing this gate.
+    pub(super) reader_bytes: AtomicU64,
+    /// The compressed size of what the fetchers sharing this gate serve (0: not known yet).
+    pub(super) image_bytes: AtomicU64,
 }
 
 /// Counts an on-demand fetch for as long as it lives.
@@ -50,6 +55,8 @@ impl ReaderGate {
             last_ended_ns: AtomicU64::new(u64::MAX),
             born: Instant::now(),
             off: std::sync::atomic::AtomicBool::new(false),
+            reader_bytes: AtomicU64::new(0),
+            image_bytes: AtomicU64::new(0),
         }
     }
 

@@ -238,6 +238,11 @@ struct TenFiles {
 
 impl TenFiles {
     fn new(name: &str, rtt: Option<Duration>) -> Self {
+        Self::sharing(name, rtt, None)
+    }
+
+    /// [`TenFiles::new`] as one layer of an image whose `readers` its fetcher shares.
+    fn sharing(name: &str, rtt: Option<Duration>, readers: Option<&ImageReaders>) -> Self {
         let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
         let (blob, layer) = ten_files();
         let mut source = MemoryBlobs::default().with_digest(layer.desc.digest, blob);
@@ -246,11 +251,11 @@ impl TenFiles {
         }
         let source = Arc::new(source);
         let (dir, cache) = scratch_cache(name);
-        let fetcher = Arc::new(Fetcher::new(
-            runtime.handle().clone(),
-            source.clone(),
-            cache,
-        ));
+        let mut fetcher = Fetcher::new(runtime.handle().clone(), source.clone(), cache);
+        if let Some(readers) = readers {
+            fetcher = fetcher.with_image_readers(readers);
+        }
+        let fetcher = Arc::new(fetcher);
         Self {
             _runtime: runtime,
             layer,
@@ -446,6 +451,45 @@ fn readers_that_fetch_most_of_the_image_stop_the_background_yielding() {
         &crate::shutdown::Shutdown::new(),
     );
     assert!(before.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn the_fetchers_of_an_images_layers_yield_to_and_count_its_readers_together() {
+    let bytes = |layer: &RemoteLayer| -> u64 {
+        layer
+            .chunks_between(0, layer.desc.size)
+            .iter()
+            .map(|c| c.blob_end - c.blob_offset)
+            .sum()
+    };
+    let (_, one) = ten_files();
+    // Two layers of ten files, each served by a fetcher of its own, as the snapshotter
+    // serves an image's layers.
+    let readers = ImageReaders::new(2 * bytes(&one));
+    let a = TenFiles::sharing("fetch-image-readers-a", None, Some(&readers));
+    let b = TenFiles::sharing("fetch-image-readers-b", None, Some(&readers));
+    // A reader of one layer is a reader of the image: the other layer's background waits.
+    {
+        let _reader = a.fetcher.readers.enter();
+        assert_eq!(b.fetcher.readers.running(), 1);
+        assert!(!b.fetcher.readers_quiet_for(Duration::ZERO));
+    }
+    // 40 % of one layer is 20 % of the image: neither layer's background turns greedy.
+    for name in ["f0", "f1", "f2", "f3"] {
+        a.read(name);
+    }
+    assert!(!a.fetcher.greedy() && !b.fetcher.greedy());
+    // 40 % of the image, read through both layers: both do.
+    for name in ["f0", "f1", "f2", "f3"] {
+        b.read(name);
+    }
+    assert!(a.fetcher.greedy() && b.fetcher.greedy());
+    // A layer's own size, told by its background download, does not replace the image's.
+    a.fetcher.serving(bytes(&a.layer));
+    assert_eq!(
+        a.fetcher.readers.image_bytes.load(Ordering::SeqCst),
+        2 * bytes(&one)
+    );
 }
 
 #[test]
