@@ -14,7 +14,7 @@ use std::{
 use crate::{
     cache::{CacheConfig, CacheError, ChunkCache},
     fetch::{
-        Fetcher,
+        Fetcher, ImageReaders,
         background::{self, BackgroundConfig, Progress},
         layer::{self, LayerError, RemoteLayer},
         learn::{
@@ -121,6 +121,15 @@ pub struct OpenedImage {
     /// Where this image's learned lists are published, when they are
     /// ([`MountOptions::share_learned`]); set by the caller, which knows the reference.
     pub sink: Option<Arc<dyn BlobSink>>,
+    /// The compressed size of the whole image (every layer's, also of an image opened for
+    /// one of its layers).
+    pub image_bytes: u64,
+    /// The readers of the image, when its layers are served each on its own and share them
+    /// ([`ImageReaders`]); set by the caller.
+    pub readers: Option<ImageReaders>,
+    /// For an image opened for one of its layers, where that layer is in the image (0: the
+    /// bottom one), and how many layers the image has.
+    pub layer_position: Option<(usize, usize)>,
 }
 
 /// The layers of image `reference` (bottom first), opened for random access. eStargz and
@@ -183,6 +192,9 @@ pub async fn open_layers(
         layers,
         source,
         sink: None,
+        image_bytes: image_bytes(&manifest),
+        readers: None,
+        layer_position: None,
     })
 }
 
@@ -410,6 +422,9 @@ pub async fn open_one_layer(
                 manifest: manifest_descriptor(&fetched, &manifest),
                 source,
                 sink: None,
+                image_bytes: image_bytes(&manifest),
+                readers: None,
+                layer_position: Some((index, manifest.layers.len())),
             }))
         }
         Err(LayerError::Format(EstargzError::NotEstargz(_))) => {
@@ -424,6 +439,9 @@ pub async fn open_one_layer(
                     manifest: subject,
                     source,
                     sink: None,
+                    image_bytes: image_bytes(&manifest),
+                    readers: None,
+                    layer_position: Some((index, manifest.layers.len())),
                 }))
         }
         Err(source) => Err(MountError::Layer {
@@ -432,6 +450,14 @@ pub async fn open_one_layer(
             source: Box::new(source),
         }),
     }
+}
+
+/// The compressed size of `manifest`'s image: its layers'.
+fn image_bytes(manifest: &manifest::Manifest) -> u64 {
+    manifest
+        .layers
+        .iter()
+        .fold(0u64, |sum, layer| sum.saturating_add(layer.size))
 }
 
 /// The descriptor of a fetched image manifest (its media type from the registry, else from
@@ -881,6 +907,9 @@ pub fn serve(
         source,
         manifest,
         sink,
+        image_bytes: _,
+        readers,
+        layer_position: _,
     } = image;
     let manifest_digest = manifest.digest;
     let shared = match (options.share_learned, &options.learned) {
@@ -915,6 +944,9 @@ pub fn serve(
         .collect();
     let pin = cache.pin_image(&digest, &chunks)?;
     let mut fetcher = Fetcher::new(runtime, source, cache).with_read_around(options.fs.read_around);
+    if let Some(readers) = &readers {
+        fetcher = fetcher.with_image_readers(readers);
+    }
     if let Some(totals) = &options.fetch_totals {
         fetcher = fetcher.with_totals(totals.clone());
     }

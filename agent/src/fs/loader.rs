@@ -133,7 +133,14 @@ struct Shared {
     walking: AtomicUsize,
     /// Walks and code fetches queued or being worked on (tests wait for 0).
     pending: AtomicUsize,
+    /// Where libraries this view lacks are looked for: the image's other layers, when each
+    /// is mounted on its own (the snapshotter), set once they are ([`OtherLayers`]).
+    elsewhere: OnceLock<OtherLayers>,
 }
+
+/// Hands libraries a walk found no file for in its own view (each as the paths it may be
+/// at, in the loader's order) to the image's other layers, which walk from those they hold.
+pub type OtherLayers = Arc<dyn Fn(Vec<Vec<String>>) + Send + Sync>;
 
 impl Loader {
     pub(super) fn new(
@@ -153,6 +160,7 @@ impl Loader {
                 expanded: Mutex::new(HashSet::new()),
                 walking: AtomicUsize::new(0),
                 pending: AtomicUsize::new(0),
+                elsewhere: OnceLock::new(),
             }),
             code: OnceLock::new(),
         }
@@ -187,19 +195,7 @@ impl Loader {
             shared.walking.fetch_sub(1, Ordering::AcqRel);
             return;
         }
-        let code = self
-            .code
-            .get_or_init(|| {
-                let (code_tx, code_rx) = std::sync::mpsc::sync_channel(CODE_QUEUE);
-                let shared = self.shared.clone();
-                std::thread::Builder::new()
-                    .name("loader-code".into())
-                    .spawn(move || shared.fetch_code(code_rx))
-                    .map_err(|err| tracing::warn!(%err, "no thread to fetch libraries' code"))
-                    .ok()
-                    .map(|_| code_tx)
-            })
-            .clone();
+        let code = self.code_queue();
         shared.pending.fetch_add(1, Ordering::AcqRel);
         let walker = self.shared.clone();
         let spawned = std::thread::Builder::new()
@@ -210,6 +206,64 @@ impl Loader {
             shared.walking.fetch_sub(1, Ordering::AcqRel);
             shared.pending.fetch_sub(1, Ordering::AcqRel);
         }
+    }
+
+    /// Sets where libraries this view lacks are looked for (once; later calls are ignored).
+    pub(super) fn set_other_layers(&self, elsewhere: OtherLayers) {
+        let _ = self.shared.elsewhere.set(elsewhere);
+    }
+
+    /// Walks from `inos`, libraries another layer's walk needs (one walk for all of them,
+    /// looked at together as that walk's next level), each file once.
+    pub(super) fn walk_from_libraries(&self, inos: &[u64]) {
+        let shared = &self.shared;
+        let roots: Vec<File> = inos
+            .iter()
+            .filter(|&&ino| shared.first_time(ino))
+            .filter_map(|&ino| shared.file(ino))
+            .collect();
+        if roots.is_empty() || shared.walking.fetch_add(1, Ordering::AcqRel) >= MAX_WALKS {
+            if !roots.is_empty() {
+                shared.walking.fetch_sub(1, Ordering::AcqRel);
+            }
+            return;
+        }
+        let code = self.code_queue();
+        shared.pending.fetch_add(1, Ordering::AcqRel);
+        let walker = self.shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("loader-prefetch".into())
+            .spawn(move || {
+                let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    walker.walk_from(roots, &code, false);
+                }));
+                if done.is_err() {
+                    tracing::error!("looking for another layer's libraries panicked");
+                }
+                walker.walking.fetch_sub(1, Ordering::AcqRel);
+                walker.pending.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(err) = spawned {
+            tracing::warn!(%err, "no loader prefetch thread");
+            shared.walking.fetch_sub(1, Ordering::AcqRel);
+            shared.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// The code thread's queue, the thread started on first use.
+    fn code_queue(&self) -> CodeQueue {
+        self.code
+            .get_or_init(|| {
+                let (code_tx, code_rx) = std::sync::mpsc::sync_channel(CODE_QUEUE);
+                let shared = self.shared.clone();
+                std::thread::Builder::new()
+                    .name("loader-code".into())
+                    .spawn(move || shared.fetch_code(code_rx))
+                    .map_err(|err| tracing::warn!(%err, "no thread to fetch libraries' code"))
+                    .ok()
+                    .map(|_| code_tx)
+            })
+            .clone()
     }
 
     /// Waits until every walk started so far ended and what it fetched landed, or `timeout`
@@ -383,14 +437,23 @@ impl Shared {
         };
         // The kernel starts a program's interpreter (the dynamic loader) before anything
         // else: its headers go first, alone.
-        if let Some(loader) = object
-            .interpreter_path(&head)
+        let interpreter = object.interpreter_path(&head);
+        match interpreter
+            .as_ref()
             .and_then(|path| self.tree.resolve(path.as_bytes()))
             .filter(|inode| inode.kind == Kind::Regular)
             .and_then(|inode| self.file(inode.ino))
         {
-            let tail = loader.size.saturating_sub(TAIL)..loader.size;
-            self.bytes(&[(&loader, 0..HEAD)], &[(&loader, tail)], None);
+            Some(loader) => {
+                let tail = loader.size.saturating_sub(TAIL)..loader.size;
+                self.bytes(&[(&loader, 0..HEAD)], &[(&loader, tail)], None);
+            }
+            None => self.look_elsewhere(
+                interpreter
+                    .into_iter()
+                    .map(|p| vec![p.to_string()])
+                    .collect(),
+            ),
         }
         let far = self
             .fetcher
@@ -590,6 +653,7 @@ impl Shared {
         self.warm(&segments);
         self.hand_over_code(&objects, code);
         let mut next = Vec::new();
+        let mut missing = Vec::new();
         for ((f, object, dynamic), table) in parsed.iter().zip(&tables) {
             let Some((_, first)) = table else { continue };
             let Some(bytes) = fetched.next().flatten() else {
@@ -605,12 +669,23 @@ impl Shared {
                     let inode = self.tree.resolve(format!("{dir}/{library}").as_bytes())?;
                     (inode.kind == Kind::Regular).then_some(inode.ino)
                 });
-                if let Some(file) = found.and_then(|ino| self.file(ino)) {
-                    next.push(file);
+                match found.and_then(|ino| self.file(ino)) {
+                    Some(file) => next.push(file),
+                    None => {
+                        missing.push(dirs.iter().map(|dir| format!("{dir}/{library}")).collect())
+                    }
                 }
             }
         }
+        self.look_elsewhere(missing);
         next
+    }
+
+    /// Hands libraries not in this view to the image's other layers, if they are known.
+    fn look_elsewhere(&self, missing: Vec<Vec<String>>) {
+        if let (false, Some(elsewhere)) = (missing.is_empty(), self.elsewhere.get()) {
+            elsewhere(missing);
+        }
     }
 
     /// Hands the read-only segments (code, constant data) of `objects` that are cheaper to
@@ -1075,6 +1150,76 @@ mod tests {
                 .wait_idle(Duration::from_secs(30))
         );
         assert_eq!(source.ranges.load(Ordering::SeqCst), requests);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn libraries_another_layer_holds_are_walked_from_there() {
+        // The snapshotter's views: one layer each, the program in one, its libraries in
+        // another (as a Dockerfile's steps leave them).
+        let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+        let host = |name: &str| {
+            std::fs::read(format!("/usr/lib/x86_64-linux-gnu/{name}"))
+                .expect("a library of this Debian machine")
+        };
+        let pcre = std::fs::read_link("/usr/lib/x86_64-linux-gnu/libpcre2-8.so.0")
+            .expect("libpcre2-8.so.0 is a symlink on Debian")
+            .display()
+            .to_string();
+        let dir =
+            std::env::temp_dir().join(format!("imgstream-loader-layers-{}", std::process::id()));
+        let program = vec![
+            (Header::new("usr/", TarKind::Directory), Vec::new()),
+            (Header::new("usr/bin/", TarKind::Directory), Vec::new()),
+            file(
+                "usr/bin/ls",
+                std::fs::read("/usr/bin/ls").expect("this machine's ls"),
+            ),
+        ];
+        let libraries = vec![
+            symlink("lib", "usr/lib"),
+            (Header::new("usr/", TarKind::Directory), Vec::new()),
+            (Header::new("usr/lib/", TarKind::Directory), Vec::new()),
+            (
+                Header::new(&format!("{LIBS}/"), TarKind::Directory),
+                Vec::new(),
+            ),
+            file(&format!("{LIBS}/libz.so.1"), host("libz.so.1")),
+            file(&format!("{LIBS}/libselinux.so.1"), host("libselinux.so.1")),
+            file(&format!("{LIBS}/libc.so.6"), host("libc.so.6")),
+            symlink(&format!("{LIBS}/libpcre2-8.so.0"), &pcre),
+            file(&format!("{LIBS}/{pcre}"), host(&pcre)),
+        ];
+        let (top, _) = image_of(&runtime, &dir.join("top"), program, true, Link::Local);
+        let (below, _) = image_of(&runtime, &dir.join("below"), libraries, true, Link::Local);
+        let below = Arc::new(below);
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        {
+            let (below, asked) = (below.clone(), asked.clone());
+            top.set_other_layers(Arc::new(move |wanted: Vec<Vec<String>>| {
+                crate::sync::lock(&asked).extend(wanted.iter().map(|paths| paths[0].clone()));
+                below.walk_from_libraries(&wanted);
+            }));
+        }
+        read_head(&top, "/usr/bin/ls");
+        for fs in [&top, &*below] {
+            let loader = fs.loader.as_ref().expect("the loader prefetch is on");
+            assert!(loader.wait_idle(Duration::from_secs(30)));
+        }
+        below.fetcher.flush_cache_writes();
+        // ls's libraries were asked of the other layer, which fetched them and theirs (its
+        // own walk found libpcre2-8 for libselinux); the library nobody needs stays there.
+        let asked = crate::sync::lock(&asked).clone();
+        assert!(
+            asked.iter().any(|p| p.ends_with("/libselinux.so.1"))
+                && asked.iter().any(|p| p.ends_with("/libc.so.6")),
+            "{asked:?}"
+        );
+        for lib in ["libselinux.so.1", "libc.so.6", "libpcre2-8.so.0"] {
+            let path = format!("/lib/x86_64-linux-gnu/{lib}");
+            assert!(fetched(&below, &path, 0..4096), "{lib} was not fetched");
+        }
+        assert!(!fetched(&below, &format!("/{LIBS}/libz.so.1"), 0..4096));
         let _ = std::fs::remove_dir_all(dir);
     }
 

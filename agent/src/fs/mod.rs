@@ -10,6 +10,7 @@ pub(crate) mod ahead;
 pub mod fusedev;
 pub mod keeper;
 mod loader;
+pub use loader::OtherLayers;
 pub mod options;
 pub mod passthrough;
 
@@ -213,6 +214,37 @@ impl ImageFs {
         })?;
         loader.walk_from_program(inode.ino);
         Some(path.clone())
+    }
+
+    /// Sets where the loader prefetch looks for libraries this view lacks: the image's
+    /// other layers, each mounted on its own (the snapshotter's views are one layer each,
+    /// and a program's libraries are often in another layer than the program).
+    pub fn set_other_layers(&self, elsewhere: OtherLayers) {
+        if let Some(loader) = &self.loader {
+            loader.set_other_layers(elsewhere);
+        }
+    }
+
+    /// Starts the loader prefetch's walk from the libraries of `wanted` that are regular
+    /// files of this view (each library as the paths it may be at, the first one here
+    /// taken), all in one walk. Returns, for each, whether it is here.
+    pub fn walk_from_libraries(&self, wanted: &[Vec<String>]) -> Vec<bool> {
+        let found: Vec<Option<u64>> = wanted
+            .iter()
+            .map(|paths| {
+                paths.iter().find_map(|path| {
+                    let inode = self.tree.resolve(path.as_bytes())?;
+                    (inode.kind == tree::Kind::Regular && inode.data.is_some()).then_some(inode.ino)
+                })
+            })
+            .collect();
+        if let Some(loader) = &self.loader {
+            let inos: Vec<u64> = found.iter().flatten().copied().collect();
+            if !inos.is_empty() {
+                loader.walk_from_libraries(&inos);
+            }
+        }
+        found.iter().map(Option::is_some).collect()
     }
 
     /// The reads recorded so far (with [`FsConfig::record_reads`]), in the order they came,

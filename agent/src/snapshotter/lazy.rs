@@ -5,10 +5,10 @@
 
 use std::{
     os::fd::{AsFd as _, OwnedFd},
-    sync::Arc,
+    sync::{Arc, Mutex, Weak},
 };
 
-use crate::fs::keeper::Kept;
+use crate::fs::{ImageFs, keeper::Kept};
 
 use super::{Snapshotter, store::Remote};
 use crate::{
@@ -116,7 +116,68 @@ async fn image_run(
         .ok()
 }
 
+/// An image's lazily mounted layers, topmost first, each with its position in the image.
+pub(super) type ImageLayers = Arc<Mutex<Vec<(usize, Weak<ImageFs>)>>>;
+
 impl Snapshotter {
+    /// Adds `fs`, layer `position` of image `manifest`, to the image's mounted layers, and
+    /// has its loader prefetch look for the libraries it lacks in the others, topmost first
+    /// (as the container's merged view finds them; a library an upper layer deleted may be
+    /// walked from a lower one, which costs its bytes, nothing else).
+    fn join_image_layers(
+        &self,
+        manifest: &Digest,
+        position: usize,
+        fs: &Arc<ImageFs>,
+    ) -> ImageLayers {
+        let layers = {
+            let mut all = crate::sync::lock(&self.image_layers);
+            // Images none of whose layers is mounted any more.
+            all.retain(|_, layers| {
+                crate::sync::lock(layers)
+                    .iter()
+                    .any(|(_, fs)| fs.strong_count() > 0)
+            });
+            all.entry(*manifest).or_default().clone()
+        };
+        {
+            let mut mounted = crate::sync::lock(&layers);
+            mounted.retain(|(at, fs)| *at != position && fs.strong_count() > 0);
+            mounted.push((position, Arc::downgrade(fs)));
+            mounted.sort_by_key(|(at, _)| std::cmp::Reverse(*at));
+        }
+        let all = layers.clone();
+        fs.set_other_layers(Arc::new(move |mut wanted: Vec<Vec<String>>| {
+            let others: Vec<Arc<ImageFs>> = crate::sync::lock(&all)
+                .iter()
+                .filter(|(at, _)| *at != position)
+                .filter_map(|(_, fs)| fs.upgrade())
+                .collect();
+            for other in others {
+                if wanted.is_empty() {
+                    break;
+                }
+                let mut found = other.walk_from_libraries(&wanted).into_iter();
+                wanted.retain(|_| !found.next().unwrap_or(false));
+            }
+        }));
+        layers
+    }
+
+    /// The readers of image `manifest` (of `image_bytes` compressed bytes), shared by the
+    /// fetchers of its mounted layers: those of a mounted layer, or new ones.
+    fn image_readers(&self, manifest: &Digest, image_bytes: u64) -> crate::fetch::ImageReaders {
+        let mut all = crate::sync::lock(&self.image_readers);
+        if let Some(readers) = all.get(manifest).and_then(|weak| weak.upgrade()) {
+            return readers;
+        }
+        // Images none of whose layers is mounted any more.
+        all.retain(|_, weak| weak.upgrade().is_some());
+        let readers = crate::fetch::ImageReaders::new(image_bytes);
+        all.insert(*manifest, readers.downgrade());
+        readers
+    }
+
     /// Mounts layer `remote` lazily at snapshot `id`'s directory, or serves it again on the
     /// connection `kept` (a keeper held it while the agent restarted). `Ok(false)`: not
     /// eStargz (containerd unpacks it).
@@ -168,6 +229,10 @@ impl Snapshotter {
         let Some(mut opened) = opened else {
             return Ok(false);
         };
+        // The image's other layers are mounted each on its own too: their fetchers share
+        // the image's readers.
+        opened.readers = Some(self.image_readers(&opened.manifest.digest, opened.image_bytes));
+        let (manifest, position) = (opened.manifest.digest, opened.layer_position);
         if self.config.mount.share_learned == crate::fetch::learn::share::Sharing::Publish {
             opened.sink = Some(open_sink(&image, &self.config.http).map_err(LazyError::Source)?);
         }
@@ -206,14 +271,32 @@ impl Snapshotter {
         {
             tracing::warn!(%err, keeper = %keeper.socket().display(), mountpoint = %mountpoint.display(), "FUSE keeper unreachable: this layer's containers will lose it if the agent restarts");
         }
-        if let Some(run) = run {
-            let fs = mounted.fs.clone();
-            let layer = remote.layer.clone();
+        let image_layers =
+            position.map(|(at, _)| self.join_image_layers(&manifest, at, &mounted.fs));
+        // containerd prepares an image's layers bottom first: once its top layer is mounted,
+        // the image's program is looked for in all of them, topmost first (a walk started
+        // from a lower layer would miss the libraries of the layers not mounted yet).
+        let top = position.is_none_or(|(at, count)| at + 1 >= count);
+        if let (Some(run), true) = (run, top) {
+            let views: Vec<Arc<ImageFs>> = match &image_layers {
+                Some(layers) => crate::sync::lock(layers)
+                    .iter()
+                    .filter_map(|(_, fs)| fs.upgrade())
+                    .collect(),
+                None => vec![mounted.fs.clone()],
+            };
             tokio::spawn(async move {
                 let Ok(Some(run)) = run.await else { return };
                 let candidates = run.program_candidates();
-                if let Some(program) = fs.walk_from_program(&candidates) {
-                    tracing::info!(%layer, program, "the image's program is in this layer: the loader prefetch starts from it before a container does");
+                for (fs, at) in views.iter().zip(0..) {
+                    if let Some(program) = fs.walk_from_program(&candidates) {
+                        tracing::info!(
+                            program,
+                            layers_above = at,
+                            "the image's program is in a mounted layer: the loader prefetch starts from it before a container does"
+                        );
+                        break;
+                    }
                 }
             });
         }

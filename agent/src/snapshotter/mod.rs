@@ -120,6 +120,12 @@ pub struct Snapshotter {
     spans: pulls::LayerSpans,
     /// TOCs of an image's layers fetched ahead of their own Prepare.
     openings: crate::mount::LayerOpenings,
+    /// The readers of each image with lazy layers mounted, by manifest digest: the fetchers
+    /// of an image's layers share them.
+    image_readers: Mutex<HashMap<crate::oci::digest::Digest, crate::fetch::WeakImageReaders>>,
+    /// The mounted lazy layers of each image, by manifest digest: where a layer's loader
+    /// prefetch looks for the libraries it lacks.
+    image_layers: Mutex<HashMap<crate::oci::digest::Digest, lazy::ImageLayers>>,
 }
 
 /// A registry and a repository in it.
@@ -293,6 +299,8 @@ impl Snapshotter {
             served: Mutex::new(std::collections::VecDeque::new()),
             spans: Default::default(),
             openings: Default::default(),
+            image_readers: Mutex::new(HashMap::new()),
+            image_layers: Mutex::new(HashMap::new()),
             config,
         });
         this.remount_all()
