@@ -54,6 +54,17 @@ const PACKAGES: [&str; 13] = [
     "dash",
     "tar",
 ];
+/// Where the layered image is cut: each of these subtrees a layer of its own (as the steps
+/// of a Dockerfile leave them), the rest the bottom layer.
+const LAYER_CUTS: [&str; 7] = [
+    "./etc",
+    "./usr/bin",
+    "./usr/lib/x86_64-linux-gnu",
+    "./usr/lib/php",
+    "./usr/lib/apache2",
+    "./usr/share",
+    "./var",
+];
 /// The start: PHP with its 49 extensions.
 const COMMAND: [&str; 3] = ["/usr/bin/php8.2", "-r", "echo \"ready\\n\";"];
 /// A workload that reads every file of its image before its first line.
@@ -202,6 +213,35 @@ fn record_reads(scratch: &Path, esgz_layout: &Path) -> anyhow::Result<PathBuf> {
         .count();
     println!("   recorded {lines} reads of the command's start (imgstream mount --record-reads)");
     Ok(reads)
+}
+
+/// The tree of `root` as layers of gzip tar (GNU tar, as the one-layer image): the tree
+/// but [`LAYER_CUTS`] at the bottom, then each cut that exists.
+fn layered_tarballs(root: &Path, scratch: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let cuts: Vec<&str> = LAYER_CUTS
+        .into_iter()
+        .filter(|cut| root.join(cut).is_dir())
+        .collect();
+    let tar = |out: &Path, excludes: &[&str], members: &[&str]| -> anyhow::Result<()> {
+        let mut cmd = Command::new("tar");
+        cmd.args([
+            "--format=pax",
+            "--sort=name",
+            "--numeric-owner",
+            "--use-compress-program=gzip -1",
+        ]);
+        cmd.args(excludes.iter().map(|e| format!("--exclude={e}")));
+        cmd.arg("-cf").arg(out).arg("-C").arg(root).args(members);
+        run(&mut cmd).map(|_| ())
+    };
+    let mut tarballs = vec![scratch.join("layered-0.tar.gz")];
+    tar(&tarballs[0], &cuts, &["."])?;
+    for (i, cut) in cuts.iter().enumerate() {
+        let out = scratch.join(format!("layered-{}.tar.gz", i + 1));
+        tar(&out, &[], &[cut])?;
+        tarballs.push(out);
+    }
+    Ok(tarballs)
 }
 
 fn rx_bytes(interface: &str) -> anyhow::Result<u64> {
@@ -433,10 +473,15 @@ async fn cold_start(
     cri::wait_for_line(&run.log, "ready");
     let took = started.elapsed().as_secs_f64();
     let fetched = rx_bytes(interface)?.saturating_sub(before);
-    // The agent logs when a layer's background download has cached all of it.
+    // The agent logs when a layer's background download has cached all of it: the image is
+    // cached once every layer it mounted lazily is.
     let cached = agent.as_ref().and_then(|agent| {
         let deadline = Instant::now() + Duration::from_secs(300);
-        while !agent.log_text().contains("background download complete") {
+        let all_cached = |log: &str| {
+            let complete = log.matches("background download complete").count();
+            complete > 0 && complete >= log.matches("layer mounted lazily").count()
+        };
+        while !all_cached(&agent.log_text()) {
             if Instant::now() > deadline {
                 return None;
             }
@@ -573,17 +618,25 @@ fn rows(table: &mut String, rtt: &str, setups: &[Setup], results: &[Vec<Run>], e
             .or_else(|| pulled().next())
             .map(|(_, runs)| spread(runs.iter().map(|r| r.took).collect()).0)
     };
-    let stargz = setups
-        .iter()
-        .zip(results)
-        .find(|(s, _)| s.snapshotter == Snapshotter::Stargz)
-        .map(|(_, runs)| spread(runs.iter().map(|r| r.took).collect()).0);
+    // And against stargz-snapshotter on the same image (the first one, if none ran it).
+    let stargz_of = |tag: &str| {
+        let peer = || {
+            setups
+                .iter()
+                .zip(results)
+                .filter(|(s, _)| s.snapshotter == Snapshotter::Stargz)
+        };
+        peer()
+            .find(|(s, _)| s.tag == tag)
+            .or_else(|| peer().next())
+            .map(|(_, runs)| spread(runs.iter().map(|r| r.took).collect()).0)
+    };
     for (setup, runs) in setups.iter().zip(results) {
         let (took, lo, hi) = spread(runs.iter().map(|r| r.took).collect());
         let bytes = spread(runs.iter().map(|r| r.fetched as f64).collect()).0;
         let floor = bytes * 8.0 / (RATE_MBIT * 1e6);
         let cached: Vec<f64> = runs.iter().filter_map(|r| r.cached).collect();
-        let vs_stargz = match (setup.snapshotter, stargz) {
+        let vs_stargz = match (setup.snapshotter, stargz_of(setup.tag)) {
             (Snapshotter::Imgstream, Some(peer)) => format!("**{:.2}x**", peer / took),
             _ => String::new(),
         };
@@ -808,6 +861,24 @@ async fn main() -> anyhow::Result<()> {
             learned: None,
         },
     ]);
+    // The image as Dockerfiles leave images: in layers (bottom first, containerd prepares
+    // them one after another), each converted with `convert`'s defaults.
+    start_setups.extend([
+        Setup {
+            label: "full pull of the layered image (eStargz)",
+            snapshotter: Snapshotter::Pulled,
+            tag: "layered",
+            command: &COMMAND,
+            learned: None,
+        },
+        Setup {
+            label: "imgstream, layered image (eStargz, `convert` defaults)",
+            snapshotter: Snapshotter::Imgstream,
+            tag: "layered",
+            command: &COMMAND,
+            learned: None,
+        },
+    ]);
     if stargz.is_some() {
         start_setups.push(Setup {
             label: "stargz-snapshotter v0.12, defaults",
@@ -816,10 +887,17 @@ async fn main() -> anyhow::Result<()> {
             command: &COMMAND,
             learned: None,
         });
+        start_setups.push(Setup {
+            label: "stargz-snapshotter v0.12, defaults, layered image",
+            snapshotter: Snapshotter::Stargz,
+            tag: "layered",
+            command: &COMMAND,
+            learned: None,
+        });
     }
     // A trial run may pick setups by name: pulled, pulled:esgz, pulled:plain, pulled:zstd,
     // imgstream:esgz, imgstream:same, imgstream:other, imgstream:prefetch, imgstream:plain,
-    // imgstream:zstd, stargz.
+    // imgstream:zstd, pulled:layered, imgstream:layered, stargz, stargz:esgz, stargz:layered.
     if let Ok(only) = std::env::var("IMGSTREAM_BENCH_SETUPS") {
         let only: Vec<&str> = only.split(',').map(str::trim).collect();
         start_setups.retain(|s| {
@@ -827,6 +905,36 @@ async fn main() -> anyhow::Result<()> {
             let variant = s.learned.map_or(s.tag, |l| l.name);
             only.contains(&name.as_str()) || only.contains(&format!("{name}:{variant}").as_str())
         });
+    }
+    let mut layered_note = String::new();
+    if start_setups.iter().any(|s| s.tag == "layered") {
+        println!("   building the layered image (not timed)");
+        let layered = scratch.join("layered-layout");
+        let tarballs = layered_tarballs(&root, &scratch)?;
+        support::build_image_from_tarballs(&layered, "v1", &tarballs, &COMMAND).await;
+        let layered_ref = format!("oci:{}:v1", layered.display());
+        let converted_ref = format!("oci:{}:layered", esgz_layout.display());
+        support::imgstream(&[
+            "convert",
+            &layered_ref,
+            &converted_ref,
+            "--scratch",
+            &scratch_arg,
+        ]);
+        support::skopeo_copy(
+            &converted_ref,
+            &format!("docker://{}/php:layered", registry.host()),
+        );
+        layered_note = format!(
+            " The layered image: the same tree in {} layers (the subtrees {} each a layer, the rest the bottom one).",
+            tarballs.len(),
+            LAYER_CUTS
+                .iter()
+                .filter(|cut| root.join(cut).is_dir())
+                .map(|cut| format!("`{}`", cut.trim_start_matches("./")))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     let mut index_note = String::new();
     if start_setups
@@ -877,7 +985,7 @@ async fn main() -> anyhow::Result<()> {
     };
     table += &format!(
         "Image: {:.0} MB unpacked, {files} files; {:.0} MB gzip, {:.0} MB eStargz, {:.0} MB zstd:chunked (`imgstream convert` defaults). \
-         Link: {RATE_MBIT} Mbit/s plus the round-trip time. Medians of {reps} cold starts each (min-max).{index_note}\n\n\
+         Link: {RATE_MBIT} Mbit/s plus the round-trip time. Medians of {reps} cold starts each (min-max).{index_note}{layered_note}\n\n\
          | round trip | setup | PullImage -> first log line | vs full pull | vs stargz-snapshotter | bytes over the link by then | transfer floor (share of the time) | whole image cached |\n\
          |---|---|---|---|---|---|---|---|\n",
         unpacked as f64 / 1e6,
@@ -951,6 +1059,10 @@ async fn main() -> anyhow::Result<()> {
     );
     let mut whole_rtts = vec![rtts.first().copied().unwrap_or(0)];
     whole_rtts.extend(rtts.last().copied().filter(|r| !whole_rtts.contains(r)));
+    // A trial run may leave these rows out (`IMGSTREAM_BENCH_READ_ALL=0`).
+    if std::env::var("IMGSTREAM_BENCH_READ_ALL").is_ok_and(|v| v == "0") {
+        whole_rtts.clear();
+    }
     for rtt in whole_rtts {
         println!("4. A workload that reads the whole image first, at {rtt} ms round trip");
         let results = measure(
