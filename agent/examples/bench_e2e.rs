@@ -605,32 +605,22 @@ async fn measure(
 
 /// Table rows for one set of setups measured together.
 fn rows(table: &mut String, rtt: &str, setups: &[Setup], results: &[Vec<Run>], esgz_bytes: u64) {
-    // Each row against the full pull of the same image (the first one, if that has none).
-    let pulled_of = |tag: &str| {
-        let pulled = || {
+    // Each row against the full pull, and stargz-snapshotter, on the same image (the first
+    // one measured, if that image has none).
+    let median_of = |kind: Snapshotter, tag: &str| {
+        let of_kind = || {
             setups
                 .iter()
                 .zip(results)
-                .filter(|(s, _)| s.snapshotter == Snapshotter::Pulled)
+                .filter(move |(s, _)| s.snapshotter == kind)
         };
-        pulled()
+        of_kind()
             .find(|(s, _)| s.tag == tag)
-            .or_else(|| pulled().next())
+            .or_else(|| of_kind().next())
             .map(|(_, runs)| spread(runs.iter().map(|r| r.took).collect()).0)
     };
-    // And against stargz-snapshotter on the same image (the first one, if none ran it).
-    let stargz_of = |tag: &str| {
-        let peer = || {
-            setups
-                .iter()
-                .zip(results)
-                .filter(|(s, _)| s.snapshotter == Snapshotter::Stargz)
-        };
-        peer()
-            .find(|(s, _)| s.tag == tag)
-            .or_else(|| peer().next())
-            .map(|(_, runs)| spread(runs.iter().map(|r| r.took).collect()).0)
-    };
+    let pulled_of = |tag: &str| median_of(Snapshotter::Pulled, tag);
+    let stargz_of = |tag: &str| median_of(Snapshotter::Stargz, tag);
     for (setup, runs) in setups.iter().zip(results) {
         let (took, lo, hi) = spread(runs.iter().map(|r| r.took).collect());
         let bytes = spread(runs.iter().map(|r| r.fetched as f64).collect()).0;

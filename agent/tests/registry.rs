@@ -426,6 +426,29 @@ async fn missing_blobs_and_corrupt_content_are_typed_errors() {
     std::fs::remove_dir_all(&scratch).unwrap();
 }
 
+/// `imgstream convert` of `f/app:v1` in registry `reg` to `esgz/app:v1`, with defaults.
+fn convert_to_esgz(reg: &str) {
+    support::imgstream(&[
+        "convert",
+        &format!("{reg}/f/app:v1"),
+        &format!("{reg}/esgz/app:v1"),
+        "--insecure-registry",
+        reg,
+    ]);
+}
+
+/// A chunk cache in `scratch`, for openings to keep TOCs and manifests in.
+fn cache_in(scratch: &Path) -> std::sync::Arc<imgstream::cache::ChunkCache> {
+    std::sync::Arc::new(
+        imgstream::cache::ChunkCache::open(&imgstream::cache::CacheConfig {
+            dir: scratch.join("cache"),
+            limit_bytes: None,
+            prefer_uring: false,
+        })
+        .expect("a cache in the test's scratch directory"),
+    )
+}
+
 /// A source that notes, in order, when each read of a layer's opening is asked and answered.
 /// Its manifest answers only once the blob's last bytes were asked for (or after 10 s): an
 /// opening that asks for them beside the manifest has them asked first whatever the
@@ -499,13 +522,7 @@ impl BlobSource for Noting {
 async fn an_estargz_layers_footer_is_asked_for_beside_its_manifest() {
     let (registry, scratch, _, _) = small_image("tail").await;
     let reg = registry.host();
-    support::imgstream(&[
-        "convert",
-        &format!("{reg}/f/app:v1"),
-        &format!("{reg}/esgz/app:v1"),
-        "--insecure-registry",
-        &reg,
-    ]);
+    convert_to_esgz(&reg);
     let client = RegistryClient::new(&reg, "esgz/app", http(&[&reg])).unwrap();
     let converted = manifest_of(&client, "v1").await;
     let layer = converted.layers[0].clone();
@@ -533,14 +550,7 @@ async fn an_estargz_layers_footer_is_asked_for_beside_its_manifest() {
         notes: std::sync::Mutex::new(Vec::new()),
         tail_asked: false.into(),
     });
-    let cache = std::sync::Arc::new(
-        imgstream::cache::ChunkCache::open(&imgstream::cache::CacheConfig {
-            dir: scratch.join("cache"),
-            limit_bytes: None,
-            prefer_uring: false,
-        })
-        .unwrap(),
-    );
+    let cache = cache_in(&scratch);
     let opened = imgstream::mount::open_one_layer(
         noting.clone(),
         "v1",
@@ -590,13 +600,7 @@ async fn opening_one_layer_fetches_the_other_layers_tocs_ahead() {
         &format!("oci:{}:v1", layout.display()),
         &format!("docker://{reg}/f/app:v1"),
     );
-    support::imgstream(&[
-        "convert",
-        &format!("{reg}/f/app:v1"),
-        &format!("{reg}/esgz/app:v1"),
-        "--insecure-registry",
-        &reg,
-    ]);
+    convert_to_esgz(&reg);
     let client = || RegistryClient::new(&reg, "esgz/app", http(&[&reg])).expect("a client");
     let noting = |inner| {
         std::sync::Arc::new(Noting {
@@ -614,14 +618,7 @@ async fn opening_one_layer_fetches_the_other_layers_tocs_ahead() {
         .to_string();
     let layers = manifest_of(&client(), "v1").await.layers;
     assert_eq!(layers.len(), 3);
-    let cache = std::sync::Arc::new(
-        imgstream::cache::ChunkCache::open(&imgstream::cache::CacheConfig {
-            dir: scratch.join("cache"),
-            limit_bytes: None,
-            prefer_uring: false,
-        })
-        .expect("a cache"),
-    );
+    let cache = cache_in(&scratch);
     let openings = imgstream::mount::LayerOpenings::default();
     let open = |source, layer: Digest| {
         let (cache, openings, reference) = (cache.clone(), openings.clone(), reference.clone());

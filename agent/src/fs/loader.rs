@@ -228,26 +228,7 @@ impl Loader {
             }
             return;
         }
-        let code = self.code_queue();
-        shared.pending.fetch_add(1, Ordering::AcqRel);
-        let walker = self.shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name("loader-prefetch".into())
-            .spawn(move || {
-                let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    walker.walk_from(roots, &code, false);
-                }));
-                if done.is_err() {
-                    tracing::error!("looking for another layer's libraries panicked");
-                }
-                walker.walking.fetch_sub(1, Ordering::AcqRel);
-                walker.pending.fetch_sub(1, Ordering::AcqRel);
-            });
-        if let Err(err) = spawned {
-            tracing::warn!(%err, "no loader prefetch thread");
-            shared.walking.fetch_sub(1, Ordering::AcqRel);
-            shared.pending.fetch_sub(1, Ordering::AcqRel);
-        }
+        shared.spawn_walk(roots, self.code_queue(), false);
     }
 
     /// The code thread's queue, the thread started on first use.
@@ -479,22 +460,35 @@ impl Shared {
     /// guesses: they wait in line for the link behind what the program waits for (the walk
     /// rooted where it is), and the program promotes those it comes to wait for.
     fn walk_wide(self: &Arc<Self>, modules: Vec<File>, code: CodeQueue) {
+        self.spawn_walk(modules, code, true);
+    }
+
+    /// Walks from `roots` on a thread of its own: a wide walk (a directory's modules), or
+    /// one that took one of [`MAX_WALKS`] (another layer's libraries), which it gives back.
+    fn spawn_walk(self: &Arc<Self>, roots: Vec<File>, code: CodeQueue, wide: bool) {
+        let counted = !wide;
+        let end = move |shared: &Self| {
+            if counted {
+                shared.walking.fetch_sub(1, Ordering::AcqRel);
+            }
+            shared.pending.fetch_sub(1, Ordering::AcqRel);
+        };
         self.pending.fetch_add(1, Ordering::AcqRel);
         let walker = self.clone();
         let spawned = std::thread::Builder::new()
             .name("loader-prefetch".into())
             .spawn(move || {
                 let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    walker.walk_from(modules, &code, true);
+                    walker.walk_from(roots, &code, wide);
                 }));
                 if done.is_err() {
-                    tracing::error!("looking for modules' libraries panicked");
+                    tracing::error!(wide, "looking for libraries panicked");
                 }
-                walker.pending.fetch_sub(1, Ordering::AcqRel);
+                end(&walker);
             });
         if let Err(err) = spawned {
-            tracing::warn!(%err, "no thread to walk a directory's modules");
-            self.pending.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!(%err, wide, "no loader prefetch thread");
+            end(self);
         }
     }
 
@@ -907,12 +901,9 @@ mod tests {
     /// library nothing needs, and a directory of modules a program would open itself (copies
     /// of libselinux and libz, and a note); 64 KiB chunks, served with every range counted,
     /// read-around off.
-    fn ls_image(
-        runtime: &tokio::runtime::Runtime,
-        dir: &std::path::Path,
-        loader_prefetch: bool,
-        link: Link,
-    ) -> (ImageFs, Arc<MemoryBlobs>) {
+    /// `/lib` (a symlink to `usr/lib`, as on Debian) and this machine's libraries ls needs,
+    /// theirs, and libz (which nothing there needs), at their Debian paths.
+    fn ls_libraries() -> Vec<(Header, Vec<u8>)> {
         let host = |name: &str| {
             std::fs::read(format!("/usr/lib/x86_64-linux-gnu/{name}"))
                 .expect("a library of this Debian machine")
@@ -921,13 +912,7 @@ mod tests {
             .expect("libpcre2-8.so.0 is a symlink on Debian")
             .display()
             .to_string();
-        let mut entries = vec![
-            (Header::new("usr/", TarKind::Directory), Vec::new()),
-            (Header::new("usr/bin/", TarKind::Directory), Vec::new()),
-            file(
-                "usr/bin/ls",
-                std::fs::read("/usr/bin/ls").expect("this machine's ls"),
-            ),
+        vec![
             symlink("lib", "usr/lib"),
             (Header::new("usr/lib/", TarKind::Directory), Vec::new()),
             (
@@ -939,6 +924,29 @@ mod tests {
             file(&format!("{LIBS}/libc.so.6"), host("libc.so.6")),
             symlink(&format!("{LIBS}/libpcre2-8.so.0"), &pcre),
             file(&format!("{LIBS}/{pcre}"), host(&pcre)),
+        ]
+    }
+
+    fn ls_image(
+        runtime: &tokio::runtime::Runtime,
+        dir: &std::path::Path,
+        loader_prefetch: bool,
+        link: Link,
+    ) -> (ImageFs, Arc<MemoryBlobs>) {
+        let host = |name: &str| {
+            std::fs::read(format!("/usr/lib/x86_64-linux-gnu/{name}"))
+                .expect("a library of this Debian machine")
+        };
+        let mut entries = vec![
+            (Header::new("usr/", TarKind::Directory), Vec::new()),
+            (Header::new("usr/bin/", TarKind::Directory), Vec::new()),
+            file(
+                "usr/bin/ls",
+                std::fs::read("/usr/bin/ls").expect("this machine's ls"),
+            ),
+        ];
+        entries.extend(ls_libraries());
+        entries.extend([
             (Header::new("opt/", TarKind::Directory), Vec::new()),
             (Header::new("opt/app/", TarKind::Directory), Vec::new()),
             (Header::new("opt/app/bin/", TarKind::Directory), Vec::new()),
@@ -947,7 +955,7 @@ mod tests {
             file(&format!("{MODULES}a.so"), host("libselinux.so.1")),
             file(&format!("{MODULES}b.so"), host("libz.so.1")),
             file(&format!("{MODULES}notes.txt"), b"not a module".to_vec()),
-        ];
+        ]);
         // The `elf` fuzz target's seeds as programs: one that needs libc.so.6 and
         // libm.so.6 (not in this image) with run path `$ORIGIN/../lib` (not in it either),
         // and hostile ones.
@@ -1158,14 +1166,6 @@ mod tests {
         // The snapshotter's views: one layer each, the program in one, its libraries in
         // another (as a Dockerfile's steps leave them).
         let runtime = tokio::runtime::Runtime::new().expect("a runtime");
-        let host = |name: &str| {
-            std::fs::read(format!("/usr/lib/x86_64-linux-gnu/{name}"))
-                .expect("a library of this Debian machine")
-        };
-        let pcre = std::fs::read_link("/usr/lib/x86_64-linux-gnu/libpcre2-8.so.0")
-            .expect("libpcre2-8.so.0 is a symlink on Debian")
-            .display()
-            .to_string();
         let dir =
             std::env::temp_dir().join(format!("imgstream-loader-layers-{}", std::process::id()));
         let program = vec![
@@ -1176,20 +1176,8 @@ mod tests {
                 std::fs::read("/usr/bin/ls").expect("this machine's ls"),
             ),
         ];
-        let libraries = vec![
-            symlink("lib", "usr/lib"),
-            (Header::new("usr/", TarKind::Directory), Vec::new()),
-            (Header::new("usr/lib/", TarKind::Directory), Vec::new()),
-            (
-                Header::new(&format!("{LIBS}/"), TarKind::Directory),
-                Vec::new(),
-            ),
-            file(&format!("{LIBS}/libz.so.1"), host("libz.so.1")),
-            file(&format!("{LIBS}/libselinux.so.1"), host("libselinux.so.1")),
-            file(&format!("{LIBS}/libc.so.6"), host("libc.so.6")),
-            symlink(&format!("{LIBS}/libpcre2-8.so.0"), &pcre),
-            file(&format!("{LIBS}/{pcre}"), host(&pcre)),
-        ];
+        let mut libraries = vec![(Header::new("usr/", TarKind::Directory), Vec::new())];
+        libraries.extend(ls_libraries());
         let (top, _) = image_of(&runtime, &dir.join("top"), program, true, Link::Local);
         let (below, _) = image_of(&runtime, &dir.join("below"), libraries, true, Link::Local);
         let below = Arc::new(below);
