@@ -349,15 +349,7 @@ fn cached_manifest(
     let mut digest: Digest = reference.parse().ok()?;
     // An index, then its manifest for the platform: two at most.
     for _ in 0..2 {
-        let bytes = cache.get_manifest(&digest).ok().flatten()?;
-        if Digest::of(&bytes) != digest {
-            return None;
-        }
-        let fetched = FetchedManifest {
-            bytes: bytes.into(),
-            media_type: String::new(),
-            digest,
-        };
+        let fetched = manifest_in_cache(cache, digest)?;
         match manifest::parse(&fetched.bytes, &fetched.media_type).ok()? {
             Document::Manifest(m) => return Some((fetched, *m)),
             Document::Index(index) => digest = index.select(platform).ok()?.digest,
@@ -739,6 +731,16 @@ async fn whole_layer(
     Ok((opened, out))
 }
 
+/// Manifest `digest` from `cache`, if it is there and its bytes hash to `digest`.
+fn manifest_in_cache(cache: &ChunkCache, digest: Digest) -> Option<FetchedManifest> {
+    let bytes = cache.get_manifest(&digest).ok().flatten()?;
+    (Digest::of(&bytes) == digest).then(|| FetchedManifest {
+        bytes: bytes.into(),
+        media_type: String::new(),
+        digest,
+    })
+}
+
 /// A manifest by digest from the cache when it is there (checked against the digest), else
 /// from the source, then cached. Tags always go to the source: they move.
 async fn manifest_cached(
@@ -747,15 +749,11 @@ async fn manifest_cached(
     cache: Option<&ChunkCache>,
 ) -> Result<FetchedManifest, MountError> {
     let by_digest = reference.parse::<Digest>().ok();
-    if let (Some(cache), Some(digest)) = (cache, by_digest)
-        && let Ok(Some(bytes)) = cache.get_manifest(&digest)
-        && Digest::of(&bytes) == digest
+    if let Some(cached) = cache
+        .zip(by_digest)
+        .and_then(|(cache, digest)| manifest_in_cache(cache, digest))
     {
-        return Ok(FetchedManifest {
-            bytes: bytes.into(),
-            media_type: String::new(),
-            digest,
-        });
+        return Ok(cached);
     }
     let fetched = source.manifest(reference).await?;
     if let Some(cache) = cache

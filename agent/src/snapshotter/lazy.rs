@@ -236,9 +236,12 @@ impl Snapshotter {
         if self.config.mount.share_learned == crate::fetch::learn::share::Sharing::Publish {
             opened.sink = Some(open_sink(&image, &self.config.http).map_err(LazyError::Source)?);
         }
-        // What the image runs, asked for while the layer is mounted: a container of it is
-        // about to start.
-        let run = (kept.is_none() && self.config.mount.fs.loader_prefetch).then(|| {
+        // What the image runs, asked for while its top layer is mounted: a container of it
+        // is about to start. containerd prepares an image's layers bottom first: once the top
+        // one is mounted, the program is looked for in all of them, topmost first (a walk
+        // started from a lower layer would miss the libraries of the layers not mounted yet).
+        let top = position.is_none_or(|(at, count)| at + 1 >= count);
+        let run = (kept.is_none() && top && self.config.mount.fs.loader_prefetch).then(|| {
             let (source, cache) = (opened.source.clone(), self.cache.clone());
             let platform = self.config.mount.platform.clone();
             tokio::spawn(async move { image_run(source, &reference, &platform, &cache).await })
@@ -273,11 +276,7 @@ impl Snapshotter {
         }
         let image_layers =
             position.map(|(at, _)| self.join_image_layers(&manifest, at, &mounted.fs));
-        // containerd prepares an image's layers bottom first: once its top layer is mounted,
-        // the image's program is looked for in all of them, topmost first (a walk started
-        // from a lower layer would miss the libraries of the layers not mounted yet).
-        let top = position.is_none_or(|(at, count)| at + 1 >= count);
-        if let (Some(run), true) = (run, top) {
+        if let Some(run) = run {
             let views: Vec<Arc<ImageFs>> = match &image_layers {
                 Some(layers) => crate::sync::lock(layers)
                     .iter()
