@@ -199,6 +199,24 @@ pub fn gzip_layer(data: &[u8]) {
         "the index changed on its way through the format"
     );
     gzip_index_holds(&index);
+    // With its windows apart: the same spans, each inflating with its window from the blob.
+    let (core, windows) = index.encode_apart().expect("an index encodes apart");
+    let apart = SpanIndex::decode(&core).expect("an index apart reads back");
+    assert!(apart.entries == index.entries && apart.spans.len() == index.spans.len());
+    for (i, span) in apart.spans.iter().enumerate() {
+        let range = apart.span_range(i).expect("a span of the index");
+        let bytes = &data[range.start as usize..range.end as usize];
+        let window = span
+            .start
+            .window
+            .place()
+            .map_or(gzip::SpanWindow::Own, |p| {
+                gzip::SpanWindow::Fetched(&windows[p.range.0 as usize..p.range.1 as usize])
+            });
+        if let Err(err) = gzip::inflate_span(&span.start, window, span.len, &span.digest, bytes) {
+            panic!("span {i} of an index apart does not inflate: {err}");
+        }
+    }
     // Read through in order, as the background download checks a layer: every span is
     // handed out, each what its own inflation gave, and the layer is the one indexed.
     let cuts: Vec<gzip::Cut> = index
@@ -232,12 +250,24 @@ pub fn gzip_layer(data: &[u8]) {
 pub fn gzip_index(data: &[u8]) {
     if let Ok(index) = SpanIndex::decode(data) {
         gzip_index_holds(&index);
-        // Spans inflated from bytes that are not theirs: errors, never a panic.
-        for i in 0..index.spans.len().min(4) {
+        // Spans inflated from bytes that are not theirs (and windows kept apart from bytes
+        // that are not theirs either): errors, never a panic.
+        for (i, span) in index.spans.iter().enumerate().take(4) {
             let range = index.span_range(i).expect("a span of the index");
             let want = (range.end - range.start).min(1 << 20) as usize;
             let bytes: Vec<u8> = data.iter().copied().cycle().take(want).collect();
             let _ = index.inflate_span(i, &bytes);
+            if let Some(place) = span.start.window.place() {
+                let len = (place.range.1 - place.range.0) as usize;
+                let window: Vec<u8> = data.iter().rev().copied().cycle().take(len).collect();
+                let _ = gzip::inflate_span(
+                    &span.start,
+                    gzip::SpanWindow::Fetched(&window),
+                    span.len,
+                    &span.digest,
+                    &bytes,
+                );
+            }
         }
     }
 }

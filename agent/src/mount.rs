@@ -25,7 +25,7 @@ use crate::{
     },
     fs::{FsConfig, ImageFs, View, fusedev::FuseMount, keeper::Kept},
     image::estargz::EstargzError,
-    image::gzip::{MAX_DECODED as MAX_INDEX_BYTES, SPAN_INDEX_TYPE, SpanIndex},
+    image::gzip::{MAX_DECODED as MAX_INDEX_BYTES, SPAN_INDEX_TYPE, SpanIndex, WINDOWS_TYPE},
     oci::{
         digest::Digest,
         manifest::{self, Descriptor, Document, Platform},
@@ -572,10 +572,10 @@ impl<'a> SpanIndexes<'a> {
             counts.whole_not_gzip.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        let (encoded, from) = match self.cache.get_span_index(&desc.digest) {
-            Ok(Some(encoded)) => (encoded, "the cache"),
+        let (encoded, from, companions) = match self.cache.get_span_index(&desc.digest) {
+            Ok(Some(encoded)) => (encoded, "the cache", None),
             Ok(None) => match self.published(desc).await {
-                Some(encoded) => (encoded, "the registry"),
+                Some((encoded, companions)) => (encoded, "the registry", Some(companions)),
                 None => {
                     counts.whole_no_index.fetch_add(1, Ordering::Relaxed);
                     return None;
@@ -589,6 +589,21 @@ impl<'a> SpanIndexes<'a> {
         };
         let opened = SpanIndex::decode(&encoded)
             .map_err(|e| crate::error_chain(&e))
+            .and_then(|span_index| match (&span_index.windows, &companions) {
+                // Windows kept apart are fetched from the image's repository as readers
+                // need them: the artifact must hold them (so the registry keeps them).
+                (Some(w), Some(companions))
+                    if !companions.iter().any(|d| {
+                        d.digest == w.digest && d.size == w.size && d.media_type == WINDOWS_TYPE
+                    }) =>
+                {
+                    Err(format!(
+                        "its windows blob {} is not published with it",
+                        w.digest
+                    ))
+                }
+                _ => Ok(span_index),
+            })
             .and_then(|span_index| {
                 let held: usize = span_index.spans.iter().map(|s| s.start.window.held()).sum();
                 layer::open_indexed(desc, &span_index, desc.digest)
@@ -614,8 +629,9 @@ impl<'a> SpanIndexes<'a> {
         }
     }
 
-    /// The span index published for `desc`, if the registry lists one.
-    async fn published(&mut self, desc: &Descriptor) -> Option<Vec<u8>> {
+    /// The span index published for `desc`, if the registry lists one, and the other blobs
+    /// of its artifact.
+    async fn published(&mut self, desc: &Descriptor) -> Option<(Vec<u8>, Vec<Descriptor>)> {
         if self.listing.is_none() {
             let subject = self.attached.subject.digest;
             let listing = match recent_listing(&subject) {
@@ -642,10 +658,10 @@ impl<'a> SpanIndexes<'a> {
             .entry(SPAN_INDEX_TYPE, &desc.digest)?;
         match self
             .attached
-            .blob(entry, SPAN_INDEX_TYPE, MAX_INDEX_BYTES)
+            .blob_and_more(entry, SPAN_INDEX_TYPE, MAX_INDEX_BYTES)
             .await
         {
-            Ok(bytes) => Some(bytes.to_vec()),
+            Ok((bytes, companions)) => Some((bytes.to_vec(), companions)),
             Err(err) => {
                 tracing::warn!(digest = %desc.digest, err = %crate::error_chain(&err), "published span index not fetched");
                 None

@@ -221,6 +221,8 @@ pub(crate) struct MemoryBlobs {
     pub ranges: AtomicUsize,
     /// The most bytes one range request asked for.
     pub largest: AtomicU64,
+    /// Bytes range requests asked for, per blob.
+    pub asked: Mutex<HashMap<Digest, u64>>,
     pub delay: Duration,
     /// Bytes per second of the link all answers share, one after another (none: no limit),
     /// and when it is next free.
@@ -309,6 +311,8 @@ impl BlobSource for MemoryBlobs {
         self.ranges.fetch_add(1, Ordering::SeqCst);
         self.largest
             .fetch_max(range.end.saturating_sub(range.start), Ordering::SeqCst);
+        *crate::sync::lock(&self.asked).entry(*digest).or_default() +=
+            range.end.saturating_sub(range.start);
         tokio::time::sleep(self.delay).await;
         let held = || {
             crate::sync::lock(&self.held)

@@ -322,6 +322,28 @@ async fn published_span_indexes_are_found_through_the_tag_fallback() {
             .iter()
             .all(|m| m["artifactType"] == imgstream::image::gzip::SPAN_INDEX_TYPE)
     );
+    // Each artifact: the index, and the blob of its windows that the mount fetches a
+    // window at a time (every file is read below: every span's window is used).
+    for entry in listed {
+        let artifact: serde_json::Value = serde_json::from_slice(&support::skopeo_raw(&format!(
+            "docker://{reg}/src/app@{}",
+            entry["digest"].as_str().unwrap()
+        )))
+        .unwrap();
+        let types: Vec<&str> = artifact["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["mediaType"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            types,
+            [
+                imgstream::image::gzip::SPAN_INDEX_TYPE,
+                imgstream::image::gzip::WINDOWS_TYPE
+            ]
+        );
+    }
 
     let log = scratch.join("mount.log");
     let mounted = Mounted::start_logged(

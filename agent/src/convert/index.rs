@@ -15,7 +15,7 @@ use crate::{
     cache::{CacheConfig, ChunkCache},
     image::{
         estargz::TOC_DIGEST_ANNOTATION,
-        gzip::{BuildOptions, SPAN_INDEX_TYPE, SpanIndex},
+        gzip::{BuildOptions, SPAN_INDEX_TYPE, SpanIndex, WINDOWS_TYPE},
     },
     mount::{MountError, image_manifest, manifest_descriptor},
     oci::{
@@ -100,8 +100,10 @@ pub struct IndexedLayer {
     pub skipped: Option<&'static str>,
     pub spans: usize,
     pub entries: usize,
-    /// Bytes of the encoded index.
+    /// Bytes of the encoded index (what a mount downloads).
     pub index_bytes: u64,
+    /// Bytes of the windows kept apart from it (published only: fetched a window per miss).
+    pub windows_bytes: u64,
     /// The artifact that publishes it, when published.
     pub artifact: Option<Digest>,
 }
@@ -114,13 +116,18 @@ impl IndexReport {
             let line = match l.skipped {
                 Some(why) => format!("layer {n} {}: not indexed ({why})\n", l.digest),
                 None => format!(
-                    "layer {n} {}: {} spans, {} entries, index {} bytes ({:.2} % of {} bytes), {}\n",
+                    "layer {n} {}: {} spans, {} entries, index {} bytes ({:.2} % of {} bytes){}, {}\n",
                     l.digest,
                     l.spans,
                     l.entries,
                     l.index_bytes,
                     l.index_bytes as f64 * 100.0 / l.size.max(1) as f64,
                     l.size,
+                    if l.windows_bytes > 0 {
+                        format!(", its windows apart {} bytes", l.windows_bytes)
+                    } else {
+                        String::new()
+                    },
                     match l.artifact {
                         Some(artifact) => format!("published as {artifact}"),
                         None => "kept in the cache".into(),
@@ -221,6 +228,7 @@ impl IndexJob {
             spans: 0,
             entries: 0,
             index_bytes: 0,
+            windows_bytes: 0,
             artifact: None,
         };
         if desc.annotations.contains_key(TOC_DIGEST_ANNOTATION) {
@@ -258,20 +266,32 @@ impl IndexJob {
             source,
         })?;
         let _ = std::fs::remove_file(&file);
-        let encoded = index.encode().map_err(|source| IndexError::Layer {
+        let layer_err = |source| IndexError::Layer {
             digest: desc.digest,
             source,
-        })?;
-        report.index_bytes = encoded.len() as u64;
+        };
         match destination {
             Destination::Cache(cache) => {
+                // The cache is on this node: windows held, read from the index in memory.
+                let encoded = index.encode().map_err(layer_err)?;
+                report.index_bytes = encoded.len() as u64;
                 if !cache.put_span_index(&desc.digest, &encoded)? {
                     return Err(IndexError::NoRoom(desc.digest));
                 }
             }
             Destination::Publish(attached) => {
+                // Windows apart, in the same artifact: a mount downloads the index without
+                // them, each miss fetches its span's window beside the span.
+                let (encoded, windows) = index.encode_apart().map_err(layer_err)?;
+                report.index_bytes = encoded.len() as u64;
+                report.windows_bytes = windows.len() as u64;
                 report.artifact = attached
-                    .publish(SPAN_INDEX_TYPE, &desc.digest, encoded.into())
+                    .publish_with(
+                        SPAN_INDEX_TYPE,
+                        &desc.digest,
+                        encoded.into(),
+                        vec![(WINDOWS_TYPE, windows.into())],
+                    )
                     .await
                     .map_err(IndexError::Publish)?;
             }

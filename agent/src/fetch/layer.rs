@@ -306,17 +306,33 @@ impl RemoteLayer {
                 j += 1;
             }
             let (start, end) = (chunks[i].blob_offset, chunks[j].blob_end);
-            let bytes = source
-                .read_range(&self.desc.digest, start..end)
-                .await
-                .map_err(|e| LayerError::Fetch {
-                    source_name: source.name(),
-                    source: e,
-                })?;
+            let fetch_err = |e| LayerError::Fetch {
+                source_name: source.name(),
+                source: e,
+            };
+            let wanted = super::windows::wanted(chunks[i..=j].iter());
+            let (bytes, windows) = tokio::join!(
+                source.read_range(&self.desc.digest, start..end),
+                super::windows::fetch(source, &wanted)
+            );
+            let (bytes, windows) = (bytes.map_err(fetch_err)?, windows.map_err(fetch_err)?);
+            // The span inflated last, and where it ends: the next one's window.
+            let mut last: Option<(u64, Vec<u8>)> = None;
             for chunk in &chunks[i..=j] {
                 let member =
                     &bytes[(chunk.blob_offset - start) as usize..(chunk.blob_end - start) as usize];
-                let unit = estargz::decode_chunk(member, chunk)?;
+                let before = match &chunk.unit {
+                    estargz::Unit::Span { start, .. } if start.window.place().is_some() => last
+                        .as_ref()
+                        .filter(|(end, _)| *end == start.uncompressed)
+                        .map(|(_, b)| crate::image::gzip::SpanWindow::Preceding(b)),
+                    _ => None,
+                };
+                let unit =
+                    estargz::decode_unit(member, chunk, before.unwrap_or(windows.of(chunk)))?;
+                if let estargz::Unit::Span { start, len, .. } = &chunk.unit {
+                    last = Some((start.uncompressed + len, unit.clone()));
+                }
                 let part = chunk.slice(&unit).ok_or(EstargzError::BadChunk {
                     offset: chunk.blob_offset,
                     why: "shorter than the file's part of it".into(),

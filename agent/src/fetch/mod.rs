@@ -33,6 +33,7 @@ pub mod readaround;
 #[cfg(test)]
 mod tests;
 mod whole;
+mod windows;
 
 use serde::Serialize;
 
@@ -172,9 +173,10 @@ impl WeakImageReaders {
 /// start: 21 %, 27 % with its read-around 50 ms away).
 pub const GREEDY_SHARE: f64 = 0.4;
 
-/// A range request's answer (or its deadline passing), when it was asked and answered.
+/// A range request's answer, with the windows its spans keep apart (or its deadline
+/// passing), when it was asked and answered.
 type Answer = (
-    Result<Result<bytes::Bytes, RegistryError>, tokio::time::error::Elapsed>,
+    Result<Result<(bytes::Bytes, windows::Fetched), RegistryError>, tokio::time::error::Elapsed>,
     Instant,
     Instant,
 );
@@ -786,7 +788,13 @@ impl Fetcher {
             })
             .collect();
         let source = self.source.clone();
-        let fetch = move |(blob, start, end): (Digest, u64, u64), admission: Admission| {
+        let mut windows_wanted: Vec<windows::Wanted> = runs
+            .iter()
+            .map(|run| windows::wanted(wanted[run.clone()].iter().map(|c| c.chunk)))
+            .collect();
+        let fetch = move |(blob, start, end): (Digest, u64, u64),
+                          admission: Admission,
+                          windows_wanted: windows::Wanted| {
             let source = source.clone();
             async move {
                 let _turn = match admission {
@@ -800,7 +808,14 @@ impl Fetcher {
                     }
                 };
                 let asked = Instant::now();
-                let result = tokio::time::timeout(left, source.read_range(&blob, start..end)).await;
+                let both = async {
+                    let (data, windows) = tokio::join!(
+                        source.read_range(&blob, start..end),
+                        windows::fetch(&*source, &windows_wanted)
+                    );
+                    Ok((data?, windows?))
+                };
+                let result = tokio::time::timeout(left, both).await;
                 (result, asked, Instant::now())
             }
         };
@@ -826,13 +841,15 @@ impl Fetcher {
                 // One request (the usual case, and every background batch): polled right here,
                 // on the calling thread, not handed to the runtime's workers.
                 let (request, admission) = (requests[0], admissions.remove(0));
-                finish(0, Some(fetch(request, admission).await));
+                let windows_wanted = windows_wanted.remove(0);
+                finish(0, Some(fetch(request, admission, windows_wanted).await));
                 return;
             }
             let mut tasks = tokio::task::JoinSet::new();
             let mut runs_of = HashMap::new();
-            for (r, (request, admission)) in requests.into_iter().zip(admissions).enumerate() {
-                let id = tasks.spawn(fetch(request, admission)).id();
+            let each = requests.into_iter().zip(admissions).zip(windows_wanted);
+            for (r, ((request, admission), windows_wanted)) in each.enumerate() {
+                let id = tasks.spawn(fetch(request, admission, windows_wanted)).id();
                 runs_of.insert(id, r);
             }
             let mut finished = vec![false; runs_of.len()];
@@ -887,53 +904,72 @@ impl Fetcher {
                     })
                     .collect()
             }
-            Some((Ok(Ok(bytes)), asked, answered)) => {
+            Some((Ok(Ok((bytes, windows))), asked, answered)) => {
                 tracing::trace!(
                     target: "imgstream::reads",
                     start = run[0].chunk.blob_offset,
                     bytes = bytes.len(),
+                    windows = windows.len(),
                     secs = answered.duration_since(asked).as_secs_f64(),
                     ?priority,
                     "range answered"
                 );
-                self.read_around
-                    .observe(bytes.len() as u64, asked, answered);
+                // The windows went beside the range, on the same link: its bytes.
+                let over_link = bytes.len() as u64 + windows.len();
+                self.read_around.observe(over_link, asked, answered);
                 self.count(|s| &s.requests, 1);
-                self.count(|s| &s.bytes, bytes.len() as u64);
+                self.count(|s| &s.bytes, over_link);
                 if let Some((journal, image)) = &self.journal {
                     journal.request(
                         image,
                         crate::time::unix_ns(std::time::SystemTime::now()),
-                        bytes.len() as u64,
+                        over_link,
                         priority == Priority::Background,
                     );
                 }
                 if priority != Priority::Background {
                     self.readers
                         .reader_bytes
-                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                        .fetch_add(over_link, Ordering::Relaxed);
                 }
                 match priority {
                     Priority::Background => {
                         self.count(|s| &s.background_requests, 1);
-                        self.count(|s| &s.background_bytes, bytes.len() as u64);
+                        self.count(|s| &s.background_bytes, over_link);
                     }
                     Priority::ReadAround => {
                         self.count(|s| &s.read_around_requests, 1);
-                        self.count(|s| &s.read_around_bytes, bytes.len() as u64);
+                        self.count(|s| &s.read_around_bytes, over_link);
                     }
                     Priority::OnDemand => {}
                 }
                 let start = run[0].chunk.blob_offset;
+                // Spans inflated so far, by where they end: the next one's window.
+                let mut spans: Vec<(u64, Arc<Vec<u8>>)> = Vec::new();
                 run.iter()
                     .map(|c| {
                         let member = &bytes[(c.chunk.blob_offset - start) as usize
                             ..(c.chunk.blob_end - start) as usize];
-                        match estargz::decode_chunk(member, c.chunk) {
+                        let (window, span_end) = match &c.chunk.unit {
+                            estargz::Unit::Span { start, len, .. } => (
+                                match spans.iter().find(|(end, _)| *end == start.uncompressed) {
+                                    Some((_, before)) if start.window.place().is_some() => {
+                                        crate::image::gzip::SpanWindow::Preceding(before)
+                                    }
+                                    _ => windows.of(c.chunk),
+                                },
+                                Some(start.uncompressed + len),
+                            ),
+                            _ => (windows.of(c.chunk), None),
+                        };
+                        match estargz::decode_unit(member, c.chunk, window) {
                             Ok(data) => {
                                 self.count(|s| &s.chunks_fetched, 1);
                                 let data = Arc::new(data);
                                 self.store(c.chunk.digest, &data, priority);
+                                if let Some(end) = span_end {
+                                    spans.push((end, data.clone()));
+                                }
                                 Ok(data)
                             }
                             Err(e) => {

@@ -808,6 +808,168 @@ fn a_plain_gzip_layer_reads_through_its_span_index_one_span_per_request() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[test]
+fn windows_kept_apart_are_fetched_beside_their_spans_and_only_theirs() {
+    use crate::image::gzip::{BuildOptions, MIN_SPAN, SpanIndex};
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let (tar, files) = crate::testing::layer_tar();
+    let blob = crate::testing::gzip(&tar, 6);
+    let desc = crate::testing::plain_descriptor(&blob);
+    let built = SpanIndex::build(blob.as_slice(), BuildOptions { span: MIN_SPAN })
+        .expect("the layer indexes");
+    let (core, windows) = built.encode_apart().expect("an index encodes");
+    let index = SpanIndex::decode(&core).expect("the index reads back");
+    let apart = index.windows.expect("its windows are apart");
+    assert_eq!(apart.digest, Digest::of(&windows));
+    assert!(
+        index.spans.iter().all(|s| s.start.window.held() == 0),
+        "no window is held in memory"
+    );
+    let layer = layer::open_indexed(&desc, &index, Digest::of(&core)).expect("it opens");
+    // A file whose (first) span resumes mid-member, with a window to fetch.
+    let (name, data) = files
+        .iter()
+        .find(|(name, _)| {
+            let node = layer.index.get(name).expect("in the layer");
+            node.chunks.first().is_some_and(|c| match &c.unit {
+                crate::image::estargz::Unit::Span { start, .. } => start.window.place().is_some(),
+                _ => false,
+            })
+        })
+        .expect("a file in a span with a window");
+    let node = layer.index.get(name).expect("in the layer");
+    let served = |windows: Vec<u8>| {
+        Arc::new(
+            MemoryBlobs::default()
+                .with(blob.clone())
+                .with_digest(apart.digest, windows),
+        )
+    };
+    let source = served(windows.clone());
+    let (dir, cache) = scratch_cache("fetch-windows-apart");
+    let fetcher = Fetcher::new(runtime.handle().clone(), source.clone(), cache);
+    let refs: Vec<ChunkRef<'_>> = node
+        .chunks
+        .iter()
+        .map(|chunk| ChunkRef {
+            blob: desc.digest,
+            chunk,
+        })
+        .collect();
+    let units = fetcher
+        .get(
+            &refs,
+            Priority::OnDemand,
+            Instant::now() + Duration::from_secs(10),
+        )
+        .expect("the spans fetch");
+    let mut got = Vec::new();
+    for (chunk, unit) in node.chunks.iter().zip(&units) {
+        got.extend_from_slice(chunk.slice(unit).expect("within its span"));
+    }
+    assert!(got == *data, "{name} as read differs");
+    let asked = crate::sync::lock(&source.asked).clone();
+    let window_bytes = asked.get(&apart.digest).copied().unwrap_or_default();
+    let spans = node.chunks.len() as u64;
+    assert_eq!(
+        source.ranges.load(Ordering::SeqCst) as u64,
+        1 + 1,
+        "one request for the span run, one for its windows"
+    );
+    assert!(
+        window_bytes > 0
+            && window_bytes <= spans * (32 << 10)
+            && window_bytes < windows.len() as u64,
+        "{window_bytes} bytes of windows fetched for {spans} spans, of {}",
+        windows.len()
+    );
+    drop(fetcher);
+    // A file over several spans, adjacent in one request: only the first span's window is
+    // fetched; each later span's is the end of the span before it, inflated first.
+    let big = layer.index.get("etc/file-5").expect("a 300 KB file");
+    assert!(big.chunks.len() >= 4, "{} chunks", big.chunks.len());
+    let source = served(windows.clone());
+    let (dir3, cache) = scratch_cache("fetch-windows-apart-run");
+    let fetcher = Fetcher::new(runtime.handle().clone(), source.clone(), cache);
+    let refs: Vec<ChunkRef<'_>> = big
+        .chunks
+        .iter()
+        .map(|chunk| ChunkRef {
+            blob: desc.digest,
+            chunk,
+        })
+        .collect();
+    let units = fetcher
+        .get(
+            &refs,
+            Priority::OnDemand,
+            Instant::now() + Duration::from_secs(10),
+        )
+        .expect("the spans fetch");
+    let mut got = Vec::new();
+    for (chunk, unit) in big.chunks.iter().zip(&units) {
+        got.extend_from_slice(chunk.slice(unit).expect("within its span"));
+    }
+    assert!(got == files[5].1, "the file over several spans differs");
+    let first = match &big.chunks[0].unit {
+        crate::image::estargz::Unit::Span { start, .. } => start.window.place(),
+        _ => None,
+    };
+    let first_len = first.map_or(0, |p| p.range.1 - p.range.0);
+    let asked = crate::sync::lock(&source.asked).clone();
+    assert_eq!(
+        asked.get(&apart.digest).copied().unwrap_or_default(),
+        first_len,
+        "only the first span's window"
+    );
+    assert_eq!(
+        source.ranges.load(Ordering::SeqCst),
+        1 + usize::from(first.is_some())
+    );
+    drop(fetcher);
+    let _ = std::fs::remove_dir_all(&dir3);
+    // The same read through the layer's own reader.
+    for (name, data) in [(name, data), (&files[5].0, &files[5].1)] {
+        let got = runtime
+            .block_on(layer.read_file(&*source, name))
+            .expect("it reads");
+        assert!(got == *data, "{name} read by the layer differs");
+    }
+    // A window changed in the registry: the span does not match, nothing is served.
+    let mut bad = windows.clone();
+    let place = node
+        .chunks
+        .iter()
+        .find_map(|c| match &c.unit {
+            crate::image::estargz::Unit::Span { start, .. } => start.window.place(),
+            _ => None,
+        })
+        .expect("a window apart");
+    bad[place.range.0 as usize + 1] ^= 0x55;
+    let source = served(bad);
+    let (dir2, cache) = scratch_cache("fetch-windows-apart-bad");
+    let fetcher = Fetcher::new(runtime.handle().clone(), source, cache);
+    let refs: Vec<ChunkRef<'_>> = node
+        .chunks
+        .iter()
+        .map(|chunk| ChunkRef {
+            blob: desc.digest,
+            chunk,
+        })
+        .collect();
+    let err = fetcher
+        .get(
+            &refs,
+            Priority::OnDemand,
+            Instant::now() + Duration::from_secs(10),
+        )
+        .expect_err("a changed window is caught");
+    assert!(matches!(err, FetchError::Chunk { .. }), "{err}");
+    drop(fetcher);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&dir2);
+}
+
 /// A plain gzip layer served from memory, opened through its span index, and a fetcher for
 /// it over a scratch cache.
 struct Indexed {

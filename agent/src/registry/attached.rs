@@ -121,6 +121,16 @@ impl Attached {
         artifact_type: &str,
         max: u64,
     ) -> Result<Bytes, AttachError> {
+        Ok(self.blob_and_more(entry, artifact_type, max).await?.0)
+    }
+
+    /// [`Self::blob`], and the artifact's other blobs, not fetched ([`Self::publish_with`]).
+    pub async fn blob_and_more(
+        &self,
+        entry: &Descriptor,
+        artifact_type: &str,
+        max: u64,
+    ) -> Result<(Bytes, Vec<Descriptor>), AttachError> {
         let artifact = entry.digest;
         let bad = |why: String| AttachError::BadArtifact { artifact, why };
         let fetched = self.source.manifest(&artifact.to_string()).await?;
@@ -140,7 +150,13 @@ impl Attached {
                 blob.size
             )));
         }
-        Ok(self.source.blob(blob).await?)
+        let others = m
+            .layers
+            .iter()
+            .filter(|d| d.digest != blob.digest)
+            .cloned()
+            .collect();
+        Ok((self.source.blob(blob).await?, others))
     }
 
     /// Attaches `blob` as the artifact of `artifact_type` for `layer`, listed by the
@@ -151,6 +167,19 @@ impl Attached {
         layer: &Digest,
         blob: Bytes,
     ) -> Result<Option<Digest>, AttachError> {
+        self.publish_with(artifact_type, layer, blob, Vec::new())
+            .await
+    }
+
+    /// [`Self::publish`], with `more` blobs (media type, bytes) in the same artifact after
+    /// `blob`: a reader finds them listed in it, and the registry keeps them as long as it.
+    pub async fn publish_with(
+        &self,
+        artifact_type: &str,
+        layer: &Digest,
+        blob: Bytes,
+        more: Vec<(&str, Bytes)>,
+    ) -> Result<Option<Digest>, AttachError> {
         let Some(sink) = &self.sink else {
             return Ok(None);
         };
@@ -159,9 +188,19 @@ impl Attached {
             .annotations
             .insert(LAYER_ANNOTATION.into(), layer.to_string());
         let config = Descriptor::of(EMPTY_TYPE, EMPTY);
-        for (desc, bytes) in [(&config, Bytes::from_static(EMPTY)), (&blob_desc, blob)] {
+        let mut layers = vec![blob_desc.clone()];
+        let mut blobs = vec![
+            (config.clone(), Bytes::from_static(EMPTY)),
+            (blob_desc, blob),
+        ];
+        for (media_type, bytes) in more {
+            let desc = Descriptor::of(media_type, &bytes);
+            layers.push(desc.clone());
+            blobs.push((desc, bytes));
+        }
+        for (desc, bytes) in blobs {
             if !sink.has_blob(&desc.digest).await? {
-                sink.put_blob(desc, bytes).await?;
+                sink.put_blob(&desc, bytes).await?;
             }
         }
         let artifact = serde_json::json!({
@@ -169,7 +208,7 @@ impl Attached {
             "mediaType": OCI_MANIFEST,
             "artifactType": artifact_type,
             "config": config,
-            "layers": [blob_desc],
+            "layers": layers,
             "subject": self.subject,
             "annotations": { LAYER_ANNOTATION: layer.to_string() },
         });

@@ -228,15 +228,17 @@ pub(crate) struct IndexArgs {
     #[arg(long, default_value = "/var/lib/imgstream/cache")]
     pub(crate) cache_dir: PathBuf,
     /// Uncompressed bytes between checkpoints, at least: a miss fetches and inflates a whole
-    /// span; each checkpoint costs the bytes of its 32 KiB window that the span refers to
-    /// (compressed in the index). On the 144 MB gzip layer of the e2e bench's image the
-    /// index is 1.5 % of it at 1M (0.8 % at 2M, 2.7 % at 512K), and the image started as
-    /// soon at 1M as at 512K, 10-20 % sooner than at 2M.
-    #[arg(long, default_value = "1M")]
-    pub(crate) span: ByteSize,
+    /// span, and needs the bytes of its checkpoint's 32 KiB window that the span refers to.
+    /// Published, the windows go in a blob of their own beside the index and each miss
+    /// fetches its span's window with it: default 128K (the e2e bench's image started 15 %
+    /// sooner than at 1M with windows held, 7 % sooner than at 256K; 64K fetches more
+    /// windows than it saves). With --local the windows stay in the index, which a mount
+    /// holds in memory: default 1M (1.5 % of the bench's layer; 2.7 % at 512K).
+    #[arg(long)]
+    pub(crate) span: Option<ByteSize>,
     /// Layers smaller than this (compressed) get no index: a mount downloads them whole.
-    /// Through an index, a read of one would fetch the index and then a span that is most
-    /// of the layer (a 1 MiB span is near 0.5 MB compressed): one request more.
+    /// Through an index, a read of one would fetch the index and then spans that are much
+    /// of the layer: one request more.
     #[arg(long, default_value = "1M")]
     pub(crate) min_layer: ByteSize,
     /// Index every platform of a multi-platform image (each platform's manifest gets its
@@ -251,17 +253,23 @@ impl TryFrom<IndexArgs> for imgstream::convert::IndexJob {
     type Error = anyhow::Error;
 
     fn try_from(args: IndexArgs) -> anyhow::Result<Self> {
-        use imgstream::image::gzip::{MAX_SPAN, MIN_SPAN};
-        anyhow::ensure!(
-            (MIN_SPAN..=MAX_SPAN).contains(&args.span.0),
-            "--span {}: between 64K and 64M",
-            args.span
-        );
+        use imgstream::image::gzip::{BuildOptions, MAX_SPAN, MIN_SPAN};
+        let build = match args.span {
+            Some(span) => {
+                anyhow::ensure!(
+                    (MIN_SPAN..=MAX_SPAN).contains(&span.0),
+                    "--span {span}: between 64K and 64M"
+                );
+                BuildOptions { span: span.0 }
+            }
+            None if args.local => BuildOptions::held(),
+            None => BuildOptions::published(),
+        };
         Ok(Self {
             image: ImageRef::parse(&args.image).context("IMAGE")?,
             platform: args.image_job.platform,
             all_platforms: args.all_platforms,
-            build: imgstream::image::gzip::BuildOptions { span: args.span.0 },
+            build,
             min_layer: args.min_layer.0,
             local: args.local,
             cache_dir: args.cache_dir,

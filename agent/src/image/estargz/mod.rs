@@ -137,12 +137,22 @@ pub fn read_toc(
 /// part of. Corrupt data is never
 /// returned.
 pub fn decode_chunk(member: &[u8], chunk: &Chunk) -> Result<Vec<u8>, EstargzError> {
+    decode_unit(member, chunk, crate::image::gzip::SpanWindow::Own)
+}
+
+/// [`decode_chunk`], told where a span's window comes from (fetched from its place, when
+/// its checkpoint keeps it apart, or the span before it).
+pub fn decode_unit(
+    member: &[u8],
+    chunk: &Chunk,
+    window: crate::image::gzip::SpanWindow<'_>,
+) -> Result<Vec<u8>, EstargzError> {
     let bad = |why: String| EstargzError::BadChunk {
         offset: chunk.blob_offset,
         why,
     };
     if let Unit::Span { start, len, .. } = &chunk.unit {
-        return crate::image::gzip::inflate_span(start, *len, &chunk.digest, member)
+        return crate::image::gzip::inflate_span(start, window, *len, &chunk.digest, member)
             .map_err(|err| bad(err.to_string()));
     }
     let data = match chunk.unit {

@@ -21,14 +21,34 @@ pub struct BuildOptions {
     pub span: u64,
 }
 
+impl BuildOptions {
+    /// For an index published with its windows apart: 128 KiB spans, chosen by measurement
+    /// on the e2e bench's image (Apache and PHP, one 144 MB gzip layer; PHP's start through
+    /// the snapshotter, 100 Mbit/s, 2 cold starts a size at 0 and 50 ms, one bench run a
+    /// size): 64K 3.74 / 5.04 s, 128K 2.81 / 4.35 s, 256K 3.04 / 4.27 s (1M, windows held:
+    /// 3.30 / 4.60 s). Smaller spans fetch fewer bytes around each miss, but each span
+    /// fetched brings its window (a few KiB), and below 128K the windows cost more than the
+    /// spans save.
+    pub fn published() -> Self {
+        Self { span: 128 << 10 }
+    }
+
+    /// For an index kept in a node's cache with its windows held in memory (as a mount
+    /// holds them): [`Default`].
+    pub fn held() -> Self {
+        Self::default()
+    }
+}
+
 impl Default for BuildOptions {
-    /// 1 MiB spans, chosen by measurement on the e2e bench's image (Apache and PHP, one
-    /// 144 MB gzip layer; PHP's start through the snapshotter, 100 Mbit/s, 2 cold starts a
-    /// size, one session): the index is 0.8 % of the layer at 2 MiB, 1.5 % at 1 MiB and
-    /// 2.7 % at 512 KiB, and the start took 4.03 s, 3.30 s and 3.24 s (5.20, 4.60 and
-    /// 4.56 s 50 ms from the registry): smaller spans fetch fewer bytes around each miss,
-    /// until the index (fetched before the mount) and its windows cost as much as that
-    /// saves. 1 MiB is as fast as 512 KiB at half the index.
+    /// 1 MiB spans, for an index whose windows are held (in the index, then in a mount's
+    /// memory), chosen by measurement on the e2e bench's image (Apache and PHP, one 144 MB
+    /// gzip layer; PHP's start through the snapshotter, 100 Mbit/s, 2 cold starts a size,
+    /// one session): the index is 0.8 % of the layer at 2 MiB, 1.5 % at 1 MiB and 2.7 % at
+    /// 512 KiB, and the start took 4.03 s, 3.30 s and 3.24 s (5.20, 4.60 and 4.56 s 50 ms
+    /// from the registry): smaller spans fetch fewer bytes around each miss, until the
+    /// index (fetched before the mount) and its windows cost as much as that saves. 1 MiB
+    /// is as fast as 512 KiB at half the index.
     fn default() -> Self {
         Self { span: 1 << 20 }
     }
@@ -77,6 +97,7 @@ impl SpanIndex {
             uncompressed_size,
             spans,
             entries,
+            windows: None,
         })
     }
 }

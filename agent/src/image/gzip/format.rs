@@ -1,14 +1,20 @@
 //! The span index as bytes: what `imgstream index` publishes beside an image and what the
 //! agent reads back from a registry it does not control, so decoding bounds everything.
 //!
-//! Version 1, all integers little-endian, the whole of it gzip-compressed (the windows
-//! compress several times over):
+//! All integers little-endian, the whole of it gzip-compressed. Version 1 holds the
+//! windows; version 2 keeps them apart, in a blob of their own (each window deflated, one
+//! after the other, [`WINDOWS_TYPE`]) that a mount does not download: a miss fetches the
+//! window of its span with the span, a few KiB. With small spans (many windows) that is
+//! most of the index's size left on the registry.
 //!
 //! ```text
-//! magic "imgstream-gzip-index\0" · u32 version = 1
+//! magic "imgstream-gzip-index\0" · u32 version (1 or 2)
 //! [32] layer digest (SHA-256) · u64 compressed size · u64 uncompressed size
+//! version 2: [32] windows blob digest · u64 windows blob size
 //! u32 spans, each: u64 compressed · u8 bits (0x80: a member header starts here)
-//!                  u64 uncompressed · u64 len · [32] digest · u32 window length · window
+//!                  u64 uncompressed · u64 len · [32] digest
+//!                  version 1: u32 window length · window
+//!                  version 2: u64 window offset · u32 deflated length · u32 window length
 //! u32 entries, each: str name · u8 type flag · str link · u32 mode · u64 uid · u64 gid
 //!                    u64 size · i64 mtime · str uname · str gname · u32 major · u32 minor
 //!                    u32 xattrs, each: str key · bytes value
@@ -18,14 +24,26 @@
 
 use std::io::{Read, Write};
 
-use super::{Checkpoint, Entry, MAX_ENTRIES, MAX_SPAN, Span, SpanIndex, WINDOW, Window};
+use super::{
+    Checkpoint, Entry, GzipError, MAX_ENTRIES, MAX_SPAN, Span, SpanIndex, WINDOW, Window,
+    WindowsBlob,
+};
 use crate::{
     image::tar::{Header, Kind},
     oci::digest::Digest,
 };
 
 const MAGIC: &[u8; 21] = b"imgstream-gzip-index\0";
-const VERSION: u32 = 1;
+/// Windows held in the index.
+const HELD: u32 = 1;
+/// Windows kept apart.
+const APART: u32 = 2;
+/// Media type of the blob that holds an index's windows kept apart, published in the same
+/// artifact as the index.
+pub const WINDOWS_TYPE: &str = "application/vnd.imgstream.gzip-span-windows.v1";
+/// Most deflated bytes of one window: a fast deflate of incompressible bytes in fixed
+/// Huffman codes takes 9 bits a byte, 4.5 KiB more than the window; twice it is room enough.
+const MAX_DEFLATED_WINDOW: usize = 2 * WINDOW;
 /// Most bytes a decoded index may take uncompressed, whatever its compressed size.
 pub const MAX_DECODED: u64 = 256 << 20;
 /// Longest name, link target, user or group name, xattr key or value.
@@ -45,7 +63,9 @@ pub enum FormatError {
     TooLarge,
     #[error("not a span index (no magic)")]
     Magic,
-    #[error("span index version {0} is not supported (this agent reads version {VERSION})")]
+    #[error(
+        "span index version {0} is not supported (this agent reads versions {HELD} and {APART})"
+    )]
     Version(u32),
     #[error("the index ends early (reading {0})")]
     Truncated(&'static str),
@@ -54,24 +74,59 @@ pub enum FormatError {
 }
 
 impl SpanIndex {
-    /// The index as published: the format above, gzip-compressed. Fails only if a window
-    /// held in memory does not inflate back (or memory cannot be written).
-    pub fn encode(&self) -> Result<Vec<u8>, super::GzipError> {
+    /// The index with its windows held (version 1), gzip-compressed: what `--local` keeps in
+    /// a cache. Fails if a window is kept apart (or held in memory and does not inflate).
+    pub fn encode(&self) -> Result<Vec<u8>, GzipError> {
+        self.write(None)
+    }
+
+    /// The index with its windows kept apart (version 2): the index, gzip-compressed, and
+    /// the blob of its windows it names, published beside it.
+    pub fn encode_apart(&self) -> Result<(Vec<u8>, Vec<u8>), GzipError> {
+        let mut blob = Vec::new();
+        let mut places = Vec::with_capacity(self.spans.len());
+        for span in &self.spans {
+            // Deflated again, hard: every miss fetches its window, and the blob is written once.
+            let deflated = span.start.window.deflated_best()?;
+            places.push((blob.len() as u64, deflated.len() as u32));
+            blob.extend_from_slice(&deflated);
+        }
+        let windows = WindowsBlob {
+            digest: Digest::of(&blob),
+            size: blob.len() as u64,
+        };
+        Ok((self.write(Some((windows, &places)))?, blob))
+    }
+
+    /// The format above: windows held, or apart at `places` in `windows`.
+    fn write(&self, apart: Option<(WindowsBlob, &[(u64, u32)])>) -> Result<Vec<u8>, GzipError> {
         let mut out = Vec::new();
         out.extend_from_slice(MAGIC);
-        put_u32(&mut out, VERSION);
+        put_u32(&mut out, if apart.is_some() { APART } else { HELD });
         out.extend_from_slice(&self.layer.raw());
         put_u64(&mut out, self.compressed_size);
         put_u64(&mut out, self.uncompressed_size);
+        if let Some((windows, _)) = &apart {
+            out.extend_from_slice(&windows.digest.raw());
+            put_u64(&mut out, windows.size);
+        }
         put_u32(&mut out, self.spans.len() as u32);
-        for span in &self.spans {
+        for (i, span) in self.spans.iter().enumerate() {
             let c = &span.start;
             put_u64(&mut out, c.compressed);
             out.push(c.bits | if c.member { MEMBER } else { 0 });
             put_u64(&mut out, c.uncompressed);
             put_u64(&mut out, span.len);
             out.extend_from_slice(&span.digest.raw());
-            put_bytes(&mut out, &c.window.bytes()?);
+            match &apart {
+                None => put_bytes(&mut out, &c.window.bytes()?),
+                Some((_, places)) => {
+                    let (at, deflated) = places[i];
+                    put_u64(&mut out, at);
+                    put_u32(&mut out, deflated);
+                    put_u32(&mut out, c.window.len() as u32);
+                }
+            }
         }
         put_u32(&mut out, self.entries.len() as u32);
         for entry in &self.entries {
@@ -96,8 +151,8 @@ impl SpanIndex {
             put_u64(&mut out, entry.data_offset);
         }
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
-        gz.write_all(&out).map_err(super::GzipError::Io)?;
-        gz.finish().map_err(super::GzipError::Io)
+        gz.write_all(&out).map_err(GzipError::Io)?;
+        gz.finish().map_err(GzipError::Io)
     }
 
     /// An index read back from `bytes`, checked for being well-formed and consistent: spans
@@ -118,12 +173,20 @@ impl SpanIndex {
         };
         let mut r = Cursor { rest };
         let version = r.u32("version")?;
-        if version != VERSION {
+        if version != HELD && version != APART {
             return Err(FormatError::Version(version));
         }
         let layer = Digest::from_raw(r.array("layer digest")?);
         let compressed_size = r.u64("compressed size")?;
         let uncompressed_size = r.u64("uncompressed size")?;
+        let windows = (version == APART)
+            .then(|| -> Result<_, FormatError> {
+                Ok(WindowsBlob {
+                    digest: Digest::from_raw(r.array("windows blob digest")?),
+                    size: r.u64("windows blob size")?,
+                })
+            })
+            .transpose()?;
         // The fewest bytes a span takes: an empty window.
         const SPAN_MIN: usize = 8 + 1 + 8 + 8 + 32 + 4;
         let count = r.count("spans", MAX_SPANS, SPAN_MIN)?;
@@ -136,10 +199,29 @@ impl SpanIndex {
             let uncompressed = r.u64("span")?;
             let len = r.u64("span")?;
             let digest = Digest::from_raw(r.array("span digest")?);
-            let window = r.bytes("window", WINDOW)?;
+            let invalid = |what: &str| FormatError::Invalid(format!("span {i}: {what}"));
+            let window = match &windows {
+                None => Window::new(r.bytes("window", WINDOW)?),
+                Some(blob) => {
+                    let at = r.u64("window offset")?;
+                    let deflated = r.u32("window")?;
+                    let len = r.u32("window")? as usize;
+                    if len > WINDOW
+                        || deflated as usize > MAX_DEFLATED_WINDOW
+                        || (len == 0) != (deflated == 0)
+                        || at.saturating_add(deflated.into()) > blob.size
+                    {
+                        return Err(invalid("window out of bounds"));
+                    }
+                    if len == 0 {
+                        Window::default()
+                    } else {
+                        Window::apart(blob.digest, at, deflated, len)
+                    }
+                }
+            };
             let member = flags & MEMBER != 0;
             let bits = flags & !MEMBER;
-            let invalid = |what: &str| FormatError::Invalid(format!("span {i}: {what}"));
             if bits > 7
                 || (bits > 0 && compressed == 0)
                 || (member && (bits != 0 || !window.is_empty()))
@@ -172,7 +254,7 @@ impl SpanIndex {
                     bits,
                     uncompressed,
                     member,
-                    window: Window::new(window),
+                    window,
                 },
                 len,
                 digest,
@@ -232,6 +314,7 @@ impl SpanIndex {
             uncompressed_size,
             spans,
             entries,
+            windows,
         })
     }
 }

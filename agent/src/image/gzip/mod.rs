@@ -25,7 +25,7 @@ mod tests;
 use std::ops::Range;
 
 pub use build::{BuildOptions, Cut, read_through};
-pub use format::{FormatError, MAX_DECODED};
+pub use format::{FormatError, MAX_DECODED, WINDOWS_TYPE};
 
 use crate::{image::tar::Header, oci::digest::Digest};
 
@@ -106,8 +106,9 @@ pub struct Checkpoint {
     pub window: Window,
 }
 
-/// A checkpoint's window as held in memory, deflated: a mounted layer keeps one per span,
-/// and a sparse window, mostly zeros, takes a few KiB this way instead of up to 32.
+/// A checkpoint's window: held in memory, deflated (a sparse window, mostly zeros, takes a
+/// few KiB this way instead of up to 32), or kept apart in the index's windows blob
+/// ([`WindowsBlob`]), fetched with the span that needs it.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Window {
     kept: Kept,
@@ -121,17 +122,35 @@ enum Kept {
     Deflated(Box<[u8]>),
     /// If deflating failed (it does not, into memory): the bytes as they are.
     Raw(Box<[u8]>),
+    /// Deflated, at `at` in the windows blob `blob`, `deflated` bytes long.
+    Apart {
+        blob: Digest,
+        at: u64,
+        deflated: u32,
+    },
+}
+
+/// Where a window kept apart is: its blob, and its deflated bytes' range in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WindowPlace {
+    pub blob: Digest,
+    pub range: (u64, u64),
+}
+
+/// The blob an index keeps its windows in, apart from the rest of it: a mount reads the
+/// index without them and fetches each window with the span that needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WindowsBlob {
+    pub digest: Digest,
+    pub size: u64,
 }
 
 impl Window {
     pub fn new(bytes: &[u8]) -> Self {
-        use std::io::Write as _;
         if bytes.is_empty() {
             return Self::default();
         }
-        let mut encoder =
-            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
-        let kept = match encoder.write_all(bytes).and_then(|()| encoder.finish()) {
+        let kept = match deflate_at(bytes, flate2::Compression::fast()) {
             Ok(deflated) => Kept::Deflated(deflated.into_boxed_slice()),
             Err(_) => Kept::Raw(bytes.into()),
         };
@@ -150,34 +169,89 @@ impl Window {
         self.len == 0
     }
 
+    /// A window of `len` bytes kept apart, deflated, at `at` in `blob`.
+    pub fn apart(blob: Digest, at: u64, deflated: u32, len: usize) -> Self {
+        Self {
+            kept: Kept::Apart { blob, at, deflated },
+            len,
+        }
+    }
+
+    /// Where it is, if it is kept apart (its bytes then come from there: [`Self::bytes_from`]).
+    pub fn place(&self) -> Option<WindowPlace> {
+        match self.kept {
+            Kept::Apart { blob, at, deflated } => Some(WindowPlace {
+                blob,
+                range: (at, at + u64::from(deflated)),
+            }),
+            _ => None,
+        }
+    }
+
     /// Bytes of memory it holds.
     pub fn held(&self) -> usize {
         match &self.kept {
-            Kept::Empty => 0,
+            Kept::Empty | Kept::Apart { .. } => 0,
             Kept::Deflated(b) | Kept::Raw(b) => b.len(),
         }
     }
 
-    /// The window's bytes.
+    /// Its bytes deflated at the best compression (none for an empty window).
+    fn deflated_best(&self) -> Result<Vec<u8>, GzipError> {
+        let bytes = self.bytes()?;
+        if bytes.is_empty() {
+            return Ok(bytes);
+        }
+        deflate_at(&bytes, flate2::Compression::best()).map_err(GzipError::Io)
+    }
+
+    /// The window's bytes, held in memory.
     pub fn bytes(&self) -> Result<Vec<u8>, GzipError> {
+        match &self.kept {
+            Kept::Empty => Ok(Vec::new()),
+            Kept::Raw(bytes) => Ok(bytes.to_vec()),
+            Kept::Deflated(deflated) => self.inflate(deflated, "held in memory"),
+            Kept::Apart { .. } => Err(GzipError::Inflate(
+                "a window kept apart was not fetched".into(),
+            )),
+        }
+    }
+
+    /// The window's bytes from `deflated`, what was fetched from its place (or its bytes if
+    /// it is held).
+    pub fn bytes_from(&self, deflated: Option<&[u8]>) -> Result<Vec<u8>, GzipError> {
+        match (&self.kept, deflated) {
+            (Kept::Apart { deflated: n, .. }, Some(bytes)) if bytes.len() == *n as usize => {
+                self.inflate(bytes, "kept apart")
+            }
+            (Kept::Apart { .. }, _) => Err(GzipError::Inflate(
+                "a window kept apart was not fetched whole".into(),
+            )),
+            _ => self.bytes(),
+        }
+    }
+
+    fn inflate(&self, deflated: &[u8], kept: &str) -> Result<Vec<u8>, GzipError> {
         use std::io::Read as _;
-        let deflated = match &self.kept {
-            Kept::Empty => return Ok(Vec::new()),
-            Kept::Raw(bytes) => return Ok(bytes.to_vec()),
-            Kept::Deflated(deflated) => deflated,
-        };
         let mut out = Vec::with_capacity(self.len);
-        flate2::read::DeflateDecoder::new(&deflated[..])
+        flate2::read::DeflateDecoder::new(deflated)
             .take(self.len as u64 + 1)
             .read_to_end(&mut out)
-            .map_err(|e| GzipError::Inflate(format!("a window held in memory: {e}")))?;
+            .map_err(|e| GzipError::Inflate(format!("a window {kept}: {e}")))?;
         if out.len() != self.len {
-            return Err(GzipError::Inflate(
-                "a window held in memory is not its length".into(),
-            ));
+            return Err(GzipError::Inflate(format!(
+                "a window {kept} is not its length"
+            )));
         }
         Ok(out)
     }
+}
+
+fn deflate_at(bytes: &[u8], level: flate2::Compression) -> std::io::Result<Vec<u8>> {
+    use std::io::Write as _;
+    let mut encoder = flate2::write::DeflateEncoder::new(Vec::new(), level);
+    encoder.write_all(bytes)?;
+    encoder.finish()
 }
 
 impl std::fmt::Debug for Window {
@@ -216,6 +290,9 @@ pub struct SpanIndex {
     pub uncompressed_size: u64,
     pub spans: Vec<Span>,
     pub entries: Vec<Entry>,
+    /// Where the windows are when they are kept apart (each span's checkpoint says where in
+    /// it); `None`: they are held in the index.
+    pub windows: Option<WindowsBlob>,
 }
 
 impl SpanIndex {
@@ -265,8 +342,21 @@ impl SpanIndex {
                 want,
             });
         }
-        inflate_span(&span.start, span.len, &span.digest, bytes)
+        inflate_span(&span.start, SpanWindow::Own, span.len, &span.digest, bytes)
     }
+}
+
+/// Where the window of a span being inflated comes from.
+#[derive(Clone, Copy, Debug)]
+pub enum SpanWindow<'a> {
+    /// The checkpoint's own, held in memory (an error if it is kept apart).
+    Own,
+    /// The checkpoint's window kept apart, as fetched from its place: its deflated bytes.
+    Fetched(&'a [u8]),
+    /// The uncompressed bytes right before the checkpoint (the span before, just inflated):
+    /// their last [`WINDOW`] bytes are the whole window. Bytes of an earlier member among
+    /// them are never referred to.
+    Preceding(&'a [u8]),
 }
 
 /// Decompresses the `len` bytes of a span that starts at `start` from `bytes` (its
@@ -274,6 +364,7 @@ impl SpanIndex {
 /// checks them against `digest`. Bytes past the span's end are ignored.
 pub fn inflate_span(
     start: &Checkpoint,
+    window: SpanWindow<'_>,
     len: u64,
     digest: &Digest,
     bytes: &[u8],
@@ -290,7 +381,19 @@ pub fn inflate_span(
             skip_header(bytes).ok_or_else(short)?,
         )
     } else {
-        inflate::RawInflate::resume(start.bits, &start.window.bytes()?, bytes)?.ok_or_else(short)?
+        let held;
+        let dictionary = match window {
+            SpanWindow::Own => {
+                held = start.window.bytes()?;
+                &held[..]
+            }
+            SpanWindow::Fetched(deflated) => {
+                held = start.window.bytes_from(Some(deflated))?;
+                &held[..]
+            }
+            SpanWindow::Preceding(bytes) => &bytes[bytes.len().saturating_sub(WINDOW)..],
+        };
+        inflate::RawInflate::resume(start.bits, dictionary, bytes)?.ok_or_else(short)?
     };
     let mut produced = 0;
     while produced < out.len() {

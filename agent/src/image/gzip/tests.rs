@@ -303,6 +303,97 @@ fn an_index_reads_back_as_it_was_written_and_costs_little() {
 }
 
 #[test]
+fn an_index_with_its_windows_apart_reads_back_without_them_and_inflates_with_them() {
+    let (tar, _) = layer_tar();
+    let layer = gzip(&tar, 6);
+    let whole = plain(&layer);
+    let index = build(&layer, MIN_SPAN);
+    let (core, windows) = index.encode_apart().expect("an index encodes");
+    let held = index.encode().expect("an index encodes");
+    assert!(
+        core.len() < held.len(),
+        "{} bytes apart, {} held",
+        core.len(),
+        held.len()
+    );
+    let back = SpanIndex::decode(&core).expect("it decodes");
+    let blob = back.windows.expect("windows apart");
+    assert_eq!(
+        (blob.digest, blob.size),
+        (
+            crate::oci::digest::Digest::of(&windows),
+            windows.len() as u64
+        )
+    );
+    assert_eq!(back.entries, index.entries);
+    let mut apart = 0;
+    for (i, span) in back.spans.iter().enumerate() {
+        assert_eq!(span.start.window.len(), index.spans[i].start.window.len());
+        let range = back.span_range(i).expect("a span");
+        let bytes = &layer[range.start as usize..range.end as usize];
+        let want = &whole[span.start.uncompressed as usize..][..span.len as usize];
+        let Some(place) = span.start.window.place() else {
+            // A member's start, or a span that refers to nothing before it.
+            assert!(span.start.window.is_empty());
+            continue;
+        };
+        apart += 1;
+        assert!(
+            back.inflate_span(i, bytes).is_err(),
+            "span {i} inflates without its window"
+        );
+        let deflated = &windows[place.range.0 as usize..place.range.1 as usize];
+        let got = inflate_span(
+            &span.start,
+            SpanWindow::Fetched(deflated),
+            span.len,
+            &span.digest,
+            bytes,
+        )
+        .expect("the span inflates with its window");
+        assert!(got == want, "span {i} differs");
+    }
+    assert!(apart > 0, "some windows are kept apart");
+    // The fuzz seed of this form is one.
+    let seed = include_bytes!("../../../fuzz/seeds/gzip_index/seed-two-spans-apart.idx");
+    let seed = SpanIndex::decode(seed).expect("the seed decodes");
+    assert!(seed.windows.is_some() && seed.spans.iter().any(|s| s.start.window.place().is_some()));
+    // A window of bytes that do not compress (deflate's fast codes make them longer) reads
+    // back all the same.
+    let mut noisy = index.clone();
+    let mut x = 0x2545_f491_4f6c_dd1d_u64;
+    let noise: Vec<u8> = (0..WINDOW)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    noisy.spans[1].start.window = Window::new(&noise);
+    let (core_noisy, windows_noisy) = noisy.encode_apart().expect("an index encodes");
+    let back = SpanIndex::decode(&core_noisy).expect("a window of noise reads back");
+    let place = back.spans[1].start.window.place().expect("apart");
+    let deflated = &windows_noisy[place.range.0 as usize..place.range.1 as usize];
+    assert!(
+        back.spans[1]
+            .start
+            .window
+            .bytes_from(Some(deflated))
+            .expect("it inflates")
+            == noise
+    );
+    // A window said to lie past the end of its blob is refused.
+    let mut raw = unpack(&core);
+    let size_at = 21 + 4 + 32 + 16 + 32;
+    raw[size_at..size_at + 8].copy_from_slice(&1u64.to_le_bytes());
+    assert!(matches!(
+        SpanIndex::decode(&pack(&raw)),
+        Err(FormatError::Invalid(_))
+    ));
+}
+
+#[test]
 fn hostile_encoded_indexes_are_refused_without_panic() {
     let (tar, _) = layer_tar();
     let layer = gzip(&tar, 6);
