@@ -848,25 +848,7 @@ fn windows_kept_apart_are_fetched_beside_their_spans_and_only_theirs() {
     let source = served(windows.clone());
     let (dir, cache) = scratch_cache("fetch-windows-apart");
     let fetcher = Fetcher::new(runtime.handle().clone(), source.clone(), cache);
-    let refs: Vec<ChunkRef<'_>> = node
-        .chunks
-        .iter()
-        .map(|chunk| ChunkRef {
-            blob: desc.digest,
-            chunk,
-        })
-        .collect();
-    let units = fetcher
-        .get(
-            &refs,
-            Priority::OnDemand,
-            Instant::now() + Duration::from_secs(10),
-        )
-        .expect("the spans fetch");
-    let mut got = Vec::new();
-    for (chunk, unit) in node.chunks.iter().zip(&units) {
-        got.extend_from_slice(chunk.slice(unit).expect("within its span"));
-    }
+    let got = read_node(&fetcher, desc.digest, node).expect("the spans fetch");
     assert!(got == *data, "{name} as read differs");
     let asked = crate::sync::lock(&source.asked).clone();
     let window_bytes = asked.get(&apart.digest).copied().unwrap_or_default();
@@ -891,25 +873,7 @@ fn windows_kept_apart_are_fetched_beside_their_spans_and_only_theirs() {
     let source = served(windows.clone());
     let (dir3, cache) = scratch_cache("fetch-windows-apart-run");
     let fetcher = Fetcher::new(runtime.handle().clone(), source.clone(), cache);
-    let refs: Vec<ChunkRef<'_>> = big
-        .chunks
-        .iter()
-        .map(|chunk| ChunkRef {
-            blob: desc.digest,
-            chunk,
-        })
-        .collect();
-    let units = fetcher
-        .get(
-            &refs,
-            Priority::OnDemand,
-            Instant::now() + Duration::from_secs(10),
-        )
-        .expect("the spans fetch");
-    let mut got = Vec::new();
-    for (chunk, unit) in big.chunks.iter().zip(&units) {
-        got.extend_from_slice(chunk.slice(unit).expect("within its span"));
-    }
+    let got = read_node(&fetcher, desc.digest, big).expect("the spans fetch");
     assert!(got == files[5].1, "the file over several spans differs");
     let first = match &big.chunks[0].unit {
         crate::image::estargz::Unit::Span { start, .. } => start.window.place(),
@@ -949,25 +913,35 @@ fn windows_kept_apart_are_fetched_beside_their_spans_and_only_theirs() {
     let source = served(bad);
     let (dir2, cache) = scratch_cache("fetch-windows-apart-bad");
     let fetcher = Fetcher::new(runtime.handle().clone(), source, cache);
-    let refs: Vec<ChunkRef<'_>> = node
-        .chunks
-        .iter()
-        .map(|chunk| ChunkRef {
-            blob: desc.digest,
-            chunk,
-        })
-        .collect();
-    let err = fetcher
-        .get(
-            &refs,
-            Priority::OnDemand,
-            Instant::now() + Duration::from_secs(10),
-        )
-        .expect_err("a changed window is caught");
+    let err = read_node(&fetcher, desc.digest, node).expect_err("a changed window is caught");
     assert!(matches!(err, FetchError::Chunk { .. }), "{err}");
     drop(fetcher);
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&dir2);
+}
+
+/// The file `node` of blob `blob` through `fetcher`, as the filesystem reads it: its chunks
+/// in one get, on demand.
+fn read_node(
+    fetcher: &Fetcher,
+    blob: Digest,
+    node: &crate::image::estargz::Node,
+) -> Result<Vec<u8>, FetchError> {
+    let refs: Vec<ChunkRef<'_>> = node
+        .chunks
+        .iter()
+        .map(|chunk| ChunkRef { blob, chunk })
+        .collect();
+    let units = fetcher.get(
+        &refs,
+        Priority::OnDemand,
+        Instant::now() + Duration::from_secs(10),
+    )?;
+    let mut out = Vec::new();
+    for (chunk, unit) in node.chunks.iter().zip(&units) {
+        out.extend_from_slice(chunk.slice(unit).expect("within its span"));
+    }
+    Ok(out)
 }
 
 /// A plain gzip layer served from memory, opened through its span index, and a fetcher for
@@ -1013,24 +987,7 @@ impl Indexed {
     /// File `path` through the fetcher, as the filesystem reads it.
     fn read(&self, path: &str) -> Result<Vec<u8>, FetchError> {
         let node = self.layer.index.get(path).expect("in the layer");
-        let refs: Vec<ChunkRef<'_>> = node
-            .chunks
-            .iter()
-            .map(|chunk| ChunkRef {
-                blob: self.layer.desc.digest,
-                chunk,
-            })
-            .collect();
-        let units = self.fetcher.get(
-            &refs,
-            Priority::OnDemand,
-            Instant::now() + Duration::from_secs(10),
-        )?;
-        let mut out = Vec::new();
-        for (chunk, unit) in node.chunks.iter().zip(&units) {
-            out.extend_from_slice(chunk.slice(unit).expect("within its span"));
-        }
-        Ok(out)
+        read_node(&self.fetcher, self.layer.desc.digest, node)
     }
 
     /// The background download, run to its end: 1 MiB ranges (a 4 MB/s cap), two at once.

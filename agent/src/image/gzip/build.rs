@@ -25,10 +25,11 @@ impl BuildOptions {
     /// For an index published with its windows apart: 128 KiB spans, chosen by measurement
     /// on the e2e bench's image (Apache and PHP, one 144 MB gzip layer; PHP's start through
     /// the snapshotter, 100 Mbit/s, 2 cold starts a size at 0 and 50 ms, one bench run a
-    /// size): 64K 3.74 / 5.04 s, 128K 2.81 / 4.35 s, 256K 3.04 / 4.27 s (1M, windows held:
-    /// 3.30 / 4.60 s). Smaller spans fetch fewer bytes around each miss, but each span
-    /// fetched brings its window (a few KiB), and below 128K the windows cost more than the
-    /// spans save.
+    /// size, medians): 64K 3.74 / 5.04 s, 128K 2.81 / 4.35 s, 256K 3.04 / 4.27 s; again
+    /// with a run of spans fetching only its first window and windows deflated hard, 64K
+    /// 3.05 / 4.80 s, 128K 2.99 / 4.29 s (1M with windows held, another session: 3.30 /
+    /// 4.60 s). Smaller spans fetch fewer bytes around each miss, but each span fetched
+    /// alone brings its window (a few KiB), and below 128K that costs what it saves.
     pub fn published() -> Self {
         Self { span: 128 << 10 }
     }
