@@ -589,20 +589,8 @@ impl<'a> SpanIndexes<'a> {
         };
         let opened = SpanIndex::decode(&encoded)
             .map_err(|e| crate::error_chain(&e))
-            .and_then(|span_index| match (&span_index.windows, &companions) {
-                // Windows kept apart are fetched from the image's repository as readers
-                // need them: the artifact must hold them (so the registry keeps them).
-                (Some(w), Some(companions))
-                    if !companions.iter().any(|d| {
-                        d.digest == w.digest && d.size == w.size && d.media_type == WINDOWS_TYPE
-                    }) =>
-                {
-                    Err(format!(
-                        "its windows blob {} is not published with it",
-                        w.digest
-                    ))
-                }
-                _ => Ok(span_index),
+            .and_then(|span_index| {
+                windows_published(&span_index, companions.as_deref()).map(|()| span_index)
             })
             .and_then(|span_index| {
                 let held: usize = span_index.spans.iter().map(|s| s.start.window.held()).sum();
@@ -667,6 +655,26 @@ impl<'a> SpanIndexes<'a> {
                 None
             }
         }
+    }
+}
+
+/// Whether `index`'s windows, if it keeps them apart, are among `companions`, the other
+/// blobs of the artifact it was published in (`None`: it came from the cache, checked when
+/// it was fetched). They are fetched from the image's repository as readers need them: the
+/// artifact must hold them, so that the registry keeps them as long as the index.
+fn windows_published(index: &SpanIndex, companions: Option<&[Descriptor]>) -> Result<(), String> {
+    match (&index.windows, companions) {
+        (Some(w), Some(companions))
+            if !companions.iter().any(|d| {
+                d.digest == w.digest && d.size == w.size && d.media_type == WINDOWS_TYPE
+            }) =>
+        {
+            Err(format!(
+                "its windows blob {} is not published with it",
+                w.digest
+            ))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -1140,5 +1148,45 @@ fn raise_readahead_when_cached(mount: &FuseMount, served: &ServedImage) {
     if let (Some(readahead), Some(progress)) = (mount.readahead(), &served.progress) {
         let readahead = readahead.clone();
         progress.when_finished(move || readahead.cached());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::gzip::{BuildOptions, MIN_SPAN};
+
+    #[test]
+    fn an_index_whose_windows_are_not_in_its_artifact_is_refused() {
+        let (tar, _) = crate::testing::layer_tar();
+        let layer = crate::testing::gzip(&tar, 6);
+        let built = SpanIndex::build(layer.as_slice(), BuildOptions { span: MIN_SPAN })
+            .expect("the layer indexes");
+        let (core, windows) = built.encode_apart().expect("an index encodes");
+        let apart = SpanIndex::decode(&core).expect("it decodes");
+        let listed = Descriptor::of(WINDOWS_TYPE, &windows);
+        assert!(windows_published(&apart, Some(std::slice::from_ref(&listed))).is_ok());
+        assert!(windows_published(&apart, None).is_ok(), "from the cache");
+        assert!(windows_published(&built, Some(&[])).is_ok(), "windows held");
+        let err = windows_published(&apart, Some(&[])).expect_err("not in the artifact");
+        assert!(err.contains("not published"), "{err}");
+        let mut other = listed.clone();
+        other.digest = crate::oci::digest::Digest::of(b"other windows");
+        assert!(
+            windows_published(&apart, Some(&[other])).is_err(),
+            "another blob"
+        );
+        let mut shorter = listed.clone();
+        shorter.size -= 1;
+        assert!(
+            windows_published(&apart, Some(&[shorter])).is_err(),
+            "another size"
+        );
+        let mut typed = listed;
+        typed.media_type = SPAN_INDEX_TYPE.into();
+        assert!(
+            windows_published(&apart, Some(&[typed])).is_err(),
+            "another type"
+        );
     }
 }
