@@ -316,28 +316,24 @@ impl RemoteLayer {
                 super::windows::fetch(source, &wanted)
             );
             let (bytes, windows) = (bytes.map_err(fetch_err)?, windows.map_err(fetch_err)?);
-            // The span inflated last, and where it ends: the next one's window.
-            let mut last: Option<(u64, Vec<u8>)> = None;
+            // Spans inflated so far, by where they end: the next one's window.
+            let mut spans: Vec<(u64, Bytes)> = Vec::new();
             for chunk in &chunks[i..=j] {
                 let member =
                     &bytes[(chunk.blob_offset - start) as usize..(chunk.blob_end - start) as usize];
-                let before = match &chunk.unit {
-                    estargz::Unit::Span { start, .. } if start.window.place().is_some() => last
-                        .as_ref()
-                        .filter(|(end, _)| *end == start.uncompressed)
-                        .map(|(_, b)| crate::image::gzip::SpanWindow::Preceding(b)),
-                    _ => None,
-                };
-                let unit =
-                    estargz::decode_unit(member, chunk, before.unwrap_or(windows.of(chunk)))?;
-                if let estargz::Unit::Span { start, len, .. } = &chunk.unit {
-                    last = Some((start.uncompressed + len, unit.clone()));
-                }
+                let unit = Bytes::from(estargz::decode_unit(
+                    member,
+                    chunk,
+                    windows.window(chunk, &spans),
+                )?);
                 let part = chunk.slice(&unit).ok_or(EstargzError::BadChunk {
                     offset: chunk.blob_offset,
                     why: "shorter than the file's part of it".into(),
                 })?;
-                out.push(Bytes::copy_from_slice(part));
+                out.push(unit.slice_ref(part));
+                if let Some(end) = super::windows::span_end(chunk) {
+                    spans.push((end, unit));
+                }
             }
             i = j + 1;
         }

@@ -950,24 +950,13 @@ impl Fetcher {
                     .map(|c| {
                         let member = &bytes[(c.chunk.blob_offset - start) as usize
                             ..(c.chunk.blob_end - start) as usize];
-                        let (window, span_end) = match &c.chunk.unit {
-                            estargz::Unit::Span { start, len, .. } => (
-                                match spans.iter().find(|(end, _)| *end == start.uncompressed) {
-                                    Some((_, before)) if start.window.place().is_some() => {
-                                        crate::image::gzip::SpanWindow::Preceding(before)
-                                    }
-                                    _ => windows.of(c.chunk),
-                                },
-                                Some(start.uncompressed + len),
-                            ),
-                            _ => (windows.of(c.chunk), None),
-                        };
+                        let window = windows.window(c.chunk, &spans);
                         match estargz::decode_unit(member, c.chunk, window) {
                             Ok(data) => {
                                 self.count(|s| &s.chunks_fetched, 1);
                                 let data = Arc::new(data);
                                 self.store(c.chunk.digest, &data, priority);
-                                if let Some(end) = span_end {
+                                if let Some(end) = windows::span_end(c.chunk) {
                                     spans.push((end, data.clone()));
                                 }
                                 Ok(data)

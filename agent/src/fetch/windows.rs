@@ -72,9 +72,20 @@ impl Fetched {
         self.pieces.iter().map(|(_, _, b)| b.len() as u64).sum()
     }
 
-    /// Where the window of `chunk`'s span comes from: fetched, if it keeps it apart and it
-    /// was, else its own.
-    pub(super) fn of(&self, chunk: &Chunk) -> SpanWindow<'_> {
+    /// Where the window of `chunk`'s span comes from, given `inflated`, the spans of the
+    /// same request inflated before it (where each ends, its bytes): the one that ends where
+    /// it starts, if it keeps its window apart ([`wanted`] did not ask for that window);
+    /// else the window fetched; else its own.
+    pub(super) fn window<'a, B>(&'a self, chunk: &Chunk, inflated: &'a [(u64, B)]) -> SpanWindow<'a>
+    where
+        B: std::ops::Deref<Target: AsRef<[u8]>>,
+    {
+        if let Unit::Span { start, .. } = &chunk.unit
+            && start.window.place().is_some()
+            && let Some((_, before)) = inflated.iter().find(|(end, _)| *end == start.uncompressed)
+        {
+            return SpanWindow::Preceding((**before).as_ref());
+        }
         self.fetched(chunk)
             .map_or(SpanWindow::Own, SpanWindow::Fetched)
     }
@@ -107,4 +118,13 @@ pub(super) async fn fetch(
         pieces.push((*blob, range.start, bytes));
     }
     Ok(Fetched { pieces })
+}
+
+/// Where `chunk`'s span ends in the uncompressed stream, if its unit is a span: the key
+/// [`Fetched::window`] finds it by once inflated.
+pub(super) fn span_end(chunk: &Chunk) -> Option<u64> {
+    match &chunk.unit {
+        Unit::Span { start, len, .. } => Some(start.uncompressed + len),
+        Unit::Member | Unit::Frame => None,
+    }
 }

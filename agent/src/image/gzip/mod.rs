@@ -217,14 +217,14 @@ impl Window {
         }
     }
 
-    /// The window's bytes from `deflated`, what was fetched from its place (or its bytes if
-    /// it is held).
-    pub fn bytes_from(&self, deflated: Option<&[u8]>) -> Result<Vec<u8>, GzipError> {
-        match (&self.kept, deflated) {
-            (Kept::Apart { deflated: n, .. }, Some(bytes)) if bytes.len() == *n as usize => {
-                self.inflate(bytes, "kept apart")
+    /// The window's bytes from `deflated`, what was fetched from its place (a window not
+    /// kept apart has its own: [`Self::bytes`]).
+    pub fn bytes_from(&self, deflated: &[u8]) -> Result<Vec<u8>, GzipError> {
+        match &self.kept {
+            Kept::Apart { deflated: n, .. } if deflated.len() == *n as usize => {
+                self.inflate(deflated, "kept apart")
             }
-            (Kept::Apart { .. }, _) => Err(GzipError::Inflate(
+            Kept::Apart { .. } => Err(GzipError::Inflate(
                 "a window kept apart was not fetched whole".into(),
             )),
             _ => self.bytes(),
@@ -388,7 +388,7 @@ pub fn inflate_span(
                 &held[..]
             }
             SpanWindow::Fetched(deflated) => {
-                held = start.window.bytes_from(Some(deflated))?;
+                held = start.window.bytes_from(deflated)?;
                 &held[..]
             }
             SpanWindow::Preceding(bytes) => &bytes[bytes.len().saturating_sub(WINDOW)..],

@@ -379,7 +379,7 @@ fn an_index_with_its_windows_apart_reads_back_without_them_and_inflates_with_the
         back.spans[1]
             .start
             .window
-            .bytes_from(Some(deflated))
+            .bytes_from(deflated)
             .expect("it inflates")
             == noise
     );
