@@ -486,6 +486,10 @@ fn a_small_cache_limit_evicts_the_unmounted_image_not_the_mounted_one() {
     for (rel, content) in &image.files {
         assert!(&std::fs::read(mnt.join(rel)).unwrap() == content, "{rel}");
     }
+    // Readers' chunks reach the cache through the writer thread; the unmount waits for what
+    // it still holds (under load, CI saw no eviction yet when this was asked before it).
+    drop(mounted);
+    drop(runtime);
     assert!(
         chunks.stats.evicted.load(Ordering::Relaxed) > 0,
         "image 1's chunks were evicted"
@@ -500,8 +504,6 @@ fn a_small_cache_limit_evicts_the_unmounted_image_not_the_mounted_one() {
         "limit {limit}, image 1 used {first_usage}, after image 2 {}",
         chunks.usage()
     );
-    drop(mounted);
-    drop(runtime);
     std::fs::remove_dir_all(&image.scratch).unwrap();
 }
 
