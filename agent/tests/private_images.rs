@@ -378,12 +378,25 @@ async fn a_private_image_streams_with_the_credentials_kubelet_hands_its_pull() {
         .items;
     for sandbox in sandboxes {
         let pod_sandbox_id = sandbox.id;
-        runtime
-            .stop_pod_sandbox(StopPodSandboxRequest {
-                pod_sandbox_id: pod_sandbox_id.clone(),
-            })
-            .await
-            .unwrap();
+        // containerd can lose its shim's connection while it kills a container that has
+        // already exited ("ttrpc: closed", seen in CI): kubelet asks again, and so does this.
+        let mut attempt = 0;
+        loop {
+            let stopped = runtime
+                .stop_pod_sandbox(StopPodSandboxRequest {
+                    pod_sandbox_id: pod_sandbox_id.clone(),
+                })
+                .await;
+            attempt += 1;
+            match stopped {
+                Ok(_) => break,
+                Err(status) if attempt < 3 => {
+                    eprintln!("StopPodSandbox, attempt {attempt}: {status}; asking again");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                Err(status) => panic!("StopPodSandbox failed {attempt} times: {status}"),
+            }
+        }
         runtime
             .remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id })
             .await
