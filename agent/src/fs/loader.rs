@@ -407,8 +407,15 @@ impl Shared {
     fn closure(self: &Arc<Self>, ino: u64, code: &CodeQueue) {
         let Some(root) = self.file(ino) else { return };
         // The reader just read the headers (cached now; fetched here for a program no
-        // reader started yet): a static program needs nothing, and its end is not fetched.
-        let Some(head) = self.bytes(&[(&root, 0..HEAD)], &[], None).pop().flatten() else {
+        // reader started yet). Its end, where linkers put the dynamic section, comes with
+        // them: the walk's first look at it then waits one round trip, not two (a static
+        // program costs that chunk).
+        let tail = root.size.saturating_sub(TAIL)..root.size;
+        let Some(head) = self
+            .bytes(&[(&root, 0..HEAD)], &[(&root, tail)], None)
+            .pop()
+            .flatten()
+        else {
             return;
         };
         let Some(object) =
@@ -416,26 +423,24 @@ impl Shared {
         else {
             return;
         };
-        // The kernel starts a program's interpreter (the dynamic loader) before anything
-        // else: its headers go first, alone.
         let interpreter = object.interpreter_path(&head);
-        match interpreter
+        let loader = match interpreter
             .as_ref()
             .and_then(|path| self.tree.resolve(path.as_bytes()))
             .filter(|inode| inode.kind == Kind::Regular)
             .and_then(|inode| self.file(inode.ino))
         {
-            Some(loader) => {
-                let tail = loader.size.saturating_sub(TAIL)..loader.size;
-                self.bytes(&[(&loader, 0..HEAD)], &[(&loader, tail)], None);
+            Some(loader) => Some(loader),
+            None => {
+                self.look_elsewhere(
+                    interpreter
+                        .into_iter()
+                        .map(|p| vec![p.to_string()])
+                        .collect(),
+                );
+                None
             }
-            None => self.look_elsewhere(
-                interpreter
-                    .into_iter()
-                    .map(|p| vec![p.to_string()])
-                    .collect(),
-            ),
-        }
+        };
         let far = self
             .fetcher
             .link_bdp()
@@ -453,7 +458,26 @@ impl Shared {
             );
             self.walk_wide(siblings, code.clone());
         }
-        self.walk_from(vec![root], code, false);
+        // The kernel maps a program's interpreter (the dynamic loader) before anything else:
+        // its headers and end are fetched at once, beside the walk's look at the program's
+        // libraries, not before it (a 50 ms trace: the program's headers, the interpreter's,
+        // then the program's end, one round trip after another, while the program's first
+        // library waited for all three).
+        let fetch_loader = |loader: &File| {
+            let tail = loader.size.saturating_sub(TAIL)..loader.size;
+            self.bytes(&[(loader, 0..HEAD)], &[(loader, tail)], None);
+        };
+        std::thread::scope(|scope| {
+            if let Some(loader) = &loader {
+                let spawned = std::thread::Builder::new()
+                    .name("loader-prefetch".into())
+                    .spawn_scoped(scope, || fetch_loader(loader));
+                if spawned.is_err() {
+                    fetch_loader(loader);
+                }
+            }
+            self.walk_from(vec![root], code, false);
+        });
     }
 
     /// Walks the other modules of a directory on a thread of its own. Its requests are
@@ -1247,6 +1271,69 @@ mod tests {
         assert!(found, "libpcre2-8 waited for libc, found beside libselinux");
         assert!(libc_waited, "libc's headers were held");
         assert!(fetched(&fs, &format!("/{LIBS}/libc.so.6"), 0..4096));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn the_walk_does_not_wait_for_the_programs_interpreter() {
+        let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+        let dir = std::env::temp_dir().join(format!(
+            "imgstream-loader-interp-held-{}",
+            std::process::id()
+        ));
+        let mut entries = vec![
+            (Header::new("usr/", TarKind::Directory), Vec::new()),
+            (Header::new("usr/bin/", TarKind::Directory), Vec::new()),
+            file(
+                "usr/bin/ls",
+                std::fs::read("/usr/bin/ls").expect("this machine's ls"),
+            ),
+        ];
+        entries.extend(ls_libraries());
+        entries.extend([
+            file(
+                &format!("{LIBS}/ld-linux-x86-64.so.2"),
+                std::fs::read("/lib64/ld-linux-x86-64.so.2").expect("this machine's loader"),
+            ),
+            (Header::new("lib64/", TarKind::Directory), Vec::new()),
+            symlink(
+                "lib64/ld-linux-x86-64.so.2",
+                &format!("/{LIBS}/ld-linux-x86-64.so.2"),
+            ),
+        ]);
+        let (fs, source) = image_of(&runtime, &dir, entries, true, Link::Local);
+        // With the interpreter's headers held in the registry, the walk still looks at ls's
+        // libraries: the kernel's and the loader's reads go side by side, one round trip
+        // each, not one after the other.
+        let interp = format!("/{LIBS}/ld-linux-x86-64.so.2");
+        let at = fs
+            .tree
+            .resolve(interp.as_bytes())
+            .and_then(|inode| inode.data)
+            .expect("the interpreter is a file of the image");
+        let first = &fs.layers[at.0].index.nodes[at.1].chunks[0];
+        source.hold(first.blob_offset..first.blob_end);
+        read_head(&fs, "/usr/bin/ls");
+        let selinux = format!("/{LIBS}/libselinux.so.1");
+        let until = Instant::now() + Duration::from_secs(30);
+        let found = loop {
+            fs.fetcher.flush_cache_writes();
+            if fetched(&fs, &selinux, 0..4096) {
+                break true;
+            }
+            if Instant::now() >= until {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let interp_waited = !fetched(&fs, &interp, 0..4096);
+        source.release();
+        let loader = fs.loader.as_ref().expect("the loader prefetch is on");
+        assert!(loader.wait_idle(Duration::from_secs(30)));
+        fs.fetcher.flush_cache_writes();
+        assert!(found, "libselinux waited for the interpreter");
+        assert!(interp_waited, "the interpreter's headers were held");
+        assert!(fetched(&fs, &interp, 0..4096));
         let _ = std::fs::remove_dir_all(dir);
     }
 
