@@ -253,6 +253,7 @@ impl Snapshotter {
                 &self.config.mount.platform,
                 &self.cache,
                 &layer,
+                remote.estargz,
                 &self.openings,
             ),
         )
