@@ -360,16 +360,14 @@ fn cached_manifest(
 
 /// One layer of image `reference` (the one with digest `layer`), opened for random access,
 /// as a one-layer image: what a remote snapshot mounts. `None` when the layer is not eStargz
-/// (the caller unpacks it the ordinary way) or not in the image. `estargz`: the caller was
-/// told the layer is eStargz (its TOC is then asked for beside its footer). The TOCs of the
-/// image's other layers are fetched meanwhile, through `openings` (see [`LayerOpenings`]).
+/// (the caller unpacks it the ordinary way) or not in the image. The TOCs of the image's
+/// other layers are fetched meanwhile, through `openings` (see [`LayerOpenings`]).
 pub async fn open_one_layer(
     source: Arc<dyn BlobSource>,
     reference: &str,
     platform: &Platform,
     cache: &Arc<ChunkCache>,
     layer: &Digest,
-    estargz: bool,
     openings: &LayerOpenings,
 ) -> Result<Option<OpenedImage>, MountError> {
     openings.wait(layer).await;
@@ -387,13 +385,15 @@ pub async fn open_one_layer(
         Some(known) => (Ok(known), None),
         // An eStargz layer's footer is asked for beside the manifest (its size comes with
         // the answer and is checked against the manifest's): a round trip less before the
-        // TOC, two when the TOC comes with it ([`layer_tail`]). A source without suffix
-        // ranges, or a failed or wrong answer, costs the round trips saved: the footer is
-        // then asked for once the size is known.
-        None => tokio::join!(
-            image_manifest(source.as_ref(), reference, platform, Some(cache)),
-            layer_tail(source.as_ref(), layer, estargz),
-        ),
+        // TOC. A source without suffix ranges, or a failed or wrong answer, costs the round
+        // trip saved: the footer is then asked for once the size is known.
+        None => {
+            let (manifest, tail) = tokio::join!(
+                image_manifest(source.as_ref(), reference, platform, Some(cache)),
+                source.read_tail(layer, crate::image::estargz::FOOTER_SIZE),
+            );
+            (manifest, tail.ok().flatten())
+        }
     };
     let (fetched, manifest) = manifest?;
     let Some((index, desc)) = manifest
@@ -441,51 +441,6 @@ pub async fn open_one_layer(
             digest: desc.digest.to_string(),
             source: Box::new(source),
         }),
-    }
-}
-
-/// The longest TOC asked for beside an eStargz layer's footer, before the footer says where
-/// the TOC starts (the e2e bench's image, 8984 files: 476 KB).
-pub const TOC_GUESS: u64 = 512 << 10;
-
-/// The end of blob `layer` and its size: its eStargz footer, and when the caller knows the
-/// layer is eStargz, the TOC before it too, if the TOC is at most [`TOC_GUESS`] long and
-/// at least half of it. That is asked for beside the footer; when the footer arrives and
-/// shows a TOC too long, or so short that the rest of the guess would be waste, the guess
-/// is dropped and the TOC asked for on its own, a round trip later, as without it.
-async fn layer_tail(
-    source: &dyn BlobSource,
-    layer: &Digest,
-    estargz: bool,
-) -> Option<(bytes::Bytes, u64)> {
-    use crate::image::estargz::{FOOTER_SIZE, parse_footer};
-    let footer = source.read_tail(layer, FOOTER_SIZE);
-    if !estargz {
-        return footer.await.ok().flatten();
-    }
-    let guess = source.read_tail(layer, TOC_GUESS);
-    tokio::pin!(footer, guess);
-    tokio::select! {
-        biased;
-        got = &mut footer => {
-            let got = got.ok().flatten()?;
-            let (end, size) = &got;
-            let toc = end
-                .len()
-                .checked_sub(FOOTER_SIZE as usize)
-                .and_then(|at| parse_footer(&end[at..]).ok())
-                .and_then(|offset| size.checked_sub(offset));
-            match toc {
-                Some(toc) if toc <= TOC_GUESS.min(*size) && toc >= TOC_GUESS / 2 => {
-                    Some(guess.await.ok().flatten().unwrap_or(got))
-                }
-                _ => Some(got),
-            }
-        }
-        got = &mut guess => match got {
-            Ok(Some(got)) => Some(got),
-            _ => footer.await.ok().flatten(),
-        },
     }
 }
 

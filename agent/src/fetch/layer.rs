@@ -121,13 +121,11 @@ pub async fn open_cached_with_tail(
     {
         return Ok(RemoteLayer::new(desc.clone(), index, toc_digest));
     }
-    // The blob's end as asked for beside the manifest, if it is this blob's.
-    let tail = tail.filter(|(tail, size)| {
-        *size == desc.size && (FOOTER_SIZE..=desc.size).contains(&(tail.len() as u64))
-    });
-    let footer = match &tail {
-        Some((tail, _)) => tail.slice(tail.len() - FOOTER_SIZE as usize..),
-        None => source
+    let footer = match tail {
+        Some((tail, size)) if size == desc.size && tail.len() as u64 >= FOOTER_SIZE => {
+            tail.slice(tail.len() - FOOTER_SIZE as usize..)
+        }
+        _ => source
             .read_range(&desc.digest, desc.size - FOOTER_SIZE..desc.size)
             .await
             .map_err(fetch)?,
@@ -143,18 +141,10 @@ pub async fn open_cached_with_tail(
             EstargzError::BadTocMember("larger than the compressed TOC limit".into()).into(),
         );
     }
-    // The TOC came with the footer when the tail reaches back to it.
-    let in_tail = tail.and_then(|(tail, _)| {
-        let at = toc_offset.checked_sub(desc.size - tail.len() as u64)?;
-        Some(tail.slice(at as usize..tail.len() - FOOTER_SIZE as usize))
-    });
-    let member = match in_tail {
-        Some(member) => member,
-        None => source
-            .read_range(&desc.digest, toc_offset..desc.size - FOOTER_SIZE)
-            .await
-            .map_err(fetch)?,
-    };
+    let member = source
+        .read_range(&desc.digest, toc_offset..desc.size - FOOTER_SIZE)
+        .await
+        .map_err(fetch)?;
     let (index, toc_digest) = estargz::read_toc(&member, toc_offset, desc.size, Some(&expected))?;
     if let Some(cache) = cache
         && let Err(err) = cache.put_toc(&expected, toc_offset, &member)

@@ -253,7 +253,6 @@ impl Snapshotter {
                 &self.config.mount.platform,
                 &self.cache,
                 &layer,
-                remote.estargz,
                 &self.openings,
             ),
         )

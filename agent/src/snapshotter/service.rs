@@ -115,7 +115,6 @@ impl Snapshotter {
                         image_ref: image_ref.clone(),
                         manifest: labels.get(CRI_MANIFEST_DIGEST).cloned(),
                         layer: layer.clone(),
-                        estargz: labels.contains_key(crate::image::estargz::TOC_DIGEST_ANNOTATION),
                     };
                     Some((target.clone(), remote, self.meta.next_id()?))
                 }

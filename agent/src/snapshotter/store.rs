@@ -47,11 +47,6 @@ pub(super) struct Remote {
     pub(super) image_ref: String,
     pub(super) manifest: Option<String>,
     pub(super) layer: String,
-    /// Whether the Prepare's labels named an eStargz TOC digest (containerd passes the
-    /// layer's `containerd.io/snapshot/` annotations on): its TOC is then asked for with its
-    /// footer.
-    #[serde(default)]
-    pub(super) estargz: bool,
 }
 
 /// One snapshot's metadata.
