@@ -927,6 +927,20 @@ mod tests {
     /// read-around off.
     /// `/lib` (a symlink to `usr/lib`, as on Debian) and this machine's libraries ls needs,
     /// theirs, and libz (which nothing there needs), at their Debian paths.
+    /// This machine's `ls` in `usr/bin`, and [`ls_libraries`].
+    fn ls_and_its_libraries() -> Vec<(Header, Vec<u8>)> {
+        let mut entries = vec![
+            (Header::new("usr/", TarKind::Directory), Vec::new()),
+            (Header::new("usr/bin/", TarKind::Directory), Vec::new()),
+            file(
+                "usr/bin/ls",
+                std::fs::read("/usr/bin/ls").expect("this machine's ls"),
+            ),
+        ];
+        entries.extend(ls_libraries());
+        entries
+    }
+
     fn ls_libraries() -> Vec<(Header, Vec<u8>)> {
         let host = |name: &str| {
             std::fs::read(format!("/usr/lib/x86_64-linux-gnu/{name}"))
@@ -961,15 +975,7 @@ mod tests {
             std::fs::read(format!("/usr/lib/x86_64-linux-gnu/{name}"))
                 .expect("a library of this Debian machine")
         };
-        let mut entries = vec![
-            (Header::new("usr/", TarKind::Directory), Vec::new()),
-            (Header::new("usr/bin/", TarKind::Directory), Vec::new()),
-            file(
-                "usr/bin/ls",
-                std::fs::read("/usr/bin/ls").expect("this machine's ls"),
-            ),
-        ];
-        entries.extend(ls_libraries());
+        let mut entries = ls_and_its_libraries();
         entries.extend([
             (Header::new("opt/", TarKind::Directory), Vec::new()),
             (Header::new("opt/app/", TarKind::Directory), Vec::new()),
@@ -1235,6 +1241,44 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    /// Reads the headers of `program` with the first chunk of `held` held in the registry:
+    /// whether the walk fetched the headers of `wanted` meanwhile (waiting 30 s at most),
+    /// and whether those of `held` were still missing then. The held chunk is answered and
+    /// the walks are done when it returns.
+    fn walk_with_one_held(
+        fs: &ImageFs,
+        source: &MemoryBlobs,
+        program: &str,
+        held: &str,
+        wanted: &str,
+    ) -> (bool, bool) {
+        let at = fs
+            .tree
+            .resolve(held.as_bytes())
+            .and_then(|inode| inode.data)
+            .expect("the held file is in the image");
+        let first = &fs.layers[at.0].index.nodes[at.1].chunks[0];
+        source.hold(first.blob_offset..first.blob_end);
+        read_head(fs, program);
+        let until = Instant::now() + Duration::from_secs(30);
+        let found = loop {
+            fs.fetcher.flush_cache_writes();
+            if fetched(fs, wanted, 0..4096) {
+                break true;
+            }
+            if Instant::now() >= until {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let held_missing = !fetched(fs, held, 0..4096);
+        source.release();
+        let loader = fs.loader.as_ref().expect("the loader prefetch is on");
+        assert!(loader.wait_idle(Duration::from_secs(30)));
+        fs.fetcher.flush_cache_writes();
+        (found, held_missing)
+    }
+
     #[test]
     fn a_library_is_looked_at_as_soon_as_the_one_needing_it_arrives() {
         let runtime = tokio::runtime::Runtime::new().expect("a runtime");
@@ -1243,31 +1287,13 @@ mod tests {
         let (fs, source) = ls_image(&runtime, &dir, true, Link::Local);
         // ls needs libselinux and libc, found together; libselinux needs libpcre2-8. With
         // libc's headers held in the registry, the walk goes on from libselinux.
-        let libc = fs
-            .tree
-            .resolve(format!("/{LIBS}/libc.so.6").as_bytes())
-            .and_then(|inode| inode.data)
-            .expect("libc is a file of the image");
-        let first = &fs.layers[libc.0].index.nodes[libc.1].chunks[0];
-        source.hold(first.blob_offset..first.blob_end);
-        read_head(&fs, "/usr/bin/ls");
-        let pcre = format!("/{LIBS}/libpcre2-8.so.0");
-        let until = Instant::now() + Duration::from_secs(30);
-        let found = loop {
-            fs.fetcher.flush_cache_writes();
-            if fetched(&fs, &pcre, 0..4096) {
-                break true;
-            }
-            if Instant::now() >= until {
-                break false;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        let libc_waited = !fetched(&fs, &format!("/{LIBS}/libc.so.6"), 0..4096);
-        source.release();
-        let loader = fs.loader.as_ref().expect("the loader prefetch is on");
-        assert!(loader.wait_idle(Duration::from_secs(30)));
-        fs.fetcher.flush_cache_writes();
+        let (found, libc_waited) = walk_with_one_held(
+            &fs,
+            &source,
+            "/usr/bin/ls",
+            &format!("/{LIBS}/libc.so.6"),
+            &format!("/{LIBS}/libpcre2-8.so.0"),
+        );
         assert!(found, "libpcre2-8 waited for libc, found beside libselinux");
         assert!(libc_waited, "libc's headers were held");
         assert!(fetched(&fs, &format!("/{LIBS}/libc.so.6"), 0..4096));
@@ -1281,15 +1307,7 @@ mod tests {
             "imgstream-loader-interp-held-{}",
             std::process::id()
         ));
-        let mut entries = vec![
-            (Header::new("usr/", TarKind::Directory), Vec::new()),
-            (Header::new("usr/bin/", TarKind::Directory), Vec::new()),
-            file(
-                "usr/bin/ls",
-                std::fs::read("/usr/bin/ls").expect("this machine's ls"),
-            ),
-        ];
-        entries.extend(ls_libraries());
+        let mut entries = ls_and_its_libraries();
         entries.extend([
             file(
                 &format!("{LIBS}/ld-linux-x86-64.so.2"),
@@ -1306,31 +1324,13 @@ mod tests {
         // libraries: the kernel's and the loader's reads go side by side, one round trip
         // each, not one after the other.
         let interp = format!("/{LIBS}/ld-linux-x86-64.so.2");
-        let at = fs
-            .tree
-            .resolve(interp.as_bytes())
-            .and_then(|inode| inode.data)
-            .expect("the interpreter is a file of the image");
-        let first = &fs.layers[at.0].index.nodes[at.1].chunks[0];
-        source.hold(first.blob_offset..first.blob_end);
-        read_head(&fs, "/usr/bin/ls");
-        let selinux = format!("/{LIBS}/libselinux.so.1");
-        let until = Instant::now() + Duration::from_secs(30);
-        let found = loop {
-            fs.fetcher.flush_cache_writes();
-            if fetched(&fs, &selinux, 0..4096) {
-                break true;
-            }
-            if Instant::now() >= until {
-                break false;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        let interp_waited = !fetched(&fs, &interp, 0..4096);
-        source.release();
-        let loader = fs.loader.as_ref().expect("the loader prefetch is on");
-        assert!(loader.wait_idle(Duration::from_secs(30)));
-        fs.fetcher.flush_cache_writes();
+        let (found, interp_waited) = walk_with_one_held(
+            &fs,
+            &source,
+            "/usr/bin/ls",
+            &interp,
+            &format!("/{LIBS}/libselinux.so.1"),
+        );
         assert!(found, "libselinux waited for the interpreter");
         assert!(interp_waited, "the interpreter's headers were held");
         assert!(fetched(&fs, &interp, 0..4096));
