@@ -240,7 +240,10 @@ impl Snapshotter {
         // What the image runs is asked for beside the layer's opening, not after it: the
         // loader prefetch then starts from the program as soon as the top layer is mounted
         // (a 50 ms trace: the configuration's round trip came after the mount, and the walk
-        // started 20 ms before the program's first read instead of 70).
+        // started 20 ms before the program's first read). At an image's first Prepare this
+        // asks for the manifest a second time, beside the opening's own request: a few KiB
+        // for a round trip. An image none of whose layers is mounted lazily keeps its entry
+        // until the bound clears it.
         let run = (kept.is_none() && self.config.mount.fs.loader_prefetch)
             .then(|| self.image_run(&reference, source.clone()));
         // Every response has a per-frame timeout; a registry that trickles bytes passes it
