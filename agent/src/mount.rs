@@ -228,13 +228,27 @@ pub async fn image_manifest(
 /// openings find them (with the manifest cached too, they ask nothing); an opening whose TOC
 /// is still on its way waits for that fetch rather than making its own. A fetch ahead that
 /// fails costs nothing but its requests: the layer's own opening asks again.
+///
+/// What an image runs (its configuration's entrypoint and command) is asked for there too,
+/// when the caller wants it: beside the TOC, once per image, for the snapshotter to take
+/// when it mounts the image's top layer ([`LayerOpenings::take_run`]).
 #[derive(Clone, Debug)]
 pub struct LayerOpenings {
     /// Layers whose TOC is being fetched; the sender is dropped when the fetch ends.
     underway:
         Arc<std::sync::Mutex<std::collections::HashMap<Digest, tokio::sync::watch::Receiver<()>>>>,
     permits: Arc<tokio::sync::Semaphore>,
+    /// What images run, by manifest digest: asked for by the first opening that has the
+    /// manifest, taken by whoever mounts the top layer.
+    runs: Arc<std::sync::Mutex<std::collections::HashMap<Digest, ImageRun>>>,
 }
+
+/// What an image runs, on its way: `None` when its configuration could not be had.
+type ImageRun = tokio::task::JoinHandle<Option<crate::oci::config::Run>>;
+
+/// Images whose run is kept at most for their top layer's mount (an image whose top layer
+/// is never mounted lazily leaves its entry; past this many, all are dropped).
+const MAX_IMAGE_RUNS: usize = 64;
 
 /// TOCs fetched ahead at once.
 const LAYERS_AHEAD: usize = 4;
@@ -248,6 +262,7 @@ impl Default for LayerOpenings {
         Self {
             underway: Arc::default(),
             permits: Arc::new(tokio::sync::Semaphore::new(LAYERS_AHEAD)),
+            runs: Arc::default(),
         }
     }
 }
@@ -261,6 +276,48 @@ impl LayerOpenings {
             // Ends when the fetch drops its sender.
             let _ = tokio::time::timeout(AHEAD_DEADLINE, done.changed()).await;
         }
+    }
+
+    /// Starts asking what image `manifest` (with digest `digest`) runs, unless that is on its
+    /// way or was taken: its configuration, one request beside the opening's TOC.
+    fn start_run(
+        &self,
+        source: &Arc<dyn BlobSource>,
+        digest: Digest,
+        manifest: &manifest::Manifest,
+    ) {
+        let mut runs = crate::sync::lock(&self.runs);
+        if runs.contains_key(&digest) {
+            return;
+        }
+        if runs.len() >= MAX_IMAGE_RUNS {
+            for (_, run) in runs.drain() {
+                run.abort();
+            }
+        }
+        let (source, config) = (source.clone(), manifest.config.clone());
+        runs.insert(
+            digest,
+            tokio::spawn(async move {
+                image_run(source.as_ref(), &config)
+                    .await
+                    .inspect_err(|err| {
+                        tracing::debug!(
+                            err,
+                            manifest = %digest,
+                            "no image configuration: its program is left to the readers"
+                        )
+                    })
+                    .ok()
+            }),
+        );
+    }
+
+    /// What image `manifest` runs, if an opening asked for it and nobody took it yet: `None`
+    /// when no opening did, or the configuration could not be had.
+    pub async fn take_run(&self, manifest: &Digest) -> Option<crate::oci::config::Run> {
+        let run = crate::sync::lock(&self.runs).remove(manifest)?;
+        run.await.ok().flatten()
     }
 
     /// Starts fetching the TOCs of `manifest`'s layers (but `opening`, which its caller
@@ -358,16 +415,32 @@ fn cached_manifest(
     None
 }
 
+/// What the image of `config` runs, from its configuration.
+async fn image_run(
+    source: &dyn BlobSource,
+    config: &Descriptor,
+) -> Result<crate::oci::config::Run, String> {
+    if config.size > crate::oci::config::MAX_CONFIG_BYTES {
+        return Err(format!("{} bytes", config.size));
+    }
+    let bytes = source
+        .blob(config)
+        .await
+        .map_err(|err| crate::error_chain(&err))?;
+    crate::oci::config::Run::parse(&bytes).map_err(|err| err.to_string())
+}
+
 /// One layer of image `reference` (the one with digest `layer`), opened for random access,
 /// as a one-layer image: what a remote snapshot mounts. `None` when the layer is not eStargz
 /// (the caller unpacks it the ordinary way) or not in the image. The TOCs of the image's
-/// other layers are fetched meanwhile, through `openings` (see [`LayerOpenings`]).
+/// other layers are fetched meanwhile, through `openings` (see [`LayerOpenings`]), and,
+/// with `ask_run`, what the image runs.
 pub async fn open_one_layer(
     source: Arc<dyn BlobSource>,
     reference: &str,
     platform: &Platform,
     cache: &Arc<ChunkCache>,
-    layer: &Digest,
+    (layer, ask_run): (&Digest, bool),
     openings: &LayerOpenings,
 ) -> Result<Option<OpenedImage>, MountError> {
     openings.wait(layer).await;
@@ -405,6 +478,9 @@ pub async fn open_one_layer(
         return Ok(None);
     };
     openings.start(&source, &manifest, Some(layer), cache);
+    if ask_run {
+        openings.start_run(&source, fetched.digest, &manifest);
+    }
     match layer::open_cached_with_tail(source.as_ref(), desc, Some(cache), tail).await {
         Ok(opened) => {
             LAYERS_OPENED.count_lazy(&opened);

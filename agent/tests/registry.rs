@@ -556,7 +556,7 @@ async fn an_estargz_layers_footer_is_asked_for_beside_its_manifest() {
         "v1",
         &manifest::Platform::host(),
         &cache,
-        &layer.digest,
+        (&layer.digest, false),
         &imgstream::mount::LayerOpenings::default(),
     )
     .await
@@ -628,7 +628,7 @@ async fn opening_one_layer_fetches_the_other_layers_tocs_ahead() {
                 &reference,
                 &manifest::Platform::host(),
                 &cache,
-                &layer,
+                (&layer, true),
                 &openings,
             )
             .await
@@ -656,6 +656,23 @@ async fn opening_one_layer_fetches_the_other_layers_tocs_ahead() {
         .filter(|n| n.starts_with("range"))
         .count();
     assert_eq!(ranges, 5, "{asked_first:?}");
+    // And, once, what the image runs: its configuration, with no second manifest request,
+    // kept for the top layer's mount to take.
+    let config = manifest_of(&client(), &reference).await.config;
+    let image: Digest = reference.parse().expect("the manifest's digest");
+    let count = |what: &str| asked_first.iter().filter(|n| *n == what).count();
+    assert_eq!(count("manifest asked"), 1, "{asked_first:?}");
+    assert_eq!(
+        count(&format!("blob {}", config.digest)),
+        1,
+        "{asked_first:?}"
+    );
+    let run = openings
+        .take_run(&image)
+        .await
+        .expect("what the image runs");
+    assert_eq!(run.argv, ["/bin/true"]);
+    assert!(openings.take_run(&image).await.is_none(), "taken once");
     drop(registry);
     std::fs::remove_dir_all(&scratch).expect("scratch removed");
 }

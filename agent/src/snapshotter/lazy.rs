@@ -81,48 +81,6 @@ impl LazyError {
     }
 }
 
-/// What an image runs, once asked for: shared by the Prepares of its layers.
-pub(super) type ImageRun = Arc<tokio::sync::OnceCell<Option<crate::oci::config::Run>>>;
-
-/// Images whose program is remembered at most while their layers are prepared (a pull that
-/// never reaches its top layer leaves one behind; past this many, all are forgotten).
-const MAX_IMAGE_RUNS: usize = 64;
-
-/// What image `reference` runs, from its configuration; `None` (logged) when it cannot be
-/// had: it is only a guess at what starts first.
-async fn image_run(
-    source: Arc<dyn crate::registry::BlobSource>,
-    reference: &str,
-    platform: &crate::oci::manifest::Platform,
-    cache: &crate::cache::ChunkCache,
-) -> Option<crate::oci::config::Run> {
-    let config = async {
-        // The manifest was fetched to open the layer: the cache has it.
-        let (_, manifest) =
-            mount::image_manifest(source.as_ref(), reference, platform, Some(cache))
-                .await
-                .map_err(|err| crate::error_chain(&err))?;
-        if manifest.config.size > crate::oci::config::MAX_CONFIG_BYTES {
-            return Err(format!("{} bytes", manifest.config.size));
-        }
-        let bytes = source
-            .blob(&manifest.config)
-            .await
-            .map_err(|err| crate::error_chain(&err))?;
-        crate::oci::config::Run::parse(&bytes).map_err(|err| err.to_string())
-    };
-    config
-        .await
-        .inspect_err(|err| {
-            tracing::debug!(
-                err,
-                reference,
-                "no image configuration: its program is left to the readers"
-            )
-        })
-        .ok()
-}
-
 /// An image's lazily mounted layers, topmost first, each with its position in the image.
 pub(super) type ImageLayers = Arc<Mutex<Vec<(usize, Weak<ImageFs>)>>>;
 
@@ -171,29 +129,6 @@ impl Snapshotter {
         layers
     }
 
-    /// What image `reference` runs, asked for once for all its layers (the first Prepare's
-    /// request, the others wait for its answer).
-    fn image_run(
-        &self,
-        reference: &str,
-        source: Arc<dyn crate::registry::BlobSource>,
-    ) -> tokio::task::JoinHandle<Option<crate::oci::config::Run>> {
-        let run = {
-            let mut runs = crate::sync::lock(&self.image_runs);
-            if runs.len() >= MAX_IMAGE_RUNS && !runs.contains_key(reference) {
-                runs.clear();
-            }
-            runs.entry(reference.to_string()).or_default().clone()
-        };
-        let (reference, cache) = (reference.to_string(), self.cache.clone());
-        let platform = self.config.mount.platform.clone();
-        tokio::spawn(async move {
-            run.get_or_init(|| image_run(source, &reference, &platform, &cache))
-                .await
-                .clone()
-        })
-    }
-
     /// The readers of image `manifest` (of `image_bytes` compressed bytes), shared by the
     /// fetchers of its mounted layers: those of a mounted layer, or new ones.
     fn image_readers(&self, manifest: &Digest, image_bytes: u64) -> crate::fetch::ImageReaders {
@@ -237,15 +172,11 @@ impl Snapshotter {
             .or_else(|| image.manifest_reference())
             .unwrap_or_default();
         let layer: Digest = remote.layer.parse()?;
-        // What the image runs is asked for beside the layer's opening, not after it: the
-        // loader prefetch then starts from the program as soon as the top layer is mounted
-        // (a 50 ms trace: the configuration's round trip came after the mount, and the walk
-        // started 20 ms before the program's first read). At an image's first Prepare this
-        // asks for the manifest a second time, beside the opening's own request: a few KiB
-        // for a round trip. An image none of whose layers is mounted lazily keeps its entry
-        // until the bound clears it.
-        let run = (kept.is_none() && self.config.mount.fs.loader_prefetch)
-            .then(|| self.image_run(&reference, source.clone()));
+        // What the image runs is asked for by the opening, beside the TOC, not after the
+        // mount: the loader prefetch then starts from the program as soon as the top layer
+        // is mounted (a 50 ms trace: the configuration's round trip came after the mount,
+        // and the walk started 20 ms before the program's first read).
+        let ask_run = kept.is_none() && self.config.mount.fs.loader_prefetch;
         // Every response has a per-frame timeout; a registry that trickles bytes passes it
         // forever, so the whole opening has one deadline too.
         let opened = tokio::time::timeout(
@@ -255,7 +186,7 @@ impl Snapshotter {
                 &reference,
                 &self.config.mount.platform,
                 &self.cache,
-                &layer,
+                (&layer, ask_run),
                 &self.openings,
             ),
         )
@@ -280,10 +211,6 @@ impl Snapshotter {
         // them, topmost first (a walk started from a lower layer would miss the libraries of
         // the layers not mounted yet).
         let top = position.is_none_or(|(at, count)| at + 1 >= count);
-        let run = run.filter(|_| top);
-        if top {
-            crate::sync::lock(&self.image_runs).remove(&reference);
-        }
         let fs = self.dir(id).join("fs");
         if kept.is_none() {
             // A mount left by a snapshotter that died: its FUSE connection is gone.
@@ -314,7 +241,8 @@ impl Snapshotter {
         }
         let image_layers =
             position.map(|(at, _)| self.join_image_layers(&manifest, at, &mounted.fs));
-        if let Some(run) = run {
+        if top && ask_run {
+            let openings = self.openings.clone();
             let views: Vec<Arc<ImageFs>> = match &image_layers {
                 Some(layers) => crate::sync::lock(layers)
                     .iter()
@@ -323,7 +251,9 @@ impl Snapshotter {
                 None => vec![mounted.fs.clone()],
             };
             tokio::spawn(async move {
-                let Ok(Some(run)) = run.await else { return };
+                let Some(run) = openings.take_run(&manifest).await else {
+                    return;
+                };
                 let candidates = run.program_candidates();
                 for (fs, at) in views.iter().zip(0..) {
                     if let Some(program) = fs.walk_from_program(&candidates) {

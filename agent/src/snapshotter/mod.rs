@@ -126,9 +126,6 @@ pub struct Snapshotter {
     /// The mounted lazy layers of each image, by manifest digest: where a layer's loader
     /// prefetch looks for the libraries it lacks.
     image_layers: Mutex<HashMap<crate::oci::digest::Digest, lazy::ImageLayers>>,
-    /// What each image being prepared runs, by manifest reference: asked for at its first
-    /// layer's Prepare, used at its top one's.
-    image_runs: Mutex<HashMap<String, lazy::ImageRun>>,
 }
 
 /// A registry and a repository in it.
@@ -304,7 +301,6 @@ impl Snapshotter {
             openings: Default::default(),
             image_readers: Mutex::new(HashMap::new()),
             image_layers: Mutex::new(HashMap::new()),
-            image_runs: Mutex::new(HashMap::new()),
             config,
         });
         this.remount_all()
