@@ -278,8 +278,9 @@ impl LayerOpenings {
         }
     }
 
-    /// Starts asking what image `manifest` (with digest `digest`) runs, unless that is on its
-    /// way or was taken: its configuration, one request beside the opening's TOC.
+    /// Starts asking what image `manifest` (with digest `digest`) runs, unless an opening
+    /// already did and its answer was not taken yet: its configuration, one request beside
+    /// the opening's TOC.
     fn start_run(
         &self,
         source: &Arc<dyn BlobSource>,
