@@ -1233,6 +1233,59 @@ mod tests {
     use super::*;
     use crate::image::gzip::{BuildOptions, MIN_SPAN};
 
+    /// An image manifest whose configuration is `config` (no layers).
+    fn manifest_with(config: Descriptor) -> manifest::Manifest {
+        manifest::Manifest {
+            schema_version: 2,
+            media_type: None,
+            config,
+            layers: Vec::new(),
+            annotations: Default::default(),
+            extra: Default::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_images_run_is_taken_once_and_a_bad_configuration_is_none() {
+        let good = br#"{"config":{"Entrypoint":["/bin/app"],"Cmd":["serve"]}}"#.to_vec();
+        let garbage = b"\xff not json".to_vec();
+        let missing = Descriptor::of(manifest::OCI_CONFIG, b"nobody serves this");
+        let mut huge = Descriptor::of(manifest::OCI_CONFIG, b"{}");
+        huge.size = crate::oci::config::MAX_CONFIG_BYTES + 1;
+        let blobs = crate::testing::MemoryBlobs::default()
+            .with(good.clone())
+            .with(garbage.clone())
+            .with(b"{}".to_vec());
+        let source: Arc<dyn BlobSource> = Arc::new(blobs);
+        let openings = LayerOpenings::default();
+        let image = |n: u8| Digest::of(&[n]);
+        let cases = [
+            Descriptor::of(manifest::OCI_CONFIG, &good),
+            Descriptor::of(manifest::OCI_CONFIG, &garbage),
+            missing,
+            huge,
+        ];
+        for (n, config) in cases.into_iter().enumerate() {
+            openings.start_run(&source, image(n as u8), &manifest_with(config));
+        }
+        // A second opening of the first image asks nothing more; its answer is taken once.
+        openings.start_run(
+            &source,
+            image(0),
+            &manifest_with(Descriptor::of(manifest::OCI_CONFIG, b"{}")),
+        );
+        let run = openings
+            .take_run(&image(0))
+            .await
+            .expect("the first image's run");
+        assert_eq!(run.argv, ["/bin/app", "serve"]);
+        assert!(openings.take_run(&image(0)).await.is_none(), "taken once");
+        for n in 1..4 {
+            assert!(openings.take_run(&image(n)).await.is_none(), "case {n}");
+        }
+        assert!(openings.take_run(&image(9)).await.is_none(), "never asked");
+    }
+
     #[test]
     fn an_index_whose_windows_are_not_in_its_artifact_is_refused() {
         let (tar, _) = crate::testing::layer_tar();

@@ -920,13 +920,6 @@ mod tests {
         Far,
     }
 
-    /// This machine's `ls` with the libraries it loads, laid out as a merged-/usr image does
-    /// (`lib` a symlink to `usr/lib`, `libpcre2-8.so.0` a symlink to its versioned file), a
-    /// library nothing needs, and a directory of modules a program would open itself (copies
-    /// of libselinux and libz, and a note); 64 KiB chunks, served with every range counted,
-    /// read-around off.
-    /// `/lib` (a symlink to `usr/lib`, as on Debian) and this machine's libraries ls needs,
-    /// theirs, and libz (which nothing there needs), at their Debian paths.
     /// This machine's `ls` in `usr/bin`, and [`ls_libraries`].
     fn ls_and_its_libraries() -> Vec<(Header, Vec<u8>)> {
         let mut entries = vec![
@@ -941,6 +934,8 @@ mod tests {
         entries
     }
 
+    /// `/lib` (a symlink to `usr/lib`, as on Debian) and this machine's libraries ls needs,
+    /// theirs, and libz (which nothing there needs), at their Debian paths.
     fn ls_libraries() -> Vec<(Header, Vec<u8>)> {
         let host = |name: &str| {
             std::fs::read(format!("/usr/lib/x86_64-linux-gnu/{name}"))
@@ -965,6 +960,11 @@ mod tests {
         ]
     }
 
+    /// This machine's `ls` with the libraries it loads, laid out as a merged-/usr image does
+    /// (`lib` a symlink to `usr/lib`, `libpcre2-8.so.0` a symlink to its versioned file), a
+    /// library nothing needs, and a directory of modules a program would open itself (copies
+    /// of libselinux and libz, and a note); 64 KiB chunks, served with every range counted,
+    /// read-around off.
     fn ls_image(
         runtime: &tokio::runtime::Runtime,
         dir: &std::path::Path,
