@@ -331,6 +331,11 @@ impl<R: Read> Inflating<R> {
         }
         if let Some((start, hasher)) = self.current.take() {
             let len = self.total_out - start.uncompressed;
+            // A checkpoint with nothing after it (the stream ends in empty blocks, as Go's
+            // gzip writers end it, which podman and buildah push with) opens no span.
+            if len == 0 {
+                return;
+            }
             self.spans.push(Span {
                 start,
                 len,

@@ -580,3 +580,66 @@ fn a_reader_that_fails_is_an_io_error_not_a_bad_layer() {
     let result = read_through(half, &cuts(&index), &digest, layer.len() as u64, |_, _| {});
     assert!(matches!(result, Err(GzipError::Io(_))), "{result:?}");
 }
+
+/// Go's gzip writers (containers/image's, which podman and buildah push layers with; the
+/// standard library's) flush what they compressed and end the stream with an empty final
+/// block. A checkpoint at the end of the last data block then has nothing after it: it must
+/// open no span (an empty span is not a valid index: a mount refused such a podman-pushed
+/// layer's index and downloaded the layer whole), and an index that has one last, as this
+/// builder wrote them before, reads back without it.
+#[test]
+fn a_stream_ending_in_empty_blocks_gets_no_empty_span() {
+    let (tar, _) = layer_tar();
+    for variant in 0..8u64 {
+        let pad = variant as usize * 9000;
+        let mut data = tar.clone();
+        data.extend(crate::testing::bytes(variant, pad, true));
+        let mut writer = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+        for piece in data.chunks(100_000) {
+            writer.write_all(piece).expect("to memory");
+            writer.flush().expect("to memory");
+        }
+        let layer = writer.finish().expect("to memory");
+        let index = build(&layer, MIN_SPAN);
+        assert!(
+            index.spans.iter().all(|s| s.len > 0),
+            "variant {variant}: an empty span"
+        );
+        check_every_span(&layer, &index, &data);
+        let encoded = index.encode().expect("an index encodes");
+        assert_eq!(SpanIndex::decode(&encoded).expect("it decodes"), index);
+
+        let mut with_empty = index.clone();
+        let last = with_empty.spans.last().expect("spans").clone();
+        with_empty.spans.push(Span {
+            start: Checkpoint {
+                compressed: last.start.compressed + 1,
+                bits: 0,
+                uncompressed: index.uncompressed_size,
+                member: false,
+                window: Window::default(),
+            },
+            len: 0,
+            digest: last.digest,
+        });
+        let encoded = with_empty.encode().expect("an index encodes");
+        assert_eq!(SpanIndex::decode(&encoded).expect("it decodes"), index);
+        // Anywhere else an empty span is refused.
+        let mut early = with_empty.clone();
+        let empty = early.spans.pop().expect("the empty span");
+        early.spans.insert(
+            early.spans.len() - 1,
+            Span {
+                start: Checkpoint {
+                    uncompressed: last.start.uncompressed,
+                    compressed: last.start.compressed,
+                    bits: last.start.bits,
+                    ..empty.start
+                },
+                ..empty
+            },
+        );
+        let encoded = early.encode().expect("an index encodes");
+        assert!(SpanIndex::decode(&encoded).is_err());
+    }
+}
