@@ -654,6 +654,95 @@ async fn zstd_chunked_and_zstd_layers_written_by_podman_mount_and_equal_gnu_tar(
     std::fs::remove_dir_all(&scratch).unwrap();
 }
 
+/// The sample image's merged tree, with 2 MiB of text and 512 KiB of zeros beside it,
+/// pushed by podman as plain gzip: the layer as Go's gzip writers make it (flushed blocks,
+/// then an empty final one), which is how most images in registries were compressed. `imgstream index` publishes its
+/// span index (through the tag fallback), a fresh mount finds it and streams the layer
+/// through it, a small file costing a sliver of the layer, and the tree is GNU tar's
+/// extraction, file for file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_gzip_layer_pushed_by_podman_streams_through_its_published_index() {
+    let (scratch, registry, _, tarballs) = sample_image("fuse-podman-gzip").await;
+    let reg = registry.host();
+    let expected = scratch.join("expected-merged");
+    expected_merged(&tarballs, &expected);
+    // Enough for several spans: the stream ends after a span's worth of blocks.
+    let text: String = (0..120_000u64)
+        .map(|i| format!("{:05} {}\n", i, i.wrapping_mul(2_654_435_761) % 104_729))
+        .collect();
+    std::fs::write(expected.join("opt/app/words"), text.as_bytes()).unwrap();
+    // Last in the layer (podman writes it in name order), zeros: the final deflate block
+    // is longer than a span, so a checkpoint falls at its end, where only the empty
+    // blocks that close the stream follow.
+    std::fs::write(expected.join("zzz-zeros"), vec![0u8; 512 << 10]).unwrap();
+    let merged = scratch.join("merged.tar");
+    let tarred = std::process::Command::new("tar")
+        .args(["--xattrs", "--xattrs-include=*", "-C"])
+        .arg(&expected)
+        .arg("-cf")
+        .arg(&merged)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(tarred.success());
+    podman(
+        &scratch,
+        &["import", merged.to_str().unwrap(), "localhost/pg:v1"],
+    );
+    let image = format!("{reg}/pg:v1");
+    podman(
+        &scratch,
+        &[
+            "push",
+            "--tls-verify=false",
+            "--compression-format",
+            "gzip",
+            "localhost/pg:v1",
+            &format!("docker://{image}"),
+        ],
+    );
+    let printed = index_image(&image, &reg, &scratch, &["--span", "64K"]);
+    assert_eq!(
+        printed.matches("published as sha256:").count(),
+        1,
+        "{printed}"
+    );
+
+    let log = scratch.join("mount.log");
+    let (mounted, metric) = mount_with_metrics(
+        &image,
+        &scratch.join("mnt"),
+        (&scratch.join("fresh-cache"), &reg),
+        &["--no-background", "--no-loader-prefetch"],
+        Some(&log),
+    );
+    assert_eq!(
+        std::fs::read(mounted.mountpoint.join("opt/app/config")).unwrap(),
+        b"v2"
+    );
+    assert_eq!(
+        metric(r#"imgstream_layers_opened_total{how="span_index"}"#),
+        1
+    );
+    let fetched = metric(r#"imgstream_fetch_bytes_total{priority="on_demand"}"#)
+        + metric(r#"imgstream_fetch_bytes_total{priority="read_around"}"#);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&support::skopeo_raw(&format!("docker://{image}"))).unwrap();
+    let layer = manifest["layers"][0]["size"].as_u64().unwrap();
+    assert!(
+        fetched > 0 && fetched * 4 < layer,
+        "{fetched} bytes fetched for one small file of a {layer}-byte layer"
+    );
+    assert_same_tree(&mounted.mountpoint, &expected, 25);
+    let text = mounted.log_text();
+    assert!(text.contains("streamed through its span index"), "{text}");
+    assert!(!text.contains("downloading it whole"), "{text}");
+    mounted.stop();
+    drop(registry);
+    let _ = std::fs::remove_dir_all(podman_runroot(&scratch));
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
 /// `imgstream convert --format zstd:chunked` writes an image podman itself pulls (it checks
 /// every layer against the config's diff IDs) and imgstream mounts lazily, through the
 /// annotations podman 4 reads, with the tree GNU tar extracts from the original layers.
