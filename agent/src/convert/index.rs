@@ -47,6 +47,14 @@ pub enum IndexError {
     },
     #[error("the indexing task failed")]
     Task(#[source] tokio::task::JoinError),
+    #[error(
+        "the index built for layer {digest} does not read back, so it was neither kept nor published (a bug in imgstream: please report it)"
+    )]
+    Unreadable {
+        digest: Digest,
+        #[source]
+        source: crate::image::gzip::FormatError,
+    },
     #[error("the cache has no room for the index of layer {0}")]
     NoRoom(Digest),
     #[error("publishing a span index beside the image")]
@@ -270,10 +278,21 @@ impl IndexJob {
             digest: desc.digest,
             source,
         };
+        // What agents refuse is worth nothing kept or published: an index is read back as
+        // a mount reads it before it goes anywhere.
+        let reads_back = |encoded: &[u8]| {
+            SpanIndex::decode(encoded)
+                .map(drop)
+                .map_err(|source| IndexError::Unreadable {
+                    digest: desc.digest,
+                    source,
+                })
+        };
         match destination {
             Destination::Cache(cache) => {
                 // The cache is on this node: windows held, read from the index in memory.
                 let encoded = index.encode().map_err(layer_err)?;
+                reads_back(&encoded)?;
                 report.index_bytes = encoded.len() as u64;
                 if !cache.put_span_index(&desc.digest, &encoded)? {
                     return Err(IndexError::NoRoom(desc.digest));
@@ -283,6 +302,7 @@ impl IndexJob {
                 // Windows apart, in the same artifact: a mount downloads the index without
                 // them, each miss fetches its span's window beside the span.
                 let (encoded, windows) = index.encode_apart().map_err(layer_err)?;
+                reads_back(&encoded)?;
                 report.index_bytes = encoded.len() as u64;
                 report.windows_bytes = windows.len() as u64;
                 report.artifact = attached
