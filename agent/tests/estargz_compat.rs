@@ -1,6 +1,8 @@
 //! eStargz compatibility with stargz-snapshotter's own implementation (its Go `estargz`
 //! package, from Debian), both ways: layers imgstream writes must open, verify and read there,
-//! and layers it writes must open, verify and read here, file for file.
+//! and layers it writes must open, verify and read here, file for file. The same Go helper
+//! compresses a layer with Go's own compress/gzip, as docker and buildkit do, for the span
+//! index to be built over.
 
 use std::{
     collections::BTreeMap,
@@ -12,6 +14,7 @@ use std::{
 use imgstream::{
     image::{
         estargz::{self, EstargzWriter, FOOTER_SIZE, NodeKind, WriterOptions},
+        gzip::{BuildOptions, MIN_SPAN, SpanIndex},
         tar::{Kind, TarReader},
     },
     oci::digest::Digest,
@@ -267,4 +270,62 @@ fn imgstream_reads_and_verifies_stargz_snapshotter_layers() {
         "diff ID as the Go writer computed it"
     );
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Docker's and buildkit's layers are compressed by Go's compress/gzip, which closes the
+/// stream with an empty final block after the last data block. A span index of such a
+/// layer (its last block longer than a span, so a checkpoint falls right before the
+/// closing block) holds no empty span, reads back as an agent reads it, and every span
+/// inflated on its own is the tar's bytes.
+#[test]
+fn span_indexes_of_layers_gzipped_by_go_read_back_and_inflate() {
+    let dir = scratch("go-gzip");
+    let helper = go_helper(&dir);
+    source_tar(&dir);
+    // Bytes that do not compress, for blocks (and spans) of their own, then the zeros.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let noise: Vec<u8> = (0..300_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(dir.join("rootfs/noise"), noise).unwrap();
+    std::fs::write(dir.join("rootfs/zzz-zeros"), vec![0u8; 512 << 10]).unwrap();
+    let tar = dir.join("layer-zeros.tar");
+    let status = Command::new("tar")
+        .args(["--format=pax", "--sort=name", "-cf"])
+        .arg(&tar)
+        .args(["-C", dir.join("rootfs").to_str().unwrap(), "."])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let blob = dir.join("layer.tar.gz");
+    let status = Command::new(&helper)
+        .arg("gzip")
+        .arg(&tar)
+        .arg(&blob)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (whole, layer) = (std::fs::read(&tar).unwrap(), std::fs::read(&blob).unwrap());
+
+    let index = SpanIndex::build(&layer[..], BuildOptions { span: MIN_SPAN }).unwrap();
+    assert!(index.spans.len() > 2, "{} spans", index.spans.len());
+    assert!(index.spans.iter().all(|s| s.len > 0), "an empty span");
+    let (encoded, _windows) = index.encode_apart().unwrap();
+    SpanIndex::decode(&encoded).expect("the index reads back");
+    let mut at = 0usize;
+    for (i, span) in index.spans.iter().enumerate() {
+        let range = index.span_range(i).unwrap();
+        let got = index
+            .inflate_span(i, &layer[range.start as usize..range.end as usize])
+            .unwrap();
+        assert!(got == whole[at..at + span.len as usize], "span {i}");
+        at += span.len as usize;
+    }
+    assert_eq!(at, whole.len());
+    std::fs::remove_dir_all(&dir).unwrap();
 }

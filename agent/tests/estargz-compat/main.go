@@ -3,12 +3,14 @@
 //
 //	estargz-compat verify BLOB TOC_DIGEST   open a blob, verify its TOC and every chunk, list files
 //	estargz-compat build TAR BLOB CHUNK     write an eStargz blob from a tar, print TOC digest and diff ID
+//	estargz-compat gzip FILE BLOB           compress a file with Go's compress/gzip (default level)
 //
 // The listing has one line per entry: type, name, mode (octal perm bits), uid, gid, size,
 // and the sha256 of a regular file's content or a link's target.
 package main
 
 import (
+	"compress/gzip"
 	"crypto/sha256"
 	"fmt"
 	"io"
@@ -22,7 +24,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fail("usage: estargz-compat verify BLOB TOC_DIGEST | build TAR BLOB CHUNK")
+		fail("usage: estargz-compat verify BLOB TOC_DIGEST | build TAR BLOB CHUNK | gzip FILE BLOB")
 	}
 	switch os.Args[1] {
 	case "verify":
@@ -31,6 +33,8 @@ func main() {
 		chunk, err := strconv.Atoi(os.Args[4])
 		check(err)
 		build(os.Args[2], os.Args[3], chunk)
+	case "gzip":
+		gzipFile(os.Args[2], os.Args[3])
 	default:
 		fail("unknown command " + os.Args[1])
 	}
@@ -127,6 +131,21 @@ func build(tarPath, out string, chunk int) {
 	check(o.Close())
 	fmt.Println(blob.TOCDigest())
 	fmt.Println(blob.DiffID())
+}
+
+// gzipFile writes in as a plain gzip layer the way Go's image tools compress layers: the
+// standard library's writer at its default level, closed (an empty final block).
+func gzipFile(in, out string) {
+	src, err := os.Open(in)
+	check(err)
+	defer src.Close()
+	dst, err := os.Create(out)
+	check(err)
+	w := gzip.NewWriter(dst)
+	_, err = io.Copy(w, src)
+	check(err)
+	check(w.Close())
+	check(dst.Close())
 }
 
 func check(err error) {
