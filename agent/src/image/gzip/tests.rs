@@ -608,6 +608,12 @@ fn a_stream_ending_in_empty_blocks_gets_no_empty_span() {
         check_every_span(&layer, &index, &data);
         let encoded = index.encode().expect("an index encodes");
         assert_eq!(SpanIndex::decode(&encoded).expect("it decodes"), index);
+        // An empty member after it (two gzip files, the second empty, one after the other).
+        let mut two = layer.clone();
+        two.extend(gzip(&[], 6));
+        let of_two = build(&two, MIN_SPAN);
+        assert!(of_two.spans.iter().all(|s| s.len > 0), "variant {variant}");
+        check_every_span(&two, &of_two, &data);
 
         let mut with_empty = index.clone();
         let last = with_empty.spans.last().expect("spans").clone();
