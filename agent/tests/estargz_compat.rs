@@ -283,15 +283,11 @@ fn span_indexes_of_layers_gzipped_by_go_read_back_and_inflate() {
     let helper = go_helper(&dir);
     source_tar(&dir);
     // Bytes that do not compress, for blocks (and spans) of their own, then the zeros.
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let noise: Vec<u8> = (0..300_000)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let mut noise = vec![0u8; 300_000];
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut noise)
+        .unwrap();
     std::fs::write(dir.join("rootfs/noise"), noise).unwrap();
     std::fs::write(dir.join("rootfs/zzz-zeros"), vec![0u8; 512 << 10]).unwrap();
     let tar = dir.join("layer-zeros.tar");

@@ -573,6 +573,42 @@ fn podman(scratch: &Path, args: &[&str]) {
     );
 }
 
+/// `tree` tarred by GNU tar (xattrs kept), imported into podman and pushed by podman itself
+/// to `{reg}/{name}:{tag}` in each `(compression format, tag)`: the tar.
+fn podman_pushes(
+    scratch: &Path,
+    tree: &Path,
+    (reg, name): (&str, &str),
+    pushes: &[(&str, &str)],
+) -> std::path::PathBuf {
+    let tar = scratch.join(format!("{name}.tar"));
+    let tarred = std::process::Command::new("tar")
+        .args(["--xattrs", "--xattrs-include=*", "-C"])
+        .arg(tree)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(tarred.success());
+    let local = format!("localhost/{name}:v1");
+    podman(scratch, &["import", tar.to_str().unwrap(), &local]);
+    for (format, tag) in pushes {
+        podman(
+            scratch,
+            &[
+                "push",
+                "--tls-verify=false",
+                "--compression-format",
+                format,
+                &local,
+                &format!("docker://{reg}/{name}:{tag}"),
+            ],
+        );
+    }
+    tar
+}
+
 /// The sample image's merged tree imported into podman and pushed by podman itself as
 /// zstd:chunked and as plain zstd: the zstd:chunked layer (the TOC found through podman's
 /// annotations) mounts lazily, a small file costing its frame, not the layer; the plain zstd
@@ -583,33 +619,12 @@ async fn zstd_chunked_and_zstd_layers_written_by_podman_mount_and_equal_gnu_tar(
     let (reg, cache) = (registry.host(), scratch.join("cache"));
     let expected = scratch.join("expected-merged");
     expected_merged(&tarballs, &expected);
-    let merged = scratch.join("merged.tar");
-    let tarred = std::process::Command::new("tar")
-        .args(["--xattrs", "--xattrs-include=*", "-C"])
-        .arg(&expected)
-        .arg("-cf")
-        .arg(&merged)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(tarred.success());
-    podman(
+    let merged = podman_pushes(
         &scratch,
-        &["import", merged.to_str().unwrap(), "localhost/zc:v1"],
+        &expected,
+        (&reg, "zc"),
+        &[("zstd:chunked", "chunked"), ("zstd", "zstd")],
     );
-    for (format, tag) in [("zstd:chunked", "chunked"), ("zstd", "zstd")] {
-        podman(
-            &scratch,
-            &[
-                "push",
-                "--tls-verify=false",
-                "--compression-format",
-                format,
-                "localhost/zc:v1",
-                &format!("docker://{reg}/zc:{tag}"),
-            ],
-        );
-    }
     let big = std::fs::metadata(&merged).unwrap().len();
 
     let (mounted, metric) = mount_with_metrics(
@@ -656,10 +671,10 @@ async fn zstd_chunked_and_zstd_layers_written_by_podman_mount_and_equal_gnu_tar(
 
 /// The sample image's merged tree, with 2 MiB of text and 512 KiB of zeros beside it,
 /// pushed by podman as plain gzip: the layer as Go's gzip writers make it (flushed blocks,
-/// then an empty final one), which is how most images in registries were compressed. `imgstream index` publishes its
-/// span index (through the tag fallback), a fresh mount finds it and streams the layer
-/// through it, a small file costing a sliver of the layer, and the tree is GNU tar's
-/// extraction, file for file.
+/// then an empty final one), which is how most images in registries were compressed.
+/// `imgstream index` publishes its span index (through the tag fallback), a fresh mount
+/// finds it and streams the layer through it, a small file costing a sliver of the layer,
+/// and the tree is GNU tar's extraction, file for file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_gzip_layer_pushed_by_podman_streams_through_its_published_index() {
     let (scratch, registry, _, tarballs) = sample_image("fuse-podman-gzip").await;
@@ -675,32 +690,8 @@ async fn a_plain_gzip_layer_pushed_by_podman_streams_through_its_published_index
     // is longer than a span, so a checkpoint falls at its end, where only the empty
     // blocks that close the stream follow.
     std::fs::write(expected.join("zzz-zeros"), vec![0u8; 512 << 10]).unwrap();
-    let merged = scratch.join("merged.tar");
-    let tarred = std::process::Command::new("tar")
-        .args(["--xattrs", "--xattrs-include=*", "-C"])
-        .arg(&expected)
-        .arg("-cf")
-        .arg(&merged)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(tarred.success());
-    podman(
-        &scratch,
-        &["import", merged.to_str().unwrap(), "localhost/pg:v1"],
-    );
+    podman_pushes(&scratch, &expected, (&reg, "pg"), &[("gzip", "v1")]);
     let image = format!("{reg}/pg:v1");
-    podman(
-        &scratch,
-        &[
-            "push",
-            "--tls-verify=false",
-            "--compression-format",
-            "gzip",
-            "localhost/pg:v1",
-            &format!("docker://{image}"),
-        ],
-    );
     let printed = index_image(&image, &reg, &scratch, &["--span", "64K"]);
     assert_eq!(
         printed.matches("published as sha256:").count(),
