@@ -37,6 +37,17 @@ impl Registry {
         Self::start_at(name, None, None, Some((netns.to_string(), ip.to_string())))
     }
 
+    /// Starts a registry that answers blob GETs with a redirect to `base` followed by the
+    /// blob's path in its storage ([`Registry::storage_root`]), as registries backed by
+    /// object storage do (distribution's `redirect` storage middleware), and writes an access
+    /// log ([`Registry::access_log`]).
+    pub fn start_redirecting(name: &str, base: &str) -> Self {
+        let middleware = format!(
+            "middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: {base}\n"
+        );
+        Self::start_at(name, None, Some(format!("__ACCESS__{middleware}")), None)
+    }
+
     fn start_with(name: &str, user: Option<(&str, &str)>, custom: Option<String>) -> Self {
         Self::start_at(name, user, custom, None)
     }
@@ -47,6 +58,12 @@ impl Registry {
         custom: Option<String>,
         netns: Option<(String, String)>,
     ) -> Self {
+        let (access_log, custom) = match custom {
+            Some(c) if c.starts_with("__ACCESS__") => {
+                (true, Some(c.trim_start_matches("__ACCESS__").to_string()))
+            }
+            other => (false, other),
+        };
         let (tls, custom_auth) = match custom {
             Some(t) if t.starts_with("__TLS__") => {
                 (t.trim_start_matches("__TLS__").to_string(), None)
@@ -74,7 +91,8 @@ impl Registry {
             None => custom_auth.unwrap_or_default(),
         };
         let config = format!(
-            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host_ip}:{port}\n{tls}{auth}",
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: {}\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host_ip}:{port}\n{tls}{auth}",
+            !access_log,
             dir.join("data").display()
         );
         std::fs::write(dir.join("config.yml"), config).unwrap();
@@ -89,7 +107,11 @@ impl Registry {
         let child = command
             .arg("serve")
             .arg(dir.join("config.yml"))
-            .stdout(Stdio::null())
+            .stdout(if access_log {
+                Stdio::from(std::fs::File::create(dir.join("access.log")).unwrap())
+            } else {
+                Stdio::null()
+            })
             .stderr(std::fs::File::create(dir.join("registry.log")).unwrap())
             .spawn()
             .expect("docker-registry is needed: cargo xtask setup installs it");
@@ -129,6 +151,16 @@ impl Registry {
             "data/docker/registry/v2/blobs/sha256/{}/{hex}/data",
             &hex[..2]
         ))
+    }
+
+    /// The directory the registry's filesystem storage is rooted at.
+    pub fn storage_root(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// The registry's access log so far (a request a line), when it keeps one.
+    pub fn access_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("access.log")).unwrap_or_default()
     }
 
     /// Size in bytes of everything the registry stores.
