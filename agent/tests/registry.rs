@@ -1041,3 +1041,124 @@ async fn credentials_go_to_a_plain_http_realm_only_on_a_host_allowed_insecure() 
         assert_eq!(sent, trusted, "realm {realm_host}: {}", heads[before]);
     }
 }
+
+/// Object storage on loopback: busybox's httpd serving a registry's storage directory, with
+/// ranges, its requests logged.
+struct ObjectStore {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl ObjectStore {
+    fn start(root: &Path, port: u16, log: &Path) -> Self {
+        let child = Command::new("busybox")
+            .args([
+                "httpd",
+                "-f",
+                "-vv",
+                "-p",
+                &format!("127.0.0.1:{port}"),
+                "-h",
+            ])
+            .arg(root)
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .expect("busybox runs (cargo xtask setup installs busybox-static)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "busybox httpd did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// Requests answered so far.
+    fn requests(&self) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .matches(" url:/")
+            .count()
+    }
+}
+
+impl Drop for ObjectStore {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Registries backed by object storage (Docker Hub, ECR, GHCR, Artifact Registry) answer a
+/// blob GET with a redirect to a signed URL there. The ranges of a blob go to the location
+/// its first GET was redirected to, one round trip each instead of two: the registry sees
+/// one GET of the blob, not one per range. A location that stops answering is forgotten and
+/// the registry asked again; once storage is back, reads go there again after one GET.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blobs_ranges_go_where_the_registry_redirected_its_first_get() {
+    let scratch = support::scratch("redirects");
+    let port = support::free_port();
+    let registry = Registry::start_redirecting("redirects", &format!("http://127.0.0.1:{port}"));
+    let reg = registry.host();
+    let client = RegistryClient::new(&reg, "redir/app", http(&[&reg])).unwrap();
+    let blob: Vec<u8> = (0..200_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    let desc = Descriptor {
+        media_type: manifest::OCI_LAYER_GZIP.into(),
+        digest: Digest::of(&blob),
+        size: blob.len() as u64,
+        annotations: Default::default(),
+        platform: None,
+        extra: Default::default(),
+    };
+    imgstream::registry::BlobSink::put_blob(&client, &desc, blob.clone().into())
+        .await
+        .unwrap();
+    let blob_gets = || {
+        registry
+            .access_log()
+            .lines()
+            .filter(|l| l.contains(&format!("\"GET /v2/redir/app/blobs/{}", desc.digest)))
+            .count()
+    };
+    let read = |at: usize| {
+        let client = &client;
+        let digest = desc.digest;
+        async move {
+            client
+                .read_range(&digest, at as u64..(at + 1000) as u64)
+                .await
+        }
+    };
+
+    let log = scratch.join("store.log");
+    let store = ObjectStore::start(&registry.storage_root(), port, &log);
+    for at in (0..8).map(|i| i * 20_000) {
+        assert!(
+            read(at).await.unwrap() == blob[at..at + 1000],
+            "range at {at}"
+        );
+    }
+    assert_eq!(blob_gets(), 1, "{}", registry.access_log());
+    assert_eq!(store.requests(), 8);
+
+    // Storage gone: the remembered location fails, the registry is asked again (and sends
+    // the read there too), and the read fails.
+    drop(store);
+    assert!(read(0).await.is_err());
+    let during = blob_gets();
+    assert!(during >= 2, "{}", registry.access_log());
+
+    let store = ObjectStore::start(&registry.storage_root(), port, &log);
+    for at in (0..4).map(|i| i * 30_000) {
+        assert!(
+            read(at).await.unwrap() == blob[at..at + 1000],
+            "range at {at}"
+        );
+    }
+    assert_eq!(blob_gets(), during + 1, "{}", registry.access_log());
+    drop(store);
+    drop(registry);
+    std::fs::remove_dir_all(&scratch).unwrap();
+}

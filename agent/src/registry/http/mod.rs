@@ -19,10 +19,10 @@ mod auth;
 mod url;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     path::PathBuf,
     sync::{Arc, Mutex, OnceLock},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -40,6 +40,12 @@ use super::{BlobSource as _, RegistryError};
 const UPLOAD_CHUNK: u64 = 16 << 20;
 /// Redirects followed per request (registries send blob GETs to object storage).
 const MAX_REDIRECTS: usize = 5;
+/// How long a blob's redirected location is used without asking the registry again: object
+/// stores sign those URLs for minutes (distribution's S3 and CloudFront middleware: 20), and
+/// one that fails before is dropped and asked for again.
+const LOCATION_TTL: Duration = Duration::from_secs(60);
+/// Blobs whose locations one client remembers at most.
+const MAX_LOCATIONS: usize = 256;
 /// Refused credentials a client remembers, not to take them from the keyring again.
 const REFUSED_KEPT: usize = 4;
 /// Key of a Basic `Authorization` value, which serves every scope.
@@ -146,6 +152,20 @@ pub struct RegistryClient {
     config: HttpConfig,
     /// Times to first byte of range requests.
     round_trips: super::RoundTrips,
+    /// Where blob GETs were redirected to lately, by the blob's URL on the registry: the next
+    /// range of the blob goes there at once, one round trip instead of two
+    /// ([`LOCATION_TTL`]).
+    locations: Mutex<HashMap<String, Location>>,
+}
+
+/// A blob's redirected location, as a redirect chain ended.
+#[derive(Clone, Debug)]
+struct Location {
+    url: String,
+    /// The registry's credentials were still sent at the chain's end (it never left the
+    /// registry's origin).
+    with_auth: bool,
+    learnt: Instant,
 }
 
 impl std::fmt::Debug for RegistryClient {
@@ -257,6 +277,7 @@ impl RegistryClient {
             auth: Mutex::new(BTreeMap::new()),
             config,
             round_trips: super::RoundTrips::default(),
+            locations: Mutex::new(HashMap::new()),
         })
     }
 

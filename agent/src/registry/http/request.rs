@@ -7,11 +7,22 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
-use super::{ANY_SCOPE, Attempt, MAX_REDIRECTS, RegistryClient, auth, url};
+use std::time::Instant;
+
+use super::{
+    ANY_SCOPE, Attempt, LOCATION_TTL, Location, MAX_LOCATIONS, MAX_REDIRECTS, RegistryClient, auth,
+    url,
+};
 use crate::registry::{
     RegistryError,
     http::{Challenge, parse_challenge},
 };
+
+/// Whether `url` names a blob (a GET of it may be redirected to object storage), not an
+/// upload session.
+fn is_blob_url(url: &str) -> bool {
+    url.contains("/blobs/") && !url.contains("/blobs/uploads/")
+}
 
 /// Statuses that another try may change: server errors, throttling, a request timeout.
 fn retryable_status(status: StatusCode) -> bool {
@@ -97,7 +108,10 @@ impl RegistryClient {
             .await
     }
 
-    /// One request, following redirects, with the deadline applied to getting the headers.
+    /// One request, following redirects, with the deadline applied to getting the headers. A
+    /// blob GET goes straight to where the registry redirected the blob's last GET, while
+    /// that is fresh ([`LOCATION_TTL`]); a location that fails is forgotten and the
+    /// registry asked again, in this same call.
     pub(super) async fn send_once(
         &self,
         method: Method,
@@ -106,8 +120,76 @@ impl RegistryClient {
         body: Bytes,
         scope: &str,
     ) -> Result<Response<Incoming>, RegistryError> {
+        let blob = method == Method::GET && is_blob_url(url);
+        if let Some(location) = blob.then(|| self.location(url)).flatten() {
+            let auth = location
+                .with_auth
+                .then(|| self.auth_header(url, scope))
+                .flatten();
+            let tried = self
+                .follow(method.clone(), &location.url, headers, &body, auth)
+                .await;
+            match tried {
+                Ok((resp, _, _)) if resp.status().is_success() => return Ok(resp),
+                Ok((resp, ..)) => {
+                    tracing::debug!(
+                        url,
+                        status = resp.status().as_u16(),
+                        "a blob's redirected location failed: asking the registry again"
+                    );
+                }
+                Err(err) => {
+                    tracing::debug!(url, %err, "a blob's redirected location failed: asking the registry again");
+                }
+            }
+            crate::sync::lock(&self.locations).remove(url);
+        }
+        let auth = self.auth_header(url, scope);
+        let (resp, last, with_auth) = self.follow(method, url, headers, &body, auth).await?;
+        if blob && last != url && resp.status().is_success() {
+            self.remember_location(url, last, with_auth);
+        }
+        Ok(resp)
+    }
+
+    /// The fresh location a GET of the blob at `url` was redirected to, if any.
+    fn location(&self, url: &str) -> Option<Location> {
+        let locations = crate::sync::lock(&self.locations);
+        locations
+            .get(url)
+            .filter(|l| l.learnt.elapsed() < LOCATION_TTL)
+            .cloned()
+    }
+
+    fn remember_location(&self, url: &str, last: String, with_auth: bool) {
+        let mut locations = crate::sync::lock(&self.locations);
+        if locations.len() >= MAX_LOCATIONS {
+            locations.retain(|_, l| l.learnt.elapsed() < LOCATION_TTL);
+            if locations.len() >= MAX_LOCATIONS {
+                locations.clear();
+            }
+        }
+        locations.insert(
+            url.to_string(),
+            Location {
+                url: last,
+                with_auth,
+                learnt: Instant::now(),
+            },
+        );
+    }
+
+    /// `url` asked, its redirects followed: the answer, the URL that gave it, and whether
+    /// `auth` was still sent there (the chain never left `url`'s origin).
+    async fn follow(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &HeaderMap,
+        body: &Bytes,
+        mut auth: Option<String>,
+    ) -> Result<(Response<Incoming>, String, bool), RegistryError> {
         let mut url = url.to_string();
-        let mut auth = self.auth_header(&url, scope);
         for _ in 0..=MAX_REDIRECTS {
             let mut req = Request::builder().method(method.clone()).uri(&url);
             for (k, v) in headers {
@@ -163,7 +245,8 @@ impl RegistryClient {
                 url = next;
                 continue;
             }
-            return Ok(resp);
+            let with_auth = auth.is_some();
+            return Ok((resp, url, with_auth));
         }
         Err(RegistryError::TooManyRedirects {
             url,
