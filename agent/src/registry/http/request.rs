@@ -3,11 +3,11 @@
 //! and reading bodies within bounds.
 
 use bytes::Bytes;
+use std::time::Instant;
+
 use http::{HeaderMap, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-
-use std::time::Instant;
 
 use super::{
     ANY_SCOPE, Attempt, LOCATION_TTL, Location, MAX_LOCATIONS, MAX_REDIRECTS, RegistryClient, auth,
@@ -17,12 +17,6 @@ use crate::registry::{
     RegistryError,
     http::{Challenge, parse_challenge},
 };
-
-/// Whether `url` names a blob (a GET of it may be redirected to object storage), not an
-/// upload session.
-fn is_blob_url(url: &str) -> bool {
-    url.contains("/blobs/") && !url.contains("/blobs/uploads/")
-}
 
 /// Statuses that another try may change: server errors, throttling, a request timeout.
 fn retryable_status(status: StatusCode) -> bool {
@@ -120,7 +114,7 @@ impl RegistryClient {
         body: Bytes,
         scope: &str,
     ) -> Result<Response<Incoming>, RegistryError> {
-        let blob = method == Method::GET && is_blob_url(url);
+        let blob = method == Method::GET && self.is_blob_url(url);
         if let Some(location) = blob.then(|| self.location(url)).flatten() {
             let auth = location
                 .with_auth
@@ -150,6 +144,13 @@ impl RegistryClient {
             self.remember_location(url, last, with_auth);
         }
         Ok(resp)
+    }
+
+    /// Whether `url` names one of this repository's blobs (a GET of it may be redirected to
+    /// object storage), not an upload session.
+    fn is_blob_url(&self, url: &str) -> bool {
+        let blobs = format!("/v2/{}/blobs/", self.repository);
+        url.contains(&blobs) && !url.contains(&format!("{blobs}uploads/"))
     }
 
     /// The fresh location a GET of the blob at `url` was redirected to, if any.
