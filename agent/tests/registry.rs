@@ -543,8 +543,9 @@ async fn an_estargz_layers_footer_is_asked_for_beside_its_manifest() {
         .unwrap();
     assert_eq!((Digest::of(&whole), size), (config.digest, config.size));
 
-    // The snapshotter's opening of the layer: the footer is asked for before the manifest
-    // is in, and the one range request left is the TOC's.
+    // The snapshotter's opening of the layer: the layer's end is asked for before the
+    // manifest is in, and the one range request left, if any, is the TOC's (how much of
+    // the end is asked for, by the round trip: `fetch::tests`).
     let noting = std::sync::Arc::new(Noting {
         inner: client,
         notes: std::sync::Mutex::new(Vec::new()),
@@ -556,7 +557,7 @@ async fn an_estargz_layers_footer_is_asked_for_beside_its_manifest() {
         "v1",
         &manifest::Platform::host(),
         &cache,
-        (&layer.digest, false),
+        (&layer.digest, false, true),
         &imgstream::mount::LayerOpenings::default(),
     )
     .await
@@ -564,13 +565,13 @@ async fn an_estargz_layers_footer_is_asked_for_beside_its_manifest() {
     .expect("an eStargz layer");
     assert_eq!(opened.layers[0].desc.digest, layer.digest);
     let notes = noting.notes.lock().unwrap().clone();
-    let at = |what: &str| notes.iter().position(|n| n == what);
-    assert!(
-        at("last 51 bytes asked") < at("manifest answered"),
-        "{notes:?}"
-    );
+    let tail = notes
+        .iter()
+        .position(|n| n.starts_with("last ") && n.ends_with(" bytes asked"));
+    let answered = notes.iter().position(|n| n == "manifest answered");
+    assert!(tail.is_some() && tail < answered, "{notes:?}");
     let ranges: Vec<&String> = notes.iter().filter(|n| n.starts_with("range")).collect();
-    assert_eq!(ranges.len(), 1, "the TOC's range alone: {notes:?}");
+    assert!(ranges.len() <= 1, "the TOC's range at most: {notes:?}");
     drop(registry);
     std::fs::remove_dir_all(&scratch).unwrap();
 }
@@ -628,7 +629,7 @@ async fn opening_one_layer_fetches_the_other_layers_tocs_ahead() {
                 &reference,
                 &manifest::Platform::host(),
                 &cache,
-                (&layer, true),
+                (&layer, true, false),
                 &openings,
             )
             .await
@@ -649,13 +650,14 @@ async fn opening_one_layer_fetches_the_other_layers_tocs_ahead() {
     let asked_later = later.notes.lock().expect("notes").clone();
     assert!(asked_later.is_empty(), "{asked_later:?}");
     // The first opening asked for its own footer (beside the manifest) and TOC, and for the
-    // other two layers' footers and TOCs.
+    // other two layers' ends: footer and TOC, in one request each where the round trip
+    // measured is worth their few kilobytes, else two.
     let asked_first = first.notes.lock().expect("notes").clone();
     let ranges = asked_first
         .iter()
         .filter(|n| n.starts_with("range"))
         .count();
-    assert_eq!(ranges, 5, "{asked_first:?}");
+    assert!((3..=5).contains(&ranges), "{asked_first:?}");
     // And, once, what the image runs: its configuration, with no second manifest request,
     // kept for the top layer's mount to take.
     let config = manifest_of(&client(), &reference).await.config;
@@ -702,6 +704,50 @@ async fn clients_made_from_one_configuration_share_their_connections() {
     let other = RegistryClient::new(&proxy.host(), "f/app", http(&[&proxy.host()])).unwrap();
     other.read_range(&layer.digest, 0..100).await.unwrap();
     assert_eq!(connections(), shared + 1);
+    drop(registry);
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preconnected_connections_carry_the_burst_that_follows() {
+    let (registry, scratch, layer, _) = small_image("preconnect").await;
+    let proxy = Proxy::start(registry.addr, Fault::None);
+    let connections = || proxy.connections.load(std::sync::atomic::Ordering::SeqCst);
+    let client = RegistryClient::new(&proxy.host(), "f/app", http(&[&proxy.host()])).unwrap();
+    client.preconnect(4).await;
+    assert_eq!(
+        connections(),
+        4,
+        "four version checks side by side, four connections"
+    );
+    // hyper hands a connection back to its pool from a task of its own (see above).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A burst of four range requests goes on them: no connection more (one allowed for the
+    // hand-back race), where without them it opens four.
+    let (a, b, c, d) = tokio::join!(
+        client.read_range(&layer.digest, 0..10),
+        client.read_range(&layer.digest, 10..20),
+        client.read_range(&layer.digest, 20..30),
+        client.read_range(&layer.digest, 30..40),
+    );
+    for read in [a, b, c, d] {
+        assert_eq!(read.unwrap().len(), 10);
+    }
+    let after = connections();
+    assert!(after <= 5, "{after} connections after the burst");
+    // A client of another configuration, not preconnected, opens one per request of the
+    // same burst.
+    let cold = RegistryClient::new(&proxy.host(), "f/app", http(&[&proxy.host()])).unwrap();
+    let (a, b, c, d) = tokio::join!(
+        cold.read_range(&layer.digest, 0..10),
+        cold.read_range(&layer.digest, 10..20),
+        cold.read_range(&layer.digest, 20..30),
+        cold.read_range(&layer.digest, 30..40),
+    );
+    for read in [a, b, c, d] {
+        assert_eq!(read.unwrap().len(), 10);
+    }
+    assert_eq!(connections(), after + 4);
     drop(registry);
     std::fs::remove_dir_all(&scratch).unwrap();
 }

@@ -637,7 +637,9 @@ async fn pods_are_timed_in_kubelets_order() {
             ("streamed", Some(critical)) => {
                 // The proxy carried the same bodies, with each response's headers.
                 eprintln!("critical path: {critical:?}; the proxy carried {carried} bytes");
-                assert!(critical.requests >= 3, "manifest, footer and TOC at least");
+                // The manifest and the layer's end at least: footer and TOC, one request
+                // when the round trip is worth the TOC's bytes, else two.
+                assert!(critical.requests >= 2, "{critical:?}");
                 assert!(!critical.fully_cached, "no background download here");
                 assert!(
                     critical.bytes <= carried
@@ -646,7 +648,7 @@ async fn pods_are_timed_in_kubelets_order() {
                 );
             }
             ("pulled", None) => {}
-            ("unproxied", Some(critical)) => assert!(critical.requests >= 3, "{critical:?}"),
+            ("unproxied", Some(critical)) => assert!(critical.requests >= 2, "{critical:?}"),
             (pod, critical) => panic!("{pod}: critical path {critical:?}"),
         }
     }

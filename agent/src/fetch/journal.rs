@@ -222,6 +222,10 @@ impl BlobSource for Journaled {
         Ok(bytes)
     }
 
+    async fn preconnect(&self, n: usize) {
+        self.inner.preconnect(n).await;
+    }
+
     async fn read_tail(
         &self,
         digest: &Digest,

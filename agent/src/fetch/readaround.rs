@@ -60,7 +60,7 @@ const SAMPLES: usize = 64;
 /// Responses at least this large say something about bandwidth.
 const RATE_SAMPLE_BYTES: u64 = 128 << 10;
 /// The bandwidth assumed until a response has measured it: 100 Mbit/s.
-const ASSUMED_RATE: f64 = 12.5e6;
+pub(crate) const ASSUMED_RATE: f64 = 12.5e6;
 /// A miss this close after where the last window ended continues a read in blob order.
 const SEQUENTIAL_SLACK: u64 = 64 << 10;
 /// A read in blob order across files grows its window to at most this many base windows.

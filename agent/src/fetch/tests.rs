@@ -1152,3 +1152,134 @@ fn a_prefetch_on_a_cached_layer_reads_nothing_back() {
     assert_eq!(read_file(&again, &layers[0], "f3"), t.read("f3"));
     assert_eq!(again.stats.requests.load(Ordering::SeqCst), 0);
 }
+
+/// An eStargz layer of `files` small files, with its descriptor and where its TOC starts.
+fn layer_of_files(files: usize) -> (Vec<u8>, crate::oci::manifest::Descriptor, u64) {
+    let entries: Vec<(Header, Vec<u8>)> = (0..files)
+        .map(|i| {
+            let name = format!("etc/ssl/certs/certificate-authority-number-{i:05}.pem");
+            (
+                Header::new(&name, Kind::Regular),
+                format!("{i}").into_bytes(),
+            )
+        })
+        .collect();
+    let (blob, summary) = estargz_layer(&entries, 4096, false);
+    let desc = crate::testing::layer_descriptor(&summary);
+    let footer = &blob[blob.len() - estargz::FOOTER_SIZE as usize..];
+    let toc_offset = estargz::parse_footer(footer).unwrap();
+    (blob, desc, toc_offset)
+}
+
+/// Opens `desc` from `source` (with `tail` asked beside the manifest) and returns its files.
+fn open_counting(
+    source: &MemoryBlobs,
+    desc: &crate::oci::manifest::Descriptor,
+    tail: Option<(bytes::Bytes, u64)>,
+) -> Vec<String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let opened = runtime
+        .block_on(layer::open_cached_with_tail(source, desc, None, tail))
+        .expect("the layer opens");
+    opened.index.nodes.iter().map(|n| n.path.clone()).collect()
+}
+
+#[test]
+fn a_layers_footer_and_toc_come_in_one_request_unless_the_toc_is_larger() {
+    let far = || MemoryBlobs::default().far(Duration::from_millis(50));
+    // Few files, 50 ms away: the TOC is within the blob's end that one request asks for.
+    let (blob, desc, toc_offset) = layer_of_files(50);
+    let rtt = Some(Duration::from_millis(50));
+    assert!(desc.size - toc_offset <= layer::toc_tail(desc.size, rtt));
+    let source = far().with(blob.clone());
+    let files = open_counting(&source, &desc, None);
+    assert_eq!(files.len(), layer_index(&blob, None).unwrap().0.nodes.len());
+    assert_eq!(source.ranges.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        source.asked.lock().unwrap()[&desc.digest],
+        layer::toc_tail(desc.size, rtt),
+        "the blob's end, no more"
+    );
+    // With no round trip to speak of: the footer, then the TOC.
+    let source = MemoryBlobs::default().with(blob.clone());
+    open_counting(&source, &desc, None);
+    assert_eq!(source.ranges.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        source.asked.lock().unwrap()[&desc.digest],
+        desc.size - toc_offset
+    );
+
+    // Thousands of files: a TOC larger than that end; its start is the one request more,
+    // and no byte is asked for twice.
+    let (blob, desc, toc_offset) = layer_of_files(4000);
+    assert!(desc.size - toc_offset > layer::toc_tail(desc.size, rtt));
+    let (expected, _) = layer_index(&blob, None).unwrap();
+    let source = far().with(blob.clone());
+    let files = open_counting(&source, &desc, None);
+    assert_eq!(files.len(), expected.nodes.len());
+    assert_eq!(source.ranges.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        source.asked.lock().unwrap()[&desc.digest],
+        desc.size - toc_offset,
+        "the TOC and footer, each byte once"
+    );
+
+    // The end asked for beside the manifest: the footer alone costs the TOC's request, a
+    // part of the TOC the rest of it, all of it none.
+    let end = |len: u64| {
+        let start = (desc.size - len) as usize;
+        Some((bytes::Bytes::copy_from_slice(&blob[start..]), desc.size))
+    };
+    for (len, requests) in [
+        (estargz::FOOTER_SIZE, 1),
+        ((desc.size - toc_offset) / 2, 1),
+        (desc.size - toc_offset, 0),
+        (desc.size, 0),
+    ] {
+        let source = far().with(blob.clone());
+        let files = open_counting(&source, &desc, end(len));
+        assert_eq!(files.len(), expected.nodes.len(), "{len} bytes at the end");
+        assert_eq!(
+            source.ranges.load(Ordering::SeqCst),
+            requests,
+            "{len} bytes at the end"
+        );
+    }
+    // An end of another blob's size is not used; one shorter than a footer neither.
+    for wrong in [
+        Some((
+            bytes::Bytes::copy_from_slice(&blob[blob.len() - 100..]),
+            desc.size + 1,
+        )),
+        Some((
+            bytes::Bytes::copy_from_slice(&blob[blob.len() - 10..]),
+            desc.size,
+        )),
+    ] {
+        let source = far().with(blob.clone());
+        assert_eq!(
+            open_counting(&source, &desc, wrong).len(),
+            expected.nodes.len()
+        );
+        assert_eq!(source.ranges.load(Ordering::SeqCst), 2);
+    }
+}
+
+#[test]
+fn the_end_worth_asking_for_is_what_the_link_carries_in_a_round_trip() {
+    let ms = |ms| Some(Duration::from_millis(ms));
+    assert_eq!(layer::tail_worth(None), estargz::FOOTER_SIZE);
+    assert_eq!(layer::tail_worth(ms(0)), estargz::FOOTER_SIZE);
+    // 20 ms at 100 Mbit/s: 250 KB; 50 ms: more than the cap.
+    assert!((249_999..=250_000).contains(&layer::tail_worth(ms(20))));
+    assert_eq!(layer::tail_worth(ms(50)), layer::TOC_TAIL);
+    // A layer's size bounds it: 1/256 of it, at least 64 KiB, never more than the blob.
+    assert_eq!(layer::toc_tail(140 << 20, ms(50)), layer::TOC_TAIL);
+    assert_eq!(layer::toc_tail(32 << 20, ms(50)), 128 << 10);
+    assert_eq!(layer::toc_tail(1 << 20, ms(50)), 64 << 10);
+    assert_eq!(layer::toc_tail(10_000, ms(50)), 10_000);
+    assert_eq!(layer::toc_tail(32 << 20, None), estargz::FOOTER_SIZE);
+}

@@ -187,6 +187,13 @@ pub trait BlobSource: Send + Sync {
         Ok(None)
     }
 
+    /// Opens connections to the source ahead of a burst of requests, so that up to `n` of
+    /// them are idle when it returns; nothing for sources with no connections. Never fails:
+    /// a connection not opened now is opened by the request that needs it.
+    async fn preconnect(&self, n: usize) {
+        let _ = n;
+    }
+
     /// A human-readable name for logs and errors.
     fn name(&self) -> String;
 

@@ -4,6 +4,7 @@
 //! restart; and the keeper kept holding every lazy layer's connection.
 
 use std::{
+    collections::BTreeMap,
     os::fd::{AsFd as _, OwnedFd},
     sync::{Arc, Mutex, Weak},
 };
@@ -145,12 +146,14 @@ impl Snapshotter {
 
     /// Mounts layer `remote` lazily at snapshot `id`'s directory, or serves it again on the
     /// connection `kept` (a keeper held it while the agent restarted). `Ok(false)`: not
-    /// eStargz (containerd unpacks it).
+    /// eStargz (containerd unpacks it). `labels`: the snapshot's, where containerd passes an
+    /// eStargz layer's TOC digest annotation.
     pub(super) async fn mount_lazy(
         &self,
         id: u64,
         remote: &Remote,
         kept: Option<Kept>,
+        labels: &BTreeMap<String, String>,
     ) -> Result<bool, LazyError> {
         let image = ImageRef::parse(&remote.image_ref)?;
         let source = open_source(&image, &self.config.http).map_err(LazyError::Source)?;
@@ -186,7 +189,11 @@ impl Snapshotter {
                 &reference,
                 &self.config.mount.platform,
                 &self.cache,
-                (&layer, ask_run),
+                (
+                    &layer,
+                    ask_run,
+                    labels.contains_key(crate::image::estargz::TOC_DIGEST_ANNOTATION),
+                ),
                 &self.openings,
             ),
         )
@@ -296,7 +303,7 @@ impl Snapshotter {
                 .remove(&fs.display().to_string())
                 .filter(|_| crate::fs::keeper::is_fuse_mount(&fs));
             let mut adopting = kept.is_some();
-            let mut outcome = self.mount_lazy(snap.id, remote, kept).await;
+            let mut outcome = self.mount_lazy(snap.id, remote, kept, &snap.labels).await;
             if let Err(LazyError::Mount(err @ MountError::LayoutChanged { .. })) = &outcome {
                 // Serving it would answer the kernel's inode numbers with other files: end
                 // the kept connection (its containers get errors, not wrong bytes) and mount
@@ -307,7 +314,7 @@ impl Snapshotter {
                 }
                 let _ = umount_lazy(&fs);
                 adopting = false;
-                outcome = self.mount_lazy(snap.id, remote, None).await;
+                outcome = self.mount_lazy(snap.id, remote, None, &snap.labels).await;
             }
             let served = match outcome {
                 Ok(true) if adopting => {

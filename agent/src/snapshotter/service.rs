@@ -193,7 +193,7 @@ impl Snapshotter {
             return Err(exists());
         }
         let layer = &remote.layer;
-        let outcome = self.mount_lazy(id, remote, None).await;
+        let outcome = self.mount_lazy(id, remote, None, labels).await;
         let result = match outcome {
             Ok(true) => {
                 let mut labels = labels.clone();

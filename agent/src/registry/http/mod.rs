@@ -84,14 +84,22 @@ pub struct HttpConfig {
 /// [`HttpConfig`] and its clones: the snapshotter opens a client per layer, and each of an
 /// image's layers, and the next image from the same registry, then goes on an open connection
 /// instead of paying a connection (and a TLS handshake) of its own, round trips before its
-/// first byte. A new configuration starts with none.
+/// first byte. A new configuration starts with none. Each registry's round trips, as its
+/// clients measured them, are shared the same way: a layer's new client knows how far its
+/// registry is before its first answer.
 #[derive(Clone, Default)]
-pub struct Connections(Arc<OnceLock<(Vec<PathBuf>, HyperClient)>>);
+pub struct Connections {
+    http: Arc<OnceLock<(Vec<PathBuf>, HyperClient)>>,
+    round_trips: Arc<Mutex<HashMap<String, Arc<super::RoundTrips>>>>,
+}
+
+/// Registries whose round trips [`Connections`] keeps at most; more start afresh.
+const MAX_REGISTRIES: usize = 64;
 
 impl std::fmt::Debug for Connections {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connections")
-            .field("opened", &self.0.get().is_some())
+            .field("opened", &self.http.get().is_some())
             .finish()
     }
 }
@@ -100,15 +108,24 @@ impl Connections {
     /// The HTTP client of `config`: the shared one when it trusts the same certificates,
     /// else one of its own.
     fn client(&self, config: &HttpConfig) -> Result<HyperClient, RegistryError> {
-        if let Some((ca_files, http)) = self.0.get()
+        if let Some((ca_files, http)) = self.http.get()
             && *ca_files == config.ca_files
         {
             return Ok(http.clone());
         }
         let http = build_http(config)?;
         // Two clients made at once: the first one set is shared, the other stays private.
-        let _ = self.0.set((config.ca_files.clone(), http.clone()));
+        let _ = self.http.set((config.ca_files.clone(), http.clone()));
         Ok(http)
+    }
+
+    /// The round trips measured to `registry` by the clients sharing these connections.
+    fn round_trips(&self, registry: &str) -> Arc<super::RoundTrips> {
+        let mut all = crate::sync::lock(&self.round_trips);
+        if all.len() >= MAX_REGISTRIES && !all.contains_key(registry) {
+            all.clear();
+        }
+        all.entry(registry.to_string()).or_default().clone()
     }
 }
 
@@ -151,7 +168,7 @@ pub struct RegistryClient {
     auth: Mutex<BTreeMap<String, String>>,
     config: HttpConfig,
     /// Times to first byte of range requests.
-    round_trips: super::RoundTrips,
+    round_trips: Arc<super::RoundTrips>,
     /// Where blob GETs were redirected to lately, by the blob's URL on the registry: the next
     /// range of the blob goes there at once, one round trip instead of two
     /// ([`LOCATION_TTL`]).
@@ -267,6 +284,7 @@ impl RegistryClient {
             (None, Some(path)) => Credentials::from_docker_config(path, registry)?,
             (None, None) => None,
         };
+        let round_trips = config.connections.round_trips(registry);
         Ok(Self {
             http: config.connections.client(&config)?,
             registry: registry.to_string(),
@@ -276,7 +294,7 @@ impl RegistryClient {
             refused: Mutex::new(std::collections::VecDeque::new()),
             auth: Mutex::new(BTreeMap::new()),
             config,
-            round_trips: super::RoundTrips::default(),
+            round_trips,
             locations: Mutex::new(HashMap::new()),
         })
     }

@@ -402,6 +402,10 @@ impl BlobSource for RegistryClient {
             .map(Some)
     }
 
+    async fn preconnect(&self, n: usize) {
+        self.preconnect_to_first_endpoint(n).await;
+    }
+
     async fn read_tail(
         &self,
         digest: &Digest,

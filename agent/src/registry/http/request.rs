@@ -18,6 +18,12 @@ use crate::registry::{
     http::{Challenge, parse_challenge},
 };
 
+/// The most of a version check's answer [`RegistryClient::preconnect_to_first_endpoint`]
+/// reads; a longer one ends its connection.
+const PRECONNECT_BODY: u64 = 64 << 10;
+/// Connections one preconnect opens at most.
+const MAX_PRECONNECT: usize = 64;
+
 /// Statuses that another try may change: server errors, throttling, a request timeout.
 fn retryable_status(status: StatusCode) -> bool {
     status.is_server_error()
@@ -144,6 +150,38 @@ impl RegistryClient {
             self.remember_location(url, last, with_auth);
         }
         Ok(resp)
+    }
+
+    /// [`BlobSource::preconnect`]: `n` requests for the API's version check (`GET /v2/`,
+    /// answered 200, or 401 where it wants credentials, which are not sent) side by side at
+    /// the first endpoint, where blobs are asked for first, each answer read through so that
+    /// its connection goes back to the shared pool. Where connections are idle already, the
+    /// requests take them and open no new one.
+    pub(super) async fn preconnect_to_first_endpoint(&self, n: usize) {
+        let Some(endpoint) = self.endpoints.first() else {
+            return;
+        };
+        let url = format!("{endpoint}/v2/");
+        let one = || async {
+            if let Ok((resp, ..)) = self
+                .follow(Method::GET, &url, &HeaderMap::new(), &Bytes::new(), None)
+                .await
+            {
+                let _ = self.read_small(resp, PRECONNECT_BODY, &url).await;
+            }
+        };
+        let mut pending: Vec<_> = (0..n.min(MAX_PRECONNECT))
+            .map(|_| Box::pin(one()))
+            .collect();
+        std::future::poll_fn(|cx| {
+            pending.retain_mut(|request| request.as_mut().poll(cx).is_pending());
+            if pending.is_empty() {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await;
     }
 
     /// Whether `url` names one of this repository's blobs (a GET of it may be redirected to
