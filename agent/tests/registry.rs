@@ -708,6 +708,19 @@ async fn clients_made_from_one_configuration_share_their_connections() {
     std::fs::remove_dir_all(&scratch).unwrap();
 }
 
+/// Four range requests of `blob` side by side, each answered in full.
+async fn burst_of_four(client: &RegistryClient, blob: &Digest) {
+    let (a, b, c, d) = tokio::join!(
+        client.read_range(blob, 0..10),
+        client.read_range(blob, 10..20),
+        client.read_range(blob, 20..30),
+        client.read_range(blob, 30..40),
+    );
+    for read in [a, b, c, d] {
+        assert_eq!(read.unwrap().len(), 10);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preconnected_connections_carry_the_burst_that_follows() {
     let (registry, scratch, layer, _) = small_image("preconnect").await;
@@ -724,29 +737,13 @@ async fn preconnected_connections_carry_the_burst_that_follows() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     // A burst of four range requests goes on them: no connection more (one allowed for the
     // hand-back race), where without them it opens four.
-    let (a, b, c, d) = tokio::join!(
-        client.read_range(&layer.digest, 0..10),
-        client.read_range(&layer.digest, 10..20),
-        client.read_range(&layer.digest, 20..30),
-        client.read_range(&layer.digest, 30..40),
-    );
-    for read in [a, b, c, d] {
-        assert_eq!(read.unwrap().len(), 10);
-    }
+    burst_of_four(&client, &layer.digest).await;
     let after = connections();
     assert!(after <= 5, "{after} connections after the burst");
     // A client of another configuration, not preconnected, opens one per request of the
     // same burst.
     let cold = RegistryClient::new(&proxy.host(), "f/app", http(&[&proxy.host()])).unwrap();
-    let (a, b, c, d) = tokio::join!(
-        cold.read_range(&layer.digest, 0..10),
-        cold.read_range(&layer.digest, 10..20),
-        cold.read_range(&layer.digest, 20..30),
-        cold.read_range(&layer.digest, 30..40),
-    );
-    for read in [a, b, c, d] {
-        assert_eq!(read.unwrap().len(), 10);
-    }
+    burst_of_four(&cold, &layer.digest).await;
     assert_eq!(connections(), after + 4);
     drop(registry);
     std::fs::remove_dir_all(&scratch).unwrap();

@@ -1338,13 +1338,8 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
-    #[test]
-    fn the_walk_does_not_wait_for_the_programs_interpreter() {
-        let runtime = tokio::runtime::Runtime::new().expect("a runtime");
-        let dir = std::env::temp_dir().join(format!(
-            "imgstream-loader-interp-held-{}",
-            std::process::id()
-        ));
+    /// `ls`, its libraries and this machine's dynamic loader, at its usual path too.
+    fn ls_and_its_interpreter() -> Vec<(Header, Vec<u8>)> {
         let mut entries = ls_and_its_libraries();
         entries.extend([
             file(
@@ -1357,7 +1352,17 @@ mod tests {
                 &format!("/{LIBS}/ld-linux-x86-64.so.2"),
             ),
         ]);
-        let (fs, source) = image_of(&runtime, &dir, entries, true, Link::Local);
+        entries
+    }
+
+    #[test]
+    fn the_walk_does_not_wait_for_the_programs_interpreter() {
+        let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+        let dir = std::env::temp_dir().join(format!(
+            "imgstream-loader-interp-held-{}",
+            std::process::id()
+        ));
+        let (fs, source) = image_of(&runtime, &dir, ls_and_its_interpreter(), true, Link::Local);
         // With the interpreter's headers held in the registry, the walk still looks at ls's
         // libraries: the kernel's and the loader's reads go side by side, one round trip
         // each, not one after the other.
@@ -1382,19 +1387,7 @@ mod tests {
             "imgstream-loader-interp-guess-{}",
             std::process::id()
         ));
-        let mut entries = ls_and_its_libraries();
-        entries.extend([
-            file(
-                &format!("{LIBS}/ld-linux-x86-64.so.2"),
-                std::fs::read("/lib64/ld-linux-x86-64.so.2").expect("this machine's loader"),
-            ),
-            (Header::new("lib64/", TarKind::Directory), Vec::new()),
-            symlink(
-                "lib64/ld-linux-x86-64.so.2",
-                &format!("/{LIBS}/ld-linux-x86-64.so.2"),
-            ),
-        ]);
-        let (fs, source) = image_of(&runtime, &dir, entries, true, Link::Local);
+        let (fs, source) = image_of(&runtime, &dir, ls_and_its_interpreter(), true, Link::Local);
         // The image's program, walked before any container starts it (as the snapshotter
         // does), with its headers held in the registry: the interpreter comes meanwhile.
         let ls = fs.tree.resolve(b"/usr/bin/ls").expect("ls").clone();
