@@ -282,7 +282,35 @@ fn hostile_layers_are_refused_at_mount_or_served_with_every_read_answered() {
                     Err(err) => Outcome::Refused(imgstream::error_chain(&err)),
                     Ok(mounted) => {
                         let reads = read_all(&mountpoint, Duration::from_secs(30));
+                        // Dropped, the mount has written the backing files of what its
+                        // reads cached: a second mount opens those files with them (FUSE
+                        // passthrough), and must answer every read as the first did.
                         drop(mounted);
+                        let again = runtime
+                            .block_on(mount::open_layers(
+                                source.clone(),
+                                tag,
+                                &Platform::host(),
+                                &cache,
+                            ))
+                            .expect("it opened before");
+                        let mounted = mount::mount(
+                            runtime.handle().clone(),
+                            again,
+                            cache.clone(),
+                            &mountpoint,
+                            &options,
+                        )
+                        .expect("it mounted before");
+                        let mut second = read_all(&mountpoint, Duration::from_secs(30));
+                        drop(mounted);
+                        let mut first = reads.clone();
+                        first.sort();
+                        second.sort();
+                        assert!(
+                            first == second,
+                            "{tag}: a second mount answered otherwise: {second:?}"
+                        );
                         Outcome::Served(reads)
                     }
                 }

@@ -378,6 +378,12 @@ impl Passthrough {
             }
             return self.cached(ino);
         };
+        // A file that is one whole chunk shares its backing file with every file of that
+        // digest. A TOC that gives the digest another size than its bytes have is served
+        // through the agent, which refuses the chunk, never with the other file's bytes.
+        if file.metadata().map(|m| m.len()).ok() != Some(node.size) {
+            return self.cached(ino);
+        }
         let id = match backing_open(device, &file) {
             Ok(id) if id > ledger::ID_MAX => {
                 // Never seen (the kernel numbers them from 1, lowest free first), but the
