@@ -1093,7 +1093,11 @@ struct ObjectStore {
 }
 
 impl ObjectStore {
-    fn start(root: &Path, port: u16, log: &Path) -> Self {
+    /// busybox httpd on `port`, once a request it answered is in its own log; `None` when
+    /// the port turned out to be another process's (a port [`support::free_port`] found free
+    /// can be taken before busybox binds it, by the tests running beside this one: a
+    /// registry or proxy of theirs would then answer this test's ranges with 404s).
+    fn start(root: &Path, port: u16, log: &Path) -> Option<Self> {
         let child = Command::new("busybox")
             .args([
                 "httpd",
@@ -1107,22 +1111,39 @@ impl ObjectStore {
             .stderr(std::fs::File::create(log).unwrap())
             .spawn()
             .expect("busybox runs (cargo xtask setup installs busybox-static)");
+        let mut store = Self {
+            child,
+            log: log.to_path_buf(),
+        };
+        let probe = format!("/imgstream-probe-{}-{port}", std::process::id());
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        loop {
+            if store.child.try_wait().unwrap().is_some() {
+                return None; // could not bind: the port is taken
+            }
+            if let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                use std::io::{Read, Write};
+                conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let request = format!("GET {probe} HTTP/1.0\r\n\r\n");
+                if conn.write_all(request.as_bytes()).is_ok() {
+                    let _ = conn.read_to_end(&mut Vec::new());
+                }
+                let answered = std::fs::read_to_string(&store.log)
+                    .unwrap_or_default()
+                    .contains(&probe);
+                return answered.then_some(store);
+            }
             assert!(Instant::now() < deadline, "busybox httpd did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Self {
-            child,
-            log: log.to_path_buf(),
-        }
     }
 
-    /// Requests answered so far.
+    /// Requests answered so far, its own probe left out.
     fn requests(&self) -> usize {
         std::fs::read_to_string(&self.log)
             .unwrap_or_default()
-            .matches(" url:/")
+            .lines()
+            .filter(|l| l.contains(" url:/") && !l.contains(" url:/imgstream-probe-"))
             .count()
     }
 }
@@ -1142,8 +1163,20 @@ impl Drop for ObjectStore {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blobs_ranges_go_where_the_registry_redirected_its_first_get() {
     let scratch = support::scratch("redirects");
-    let port = support::free_port();
-    let registry = Registry::start_redirecting("redirects", &format!("http://127.0.0.1:{port}"));
+    let log = scratch.join("store.log");
+    // The registry redirects to the store's port, so both start again on a port that was
+    // taken before the store could bind it.
+    let (port, registry, store) = (0..5)
+        .find_map(|_| {
+            let port = support::free_port();
+            let registry =
+                Registry::start_redirecting("redirects", &format!("http://127.0.0.1:{port}"));
+            // busybox serves an existing directory; the registry fills it on the first push.
+            std::fs::create_dir_all(registry.storage_root()).unwrap();
+            let store = ObjectStore::start(&registry.storage_root(), port, &log)?;
+            Some((port, registry, store))
+        })
+        .expect("five free ports were all taken before busybox bound them");
     let reg = registry.host();
     let client = RegistryClient::new(&reg, "redir/app", http(&[&reg])).unwrap();
     let blob: Vec<u8> = (0..200_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
@@ -1175,8 +1208,6 @@ async fn a_blobs_ranges_go_where_the_registry_redirected_its_first_get() {
         }
     };
 
-    let log = scratch.join("store.log");
-    let store = ObjectStore::start(&registry.storage_root(), port, &log);
     for at in (0..8).map(|i| i * 20_000) {
         assert!(
             read(at).await.unwrap() == blob[at..at + 1000],
@@ -1193,7 +1224,8 @@ async fn a_blobs_ranges_go_where_the_registry_redirected_its_first_get() {
     let during = blob_gets();
     assert!(during >= 2, "{}", registry.access_log());
 
-    let store = ObjectStore::start(&registry.storage_root(), port, &log);
+    let store = ObjectStore::start(&registry.storage_root(), port, &log)
+        .expect("the store's port was taken while it was down");
     for at in (0..4).map(|i| i * 30_000) {
         assert!(
             read(at).await.unwrap() == blob[at..at + 1000],

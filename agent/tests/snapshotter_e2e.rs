@@ -136,9 +136,14 @@ async fn containerd_runs_a_streamed_image_through_the_imgstream_snapshotter() {
     // The guard on the critical path: the start needs the manifest, the config, the layer's
     // footer and TOC and the entrypoint's chunk (measured: 233 KB of a 25.4 MB layer on
     // 2026-11-30). A change that makes the start fetch more than twice that fails here.
+    // Beside the manifest the agent also asks for the layer's end: what the link carries in
+    // the registry's time to a first byte, at most `TOC_TAIL`. That time depends on how busy
+    // this machine is (a registry on loopback answered in 20-34 ms while the other tests
+    // ran: 250-420 KB asked for), so the budget allows the most it can be.
+    let budget = CRITICAL_PATH_BUDGET + imgstream::fetch::layer::TOC_TAIL;
     assert!(
-        fetched < CRITICAL_PATH_BUDGET,
-        "the start fetched {fetched} bytes before its first log line, more than the {CRITICAL_PATH_BUDGET} budgeted (the layer is {layer_bytes} bytes)"
+        fetched < budget,
+        "the start fetched {fetched} bytes before its first log line, more than the {budget} budgeted (the layer is {layer_bytes} bytes)"
     );
     let agent_log = agent.log_text();
     assert!(agent_log.contains("layer mounted lazily"), "{agent_log}");
