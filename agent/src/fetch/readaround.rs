@@ -12,7 +12,8 @@
 //! recent time to a first byte ([`crate::registry::BlobSource::round_trip`]), the bandwidth
 //! what the fetcher's own large responses delivered together over the time they were
 //! arriving (each with that round trip taken out: responses that share the link count as
-//! the link's rate, not as each one's share of it). On loopback the window shrinks to
+//! the link's rate, not as each one's share of it), once they are enough to tell
+//! ([`RATE_EVIDENCE`]; 100 Mbit/s is assumed until then). On loopback the window shrinks to
 //! almost nothing, for a source with no network (a local layout) it is nothing, and 50 ms
 //! away at 100 Mbit/s it is about 1.25 MB.
 //!
@@ -59,8 +60,15 @@ impl Default for ReadAroundConfig {
 const SAMPLES: usize = 64;
 /// Responses at least this large say something about bandwidth.
 const RATE_SAMPLE_BYTES: u64 = 128 << 10;
-/// The bandwidth assumed until a response has measured it: 100 Mbit/s.
+/// The bandwidth assumed until responses have measured it: 100 Mbit/s.
 pub(crate) const ASSUMED_RATE: f64 = 12.5e6;
+/// Bytes of large responses it takes to measure the bandwidth (a third of a second at
+/// 100 Mbit/s). The first responses of a start share the link with larger ones still
+/// arriving, which are not counted yet: a 50 ms trace of PHP's start had the first few
+/// measure 1.5 MB/s in one run and 39 MB/s in another, on a 12.5 MB/s link, and the
+/// libraries whose code the loader prefetch sizes by it were left to their misses in the
+/// first (3.95 s to the first log line against 3.30 s).
+const RATE_EVIDENCE: u64 = 4_000_000;
 /// A miss this close after where the last window ended continues a read in blob order.
 const SEQUENTIAL_SLACK: u64 = 64 << 10;
 /// A read in blob order across files grows its window to at most this many base windows.
@@ -88,7 +96,8 @@ impl Link {
     /// Bytes per second the recent large responses delivered together over the time any of
     /// them was arriving: each from a round trip after it was asked (at least a millisecond
     /// before its end: a burst the link let through at once does not count as its rate),
-    /// overlapping ones counted once.
+    /// overlapping ones counted once; [`ASSUMED_RATE`] until they hold [`RATE_EVIDENCE`]
+    /// bytes.
     fn rate(&self, rtt: Duration) -> f64 {
         let mut arriving: Vec<(Instant, Instant)> = self
             .samples
@@ -112,7 +121,7 @@ impl Link {
             until = Some(until.map_or(to, |u| u.max(to)));
         }
         let bytes: u64 = self.samples.iter().map(|&(b, ..)| b).sum();
-        if bytes == 0 || busy.is_zero() {
+        if bytes < RATE_EVIDENCE || busy.is_zero() {
             ASSUMED_RATE
         } else {
             bytes as f64 / busy.as_secs_f64()
@@ -281,8 +290,27 @@ mod tests {
         assert_eq!(ra.bdp(rtt), 600_000);
         // An answer that came back faster than the round trip counts one millisecond.
         let fresh = ReadAround::new(ReadAroundConfig::default());
-        fresh.observe(1_000_000, t, at(t, 20));
-        assert_eq!(fresh.bdp(rtt), 50_000_000);
+        fresh.observe(4_000_000, t, at(t, 20));
+        assert_eq!(fresh.bdp(rtt), 200_000_000);
+    }
+
+    #[test]
+    fn a_few_responses_are_no_measure_of_the_link() {
+        let ra = ReadAround::new(ReadAroundConfig::default());
+        let rtt = Duration::from_millis(50);
+        // The first answers of a start, which shared the link with larger ones still
+        // arriving: 1.5 MB in 450 ms would be 3.75 MB/s. Until 4 MB have been measured,
+        // 100 Mbit/s stands.
+        let t = Instant::now();
+        ra.observe(800_000, t, at(t, 450));
+        ra.observe(700_000, t, at(t, 450));
+        assert_eq!(ra.bdp(rtt), 625_000);
+        ra.observe(2_499_999, t, at(t, 450));
+        assert_eq!(ra.bdp(rtt), 625_000);
+        // Another answer, and they measure it: 4.1 MB over 400 ms.
+        ra.observe(RATE_SAMPLE_BYTES, at(t, 300), at(t, 450));
+        assert_eq!(RATE_SAMPLE_BYTES, 131_072);
+        assert_eq!(ra.bdp(rtt), 516_383); // 4,131,071 bytes / 0.4 s * 0.05 s
     }
 
     #[test]
@@ -293,7 +321,7 @@ mod tests {
         });
         let rtt = Some(Duration::from_millis(10));
         let t = Instant::now();
-        ra.observe(1_000_000, t, at(t, 110));
+        ra.observe(4_000_000, t, at(t, 410));
         let base = ra.window(blob(), 7, (0, 1000), rtt);
         assert_eq!(base, 100_000);
         // The window's last chunk ended a little after the window.
