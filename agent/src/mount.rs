@@ -464,8 +464,23 @@ pub async fn open_one_layer(
             .and_then(layer::toc_key)
             .is_some_and(|key| cache.get_toc(&key).ok().flatten().is_some())
     });
+    // The manifest names the image's configuration (what it runs: where the loader prefetch
+    // starts) and its other layers (whose TOCs are fetched ahead): both are asked for as soon
+    // as it is here, not once the layer's end has come too (a 50 ms trace: the configuration
+    // went out 65 ms after the manifest came, and the walk started 40 ms after the mount).
+    let begin = |(fetched, manifest): &(FetchedManifest, manifest::Manifest)| {
+        if manifest.layers.iter().any(|d| d.digest == *layer) {
+            openings.start(&source, manifest, Some(layer), cache);
+            if ask_run {
+                openings.start_run(&source, fetched.digest, manifest);
+            }
+        }
+    };
     let (manifest, tail) = match known {
-        Some(known) => (Ok(known), None),
+        Some(known) => {
+            begin(&known);
+            (Ok(known), None)
+        }
         // An eStargz layer's end is asked for beside the manifest (its size comes with the
         // answer and is checked against the manifest's): the footer, a round trip less
         // before the TOC, and when the layer is said to be eStargz and the registry is a
@@ -481,10 +496,15 @@ pub async fn open_one_layer(
             } else {
                 crate::image::estargz::FOOTER_SIZE
             };
-            let (manifest, tail) = tokio::join!(
-                image_manifest(source.as_ref(), reference, platform, Some(cache)),
-                source.read_tail(layer, asked),
-            );
+            let manifest = async {
+                let manifest =
+                    image_manifest(source.as_ref(), reference, platform, Some(cache)).await;
+                if let Ok(manifest) = &manifest {
+                    begin(manifest);
+                }
+                manifest
+            };
+            let (manifest, tail) = tokio::join!(manifest, source.read_tail(layer, asked));
             (manifest, tail.ok().flatten())
         }
     };
@@ -497,10 +517,6 @@ pub async fn open_one_layer(
     else {
         return Ok(None);
     };
-    openings.start(&source, &manifest, Some(layer), cache);
-    if ask_run {
-        openings.start_run(&source, fetched.digest, &manifest);
-    }
     match layer::open_cached_with_tail(source.as_ref(), desc, Some(cache), tail).await {
         Ok(opened) => {
             LAYERS_OPENED.count_lazy(&opened);
