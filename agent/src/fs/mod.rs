@@ -510,6 +510,11 @@ impl ImageFs {
                 recorded.push((layer, node_index, offset, size));
             }
         }
+        if offset == 0
+            && let Some(loader) = &self.loader
+        {
+            loader.read_asked(inode.ino);
+        }
         let asked = Instant::now();
         let deadline = asked + self.config.read_deadline;
         let data = self
