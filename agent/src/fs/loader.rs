@@ -1321,6 +1321,17 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    /// Holds the first chunk of `path` in the registry until `source` releases it.
+    fn hold_first_chunk(fs: &ImageFs, source: &MemoryBlobs, path: &str) {
+        let at = fs
+            .tree
+            .resolve(path.as_bytes())
+            .and_then(|inode| inode.data)
+            .expect("the held file is in the image");
+        let first = &fs.layers[at.0].index.nodes[at.1].chunks[0];
+        source.hold(first.blob_offset..first.blob_end);
+    }
+
     /// Reads the headers of `program` with the first chunk of `held` held in the registry:
     /// whether the walk fetched the headers of `wanted` meanwhile (waiting 30 s at most),
     /// and whether those of `held` were still missing then. The held chunk is answered and
@@ -1332,13 +1343,7 @@ mod tests {
         held: &str,
         wanted: &str,
     ) -> (bool, bool) {
-        let at = fs
-            .tree
-            .resolve(held.as_bytes())
-            .and_then(|inode| inode.data)
-            .expect("the held file is in the image");
-        let first = &fs.layers[at.0].index.nodes[at.1].chunks[0];
-        source.hold(first.blob_offset..first.blob_end);
+        hold_first_chunk(fs, source, held);
         read_head(fs, program);
         let until = Instant::now() + Duration::from_secs(30);
         let found = loop {
@@ -1538,13 +1543,7 @@ mod tests {
         // Module a's headers are held in the registry while a program reads them: module b's
         // come meanwhile, so the walk of a's directory did not wait for a's.
         let (a, b) = (format!("/{MODULES}a.so"), format!("/{MODULES}b.so"));
-        let at = fs
-            .tree
-            .resolve(a.as_bytes())
-            .and_then(|inode| inode.data)
-            .expect("module a is in the image");
-        let first = &fs.layers[at.0].index.nodes[at.1].chunks[0];
-        source.hold(first.blob_offset..first.blob_end);
+        hold_first_chunk(&fs, &source, &a);
         std::thread::scope(|scope| {
             let reader = scope.spawn(|| read_head(&fs, &a));
             let until = Instant::now() + Duration::from_secs(30);
