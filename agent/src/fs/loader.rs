@@ -208,15 +208,11 @@ impl Loader {
     /// fetch earlier (a 50 ms trace of PHP's start: the first module's headers came 113 ms
     /// after the program asked, and the next two modules' reads waited 59 and 52 ms for a
     /// walk that had started only then). A file so named that is no module costs its
-    /// directory's heads. Only on a link with a round trip to speak of, as when the headers
+    /// directory's heads. Only where [`Shared::modules_worth_a_guess`], as when the headers
     /// show a library ([`Shared::closure`]).
     pub(super) fn read_asked(&self, ino: u64) {
         let shared = &self.shared;
-        let far = shared
-            .fetcher
-            .link_bdp()
-            .is_some_and(|bdp| bdp >= HEAD + TAIL);
-        if !far {
+        if !shared.modules_worth_a_guess() {
             return;
         }
         let Some(module) = shared.file(ino) else {
@@ -364,6 +360,14 @@ fn named_like_a_module(name: &[u8]) -> bool {
 }
 
 impl Shared {
+    /// Whether a module's directory is worth a wide walk: a round trip is worth more link
+    /// time than a module's head and end (see the module's documentation).
+    fn modules_worth_a_guess(&self) -> bool {
+        self.fetcher
+            .link_bdp()
+            .is_some_and(|bdp| bdp >= HEAD + TAIL)
+    }
+
     /// Marks `ino` as looked at; false when it was, or when the mount's bound is reached.
     fn first_time(&self, ino: u64) -> bool {
         let mut seen = crate::sync::lock(&self.seen);
@@ -504,11 +508,7 @@ impl Shared {
                 None
             }
         };
-        let far = self
-            .fetcher
-            .link_bdp()
-            .is_some_and(|bdp| bdp >= HEAD + TAIL);
-        let siblings = if object.library && far {
+        let siblings = if object.library && self.modules_worth_a_guess() {
             self.siblings(ino, &root)
         } else {
             Vec::new()
