@@ -39,7 +39,7 @@ use serde::Serialize;
 
 use inflight::Inflight;
 use priority::ReaderGate;
-use readaround::{Reach, ReadAround, ReadAroundConfig};
+use readaround::{ReadAround, ReadAroundConfig};
 
 use crate::{
     cache::{ChunkCache, Memory, MemoryBudget, MemoryCache, WriteBehind, budget},
@@ -356,19 +356,18 @@ impl Fetcher {
     }
 
     /// [`Fetcher::get`] for a reader of file `file` (its index in the layer) of `layer`: when
-    /// it misses, what follows its chunks in the blob is fetched beside it, as far as `reach`
-    /// lets it go ([`readaround`]).
+    /// it misses, what follows its chunks in the blob is fetched beside it ([`readaround`]).
     pub fn read(
         self: &Arc<Self>,
         chunks: &[ChunkRef<'_>],
-        (layer, file, reach): (&RemoteLayer, usize, Reach),
+        (layer, file): (&RemoteLayer, usize),
         deadline: Instant,
     ) -> Result<Vec<Arc<Vec<u8>>>, FetchError> {
         let result = self.get_by(
             chunks,
             Priority::OnDemand,
             deadline,
-            Some((self, layer, file, reach)),
+            Some((self, layer, file)),
             None,
         );
         self.counting_deadlines(result)
@@ -423,7 +422,7 @@ impl Fetcher {
         chunks: &[ChunkRef<'_>],
         priority: Priority,
         deadline: Instant,
-        around: Option<(&Arc<Self>, &RemoteLayer, usize, Reach)>,
+        around: Option<(&Arc<Self>, &RemoteLayer, usize)>,
         line: Option<Line>,
     ) -> Result<Vec<Arc<Vec<u8>>>, FetchError> {
         if let Some(blob) = self.quarantined_among(chunks) {
@@ -482,14 +481,10 @@ impl Fetcher {
                 self.link.promote(ticket);
             }
         }
-        if let (Some((this, layer, file, reach)), Some(last)) = (around, mine.last()) {
+        if let (Some((this, layer, file)), Some(last)) = (around, mine.last()) {
             let last = chunks[last.0].chunk;
             let first = chunks[mine[0].0].chunk;
-            this.fetch_around(
-                (layer, file, reach),
-                first.blob_offset..last.blob_end,
-                deadline,
-            );
+            this.fetch_around((layer, file), first.blob_offset..last.blob_end, deadline);
         }
         if !mine.is_empty() {
             let wanted: Vec<&ChunkRef<'_>> = mine.iter().map(|(i, _)| &chunks[*i]).collect();
@@ -570,12 +565,12 @@ impl Fetcher {
     }
 
     /// Starts fetching, on a thread of its own, the chunks of `layer` that follow a miss of
-    /// `missed` in the blob by a reader of `file`, as far as the read-around window goes
-    /// (and, for [`Reach::File`], no further than the file's last chunk); chunks cached or in
-    /// flight are left out. Readers that want them meanwhile wait for this fetch.
+    /// `missed` in the blob by a reader of `file`, as far as the read-around window goes;
+    /// chunks cached or in flight are left out. Readers that want them meanwhile wait for
+    /// this fetch.
     fn fetch_around(
         self: &Arc<Self>,
-        (layer, file, reach): (&RemoteLayer, usize, Reach),
+        (layer, file): (&RemoteLayer, usize),
         missed: std::ops::Range<u64>,
         deadline: Instant,
     ) {
@@ -596,16 +591,7 @@ impl Fetcher {
         }
         // From the byte before: the span after a plain gzip layer's span may start in the
         // byte where it ends (no eStargz member is one byte long, so none starts there).
-        let mut until = end.saturating_add(window);
-        if reach == Reach::File {
-            let file_end = layer
-                .index
-                .nodes
-                .get(file)
-                .and_then(|node| node.chunks.iter().map(|c| c.blob_end).max());
-            until = until.min(file_end.unwrap_or(end));
-        }
-        let around = layer.chunks_between(end.saturating_sub(1), until);
+        let around = layer.chunks_between(end.saturating_sub(1), end.saturating_add(window));
         if let Some(last) = around.last() {
             self.read_around.covered(blob, last.blob_end);
         }

@@ -22,8 +22,7 @@
 //! data file, a model's weights) up to the cap; across files only up to
 //! [`CROSS_FILE_GROWTH`] times the base window: a start that loads a directory of modules in
 //! name order also misses in blob order, file after file, and each doubling saves it round
-//! trips, but it wants what it loads, not the megabytes after it. A miss in a program or
-//! library goes no further than its file's end ([`Reach::File`]). (A tree read whole is
+//! trips, but it wants what it loads, not the megabytes after it. (A tree read whole is
 //! served by the background download going to full speed once most of the image was fetched
 //! for it, see [`super::GREEDY_SHARE`].)
 
@@ -55,21 +54,6 @@ impl Default for ReadAroundConfig {
             max_window: 16 << 20,
         }
     }
-}
-
-/// How far the read-around after a reader's miss may go in the blob.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reach {
-    /// On into the files after the reader's: files read together were usually written
-    /// together.
-    Blob,
-    /// To the end of the reader's file, not past it: the file is a program or library (its
-    /// first bytes were ELF headers), whose neighbours in a layer are other programs'
-    /// libraries in name order, and whose own libraries the loader prefetch fetches by name
-    /// ([`crate::fs`]'s loader). A 50 ms trace of PHP's start: 12 misses in libraries and
-    /// modules sent 4.25 MB of the files after them (libsystemd, Perl's headers, ...) ahead
-    /// of what the start waited for.
-    File,
 }
 
 /// Requests remembered for the link's figures.

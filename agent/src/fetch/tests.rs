@@ -278,18 +278,6 @@ impl Drop for TenFiles {
 
 /// Reads file `name` of `layer` whole, as the filesystem does.
 fn read_file(fetcher: &Arc<Fetcher>, layer: &RemoteLayer, name: &str) -> Vec<u8> {
-    read_chunks(fetcher, layer, name, .., Reach::Blob)
-}
-
-/// Reads chunks `which` of file `name` of `layer`, as the filesystem does for a reader
-/// whose read-around goes as far as `reach`.
-fn read_chunks(
-    fetcher: &Arc<Fetcher>,
-    layer: &RemoteLayer,
-    name: &str,
-    which: impl std::slice::SliceIndex<[Chunk], Output = [Chunk]>,
-    reach: Reach,
-) -> Vec<u8> {
     let node = layer.index.get(name).unwrap();
     let file = layer
         .index
@@ -297,7 +285,8 @@ fn read_chunks(
         .iter()
         .position(|n| n.path == node.path)
         .unwrap();
-    let refs: Vec<ChunkRef<'_>> = node.chunks[which]
+    let refs: Vec<ChunkRef<'_>> = node
+        .chunks
         .iter()
         .map(|chunk| ChunkRef {
             blob: layer.desc.digest,
@@ -305,7 +294,7 @@ fn read_chunks(
         })
         .collect();
     let deadline = Instant::now() + Duration::from_secs(10);
-    let data = fetcher.read(&refs, (layer, file, reach), deadline).unwrap();
+    let data = fetcher.read(&refs, (layer, file), deadline).unwrap();
     data.iter().flat_map(|d| d.iter().copied()).collect()
 }
 
@@ -326,65 +315,6 @@ fn a_miss_over_a_distant_link_fetches_the_files_after_it_beside_it() {
     // Not the reader's own bytes: f0's chunk is what it fetched.
     let around = stats.read_around_bytes.load(Ordering::SeqCst);
     assert!(stats.bytes.load(Ordering::SeqCst) - around < around);
-}
-
-#[test]
-fn a_miss_in_a_library_fetches_the_rest_of_it_beside_it_and_not_the_files_after_it() {
-    // `lib.so` of four 4 KiB chunks, then two small files; 50 ms away, the window (2.5 MB)
-    // would take all of them.
-    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
-    // Chunks of different bytes (the cache keeps chunks by digest).
-    let library: Vec<u8> = (0..4 * 4096u32)
-        .map(|i| (i / 4096 * 31 + i % 7) as u8)
-        .collect();
-    let mut entries = vec![(Header::new("lib.so", Kind::Regular), library.clone())];
-    entries.extend((1..3u8).map(|i| (Header::new(&format!("f{i}"), Kind::Regular), vec![i; 4096])));
-    let (blob, summary) = estargz_layer(&entries, 4096, false);
-    let (index, toc_digest) = layer_index(&blob, None).unwrap();
-    let layer = RemoteLayer::new(
-        crate::testing::layer_descriptor(&summary),
-        index,
-        toc_digest,
-    );
-    for (reach, name, ranges, chunks) in [
-        // Only as far as the library's end: its three other chunks, in one request.
-        (Reach::File, "fetch-reach-file", 2, 4),
-        // The same miss in a file of another kind takes the files after it too.
-        (Reach::Blob, "fetch-reach-blob", 2, 6),
-    ] {
-        let source = Arc::new(
-            MemoryBlobs::default()
-                .with_digest(layer.desc.digest, blob.clone())
-                .far(Duration::from_millis(50)),
-        );
-        let (dir, cache) = scratch_cache(name);
-        let fetcher = Arc::new(Fetcher::new(
-            runtime.handle().clone(),
-            source.clone(),
-            cache,
-        ));
-        assert_eq!(
-            read_chunks(&fetcher, &layer, "lib.so", ..1, reach),
-            library[..4096]
-        );
-        // The read-around runs on a thread of its own; reading the rest of the library
-        // waits for its flights.
-        assert_eq!(
-            read_chunks(&fetcher, &layer, "lib.so", 1.., reach),
-            library[4096..]
-        );
-        while !fetcher.nothing_in_flight() {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        assert_eq!(source.ranges.load(Ordering::SeqCst), ranges, "{reach:?}");
-        assert_eq!(
-            fetcher.stats.chunks_fetched.load(Ordering::SeqCst),
-            chunks,
-            "{reach:?}"
-        );
-        drop(fetcher);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
 }
 
 #[test]

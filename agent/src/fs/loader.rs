@@ -138,8 +138,6 @@ struct Shared {
     deadline: Duration,
     /// Inodes a reader read the start of: each is the root of one walk at most.
     seen: Mutex<HashSet<u64>>,
-    /// Inodes a reader read ELF headers at the start of ([`MAX_FILES`] at most).
-    objects: Mutex<HashSet<u64>>,
     /// Directories whose modules a walk took along.
     module_dirs: Mutex<HashSet<u64>>,
     /// Files whose libraries a walk looked for, or is looking for: each file's once, by the
@@ -175,7 +173,6 @@ impl Loader {
                 fetcher,
                 deadline,
                 seen: Mutex::new(HashSet::new()),
-                objects: Mutex::new(HashSet::new()),
                 module_dirs: Mutex::new(HashSet::new()),
                 expanded: Mutex::new(HashSet::new()),
                 interpreter_guessed: AtomicBool::new(false),
@@ -199,28 +196,8 @@ impl Loader {
     /// want is fetched once: the fetcher merges them.
     pub(super) fn read_start(&self, ino: u64, head: &[u8]) {
         if head.starts_with(elf::MAGIC) {
-            let mut objects = crate::sync::lock(&self.shared.objects);
-            if objects.len() < MAX_FILES {
-                objects.insert(ino);
-            }
-            drop(objects);
             self.walk_from_program(ino);
         }
-    }
-
-    /// Whether `ino` is a program or library: a reader read ELF headers at its start, or it
-    /// is named like a shared object (a miss of its first bytes comes before they are
-    /// here). Its misses fetch no read-around past its end
-    /// ([`crate::fetch::readaround::Reach`]).
-    pub(super) fn is_object(&self, ino: u64) -> bool {
-        if crate::sync::lock(&self.shared.objects).contains(&ino) {
-            return true;
-        }
-        let shared = &self.shared;
-        shared.file(ino).is_some_and(|file| {
-            let name = shared.path(&file).rsplit('/').next().unwrap_or_default();
-            named_like_a_module(name.as_bytes())
-        })
     }
 
     /// A reader asks for the first bytes of `ino`, not here yet. When it is named like a
@@ -1554,27 +1531,6 @@ mod tests {
         let (fs, dir) = after_reading(&runtime, "mod0", Link::Local, &format!("/{MODULES}a.so"));
         assert!(fetched(&fs, &format!("/{LIBS}/libpcre2-8.so.0"), 0..4096));
         assert!(!fetched(&fs, &format!("/{MODULES}b.so"), 0..4096));
-        let _ = std::fs::remove_dir_all(dir);
-    }
-
-    #[test]
-    fn files_read_as_elf_headers_or_named_like_libraries_are_objects() {
-        let runtime = tokio::runtime::Runtime::new().expect("a runtime");
-        let libselinux = format!("/{LIBS}/libselinux.so.1");
-        let (fs, dir) = after_reading(&runtime, "objects", Link::Far, &libselinux);
-        let notes = format!("/{MODULES}notes.txt");
-        read_head(&fs, &notes);
-        let loader = fs.loader.as_ref().expect("the loader prefetch is on");
-        let ino = |path: &str| fs.tree.resolve(path.as_bytes()).expect("in the image").ino;
-        assert!(loader.is_object(ino(&libselinux)));
-        assert!(!loader.is_object(ino(&notes)));
-        // Named like a library, before any reader read it.
-        assert!(loader.is_object(ino(&format!("/{LIBS}/libc.so.6"))));
-        // A program is not: it is one once its start was read.
-        let ls = ino("/usr/bin/ls");
-        assert!(!loader.is_object(ls));
-        read_head(&fs, "/usr/bin/ls");
-        assert!(loader.is_object(ls));
         let _ = std::fs::remove_dir_all(dir);
     }
 

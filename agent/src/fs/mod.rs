@@ -35,11 +35,7 @@ use fuse_backend_rs::{
 pub use tree::{Kind, Tree, View};
 
 use crate::{
-    fetch::{
-        ChunkRef, Fetcher,
-        layer::RemoteLayer,
-        readaround::{Reach, ReadAroundConfig},
-    },
+    fetch::{ChunkRef, Fetcher, layer::RemoteLayer, readaround::ReadAroundConfig},
     image::reads::{MAX_RECORDS, RecordedRead},
 };
 
@@ -521,13 +517,9 @@ impl ImageFs {
         }
         let asked = Instant::now();
         let deadline = asked + self.config.read_deadline;
-        let reach = match &self.loader {
-            Some(loader) if loader.is_object(inode.ino) => Reach::File,
-            _ => Reach::Blob,
-        };
         let data = self
             .fetcher
-            .read(&refs, (remote, node_index, reach), deadline)
+            .read(&refs, (remote, node_index), deadline)
             .map_err(|err| {
                 let err = crate::error_chain(&err);
                 tracing::warn!(%err, ino = inode.ino, offset, "read failed");
