@@ -1,7 +1,7 @@
 //! Container start latency, measured by the real agent's eBPF probes on real containers: a
 //! private containerd and runc (Debian's) run an image whose entrypoint reads CLOCK_BOOTTIME
 //! as its first act and again just before its first log line, and writes both into a truth
-//! file on the host. The agent's start -> first log line must bracket that, by at most 5 ms; a
+//! file on the host. The agent's start -> first log line must bracket that, by at most 15 ms; a
 //! container that never writes is reported as such; output redirected to a file is not a log
 //! line; a restarted container gets a second record. The store survives an agent restart,
 //! and `imgstream report` prints the table and writes the chart from the same data.
@@ -18,8 +18,11 @@ use support::{Agent, Containerd, Registry};
 /// its first instruction, the write after its last reading), so the difference is never
 /// negative; it is the time the new process waited for a CPU before its first reading, and
 /// its write after the last: 0.1 to 0.9 ms on a quiet machine, 2.1 ms seen once under CI's
-/// load. A mix-up of events (cgroup creation instead of exec, say) is tens of ms.
-const TOLERANCE_NS: i64 = 5_000_000;
+/// load, and 5.4 and 5.9 ms in two CI runs of 2026-12-04 (the second with nothing else on
+/// the machine's two cores), when 5 ms was the bound. A mix-up of events (cgroup creation
+/// instead of exec, say) is tens of ms: create to start took 36-144 ms in that day's bench
+/// runs.
+const TOLERANCE_NS: i64 = 15_000_000;
 /// Both sides read CLOCK_BOOTTIME; this much below zero would still be rounding.
 const CLOCK_SLACK_NS: i64 = 50_000;
 
