@@ -213,7 +213,7 @@ impl LayerIndex {
             {
                 return Err(bad("duplicate entry".into()));
             }
-            let kind = match entry.kind.as_str() {
+            let kind = match &*entry.kind {
                 "dir" => NodeKind::Directory,
                 "reg" => NodeKind::Regular,
                 "symlink" => {
@@ -221,7 +221,7 @@ impl LayerIndex {
                         return Err(bad("symlink without a target".into()));
                     }
                     NodeKind::Symlink {
-                        target: entry.link_name.clone(),
+                        target: entry.link_name.to_string(),
                     }
                 }
                 "hardlink" => NodeKind::HardLink { target: usize::MAX },
@@ -242,7 +242,7 @@ impl LayerIndex {
                 "fifo" => NodeKind::Fifo,
                 other => return Err(bad(format!("unknown type {:?}", shorten(other)))),
             };
-            let mut node = Node::bare(path.clone(), kind, 0);
+            let mut node = Node::bare(path, kind, 0);
             apply_meta(&mut node, &entry).map_err(bad)?;
             if node.kind == NodeKind::Regular {
                 node.size = entry.size;
@@ -262,7 +262,7 @@ impl LayerIndex {
                     member_starts.push(chunk.blob_offset);
                     node.chunks.push(chunk);
                 }
-                if path == PREFETCH_LANDMARK {
+                if node.path == PREFETCH_LANDMARK {
                     index.prefetch_end = Some(entry.offset as u64);
                 }
             }
@@ -274,6 +274,7 @@ impl LayerIndex {
                 _ => None,
             };
             if node.kind == NodeKind::Directory {
+                let path = node.path.clone();
                 index.insert_dir(&path, Some(node))?;
             } else {
                 // Inserting may first add implicit parent directories: use the index it returns.
@@ -366,12 +367,16 @@ impl LayerIndex {
     }
 
     fn insert(&mut self, node: Node) -> Result<usize, EstargzError> {
-        let parent = parent_of(&node.path).to_string();
-        if !self.by_path.contains_key(&parent) {
-            self.insert_dir(&parent, None)?;
-        }
-        let parent = &self.nodes[self.by_path[&parent]];
-        if parent.kind != NodeKind::Directory {
+        let parent = parent_of(&node.path);
+        let parent = match self.by_path.get(parent) {
+            Some(&at) => at,
+            None => {
+                let parent = parent.to_string();
+                self.insert_dir(&parent, None)?;
+                self.by_path[&parent]
+            }
+        };
+        if self.nodes[parent].kind != NodeKind::Directory {
             return Err(EstargzError::BadEntry {
                 index: self.nodes.len(),
                 name: shorten(&node.path),
@@ -549,15 +554,20 @@ pub fn normalize(name: &str) -> Result<String, &'static str> {
     if name.contains('\0') {
         return Err("name contains NUL");
     }
-    let mut parts = Vec::new();
+    let mut path = String::with_capacity(name.len());
     for part in name.split('/') {
         match part {
             "" | "." => continue,
             ".." => return Err("name escapes the layer (`..`)"),
-            p => parts.push(p),
+            p => {
+                if !path.is_empty() {
+                    path.push('/');
+                }
+                path.push_str(p);
+            }
         }
     }
-    Ok(parts.join("/"))
+    Ok(path)
 }
 
 /// A directory the TOC implies (a parent of an entry) without listing it.

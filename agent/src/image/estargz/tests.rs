@@ -193,7 +193,7 @@ fn ordinary_gzip_layers_are_not_estargz() {
 
 use std::io::Write as _;
 
-fn toc_of(entries: Vec<TocEntry>) -> Toc {
+fn toc_of(entries: Vec<TocEntry<'_>>) -> Toc<'_> {
     Toc {
         version: 1,
         entries,
@@ -201,7 +201,7 @@ fn toc_of(entries: Vec<TocEntry>) -> Toc {
     }
 }
 
-fn entry(name: &str, kind: &str) -> TocEntry {
+fn entry<'a>(name: &'a str, kind: &'a str) -> TocEntry<'a> {
     TocEntry {
         name: name.into(),
         kind: kind.into(),
@@ -212,7 +212,7 @@ fn entry(name: &str, kind: &str) -> TocEntry {
 
 const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
-fn reg(name: &str, size: u64, offset: i64) -> TocEntry {
+fn reg(name: &str, size: u64, offset: i64) -> TocEntry<'_> {
     TocEntry {
         size,
         offset,
@@ -221,7 +221,7 @@ fn reg(name: &str, size: u64, offset: i64) -> TocEntry {
     }
 }
 
-fn invalid(entries: Vec<TocEntry>) -> String {
+fn invalid(entries: Vec<TocEntry<'_>>) -> String {
     match LayerIndex::from_toc(toc_of(entries), 1000, 2000) {
         Ok(_) => panic!("accepted"),
         Err(e) => e.to_string(),
@@ -237,7 +237,7 @@ fn hostile_tocs_are_refused_with_the_reason() {
     assert!(invalid(vec![reg("x", 10, -1)]).contains("negative"));
     assert!(
         invalid(vec![TocEntry {
-            chunk_digest: String::new(),
+            chunk_digest: "".into(),
             ..reg("x", 10, 10)
         }])
         .contains("chunkDigest")
@@ -257,7 +257,7 @@ fn hostile_tocs_are_refused_with_the_reason() {
         }])
         .contains("cover")
     );
-    let hl = |name: &str, target: &str| TocEntry {
+    let hl = |name: &'static str, target: &'static str| TocEntry {
         link_name: target.into(),
         ..entry(name, "hardlink")
     };
@@ -373,14 +373,14 @@ fn a_prefetch_entry_must_name_a_chunk() {
                 size: 2000,
                 offset: 100,
                 chunk_size: 1000,
-                chunk_digest: Digest::of(b"a").to_string(),
+                chunk_digest: Digest::of(b"a").to_string().into(),
                 ..entry("big", "reg")
             },
             TocEntry {
                 offset: 200,
                 chunk_offset: 1000,
                 chunk_size: 1000,
-                chunk_digest: Digest::of(b"b").to_string(),
+                chunk_digest: Digest::of(b"b").to_string().into(),
                 ..entry("big", "chunk")
             },
         ]);
@@ -434,13 +434,17 @@ fn prioritised_files_are_prefetched_without_a_list() {
 }
 
 /// `LayerIndex::from_toc` on a thread with a tokio worker's 2 MiB stack.
-fn index_on_small_stack(toc: Toc) -> Result<LayerIndex, String> {
-    std::thread::Builder::new()
-        .stack_size(2 << 20)
-        .spawn(move || LayerIndex::from_toc(toc, 1000, 2000).map_err(|e| e.to_string()))
-        .unwrap()
-        .join()
-        .expect("no stack overflow")
+fn index_on_small_stack(toc: Toc<'_>) -> Result<LayerIndex, String> {
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn_scoped(scope, move || {
+                LayerIndex::from_toc(toc, 1000, 2000).map_err(|e| e.to_string())
+            })
+            .unwrap()
+            .join()
+            .expect("no stack overflow")
+    })
 }
 
 #[test]
@@ -482,4 +486,40 @@ fn a_chunk_claiming_more_than_the_cap_is_refused() {
     };
     let err = LayerIndex::from_toc(toc_of(vec![huge]), 1000, 2000).unwrap_err();
     assert!(err.to_string().contains("limit"), "{err}");
+}
+
+/// The parsed TOC borrows its strings from the JSON where they have no escapes; a name,
+/// link target or owner that JSON must escape (quotes, backslashes, control characters,
+/// `\u` forms other writers use for non-ASCII) is decoded as written.
+#[test]
+fn names_the_json_escapes_read_back_as_written() {
+    let odd = "etc/a \"quoted\" name\\with\tescapes";
+    let mut f = Header::new(odd, Kind::Regular);
+    f.size = 3;
+    f.uname = "us\"er".into();
+    let mut s = Header::new("etc/link\"", Kind::Symlink);
+    s.link_name = "a \"quoted\" name\\with\tescapes".into();
+    let (blob, _) = build(&[(f, b"abc".to_vec()), (s, vec![])], 1 << 20);
+    let (index, _) = open(&blob, None).unwrap();
+    assert_eq!(file_bytes(&blob, &index, odd), b"abc");
+    let link = index.get("etc/link\"").unwrap();
+    assert_eq!(
+        link.kind,
+        NodeKind::Symlink {
+            target: "a \"quoted\" name\\with\tescapes".into()
+        }
+    );
+
+    // Non-ASCII as `\u` escapes (Go's encoder writes `<`, `>`, `&` so; others write more).
+    let json = format!(
+        r#"{{"version":1,"entries":[{{"name":"caf\u00e9/\u003cx\u003e","type":"reg","size":1,"offset":10,"chunkDigest":"{D}","modtime":"2020-01-01T00:00:00Z"}}]}}"#
+    );
+    let toc: Toc = serde_json::from_str(&json).unwrap();
+    let index = LayerIndex::from_toc(toc, 1000, 2000).unwrap();
+    assert_eq!(index.get("café/<x>").unwrap().size, 1);
+    assert!(
+        index
+            .get("café")
+            .is_some_and(|d| d.kind == NodeKind::Directory)
+    );
 }

@@ -142,7 +142,7 @@ pub(crate) fn write_chunks(
 pub struct EstargzWriter<W: Write> {
     member: Option<GzEncoder<Counting<W>>>,
     options: WriterOptions,
-    entries: Vec<TocEntry>,
+    entries: Vec<TocEntry<'static>>,
     diff: Hasher,
     uncompressed: u64,
     /// Reads (path, offset, size) that become the TOC's prefetch list.
@@ -223,8 +223,8 @@ impl<W: Write> EstargzWriter<W> {
             if i == 0 {
                 entry.offset = offset as i64;
                 entry.chunk_size = if chunked { chunk_size as i64 } else { 0 };
-                entry.chunk_digest = digest.to_string();
-                entry.digest = String::new(); // set below, once the whole file is hashed
+                entry.chunk_digest = digest.to_string().into();
+                entry.digest = Default::default(); // set below, once the whole file is hashed
                 self.entries.push(entry.clone());
             } else {
                 self.entries.push(TocEntry {
@@ -233,7 +233,7 @@ impl<W: Write> EstargzWriter<W> {
                     offset: offset as i64,
                     chunk_offset: chunk_offset as i64,
                     chunk_size: chunk_size as i64,
-                    chunk_digest: digest.to_string(),
+                    chunk_digest: digest.to_string().into(),
                     ..TocEntry::default()
                 });
             }
@@ -245,7 +245,7 @@ impl<W: Write> EstargzWriter<W> {
             .rev()
             .find(|e| e.kind == "reg" && e.name == entry.name);
         if let Some(first) = first {
-            first.digest = file_digest;
+            first.digest = file_digest.into();
         }
         Ok(())
     }
@@ -310,9 +310,9 @@ pub(crate) fn prefetch_list(
     let mut starts: std::collections::HashMap<String, (String, Vec<u64>)> = Default::default();
     for e in entries {
         let path = normalize(&e.name).unwrap_or_default();
-        match e.kind.as_str() {
+        match &*e.kind {
             "reg" if e.size > 0 => {
-                starts.insert(path, (e.name.clone(), vec![0]));
+                starts.insert(path, (e.name.to_string(), vec![0]));
             }
             "chunk" => {
                 if let Some((_, s)) = starts.get_mut(&path) {
@@ -344,7 +344,7 @@ pub(crate) fn prefetch_list(
 }
 
 /// The TOC entry of a tar header, fields as the Go implementation fills them.
-pub(crate) fn toc_entry(h: &Header) -> TocEntry {
+pub(crate) fn toc_entry(h: &Header) -> TocEntry<'static> {
     let (kind, type_bits) = match h.kind {
         Kind::Directory => ("dir", 0o040_000),
         Kind::Regular => ("reg", 0o100_000),
@@ -355,20 +355,20 @@ pub(crate) fn toc_entry(h: &Header) -> TocEntry {
         Kind::Fifo => ("fifo", 0o010_000),
     };
     TocEntry {
-        name: h.name.clone(),
+        name: h.name.clone().into(),
         kind: kind.into(),
         size: if h.kind == Kind::Regular { h.size } else { 0 },
         modtime: if h.mtime == 0 {
-            String::new()
+            Default::default()
         } else {
-            crate::time::format_rfc3339(h.mtime)
+            crate::time::format_rfc3339(h.mtime).into()
         },
-        link_name: h.link_name.clone(),
+        link_name: h.link_name.clone().into(),
         mode: i64::from(h.mode & 0o7777) | type_bits,
         uid: h.uid,
         gid: h.gid,
-        user_name: h.uname.clone(),
-        group_name: h.gname.clone(),
+        user_name: h.uname.clone().into(),
+        group_name: h.gname.clone().into(),
         dev_major: i64::from(h.dev_major),
         dev_minor: i64::from(h.dev_minor),
         xattrs: h

@@ -170,7 +170,6 @@ pub fn read_toc(
         ))
     })?;
     let mut toc: Toc = serde_json::from_slice(&json).map_err(|e| bad(e.to_string()))?;
-    drop(json);
     for entry in &mut toc.entries {
         // A file in one chunk carries its digest only as the file's.
         if entry.kind == "reg" && entry.size > 0 && entry.chunk_digest.is_empty() {

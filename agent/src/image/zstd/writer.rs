@@ -48,7 +48,7 @@ type Frame<W> = zstd::stream::write::Encoder<'static, Counting<W>>;
 pub struct ChunkedWriter<W: Write> {
     frame: Option<Frame<W>>,
     options: ChunkedOptions,
-    entries: Vec<TocEntry>,
+    entries: Vec<TocEntry<'static>>,
     diff: Hasher,
     uncompressed: u64,
     /// Reads (path, offset, size) that become the TOC's prefetch list.
@@ -122,7 +122,7 @@ impl<W: Write> ChunkedWriter<W> {
         let (chunks, file_digest) = write_chunks(self, header, data, chunk_size)?;
         let end = self.next_unit()?;
         self.put(&vec![0u8; TarWriter::padding(header.size)])?;
-        entry.digest = file_digest.to_string();
+        entry.digest = file_digest.to_string().into();
         entry.end_offset = end as i64;
         let chunked = chunks.len() > 1;
         for (i, chunk) in chunks.into_iter().enumerate() {
@@ -138,7 +138,7 @@ impl<W: Write> ChunkedWriter<W> {
                 // writes it.
                 if chunked {
                     entry.chunk_size = size as i64;
-                    entry.chunk_digest = digest.to_string();
+                    entry.chunk_digest = digest.to_string().into();
                 }
                 self.entries.push(entry.clone());
             } else {
@@ -148,7 +148,7 @@ impl<W: Write> ChunkedWriter<W> {
                     offset: offset as i64,
                     chunk_offset: chunk_offset as i64,
                     chunk_size: size as i64,
-                    chunk_digest: digest.to_string(),
+                    chunk_digest: digest.to_string().into(),
                     ..TocEntry::default()
                 });
             }
