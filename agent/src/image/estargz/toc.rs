@@ -97,14 +97,9 @@ pub struct TocEntry<'a> {
     pub kind: Cow<'a, str>,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub size: u64,
-    #[serde(default, borrow, skip_serializing_if = "str::is_empty")]
+    #[serde(default, borrow, skip_serializing_if = "empty")]
     pub modtime: Cow<'a, str>,
-    #[serde(
-        rename = "linkName",
-        default,
-        borrow,
-        skip_serializing_if = "str::is_empty"
-    )]
+    #[serde(rename = "linkName", default, borrow, skip_serializing_if = "empty")]
     pub link_name: Cow<'a, str>,
     #[serde(default)]
     pub mode: i64,
@@ -112,19 +107,9 @@ pub struct TocEntry<'a> {
     pub uid: u64,
     #[serde(default)]
     pub gid: u64,
-    #[serde(
-        rename = "userName",
-        default,
-        borrow,
-        skip_serializing_if = "str::is_empty"
-    )]
+    #[serde(rename = "userName", default, borrow, skip_serializing_if = "empty")]
     pub user_name: Cow<'a, str>,
-    #[serde(
-        rename = "groupName",
-        default,
-        borrow,
-        skip_serializing_if = "str::is_empty"
-    )]
+    #[serde(rename = "groupName", default, borrow, skip_serializing_if = "empty")]
     pub group_name: Cow<'a, str>,
     #[serde(rename = "devMajor", default, skip_serializing_if = "is_zero_i")]
     pub dev_major: i64,
@@ -133,7 +118,7 @@ pub struct TocEntry<'a> {
     /// Values base64-encoded, as Go encodes `[]byte`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub xattrs: BTreeMap<String, String>,
-    #[serde(default, borrow, skip_serializing_if = "str::is_empty")]
+    #[serde(default, borrow, skip_serializing_if = "empty")]
     pub digest: Cow<'a, str>,
     #[serde(default, skip_serializing_if = "is_zero_i")]
     pub offset: i64,
@@ -141,16 +126,15 @@ pub struct TocEntry<'a> {
     pub chunk_offset: i64,
     #[serde(rename = "chunkSize", default, skip_serializing_if = "is_zero_i")]
     pub chunk_size: i64,
-    #[serde(
-        rename = "chunkDigest",
-        default,
-        borrow,
-        skip_serializing_if = "str::is_empty"
-    )]
+    #[serde(rename = "chunkDigest", default, borrow, skip_serializing_if = "empty")]
     pub chunk_digest: Cow<'a, str>,
     /// zstd:chunked's: where the frames of a regular file's data end.
     #[serde(rename = "endOffset", default, skip_serializing_if = "is_zero_i")]
     pub end_offset: i64,
+}
+
+fn empty(s: &str) -> bool {
+    s.is_empty()
 }
 
 fn is_zero(v: &u64) -> bool {
