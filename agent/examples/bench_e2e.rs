@@ -8,8 +8,10 @@
 //! RunPodSandbox, PullImage, CreateContainer, StartContainer) and times PullImage to the
 //! container's first log line: `php -r 'echo "ready\n";'`, which loads 49 extensions (about 38 MB of files)
 //! before it prints. Side by side in one run, repetitions alternating: containerd's own pull
-//! (overlayfs snapshotter), imgstream as containerd's snapshotter with its defaults,
-//! imgstream with a prefetch list recorded from the same command (a tuned image), and
+//! (overlayfs snapshotter), imgstream as containerd's snapshotter with its defaults (kubelet's
+//! PullImage to containerd, and again to the agent's CRI image proxy, which fetches the
+//! image's manifest and TOCs while containerd fetches its own), imgstream with a prefetch
+//! list recorded from the same command (a tuned image), and
 //! stargz-snapshotter v0.12 on the same eStargz bytes with its defaults (its daemon is a
 //! benchmark tool built by `../shared/peers/build_stargz_grpc.sh`; `IMGSTREAM_STARGZ_GRPC`
 //! names it, default `~/.cache/peer/containerd-stargz-grpc`, and its rows are left out,
@@ -275,7 +277,21 @@ struct Setup {
     snapshotter: Snapshotter,
     tag: &'static str,
     command: &'static [&'static str],
+    /// kubelet's PullImage to the agent's CRI image proxy (`--cri-image-proxy`, kubelet's
+    /// `--image-service-endpoint` pointed at imgstream, as private images need) instead of
+    /// containerd's own socket.
+    image_proxy: bool,
     learned: Option<Learned>,
+}
+
+impl Setup {
+    /// The row's name in a trial's `IMGSTREAM_BENCH_SETUPS` and in its per-start lines.
+    fn variant(&self) -> &'static str {
+        if self.image_proxy {
+            return "proxy";
+        }
+        self.learned.map_or(self.tag, |l| l.name)
+    }
 }
 
 /// A prefetch list imgstream learned from one start of `command` (on a node whose cache
@@ -439,6 +455,14 @@ async fn cold_start(
             "--insecure-registry".into(),
             reg.to_string(),
         ];
+        if setup.image_proxy {
+            args.extend([
+                "--cri-image-proxy".into(),
+                dir.join("image.sock").display().to_string(),
+                "--cri-upstream".into(),
+                containerd.socket.display().to_string(),
+            ]);
+        }
         args.extend(tuning());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Agent::start(&dir, &args)
@@ -460,7 +484,11 @@ async fn cold_start(
     let before = rx_bytes(interface)?;
     // kubelet's order: the pod cgroup and the sandbox first, then PullImage, timed from
     // there.
-    let run = cri::Kubelet::new(&containerd)
+    let mut kubelet = cri::Kubelet::new(&containerd);
+    if agent.is_some() && setup.image_proxy {
+        kubelet.image_service = dir.join("image.sock");
+    }
+    let run = kubelet
         .run_pod(
             &image,
             ("bench", &name),
@@ -496,7 +524,7 @@ async fn cold_start(
     });
     println!(
         "   {name:>9} {:<10} PullImage -> first log line {took:6.2} s, {:6.1} MB over the link by then{}",
-        setup.learned.map_or(setup.tag, |l| l.name),
+        setup.variant(),
         fetched as f64 / 1e6,
         cached.map_or(String::new(), |c| format!(
             ", whole image cached after {c:.1} s"
@@ -784,6 +812,7 @@ async fn main() -> anyhow::Result<()> {
             snapshotter: Snapshotter::Pulled,
             tag: "esgz",
             command: &COMMAND,
+            image_proxy: false,
             learned: None,
         },
         Setup {
@@ -791,6 +820,15 @@ async fn main() -> anyhow::Result<()> {
             snapshotter: Snapshotter::Imgstream,
             tag: "esgz",
             command: &COMMAND,
+            image_proxy: false,
+            learned: None,
+        },
+        Setup {
+            label: "imgstream, defaults, PullImage through imgstream's CRI image proxy",
+            snapshotter: Snapshotter::Imgstream,
+            tag: "esgz",
+            command: &COMMAND,
+            image_proxy: true,
             learned: None,
         },
         Setup {
@@ -798,6 +836,7 @@ async fn main() -> anyhow::Result<()> {
             snapshotter: Snapshotter::Imgstream,
             tag: "esgz",
             command: &COMMAND,
+            image_proxy: false,
             learned: Some(Learned {
                 name: "same",
                 command: &COMMAND,
@@ -808,6 +847,7 @@ async fn main() -> anyhow::Result<()> {
             snapshotter: Snapshotter::Imgstream,
             tag: "esgz",
             command: &COMMAND,
+            image_proxy: false,
             learned: Some(Learned {
                 name: "other",
                 command: &PHP_V,
@@ -818,6 +858,7 @@ async fn main() -> anyhow::Result<()> {
             snapshotter: Snapshotter::Imgstream,
             tag: "prefetch",
             command: &COMMAND,
+            image_proxy: false,
             learned: None,
         },
     ];
@@ -829,6 +870,7 @@ async fn main() -> anyhow::Result<()> {
             snapshotter: Snapshotter::Pulled,
             tag: "plain",
             command: &COMMAND,
+            image_proxy: false,
             learned: None,
         },
         Setup {
@@ -836,6 +878,7 @@ async fn main() -> anyhow::Result<()> {
             snapshotter: Snapshotter::Imgstream,
             tag: "plain",
             command: &COMMAND,
+            image_proxy: false,
             learned: None,
         },
     ]);
@@ -846,6 +889,7 @@ async fn main() -> anyhow::Result<()> {
             snapshotter: Snapshotter::Pulled,
             tag: "zstd",
             command: &COMMAND,
+            image_proxy: false,
             learned: None,
         },
         Setup {
@@ -853,6 +897,7 @@ async fn main() -> anyhow::Result<()> {
             snapshotter: Snapshotter::Imgstream,
             tag: "zstd",
             command: &COMMAND,
+            image_proxy: false,
             learned: None,
         },
     ]);
@@ -864,6 +909,7 @@ async fn main() -> anyhow::Result<()> {
             snapshotter: Snapshotter::Pulled,
             tag: "layered",
             command: &COMMAND,
+            image_proxy: false,
             learned: None,
         },
         Setup {
@@ -871,6 +917,7 @@ async fn main() -> anyhow::Result<()> {
             snapshotter: Snapshotter::Imgstream,
             tag: "layered",
             command: &COMMAND,
+            image_proxy: false,
             learned: None,
         },
     ]);
@@ -880,6 +927,7 @@ async fn main() -> anyhow::Result<()> {
             snapshotter: Snapshotter::Stargz,
             tag: "esgz",
             command: &COMMAND,
+            image_proxy: false,
             learned: None,
         });
         start_setups.push(Setup {
@@ -887,17 +935,18 @@ async fn main() -> anyhow::Result<()> {
             snapshotter: Snapshotter::Stargz,
             tag: "layered",
             command: &COMMAND,
+            image_proxy: false,
             learned: None,
         });
     }
     // A trial run may pick setups by name: pulled, pulled:esgz, pulled:plain, pulled:zstd,
-    // imgstream:esgz, imgstream:same, imgstream:other, imgstream:prefetch, imgstream:plain,
+    // imgstream:esgz, imgstream:proxy, imgstream:same, imgstream:other, imgstream:prefetch, imgstream:plain,
     // imgstream:zstd, pulled:layered, imgstream:layered, stargz, stargz:esgz, stargz:layered.
     if let Ok(only) = std::env::var("IMGSTREAM_BENCH_SETUPS") {
         let only: Vec<&str> = only.split(',').map(str::trim).collect();
         start_setups.retain(|s| {
             let name = format!("{:?}", s.snapshotter).to_lowercase();
-            let variant = s.learned.map_or(s.tag, |l| l.name);
+            let variant = s.variant();
             only.contains(&name.as_str()) || only.contains(&format!("{name}:{variant}").as_str())
         });
     }
@@ -980,6 +1029,7 @@ async fn main() -> anyhow::Result<()> {
             tuned.join(" ")
         )
     };
+
     table += &format!(
         "Image: {:.0} MB unpacked, {files} files; {:.0} MB gzip, {:.0} MB eStargz, {:.0} MB zstd:chunked (`imgstream convert` defaults). \
          Link: {RATE_MBIT} Mbit/s plus the round-trip time. Medians of {reps} cold starts each (min-max).{index_note}{layered_note}\n\n\
@@ -1002,6 +1052,7 @@ async fn main() -> anyhow::Result<()> {
             snapshotter: Snapshotter::Imgstream,
             tag: "esgz",
             command: learned.command,
+            image_proxy: false,
             learned: Some(learned),
         };
         measure(
@@ -1042,7 +1093,7 @@ async fn main() -> anyhow::Result<()> {
     // a lazy reader that misses one round trip at a time would lose most.
     let read_all: Vec<Setup> = start_setups
         .iter()
-        .filter(|s| s.tag == "esgz" && s.learned.is_none())
+        .filter(|s| s.tag == "esgz" && s.learned.is_none() && !s.image_proxy)
         .map(|s| Setup {
             command: &READ_ALL,
             ..*s

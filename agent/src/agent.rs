@@ -183,6 +183,7 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentErr
     let journal = Arc::new(crate::fetch::journal::FetchJournal::default());
     let mut disk_usage: Option<crate::cri::image_proxy::DiskUsage> = None;
     let mut served: Option<crate::cri::image_proxy::Served> = None;
+    let mut open_ahead: Option<crate::cri::image_proxy::OpenAhead> = None;
     let snapshotter = match config.snapshotter.clone() {
         Some(mut snapshotter) => {
             snapshotter.mount.fetch_totals = Some(metrics.fetch_totals());
@@ -194,6 +195,8 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentErr
             disk_usage = Some(Arc::new(move || measured.disk_usage()));
             let asked = service.clone();
             served = Some(Arc::new(move |image: &str| asked.take_served(image)));
+            let opener = service.clone();
+            open_ahead = Some(Arc::new(move |image: &str| opener.open_ahead(image)));
             let listener = service.listen()?;
             let shutdown = shutdown.clone();
             health.running(SNAPSHOTTER);
@@ -213,6 +216,9 @@ pub async fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentErr
                 ImageProxy::new(&proxy.upstream, proxy.keyring)?.with_pull_log(pulls.clone());
             if let Some(usage) = disk_usage.take() {
                 server = server.with_disk_usage(usage);
+            }
+            if let Some(open_ahead) = open_ahead.take() {
+                server = server.with_open_ahead(open_ahead);
             }
             if let Some(served) = served.take() {
                 let events = match &config.kubernetes {

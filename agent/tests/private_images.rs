@@ -255,6 +255,20 @@ async fn a_private_image_streams_with_the_credentials_kubelet_hands_its_pull() {
         .unwrap_or_else(|e| panic!("PullImage {app}: {e}"));
     let agent_log = agent.log_text();
     assert!(agent_log.contains("layer mounted lazily"), "{agent_log}");
+    // The proxy saw the pull before containerd prepared the layer: the manifest and the TOC
+    // were fetched ahead, with the pull's credentials, and the layer's opening waited for
+    // them (so the line comes first).
+    let line_of = |what: &str| {
+        agent_log
+            .lines()
+            .position(|line| line.contains(what) && line.contains(&format!("image={app}")))
+            .unwrap_or_else(|| panic!("no {what:?} line for {app}: {agent_log}"))
+    };
+    assert!(
+        line_of("pull seen: the image's manifest and TOCs are fetched before containerd asks")
+            < line_of("layer mounted lazily"),
+        "{agent_log}"
+    );
 
     // GKE's signals: the pod is told its image streams, and /metrics counts the images
     // pulled through the proxy by how their layers were served (the pause image's layer is

@@ -64,7 +64,12 @@ pub struct ImageProxy {
     events: Option<crate::flag::PodEvents>,
     /// Where each pull's times go, for its pod's timeline ([`ImageProxy::with_pull_log`]).
     pull_log: Option<Arc<crate::starts::PullLog>>,
+    /// Told of each pull before it goes on ([`ImageProxy::with_open_ahead`]).
+    open_ahead: Option<OpenAhead>,
 }
+
+/// Starts the snapshotter's openings of an image's layers, given the image a pull names.
+pub type OpenAhead = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// Takes how the snapshotter served the layers brought for an image since it was last asked.
 pub type Served = Arc<dyn Fn(&str) -> Option<crate::snapshotter::LayersServed> + Send + Sync>;
@@ -154,7 +159,16 @@ impl ImageProxy {
             served: None,
             events: None,
             pull_log: None,
+            open_ahead: None,
         })
+    }
+
+    /// Tells `open_ahead` of each pull before passing it on, with the pull's credentials
+    /// kept: the snapshotter fetches the image's manifest and TOCs while containerd fetches
+    /// the manifest and configuration on its own, and its layers open from the cache.
+    pub fn with_open_ahead(mut self, open_ahead: OpenAhead) -> Self {
+        self.open_ahead = Some(open_ahead);
+        self
     }
 
     /// After each pull, counts the image by how `served` says its layers were served, and
@@ -435,6 +449,9 @@ impl ImageService for ImageProxy {
         if let (Some(image), Some(take)) = (&image, &self.served) {
             // What an earlier pull of the repository left untaken is not this pull's.
             take(image);
+        }
+        if let (Some(image), Some(open_ahead)) = (&image, &self.open_ahead) {
+            open_ahead(image);
         }
         let pulled = self.upstream().pull_image(forwarded(request)).await;
         drop(_pulling);

@@ -86,6 +86,46 @@ impl LazyError {
 pub(super) type ImageLayers = Arc<Mutex<Vec<(usize, Weak<ImageFs>)>>>;
 
 impl Snapshotter {
+    /// kubelet's `PullImage` of `image` was seen (the CRI image proxy): its manifest, its
+    /// layers' TOCs and what it runs are fetched while containerd still fetches the manifest
+    /// and configuration itself, and connections to its registry are opened for the first
+    /// reads (see [`mount::LayerOpenings::open_ahead`]). An image that is no registry's, or
+    /// whose registry cannot be reached, is left to its layers' openings.
+    pub fn open_ahead(&self, image: &str) {
+        let Ok(parsed @ ImageRef::Registry { .. }) = ImageRef::parse(image) else {
+            return;
+        };
+        let Some(reference) = parsed.manifest_reference() else {
+            return;
+        };
+        let source = match open_source(&parsed, &self.config.http) {
+            Ok(source) => source,
+            Err(err) => {
+                tracing::debug!(%image, %err, "pull seen, but its registry cannot be reached ahead");
+                return;
+            }
+        };
+        let preconnecting = source.clone();
+        tokio::spawn(async move { preconnecting.preconnect(mount::PRECONNECT).await });
+        let key = parsed.to_string();
+        // The requests are the pull's openings: journaled as a layer's opening would have them.
+        let source: Arc<dyn crate::registry::BlobSource> = match &self.config.mount.fetch_journal {
+            Some(journal) => Arc::new(crate::fetch::journal::Journaled::new(
+                source,
+                journal.clone(),
+                &key,
+            )),
+            None => source,
+        };
+        self.openings.open_ahead(
+            source,
+            (key, reference),
+            self.config.mount.platform.clone(),
+            self.cache.clone(),
+            self.config.mount.fs.loader_prefetch,
+        );
+    }
+
     /// Adds `fs`, layer `position` of image `manifest`, to the image's mounted layers, and
     /// has its loader prefetch look for the libraries it lacks in the others, topmost first
     /// (as the container's merged view finds them; a library an upper layer deleted may be
@@ -182,8 +222,10 @@ impl Snapshotter {
         let ask_run = kept.is_none() && self.config.mount.fs.loader_prefetch;
         // Every response has a per-frame timeout; a registry that trickles bytes passes it
         // forever, so the whole opening has one deadline too.
-        let opened = tokio::time::timeout(
-            OPEN_DEADLINE,
+        // A pull seen by the CRI image proxy may be fetching the manifest and TOCs already:
+        // waited for, they are then found in the cache.
+        let opened = tokio::time::timeout(OPEN_DEADLINE, async {
+            self.openings.wait_resolving(&image.to_string()).await;
             mount::open_one_layer(
                 source,
                 &reference,
@@ -195,8 +237,9 @@ impl Snapshotter {
                     labels.contains_key(crate::image::estargz::TOC_DIGEST_ANNOTATION),
                 ),
                 &self.openings,
-            ),
-        )
+            )
+            .await
+        })
         .await
         .map_err(|_| LazyError::Deadline(OPEN_DEADLINE.as_secs()))?
         .map_err(LazyError::Open)?;
