@@ -234,18 +234,86 @@ pub async fn image_manifest(
 /// when it mounts the image's top layer ([`LayerOpenings::take_run`]).
 #[derive(Clone, Debug)]
 pub struct LayerOpenings {
-    /// Layers whose TOC is being fetched; the sender is dropped when the fetch ends.
-    underway:
-        Arc<std::sync::Mutex<std::collections::HashMap<Digest, tokio::sync::watch::Receiver<()>>>>,
+    /// Layers whose TOC is being fetched ahead.
+    underway: Underway<Digest>,
     permits: Arc<tokio::sync::Semaphore>,
     /// What images run, by manifest digest: asked for by the first opening that has the
     /// manifest, taken by whoever mounts the top layer.
     runs: Arc<std::sync::Mutex<std::collections::HashMap<Digest, ImageRun>>>,
     /// Images whose pull was seen before containerd prepared their layers, by reference
     /// (as [`ImageRef`]'s `Display` writes it), while their manifest is being fetched ahead
-    /// ([`LayerOpenings::open_ahead`]); the sender is dropped when that ends.
-    resolving:
-        Arc<std::sync::Mutex<std::collections::HashMap<String, tokio::sync::watch::Receiver<()>>>>,
+    /// ([`LayerOpenings::open_ahead`]).
+    resolving: Underway<String>,
+}
+
+/// Fetches ahead under way, by what each fetches (a layer's TOC, an image's manifest): an
+/// opening that wants one waits for it instead of asking the registry the same again.
+#[derive(Debug)]
+struct Underway<K>(
+    Arc<std::sync::Mutex<std::collections::HashMap<K, tokio::sync::watch::Receiver<()>>>>,
+);
+
+impl<K> Default for Underway<K> {
+    fn default() -> Self {
+        Self(Arc::default())
+    }
+}
+
+impl<K> Clone for Underway<K> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<K: Eq + std::hash::Hash + Clone> Underway<K> {
+    /// Puts the fetch of `key` on the list, unless one is there already or `limit` fetches
+    /// are: the fetch holds what this returns, which takes it off the list, and wakes its
+    /// waiters, when dropped (the fetch ended, however it ended: a panic too).
+    fn begin(&self, key: K, limit: usize) -> Option<Fetching<K>> {
+        let (done, waiting) = tokio::sync::watch::channel(());
+        let mut list = crate::sync::lock(&self.0);
+        if list.contains_key(&key) || list.len() >= limit {
+            return None;
+        }
+        list.insert(key.clone(), waiting);
+        Some(Fetching {
+            list: self.clone(),
+            key,
+            _done: done,
+        })
+    }
+
+    /// Waits until the fetch of `key`, if one is under way, has ended ([`AHEAD_DEADLINE`] at
+    /// most).
+    async fn wait<Q>(&self, key: &Q)
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Eq + std::hash::Hash + ?Sized,
+    {
+        let underway = crate::sync::lock(&self.0).get(key).cloned();
+        if let Some(mut done) = underway {
+            let _ = tokio::time::timeout(AHEAD_DEADLINE, done.changed()).await;
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        crate::sync::lock(&self.0).len()
+    }
+}
+
+/// A fetch ahead under way ([`Underway::begin`]).
+struct Fetching<K: Eq + std::hash::Hash> {
+    list: Underway<K>,
+    key: K,
+    /// Dropped after [`Drop::drop`] ran: a waiter it wakes finds the fetch off the list.
+    _done: tokio::sync::watch::Sender<()>,
+}
+
+impl<K: Eq + std::hash::Hash> Drop for Fetching<K> {
+    fn drop(&mut self) {
+        crate::sync::lock(&self.list.0).remove(&self.key);
+    }
 }
 
 /// What an image runs, on its way: `None` when its configuration could not be had.
@@ -265,10 +333,10 @@ const AHEAD_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
 impl Default for LayerOpenings {
     fn default() -> Self {
         Self {
-            underway: Arc::default(),
+            underway: Underway::default(),
             permits: Arc::new(tokio::sync::Semaphore::new(LAYERS_AHEAD)),
             runs: Arc::default(),
-            resolving: Arc::default(),
+            resolving: Underway::default(),
         }
     }
 }
@@ -277,11 +345,7 @@ impl LayerOpenings {
     /// Waits until the TOC of `layer` fetched ahead, if one is on its way, has landed or
     /// failed.
     async fn wait(&self, layer: &Digest) {
-        let underway = crate::sync::lock(&self.underway).get(layer).cloned();
-        if let Some(mut done) = underway {
-            // Ends when the fetch drops its sender.
-            let _ = tokio::time::timeout(AHEAD_DEADLINE, done.changed()).await;
-        }
+        self.underway.wait(layer).await;
     }
 
     /// Starts an image's openings before containerd asks for any of its layers: kubelet's
@@ -302,22 +366,13 @@ impl LayerOpenings {
         cache: Arc<ChunkCache>,
         ask_run: bool,
     ) {
-        let (done, waiting) = tokio::sync::watch::channel(());
-        {
-            let mut resolving = crate::sync::lock(&self.resolving);
-            if resolving.contains_key(&image) || resolving.len() >= MAX_IMAGE_RUNS {
-                return;
-            }
-            resolving.insert(image.clone(), waiting);
-        }
+        let Some(fetching) = self.resolving.begin(image.clone(), MAX_IMAGE_RUNS) else {
+            return;
+        };
         let openings = self.clone();
         tokio::spawn(async move {
-            // Off the list when this ends, however it ends, and then the openings go on.
-            let _resolving = Resolving {
-                openings: &openings,
-                image: image.clone(),
-                _done: done,
-            };
+            // Off the list when this ends, and then the openings go on.
+            let _fetching = fetching;
             let fetched = tokio::time::timeout(
                 AHEAD_DEADLINE,
                 image_manifest(source.as_ref(), &reference, &platform, Some(&cache)),
@@ -345,10 +400,7 @@ impl LayerOpenings {
     /// Waits until the manifest of `image` fetched ahead ([`LayerOpenings::open_ahead`]), if
     /// it is on its way, has landed or failed (its layers' TOC fetches are under way by then).
     pub async fn wait_resolving(&self, image: &str) {
-        let resolving = crate::sync::lock(&self.resolving).get(image).cloned();
-        if let Some(mut done) = resolving {
-            let _ = tokio::time::timeout(AHEAD_DEADLINE, done.changed()).await;
-        }
+        self.resolving.wait(image).await;
     }
 
     /// Starts asking what image `manifest` (with digest `digest`) runs, unless an opening
@@ -415,24 +467,14 @@ impl LayerOpenings {
             if cache.get_toc(&key).ok().flatten().is_some() {
                 continue;
             }
-            let (done, waiting) = tokio::sync::watch::channel(());
-            {
-                let mut underway = crate::sync::lock(&self.underway);
-                if underway.contains_key(&desc.digest) {
-                    continue;
-                }
-                underway.insert(desc.digest, waiting);
-            }
+            let Some(fetching) = self.underway.begin(desc.digest, usize::MAX) else {
+                continue;
+            };
             let (openings, source, cache, desc) =
                 (self.clone(), source.clone(), cache.clone(), desc.clone());
             tokio::spawn(async move {
-                // Off the list when the fetch ends, however it ends (a panic too), and
-                // then its waiters go on.
-                let _underway = Underway {
-                    openings: &openings,
-                    layer: desc.digest,
-                    _done: done,
-                };
+                // Off the list when the fetch ends, and then its waiters go on.
+                let _fetching = fetching;
                 let opened = match openings.permits.acquire().await {
                     Ok(_permit) => tokio::time::timeout(
                         AHEAD_DEADLINE,
@@ -453,34 +495,6 @@ impl LayerOpenings {
                 }
             });
         }
-    }
-}
-
-/// A TOC fetch ahead under way: taken off the list, and its waiters woken, when dropped.
-struct Underway<'a> {
-    openings: &'a LayerOpenings,
-    layer: Digest,
-    /// Dropped after [`Drop::drop`] ran: a waiter it wakes finds the layer off the list.
-    _done: tokio::sync::watch::Sender<()>,
-}
-
-impl Drop for Underway<'_> {
-    fn drop(&mut self) {
-        crate::sync::lock(&self.openings.underway).remove(&self.layer);
-    }
-}
-
-/// A manifest fetch ahead under way: taken off the list, and its waiters woken, when dropped.
-struct Resolving<'a> {
-    openings: &'a LayerOpenings,
-    image: String,
-    /// Dropped after [`Drop::drop`] ran: a waiter it wakes finds the image off the list.
-    _done: tokio::sync::watch::Sender<()>,
-}
-
-impl Drop for Resolving<'_> {
-    fn drop(&mut self) {
-        crate::sync::lock(&self.openings.resolving).remove(&self.image);
     }
 }
 
@@ -1425,24 +1439,18 @@ mod tests {
             )
         };
         ahead();
-        assert!(
-            crate::sync::lock(&openings.resolving).contains_key(&image),
-            "on its way until it ends"
-        );
+        assert!(openings.resolving.len() == 1, "on its way until it ends");
         // A second pull of the image meanwhile starts nothing more.
         ahead();
-        assert_eq!(crate::sync::lock(&openings.resolving).len(), 1);
+        assert_eq!(openings.resolving.len(), 1);
         tokio::time::timeout(
             std::time::Duration::from_secs(10),
             openings.wait_resolving(&image),
         )
         .await
         .expect("a layer's opening waits for the failed fetch ahead, and no longer");
-        assert!(crate::sync::lock(&openings.resolving).is_empty());
-        assert!(
-            crate::sync::lock(&openings.underway).is_empty(),
-            "no TOC asked for"
-        );
+        assert_eq!(openings.resolving.len(), 0);
+        assert_eq!(openings.underway.len(), 0, "no TOC asked for");
         assert!(
             crate::sync::lock(&openings.runs).is_empty(),
             "no run asked for"
