@@ -22,6 +22,7 @@ pub const MAX_NAME: u64 = 4096;
 const PT_LOAD: u32 = 1;
 const PT_DYNAMIC: u32 = 2;
 const PT_INTERP: u32 = 3;
+const PT_GNU_EH_FRAME: u32 = 0x6474_e550;
 const PF_X: u32 = 1;
 const PF_W: u32 = 2;
 const ET_DYN: u16 = 3;
@@ -60,6 +61,10 @@ pub struct Object {
     /// Where the interpreter's path (`PT_INTERP`, the dynamic loader the kernel starts) is in
     /// the file, when it is within the bytes parsed.
     pub interpreter: Option<Range<u64>>,
+    /// Where the unwind tables start in the file (`PT_GNU_EH_FRAME`, `.eh_frame_hdr`):
+    /// linkers put them, with `.eh_frame` and `.gcc_except_table`, after the constant data at
+    /// the end of its read-only segment, and only an exception or a backtrace reads them.
+    pub unwind: Option<u64>,
 }
 
 impl Object {
@@ -82,6 +87,7 @@ impl Object {
         let mut dynamic = None;
         let mut interpreter = false;
         let mut interpreter_at = None;
+        let mut unwind = None;
         for i in 0..phnum as u64 {
             let at = usize::try_from(phoff.checked_add(i.checked_mul(phentsize)?)?).ok()?;
             let kind = u32_at(head, at)?;
@@ -103,6 +109,7 @@ impl Object {
                     executable: flags & PF_X != 0,
                 }),
                 PT_DYNAMIC if file_size > 0 => dynamic = Some(offset..end),
+                PT_GNU_EH_FRAME => unwind = Some(offset),
                 PT_INTERP => {
                     interpreter = true;
                     interpreter_at =
@@ -117,7 +124,19 @@ impl Object {
             dynamic,
             library: kind == ET_DYN && !interpreter,
             interpreter: interpreter_at,
+            unwind,
         })
+    }
+
+    /// The bytes of `segment` a starting program may read: all of it, but for the unwind
+    /// tables at its end when they are in it (after its start: a segment that would be only
+    /// unwind tables is kept whole, as a layout this does not know).
+    pub fn warm_part(&self, segment: &Segment) -> Range<u64> {
+        let end = segment.offset + segment.file_size;
+        match self.unwind {
+            Some(at) if at > segment.offset && at < end => segment.offset..at,
+            _ => segment.offset..end,
+        }
     }
 
     /// The interpreter's path, from `head`, the bytes [`Object::parse`] read.
@@ -393,5 +412,67 @@ mod tests {
         assert_eq!(string_at(&[b'a'; 5000], 0), None);
         assert_eq!(string_at(b"libc.so.6\0", 0), Some("libc.so.6"));
         assert_eq!(string_at(b"libc.so.6\0", 100), None);
+    }
+
+    #[test]
+    fn a_segments_warm_part_stops_where_readelf_puts_the_unwind_tables() {
+        for path in [
+            "/usr/bin/ls",
+            "/usr/lib/x86_64-linux-gnu/libc.so.6",
+            "/usr/lib/x86_64-linux-gnu/libz.so.1",
+        ] {
+            let bytes = std::fs::read(path).expect("a binary of this machine");
+            let object = Object::parse(&bytes[..4096], bytes.len() as u64).expect("ELF");
+            let readelf = std::process::Command::new("readelf")
+                .args(["-SW", path])
+                .output()
+                .expect("readelf (binutils) is installed");
+            // `[Nr] Name Type Address Off Size ...`: the unwind tables' file offset.
+            let eh_frame_hdr = String::from_utf8_lossy(&readelf.stdout)
+                .lines()
+                .find_map(|l| {
+                    let words: Vec<&str> = l.split(']').nth(1)?.split_whitespace().collect();
+                    (words.first() == Some(&".eh_frame_hdr"))
+                        .then(|| u64::from_str_radix(words[3], 16).expect("a hex offset"))
+                })
+                .expect("a Debian binary has unwind tables");
+            assert_eq!(object.unwind, Some(eh_frame_hdr), "{path}");
+            let constant = object
+                .loads
+                .iter()
+                .find(|s| !s.writable && !s.executable && s.offset > 0)
+                .expect("a read-only segment after the code");
+            assert_eq!(
+                object.warm_part(constant),
+                constant.offset..eh_frame_hdr,
+                "{path}"
+            );
+            // Segments without them are whole.
+            for segment in object.loads.iter().filter(|s| s != &constant) {
+                assert_eq!(
+                    object.warm_part(segment),
+                    segment.offset..segment.offset + segment.file_size
+                );
+            }
+        }
+        // Unwind tables claimed at a segment's very start, or outside it, trim nothing.
+        let segment = Segment {
+            offset: 4096,
+            file_size: 8192,
+            vaddr: 4096,
+            writable: false,
+            executable: false,
+        };
+        let mut object = Object::parse(
+            &std::fs::read("/usr/bin/ls").expect("this machine's ls")[..4096],
+            1 << 20,
+        )
+        .expect("ELF");
+        for at in [0, 4096, 12288, u64::MAX] {
+            object.unwind = Some(at);
+            assert_eq!(object.warm_part(&segment), 4096..12288, "{at}");
+        }
+        object.unwind = Some(5000);
+        assert_eq!(object.warm_part(&segment), 4096..5000);
     }
 }
