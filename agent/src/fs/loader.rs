@@ -47,7 +47,8 @@
 //! than the round trips its misses would wait, so it is fetched, on a thread of its own
 //! that the walk does not wait for, as guesses in line; but for the unwind tables at the
 //! end of the constant data (`PT_GNU_EH_FRAME` on, 40-55 % of that segment in libc, PHP and
-//! ICU), which only an exception or a backtrace reads. On a link with no round trip to speak of (loopback, a
+//! ICU), which only an exception or a backtrace reads (lld puts constant data and tables in
+//! the first segment, warmed with the headers: they are left out there too). On a link with no round trip to speak of (loopback, a
 //! local layout) none is, and larger ones are left to their readers.
 //!
 //! Libraries are looked up in the mount's own view: the whole image for `imgstream mount`,
@@ -719,7 +720,10 @@ impl Shared {
                     .loads
                     .iter()
                     .filter(|s| s.offset == 0 || s.writable)
-                    .map(|s| (*f, s.offset..s.offset + s.file_size.min(SEGMENT))),
+                    // Where a linker put the constant data and unwind tables in the first
+                    // segment (lld does), the tables are left out here too.
+                    .map(|s| object.warm_part(s))
+                    .map(|r| (*f, r.start..r.end.min(r.start.saturating_add(SEGMENT)))),
             );
             segments.extend(self.code_start(object).map(|range| (*f, range)));
         }

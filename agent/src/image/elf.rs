@@ -474,5 +474,13 @@ mod tests {
         }
         object.unwind = Some(5000);
         assert_eq!(object.warm_part(&segment), 4096..5000);
+        // A first segment holding the constant data and the tables (lld's layout) is trimmed
+        // the same way.
+        let first = Segment {
+            offset: 0,
+            vaddr: 0,
+            ..segment
+        };
+        assert_eq!(object.warm_part(&first), 0..5000);
     }
 }
