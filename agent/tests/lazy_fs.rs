@@ -281,6 +281,81 @@ fn reads_fetch_what_they_need_and_the_background_download_caches_the_rest() {
     std::fs::remove_dir_all(&image.scratch).unwrap();
 }
 
+/// The kernel's readahead on the FUSE connection mounted at `mnt`, KiB.
+fn readahead_kb(mnt: &Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(mnt).unwrap().dev();
+    let knob = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    std::fs::read_to_string(&knob)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn far_from_the_registry_the_kernel_reads_nothing_ahead_until_a_reader_reads_most_of_the_image() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let image = rt.block_on(image("lazy-readahead"));
+    let cache = image.scratch.join("cache");
+    // 30 ms away: a bandwidth-delay product far above the 64 KiB where guesses wait in line.
+    let far = support::RoundTrip::start(image.registry.addr, Duration::from_millis(30));
+    let proxy = Proxy::start(far.addr, Fault::None);
+    // The background download capped far below what is left once the reader is done, so
+    // that the image is not all cached (which would raise readahead for cached reads).
+    let background = BackgroundConfig {
+        bandwidth: Some(64 << 10),
+        ..BackgroundConfig::default()
+    };
+    let (runtime, mounted, mnt, _cache) = mount_through(
+        &image,
+        &proxy,
+        &cache,
+        Some(background),
+        Duration::from_secs(10),
+        None,
+    );
+    assert_eq!(
+        readahead_kb(&mnt),
+        0,
+        "far from the registry, faults and reads ask for what they need"
+    );
+    let (rel, content) = &image.files[3];
+    assert_eq!(&std::fs::read(mnt.join(rel)).unwrap(), content);
+    assert!(
+        !mounted.fetcher.greedy(),
+        "one small file is not most of it"
+    );
+    assert_eq!(readahead_kb(&mnt), 0);
+    // Three of the four large files read through: most of the image fetched for a reader.
+    for (rel, content) in image
+        .files
+        .iter()
+        .filter(|(_, c)| c.len() > 1_000_000)
+        .take(3)
+    {
+        assert!(&std::fs::read(mnt.join(rel)).unwrap() == content, "{rel}");
+    }
+    assert!(mounted.fetcher.greedy());
+    let progress = mounted.progress.clone().unwrap();
+    let restored = readahead_kb(&mnt);
+    assert!(
+        !progress.finished.load(Ordering::Acquire),
+        "the rest of the image is megabytes at 64 KiB/s"
+    );
+    assert!(
+        restored > 0 && restored != imgstream::fs::fusedev::CACHED_READAHEAD_KB,
+        "a reader that reads most of the image gets the kernel's readahead back: {restored} KiB"
+    );
+    drop(mounted);
+    drop(runtime);
+    std::fs::remove_dir_all(&image.scratch).unwrap();
+}
+
 #[test]
 fn a_registry_gone_mid_way_fails_uncached_reads_within_the_deadline() {
     let rt = tokio::runtime::Runtime::new().unwrap();

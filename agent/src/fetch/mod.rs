@@ -564,6 +564,12 @@ impl Fetcher {
             .map(|rtt| self.read_around.bdp(rtt))
     }
 
+    /// Whether the source is far enough for guesses to wait in line (a bandwidth-delay
+    /// product of at least [`link::NEAR`], as measured so far).
+    pub fn far(&self) -> bool {
+        self.link_bdp().is_some_and(|bdp| bdp >= link::NEAR)
+    }
+
     /// Starts fetching, on a thread of its own, the chunks of `layer` that follow a miss of
     /// `missed` in the blob by a reader of `file`, as far as the read-around window goes;
     /// chunks cached or in flight are left out. Readers that want them meanwhile wait for
@@ -1095,6 +1101,12 @@ impl Fetcher {
     /// Whether the background download no longer yields to readers.
     pub fn greedy(&self) -> bool {
         self.readers.is_open()
+    }
+
+    /// Runs `hook` once the background download stops yielding to readers (at once if it
+    /// has): readers read most of the image, or a file through.
+    pub fn when_greedy(&self, hook: impl FnOnce() + Send + 'static) {
+        self.readers.when_open(hook);
     }
 
     /// Waits until every chunk fetched so far is in the cache (or failed to be written).

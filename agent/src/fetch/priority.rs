@@ -17,7 +17,6 @@ use crate::shutdown::Shutdown;
 const RECHECK: Duration = Duration::from_millis(50);
 
 /// The on-demand fetches running now, and when the last one ended.
-#[derive(Debug)]
 pub(super) struct ReaderGate {
     running: AtomicUsize,
     done: (Mutex<()>, Condvar),
@@ -31,6 +30,21 @@ pub(super) struct ReaderGate {
     pub(super) reader_bytes: AtomicU64,
     /// The compressed size of what the fetchers sharing this gate serve (0: not known yet).
     pub(super) image_bytes: AtomicU64,
+    /// What runs once the gate opens ([`ReaderGate::when_open`]).
+    on_open: Mutex<Vec<OnOpen>>,
+}
+
+type OnOpen = Box<dyn FnOnce() + Send>;
+
+impl std::fmt::Debug for ReaderGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReaderGate")
+            .field("running", &self.running)
+            .field("off", &self.off)
+            .field("reader_bytes", &self.reader_bytes)
+            .field("image_bytes", &self.image_bytes)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Counts an on-demand fetch for as long as it lives.
@@ -57,6 +71,7 @@ impl ReaderGate {
             off: std::sync::atomic::AtomicBool::new(false),
             reader_bytes: AtomicU64::new(0),
             image_bytes: AtomicU64::new(0),
+            on_open: Mutex::new(Vec::new()),
         }
     }
 
@@ -64,9 +79,30 @@ impl ReaderGate {
     /// Returns whether it was on until now.
     pub(super) fn open(&self) -> bool {
         let was_on = !self.off.swap(true, Ordering::AcqRel);
-        let _guard = crate::sync::lock(&self.done.0);
-        self.done.1.notify_all();
+        {
+            let _guard = crate::sync::lock(&self.done.0);
+            self.done.1.notify_all();
+        }
+        if was_on {
+            let hooks = std::mem::take(&mut *crate::sync::lock(&self.on_open));
+            for hook in hooks {
+                hook();
+            }
+        }
         was_on
+    }
+
+    /// Runs `hook` once the gate opens (at once if it is open).
+    pub(super) fn when_open(&self, hook: impl FnOnce() + Send + 'static) {
+        let mut hooks = crate::sync::lock(&self.on_open);
+        // Checked under the lock `open` takes after setting `off`: a hook is either run
+        // here or found there, never missed.
+        if !self.is_open() {
+            hooks.push(Box::new(hook));
+            return;
+        }
+        drop(hooks);
+        hook();
     }
 
     /// Whether [`ReaderGate::open`] was called.
@@ -137,5 +173,40 @@ impl ReaderGate {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+
+    use super::ReaderGate;
+
+    #[test]
+    fn what_waits_for_the_gate_to_open_runs_once_when_it_opens_or_at_once_after() {
+        let gate = ReaderGate::new();
+        let ran = Arc::new(AtomicUsize::new(0));
+        let count = |ran: &Arc<AtomicUsize>| {
+            let ran = ran.clone();
+            move || {
+                ran.fetch_add(1, Ordering::SeqCst);
+            }
+        };
+        gate.when_open(count(&ran));
+        gate.when_open(count(&ran));
+        assert_eq!(ran.load(Ordering::SeqCst), 0, "the gate is not open yet");
+        assert!(gate.open(), "it was on");
+        assert_eq!(ran.load(Ordering::SeqCst), 2);
+        assert!(!gate.open(), "opened once only");
+        assert_eq!(
+            ran.load(Ordering::SeqCst),
+            2,
+            "a second open runs nothing again"
+        );
+        gate.when_open(count(&ran));
+        assert_eq!(ran.load(Ordering::SeqCst), 3, "open already: at once");
     }
 }

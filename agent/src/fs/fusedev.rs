@@ -4,7 +4,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex},
     thread,
 };
 
@@ -232,10 +232,25 @@ impl FuseMount {
 pub const CACHED_READAHEAD_KB: u32 = 4096;
 
 /// The readahead knob of a FUSE connection: its backing device is named after the mount's
-/// device number in /sys/class/bdi.
+/// device number in /sys/class/bdi. Clones share what was done to it.
 #[derive(Clone, Debug)]
 pub struct Readahead {
     knob: PathBuf,
+    /// What the kernel had set when the mount was made.
+    found_kb: Option<u32>,
+    state: Arc<Mutex<ReadaheadState>>,
+}
+
+/// Where a mount's readahead is: only ever forward, so that a late [`Readahead::restore`]
+/// never lowers the window [`Readahead::cached`] gave.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReadaheadState {
+    /// As the mount was made with it.
+    AsMounted,
+    /// The kernel's value back.
+    Restored,
+    /// [`CACHED_READAHEAD_KB`].
+    Cached,
 }
 
 impl Readahead {
@@ -252,12 +267,18 @@ impl Readahead {
     fn of(mountpoint: &Path) -> std::io::Result<Self> {
         use std::os::unix::fs::MetadataExt;
         let dev = std::fs::metadata(mountpoint)?.dev();
+        let knob = PathBuf::from(format!(
+            "/sys/class/bdi/{}:{}/read_ahead_kb",
+            libc::major(dev),
+            libc::minor(dev)
+        ));
+        let found_kb = std::fs::read_to_string(&knob)
+            .ok()
+            .and_then(|kb| kb.trim().parse().ok());
         Ok(Self {
-            knob: PathBuf::from(format!(
-                "/sys/class/bdi/{}:{}/read_ahead_kb",
-                libc::major(dev),
-                libc::minor(dev)
-            )),
+            knob,
+            found_kb,
+            state: Arc::new(Mutex::new(ReadaheadState::AsMounted)),
         })
     }
 
@@ -266,11 +287,45 @@ impl Readahead {
             .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", self.knob.display())))
     }
 
+    /// The kernel's own readahead back (what it had when the mount was made), unless the
+    /// image is cached already: files opened from now on get it.
+    pub fn restore(&self) {
+        let mut state = crate::sync::lock(&self.state);
+        let Some(kb) = self
+            .found_kb
+            .filter(|_| *state == ReadaheadState::AsMounted)
+        else {
+            return;
+        };
+        match self.write(kb) {
+            Ok(()) => {
+                *state = ReadaheadState::Restored;
+                tracing::info!(kb, knob = %self.knob.display(), "readers read most of the image: the kernel's readahead is back");
+            }
+            Err(err) => tracing::debug!(%err, "the kernel's readahead not restored"),
+        }
+    }
+
     /// The image is all cached: [`CACHED_READAHEAD_KB`].
     pub fn cached(&self) {
-        if let Err(err) = self.write(CACHED_READAHEAD_KB) {
-            tracing::debug!(%err, "readahead not raised for the cached image");
+        let mut state = crate::sync::lock(&self.state);
+        match self.write(CACHED_READAHEAD_KB) {
+            Ok(()) => *state = ReadaheadState::Cached,
+            Err(err) => tracing::debug!(%err, "readahead not raised for the cached image"),
         }
+    }
+
+    /// The knob's value now, KiB.
+    pub fn kb(&self) -> std::io::Result<u32> {
+        std::fs::read_to_string(&self.knob)?
+            .trim()
+            .parse()
+            .map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{}: {e}", self.knob.display()),
+                )
+            })
     }
 }
 

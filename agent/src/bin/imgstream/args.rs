@@ -455,8 +455,11 @@ pub(crate) struct ServingArgs {
     pub(crate) no_prefetch: bool,
     /// The kernel's readahead on FUSE mounts, KiB, until the whole image is cached (then
     /// 4096, what cached reads want). By default 0 for images with a prefetch list (the list
-    /// brings what the start reads; readahead would fetch pages it does not), and the
-    /// kernel's default for the others (fewer, larger requests).
+    /// brings what the start reads; readahead would fetch pages it does not) and for
+    /// registries far enough that the agent's own guesses are sized for the link (a
+    /// bandwidth-delay product of 64 KiB, 5 ms at 100 Mbit/s), the kernel's default back
+    /// once a reader reads most of the image; the kernel's default for the others (fewer,
+    /// larger requests).
     #[arg(long, value_parser = clap::value_parser!(u32).range(0..=16384))]
     pub(crate) fuse_readahead_kb: Option<u32>,
     /// Threads serving requests.
