@@ -4,7 +4,8 @@
 //! image, after which no read touches the network; a registry gone mid-way leaves cached
 //! reads working and uncached ones failing with EIO within the deadline; a flipped byte in a
 //! cached chunk is caught and the chunk fetched again; a restart with a warm cache fetches
-//! nothing at all; `/metrics` reports what the reads did.
+//! nothing at all; far from the registry the kernel reads nothing ahead until a reader reads
+//! most of the image; `/metrics` reports what the reads did.
 
 mod support;
 
