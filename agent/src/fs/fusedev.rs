@@ -251,6 +251,8 @@ enum ReadaheadState {
     Restored,
     /// [`CACHED_READAHEAD_KB`].
     Cached,
+    /// The mount is no longer this process's to set.
+    Forgotten,
 }
 
 impl Readahead {
@@ -309,10 +311,19 @@ impl Readahead {
     /// The image is all cached: [`CACHED_READAHEAD_KB`].
     pub fn cached(&self) {
         let mut state = crate::sync::lock(&self.state);
+        if *state == ReadaheadState::Forgotten {
+            return;
+        }
         match self.write(CACHED_READAHEAD_KB) {
             Ok(()) => *state = ReadaheadState::Cached,
             Err(err) => tracing::debug!(%err, "readahead not raised for the cached image"),
         }
+    }
+
+    /// The mount is unmounted or left to another process: nothing sets its knob from now on
+    /// (its device number may name another mount by then).
+    fn forget(&self) {
+        *crate::sync::lock(&self.state) = ReadaheadState::Forgotten;
     }
 
     /// The knob's value now, KiB.
@@ -351,6 +362,10 @@ fn serve<F: FileSystem + Send + Sync>(mut channel: FuseChannel, server: &Server<
 
 impl Drop for FuseMount {
     fn drop(&mut self) {
+        // Its device number may go to another mount: a late hook must not set that one's.
+        if let Some(readahead) = &self.readahead {
+            readahead.forget();
+        }
         // Unmounted from outside already (the workers saw the kernel end the session): a
         // mount point that is no mount then is no failure. The session's own unmount sees that
         // on its descriptor.
@@ -904,6 +919,51 @@ mod tests {
             "overlayfs mounts: {}",
             std::io::Error::last_os_error()
         );
+    }
+
+    /// A knob that is a plain file holding `kb`, as the kernel's holds the value at mount.
+    fn knob_file(name: &str, kb: u32) -> Readahead {
+        let knob =
+            std::env::temp_dir().join(format!("imgstream-readahead-{name}-{}", std::process::id()));
+        std::fs::write(&knob, format!("{kb}\n")).expect("a scratch file");
+        Readahead {
+            knob,
+            found_kb: Some(kb),
+            state: Arc::new(Mutex::new(ReadaheadState::AsMounted)),
+        }
+    }
+
+    #[test]
+    fn readahead_only_ever_goes_forward_and_never_after_the_mount_is_gone() {
+        let readahead = knob_file("forward", 128);
+        readahead.write(0).expect("set for the start");
+        readahead.clone().restore();
+        assert_eq!(
+            readahead.kb().expect("readable"),
+            128,
+            "the kernel's value back"
+        );
+        readahead.cached();
+        assert_eq!(readahead.kb().expect("readable"), CACHED_READAHEAD_KB);
+        readahead.restore();
+        assert_eq!(
+            readahead.kb().expect("readable"),
+            CACHED_READAHEAD_KB,
+            "a late restore does not lower a cached image's"
+        );
+        let _ = std::fs::remove_file(&readahead.knob);
+
+        let gone = knob_file("gone", 128);
+        gone.write(0).expect("set for the start");
+        gone.forget();
+        gone.restore();
+        gone.cached();
+        assert_eq!(
+            gone.kb().expect("readable"),
+            0,
+            "an unmounted mount's device number may be another's: left alone"
+        );
+        let _ = std::fs::remove_file(&gone.knob);
     }
 
     fn unmount(at: &Path) {
