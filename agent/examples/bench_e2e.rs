@@ -25,7 +25,9 @@
 //! shorten a trial run; `IMGSTREAM_BENCH_SETUPS` picks rows; `IMGSTREAM_BENCH_AGENT_ARGS`
 //! adds agent flags to every imgstream row (a sweep: the report then says the rows are
 //! tuned); `IMGSTREAM_BENCH_KEEP` keeps its logs. The packages are downloaded with apt once, into
-//! ~/.cache/imgstream/bench-e2e.
+//! ~/.cache/imgstream/bench-e2e. A full run writes its table to `target/bench/e2e.md`; a run
+//! that any of those variables shortens or tunes writes `target/bench/e2e-trial.md`, so a trial
+//! never replaces the last full run's table.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -1134,15 +1136,30 @@ async fn main() -> anyhow::Result<()> {
     println!("\n{table}");
     let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     mkdir(&out)?;
-    let table_file = out.join("e2e.md");
+    let table_file = out.join(if is_trial() { "e2e-trial.md" } else { "e2e.md" });
     std::fs::write(&table_file, &table)
         .with_context(|| format!("writing {}", table_file.display()))?;
+    println!("table written to {}", table_file.display());
     drop(registry);
     drop(link);
     if std::env::var_os("IMGSTREAM_BENCH_KEEP").is_none() {
         let _ = std::fs::remove_dir_all(&scratch);
     }
     Ok(())
+}
+
+/// Whether the environment shortens or tunes this run (fewer round trips, repetitions or
+/// rows, or agent flags), so that its table is not the full run's.
+fn is_trial() -> bool {
+    [
+        "IMGSTREAM_BENCH_RTTS",
+        "IMGSTREAM_BENCH_REPS",
+        "IMGSTREAM_BENCH_SETUPS",
+        "IMGSTREAM_BENCH_READ_ALL",
+        "IMGSTREAM_BENCH_AGENT_ARGS",
+    ]
+    .iter()
+    .any(|name| std::env::var_os(name).is_some())
 }
 
 fn walkdir_count(dir: &Path) -> usize {
