@@ -274,14 +274,13 @@ impl Readahead {
             libc::major(dev),
             libc::minor(dev)
         ));
-        let found_kb = std::fs::read_to_string(&knob)
-            .ok()
-            .and_then(|kb| kb.trim().parse().ok());
-        Ok(Self {
+        let mut this = Self {
             knob,
-            found_kb,
+            found_kb: None,
             state: Arc::new(Mutex::new(ReadaheadState::AsMounted)),
-        })
+        };
+        this.found_kb = this.kb().ok();
+        Ok(this)
     }
 
     fn write(&self, kb: u32) -> std::io::Result<()> {
