@@ -6,16 +6,17 @@
 //! were usually written together, so they sit next to each other in the layer. The bytes the
 //! link can carry while one request waits for its answer (the bandwidth-delay product) are
 //! nearly free: fetching them beside a miss costs about one round trip of link time and saves
-//! a round trip for every later miss they cover. So the window after a miss is a few
-//! bandwidth-delay products (2 by default; the libraries a program loads are fetched by
-//! `fs::loader`, which knows them), measured: the round trip is the source's shortest
+//! a round trip for every later miss they cover. So the window after a miss is a share of
+//! the bandwidth-delay product (half of one by default: the libraries a program loads, and
+//! their code, are fetched by `fs::loader`, which knows them, and a wider window mostly
+//! carries the files beside them that the start never opens), measured: the round trip is the source's shortest
 //! recent time to a first byte ([`crate::registry::BlobSource::round_trip`]), the bandwidth
 //! what the fetcher's own large responses delivered together over the time they were
 //! arriving (each with that round trip taken out: responses that share the link count as
 //! the link's rate, not as each one's share of it), once they are enough to tell
 //! ([`RATE_EVIDENCE`]; 100 Mbit/s is assumed until then). On loopback the window shrinks to
 //! almost nothing, for a source with no network (a local layout) it is nothing, and 50 ms
-//! away at 100 Mbit/s it is about 1.25 MB.
+//! away at 100 Mbit/s it is about 310 kB.
 //!
 //! A reader whose misses land where the last window ended is reading the layer in order: its
 //! window doubles on each such miss, as the kernel's readahead does. Within one file (a large
@@ -45,12 +46,16 @@ pub struct ReadAroundConfig {
 
 impl Default for ReadAroundConfig {
     fn default() -> Self {
-        // 2 by `bench e2e` (defaults otherwise, cold starts at 0, 20 and 50 ms): with the
-        // loader prefetch fetching libraries, 4 sent megabytes of guesses ahead of the
-        // libraries the start waited for (2.33 / 3.97 / 5.73 s against 2.18 / 3.73 / 5.84 s
-        // with 2); before it, 4 was 25 % sooner than 1 at 50 ms.
+        // Half a product by `bench e2e` (PHP's start 50 ms away, defaults otherwise, cold
+        // starts of 0.5, 1 and 2 alternating in one run, 3 each): 2.89 s (2.88-2.89) against
+        // 2.98 s (2.88-3.42) with 1 and 3.04 s (2.96-3.08) with 2, 26.5-27.3 MB by the first
+        // line against 27.1-30.5 and 28.3-29.3 MB. The loader prefetch fetches the libraries
+        // and their code a start loads, and the window beyond a miss mostly carried the files
+        // next to them that it never opens, on a link that was the start's bottleneck. Before
+        // the loader prefetch fetched code, 2 beat 4 (2.18 / 3.73 / 5.84 s at 0 / 20 / 50 ms
+        // against 2.33 / 3.97 / 5.73 s), and before the loader prefetch, 4 beat 1 by 25 %.
         Self {
-            bdp_multiple: 2.0,
+            bdp_multiple: 0.5,
             max_window: 16 << 20,
         }
     }
@@ -251,7 +256,10 @@ mod tests {
 
     #[test]
     fn the_window_is_a_multiple_of_the_measured_bandwidth_delay_product() {
-        let ra = ReadAround::new(ReadAroundConfig::default());
+        let ra = ReadAround::new(ReadAroundConfig {
+            bdp_multiple: 2.0,
+            ..Default::default()
+        });
         // Before a large response, 100 Mbit/s is assumed: 625 kB in 50 ms.
         assert_eq!(ra.bdp(Duration::from_millis(50)), 625_000);
         // 1 MB in 50 ms + 100 ms and then 3 MB in 50 ms + 300 ms: 10 MB/s. A small answer

@@ -425,7 +425,7 @@ pub(crate) struct ServingArgs {
     pub(crate) read_deadline_secs: u64,
     /// On a miss, also fetch what follows it in the layer: this many bandwidth-delay
     /// products of the link, as measured from the agent's own requests (0: off).
-    #[arg(long, default_value_t = 2.0, value_parser = read_around_bdps)]
+    #[arg(long, default_value_t = 0.5, value_parser = read_around_bdps)]
     pub(crate) read_around_bdps: f64,
     /// The largest read-around window, which readers that read the layer in order grow to
     /// (K/M suffixes; at most 64M).
