@@ -274,13 +274,11 @@ impl Readahead {
             libc::major(dev),
             libc::minor(dev)
         ));
-        let mut this = Self {
+        Ok(Self {
+            found_kb: read_kb(&knob).ok(),
             knob,
-            found_kb: None,
             state: Arc::new(Mutex::new(ReadaheadState::AsMounted)),
-        };
-        this.found_kb = this.kb().ok();
-        Ok(this)
+        })
     }
 
     fn write(&self, kb: u32) -> std::io::Result<()> {
@@ -327,16 +325,18 @@ impl Readahead {
 
     /// The knob's value now, KiB.
     pub fn kb(&self) -> std::io::Result<u32> {
-        std::fs::read_to_string(&self.knob)?
-            .trim()
-            .parse()
-            .map_err(|e| {
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!("{}: {e}", self.knob.display()),
-                )
-            })
+        read_kb(&self.knob)
     }
+}
+
+/// The readahead, in KiB, that the knob `knob` holds.
+fn read_kb(knob: &Path) -> std::io::Result<u32> {
+    std::fs::read_to_string(knob)?.trim().parse().map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{}: {e}", knob.display()),
+        )
+    })
 }
 
 fn serve<F: FileSystem + Send + Sync>(mut channel: FuseChannel, server: &Server<Arc<F>>) {
