@@ -227,13 +227,13 @@ pub(crate) struct IndexArgs {
     /// With --local: the cache directory of the agent or mount that will serve the image.
     #[arg(long, default_value = "/var/lib/imgstream/cache")]
     pub(crate) cache_dir: PathBuf,
-    /// Uncompressed bytes between checkpoints, at least: a miss fetches and inflates a whole
-    /// span, and needs the bytes of its checkpoint's 32 KiB window that the span refers to.
-    /// Published, the windows go in a blob of their own beside the index and each miss
-    /// fetches its span's window with it: default 128K (the e2e bench's image started 15 %
-    /// sooner than at 1M with windows held, 7 % sooner than at 256K; 64K fetches more
-    /// windows than it saves). With --local the windows stay in the index, which a mount
-    /// holds in memory: default 1M (1.5 % of the bench's layer; 2.7 % at 512K).
+    /// Uncompressed bytes between checkpoints (placed inside deflate blocks, so spans are
+    /// this long whatever the blocks): a miss fetches and inflates a whole span, and needs
+    /// the bytes of its checkpoint's 32 KiB window that the span refers to. Published, the
+    /// windows go in a blob of their own beside the index and each miss fetches its span's
+    /// window with it: default 128K (on the e2e bench's image, 64K spans fetched fewer bytes
+    /// but started later). With --local the windows stay in the index, which a mount holds
+    /// in memory: default 1M (1.5 % of the bench's layer; 2.7 % at 512K).
     #[arg(long)]
     pub(crate) span: Option<ByteSize>,
     /// Layers smaller than this (compressed) get no index: a mount downloads them whole.

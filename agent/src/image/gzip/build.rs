@@ -1,11 +1,15 @@
 //! Building a span index: one pass over the layer, inflating it and reading its tar stream,
-//! checkpoints placed at block boundaries as the bytes go by.
+//! checkpoints placed as the bytes go by: inflate is stopped where a span reaches its
+//! length, and the symbol it stopped in (zlib's `inflateMark`) is where the next span
+//! starts, with the header of the block it is in; in a stored block, at the next block
+//! boundary instead.
 
 use std::io::{self, Read};
 
 use super::{
-    Checkpoint, Entry, GzipError, MAX_ENTRIES, MAX_SPAN, MIN_SPAN, Span, SpanIndex, WINDOW, Window,
-    inflate::{self, RawInflate, Stop},
+    BlockHead, Checkpoint, Entry, GzipError, MAX_ENTRIES, MAX_HEAD_BITS, MAX_SPAN, MIN_SPAN, Span,
+    SpanIndex, WINDOW, Window,
+    inflate::{self, RawInflate, Step, Stop},
     refs,
 };
 use crate::{
@@ -16,8 +20,9 @@ use crate::{
 /// How to build an index.
 #[derive(Clone, Copy, Debug)]
 pub struct BuildOptions {
-    /// Uncompressed bytes between checkpoints, at least (the next block boundary after that
-    /// many ends the span).
+    /// Uncompressed bytes between checkpoints: a span ends at the symbol where it reaches
+    /// this length (up to 257 bytes before it, inside a match), or, inside a stored block,
+    /// at the next block boundary.
     pub span: u64,
 }
 
@@ -29,7 +34,11 @@ impl BuildOptions {
     /// with a run of spans fetching only its first window and windows deflated hard, 64K
     /// 3.05 / 4.80 s, 128K 2.99 / 4.29 s (1M with windows held, another session: 3.30 /
     /// 4.60 s). Smaller spans fetch fewer bytes around each miss, but each span fetched
-    /// alone brings its window (a few KiB), and below 128K that costs what it saves.
+    /// alone brings its window (a few KiB), and below 128K that costs what it saves. Those
+    /// spans ended at the first block boundary past their length (204 KiB on average at
+    /// 128K); with checkpoints inside blocks (a trial of 2026-12-05, 3 cold starts at 0
+    /// ms): 128K 2.62 s (2.49-3.00, 27.8 MB by the first line), 64K 3.13 s (2.81-3.19,
+    /// 25.7 MB): fewer bytes, more requests and windows.
     pub fn published() -> Self {
         Self { span: 128 << 10 }
     }
@@ -91,7 +100,7 @@ impl SpanIndex {
             return Err(err);
         }
         drained.map_err(GzipError::Io)?;
-        let (layer, compressed_size, uncompressed_size, spans) = inflating.finish();
+        let (layer, compressed_size, uncompressed_size, spans) = inflating.finish()?;
         Ok(SpanIndex {
             layer,
             compressed_size,
@@ -170,7 +179,7 @@ pub fn read_through(
         position = cut.at + cut.len;
     }
     io::copy(&mut inflating, &mut io::sink()).map_err(|e| failed(&mut inflating, e))?;
-    let (actual, read, _, _) = inflating.finish();
+    let (actual, read, _, _) = inflating.finish()?;
     if read != size || actual != *digest {
         return Err(GzipError::LayerDigest {
             expected: *digest,
@@ -220,8 +229,24 @@ struct Inflating<R> {
     start_of_span: Option<StartOfSpan>,
     /// The last compressed byte inflate consumed (a checkpoint inside it needs it).
     last_in: u8,
+    /// The last (up to) [`RECENT`] compressed bytes inflate consumed before its last call:
+    /// a symbol it stopped in may have begun in them.
+    recent: Vec<u8>,
+    /// The start of the block being inflated: its first compressed bytes (enough for its
+    /// header), of which the first `skip` bits belong to the block before; `None` before
+    /// the first member.
+    block: Option<(Vec<u8>, usize)>,
+    /// The span being read is to end at the next block boundary: no checkpoint could be
+    /// placed inside the block where it reached its length.
+    at_boundary: bool,
     failed: Option<GzipError>,
 }
+
+/// Compressed bytes kept of a block's start: its header is at most [`MAX_HEAD_BITS`].
+const BLOCK_START: usize = MAX_HEAD_BITS as usize / 8 + 2;
+/// Compressed bytes kept of those before an inflate call: a symbol and the bits inflate
+/// holds take at most 48 + 63 bits.
+const RECENT: usize = 16;
 
 /// The compressed and inflated bytes after a checkpoint, up to where no back-reference can
 /// reach its window any more ([`refs::sparse_window`]).
@@ -231,6 +256,10 @@ struct StartOfSpan {
     compressed: Vec<u8>,
     inflated: Vec<u8>,
 }
+
+/// Most bits of a symbol inflate's mark may leave out: a distance code's (see
+/// [`inflate::Mark::counted`]).
+const MAX_UNCOUNTED: u64 = 15;
 
 /// Compressed bytes kept for one span's start at most: 32 KiB of output take a few KiB to
 /// a few tens of KiB; a stream that needs more keeps its whole window.
@@ -260,6 +289,9 @@ impl<R: Read> Inflating<R> {
             current: None,
             start_of_span: None,
             last_in: 0,
+            recent: Vec::with_capacity(2 * RECENT),
+            block: None,
+            at_boundary: false,
             failed: None,
         })
     }
@@ -308,33 +340,124 @@ impl<R: Read> Inflating<R> {
     /// Closes the current span (if any) and opens one at `checkpoint`, whose window is
     /// `window`: set once the span's start shows what of it is referred to (or, failing
     /// that, whole).
-    fn checkpoint(&mut self, checkpoint: Checkpoint, window: Vec<u8>) {
-        self.close_span();
+    fn checkpoint(&mut self, checkpoint: Checkpoint, window: Vec<u8>) -> Result<(), GzipError> {
+        let compressed = if checkpoint.bits > 0 {
+            vec![self.last_in]
+        } else {
+            Vec::new()
+        };
+        self.open_span(checkpoint, window, compressed)
+    }
+
+    /// [`Self::checkpoint`], the compressed bytes from the one holding its first bits given.
+    fn open_span(
+        &mut self,
+        checkpoint: Checkpoint,
+        window: Vec<u8>,
+        compressed: Vec<u8>,
+    ) -> Result<(), GzipError> {
+        self.close_span()?;
+        self.at_boundary = false;
         self.start_of_span = (!window.is_empty()).then(|| StartOfSpan {
             window,
-            compressed: if checkpoint.bits > 0 {
-                vec![self.last_in]
-            } else {
-                Vec::new()
-            },
+            compressed,
             inflated: Vec::new(),
         });
         self.current = Some((checkpoint, Hasher::new()));
+        Ok(())
     }
 
-    fn close_span(&mut self) {
-        // A span too short to take its window out of reach keeps all of it.
-        if let Some(start) = self.start_of_span.take()
-            && let Some((checkpoint, _)) = self.current.as_mut()
-        {
-            checkpoint.window = Window::new(&start.window);
+    /// Output room left before the span being read reaches its length, if it is to end
+    /// there (inside a block) rather than at the next block boundary.
+    fn room_in_span(&self) -> Option<usize> {
+        let span = self.span?;
+        let (start, _) = self.current.as_ref()?;
+        let left = (start.uncompressed + span).checked_sub(self.total_out)?;
+        (left > 0 && !self.at_boundary).then(|| usize::try_from(left).unwrap_or(usize::MAX))
+    }
+
+    /// A checkpoint at the symbol inflate stopped in, after `step` consumed
+    /// `buf[start..start + step.consumed]` (not yet consumed) and stopped inside a block:
+    /// the checkpoint and the compressed bytes from the one holding its first bit to the end
+    /// of that input. `None` where none can be placed: a stored block, a header too long to
+    /// have been kept, a symbol begun before the bytes kept, or one whose first bit is not
+    /// known for sure.
+    fn inside_block(&self, step: &Step) -> Option<(Checkpoint, Vec<u8>)> {
+        let mark = step.mark?;
+        if mark.written > step.produced {
+            return None;
         }
+        let (block, skip) = self.block.as_ref()?;
+        let head = refs::block_head(block, *skip)?;
+        let codes = refs::BlockCodes::of(&head)?;
+        let end = (self.offset + step.consumed as u64) * 8;
+        let last = end.checked_sub(u64::from(step.held) + mark.counted)?;
+        let earliest = last.saturating_sub(MAX_UNCOUNTED) / 8;
+        let input = &self.buf[self.start..self.start + step.consumed];
+        let (bytes, from) = if earliest >= self.offset {
+            (&input[(earliest - self.offset) as usize..], earliest)
+        } else {
+            // From the bytes before this call's input, as many as are kept.
+            let before = (self.offset - earliest).min(self.recent.len() as u64) as usize;
+            let mut bytes = Vec::with_capacity(before + input.len());
+            bytes.extend_from_slice(&self.recent[self.recent.len() - before..]);
+            bytes.extend_from_slice(input);
+            let from = self.offset - before as u64;
+            return self.placed(&codes, head, &bytes, from, last, step);
+        };
+        self.placed(&codes, head, bytes, from, last, step)
+    }
+
+    /// [`Self::inside_block`] given `bytes`, the compressed bytes from the layer's byte
+    /// `from`: the symbol's first bit is `last` or, where zlib-rs's mark left out a distance
+    /// code, that code's length before it. Of those places, the one whose bits decode (in
+    /// the block's codes) to a symbol of the length the mark says, and which is the only
+    /// one that does.
+    fn placed(
+        &self,
+        codes: &refs::BlockCodes,
+        head: BlockHead,
+        bytes: &[u8],
+        from: u64,
+        last: u64,
+        step: &Step,
+    ) -> Option<(Checkpoint, Vec<u8>)> {
+        let mark = step.mark?;
+        let mut places = (0..=MAX_UNCOUNTED).filter_map(|uncounted| {
+            let bit = last.checked_sub(uncounted)?.checked_sub(from * 8)?;
+            let (len, distance) = codes.symbol_at(bytes, usize::try_from(bit).ok()?)?;
+            let fits = if uncounted == 0 {
+                len == mark.counted
+            } else {
+                distance == uncounted && len == mark.counted + uncounted
+            };
+            fits.then_some(from * 8 + bit)
+        });
+        let first = places.next()?;
+        if places.next().is_some() {
+            return None;
+        }
+        let checkpoint = Checkpoint {
+            compressed: first.div_ceil(8),
+            bits: ((8 - first % 8) % 8) as u8,
+            uncompressed: self.total_out + (step.produced - mark.written) as u64,
+            member: false,
+            window: Window::default(),
+            head: Some(head),
+        };
+        Some((checkpoint, bytes[(first / 8 - from) as usize..].to_vec()))
+    }
+
+    fn close_span(&mut self) -> Result<(), GzipError> {
+        // A span too short to take its window out of reach settles its start with what
+        // there is of it (it keeps all of its window).
+        follow_start_of_span(&mut self.start_of_span, &mut self.current, &[], &[], true)?;
         if let Some((start, hasher)) = self.current.take() {
             let len = self.total_out - start.uncompressed;
             // A checkpoint with nothing after it (the stream ends in empty blocks, as Go's
             // gzip writers end it, which podman and buildah push with) opens no span.
             if len == 0 {
-                return;
+                return Ok(());
             }
             self.spans.push(Span {
                 start,
@@ -342,6 +465,7 @@ impl<R: Read> Inflating<R> {
                 digest: hasher.finish(),
             });
         }
+        Ok(())
     }
 
     /// Whether checkpoints are recorded and the span being read is long enough to end at
@@ -354,9 +478,9 @@ impl<R: Read> Inflating<R> {
         })
     }
 
-    fn finish(mut self) -> (Digest, u64, u64, Vec<Span>) {
-        self.close_span();
-        (self.layer.finish(), self.offset, self.total_out, self.spans)
+    fn finish(mut self) -> Result<(Digest, u64, u64, Vec<Span>), GzipError> {
+        self.close_span()?;
+        Ok((self.layer.finish(), self.offset, self.total_out, self.spans))
     }
 
     /// The next uncompressed bytes into `out`: 0 only at the end of the layer.
@@ -375,11 +499,13 @@ impl<R: Read> Inflating<R> {
                                     uncompressed: self.total_out,
                                     member: true,
                                     window: Window::default(),
+                                    head: None,
                                 },
                                 Vec::new(),
-                            );
+                            )?;
                         }
                         self.consume(n);
+                        self.block = Some((Vec::new(), 0));
                         self.inflate.reset()?;
                         self.window.clear();
                         self.member_crc = crc32fast::Hasher::new();
@@ -407,43 +533,86 @@ impl<R: Read> Inflating<R> {
                         });
                     }
                     let (start, end) = (self.start, self.end);
+                    // Stop where the span reaches its length, to end it there.
+                    let room = self.room_in_span();
+                    let cap = room.map_or(out.len(), |r| r.min(out.len()));
+                    let out = &mut out[..cap];
                     let step = self.inflate.inflate(&self.buf[start..end], out, true)?;
                     if step.consumed > 0 {
                         self.last_in = self.buf[start + step.consumed - 1];
                     }
+                    let consumed = &self.buf[start..start + step.consumed];
+                    if let Some((block, _)) = self.block.as_mut()
+                        && block.len() < BLOCK_START
+                    {
+                        let take = consumed.len().min(BLOCK_START - block.len());
+                        block.extend_from_slice(&consumed[..take]);
+                    }
+                    let inside = if step.produced > 0 && room == Some(step.produced) {
+                        let inside = self.inside_block(&step);
+                        self.at_boundary = inside.is_none();
+                        inside
+                    } else {
+                        None
+                    };
+                    self.recent
+                        .extend_from_slice(&consumed[consumed.len().saturating_sub(RECENT)..]);
+                    if self.recent.len() > RECENT {
+                        self.recent.drain(..self.recent.len() - RECENT);
+                    }
                     follow_start_of_span(
                         &mut self.start_of_span,
                         &mut self.current,
-                        &self.buf[start..start + step.consumed],
+                        consumed,
                         &out[..step.produced],
                         step.stop == Stop::End,
-                    );
+                    )?;
                     self.consume(step.consumed);
                     let produced = &out[..step.produced];
-                    self.total_out += produced.len() as u64;
                     self.member_len += produced.len() as u64;
                     self.member_crc.update(produced);
-                    if let Some((_, hasher)) = self.current.as_mut() {
-                        hasher.update(produced);
-                    }
-                    self.window.extend_from_slice(produced);
-                    if self.window.len() > 2 * WINDOW {
-                        self.window.drain(..self.window.len() - WINDOW);
+                    // A checkpoint inside the block splits what was produced: the bytes of
+                    // the symbol it is at (part of a match) are the next span's.
+                    let split = inside.as_ref().map_or(produced.len(), |(c, ..)| {
+                        (c.uncompressed - self.total_out) as usize
+                    });
+                    self.produce(&produced[..split]);
+                    if let Some((checkpoint, compressed)) = inside {
+                        let window =
+                            self.window[self.window.len().saturating_sub(WINDOW)..].to_vec();
+                        self.open_span(checkpoint, window, compressed)?;
+                        follow_start_of_span(
+                            &mut self.start_of_span,
+                            &mut self.current,
+                            &[],
+                            &produced[split..],
+                            false,
+                        )?;
+                        self.produce(&produced[split..]);
                     }
                     match step.stop {
-                        Stop::Block { bits } if self.span_full() => {
-                            let window =
-                                self.window[self.window.len().saturating_sub(WINDOW)..].to_vec();
-                            self.checkpoint(
-                                Checkpoint {
-                                    compressed: self.offset,
-                                    bits,
-                                    uncompressed: self.total_out,
-                                    member: false,
-                                    window: Window::default(),
-                                },
-                                window,
-                            );
+                        Stop::Block { bits } => {
+                            self.block = Some(if bits > 0 {
+                                (vec![self.last_in], usize::from(8 - bits))
+                            } else {
+                                (Vec::new(), 0)
+                            });
+                            if self.span_full() {
+                                let window = self.window
+                                    [self.window.len().saturating_sub(WINDOW)..]
+                                    .to_vec();
+                                self.checkpoint(
+                                    Checkpoint {
+                                        compressed: self.offset,
+                                        bits,
+                                        uncompressed: self.total_out,
+                                        member: false,
+                                        window: Window::default(),
+                                        head: None,
+                                    },
+                                    window,
+                                )?;
+                            }
                         }
                         Stop::End => self.state = State::Trailer,
                         _ => {}
@@ -508,6 +677,18 @@ impl<R: Read> Inflating<R> {
         }
     }
 
+    /// Uncompressed bytes of the current span, inflated: counted, hashed, kept as window.
+    fn produce(&mut self, produced: &[u8]) {
+        self.total_out += produced.len() as u64;
+        if let Some((_, hasher)) = self.current.as_mut() {
+            hasher.update(produced);
+        }
+        self.window.extend_from_slice(produced);
+        if self.window.len() > 2 * WINDOW {
+            self.window.drain(..self.window.len() - WINDOW);
+        }
+    }
+
     /// After a member's trailer: another member, or the end of the layer (zero padding, as
     /// some tools write, is allowed there).
     fn after_member(&mut self, member_end: u64) -> Result<State, GzipError> {
@@ -538,56 +719,70 @@ fn follow_start_of_span(
     consumed: &[u8],
     produced: &[u8],
     ended: bool,
-) {
+) -> Result<(), GzipError> {
     let Some(start) = start_of_span.as_mut() else {
-        return;
+        return Ok(());
     };
     start.compressed.extend_from_slice(consumed);
     start.inflated.extend_from_slice(produced);
     let too_long = start.compressed.len() > MAX_START_OF_SPAN;
     if !too_long && !ended && start.inflated.len() < WINDOW {
-        return;
+        return Ok(());
     }
     let (Some(start), Some((checkpoint, _))) = (start_of_span.take(), current.as_mut()) else {
-        return;
+        return Ok(());
+    };
+    let (stream, bits) = match &checkpoint.head {
+        // Inside a block, inflation resumes from the block's header spliced onto the
+        // stream at the checkpoint. That it does, to the same bytes, is shown here, or the
+        // index is not built.
+        Some(head) => {
+            let (stream, _) = head.splice(&start.compressed, checkpoint.bits);
+            if !inflates_alike(&start.window, &stream, 0, &start.inflated) {
+                return Err(GzipError::Inflate(format!(
+                    "no resuming inside the block at uncompressed byte {}",
+                    checkpoint.uncompressed
+                )));
+            }
+            (stream, 0)
+        }
+        None => (start.compressed, checkpoint.bits),
     };
     let sparse = (!too_long)
-        .then(|| {
-            refs::sparse_window(
-                &start.window,
-                &start.compressed,
-                checkpoint.bits,
-                &start.inflated,
-            )
-        })
+        .then(|| refs::sparse_window(&start.window, &stream, bits, &start.inflated))
         .flatten()
-        .filter(|sparse| inflates_alike(sparse, &start, checkpoint.bits));
+        .filter(|sparse| inflates_alike(sparse, &stream, bits, &start.inflated));
     checkpoint.window = Window::new(sparse.as_deref().unwrap_or(&start.window));
+    Ok(())
 }
 
-/// Whether zlib, given `window` as its dictionary, inflates the start of a span to what it
-/// did with the whole window: the sparse window is checked by the inflater that will use
-/// it, not only by the decoder that found it.
-fn inflates_alike(window: &[u8], start: &StartOfSpan, bits: u8) -> bool {
-    let Ok(Some((mut inflate, mut input))) = RawInflate::resume(bits, window, &start.compressed)
-    else {
+/// Whether zlib, given `window` as its dictionary, inflates the start of a span (from
+/// `compressed`, whose first byte holds `bits` of it) to `inflated`, what it did with the
+/// whole window: the sparse window is checked by the inflater that will use it, not only
+/// by the decoder that found it.
+fn inflates_alike(window: &[u8], compressed: &[u8], bits: u8, inflated: &[u8]) -> bool {
+    let Ok(Some((mut inflate, mut input))) = RawInflate::resume(bits, window, compressed) else {
         return false;
     };
-    let want = start.inflated.len().min(WINDOW);
+    let want = inflated.len().min(WINDOW);
     let mut out = vec![0u8; want];
     let mut produced = 0;
     while produced < want {
-        let Ok(step) = inflate.inflate(input, &mut out[produced..], false) else {
+        // A little at a time: a stream resumed a few bits off differs at once.
+        let end = (produced + 4096).min(want);
+        let Ok(step) = inflate.inflate(input, &mut out[produced..end], false) else {
             return false;
         };
         input = &input[step.consumed..];
+        if out[produced..produced + step.produced] != inflated[produced..produced + step.produced] {
+            return false;
+        }
         produced += step.produced;
         if step.stop == Stop::End || (step.consumed == 0 && step.produced == 0) {
             break;
         }
     }
-    out[..produced] == start.inflated[..produced]
-        && (produced == want || start.inflated.len() == produced)
+    produced == want || inflated.len() == produced
 }
 
 impl<R: Read> Read for Inflating<R> {

@@ -5,16 +5,20 @@
 //! windows; version 2 keeps them apart, in a blob of their own (each window deflated, one
 //! after the other, [`WINDOWS_TYPE`]) that a mount does not download: a miss fetches the
 //! window of its span with the span, a few KiB. With small spans (many windows) that is
-//! most of the index's size left on the registry.
+//! most of the index's size left on the registry. Versions 3 and 4 are 1 and 2 with
+//! checkpoints inside deflate blocks, each carrying its block's header (written only when
+//! an index has such a checkpoint, so agents that read 1 and 2 still read the others).
 //!
 //! ```text
-//! magic "imgstream-gzip-index\0" · u32 version (1 or 2)
+//! magic "imgstream-gzip-index\0" · u32 version (1 to 4)
 //! [32] layer digest (SHA-256) · u64 compressed size · u64 uncompressed size
-//! version 2: [32] windows blob digest · u64 windows blob size
-//! u32 spans, each: u64 compressed · u8 bits (0x80: a member header starts here)
+//! versions 2, 4: [32] windows blob digest · u64 windows blob size
+//! u32 spans, each: u64 compressed · u8 bits (0x80: a member header starts here;
+//!                                          0x40: inside a block, versions 3 and 4)
 //!                  u64 uncompressed · u64 len · [32] digest
-//!                  version 1: u32 window length · window
-//!                  version 2: u64 window offset · u32 deflated length · u32 window length
+//!                  versions 1, 3: u32 window length · window
+//!                  versions 2, 4: u64 window offset · u32 deflated length · u32 window length
+//!                  0x40: u16 header bits · the header, in (bits + 7) / 8 bytes
 //! u32 entries, each: str name · u8 type flag · str link · u32 mode · u64 uid · u64 gid
 //!                    u64 size · i64 mtime · str uname · str gname · u32 major · u32 minor
 //!                    u32 xattrs, each: str key · bytes value
@@ -25,8 +29,8 @@
 use std::io::{Read, Write};
 
 use super::{
-    Checkpoint, Entry, GzipError, MAX_ENTRIES, MAX_SPAN, Span, SpanIndex, WINDOW, Window,
-    WindowsBlob,
+    BlockHead, Checkpoint, Entry, GzipError, MAX_ENTRIES, MAX_HEAD_BITS, MAX_SPAN, Span, SpanIndex,
+    WINDOW, Window, WindowsBlob,
 };
 use crate::{
     image::tar::{Header, Kind},
@@ -38,6 +42,10 @@ const MAGIC: &[u8; 21] = b"imgstream-gzip-index\0";
 const HELD: u32 = 1;
 /// Windows kept apart.
 const APART: u32 = 2;
+/// Windows held, checkpoints inside blocks.
+const HELD_INSIDE: u32 = 3;
+/// Windows kept apart, checkpoints inside blocks.
+const APART_INSIDE: u32 = 4;
 /// Media type of the blob that holds an index's windows kept apart, published in the same
 /// artifact as the index.
 pub const WINDOWS_TYPE: &str = "application/vnd.imgstream.gzip-span-windows.v1";
@@ -53,6 +61,7 @@ const MAX_XATTRS: usize = 1024;
 /// Most spans: a 64 GiB layer in 64 KiB spans, more than any real layer.
 const MAX_SPANS: usize = 1 << 20;
 const MEMBER: u8 = 0x80;
+const INSIDE: u8 = 0x40;
 
 /// Why an encoded index was refused.
 #[derive(Debug, thiserror::Error)]
@@ -64,7 +73,7 @@ pub enum FormatError {
     #[error("not a span index (no magic)")]
     Magic,
     #[error(
-        "span index version {0} is not supported (this agent reads versions {HELD} and {APART})"
+        "span index version {0} is not supported (this agent reads versions {HELD} to {APART_INSIDE})"
     )]
     Version(u32),
     #[error("the index ends early (reading {0})")]
@@ -102,7 +111,16 @@ impl SpanIndex {
     fn write(&self, apart: Option<(WindowsBlob, &[(u64, u32)])>) -> Result<Vec<u8>, GzipError> {
         let mut out = Vec::new();
         out.extend_from_slice(MAGIC);
-        put_u32(&mut out, if apart.is_some() { APART } else { HELD });
+        let inside = self.spans.iter().any(|s| s.start.head.is_some());
+        put_u32(
+            &mut out,
+            match (apart.is_some(), inside) {
+                (false, false) => HELD,
+                (true, false) => APART,
+                (false, true) => HELD_INSIDE,
+                (true, true) => APART_INSIDE,
+            },
+        );
         out.extend_from_slice(&self.layer.raw());
         put_u64(&mut out, self.compressed_size);
         put_u64(&mut out, self.uncompressed_size);
@@ -114,7 +132,9 @@ impl SpanIndex {
         for (i, span) in self.spans.iter().enumerate() {
             let c = &span.start;
             put_u64(&mut out, c.compressed);
-            out.push(c.bits | if c.member { MEMBER } else { 0 });
+            let flags =
+                if c.member { MEMBER } else { 0 } | if c.head.is_some() { INSIDE } else { 0 };
+            out.push(c.bits | flags);
             put_u64(&mut out, c.uncompressed);
             put_u64(&mut out, span.len);
             out.extend_from_slice(&span.digest.raw());
@@ -126,6 +146,10 @@ impl SpanIndex {
                     put_u32(&mut out, deflated);
                     put_u32(&mut out, c.window.len() as u32);
                 }
+            }
+            if let Some(head) = &c.head {
+                out.extend_from_slice(&head.bits().to_le_bytes());
+                out.extend_from_slice(head.bytes());
             }
         }
         put_u32(&mut out, self.entries.len() as u32);
@@ -173,13 +197,15 @@ impl SpanIndex {
         };
         let mut r = Cursor { rest };
         let version = r.u32("version")?;
-        if version != HELD && version != APART {
+        if !(HELD..=APART_INSIDE).contains(&version) {
             return Err(FormatError::Version(version));
         }
+        let apart = version == APART || version == APART_INSIDE;
+        let inside_allowed = version >= HELD_INSIDE;
         let layer = Digest::from_raw(r.array("layer digest")?);
         let compressed_size = r.u64("compressed size")?;
         let uncompressed_size = r.u64("uncompressed size")?;
-        let windows = (version == APART)
+        let windows = apart
             .then(|| -> Result<_, FormatError> {
                 Ok(WindowsBlob {
                     digest: Digest::from_raw(r.array("windows blob digest")?),
@@ -221,13 +247,25 @@ impl SpanIndex {
                 }
             };
             let member = flags & MEMBER != 0;
-            let bits = flags & !MEMBER;
+            let inside = flags & INSIDE != 0;
+            let bits = flags & !(MEMBER | INSIDE);
             if bits > 7
                 || (bits > 0 && compressed == 0)
                 || (member && (bits != 0 || !window.is_empty()))
+                || (inside && (member || !inside_allowed))
             {
                 return Err(invalid("bad flags"));
             }
+            let head = inside
+                .then(|| -> Result<_, FormatError> {
+                    let head_bits = u16::from_le_bytes(r.array("block header")?);
+                    if !(3..=MAX_HEAD_BITS).contains(&head_bits) {
+                        return Err(invalid("block header length out of range"));
+                    }
+                    let bytes = r.take(usize::from(head_bits).div_ceil(8), "block header")?;
+                    BlockHead::new(bytes.to_vec(), head_bits).ok_or_else(|| invalid("block header"))
+                })
+                .transpose()?;
             if uncompressed != next_uncompressed {
                 return Err(invalid("not where the previous span ends"));
             }
@@ -261,6 +299,7 @@ impl SpanIndex {
                     uncompressed,
                     member,
                     window,
+                    head,
                 },
                 len,
                 digest,

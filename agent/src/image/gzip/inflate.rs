@@ -1,5 +1,6 @@
 //! What a span index needs of zlib and nothing more: raw inflate that can stop at every
-//! deflate block boundary, resume mid-stream from a bit position with a 32 KiB dictionary,
+//! deflate block boundary and say where the symbol it stopped in began, resume mid-stream
+//! from a bit position with a 32 KiB dictionary,
 //! and gzip member headers parsed by hand (RFC 1952), so one raw inflater walks members one
 //! after the other. zlib-rs's C-compatible API: pure Rust, the same inflate flate2 uses here.
 
@@ -31,6 +32,25 @@ pub(super) struct Step {
     pub consumed: usize,
     pub produced: usize,
     pub stop: Stop,
+    /// Where the symbol being decoded began, when the call stopped inside a compressed
+    /// block: [`Mark`]. `None` between blocks or inside a stored one.
+    pub mark: Option<Mark>,
+    /// Bits of the consumed input inflate holds and has not used.
+    pub held: u8,
+}
+
+/// Inside a compressed block, where the literal or length/distance pair being decoded when
+/// inflate stopped began (zlib's `inflateMark`): a symbol boundary, where inflation can
+/// resume given the block's header and the 32 KiB before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Mark {
+    /// Bits of the symbol inflate has taken, as zlib-rs counts them: for a length/distance
+    /// pair whose distance code was read, that code's bits are left out (zlib counts them;
+    /// zlib-rs 0.6 does not). The symbol ends [`Step::held`] bits before the end of the
+    /// input consumed.
+    pub counted: u64,
+    /// Bytes of the symbol already written out (part of a match; 0 for a literal).
+    pub written: usize,
 }
 
 /// A raw (headerless) deflate decoder with a 32 KiB window.
@@ -133,6 +153,11 @@ impl RawInflate {
         let ret = unsafe { z::inflate(s, flush) };
         let consumed = avail_in - s.avail_in as usize;
         let produced = avail_out - s.avail_out as usize;
+        // SAFETY: the stream is initialised and its pointers still valid (inflateMark wants
+        // them set); it only reads the state.
+        let mark = unsafe { z::inflateMark(s) };
+        // zlib's bit buffer: bits it took from the consumed input and has not used yet.
+        let held = u64::from((s.data_type & 63) as u8);
         s.next_in = std::ptr::null();
         s.avail_in = 0;
         s.next_out = std::ptr::null_mut();
@@ -153,10 +178,21 @@ impl RawInflate {
                 return Err(GzipError::Inflate(message));
             }
         };
+        // The upper half is how many bits back the current symbol began (-1: not in a
+        // compressed block), the lower how many of its bytes were written (for a match).
+        let mark = match (mark >> 16, (mark & 0xffff) as usize) {
+            (back, written) if back >= 0 && stop == Stop::Room => Some(Mark {
+                counted: back as u64,
+                written,
+            }),
+            _ => None,
+        };
         Ok(Step {
             consumed,
             produced,
             stop,
+            mark,
+            held: held as u8,
         })
     }
 

@@ -1,11 +1,12 @@
 //! Random access into unmodified gzip layers: a span index.
 //!
 //! A gzip layer is one deflate stream (or several members, one after the other) that can
-//! only be decompressed from its start. Reading it once, [`SpanIndex::build`] records
-//! checkpoints at deflate block boundaries about every `span` uncompressed bytes: where the
-//! next block starts in the compressed layer (to the bit), where it starts in the
-//! uncompressed stream, and the 32 KiB of uncompressed bytes before it that back-references
-//! may reach. With these, [`SpanIndex::inflate_span`] decompresses any one span from the
+//! only be decompressed from its start. Reading it once, [`SpanIndex::build`] records a
+//! checkpoint every `span` uncompressed bytes: where the stream goes on from there in the
+//! compressed layer (to the bit), where in the uncompressed stream, and the 32 KiB of
+//! uncompressed bytes before it that back-references may reach. A checkpoint is between
+//! two symbols of a deflate block, and carries that block's header (its Huffman codes),
+//! or, where that cannot be (a stored block), at the next block boundary. With these, [`SpanIndex::inflate_span`] decompresses any one span from the
 //! compressed bytes between its checkpoint and the next, and checks them against the span's
 //! SHA-256 before a byte is handed out. The index also lists every tar entry with the
 //! offset of its data in the uncompressed stream, so a file's bytes are found in the spans
@@ -104,6 +105,74 @@ pub struct Checkpoint {
     /// that the span refers back to: the end of them, from the first byte referred to, the
     /// others zeroed ([`refs`]).
     pub window: Window,
+    /// For a checkpoint inside a compressed deflate block (between two of its symbols,
+    /// rather than at a block boundary): that block's header, which inflation resumes from,
+    /// followed by the stream at the checkpoint. Blocks are often 100 KiB or more of
+    /// output, so without these a span could not end before the block did.
+    pub head: Option<BlockHead>,
+}
+
+/// Most bits a compressed block's header takes: 3 bits of type, 14 of counts, 19 code
+/// length codes of 3 bits, and at most 316 code lengths of at most 7 + 7 bits.
+pub const MAX_HEAD_BITS: u16 = 3 + 14 + 19 * 3 + 316 * 14;
+
+/// The header of a compressed deflate block: its first `bits` bits, packed from bit 0 as
+/// deflate packs them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockHead {
+    bytes: Box<[u8]>,
+    bits: u16,
+}
+
+impl BlockHead {
+    /// `None` unless `bytes` holds exactly `bits` bits (3..=[`MAX_HEAD_BITS`]).
+    pub fn new(bytes: Vec<u8>, bits: u16) -> Option<Self> {
+        ((3..=MAX_HEAD_BITS).contains(&bits) && bytes.len() == usize::from(bits).div_ceil(8)).then(
+            || Self {
+                bytes: bytes.into(),
+                bits,
+            },
+        )
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    pub fn bits(&self) -> u16 {
+        self.bits
+    }
+
+    /// A deflate stream that starts with this header and goes on with the stream in
+    /// `bytes` after a checkpoint inside the block: `bytes` starts with the byte holding
+    /// its first bits, `bits` of them (its high ones; 0: all of it). Returns it with the
+    /// number of bytes it has before `bytes[1]` (its bytes from there on are those of
+    /// `bytes`).
+    ///
+    /// The stream after the checkpoint must keep its place within bytes: a stored block in
+    /// it starts at the next byte boundary. So the header is put after as many empty
+    /// blocks as align the checkpoint's bit where it was in its byte.
+    fn splice(&self, bytes: &[u8], bits: u8) -> (Vec<u8>, usize) {
+        let Some((&first, rest)) = bytes.split_first() else {
+            return (Vec::new(), 0);
+        };
+        let skip = u32::from((8 - bits) % 8);
+        let mut out = refs::BitWriter::with_capacity(self.bytes.len() + bytes.len() + 24);
+        let misaligned = (skip + 8 - u32::from(self.bits % 8)) % 8;
+        refs::empty_blocks(&mut out, misaligned);
+        let whole = usize::from(self.bits / 8);
+        for &byte in &self.bytes[..whole] {
+            out.push(u64::from(byte), 8);
+        }
+        if !self.bits.is_multiple_of(8) {
+            out.push(u64::from(self.bytes[whole]), u32::from(self.bits % 8));
+        }
+        out.push(u64::from(first >> skip), 8 - skip);
+        let mut out = out.finish();
+        let before = out.len();
+        out.extend_from_slice(rest);
+        (out, before)
+    }
 }
 
 /// A checkpoint's window: held in memory, deflated (a sparse window, mostly zeros, takes a
@@ -375,6 +444,11 @@ pub fn inflate_span(
     }
     let short = || GzipError::SpanShort { at, len };
     let mut out = vec![0u8; len as usize];
+    // Inside a block, the stream inflated is the block's header spliced onto `bytes` at
+    // the checkpoint; `spliced` says where that stream's bits are in `bytes`, to find the
+    // member's trailer where it ends.
+    let mut spliced = None;
+    let stream;
     let (mut inflate, mut input) = if start.member {
         (
             inflate::RawInflate::new()?,
@@ -393,7 +467,16 @@ pub fn inflate_span(
             }
             SpanWindow::Preceding(bytes) => &bytes[bytes.len().saturating_sub(WINDOW)..],
         };
-        inflate::RawInflate::resume(start.bits, dictionary, bytes)?.ok_or_else(short)?
+        match &start.head {
+            None => inflate::RawInflate::resume(start.bits, dictionary, bytes)?,
+            Some(head) => {
+                let before;
+                (stream, before) = head.splice(bytes, start.bits);
+                spliced = Some((&stream[..], before));
+                inflate::RawInflate::resume(0, dictionary, &stream)?
+            }
+        }
+        .ok_or_else(short)?
     };
     let mut produced = 0;
     while produced < out.len() {
@@ -402,7 +485,15 @@ pub fn inflate_span(
         produced += step.produced;
         match step.stop {
             inflate::Stop::End if produced < out.len() => {
-                // The span goes on in the next member.
+                // The span goes on in the next member, whose trailer is at the byte after
+                // the deflate stream's last bit: in `bytes`, not in the spliced stream.
+                if let Some((stream, before)) = spliced.take() {
+                    let used = (stream.len() - input.len()) as u64 * 8 - u64::from(step.held);
+                    let end = used.div_ceil(8).checked_sub(before as u64 - 1);
+                    input = end
+                        .and_then(|end| bytes.get(end as usize..))
+                        .ok_or_else(short)?;
+                }
                 let after = input.get(inflate::TRAILER..).ok_or_else(short)?;
                 input = skip_header(after).ok_or_else(short)?;
                 inflate.reset()?;

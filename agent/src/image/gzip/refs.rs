@@ -13,7 +13,7 @@
 //! it decodes is compared with what zlib produced, and any disagreement, malformed input or
 //! missing bytes gives `None`, where the caller keeps the whole window.
 
-use super::WINDOW;
+use super::{BlockHead, WINDOW};
 
 /// Lengths of matches by length code 257..=285.
 const LENGTH_BASE: [u16; 29] = [
@@ -89,6 +89,173 @@ pub(super) fn sparse_window(
             .map(|(&byte, &used)| if used { byte } else { 0 })
             .collect(),
     )
+}
+
+/// The header of the compressed block whose first bit is bit `skip` of `data`: its bits
+/// from the block's first (BFINAL) to the last before its first symbol, packed from bit 0.
+/// `None` for a stored block (it has no codes to resume with), or a header that is
+/// malformed or not all in `data`.
+pub(super) fn block_head(data: &[u8], skip: usize) -> Option<BlockHead> {
+    let mut decoder = Decoder {
+        input: BitReader {
+            data,
+            position: skip,
+        },
+        window: &[],
+        used: Vec::new(),
+        out: Vec::new(),
+    };
+    decoder.input.bit()?;
+    match decoder.input.bits(2)? {
+        1 => {}
+        2 => {
+            decoder.dynamic_codes()?;
+        }
+        _ => return None,
+    }
+    let end = decoder.input.position;
+    let mut reader = BitReader {
+        data,
+        position: skip,
+    };
+    let mut head = BitWriter::default();
+    for _ in skip..end {
+        head.push(u64::from(reader.bit()?), 1);
+    }
+    BlockHead::new(head.finish(), u16::try_from(end - skip).ok()?)
+}
+
+/// The codes of a compressed block, from its header: to tell what symbol starts where.
+pub(super) struct BlockCodes {
+    literals: Huffman,
+    distances: Huffman,
+}
+
+impl BlockCodes {
+    pub(super) fn of(head: &BlockHead) -> Option<Self> {
+        let mut decoder = Decoder {
+            input: BitReader {
+                data: head.bytes(),
+                position: 0,
+            },
+            window: &[],
+            used: Vec::new(),
+            out: Vec::new(),
+        };
+        decoder.input.bit()?;
+        let (literals, distances) = match decoder.input.bits(2)? {
+            1 => fixed_codes()?,
+            2 => decoder.dynamic_codes()?,
+            _ => return None,
+        };
+        Some(Self {
+            literals,
+            distances,
+        })
+    }
+
+    /// The symbol (a literal, a length/distance pair or the end of the block) whose first
+    /// bit is bit `position` of `data`: how many bits it takes, and how many of them are
+    /// its distance code (0 but for a pair). `None` if the bits there are no symbol.
+    pub(super) fn symbol_at(&self, data: &[u8], position: usize) -> Option<(u64, u64)> {
+        let mut input = BitReader { data, position };
+        let symbol = self.literals.decode(&mut input)?;
+        if symbol <= 256 {
+            return Some(((input.position - position) as u64, 0));
+        }
+        let code = usize::from(symbol - 257);
+        input.bits(*LENGTH_EXTRA.get(code)?)?;
+        let before = input.position;
+        let code = usize::from(self.distances.decode(&mut input)?);
+        let distance_bits = (input.position - before) as u64;
+        input.bits(*DISTANCE_EXTRA.get(code)?)?;
+        Some(((input.position - position) as u64, distance_bits))
+    }
+}
+
+/// Appends empty deflate blocks (none of them the last) that take a number of bits that is
+/// `residue` more than a multiple of 8: an empty block in fixed codes takes 10 bits, one in
+/// dynamic codes (a one-bit code for a literal and for end of block) 91 bits with 18
+/// code length codes and 94 with 19. They produce nothing.
+pub(super) fn empty_blocks(out: &mut BitWriter, residue: u32) {
+    // (blocks in fixed codes, dynamic with 18 code length codes, with 19).
+    let (fixed, short, long) = match residue % 8 {
+        0 => (0, 0, 0),
+        1 => (0, 1, 1),
+        2 => (1, 0, 0),
+        3 => (0, 1, 0),
+        4 => (2, 0, 0),
+        5 => (1, 1, 0),
+        6 => (0, 0, 1),
+        _ => (2, 1, 0),
+    };
+    for _ in 0..fixed {
+        // BFINAL 0, BTYPE 01, then end of block: code 0000000.
+        out.push(0b010, 3);
+        out.push(0, 7);
+    }
+    for (count, lengths) in [(short, 18u32), (long, 19)] {
+        for _ in 0..count {
+            // BFINAL 0, BTYPE 10; 257 literal/length codes, 1 distance code.
+            out.push(0b100, 3);
+            out.push(0, 5);
+            out.push(0, 5);
+            out.push(u64::from(lengths - 4), 4);
+            // Code length codes, in their order: 16 17 18 0 8 7 9 6 10 5 11 4 12 3 13 2 14
+            // 1 (15): 18 and 1 get one bit each (1 is code 0, 18 is code 1).
+            for slot in 0..lengths {
+                out.push(u64::from(slot == 2 || slot == 17), 3);
+            }
+            // Lengths: 1 (literal 0), 138 and 117 zeros (18, 7 extra bits each),
+            // 1 (end of block), 1 (the distance code).
+            out.push(0, 1);
+            out.push(1, 1);
+            out.push(138 - 11, 7);
+            out.push(1, 1);
+            out.push(117 - 11, 7);
+            out.push(0, 1);
+            out.push(0, 1);
+            // End of block: literal 0 is code 0, 256 code 1.
+            out.push(1, 1);
+        }
+    }
+}
+
+/// Bits packed least significant first, as deflate packs them.
+#[derive(Default)]
+pub(super) struct BitWriter {
+    out: Vec<u8>,
+    acc: u64,
+    held: u32,
+}
+
+impl BitWriter {
+    pub(super) fn with_capacity(bytes: usize) -> Self {
+        Self {
+            out: Vec::with_capacity(bytes),
+            ..Self::default()
+        }
+    }
+
+    /// Appends the `count` (at most 32) low bits of `value`.
+    pub(super) fn push(&mut self, value: u64, count: u32) {
+        debug_assert!(count <= 32);
+        self.acc |= (value & ((1u64 << count) - 1)) << self.held;
+        self.held += count;
+        while self.held >= 8 {
+            self.out.push(self.acc as u8);
+            self.acc >>= 8;
+            self.held -= 8;
+        }
+    }
+
+    /// The bytes, the last one padded with zero bits.
+    pub(super) fn finish(mut self) -> Vec<u8> {
+        if self.held > 0 {
+            self.out.push(self.acc as u8);
+        }
+        self.out
+    }
 }
 
 /// Bits of a deflate stream, least significant first.
@@ -330,6 +497,31 @@ mod tests {
     use flate2::{Compression, write::DeflateEncoder};
 
     use super::*;
+
+    /// Empty blocks take the bits asked for (mod 8), produce nothing, and what follows
+    /// them inflates as it would alone, in zlib and in the decoder here.
+    #[test]
+    fn empty_blocks_align_and_produce_nothing() {
+        let data = sample(5000, 3);
+        for residue in 0..8 {
+            let mut out = BitWriter::default();
+            empty_blocks(&mut out, residue);
+            let bits = out.out.len() as u32 * 8 + out.held;
+            assert_eq!(bits % 8, residue, "residue {residue}");
+            // Then a stored block, which starts at the next byte boundary: the
+            // alignment is what it must survive.
+            out.push(0b001, 3);
+            let mut stream = out.finish();
+            let len = data.len().min(65_535) as u16;
+            stream.extend_from_slice(&len.to_le_bytes());
+            stream.extend_from_slice(&(!len).to_le_bytes());
+            stream.extend_from_slice(&data[..usize::from(len)]);
+            assert_eq!(zlib(&[], &stream, data.len()), data, "residue {residue}");
+            let window = vec![1u8; 64];
+            let sparse = sparse_window(&window, &stream, 0, &data).expect("decoded alike");
+            assert!(sparse.is_empty(), "nothing refers back");
+        }
+    }
 
     /// Deterministic bytes that repeat at long and short distances, as code and text do.
     fn sample(len: usize, seed: u64) -> Vec<u8> {

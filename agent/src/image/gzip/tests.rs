@@ -86,6 +86,74 @@ fn every_span_of_a_flate2_layer_inflates_on_its_own() {
     assert_eq!(index.entries.len(), files.len() + 1);
 }
 
+/// Runs of one byte or two compress to symbols of a few bits that repeat: a checkpoint
+/// placed a symbol off would inflate the same bytes, so where one cannot be told apart the
+/// span ends at the next block boundary instead. Every span still inflates to its bytes.
+#[test]
+fn checkpoints_in_runs_of_one_byte_are_where_they_say() {
+    let mut data = vec![0u8; 1 << 20];
+    data.extend(b"ab".repeat(300_000));
+    data.extend(crate::testing::bytes(7, 200_000, true));
+    data.extend(vec![0xffu8; 700_000]);
+    for layer in [gnu_gzip(&data), gzip(&data, 1), gzip(&data, 6), gzip(&data, 9)] {
+        let index = build(&layer, MIN_SPAN);
+        assert!(index.spans.iter().any(|s| s.start.head.is_some()));
+        check_every_span(&layer, &index, &data);
+    }
+}
+
+/// Spans end where they reach their length, inside a deflate block (whose header the
+/// checkpoint carries), not at the block boundary after it: deflate blocks of GNU gzip
+/// are often longer than a span.
+#[test]
+fn spans_end_inside_blocks_at_their_length() {
+    let (tar, _) = layer_tar();
+    for layer in [gnu_gzip(&tar), gzip(&tar, 1), gzip(&tar, 9)] {
+        let index = build(&layer, MIN_SPAN);
+        let inside = index
+            .spans
+            .iter()
+            .filter(|s| s.start.head.is_some())
+            .count();
+        assert!(
+            inside * 2 > index.spans.len(),
+            "{inside} of {} spans start inside a block",
+            index.spans.len()
+        );
+        // Every span but the last is as long as asked, give or take the symbol it ends in
+        // (a match is at most 258 bytes), unless it ends at a member or block boundary.
+        let exact = index.spans[..index.spans.len() - 1]
+            .iter()
+            .filter(|s| s.len.abs_diff(MIN_SPAN) <= 258)
+            .count();
+        assert!(
+            exact >= inside.saturating_sub(1),
+            "{exact} spans of their length"
+        );
+        assert!(
+            index
+                .spans
+                .iter()
+                .any(|s| s.start.head.is_some() && s.start.bits > 0)
+        );
+        check_every_span(&layer, &index, &tar);
+        // They read back, headers and all.
+        let encoded = index.encode().expect("an index encodes");
+        assert_eq!(SpanIndex::decode(&encoded).expect("it decodes"), index);
+        let (apart, blob) = index.encode_apart().expect("an index encodes");
+        let decoded = SpanIndex::decode(&apart).expect("it decodes");
+        assert_eq!(decoded.spans.len(), index.spans.len());
+        assert!(
+            decoded
+                .spans
+                .iter()
+                .zip(&index.spans)
+                .all(|(d, s)| d.start.head == s.start.head)
+        );
+        assert!(!blob.is_empty());
+    }
+}
+
 #[test]
 fn every_span_of_a_gnu_gzip_layer_inflates_on_its_own() {
     let (tar, files) = layer_tar();
@@ -624,6 +692,7 @@ fn a_stream_ending_in_empty_blocks_gets_no_empty_span() {
                 uncompressed: index.uncompressed_size,
                 member: false,
                 window: Window::default(),
+                head: None,
             },
             len: 0,
             digest: last.digest,
