@@ -95,7 +95,12 @@ fn checkpoints_in_runs_of_one_byte_are_where_they_say() {
     data.extend(b"ab".repeat(300_000));
     data.extend(crate::testing::bytes(7, 200_000, true));
     data.extend(vec![0xffu8; 700_000]);
-    for layer in [gnu_gzip(&data), gzip(&data, 1), gzip(&data, 6), gzip(&data, 9)] {
+    for layer in [
+        gnu_gzip(&data),
+        gzip(&data, 1),
+        gzip(&data, 6),
+        gzip(&data, 9),
+    ] {
         let index = build(&layer, MIN_SPAN);
         assert!(index.spans.iter().any(|s| s.start.head.is_some()));
         check_every_span(&layer, &index, &data);
