@@ -157,7 +157,7 @@ impl RawInflate {
         // them set); it only reads the state.
         let mark = unsafe { z::inflateMark(s) };
         // zlib's bit buffer: bits it took from the consumed input and has not used yet.
-        let held = u64::from((s.data_type & 63) as u8);
+        let held = (s.data_type & 63) as u8;
         s.next_in = std::ptr::null();
         s.avail_in = 0;
         s.next_out = std::ptr::null_mut();
@@ -192,7 +192,7 @@ impl RawInflate {
             produced,
             stop,
             mark,
-            held: held as u8,
+            held,
         })
     }
 

@@ -4,9 +4,10 @@
 //! only be decompressed from its start. Reading it once, [`SpanIndex::build`] records a
 //! checkpoint every `span` uncompressed bytes: where the stream goes on from there in the
 //! compressed layer (to the bit), where in the uncompressed stream, and the 32 KiB of
-//! uncompressed bytes before it that back-references may reach. A checkpoint is between
-//! two symbols of a deflate block, and carries that block's header (its Huffman codes),
-//! or, where that cannot be (a stored block), at the next block boundary. With these, [`SpanIndex::inflate_span`] decompresses any one span from the
+//! uncompressed bytes before it that back-references may reach. A checkpoint sits between
+//! two symbols of a deflate block and carries that block's header (its Huffman codes);
+//! where none can be placed there (in a stored block), it sits at the next block boundary.
+//! With these, [`SpanIndex::inflate_span`] decompresses any one span from the
 //! compressed bytes between its checkpoint and the next, and checks them against the span's
 //! SHA-256 before a byte is handed out. The index also lists every tar entry with the
 //! offset of its data in the uncompressed stream, so a file's bytes are found in the spans

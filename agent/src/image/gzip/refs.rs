@@ -96,24 +96,7 @@ pub(super) fn sparse_window(
 /// `None` for a stored block (it has no codes to resume with), or a header that is
 /// malformed or not all in `data`.
 pub(super) fn block_head(data: &[u8], skip: usize) -> Option<BlockHead> {
-    let mut decoder = Decoder {
-        input: BitReader {
-            data,
-            position: skip,
-        },
-        window: &[],
-        used: Vec::new(),
-        out: Vec::new(),
-    };
-    decoder.input.bit()?;
-    match decoder.input.bits(2)? {
-        1 => {}
-        2 => {
-            decoder.dynamic_codes()?;
-        }
-        _ => return None,
-    }
-    let end = decoder.input.position;
+    let (_, end) = read_head(data, skip)?;
     let mut reader = BitReader {
         data,
         position: skip,
@@ -125,6 +108,25 @@ pub(super) fn block_head(data: &[u8], skip: usize) -> Option<BlockHead> {
     BlockHead::new(head.finish(), u16::try_from(end - skip).ok()?)
 }
 
+/// The codes of the compressed block whose header starts at bit `position` of `data`, and
+/// the bit after that header; `None` for a stored block or a header that is malformed or
+/// not all in `data`.
+fn read_head(data: &[u8], position: usize) -> Option<((Huffman, Huffman), usize)> {
+    let mut decoder = Decoder {
+        input: BitReader { data, position },
+        window: &[],
+        used: Vec::new(),
+        out: Vec::new(),
+    };
+    decoder.input.bit()?;
+    let codes = match decoder.input.bits(2)? {
+        1 => fixed_codes()?,
+        2 => decoder.dynamic_codes()?,
+        _ => return None,
+    };
+    Some((codes, decoder.input.position))
+}
+
 /// The codes of a compressed block, from its header: to tell what symbol starts where.
 pub(super) struct BlockCodes {
     literals: Huffman,
@@ -133,21 +135,7 @@ pub(super) struct BlockCodes {
 
 impl BlockCodes {
     pub(super) fn of(head: &BlockHead) -> Option<Self> {
-        let mut decoder = Decoder {
-            input: BitReader {
-                data: head.bytes(),
-                position: 0,
-            },
-            window: &[],
-            used: Vec::new(),
-            out: Vec::new(),
-        };
-        decoder.input.bit()?;
-        let (literals, distances) = match decoder.input.bits(2)? {
-            1 => fixed_codes()?,
-            2 => decoder.dynamic_codes()?,
-            _ => return None,
-        };
+        let ((literals, distances), _) = read_head(head.bytes(), 0)?;
         Some(Self {
             literals,
             distances,
