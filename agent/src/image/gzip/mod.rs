@@ -489,8 +489,13 @@ pub fn inflate_span(
                 // The span goes on in the next member, whose trailer is at the byte after
                 // the deflate stream's last bit: in `bytes`, not in the spliced stream.
                 if let Some((stream, before)) = spliced.take() {
-                    let used = (stream.len() - input.len()) as u64 * 8 - u64::from(step.held);
-                    let end = used.div_ceil(8).checked_sub(before as u64 - 1);
+                    let used = ((stream.len() - input.len()) as u64 * 8)
+                        .checked_sub(u64::from(step.held))
+                        .ok_or_else(short)?;
+                    // Byte `before - 1` of the stream is `bytes[0]`.
+                    let end = (before as u64)
+                        .checked_sub(1)
+                        .and_then(|first| used.div_ceil(8).checked_sub(first));
                     input = end
                         .and_then(|end| bytes.get(end as usize..))
                         .ok_or_else(short)?;
