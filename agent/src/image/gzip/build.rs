@@ -227,10 +227,9 @@ struct Inflating<R> {
     current: Option<(Checkpoint, Hasher)>,
     /// The start of the current span, kept until its window can be made sparse.
     start_of_span: Option<StartOfSpan>,
-    /// The last compressed byte inflate consumed (a checkpoint inside it needs it).
-    last_in: u8,
-    /// The last (up to) [`RECENT`] compressed bytes inflate consumed before its last call:
-    /// a symbol it stopped in may have begun in them.
+    /// The last (up to) [`RECENT`] compressed bytes inflate consumed: a symbol it stops in
+    /// may have begun in them, and a checkpoint at a block boundary inside the last one
+    /// needs it.
     recent: Vec<u8>,
     /// The start of the block being inflated: its first compressed bytes (enough for its
     /// header), of which the first `skip` bits belong to the block before; `None` before
@@ -288,7 +287,6 @@ impl<R: Read> Inflating<R> {
             spans: Vec::new(),
             current: None,
             start_of_span: None,
-            last_in: 0,
             recent: Vec::with_capacity(2 * RECENT),
             block: None,
             at_boundary: false,
@@ -342,7 +340,7 @@ impl<R: Read> Inflating<R> {
     /// that, whole).
     fn checkpoint(&mut self, checkpoint: Checkpoint, window: Vec<u8>) -> Result<(), GzipError> {
         let compressed = if checkpoint.bits > 0 {
-            vec![self.last_in]
+            self.recent.last().copied().into_iter().collect()
         } else {
             Vec::new()
         };
@@ -538,9 +536,6 @@ impl<R: Read> Inflating<R> {
                     let cap = room.map_or(out.len(), |r| r.min(out.len()));
                     let out = &mut out[..cap];
                     let step = self.inflate.inflate(&self.buf[start..end], out, true)?;
-                    if step.consumed > 0 {
-                        self.last_in = self.buf[start + step.consumed - 1];
-                    }
                     let consumed = &self.buf[start..start + step.consumed];
                     if let Some((block, _)) = self.block.as_mut()
                         && block.len() < BLOCK_START
@@ -593,7 +588,10 @@ impl<R: Read> Inflating<R> {
                     match step.stop {
                         Stop::Block { bits } => {
                             self.block = Some(if bits > 0 {
-                                (vec![self.last_in], usize::from(8 - bits))
+                                (
+                                    self.recent.last().copied().into_iter().collect(),
+                                    usize::from(8 - bits),
+                                )
                             } else {
                                 (Vec::new(), 0)
                             });
