@@ -238,6 +238,10 @@ struct Inflating<R> {
     /// The span being read is to end at the next block boundary: no checkpoint could be
     /// placed inside the block where it reached its length.
     at_boundary: bool,
+    /// While the start of a span that begins inside a block is being checked: how many
+    /// spans there were with the one before it, and that one's digest before it was
+    /// finished, to join the two if the checkpoint between them is given up.
+    joinable: Option<(usize, Hasher)>,
     failed: Option<GzipError>,
 }
 
@@ -290,6 +294,7 @@ impl<R: Read> Inflating<R> {
             recent: Vec::with_capacity(2 * RECENT),
             block: None,
             at_boundary: false,
+            joinable: None,
             failed: None,
         })
     }
@@ -354,7 +359,10 @@ impl<R: Read> Inflating<R> {
         window: Vec<u8>,
         compressed: Vec<u8>,
     ) -> Result<(), GzipError> {
-        self.close_span()?;
+        let closed = self.close_span()?;
+        self.joinable = closed
+            .filter(|_| checkpoint.head.is_some())
+            .map(|hasher| (self.spans.len(), hasher));
         self.at_boundary = false;
         self.start_of_span = (!window.is_empty()).then(|| StartOfSpan {
             window,
@@ -379,8 +387,8 @@ impl<R: Read> Inflating<R> {
     /// the checkpoint and the compressed bytes from the one holding its first bit to the end
     /// of that input. `None` where none can be placed: a stored block, a header too long to
     /// have been kept, a symbol begun before the bytes kept, or one whose first bit is not
-    /// known for sure.
-    fn inside_block(&self, step: &Step) -> Option<(Checkpoint, Vec<u8>)> {
+    /// known for sure. `produced` is what the step wrote.
+    fn inside_block(&self, step: &Step, produced: &[u8]) -> Option<(Checkpoint, Vec<u8>)> {
         let mark = step.mark?;
         if mark.written > step.produced {
             return None;
@@ -401,16 +409,17 @@ impl<R: Read> Inflating<R> {
             bytes.extend_from_slice(&self.recent[self.recent.len() - before..]);
             bytes.extend_from_slice(input);
             let from = self.offset - before as u64;
-            return self.placed(&codes, head, &bytes, from, last, step);
+            return self.placed(&codes, head, &bytes, from, last, (step, produced));
         };
-        self.placed(&codes, head, bytes, from, last, step)
+        self.placed(&codes, head, bytes, from, last, (step, produced))
     }
 
     /// [`Self::inside_block`] given `bytes`, the compressed bytes from the layer's byte
     /// `from`: the symbol's first bit is `last` or, where zlib-rs's mark left out a distance
     /// code, that code's length before it. Of those places, the one whose bits decode (in
-    /// the block's codes) to a symbol of the length the mark says, and which is the only
-    /// one that does.
+    /// the block's codes) to a symbol of the length the mark says, and, for a match of which
+    /// the step wrote some bytes, one that copies those bytes; and only if it is the only
+    /// one.
     fn placed(
         &self,
         codes: &refs::BlockCodes,
@@ -418,23 +427,31 @@ impl<R: Read> Inflating<R> {
         bytes: &[u8],
         from: u64,
         last: u64,
-        step: &Step,
+        (step, produced): (&Step, &[u8]),
     ) -> Option<(Checkpoint, Vec<u8>)> {
         let mark = step.mark?;
+        let split = produced.len().checked_sub(mark.written)?;
         let mut places = (0..=MAX_UNCOUNTED).filter_map(|uncounted| {
             let bit = last.checked_sub(uncounted)?.checked_sub(from * 8)?;
-            let (len, distance) = codes.symbol_at(bytes, usize::try_from(bit).ok()?)?;
+            let symbol = codes.symbol_at(bytes, usize::try_from(bit).ok()?)?;
             let fits = if uncounted == 0 {
-                len == mark.counted
+                symbol.bits == mark.counted
             } else {
-                distance == uncounted && len == mark.counted + uncounted
+                symbol.distance_bits == uncounted && symbol.bits == mark.counted + uncounted
             };
-            fits.then_some(from * 8 + bit)
+            let copies = mark.written == 0
+                || symbol.copy.is_some_and(|(length, distance)| {
+                    usize::from(length) >= mark.written
+                        && self.copies(&produced[..split], distance, &produced[split..])
+                });
+            (fits && copies).then_some(from * 8 + bit)
         });
         let first = places.next()?;
         if places.next().is_some() {
             return None;
         }
+        #[cfg(test)]
+        let first = first + tests::misplaced(self.spans.len());
         let checkpoint = Checkpoint {
             compressed: first.div_ceil(8),
             bits: ((8 - first % 8) % 8) as u8,
@@ -446,24 +463,93 @@ impl<R: Read> Inflating<R> {
         Some((checkpoint, bytes[(first / 8 - from) as usize..].to_vec()))
     }
 
-    fn close_span(&mut self) -> Result<(), GzipError> {
+    /// Whether a match `distance` back from the end of what was inflated before it (the
+    /// window, then `before`) writes `written` first.
+    fn copies(&self, before: &[u8], distance: u16, written: &[u8]) -> bool {
+        let distance = usize::from(distance);
+        let history = self.window.len() + before.len();
+        if distance > history.min(WINDOW) {
+            return false;
+        }
+        let at = |i: usize| {
+            if i < self.window.len() {
+                self.window[i]
+            } else {
+                before[i - self.window.len()]
+            }
+        };
+        // A match may overlap what it writes: byte i copies byte i - distance, itself
+        // written by the match when that is past the history.
+        written.iter().enumerate().all(|(i, &byte)| {
+            let source = history + i - distance;
+            let expected = if source < history {
+                at(source)
+            } else {
+                written[source - history]
+            };
+            byte == expected
+        })
+    }
+
+    /// Gives up the checkpoint inside a block whose span's start (`refused`) did not inflate
+    /// from it alike: the span before it goes on through this one, as if the checkpoint had
+    /// never been placed, and ends at the next block boundary. The last `unhashed` bytes of
+    /// `refused` are not in the span's digest yet (the caller adds them). Placing a
+    /// checkpoint inside a block rests on where zlib says the symbol it stopped in began;
+    /// should that ever be wrong, this costs a longer span, not the index.
+    fn join(&mut self, refused: StartOfSpan, unhashed: usize) -> Result<(), GzipError> {
+        let at = self.current.as_ref().map_or(0, |(c, _)| c.uncompressed);
+        let error = || {
+            GzipError::Inflate(format!(
+                "no resuming inside the block at uncompressed byte {at}"
+            ))
+        };
+        let (count, mut hasher) = self.joinable.take().ok_or_else(error)?;
+        if count == 0 || self.spans.len() != count {
+            return Err(error());
+        }
+        let before = self.spans.pop().ok_or_else(error)?;
+        let hashed = refused
+            .inflated
+            .len()
+            .checked_sub(unhashed)
+            .ok_or_else(error)?;
+        hasher.update(&refused.inflated[..hashed]);
+        tracing::debug!(
+            at,
+            "a checkpoint inside a deflate block did not resume alike: its span is joined to the one before"
+        );
+        self.current = Some((before.start, hasher));
+        self.at_boundary = true;
+        Ok(())
+    }
+
+    /// Ends the current span, if any: its digest (and, for a span that has bytes, the digest
+    /// before it was finished, in case the span after it is joined to it).
+    fn close_span(&mut self) -> Result<Option<Hasher>, GzipError> {
         // A span too short to take its window out of reach settles its start with what
         // there is of it (it keeps all of its window).
-        follow_start_of_span(&mut self.start_of_span, &mut self.current, &[], &[], true)?;
-        if let Some((start, hasher)) = self.current.take() {
-            let len = self.total_out - start.uncompressed;
-            // A checkpoint with nothing after it (the stream ends in empty blocks, as Go's
-            // gzip writers end it, which podman and buildah push with) opens no span.
-            if len == 0 {
-                return Ok(());
-            }
-            self.spans.push(Span {
-                start,
-                len,
-                digest: hasher.finish(),
-            });
+        if let Some(refused) =
+            follow_start_of_span(&mut self.start_of_span, &mut self.current, &[], &[], true)?
+        {
+            self.join(refused, 0)?;
         }
-        Ok(())
+        let Some((start, hasher)) = self.current.take() else {
+            return Ok(None);
+        };
+        let len = self.total_out - start.uncompressed;
+        // A checkpoint with nothing after it (the stream ends in empty blocks, as Go's
+        // gzip writers end it, which podman and buildah push with) opens no span.
+        if len == 0 {
+            return Ok(None);
+        }
+        let unfinished = hasher.clone();
+        self.spans.push(Span {
+            start,
+            len,
+            digest: hasher.finish(),
+        });
+        Ok(Some(unfinished))
     }
 
     /// Whether checkpoints are recorded and the span being read is long enough to end at
@@ -544,7 +630,7 @@ impl<R: Read> Inflating<R> {
                         block.extend_from_slice(&consumed[..take]);
                     }
                     let inside = if step.produced > 0 && room == Some(step.produced) {
-                        let inside = self.inside_block(&step);
+                        let inside = self.inside_block(&step, &out[..step.produced]);
                         self.at_boundary = inside.is_none();
                         inside
                     } else {
@@ -555,13 +641,15 @@ impl<R: Read> Inflating<R> {
                     if self.recent.len() > RECENT {
                         self.recent.drain(..self.recent.len() - RECENT);
                     }
-                    follow_start_of_span(
+                    if let Some(refused) = follow_start_of_span(
                         &mut self.start_of_span,
                         &mut self.current,
                         consumed,
                         &out[..step.produced],
                         step.stop == Stop::End,
-                    )?;
+                    )? {
+                        self.join(refused, step.produced)?;
+                    }
                     self.consume(step.consumed);
                     let produced = &out[..step.produced];
                     self.member_len += produced.len() as u64;
@@ -576,13 +664,15 @@ impl<R: Read> Inflating<R> {
                         let window =
                             self.window[self.window.len().saturating_sub(WINDOW)..].to_vec();
                         self.open_span(checkpoint, window, compressed)?;
-                        follow_start_of_span(
+                        if let Some(refused) = follow_start_of_span(
                             &mut self.start_of_span,
                             &mut self.current,
                             &[],
                             &produced[split..],
                             false,
-                        )?;
+                        )? {
+                            self.join(refused, produced.len() - split)?;
+                        }
                         self.produce(&produced[split..]);
                     }
                     match step.stop {
@@ -710,37 +800,35 @@ impl<R: Read> Inflating<R> {
 
 /// Follows the start of the current span with what one inflate call consumed and produced;
 /// once the window is out of reach (or the member ended), keeps only the window bytes the
-/// span refers to.
+/// span refers to. A checkpoint inside a block that does not resume to the bytes it was
+/// read to is handed back (the start of its span, what it inflated included).
 fn follow_start_of_span(
     start_of_span: &mut Option<StartOfSpan>,
     current: &mut Option<(Checkpoint, Hasher)>,
     consumed: &[u8],
     produced: &[u8],
     ended: bool,
-) -> Result<(), GzipError> {
+) -> Result<Option<StartOfSpan>, GzipError> {
     let Some(start) = start_of_span.as_mut() else {
-        return Ok(());
+        return Ok(None);
     };
     start.compressed.extend_from_slice(consumed);
     start.inflated.extend_from_slice(produced);
     let too_long = start.compressed.len() > MAX_START_OF_SPAN;
     if !too_long && !ended && start.inflated.len() < WINDOW {
-        return Ok(());
+        return Ok(None);
     }
     let (Some(start), Some((checkpoint, _))) = (start_of_span.take(), current.as_mut()) else {
-        return Ok(());
+        return Ok(None);
     };
     let (stream, bits) = match &checkpoint.head {
         // Inside a block, inflation resumes from the block's header spliced onto the
         // stream at the checkpoint. That it does, to the same bytes, is shown here, or the
-        // index is not built.
+        // checkpoint is given up (the caller joins its span to the one before).
         Some(head) => {
             let (stream, _) = head.splice(&start.compressed, checkpoint.bits);
             if !inflates_alike(&start.window, &stream, 0, &start.inflated) {
-                return Err(GzipError::Inflate(format!(
-                    "no resuming inside the block at uncompressed byte {}",
-                    checkpoint.uncompressed
-                )));
+                return Ok(Some(start));
             }
             (stream, 0)
         }
@@ -751,7 +839,7 @@ fn follow_start_of_span(
         .flatten()
         .filter(|sparse| inflates_alike(sparse, &stream, bits, &start.inflated));
     checkpoint.window = Window::new(sparse.as_deref().unwrap_or(&start.window));
-    Ok(())
+    Ok(None)
 }
 
 /// Whether zlib, given `window` as its dictionary, inflates the start of a span (from
@@ -794,5 +882,22 @@ impl<R: Read> Read for Inflating<R> {
             self.state = State::Done;
             io
         })
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use std::cell::Cell;
+
+    thread_local! {
+        /// The checkpoint inside a block placed while this many spans are finished is placed
+        /// a bit off, by a test.
+        pub(in super::super) static MISPLACE: Cell<Option<usize>> = const { Cell::new(None) };
+    }
+
+    /// Bits to move the checkpoint placed while `spans` spans are finished by: 1 for the one
+    /// a test picked.
+    pub(in super::super) fn misplaced(spans: usize) -> u64 {
+        u64::from(MISPLACE.with(Cell::get) == Some(spans))
     }
 }

@@ -143,22 +143,40 @@ impl BlockCodes {
     }
 
     /// The symbol (a literal, a length/distance pair or the end of the block) whose first
-    /// bit is bit `position` of `data`: how many bits it takes, and how many of them are
-    /// its distance code (0 but for a pair). `None` if the bits there are no symbol.
-    pub(super) fn symbol_at(&self, data: &[u8], position: usize) -> Option<(u64, u64)> {
+    /// bit is bit `position` of `data`. `None` if the bits there are no symbol.
+    pub(super) fn symbol_at(&self, data: &[u8], position: usize) -> Option<Symbol> {
         let mut input = BitReader { data, position };
         let symbol = self.literals.decode(&mut input)?;
         if symbol <= 256 {
-            return Some(((input.position - position) as u64, 0));
+            return Some(Symbol {
+                bits: (input.position - position) as u64,
+                distance_bits: 0,
+                copy: None,
+            });
         }
         let code = usize::from(symbol - 257);
-        input.bits(*LENGTH_EXTRA.get(code)?)?;
+        let length = LENGTH_BASE.get(code)? + input.bits(*LENGTH_EXTRA.get(code)?)?;
         let before = input.position;
         let code = usize::from(self.distances.decode(&mut input)?);
         let distance_bits = (input.position - before) as u64;
-        input.bits(*DISTANCE_EXTRA.get(code)?)?;
-        Some(((input.position - position) as u64, distance_bits))
+        let distance = DISTANCE_BASE.get(code)? + input.bits(*DISTANCE_EXTRA.get(code)?)?;
+        Some(Symbol {
+            bits: (input.position - position) as u64,
+            distance_bits,
+            copy: Some((length, distance)),
+        })
     }
+}
+
+/// One symbol of a compressed block, as [`BlockCodes::symbol_at`] decodes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Symbol {
+    /// Bits it takes.
+    pub bits: u64,
+    /// Of those, its distance code's (0 but for a length/distance pair).
+    pub distance_bits: u64,
+    /// For a length/distance pair: the length and the distance.
+    pub copy: Option<(u16, u16)>,
 }
 
 /// Appends empty deflate blocks (none of them the last) that take a number of bits that is

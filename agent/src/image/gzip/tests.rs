@@ -160,6 +160,44 @@ fn spans_end_inside_blocks_at_their_length() {
 }
 
 #[test]
+fn a_checkpoint_inside_a_block_that_does_not_resume_joins_its_span_to_the_one_before() {
+    let (tar, _) = layer_tar();
+    let layer = gnu_gzip(&tar);
+    let honest = build(&layer, MIN_SPAN);
+    // The first span whose checkpoint is inside a block (and not the last span: it needs
+    // 32 KiB after it to be checked).
+    let k = (1..honest.spans.len() - 1)
+        .find(|&i| honest.spans[i].start.head.is_some())
+        .expect("a checkpoint inside a block");
+    // It is placed while the spans before the one it ends are finished.
+    build::tests::MISPLACE.with(|m| m.set(Some(k - 1)));
+    let built = SpanIndex::build(layer.as_slice(), BuildOptions { span: MIN_SPAN });
+    build::tests::MISPLACE.with(|m| m.set(None));
+    let joined = built.expect("a checkpoint given up is no error");
+    // The span before it goes on through it, to the next block boundary; the ones before
+    // are as they were.
+    assert_eq!(joined.spans[..k - 1], honest.spans[..k - 1]);
+    let through = &joined.spans[k - 1];
+    assert_eq!(through.start, honest.spans[k - 1].start);
+    // Past where the checkpoint was (its start was inflated for a window's length before
+    // it was given up), to where the next span starts at a block boundary.
+    assert!(
+        through.len > honest.spans[k - 1].len + WINDOW as u64,
+        "{} bytes, against {}",
+        through.len,
+        honest.spans[k - 1].len
+    );
+    assert_eq!(joined.spans[k].start.head, None);
+    assert_ne!(joined.spans[k].start, honest.spans[k].start);
+    assert_eq!(
+        joined.spans.iter().map(|s| s.len).sum::<u64>(),
+        honest.spans.iter().map(|s| s.len).sum::<u64>()
+    );
+    // Every span, the joined one included, inflates to its bytes and matches its digest.
+    check_every_span(&layer, &joined, &tar);
+}
+
+#[test]
 fn every_span_of_a_gnu_gzip_layer_inflates_on_its_own() {
     let (tar, files) = layer_tar();
     let layer = gnu_gzip(&tar);
