@@ -883,6 +883,17 @@ async fn main() -> anyhow::Result<()> {
             image_proxy: false,
             learned: None,
         },
+        Setup {
+            label: "imgstream, unconverted image, span index, list learned from the same command's first start",
+            snapshotter: Snapshotter::Imgstream,
+            tag: "plain",
+            command: &COMMAND,
+            image_proxy: false,
+            learned: Some(Learned {
+                name: "plain-same",
+                command: &COMMAND,
+            }),
+        },
     ]);
     // The image as zstd:chunked: pulled (containerd decompresses zstd), and streamed.
     start_setups.extend([
@@ -943,7 +954,7 @@ async fn main() -> anyhow::Result<()> {
     }
     // A trial run may pick setups by name: pulled, pulled:esgz, pulled:plain, pulled:zstd,
     // imgstream:esgz, imgstream:proxy, imgstream:same, imgstream:other, imgstream:prefetch, imgstream:plain,
-    // imgstream:zstd, pulled:layered, imgstream:layered, stargz, stargz:esgz, stargz:layered.
+    // imgstream:plain-same, imgstream:zstd, pulled:layered, imgstream:layered, stargz, stargz:esgz, stargz:layered.
     if let Ok(only) = std::env::var("IMGSTREAM_BENCH_SETUPS") {
         let only: Vec<&str> = only.split(',').map(str::trim).collect();
         start_setups.retain(|s| {
@@ -1044,15 +1055,18 @@ async fn main() -> anyhow::Result<()> {
     );
     // What imgstream learns on a node's first start: once, before the timed starts, which
     // keep the list and nothing else.
-    for learned in start_setups.iter().filter_map(|s| s.learned) {
+    for (tag, learned) in start_setups
+        .iter()
+        .filter_map(|s| s.learned.map(|l| (s.tag, l)))
+    {
         println!(
-            "   learning from one start of {:?} (not timed)",
+            "   learning from one start of {:?}, {tag} image (not timed)",
             learned.command.join(" ")
         );
         let first = Setup {
             label: "learning",
             snapshotter: Snapshotter::Imgstream,
-            tag: "esgz",
+            tag,
             command: learned.command,
             image_proxy: false,
             learned: Some(learned),
