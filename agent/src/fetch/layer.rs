@@ -358,7 +358,7 @@ impl RemoteLayer {
                 source_name: source.name(),
                 source: e,
             };
-            let wanted = super::windows::wanted(chunks[i..=j].iter());
+            let wanted = super::windows::wanted(chunks[i..=j].iter(), None);
             let (bytes, windows) = tokio::join!(
                 source.read_range(&self.desc.digest, start..end),
                 super::windows::fetch(source, &wanted)

@@ -383,21 +383,43 @@ impl Fetcher {
 
     /// A cached copy of the chunk, from memory or disk, of the size its TOC gives it.
     fn cached(&self, chunk: &Chunk, keep_in_memory: bool) -> Option<Arc<Vec<u8>>> {
+        self.cached_unit(&chunk.digest, chunk.unit_len(), keep_in_memory)
+    }
+
+    /// Where `chunk`'s span starts and the bytes of the span before it, if that one is
+    /// cached and can stand in for its window (only for a window kept apart: any other is
+    /// at hand already).
+    fn cached_before(&self, chunk: &Chunk) -> Option<(u64, Arc<Vec<u8>>)> {
+        let estargz::Unit::Span {
+            start,
+            before: Some((digest, len)),
+            ..
+        } = &chunk.unit
+        else {
+            return None;
+        };
+        start.window.place()?;
+        if !self.present(digest) {
+            return None;
+        }
+        let bytes = self.cached_unit(digest, *len, false)?;
+        Some((start.uncompressed, bytes))
+    }
+
+    /// A cached unit `digest` of `len` bytes, from memory or disk.
+    fn cached_unit(&self, digest: &Digest, len: u64, keep_in_memory: bool) -> Option<Arc<Vec<u8>>> {
         // A hit counts only with the length this TOC gives the chunk: a TOC may name a digest
         // another image's TOC cached with another size.
-        let fits = |data: &Arc<Vec<u8>>| data.len() as u64 == chunk.unit_len();
-        if let Some(data) = crate::sync::lock(&self.recent)
-            .get(&chunk.digest)
-            .filter(fits)
-        {
+        let fits = |data: &Arc<Vec<u8>>| data.len() as u64 == len;
+        if let Some(data) = crate::sync::lock(&self.recent).get(digest).filter(fits) {
             return Some(data);
         }
-        let data = Arc::new(self.cache.get(&chunk.digest).ok()??);
+        let data = Arc::new(self.cache.get(digest).ok()??);
         if !fits(&data) {
             return None;
         }
         if keep_in_memory {
-            crate::sync::lock(&self.recent).insert(chunk.digest, data.clone());
+            crate::sync::lock(&self.recent).insert(*digest, data.clone());
         }
         Some(data)
     }
@@ -794,9 +816,22 @@ impl Fetcher {
             })
             .collect();
         let source = self.source.clone();
+        // A run whose first span comes right after one already cached takes its window from
+        // that span's bytes, not from the windows blob: a start reading a library page by
+        // page misses in span after span, each once the one before has landed.
+        let preceding: Vec<Option<(u64, Arc<Vec<u8>>)>> = runs
+            .iter()
+            .map(|run| self.cached_before(wanted[run.start].chunk))
+            .collect();
         let mut windows_wanted: Vec<windows::Wanted> = runs
             .iter()
-            .map(|run| windows::wanted(wanted[run.clone()].iter().map(|c| c.chunk)))
+            .zip(&preceding)
+            .map(|(run, before)| {
+                windows::wanted(
+                    wanted[run.clone()].iter().map(|c| c.chunk),
+                    before.as_ref().map(|(at, _)| *at),
+                )
+            })
             .collect();
         let fetch = move |(blob, start, end): (Digest, u64, u64),
                           admission: Admission,
@@ -828,7 +863,12 @@ impl Fetcher {
         let mut results: Vec<Option<Result<Arc<Vec<u8>>, FetchError>>> = vec![None; wanted.len()];
         let mut finish = |r: usize, fetched: Option<_>| {
             let run = runs[r].clone();
-            let done = self.decode_run(&wanted[run.clone()], fetched, priority);
+            let done = self.decode_run(
+                &wanted[run.clone()],
+                fetched,
+                preceding[r].clone(),
+                priority,
+            );
             self.complete(
                 wanted[run.clone()]
                     .iter()
@@ -889,6 +929,7 @@ impl Fetcher {
         &self,
         run: &[&ChunkRef<'_>],
         fetched: Option<Answer>,
+        preceding: Option<(u64, Arc<Vec<u8>>)>,
         priority: Priority,
     ) -> Vec<Result<Arc<Vec<u8>>, FetchError>> {
         match fetched {
@@ -950,8 +991,9 @@ impl Fetcher {
                     Priority::OnDemand => {}
                 }
                 let start = run[0].chunk.blob_offset;
-                // Spans inflated so far, by where they end: the next one's window.
-                let mut spans: Vec<(u64, Arc<Vec<u8>>)> = Vec::new();
+                // Spans inflated so far (and the cached one before the first), by where
+                // they end: the next one's window.
+                let mut spans: Vec<(u64, Arc<Vec<u8>>)> = preceding.into_iter().collect();
                 run.iter()
                     .map(|c| {
                         let member = &bytes[(c.chunk.blob_offset - start) as usize

@@ -810,12 +810,14 @@ fn a_plain_gzip_layer_reads_through_its_span_index_one_span_per_request() {
 
 #[test]
 fn windows_kept_apart_are_fetched_beside_their_spans_and_only_theirs() {
-    use crate::image::gzip::{BuildOptions, MIN_SPAN, SpanIndex};
+    use crate::image::gzip::{BuildOptions, SpanIndex};
     let runtime = tokio::runtime::Runtime::new().expect("a runtime");
     let (tar, files) = crate::testing::layer_tar();
     let blob = crate::testing::gzip(&tar, 6);
     let desc = crate::testing::plain_descriptor(&blob);
-    let built = SpanIndex::build(blob.as_slice(), BuildOptions { span: MIN_SPAN })
+    // 64 KiB spans: each at least as long as a window, so a span's window can be the span
+    // before it.
+    let built = SpanIndex::build(blob.as_slice(), BuildOptions { span: 64 << 10 })
         .expect("the layer indexes");
     let (core, windows) = built.encode_apart().expect("an index encodes");
     let index = SpanIndex::decode(&core).expect("the index reads back");
@@ -892,6 +894,36 @@ fn windows_kept_apart_are_fetched_beside_their_spans_and_only_theirs() {
     );
     drop(fetcher);
     let _ = std::fs::remove_dir_all(&dir3);
+    // The same file read span by span, each a request of its own once the one before is
+    // cached: only the first span's window is fetched, each later one's is the span before,
+    // read back from the cache.
+    let source = served(windows.clone());
+    let (dir4, cache) = scratch_cache("fetch-windows-apart-cached");
+    let fetcher = Fetcher::new(runtime.handle().clone(), source.clone(), cache);
+    let mut got = Vec::new();
+    for chunk in &big.chunks {
+        let one = crate::image::estargz::Node {
+            chunks: vec![chunk.clone()],
+            size: chunk.size,
+            ..big.clone()
+        };
+        got.extend(read_node(&fetcher, desc.digest, &one).expect("the span fetches"));
+        fetcher.flush_cache_writes();
+    }
+    assert!(got == files[5].1, "the file read span by span differs");
+    let asked = crate::sync::lock(&source.asked).clone();
+    assert_eq!(
+        asked.get(&apart.digest).copied().unwrap_or_default(),
+        first_len,
+        "only the first span's window, the others from the cache"
+    );
+    assert_eq!(
+        source.ranges.load(Ordering::SeqCst),
+        big.chunks.len() + usize::from(first.is_some()),
+        "a request a span, one for the first span's window"
+    );
+    drop(fetcher);
+    let _ = std::fs::remove_dir_all(&dir4);
     // The same read through the layer's own reader.
     for (name, data) in [(name, data), (&files[5].0, &files[5].1)] {
         let got = runtime

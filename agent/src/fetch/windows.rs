@@ -25,14 +25,17 @@ pub(super) type Wanted = Vec<(Digest, Range<u64>)>;
 
 /// The windows blob ranges `chunks` (one range request's, in blob order) need: those of
 /// spans that keep their window apart, but not of a span that comes right after another of
-/// them (inflated first, its last 32 KiB are the window: [`SpanWindow::Preceding`]);
-/// windows next to each other, or nearly, in one range.
-pub(super) fn wanted<'a>(chunks: impl Iterator<Item = &'a Chunk>) -> Wanted {
-    let mut spans: Vec<(u64, u64, Option<crate::image::gzip::WindowPlace>)> = chunks
+/// them (inflated first, its last 32 KiB are the window: [`SpanWindow::Preceding`]), nor of
+/// the span starting at `preceded` (the uncompressed offset of one whose span before is at
+/// hand, cached); windows next to each other, or nearly, in one range.
+pub(super) fn wanted<'a>(chunks: impl Iterator<Item = &'a Chunk>, preceded: Option<u64>) -> Wanted {
+    // (start, end, window length, place) of each span, in the uncompressed stream.
+    let mut spans: Vec<(u64, u64, u64, Option<crate::image::gzip::WindowPlace>)> = chunks
         .filter_map(|c| match &c.unit {
             Unit::Span { start, len, .. } => Some((
                 start.uncompressed,
                 start.uncompressed + len,
+                start.window.len() as u64,
                 start.window.place(),
             )),
             Unit::Member | Unit::Frame => None,
@@ -43,7 +46,13 @@ pub(super) fn wanted<'a>(chunks: impl Iterator<Item = &'a Chunk>) -> Wanted {
     let mut places: Vec<(Digest, Range<u64>)> = spans
         .iter()
         .enumerate()
-        .filter(|&(i, &(at, ..))| i == 0 || spans[i - 1].1 != at)
+        .filter(|&(i, &(at, _, window, _))| {
+            let after_one = i > 0 && {
+                let (prev_at, prev_end, ..) = spans[i - 1];
+                prev_end == at && prev_end - prev_at >= window
+            };
+            !after_one && preceded != Some(at)
+        })
         .filter_map(|(_, &(.., place))| place)
         .map(|p| (p.blob, p.range.0..p.range.1))
         .collect();
@@ -73,16 +82,19 @@ impl Fetched {
     }
 
     /// Where the window of `chunk`'s span comes from, given `inflated`, the spans of the
-    /// same request inflated before it (where each ends, its bytes): the one that ends where
-    /// it starts, if it keeps its window apart ([`wanted`] did not ask for that window);
-    /// else the window fetched; else its own.
+    /// same request inflated before it and the cached one before the first (where each
+    /// ends, its bytes): the one that ends where it starts and holds its whole window, if it
+    /// keeps its window apart ([`wanted`] did not ask for that window); else the window
+    /// fetched; else its own.
     pub(super) fn window<'a, B>(&'a self, chunk: &Chunk, inflated: &'a [(u64, B)]) -> SpanWindow<'a>
     where
         B: std::ops::Deref<Target: AsRef<[u8]>>,
     {
         if let Unit::Span { start, .. } = &chunk.unit
             && start.window.place().is_some()
-            && let Some((_, before)) = inflated.iter().find(|(end, _)| *end == start.uncompressed)
+            && let Some((_, before)) = inflated.iter().find(|(end, bytes)| {
+                *end == start.uncompressed && (**bytes).as_ref().len() >= start.window.len()
+            })
         {
             return SpanWindow::Preceding((**before).as_ref());
         }

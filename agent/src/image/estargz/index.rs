@@ -71,6 +71,10 @@ pub enum Unit {
         start: std::sync::Arc<crate::image::gzip::Checkpoint>,
         len: u64,
         offset: u64,
+        /// The span that ends where this one starts, as the cache keys it (its digest and
+        /// length), when its bytes can stand in for this span's window: same member, and at
+        /// least as long as the window. Once it is cached, a miss here fetches no window.
+        before: Option<(Digest, u64)>,
     },
     /// zstd:chunked: zstd frames holding exactly this chunk of the file.
     Frame,

@@ -67,6 +67,7 @@ impl SpanIndex {
                         start: starts[s].clone(),
                         len: span.len,
                         offset: from - span_start,
+                        before: self.window_before(s),
                     },
                 });
             }
@@ -80,5 +81,18 @@ impl SpanIndex {
             file.chunks = chunks;
         }
         Ok(index)
+    }
+
+    /// The span before span `s` (its digest and length), if its bytes hold all of `s`'s
+    /// window: it ends where `s` starts, in the same gzip member, and is no shorter than the
+    /// window `s` refers back to.
+    fn window_before(&self, s: usize) -> Option<(crate::oci::digest::Digest, u64)> {
+        let span = &self.spans[s];
+        let prev = self.spans.get(s.checked_sub(1)?)?;
+        let window = span.start.window.len() as u64;
+        (!span.start.member
+            && prev.start.uncompressed.checked_add(prev.len) == Some(span.start.uncompressed)
+            && prev.len >= window)
+            .then_some((prev.digest, prev.len))
     }
 }
