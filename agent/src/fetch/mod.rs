@@ -578,6 +578,12 @@ impl Fetcher {
         crate::sync::lock(&self.inflight).is_empty()
     }
 
+    /// The source's round trip as this fetcher's requests measured it so far (the shortest
+    /// recent time to a first byte); `None` for a source with no network in between.
+    pub(crate) fn round_trip(&self) -> Option<Duration> {
+        self.source.round_trip()
+    }
+
     /// The link's bandwidth-delay product as this fetcher's requests measured it so far;
     /// `None` for a source with no network in between.
     pub(crate) fn link_bdp(&self) -> Option<u64> {

@@ -42,14 +42,18 @@
 //! what the program reads meanwhile (measured at 0 ms: 2.63 s against 2.20 s before it). And the code an object's constructors and
 //! callers run, and the constant data they read, are touched page by page, each page a
 //! miss that waits a round trip (a trace of PHP's start 50 ms away: 30 such misses in
-//! libraries whose headers had been fetched): a read-only segment no larger than
-//! [`CODE_BDPS`] bandwidth-delay products of the link costs less link time to fetch whole
-//! than the round trips its misses would wait, so it is fetched, on a thread of its own
+//! libraries whose headers had been fetched): a read-only segment no larger than a few
+//! bandwidth-delay products of the link costs less link time to fetch whole than the round
+//! trips its misses would wait, so it is fetched, on a thread of its own
 //! that the walk does not wait for, as guesses in line; but for the unwind tables at the
 //! end of the constant data (`PT_GNU_EH_FRAME` on, 40-55 % of that segment in libc, PHP and
 //! ICU), which only an exception or a backtrace reads (lld puts constant data and tables in
-//! the first segment, warmed with the headers: they are left out there too). On a link with no round trip to speak of (loopback, a
-//! local layout) none is, and larger ones are left to their readers.
+//! the first segment, warmed with the headers: they are left out there too). How many
+//! products grows with the round trip ([`code_bdps`]): most libraries' code is touched in
+//! a few pages, and where a round trip is short the start is bound by the link, which the
+//! rest of a segment fetched whole takes from what the program reads. On a link with no
+//! round trip to speak of (loopback, a local layout) none is, and larger ones are left to
+//! their readers.
 //!
 //! Libraries are looked up in the mount's own view: the whole image for `imgstream mount`,
 //! the layer itself under the snapshotter (which mounts each layer on its own). A library in
@@ -114,9 +118,18 @@ const MAX_SEARCH: usize = 16;
 /// Other modules of a module's directory walked with it at most.
 const MAX_SIBLINGS: usize = 64;
 /// Read-only segments (code, constant data) of at most this many bandwidth-delay products
-/// are fetched whole... (`bench e2e`, PHP's start 50 ms away, defaults otherwise, 3 cold
-/// starts each, medians: 0: 5.55 s, 1: 4.88 s, 2: 4.54 s, 4: 4.29 s, 8: 4.10 s, 16: 4.13 s.)
-const CODE_BDPS: u64 = 8;
+/// are fetched whole, on a far link (`bench e2e`, PHP's start 50 ms away, defaults
+/// otherwise, 3 cold starts each, medians: 0: 5.55 s, 1: 4.88 s, 2: 4.54 s, 4: 4.29 s,
+/// 8: 4.10 s, 16: 4.13 s)...
+const MAX_CODE_BDPS: f64 = 8.0;
+/// ...and at least this many on a near one (the unconverted image through its span index,
+/// a trial run for each, 3 cold starts each, medians, 0 ms round trip (the registry's own
+/// 6 ms): 0: 2.21 s and 19.7 MB by the first line, 2: 2.14 s and 22.3 MB, 4: 2.40 s and
+/// 25.6 MB, 8: 2.55 s and 27.5 MB; 50 ms: 0: 5.35 s, 2: 4.23 s, 4: 3.94 s, 8: 3.80 s).
+const MIN_CODE_BDPS: f64 = 2.0;
+/// A bandwidth-delay product more for each this much round trip: 2 at 0 ms (6 ms to the
+/// registry's first byte), 4 at 20 ms, 8 from 48 ms.
+const CODE_RTT_UNIT: Duration = Duration::from_millis(6);
 /// ...and of this many bytes, whatever the link.
 const MAX_CODE: u64 = 16 << 20;
 /// Walks' code hand-overs waiting for the code thread; more are left to readers.
@@ -788,7 +801,7 @@ impl Shared {
     }
 
     /// Hands the read-only segments (code, constant data) of `objects` that are cheaper to
-    /// fetch whole than to miss (at most [`CODE_BDPS`] bandwidth-delay products of the link)
+    /// fetch whole than to miss (at most [`code_bdps`] bandwidth-delay products of the link)
     /// to the code thread.
     fn hand_over_code(&self, objects: &[(&File, Object)], code: &CodeQueue) {
         let (Some(queue), Some(limit)) = (code, self.code_limit()) else {
@@ -837,7 +850,8 @@ impl Shared {
     /// round trip is measured.
     fn code_limit(&self) -> Option<u64> {
         let bdp = self.fetcher.link_bdp()?;
-        Some(bdp.saturating_mul(CODE_BDPS).min(MAX_CODE))
+        let rtt = self.fetcher.round_trip()?;
+        Some(((bdp as f64 * code_bdps(rtt)) as u64).min(MAX_CODE))
     }
 
     /// Where the loader looks for a library of `f`: its run path (`$ORIGIN` being `f`'s
@@ -971,6 +985,12 @@ impl Shared {
     }
 }
 
+/// How many bandwidth-delay products of a read-only segment are fetched whole over a link
+/// with round trip `rtt`: one per [`CODE_RTT_UNIT`], from [`MIN_CODE_BDPS`] to
+/// [`MAX_CODE_BDPS`].
+fn code_bdps(rtt: Duration) -> f64 {
+    (rtt.as_secs_f64() / CODE_RTT_UNIT.as_secs_f64()).clamp(MIN_CODE_BDPS, MAX_CODE_BDPS)
+}
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::Ordering;
@@ -1006,7 +1026,7 @@ mod tests {
     enum Link {
         /// No network in between (as a local layout).
         Local,
-        /// 10 ms away behind 100 Mbit/s (a bandwidth-delay product of 125 KB).
+        /// 20 ms away behind 100 Mbit/s (a bandwidth-delay product of 250 KB).
         Far,
     }
 
@@ -1110,7 +1130,7 @@ mod tests {
         let desc = testing::layer_descriptor(&summary);
         let mut source = MemoryBlobs::default().with(blob);
         if link == Link::Far {
-            let rtt = Duration::from_millis(10);
+            let rtt = Duration::from_millis(20);
             source = source.delayed(rtt).throttled(12.5e6).far(rtt);
         }
         let source = Arc::new(source);
@@ -1591,6 +1611,17 @@ mod tests {
     }
 
     #[test]
+    fn the_code_fetched_whole_grows_with_the_round_trip_between_its_bounds() {
+        let at = |ms| code_bdps(Duration::from_millis(ms));
+        assert_eq!(at(0), MIN_CODE_BDPS);
+        assert_eq!(at(6), MIN_CODE_BDPS);
+        assert_eq!(at(24), 4.0);
+        assert!(at(20) < at(30) && at(30) < at(40));
+        assert_eq!(at(48), MAX_CODE_BDPS);
+        assert_eq!(at(5000), MAX_CODE_BDPS);
+    }
+
+    #[test]
     fn code_cheaper_to_fetch_than_its_misses_is_fetched_whole_only_over_a_network() {
         let runtime = tokio::runtime::Runtime::new().expect("a runtime");
         let pcre = std::fs::canonicalize("/usr/lib/x86_64-linux-gnu/libpcre2-8.so.0")
@@ -1605,16 +1636,15 @@ mod tests {
             ),
             (pcre.as_str(), format!("/{LIBS}/libpcre2-8.so.0")),
         ];
-        // 10 ms at 100 Mbit/s: eight bandwidth-delay products are 1 MB. This machine's
-        // libc has more code than that, the others less.
+        // 20 ms at 100 Mbit/s: a bandwidth-delay product of 250 KB, and segments of 3.3 of
+        // them (833 KB) are fetched whole. This machine's libc has more code than that, the
+        // others less.
+        let limit = (250e3 * code_bdps(Duration::from_millis(20))) as u64;
         let libc = code_of("/usr/lib/x86_64-linux-gnu/libc.so.6");
-        assert!(libc.end - libc.start > 1_000_000, "libc's code is {libc:?}");
+        assert!(libc.end - libc.start > limit, "libc's code is {libc:?}");
         for (host, _) in &small {
             let code = code_of(host);
-            assert!(
-                code.end - code.start < 1_000_000,
-                "{host}'s code is {code:?}"
-            );
+            assert!(code.end - code.start < limit, "{host}'s code is {code:?}");
         }
         let (fs, dir) = after_reading(&runtime, "far", Link::Far, "/usr/bin/ls");
         for (host, path) in &small {
