@@ -882,15 +882,18 @@ fn windows_kept_apart_are_fetched_beside_their_spans_and_only_theirs() {
         _ => None,
     };
     let first_len = first.map_or(0, |p| p.range.1 - p.range.0);
-    let asked = crate::sync::lock(&source.asked).clone();
+    // Bytes of windows asked for, and requests made.
+    let asked = |source: &MemoryBlobs| {
+        let windows = crate::sync::lock(&source.asked).get(&apart.digest).copied();
+        (
+            windows.unwrap_or_default(),
+            source.ranges.load(Ordering::SeqCst),
+        )
+    };
     assert_eq!(
-        asked.get(&apart.digest).copied().unwrap_or_default(),
-        first_len,
+        asked(&source),
+        (first_len, 1 + usize::from(first.is_some())),
         "only the first span's window"
-    );
-    assert_eq!(
-        source.ranges.load(Ordering::SeqCst),
-        1 + usize::from(first.is_some())
     );
     drop(fetcher);
     let _ = std::fs::remove_dir_all(&dir3);
@@ -911,16 +914,11 @@ fn windows_kept_apart_are_fetched_beside_their_spans_and_only_theirs() {
         fetcher.flush_cache_writes();
     }
     assert!(got == files[5].1, "the file read span by span differs");
-    let asked = crate::sync::lock(&source.asked).clone();
     assert_eq!(
-        asked.get(&apart.digest).copied().unwrap_or_default(),
-        first_len,
-        "only the first span's window, the others from the cache"
-    );
-    assert_eq!(
-        source.ranges.load(Ordering::SeqCst),
-        big.chunks.len() + usize::from(first.is_some()),
-        "a request a span, one for the first span's window"
+        asked(&source),
+        (first_len, big.chunks.len() + usize::from(first.is_some())),
+        "only the first span's window, the others from the cache: a request a span and one \
+         for that window"
     );
     drop(fetcher);
     let _ = std::fs::remove_dir_all(&dir4);
