@@ -124,11 +124,11 @@ const MAX_SIBLINGS: usize = 64;
 const MAX_CODE_BDPS: f64 = 8.0;
 /// ...and at least this many on a near one (the unconverted image through its span index,
 /// a trial run for each, 3 cold starts each, medians, 0 ms round trip (the registry's own
-/// 6 ms): 0: 2.21 s and 19.7 MB by the first line, 2: 2.14 s and 22.3 MB, 4: 2.40 s and
+/// 4-6 ms): 0: 2.21 s and 19.7 MB by the first line, 2: 2.14 s and 22.3 MB, 4: 2.40 s and
 /// 25.6 MB, 8: 2.55 s and 27.5 MB; 50 ms: 0: 5.35 s, 2: 4.23 s, 4: 3.94 s, 8: 3.80 s).
 const MIN_CODE_BDPS: f64 = 2.0;
-/// A bandwidth-delay product more for each this much round trip: 2 at 0 ms (6 ms to the
-/// registry's first byte), 4 at 20 ms, 8 from 48 ms.
+/// A bandwidth-delay product more for each this much round trip: 2 at 0 ms (4-6 ms to the
+/// registry's first byte), about 4 at 20 ms, 8 from 48 ms.
 const CODE_RTT_UNIT: Duration = Duration::from_millis(6);
 /// ...and of this many bytes, whatever the link.
 const MAX_CODE: u64 = 16 << 20;
@@ -991,6 +991,7 @@ impl Shared {
 fn code_bdps(rtt: Duration) -> f64 {
     (rtt.as_secs_f64() / CODE_RTT_UNIT.as_secs_f64()).clamp(MIN_CODE_BDPS, MAX_CODE_BDPS)
 }
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::Ordering;
