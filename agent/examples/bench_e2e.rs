@@ -24,7 +24,10 @@
 //! `IMGSTREAM_BENCH_RTTS` (default `0,20,50`, ms) and `IMGSTREAM_BENCH_REPS` (default 3)
 //! shorten a trial run; `IMGSTREAM_BENCH_SETUPS` picks rows; `IMGSTREAM_BENCH_AGENT_ARGS`
 //! adds agent flags to every imgstream row (a sweep: the report then says the rows are
-//! tuned); `IMGSTREAM_BENCH_KEEP` keeps its logs. The packages are downloaded with apt once, into
+//! tuned); `IMGSTREAM_BENCH_B_ARGS` (agent flags) and `IMGSTREAM_BENCH_B_ENV` (`NAME=VALUE`
+//! pairs for the agent, as a trial build's hooks read) run every imgstream row picked a second
+//! time with them, each right after the row itself, for a change measured against the same
+//! code without it in one run; `IMGSTREAM_BENCH_KEEP` keeps its logs. The packages are downloaded with apt once, into
 //! ~/.cache/imgstream/bench-e2e. A full run writes its table to `target/bench/e2e.md`; a run
 //! that any of those variables shortens or tunes writes `target/bench/e2e-trial.md`, so a trial
 //! never replaces the last full run's table.
@@ -284,6 +287,8 @@ struct Setup {
     /// containerd's own socket.
     image_proxy: bool,
     learned: Option<Learned>,
+    /// Run with a trial's second arm ([`ArmB`]).
+    arm_b: bool,
 }
 
 impl Setup {
@@ -293,6 +298,50 @@ impl Setup {
             return "proxy";
         }
         self.learned.map_or(self.tag, |l| l.name)
+    }
+}
+
+/// A trial's second arm: agent flags (`IMGSTREAM_BENCH_B_ARGS`) and `NAME=VALUE` pairs for
+/// the agent's environment (`IMGSTREAM_BENCH_B_ENV`, read by a trial build's hooks), each
+/// split at whitespace. Every imgstream row picked then runs again with them, right after
+/// itself in each repetition, so that a change is measured against the code without it in
+/// one run, from the same cold state, and not against another run's figures. A row with a
+/// learned list keeps, in its B arm too, the list learned once with the defaults.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct ArmB {
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl ArmB {
+    /// The arm the environment asks for; `None` when it asks for none.
+    fn from_env() -> anyhow::Result<Option<Self>> {
+        let words = |name: &str| -> Vec<String> {
+            std::env::var(name)
+                .map(|v| v.split_whitespace().map(str::to_string).collect())
+                .unwrap_or_default()
+        };
+        let env = words("IMGSTREAM_BENCH_B_ENV")
+            .into_iter()
+            .map(|pair| match pair.split_once('=') {
+                Some((name, value)) if !name.is_empty() => {
+                    Ok((name.to_string(), value.to_string()))
+                }
+                _ => bail!("IMGSTREAM_BENCH_B_ENV: {pair:?} is not NAME=VALUE"),
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let arm = Self {
+            args: words("IMGSTREAM_BENCH_B_ARGS"),
+            env,
+        };
+        Ok((arm != Self::default()).then_some(arm))
+    }
+
+    /// How a B row's label says what it runs with.
+    fn describe(&self) -> String {
+        let pairs = self.env.iter().map(|(n, v)| format!("{n}={v}"));
+        let all: Vec<String> = self.args.iter().cloned().chain(pairs).collect();
+        format!("trial arm B: `{}`", all.join(" "))
     }
 }
 
@@ -405,7 +454,7 @@ async fn cold_start(
     reg: &str,
     setup: &Setup,
     interface: &str,
-    stargz: Option<&Path>,
+    (stargz, arm_b): (Option<&Path>, Option<&ArmB>),
 ) -> anyhow::Result<Run> {
     let name = format!("{:?}", setup.snapshotter).to_lowercase();
     let dir = scratch.join(format!("{name}-{}", support::free_port()));
@@ -466,8 +515,10 @@ async fn cold_start(
             ]);
         }
         args.extend(tuning());
+        let arm = arm_b.filter(|_| setup.arm_b).cloned().unwrap_or_default();
+        args.extend(arm.args);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Agent::start(&dir, &args)
+        Agent::start_with_env(&dir, &args, &arm.env)
     });
     // The sandbox image first: not part of what is timed.
     // As kubelet does: retried while containerd's channel to the proxy snapshotter, dialled
@@ -526,7 +577,7 @@ async fn cold_start(
     });
     println!(
         "   {name:>9} {:<10} PullImage -> first log line {took:6.2} s, {:6.1} MB over the link by then{}",
-        setup.variant(),
+        format!("{}{}", setup.variant(), if setup.arm_b { " B" } else { "" }),
         fetched as f64 / 1e6,
         cached.map_or(String::new(), |c| format!(
             ", whole image cached after {c:.1} s"
@@ -626,20 +677,26 @@ async fn measure(
     setups: &[Setup],
     reps: usize,
     interface: &str,
-    stargz: Option<&Path>,
+    (stargz, arm_b): (Option<&Path>, Option<&ArmB>),
 ) -> anyhow::Result<Vec<Vec<Run>>> {
     let relay = RoundTrip::start(upstream, rtt);
     let mut results = vec![Vec::new(); setups.len()];
     for _ in 0..reps {
         for (setup, runs) in setups.iter().zip(&mut results) {
-            runs.push(cold_start(scratch, &relay.host(), setup, interface, stargz).await?);
+            runs.push(cold_start(scratch, &relay.host(), setup, interface, (stargz, arm_b)).await?);
         }
     }
     Ok(results)
 }
 
 /// Table rows for one set of setups measured together.
-fn rows(table: &mut String, rtt: &str, setups: &[Setup], results: &[Vec<Run>], esgz_bytes: u64) {
+fn rows(
+    table: &mut String,
+    rtt: &str,
+    (setups, arm_b): (&[Setup], Option<&ArmB>),
+    results: &[Vec<Run>],
+    esgz_bytes: u64,
+) {
     // Each row against the full pull, and stargz-snapshotter, on the same image (the first
     // one measured, if that image has none).
     let median_of = |kind: Snapshotter, tag: &str| {
@@ -656,6 +713,8 @@ fn rows(table: &mut String, rtt: &str, setups: &[Setup], results: &[Vec<Run>], e
     };
     let pulled_of = |tag: &str| median_of(Snapshotter::Pulled, tag);
     let stargz_of = |tag: &str| median_of(Snapshotter::Stargz, tag);
+    // A B row follows its A row: the median it is compared with.
+    let mut arm_a = None;
     for (setup, runs) in setups.iter().zip(results) {
         let (took, lo, hi) = spread(runs.iter().map(|r| r.took).collect());
         let bytes = spread(runs.iter().map(|r| r.fetched as f64).collect()).0;
@@ -665,10 +724,22 @@ fn rows(table: &mut String, rtt: &str, setups: &[Setup], results: &[Vec<Run>], e
             (Snapshotter::Imgstream, Some(peer)) => format!("**{:.2}x**", peer / took),
             _ => String::new(),
         };
+        let label = match arm_b.filter(|_| setup.arm_b) {
+            Some(arm) => format!(
+                "{}, {}{}",
+                setup.label,
+                arm.describe(),
+                arm_a.map_or(String::new(), |a: f64| format!(
+                    " (its time {:.2}x that of arm A, the row above, in this run)",
+                    took / a
+                ))
+            ),
+            None => setup.label.to_string(),
+        };
+        arm_a = (!setup.arm_b).then_some(took);
         let _ = writeln!(
             table,
-            "| {rtt} | {} | {took:.2} s ({lo:.2}-{hi:.2}) | {} | {vs_stargz} | {:.1} MB ({:.0} %) | {floor:.2} s ({:.0} %) | {} |",
-            setup.label,
+            "| {rtt} | {label} | {took:.2} s ({lo:.2}-{hi:.2}) | {} | {vs_stargz} | {:.1} MB ({:.0} %) | {floor:.2} s ({:.0} %) | {} |",
             pulled_of(setup.tag).map_or(String::new(), |p| format!("{:.1}x", p / took)),
             bytes / 1e6,
             bytes / esgz_bytes as f64 * 100.0,
@@ -815,6 +886,7 @@ async fn main() -> anyhow::Result<()> {
             tag: "esgz",
             command: &COMMAND,
             image_proxy: false,
+            arm_b: false,
             learned: None,
         },
         Setup {
@@ -823,6 +895,7 @@ async fn main() -> anyhow::Result<()> {
             tag: "esgz",
             command: &COMMAND,
             image_proxy: false,
+            arm_b: false,
             learned: None,
         },
         Setup {
@@ -831,6 +904,7 @@ async fn main() -> anyhow::Result<()> {
             tag: "esgz",
             command: &COMMAND,
             image_proxy: true,
+            arm_b: false,
             learned: None,
         },
         Setup {
@@ -839,6 +913,7 @@ async fn main() -> anyhow::Result<()> {
             tag: "esgz",
             command: &COMMAND,
             image_proxy: false,
+            arm_b: false,
             learned: Some(Learned {
                 name: "same",
                 command: &COMMAND,
@@ -850,6 +925,7 @@ async fn main() -> anyhow::Result<()> {
             tag: "esgz",
             command: &COMMAND,
             image_proxy: false,
+            arm_b: false,
             learned: Some(Learned {
                 name: "other",
                 command: &PHP_V,
@@ -861,6 +937,7 @@ async fn main() -> anyhow::Result<()> {
             tag: "prefetch",
             command: &COMMAND,
             image_proxy: false,
+            arm_b: false,
             learned: None,
         },
     ];
@@ -873,6 +950,7 @@ async fn main() -> anyhow::Result<()> {
             tag: "plain",
             command: &COMMAND,
             image_proxy: false,
+            arm_b: false,
             learned: None,
         },
         Setup {
@@ -881,6 +959,7 @@ async fn main() -> anyhow::Result<()> {
             tag: "plain",
             command: &COMMAND,
             image_proxy: false,
+            arm_b: false,
             learned: None,
         },
         Setup {
@@ -889,6 +968,7 @@ async fn main() -> anyhow::Result<()> {
             tag: "plain",
             command: &COMMAND,
             image_proxy: false,
+            arm_b: false,
             learned: Some(Learned {
                 name: "plain-same",
                 command: &COMMAND,
@@ -903,6 +983,7 @@ async fn main() -> anyhow::Result<()> {
             tag: "zstd",
             command: &COMMAND,
             image_proxy: false,
+            arm_b: false,
             learned: None,
         },
         Setup {
@@ -911,6 +992,7 @@ async fn main() -> anyhow::Result<()> {
             tag: "zstd",
             command: &COMMAND,
             image_proxy: false,
+            arm_b: false,
             learned: None,
         },
     ]);
@@ -923,6 +1005,7 @@ async fn main() -> anyhow::Result<()> {
             tag: "layered",
             command: &COMMAND,
             image_proxy: false,
+            arm_b: false,
             learned: None,
         },
         Setup {
@@ -931,6 +1014,7 @@ async fn main() -> anyhow::Result<()> {
             tag: "layered",
             command: &COMMAND,
             image_proxy: false,
+            arm_b: false,
             learned: None,
         },
     ]);
@@ -941,6 +1025,7 @@ async fn main() -> anyhow::Result<()> {
             tag: "esgz",
             command: &COMMAND,
             image_proxy: false,
+            arm_b: false,
             learned: None,
         });
         start_setups.push(Setup {
@@ -949,6 +1034,7 @@ async fn main() -> anyhow::Result<()> {
             tag: "layered",
             command: &COMMAND,
             image_proxy: false,
+            arm_b: false,
             learned: None,
         });
     }
@@ -962,6 +1048,17 @@ async fn main() -> anyhow::Result<()> {
             let variant = s.variant();
             only.contains(&name.as_str()) || only.contains(&format!("{name}:{variant}").as_str())
         });
+    }
+    let arm_b = ArmB::from_env()?;
+    if arm_b.is_some() {
+        start_setups = start_setups
+            .into_iter()
+            .flat_map(|s| {
+                let b =
+                    (s.snapshotter == Snapshotter::Imgstream).then_some(Setup { arm_b: true, ..s });
+                std::iter::once(s).chain(b)
+            })
+            .collect();
     }
     let mut layered_note = String::new();
     if start_setups.iter().any(|s| s.tag == "layered") {
@@ -1042,6 +1139,13 @@ async fn main() -> anyhow::Result<()> {
             tuned.join(" ")
         )
     };
+    if let Some(arm) = &arm_b {
+        let _ = writeln!(
+            table,
+            "**Trial with two arms:** each imgstream row runs again right after itself, in every repetition, with the agent's {}.\n",
+            arm.describe().trim_start_matches("trial ")
+        );
+    }
 
     table += &format!(
         "Image: {:.0} MB unpacked, {files} files; {:.0} MB gzip, {:.0} MB eStargz, {:.0} MB zstd:chunked (`imgstream convert` defaults). \
@@ -1069,6 +1173,7 @@ async fn main() -> anyhow::Result<()> {
             tag,
             command: learned.command,
             image_proxy: false,
+            arm_b: false,
             learned: Some(learned),
         };
         measure(
@@ -1077,7 +1182,7 @@ async fn main() -> anyhow::Result<()> {
             &[first],
             1,
             interface,
-            None,
+            (None, None),
         )
         .await?;
         let lists = list(&learned.dir(&scratch)).map(|l| l.count()).unwrap_or(0);
@@ -1093,13 +1198,13 @@ async fn main() -> anyhow::Result<()> {
             &start_setups,
             reps,
             interface,
-            stargz.as_deref(),
+            (stargz.as_deref(), arm_b.as_ref()),
         )
         .await?;
         rows(
             &mut table,
             &format!("{rtt} ms"),
-            &start_setups,
+            (&start_setups, arm_b.as_ref()),
             &results,
             esgz_bytes,
         );
@@ -1135,13 +1240,13 @@ async fn main() -> anyhow::Result<()> {
             &read_all,
             reps,
             interface,
-            stargz.as_deref(),
+            (stargz.as_deref(), arm_b.as_ref()),
         )
         .await?;
         rows(
             &mut table,
             &format!("{rtt} ms"),
-            &read_all,
+            (&read_all, arm_b.as_ref()),
             &results,
             esgz_bytes,
         );
@@ -1163,7 +1268,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Whether the environment shortens or tunes this run (fewer round trips, repetitions or
-/// rows, or agent flags), so that its table is not the full run's.
+/// rows, agent flags, a second arm), so that its table is not the full run's.
 fn is_trial() -> bool {
     [
         "IMGSTREAM_BENCH_RTTS",
@@ -1171,6 +1276,8 @@ fn is_trial() -> bool {
         "IMGSTREAM_BENCH_SETUPS",
         "IMGSTREAM_BENCH_READ_ALL",
         "IMGSTREAM_BENCH_AGENT_ARGS",
+        "IMGSTREAM_BENCH_B_ARGS",
+        "IMGSTREAM_BENCH_B_ENV",
     ]
     .iter()
     .any(|name| std::env::var_os(name).is_some())

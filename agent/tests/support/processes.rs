@@ -160,6 +160,11 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(dir: &Path, extra: &[&str]) -> Self {
+        Self::start_with_env(dir, extra, &[])
+    }
+
+    /// [`Agent::start`] with `env` added to the agent's environment.
+    pub fn start_with_env(dir: &Path, extra: &[&str], env: &[(String, String)]) -> Self {
         let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let store = dir.join("agent.redb");
         let log = dir.join(format!("agent-{}.log", api.port()));
@@ -169,6 +174,7 @@ impl Agent {
             .arg("--detections")
             .arg(dir.join("detections.jsonl"))
             .args(extra)
+            .envs(env.iter().map(|(name, value)| (name, value)))
             .env(
                 "IMGSTREAM_LOG",
                 std::env::var("IMGSTREAM_AGENT_LOG")
