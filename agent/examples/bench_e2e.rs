@@ -316,12 +316,7 @@ struct ArmB {
 impl ArmB {
     /// The arm the environment asks for; `None` when it asks for none.
     fn from_env() -> anyhow::Result<Option<Self>> {
-        let words = |name: &str| -> Vec<String> {
-            std::env::var(name)
-                .map(|v| v.split_whitespace().map(str::to_string).collect())
-                .unwrap_or_default()
-        };
-        let env = words("IMGSTREAM_BENCH_B_ENV")
+        let env = env_words("IMGSTREAM_BENCH_B_ENV")
             .into_iter()
             .map(|pair| match pair.split_once('=') {
                 Some((name, value)) if !name.is_empty() => {
@@ -331,7 +326,7 @@ impl ArmB {
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let arm = Self {
-            args: words("IMGSTREAM_BENCH_B_ARGS"),
+            args: env_words("IMGSTREAM_BENCH_B_ARGS"),
             env,
         };
         Ok((arm != Self::default()).then_some(arm))
@@ -629,7 +624,12 @@ fn drop_caches() -> anyhow::Result<()> {
 /// Agent flags a sweep adds to every imgstream row (`IMGSTREAM_BENCH_AGENT_ARGS`, split at
 /// whitespace); the report says so, since the rows are then not the defaults.
 fn tuning() -> Vec<String> {
-    std::env::var("IMGSTREAM_BENCH_AGENT_ARGS")
+    env_words("IMGSTREAM_BENCH_AGENT_ARGS")
+}
+
+/// The words of the environment variable `name` (none when it is not set).
+fn env_words(name: &str) -> Vec<String> {
+    std::env::var(name)
         .map(|a| a.split_whitespace().map(str::to_string).collect())
         .unwrap_or_default()
 }
