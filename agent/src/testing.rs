@@ -221,6 +221,9 @@ pub(crate) struct MemoryBlobs {
     pub ranges: AtomicUsize,
     /// The most bytes one range request asked for.
     pub largest: AtomicU64,
+    /// Range requests being answered now, and the most there were at once.
+    answering: AtomicUsize,
+    pub most_at_once: AtomicUsize,
     /// Bytes range requests asked for, per blob.
     pub asked: Mutex<HashMap<Digest, u64>>,
     pub delay: Duration,
@@ -309,6 +312,15 @@ impl BlobSource for MemoryBlobs {
 
     async fn read_range(&self, digest: &Digest, range: Range<u64>) -> Result<Bytes, RegistryError> {
         self.ranges.fetch_add(1, Ordering::SeqCst);
+        struct Answering<'a>(&'a AtomicUsize);
+        impl Drop for Answering<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let now = self.answering.fetch_add(1, Ordering::SeqCst) + 1;
+        let _answering = Answering(&self.answering);
+        self.most_at_once.fetch_max(now, Ordering::SeqCst);
         self.largest
             .fetch_max(range.end.saturating_sub(range.start), Ordering::SeqCst);
         *crate::sync::lock(&self.asked).entry(*digest).or_default() +=

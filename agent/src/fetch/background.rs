@@ -264,6 +264,9 @@ fn run(
     while Instant::now() < delay_end && !shutdown.is_triggered() && !fetcher.greedy() {
         thread::sleep(Duration::from_millis(50).min(delay_end - Instant::now()));
     }
+    // From here on the download fetches everything: code still waiting for the link to idle
+    // would only share it.
+    fetcher.stop_filling();
     let workers: Vec<_> = (0..config.concurrency.max(1))
         .map(|i| {
             let (fetcher, layers, jobs, next, progress, shutdown) = (

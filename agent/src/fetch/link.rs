@@ -20,8 +20,9 @@
 //! that may never be read ([`Line::Back`]: code fetched whole, read-around windows). A reader that
 //! comes to wait for a guess still in line promotes it ([`LinkGate::promote`]). On a near
 //! link (loopback, a registry next door) nothing waits: an answer's wait there is its own
-//! transfer, and holding a reader's read-around back only slows it. The background download
-//! is not counted: it yields to readers on its own.
+//! transfer, and holding a reader's read-around back only slows it. Behind all three, on any
+//! link, the idle fill's pieces ([`Line::Idle`], [`super::fill`]) wait for the link to carry
+//! nothing at all. The background download is not counted: it yields to readers on its own.
 
 use std::{
     collections::VecDeque,
@@ -55,6 +56,9 @@ pub enum Line {
     Middle,
     /// Bulk guesses (read-around windows, code fetched whole), in their order.
     Back,
+    /// The idle fill's pieces ([`crate::fetch::fill`]): each goes only while nothing else is
+    /// in flight, and then counts, so the next waits for it.
+    Idle,
 }
 
 /// Bytes in flight, and the guesses waiting for their turn.
@@ -73,9 +77,13 @@ struct State {
 }
 
 impl State {
-    /// Whether `bytes` more may go now: a request larger than the window goes alone.
-    fn fits(&self, bytes: u64, window: u64) -> bool {
-        self.in_flight == 0 || self.in_flight.saturating_add(bytes) <= window
+    /// Whether `bytes` more in `line` may go now: a request larger than the window goes
+    /// alone, and one of the idle fill's only onto an empty link.
+    fn fits(&self, bytes: u64, line: Line, window: u64) -> bool {
+        match line {
+            Line::Idle => self.in_flight == 0,
+            _ => self.in_flight == 0 || self.in_flight.saturating_add(bytes) <= window,
+        }
     }
 }
 
@@ -202,7 +210,7 @@ impl LinkGate {
         let ticket = state.tickets;
         // Where it waits: behind every guess of its line or before it.
         let place = state.waiting.partition_point(|w| w.line <= line);
-        if place == 0 && state.fits(bytes, window) {
+        if place == 0 && state.fits(bytes, line, window) {
             state.in_flight += bytes;
             return Queued {
                 ticket,
@@ -256,7 +264,7 @@ impl LinkGate {
         let mut state = crate::sync::lock(&self.state);
         state.in_flight = state.in_flight.saturating_sub(bytes);
         while let Some(next) = state.waiting.front() {
-            if !state.fits(next.bytes, window) {
+            if !state.fits(next.bytes, next.line, window) {
                 break;
             }
             let Some(next) = state.waiting.pop_front() else {
@@ -377,6 +385,45 @@ mod tests {
             let small = gate.queue(1, Line::Back);
             assert!(matches!(small.state, Queue::Waiting(_)));
             drop((ahead, bulk, head, second, small));
+            assert_eq!(gate.in_flight(), 0);
+        });
+    }
+
+    #[test]
+    fn the_idle_fill_goes_only_onto_an_empty_link_and_nothing_waits_for_it() {
+        runtime().block_on(async {
+            let gate = Arc::new(LinkGate::new());
+            // No bound on a near link, but for the idle line.
+            gate.set_window(None);
+            let reader = gate.enter(4096);
+            let piece = gate.queue(64 << 10, Line::Idle);
+            assert!(
+                matches!(piece.state, Queue::Waiting(_)),
+                "a reader's request is in flight"
+            );
+            // Guesses and readers go past the waiting piece.
+            let guess = gate.queue(1 << 20, Line::Back);
+            assert!(matches!(guess.state, Queue::Now(_)));
+            let other = gate.enter(4096);
+            let piece = tokio::spawn(piece.turn());
+            drop((reader, guess));
+            tokio::task::yield_now().await;
+            assert!(!piece.is_finished(), "one request is still in flight");
+            drop(other);
+            let turn = tokio::time::timeout(Duration::from_secs(5), piece)
+                .await
+                .expect("the piece goes once the link is empty")
+                .expect("no panic");
+            assert_eq!(gate.in_flight(), 64 << 10);
+            // The next piece waits for this one; a reader does not.
+            let next = gate.queue(64 << 10, Line::Idle);
+            assert!(matches!(next.state, Queue::Waiting(_)));
+            let reader = gate.enter(4096);
+            drop((turn, reader));
+            let next = tokio::time::timeout(Duration::from_secs(5), next.turn())
+                .await
+                .expect("the next piece goes once both ended");
+            drop(next);
             assert_eq!(gate.in_flight(), 0);
         });
     }

@@ -21,6 +21,7 @@ use std::{
 };
 
 pub mod background;
+mod fill;
 mod inflight;
 pub mod journal;
 pub mod layer;
@@ -91,12 +92,13 @@ impl FetchError {
     }
 }
 
-/// Whether a fetch serves a reader now, follows a reader's miss ([`readaround`]), or fills
-/// the cache in the background.
+/// Whether a fetch serves a reader now, follows a reader's miss ([`readaround`]), fills in
+/// code while the link idles ([`fill`]), or fills the cache in the background.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Priority {
     OnDemand,
     ReadAround,
+    Fill,
     Background,
 }
 
@@ -112,9 +114,13 @@ pub struct FetchStats {
     /// Of `requests` and `bytes`: those of the background download.
     pub background_requests: AtomicU64,
     pub background_bytes: AtomicU64,
-    /// Of `requests` and `bytes`: those fetched around readers' misses ([`readaround`]).
+    /// Of `requests` and `bytes`: those fetched around readers' misses ([`readaround`]),
+    /// as the loader prefetch's and the idle fill's guesses.
     pub read_around_requests: AtomicU64,
     pub read_around_bytes: AtomicU64,
+    /// Of `read_around_requests` and `read_around_bytes`: the idle fill's ([`fill`]).
+    pub fill_requests: AtomicU64,
+    pub fill_bytes: AtomicU64,
     /// Chunks served from the cache.
     pub cache_hits: AtomicU64,
     /// Chunks fetched from the source.
@@ -210,6 +216,8 @@ pub struct Fetcher {
     readers: Arc<ReaderGate>,
     /// Guessed requests' turns on the link.
     link: Arc<link::LinkGate>,
+    /// Code waiting for the link to idle ([`fill`]).
+    filler: fill::Fill,
     /// Chunks fetched for readers, on their way to the cache: a reader gets its data before
     /// its chunk is written.
     writes: WriteBehind,
@@ -274,6 +282,7 @@ impl Fetcher {
             inflight: Mutex::new(HashMap::new()),
             readers: Arc::new(ReaderGate::new()),
             link: Arc::new(link::LinkGate::new()),
+            filler: fill::Fill::default(),
             stats: FetchStats::default(),
             totals: None,
             journal: None,
@@ -714,6 +723,98 @@ impl Fetcher {
         }
     }
 
+    /// Queues `chunks`, one segment of code, for the idle fill ([`fill`]): fetched in pieces,
+    /// one at a time, each only while nothing else is on the link, taking turns with the
+    /// other segments queued, until the background download starts. Chunks cached by then
+    /// are skipped; a reader that wants one meanwhile fetches it as usual.
+    pub(crate) fn fill(self: &Arc<Self>, chunks: Vec<(Digest, Chunk)>) {
+        if !self.fill_pays() || !self.filler.push(chunks) {
+            return;
+        }
+        let fetcher = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("idle-fill".into())
+            .spawn(move || {
+                while let Some(this) = fetcher.upgrade() {
+                    let Some(piece) = this.filler.next_piece(|d| this.present(d)) else {
+                        return;
+                    };
+                    // A panic costs its piece, never the fill.
+                    let filled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        this.fill_piece(piece)
+                    }));
+                    if filled.is_err() {
+                        tracing::error!("a piece of the idle fill panicked");
+                    }
+                }
+            });
+        if let Err(err) = spawned {
+            tracing::warn!(%err, "no idle-fill thread; the code waiting is left to its readers");
+            self.filler.no_thread();
+        }
+    }
+
+    /// Fetches one piece of the idle fill once the link has nothing else in flight (given up
+    /// after [`fill::PATIENCE`]), but for its chunks cached or in flight by then; none where
+    /// the link turned out near.
+    fn fill_piece(&self, piece: Vec<(Digest, Chunk)>) {
+        if !self.fill_pays() {
+            return;
+        }
+        let bytes = piece
+            .iter()
+            .map(|(_, c)| c.blob_end.saturating_sub(c.blob_offset))
+            .fold(0u64, u64::saturating_add);
+        let queued = self.link.queue(bytes, Line::Idle);
+        // The timer is made inside the runtime: this is a thread of the fetcher's own.
+        let turn = self
+            .runtime
+            .block_on(async { tokio::time::timeout(fill::PATIENCE, queued.turn()).await });
+        let Ok(_turn) = turn else {
+            return;
+        };
+        if self.filler.stopped() {
+            return;
+        }
+        // Claimed only now, with the link: a guess or a reader that wanted these chunks while
+        // the piece waited fetched them without waiting for it.
+        let mut claimed = Vec::with_capacity(piece.len());
+        {
+            let mut map = crate::sync::lock(&self.inflight);
+            for (blob, chunk) in piece {
+                if self.present(&chunk.digest) {
+                    continue;
+                }
+                if let std::collections::hash_map::Entry::Vacant(slot) = map.entry(chunk.digest) {
+                    let flight = Arc::new(Inflight::guess());
+                    slot.insert(flight.clone());
+                    claimed.push((blob, chunk, flight));
+                }
+            }
+        }
+        if claimed.is_empty() {
+            return;
+        }
+        let refs: Vec<ChunkRef<'_>> = claimed
+            .iter()
+            .map(|(blob, chunk, _)| ChunkRef { blob: *blob, chunk })
+            .collect();
+        let wanted: Vec<&ChunkRef<'_>> = refs.iter().collect();
+        let flights: Vec<&Arc<Inflight>> = claimed.iter().map(|(_, _, f)| f).collect();
+        let deadline = Instant::now() + fill::PATIENCE;
+        self.fetch_runs(&wanted, &flights, deadline, Priority::Fill, None);
+    }
+
+    /// Whether the link is far enough for the idle fill ([`fill::MIN_BDP`]).
+    fn fill_pays(&self) -> bool {
+        self.link_bdp().is_some_and(|bdp| bdp >= fill::MIN_BDP)
+    }
+
+    /// Ends the idle fill: the background download fetches the rest.
+    pub fn stop_filling(&self) {
+        self.filler.stop();
+    }
+
     /// Fetches the given chunks, one range request per run of members adjacent in a blob,
     /// the runs in parallel, and completes each chunk's flight (`flights`, one per chunk of
     /// `wanted`) as soon as its run's answer is in: a reader waiting on one chunk of a large
@@ -739,7 +840,7 @@ impl Fetcher {
             .fold(0u64, u64::saturating_add);
         let ceiling = match priority {
             Priority::Background => (self.budget.limit() as f64 * budget::BACKGROUND_SHARE) as u64,
-            Priority::OnDemand | Priority::ReadAround => self.budget.limit(),
+            Priority::OnDemand | Priority::ReadAround | Priority::Fill => self.budget.limit(),
         };
         let Some(_lease) = self.budget.acquire_below(bytes, ceiling, deadline) else {
             let results: Vec<_> = wanted
@@ -994,6 +1095,12 @@ impl Fetcher {
                         self.count(|s| &s.read_around_requests, 1);
                         self.count(|s| &s.read_around_bytes, over_link);
                     }
+                    Priority::Fill => {
+                        self.count(|s| &s.read_around_requests, 1);
+                        self.count(|s| &s.read_around_bytes, over_link);
+                        self.count(|s| &s.fill_requests, 1);
+                        self.count(|s| &s.fill_bytes, over_link);
+                    }
                     Priority::OnDemand => {}
                 }
                 let start = run[0].chunk.blob_offset;
@@ -1034,7 +1141,9 @@ impl Fetcher {
     /// these flights; for the background, inline, on its own threads.
     fn store(&self, digest: Digest, data: &Arc<Vec<u8>>, priority: Priority) {
         match priority {
-            Priority::OnDemand | Priority::ReadAround => self.writes.write_behind(digest, data),
+            Priority::OnDemand | Priority::ReadAround | Priority::Fill => {
+                self.writes.write_behind(digest, data)
+            }
             Priority::Background => self.writes.write_now(&digest, data),
         }
     }

@@ -413,6 +413,205 @@ fn a_large_guess_in_line_is_asked_for_in_pieces_of_half_the_window() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A layer of `small` (one 4 KiB chunk) then `big` (3 MiB that does not compress, in 24
+/// chunks of 128 KiB, each larger than a piece of the idle fill).
+struct SmallAndBig {
+    source: Arc<MemoryBlobs>,
+    fetcher: Arc<Fetcher>,
+    dir: std::path::PathBuf,
+    layer: RemoteLayer,
+    small: Chunk,
+    big: Vec<(Digest, Chunk)>,
+}
+
+impl Drop for SmallAndBig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn small_and_big(runtime: &tokio::runtime::Runtime, name: &str, rtt: Duration) -> SmallAndBig {
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let data: Vec<u8> = (0..3 << 20)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    let entries = [
+        (Header::new("small", Kind::Regular), vec![7; 4096]),
+        (Header::new("big", Kind::Regular), data),
+    ];
+    let (blob, summary) = estargz_layer(&entries, 128 << 10, false);
+    let (index, toc_digest) = layer_index(&blob, None).expect("an index");
+    let layer = RemoteLayer::new(
+        crate::testing::layer_descriptor(&summary),
+        index,
+        toc_digest,
+    );
+    let source = Arc::new(
+        MemoryBlobs::default()
+            .with_digest(layer.desc.digest, blob)
+            .far(rtt),
+    );
+    let (dir, cache) = scratch_cache(name);
+    let fetcher = Arc::new(Fetcher::new(
+        runtime.handle().clone(),
+        source.clone(),
+        cache,
+    ));
+    let small = layer.index.get("small").expect("small").chunks[0].clone();
+    let big: Vec<(Digest, Chunk)> = layer
+        .index
+        .get("big")
+        .expect("big")
+        .chunks
+        .iter()
+        .map(|c| (layer.desc.digest, c.clone()))
+        .collect();
+    assert_eq!(big.len(), 24);
+    assert!(
+        big.iter()
+            .all(|(_, c)| c.blob_end - c.blob_offset > fill::PIECE)
+    );
+    SmallAndBig {
+        source,
+        fetcher,
+        dir,
+        layer,
+        small,
+        big,
+    }
+}
+
+/// Waits until every chunk of `chunks` is cached (or 10 s pass).
+fn wait_cached(fetcher: &Fetcher, chunks: &[(Digest, Chunk)]) -> bool {
+    let until = Instant::now() + Duration::from_secs(10);
+    while !chunks.iter().all(|(_, c)| fetcher.present(&c.digest)) {
+        if Instant::now() > until {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
+}
+
+#[test]
+fn the_idle_fill_asks_for_one_piece_at_a_time_only_while_nothing_else_is_in_flight() {
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    // 20 ms away: a round trip carries more than two pieces.
+    let t = small_and_big(&runtime, "fetch-fill", Duration::from_millis(20));
+    let (source, fetcher, big, blob) = (&t.source, &t.fetcher, &t.big, t.layer.desc.digest);
+    // A reader fetched big's sixth chunk: the fill leaves it out.
+    let sixth = [ChunkRef {
+        blob,
+        chunk: &big[5].1,
+    }];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    fetcher
+        .get(&sixth, Priority::OnDemand, deadline)
+        .expect("the sixth chunk");
+    // A reader's request is held in the registry; the code handed over meanwhile waits.
+    source.hold(t.small.blob_offset..t.small.blob_end);
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(|| {
+            let refs = [ChunkRef {
+                blob,
+                chunk: &t.small,
+            }];
+            let deadline = Instant::now() + Duration::from_secs(10);
+            fetcher.get(&refs, Priority::OnDemand, deadline)
+        });
+        let until = Instant::now() + Duration::from_secs(10);
+        while source.ranges.load(Ordering::SeqCst) < 2 {
+            assert!(Instant::now() < until, "the reader asked");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        fetcher.fill(big.clone());
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            source.ranges.load(Ordering::SeqCst),
+            2,
+            "no piece went while the reader's request was in flight"
+        );
+        source.release();
+        let got = reader
+            .join()
+            .expect("no panic")
+            .expect("the reader's chunk");
+        assert_eq!(*got[0], vec![7; 4096]);
+    });
+    assert!(wait_cached(fetcher, big), "the fill fetched all of big");
+    // One request per piece (each chunk is one), never two at once, nor beside the reader's;
+    // none for the chunk the reader had fetched.
+    let pieces = big.len() - 1;
+    assert_eq!(source.ranges.load(Ordering::SeqCst), 2 + pieces);
+    assert_eq!(source.most_at_once.load(Ordering::SeqCst), 1);
+    let stats = &fetcher.stats;
+    assert_eq!(stats.fill_requests.load(Ordering::SeqCst), pieces as u64);
+    let compressed: u64 = big
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 5)
+        .map(|(_, (_, c))| c.blob_end - c.blob_offset)
+        .sum();
+    assert_eq!(stats.fill_bytes.load(Ordering::SeqCst), compressed);
+    // Handed over again, cached code asks for nothing.
+    fetcher.fill(big.clone());
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(source.ranges.load(Ordering::SeqCst), 2 + pieces);
+}
+
+#[test]
+fn near_the_registry_there_is_no_idle_fill() {
+    // 5 ms away at the assumed 100 Mbit/s: a round trip carries one piece.
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let t = small_and_big(&runtime, "fetch-fill-near", Duration::from_millis(5));
+    t.fetcher.fill(t.big.clone());
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(t.source.ranges.load(Ordering::SeqCst), 0);
+    assert_eq!(t.fetcher.filler.waiting(), 0, "nothing was queued");
+}
+
+#[test]
+fn the_idle_fill_ends_when_the_background_download_starts() {
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let t = small_and_big(&runtime, "fetch-fill-stop", Duration::from_millis(20));
+    let (source, fetcher, big) = (&t.source, &t.fetcher, &t.big);
+    // The first piece is held in the registry; the background download starts meanwhile
+    // (it does not count on the link, so the fill would go on beside it).
+    let first = &big[0].1;
+    source.hold(first.blob_offset..first.blob_end);
+    fetcher.fill(big.clone());
+    let until = Instant::now() + Duration::from_secs(10);
+    while source.ranges.load(Ordering::SeqCst) < 1 {
+        assert!(Instant::now() < until, "the first piece was asked for");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let stop = crate::shutdown::Shutdown::new();
+    let (progress, download) = background::spawn(
+        fetcher.clone(),
+        Arc::from(vec![t.layer.clone()]),
+        background::BackgroundConfig::default(),
+        stop.clone(),
+    );
+    let until = Instant::now() + Duration::from_secs(10);
+    while fetcher.filler.waiting() > 0 {
+        assert!(Instant::now() < until, "what waited was dropped");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    source.release();
+    download.join().expect("no panic");
+    assert!(progress.finished.load(Ordering::SeqCst));
+    assert!(wait_cached(fetcher, big));
+    // The piece in flight when the download started, and nothing after.
+    fetcher.fill(big.clone());
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(fetcher.stats.fill_requests.load(Ordering::SeqCst), 1);
+}
+
 #[test]
 fn without_a_network_in_between_a_miss_fetches_only_its_own_chunks() {
     let t = TenFiles::new("fetch-no-read-around", None);

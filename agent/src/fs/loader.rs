@@ -152,6 +152,11 @@ struct Shared {
     layers: Arc<[RemoteLayer]>,
     fetcher: Arc<Fetcher>,
     deadline: Duration,
+    /// Whether code too large to fetch whole goes to the fetcher's idle fill.
+    idle_fill: bool,
+    /// Segments too large to fetch whole, by file, until a reader reads in one of them: it
+    /// then goes to the idle fill ([`Loader::read_in`]).
+    unread_code: Mutex<HashMap<(usize, usize), Code>>,
     /// Inodes a reader read the start of: each is the root of one walk at most.
     seen: Mutex<HashSet<u64>>,
     /// Directories whose modules a walk took along.
@@ -180,7 +185,7 @@ impl Loader {
         tree: Arc<Tree>,
         layers: Arc<[RemoteLayer]>,
         fetcher: Arc<Fetcher>,
-        deadline: Duration,
+        (deadline, idle_fill): (Duration, bool),
     ) -> Self {
         Self {
             shared: Arc::new(Shared {
@@ -188,6 +193,8 @@ impl Loader {
                 layers,
                 fetcher,
                 deadline,
+                idle_fill,
+                unread_code: Mutex::new(HashMap::new()),
                 seen: Mutex::new(HashSet::new()),
                 module_dirs: Mutex::new(HashSet::new()),
                 expanded: Mutex::new(HashSet::new()),
@@ -248,6 +255,39 @@ impl Loader {
             "a program opens a module: the other modules of its directory are walked with it"
         );
         shared.walk_wide(siblings, self.code_queue());
+    }
+
+    /// A reader reads `file` (layer and node) at `offset`: when that is inside a segment of
+    /// code too large to fetch whole, the program runs there, and the segment goes to the
+    /// fetcher's idle fill, from the chunk read on to its end, then its start.
+    pub(super) fn read_in(&self, file: (usize, usize), offset: u64) {
+        let shared = &self.shared;
+        if !shared.idle_fill {
+            return;
+        }
+        let (f, range) = {
+            let mut unread = crate::sync::lock(&shared.unread_code);
+            let Some(segments) = unread.get_mut(&file) else {
+                return;
+            };
+            let Some(at) = segments.iter().position(|(_, r)| r.contains(&offset)) else {
+                return;
+            };
+            let segment = segments.swap_remove(at);
+            if segments.is_empty() {
+                unread.remove(&file);
+            }
+            segment
+        };
+        let mut chunks: Vec<(Digest, crate::image::estargz::Chunk)> = Vec::new();
+        for part in [offset..range.end, range.start..offset] {
+            chunks.extend(
+                shared
+                    .chunks_of(&(&f, part))
+                    .map(|c| (c.blob, c.chunk.clone())),
+            );
+        }
+        shared.fetcher.fill(chunks);
     }
 
     /// Looks for the libraries of `ino`, an image's program no reader started yet (the one
@@ -802,12 +842,13 @@ impl Shared {
 
     /// Hands the read-only segments (code, constant data) of `objects` that are cheaper to
     /// fetch whole than to miss (at most [`code_bdps`] bandwidth-delay products of the link)
-    /// to the code thread.
+    /// to the code thread; the larger ones are kept for the fetcher's idle fill, which a
+    /// reader's read in one of them hands it to ([`Loader::read_in`]).
     fn hand_over_code(&self, objects: &[(&File, Object)], code: &CodeQueue) {
-        let (Some(queue), Some(limit)) = (code, self.code_limit()) else {
+        let Some(limit) = self.code_limit() else {
             return;
         };
-        let ranges: Code = objects
+        let (ranges, larger): (Code, Code) = objects
             .iter()
             .flat_map(|(f, object)| {
                 object
@@ -817,10 +858,21 @@ impl Shared {
                     // shares its segment with the headers, fetched anyway.
                     .filter(|s| !s.writable && s.offset > 0)
                     .map(|s| object.warm_part(s))
-                    .filter(move |r| r.end - r.start <= limit)
                     .map(|r| ((*f).clone(), r))
             })
-            .collect();
+            .partition(|(_, r)| r.end - r.start <= limit);
+        if self.idle_fill && !larger.is_empty() {
+            let mut unread = crate::sync::lock(&self.unread_code);
+            for (f, r) in larger {
+                let segments = unread.entry(f.key()).or_default();
+                if !segments.iter().any(|(_, s)| *s == r) {
+                    segments.push((f, r));
+                }
+            }
+        }
+        let Some(queue) = code else {
+            return;
+        };
         if !ranges.is_empty() {
             tracing::debug!(
                 limit,
@@ -1116,12 +1168,29 @@ mod tests {
         image_of(runtime, dir, entries, loader_prefetch, link)
     }
 
-    /// An image of `entries` (their sizes set here) behind `link`.
+    /// An image of `entries` (their sizes set here) behind `link`, with no idle fill (whose
+    /// pieces would land at times these tests do not wait for).
     fn image_of(
         runtime: &tokio::runtime::Runtime,
         dir: &std::path::Path,
-        mut entries: Vec<(Header, Vec<u8>)>,
+        entries: Vec<(Header, Vec<u8>)>,
         loader_prefetch: bool,
+        link: Link,
+    ) -> (ImageFs, Arc<MemoryBlobs>) {
+        let config = FsConfig {
+            loader_prefetch,
+            idle_fill: false,
+            ..FsConfig::default()
+        };
+        image_with(runtime, dir, entries, config, link)
+    }
+
+    /// An image of `entries` (their sizes set here) behind `link`, served as `config` says.
+    fn image_with(
+        runtime: &tokio::runtime::Runtime,
+        dir: &std::path::Path,
+        mut entries: Vec<(Header, Vec<u8>)>,
+        config: FsConfig,
         link: Link,
     ) -> (ImageFs, Arc<MemoryBlobs>) {
         for (h, data) in &mut entries {
@@ -1157,15 +1226,7 @@ mod tests {
                 },
             ),
         );
-        let fs = ImageFs::new(
-            Arc::from(vec![opened]),
-            View::Merged,
-            fetcher,
-            FsConfig {
-                loader_prefetch,
-                ..FsConfig::default()
-            },
-        );
+        let fs = ImageFs::new(Arc::from(vec![opened]), View::Merged, fetcher, config);
         (fs, source)
     }
 
@@ -1686,6 +1747,60 @@ mod tests {
         let start = libc.start + CODE_START / 2;
         assert!(!fetched(&fs, &libc_path, start..start + 1));
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn code_too_large_to_fetch_whole_is_filled_in_while_the_link_idles() {
+        let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+        let dir =
+            std::env::temp_dir().join(format!("imgstream-loader-fill-{}", std::process::id()));
+        let (fs, source) = image_with(
+            &runtime,
+            &dir,
+            ls_and_its_libraries(),
+            FsConfig::default(),
+            Link::Far,
+        );
+        read_head(&fs, "/usr/bin/ls");
+        let loader = fs.loader.as_ref().expect("the loader prefetch is on");
+        assert!(loader.wait_idle(Duration::from_secs(60)));
+        // libc's code is more than the link's code limit (see the test above): it waits for
+        // the program to run in it...
+        let libc = code_of("/usr/lib/x86_64-linux-gnu/libc.so.6");
+        let libc_path = format!("/{LIBS}/libc.so.6");
+        std::thread::sleep(Duration::from_millis(200));
+        let middle = (libc.start + libc.end) / 2;
+        assert!(!fetched(&fs, &libc_path, middle..middle + 1));
+        assert_eq!(fs.fetcher.stats.fill_requests.load(Ordering::SeqCst), 0);
+        // ...and once a reader reads a page of it, the idle fill fetches the rest, in pieces
+        // of a 64 KiB chunk or two, one at a time while nothing else is in flight.
+        let inode = fs
+            .tree
+            .resolve(libc_path.as_bytes())
+            .expect("in the image")
+            .clone();
+        let mut page = Vec::new();
+        fs.read_into(&inode, &mut page, 4096, middle - middle % 4096)
+            .expect("the read succeeds");
+        let until = Instant::now() + Duration::from_secs(60);
+        while !fetched(&fs, &libc_path, libc.clone()) {
+            assert!(Instant::now() < until, "libc's code was filled in");
+            std::thread::sleep(Duration::from_millis(20));
+            fs.fetcher.flush_cache_writes();
+        }
+        // In pieces of at most 64 KiB compressed (libc's 64 KiB chunks compress below that).
+        let stats = &fs.fetcher.stats;
+        let pieces = stats.fill_requests.load(Ordering::SeqCst);
+        let bytes = stats.fill_bytes.load(Ordering::SeqCst);
+        assert!(pieces > 1, "{pieces} pieces");
+        assert!(
+            bytes <= pieces * (64 << 10),
+            "{bytes} bytes in {pieces} pieces"
+        );
+        assert!(source.ranges.load(Ordering::SeqCst) as u64 > pieces);
+        // Nothing but code: libz, which nothing needs, was not filled.
+        assert!(!fetched(&fs, &format!("/{LIBS}/libz.so.1"), 0..4096));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -56,6 +56,9 @@ pub struct FsConfig {
     /// Fetch the libraries a program needs when a reader reads its ELF headers
     /// ([`loader`]).
     pub loader_prefetch: bool,
+    /// Fetch the code the loader prefetch finds too large to fetch whole in pieces while
+    /// the link idles ([`crate::fetch`]'s idle fill).
+    pub idle_fill: bool,
     /// What INIT asks the kernel for ([`options`]).
     pub fuse_options: options::FuseOptions,
     /// Ask for FUSE passthrough (Linux 6.9): opens of cached files handed to backing files
@@ -72,6 +75,7 @@ impl Default for FsConfig {
             record_reads: false,
             read_around: ReadAroundConfig::default(),
             loader_prefetch: true,
+            idle_fill: true,
             fuse_options: options::FuseOptions::default(),
             passthrough: true,
             dir_readahead: true,
@@ -178,7 +182,7 @@ impl ImageFs {
                 tree.clone(),
                 layers.clone(),
                 fetcher.clone(),
-                config.read_deadline,
+                (config.read_deadline, config.idle_fill),
             )
         });
         let passthrough = passthrough::Passthrough::new(fetcher.cache().clone());
@@ -510,10 +514,11 @@ impl ImageFs {
                 recorded.push((layer, node_index, offset, size));
             }
         }
-        if offset == 0
-            && let Some(loader) = &self.loader
-        {
-            loader.read_asked(inode.ino);
+        if let Some(loader) = &self.loader {
+            if offset == 0 {
+                loader.read_asked(inode.ino);
+            }
+            loader.read_in((layer, node_index), offset);
         }
         let asked = Instant::now();
         let deadline = asked + self.config.read_deadline;

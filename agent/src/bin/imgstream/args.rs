@@ -435,6 +435,12 @@ pub(crate) struct ServingArgs {
     /// when a reader reads the program's first bytes; leave them to the loader's reads.
     #[arg(long)]
     pub(crate) no_loader_prefetch: bool,
+    /// Do not fetch, while the link idles, the code the loader prefetch finds too large to
+    /// fetch whole once a program runs in it (in 64 KiB pieces, one at a time, on a link whose
+    /// round trip carries 128 KiB or more, until the background download starts); leave it
+    /// to the program's page faults.
+    #[arg(long)]
+    pub(crate) no_idle_fill: bool,
     /// Do not learn what a layer's first start on this node reads, nor prefetch what was
     /// learned, for layers whose TOC has no prefetch list.
     #[arg(long)]
@@ -515,6 +521,7 @@ impl ServingArgs {
                     max_window: self.read_around_max.0,
                 },
                 loader_prefetch: !self.no_loader_prefetch,
+                idle_fill: !self.no_idle_fill,
                 fuse_options: self.fuse_options,
                 passthrough: !self.no_passthrough,
                 dir_readahead: !self.no_dir_readahead,
