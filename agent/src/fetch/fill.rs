@@ -38,8 +38,10 @@ const MAX_QUEUED: usize = 16 << 10;
 /// delays a reader's next miss by its own transfer at most, and a piece the program comes to
 /// read saves it a round trip: where a round trip carries less than two pieces, the one
 /// costs about what the other saves (the bench's unconverted image 0 ms from the registry,
-/// 6 alternating cold starts each: 2.29 s against 2.26 s without the fill, and 2.39 s against
-/// 2.28 s filling segments once read in; 20 ms away, 2.89 s against 3.03 s).
+/// where a round trip carries about 60 KB, 6 alternating cold starts each: segments filled
+/// once read in, 2.41 s against 2.29 s without the fill; filled as the walk found them,
+/// 2.29 s against 2.26 s; 20 ms away, 2.94 s against 3.10 s and 2.89 s against 3.03 s; 50 ms
+/// away, 3 each, 3.79 s against 3.66 s, and 2.84 s against 2.98 s for the converted image).
 pub(super) const MIN_BDP: u64 = 2 * PIECE;
 /// How long a piece waits for the link to idle before it is given up, and how long its
 /// request may take.
