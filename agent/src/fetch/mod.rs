@@ -656,21 +656,7 @@ impl Fetcher {
         deadline: Instant,
         line: Line,
     ) {
-        let candidates: Vec<(Digest, Chunk)> = chunks
-            .into_iter()
-            .filter(|(_, c)| !self.present(&c.digest))
-            .collect();
-        let mut guessed = Vec::with_capacity(candidates.len());
-        {
-            let mut map = crate::sync::lock(&self.inflight);
-            for (blob, chunk) in candidates {
-                if let std::collections::hash_map::Entry::Vacant(slot) = map.entry(chunk.digest) {
-                    let flight = Arc::new(Inflight::guess());
-                    slot.insert(flight.clone());
-                    guessed.push((blob, chunk, flight));
-                }
-            }
-        }
+        let mut guessed = self.open_guesses(chunks);
         if guessed.is_empty() {
             return;
         }
@@ -721,6 +707,25 @@ impl Fetcher {
                 flight.complete(Err(FetchError::Deadline(digest)));
             }
         }
+    }
+
+    /// A guess's flight for each of `chunks` neither cached nor in flight: readers that want
+    /// them wait for these, and fetch for themselves what fails.
+    fn open_guesses(&self, chunks: Vec<(Digest, Chunk)>) -> Vec<(Digest, Chunk, Arc<Inflight>)> {
+        let candidates: Vec<(Digest, Chunk)> = chunks
+            .into_iter()
+            .filter(|(_, c)| !self.present(&c.digest))
+            .collect();
+        let mut opened = Vec::with_capacity(candidates.len());
+        let mut map = crate::sync::lock(&self.inflight);
+        for (blob, chunk) in candidates {
+            if let std::collections::hash_map::Entry::Vacant(slot) = map.entry(chunk.digest) {
+                let flight = Arc::new(Inflight::guess());
+                slot.insert(flight.clone());
+                opened.push((blob, chunk, flight));
+            }
+        }
+        opened
     }
 
     /// Queues `chunks`, one segment of code, for the idle fill ([`fill`]): fetched in pieces,
@@ -778,20 +783,7 @@ impl Fetcher {
         }
         // Claimed only now, with the link: a guess or a reader that wanted these chunks while
         // the piece waited fetched them without waiting for it.
-        let mut claimed = Vec::with_capacity(piece.len());
-        {
-            let mut map = crate::sync::lock(&self.inflight);
-            for (blob, chunk) in piece {
-                if self.present(&chunk.digest) {
-                    continue;
-                }
-                if let std::collections::hash_map::Entry::Vacant(slot) = map.entry(chunk.digest) {
-                    let flight = Arc::new(Inflight::guess());
-                    slot.insert(flight.clone());
-                    claimed.push((blob, chunk, flight));
-                }
-            }
-        }
+        let claimed = self.open_guesses(piece);
         if claimed.is_empty() {
             return;
         }

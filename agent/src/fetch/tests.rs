@@ -431,18 +431,12 @@ impl Drop for SmallAndBig {
 }
 
 fn small_and_big(runtime: &tokio::runtime::Runtime, name: &str, rtt: Duration) -> SmallAndBig {
-    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-    let data: Vec<u8> = (0..3 << 20)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
     let entries = [
         (Header::new("small", Kind::Regular), vec![7; 4096]),
-        (Header::new("big", Kind::Regular), data),
+        (
+            Header::new("big", Kind::Regular),
+            crate::testing::bytes(0x9e37_79b9, 3 << 20, false),
+        ),
     ];
     let (blob, summary) = estargz_layer(&entries, 128 << 10, false);
     let (index, toc_digest) = layer_index(&blob, None).expect("an index");

@@ -1294,13 +1294,18 @@ mod tests {
     }
 
     fn read_head(fs: &ImageFs, path: &str) -> Vec<u8> {
+        read_page(fs, path, 0)
+    }
+
+    /// The page at `offset` of `path`, read as a reader reads it.
+    fn read_page(fs: &ImageFs, path: &str, offset: u64) -> Vec<u8> {
         let inode = fs
             .tree
             .resolve(path.as_bytes())
             .expect("in the image")
             .clone();
         let mut out = Vec::new();
-        fs.read_into(&inode, &mut out, 4096, 0)
+        fs.read_into(&inode, &mut out, 4096, offset)
             .expect("the read succeeds");
         fs.fetcher.flush_cache_writes();
         out
@@ -1774,14 +1779,7 @@ mod tests {
         assert_eq!(fs.fetcher.stats.fill_requests.load(Ordering::SeqCst), 0);
         // ...and once a reader reads a page of it, the idle fill fetches the rest, in pieces
         // of a 64 KiB chunk or two, one at a time while nothing else is in flight.
-        let inode = fs
-            .tree
-            .resolve(libc_path.as_bytes())
-            .expect("in the image")
-            .clone();
-        let mut page = Vec::new();
-        fs.read_into(&inode, &mut page, 4096, middle - middle % 4096)
-            .expect("the read succeeds");
+        read_page(&fs, &libc_path, middle - middle % 4096);
         let until = Instant::now() + Duration::from_secs(60);
         while !fetched(&fs, &libc_path, libc.clone()) {
             assert!(Instant::now() < until, "libc's code was filled in");
