@@ -798,7 +798,7 @@ impl Fetcher {
     }
 
     /// Whether the link is far enough for the idle fill ([`fill::MIN_BDP`]).
-    fn fill_pays(&self) -> bool {
+    pub(crate) fn fill_pays(&self) -> bool {
         self.link_bdp().is_some_and(|bdp| bdp >= fill::MIN_BDP)
     }
 

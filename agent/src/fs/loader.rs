@@ -262,7 +262,8 @@ impl Loader {
     /// fetcher's idle fill, from the chunk read on to its end, then its start.
     pub(super) fn read_in(&self, file: (usize, usize), offset: u64) {
         let shared = &self.shared;
-        if !shared.idle_fill {
+        // Near the registry the fill does not run: the segment stays kept, nothing is built.
+        if !shared.idle_fill || !shared.fetcher.fill_pays() {
             return;
         }
         let (f, range) = {
