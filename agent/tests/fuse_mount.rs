@@ -288,6 +288,71 @@ async fn an_unconverted_image_streams_through_span_indexes_and_equals_gnu_tar() 
     std::fs::remove_dir_all(&scratch).unwrap();
 }
 
+/// An index that is not the layer's (the image's second layer's index, put in the cache
+/// under the first layer's digest, as a registry could list another image's under it) is
+/// refused: that layer is downloaded whole, the others stream, the tree is still GNU tar's,
+/// and `/metrics` counts the refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_of_another_layer_is_refused_and_that_layer_downloaded_whole() {
+    let (scratch, registry, tarballs, image, _) = sample_indexed_locally("fuse-span-wrong").await;
+    let (reg, cache_dir) = (registry.host(), scratch.join("cache"));
+    assert!(tarballs.len() >= 2, "the sample has layers to swap");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&support::skopeo_raw(&format!("docker://{image}"))).unwrap();
+    let digest = |i: usize| -> imgstream::oci::digest::Digest {
+        manifest["layers"][i]["digest"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (first, second) = (digest(0), digest(1));
+    let cache = imgstream::cache::ChunkCache::open(&imgstream::cache::CacheConfig {
+        dir: cache_dir.clone(),
+        limit_bytes: None,
+        prefer_uring: false,
+    })
+    .unwrap();
+    let others = cache.get_span_index(&second).unwrap().expect("indexed");
+    cache.remove_span_index(&first);
+    assert!(cache.put_span_index(&first, &others).unwrap());
+    drop(cache);
+
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", support::free_port())
+        .parse()
+        .unwrap();
+    let log = scratch.join("mount.log");
+    let mounted = Mounted::start_logged(
+        &image,
+        &scratch.join("mnt"),
+        &cache_dir,
+        &reg,
+        &["--no-background", "--metrics-addr", &metrics.to_string()],
+        Some(&log),
+    );
+    let expected = scratch.join("expected-merged");
+    expected_merged(&tarballs, &expected);
+    assert_same_tree(&mounted.mountpoint, &expected, 25);
+    let text = mounted.log_text();
+    assert_eq!(text.matches("span index refused").count(), 1, "{text}");
+    assert_eq!(
+        text.matches("streamed through its span index").count(),
+        tarballs.len() - 1,
+        "{text}"
+    );
+    let (_, page) = support::http_get(metrics, "/metrics");
+    assert_eq!(
+        support::metric(
+            &page,
+            r#"imgstream_layers_opened_total{how="whole",why="index_refused"}"#
+        ),
+        1
+    );
+    mounted.stop();
+    drop(registry);
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
 /// `imgstream index` publishes each layer's span index beside the image (Debian's registry
 /// has no referrers API: through the `sha256-<digest>` tag fallback), the image's manifest
 /// stays byte for byte what it was, and a node with an empty cache finds the indexes there
