@@ -136,8 +136,8 @@ pub struct FetchStats {
     pub layers_quarantined: AtomicU64,
 }
 
-/// The readers of one image, for fetchers that each serve one of its layers (the
-/// snapshotter mounts each layer on its own, with a fetcher of its own).
+/// The readers of one image, and the link they share, for fetchers that each serve one of
+/// its layers (the snapshotter mounts each layer on its own, with a fetcher of its own).
 ///
 /// The background download yields to readers, and goes to full speed once readers fetched
 /// most of the image ([`GREEDY_SHARE`]). Layer by layer, neither holds: the background
@@ -145,31 +145,50 @@ pub struct FetchStats {
 /// starting on the image's other layers, and a start that read 40 % of the layer holding
 /// the libraries (not of the image) turned that layer's download greedy in the middle of
 /// the start. Sharing one gate, the fetchers of an image's layers yield to any reader of
-/// the image, and count its share against the whole image.
+/// the image, and count its share against the whole image. The same goes for the link
+/// ([`link`]): the layers come over one link, so their guesses take turns in one window
+/// and the idle fill of one layer waits for the requests of all; each layer on its own
+/// would let its guesses crowd out another layer's reader, and fill pieces go while
+/// another layer's reader waits.
 #[derive(Clone, Debug)]
-pub struct ImageReaders(Arc<ReaderGate>);
+pub struct ImageReaders {
+    readers: Arc<ReaderGate>,
+    link: Arc<link::LinkGate>,
+}
 
 impl ImageReaders {
     /// The readers of an image of `image_bytes` compressed bytes (all its layers).
     pub fn new(image_bytes: u64) -> Self {
         let gate = ReaderGate::new();
         gate.image_bytes.store(image_bytes, Ordering::Relaxed);
-        Self(Arc::new(gate))
+        Self {
+            readers: Arc::new(gate),
+            link: Arc::new(link::LinkGate::new()),
+        }
     }
 
     /// A handle that does not keep them: they live as long as a fetcher shares them.
     pub fn downgrade(&self) -> WeakImageReaders {
-        WeakImageReaders(Arc::downgrade(&self.0))
+        WeakImageReaders {
+            readers: Arc::downgrade(&self.readers),
+            link: Arc::downgrade(&self.link),
+        }
     }
 }
 
 /// [`ImageReaders`] while a fetcher still shares them.
 #[derive(Clone, Debug)]
-pub struct WeakImageReaders(std::sync::Weak<ReaderGate>);
+pub struct WeakImageReaders {
+    readers: std::sync::Weak<ReaderGate>,
+    link: std::sync::Weak<link::LinkGate>,
+}
 
 impl WeakImageReaders {
     pub fn upgrade(&self) -> Option<ImageReaders> {
-        self.0.upgrade().map(ImageReaders)
+        Some(ImageReaders {
+            readers: self.readers.upgrade()?,
+            link: self.link.upgrade()?,
+        })
     }
 }
 
@@ -214,7 +233,8 @@ pub struct Fetcher {
     /// Readers of the image, shared with the fetchers of its other layers when each layer
     /// has a fetcher of its own ([`ImageReaders`]).
     readers: Arc<ReaderGate>,
-    /// Guessed requests' turns on the link.
+    /// Guessed requests' turns on the link, shared with the fetchers of the image's other
+    /// layers where each has its own ([`ImageReaders`]).
     link: Arc<link::LinkGate>,
     /// Code waiting for the link to idle ([`fill`]).
     filler: fill::Fill,
@@ -1204,9 +1224,11 @@ impl Fetcher {
         );
     }
 
-    /// Shares `readers` with the other fetchers of the image (see [`ImageReaders`]).
+    /// Shares `readers`, and their link, with the other fetchers of the image (see
+    /// [`ImageReaders`]).
     pub fn with_image_readers(mut self, readers: &ImageReaders) -> Self {
-        self.readers = readers.0.clone();
+        self.readers = readers.readers.clone();
+        self.link = readers.link.clone();
         self
     }
 

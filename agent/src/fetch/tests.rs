@@ -431,6 +431,16 @@ impl Drop for SmallAndBig {
 }
 
 fn small_and_big(runtime: &tokio::runtime::Runtime, name: &str, rtt: Duration) -> SmallAndBig {
+    small_and_big_of(runtime, name, rtt, None)
+}
+
+/// [`small_and_big`] as one layer of an image whose `readers` (and link) its fetcher shares.
+fn small_and_big_of(
+    runtime: &tokio::runtime::Runtime,
+    name: &str,
+    rtt: Duration,
+    readers: Option<&ImageReaders>,
+) -> SmallAndBig {
     let entries = [
         (Header::new("small", Kind::Regular), vec![7; 4096]),
         (
@@ -451,11 +461,11 @@ fn small_and_big(runtime: &tokio::runtime::Runtime, name: &str, rtt: Duration) -
             .far(rtt),
     );
     let (dir, cache) = scratch_cache(name);
-    let fetcher = Arc::new(Fetcher::new(
-        runtime.handle().clone(),
-        source.clone(),
-        cache,
-    ));
+    let mut fetcher = Fetcher::new(runtime.handle().clone(), source.clone(), cache);
+    if let Some(readers) = readers {
+        fetcher = fetcher.with_image_readers(readers);
+    }
+    let fetcher = Arc::new(fetcher);
     let small = layer.index.get("small").expect("small").chunks[0].clone();
     let big: Vec<(Digest, Chunk)> = layer
         .index
@@ -556,6 +566,52 @@ fn the_idle_fill_asks_for_one_piece_at_a_time_only_while_nothing_else_is_in_flig
     fetcher.fill(big.clone());
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(source.ranges.load(Ordering::SeqCst), 2 + pieces);
+}
+
+#[test]
+fn the_idle_fill_of_one_layer_waits_for_the_requests_of_the_images_other_layers() {
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    // Two layers of an image, each with a fetcher and a registry connection of its own, as
+    // the snapshotter serves them, 20 ms away.
+    let readers = ImageReaders::new(0);
+    let rtt = Duration::from_millis(20);
+    let a = small_and_big_of(&runtime, "fetch-fill-image-a", rtt, Some(&readers));
+    let b = small_and_big_of(&runtime, "fetch-fill-image-b", rtt, Some(&readers));
+    // A reader of layer b waits on the registry; layer a's code is handed to the fill.
+    b.source.hold(b.small.blob_offset..b.small.blob_end);
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(|| {
+            let refs = [ChunkRef {
+                blob: b.layer.desc.digest,
+                chunk: &b.small,
+            }];
+            let deadline = Instant::now() + Duration::from_secs(10);
+            b.fetcher.get(&refs, Priority::OnDemand, deadline)
+        });
+        let until = Instant::now() + Duration::from_secs(10);
+        while b.source.ranges.load(Ordering::SeqCst) < 1 {
+            assert!(Instant::now() < until, "the reader asked");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        a.fetcher.fill(a.big.clone());
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            a.source.ranges.load(Ordering::SeqCst),
+            0,
+            "no piece of layer a went while layer b's reader waited"
+        );
+        b.source.release();
+        reader
+            .join()
+            .expect("no panic")
+            .expect("the reader's chunk");
+    });
+    assert!(
+        wait_cached(&a.fetcher, &a.big),
+        "then the fill fetched all of big"
+    );
+    assert_eq!(a.source.ranges.load(Ordering::SeqCst), a.big.len());
+    assert_eq!(a.source.most_at_once.load(Ordering::SeqCst), 1);
 }
 
 #[test]
