@@ -353,6 +353,109 @@ async fn an_index_of_another_layer_is_refused_and_that_layer_downloaded_whole() 
     std::fs::remove_dir_all(&scratch).unwrap();
 }
 
+/// A registry whose listing names each layer's index as another layer's (the tag fallback's
+/// entries rotated, as a confused or hostile publisher could list them, with every artifact
+/// and its windows as published) gets every index refused: each layer is downloaded whole,
+/// the tree is still GNU tar's, `/metrics` counts the refusals, and no refused index is kept
+/// in the cache for the next mount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn indexes_the_registry_lists_for_other_layers_are_refused() {
+    use imgstream::registry::{
+        BlobSink, BlobSource,
+        attached::LAYER_ANNOTATION,
+        http::{HttpConfig, RegistryClient},
+    };
+    let (scratch, registry, _, tarballs) = sample_image("fuse-span-swapped").await;
+    let reg = registry.host();
+    let image = format!("{reg}/src/app:v1");
+    let printed = index_image(&image, &reg, &scratch, &[]);
+    let layers = tarballs.len();
+    assert!(layers >= 2, "the sample has layers to swap");
+    assert_eq!(
+        printed.matches("published as sha256:").count(),
+        layers,
+        "{printed}"
+    );
+    let client = RegistryClient::new(
+        &reg,
+        "src/app",
+        HttpConfig {
+            insecure: vec![reg.clone()],
+            ..HttpConfig::default()
+        },
+    )
+    .unwrap();
+    let subject =
+        imgstream::oci::digest::Digest::of(&support::skopeo_raw(&format!("docker://{image}")));
+    let tag = format!("sha256-{}", subject.hex());
+    let mut listing: serde_json::Value =
+        serde_json::from_slice(&client.manifest(&tag).await.unwrap().bytes).unwrap();
+    let entries = listing["manifests"].as_array_mut().unwrap();
+    assert_eq!(entries.len(), layers);
+    let named: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|e| e["annotations"][LAYER_ANNOTATION].clone())
+        .collect();
+    for (i, entry) in entries.iter_mut().enumerate() {
+        entry["annotations"][LAYER_ANNOTATION] = named[(i + 1) % layers].clone();
+    }
+    client
+        .put_manifest(
+            Some(&tag),
+            imgstream::oci::manifest::OCI_INDEX,
+            serde_json::to_vec(&listing).unwrap().into(),
+        )
+        .await
+        .unwrap();
+
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", support::free_port())
+        .parse()
+        .unwrap();
+    let cache_dir = scratch.join("fresh-cache");
+    let mounted = Mounted::start_logged(
+        &image,
+        &scratch.join("mnt"),
+        &cache_dir,
+        &reg,
+        &["--no-background", "--metrics-addr", &metrics.to_string()],
+        Some(&scratch.join("mount.log")),
+    );
+    let expected = scratch.join("expected-merged");
+    expected_merged(&tarballs, &expected);
+    assert_same_tree(&mounted.mountpoint, &expected, 25);
+    let text = mounted.log_text();
+    assert_eq!(text.matches("span index refused").count(), layers, "{text}");
+    assert_eq!(
+        text.matches("streamed through its span index").count(),
+        0,
+        "{text}"
+    );
+    let (_, page) = support::http_get(metrics, "/metrics");
+    assert_eq!(
+        support::metric(
+            &page,
+            r#"imgstream_layers_opened_total{how="whole",why="index_refused"}"#
+        ),
+        layers as u64
+    );
+    mounted.stop();
+    let cache = imgstream::cache::ChunkCache::open(&imgstream::cache::CacheConfig {
+        dir: cache_dir,
+        limit_bytes: None,
+        prefer_uring: false,
+    })
+    .unwrap();
+    for entry in &named {
+        let layer: imgstream::oci::digest::Digest = entry.as_str().unwrap().parse().unwrap();
+        assert!(
+            cache.get_span_index(&layer).unwrap().is_none(),
+            "no refused index is cached for {layer}"
+        );
+    }
+    drop(registry);
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
 /// `imgstream index` publishes each layer's span index beside the image (Debian's registry
 /// has no referrers API: through the `sha256-<digest>` tag fallback), the image's manifest
 /// stays byte for byte what it was, and a node with an empty cache finds the indexes there
