@@ -172,6 +172,16 @@ fn index_image(image: &str, reg: &str, scratch: &Path, extra: &[&str]) -> String
     String::from_utf8_lossy(&support::imgstream(&args).stdout).into_owned()
 }
 
+/// The chunk cache at `dir`, as a mount of it finds it.
+fn open_cache(dir: &Path) -> imgstream::cache::ChunkCache {
+    imgstream::cache::ChunkCache::open(&imgstream::cache::CacheConfig {
+        dir: dir.to_path_buf(),
+        limit_bytes: None,
+        prefer_uring: false,
+    })
+    .unwrap()
+}
+
 /// The sample image in a fresh registry, indexed with `imgstream index --local` (64 KiB
 /// spans) into `scratch/cache`: (scratch, registry, tarballs, image reference, the report).
 async fn sample_indexed_locally(
@@ -288,6 +298,44 @@ async fn an_unconverted_image_streams_through_span_indexes_and_equals_gnu_tar() 
     std::fs::remove_dir_all(&scratch).unwrap();
 }
 
+/// Mounts `image` (its cache at `cache`) and checks that the span indexes of `refused` of
+/// its layers were refused (the log and `/metrics` say so, those layers are downloaded
+/// whole), the others' were used, and the tree is a GNU tar extraction of `tarballs`.
+fn mount_refusing(
+    image: &str,
+    scratch: &Path,
+    (cache, reg): (&Path, &str),
+    tarballs: &[std::path::PathBuf],
+    refused: usize,
+) -> Mounted {
+    let (mounted, metric) = mount_with_metrics(
+        image,
+        &scratch.join("mnt"),
+        (cache, reg),
+        &["--no-background"],
+        Some(&scratch.join("mount.log")),
+    );
+    let expected = scratch.join("expected-merged");
+    expected_merged(tarballs, &expected);
+    assert_same_tree(&mounted.mountpoint, &expected, 25);
+    let text = mounted.log_text();
+    assert_eq!(
+        text.matches("span index refused").count(),
+        refused,
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("streamed through its span index").count(),
+        tarballs.len() - refused,
+        "{text}"
+    );
+    assert_eq!(
+        metric(r#"imgstream_layers_opened_total{how="whole",why="index_refused"}"#),
+        refused as u64
+    );
+    mounted
+}
+
 /// An index that is not the layer's (the image's second layer's index, put in the cache
 /// under the first layer's digest, as a registry could list another image's under it) is
 /// refused: that layer is downloaded whole, the others stream, the tree is still GNU tar's,
@@ -307,47 +355,13 @@ async fn an_index_of_another_layer_is_refused_and_that_layer_downloaded_whole() 
             .unwrap()
     };
     let (first, second) = (digest(0), digest(1));
-    let cache = imgstream::cache::ChunkCache::open(&imgstream::cache::CacheConfig {
-        dir: cache_dir.clone(),
-        limit_bytes: None,
-        prefer_uring: false,
-    })
-    .unwrap();
+    let cache = open_cache(&cache_dir);
     let others = cache.get_span_index(&second).unwrap().expect("indexed");
     cache.remove_span_index(&first);
     assert!(cache.put_span_index(&first, &others).unwrap());
     drop(cache);
 
-    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", support::free_port())
-        .parse()
-        .unwrap();
-    let log = scratch.join("mount.log");
-    let mounted = Mounted::start_logged(
-        &image,
-        &scratch.join("mnt"),
-        &cache_dir,
-        &reg,
-        &["--no-background", "--metrics-addr", &metrics.to_string()],
-        Some(&log),
-    );
-    let expected = scratch.join("expected-merged");
-    expected_merged(&tarballs, &expected);
-    assert_same_tree(&mounted.mountpoint, &expected, 25);
-    let text = mounted.log_text();
-    assert_eq!(text.matches("span index refused").count(), 1, "{text}");
-    assert_eq!(
-        text.matches("streamed through its span index").count(),
-        tarballs.len() - 1,
-        "{text}"
-    );
-    let (_, page) = support::http_get(metrics, "/metrics");
-    assert_eq!(
-        support::metric(
-            &page,
-            r#"imgstream_layers_opened_total{how="whole",why="index_refused"}"#
-        ),
-        1
-    );
+    let mounted = mount_refusing(&image, &scratch, (&cache_dir, &reg), &tarballs, 1);
     mounted.stop();
     drop(registry);
     std::fs::remove_dir_all(&scratch).unwrap();
@@ -408,43 +422,10 @@ async fn indexes_the_registry_lists_for_other_layers_are_refused() {
         .await
         .unwrap();
 
-    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", support::free_port())
-        .parse()
-        .unwrap();
     let cache_dir = scratch.join("fresh-cache");
-    let mounted = Mounted::start_logged(
-        &image,
-        &scratch.join("mnt"),
-        &cache_dir,
-        &reg,
-        &["--no-background", "--metrics-addr", &metrics.to_string()],
-        Some(&scratch.join("mount.log")),
-    );
-    let expected = scratch.join("expected-merged");
-    expected_merged(&tarballs, &expected);
-    assert_same_tree(&mounted.mountpoint, &expected, 25);
-    let text = mounted.log_text();
-    assert_eq!(text.matches("span index refused").count(), layers, "{text}");
-    assert_eq!(
-        text.matches("streamed through its span index").count(),
-        0,
-        "{text}"
-    );
-    let (_, page) = support::http_get(metrics, "/metrics");
-    assert_eq!(
-        support::metric(
-            &page,
-            r#"imgstream_layers_opened_total{how="whole",why="index_refused"}"#
-        ),
-        layers as u64
-    );
+    let mounted = mount_refusing(&image, &scratch, (&cache_dir, &reg), &tarballs, layers);
     mounted.stop();
-    let cache = imgstream::cache::ChunkCache::open(&imgstream::cache::CacheConfig {
-        dir: cache_dir,
-        limit_bytes: None,
-        prefer_uring: false,
-    })
-    .unwrap();
+    let cache = open_cache(&cache_dir);
     for entry in &named {
         let layer: imgstream::oci::digest::Digest = entry.as_str().unwrap().parse().unwrap();
         assert!(
