@@ -262,16 +262,25 @@ impl Loader {
     /// fetcher's idle fill, from the chunk read on to its end, then its start.
     pub(super) fn read_in(&self, file: (usize, usize), offset: u64) {
         let shared = &self.shared;
-        // Near the registry the fill does not run: the segment stays kept, nothing is built.
-        if !shared.idle_fill || !shared.fetcher.fill_pays() {
+        if !shared.idle_fill {
+            return;
+        }
+        let inside = |segments: &Code| segments.iter().position(|(_, r)| r.contains(&offset));
+        // Every read comes here: the link's measure is only looked at for a read inside a
+        // kept segment. Near the registry the fill does not run: the segment stays kept.
+        let kept = crate::sync::lock(&shared.unread_code)
+            .get(&file)
+            .is_some_and(|segments| inside(segments).is_some());
+        if !kept || !shared.fetcher.fill_pays() {
             return;
         }
         let (f, range) = {
             let mut unread = crate::sync::lock(&shared.unread_code);
+            // Another read may have handed it over meanwhile.
             let Some(segments) = unread.get_mut(&file) else {
                 return;
             };
-            let Some(at) = segments.iter().position(|(_, r)| r.contains(&offset)) else {
+            let Some(at) = inside(segments) else {
                 return;
             };
             let segment = segments.swap_remove(at);
