@@ -12,7 +12,7 @@ use bytes::Bytes;
 
 use crate::{
     cache::ChunkCache,
-    fetch::readaround::ASSUMED_RATE,
+    fetch::link::ASSUMED_RATE,
     image::estargz::{
         self, Chunk, EstargzError, FOOTER_SIZE, LayerIndex, Node, TOC_DIGEST_ANNOTATION,
     },

@@ -149,7 +149,9 @@ pub struct FetchStats {
 /// ([`link`]): the layers come over one link, so their guesses take turns in one window
 /// and the idle fill of one layer waits for the requests of all; each layer on its own
 /// would let its guesses crowd out another layer's reader, and fill pieces go while
-/// another layer's reader waits.
+/// another layer's reader waits. The link's bandwidth is measured there too, from the
+/// answers to every layer's requests: a layer read little so far sizes its read-around
+/// windows and its window of guesses by what the image's other layers measured.
 #[derive(Clone, Debug)]
 pub struct ImageReaders {
     readers: Arc<ReaderGate>,
@@ -233,8 +235,8 @@ pub struct Fetcher {
     /// Readers of the image, shared with the fetchers of its other layers when each layer
     /// has a fetcher of its own ([`ImageReaders`]).
     readers: Arc<ReaderGate>,
-    /// Guessed requests' turns on the link, shared with the fetchers of the image's other
-    /// layers where each has its own ([`ImageReaders`]).
+    /// Guessed requests' turns on the link, and its measured bandwidth, shared with the
+    /// fetchers of the image's other layers where each has its own ([`ImageReaders`]).
     link: Arc<link::LinkGate>,
     /// Code waiting for the link to idle ([`fill`]).
     filler: fill::Fill,
@@ -613,12 +615,11 @@ impl Fetcher {
         self.source.round_trip()
     }
 
-    /// The link's bandwidth-delay product as this fetcher's requests measured it so far;
-    /// `None` for a source with no network in between.
+    /// The link's bandwidth-delay product as measured so far: the source's round trip, and
+    /// the bandwidth the requests of every fetcher sharing the link delivered; `None` for a
+    /// source with no network in between.
     pub(crate) fn link_bdp(&self) -> Option<u64> {
-        self.source
-            .round_trip()
-            .map(|rtt| self.read_around.bdp(rtt))
+        self.source.round_trip().map(|rtt| self.link.bdp(rtt))
     }
 
     /// Whether the source is far enough for guesses to wait in line (a bandwidth-delay
@@ -639,9 +640,9 @@ impl Fetcher {
     ) {
         let blob = layer.desc.digest;
         let end = missed.end;
-        let window =
-            self.read_around
-                .window(blob, file, (missed.start, end), self.source.round_trip());
+        let window = self
+            .read_around
+            .window(blob, file, (missed.start, end), self.link_bdp());
         if window == 0 {
             return;
         }
@@ -1082,7 +1083,7 @@ impl Fetcher {
                 );
                 // The windows went beside the range, on the same link: its bytes.
                 let over_link = bytes.len() as u64 + windows.len();
-                self.read_around.observe(over_link, asked, answered);
+                self.link.observe(over_link, asked, answered);
                 self.count(|s| &s.requests, 1);
                 self.count(|s| &s.bytes, over_link);
                 if let Some((journal, image)) = &self.journal {

@@ -615,6 +615,63 @@ fn the_idle_fill_of_one_layer_waits_for_the_requests_of_the_images_other_layers(
 }
 
 #[test]
+fn a_layer_sizes_its_guesses_by_the_bandwidth_its_images_other_layers_measured() {
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    // Two layers of an image 20 ms away, each with a fetcher of its own, over a link of
+    // 5 MB/s, not the 100 Mbit/s assumed before any answer measured it.
+    let readers = ImageReaders::new(0);
+    let rtt = Duration::from_millis(20);
+    let a = small_and_big_of(&runtime, "fetch-bandwidth-image-a", rtt, Some(&readers));
+    let assumed = 250_000; // 20 ms at 12.5 MB/s
+    assert_eq!(a.fetcher.link_bdp(), Some(assumed));
+
+    let data = crate::testing::bytes(0x51ed_270b, 5 << 20, false);
+    let (blob, summary) = estargz_layer(
+        &[(Header::new("data", Kind::Regular), data)],
+        256 << 10,
+        false,
+    );
+    let (index, toc_digest) = layer_index(&blob, None).expect("an index");
+    let b = RemoteLayer::new(
+        crate::testing::layer_descriptor(&summary),
+        index,
+        toc_digest,
+    );
+    let source = Arc::new(
+        MemoryBlobs::default()
+            .with_digest(b.desc.digest, blob)
+            .delayed(rtt)
+            .throttled(5e6)
+            .far(rtt),
+    );
+    let (dir, cache) = scratch_cache("fetch-bandwidth-image-b");
+    let fetcher =
+        Fetcher::new(runtime.handle().clone(), source, cache).with_image_readers(&readers);
+    let chunks = &b.index.get("data").expect("data").chunks;
+    let refs: Vec<ChunkRef> = chunks
+        .iter()
+        .map(|chunk| ChunkRef {
+            blob: b.desc.digest,
+            chunk,
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let got = fetcher
+        .get(&refs, Priority::OnDemand, deadline)
+        .expect("layer b's data");
+    assert_eq!(got.len(), refs.len());
+    // Layer b's answers measured the link: at most 5 MB/s (a slow machine only makes them
+    // slower), 100 kB in a round trip, give or take the round trip taken out of each.
+    let measured = a.fetcher.link_bdp().expect("far");
+    assert!(
+        measured < assumed * 3 / 5,
+        "layer a, which fetched nothing, sizes its guesses by layer b's answers: {measured}"
+    );
+    assert_eq!(fetcher.link_bdp(), Some(measured), "one link, one measure");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
 fn near_the_registry_there_is_no_idle_fill() {
     // 5 ms away at the assumed 100 Mbit/s: a round trip carries one piece.
     let runtime = tokio::runtime::Runtime::new().expect("a runtime");
