@@ -23,6 +23,10 @@
 //! transfer, and holding a reader's read-around back only slows it. Behind all three, on any
 //! link, the idle fill's pieces ([`Line::Idle`], [`super::fill`]) wait for the link to carry
 //! nothing at all. The background download is not counted: it yields to readers on its own.
+//!
+//! The gate also measures the link ([`Bandwidth`]): every answer of every fetcher sharing it,
+//! the background download's too, so that the window here, the read-around windows and the
+//! code the loader fetches whole are sized by one measure of one link.
 
 use std::{
     collections::VecDeque,
