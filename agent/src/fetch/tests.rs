@@ -211,19 +211,24 @@ fn a_cached_chunk_named_again_with_another_size_is_an_error_not_a_short_buffer()
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Ten 4 KiB files `f0`..`f9`, one chunk each, in order in the blob; the layer as mounted.
-fn ten_files() -> (Vec<u8>, RemoteLayer) {
-    let entries: Vec<(Header, Vec<u8>)> = (0..10u8)
-        .map(|i| (Header::new(&format!("f{i}"), Kind::Regular), vec![i; 4096]))
-        .collect();
-    let (blob, summary) = estargz_layer(&entries, 4096, false);
-    let (index, toc_digest) = layer_index(&blob, None).unwrap();
+/// An eStargz blob of `entries` cut in chunks of `chunk` bytes, and the layer as mounted.
+fn remote_layer(entries: &[(Header, Vec<u8>)], chunk: u64) -> (Vec<u8>, RemoteLayer) {
+    let (blob, summary) = estargz_layer(entries, chunk, false);
+    let (index, toc_digest) = layer_index(&blob, None).expect("an index");
     let layer = RemoteLayer::new(
         crate::testing::layer_descriptor(&summary),
         index,
         toc_digest,
     );
     (blob, layer)
+}
+
+/// Ten 4 KiB files `f0`..`f9`, one chunk each, in order in the blob; the layer as mounted.
+fn ten_files() -> (Vec<u8>, RemoteLayer) {
+    let entries: Vec<(Header, Vec<u8>)> = (0..10u8)
+        .map(|i| (Header::new(&format!("f{i}"), Kind::Regular), vec![i; 4096]))
+        .collect();
+    remote_layer(&entries, 4096)
 }
 
 /// A fetcher over the ten files' layer, served from memory (`rtt`: as if that far away);
@@ -448,13 +453,7 @@ fn small_and_big_of(
             crate::testing::bytes(0x9e37_79b9, 3 << 20, false),
         ),
     ];
-    let (blob, summary) = estargz_layer(&entries, 128 << 10, false);
-    let (index, toc_digest) = layer_index(&blob, None).expect("an index");
-    let layer = RemoteLayer::new(
-        crate::testing::layer_descriptor(&summary),
-        index,
-        toc_digest,
-    );
+    let (blob, layer) = remote_layer(&entries, 128 << 10);
     let source = Arc::new(
         MemoryBlobs::default()
             .with_digest(layer.desc.digest, blob)
@@ -626,17 +625,7 @@ fn a_layer_sizes_its_guesses_by_the_bandwidth_its_images_other_layers_measured()
     assert_eq!(a.fetcher.link_bdp(), Some(assumed));
 
     let data = crate::testing::bytes(0x51ed_270b, 5 << 20, false);
-    let (blob, summary) = estargz_layer(
-        &[(Header::new("data", Kind::Regular), data)],
-        256 << 10,
-        false,
-    );
-    let (index, toc_digest) = layer_index(&blob, None).expect("an index");
-    let b = RemoteLayer::new(
-        crate::testing::layer_descriptor(&summary),
-        index,
-        toc_digest,
-    );
+    let (blob, b) = remote_layer(&[(Header::new("data", Kind::Regular), data)], 256 << 10);
     let source = Arc::new(
         MemoryBlobs::default()
             .with_digest(b.desc.digest, blob)
