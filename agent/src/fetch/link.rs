@@ -89,17 +89,24 @@ pub(super) struct Bandwidth {
     /// (bytes, asked, answered) of recent successful requests of at least
     /// [`RATE_SAMPLE_BYTES`], newest last.
     samples: VecDeque<(u64, Instant, Instant)>,
+    /// Whether the samples have held [`RATE_EVIDENCE`] bytes yet.
+    measured: bool,
 }
 
 impl Bandwidth {
-    fn observe(&mut self, bytes: u64, asked: Instant, answered: Instant) {
+    /// Counts an answer; true the first time the answers are enough to measure the link.
+    fn observe(&mut self, bytes: u64, asked: Instant, answered: Instant) -> bool {
         if bytes < RATE_SAMPLE_BYTES {
-            return;
+            return false;
         }
         if self.samples.len() == SAMPLES {
             self.samples.pop_front();
         }
         self.samples.push_back((bytes, asked, answered.max(asked)));
+        let first =
+            !self.measured && self.samples.iter().map(|&(b, ..)| b).sum::<u64>() >= RATE_EVIDENCE;
+        self.measured |= first;
+        first
     }
 
     /// Bytes per second the recent large responses delivered together over the time any of
@@ -256,9 +263,15 @@ impl LinkGate {
     }
 
     /// Counts an answer of `bytes` asked at `asked` and complete at `answered` towards the
-    /// link's bandwidth (answers too small to say anything are left out).
-    pub(super) fn observe(&self, bytes: u64, asked: Instant, answered: Instant) {
-        crate::sync::lock(&self.bandwidth).observe(bytes, asked, answered);
+    /// link's bandwidth (answers too small to say anything are left out). True once: for
+    /// the answer that makes the answers enough to measure the link.
+    pub(super) fn observe(&self, bytes: u64, asked: Instant, answered: Instant) -> bool {
+        crate::sync::lock(&self.bandwidth).observe(bytes, asked, answered)
+    }
+
+    /// The link's bandwidth in bytes per second as measured so far, `rtt` away.
+    pub(super) fn rate(&self, rtt: Duration) -> f64 {
+        crate::sync::lock(&self.bandwidth).rate(rtt)
     }
 
     /// The bytes the link carries in a round trip of `rtt`, at the bandwidth measured so far.
@@ -427,15 +440,16 @@ mod tests {
         // arriving: 1.5 MB in 450 ms would be 3.75 MB/s. Until 4 MB have been measured,
         // 100 Mbit/s stands.
         let t = Instant::now();
-        gate.observe(800_000, t, at(t, 450));
-        gate.observe(700_000, t, at(t, 450));
+        assert!(!gate.observe(800_000, t, at(t, 450)));
+        assert!(!gate.observe(700_000, t, at(t, 450)));
         assert_eq!(gate.bdp(MS_50), 625_000);
-        gate.observe(2_499_999, t, at(t, 450));
+        assert!(!gate.observe(2_499_999, t, at(t, 450)));
         assert_eq!(gate.bdp(MS_50), 625_000);
-        // Another answer, and they measure it: 4.1 MB over 400 ms.
-        gate.observe(RATE_SAMPLE_BYTES, at(t, 300), at(t, 450));
+        // Another answer, and they measure it: 4.1 MB over 400 ms. The gate says so once.
+        assert!(gate.observe(RATE_SAMPLE_BYTES, at(t, 300), at(t, 450)));
         assert_eq!(RATE_SAMPLE_BYTES, 131_072);
         assert_eq!(gate.bdp(MS_50), 516_383); // 4,131,071 bytes / 0.4 s * 0.05 s
+        assert!(!gate.observe(RATE_SAMPLE_BYTES, at(t, 400), at(t, 450)));
     }
 
     fn runtime() -> tokio::runtime::Runtime {

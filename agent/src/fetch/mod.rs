@@ -622,6 +622,21 @@ impl Fetcher {
         self.source.round_trip().map(|rtt| self.link.bdp(rtt))
     }
 
+    /// Counts an answer towards the link's bandwidth; once the answers first measure it, says
+    /// what the guesses are sized by from then on.
+    fn observe_link(&self, bytes: u64, asked: Instant, answered: Instant) {
+        if self.link.observe(bytes, asked, answered)
+            && let Some(rtt) = self.source.round_trip()
+        {
+            tracing::info!(
+                round_trip_ms = rtt.as_secs_f64() * 1e3,
+                mbit_per_s = self.link.rate(rtt) * 8e-6,
+                bdp = self.link.bdp(rtt),
+                "the link is measured: read-around windows, guesses in flight and code fetched whole are sized by it"
+            );
+        }
+    }
+
     /// Whether the source is far enough for guesses to wait in line (a bandwidth-delay
     /// product of at least [`link::NEAR`], as measured so far).
     pub fn far(&self) -> bool {
@@ -1083,7 +1098,7 @@ impl Fetcher {
                 );
                 // The windows went beside the range, on the same link: its bytes.
                 let over_link = bytes.len() as u64 + windows.len();
-                self.link.observe(over_link, asked, answered);
+                self.observe_link(over_link, asked, answered);
                 self.count(|s| &s.requests, 1);
                 self.count(|s| &s.bytes, over_link);
                 if let Some((journal, image)) = &self.journal {

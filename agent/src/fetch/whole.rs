@@ -202,7 +202,7 @@ impl Ranges<'_> {
             let error = match fetched {
                 Ok(Ok(Ok(bytes))) => {
                     let f = self.fetcher;
-                    f.link.observe(bytes.len() as u64, began, Instant::now());
+                    f.observe_link(bytes.len() as u64, began, Instant::now());
                     f.count(|s| &s.requests, 1);
                     f.count(|s| &s.bytes, bytes.len() as u64);
                     f.count(|s| &s.background_requests, 1);
