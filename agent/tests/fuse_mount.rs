@@ -212,6 +212,14 @@ async fn sample_indexed_locally(
     (scratch, registry, tarballs, image, printed)
 }
 
+/// Checks that the mount holds what GNU tar extracts from `tarballs`; the mount's log.
+fn assert_tar_tree(mounted: &Mounted, scratch: &Path, tarballs: &[std::path::PathBuf]) -> String {
+    let expected = scratch.join("expected-merged");
+    expected_merged(tarballs, &expected);
+    assert_same_tree(&mounted.mountpoint, &expected, 25);
+    mounted.log_text()
+}
+
 /// The mount holds what GNU tar extracts from `tarballs`, and its log says each of its
 /// `layers` was streamed through a span index, none downloaded whole.
 fn assert_streamed_through_indexes(
@@ -220,10 +228,7 @@ fn assert_streamed_through_indexes(
     tarballs: &[std::path::PathBuf],
     layers: usize,
 ) {
-    let expected = scratch.join("expected-merged");
-    expected_merged(tarballs, &expected);
-    assert_same_tree(&mounted.mountpoint, &expected, 25);
-    let text = mounted.log_text();
+    let text = assert_tar_tree(mounted, scratch, tarballs);
     assert_eq!(
         text.matches("streamed through its span index").count(),
         layers,
@@ -315,10 +320,7 @@ fn mount_refusing(
         &["--no-background"],
         Some(&scratch.join("mount.log")),
     );
-    let expected = scratch.join("expected-merged");
-    expected_merged(tarballs, &expected);
-    assert_same_tree(&mounted.mountpoint, &expected, 25);
-    let text = mounted.log_text();
+    let text = assert_tar_tree(&mounted, scratch, tarballs);
     assert_eq!(
         text.matches("span index refused").count(),
         refused,
