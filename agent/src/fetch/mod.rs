@@ -623,7 +623,8 @@ impl Fetcher {
     }
 
     /// Counts an answer towards the link's bandwidth; once the answers first measure it, says
-    /// what the guesses are sized by from then on.
+    /// what the guesses are sized by from then on (the measure, not the link: see
+    /// [`link::Bandwidth`]).
     fn observe_link(&self, bytes: u64, asked: Instant, answered: Instant) {
         if self.link.observe(bytes, asked, answered)
             && let Some(rtt) = self.source.round_trip()
@@ -632,7 +633,7 @@ impl Fetcher {
                 round_trip_ms = rtt.as_secs_f64() * 1e3,
                 mbit_per_s = self.link.rate(rtt) * 8e-6,
                 bdp = self.link.bdp(rtt),
-                "the link is measured: read-around windows, guesses in flight and code fetched whole are sized by it"
+                "the link is measured (by its answers of 128 KiB or more, which read below the link when smaller ones share it): read-around windows, guesses in flight and code fetched whole are sized by it"
             );
         }
     }
