@@ -633,7 +633,7 @@ impl Fetcher {
                 round_trip_ms = rtt.as_secs_f64() * 1e3,
                 mbit_per_s = self.link.rate(rtt) * 8e-6,
                 bdp = self.link.bdp(rtt),
-                "the link is measured (by its answers of 128 KiB or more, which read below the link when smaller ones share it): read-around windows, guesses in flight and code fetched whole are sized by it"
+                "the link is measured (by its large answers alone, so below the link when small ones share it): read-around windows, guesses in flight and code fetched whole are sized by it"
             );
         }
     }
