@@ -885,6 +885,88 @@ async fn a_plain_gzip_layer_pushed_by_podman_streams_through_its_published_index
     std::fs::remove_dir_all(&scratch).unwrap();
 }
 
+/// Layers written by tools that share no code with GNU tar, gzip, Go or zlib: busybox's tar
+/// (GNU long-name entries for paths past 100 bytes, its own header fields) and busybox's
+/// gzip (its own deflate, at -9), pushed with skopeo and never converted. `imgstream index`
+/// indexes them, a mount streams them through their indexes, and the tree is what GNU tar
+/// extracts from the same files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layers_tarred_and_gzipped_by_busybox_stream_through_their_span_indexes() {
+    support::require_root();
+    let scratch = support::scratch("fuse-busybox-gzip");
+    let registry = Registry::start("fuse-busybox-gzip", None);
+    let reg = registry.host();
+    let dirs = layer_dirs(&scratch);
+    let deep = dirs[0].join("usr/share").join("d".repeat(120));
+    std::fs::create_dir_all(&deep).unwrap();
+    std::fs::write(deep.join("f".repeat(200)), b"a long path").unwrap();
+    std::fs::write(
+        dirs[0].join("usr/share/ünïcødé name"),
+        "héllo".repeat(20_000),
+    )
+    .unwrap();
+    let tarballs: Vec<_> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, dir)| {
+            let out = scratch.join(format!("layer{i}.tar.gz"));
+            let status = Command::new("sh")
+                .arg("-c")
+                .arg(r#"cd "$1" && busybox tar -cf - . | busybox gzip -9 > "$2""#)
+                .args(["sh", dir.to_str().unwrap(), out.to_str().unwrap()])
+                .status()
+                .unwrap();
+            assert!(status.success(), "busybox tar | busybox gzip");
+            out
+        })
+        .collect();
+    let layout = scratch.join("layout");
+    support::build_image_from_tarballs(&layout, "v1", &tarballs, &["/bin/sh"]).await;
+    let image = format!("{reg}/bb/app:v1");
+    support::skopeo_copy(
+        &format!("oci:{}:v1", layout.display()),
+        &format!("docker://{image}"),
+    );
+    let cache = scratch.join("cache");
+    let printed = index_image(
+        &image,
+        &reg,
+        &scratch,
+        &[
+            "--local",
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--span",
+            "64K",
+        ],
+    );
+    assert_eq!(
+        printed.matches(" spans, ").count(),
+        tarballs.len(),
+        "{printed}"
+    );
+
+    let mounted = Mounted::start_logged(
+        &image,
+        &scratch.join("mnt"),
+        &cache,
+        &reg,
+        &["--no-background"],
+        Some(&scratch.join("mount.log")),
+    );
+    let long = Path::new("usr/share")
+        .join("d".repeat(120))
+        .join("f".repeat(200));
+    assert_eq!(
+        std::fs::read(mounted.mountpoint.join(long)).unwrap(),
+        b"a long path"
+    );
+    assert_streamed_through_indexes(&mounted, &scratch, &tarballs, tarballs.len());
+    mounted.stop();
+    drop(registry);
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
 /// `imgstream convert --format zstd:chunked` writes an image podman itself pulls (it checks
 /// every layer against the config's diff IDs) and imgstream mounts lazily, through the
 /// annotations podman 4 reads, with the tree GNU tar extracts from the original layers.
