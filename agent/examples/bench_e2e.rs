@@ -588,6 +588,9 @@ async fn cold_start(
         if setup.tag == "plain" && !text.contains("streamed through its span index") {
             bail!("imgstream did not stream the unconverted image through its span index");
         }
+        if setup.tag == "layered-plain" && text.contains("span index refused") {
+            bail!("imgstream refused a span index of the layered image as pushed");
+        }
         if setup.tag == "zstd" && !text.contains("zstd:chunked layer: streamed through its TOC") {
             bail!("imgstream did not stream the zstd:chunked image through its TOC");
         }
@@ -1017,6 +1020,26 @@ async fn main() -> anyhow::Result<()> {
             arm_b: false,
             learned: None,
         },
+        // The same layers as pushed (plain gzip), as most images in registries are: pulled,
+        // and streamed through the span indexes `imgstream index` publishes beside them.
+        Setup {
+            label: "full pull of the layered image as pushed (plain gzip)",
+            snapshotter: Snapshotter::Pulled,
+            tag: "layered-plain",
+            command: &COMMAND,
+            image_proxy: false,
+            arm_b: false,
+            learned: None,
+        },
+        Setup {
+            label: "imgstream, layered image as pushed, span indexes published by `imgstream index` (defaults)",
+            snapshotter: Snapshotter::Imgstream,
+            tag: "layered-plain",
+            command: &COMMAND,
+            image_proxy: false,
+            arm_b: false,
+            learned: None,
+        },
     ]);
     if stargz.is_some() {
         start_setups.push(Setup {
@@ -1040,7 +1063,8 @@ async fn main() -> anyhow::Result<()> {
     }
     // A trial run may pick setups by name: pulled, pulled:esgz, pulled:plain, pulled:zstd,
     // imgstream:esgz, imgstream:proxy, imgstream:same, imgstream:other, imgstream:prefetch, imgstream:plain,
-    // imgstream:plain-same, imgstream:zstd, pulled:layered, imgstream:layered, stargz, stargz:esgz, stargz:layered.
+    // imgstream:plain-same, imgstream:zstd, pulled:layered, imgstream:layered, pulled:layered-plain,
+    // imgstream:layered-plain, stargz, stargz:esgz, stargz:layered.
     if let Ok(only) = std::env::var("IMGSTREAM_BENCH_SETUPS") {
         let only: Vec<&str> = only.split(',').map(str::trim).collect();
         start_setups.retain(|s| {
@@ -1061,7 +1085,10 @@ async fn main() -> anyhow::Result<()> {
             .collect();
     }
     let mut layered_note = String::new();
-    if start_setups.iter().any(|s| s.tag == "layered") {
+    if start_setups
+        .iter()
+        .any(|s| s.tag == "layered" || s.tag == "layered-plain")
+    {
         println!("   building the layered image (not timed)");
         let layered = scratch.join("layered-layout");
         let tarballs = layered_tarballs(&root, &scratch)?;
@@ -1079,6 +1106,25 @@ async fn main() -> anyhow::Result<()> {
             &converted_ref,
             &format!("docker://{}/php:layered", registry.host()),
         );
+        let host = registry.host();
+        let as_pushed = format!("{host}/php:layered-plain");
+        support::skopeo_copy(&layered_ref, &format!("docker://{as_pushed}"));
+        if start_setups
+            .iter()
+            .any(|s| s.snapshotter == Snapshotter::Imgstream && s.tag == "layered-plain")
+        {
+            println!(
+                "   publishing the layered image's span indexes (`imgstream index`, not timed)"
+            );
+            support::imgstream(&[
+                "index",
+                &as_pushed,
+                "--insecure-registry",
+                &host,
+                "--scratch",
+                &scratch_arg,
+            ]);
+        }
         layered_note = format!(
             " The layered image: the same tree in {} layers (the subtrees {} each a layer, the rest the bottom one).",
             tarballs.len(),
