@@ -100,9 +100,17 @@ impl Attached {
     /// else the tag fallback; none when neither has any).
     pub async fn listing(&self, artifact_type: &str) -> Result<Listing, AttachError> {
         let subject = self.subject.digest;
-        let (bytes, api) = match self.source.referrers(&subject, artifact_type).await? {
+        // Both asked at once: a registry without the API (distribution before v3, most
+        // mirrors) would otherwise cost a round trip more on every pull; one with it, a
+        // small request whose answer is not read.
+        let tag = fallback_tag(&subject);
+        let (referrers, fallback) = tokio::join!(
+            self.source.referrers(&subject, artifact_type),
+            self.source.manifest(&tag)
+        );
+        let (bytes, api) = match referrers? {
             Some(bytes) => (bytes, true),
-            None => match self.source.manifest(&fallback_tag(&subject)).await {
+            None => match fallback {
                 Ok(fetched) => (fetched.bytes, false),
                 Err(RegistryError::NotFound { .. }) => return Ok(Listing::empty()),
                 Err(err) => return Err(err.into()),
