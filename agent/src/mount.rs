@@ -150,17 +150,19 @@ pub async fn open_layers(
     let (fetched, manifest) = image_manifest(source, reference, platform, cache_opt).await?;
     // Every layer's TOC is asked for at once, not one layer's after another's.
     let openings = LayerOpenings::default();
-    openings.start(&base, &manifest, None, cache);
-    let mut span_indexes = SpanIndexes::new(
-        cache,
-        base.clone(),
-        manifest_descriptor(&fetched, &manifest),
-    );
+    let subject = manifest_descriptor(&fetched, &manifest);
+    openings.start(&base, (&subject, &manifest), None, cache);
+    let mut span_indexes = SpanIndexes::new(cache, base.clone(), subject);
     let mut layers = Vec::with_capacity(manifest.layers.len());
     let mut local = std::collections::HashMap::new();
     for (index, desc) in manifest.layers.iter().enumerate() {
         openings.wait(&desc.digest).await;
-        match layer::open_cached(source, desc, cache_opt).await {
+        let opened = if index_kept(desc, cache) {
+            Err(LayerError::Format(EstargzError::NotEstargz(INDEX_KEPT)))
+        } else {
+            layer::open_cached(source, desc, cache_opt).await
+        };
+        match opened {
             Ok(opened) => {
                 LAYERS_OPENED.count_lazy(&opened);
                 layers.push(opened);
@@ -382,7 +384,8 @@ impl LayerOpenings {
             .await;
             match fetched {
                 Ok(Ok((fetched, manifest))) => {
-                    openings.start(&source, &manifest, None, &cache);
+                    let subject = manifest_descriptor(&fetched, &manifest);
+                    openings.start(&source, (&subject, &manifest), None, &cache);
                     if ask_run {
                         openings.start_run(&source, fetched.digest, &manifest);
                     }
@@ -453,10 +456,11 @@ impl LayerOpenings {
     fn start(
         &self,
         source: &Arc<dyn BlobSource>,
-        manifest: &manifest::Manifest,
+        (subject, manifest): (&Descriptor, &manifest::Manifest),
         opening: Option<&Digest>,
         cache: &Arc<ChunkCache>,
     ) {
+        self.start_span_indexes(source, (subject, manifest), opening, cache);
         let others = manifest
             .layers
             .iter()
@@ -498,6 +502,106 @@ impl LayerOpenings {
             });
         }
     }
+}
+
+impl LayerOpenings {
+    /// Starts fetching the span indexes published for `manifest`'s plain gzip layers (with
+    /// no TOC, none cached) into the cache, all at once once the image's listing is here:
+    /// each layer's opening then finds its index there and asks nothing (a 50 ms trace of
+    /// an 8-layer image as pushed: each opening's footer, artifact manifest and index were
+    /// three round trips, one layer after another, 1.3 s of the pull). The layer being
+    /// opened is among them: its index is asked for beside its footer, not after it.
+    fn start_span_indexes(
+        &self,
+        source: &Arc<dyn BlobSource>,
+        (subject, manifest): (&Descriptor, &manifest::Manifest),
+        opening: Option<&Digest>,
+        cache: &Arc<ChunkCache>,
+    ) {
+        let plain: Vec<(Descriptor, Fetching<Digest>)> = manifest
+            .layers
+            .iter()
+            .filter(|d| {
+                manifest::is_gzip_layer(&d.media_type)
+                    && layer::toc_key(d).is_none()
+                    && !cache.has_span_index(&d.digest)
+            })
+            .take(MAX_LAYERS_AHEAD)
+            .filter_map(|d| Some((d.clone(), self.underway.begin(d.digest, usize::MAX)?)))
+            .collect();
+        if plain.is_empty() {
+            return;
+        }
+        let attached = Attached {
+            source: source.clone(),
+            sink: None,
+            subject: subject.clone(),
+        };
+        let (cache, permits, opening) = (cache.clone(), self.permits.clone(), opening.copied());
+        tokio::spawn(async move {
+            let listing = image_listing(&attached).await;
+            for (desc, fetching) in plain {
+                if listing.entry(SPAN_INDEX_TYPE, &desc.digest).is_none() {
+                    continue;
+                }
+                let (attached, listing, cache, permits) = (
+                    attached.clone(),
+                    listing.clone(),
+                    cache.clone(),
+                    permits.clone(),
+                );
+                // The layer being opened waits for no other's.
+                let first = Some(desc.digest) == opening;
+                tokio::spawn(async move {
+                    // Off the list when the fetch ends, and then the layer's opening goes on.
+                    let _fetching = fetching;
+                    let _permit = if first {
+                        None
+                    } else {
+                        match permits.acquire_owned().await {
+                            Ok(permit) => Some(permit),
+                            Err(_) => return,
+                        }
+                    };
+                    let fetched = tokio::time::timeout(
+                        AHEAD_DEADLINE,
+                        published_index(&attached, &listing, &desc),
+                    )
+                    .await;
+                    let Ok(Some((encoded, companions))) = fetched else {
+                        return;
+                    };
+                    // Kept only if the opening would take it: a refused one is left to the
+                    // opening to fetch and refuse, and to count.
+                    match checked_index(&desc, &encoded, Some(&companions)) {
+                        Ok(_) => match cache.put_span_index(&desc.digest, &encoded) {
+                            Ok(_) => {
+                                tracing::info!(layer = %desc.digest, "span index fetched from the registry ahead of the layer's opening")
+                            }
+                            Err(err) => {
+                                tracing::debug!(layer = %desc.digest, err = %crate::error_chain(&err), "span index fetched ahead not cached")
+                            }
+                        },
+                        Err(err) => {
+                            tracing::debug!(layer = %desc.digest, err, "span index fetched ahead not kept: the layer's opening asks again")
+                        }
+                    }
+                });
+            }
+        });
+    }
+}
+
+/// Why a layer is taken as plain gzip without a look at its end: its span index is kept.
+const INDEX_KEPT: &str = "a span index of it is kept";
+
+/// Whether `desc` is a gzip layer with no TOC named whose span index is in `cache` (fetched
+/// ahead by an earlier layer's opening, or kept by `imgstream index --local`): it is opened
+/// through that index without a request for its footer.
+fn index_kept(desc: &Descriptor, cache: &ChunkCache) -> bool {
+    manifest::is_gzip_layer(&desc.media_type)
+        && layer::toc_key(desc).is_none()
+        && cache.has_span_index(&desc.digest)
 }
 
 /// Image manifest `reference` for `platform` from `cache` alone (`None` unless `reference`
@@ -564,8 +668,10 @@ pub async fn open_one_layer(
             .layers
             .iter()
             .find(|d| d.digest == *layer)
-            .and_then(layer::toc_key)
-            .is_some_and(|key| cache.get_toc(&key).ok().flatten().is_some())
+            .is_some_and(|d| match layer::toc_key(d) {
+                Some(key) => cache.get_toc(&key).ok().flatten().is_some(),
+                None => index_kept(d, cache),
+            })
     });
     // The manifest names the image's configuration (what it runs: where the loader prefetch
     // starts) and its other layers (whose TOCs are fetched ahead): both are asked for as soon
@@ -573,7 +679,8 @@ pub async fn open_one_layer(
     // went out 65 ms after the manifest came, and the walk started 40 ms after the mount).
     let begin = |(fetched, manifest): &(FetchedManifest, manifest::Manifest)| {
         if manifest.layers.iter().any(|d| d.digest == *layer) {
-            openings.start(&source, manifest, Some(layer), cache);
+            let subject = manifest_descriptor(fetched, manifest);
+            openings.start(&source, (&subject, manifest), Some(layer), cache);
             if ask_run {
                 openings.start_run(&source, fetched.digest, manifest);
             }
@@ -620,7 +727,12 @@ pub async fn open_one_layer(
     else {
         return Ok(None);
     };
-    match layer::open_cached_with_tail(source.as_ref(), desc, Some(cache), tail).await {
+    let opened = if index_kept(desc, cache) {
+        Err(LayerError::Format(EstargzError::NotEstargz(INDEX_KEPT)))
+    } else {
+        layer::open_cached_with_tail(source.as_ref(), desc, Some(cache), tail).await
+    };
+    match opened {
         Ok(opened) => {
             LAYERS_OPENED.count_lazy(&opened);
             Ok(Some(OpenedImage {
@@ -634,22 +746,44 @@ pub async fn open_one_layer(
                 layer_position: Some((index, manifest.layers.len())),
             }))
         }
-        Err(LayerError::Format(EstargzError::NotEstargz(_))) => {
+        Err(LayerError::Format(EstargzError::NotEstargz(why))) => {
+            // Its index, fetched ahead since the manifest came, may still be on its way.
+            openings.wait(&desc.digest).await;
             let subject = manifest_descriptor(&fetched, &manifest);
             let mut span_indexes = SpanIndexes::new(cache, source.clone(), subject.clone());
-            Ok(span_indexes
-                .open(desc, index)
-                .await
-                .map(|opened| OpenedImage {
-                    digest: desc.digest,
-                    layers: vec![opened],
-                    manifest: subject,
-                    source,
-                    sink: None,
-                    image_bytes: image_bytes(&manifest),
-                    readers: None,
-                    layer_position: Some((index, manifest.layers.len())),
-                }))
+            let opened = span_indexes.open(desc, index).await;
+            let streams = opened.is_none() && span_indexes.image_streams(&manifest).await;
+            let (opened, source) = match opened {
+                Some(opened) => (opened, source),
+                // containerd 1.6 fetches every layer from the first one it must unpack
+                // itself to the top, streamed or not: one small layer left to it (an image
+                // indexed with `--min-layer`'s default leaves every layer under 1 MiB
+                // unindexed) made it download the whole image before the container
+                // started. In an image that streams, such a layer is downloaded whole here.
+                None if streams => {
+                    let why = format!(
+                        "{why}, and it has no span index while the image's other layers stream \
+                         (left to containerd, every layer above it would be downloaded too)"
+                    );
+                    let (opened, path) =
+                        whole_layer(source.as_ref(), desc, cache, index, &why).await?;
+                    let local = std::collections::HashMap::from([(opened.desc.digest, path)]);
+                    let source: Arc<dyn BlobSource> =
+                        Arc::new(crate::registry::local::WithLocalBlobs::new(source, local));
+                    (opened, source)
+                }
+                None => return Ok(None),
+            };
+            Ok(Some(OpenedImage {
+                digest: desc.digest,
+                layers: vec![opened],
+                manifest: subject,
+                source,
+                sink: None,
+                image_bytes: image_bytes(&manifest),
+                readers: None,
+                layer_position: Some((index, manifest.layers.len())),
+            }))
         }
         Err(source) => Err(MountError::Layer {
             index,
@@ -802,18 +936,7 @@ impl<'a> SpanIndexes<'a> {
                 return None;
             }
         };
-        let opened = SpanIndex::decode(&encoded)
-            .map_err(|e| crate::error_chain(&e))
-            .and_then(|span_index| {
-                windows_published(&span_index, companions.as_deref()).map(|()| span_index)
-            })
-            .and_then(|span_index| {
-                let held: usize = span_index.spans.iter().map(|s| s.start.window.held()).sum();
-                layer::open_indexed(desc, &span_index, desc.digest)
-                    .map(|opened| (opened, span_index.spans.len(), held))
-                    .map_err(|e| crate::error_chain(&e))
-            });
-        match opened {
+        match checked_index(desc, &encoded, companions.as_deref()) {
             Ok((opened, spans, windows_held)) => {
                 if from == "the registry"
                     && let Err(err) = self.cache.put_span_index(&desc.digest, &encoded)
@@ -832,45 +955,94 @@ impl<'a> SpanIndexes<'a> {
         }
     }
 
+    /// What the registry lists of the image's span indexes (fetched once).
+    async fn listing(&mut self) -> Arc<Listing> {
+        if let Some(listing) = &self.listing {
+            return listing.clone();
+        }
+        let listing = image_listing(&self.attached).await;
+        self.listing = Some(listing.clone());
+        listing
+    }
+
+    /// Whether another layer of `manifest` streams: it has a TOC (eStargz, zstd:chunked)
+    /// or a span index, in the cache or listed beside the image.
+    async fn image_streams(&mut self, manifest: &manifest::Manifest) -> bool {
+        if manifest.layers.iter().any(|d| layer::toc_key(d).is_some())
+            || manifest
+                .layers
+                .iter()
+                .any(|d| self.cache.has_span_index(&d.digest))
+        {
+            return true;
+        }
+        let listing = self.listing().await;
+        manifest
+            .layers
+            .iter()
+            .any(|d| listing.entry(SPAN_INDEX_TYPE, &d.digest).is_some())
+    }
+
     /// The span index published for `desc`, if the registry lists one, and the other blobs
     /// of its artifact.
     async fn published(&mut self, desc: &Descriptor) -> Option<(Vec<u8>, Vec<Descriptor>)> {
-        if self.listing.is_none() {
-            let subject = self.attached.subject.digest;
-            let listing = match recent_listing(&subject) {
-                Some(listing) => listing,
-                None => {
-                    let listing = self
-                        .attached
-                        .listing(SPAN_INDEX_TYPE)
-                        .await
-                        .unwrap_or_else(|err| {
-                            tracing::warn!(err = %crate::error_chain(&err), "published span indexes not listed");
-                            Listing::empty()
-                        });
-                    let listing = Arc::new(listing);
-                    remember_listing(subject, listing.clone());
-                    listing
-                }
-            };
-            self.listing = Some(listing);
-        }
-        let entry = self
-            .listing
-            .as_ref()?
-            .entry(SPAN_INDEX_TYPE, &desc.digest)?;
-        match self
-            .attached
-            .blob_and_more(entry, SPAN_INDEX_TYPE, MAX_INDEX_BYTES)
-            .await
-        {
-            Ok((bytes, companions)) => Some((bytes.to_vec(), companions)),
-            Err(err) => {
-                tracing::warn!(digest = %desc.digest, err = %crate::error_chain(&err), "published span index not fetched");
-                None
-            }
+        let listing = self.listing().await;
+        published_index(&self.attached, &listing, desc).await
+    }
+}
+
+/// What the registry lists of the span indexes of `attached`'s image: asked once per image
+/// every [`LISTING_FRESH`] ("none", and a failure, included).
+async fn image_listing(attached: &Attached) -> Arc<Listing> {
+    let subject = attached.subject.digest;
+    if let Some(listing) = recent_listing(&subject) {
+        return listing;
+    }
+    let listing = attached
+        .listing(SPAN_INDEX_TYPE)
+        .await
+        .unwrap_or_else(|err| {
+            tracing::warn!(err = %crate::error_chain(&err), "published span indexes not listed");
+            Listing::empty()
+        });
+    let listing = Arc::new(listing);
+    remember_listing(subject, listing.clone());
+    listing
+}
+
+/// The span index `listing` names for `desc`, and the other blobs of its artifact.
+async fn published_index(
+    attached: &Attached,
+    listing: &Listing,
+    desc: &Descriptor,
+) -> Option<(Vec<u8>, Vec<Descriptor>)> {
+    let entry = listing.entry(SPAN_INDEX_TYPE, &desc.digest)?;
+    match attached
+        .blob_and_more(entry, SPAN_INDEX_TYPE, MAX_INDEX_BYTES)
+        .await
+    {
+        Ok((bytes, companions)) => Some((bytes.to_vec(), companions)),
+        Err(err) => {
+            tracing::warn!(digest = %desc.digest, err = %crate::error_chain(&err), "published span index not fetched");
+            None
         }
     }
+}
+
+/// Layer `desc` opened through `encoded`, a span index said to be its own, with how many
+/// spans it has and window bytes it holds; or why it is refused. `companions`: the other
+/// blobs of the artifact it was published in (`None`: from the cache).
+fn checked_index(
+    desc: &Descriptor,
+    encoded: &[u8],
+    companions: Option<&[Descriptor]>,
+) -> Result<(RemoteLayer, usize, usize), String> {
+    let span_index = SpanIndex::decode(encoded).map_err(|e| crate::error_chain(&e))?;
+    windows_published(&span_index, companions)?;
+    let held: usize = span_index.spans.iter().map(|s| s.start.window.held()).sum();
+    layer::open_indexed(desc, &span_index, desc.digest)
+        .map(|opened| (opened, span_index.spans.len(), held))
+        .map_err(|e| crate::error_chain(&e))
 }
 
 /// Whether `index`'s windows, if it keeps them apart, are among `companions`, the other

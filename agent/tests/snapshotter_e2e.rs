@@ -213,6 +213,49 @@ async fn containerd_runs_a_streamed_image_through_the_imgstream_snapshotter() {
         "{fetched} bytes fetched of a {layer_bytes}-byte layer"
     );
 
+    // As Dockerfiles leave images: a small layer under the large one, which `imgstream
+    // index` leaves without an index (under `--min-layer`). containerd 1.6 downloads every
+    // layer from the first one it must unpack itself to the top: the agent downloads the
+    // small one whole instead, and the large one still streams.
+    let small = scratch.join("small-layer");
+    std::fs::create_dir_all(small.join("etc")).unwrap();
+    std::fs::write(small.join("etc/motd"), b"a layer of its own\n").unwrap();
+    let large = support::clockprobe_rootfs(&scratch.join("rootfs-layers"), &["data"]);
+    std::fs::write(large.join("data/blob"), support::noise(7, 16 << 20)).unwrap();
+    let layout = scratch.join("layout-layers");
+    let tarballs = support::build_image(
+        &layout,
+        "layers",
+        &[small, large],
+        &["/clockprobe", "log", "0"],
+    )
+    .await;
+    support::skopeo_copy(
+        &format!("oci:{}:layers", layout.display()),
+        &format!("docker://{reg}/app:layers"),
+    );
+    imgstream_ok(&[
+        "index",
+        &format!("{host}/app:layers"),
+        "--insecure-registry",
+        &host,
+        "--scratch",
+        scratch.to_str().unwrap(),
+    ]);
+    let fetched = lazy_first_line(
+        (&containerd, &proxy, &agent),
+        &format!("{host}/app:layers"),
+        ("streaming-plain", "layers"),
+        (&truth, &scratch.join("pod-logs-layers")),
+        "the image's other layers stream",
+    )
+    .await;
+    let large_bytes = std::fs::metadata(&tarballs[1]).unwrap().len();
+    assert!(
+        fetched * 4 < large_bytes,
+        "{fetched} bytes fetched for an image whose streamed layer is {large_bytes} bytes"
+    );
+
     // The same image converted to zstd:chunked (the form podman and CRI-O push): containerd
     // runs it through the snapshotter lazily, within the eStargz start's budget. Chunks are
     // cached by their content's digest, and convert cuts both formats at the same chunk

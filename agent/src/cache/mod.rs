@@ -694,6 +694,11 @@ impl ChunkCache {
         self.read_entry(&self.meta_path(MetaKind::SpanIndex, layer), layer)
     }
 
+    /// Whether a span index of `layer` is kept (not read, so not checked).
+    pub fn has_span_index(&self, layer: &Digest) -> bool {
+        self.meta_path(MetaKind::SpanIndex, layer).exists()
+    }
+
     /// Keeps `encoded`, the span index of `layer`. Returns `false` when the size limit left
     /// no room.
     pub fn put_span_index(&self, layer: &Digest, encoded: &[u8]) -> Result<bool, CacheError> {
