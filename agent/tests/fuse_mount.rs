@@ -196,11 +196,17 @@ async fn sample_indexed_locally(
     let (scratch, registry, _, tarballs) = sample_image(name).await;
     let reg = registry.host();
     let image = format!("{reg}/src/app:v1");
+    let printed = index_locally(&image, &reg, &scratch);
+    (scratch, registry, tarballs, image, printed)
+}
+
+/// `imgstream index --local` of `image` into `scratch/cache`, 64 KiB spans: the report.
+fn index_locally(image: &str, reg: &str, scratch: &Path) -> String {
     let cache = scratch.join("cache");
-    let printed = index_image(
-        &image,
-        &reg,
-        &scratch,
+    index_image(
+        image,
+        reg,
+        scratch,
         &[
             "--local",
             "--cache-dir",
@@ -208,8 +214,7 @@ async fn sample_indexed_locally(
             "--span",
             "64K",
         ],
-    );
-    (scratch, registry, tarballs, image, printed)
+    )
 }
 
 /// Checks that the mount holds what GNU tar extracts from `tarballs`; the mount's log.
@@ -927,19 +932,7 @@ async fn layers_tarred_and_gzipped_by_busybox_stream_through_their_span_indexes(
         &format!("oci:{}:v1", layout.display()),
         &format!("docker://{image}"),
     );
-    let cache = scratch.join("cache");
-    let printed = index_image(
-        &image,
-        &reg,
-        &scratch,
-        &[
-            "--local",
-            "--cache-dir",
-            cache.to_str().unwrap(),
-            "--span",
-            "64K",
-        ],
-    );
+    let printed = index_locally(&image, &reg, &scratch);
     assert_eq!(
         printed.matches(" spans, ").count(),
         tarballs.len(),
@@ -949,7 +942,7 @@ async fn layers_tarred_and_gzipped_by_busybox_stream_through_their_span_indexes(
     let mounted = Mounted::start_logged(
         &image,
         &scratch.join("mnt"),
-        &cache,
+        &scratch.join("cache"),
         &reg,
         &["--no-background"],
         Some(&scratch.join("mount.log")),

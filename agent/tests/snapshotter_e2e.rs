@@ -72,6 +72,34 @@ async fn lazy_first_line(
     fetched
 }
 
+/// `imgstream index` of `host/app:tag` (published beside it with the defaults), then
+/// [`lazy_first_line`] of a pod of it (`streaming-plain/tag`).
+async fn indexed_first_line(
+    parts: (&Containerd, &Proxy, &Agent),
+    (host, tag): (&str, &str),
+    (scratch, truth): (&std::path::Path, &std::path::Path),
+    streamed: &str,
+) -> u64 {
+    let image = format!("{host}/app:{tag}");
+    imgstream_ok(&[
+        "index",
+        &image,
+        "--insecure-registry",
+        host,
+        "--scratch",
+        scratch.to_str().unwrap(),
+    ]);
+    let logs = scratch.join(format!("pod-logs-{tag}"));
+    lazy_first_line(
+        parts,
+        &image,
+        ("streaming-plain", tag),
+        (truth, &logs),
+        streamed,
+    )
+    .await
+}
+
 /// The line `clockprobe readafter` prints for a file it read whole.
 fn read_line(path: &str, data: &[u8]) -> String {
     format!("{path} {} {:016x}", data.len(), support::fnv1a(data))
@@ -190,19 +218,10 @@ async fn containerd_runs_a_streamed_image_through_the_imgstream_snapshotter() {
 
     // The same image as pushed, never converted: with a span index published beside it,
     // containerd runs it through the snapshotter lazily too.
-    imgstream_ok(&[
-        "index",
-        &format!("{host}/app:v1"),
-        "--insecure-registry",
-        &host,
-        "--scratch",
-        scratch.to_str().unwrap(),
-    ]);
-    let fetched = lazy_first_line(
+    let fetched = indexed_first_line(
         (&containerd, &proxy, &agent),
-        &format!("{host}/app:v1"),
-        ("streaming-plain", "indexed"),
-        (&truth, &scratch.join("pod-logs-indexed")),
+        (&host, "v1"),
+        (&scratch, &truth),
         "streamed through its span index",
     )
     .await;
@@ -234,19 +253,10 @@ async fn containerd_runs_a_streamed_image_through_the_imgstream_snapshotter() {
         &format!("oci:{}:layers", layout.display()),
         &format!("docker://{reg}/app:layers"),
     );
-    imgstream_ok(&[
-        "index",
-        &format!("{host}/app:layers"),
-        "--insecure-registry",
-        &host,
-        "--scratch",
-        scratch.to_str().unwrap(),
-    ]);
-    let fetched = lazy_first_line(
+    let fetched = indexed_first_line(
         (&containerd, &proxy, &agent),
-        &format!("{host}/app:layers"),
-        ("streaming-plain", "layers"),
-        (&truth, &scratch.join("pod-logs-layers")),
+        (&host, "layers"),
+        (&scratch, &truth),
         "the image's other layers stream",
     )
     .await;
