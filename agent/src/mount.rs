@@ -148,8 +148,12 @@ pub async fn open_layers(
     let source = base.as_ref();
     let cache_opt = Some(cache.as_ref());
     let (fetched, manifest) = image_manifest(source, reference, platform, cache_opt).await?;
-    // Every layer's TOC is asked for at once, not one layer's after another's.
-    let openings = LayerOpenings::default();
+    // Every layer's TOC is asked for at once, not one layer's after another's, and every
+    // layer that must be downloaded whole is (a few at a time).
+    let openings = LayerOpenings {
+        whole_ahead: WholeAhead::Always,
+        ..LayerOpenings::default()
+    };
     let subject = manifest_descriptor(&fetched, &manifest);
     openings.start(&base, (&subject, &manifest), None, cache);
     let mut span_indexes = SpanIndexes::new(cache, base.clone(), subject);
@@ -157,10 +161,9 @@ pub async fn open_layers(
     let mut local = std::collections::HashMap::new();
     for (index, desc) in manifest.layers.iter().enumerate() {
         openings.wait(&desc.digest).await;
-        let opened = if index_kept(desc, cache) {
-            Err(LayerError::Format(EstargzError::NotEstargz(INDEX_KEPT)))
-        } else {
-            layer::open_cached(source, desc, cache_opt).await
+        let opened = match kept_form(desc, cache) {
+            Some(why) => Err(LayerError::Format(EstargzError::NotEstargz(why))),
+            None => layer::open_cached(source, desc, cache_opt).await,
         };
         match opened {
             Ok(opened) => {
@@ -248,6 +251,21 @@ pub struct LayerOpenings {
     /// (as [`ImageRef`]'s `Display` writes it), while their manifest is being fetched ahead
     /// ([`LayerOpenings::open_ahead`]).
     resolving: Underway<String>,
+    /// Which layers that neither stream nor have a span index are downloaded whole ahead of
+    /// their own opening.
+    whole_ahead: WholeAhead,
+}
+
+/// Which of an image's layers with no TOC and no span index [`LayerOpenings`] downloads whole
+/// (and rewrites, see [`whole_layer`]) as soon as the image's listing is here, side by side
+/// with the other layers' TOCs and indexes, rather than at each one's opening.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WholeAhead {
+    /// Only in an image some of whose layers stream: the snapshotter's case, where such a
+    /// layer of any other image is left to containerd to unpack.
+    WhenImageStreams,
+    /// Every such layer: `imgstream mount` serves all of an image's layers itself.
+    Always,
 }
 
 /// Fetches ahead under way, by what each fetches (a layer's TOC, an image's manifest): an
@@ -341,6 +359,7 @@ impl Default for LayerOpenings {
             permits: Arc::new(tokio::sync::Semaphore::new(LAYERS_AHEAD)),
             runs: Arc::default(),
             resolving: Underway::default(),
+            whole_ahead: WholeAhead::WhenImageStreams,
         }
     }
 }
@@ -460,7 +479,7 @@ impl LayerOpenings {
         opening: Option<&Digest>,
         cache: &Arc<ChunkCache>,
     ) {
-        self.start_span_indexes(source, (subject, manifest), opening, cache);
+        self.start_without_toc(source, (subject, manifest), opening, cache);
         let others = manifest
             .layers
             .iter()
@@ -505,31 +524,32 @@ impl LayerOpenings {
 }
 
 impl LayerOpenings {
-    /// Starts fetching the span indexes published for `manifest`'s plain gzip layers (with
-    /// no TOC, none cached) into the cache, all at once once the image's listing is here:
-    /// each layer's opening then finds its index there and asks nothing (a 50 ms trace of
-    /// an 8-layer image as pushed: each opening's footer, artifact manifest and index were
-    /// three round trips, one layer after another, 1.3 s of the pull). The layer being
-    /// opened is among them: its index is asked for beside its footer, not after it.
-    fn start_span_indexes(
+    /// Starts, once the image's listing is here, what `manifest`'s layers with no TOC named
+    /// (and none kept in the cache, see [`kept_form`]) need before their openings: each
+    /// listed span index is fetched into the cache, where the layer's opening finds it and
+    /// asks nothing (a 50 ms trace of an 8-layer image as pushed: each opening's footer,
+    /// artifact manifest and index were three round trips, one layer after another, 1.3 s
+    /// of the pull); a layer with none listed is downloaded whole, if [`WholeAhead`] says so
+    /// (the same trace: its two small unindexed layers, a footer and a download each at
+    /// their openings, held the container back 0.34 s). The layer being opened is among
+    /// them: its index or download goes beside its footer, not after it, and without
+    /// waiting for a permit.
+    fn start_without_toc(
         &self,
         source: &Arc<dyn BlobSource>,
         (subject, manifest): (&Descriptor, &manifest::Manifest),
         opening: Option<&Digest>,
         cache: &Arc<ChunkCache>,
     ) {
-        let plain: Vec<(Descriptor, Fetching<Digest>)> = manifest
+        let untocked: Vec<(usize, Descriptor, Fetching<Digest>)> = manifest
             .layers
             .iter()
-            .filter(|d| {
-                manifest::is_gzip_layer(&d.media_type)
-                    && layer::toc_key(d).is_none()
-                    && !cache.has_span_index(&d.digest)
-            })
+            .enumerate()
+            .filter(|(_, d)| layer::toc_key(d).is_none() && kept_form(d, cache).is_none())
             .take(MAX_LAYERS_AHEAD)
-            .filter_map(|d| Some((d.clone(), self.underway.begin(d.digest, usize::MAX)?)))
+            .filter_map(|(i, d)| Some((i, d.clone(), self.underway.begin(d.digest, usize::MAX)?)))
             .collect();
-        if plain.is_empty() {
+        if untocked.is_empty() {
             return;
         }
         let attached = Attached {
@@ -538,10 +558,15 @@ impl LayerOpenings {
             subject: subject.clone(),
         };
         let (cache, permits, opening) = (cache.clone(), self.permits.clone(), opening.copied());
+        let (whole_ahead, layers) = (self.whole_ahead, manifest.layers.clone());
         tokio::spawn(async move {
-            let listing = image_listing(&attached).await;
-            for (desc, fetching) in plain {
-                if listing.entry(SPAN_INDEX_TYPE, &desc.digest).is_none() {
+            let listing = image_listing(attached.source.as_ref(), attached.subject.digest).await;
+            let wholes =
+                whole_ahead == WholeAhead::Always || image_streams(&layers, &cache, &listing);
+            for (position, desc, fetching) in untocked {
+                let listed = manifest::is_gzip_layer(&desc.media_type)
+                    && listing.entry(SPAN_INDEX_TYPE, &desc.digest).is_some();
+                if !listed && !wholes {
                     continue;
                 }
                 let (attached, listing, cache, permits) = (
@@ -553,7 +578,7 @@ impl LayerOpenings {
                 // The layer being opened waits for no other's.
                 let first = Some(desc.digest) == opening;
                 tokio::spawn(async move {
-                    // Off the list when the fetch ends, and then the layer's opening goes on.
+                    // Off the list when this ends, and then the layer's opening goes on.
                     let _fetching = fetching;
                     let _permit = if first {
                         None
@@ -563,28 +588,11 @@ impl LayerOpenings {
                             Err(_) => return,
                         }
                     };
-                    let fetched = tokio::time::timeout(
-                        AHEAD_DEADLINE,
-                        published_index(&attached, &listing, &desc),
-                    )
-                    .await;
-                    let Ok(Some((encoded, companions))) = fetched else {
-                        return;
-                    };
-                    // Kept only if the opening would take it: a refused one is left to the
-                    // opening to fetch and refuse, and to count.
-                    match checked_index(&desc, &encoded, Some(&companions)) {
-                        Ok(_) => match cache.put_span_index(&desc.digest, &encoded) {
-                            Ok(_) => {
-                                tracing::info!(layer = %desc.digest, "span index fetched from the registry ahead of the layer's opening")
-                            }
-                            Err(err) => {
-                                tracing::debug!(layer = %desc.digest, err = %crate::error_chain(&err), "span index fetched ahead not cached")
-                            }
-                        },
-                        Err(err) => {
-                            tracing::debug!(layer = %desc.digest, err, "span index fetched ahead not kept: the layer's opening asks again")
-                        }
+                    if listed {
+                        index_ahead(&attached, &listing, &desc, &cache).await;
+                    } else {
+                        let source = attached.source.as_ref();
+                        whole_ahead_of_opening(source, &desc, &cache, position, whole_ahead).await;
                     }
                 });
             }
@@ -592,16 +600,81 @@ impl LayerOpenings {
     }
 }
 
+/// Fetches the span index `listing` names for `desc` into `cache` ([`AHEAD_DEADLINE`] at most).
+async fn index_ahead(
+    attached: &Attached,
+    listing: &Listing,
+    desc: &Descriptor,
+    cache: &ChunkCache,
+) {
+    let fetched =
+        tokio::time::timeout(AHEAD_DEADLINE, published_index(attached, listing, desc)).await;
+    let Ok(Some((encoded, companions))) = fetched else {
+        return;
+    };
+    // Kept only if the opening would take it: a refused one is left to the opening to fetch
+    // and refuse, and to count.
+    match checked_index(desc, &encoded, Some(&companions)) {
+        Ok(_) => match cache.put_span_index(&desc.digest, &encoded) {
+            Ok(_) => {
+                tracing::info!(layer = %desc.digest, "span index fetched from the registry ahead of the layer's opening")
+            }
+            Err(err) => {
+                tracing::debug!(layer = %desc.digest, err = %crate::error_chain(&err), "span index fetched ahead not cached")
+            }
+        },
+        Err(err) => {
+            tracing::debug!(layer = %desc.digest, err, "span index fetched ahead not kept: the layer's opening asks again")
+        }
+    }
+}
+
+/// Downloads layer `desc` (number `position` of its image, with no TOC named) whole into
+/// `cache` ([`whole_layer`]), as its opening would, finding no TOC to take (an eStargz TOC is
+/// used only when the descriptor names its digest). No deadline: the opening waits for
+/// this rather than download the layer a second time.
+async fn whole_ahead_of_opening(
+    source: &dyn BlobSource,
+    desc: &Descriptor,
+    cache: &ChunkCache,
+    position: usize,
+    whole_ahead: WholeAhead,
+) {
+    let why = match whole_ahead {
+        WholeAhead::Always => {
+            "no TOC named and no span index listed: downloaded ahead of its opening"
+        }
+        WholeAhead::WhenImageStreams => {
+            "no TOC named and no span index listed, while the image's other layers stream (left to containerd, every layer above it would be downloaded too): downloaded ahead of its opening"
+        }
+    };
+    match whole_layer(source, desc, cache, position, why).await {
+        Ok(_) => {
+            tracing::debug!(layer = %desc.digest, "downloaded whole ahead of the layer's opening")
+        }
+        Err(err) => {
+            tracing::debug!(layer = %desc.digest, err = %crate::error_chain(&err), "not downloaded ahead: the layer's opening tries again")
+        }
+    }
+}
+
 /// Why a layer is taken as plain gzip without a look at its end: its span index is kept.
 const INDEX_KEPT: &str = "a span index of it is kept";
+/// Why a layer is taken as not eStargz without a look at its end: it was downloaded whole.
+const WHOLE_KEPT: &str = "it was downloaded whole before";
 
-/// Whether `desc` is a gzip layer with no TOC named whose span index is in `cache` (fetched
-/// ahead by an earlier layer's opening, or kept by `imgstream index --local`): it is opened
-/// through that index without a request for its footer.
-fn index_kept(desc: &Descriptor, cache: &ChunkCache) -> bool {
-    manifest::is_gzip_layer(&desc.media_type)
-        && layer::toc_key(desc).is_none()
-        && cache.has_span_index(&desc.digest)
+/// Why layer `desc`, with no TOC named, can be opened from what `cache` holds alone, with no
+/// request for its footer: a span index of it is kept (fetched ahead by an earlier layer's
+/// opening, or by `imgstream index --local`), or it was downloaded whole and rewritten
+/// ([`whole_layer`]). `None`: neither, or it names a TOC.
+fn kept_form(desc: &Descriptor, cache: &ChunkCache) -> Option<&'static str> {
+    if layer::toc_key(desc).is_some() {
+        None
+    } else if manifest::is_gzip_layer(&desc.media_type) && cache.has_span_index(&desc.digest) {
+        Some(INDEX_KEPT)
+    } else {
+        rewritten(cache, &desc.digest).map(|_| WHOLE_KEPT)
+    }
 }
 
 /// Image manifest `reference` for `platform` from `cache` alone (`None` unless `reference`
@@ -670,7 +743,7 @@ pub async fn open_one_layer(
             .find(|d| d.digest == *layer)
             .is_some_and(|d| match layer::toc_key(d) {
                 Some(key) => cache.get_toc(&key).ok().flatten().is_some(),
-                None => index_kept(d, cache),
+                None => kept_form(d, cache).is_some(),
             })
     });
     // The manifest names the image's configuration (what it runs: where the loader prefetch
@@ -714,7 +787,21 @@ pub async fn open_one_layer(
                 }
                 manifest
             };
-            let (manifest, tail) = tokio::join!(manifest, source.read_tail(layer, asked));
+            // A layer not said to be eStargz may have a span index: the image's listing is
+            // asked for beside the manifest too, when the manifest's digest is known (CRI
+            // labels the layer with it), and not once the manifest is here (a round trip
+            // of every plain image's first opening). The manifest's own fetch ahead of the
+            // indexes finds it here, or waits for it.
+            let listing = async {
+                match reference.parse::<Digest>() {
+                    Ok(subject) if !said_estargz => {
+                        image_listing(source.as_ref(), subject).await;
+                    }
+                    _ => {}
+                }
+            };
+            let (manifest, tail, ()) =
+                tokio::join!(manifest, source.read_tail(layer, asked), listing);
             (manifest, tail.ok().flatten())
         }
     };
@@ -727,10 +814,9 @@ pub async fn open_one_layer(
     else {
         return Ok(None);
     };
-    let opened = if index_kept(desc, cache) {
-        Err(LayerError::Format(EstargzError::NotEstargz(INDEX_KEPT)))
-    } else {
-        layer::open_cached_with_tail(source.as_ref(), desc, Some(cache), tail).await
+    let opened = match kept_form(desc, cache) {
+        Some(why) => Err(LayerError::Format(EstargzError::NotEstargz(why))),
+        None => layer::open_cached_with_tail(source.as_ref(), desc, Some(cache), tail).await,
     };
     match opened {
         Ok(opened) => {
@@ -960,27 +1046,16 @@ impl<'a> SpanIndexes<'a> {
         if let Some(listing) = &self.listing {
             return listing.clone();
         }
-        let listing = image_listing(&self.attached).await;
+        let listing =
+            image_listing(self.attached.source.as_ref(), self.attached.subject.digest).await;
         self.listing = Some(listing.clone());
         listing
     }
 
-    /// Whether another layer of `manifest` streams: it has a TOC (eStargz, zstd:chunked)
-    /// or a span index, in the cache or listed beside the image.
+    /// Whether a layer of `manifest` streams (see [`image_streams`]).
     async fn image_streams(&mut self, manifest: &manifest::Manifest) -> bool {
-        if manifest.layers.iter().any(|d| layer::toc_key(d).is_some())
-            || manifest
-                .layers
-                .iter()
-                .any(|d| self.cache.has_span_index(&d.digest))
-        {
-            return true;
-        }
         let listing = self.listing().await;
-        manifest
-            .layers
-            .iter()
-            .any(|d| listing.entry(SPAN_INDEX_TYPE, &d.digest).is_some())
+        image_streams(&manifest.layers, self.cache, &listing)
     }
 
     /// The span index published for `desc`, if the registry lists one, and the other blobs
@@ -991,23 +1066,46 @@ impl<'a> SpanIndexes<'a> {
     }
 }
 
-/// What the registry lists of the span indexes of `attached`'s image: asked once per image
-/// every [`LISTING_FRESH`] ("none", and a failure, included).
-async fn image_listing(attached: &Attached) -> Arc<Listing> {
-    let subject = attached.subject.digest;
+/// Whether one of an image's `layers` streams: it names a TOC (eStargz, zstd:chunked), or has
+/// a span index kept in `cache` or listed in `listing`.
+fn image_streams(layers: &[Descriptor], cache: &ChunkCache, listing: &Listing) -> bool {
+    layers.iter().any(|d| {
+        layer::toc_key(d).is_some()
+            || cache.has_span_index(&d.digest)
+            || listing.entry(SPAN_INDEX_TYPE, &d.digest).is_some()
+    })
+}
+
+/// What `source` lists of the span indexes of image manifest `subject`: asked once per image
+/// every [`LISTING_FRESH`] ("none", and a failure, included); a caller that comes while it is
+/// being asked waits for that answer.
+async fn image_listing(source: &dyn BlobSource, subject: Digest) -> Arc<Listing> {
+    static ASKING: std::sync::OnceLock<Underway<Digest>> = std::sync::OnceLock::new();
+    let asking = ASKING.get_or_init(Underway::default);
     if let Some(listing) = recent_listing(&subject) {
         return listing;
     }
-    let listing = attached
-        .listing(SPAN_INDEX_TYPE)
+    let Some(_asking) = asking.begin(subject, LISTINGS_KEPT) else {
+        asking.wait(&subject).await;
+        if let Some(listing) = recent_listing(&subject) {
+            return listing;
+        }
+        return Arc::new(list_span_indexes(source, subject).await);
+    };
+    let listing = Arc::new(list_span_indexes(source, subject).await);
+    remember_listing(subject, listing.clone());
+    listing
+}
+
+/// What `source` lists of the span indexes of `subject` (an empty listing, logged, when it
+/// cannot be had).
+async fn list_span_indexes(source: &dyn BlobSource, subject: Digest) -> Listing {
+    crate::registry::attached::listing(source, &subject, SPAN_INDEX_TYPE)
         .await
         .unwrap_or_else(|err| {
             tracing::warn!(err = %crate::error_chain(&err), "published span indexes not listed");
             Listing::empty()
-        });
-    let listing = Arc::new(listing);
-    remember_listing(subject, listing.clone());
-    listing
+        })
 }
 
 /// The span index `listing` names for `desc`, and the other blobs of its artifact.
@@ -1074,22 +1172,21 @@ async fn whole_layer(
     index: usize,
     why: &str,
 ) -> Result<(RemoteLayer, std::path::PathBuf), MountError> {
+    // One download of a layer at a time: its opening may come while the download ahead of
+    // it is under way (or two images share the layer), and both write the same files.
+    let _rewriting = rewrite_lock(desc.digest).await;
     let dir = cache.dir().join("layers");
     let io_err = |e: std::io::Error| MountError::Cache(CacheError::Prepare(dir.clone(), e));
     crate::private::own_dir(&dir).map_err(io_err)?;
-    let out = dir.join(format!("{}.esgz", desc.digest.hex()));
-    let meta = dir.join(format!("{}.json", desc.digest.hex()));
+    let (out, meta) = rewrite_paths(cache, &desc.digest);
     let layer_err = |source: LayerError| MountError::Layer {
         index,
         digest: desc.digest.to_string(),
         source: Box::new(source),
     };
-    let summary: Option<(Digest, u64, Digest)> = std::fs::read(&meta)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
-    let (digest, size, toc) = match summary {
-        Some(s) if out.exists() => s,
-        _ => {
+    let (digest, size, toc) = match rewritten(cache, &desc.digest) {
+        Some(summary) => summary,
+        None => {
             tracing::info!(layer = index, digest = %desc.digest, size = desc.size, %why, "layer is not eStargz: downloading it whole before the mount is ready");
             let input = dir.join(format!("{}.download", desc.digest.hex()));
             source.blob_to_file(desc, &input).await?;
@@ -1140,6 +1237,36 @@ async fn whole_layer(
         .await
         .map_err(layer_err)?;
     Ok((opened, out))
+}
+
+/// Where [`whole_layer`] keeps layer `digest` rewritten as eStargz, and its summary.
+fn rewrite_paths(cache: &ChunkCache, digest: &Digest) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = cache.dir().join("layers");
+    (
+        dir.join(format!("{}.esgz", digest.hex())),
+        dir.join(format!("{}.json", digest.hex())),
+    )
+}
+
+/// Layer `digest` as [`whole_layer`] rewrote it into `cache`, if it did: the rewrite's
+/// digest, size and TOC digest.
+fn rewritten(cache: &ChunkCache, digest: &Digest) -> Option<(Digest, u64, Digest)> {
+    let (out, meta) = rewrite_paths(cache, digest);
+    let summary = serde_json::from_slice(&std::fs::read(meta).ok()?).ok()?;
+    out.exists().then_some(summary)
+}
+
+/// Held while layer `digest` is downloaded whole and rewritten ([`whole_layer`]).
+async fn rewrite_lock(digest: Digest) -> tokio::sync::OwnedMutexGuard<()> {
+    type Locks = std::collections::HashMap<Digest, Arc<tokio::sync::Mutex<()>>>;
+    static LOCKS: std::sync::OnceLock<std::sync::Mutex<Locks>> = std::sync::OnceLock::new();
+    let lock = {
+        let mut locks = crate::sync::lock(LOCKS.get_or_init(Default::default));
+        // Only the layers being rewritten stay: nobody else holds a finished one's lock.
+        locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+        locks.entry(digest).or_default().clone()
+    };
+    lock.lock_owned().await
 }
 
 /// Manifest `digest` from `cache`, if it is there and its bytes hash to `digest`.
@@ -1656,6 +1783,124 @@ mod tests {
         .await
         .expect("nothing to wait for");
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A tar of one small file, `name`.
+    fn one_file_tar(name: &str) -> Vec<u8> {
+        use crate::image::tar::{Kind, TarWriter, write_entry};
+        let mut header = crate::image::tar::Header::new(name, Kind::Regular);
+        header.size = 5;
+        let mut tar = Vec::new();
+        write_entry(&mut tar, &header, b"small").expect("to memory");
+        tar.extend_from_slice(&TarWriter::end_of_archive());
+        tar
+    }
+
+    #[tokio::test]
+    async fn layers_with_no_toc_and_no_index_are_downloaded_whole_ahead_in_an_image_that_streams() {
+        // A plain layer whose span index the cache keeps (so the image streams), and small
+        // ones with none.
+        let (tar, _) = crate::testing::layer_tar();
+        let indexed = crate::testing::gzip(&tar, 6);
+        let small = crate::testing::gzip(&one_file_tar("etc/motd"), 6);
+        let alone = crate::testing::gzip(&one_file_tar("etc/issue"), 6);
+        let descs = [&indexed, &small, &alone].map(|b| crate::testing::plain_descriptor(b));
+        let blobs = crate::testing::MemoryBlobs::default()
+            .with(indexed.clone())
+            .with(small)
+            .with(alone)
+            .delayed(std::time::Duration::from_millis(20));
+        let blobs = Arc::new(blobs);
+        let source: Arc<dyn BlobSource> = blobs.clone();
+        let (dir, cache) = crate::testing::scratch_cache("whole-ahead");
+        let span_index = SpanIndex::build(indexed.as_slice(), BuildOptions { span: MIN_SPAN })
+            .expect("the layer indexes");
+        cache
+            .put_span_index(&descs[0].digest, &span_index.encode().expect("it encodes"))
+            .expect("kept");
+        let subject = Descriptor::of(manifest::OCI_MANIFEST, b"the image's manifest");
+        let mut image = manifest_with(Descriptor::of(manifest::OCI_CONFIG, b"{}"));
+        image.layers = descs[..2].to_vec();
+        let openings = LayerOpenings::default();
+        openings.start(&source, (&subject, &image), None, &cache);
+        openings.wait(&descs[1].digest).await;
+        openings.wait(&descs[0].digest).await;
+        assert_eq!(kept_form(&descs[0], &cache), Some(INDEX_KEPT));
+        assert_eq!(
+            kept_form(&descs[1], &cache),
+            Some(WHOLE_KEPT),
+            "downloaded ahead"
+        );
+        let downloads = |d: &Descriptor| {
+            crate::sync::lock(&blobs.downloads)
+                .get(&d.digest)
+                .copied()
+                .unwrap_or(0)
+        };
+        assert_eq!(downloads(&descs[1]), 1);
+        // The small layer's opening takes the download, and asks the registry nothing.
+        let ranges = blobs.ranges.load(Ordering::SeqCst);
+        whole_layer(source.as_ref(), &descs[1], &cache, 1, "opened")
+            .await
+            .expect("opens from the cache");
+        assert_eq!(blobs.ranges.load(Ordering::SeqCst), ranges);
+        assert_eq!(downloads(&descs[1]), 1);
+
+        // Two openings of one layer at once (two images sharing it) download it once.
+        let (a, b) = tokio::join!(
+            whole_layer(source.as_ref(), &descs[2], &cache, 0, "one image"),
+            whole_layer(source.as_ref(), &descs[2], &cache, 2, "another"),
+        );
+        assert!(a.is_ok() && b.is_ok());
+        assert_eq!(downloads(&descs[2]), 1);
+
+        // An image none of whose layers streams: its layers are left to their openings (the
+        // snapshotter's then leave them to containerd); `imgstream mount` downloads them.
+        let (dir2, cache2) = crate::testing::scratch_cache("whole-ahead-none");
+        image.layers = vec![descs[1].clone()];
+        openings.start(&source, (&subject, &image), None, &cache2);
+        openings.wait(&descs[1].digest).await;
+        assert_eq!(kept_form(&descs[1], &cache2), None);
+        let mounting = LayerOpenings {
+            whole_ahead: WholeAhead::Always,
+            ..LayerOpenings::default()
+        };
+        mounting.start(&source, (&subject, &image), None, &cache2);
+        mounting.wait(&descs[1].digest).await;
+        assert_eq!(kept_form(&descs[1], &cache2), Some(WHOLE_KEPT));
+        let _ = std::fs::remove_dir_all(dir);
+        let _ = std::fs::remove_dir_all(dir2);
+    }
+
+    #[tokio::test]
+    async fn an_images_listing_is_asked_for_once_by_callers_that_come_while_it_is_asked() {
+        let blobs = Arc::new(
+            crate::testing::MemoryBlobs::default().delayed(std::time::Duration::from_millis(50)),
+        );
+        let subject = Digest::of(b"an image manifest nobody listed before");
+        let lists = || image_listing(blobs.as_ref(), subject);
+        let (a, b, c) = tokio::join!(lists(), lists(), lists());
+        assert!(
+            a.index.manifests.is_empty()
+                && b.index.manifests.is_empty()
+                && c.index.manifests.is_empty()
+        );
+        // The tag fallback (a source without the referrers API): asked once.
+        let asked = crate::sync::lock(&blobs.manifests_asked).clone();
+        assert_eq!(
+            asked.get(&format!("sha256-{}", subject.hex())),
+            Some(&1),
+            "{asked:?}"
+        );
+        // And remembered: asked no more.
+        lists().await;
+        assert_eq!(crate::sync::lock(&blobs.manifests_asked).len(), 1);
+        assert_eq!(
+            crate::sync::lock(&blobs.manifests_asked)
+                .values()
+                .sum::<usize>(),
+            1
+        );
     }
 
     #[test]

@@ -226,6 +226,10 @@ pub(crate) struct MemoryBlobs {
     pub most_at_once: AtomicUsize,
     /// Bytes range requests asked for, per blob.
     pub asked: Mutex<HashMap<Digest, u64>>,
+    /// Blobs downloaded whole into a file ([`BlobSource::blob_to_file`]), per blob.
+    pub downloads: Mutex<HashMap<Digest, usize>>,
+    /// Manifests asked for (none is served), by reference.
+    pub manifests_asked: Mutex<HashMap<String, usize>>,
     pub delay: Duration,
     /// Bytes per second of the link all answers share, one after another (none: no limit),
     /// and when it is next free.
@@ -296,6 +300,10 @@ impl MemoryBlobs {
 #[async_trait]
 impl BlobSource for MemoryBlobs {
     async fn manifest(&self, reference: &str) -> Result<FetchedManifest, RegistryError> {
+        *crate::sync::lock(&self.manifests_asked)
+            .entry(reference.to_string())
+            .or_default() += 1;
+        tokio::time::sleep(self.delay).await;
         Err(RegistryError::NotFound {
             what: format!("manifest {reference}"),
             source_name: self.name(),
@@ -307,6 +315,10 @@ impl BlobSource for MemoryBlobs {
     }
 
     async fn blob_to_file(&self, desc: &Descriptor, path: &Path) -> Result<(), RegistryError> {
+        *crate::sync::lock(&self.downloads)
+            .entry(desc.digest)
+            .or_default() += 1;
+        tokio::time::sleep(self.delay).await;
         std::fs::write(path, self.get(&desc.digest)?).map_err(|e| RegistryError::io(path, e))
     }
 

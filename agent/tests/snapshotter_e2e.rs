@@ -232,20 +232,28 @@ async fn containerd_runs_a_streamed_image_through_the_imgstream_snapshotter() {
         "{fetched} bytes fetched of a {layer_bytes}-byte layer"
     );
 
-    // As Dockerfiles leave images: a small layer under the large one, which `imgstream
-    // index` leaves without an index (under `--min-layer`). containerd 1.6 downloads every
-    // layer from the first one it must unpack itself to the top: the agent downloads the
-    // small one whole instead, and the large one still streams.
-    let small = scratch.join("small-layer");
-    std::fs::create_dir_all(small.join("etc")).unwrap();
-    std::fs::write(small.join("etc/motd"), b"a layer of its own\n").unwrap();
+    // As Dockerfiles leave images: small layers under and over the large one, which
+    // `imgstream index` leaves without an index (under `--min-layer`). containerd 1.6
+    // downloads every layer from the first one it must unpack itself to the top: the agent
+    // downloads the small ones whole instead (the top one as soon as the first layer's
+    // opening has the image's listing, not at its own opening), and the large one streams.
+    let small_layer = |name: &str, file: &str| {
+        let dir = scratch.join(name);
+        std::fs::create_dir_all(dir.join("etc")).unwrap();
+        std::fs::write(dir.join("etc").join(file), b"a layer of its own\n").unwrap();
+        dir
+    };
     let large = support::clockprobe_rootfs(&scratch.join("rootfs-layers"), &["data"]);
     std::fs::write(large.join("data/blob"), support::noise(7, 16 << 20)).unwrap();
     let layout = scratch.join("layout-layers");
     let tarballs = support::build_image(
         &layout,
         "layers",
-        &[small, large],
+        &[
+            small_layer("small-layer", "motd"),
+            large,
+            small_layer("top-layer", "app.conf"),
+        ],
         &["/clockprobe", "log", "0"],
     )
     .await;
@@ -257,13 +265,22 @@ async fn containerd_runs_a_streamed_image_through_the_imgstream_snapshotter() {
         (&containerd, &proxy, &agent),
         (&host, "layers"),
         (&scratch, &truth),
-        "the image's other layers stream",
+        "while the image's other layers stream",
     )
     .await;
     let large_bytes = std::fs::metadata(&tarballs[1]).unwrap().len();
     assert!(
         fetched * 4 < large_bytes,
         "{fetched} bytes fetched for an image whose streamed layer is {large_bytes} bytes"
+    );
+    let top = imgstream::oci::digest::Digest::of(&std::fs::read(&tarballs[2]).unwrap());
+    let agent_log = agent.log_text();
+    assert!(
+        agent_log
+            .lines()
+            .any(|l| l.contains(&format!("digest={top}"))
+                && l.contains("downloaded ahead of its opening")),
+        "the top layer was not downloaded ahead of its opening: {agent_log}"
     );
 
     // The same image converted to zstd:chunked (the form podman and CRI-O push): containerd

@@ -95,31 +95,39 @@ fn fallback_tag(subject: &Digest) -> String {
     format!("sha256-{}", subject.hex())
 }
 
+/// The artifacts of `artifact_type` attached to image manifest `subject` in `source` (through
+/// the referrers API, else the tag fallback; none when neither has any).
+pub async fn listing(
+    source: &dyn BlobSource,
+    subject: &Digest,
+    artifact_type: &str,
+) -> Result<Listing, AttachError> {
+    // Both asked at once: a registry without the API (distribution before v3, most mirrors)
+    // would otherwise cost a round trip more on every pull; one with it, a small request
+    // whose answer is not read.
+    let tag = fallback_tag(subject);
+    let (referrers, fallback) = tokio::join!(
+        source.referrers(subject, artifact_type),
+        source.manifest(&tag)
+    );
+    let (bytes, api) = match referrers? {
+        Some(bytes) => (bytes, true),
+        None => match fallback {
+            Ok(fetched) => (fetched.bytes, false),
+            Err(RegistryError::NotFound { .. }) => return Ok(Listing::empty()),
+            Err(err) => return Err(err.into()),
+        },
+    };
+    match manifest::parse(&bytes, OCI_INDEX) {
+        Ok(Document::Index(index)) => Ok(Listing { index, api }),
+        _ => Err(AttachError::NotAnIndex { subject: *subject }),
+    }
+}
+
 impl Attached {
-    /// The artifacts of `artifact_type` attached to the subject (through the referrers API,
-    /// else the tag fallback; none when neither has any).
+    /// The artifacts of `artifact_type` attached to the subject ([`listing`]).
     pub async fn listing(&self, artifact_type: &str) -> Result<Listing, AttachError> {
-        let subject = self.subject.digest;
-        // Both asked at once: a registry without the API (distribution before v3, most
-        // mirrors) would otherwise cost a round trip more on every pull; one with it, a
-        // small request whose answer is not read.
-        let tag = fallback_tag(&subject);
-        let (referrers, fallback) = tokio::join!(
-            self.source.referrers(&subject, artifact_type),
-            self.source.manifest(&tag)
-        );
-        let (bytes, api) = match referrers? {
-            Some(bytes) => (bytes, true),
-            None => match fallback {
-                Ok(fetched) => (fetched.bytes, false),
-                Err(RegistryError::NotFound { .. }) => return Ok(Listing::empty()),
-                Err(err) => return Err(err.into()),
-            },
-        };
-        match manifest::parse(&bytes, OCI_INDEX) {
-            Ok(Document::Index(index)) => Ok(Listing { index, api }),
-            _ => Err(AttachError::NotAnIndex { subject }),
-        }
+        listing(self.source.as_ref(), &self.subject.digest, artifact_type).await
     }
 
     /// The blob of the listed artifact `entry` (of `artifact_type`): at most `max` bytes.
