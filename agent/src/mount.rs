@@ -234,14 +234,17 @@ pub async fn image_manifest(
 /// are fetched side by side ([`LAYERS_AHEAD`] at a time) into the cache, where the later
 /// openings find them (with the manifest cached too, they ask nothing); an opening whose TOC
 /// is still on its way waits for that fetch rather than making its own. A fetch ahead that
-/// fails costs nothing but its requests: the layer's own opening asks again.
+/// fails costs nothing but its requests: the layer's own opening asks again. Layers with no
+/// TOC are treated alike once the image's listing is here: a listed span index is fetched
+/// ahead, and a layer with none is downloaded whole ahead where [`WholeAhead`] says so.
 ///
 /// What an image runs (its configuration's entrypoint and command) is asked for there too,
 /// when the caller wants it: beside the TOC, once per image, for the snapshotter to take
 /// when it mounts the image's top layer ([`LayerOpenings::take_run`]).
 #[derive(Clone, Debug)]
 pub struct LayerOpenings {
-    /// Layers whose TOC is being fetched ahead.
+    /// Layers whose TOC or span index is being fetched ahead, or which are being downloaded
+    /// whole ahead.
     underway: Underway<Digest>,
     permits: Arc<tokio::sync::Semaphore>,
     /// What images run, by manifest digest: asked for by the first opening that has the
