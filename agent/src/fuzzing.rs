@@ -58,7 +58,17 @@ pub fn estargz_toc(data: &[u8]) {
     let Ok(index) = LayerIndex::from_toc(toc, 1 << 20, (1 << 20) + FOOTER_SIZE) else {
         return;
     };
-    for node in &index.nodes {
+    for (i, node) in index.nodes.iter().enumerate() {
+        // One node a path, found where it is, under a directory (later entries of a name
+        // replace earlier ones, and what they take out is gone).
+        assert_eq!(index.position(&node.path), Some(i), "{}", node.path);
+        if !node.path.is_empty() {
+            let parent = node.path.rsplit_once('/').map_or("", |(p, _)| p);
+            assert_eq!(
+                index.get(parent).map(|p| &p.kind),
+                Some(&NodeKind::Directory)
+            );
+        }
         assert!(
             !node.path.split('/').any(|p| p == ".." || p == "."),
             "{}",

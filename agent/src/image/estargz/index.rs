@@ -2,7 +2,7 @@
 //! normalised and unique, parent directories made explicit, chunks tiling each file and lying
 //! before the TOC, hard links resolved to earlier entries, the prefetch list resolved.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use base64::Engine as _;
 
@@ -18,6 +18,9 @@ pub const MAX_ENTRIES: usize = 1_000_000;
 pub const MAX_PATH_LEN: usize = 4096;
 /// Most components a TOC entry's path may have.
 pub const MAX_PATH_DEPTH: usize = 512;
+/// Directories one layer may replace by a later entry of another kind at most: each takes
+/// everything under it out of the layer, a walk over the layer's files.
+pub(super) const MAX_REPLACED_DIRS: usize = 64;
 
 /// What a file is, once validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -174,6 +177,7 @@ impl LayerIndex {
         let prefetch = toc.prefetch;
         index.insert_dir("", None)?;
         let mut hardlinks: Vec<(usize, String)> = Vec::new();
+        let mut replaced = Replaced::default();
         let mut member_starts: Vec<u64> = vec![toc_offset];
         for (i, entry) in toc.entries.into_iter().enumerate() {
             let bad = |why: String| EstargzError::BadEntry {
@@ -212,10 +216,15 @@ impl LayerIndex {
                 apply_meta(root, &entry).map_err(bad)?;
                 continue;
             }
-            if index.by_path.contains_key(&path)
+            // A name seen before: the later entry replaces the earlier one, as tar
+            // extraction does (GNU tar, containerd's unpacking, estargz's own builder), but
+            // for a directory over a directory, which only takes the later one's metadata.
+            if let Some(&old) = index.by_path.get(&path)
                 && !(entry.kind == "dir" && index.is_implicit_dir(&path))
             {
-                return Err(bad("duplicate entry".into()));
+                index
+                    .replace(old, &mut replaced)
+                    .map_err(|why| bad(why.into()))?;
             }
             let kind = match &*entry.kind {
                 "dir" => NodeKind::Directory,
@@ -284,9 +293,13 @@ impl LayerIndex {
                 // Inserting may first add implicit parent directories: use the index it returns.
                 let at = index.insert(node)?;
                 if let Some(target) = link_target {
+                    replaced.link_targets.insert(target.clone());
                     hardlinks.push((at, target));
                 }
             }
+        }
+        if !replaced.gone.is_empty() {
+            index.compact(&replaced.gone, &mut hardlinks);
         }
         index.finish_chunks(member_starts)?;
         index.resolve_hardlinks(hardlinks)?;
@@ -362,6 +375,56 @@ impl LayerIndex {
             NodeKind::HardLink { target } => &self.nodes[target],
             _ => node,
         }
+    }
+
+    /// Takes node `old` out of the layer, for a later entry of the same name: a directory
+    /// with everything under it, as containerd's unpacking removes it. A file a hard link
+    /// before it named is not replaced (the link would have to keep the old file's data,
+    /// which has no name left).
+    fn replace(&mut self, old: usize, replaced: &mut Replaced) -> Result<(), &'static str> {
+        let path = self.nodes[old].path.clone();
+        if replaced.link_targets.contains(&path) {
+            return Err("replaces a file that an earlier hard link names");
+        }
+        self.by_path.remove(&path);
+        replaced.gone.insert(old);
+        if self.nodes[old].kind != NodeKind::Directory {
+            return Ok(());
+        }
+        replaced.dirs += 1;
+        if replaced.dirs > MAX_REPLACED_DIRS {
+            return Err("more directories replaced by other kinds of entry than imgstream follows");
+        }
+        let prefix = format!("{path}/");
+        if replaced.link_targets.iter().any(|t| t.starts_with(&prefix)) {
+            return Err("replaces a directory holding a file that an earlier hard link names");
+        }
+        for (i, node) in self.nodes.iter().enumerate() {
+            if node.path.starts_with(&prefix) && self.by_path.get(&node.path) == Some(&i) {
+                self.by_path.remove(&node.path);
+                replaced.gone.insert(i);
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the nodes later entries replaced ([`Self::replace`]), renumbering the others
+    /// and the hard links waiting to be resolved.
+    fn compact(&mut self, gone: &HashSet<usize>, links: &mut Vec<(usize, String)>) {
+        let mut renumbered = vec![usize::MAX; self.nodes.len()];
+        for (i, node) in std::mem::take(&mut self.nodes).into_iter().enumerate() {
+            if !gone.contains(&i) {
+                renumbered[i] = self.nodes.len();
+                self.nodes.push(node);
+            }
+        }
+        for at in self.by_path.values_mut() {
+            *at = renumbered[*at];
+        }
+        links.retain_mut(|(at, _)| {
+            *at = renumbered[*at];
+            *at != usize::MAX
+        });
     }
 
     fn is_implicit_dir(&self, path: &str) -> bool {
@@ -501,6 +564,17 @@ impl LayerIndex {
         }
         Ok(())
     }
+}
+
+/// What later entries of the same name replaced while a TOC is read.
+#[derive(Default)]
+struct Replaced {
+    /// Nodes taken out.
+    gone: HashSet<usize>,
+    /// Directories replaced by another kind of entry.
+    dirs: usize,
+    /// Every path a hard link read so far names.
+    link_targets: HashSet<String>,
 }
 
 fn chunk_of(entry: &TocEntry, toc_offset: u64) -> Result<Chunk, String> {

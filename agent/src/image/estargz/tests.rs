@@ -1,5 +1,5 @@
 use super::*;
-use crate::image::estargz::{MAX_ENTRIES, MAX_PATH_DEPTH, MAX_PATH_LEN};
+use crate::image::estargz::{MAX_ENTRIES, MAX_PATH_DEPTH, MAX_PATH_LEN, index::MAX_REPLACED_DIRS};
 use crate::image::tar::Header;
 
 /// A layer exercising every kind of entry, a chunked file and metadata corners.
@@ -232,7 +232,6 @@ fn invalid(entries: Vec<TocEntry<'_>>) -> String {
 fn hostile_tocs_are_refused_with_the_reason() {
     assert!(invalid(vec![entry("../../etc/passwd", "reg")]).contains("escapes"));
     assert!(invalid(vec![entry("a/../../b", "dir")]).contains("escapes"));
-    assert!(invalid(vec![entry("x", "reg"), entry("x", "reg")]).contains("duplicate"));
     assert!(invalid(vec![reg("x", 10, 5000)]).contains("outside"));
     assert!(invalid(vec![reg("x", 10, -1)]).contains("negative"));
     assert!(
@@ -522,4 +521,71 @@ fn names_the_json_escapes_read_back_as_written() {
             .get("café")
             .is_some_and(|d| d.kind == NodeKind::Directory)
     );
+}
+
+fn link<'a>(name: &'a str, kind: &'a str, target: &'a str) -> TocEntry<'a> {
+    TocEntry {
+        link_name: target.into(),
+        ..entry(name, kind)
+    }
+}
+
+/// A name given twice in a layer (tar's `--append`, some build tools): the later entry is
+/// the file, as GNU tar, containerd's unpacking and estargz's own builder have it; a
+/// directory replaced by a file goes with everything under it, as containerd removes it.
+#[test]
+fn a_later_entry_of_the_same_name_replaces_the_earlier_one() {
+    let index = LayerIndex::from_toc(
+        toc_of(vec![
+            reg("x", 10, 10),
+            entry("d", "dir"),
+            reg("d/inner", 10, 20),
+            entry("d/sub", "dir"),
+            entry("d/sub/deep", "reg"),
+            link("x", "symlink", "elsewhere"),
+            reg("d", 10, 30),
+            entry("e", "reg"),
+            entry("e", "dir"),
+            entry("e/now", "reg"),
+            TocEntry {
+                mode: 0o700,
+                ..entry("e", "dir")
+            },
+            reg("y", 10, 40),
+            link("y-link", "hardlink", "y"),
+        ]),
+        1000,
+        2000,
+    )
+    .unwrap();
+    let mut paths: Vec<&str> = index.nodes.iter().map(|n| n.path.as_str()).collect();
+    paths.sort_unstable();
+    assert_eq!(paths, ["", "d", "e", "e/now", "x", "y", "y-link"]);
+    assert!(
+        matches!(&index.get("x").unwrap().kind, NodeKind::Symlink { target } if target == "elsewhere")
+    );
+    let d = index.get("d").unwrap();
+    assert_eq!((&d.kind, d.chunks[0].blob_offset), (&NodeKind::Regular, 30));
+    assert_eq!(index.get("e").unwrap().mode, 0o700);
+    let y_link = index.get("y-link").unwrap();
+    assert_eq!(index.data_node(y_link).path, "y");
+    // Every node is reachable by its path, at its own place.
+    for (i, node) in index.nodes.iter().enumerate() {
+        assert_eq!(index.position(&node.path), Some(i), "{}", node.path);
+    }
+    // A file an earlier hard link names keeps that link's data: not replaced.
+    let err = invalid(vec![
+        reg("y", 10, 40),
+        link("l", "hardlink", "y"),
+        reg("y", 10, 50),
+    ]);
+    assert!(err.contains("hard link"), "{err}");
+    // Each directory replaced walks the layer: bounded.
+    let mut many = Vec::new();
+    let names: Vec<String> = (0..=MAX_REPLACED_DIRS).map(|i| format!("d{i}")).collect();
+    for name in &names {
+        many.push(entry(name, "dir"));
+        many.push(entry(name, "reg"));
+    }
+    assert!(invalid(many).contains("more directories replaced"));
 }
