@@ -125,20 +125,33 @@ pub fn estargz_blob(data: &[u8]) {
     }
 }
 
-/// Tar streams: every header and every byte of data, never more than the stream holds.
+/// Tar streams: every header and every byte of data, each entry as long as its header says,
+/// never more than the stream holds but for sparse files' holes, which are bounded.
 pub fn tar_reader(data: &[u8]) {
     let mut reader = TarReader::new(data);
-    let mut buf = [0u8; 4096];
-    let mut total = 0u64;
-    while let Ok(Some(_header)) = reader.next_header() {
+    let mut buf = vec![0u8; 64 << 10];
+    let (mut stored, mut expanded) = (0u64, 0u64);
+    while let Ok(Some(header)) = reader.next_header() {
+        let sparse = reader.is_sparse();
+        let mut read = 0u64;
         loop {
             match reader.read_data(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => total += n as u64,
+                Ok(0) => {
+                    assert_eq!(read, header.size, "an entry read short of its size");
+                    break;
+                }
+                Err(_) => break,
+                Ok(n) => read += n as u64,
             }
         }
+        if sparse {
+            expanded += read;
+        } else {
+            stored += read;
+        }
     }
-    assert!(total <= data.len() as u64);
+    assert!(stored <= data.len() as u64);
+    assert!(expanded <= data.len() as u64 + crate::image::tar::MAX_HOLES);
 }
 
 /// A file of an image read as ELF the way the loader prefetch reads it (`fs::loader`):

@@ -960,6 +960,152 @@ async fn layers_tarred_and_gzipped_by_busybox_stream_through_their_span_indexes(
     std::fs::remove_dir_all(&scratch).unwrap();
 }
 
+/// Tars `dir` into `out` (gzip) as GNU tar with `flags` does, then appends, as `tar
+/// --append` does, each of `again` (name, bytes): a second entry of a name the layer holds.
+fn tar_appending(dir: &Path, out: &Path, flags: &[&str], again: &[(&str, &[u8])]) {
+    let plain = out.with_extension("");
+    let later = out.with_extension("again");
+    for (name, bytes) in again {
+        let path = later.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+    let names = again.iter().map(|(name, _)| format!("./{name}"));
+    for (mode, from, names) in [
+        ("-cf", dir, vec![".".to_string()]),
+        ("-rf", &later, names.collect()),
+    ] {
+        let status = Command::new("tar")
+            .args(["--format=pax", "--numeric-owner"])
+            .args(flags)
+            .arg(mode)
+            .arg(&plain)
+            .arg("-C")
+            .arg(from)
+            .args(names)
+            .status()
+            .unwrap();
+        assert!(status.success(), "tar {mode}");
+    }
+    let status = Command::new("gzip")
+        .args(["-1", "-f"])
+        .arg(&plain)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Layers written with GNU tar features the usual builders never use but tar pipelines
+/// do: a sparse file (`--sparse`: a disk image, a database file; PAX sparse format 1.0, GNU
+/// tar's default) and names given twice (`--append`, some build tools), mount as GNU tar
+/// extracts them. The sparse file reads whole under its own name, not as the stretches of
+/// data the stream holds under GNU tar's `GNUSparseFile.<pid>` name (the tar reader once
+/// showed that); a name given twice is its later entry, in a layer streamed through its
+/// span index and in one downloaded whole (the mount refused the image before). A span
+/// index cannot give holes, so `imgstream index` leaves the sparse layer unindexed and says
+/// why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layers_with_sparse_files_and_names_given_twice_mount_as_gnu_tar_extracts_them() {
+    use std::os::unix::fs::FileExt;
+    support::require_root();
+    let scratch = support::scratch("fuse-tar-features");
+    let registry = Registry::start("fuse-tar-features", None);
+    let reg = registry.host();
+    let dirs = layer_dirs(&scratch);
+    let data = dirs[1].join("var/lib/data");
+    std::fs::create_dir_all(&data).unwrap();
+    for (name, size, stretches) in [
+        (
+            "disk.img",
+            8u64 << 20,
+            &[(4096u64, 5000usize), (5 << 20, 70_000)][..],
+        ),
+        ("ends-in-data", 300_000, &[(250_000, 50_000)][..]),
+    ] {
+        let file = std::fs::File::create(data.join(name)).unwrap();
+        file.set_len(size).unwrap();
+        for &(at, len) in stretches {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 7 + at as usize) as u8).collect();
+            file.write_all_at(&bytes, at).unwrap();
+        }
+    }
+    // A time the extraction's own cannot be (see the expected tree below).
+    let status = Command::new("touch")
+        .args(["-d", "@1600000000"])
+        .arg(dirs[1].join("etc"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let tarballs = [scratch.join("layer0.tar.gz"), scratch.join("layer1.tar.gz")];
+    let hostname: &[u8] = b"given twice: the later one";
+    tar_appending(&dirs[0], &tarballs[0], &[], &[("etc/hostname", hostname)]);
+    tar_appending(
+        &dirs[1],
+        &tarballs[1],
+        &["--sparse"],
+        &[("etc/motd", b"later motd\n")],
+    );
+    // The stream holds the sparse files' data, not their holes.
+    assert!(std::fs::metadata(&tarballs[1]).unwrap().len() < 1 << 20);
+    let layout = scratch.join("layout");
+    support::build_image_from_tarballs(&layout, "v1", &tarballs, &["/bin/sh"]).await;
+    let image = format!("{reg}/tar/app:v1");
+    support::skopeo_copy(
+        &format!("oci:{}:v1", layout.display()),
+        &format!("docker://{image}"),
+    );
+    let printed = index_locally(&image, &reg, &scratch);
+    assert_eq!(printed.matches(" spans, ").count(), 1, "{printed}");
+    assert!(
+        printed.contains("layer 1 ") && printed.contains("not indexed (holds a sparse file"),
+        "{printed}"
+    );
+
+    let mounted = Mounted::start_logged(
+        &image,
+        &scratch.join("mnt"),
+        &scratch.join("cache"),
+        &reg,
+        &["--no-background"],
+        Some(&scratch.join("mount.log")),
+    );
+    let expected = scratch.join("expected-merged");
+    expected_merged(&tarballs, &expected);
+    // GNU tar sets a directory's time from its entry once it has left it: an entry appended
+    // into it later leaves it with the time of the extraction. containerd's unpacking, and
+    // the mount, give a directory its entry's time (here the upper layer's `etc`).
+    let status = Command::new("touch")
+        .arg("-r")
+        .arg(dirs[1].join("etc"))
+        .arg(expected.join("etc"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_same_tree(&mounted.mountpoint, &expected, 25);
+    let text = mounted.log_text();
+    let root = &mounted.mountpoint;
+    assert_eq!(std::fs::read(root.join("etc/hostname")).unwrap(), hostname);
+    assert_eq!(
+        std::fs::read(root.join("etc/motd")).unwrap(),
+        b"later motd\n"
+    );
+    assert_eq!(
+        std::fs::metadata(root.join("var/lib/data/disk.img"))
+            .unwrap()
+            .len(),
+        8 << 20
+    );
+    assert_eq!(
+        text.matches("streamed through its span index").count(),
+        1,
+        "{text}"
+    );
+    assert!(text.contains("downloading it whole"), "{text}");
+    mounted.stop();
+    drop(registry);
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
 /// `imgstream convert --format zstd:chunked` writes an image podman itself pulls (it checks
 /// every layer against the config's diff IDs) and imgstream mounts lazily, through the
 /// annotations podman 4 reads, with the tree GNU tar extracts from the original layers.

@@ -268,12 +268,23 @@ impl IndexJob {
             SpanIndex::build(layer, build)
         })
         .await
-        .map_err(IndexError::Task)?
-        .map_err(|source| IndexError::Layer {
-            digest: desc.digest,
-            source,
-        })?;
+        .map_err(IndexError::Task)?;
         let _ = std::fs::remove_file(&file);
+        let index = match index {
+            Ok(index) => index,
+            // The layer is fine, only not for an index: mounts download it whole.
+            Err(crate::image::gzip::GzipError::SparseFile(path)) => {
+                tracing::warn!(layer = %desc.digest, path, "layer not indexed: it holds a sparse file, whose holes a span index cannot give; mounts download it whole");
+                report.skipped = Some("holds a sparse file: a mount downloads it whole");
+                return Ok(report);
+            }
+            Err(source) => {
+                return Err(IndexError::Layer {
+                    digest: desc.digest,
+                    source,
+                });
+            }
+        };
         let layer_err = |source| IndexError::Layer {
             digest: desc.digest,
             source,

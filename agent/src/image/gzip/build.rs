@@ -78,6 +78,9 @@ impl SpanIndex {
                     if entries.len() == MAX_ENTRIES {
                         break Err(GzipError::TooManyEntries);
                     }
+                    if tar.is_sparse() {
+                        break Err(GzipError::SparseFile(header.name));
+                    }
                     let data_offset = tar.position();
                     entries.push(Entry {
                         header,

@@ -64,6 +64,10 @@ pub enum GzipError {
     Tar(#[source] crate::image::tar::TarError),
     #[error("the layer holds more than {MAX_ENTRIES} tar entries")]
     TooManyEntries,
+    #[error(
+        "the layer holds a sparse file, {0:?}: a span index gives each file's data as one run of the stream, which a sparse file's holes are not"
+    )]
+    SparseFile(String),
     #[error("span size {0} is outside {MIN_SPAN}..={MAX_SPAN}")]
     SpanSize(u64),
     #[error("span {index} does not exist (the index has {count})")]

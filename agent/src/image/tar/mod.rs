@@ -3,9 +3,14 @@
 //!
 //! The reader understands ustar (with the `prefix` field), GNU long names and link names
 //! (`L`, `K`), PAX extended headers (`x`; global `g` ones are skipped) including
-//! `SCHILY.xattr.*`, and base-256 numbers. Everything a header claims is bounded: metadata
-//! records (long names, PAX) may not exceed [`MAX_META`], checksums are verified, and a
-//! truncated archive is an error, never a hang or an allocation of the claimed size.
+//! `SCHILY.xattr.*`, base-256 numbers, and sparse files as GNU tar writes them with
+//! `--sparse` (the old GNU `S` entries, and PAX formats 0.0, 0.1 and 1.0, its default with
+//! `--format=posix`): a sparse file reads as the whole file, its holes as zeros, under its
+//! real name and size, as Go's archive/tar (containerd's unpacking) and GNU tar extract it.
+//! Everything a header claims is bounded: metadata records (long names, PAX) may not exceed
+//! [`MAX_META`], a sparse map [`MAX_STRETCHES`] stretches, the holes of a stream's sparse
+//! files [`MAX_HOLES`] bytes, checksums are verified, and a truncated archive is an error,
+//! never a hang or an allocation of the claimed size.
 
 mod reader;
 #[cfg(test)]
@@ -19,6 +24,12 @@ pub use writer::{TarWriter, write_entry};
 
 /// Most bytes of GNU long-name and PAX records one entry may carry, all of them together.
 pub const MAX_META: u64 = 1 << 20;
+/// Most stretches of data one sparse file's map may list.
+pub const MAX_STRETCHES: usize = 1 << 18;
+/// Most bytes of holes the sparse files of one stream may claim, all of them together: a
+/// hole costs its stream nothing, but every reader of the expanded file (a rewrite into the
+/// cache, a conversion) pays for its zeros.
+pub const MAX_HOLES: u64 = 4 << 30;
 /// A tar block: every header and every data run is padded to a whole number of them.
 const BLOCK: usize = 512;
 
@@ -45,6 +56,12 @@ pub enum TarError {
     EmptyName { offset: u64 },
     #[error("tar entry at byte {offset} claims {size} bytes, more than a stream can hold")]
     SizeOverflow { offset: u64, size: u64 },
+    #[error("sparse file at byte {offset}: {why}")]
+    Sparse { offset: u64, why: &'static str },
+    #[error(
+        "sparse files claim {holes} bytes of holes by byte {offset} of the tar stream, more than the {MAX_HOLES} bytes imgstream fills in"
+    )]
+    TooManyHoles { offset: u64, holes: u64 },
 }
 
 /// The bytes `size` bytes of data take in a stream: rounded up to whole blocks. `None` past

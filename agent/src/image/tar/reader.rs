@@ -6,7 +6,7 @@ use std::{
     io::{self, Read},
 };
 
-use super::{BLOCK, Header, Kind, MAX_META, TarError, padded};
+use super::{BLOCK, Header, Kind, MAX_HOLES, MAX_META, MAX_STRETCHES, TarError, padded};
 
 /// Reads entries one after the other from a tar stream.
 pub struct TarReader<R> {
@@ -14,8 +14,39 @@ pub struct TarReader<R> {
     offset: u64,
     /// Bytes of the current entry's data (plus padding) not yet consumed.
     pending: u64,
+    /// Bytes of the current entry's data in the stream not yet consumed.
     pending_data: u64,
+    /// The current entry's holes, when it is a sparse file.
+    sparse: Option<Sparse>,
+    /// Bytes of holes the stream's sparse files claimed so far.
+    holes: u64,
     done: bool,
+}
+
+/// A sparse file being read: the stream holds its stretches of data one after the other,
+/// the rest of the file is holes, read as zeros.
+#[derive(Debug)]
+struct Sparse {
+    /// (offset in the file, length), in order and apart.
+    stretches: Vec<(u64, u64)>,
+    /// The stretch the next read is in or before.
+    next: usize,
+    /// Where in the file the next read starts.
+    at: u64,
+    size: u64,
+}
+
+/// What the PAX records of a GNU sparse file say (formats 0.0, 0.1 and 1.0).
+#[derive(Debug, Default)]
+struct PaxSparse {
+    /// The file's real name (the header's is `GNUSparseFile.<pid>/<name>` in 1.0).
+    name: Option<String>,
+    /// The file's real size.
+    size: Option<u64>,
+    /// The map, offsets and lengths alternating (0.0 and 0.1; 1.0's is in the data).
+    map: Option<Vec<u64>>,
+    /// Format 1.0: the map starts the entry's data.
+    map_in_data: bool,
 }
 
 impl<R: Read> TarReader<R> {
@@ -25,8 +56,16 @@ impl<R: Read> TarReader<R> {
             offset: 0,
             pending: 0,
             pending_data: 0,
+            sparse: None,
+            holes: 0,
             done: false,
         }
+    }
+
+    /// Whether the entry whose header [`Self::next_header`] returned last is a sparse file:
+    /// its data in the stream is its stretches one after another, not the file.
+    pub fn is_sparse(&self) -> bool {
+        self.sparse.is_some()
     }
 
     /// The underlying stream, wherever the reader left it.
@@ -46,6 +85,7 @@ impl<R: Read> TarReader<R> {
             return Ok(None);
         }
         self.skip_pending()?;
+        self.sparse = None;
         let mut long_name: Option<String> = None;
         let mut long_link: Option<String> = None;
         let mut pax: BTreeMap<String, Vec<u8>> = BTreeMap::new();
@@ -87,7 +127,7 @@ impl<R: Read> TarReader<R> {
                 _ => {}
             }
             let kind = match flag {
-                b'0' | 0 | b'7' => Kind::Regular,
+                b'0' | 0 | b'7' | b'S' => Kind::Regular,
                 b'1' => Kind::HardLink,
                 b'2' => Kind::Symlink,
                 b'3' => Kind::CharDevice,
@@ -122,7 +162,17 @@ impl<R: Read> TarReader<R> {
             if let Some(link) = long_link.take() {
                 header.link_name = link;
             }
+            let pax_sparse = PaxSparse::take(&mut pax, at)?;
             apply_pax(&mut header, pax, at)?;
+            // Old GNU sparse entries list their first stretches in the header, the rest in
+            // blocks of their own right after it, before the data.
+            let gnu_sparse = match flag {
+                b'S' => Some(self.gnu_sparse_map(&block, at)?),
+                _ => None,
+            };
+            if let Some(name) = &pax_sparse.name {
+                header.name = name.clone();
+            }
             if header.name.is_empty() {
                 return Err(TarError::EmptyName { offset: at });
             }
@@ -138,12 +188,81 @@ impl<R: Read> TarReader<R> {
                 offset: self.offset,
                 size: data,
             })?;
+            let sparse = match (gnu_sparse, pax_sparse) {
+                (Some((map, size)), _) => Some((map, size)),
+                (None, pax) if pax.map_in_data || pax.map.is_some() => {
+                    if header.kind != Kind::Regular {
+                        return Err(TarError::Sparse {
+                            offset: at,
+                            why: "only a regular file can be sparse",
+                        });
+                    }
+                    let size = pax.size.ok_or(TarError::Sparse {
+                        offset: at,
+                        why: "no real size",
+                    })?;
+                    let map = match pax.map {
+                        Some(map) => map,
+                        None => self.map_in_data(at)?,
+                    };
+                    Some((map, size))
+                }
+                (None, pax) if pax.size.is_some() => {
+                    return Err(TarError::Sparse {
+                        offset: at,
+                        why: "a real size but no map",
+                    });
+                }
+                (None, _) => None,
+            };
+            if let Some((map, size)) = sparse {
+                self.start_sparse(&mut header, map, size, at)?;
+            }
             return Ok(Some(header));
         }
     }
 
-    /// Reads from the current entry's data; 0 at its end.
+    /// Reads from the current entry's data (a sparse file's holes as zeros); 0 at its end.
     pub fn read_data(&mut self, buf: &mut [u8]) -> Result<usize, TarError> {
+        let Some(sparse) = &mut self.sparse else {
+            return self.read_stored(buf);
+        };
+        loop {
+            if sparse.at >= sparse.size || buf.is_empty() {
+                return Ok(0);
+            }
+            let (start, len) = sparse
+                .stretches
+                .get(sparse.next)
+                .copied()
+                .unwrap_or((sparse.size, 0));
+            let end = start + len;
+            if sparse.at < start {
+                let n = (start - sparse.at).min(buf.len() as u64) as usize;
+                buf[..n].fill(0);
+                sparse.at += n as u64;
+                return Ok(n);
+            }
+            if sparse.at >= end {
+                sparse.next += 1;
+                continue;
+            }
+            let want = (end - sparse.at).min(buf.len() as u64) as usize;
+            let n = self.read_stored(&mut buf[..want])?;
+            if n == 0 {
+                return Err(TarError::Truncated {
+                    offset: self.offset,
+                });
+            }
+            if let Some(sparse) = &mut self.sparse {
+                sparse.at += n as u64;
+            }
+            return Ok(n);
+        }
+    }
+
+    /// Reads from the current entry's data as the stream holds it; 0 at its end.
+    fn read_stored(&mut self, buf: &mut [u8]) -> Result<usize, TarError> {
         if self.pending_data == 0 {
             return Ok(0);
         }
@@ -158,6 +277,142 @@ impl<R: Read> TarReader<R> {
         self.pending -= n as u64;
         self.pending_data -= n as u64;
         Ok(n)
+    }
+
+    /// The map of an old GNU sparse entry (`S`) whose header is `block`, at `at`: the
+    /// stretches its header lists, then those of the extension blocks after it (read here),
+    /// and the file's real size.
+    fn gnu_sparse_map(
+        &mut self,
+        block: &[u8; BLOCK],
+        at: u64,
+    ) -> Result<(Vec<u64>, u64), TarError> {
+        let mut map = Vec::new();
+        let size = number(&block[483..495], at, "realsize")?;
+        take_gnu_stretches(&block[386..482], at, &mut map)?;
+        let mut extended = block[482] != 0;
+        while extended {
+            if map.len() / 2 >= MAX_STRETCHES {
+                return Err(TarError::Sparse {
+                    offset: at,
+                    why: "more stretches than imgstream reads",
+                });
+            }
+            let mut more = [0u8; BLOCK];
+            if !self.read_block(&mut more)? {
+                return Err(TarError::Truncated {
+                    offset: self.offset,
+                });
+            }
+            take_gnu_stretches(&more[..504], at, &mut map)?;
+            extended = more[504] != 0;
+        }
+        Ok((map, size))
+    }
+
+    /// Reads the map that starts a PAX 1.0 sparse file's data (decimal numbers, each ended by
+    /// a newline: how many stretches, then each one's offset and length; padded to a block).
+    fn map_in_data(&mut self, at: u64) -> Result<Vec<u64>, TarError> {
+        let bad = |why| TarError::Sparse { offset: at, why };
+        let mut numbers = Vec::new();
+        let mut wanted: Option<usize> = None;
+        let mut digits = 0u32;
+        let mut value = 0u64;
+        loop {
+            if wanted.is_some_and(|w| numbers.len() == w) {
+                break;
+            }
+            if self.pending_data < BLOCK as u64 {
+                return Err(bad("its map runs past its data"));
+            }
+            let mut block = [0u8; BLOCK];
+            if !self.read_block(&mut block)? {
+                return Err(TarError::Truncated {
+                    offset: self.offset,
+                });
+            }
+            self.pending_data -= BLOCK as u64;
+            self.pending -= BLOCK as u64;
+            for &b in &block {
+                if wanted.is_some_and(|w| numbers.len() == w) {
+                    break;
+                }
+                match b {
+                    b'0'..=b'9' if digits < 20 => {
+                        value = value
+                            .checked_mul(10)
+                            .and_then(|v| v.checked_add(u64::from(b - b'0')))
+                            .ok_or(bad("a number in its map overflows"))?;
+                        digits += 1;
+                    }
+                    b'\n' if digits > 0 => {
+                        if wanted.is_none() {
+                            let count = usize::try_from(value)
+                                .ok()
+                                .filter(|&c| c <= MAX_STRETCHES)
+                                .ok_or(bad("more stretches than imgstream reads"))?;
+                            wanted = Some(1 + 2 * count);
+                        }
+                        numbers.push(value);
+                        (digits, value) = (0, 0);
+                    }
+                    _ => return Err(bad("its map is not decimal numbers, one a line")),
+                }
+            }
+        }
+        numbers.remove(0);
+        Ok(numbers)
+    }
+
+    /// Makes the current entry, whose header is `header`, read as the sparse file `map`
+    /// (offsets and lengths alternating) of `size` bytes describes, once the map is checked
+    /// against its data in the stream.
+    fn start_sparse(
+        &mut self,
+        header: &mut Header,
+        map: Vec<u64>,
+        size: u64,
+        at: u64,
+    ) -> Result<(), TarError> {
+        let bad = |why| TarError::Sparse { offset: at, why };
+        if !map.len().is_multiple_of(2) {
+            return Err(bad("its map has an offset without a length"));
+        }
+        let mut stretches = Vec::with_capacity(map.len() / 2);
+        let (mut end, mut stored) = (0u64, 0u64);
+        for pair in map.chunks_exact(2) {
+            let (offset, len) = (pair[0], pair[1]);
+            let stretch_end = offset
+                .checked_add(len)
+                .filter(|&e| e <= size)
+                .ok_or(bad("a stretch ends past the file's size"))?;
+            if offset < end {
+                return Err(bad("its stretches overlap or are out of order"));
+            }
+            end = stretch_end;
+            stored += len;
+            if len > 0 {
+                stretches.push((offset, len));
+            }
+        }
+        if stored != self.pending_data {
+            return Err(bad("its stretches do not add up to its data"));
+        }
+        self.holes = self.holes.saturating_add(size - stored);
+        if self.holes > MAX_HOLES {
+            return Err(TarError::TooManyHoles {
+                offset: at,
+                holes: self.holes,
+            });
+        }
+        header.size = size;
+        self.sparse = Some(Sparse {
+            stretches,
+            next: 0,
+            at: 0,
+            size,
+        });
+        Ok(())
     }
 
     fn skip_pending(&mut self) -> Result<(), TarError> {
@@ -289,9 +544,24 @@ fn c_str(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
+/// Appends the stretches of an old GNU sparse header's `entries` (offset and length, 12
+/// octal bytes each) to `map`, up to the first empty one.
+fn take_gnu_stretches(entries: &[u8], at: u64, map: &mut Vec<u64>) -> Result<(), TarError> {
+    for entry in entries.chunks_exact(24) {
+        if entry.iter().all(|&b| b == 0) {
+            break;
+        }
+        map.push(number(&entry[..12], at, "sparse offset")?);
+        map.push(number(&entry[12..], at, "sparse length")?);
+    }
+    Ok(())
+}
+
 fn ustar_name(block: &[u8; BLOCK]) -> String {
     let name = c_str(&block[0..100]);
-    let is_ustar = &block[257..262] == b"ustar";
+    // GNU's magic is `ustar  \0`, and its headers keep times and sparse maps where POSIX
+    // has the prefix.
+    let is_ustar = &block[257..263] == b"ustar\0";
     let prefix = if is_ustar {
         c_str(&block[345..500])
     } else {
@@ -327,10 +597,70 @@ pub(super) fn parse_pax(
         let record = &rest[space + 1..len - 1];
         let eq = record.iter().position(|&b| b == b'=').ok_or_else(bad)?;
         let key = String::from_utf8_lossy(&record[..eq]).into_owned();
-        out.insert(key, record[eq + 1..].to_vec());
+        let value = &record[eq + 1..];
+        if matches!(key.as_str(), "GNU.sparse.offset" | "GNU.sparse.numbytes") {
+            // Sparse format 0.0 repeats these two, one pair a stretch: kept in order, as
+            // format 0.1's map.
+            let map = out.entry("GNU.sparse.map".into()).or_default();
+            if !map.is_empty() {
+                map.push(b',');
+            }
+            map.extend_from_slice(value);
+        } else {
+            out.insert(key, value.to_vec());
+        }
         rest = &rest[len..];
     }
     Ok(())
+}
+
+impl PaxSparse {
+    /// Takes the GNU sparse records out of `pax`: what they say, or nothing for an entry
+    /// that is not a sparse file.
+    fn take(pax: &mut BTreeMap<String, Vec<u8>>, offset: u64) -> Result<Self, TarError> {
+        let bad = |why| TarError::Sparse { offset, why };
+        let mut take = |key: &str| pax.remove(key);
+        let text = |v: Vec<u8>| String::from_utf8(v).map_err(|_| bad("a record is not UTF-8"));
+        let num = |v: Vec<u8>| -> Result<u64, TarError> {
+            std::str::from_utf8(&v)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or(bad("a record is not a number"))
+        };
+        let version = (take("GNU.sparse.major"), take("GNU.sparse.minor"));
+        let name = take("GNU.sparse.name").map(text).transpose()?;
+        let size_0x = take("GNU.sparse.size").map(num).transpose()?;
+        let size_10 = take("GNU.sparse.realsize").map(num).transpose()?;
+        take("GNU.sparse.numblocks");
+        let map = take("GNU.sparse.map")
+            .map(|v| {
+                let text = text(v)?;
+                let map = text
+                    .split(',')
+                    .map(|n| n.parse::<u64>().map_err(|_| bad("its map is not numbers")))
+                    .collect::<Result<Vec<u64>, _>>()?;
+                if map.len() / 2 > MAX_STRETCHES {
+                    return Err(bad("more stretches than imgstream reads"));
+                }
+                Ok(map)
+            })
+            .transpose()?;
+        let map_in_data = match version {
+            (None, None) => false,
+            (Some(major), Some(minor)) if major == b"1" && minor == b"0" => true,
+            (Some(major), Some(_)) if major == b"0" => false,
+            _ => return Err(bad("a GNU sparse format other than 0.0, 0.1 and 1.0")),
+        };
+        if map_in_data && map.is_some() {
+            return Err(bad("format 1.0 with a map in its records"));
+        }
+        Ok(Self {
+            name,
+            size: if map_in_data { size_10 } else { size_0x },
+            map,
+            map_in_data,
+        })
+    }
 }
 
 fn apply_pax(h: &mut Header, pax: BTreeMap<String, Vec<u8>>, offset: u64) -> Result<(), TarError> {

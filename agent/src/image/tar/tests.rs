@@ -259,3 +259,170 @@ fn pax_records_are_bounded_together_not_only_each() {
     let err = TarReader::new(bytes.as_slice()).next_header().unwrap_err();
     assert!(matches!(err, TarError::MetaTooLarge { .. }), "{err}");
 }
+
+/// A sparse file as GNU tar sees one: holes at its start, in its middle and at its end.
+fn write_sparse_file(path: &std::path::Path) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let size = 3 << 20;
+    let file = std::fs::File::create(path).unwrap();
+    file.set_len(size).unwrap();
+    let mut want = vec![0u8; size as usize];
+    for (at, text) in [(100_000u64, &b"first"[..]), (1 << 20, &[7u8; 10_000][..])] {
+        file.write_all_at(text, at).unwrap();
+        want[at as usize..at as usize + text.len()].copy_from_slice(text);
+    }
+    want
+}
+
+#[test]
+fn sparse_files_read_whole_in_every_format_gnu_tar_writes() {
+    let dir = std::env::temp_dir().join(format!("imgstream-sparse-{}", std::process::id()));
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let sparse = write_sparse_file(&src.join("disk.img"));
+    std::fs::write(src.join("after"), b"the entry after").unwrap();
+    for (format, version) in [
+        ("gnu", None),
+        ("posix", Some("0.0")),
+        ("posix", Some("0.1")),
+        ("posix", Some("1.0")),
+        ("posix", None),
+    ] {
+        let tarball = dir.join(format!("{format}-{version:?}.tar"));
+        let mut tar = std::process::Command::new("tar");
+        tar.args([&format!("--format={format}"), "--sparse", "-cf"])
+            .arg(&tarball);
+        if let Some(version) = version {
+            tar.arg(format!("--sparse-version={version}"));
+        }
+        let out = tar
+            .args(["-C", src.to_str().unwrap(), "disk.img", "after"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bytes = std::fs::read(&tarball).unwrap();
+        // GNU tar found the holes: the tarball holds the data only.
+        assert!(
+            bytes.len() < 64 << 10,
+            "{format} {version:?}: {} bytes",
+            bytes.len()
+        );
+        let entries = read_all(&bytes).unwrap();
+        let names: Vec<_> = entries.iter().map(|(h, _)| h.name.as_str()).collect();
+        assert_eq!(names, ["disk.img", "after"], "{format} {version:?}");
+        assert_eq!(entries[0].0.size, sparse.len() as u64);
+        assert!(
+            entries[0].1 == sparse,
+            "{format} {version:?}: the file differs"
+        );
+        assert_eq!(entries[1].1, b"the entry after");
+        let mut reader = TarReader::new(bytes.as_slice());
+        assert!(reader.next_header().unwrap().is_some());
+        assert!(reader.is_sparse(), "{format} {version:?}");
+        assert!(reader.next_header().unwrap().is_some());
+        assert!(!reader.is_sparse());
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A PAX header with `records`, then a regular file `name` of `data`.
+fn pax_entry(records: &[(&str, &str)], name: &str, data: &[u8]) -> Vec<u8> {
+    let mut pax = Vec::new();
+    for (key, value) in records {
+        let body = format!(" {key}={value}\n");
+        let mut len = body.len() + 1;
+        if format!("{len}").len() + body.len() != len {
+            len += 1;
+        }
+        pax.extend_from_slice(format!("{len}{body}").as_bytes());
+    }
+    let mut bytes = Vec::new();
+    let mut h = Header::new("pax", Kind::Regular);
+    h.size = pax.len() as u64;
+    bytes.extend_from_slice(&ustar_block(&h, b'x', ("", "pax")));
+    bytes.extend_from_slice(&pax);
+    bytes.resize(bytes.len() + TarWriter::padding(pax.len() as u64), 0);
+    let mut h = Header::new(name, Kind::Regular);
+    h.size = data.len() as u64;
+    bytes.extend_from_slice(&ustar_block(&h, b'0', ("", name)));
+    bytes.extend_from_slice(data);
+    bytes.resize(bytes.len() + TarWriter::padding(data.len() as u64), 0);
+    bytes.extend_from_slice(&TarWriter::end_of_archive());
+    bytes
+}
+
+#[test]
+fn hostile_sparse_maps_are_errors() {
+    let v01 = |map: &str, size: &str| {
+        pax_entry(
+            &[
+                ("GNU.sparse.major", "0"),
+                ("GNU.sparse.minor", "1"),
+                ("GNU.sparse.name", "f"),
+                ("GNU.sparse.size", size),
+                ("GNU.sparse.map", map),
+            ],
+            "GNUSparseFile.1/f",
+            b"abcdef",
+        )
+    };
+    // A good one first: 6 bytes of data at 10 and 100 of a 200-byte file.
+    let good = read_all(&v01("10,3,100,3", "200")).unwrap();
+    let mut want = vec![0u8; 200];
+    want[10..13].copy_from_slice(b"abc");
+    want[100..103].copy_from_slice(b"def");
+    assert_eq!((good[0].0.name.as_str(), &good[0].1), ("f", &want));
+    for (map, size, why) in [
+        ("100,3,10,3", "200", "overlap or are out of order"),
+        ("10,5,12,1", "200", "overlap or are out of order"),
+        ("10,3,199,3", "200", "past the file's size"),
+        ("10,3,18446744073709551615,3", "200", "past the file's size"),
+        ("10,3,100,2", "200", "do not add up"),
+        ("10,3,100", "200", "offset without a length"),
+        ("10,x", "200", "not numbers"),
+    ] {
+        let err = read_all(&v01(map, size)).unwrap_err();
+        assert!(
+            matches!(&err, TarError::Sparse { .. }) && err.to_string().contains(why),
+            "{map}: {err}"
+        );
+    }
+    // Holes cost the stream nothing: their total is bounded.
+    let huge = (MAX_HOLES + 7).to_string();
+    let err = read_all(&v01("0,6", &huge)).unwrap_err();
+    assert!(matches!(err, TarError::TooManyHoles { .. }), "{err}");
+    // Versions GNU tar never wrote, and a 1.0 map longer than the data holding it.
+    let v = |major, minor| {
+        pax_entry(
+            &[
+                ("GNU.sparse.major", major),
+                ("GNU.sparse.minor", minor),
+                ("GNU.sparse.realsize", "100"),
+            ],
+            "f",
+            b"2\n0\n",
+        )
+    };
+    let err = read_all(&v("2", "0")).unwrap_err();
+    assert!(err.to_string().contains("other than"), "{err}");
+    let err = read_all(&v("1", "0")).unwrap_err();
+    assert!(err.to_string().contains("runs past its data"), "{err}");
+    // A map claiming more stretches than are read.
+    let count = format!("{}\n", MAX_STRETCHES + 1);
+    let data = [count.as_bytes(), &[0u8; 1024][..]].concat();
+    let bytes = pax_entry(
+        &[
+            ("GNU.sparse.major", "1"),
+            ("GNU.sparse.minor", "0"),
+            ("GNU.sparse.realsize", "100"),
+        ],
+        "f",
+        &data,
+    );
+    let err = read_all(&bytes).unwrap_err();
+    assert!(err.to_string().contains("more stretches"), "{err}");
+}
