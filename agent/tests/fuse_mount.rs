@@ -1106,6 +1106,61 @@ async fn layers_with_sparse_files_and_names_given_twice_mount_as_gnu_tar_extract
     std::fs::remove_dir_all(&scratch).unwrap();
 }
 
+/// A file whose name is not UTF-8 (made on a Latin-1 system, tarred by GNU tar): imgstream's
+/// paths are strings, and a name with its bytes replaced would show the file under another
+/// name (as it did). `imgstream index` leaves the layer unindexed and says why, and a mount
+/// refuses the image with an error that names the cause (the snapshotter then leaves the
+/// layer to containerd, which unpacks the name as it is).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_that_is_not_utf8_is_refused_with_the_reason_not_renamed() {
+    use std::os::unix::ffi::OsStrExt;
+    support::require_root();
+    let scratch = support::scratch("fuse-latin1");
+    let registry = Registry::start("fuse-latin1", None);
+    let reg = registry.host();
+    let dir = scratch.join("layer");
+    std::fs::create_dir_all(dir.join("srv")).unwrap();
+    std::fs::write(dir.join("srv/plain"), b"fine").unwrap();
+    let latin1 = dir
+        .join("srv")
+        .join(std::ffi::OsStr::from_bytes(b"caf\xe9.txt"));
+    std::fs::write(latin1, b"a Latin-1 name").unwrap();
+    let tarball = scratch.join("layer0.tar.gz");
+    support::image_tree::tar_layer(&dir, &tarball);
+    let layout = scratch.join("layout");
+    support::build_image_from_tarballs(&layout, "v1", std::slice::from_ref(&tarball), &["/bin/sh"])
+        .await;
+    let image = format!("{reg}/latin1/app:v1");
+    support::skopeo_copy(
+        &format!("oci:{}:v1", layout.display()),
+        &format!("docker://{image}"),
+    );
+    let printed = index_locally(&image, &reg, &scratch);
+    assert!(
+        printed.contains("not indexed (a name in it is not UTF-8"),
+        "{printed}"
+    );
+
+    let mountpoint = scratch.join("mnt");
+    std::fs::create_dir_all(&mountpoint).unwrap();
+    // Bounded: a mount that came up (the old behaviour) is stopped, and fails the test.
+    let out = Command::new("timeout")
+        .args(["-s", "INT", "30"])
+        .arg(support::imgstream_bin())
+        .args(["mount", &image])
+        .arg(&mountpoint)
+        .arg("--cache-dir")
+        .arg(scratch.join("cache"))
+        .args(["--insecure-registry", &reg])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("is not UTF-8"), "{stderr}");
+    drop(registry);
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
 /// `imgstream convert --format zstd:chunked` writes an image podman itself pulls (it checks
 /// every layer against the config's diff IDs) and imgstream mounts lazily, through the
 /// annotations podman 4 reads, with the tree GNU tar extracts from the original layers.

@@ -16,6 +16,7 @@ use crate::{
     image::{
         estargz::TOC_DIGEST_ANNOTATION,
         gzip::{BuildOptions, SPAN_INDEX_TYPE, SpanIndex, WINDOWS_TYPE},
+        tar::TarError,
     },
     mount::{MountError, image_manifest, manifest_descriptor},
     oci::{
@@ -276,6 +277,13 @@ impl IndexJob {
             Err(crate::image::gzip::GzipError::SparseFile(path)) => {
                 tracing::warn!(layer = %desc.digest, path, "layer not indexed: it holds a sparse file, whose holes a span index cannot give; mounts download it whole");
                 report.skipped = Some("holds a sparse file: a mount downloads it whole");
+                return Ok(report);
+            }
+            Err(crate::image::gzip::GzipError::Tar(err @ TarError::NotUtf8 { .. })) => {
+                tracing::warn!(layer = %desc.digest, %err, "layer not indexed: imgstream cannot show one of its names; the snapshotter leaves it to containerd, other mounts refuse it");
+                report.skipped = Some(
+                    "a name in it is not UTF-8: the snapshotter leaves it to containerd, other mounts refuse it",
+                );
                 return Ok(report);
             }
             Err(source) => {

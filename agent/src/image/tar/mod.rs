@@ -56,6 +56,10 @@ pub enum TarError {
     EmptyName { offset: u64 },
     #[error("tar entry at byte {offset} claims {size} bytes, more than a stream can hold")]
     SizeOverflow { offset: u64, size: u64 },
+    #[error(
+        "tar entry at byte {offset}: its {what} is not UTF-8, and imgstream's paths are (the file would show under another name)"
+    )]
+    NotUtf8 { offset: u64, what: &'static str },
     #[error("sparse file at byte {offset}: {why}")]
     Sparse { offset: u64, why: &'static str },
     #[error(

@@ -86,8 +86,8 @@ impl<R: Read> TarReader<R> {
         }
         self.skip_pending()?;
         self.sparse = None;
-        let mut long_name: Option<String> = None;
-        let mut long_link: Option<String> = None;
+        let mut long_name: Option<Vec<u8>> = None;
+        let mut long_link: Option<Vec<u8>> = None;
         let mut pax: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         // Metadata records read for this entry so far: bounded together, not only each.
         let mut meta_bytes = 0u64;
@@ -117,8 +117,8 @@ impl<R: Read> TarReader<R> {
                     }
                     let data = self.read_exact_padded(size)?;
                     match flag {
-                        b'L' => long_name = Some(c_str(&data)),
-                        b'K' => long_link = Some(c_str(&data)),
+                        b'L' => long_name = Some(c_bytes(&data).to_vec()),
+                        b'K' => long_link = Some(c_bytes(&data).to_vec()),
                         b'x' => parse_pax(&data, at, &mut pax)?,
                         _ => {} // global PAX headers carry nothing imgstream needs
                     }
@@ -142,9 +142,9 @@ impl<R: Read> TarReader<R> {
                 }
             };
             let mut header = Header {
-                name: ustar_name(&block),
+                name: String::new(),
                 kind,
-                link_name: c_str(&block[157..257]),
+                link_name: String::new(),
                 mode: (number(&block[100..108], at, "mode")? & 0o7777) as u32,
                 uid: number(&block[108..116], at, "uid")?,
                 gid: number(&block[116..124], at, "gid")?,
@@ -156,14 +156,20 @@ impl<R: Read> TarReader<R> {
                 dev_minor: number(&block[337..345], at, "devminor").unwrap_or(0) as u32,
                 xattrs: BTreeMap::new(),
             };
-            if let Some(name) = long_name.take() {
-                header.name = name;
-            }
-            if let Some(link) = long_link.take() {
-                header.link_name = link;
-            }
+            // Names as bytes until the one that counts is known: a ustar field cut short of
+            // a long UTF-8 name, which a PAX record then gives whole, is not an error.
+            let name = pax
+                .remove("path")
+                .or(long_name.take())
+                .unwrap_or_else(|| ustar_name(&block));
+            let link = pax
+                .remove("linkpath")
+                .or(long_link.take())
+                .unwrap_or_else(|| c_bytes(&block[157..257]).to_vec());
             let pax_sparse = PaxSparse::take(&mut pax, at)?;
             apply_pax(&mut header, pax, at)?;
+            header.name = utf8(name, at, "name")?;
+            header.link_name = utf8(link, at, "link target")?;
             // Old GNU sparse entries list their first stretches in the header, the rest in
             // blocks of their own right after it, before the data.
             let gnu_sparse = match flag {
@@ -539,9 +545,20 @@ pub(super) fn number(field: &[u8], offset: u64, name: &'static str) -> Result<u6
     Ok(value)
 }
 
-fn c_str(bytes: &[u8]) -> String {
+/// A NUL-terminated field's bytes.
+fn c_bytes(bytes: &[u8]) -> &[u8] {
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    String::from_utf8_lossy(&bytes[..end]).into_owned()
+    &bytes[..end]
+}
+
+fn c_str(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(c_bytes(bytes)).into_owned()
+}
+
+/// A name or link target, which must be UTF-8: imgstream's paths are strings, and a name
+/// made into one by replacing its bytes would show the file under another name.
+fn utf8(bytes: Vec<u8>, offset: u64, what: &'static str) -> Result<String, TarError> {
+    String::from_utf8(bytes).map_err(|_| TarError::NotUtf8 { offset, what })
 }
 
 /// Appends the stretches of an old GNU sparse header's `entries` (offset and length, 12
@@ -557,20 +574,20 @@ fn take_gnu_stretches(entries: &[u8], at: u64, map: &mut Vec<u64>) -> Result<(),
     Ok(())
 }
 
-fn ustar_name(block: &[u8; BLOCK]) -> String {
-    let name = c_str(&block[0..100]);
+fn ustar_name(block: &[u8; BLOCK]) -> Vec<u8> {
+    let name = c_bytes(&block[0..100]);
     // GNU's magic is `ustar  \0`, and its headers keep times and sparse maps where POSIX
     // has the prefix.
     let is_ustar = &block[257..263] == b"ustar\0";
     let prefix = if is_ustar {
-        c_str(&block[345..500])
+        c_bytes(&block[345..500])
     } else {
-        String::new()
+        &[]
     };
     if prefix.is_empty() {
-        name
+        name.to_vec()
     } else {
-        format!("{prefix}/{name}")
+        [prefix, b"/", name].concat()
     }
 }
 
@@ -673,8 +690,6 @@ fn apply_pax(h: &mut Header, pax: BTreeMap<String, Vec<u8>>, offset: u64) -> Res
     for (key, value) in pax {
         let text = || String::from_utf8_lossy(&value).into_owned();
         match key.as_str() {
-            "path" => h.name = text(),
-            "linkpath" => h.link_name = text(),
             "size" => h.size = num(&value, "size")?,
             "uid" => h.uid = num(&value, "uid")?,
             "gid" => h.gid = num(&value, "gid")?,

@@ -426,3 +426,48 @@ fn hostile_sparse_maps_are_errors() {
     let err = read_all(&bytes).unwrap_err();
     assert!(err.to_string().contains("more stretches"), "{err}");
 }
+
+/// A name that is not UTF-8 (a file made on a Latin-1 system) is an error naming it, not a
+/// name with its bytes replaced, which would show the file under another name; a long
+/// UTF-8 name whose ustar field GNU tar cut inside a character is fine.
+#[test]
+fn names_that_are_not_utf8_are_errors_and_cut_ustar_fields_are_not() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = std::env::temp_dir().join(format!("imgstream-names-{}", std::process::id()));
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let long = "é".repeat(80);
+    std::fs::write(src.join(&long), b"long").unwrap();
+    for (format, latin1) in [
+        ("gnu", false),
+        ("posix", false),
+        ("gnu", true),
+        ("posix", true),
+    ] {
+        if latin1 {
+            std::fs::write(src.join(std::ffi::OsStr::from_bytes(b"caf\xe9")), b"x").unwrap();
+        }
+        let tarball = dir.join(format!("{format}-{latin1}.tar"));
+        let out = std::process::Command::new("tar")
+            .args([&format!("--format={format}"), "-cf"])
+            .arg(&tarball)
+            .args(["-C", src.to_str().unwrap(), "."])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let read = read_all(&std::fs::read(&tarball).unwrap());
+        match (latin1, read) {
+            (false, Ok(entries)) => {
+                let file = entries.iter().find(|(h, _)| h.name.ends_with(&long));
+                assert_eq!(file.map(|f| &f.1[..]), Some(&b"long"[..]), "{format}");
+            }
+            (true, Err(TarError::NotUtf8 { what: "name", .. })) => {}
+            (_, other) => panic!("{format} {latin1}: {:?}", other.map(|e| e.len())),
+        }
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
