@@ -74,6 +74,34 @@ fn assert_same_tree(mounted: &Path, expected: &Path, at_least: usize) {
     );
 }
 
+/// A fresh scratch directory and registry, both named `name` (as root): the directory, the
+/// registry and its host.
+fn scratch_and_registry(name: &str) -> (std::path::PathBuf, Registry, String) {
+    support::require_root();
+    let scratch = support::scratch(name);
+    let registry = Registry::start(name, None);
+    let reg = registry.host();
+    (scratch, registry, reg)
+}
+
+/// `tarballs` as the layers of an image that skopeo pushes to `reg` as `repo:v1`, from an
+/// OCI layout in `scratch`: the image's reference.
+async fn push_layers(
+    scratch: &Path,
+    reg: &str,
+    repo: &str,
+    tarballs: &[std::path::PathBuf],
+) -> String {
+    let layout = scratch.join("layout");
+    support::build_image_from_tarballs(&layout, "v1", tarballs, &["/bin/sh"]).await;
+    let image = format!("{reg}/{repo}:v1");
+    support::skopeo_copy(
+        &format!("oci:{}:v1", layout.display()),
+        &format!("docker://{image}"),
+    );
+    image
+}
+
 /// The sample image's layer directories and tarballs, pushed as `src/app:v1` to a fresh
 /// registry (as root).
 async fn sample_image(
@@ -89,12 +117,7 @@ async fn sample_image(
     let registry = Registry::start(name, None);
     let dirs = layer_dirs(&scratch);
     let tarballs = tar_layers(&dirs, &scratch);
-    let layout = scratch.join("layout");
-    support::build_image_from_tarballs(&layout, "v1", &tarballs, &["/bin/sh"]).await;
-    support::skopeo_copy(
-        &format!("oci:{}:v1", layout.display()),
-        &format!("docker://{}/src/app:v1", registry.host()),
-    );
+    push_layers(&scratch, &registry.host(), "src/app", &tarballs).await;
     (scratch, registry, dirs, tarballs)
 }
 
@@ -214,6 +237,19 @@ fn index_locally(image: &str, reg: &str, scratch: &Path) -> String {
             "--span",
             "64K",
         ],
+    )
+}
+
+/// Mounts `image` with the cache `index_locally` filled in `scratch`, no background
+/// download, the log kept (`log_text`).
+fn mount_indexed_locally(image: &str, scratch: &Path, reg: &str) -> Mounted {
+    Mounted::start_logged(
+        image,
+        &scratch.join("mnt"),
+        &scratch.join("cache"),
+        reg,
+        &["--no-background"],
+        Some(&scratch.join("mount.log")),
     )
 }
 
@@ -897,10 +933,7 @@ async fn a_plain_gzip_layer_pushed_by_podman_streams_through_its_published_index
 /// extracts from the same files.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn layers_tarred_and_gzipped_by_busybox_stream_through_their_span_indexes() {
-    support::require_root();
-    let scratch = support::scratch("fuse-busybox-gzip");
-    let registry = Registry::start("fuse-busybox-gzip", None);
-    let reg = registry.host();
+    let (scratch, registry, reg) = scratch_and_registry("fuse-busybox-gzip");
     let dirs = layer_dirs(&scratch);
     let deep = dirs[0].join("usr/share").join("d".repeat(120));
     std::fs::create_dir_all(&deep).unwrap();
@@ -925,13 +958,7 @@ async fn layers_tarred_and_gzipped_by_busybox_stream_through_their_span_indexes(
             out
         })
         .collect();
-    let layout = scratch.join("layout");
-    support::build_image_from_tarballs(&layout, "v1", &tarballs, &["/bin/sh"]).await;
-    let image = format!("{reg}/bb/app:v1");
-    support::skopeo_copy(
-        &format!("oci:{}:v1", layout.display()),
-        &format!("docker://{image}"),
-    );
+    let image = push_layers(&scratch, &reg, "bb/app", &tarballs).await;
     let printed = index_locally(&image, &reg, &scratch);
     assert_eq!(
         printed.matches(" spans, ").count(),
@@ -939,14 +966,7 @@ async fn layers_tarred_and_gzipped_by_busybox_stream_through_their_span_indexes(
         "{printed}"
     );
 
-    let mounted = Mounted::start_logged(
-        &image,
-        &scratch.join("mnt"),
-        &scratch.join("cache"),
-        &reg,
-        &["--no-background"],
-        Some(&scratch.join("mount.log")),
-    );
+    let mounted = mount_indexed_locally(&image, &scratch, &reg);
     let long = Path::new("usr/share")
         .join("d".repeat(120))
         .join("f".repeat(200));
@@ -1007,10 +1027,7 @@ fn tar_appending(dir: &Path, out: &Path, flags: &[&str], again: &[(&str, &[u8])]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn layers_with_sparse_files_and_names_given_twice_mount_as_gnu_tar_extracts_them() {
     use std::os::unix::fs::FileExt;
-    support::require_root();
-    let scratch = support::scratch("fuse-tar-features");
-    let registry = Registry::start("fuse-tar-features", None);
-    let reg = registry.host();
+    let (scratch, registry, reg) = scratch_and_registry("fuse-tar-features");
     let dirs = layer_dirs(&scratch);
     let data = dirs[1].join("var/lib/data");
     std::fs::create_dir_all(&data).unwrap();
@@ -1047,13 +1064,7 @@ async fn layers_with_sparse_files_and_names_given_twice_mount_as_gnu_tar_extract
     );
     // The stream holds the sparse files' data, not their holes.
     assert!(std::fs::metadata(&tarballs[1]).unwrap().len() < 1 << 20);
-    let layout = scratch.join("layout");
-    support::build_image_from_tarballs(&layout, "v1", &tarballs, &["/bin/sh"]).await;
-    let image = format!("{reg}/tar/app:v1");
-    support::skopeo_copy(
-        &format!("oci:{}:v1", layout.display()),
-        &format!("docker://{image}"),
-    );
+    let image = push_layers(&scratch, &reg, "tar/app", &tarballs).await;
     let printed = index_locally(&image, &reg, &scratch);
     assert_eq!(printed.matches(" spans, ").count(), 1, "{printed}");
     assert!(
@@ -1061,14 +1072,7 @@ async fn layers_with_sparse_files_and_names_given_twice_mount_as_gnu_tar_extract
         "{printed}"
     );
 
-    let mounted = Mounted::start_logged(
-        &image,
-        &scratch.join("mnt"),
-        &scratch.join("cache"),
-        &reg,
-        &["--no-background"],
-        Some(&scratch.join("mount.log")),
-    );
+    let mounted = mount_indexed_locally(&image, &scratch, &reg);
     let expected = scratch.join("expected-merged");
     expected_merged(&tarballs, &expected);
     // GNU tar sets a directory's time from its entry once it has left it: an entry appended
@@ -1114,10 +1118,7 @@ async fn layers_with_sparse_files_and_names_given_twice_mount_as_gnu_tar_extract
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_name_that_is_not_utf8_is_refused_with_the_reason_not_renamed() {
     use std::os::unix::ffi::OsStrExt;
-    support::require_root();
-    let scratch = support::scratch("fuse-latin1");
-    let registry = Registry::start("fuse-latin1", None);
-    let reg = registry.host();
+    let (scratch, registry, reg) = scratch_and_registry("fuse-latin1");
     let dir = scratch.join("layer");
     std::fs::create_dir_all(dir.join("srv")).unwrap();
     std::fs::write(dir.join("srv/plain"), b"fine").unwrap();
@@ -1127,14 +1128,7 @@ async fn a_name_that_is_not_utf8_is_refused_with_the_reason_not_renamed() {
     std::fs::write(latin1, b"a Latin-1 name").unwrap();
     let tarball = scratch.join("layer0.tar.gz");
     support::image_tree::tar_layer(&dir, &tarball);
-    let layout = scratch.join("layout");
-    support::build_image_from_tarballs(&layout, "v1", std::slice::from_ref(&tarball), &["/bin/sh"])
-        .await;
-    let image = format!("{reg}/latin1/app:v1");
-    support::skopeo_copy(
-        &format!("oci:{}:v1", layout.display()),
-        &format!("docker://{image}"),
-    );
+    let image = push_layers(&scratch, &reg, "latin1/app", std::slice::from_ref(&tarball)).await;
     let printed = index_locally(&image, &reg, &scratch);
     assert!(
         printed.contains("not indexed (a name in it is not UTF-8"),
@@ -1219,10 +1213,7 @@ async fn an_image_converted_to_zstd_chunked_is_pulled_by_podman_and_mounts_lazil
 /// (a tar of nothing) and the same layer twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn empty_and_repeated_layers_stream_like_any_other() {
-    support::require_root();
-    let scratch = support::scratch("fuse-odd-layers");
-    let registry = Registry::start("fuse-odd-layers", None);
-    let reg = registry.host();
+    let (scratch, registry, reg) = scratch_and_registry("fuse-odd-layers");
     let dirs = layer_dirs(&scratch);
     let tarballs = tar_layers(&dirs, &scratch);
     let empty = scratch.join("empty.tar.gz");
@@ -1241,13 +1232,7 @@ async fn empty_and_repeated_layers_stream_like_any_other() {
         tarballs[1].clone(),
         tarballs[1].clone(),
     ];
-    let layout = scratch.join("layout");
-    support::build_image_from_tarballs(&layout, "v1", &layers, &["/bin/sh"]).await;
-    support::skopeo_copy(
-        &format!("oci:{}:v1", layout.display()),
-        &format!("docker://{reg}/odd/app:v1"),
-    );
-    let image = format!("{reg}/odd/app:v1");
+    let image = push_layers(&scratch, &reg, "odd/app", &layers).await;
     let cache = scratch.join("cache");
     index_image(
         &image,

@@ -112,6 +112,30 @@ fn gnu_tar_agrees_with_the_writer() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// GNU tar's archive of `names` in `src`, written to `tarball` with `--format=format` and
+/// `flags`, or what tar said when it refused.
+fn gnu_tar(
+    tarball: &std::path::Path,
+    src: &std::path::Path,
+    (format, flags): (&str, &[&str]),
+    names: &[&str],
+) -> Result<Vec<u8>, String> {
+    let out = std::process::Command::new("tar")
+        .arg(format!("--format={format}"))
+        .args(flags)
+        .arg("-cf")
+        .arg(tarball)
+        .arg("-C")
+        .arg(src)
+        .args(names)
+        .output()
+        .unwrap();
+    match out.status.success() {
+        true => Ok(std::fs::read(tarball).unwrap()),
+        false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+    }
+}
+
 #[test]
 fn reads_what_gnu_tar_writes() {
     let dir = std::env::temp_dir().join(format!("imgstream-gnutar-{}", std::process::id()));
@@ -122,22 +146,13 @@ fn reads_what_gnu_tar_writes() {
     std::os::unix::fs::symlink("c".repeat(200), src.join("s")).unwrap();
     for format in ["gnu", "pax", "ustar"] {
         let tarball = dir.join(format!("{format}.tar"));
-        let out = std::process::Command::new("tar")
-            .args([&format!("--format={format}"), "-cf"])
-            .arg(&tarball)
-            .args(["-C", src.to_str().unwrap(), "."])
-            .output()
-            .unwrap();
+        let written = gnu_tar(&tarball, &src, (format, &[]), &["."]);
         if format == "ustar" {
             // ustar cannot hold the 200-byte link target: tar refuses, that is fine.
+            assert!(written.is_err());
             continue;
         }
-        assert!(
-            out.status.success(),
-            "{format}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let entries = read_all(&std::fs::read(&tarball).unwrap()).unwrap();
+        let entries = read_all(&written.unwrap()).unwrap();
         let file = entries
             .iter()
             .find(|(h, _)| h.name.ends_with(&"c".repeat(90)))
@@ -289,22 +304,9 @@ fn sparse_files_read_whole_in_every_format_gnu_tar_writes() {
         ("posix", None),
     ] {
         let tarball = dir.join(format!("{format}-{version:?}.tar"));
-        let mut tar = std::process::Command::new("tar");
-        tar.args([&format!("--format={format}"), "--sparse", "-cf"])
-            .arg(&tarball);
-        if let Some(version) = version {
-            tar.arg(format!("--sparse-version={version}"));
-        }
-        let out = tar
-            .args(["-C", src.to_str().unwrap(), "disk.img", "after"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let bytes = std::fs::read(&tarball).unwrap();
+        let version = version.map(|v| format!("--sparse-version={v}"));
+        let flags: Vec<&str> = ["--sparse"].into_iter().chain(version.as_deref()).collect();
+        let bytes = gnu_tar(&tarball, &src, (format, &flags), &["disk.img", "after"]).unwrap();
         // GNU tar found the holes: the tarball holds the data only.
         assert!(
             bytes.len() < 64 << 10,
@@ -448,18 +450,7 @@ fn names_that_are_not_utf8_are_errors_and_cut_ustar_fields_are_not() {
             std::fs::write(src.join(std::ffi::OsStr::from_bytes(b"caf\xe9")), b"x").unwrap();
         }
         let tarball = dir.join(format!("{format}-{latin1}.tar"));
-        let out = std::process::Command::new("tar")
-            .args([&format!("--format={format}"), "-cf"])
-            .arg(&tarball)
-            .args(["-C", src.to_str().unwrap(), "."])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let read = read_all(&std::fs::read(&tarball).unwrap());
+        let read = read_all(&gnu_tar(&tarball, &src, (format, &[]), &["."]).unwrap());
         match (latin1, read) {
             (false, Ok(entries)) => {
                 let file = entries.iter().find(|(h, _)| h.name.ends_with(&long));
