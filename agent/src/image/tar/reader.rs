@@ -39,8 +39,9 @@ struct Sparse {
 /// What the PAX records of a GNU sparse file say (formats 0.0, 0.1 and 1.0).
 #[derive(Debug, Default)]
 struct PaxSparse {
-    /// The file's real name (the header's is `GNUSparseFile.<pid>/<name>` in 1.0).
-    name: Option<String>,
+    /// The file's real name (the header's is `GNUSparseFile.<pid>/<name>`), as bytes: it
+    /// is checked as the other names are.
+    name: Option<Vec<u8>>,
     /// The file's real size.
     size: Option<u64>,
     /// The map, offsets and lengths alternating (0.0 and 0.1; 1.0's is in the data).
@@ -156,17 +157,18 @@ impl<R: Read> TarReader<R> {
                 dev_minor: number(&block[337..345], at, "devminor").unwrap_or(0) as u32,
                 xattrs: BTreeMap::new(),
             };
-            // Names as bytes until the one that counts is known: a ustar field cut short of
-            // a long UTF-8 name, which a PAX record then gives whole, is not an error.
-            let name = pax
-                .remove("path")
+            // Names as bytes until the one that counts is known (a sparse file's real name,
+            // else PAX, else GNU's long name, else ustar's): a ustar field cut short of a
+            // long UTF-8 name, or a sparse file's placeholder, is not an error.
+            let mut pax_sparse = PaxSparse::take(&mut pax, at)?;
+            let name = (pax_sparse.name.take())
+                .or(pax.remove("path"))
                 .or(long_name.take())
                 .unwrap_or_else(|| ustar_name(&block));
             let link = pax
                 .remove("linkpath")
                 .or(long_link.take())
                 .unwrap_or_else(|| c_bytes(&block[157..257]).to_vec());
-            let pax_sparse = PaxSparse::take(&mut pax, at)?;
             apply_pax(&mut header, pax, at)?;
             header.name = utf8(name, at, "name")?;
             header.link_name = utf8(link, at, "link target")?;
@@ -176,9 +178,6 @@ impl<R: Read> TarReader<R> {
                 b'S' => Some(self.gnu_sparse_map(&block, at)?),
                 _ => None,
             };
-            if let Some(name) = &pax_sparse.name {
-                header.name = name.clone();
-            }
             if header.name.is_empty() {
                 return Err(TarError::EmptyName { offset: at });
             }
@@ -638,14 +637,9 @@ impl PaxSparse {
         let bad = |why| TarError::Sparse { offset, why };
         let mut take = |key: &str| pax.remove(key);
         let text = |v: Vec<u8>| String::from_utf8(v).map_err(|_| bad("a record is not UTF-8"));
-        let num = |v: Vec<u8>| -> Result<u64, TarError> {
-            std::str::from_utf8(&v)
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .ok_or(bad("a record is not a number"))
-        };
+        let num = |v: Vec<u8>| decimal(&v).ok_or(bad("a record is not a number"));
         let version = (take("GNU.sparse.major"), take("GNU.sparse.minor"));
-        let name = take("GNU.sparse.name").map(text).transpose()?;
+        let name = take("GNU.sparse.name");
         let size_0x = take("GNU.sparse.size").map(num).transpose()?;
         let size_10 = take("GNU.sparse.realsize").map(num).transpose()?;
         take("GNU.sparse.numblocks");
@@ -680,13 +674,13 @@ impl PaxSparse {
     }
 }
 
+/// A PAX record's decimal number.
+fn decimal(value: &[u8]) -> Option<u64> {
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
 fn apply_pax(h: &mut Header, pax: BTreeMap<String, Vec<u8>>, offset: u64) -> Result<(), TarError> {
-    let num = |v: &[u8], field| -> Result<u64, TarError> {
-        std::str::from_utf8(v)
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .ok_or(TarError::Number { offset, field })
-    };
+    let num = |v: &[u8], field| decimal(v).ok_or(TarError::Number { offset, field });
     for (key, value) in pax {
         let text = || String::from_utf8_lossy(&value).into_owned();
         match key.as_str() {

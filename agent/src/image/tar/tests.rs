@@ -462,3 +462,32 @@ fn names_that_are_not_utf8_are_errors_and_cut_ustar_fields_are_not() {
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A sparse file's real name (its `GNU.sparse.name` record; the header holds a placeholder)
+/// is held to the same rule as every other name: not UTF-8, the entry is refused for its
+/// name, as a plain file's would be.
+#[test]
+fn a_sparse_files_real_name_that_is_not_utf8_is_refused_as_a_name() {
+    let dir = std::env::temp_dir().join(format!("imgstream-sparse-name-{}", std::process::id()));
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    write_sparse_file(&src.join("cafe.img"));
+    for version in ["0.1", "1.0"] {
+        let tarball = dir.join(format!("{version}.tar"));
+        let flags = ["--sparse", &format!("--sparse-version={version}")];
+        let mut bytes = gnu_tar(&tarball, &src, ("posix", &flags), &["cafe.img"]).unwrap();
+        assert_eq!(read_all(&bytes).unwrap()[0].0.name, "cafe.img", "{version}");
+        // The record's value made Latin-1 (same length: PAX records carry no checksum).
+        let record = b"GNU.sparse.name=cafe.img";
+        let at = bytes
+            .windows(record.len())
+            .position(|w| w == record)
+            .unwrap_or_else(|| panic!("{version}: no GNU.sparse.name record"));
+        bytes[at + record.len() - 5] = 0xe9;
+        match read_all(&bytes) {
+            Err(TarError::NotUtf8 { what: "name", .. }) => {}
+            other => panic!("{version}: {:?}", other.map(|e| e.len())),
+        }
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
